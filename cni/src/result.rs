@@ -1,0 +1,165 @@
+//! The ADD result, kept version-neutral and written in the format of the caller's version.
+
+use anyhow::Context;
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::net::Ipv4Addr;
+
+use crate::error::{CniError, Code};
+use crate::version::CniVersion;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Interface {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mac: String,
+    /// 1.1.0 only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sandbox: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IpConfig {
+    pub address: Ipv4Net,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Route {
+    pub dst: Ipv4Net,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gw: Option<Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CniResult {
+    #[serde(default)]
+    pub interfaces: Vec<Interface>,
+    #[serde(default)]
+    pub ips: Vec<IpConfig>,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub dns: Value,
+}
+
+impl CniResult {
+    /// Reads a result of any supported version (a `prevResult`, or a delegated IPAM
+    /// plugin's answer). IPv6 entries are not Velox's and are rejected clearly.
+    pub fn parse(value: &Value) -> anyhow::Result<Self> {
+        serde_json::from_value(value.clone())
+            .map_err(|e| CniError::new(Code::Decode, format!("cannot read CNI result: {e}")))
+            .context("only IPv4 results are supported")
+    }
+
+    /// Appends `other`, renumbering its interface indices after ours (chaining).
+    pub fn extend(&mut self, other: CniResult) {
+        let offset = self.interfaces.len();
+        self.interfaces.extend(other.interfaces);
+        self.ips.extend(other.ips.into_iter().map(|mut ip| {
+            ip.interface = ip.interface.map(|i| i + offset);
+            ip
+        }));
+        self.routes.extend(other.routes);
+        if self.dns.is_null() {
+            self.dns = other.dns;
+        }
+    }
+
+    /// The result JSON in the format `version` defines.
+    pub fn to_json(&self, version: CniVersion) -> Value {
+        let mut out = serde_json::to_value(self).expect("result serializes");
+        out["cniVersion"] = version.as_str().into();
+        if version < CniVersion::V1_0_0 {
+            // 0.3.x and 0.4.0 tag every IP with its family.
+            for ip in out["ips"].as_array_mut().into_iter().flatten() {
+                ip["version"] = json!("4");
+            }
+        }
+        if version < CniVersion::V1_1_0 {
+            for iface in out["interfaces"].as_array_mut().into_iter().flatten() {
+                iface.as_object_mut().map(|o| o.remove("mtu"));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> CniResult {
+        CniResult {
+            interfaces: vec![
+                Interface {
+                    name: "vlx0".into(),
+                    mac: "aa:bb:cc:dd:ee:01".into(),
+                    mtu: Some(1500),
+                    sandbox: String::new(),
+                },
+                Interface {
+                    name: "eth0".into(),
+                    mac: "aa:bb:cc:dd:ee:02".into(),
+                    mtu: Some(1500),
+                    sandbox: "/var/run/netns/x".into(),
+                },
+            ],
+            ips: vec![IpConfig {
+                address: "200.200.1.2/32".parse().unwrap(),
+                gateway: Some("169.254.1.1".parse().unwrap()),
+                interface: Some(1),
+            }],
+            routes: vec![Route {
+                dst: "0.0.0.0/0".parse().unwrap(),
+                gw: Some("169.254.1.1".parse().unwrap()),
+            }],
+            dns: Value::Null,
+        }
+    }
+
+    #[test]
+    fn old_versions_tag_ips_with_version() {
+        for version in [CniVersion::V0_3_0, CniVersion::V0_3_1, CniVersion::V0_4_0] {
+            let json = sample().to_json(version);
+            assert_eq!(json["cniVersion"], version.as_str());
+            assert_eq!(json["ips"][0]["version"], "4");
+            assert!(json["interfaces"][0].get("mtu").is_none());
+        }
+    }
+
+    #[test]
+    fn v1_drops_ip_version_and_only_1_1_has_mtu() {
+        let v100 = sample().to_json(CniVersion::V1_0_0);
+        assert!(v100["ips"][0].get("version").is_none());
+        assert!(v100["interfaces"][1].get("mtu").is_none());
+        let v110 = sample().to_json(CniVersion::V1_1_0);
+        assert_eq!(v110["interfaces"][1]["mtu"], 1500);
+        assert_eq!(v110["ips"][0]["address"], "200.200.1.2/32");
+        assert_eq!(v110["ips"][0]["interface"], 1);
+        assert_eq!(v110["routes"][0]["dst"], "0.0.0.0/0");
+        assert!(v110.get("dns").is_none());
+    }
+
+    #[test]
+    fn parses_any_version_and_chains() {
+        let old = sample().to_json(CniVersion::V0_3_1);
+        let mut prev = CniResult::parse(&old).unwrap();
+        assert_eq!(prev.ips[0].address, sample().ips[0].address);
+        prev.extend(sample());
+        assert_eq!(prev.interfaces.len(), 4);
+        assert_eq!(prev.ips[1].interface, Some(3));
+    }
+
+    #[test]
+    fn garbage_is_a_decode_error() {
+        let err = CniResult::parse(&json!({"ips": [{"address": "not-an-ip"}]})).unwrap_err();
+        assert_eq!(CniError::from_anyhow(&err).code, Code::Decode);
+    }
+}

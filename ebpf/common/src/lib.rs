@@ -1,0 +1,63 @@
+//! The contract between the eBPF datapath and userspace: map names, key and value
+//! layouts, and the names under which the loader pins everything.
+#![no_std]
+
+/// Pinned under `<bpffsRoot>/maps/`: pod IPv4 address -> where to deliver it.
+pub const ENDPOINTS_MAP: &str = "VELOX_ENDPOINTS";
+/// Pinned under `<bpffsRoot>/maps/`: host veth ifindex -> per-CPU counters.
+pub const COUNTERS_MAP: &str = "VELOX_COUNTERS";
+/// Pinned under `<bpffsRoot>/programs/`.
+pub const FROM_POD_PROGRAM: &str = "from_pod";
+
+pub const MAX_ENDPOINTS: usize = 16384;
+
+/// An IPv4 address in network byte order; a byte array so bpftool prints it readably.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey {
+    pub ipv4: [u8; 4],
+}
+
+/// A pod reachable on this node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Host-side veth: `bpf_redirect_peer` to it lands in the pod's netns.
+    pub ifindex: u32,
+    /// The pod's `eth0` MAC, written as the destination of redirected frames.
+    pub pod_mac: [u8; 6],
+    /// The host veth's MAC, the pod's gateway MAC, written as the source.
+    pub host_mac: [u8; 6],
+}
+
+/// Traffic a pod sent, as seen by `from_pod` on its host veth.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointCounters {
+    /// Delivered straight to another pod by the eBPF datapath.
+    pub redirected_packets: u64,
+    pub redirected_bytes: u64,
+    /// Handed to the kernel stack (host, other nodes, outside).
+    pub passed_packets: u64,
+    pub passed_bytes: u64,
+    /// A redirect the kernel refused.
+    pub dropped_packets: u64,
+}
+
+impl EndpointCounters {
+    pub fn add(&mut self, other: &Self) {
+        self.redirected_packets += other.redirected_packets;
+        self.redirected_bytes += other.redirected_bytes;
+        self.passed_packets += other.passed_packets;
+        self.passed_bytes += other.passed_bytes;
+        self.dropped_packets += other.dropped_packets;
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `repr(C)` data with no padding-dependent invariants.
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::EndpointCounters {}
+}
