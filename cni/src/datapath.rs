@@ -24,6 +24,15 @@ impl Bpffs {
         Self { root: root.into() }
     }
 
+    /// The directories the loader creates: maps, programs, links.
+    pub fn dirs(&self) -> [PathBuf; 3] {
+        [
+            self.root.join("maps"),
+            self.root.join("programs"),
+            self.links_dir(),
+        ]
+    }
+
     pub fn map(&self, name: &str) -> PathBuf {
         self.root.join("maps").join(name)
     }

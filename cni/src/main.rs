@@ -30,7 +30,6 @@ fn main() -> ExitCode {
         Err(err) => {
             let error = CniError::from_anyhow(&err);
             log::error!("{err:#}");
-            eprintln!("velox: {err:#}");
             println!("{}", error.to_json(answer_version(&stdin)));
             ExitCode::FAILURE
         }

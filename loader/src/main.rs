@@ -1,1 +1,74 @@
-fn main() {}
+//! `velox-loader`: the per-node daemon (`run`) and the operator CLI.
+
+mod daemon;
+mod endpoints;
+mod reconcile;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use velox_cni::config::{DEFAULT_BPFFS_ROOT, DEFAULT_STATE_DIR};
+
+/// The same knobs as the CNI config keys bpffsRoot, stateDir, logFile, logLevel.
+#[derive(Parser)]
+#[command(
+    name = "velox-loader",
+    version,
+    about = "Velox per-node eBPF loader and operator CLI"
+)]
+struct Cli {
+    /// bpffs directory holding Velox's pinned maps, programs and links.
+    #[arg(long, global = true, default_value = DEFAULT_BPFFS_ROOT)]
+    bpffs_root: PathBuf,
+    /// Directory of endpoint records, IPAM state and the health socket.
+    #[arg(long, global = true, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Append logs here instead of stderr.
+    #[arg(long, global = true)]
+    log_file: Option<PathBuf>,
+    #[arg(long, global = true, default_value = "info")]
+    log_level: log::LevelFilter,
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Load and pin the datapath, then keep the maps in line with the endpoint records.
+    Run {
+        /// Seconds between reconciliations.
+        #[arg(long, default_value_t = 10)]
+        reconcile_interval: u64,
+    },
+    /// The endpoint map joined with the records, with each endpoint's counters.
+    Endpoints {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut logger = env_logger::Builder::new();
+    logger.filter_level(cli.log_level);
+    if let Some(path) = &cli.log_file {
+        let file = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        logger.target(env_logger::Target::Pipe(Box::new(file)));
+    }
+    logger.init();
+    let bpffs = velox_cni::datapath::Bpffs::new(&cli.bpffs_root);
+    match cli.command {
+        Commands::Run { reconcile_interval } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(daemon::run(
+                bpffs,
+                cli.state_dir,
+                std::time::Duration::from_secs(reconcile_interval),
+            )),
+        Commands::Endpoints { json } => endpoints::print(&bpffs, &cli.state_dir, json),
+    }
+}
