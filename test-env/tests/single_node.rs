@@ -1,0 +1,647 @@
+//! Velox on one node, end to end, on real network namespaces with the real binaries.
+//! Needs root (CAP_NET_ADMIN, CAP_BPF) and `cargo xtask build` first; `cargo xtask
+//! test` does both.
+
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+use velox_test_env::{in_netns, run, NodeGuard};
+
+fn redirected(node: &NodeGuard, ip: Ipv4Addr) -> u64 {
+    node.endpoint(ip).unwrap()["redirected_packets"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn pods_on_one_node_talk_icmp_and_tcp() {
+    let node = NodeGuard::up("talk").unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    assert_ne!(a.ip, b.ip);
+    assert!(a.ping(b.ip, 3), "a -> b ping");
+    assert!(b.ping(a.ip, 3), "b -> a ping");
+    let gbps = a.iperf3_to(&b, 1).unwrap();
+    assert!(gbps > 0.0, "TCP moved no data");
+    // The pod side is what DESIGN.md says: /32, link-local gateway, static neighbour.
+    let addr = String::from_utf8(
+        a.exec("ip", &["-4", "-o", "addr", "show", "eth0"])
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(addr.contains(&format!("{}/32", a.ip)), "{addr}");
+    let route =
+        String::from_utf8(a.exec("ip", &["route", "show", "default"]).unwrap().stdout).unwrap();
+    assert!(
+        route.contains("via 169.254.1.1 dev eth0") && route.contains("onlink"),
+        "{route}"
+    );
+    let neigh = String::from_utf8(
+        a.exec("ip", &["neigh", "show", "169.254.1.1"])
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(neigh.contains("PERMANENT"), "{neigh}");
+    node.finish().unwrap();
+}
+
+#[test]
+fn ebpf_carries_pod_traffic_without_host_forwarding() {
+    let node = NodeGuard::up("ebpf").unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    // Take the kernel path away: no forwarding, and the host routes to both pods blackholed.
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &node.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=0",
+        ],
+    )
+    .unwrap();
+    for pod in [&a, &b] {
+        run(
+            "ip",
+            &[
+                "-n",
+                &node.name,
+                "route",
+                "replace",
+                "blackhole",
+                &format!("{}/32", pod.ip),
+            ],
+        )
+        .unwrap();
+    }
+    let before = redirected(&node, a.ip);
+    assert!(a.ping(b.ip, 5), "pod-to-pod must not need the host stack");
+    assert!(a.iperf3_to(&b, 1).unwrap() > 0.0);
+    let after = redirected(&node, a.ip);
+    assert!(
+        after >= before + 5,
+        "redirect counter of a went {before} -> {after}"
+    );
+    // And the host really is cut off: host-to-pod uses the (blackholed) kernel route.
+    let host_ping = node
+        .exec("ping", &["-c", "1", "-W", "1", &b.ip.to_string()])
+        .unwrap();
+    assert!(
+        !host_ping.status.success(),
+        "host reached a pod despite the blackhole route"
+    );
+    node.finish().unwrap();
+}
+
+#[test]
+fn check_passes_then_fails_when_the_ip_is_removed() {
+    let node = NodeGuard::up("check").unwrap();
+    let pod_name = node.pod_name("a");
+    let pod = node.add_pod("a").unwrap();
+    let netns = pod.netns_path();
+    for version in ["0.4.0", "1.0.0", "1.1.0"] {
+        let mut conf = node.conf(version);
+        conf["prevResult"] =
+            json!({"cniVersion": version, "ips": [{"address": format!("{}/32", pod.ip)}]});
+        let outcome = node
+            .cni("CHECK", &pod_name, Some(&netns), "eth0", &conf)
+            .unwrap();
+        assert!(outcome.success, "CHECK {version}: {}", outcome.stdout);
+    }
+    run(
+        "ip",
+        &[
+            "-n",
+            &pod_name,
+            "addr",
+            "del",
+            &format!("{}/32", pod.ip),
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
+    let mut conf = node.conf("1.1.0");
+    conf["prevResult"] =
+        json!({"cniVersion": "1.1.0", "ips": [{"address": format!("{}/32", pod.ip)}]});
+    let outcome = node
+        .cni("CHECK", &pod_name, Some(&netns), "eth0", &conf)
+        .unwrap();
+    assert!(!outcome.success);
+    assert!(
+        outcome.stdout["msg"]
+            .as_str()
+            .unwrap()
+            .contains("lost its address"),
+        "{}",
+        outcome.stdout
+    );
+    // CHECK does not exist before 0.4.0.
+    let outcome = node
+        .cni(
+            "CHECK",
+            &pod_name,
+            Some(&netns),
+            "eth0",
+            &node.conf("0.3.1"),
+        )
+        .unwrap();
+    assert_eq!(outcome.code(), Some(1));
+    node.finish().unwrap();
+}
+
+#[test]
+fn del_is_idempotent_and_works_without_the_netns() {
+    let node = NodeGuard::up("del").unwrap();
+    let a_name = node.pod_name("a");
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    let conf = node.conf("1.1.0");
+    for _ in 0..2 {
+        let outcome = node
+            .cni("DEL", &a_name, Some(&a.netns_path()), "eth0", &conf)
+            .unwrap();
+        assert!(outcome.success, "DEL: {}", outcome.stdout);
+    }
+    assert!(node
+        .endpoints()
+        .unwrap()
+        .iter()
+        .all(|e| e["ip"] != a.ip.to_string()));
+    // The runtime lost the netns before calling DEL: the address must still be freed.
+    let b_name = node.pod_name("b");
+    run("ip", &["netns", "del", &b_name]).unwrap();
+    let outcome = node.cni("DEL", &b_name, None, "eth0", &conf).unwrap();
+    assert!(outcome.success, "DEL without netns: {}", outcome.stdout);
+    let ipam_dir = node
+        .state_dir
+        .join("ipam")
+        .join(format!("velox-{}", node.name));
+    let reserved: Vec<_> = std::fs::read_dir(&ipam_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_ok())
+        .collect();
+    assert!(
+        reserved.is_empty(),
+        "addresses still reserved: {reserved:?}"
+    );
+    assert!(node.pods().unwrap().is_empty(), "records left");
+    assert!(node.endpoints().unwrap().is_empty(), "map entries left");
+    assert!(
+        std::fs::read_dir(node.bpffs_root.join("links"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "link pins left"
+    );
+    let _ = b;
+    node.finish().unwrap();
+}
+
+/// After a failed ADD: no address, veth, route, link pin, record or map entry.
+fn assert_nothing_of(node: &NodeGuard, pod_name: &str) {
+    let ipam_dir = node
+        .state_dir
+        .join("ipam")
+        .join(format!("velox-{}", node.name));
+    let reserved = std::fs::read_dir(&ipam_dir)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_ok())
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(reserved, 0, "address still reserved");
+    let links = run(
+        "ip",
+        &["-n", &node.name, "-o", "link", "show", "type", "veth"],
+    )
+    .unwrap();
+    assert!(links.trim().is_empty(), "veth left: {links}");
+    let routes = run("ip", &["-n", &node.name, "route", "show"]).unwrap();
+    assert!(!routes.contains("200.200.1."), "route left: {routes}");
+    assert!(
+        std::fs::read_dir(node.bpffs_root.join("links"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "link pin left"
+    );
+    assert!(node.pods().unwrap().is_empty(), "record left");
+    assert!(node.endpoints().unwrap().is_empty(), "map entry left");
+    let pod_links = run("ip", &["-n", pod_name, "-o", "link", "show", "eth0"]);
+    assert!(pod_links.is_err(), "pod side left: {pod_links:?}");
+}
+
+#[test]
+fn add_failing_halfway_leaves_nothing() {
+    let node = NodeGuard::up("fail").unwrap();
+    let conf = node.conf("1.1.0");
+
+    // Fails in the pod: a default route is already there (after IPAM, veth, address).
+    let early = node.pod_name("early");
+    run("ip", &["netns", "add", &early]).unwrap();
+    run(
+        "ip",
+        &[
+            "-n", &early, "link", "add", "side0", "type", "veth", "peer", "name", "side1",
+        ],
+    )
+    .unwrap();
+    run("ip", &["-n", &early, "link", "set", "side0", "up"]).unwrap();
+    run(
+        "ip",
+        &["-n", &early, "route", "add", "default", "dev", "side0"],
+    )
+    .unwrap();
+    let outcome = node
+        .cni(
+            "ADD",
+            &early,
+            Some(&Path::new("/run/netns").join(&early)),
+            "eth0",
+            &conf,
+        )
+        .unwrap();
+    assert!(!outcome.success, "ADD should fail: {}", outcome.stdout);
+    assert!(
+        outcome.stdout["msg"]
+            .as_str()
+            .unwrap()
+            .contains("default route"),
+        "{}",
+        outcome.stdout
+    );
+    assert_nothing_of(&node, &early);
+
+    // Fails at the very end: the record cannot be written (after routes and the TC link).
+    let late = node.pod_name("late");
+    run("ip", &["netns", "add", &late]).unwrap();
+    let host_ifname = velox_cni::endpoint::host_ifname(&velox_cni::config::Attachment {
+        container_id: late.clone(),
+        ifname: "eth0".into(),
+    });
+    let blocker = node
+        .state_dir
+        .join("endpoints")
+        .join(format!("{host_ifname}.json"));
+    std::fs::create_dir_all(blocker.join("occupied")).unwrap();
+    let outcome = node
+        .cni(
+            "ADD",
+            &late,
+            Some(&Path::new("/run/netns").join(&late)),
+            "eth0",
+            &conf,
+        )
+        .unwrap();
+    assert!(!outcome.success, "ADD should fail: {}", outcome.stdout);
+    std::fs::remove_dir_all(&blocker).unwrap();
+    assert_nothing_of(&node, &late);
+
+    // And the node still works afterwards.
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    assert!(a.ping(b.ip, 2));
+    node.finish().unwrap();
+}
+
+#[test]
+fn loader_sigkill_and_restart_do_not_interrupt_traffic() {
+    let node = NodeGuard::up("restart").unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &node.name,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=0",
+        ],
+    )
+    .unwrap();
+    // 60 pings over 3 s while the loader is killed, absent, and started again.
+    let ping = in_netns(
+        &a.name,
+        "ping",
+        &["-c", "60", "-i", "0.05", "-W", "1", &b.ip.to_string()],
+    )
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    node.stop_loader(Signal::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(!node.status().success, "STATUS must report the dead loader");
+    assert_eq!(node.status().code(), Some(50));
+    node.start_loader().unwrap();
+    let output = ping.wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        summary.contains("60 received"),
+        "pings were lost: {summary}"
+    );
+    assert!(output.status.success());
+
+    // A map entry deleted by hand comes back after a restart.
+    node.stop_loader(Signal::SIGKILL).unwrap();
+    let mut maps =
+        velox_cni::datapath::Maps::open(&velox_cni::datapath::Bpffs::new(&node.bpffs_root))
+            .unwrap();
+    let ifindex = node.endpoint(b.ip).unwrap()["ifindex"].as_u64().unwrap() as u32;
+    maps.remove(b.ip, ifindex).unwrap();
+    assert!(node.endpoint(b.ip).is_err());
+    node.start_loader().unwrap();
+    assert_eq!(node.endpoint(b.ip).unwrap()["ifindex"], ifindex);
+    assert!(a.ping(b.ip, 3));
+    node.finish().unwrap();
+}
+
+#[test]
+fn every_cni_version_gets_its_result_format() {
+    let node = NodeGuard::up("versions").unwrap();
+    for (i, version) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
+        .iter()
+        .enumerate()
+    {
+        let pod = node.pod_name(&format!("v{i}"));
+        run("ip", &["netns", "add", &pod]).unwrap();
+        let netns = Path::new("/run/netns").join(&pod);
+        let outcome = node
+            .cni("ADD", &pod, Some(&netns), "eth0", &node.conf(version))
+            .unwrap();
+        assert!(outcome.success, "ADD {version}: {}", outcome.stdout);
+        let result = &outcome.stdout;
+        assert_eq!(result["cniVersion"], *version);
+        let ip = &result["ips"][0];
+        assert_eq!(ip["gateway"], "169.254.1.1");
+        assert_eq!(ip["interface"], 1);
+        assert_eq!(result["interfaces"][1]["name"], "eth0");
+        assert_eq!(result["interfaces"][1]["sandbox"], netns.to_str().unwrap());
+        match *version {
+            "1.0.0" | "1.1.0" => assert!(ip.get("version").is_none(), "{result}"),
+            _ => assert_eq!(ip["version"], "4"),
+        }
+        assert_eq!(
+            result["interfaces"][1].get("mtu").is_some(),
+            *version == "1.1.0",
+            "{result}"
+        );
+        let del = node
+            .cni("DEL", &pod, Some(&netns), "eth0", &node.conf(version))
+            .unwrap();
+        assert!(del.success, "DEL {version}: {}", del.stdout);
+    }
+    node.finish().unwrap();
+}
+
+#[test]
+fn prev_result_is_chained() {
+    let node = NodeGuard::up("chain").unwrap();
+    let pod = node.pod_name("a");
+    run("ip", &["netns", "add", &pod]).unwrap();
+    let mut conf = node.conf("1.0.0");
+    conf["prevResult"] = json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "sidecar0"}],
+        "ips": [{"address": "192.0.2.5/24", "interface": 0}],
+    });
+    let outcome = node
+        .cni(
+            "ADD",
+            &pod,
+            Some(&Path::new("/run/netns").join(&pod)),
+            "eth0",
+            &conf,
+        )
+        .unwrap();
+    assert!(outcome.success, "{}", outcome.stdout);
+    let result = &outcome.stdout;
+    assert_eq!(result["interfaces"][0]["name"], "sidecar0");
+    assert_eq!(result["interfaces"].as_array().unwrap().len(), 3);
+    assert_eq!(result["ips"][0]["address"], "192.0.2.5/24");
+    assert_eq!(
+        result["ips"][1]["interface"], 2,
+        "our IP points at our eth0 after the earlier interface"
+    );
+    node.finish().unwrap();
+}
+
+fn error_of(outcome: &velox_test_env::CniOutcome) -> (u64, String) {
+    assert!(
+        !outcome.success,
+        "expected an error, got {}",
+        outcome.stdout
+    );
+    (
+        outcome.stdout["code"].as_u64().unwrap(),
+        outcome.stdout["msg"].as_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn errors_are_cni_json_with_the_spec_codes() {
+    let node = NodeGuard::up("errors").unwrap();
+    let pod = node.pod_name("a");
+    run("ip", &["netns", "add", &pod]).unwrap();
+    let netns = Path::new("/run/netns").join(&pod);
+    let add = |conf: &Value| node.cni("ADD", &pod, Some(&netns), "eth0", conf).unwrap();
+
+    let (code, _) = error_of(&add(&json!("not an object")));
+    assert_eq!(code, 7);
+    let mut conf = node.conf("0.2.0");
+    assert_eq!(error_of(&add(&conf)).0, 1);
+    conf = node.conf("1.1.0");
+    conf["mtu"] = json!(10);
+    assert_eq!(error_of(&add(&conf)).0, 7);
+    // Missing environment.
+    let outcome = node
+        .cni("ADD", &pod, None, "eth0", &node.conf("1.1.0"))
+        .unwrap();
+    assert_eq!(error_of(&outcome).0, 4);
+    // GC and STATUS need 1.1.0.
+    assert_eq!(
+        error_of(&node.cni("GC", "", None, "", &node.conf("1.0.0")).unwrap()).0,
+        1
+    );
+
+    // Loader not ready: ADD says "try again later", STATUS "not available", and nothing is left.
+    node.stop_loader(Signal::SIGKILL).unwrap();
+    std::fs::remove_dir_all(&node.bpffs_root).unwrap();
+    let (code, msg) = error_of(&add(&node.conf("1.1.0")));
+    assert_eq!(code, 11, "{msg}");
+    assert!(msg.contains("velox-loader"), "{msg}");
+    assert_eq!(node.status().code(), Some(50));
+    assert!(node.pods().unwrap().is_empty());
+    node.finish().unwrap();
+}
+
+#[test]
+fn bad_json_is_code_6_from_the_binary() {
+    let bins = velox_test_env::Binaries::locate().unwrap();
+    let mut child = std::process::Command::new(&bins.velox)
+        .env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"cniVersion\": ")
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(!output.status.success());
+    let error: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(error["code"], 4, "env is checked first: {error}");
+
+    let output = std::process::Command::new(&bins.velox)
+        .env_clear()
+        .env("CNI_COMMAND", "GC")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"{\"cniVersion\": ")?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let error: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(error["code"], 6, "{error}");
+
+    let output = std::process::Command::new(&bins.velox)
+        .env_clear()
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let version: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        version["supportedVersions"],
+        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+    );
+}
+
+#[test]
+fn delegated_ipam_host_local() {
+    let node = NodeGuard::up("hostlocal").unwrap();
+    let data_dir = node.state_dir.join("host-local");
+    let mut conf = node.conf("1.0.0");
+    conf.as_object_mut().unwrap().remove("subnet");
+    conf["ipam"] = json!({"type": "host-local", "dataDir": data_dir, "ranges": [[{"subnet": "200.200.7.0/24"}]]});
+    let mut pods = Vec::new();
+    for name in ["a", "b"] {
+        let pod = node.pod_name(name);
+        run("ip", &["netns", "add", &pod]).unwrap();
+        let outcome = node
+            .cni(
+                "ADD",
+                &pod,
+                Some(&Path::new("/run/netns").join(&pod)),
+                "eth0",
+                &conf,
+            )
+            .unwrap();
+        assert!(outcome.success, "{}", outcome.stdout);
+        let ip: ipnet::Ipv4Net = outcome.stdout["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!("200.200.7.0/24"
+            .parse::<ipnet::Ipv4Net>()
+            .unwrap()
+            .contains(&ip.addr()));
+        assert_eq!(ip.prefix_len(), 32);
+        pods.push(velox_test_env::Pod {
+            name: pod,
+            ip: ip.addr(),
+        });
+    }
+    assert!(pods[0].ping(pods[1].ip, 2));
+    for pod in &pods {
+        let outcome = node
+            .cni("DEL", &pod.name, Some(&pod.netns_path()), "eth0", &conf)
+            .unwrap();
+        assert!(outcome.success, "{}", outcome.stdout);
+    }
+    let network_dir = data_dir.join(conf["name"].as_str().unwrap());
+    let held: Vec<_> = std::fs::read_dir(&network_dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("200."))
+        .collect();
+    assert!(held.is_empty(), "host-local still holds {held:?}");
+    node.finish().unwrap();
+}
+
+#[test]
+fn concurrent_adds_and_dels_are_safe() {
+    let node = NodeGuard::up("conc").unwrap();
+    let names: Vec<String> = (0..8).map(|i| node.pod_name(&format!("c{i}"))).collect();
+    let pods: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = names
+            .iter()
+            .map(|n| s.spawn(|| node.0.add_pod(n)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    });
+    let ips: std::collections::HashSet<_> = pods.iter().map(|p| p.ip).collect();
+    assert_eq!(ips.len(), 8, "two pods share an address");
+    assert_eq!(node.endpoints().unwrap().len(), 8);
+    assert!(pods[0].ping(pods[7].ip, 1));
+    std::thread::scope(|s| {
+        for pod in &pods {
+            s.spawn(|| node.0.delete_pod(&pod.name).unwrap());
+        }
+    });
+    assert!(node.endpoints().unwrap().is_empty());
+    assert!(node.pods().unwrap().is_empty());
+    node.finish().unwrap();
+}
+
+#[test]
+fn gc_frees_what_the_runtime_no_longer_knows() {
+    let node = NodeGuard::up("gc").unwrap();
+    let keep = node.add_pod("keep").unwrap();
+    let lost = node.add_pod("lost").unwrap();
+    let mut conf = node.conf("1.1.0");
+    conf["cni.dev/valid-attachments"] = json!([{"containerID": keep.name, "ifname": "eth0"}]);
+    let outcome = node.cni("GC", "", None, "", &conf).unwrap();
+    assert!(outcome.success, "{}", outcome.stdout);
+    let left: Vec<_> = node.pods().unwrap().into_iter().map(|p| p.name).collect();
+    assert_eq!(left, vec![keep.name.clone()]);
+    assert!(node.endpoint(lost.ip).is_err(), "lost pod still in the map");
+    assert!(node.endpoint(keep.ip).is_ok());
+    let veths = run(
+        "ip",
+        &["-n", &node.name, "-o", "link", "show", "type", "veth"],
+    )
+    .unwrap();
+    assert_eq!(veths.lines().count(), 1, "{veths}");
+    node.finish().unwrap();
+}
