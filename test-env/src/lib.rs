@@ -103,6 +103,35 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
     run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).map(drop)
 }
 
+/// Two namespaces `<prefix>-l` and `<prefix>-r` joined by a bare veth pair: the
+/// same-node limit any CNI is measured against.
+pub fn direct_veth_pair(prefix: &str) -> anyhow::Result<(Pod, Pod)> {
+    let (left, right) = (format!("{prefix}-l"), format!("{prefix}-r"));
+    let result = (|| {
+        run("ip", &["netns", "add", &left])?;
+        run("ip", &["netns", "add", &right])?;
+        run("ip", &["-n", &left, "link", "add", "veth-l", "type", "veth", "peer", "name", "veth-r", "netns", &right])?;
+        let ends = [(&left, "veth-l", "10.99.0.1"), (&right, "veth-r", "10.99.0.2")];
+        for (ns, ifname, ip) in ends {
+            run("ip", &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", ifname])?;
+            run("ip", &["-n", ns, "link", "set", ifname, "up"])?;
+            run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(ends.map(|(ns, _, ip)| Pod { name: ns.clone(), ip: ip.parse().unwrap() }))
+    })();
+    if result.is_err() {
+        let _ = remove_direct_veth_pair(prefix);
+    }
+    result.map(|[l, r]| (l, r))
+}
+
+pub fn remove_direct_veth_pair(prefix: &str) -> anyhow::Result<()> {
+    for ns in [format!("{prefix}-l"), format!("{prefix}-r")] {
+        delete_netns(&ns)?;
+    }
+    Ok(())
+}
+
 /// What one CNI invocation returned.
 #[derive(Debug)]
 pub struct CniOutcome {

@@ -1,1 +1,65 @@
-fn main() {}
+//! `cargo xtask`: what cargo alone cannot do for Velox.
+
+mod build;
+mod demo;
+mod setup;
+
+use clap::{Parser, Subcommand};
+use std::process::{Command, ExitCode};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: Debian packages, bpf-linker, the bpffs mount.
+    Setup,
+    /// Build the eBPF object (Debian's toolchain), then velox and velox-loader (release).
+    Build,
+    /// Setup, build, then every test, privileged ones included (needs root).
+    Test,
+    /// The simulated cluster in network namespaces.
+    TestEnv {
+        #[command(subcommand)]
+        action: demo::TestEnvAction,
+    },
+    /// Setup, build, bring up a node with two pods, ping, iperf3, dump, tear down.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup => setup::setup(),
+        Task::Build => build::build(),
+        Task::Test => test(),
+        Task::TestEnv { action } => demo::test_env(action),
+        Task::Demo => setup::setup().and_then(|()| build::build()).and_then(|()| demo::demo()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the suite with nextest when it is installed (one summary line, a process per
+/// test), else with cargo test. The runner's summary is the last thing printed.
+fn test() -> anyhow::Result<()> {
+    setup::setup()?;
+    build::build()?;
+    let nextest = Command::new(build::cargo()).args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success());
+    let mut cmd = Command::new(build::cargo());
+    if nextest {
+        cmd.args(["nextest", "run", "--workspace", "--exclude", "velox-ebpf", "--no-fail-fast"]);
+    } else {
+        cmd.args(["test", "--workspace", "--exclude", "velox-ebpf", "--no-fail-fast"]);
+    }
+    build::run_checked(&mut cmd)
+}
