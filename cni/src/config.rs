@@ -69,41 +69,25 @@ fn default_state_dir() -> PathBuf {
 impl NetConf {
     /// Parses stdin: bad JSON is code 6, an unknown version 1, a bad field 7.
     pub fn parse(stdin: &[u8]) -> anyhow::Result<(Self, CniVersion)> {
-        let value: Value = serde_json::from_slice(stdin).map_err(|e| {
-            CniError::new(
-                Code::Decode,
-                format!("network config on stdin is not valid JSON: {e}"),
-            )
-        })?;
+        let value: Value = serde_json::from_slice(stdin)
+            .map_err(|e| CniError::new(Code::Decode, format!("network config on stdin is not valid JSON: {e}")))?;
         let version = match value.get("cniVersion") {
             Some(Value::String(v)) => CniVersion::parse(v)?,
-            _ => {
-                return fail(
-                    Code::InvalidConfig,
-                    "network config has no string \"cniVersion\"",
-                )
-            }
+            _ => return fail(Code::InvalidConfig, "network config has no string \"cniVersion\""),
         };
-        let conf: NetConf = serde_json::from_value(value).map_err(|e| {
-            CniError::new(Code::InvalidConfig, format!("invalid network config: {e}"))
-        })?;
+        let conf: NetConf = serde_json::from_value(value)
+            .map_err(|e| CniError::new(Code::InvalidConfig, format!("invalid network config: {e}")))?;
         conf.validate()?;
         Ok((conf, version))
     }
 
     fn validate(&self) -> anyhow::Result<()> {
         if self.name.is_empty() {
-            return fail(
-                Code::InvalidConfig,
-                "network config needs a non-empty \"name\"",
-            );
+            return fail(Code::InvalidConfig, "network config needs a non-empty \"name\"");
         }
         if let Some(mtu) = self.mtu {
             if !(68..=65535).contains(&mtu) {
-                return fail(
-                    Code::InvalidConfig,
-                    format!("mtu {mtu} is outside 68..=65535"),
-                );
+                return fail(Code::InvalidConfig, format!("mtu {mtu} is outside 68..=65535"));
             }
         }
         if let Some(subnet) = self.subnet {
@@ -122,15 +106,10 @@ impl NetConf {
     }
 
     pub fn ipam_source(&self) -> anyhow::Result<IpamSource> {
-        let delegated = self
-            .ipam
-            .as_ref()
-            .map(|ipam| ipam.get("type").and_then(Value::as_str));
+        let delegated = self.ipam.as_ref().map(|ipam| ipam.get("type").and_then(Value::as_str));
         match (self.subnet, delegated) {
             (Some(subnet), None) => Ok(IpamSource::Builtin(subnet.trunc())),
-            (None, Some(Some(plugin))) if is_plain_name(plugin) => {
-                Ok(IpamSource::Delegated(plugin.to_string()))
-            }
+            (None, Some(Some(plugin))) if is_plain_name(plugin) => Ok(IpamSource::Delegated(plugin.to_string())),
             (None, Some(_)) => fail(
                 Code::InvalidConfig,
                 "\"ipam\" needs a \"type\" naming an IPAM plugin binary (e.g. \"host-local\")",
@@ -152,9 +131,7 @@ fn is_plain_name(name: &str) -> bool {
     !name.is_empty()
         && name != "."
         && name != ".."
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -186,12 +163,7 @@ impl Environment {
             Some("GC") => Command::Gc,
             Some("STATUS") => Command::Status,
             Some("VERSION") => Command::Version,
-            Some(other) => {
-                return fail(
-                    Code::InvalidEnvironment,
-                    format!("unknown CNI_COMMAND {other:?}"),
-                )
-            }
+            Some(other) => return fail(Code::InvalidEnvironment, format!("unknown CNI_COMMAND {other:?}")),
             None => return fail(Code::InvalidEnvironment, "CNI_COMMAND is not set"),
         })
     }
@@ -203,9 +175,7 @@ impl Environment {
         let required = |name: &str| -> anyhow::Result<String> {
             match get(name).filter(|v| !v.is_empty()) {
                 Some(v) => Ok(v),
-                None if per_container => {
-                    fail(Code::InvalidEnvironment, format!("{name} is not set"))
-                }
+                None if per_container => fail(Code::InvalidEnvironment, format!("{name} is not set")),
                 None => Ok(String::new()),
             }
         };
@@ -258,10 +228,9 @@ mod tests {
 
     #[test]
     fn minimal_builtin_config() {
-        let (conf, version) = NetConf::parse(
-            br#"{"cniVersion":"1.0.0","name":"velox","type":"velox","subnet":"200.200.1.0/24"}"#,
-        )
-        .unwrap();
+        let (conf, version) =
+            NetConf::parse(br#"{"cniVersion":"1.0.0","name":"velox","type":"velox","subnet":"200.200.1.0/24"}"#)
+                .unwrap();
         assert_eq!(version, CniVersion::V1_0_0);
         assert_eq!(
             conf.ipam_source().unwrap(),
@@ -280,10 +249,7 @@ mod tests {
                  "ipam":{"type":"host-local","ranges":[[{"subnet":"10.1.0.0/24"}]]}}"#,
         )
         .unwrap();
-        assert_eq!(
-            conf.ipam_source().unwrap(),
-            IpamSource::Delegated("host-local".into())
-        );
+        assert_eq!(conf.ipam_source().unwrap(), IpamSource::Delegated("host-local".into()));
         assert_eq!(conf.mtu(), 9000);
         assert_eq!(conf.bpffs_root, PathBuf::from("/sys/fs/bpf/x"));
         assert_eq!(conf.log_level, Some(log::LevelFilter::Debug));
@@ -303,12 +269,15 @@ mod tests {
             Code::InvalidConfig
         );
         assert_eq!(
+            code_of(NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"velox"}"#)),
+            Code::InvalidConfig
+        );
+        assert_eq!(
             code_of(NetConf::parse(
-                br#"{"cniVersion":"1.0.0","name":"n","type":"velox"}"#
+                br#"{"cniVersion":"1.0.0","name":"n","type":"velox","subnet":"10.0.0.0/24","mtu":20}"#
             )),
             Code::InvalidConfig
         );
-        assert_eq!(code_of(NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"velox","subnet":"10.0.0.0/24","mtu":20}"#)), Code::InvalidConfig);
         assert_eq!(
             code_of(NetConf::parse(
                 br#"{"cniVersion":"1.0.0","name":"n","type":"velox","subnet":"banana"}"#
@@ -322,7 +291,12 @@ mod tests {
             Code::InvalidConfig
         );
         assert_eq!(code_of(NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"velox","subnet":"10.0.0.0/24","ipam":{"type":"host-local"}}"#)), Code::InvalidConfig);
-        assert_eq!(code_of(NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"velox","ipam":{"type":"../../bin/sh"}}"#)), Code::InvalidConfig);
+        assert_eq!(
+            code_of(NetConf::parse(
+                br#"{"cniVersion":"1.0.0","name":"n","type":"velox","ipam":{"type":"../../bin/sh"}}"#
+            )),
+            Code::InvalidConfig
+        );
         assert_eq!(
             code_of(NetConf::parse(
                 br#"{"cniVersion":"1.0.0","name":"","type":"velox","subnet":"10.0.0.0/24"}"#
@@ -332,10 +306,7 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> anyhow::Result<Environment> {
-        let vars: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let vars: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Environment::from_vars(move |k| vars.get(k).cloned())
     }
 
@@ -358,23 +329,14 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(del.netns, None);
-        assert_eq!(
-            env(&[("CNI_COMMAND", "VERSION")]).unwrap().command,
-            Command::Version
-        );
-        assert_eq!(
-            env(&[("CNI_COMMAND", "STATUS")]).unwrap().command,
-            Command::Status
-        );
+        assert_eq!(env(&[("CNI_COMMAND", "VERSION")]).unwrap().command, Command::Version);
+        assert_eq!(env(&[("CNI_COMMAND", "STATUS")]).unwrap().command, Command::Status);
     }
 
     #[test]
     fn bad_environment_is_code_4() {
         assert_eq!(code_of(env(&[])), Code::InvalidEnvironment);
-        assert_eq!(
-            code_of(env(&[("CNI_COMMAND", "FROB")])),
-            Code::InvalidEnvironment
-        );
+        assert_eq!(code_of(env(&[("CNI_COMMAND", "FROB")])), Code::InvalidEnvironment);
         assert_eq!(
             code_of(env(&[
                 ("CNI_COMMAND", "ADD"),

@@ -7,9 +7,7 @@ use aya::programs::links::FdLink;
 use aya::programs::{SchedClassifier, TcAttachType};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use velox_common::{
-    Endpoint, EndpointCounters, EndpointKey, COUNTERS_MAP, ENDPOINTS_MAP, FROM_POD_PROGRAM,
-};
+use velox_common::{Endpoint, EndpointCounters, EndpointKey, COUNTERS_MAP, ENDPOINTS_MAP, FROM_POD_PROGRAM};
 
 use crate::error::{CniError, Code};
 
@@ -26,11 +24,7 @@ impl Bpffs {
 
     /// The directories the loader creates: maps, programs, links.
     pub fn dirs(&self) -> [PathBuf; 3] {
-        [
-            self.root.join("maps"),
-            self.root.join("programs"),
-            self.links_dir(),
-        ]
+        [self.root.join("maps"), self.root.join("programs"), self.links_dir()]
     }
 
     pub fn map(&self, name: &str) -> PathBuf {
@@ -76,9 +70,7 @@ fn key(ip: Ipv4Addr) -> EndpointKey {
 
 fn ignore_missing(result: Result<(), MapError>) -> anyhow::Result<()> {
     match result {
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => {
-            Ok(())
-        }
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => Ok(()),
         other => Ok(other?),
     }
 }
@@ -151,19 +143,13 @@ pub fn attach_from_pod(bpffs: &Bpffs, host_ifname: &str) -> anyhow::Result<()> {
     let mut program = SchedClassifier::from_pin(&program_pin).map_err(|e| {
         CniError::new(
             Code::TryAgainLater,
-            format!(
-                "velox-loader is not ready: cannot open {} ({e})",
-                program_pin.display()
-            ),
+            format!("velox-loader is not ready: cannot open {} ({e})", program_pin.display()),
         )
     })?;
     let link_id = program
         .attach(host_ifname, TcAttachType::Ingress)
         .with_context(|| format!("attaching from_pod to {host_ifname}"))?;
-    let link: FdLink = program
-        .take_link(link_id)?
-        .try_into()
-        .context("TCX link expected")?;
+    let link: FdLink = program.take_link(link_id)?.try_into().context("TCX link expected")?;
     std::fs::create_dir_all(bpffs.links_dir())?;
     link.pin(bpffs.link(host_ifname))
         .with_context(|| format!("pinning the link of {host_ifname}"))?;

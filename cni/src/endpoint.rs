@@ -68,8 +68,7 @@ impl EndpointStore {
     }
 
     pub fn lock(&self) -> anyhow::Result<Flock<File>> {
-        fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating {}", self.dir.display()))?;
+        fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
         let file = File::create(self.dir.join(".lock")).context("opening the endpoint lock")?;
         Flock::lock(file, FlockArg::LockExclusive)
             .map_err(|(_, errno)| anyhow::anyhow!("locking endpoint records: {errno}"))
@@ -90,9 +89,7 @@ impl EndpointStore {
 
     pub fn get(&self, attachment: &Attachment) -> anyhow::Result<Option<EndpointRecord>> {
         match fs::read(self.path(attachment)) {
-            Ok(bytes) => Ok(Some(
-                serde_json::from_slice(&bytes).context("reading endpoint record")?,
-            )),
+            Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).context("reading endpoint record")?)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).context("reading endpoint record"),
         }
@@ -100,9 +97,7 @@ impl EndpointStore {
 
     pub fn remove(&self, attachment: &Attachment) -> anyhow::Result<()> {
         match fs::remove_file(self.path(attachment)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(e).context("removing endpoint record")
-            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).context("removing endpoint record"),
             _ => Ok(()),
         }
     }
@@ -118,10 +113,7 @@ impl EndpointStore {
             let path = entry?.path();
             if path.extension().is_some_and(|ext| ext == "json") {
                 let bytes = fs::read(&path)?;
-                records.push(
-                    serde_json::from_slice(&bytes)
-                        .with_context(|| format!("reading {}", path.display()))?,
-                );
+                records.push(serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?);
             }
         }
         records.sort_by_key(|r: &EndpointRecord| r.ip);

@@ -48,9 +48,7 @@ impl CniError {
     pub fn from_anyhow(err: &anyhow::Error) -> Self {
         let chain = format!("{err:#}");
         match err.downcast_ref::<CniError>() {
-            Some(cni) if cni.details.is_empty() && chain != cni.msg => {
-                cni.clone().with_details(chain)
-            }
+            Some(cni) if cni.details.is_empty() && chain != cni.msg => cni.clone().with_details(chain),
             Some(cni) => cni.clone(),
             None => CniError::new(Code::Datapath, err.to_string()).with_details(chain),
         }

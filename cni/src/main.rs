@@ -40,10 +40,6 @@ fn main() -> ExitCode {
 fn answer_version(stdin: &[u8]) -> &'static str {
     serde_json::from_slice::<serde_json::Value>(stdin)
         .ok()
-        .and_then(|conf| {
-            conf["cniVersion"]
-                .as_str()
-                .and_then(|v| CniVersion::parse(v).ok())
-        })
+        .and_then(|conf| conf["cniVersion"].as_str().and_then(|v| CniVersion::parse(v).ok()))
         .map_or(LATEST, CniVersion::as_str)
 }

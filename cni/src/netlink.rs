@@ -31,8 +31,7 @@ pub fn in_netns<T>(netns: &File, f: impl FnOnce() -> T) -> anyhow::Result<T> {
     setns(netns, CloneFlags::CLONE_NEWNET).context("entering the network namespace")?;
     let out = f();
     // Staying in the pod's namespace would make every later step act on the wrong host.
-    setns(&original, CloneFlags::CLONE_NEWNET)
-        .expect("returning to the original network namespace");
+    setns(&original, CloneFlags::CLONE_NEWNET).expect("returning to the original network namespace");
     Ok(out)
 }
 
@@ -54,12 +53,7 @@ impl Netlink {
     }
 
     pub async fn link(&self, name: &str) -> anyhow::Result<Option<Link>> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
+        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
         match links.try_next().await {
             Ok(Some(msg)) => Ok(Some(link_from(&msg))),
             Ok(None) => Ok(None),
@@ -69,13 +63,7 @@ impl Netlink {
     }
 
     /// A veth pair: `host` here, `peer` created directly inside `peer_netns`.
-    pub async fn create_veth(
-        &self,
-        host: &str,
-        peer: &str,
-        peer_netns: &File,
-        mtu: u32,
-    ) -> anyhow::Result<()> {
+    pub async fn create_veth(&self, host: &str, peer: &str, peer_netns: &File, mtu: u32) -> anyhow::Result<()> {
         let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
             .name(peer.to_string())
             .mtu(mtu)
@@ -125,12 +113,7 @@ impl Netlink {
 
     pub async fn addresses(&self, index: u32) -> anyhow::Result<Vec<Ipv4Net>> {
         let mut out = Vec::new();
-        let mut stream = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
+        let mut stream = self.handle.address().get().set_link_index_filter(index).execute();
         while let Some(msg) = stream.try_next().await.context("listing addresses")? {
             for attr in &msg.attributes {
                 if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
@@ -157,11 +140,7 @@ impl Netlink {
     }
 
     /// `ip route add default via <gateway> dev <index> onlink`
-    pub async fn add_default_route_onlink(
-        &self,
-        index: u32,
-        gateway: Ipv4Addr,
-    ) -> anyhow::Result<()> {
+    pub async fn add_default_route_onlink(&self, index: u32, gateway: Ipv4Addr) -> anyhow::Result<()> {
         let msg = RouteMessageBuilder::<Ipv4Addr>::new()
             .gateway(gateway)
             .output_interface(index)
@@ -190,12 +169,7 @@ impl Netlink {
     }
 
     /// `ip neigh add <ip> lladdr <mac> dev <index> nud permanent`
-    pub async fn add_permanent_neighbour(
-        &self,
-        index: u32,
-        ip: Ipv4Addr,
-        mac: Mac,
-    ) -> anyhow::Result<()> {
+    pub async fn add_permanent_neighbour(&self, index: u32, ip: Ipv4Addr, mac: Mac) -> anyhow::Result<()> {
         self.handle
             .neighbours()
             .add(index, IpAddr::V4(ip))
@@ -239,18 +213,11 @@ fn route_parts(msg: &RouteMessage) -> anyhow::Result<(Ipv4Net, Option<Ipv4Addr>,
             _ => {}
         }
     }
-    Ok((
-        Ipv4Net::new(dst, msg.header.destination_prefix_length)?,
-        gateway,
-        oif,
-    ))
+    Ok((Ipv4Net::new(dst, msg.header.destination_prefix_length)?, gateway, oif))
 }
 
 pub fn format_mac(mac: &Mac) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 pub fn parse_mac(text: &str) -> anyhow::Result<Mac> {

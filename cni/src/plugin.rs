@@ -94,11 +94,7 @@ impl Plugin {
     }
 
     fn open_netns(&self) -> anyhow::Result<File> {
-        let path = self
-            .env
-            .netns
-            .as_ref()
-            .expect("validated for ADD and CHECK");
+        let path = self.env.netns.as_ref().expect("validated for ADD and CHECK");
         File::open(path).map_err(|e| {
             CniError::new(
                 Code::InvalidEnvironment,
@@ -117,10 +113,7 @@ impl Plugin {
         if !program.exists() {
             return fail(
                 Code::TryAgainLater,
-                format!(
-                    "velox-loader is not ready: {} is missing",
-                    program.display()
-                ),
+                format!("velox-loader is not ready: {} is missing", program.display()),
             );
         }
         let host = Netlink::connect()?;
@@ -135,17 +128,11 @@ impl Plugin {
             );
         }
         let ipam = self.ipam()?;
-        match self
-            .setup(&attachment, &netns, &host, &mut maps, &ipam)
-            .await
-        {
+        match self.setup(&attachment, &netns, &host, &mut maps, &ipam).await {
             Ok(result) => Ok(self.chain(result)?.to_json(self.version)),
             Err(err) => {
                 log::warn!("ADD failed, undoing: {err:#}");
-                if let Err(undo) = self
-                    .teardown(&attachment, &host, Some(&mut maps), Some(&ipam))
-                    .await
-                {
+                if let Err(undo) = self.teardown(&attachment, &host, Some(&mut maps), Some(&ipam)).await {
                     log::error!("undoing the failed ADD: {undo:#}");
                 }
                 Err(err)
@@ -165,8 +152,7 @@ impl Plugin {
         let ip = ipam.allocate(attachment)?;
         let pod_ip = Ipv4Net::new(ip, 32)?;
         let host_name = host_ifname(attachment);
-        host.create_veth(&host_name, &attachment.ifname, netns, mtu)
-            .await?;
+        host.create_veth(&host_name, &attachment.ifname, netns, mtu).await?;
         let host_link = host
             .link(&host_name)
             .await?
@@ -181,11 +167,9 @@ impl Plugin {
         pod.add_permanent_neighbour(pod_link.index, GATEWAY, host_link.mac)
             .await?;
         pod.set_up(pod_link.index).await?;
-        pod.add_default_route_onlink(pod_link.index, GATEWAY)
-            .await?;
+        pod.add_default_route_onlink(pod_link.index, GATEWAY).await?;
 
-        host.add_permanent_neighbour(host_link.index, ip, pod_link.mac)
-            .await?;
+        host.add_permanent_neighbour(host_link.index, ip, pod_link.mac).await?;
         host.set_up(host_link.index).await?;
         host.add_link_route(host_link.index, pod_ip).await?;
         datapath::attach_from_pod(&self.bpffs, &host_name)?;
@@ -255,13 +239,8 @@ impl Plugin {
         let mut maps = Maps::open(&self.bpffs)
             .map_err(|e| log::warn!("DEL without endpoint map: {e:#}"))
             .ok();
-        self.teardown(
-            &self.attachment(),
-            &host,
-            maps.as_mut(),
-            Some(&self.ipam()?),
-        )
-        .await
+        self.teardown(&self.attachment(), &host, maps.as_mut(), Some(&self.ipam()?))
+            .await
     }
 
     /// Removes whatever exists of an attachment, keeps going past failures, and
@@ -325,18 +304,10 @@ impl Plugin {
         let host = Netlink::connect()?;
         match host.link(&record.host_ifname).await? {
             Some(link) if link.index == record.host_ifindex => {}
-            _ => {
-                return broken(format!(
-                    "host veth {} is missing or was replaced",
-                    record.host_ifname
-                ))
-            }
+            _ => return broken(format!("host veth {} is missing or was replaced", record.host_ifname)),
         }
         if !self.bpffs.link(&record.host_ifname).exists() {
-            return broken(format!(
-                "from_pod is not attached to {}",
-                record.host_ifname
-            ));
+            return broken(format!("from_pod is not attached to {}", record.host_ifname));
         }
         if Maps::open(&self.bpffs)?.get(ip)? != Some(record.endpoint()?) {
             return broken("the endpoint map entry is missing or wrong".into());
@@ -345,16 +316,14 @@ impl Plugin {
         let Some(pod_link) = pod.link(&attachment.ifname).await? else {
             return broken(format!("{} is missing in the pod", attachment.ifname));
         };
-        if !pod
-            .addresses(pod_link.index)
-            .await?
-            .contains(&Ipv4Net::new(ip, 32)?)
-        {
+        if !pod.addresses(pod_link.index).await?.contains(&Ipv4Net::new(ip, 32)?) {
             return broken(format!("{} lost its address {ip}/32", attachment.ifname));
         }
-        let default_route = pod.routes().await?.into_iter().any(|(dst, gw, oif)| {
-            dst.prefix_len() == 0 && gw == Some(GATEWAY) && oif == Some(pod_link.index)
-        });
+        let default_route = pod
+            .routes()
+            .await?
+            .into_iter()
+            .any(|(dst, gw, oif)| dst.prefix_len() == 0 && gw == Some(GATEWAY) && oif == Some(pod_link.index));
         if !default_route {
             return broken(format!("the pod has no default route via {GATEWAY}"));
         }
@@ -363,13 +332,7 @@ impl Plugin {
 
     async fn gc(&self) -> anyhow::Result<()> {
         self.version.require("GC", CniVersion::V1_1_0)?;
-        let valid: HashSet<Attachment> = self
-            .conf
-            .valid_attachments
-            .iter()
-            .flatten()
-            .cloned()
-            .collect();
+        let valid: HashSet<Attachment> = self.conf.valid_attachments.iter().flatten().cloned().collect();
         let host = Netlink::connect()?;
         let mut maps = Maps::open(&self.bpffs).ok();
         let ipam = self.ipam()?;
@@ -377,17 +340,9 @@ impl Plugin {
         for record in self.store.list()? {
             let attachment = record.attachment();
             if record.network == self.conf.name && !valid.contains(&attachment) {
-                log::info!(
-                    "GC: removing stale endpoint {} ({})",
-                    record.ip,
-                    record.container_id
-                );
+                log::info!("GC: removing stale endpoint {} ({})", record.ip, record.container_id);
                 // Addresses are released in one pass below.
-                errors.extend(
-                    self.teardown(&attachment, &host, maps.as_mut(), None)
-                        .await
-                        .err(),
-                );
+                errors.extend(self.teardown(&attachment, &host, maps.as_mut(), None).await.err());
             }
         }
         errors.extend(ipam.gc(&valid).err());
@@ -416,11 +371,7 @@ impl Plugin {
             Ok(answer)
         });
         match answer {
-            Ok(answer)
-                if serde_json::from_str::<Value>(&answer).is_ok_and(|v| v["ready"] == true) =>
-            {
-                Ok(())
-            }
+            Ok(answer) if serde_json::from_str::<Value>(&answer).is_ok_and(|v| v["ready"] == true) => Ok(()),
             Ok(answer) => not_available(format!("it answered {answer:?}")),
             Err(e) => not_available(format!("{}: {e}", socket.display())),
         }

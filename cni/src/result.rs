@@ -1,6 +1,5 @@
 //! The ADD result, kept version-neutral and written in the format of the caller's version.
 
-use anyhow::Context;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -54,8 +53,7 @@ impl CniResult {
     /// plugin's answer). IPv6 entries are not Velox's and are rejected clearly.
     pub fn parse(value: &Value) -> anyhow::Result<Self> {
         serde_json::from_value(value.clone())
-            .map_err(|e| CniError::new(Code::Decode, format!("cannot read CNI result: {e}")))
-            .context("only IPv4 results are supported")
+            .map_err(|e| CniError::new(Code::Decode, format!("cannot read CNI result (IPv4 only): {e}")).into())
     }
 
     /// Appends `other`, renumbering its interface indices after ours (chaining).

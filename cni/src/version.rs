@@ -75,28 +75,16 @@ mod tests {
     fn unknown_versions_are_incompatible() {
         for version in ["0.1.0", "0.2.0", "1.2.0", "", "latest"] {
             let err = CniVersion::parse(version).unwrap_err();
-            assert_eq!(
-                CniError::from_anyhow(&err).code,
-                Code::IncompatibleVersion,
-                "{version}"
-            );
+            assert_eq!(CniError::from_anyhow(&err).code, Code::IncompatibleVersion, "{version}");
         }
     }
 
     #[test]
     fn check_gc_status_are_gated_by_version() {
-        assert!(CniVersion::V0_3_1
-            .require("CHECK", CniVersion::V0_4_0)
-            .is_err());
-        assert!(CniVersion::V0_4_0
-            .require("CHECK", CniVersion::V0_4_0)
-            .is_ok());
-        assert!(CniVersion::V1_0_0
-            .require("GC", CniVersion::V1_1_0)
-            .is_err());
-        assert!(CniVersion::V1_1_0
-            .require("STATUS", CniVersion::V1_1_0)
-            .is_ok());
+        assert!(CniVersion::V0_3_1.require("CHECK", CniVersion::V0_4_0).is_err());
+        assert!(CniVersion::V0_4_0.require("CHECK", CniVersion::V0_4_0).is_ok());
+        assert!(CniVersion::V1_0_0.require("GC", CniVersion::V1_1_0).is_err());
+        assert!(CniVersion::V1_1_0.require("STATUS", CniVersion::V1_1_0).is_ok());
     }
 
     #[test]

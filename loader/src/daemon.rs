@@ -32,14 +32,9 @@ pub async fn run(bpffs: Bpffs, state_dir: PathBuf, interval: Duration) -> anyhow
 
     let socket = health_socket(&state_dir);
     let _ = std::fs::remove_file(&socket);
-    let listener =
-        UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
-    log::info!(
-        "ready: bpffs {}, state {}",
-        bpffs.root.display(),
-        state_dir.display()
-    );
+    log::info!("ready: bpffs {}, state {}", bpffs.root.display(), state_dir.display());
 
     let mut tick = tokio::time::interval(interval);
     let mut terminate = signal(SignalKind::terminate())?;
@@ -71,10 +66,7 @@ pub async fn run(bpffs: Bpffs, state_dir: PathBuf, interval: Duration) -> anyhow
 /// Mounts bpffs at /sys/fs/bpf when the root is not on one already (it is not at boot here).
 fn ensure_bpffs(bpffs: &Bpffs) -> anyhow::Result<()> {
     let root = &bpffs.root;
-    let existing = root
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(Path::new("/"));
+    let existing = root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
     if statfs(existing)?.filesystem_type().0 as i64 != BPF_FS_MAGIC {
         let target = Path::new("/sys/fs/bpf");
         anyhow::ensure!(
@@ -82,14 +74,7 @@ fn ensure_bpffs(bpffs: &Bpffs) -> anyhow::Result<()> {
             "{} is not on a bpffs; mount one there or use a root under /sys/fs/bpf",
             root.display()
         );
-        mount(
-            Some("bpf"),
-            target,
-            Some("bpf"),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .context("mounting bpffs")?;
+        mount(Some("bpf"), target, Some("bpf"), MsFlags::empty(), None::<&str>).context("mounting bpffs")?;
         log::info!("mounted bpffs at {}", target.display());
     }
     for dir in bpffs.dirs() {

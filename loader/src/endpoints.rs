@@ -44,19 +44,10 @@ pub fn print(bpffs: &Bpffs, state_dir: &Path, json: bool) -> anyhow::Result<()> 
         let c = maps.counters(endpoint.ifindex)?;
         rows.push(Row {
             ip,
-            ifname: record
-                .as_ref()
-                .map(|r| r.host_ifname.clone())
-                .unwrap_or_default(),
+            ifname: record.as_ref().map(|r| r.host_ifname.clone()).unwrap_or_default(),
             ifindex: endpoint.ifindex,
-            container_id: record
-                .as_ref()
-                .map(|r| r.container_id.clone())
-                .unwrap_or_default(),
-            pod_ifname: record
-                .as_ref()
-                .map(|r| r.ifname.clone())
-                .unwrap_or_default(),
+            container_id: record.as_ref().map(|r| r.container_id.clone()).unwrap_or_default(),
+            pod_ifname: record.as_ref().map(|r| r.ifname.clone()).unwrap_or_default(),
             pod_mac: format_mac(&endpoint.pod_mac),
             host_mac: format_mac(&endpoint.host_mac),
             packets: c.redirected_packets + c.passed_packets + c.dropped_packets,

@@ -52,10 +52,7 @@ fn main() -> anyhow::Result<()> {
     let mut logger = env_logger::Builder::new();
     logger.filter_level(cli.log_level);
     if let Some(path) = &cli.log_file {
-        let file = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(path)?;
+        let file = std::fs::File::options().create(true).append(true).open(path)?;
         logger.target(env_logger::Target::Pipe(Box::new(file)));
     }
     logger.init();

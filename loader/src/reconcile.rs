@@ -12,8 +12,7 @@ pub fn reconcile(bpffs: &Bpffs, store: &EndpointStore, maps: &mut Maps) -> anyho
     let mut live_ips = HashSet::new();
     let mut live_ifindexes = HashSet::new();
     for record in store.list()? {
-        let alive = if_nametoindex(record.host_ifname.as_str())
-            .is_ok_and(|index| index == record.host_ifindex);
+        let alive = if_nametoindex(record.host_ifname.as_str()).is_ok_and(|index| index == record.host_ifindex);
         if !alive {
             // The pod is gone (its netns went away); DEL or GC will free the rest.
             if maps.get(record.ip)?.is_some() {
@@ -24,11 +23,7 @@ pub fn reconcile(bpffs: &Bpffs, store: &EndpointStore, maps: &mut Maps) -> anyho
         }
         let endpoint = record.endpoint()?;
         if maps.get(record.ip)? != Some(endpoint) {
-            log::warn!(
-                "repairing the map entry of {} ({})",
-                record.ip,
-                record.host_ifname
-            );
+            log::warn!("repairing the map entry of {} ({})", record.ip, record.host_ifname);
             maps.put(record.ip, endpoint)?;
         }
         if !bpffs.link(&record.host_ifname).exists() {
@@ -55,8 +50,7 @@ pub fn reconcile(bpffs: &Bpffs, store: &EndpointStore, maps: &mut Maps) -> anyho
         for link in links.flatten() {
             let name = link.file_name();
             if if_nametoindex(name.as_os_str()).is_err() {
-                std::fs::remove_file(link.path())
-                    .with_context(|| format!("unpinning {:?}", name))?;
+                std::fs::remove_file(link.path()).with_context(|| format!("unpinning {:?}", name))?;
             }
         }
     }

@@ -85,9 +85,7 @@ fn delete_netns(name: &str) -> anyhow::Result<()> {
 /// A command inside the network namespace `netns` (a name under /run/netns).
 pub fn in_netns(netns: &str, program: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{netns}"))
-        .arg(program)
-        .args(args);
+    cmd.arg(format!("--net=/run/netns/{netns}")).arg(program).args(args);
     cmd
 }
 
@@ -110,14 +108,22 @@ pub fn direct_veth_pair(prefix: &str) -> anyhow::Result<(Pod, Pod)> {
     let result = (|| {
         run("ip", &["netns", "add", &left])?;
         run("ip", &["netns", "add", &right])?;
-        run("ip", &["-n", &left, "link", "add", "veth-l", "type", "veth", "peer", "name", "veth-r", "netns", &right])?;
+        run(
+            "ip",
+            &[
+                "-n", &left, "link", "add", "veth-l", "type", "veth", "peer", "name", "veth-r", "netns", &right,
+            ],
+        )?;
         let ends = [(&left, "veth-l", "10.99.0.1"), (&right, "veth-r", "10.99.0.2")];
         for (ns, ifname, ip) in ends {
             run("ip", &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", ifname])?;
             run("ip", &["-n", ns, "link", "set", ifname, "up"])?;
             run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
         }
-        Ok(ends.map(|(ns, _, ip)| Pod { name: ns.clone(), ip: ip.parse().unwrap() }))
+        Ok(ends.map(|(ns, _, ip)| Pod {
+            name: ns.clone(),
+            ip: ip.parse().unwrap(),
+        }))
     })();
     if result.is_err() {
         let _ = remove_direct_veth_pair(prefix);
@@ -143,9 +149,7 @@ pub struct CniOutcome {
 impl CniOutcome {
     /// The error code, for a failed call.
     pub fn code(&self) -> Option<u64> {
-        (!self.success)
-            .then(|| self.stdout["code"].as_u64())
-            .flatten()
+        (!self.success).then(|| self.stdout["code"].as_u64()).flatten()
     }
 }
 
@@ -168,42 +172,23 @@ impl Pod {
     pub fn ping(&self, ip: Ipv4Addr, count: u32) -> bool {
         self.exec(
             "ping",
-            &[
-                "-c",
-                &count.to_string(),
-                "-i",
-                "0.1",
-                "-W",
-                "1",
-                "-q",
-                &ip.to_string(),
-            ],
+            &["-c", &count.to_string(), "-i", "0.1", "-W", "1", "-q", &ip.to_string()],
         )
         .is_ok_and(|o| o.status.success())
     }
 
     /// iperf3 TCP from this pod to `server` for `seconds`; Gbit/s received.
     pub fn iperf3_to(&self, server: &Pod, seconds: u32) -> anyhow::Result<f64> {
-        let mut listener = in_netns(
-            &server.name,
-            "iperf3",
-            &["-s", "-1", "-B", &server.ip.to_string()],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+        let mut listener = in_netns(&server.name, "iperf3", &["-s", "-1", "-B", &server.ip.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
         let deadline = Instant::now() + Duration::from_secs(5);
         // iperf3 3.12 exits 0 even when it cannot connect: the report says.
         let report = loop {
             let output = self.exec(
                 "iperf3",
-                &[
-                    "-c",
-                    &server.ip.to_string(),
-                    "-t",
-                    &seconds.to_string(),
-                    "-J",
-                ],
+                &["-c", &server.ip.to_string(), "-t", &seconds.to_string(), "-J"],
             )?;
             let report: Value = serde_json::from_slice(&output.stdout).context("iperf3 report")?;
             if report.get("error").is_none() || Instant::now() > deadline {
@@ -356,11 +341,7 @@ impl Node {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(conf.to_string().as_bytes())?;
+        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes())?;
         let output = child.wait_with_output()?;
         let elapsed = start.elapsed();
         let stdout = if output.stdout.iter().all(u8::is_ascii_whitespace) {
@@ -441,18 +422,10 @@ impl Node {
     /// `velox-loader endpoints --json` run in the node.
     pub fn endpoints(&self) -> anyhow::Result<Vec<Value>> {
         let output = in_netns(&self.name, self.bins.loader.to_str().unwrap(), &[])
-            .args([
-                "--bpffs-root",
-                self.bpffs_root.to_str().unwrap(),
-                "endpoints",
-                "--json",
-            ])
+            .args(["--bpffs-root", self.bpffs_root.to_str().unwrap(), "endpoints", "--json"])
             .output()?;
         if !output.status.success() {
-            bail!(
-                "velox-loader endpoints: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
+            bail!("velox-loader endpoints: {}", String::from_utf8_lossy(&output.stderr));
         }
         Ok(serde_json::from_slice(&output.stdout)?)
     }
@@ -463,6 +436,17 @@ impl Node {
             .into_iter()
             .find(|e| e["ip"] == ip.to_string())
             .with_context(|| format!("{ip} is not in the endpoint map"))
+    }
+
+    /// Turns off the node's IP forwarding, leaving pod-to-pod traffic to eBPF alone.
+    pub fn disable_ip_forwarding(&self) -> anyhow::Result<()> {
+        let output = self.exec("sysctl", &["-qw", "net.ipv4.ip_forward=0"])?;
+        anyhow::ensure!(
+            output.status.success(),
+            "sysctl: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
     }
 
     /// A command in the node's netns (a host process of that node).
@@ -498,11 +482,7 @@ impl Node {
             true => Ok(()),
             false => bail!(
                 "{}",
-                errors
-                    .iter()
-                    .map(|e| format!("{e:#}"))
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                errors.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>().join("; ")
             ),
         }
     }

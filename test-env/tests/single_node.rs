@@ -8,66 +8,46 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
-use velox_test_env::{in_netns, run, NodeGuard};
+use velox_test_env::{in_netns, run, NodeGuard, Pod};
+
+/// A fresh node with pods `a` and `b`.
+fn node_with_two_pods(tag: &str) -> (NodeGuard, Pod, Pod) {
+    let node = NodeGuard::up(tag).unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    (node, a, b)
+}
 
 fn redirected(node: &NodeGuard, ip: Ipv4Addr) -> u64 {
-    node.endpoint(ip).unwrap()["redirected_packets"]
-        .as_u64()
-        .unwrap()
+    node.endpoint(ip).unwrap()["redirected_packets"].as_u64().unwrap()
 }
 
 #[test]
 fn pods_on_one_node_talk_icmp_and_tcp() {
-    let node = NodeGuard::up("talk").unwrap();
-    let a = node.add_pod("a").unwrap();
-    let b = node.add_pod("b").unwrap();
+    let (node, a, b) = node_with_two_pods("talk");
     assert_ne!(a.ip, b.ip);
     assert!(a.ping(b.ip, 3), "a -> b ping");
     assert!(b.ping(a.ip, 3), "b -> a ping");
     let gbps = a.iperf3_to(&b, 1).unwrap();
     assert!(gbps > 0.0, "TCP moved no data");
     // The pod side is what DESIGN.md says: /32, link-local gateway, static neighbour.
-    let addr = String::from_utf8(
-        a.exec("ip", &["-4", "-o", "addr", "show", "eth0"])
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let addr = String::from_utf8(a.exec("ip", &["-4", "-o", "addr", "show", "eth0"]).unwrap().stdout).unwrap();
     assert!(addr.contains(&format!("{}/32", a.ip)), "{addr}");
-    let route =
-        String::from_utf8(a.exec("ip", &["route", "show", "default"]).unwrap().stdout).unwrap();
+    let route = String::from_utf8(a.exec("ip", &["route", "show", "default"]).unwrap().stdout).unwrap();
     assert!(
         route.contains("via 169.254.1.1 dev eth0") && route.contains("onlink"),
         "{route}"
     );
-    let neigh = String::from_utf8(
-        a.exec("ip", &["neigh", "show", "169.254.1.1"])
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let neigh = String::from_utf8(a.exec("ip", &["neigh", "show", "169.254.1.1"]).unwrap().stdout).unwrap();
     assert!(neigh.contains("PERMANENT"), "{neigh}");
     node.finish().unwrap();
 }
 
 #[test]
 fn ebpf_carries_pod_traffic_without_host_forwarding() {
-    let node = NodeGuard::up("ebpf").unwrap();
-    let a = node.add_pod("a").unwrap();
-    let b = node.add_pod("b").unwrap();
+    let (node, a, b) = node_with_two_pods("ebpf");
     // Take the kernel path away: no forwarding, and the host routes to both pods blackholed.
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &node.name,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=0",
-        ],
-    )
-    .unwrap();
+    node.disable_ip_forwarding().unwrap();
     for pod in [&a, &b] {
         run(
             "ip",
@@ -86,14 +66,9 @@ fn ebpf_carries_pod_traffic_without_host_forwarding() {
     assert!(a.ping(b.ip, 5), "pod-to-pod must not need the host stack");
     assert!(a.iperf3_to(&b, 1).unwrap() > 0.0);
     let after = redirected(&node, a.ip);
-    assert!(
-        after >= before + 5,
-        "redirect counter of a went {before} -> {after}"
-    );
+    assert!(after >= before + 5, "redirect counter of a went {before} -> {after}");
     // And the host really is cut off: host-to-pod uses the (blackholed) kernel route.
-    let host_ping = node
-        .exec("ping", &["-c", "1", "-W", "1", &b.ip.to_string()])
-        .unwrap();
+    let host_ping = node.exec("ping", &["-c", "1", "-W", "1", &b.ip.to_string()]).unwrap();
     assert!(
         !host_ping.status.success(),
         "host reached a pod despite the blackhole route"
@@ -109,50 +84,27 @@ fn check_passes_then_fails_when_the_ip_is_removed() {
     let netns = pod.netns_path();
     for version in ["0.4.0", "1.0.0", "1.1.0"] {
         let mut conf = node.conf(version);
-        conf["prevResult"] =
-            json!({"cniVersion": version, "ips": [{"address": format!("{}/32", pod.ip)}]});
-        let outcome = node
-            .cni("CHECK", &pod_name, Some(&netns), "eth0", &conf)
-            .unwrap();
+        conf["prevResult"] = json!({"cniVersion": version, "ips": [{"address": format!("{}/32", pod.ip)}]});
+        let outcome = node.cni("CHECK", &pod_name, Some(&netns), "eth0", &conf).unwrap();
         assert!(outcome.success, "CHECK {version}: {}", outcome.stdout);
     }
     run(
         "ip",
-        &[
-            "-n",
-            &pod_name,
-            "addr",
-            "del",
-            &format!("{}/32", pod.ip),
-            "dev",
-            "eth0",
-        ],
+        &["-n", &pod_name, "addr", "del", &format!("{}/32", pod.ip), "dev", "eth0"],
     )
     .unwrap();
     let mut conf = node.conf("1.1.0");
-    conf["prevResult"] =
-        json!({"cniVersion": "1.1.0", "ips": [{"address": format!("{}/32", pod.ip)}]});
-    let outcome = node
-        .cni("CHECK", &pod_name, Some(&netns), "eth0", &conf)
-        .unwrap();
+    conf["prevResult"] = json!({"cniVersion": "1.1.0", "ips": [{"address": format!("{}/32", pod.ip)}]});
+    let outcome = node.cni("CHECK", &pod_name, Some(&netns), "eth0", &conf).unwrap();
     assert!(!outcome.success);
     assert!(
-        outcome.stdout["msg"]
-            .as_str()
-            .unwrap()
-            .contains("lost its address"),
+        outcome.stdout["msg"].as_str().unwrap().contains("lost its address"),
         "{}",
         outcome.stdout
     );
     // CHECK does not exist before 0.4.0.
     let outcome = node
-        .cni(
-            "CHECK",
-            &pod_name,
-            Some(&netns),
-            "eth0",
-            &node.conf("0.3.1"),
-        )
+        .cni("CHECK", &pod_name, Some(&netns), "eth0", &node.conf("0.3.1"))
         .unwrap();
     assert_eq!(outcome.code(), Some(1));
     node.finish().unwrap();
@@ -166,34 +118,22 @@ fn del_is_idempotent_and_works_without_the_netns() {
     let b = node.add_pod("b").unwrap();
     let conf = node.conf("1.1.0");
     for _ in 0..2 {
-        let outcome = node
-            .cni("DEL", &a_name, Some(&a.netns_path()), "eth0", &conf)
-            .unwrap();
+        let outcome = node.cni("DEL", &a_name, Some(&a.netns_path()), "eth0", &conf).unwrap();
         assert!(outcome.success, "DEL: {}", outcome.stdout);
     }
-    assert!(node
-        .endpoints()
-        .unwrap()
-        .iter()
-        .all(|e| e["ip"] != a.ip.to_string()));
+    assert!(node.endpoints().unwrap().iter().all(|e| e["ip"] != a.ip.to_string()));
     // The runtime lost the netns before calling DEL: the address must still be freed.
     let b_name = node.pod_name("b");
     run("ip", &["netns", "del", &b_name]).unwrap();
     let outcome = node.cni("DEL", &b_name, None, "eth0", &conf).unwrap();
     assert!(outcome.success, "DEL without netns: {}", outcome.stdout);
-    let ipam_dir = node
-        .state_dir
-        .join("ipam")
-        .join(format!("velox-{}", node.name));
+    let ipam_dir = node.state_dir.join("ipam").join(format!("velox-{}", node.name));
     let reserved: Vec<_> = std::fs::read_dir(&ipam_dir)
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_ok())
         .collect();
-    assert!(
-        reserved.is_empty(),
-        "addresses still reserved: {reserved:?}"
-    );
+    assert!(reserved.is_empty(), "addresses still reserved: {reserved:?}");
     assert!(node.pods().unwrap().is_empty(), "records left");
     assert!(node.endpoints().unwrap().is_empty(), "map entries left");
     assert!(
@@ -209,10 +149,7 @@ fn del_is_idempotent_and_works_without_the_netns() {
 
 /// After a failed ADD: no address, veth, route, link pin, record or map entry.
 fn assert_nothing_of(node: &NodeGuard, pod_name: &str) {
-    let ipam_dir = node
-        .state_dir
-        .join("ipam")
-        .join(format!("velox-{}", node.name));
+    let ipam_dir = node.state_dir.join("ipam").join(format!("velox-{}", node.name));
     let reserved = std::fs::read_dir(&ipam_dir)
         .map(|d| {
             d.flatten()
@@ -221,11 +158,7 @@ fn assert_nothing_of(node: &NodeGuard, pod_name: &str) {
         })
         .unwrap_or(0);
     assert_eq!(reserved, 0, "address still reserved");
-    let links = run(
-        "ip",
-        &["-n", &node.name, "-o", "link", "show", "type", "veth"],
-    )
-    .unwrap();
+    let links = run("ip", &["-n", &node.name, "-o", "link", "show", "type", "veth"]).unwrap();
     assert!(links.trim().is_empty(), "veth left: {links}");
     let routes = run("ip", &["-n", &node.name, "route", "show"]).unwrap();
     assert!(!routes.contains("200.200.1."), "route left: {routes}");
@@ -258,11 +191,7 @@ fn add_failing_halfway_leaves_nothing() {
     )
     .unwrap();
     run("ip", &["-n", &early, "link", "set", "side0", "up"]).unwrap();
-    run(
-        "ip",
-        &["-n", &early, "route", "add", "default", "dev", "side0"],
-    )
-    .unwrap();
+    run("ip", &["-n", &early, "route", "add", "default", "dev", "side0"]).unwrap();
     let outcome = node
         .cni(
             "ADD",
@@ -274,10 +203,7 @@ fn add_failing_halfway_leaves_nothing() {
         .unwrap();
     assert!(!outcome.success, "ADD should fail: {}", outcome.stdout);
     assert!(
-        outcome.stdout["msg"]
-            .as_str()
-            .unwrap()
-            .contains("default route"),
+        outcome.stdout["msg"].as_str().unwrap().contains("default route"),
         "{}",
         outcome.stdout
     );
@@ -290,19 +216,10 @@ fn add_failing_halfway_leaves_nothing() {
         container_id: late.clone(),
         ifname: "eth0".into(),
     });
-    let blocker = node
-        .state_dir
-        .join("endpoints")
-        .join(format!("{host_ifname}.json"));
+    let blocker = node.state_dir.join("endpoints").join(format!("{host_ifname}.json"));
     std::fs::create_dir_all(blocker.join("occupied")).unwrap();
     let outcome = node
-        .cni(
-            "ADD",
-            &late,
-            Some(&Path::new("/run/netns").join(&late)),
-            "eth0",
-            &conf,
-        )
+        .cni("ADD", &late, Some(&Path::new("/run/netns").join(&late)), "eth0", &conf)
         .unwrap();
     assert!(!outcome.success, "ADD should fail: {}", outcome.stdout);
     std::fs::remove_dir_all(&blocker).unwrap();
@@ -317,21 +234,8 @@ fn add_failing_halfway_leaves_nothing() {
 
 #[test]
 fn loader_sigkill_and_restart_do_not_interrupt_traffic() {
-    let node = NodeGuard::up("restart").unwrap();
-    let a = node.add_pod("a").unwrap();
-    let b = node.add_pod("b").unwrap();
-    run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            &node.name,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=0",
-        ],
-    )
-    .unwrap();
+    let (node, a, b) = node_with_two_pods("restart");
+    node.disable_ip_forwarding().unwrap();
     // 60 pings over 3 s while the loader is killed, absent, and started again.
     let ping = in_netns(
         &a.name,
@@ -349,17 +253,12 @@ fn loader_sigkill_and_restart_do_not_interrupt_traffic() {
     node.start_loader().unwrap();
     let output = ping.wait_with_output().unwrap();
     let summary = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        summary.contains("60 received"),
-        "pings were lost: {summary}"
-    );
+    assert!(summary.contains("60 received"), "pings were lost: {summary}");
     assert!(output.status.success());
 
     // A map entry deleted by hand comes back after a restart.
     node.stop_loader(Signal::SIGKILL).unwrap();
-    let mut maps =
-        velox_cni::datapath::Maps::open(&velox_cni::datapath::Bpffs::new(&node.bpffs_root))
-            .unwrap();
+    let mut maps = velox_cni::datapath::Maps::open(&velox_cni::datapath::Bpffs::new(&node.bpffs_root)).unwrap();
     let ifindex = node.endpoint(b.ip).unwrap()["ifindex"].as_u64().unwrap() as u32;
     maps.remove(b.ip, ifindex).unwrap();
     assert!(node.endpoint(b.ip).is_err());
@@ -372,10 +271,7 @@ fn loader_sigkill_and_restart_do_not_interrupt_traffic() {
 #[test]
 fn every_cni_version_gets_its_result_format() {
     let node = NodeGuard::up("versions").unwrap();
-    for (i, version) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]
-        .iter()
-        .enumerate()
-    {
+    for (i, version) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"].iter().enumerate() {
         let pod = node.pod_name(&format!("v{i}"));
         run("ip", &["netns", "add", &pod]).unwrap();
         let netns = Path::new("/run/netns").join(&pod);
@@ -419,13 +315,7 @@ fn prev_result_is_chained() {
         "ips": [{"address": "192.0.2.5/24", "interface": 0}],
     });
     let outcome = node
-        .cni(
-            "ADD",
-            &pod,
-            Some(&Path::new("/run/netns").join(&pod)),
-            "eth0",
-            &conf,
-        )
+        .cni("ADD", &pod, Some(&Path::new("/run/netns").join(&pod)), "eth0", &conf)
         .unwrap();
     assert!(outcome.success, "{}", outcome.stdout);
     let result = &outcome.stdout;
@@ -440,11 +330,7 @@ fn prev_result_is_chained() {
 }
 
 fn error_of(outcome: &velox_test_env::CniOutcome) -> (u64, String) {
-    assert!(
-        !outcome.success,
-        "expected an error, got {}",
-        outcome.stdout
-    );
+    assert!(!outcome.success, "expected an error, got {}", outcome.stdout);
     (
         outcome.stdout["code"].as_u64().unwrap(),
         outcome.stdout["msg"].as_str().unwrap().to_string(),
@@ -467,9 +353,7 @@ fn errors_are_cni_json_with_the_spec_codes() {
     conf["mtu"] = json!(10);
     assert_eq!(error_of(&add(&conf)).0, 7);
     // Missing environment.
-    let outcome = node
-        .cni("ADD", &pod, None, "eth0", &node.conf("1.1.0"))
-        .unwrap();
+    let outcome = node.cni("ADD", &pod, None, "eth0", &node.conf("1.1.0")).unwrap();
     assert_eq!(error_of(&outcome).0, 4);
     // GC and STATUS need 1.1.0.
     assert_eq!(
@@ -500,12 +384,7 @@ fn bad_json_is_code_6_from_the_binary() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"{\"cniVersion\": ")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(b"{\"cniVersion\": ").unwrap();
     let output = child.wait_with_output().unwrap();
     assert!(!output.status.success());
     let error: Value = serde_json::from_slice(&output.stdout).unwrap();
@@ -518,11 +397,7 @@ fn bad_json_is_code_6_from_the_binary() {
         .stdout(Stdio::piped())
         .spawn()
         .and_then(|mut child| {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(b"{\"cniVersion\": ")?;
+            child.stdin.take().unwrap().write_all(b"{\"cniVersion\": ")?;
             child.wait_with_output()
         })
         .unwrap();
@@ -555,26 +430,13 @@ fn delegated_ipam_host_local() {
         let pod = node.pod_name(name);
         run("ip", &["netns", "add", &pod]).unwrap();
         let outcome = node
-            .cni(
-                "ADD",
-                &pod,
-                Some(&Path::new("/run/netns").join(&pod)),
-                "eth0",
-                &conf,
-            )
+            .cni("ADD", &pod, Some(&Path::new("/run/netns").join(&pod)), "eth0", &conf)
             .unwrap();
         assert!(outcome.success, "{}", outcome.stdout);
-        let ip: ipnet::Ipv4Net = outcome.stdout["ips"][0]["address"]
-            .as_str()
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!("200.200.7.0/24"
-            .parse::<ipnet::Ipv4Net>()
-            .unwrap()
-            .contains(&ip.addr()));
+        let ip: ipnet::Ipv4Net = outcome.stdout["ips"][0]["address"].as_str().unwrap().parse().unwrap();
+        assert!("200.200.7.0/24".parse::<ipnet::Ipv4Net>().unwrap().contains(&ip.addr()));
         assert_eq!(ip.prefix_len(), 32);
-        pods.push(velox_test_env::Pod {
+        pods.push(Pod {
             name: pod,
             ip: ip.addr(),
         });
@@ -601,14 +463,8 @@ fn concurrent_adds_and_dels_are_safe() {
     let node = NodeGuard::up("conc").unwrap();
     let names: Vec<String> = (0..8).map(|i| node.pod_name(&format!("c{i}"))).collect();
     let pods: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = names
-            .iter()
-            .map(|n| s.spawn(|| node.0.add_pod(n)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap().unwrap())
-            .collect()
+        let handles: Vec<_> = names.iter().map(|n| s.spawn(|| node.0.add_pod(n))).collect();
+        handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
     });
     let ips: std::collections::HashSet<_> = pods.iter().map(|p| p.ip).collect();
     assert_eq!(ips.len(), 8, "two pods share an address");
@@ -637,11 +493,7 @@ fn gc_frees_what_the_runtime_no_longer_knows() {
     assert_eq!(left, vec![keep.name.clone()]);
     assert!(node.endpoint(lost.ip).is_err(), "lost pod still in the map");
     assert!(node.endpoint(keep.ip).is_ok());
-    let veths = run(
-        "ip",
-        &["-n", &node.name, "-o", "link", "show", "type", "veth"],
-    )
-    .unwrap();
+    let veths = run("ip", &["-n", &node.name, "-o", "link", "show", "type", "veth"]).unwrap();
     assert_eq!(veths.lines().count(), 1, "{veths}");
     node.finish().unwrap();
 }

@@ -32,7 +32,11 @@ pub fn cargo_bin_dir() -> PathBuf {
 
 pub fn build() -> anyhow::Result<()> {
     let root = workspace_root();
-    let path = format!("{}:{}", cargo_bin_dir().display(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        cargo_bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     println!("xtask: building the eBPF object");
     run_checked(
         Command::new("/usr/bin/cargo")
@@ -50,9 +54,13 @@ pub fn build() -> anyhow::Result<()> {
             .args(["--target", "bpfel-unknown-none", "--target-dir", "target/ebpf"]),
     )?;
     println!("xtask: building velox and velox-loader");
-    run_checked(
-        Command::new(cargo())
-            .current_dir(&root)
-            .args(["build", "--quiet", "--release", "-p", "velox-cni", "-p", "velox-loader"]),
-    )
+    run_checked(Command::new(cargo()).current_dir(&root).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "velox-cni",
+        "-p",
+        "velox-loader",
+    ]))
 }

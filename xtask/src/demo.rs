@@ -31,8 +31,13 @@ pub fn test_env(action: TestEnvAction) -> anyhow::Result<()> {
 }
 
 fn up(node: &Node) -> anyhow::Result<()> {
-    anyhow::ensure!(node.leftovers().is_empty(), "{NODE} is already up: run `cargo xtask test-env down` first");
-    let result = node.up().and_then(|()| PODS.iter().try_for_each(|pod| node.add_pod(pod).map(drop)));
+    anyhow::ensure!(
+        node.leftovers().is_empty(),
+        "{NODE} is already up: run `cargo xtask test-env down` first"
+    );
+    let result = node
+        .up()
+        .and_then(|()| PODS.iter().try_for_each(|pod| node.add_pod(pod).map(drop)));
     if let Err(e) = result {
         let _ = node.down();
         return Err(e);
@@ -77,7 +82,13 @@ fn demo_on(node: &Node) -> anyhow::Result<()> {
     println!("ratio                {:6.2}", velox / direct);
     println!("\n== velox-loader endpoints");
     let status = velox_test_env::in_netns(&node.name, node.bins.loader.to_str().unwrap(), &[])
-        .args(["--bpffs-root", node.bpffs_root.to_str().unwrap(), "--state-dir", node.state_dir.to_str().unwrap(), "endpoints"])
+        .args([
+            "--bpffs-root",
+            node.bpffs_root.to_str().unwrap(),
+            "--state-dir",
+            node.state_dir.to_str().unwrap(),
+            "endpoints",
+        ])
         .status()?;
     anyhow::ensure!(status.success(), "velox-loader endpoints failed");
     println!();

@@ -54,10 +54,20 @@ fn main() -> ExitCode {
 fn test() -> anyhow::Result<()> {
     setup::setup()?;
     build::build()?;
-    let nextest = Command::new(build::cargo()).args(["nextest", "--version"]).output().is_ok_and(|o| o.status.success());
+    let nextest = Command::new(build::cargo())
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
     let mut cmd = Command::new(build::cargo());
     if nextest {
-        cmd.args(["nextest", "run", "--workspace", "--exclude", "velox-ebpf", "--no-fail-fast"]);
+        cmd.args([
+            "nextest",
+            "run",
+            "--workspace",
+            "--exclude",
+            "velox-ebpf",
+            "--no-fail-fast",
+        ]);
     } else {
         cmd.args(["test", "--workspace", "--exclude", "velox-ebpf", "--no-fail-fast"]);
     }

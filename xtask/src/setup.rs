@@ -42,14 +42,20 @@ pub fn setup() -> anyhow::Result<()> {
         )?;
     }
     let linker = cargo_bin_dir().join("bpf-linker");
-    let linker_ok = Command::new(&linker).arg("--version").output().is_ok_and(|o| o.status.success());
+    let linker_ok = Command::new(&linker)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !linker_ok {
         println!("xtask: installing {BPF_LINKER} (about a minute)");
-        run_checked(
-            Command::new(cargo())
-                .env("LLVM_PREFIX", "/usr/lib/llvm-22")
-                .args(["install", BPF_LINKER, "--locked", "--no-default-features", "--features", "llvm-22"]),
-        )
+        run_checked(Command::new(cargo()).env("LLVM_PREFIX", "/usr/lib/llvm-22").args([
+            "install",
+            BPF_LINKER,
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ]))
         .context("installing bpf-linker")?;
     }
     velox_test_env::ensure_bpffs()

@@ -31,13 +31,8 @@ impl Allocator {
         }
     }
 
-    pub fn subnet(&self) -> Ipv4Net {
-        self.subnet
-    }
-
     fn lock(&self) -> anyhow::Result<Flock<File>> {
-        fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating {}", self.dir.display()))?;
+        fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
         let file = File::create(self.dir.join(LOCK)).context("opening the IPAM lock")?;
         Flock::lock(file, FlockArg::LockExclusive)
             .map_err(|(_, errno)| anyhow::anyhow!("locking the IPAM state: {errno}"))
@@ -67,11 +62,7 @@ impl Allocator {
         else {
             return fail(
                 Code::AddressesExhausted,
-                format!(
-                    "no free address left in {} ({} in use)",
-                    self.subnet,
-                    taken.len()
-                ),
+                format!("no free address left in {} ({} in use)", self.subnet, taken.len()),
             );
         };
         let mut file = OpenOptions::new()
@@ -98,8 +89,7 @@ impl Allocator {
         let _lock = self.lock()?;
         for (ip, owner) in self.reservations()? {
             if !keep(&owner) {
-                fs::remove_file(self.dir.join(ip.to_string()))
-                    .with_context(|| format!("releasing {ip}"))?;
+                fs::remove_file(self.dir.join(ip.to_string())).with_context(|| format!("releasing {ip}"))?;
             }
         }
         Ok(())
@@ -115,11 +105,7 @@ impl Allocator {
         let mut out = Vec::new();
         for entry in entries {
             let entry = entry?;
-            let Some(ip) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<Ipv4Addr>().ok())
-            else {
+            let Some(ip) = entry.file_name().to_str().and_then(|n| n.parse::<Ipv4Addr>().ok()) else {
                 continue;
             };
             let content = fs::read_to_string(entry.path())?;
@@ -153,11 +139,7 @@ mod tests {
         let alloc = Allocator::new(dir.path(), "net", "10.9.0.0/30".parse().unwrap());
         let a = alloc.allocate(&attachment(1)).unwrap();
         assert_eq!(a, "10.9.0.1".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(
-            alloc.allocate(&attachment(1)).unwrap(),
-            a,
-            "same owner, same address"
-        );
+        assert_eq!(alloc.allocate(&attachment(1)).unwrap(), a, "same owner, same address");
         assert_eq!(
             alloc.allocate(&attachment(2)).unwrap(),
             "10.9.0.2".parse::<Ipv4Addr>().unwrap()
@@ -194,12 +176,7 @@ mod tests {
         }
         let valid: HashSet<Attachment> = [attachment(1), attachment(3)].into();
         alloc.retain_only(&valid).unwrap();
-        let left: HashSet<Attachment> = alloc
-            .reservations()
-            .unwrap()
-            .into_iter()
-            .map(|(_, a)| a)
-            .collect();
+        let left: HashSet<Attachment> = alloc.reservations().unwrap().into_iter().map(|(_, a)| a).collect();
         assert_eq!(left, valid);
     }
 
@@ -223,19 +200,13 @@ mod tests {
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .flat_map(|h| h.join().unwrap())
-                .collect()
+            handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
         });
         let unique: HashSet<_> = ips.iter().collect();
         assert_eq!(ips.len(), 240);
         assert_eq!(unique.len(), 240, "an address was handed out twice");
         assert_eq!(
-            Allocator::new(dir.path(), "net", subnet)
-                .reservations()
-                .unwrap()
-                .len(),
+            Allocator::new(dir.path(), "net", subnet).reservations().unwrap().len(),
             240
         );
     }

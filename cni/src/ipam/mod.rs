@@ -3,7 +3,6 @@
 pub mod allocator;
 
 use anyhow::Context;
-use ipnet::Ipv4Net;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::io::Write;
@@ -25,9 +24,7 @@ pub enum Ipam {
 impl Ipam {
     pub fn new(conf: &NetConf, env: &Environment, stdin: &[u8]) -> anyhow::Result<Self> {
         Ok(match conf.ipam_source()? {
-            IpamSource::Builtin(subnet) => {
-                Self::Builtin(Allocator::new(&conf.state_dir, &conf.name, subnet))
-            }
+            IpamSource::Builtin(subnet) => Self::Builtin(Allocator::new(&conf.state_dir, &conf.name, subnet)),
             IpamSource::Delegated(plugin) => Self::Delegated(Delegate {
                 plugin,
                 cni_path: env.cni_path.clone(),
@@ -87,13 +84,6 @@ impl Ipam {
             Self::Delegated(delegate) => delegate.run("GC").map(drop),
         }
     }
-
-    pub fn subnet(&self) -> Option<Ipv4Net> {
-        match self {
-            Self::Builtin(allocator) => Some(allocator.subnet()),
-            Self::Delegated(_) => None,
-        }
-    }
 }
 
 /// An IPAM plugin run as the spec says: same environment and stdin, our command.
@@ -150,10 +140,7 @@ impl Delegate {
                 11 => Code::TryAgainLater,
                 _ => Code::Datapath,
             };
-            return fail(
-                code,
-                format!("IPAM plugin {} {command} failed: {msg}", self.plugin),
-            );
+            return fail(code, format!("IPAM plugin {} {command} failed: {msg}", self.plugin));
         }
         Ok(answer)
     }
