@@ -265,8 +265,10 @@ impl Plugin {
                 .and_then(|_lock| maps.remove(record.ip, record.host_ifindex));
             errors.extend(removed.err());
         }
-        errors.extend(datapath::detach_from_pod(&self.bpffs, &host_name).err());
+        // Deleting the veth detaches the TCX link in the same step; unpinning a live
+        // link first would cost a second RCU grace period under the rtnl lock.
         errors.extend(host.delete_link(&host_name).await.err());
+        errors.extend(datapath::detach_from_pod(&self.bpffs, &host_name).err());
         if let Some(ipam) = ipam {
             errors.extend(ipam.release(attachment).err());
         }
