@@ -2,12 +2,14 @@
 //! Nothing here loads a program: the loader owns loading and pinning.
 
 use anyhow::Context;
+use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuHashMap};
 use aya::programs::links::FdLink;
 use aya::programs::{SchedClassifier, TcAttachType};
+use ipnet::Ipv4Net;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use velox_common::{Endpoint, EndpointCounters, EndpointKey, COUNTERS_MAP, ENDPOINTS_MAP, FROM_POD_PROGRAM};
+use velox_common::{Endpoint, EndpointCounters, EndpointKey, Peer, COUNTERS_MAP, ENDPOINTS_MAP, PEERS_MAP};
 
 use crate::error::{CniError, Code};
 
@@ -39,9 +41,9 @@ impl Bpffs {
         self.root.join("links")
     }
 
-    /// The pinned TCX link of `from_pod` on a host veth.
-    pub fn link(&self, host_ifname: &str) -> PathBuf {
-        self.links_dir().join(host_ifname)
+    /// The pinned TCX link of the Velox program on an interface.
+    pub fn link(&self, ifname: &str) -> PathBuf {
+        self.links_dir().join(ifname)
     }
 }
 
@@ -136,32 +138,66 @@ impl Maps {
     }
 }
 
-/// Attaches the pinned `from_pod` to the ingress of `host_ifname` (TCX) and pins the
-/// link, so the attachment outlives this process.
-pub fn attach_from_pod(bpffs: &Bpffs, host_ifname: &str) -> anyhow::Result<()> {
-    let program_pin = bpffs.program(FROM_POD_PROGRAM);
-    let mut program = SchedClassifier::from_pin(&program_pin).map_err(|e| {
+/// Other nodes' pod CIDRs and how to reach them (the loader's, from the peers file).
+pub struct PeerMap {
+    peers: LpmTrie<MapData, [u8; 4], Peer>,
+}
+
+impl PeerMap {
+    pub fn open(bpffs: &Bpffs) -> anyhow::Result<Self> {
+        Ok(Self {
+            peers: open_map(&bpffs.map(PEERS_MAP))?.try_into()?,
+        })
+    }
+
+    pub fn entries(&self) -> anyhow::Result<Vec<(Ipv4Net, Peer)>> {
+        let mut out = Vec::new();
+        for entry in self.peers.iter() {
+            let (key, peer) = entry.context("reading the peer map")?;
+            out.push((Ipv4Net::new(key.data().into(), key.prefix_len() as u8)?, peer));
+        }
+        Ok(out)
+    }
+
+    pub fn put(&mut self, cidr: Ipv4Net, peer: Peer) -> anyhow::Result<()> {
+        let key = Key::new(cidr.prefix_len().into(), cidr.network().octets());
+        self.peers
+            .insert(&key, peer, 0)
+            .with_context(|| format!("adding {cidr} to the peer map"))
+    }
+
+    pub fn remove(&mut self, cidr: Ipv4Net) -> anyhow::Result<()> {
+        let key = Key::new(cidr.prefix_len().into(), cidr.network().octets());
+        ignore_missing(self.peers.remove(&key)).with_context(|| format!("removing {cidr} from the peer map"))
+    }
+}
+
+/// Attaches the pinned `program` to the ingress of `ifname` (TCX) and pins the link,
+/// so the attachment outlives this process.
+pub fn attach(bpffs: &Bpffs, program: &str, ifname: &str) -> anyhow::Result<()> {
+    let program_pin = bpffs.program(program);
+    let mut classifier = SchedClassifier::from_pin(&program_pin).map_err(|e| {
         CniError::new(
             Code::TryAgainLater,
             format!("velox-loader is not ready: cannot open {} ({e})", program_pin.display()),
         )
     })?;
-    let link_id = program
-        .attach(host_ifname, TcAttachType::Ingress)
-        .with_context(|| format!("attaching from_pod to {host_ifname}"))?;
-    let link: FdLink = program.take_link(link_id)?.try_into().context("TCX link expected")?;
+    let link_id = classifier
+        .attach(ifname, TcAttachType::Ingress)
+        .with_context(|| format!("attaching {program} to {ifname}"))?;
+    let link: FdLink = classifier.take_link(link_id)?.try_into().context("TCX link expected")?;
     std::fs::create_dir_all(bpffs.links_dir())?;
-    link.pin(bpffs.link(host_ifname))
-        .with_context(|| format!("pinning the link of {host_ifname}"))?;
+    link.pin(bpffs.link(ifname))
+        .with_context(|| format!("pinning the link of {ifname}"))?;
     Ok(())
 }
 
 /// Removes the pinned link; the kernel detaches the program when the pin goes (or
 /// already did, when the interface went away).
-pub fn detach_from_pod(bpffs: &Bpffs, host_ifname: &str) -> anyhow::Result<()> {
-    match std::fs::remove_file(bpffs.link(host_ifname)) {
+pub fn detach(bpffs: &Bpffs, ifname: &str) -> anyhow::Result<()> {
+    match std::fs::remove_file(bpffs.link(ifname)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(e).with_context(|| format!("unpinning the link of {host_ifname}"))
+            Err(e).with_context(|| format!("unpinning the link of {ifname}"))
         }
         _ => Ok(()),
     }

@@ -8,13 +8,26 @@ use nix::sched::{setns, CloneFlags};
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::neighbour::NeighbourState;
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 
 pub type Mac = [u8; 6];
+
+/// Marks the routes the loader owns (to other nodes' pod CIDRs), so it can find and
+/// replace them without touching anyone else's.
+pub const VELOX_ROUTE_PROTOCOL: u8 = 0x56; // 'V'
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub dst: Ipv4Net,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+    pub protocol: u8,
+    message: RouteMessage,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Link {
@@ -154,8 +167,34 @@ impl Netlink {
             .with_context(|| format!("adding default route via {gateway}"))
     }
 
-    /// IPv4 routes of the main table as (destination, gateway, output ifindex).
-    pub async fn routes(&self) -> anyhow::Result<Vec<(Ipv4Net, Option<Ipv4Addr>, Option<u32>)>> {
+    /// `ip route replace <dst> via <gateway> dev <index> proto velox`
+    pub async fn replace_route_via(&self, dst: Ipv4Net, gateway: Ipv4Addr, index: u32) -> anyhow::Result<()> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.addr(), dst.prefix_len())
+            .gateway(gateway)
+            .output_interface(index)
+            .protocol(RouteProtocol::Other(VELOX_ROUTE_PROTOCOL))
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("routing {dst} via {gateway}"))
+    }
+
+    pub async fn delete_route(&self, route: &Route) -> anyhow::Result<()> {
+        self.handle
+            .route()
+            .del(route.message.clone())
+            .execute()
+            .await
+            .with_context(|| format!("deleting route {}", route.dst))
+    }
+
+    /// The IPv4 routes of the main table.
+    pub async fn routes(&self) -> anyhow::Result<Vec<Route>> {
         let mut out = Vec::new();
         let mut stream = self
             .handle
@@ -163,7 +202,7 @@ impl Netlink {
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .execute();
         while let Some(msg) = stream.try_next().await.context("listing routes")? {
-            out.push(route_parts(&msg)?);
+            out.push(route_from(msg)?);
         }
         Ok(out)
     }
@@ -203,9 +242,9 @@ fn link_from(msg: &LinkMessage) -> Link {
     link
 }
 
-fn route_parts(msg: &RouteMessage) -> anyhow::Result<(Ipv4Net, Option<Ipv4Addr>, Option<u32>)> {
+fn route_from(message: RouteMessage) -> anyhow::Result<Route> {
     let (mut dst, mut gateway, mut oif) = (Ipv4Addr::UNSPECIFIED, None, None);
-    for attr in &msg.attributes {
+    for attr in &message.attributes {
         match attr {
             RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
             RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
@@ -213,7 +252,13 @@ fn route_parts(msg: &RouteMessage) -> anyhow::Result<(Ipv4Net, Option<Ipv4Addr>,
             _ => {}
         }
     }
-    Ok((Ipv4Net::new(dst, msg.header.destination_prefix_length)?, gateway, oif))
+    Ok(Route {
+        dst: Ipv4Net::new(dst, message.header.destination_prefix_length)?,
+        gateway,
+        oif,
+        protocol: message.header.protocol.into(),
+        message,
+    })
 }
 
 pub fn format_mac(mac: &Mac) -> String {

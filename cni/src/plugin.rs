@@ -172,7 +172,7 @@ impl Plugin {
         host.add_permanent_neighbour(host_link.index, ip, pod_link.mac).await?;
         host.set_up(host_link.index).await?;
         host.add_link_route(host_link.index, pod_ip).await?;
-        datapath::attach_from_pod(&self.bpffs, &host_name)?;
+        datapath::attach(&self.bpffs, FROM_POD_PROGRAM, &host_name)?;
 
         let record = EndpointRecord {
             container_id: attachment.container_id.clone(),
@@ -268,7 +268,7 @@ impl Plugin {
         // Deleting the veth detaches the TCX link in the same step; unpinning a live
         // link first would cost a second RCU grace period under the rtnl lock.
         errors.extend(host.delete_link(&host_name).await.err());
-        errors.extend(datapath::detach_from_pod(&self.bpffs, &host_name).err());
+        errors.extend(datapath::detach(&self.bpffs, &host_name).err());
         if let Some(ipam) = ipam {
             errors.extend(ipam.release(attachment).err());
         }
@@ -321,11 +321,9 @@ impl Plugin {
         if !pod.addresses(pod_link.index).await?.contains(&Ipv4Net::new(ip, 32)?) {
             return broken(format!("{} lost its address {ip}/32", attachment.ifname));
         }
-        let default_route = pod
-            .routes()
-            .await?
-            .into_iter()
-            .any(|(dst, gw, oif)| dst.prefix_len() == 0 && gw == Some(GATEWAY) && oif == Some(pod_link.index));
+        let default_route = pod.routes().await?.into_iter().any(|route| {
+            route.dst.prefix_len() == 0 && route.gateway == Some(GATEWAY) && route.oif == Some(pod_link.index)
+        });
         if !default_route {
             return broken(format!("the pod has no default route via {GATEWAY}"));
         }

@@ -14,21 +14,34 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use velox_cni::datapath::{Bpffs, Maps};
 use velox_cni::endpoint::EndpointStore;
+use velox_cni::netlink::Netlink;
 use velox_cni::plugin::health_socket;
-use velox_common::{COUNTERS_MAP, ENDPOINTS_MAP, FROM_POD_PROGRAM};
+use velox_common::{COUNTERS_MAP, ENDPOINTS_MAP, FROM_NET_PROGRAM, FROM_POD_PROGRAM, PEERS_MAP};
 
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::reconcile::reconcile;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VELOX_EBPF_OBJECT"));
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-pub async fn run(bpffs: Bpffs, state_dir: PathBuf, interval: Duration) -> anyhow::Result<()> {
+pub async fn run(
+    bpffs: Bpffs,
+    state_dir: PathBuf,
+    interval: Duration,
+    cluster: Option<ClusterConfig>,
+) -> anyhow::Result<()> {
     ensure_bpffs(&bpffs)?;
     load_and_pin(&bpffs)?;
     let mut maps = Maps::open(&bpffs)?;
     let store = EndpointStore::new(&state_dir);
-    reconcile(&bpffs, &store, &mut maps)?;
+    let netlink = Netlink::connect()?;
+    let mut cluster = cluster.map(|config| Cluster::new(config, bpffs.clone())).transpose()?;
+    if let Some(cluster) = &mut cluster {
+        cluster.reconcile(&netlink).await?;
+    }
+    let uplink = cluster.as_ref().map(|c| c.uplink().to_string());
+    reconcile(&bpffs, &store, &mut maps, uplink.as_deref())?;
 
     let socket = health_socket(&state_dir);
     let _ = std::fs::remove_file(&socket);
@@ -37,13 +50,26 @@ pub async fn run(bpffs: Bpffs, state_dir: PathBuf, interval: Duration) -> anyhow
     log::info!("ready: bpffs {}, state {}", bpffs.root.display(), state_dir.display());
 
     let mut tick = tokio::time::interval(interval);
+    let mut peers_tick = tokio::time::interval(Duration::from_secs(1));
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Err(e) = reconcile(&bpffs, &store, &mut maps) {
+                if let Some(cluster) = &mut cluster {
+                    if let Err(e) = cluster.reconcile(&netlink).await {
+                        log::error!("cluster reconcile: {e:#}");
+                    }
+                }
+                if let Err(e) = reconcile(&bpffs, &store, &mut maps, uplink.as_deref()) {
                     log::error!("reconcile: {e:#}");
+                }
+            }
+            _ = peers_tick.tick() => {
+                if let Some(cluster) = cluster.as_mut().filter(|c| c.peers_changed()) {
+                    if let Err(e) = cluster.reconcile(&netlink).await {
+                        log::error!("applying the peers file: {e:#}");
+                    }
                 }
             }
             accepted = listener.accept() => {
@@ -83,24 +109,26 @@ fn ensure_bpffs(bpffs: &Bpffs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads the embedded object, reusing pinned maps, and pins `from_pod`. A new
+/// Loads the embedded object, reusing pinned maps, and pins the programs. A new
 /// program pin replaces the old one atomically; attached links keep their program.
 fn load_and_pin(bpffs: &Bpffs) -> anyhow::Result<()> {
-    let mut ebpf = EbpfLoader::new()
-        .map_pin_path(ENDPOINTS_MAP, bpffs.map(ENDPOINTS_MAP))
-        .map_pin_path(COUNTERS_MAP, bpffs.map(COUNTERS_MAP))
-        .load(EBPF_OBJECT)
-        .context("loading the eBPF object")?;
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(FROM_POD_PROGRAM)
-        .context("from_pod missing from the eBPF object")?
-        .try_into()?;
-    program.load().context("loading from_pod")?;
-    let pin = bpffs.program(FROM_POD_PROGRAM);
-    // bpffs refuses names with a dot.
-    let staged = pin.with_file_name(format!("{FROM_POD_PROGRAM}_staged"));
-    let _ = std::fs::remove_file(&staged);
-    program.pin(&staged).context("pinning from_pod")?;
-    std::fs::rename(&staged, &pin).context("replacing the from_pod pin")?;
+    let mut loader = EbpfLoader::new();
+    for map in [ENDPOINTS_MAP, PEERS_MAP, COUNTERS_MAP] {
+        loader.map_pin_path(map, bpffs.map(map));
+    }
+    let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
+    for name in [FROM_POD_PROGRAM, FROM_NET_PROGRAM] {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("{name} missing from the eBPF object"))?
+            .try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        let pin = bpffs.program(name);
+        // bpffs refuses names with a dot.
+        let staged = pin.with_file_name(format!("{name}_staged"));
+        let _ = std::fs::remove_file(&staged);
+        program.pin(&staged).with_context(|| format!("pinning {name}"))?;
+        std::fs::rename(&staged, &pin).with_context(|| format!("replacing the {name} pin"))?;
+    }
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `velox-loader`: the per-node daemon (`run`) and the operator CLI.
 
+mod cluster;
 mod daemon;
 mod endpoints;
 mod reconcile;
@@ -38,6 +39,20 @@ enum Commands {
         /// Seconds between reconciliations.
         #[arg(long, default_value_t = 10)]
         reconcile_interval: u64,
+        /// The node's interface towards the other nodes; enables the cross-node fast
+        /// path (`from_net` on it, `bpf_redirect_neigh` towards peers).
+        #[arg(long)]
+        uplink: Option<String>,
+        /// JSON `{"nodes": [{"name", "nodeIP", "podCIDR"}]}`, e.g. from the Node list;
+        /// re-read every second. This node's own entry is skipped.
+        #[arg(long, requires = "uplink")]
+        peers_file: Option<PathBuf>,
+        /// This node's pod CIDR: the source range to masquerade.
+        #[arg(long, requires = "uplink")]
+        pod_cidr: Option<ipnet::Ipv4Net>,
+        /// Masquerade pod traffic leaving the cluster to the node's IP.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        ip_masq: bool,
     },
     /// The endpoint map joined with the records, with each endpoint's counters.
     Endpoints {
@@ -58,14 +73,25 @@ fn main() -> anyhow::Result<()> {
     logger.init();
     let bpffs = velox_cni::datapath::Bpffs::new(&cli.bpffs_root);
     match cli.command {
-        Commands::Run { reconcile_interval } => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(daemon::run(
-                bpffs,
-                cli.state_dir,
-                std::time::Duration::from_secs(reconcile_interval),
-            )),
+        Commands::Run {
+            reconcile_interval,
+            uplink,
+            peers_file,
+            pod_cidr,
+            ip_masq,
+        } => {
+            let cluster = uplink.map(|uplink| cluster::ClusterConfig {
+                uplink,
+                peers_file,
+                pod_cidr,
+                ip_masq,
+            });
+            let interval = std::time::Duration::from_secs(reconcile_interval);
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(daemon::run(bpffs, cli.state_dir, interval, cluster))
+        }
         Commands::Endpoints { json } => endpoints::print(&bpffs, &cli.state_dir, json),
     }
 }

@@ -5,12 +5,14 @@ use nix::net::if_::if_nametoindex;
 use std::collections::HashSet;
 use velox_cni::datapath::{self, Bpffs, Maps};
 use velox_cni::endpoint::EndpointStore;
+use velox_common::FROM_POD_PROGRAM;
 
-/// One pass, under the endpoint lock so no ADD or DEL is half-seen.
-pub fn reconcile(bpffs: &Bpffs, store: &EndpointStore, maps: &mut Maps) -> anyhow::Result<()> {
+/// One pass, under the endpoint lock so no ADD or DEL is half-seen. The uplink's
+/// counters (from `from_net`) are kept with the endpoints'.
+pub fn reconcile(bpffs: &Bpffs, store: &EndpointStore, maps: &mut Maps, uplink: Option<&str>) -> anyhow::Result<()> {
     let _lock = store.lock()?;
     let mut live_ips = HashSet::new();
-    let mut live_ifindexes = HashSet::new();
+    let mut live_ifindexes: HashSet<u32> = uplink.and_then(|name| if_nametoindex(name).ok()).into_iter().collect();
     for record in store.list()? {
         let alive = if_nametoindex(record.host_ifname.as_str()).is_ok_and(|index| index == record.host_ifindex);
         if !alive {
@@ -28,7 +30,7 @@ pub fn reconcile(bpffs: &Bpffs, store: &EndpointStore, maps: &mut Maps) -> anyho
         }
         if !bpffs.link(&record.host_ifname).exists() {
             log::warn!("re-attaching from_pod to {}", record.host_ifname);
-            datapath::attach_from_pod(bpffs, &record.host_ifname)?;
+            datapath::attach(bpffs, FROM_POD_PROGRAM, &record.host_ifname)?;
         }
         live_ips.insert(record.ip);
         live_ifindexes.insert(record.host_ifindex);

@@ -1,7 +1,7 @@
 //! `cargo xtask`: what cargo alone cannot do for Velox.
 
 mod build;
-mod demo;
+mod env;
 mod setup;
 
 use clap::{Parser, Subcommand};
@@ -25,9 +25,9 @@ enum Task {
     /// The simulated cluster in network namespaces.
     TestEnv {
         #[command(subcommand)]
-        action: demo::TestEnvAction,
+        action: env::TestEnvAction,
     },
-    /// Setup, build, bring up a node with two pods, ping, iperf3, dump, tear down.
+    /// Setup, build, bring up the cluster, ping, iperf3, the endpoint dumps, tear down.
     Demo,
 }
 
@@ -37,8 +37,8 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::Build => build::build(),
         Task::Test => test(),
-        Task::TestEnv { action } => demo::test_env(action),
-        Task::Demo => setup::setup().and_then(|()| build::build()).and_then(|()| demo::demo()),
+        Task::TestEnv { action } => env::test_env(action),
+        Task::Demo => setup::setup().and_then(|()| build::build()).and_then(|()| env::demo()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

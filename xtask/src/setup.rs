@@ -15,6 +15,7 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "iperf3",
+    "iptables",
     "procps",
     "util-linux",
     "containernetworking-plugins",

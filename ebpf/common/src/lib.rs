@@ -6,10 +6,15 @@
 pub const ENDPOINTS_MAP: &str = "VELOX_ENDPOINTS";
 /// Pinned under `<bpffsRoot>/maps/`: host veth ifindex -> per-CPU counters.
 pub const COUNTERS_MAP: &str = "VELOX_COUNTERS";
-/// Pinned under `<bpffsRoot>/programs/`.
+/// Pinned under `<bpffsRoot>/maps/`: other nodes' pod CIDRs -> how to reach that node.
+pub const PEERS_MAP: &str = "VELOX_PEERS";
+/// Pinned under `<bpffsRoot>/programs/`: TC ingress of every host-side pod veth.
 pub const FROM_POD_PROGRAM: &str = "from_pod";
+/// Pinned under `<bpffsRoot>/programs/`: TC ingress of the node's uplink.
+pub const FROM_NET_PROGRAM: &str = "from_net";
 
 pub const MAX_ENDPOINTS: usize = 16384;
+pub const MAX_PEERS: usize = 4096;
 
 /// An IPv4 address in network byte order; a byte array so bpftool prints it readably.
 #[repr(C)]
@@ -30,11 +35,22 @@ pub struct Endpoint {
     pub host_mac: [u8; 6],
 }
 
-/// Traffic a pod sent, as seen by `from_pod` on its host veth.
+/// Another node, as the next hop for its pod CIDR (direct routing, no tunnel).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// The peer node's IP on the underlay, in network byte order.
+    pub node_ip: [u8; 4],
+    /// The local uplink to send from.
+    pub ifindex: u32,
+}
+
+/// Traffic seen by a Velox program on one interface: what a pod sent (`from_pod` on
+/// its host veth), or what arrived from the network (`from_net` on the uplink).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointCounters {
-    /// Delivered straight to another pod by the eBPF datapath.
+    /// Delivered straight to a pod, or to another node, by the eBPF datapath.
     pub redirected_packets: u64,
     pub redirected_bytes: u64,
     /// Handed to the kernel stack (host, other nodes, outside).
@@ -59,5 +75,6 @@ mod pod {
     // SAFETY: plain `repr(C)` data with no padding-dependent invariants.
     unsafe impl aya::Pod for super::EndpointKey {}
     unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::EndpointCounters {}
 }

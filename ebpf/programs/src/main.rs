@@ -1,11 +1,16 @@
-//! Velox's TC programs. `from_pod` runs on the ingress of every host-side pod veth.
+//! Velox's TC programs.
+//! - `from_pod`, on the ingress of every host-side pod veth: a local pod gets the
+//!   packet with `bpf_redirect_peer`, a pod on another node with `bpf_redirect_neigh`
+//!   out of the uplink; everything else goes to the kernel.
+//! - `from_net`, on the ingress of the node's uplink: a local pod gets it with
+//!   `bpf_redirect_peer`; everything else goes to the kernel.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_OK, TC_ACT_REDIRECT},
-    btf_maps::{HashMap, PerCpuHashMap},
-    helpers::bpf_redirect_peer,
+    bindings::{bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1, BPF_NOEXIST, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    btf_maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuHashMap},
+    helpers::{bpf_redirect_neigh, bpf_redirect_peer},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
@@ -13,51 +18,66 @@ use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
 };
-use velox_common::{Endpoint, EndpointCounters, EndpointKey, MAX_ENDPOINTS};
+use velox_common::{Endpoint, EndpointCounters, EndpointKey, Peer, MAX_ENDPOINTS, MAX_PEERS};
 
 #[btf_map]
 static VELOX_ENDPOINTS: HashMap<EndpointKey, Endpoint, MAX_ENDPOINTS> = HashMap::new();
 
 #[btf_map]
+static VELOX_PEERS: LpmTrie<[u8; 4], Peer, MAX_PEERS> = LpmTrie::new();
+
+#[btf_map]
 static VELOX_COUNTERS: PerCpuHashMap<u32, EndpointCounters, MAX_ENDPOINTS> = PerCpuHashMap::new();
 
-enum Verdict {
-    Redirected,
-    Passed,
-    Dropped,
-}
+const AF_INET: u32 = 2;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let (verdict, action) = match forward(&ctx) {
-        Some(action) if action == TC_ACT_REDIRECT as i64 => (Verdict::Redirected, TC_ACT_REDIRECT),
-        Some(_) => (Verdict::Dropped, aya_ebpf::bindings::TC_ACT_SHOT),
-        None => (Verdict::Passed, TC_ACT_OK),
-    };
-    count(&ctx, verdict);
-    action
+    let redirect = ipv4(&ctx).and_then(|(eth, dst)| to_local_pod(eth, dst).or_else(|| to_peer_node(dst)));
+    finish(&ctx, redirect)
 }
 
-/// Redirects IPv4 traffic for a local pod; `None` leaves the packet to the kernel.
+#[classifier]
+pub fn from_net(ctx: TcContext) -> i32 {
+    let redirect = ipv4(&ctx).and_then(|(eth, dst)| to_local_pod(eth, dst));
+    finish(&ctx, redirect)
+}
+
+/// The Ethernet header and IPv4 destination of an IPv4 packet.
 #[inline(always)]
-fn forward(ctx: &TcContext) -> Option<i64> {
+fn ipv4(ctx: &TcContext) -> Option<(*mut EthHdr, [u8; 4])> {
     let eth = header_at::<EthHdr>(ctx, 0)?;
     // SAFETY: `header_at` checked the header lies inside the packet.
     if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
         return None;
     }
     let ip = header_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
-    let key = EndpointKey {
-        ipv4: unsafe { (*ip).dst_addr },
-    };
-    let endpoint = unsafe { VELOX_ENDPOINTS.get(&key) }?;
-    // The frame was addressed to our veth; re-address it so the pod sees a frame for
-    // itself from its gateway, as if the host had routed it.
+    Some((eth, unsafe { (*ip).dst_addr }))
+}
+
+#[inline(always)]
+fn to_local_pod(eth: *mut EthHdr, dst: [u8; 4]) -> Option<i64> {
+    let endpoint = unsafe { VELOX_ENDPOINTS.get(&EndpointKey { ipv4: dst }) }?;
+    // Re-address the frame so the pod sees it come from its gateway, as if routed.
     unsafe {
         (*eth).dst_addr = endpoint.pod_mac;
         (*eth).src_addr = endpoint.host_mac;
     }
     Some(unsafe { bpf_redirect_peer(endpoint.ifindex, 0) })
+}
+
+#[inline(always)]
+fn to_peer_node(dst: [u8; 4]) -> Option<i64> {
+    let peer = VELOX_PEERS.get(&Key::new(32, dst))?;
+    // The kernel's neighbour table fills in the Ethernet header for the peer node.
+    let mut next_hop = bpf_redir_neigh {
+        nh_family: AF_INET,
+        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+            ipv4_nh: u32::from_ne_bytes(peer.node_ip),
+        },
+    };
+    let size = core::mem::size_of::<bpf_redir_neigh>() as i32;
+    Some(unsafe { bpf_redirect_neigh(peer.ifindex, &mut next_hop, size, 0) })
 }
 
 #[inline(always)]
@@ -69,33 +89,40 @@ fn header_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
     Some(start as *mut T)
 }
 
+/// Counts the verdict and returns the TC action. `None`: not ours, the kernel decides.
 #[inline(always)]
-fn count(ctx: &TcContext, verdict: Verdict) {
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let counters = match VELOX_COUNTERS.get_ptr_mut(ifindex) {
-        Some(counters) => counters,
-        None => {
-            let _ = VELOX_COUNTERS.insert(ifindex, EndpointCounters::default(), BPF_NOEXIST as u64);
-            match VELOX_COUNTERS.get_ptr_mut(ifindex) {
-                Some(counters) => counters,
-                None => return,
-            }
-        }
+fn finish(ctx: &TcContext, redirect: Option<i64>) -> i32 {
+    let action = match redirect {
+        Some(result) if result == TC_ACT_REDIRECT as i64 => TC_ACT_REDIRECT,
+        Some(_) => TC_ACT_SHOT, // the kernel refused the redirect
+        None => TC_ACT_OK,
     };
-    let bytes = ctx.len() as u64;
-    // SAFETY: per-CPU value, only this CPU writes it while we run.
-    let counters = unsafe { &mut *counters };
-    match verdict {
-        Verdict::Redirected => {
-            counters.redirected_packets += 1;
-            counters.redirected_bytes += bytes;
+    if let Some(counters) = counters_of(unsafe { (*ctx.skb.skb).ifindex }) {
+        // SAFETY: a per-CPU value; only this CPU writes it while we run.
+        let counters = unsafe { &mut *counters };
+        let bytes = ctx.len() as u64;
+        match action {
+            TC_ACT_REDIRECT => {
+                counters.redirected_packets += 1;
+                counters.redirected_bytes += bytes;
+            }
+            TC_ACT_OK => {
+                counters.passed_packets += 1;
+                counters.passed_bytes += bytes;
+            }
+            _ => counters.dropped_packets += 1,
         }
-        Verdict::Passed => {
-            counters.passed_packets += 1;
-            counters.passed_bytes += bytes;
-        }
-        Verdict::Dropped => counters.dropped_packets += 1,
     }
+    action
+}
+
+#[inline(always)]
+fn counters_of(ifindex: u32) -> Option<*mut EndpointCounters> {
+    if let Some(counters) = VELOX_COUNTERS.get_ptr_mut(ifindex) {
+        return Some(counters);
+    }
+    let _ = VELOX_COUNTERS.insert(ifindex, EndpointCounters::default(), BPF_NOEXIST as u64);
+    VELOX_COUNTERS.get_ptr_mut(ifindex)
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,313 @@
+//! The simulated cluster of DESIGN.md: two nodes on an underlay, a router that knows
+//! nothing of pod CIDRs, an external host behind it, and a host-network pod per node.
+//!
+//! ```text
+//!  my-k8s-worker-1 (10.0.0.3)  my-k8s-worker-2 (10.0.0.4)
+//!        eth0 |                      | eth0
+//!             +---- br0 10.0.0.1 ----+        velox-router (forwarding, no pod routes)
+//!                   ext0 198.41.0.1
+//!                         |
+//!                   eth0 198.41.0.4                velox-external
+//! ```
+
+use anyhow::Context;
+use serde_json::json;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use crate::netns::{delete_netns, ensure_bpffs, in_netns, netns_exists};
+use crate::node::Underlay;
+use crate::{run, Binaries, Node, Pod};
+
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 41, 0, 4);
+const ROUTER_UNDERLAY_IP: &str = "10.0.0.1";
+/// Where each node's host-network pod listens.
+pub const HOST_NETWORK_PORT: u16 = 5301;
+
+pub struct Cluster {
+    /// Empty for the default cluster; tests set one so clusters can run side by side.
+    pub prefix: String,
+    pub router: String,
+    pub external: String,
+    pub nodes: Vec<Node>,
+    pub peers_file: PathBuf,
+}
+
+/// A process in a node's own netns: it has the node's IP.
+#[derive(Clone, Debug)]
+pub struct HostNetworkPod {
+    pub name: String,
+    pub node: usize,
+    pub ip: Ipv4Addr,
+}
+
+impl Cluster {
+    /// The default cluster has DESIGN.md's names; `prefix` makes every name unique
+    /// (tests running side by side).
+    pub fn new(prefix: &str, bins: Binaries) -> anyhow::Result<Self> {
+        let state = PathBuf::from(format!("/run/velox-test/{prefix}cluster"));
+        let peers_file = state.join("peers.json");
+        let nodes = [
+            ("my-k8s-worker-1", "w1", "10.0.0.3", "200.200.1.0/24"),
+            ("my-k8s-worker-2", "w2", "10.0.0.4", "200.200.2.0/24"),
+        ]
+        .into_iter()
+        .map(|(full, short, ip, cidr)| {
+            let name = if prefix.is_empty() {
+                full.to_string()
+            } else {
+                format!("{prefix}{short}")
+            };
+            let mut node = Node::new(&name, cidr.parse()?, bins.clone());
+            node.underlay = Some(Underlay {
+                node_ip: ip.parse()?,
+                peers_file: peers_file.clone(),
+            });
+            Ok(node)
+        })
+        .collect::<anyhow::Result<_>>()?;
+        let name = |role: &str| {
+            if prefix.is_empty() {
+                format!("velox-{role}")
+            } else {
+                format!("{prefix}{role}")
+            }
+        };
+        Ok(Self {
+            prefix: prefix.to_string(),
+            router: name("router"),
+            external: name("external"),
+            nodes,
+            peers_file,
+        })
+    }
+
+    pub fn node_ip(&self, node: usize) -> Ipv4Addr {
+        self.nodes[node]
+            .underlay
+            .as_ref()
+            .expect("cluster nodes have an underlay")
+            .node_ip
+    }
+
+    pub fn is_up(&self) -> bool {
+        netns_exists(&self.router) || self.nodes.iter().any(|n| !n.leftovers().is_empty())
+    }
+
+    pub fn up(&self) -> anyhow::Result<()> {
+        let result = self.build();
+        if result.is_err() {
+            let _ = self.down();
+        }
+        result
+    }
+
+    fn build(&self) -> anyhow::Result<()> {
+        ensure_bpffs()?;
+        let router = self.router.as_str();
+        run("ip", &["netns", "add", router])?;
+        run("ip", &["netns", "add", &self.external])?;
+        for ns in [router, &self.external] {
+            run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        run(
+            "ip",
+            &["netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        )?;
+        run("ip", &["-n", router, "link", "add", "br0", "type", "bridge"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                router,
+                "addr",
+                "add",
+                &format!("{ROUTER_UNDERLAY_IP}/24"),
+                "dev",
+                "br0",
+            ],
+        )?;
+        run("ip", &["-n", router, "link", "set", "br0", "up"])?;
+        // The external host: reachable from the router only.
+        run(
+            "ip",
+            &[
+                "-n",
+                router,
+                "link",
+                "add",
+                "ext0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &self.external,
+            ],
+        )?;
+        run("ip", &["-n", router, "addr", "add", "198.41.0.1/24", "dev", "ext0"])?;
+        run("ip", &["-n", router, "link", "set", "ext0", "up"])?;
+        run(
+            "ip",
+            &[
+                "-n",
+                &self.external,
+                "addr",
+                "add",
+                &format!("{EXTERNAL_IP}/24"),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        run("ip", &["-n", &self.external, "link", "set", "eth0", "up"])?;
+        run(
+            "ip",
+            &["-n", &self.external, "route", "add", "default", "via", "198.41.0.1"],
+        )?;
+
+        self.write_peers(&self.nodes.iter().collect::<Vec<_>>())?;
+        for (i, node) in self.nodes.iter().enumerate() {
+            node.create_netns()?;
+            let port = format!("n{}", i + 1);
+            run(
+                "ip",
+                &[
+                    "-n", router, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &node.name,
+                ],
+            )?;
+            run("ip", &["-n", router, "link", "set", &port, "master", "br0", "up"])?;
+            let ip = self.node_ip(i);
+            run(
+                "ip",
+                &["-n", &node.name, "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+            )?;
+            run("ip", &["-n", &node.name, "link", "set", "eth0", "up"])?;
+            run(
+                "ip",
+                &["-n", &node.name, "route", "add", "default", "via", ROUTER_UNDERLAY_IP],
+            )?;
+            node.start_loader()?;
+            self.start_host_network_pod(i)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the node list every loader reads; `nodes` may leave some out.
+    pub fn write_peers(&self, nodes: &[&Node]) -> anyhow::Result<()> {
+        let entries: Vec<_> = nodes
+            .iter()
+            .map(|n| {
+                let ip = n.underlay.as_ref().expect("cluster node").node_ip;
+                json!({"name": n.name, "nodeIP": ip, "podCIDR": n.subnet})
+            })
+            .collect();
+        std::fs::create_dir_all(self.peers_file.parent().unwrap())?;
+        let tmp = self.peers_file.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&json!({"nodes": entries}))?)?;
+        std::fs::rename(&tmp, &self.peers_file).context("writing the peers file")
+    }
+
+    pub fn host_network_pod(&self, node: usize) -> HostNetworkPod {
+        HostNetworkPod {
+            name: format!("hostnet-{}", node + 1),
+            node,
+            ip: self.node_ip(node),
+        }
+    }
+
+    /// A TCP server in the node's own netns (a hostNetwork pod); it dies with the netns.
+    fn start_host_network_pod(&self, node: usize) -> anyhow::Result<()> {
+        in_netns(
+            &self.nodes[node].name,
+            "iperf3",
+            &["-s", "-D", "-p", &HOST_NETWORK_PORT.to_string()],
+        )
+        .stdout(Stdio::null())
+        .status()?
+        .success()
+        .then_some(())
+        .context("starting the host-network pod")
+    }
+
+    /// Pods `pod-1`, `pod-4` on the first node and `pod-2`, `pod-3` on the second, as in
+    /// DESIGN.md (prefixed with the node name in tests).
+    pub fn add_standard_pods(&self) -> anyhow::Result<Vec<(usize, Pod)>> {
+        let mut pods = Vec::new();
+        for (node, pod) in [(0, "pod-1"), (1, "pod-2"), (1, "pod-3"), (0, "pod-4")] {
+            pods.push((node, self.nodes[node].add_pod(&self.pod_name(node, pod))?));
+        }
+        Ok(pods)
+    }
+
+    /// Test clusters name pods after their node so `down` finds every one.
+    pub fn pod_name(&self, node: usize, pod: &str) -> String {
+        if self.prefix.is_empty() {
+            pod.to_string()
+        } else {
+            format!("{}-{pod}", self.nodes[node].name)
+        }
+    }
+
+    /// The pods of every node, with the index of their node.
+    pub fn pods(&self) -> anyhow::Result<Vec<(usize, Pod)>> {
+        let mut pods = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            pods.extend(node.pods()?.into_iter().map(|p| (i, p)));
+        }
+        pods.sort_by(|a, b| a.1.name.cmp(&b.1.name));
+        Ok(pods)
+    }
+
+    /// Removes nodes, router, external host and the peers file; keeps going past failures.
+    pub fn down(&self) -> anyhow::Result<()> {
+        let mut errors: Vec<String> = Vec::new();
+        for node in &self.nodes {
+            errors.extend(node.down().err().map(|e| format!("{e:#}")));
+        }
+        for ns in [&self.router, &self.external] {
+            errors.extend(delete_netns(ns).err().map(|e| format!("{e:#}")));
+        }
+        if let Some(dir) = self.peers_file.parent().filter(|d| d.exists()) {
+            errors.extend(std::fs::remove_dir_all(dir).err().map(|e| format!("{e}")));
+        }
+        let _ = std::fs::remove_dir("/run/velox-test");
+        anyhow::ensure!(errors.is_empty(), "{}", errors.join("; "));
+        Ok(())
+    }
+
+    /// What `down` should have removed but is still there.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left: Vec<String> = self.nodes.iter().flat_map(|n| n.leftovers()).collect();
+        left.extend(
+            [&self.router, &self.external]
+                .into_iter()
+                .filter(|n| netns_exists(n))
+                .map(|n| format!("netns {n}")),
+        );
+        left
+    }
+}
+
+impl std::fmt::Display for Cluster {
+    /// The pod table, like `kubectl get pods -o wide`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{:<24} {:<15} {:<20} {}", "NAME", "IP", "NODE", "NODE_IP")?;
+        let pods = self.pods().map_err(|_| std::fmt::Error)?;
+        let hostnet = (0..self.nodes.len())
+            .map(|i| self.host_network_pod(i))
+            .map(|h| (h.node, h.name, h.ip));
+        for (node, name, ip) in pods.into_iter().map(|(n, p)| (n, p.name, p.ip)).chain(hostnet) {
+            writeln!(
+                f,
+                "{:<24} {:<15} {:<20} {}",
+                name,
+                ip,
+                self.nodes[node].name,
+                self.node_ip(node)
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,271 @@
+//! The connectivity matrix: every kind of connection the cluster must carry, with ICMP
+//! and TCP, and the source address the *receiver* sees, captured there with raw
+//! sockets. Only traffic leaving the cluster may be NATed.
+
+use anyhow::Context;
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use nix::sys::socket::{recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType};
+use nix::sys::time::TimeVal;
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use crate::cluster::{Cluster, EXTERNAL_IP, HOST_NETWORK_PORT};
+use crate::netns::{in_netns, spawn_in};
+use crate::Pod;
+
+/// One end of a connection.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub label: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// The TCP port it is reached on.
+    pub port: u16,
+    /// Whether the matrix runs a listener there (a host-network pod serves itself).
+    pub serve: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub from: Peer,
+    pub to: Peer,
+    /// The source the receiver must see.
+    pub expected_source: Ipv4Addr,
+}
+
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub case: Case,
+    pub icmp: bool,
+    pub tcp: bool,
+    pub seen: Option<Ipv4Addr>,
+}
+
+impl Row {
+    pub fn nat(&self) -> Option<bool> {
+        self.seen.map(|seen| seen != self.case.from.ip)
+    }
+
+    pub fn pass(&self) -> bool {
+        self.icmp && self.tcp && self.seen == Some(self.case.expected_source)
+    }
+}
+
+const POD_PORT: u16 = 8080;
+const NODE_PORT: u16 = 8081;
+
+/// The cases of the issue, from pod-1 (node 0) unless said otherwise.
+pub fn cases(cluster: &Cluster, pods: &[(usize, Pod)]) -> anyhow::Result<Vec<Case>> {
+    let pod = |name: &str| -> anyhow::Result<Peer> {
+        let (_, p) = pods
+            .iter()
+            .find(|(_, p)| p.name.ends_with(name))
+            .with_context(|| format!("no {name}"))?;
+        Ok(Peer {
+            label: name.into(),
+            netns: p.name.clone(),
+            ip: p.ip,
+            port: POD_PORT,
+            serve: true,
+        })
+    };
+    let node_process = |node: usize, what: &str| Peer {
+        label: format!("{what} {}", short(&cluster.nodes[node].name)),
+        netns: cluster.nodes[node].name.clone(),
+        ip: cluster.node_ip(node),
+        port: NODE_PORT,
+        serve: true,
+    };
+    let host_network = |node: usize| {
+        let h = cluster.host_network_pod(node);
+        Peer {
+            label: h.name,
+            netns: cluster.nodes[node].name.clone(),
+            ip: h.ip,
+            port: HOST_NETWORK_PORT,
+            serve: false,
+        }
+    };
+    let external = Peer {
+        label: "external".into(),
+        netns: cluster.external.clone(),
+        ip: EXTERNAL_IP,
+        port: 8082,
+        serve: true,
+    };
+    let (p1, p2, p3, p4) = (pod("pod-1")?, pod("pod-2")?, pod("pod-3")?, pod("pod-4")?);
+    let case = |from: &Peer, to: &Peer| Case {
+        from: from.clone(),
+        to: to.clone(),
+        expected_source: from.ip,
+    };
+    let mut cases = vec![
+        case(&p1, &p1),
+        case(&p1, &p4),
+        case(&p1, &p2),
+        case(&p3, &p4),
+        case(&p1, &node_process(0, "process on")),
+        case(&node_process(0, "process on"), &p1),
+        case(&p1, &node_process(1, "process on")),
+        case(&node_process(1, "process on"), &p1),
+        case(&p1, &host_network(0)),
+        case(&host_network(0), &p1),
+        case(&p1, &host_network(1)),
+        case(&host_network(1), &p1),
+        case(&p1, &node_process(0, "node IP of")),
+        case(&p1, &node_process(1, "node IP of")),
+    ];
+    for (from, node) in [(&p1, 0), (&p2, 1)] {
+        cases.push(Case {
+            from: from.clone(),
+            to: external.clone(),
+            expected_source: cluster.node_ip(node),
+        });
+    }
+    Ok(cases)
+}
+
+fn short(node: &str) -> &str {
+    node.strip_prefix("my-k8s-").unwrap_or(node)
+}
+
+pub fn run(cases: &[Case]) -> anyhow::Result<Vec<Row>> {
+    cases.iter().map(run_case).collect()
+}
+
+fn run_case(case: &Case) -> anyhow::Result<Row> {
+    let to = case.to.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready) = mpsc::channel();
+    let icmp = capture(&to, SockProtocol::Icmp, stop.clone(), ready_tx.clone());
+    let tcp = capture(&to, SockProtocol::Tcp, stop.clone(), ready_tx.clone());
+    let listener = to.serve.then(|| {
+        let (to, ready_tx) = (to.clone(), ready_tx.clone());
+        spawn_in(&to.netns, move || {
+            let listener = TcpListener::bind(SocketAddrV4::new(to.ip, to.port))?;
+            ready_tx.send(()).ok();
+            listener.set_nonblocking(false)?;
+            let _ = listener.accept();
+            Ok(())
+        })
+    });
+    let expected_ready = 2 + usize::from(to.serve);
+    for _ in 0..expected_ready {
+        ready
+            .recv_timeout(Duration::from_secs(5))
+            .context("capture did not start")?;
+    }
+    let icmp_ok = (0..2).any(|_| {
+        in_netns(
+            &case.from.netns,
+            "ping",
+            &["-c", "1", "-W", "1", "-q", &to.ip.to_string()],
+        )
+        .output()
+        .is_ok_and(|o| o.status.success())
+    });
+    let target = SocketAddrV4::new(to.ip, to.port);
+    let tcp_ok = spawn_in(&case.from.netns, move || {
+        Ok(TcpStream::connect_timeout(&target.into(), Duration::from_secs(2))?)
+    })
+    .join()
+    .map_or(false, |r| r.is_ok());
+    stop.store(true, Ordering::Relaxed);
+    if let Some(listener) = listener {
+        // Unblock accept() if nothing connected.
+        let _ = spawn_in(&to.netns, move || {
+            Ok(TcpStream::connect_timeout(&target.into(), Duration::from_millis(200))?)
+        })
+        .join();
+        let _ = listener.join();
+    }
+    let icmp_seen = icmp.join().map_err(|_| anyhow::anyhow!("capture panicked"))??;
+    let tcp_seen = tcp.join().map_err(|_| anyhow::anyhow!("capture panicked"))??;
+    // Both protocols must agree on what the receiver sees.
+    let seen = match (icmp_seen, tcp_seen) {
+        (Some(a), Some(b)) if a != b => None,
+        (a, b) => b.or(a),
+    };
+    Ok(Row {
+        case: case.clone(),
+        icmp: icmp_ok && icmp_seen.is_some(),
+        tcp: tcp_ok && tcp_seen.is_some(),
+        seen,
+    })
+}
+
+/// The source of the first ICMP echo request, or TCP SYN to the port, for `to.ip`.
+fn capture(
+    to: &Peer,
+    protocol: SockProtocol,
+    stop: Arc<AtomicBool>,
+    ready: mpsc::Sender<()>,
+) -> std::thread::JoinHandle<anyhow::Result<Option<Ipv4Addr>>> {
+    let to = to.clone();
+    spawn_in(&to.netns.clone(), move || {
+        let sock = socket(AddressFamily::Inet, SockType::Raw, SockFlag::empty(), protocol)?;
+        setsockopt(&sock, sockopt::ReceiveTimeout, &TimeVal::new(0, 100_000))?;
+        ready.send(()).ok();
+        let mut buf = [0u8; 1500];
+        let mut seen = None;
+        while !stop.load(Ordering::Relaxed) {
+            let Ok(len) = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) else {
+                continue;
+            };
+            if seen.is_none() && len >= 20 {
+                seen = matching_source(&buf[..len], protocol, to.ip, to.port);
+            }
+        }
+        Ok(seen)
+    })
+}
+
+/// Parses an IPv4 packet as a raw socket delivers it.
+fn matching_source(packet: &[u8], protocol: SockProtocol, dst: Ipv4Addr, port: u16) -> Option<Ipv4Addr> {
+    let header = usize::from(packet[0] & 0x0f) * 4;
+    let payload = packet.get(header..)?;
+    if Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]) != dst {
+        return None;
+    }
+    let wanted = match protocol {
+        SockProtocol::Icmp => payload.first() == Some(&8), // echo request
+        _ => payload.len() >= 14 && u16::from_be_bytes([payload[2], payload[3]]) == port && payload[13] & 0x02 != 0, // SYN
+    };
+    wanted.then(|| Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]))
+}
+
+pub fn table(rows: &[Row]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "FROM",
+        "TO",
+        "ICMP",
+        "TCP",
+        "SOURCE SEEN",
+        "NAT",
+        "EXPECTED",
+        "RESULT",
+    ]);
+    let yes_no = |b: bool| if b { "ok" } else { "FAIL" };
+    for row in rows {
+        let expected_nat = row.case.expected_source != row.case.from.ip;
+        table.add_row([
+            format!("{} ({})", row.case.from.label, row.case.from.ip),
+            format!("{} ({}:{})", row.case.to.label, row.case.to.ip, row.case.to.port),
+            yes_no(row.icmp).into(),
+            yes_no(row.tcp).into(),
+            row.seen.map_or("-".into(), |s| s.to_string()),
+            row.nat().map_or("-", |nat| if nat { "yes" } else { "no" }).into(),
+            format!(
+                "{}{}",
+                row.case.expected_source,
+                if expected_nat { " (NAT)" } else { "" }
+            ),
+            if row.pass() { "PASS" } else { "FAIL" }.into(),
+        ]);
+    }
+    table
+}

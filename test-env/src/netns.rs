@@ -1,0 +1,104 @@
+//! Network namespaces under /run/netns, and running things inside them.
+
+use anyhow::Context;
+use std::fs::File;
+use std::path::Path;
+use std::process::Command;
+
+use crate::{run, Pod};
+
+pub fn netns_exists(name: &str) -> bool {
+    Path::new("/run/netns").join(name).exists()
+}
+
+/// Network namespaces whose name starts with `prefix`.
+pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| name.starts_with(prefix))
+        .collect()
+}
+
+/// Deletes a netns and first kills every process still in it: a process would keep
+/// the namespace, and everything in it, alive after `ip netns del`.
+pub fn delete_netns(name: &str) -> anyhow::Result<()> {
+    if netns_exists(name) {
+        for pid in run("ip", &["netns", "pids", name])?.split_whitespace() {
+            let _ = run("kill", &["-KILL", pid]);
+        }
+        run("ip", &["netns", "del", name])?;
+    }
+    Ok(())
+}
+
+/// A command inside the network namespace `netns` (a name under /run/netns).
+pub fn in_netns(netns: &str, program: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{netns}")).arg(program).args(args);
+    cmd
+}
+
+/// Mounts bpffs at /sys/fs/bpf unless it is there already.
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    if Command::new("mountpoint")
+        .args(["-q", "/sys/fs/bpf"])
+        .status()?
+        .success()
+    {
+        return Ok(());
+    }
+    run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).map(drop)
+}
+
+/// Runs `f` on a new thread inside the netns `name` (sockets made there stay there).
+pub fn spawn_in<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> std::thread::JoinHandle<anyhow::Result<T>> {
+    let path = Path::new("/run/netns").join(name);
+    std::thread::spawn(move || {
+        let netns = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        f()
+    })
+}
+
+/// Two namespaces `<prefix>-l` and `<prefix>-r` joined by a bare veth pair: the
+/// same-node limit any CNI is measured against.
+pub fn direct_veth_pair(prefix: &str) -> anyhow::Result<(Pod, Pod)> {
+    let (left, right) = (format!("{prefix}-l"), format!("{prefix}-r"));
+    let result = (|| {
+        run("ip", &["netns", "add", &left])?;
+        run("ip", &["netns", "add", &right])?;
+        run(
+            "ip",
+            &[
+                "-n", &left, "link", "add", "veth-l", "type", "veth", "peer", "name", "veth-r", "netns", &right,
+            ],
+        )?;
+        let ends = [(&left, "veth-l", "10.99.0.1"), (&right, "veth-r", "10.99.0.2")];
+        for (ns, ifname, ip) in ends {
+            run("ip", &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", ifname])?;
+            run("ip", &["-n", ns, "link", "set", ifname, "up"])?;
+            run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(ends.map(|(ns, _, ip)| Pod {
+            name: ns.clone(),
+            ip: ip.parse().unwrap(),
+        }))
+    })();
+    if result.is_err() {
+        let _ = remove_direct_veth_pair(prefix);
+    }
+    result.map(|[l, r]| (l, r))
+}
+
+pub fn remove_direct_veth_pair(prefix: &str) -> anyhow::Result<()> {
+    for ns in [format!("{prefix}-l"), format!("{prefix}-r")] {
+        delete_netns(&ns)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,409 @@
+//! A node: a network namespace with its own loader, bpffs root and state dir.
+
+use anyhow::{bail, Context};
+use ipnet::Ipv4Net;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use velox_cni::endpoint::EndpointStore;
+
+use crate::netns::{delete_netns, ensure_bpffs, in_netns, netns_exists, netns_with_prefix};
+use crate::{run, Binaries, Pod};
+
+/// What one CNI invocation returned.
+#[derive(Debug)]
+pub struct CniOutcome {
+    pub success: bool,
+    pub stdout: Value,
+    pub elapsed: Duration,
+}
+
+impl CniOutcome {
+    /// The error code, for a failed call.
+    pub fn code(&self) -> Option<u64> {
+        (!self.success).then(|| self.stdout["code"].as_u64()).flatten()
+    }
+}
+
+/// One simulated node. Creating is explicit (`up`), and so is removing (`down`), so
+/// `cargo xtask test-env up` can leave a node running; tests wrap it in [`NodeGuard`].
+#[derive(Clone, Debug)]
+pub struct Node {
+    pub name: String,
+    pub subnet: Ipv4Net,
+    pub bpffs_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub bins: Binaries,
+    /// Set for a node of a cluster: its uplink `eth0` joins the underlay.
+    pub underlay: Option<Underlay>,
+}
+
+/// How a cluster node reaches the others.
+#[derive(Clone, Debug)]
+pub struct Underlay {
+    pub node_ip: Ipv4Addr,
+    /// The cluster's node list, shared by every node's loader.
+    pub peers_file: PathBuf,
+}
+
+impl Node {
+    pub fn new(name: &str, subnet: Ipv4Net, bins: Binaries) -> Self {
+        Self {
+            name: name.to_string(),
+            subnet,
+            bpffs_root: PathBuf::from(format!("/sys/fs/bpf/velox-{name}")),
+            state_dir: PathBuf::from(format!("/run/velox-test/{name}")),
+            bins,
+            underlay: None,
+        }
+    }
+
+    /// A standalone node: its netns with loopback up, and its loader running.
+    pub fn up(&self) -> anyhow::Result<()> {
+        self.create_netns()?;
+        self.start_loader()
+    }
+
+    pub fn create_netns(&self) -> anyhow::Result<()> {
+        ensure_bpffs()?;
+        run("ip", &["netns", "add", &self.name])?;
+        run("ip", &["-n", &self.name, "link", "set", "lo", "up"]).map(drop)
+    }
+
+    fn loader_pid_file(&self) -> PathBuf {
+        self.state_dir.join("loader.pid")
+    }
+
+    pub fn loader_pid(&self) -> Option<Pid> {
+        let pid: i32 = std::fs::read_to_string(self.loader_pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let pid = Pid::from_raw(pid);
+        kill(pid, None).is_ok().then_some(pid)
+    }
+
+    /// Starts `velox-loader run` in the node's netns, in its own process group so it
+    /// outlives the caller, and waits until it answers on its health socket.
+    pub fn start_loader(&self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.state_dir)?;
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.state_dir.join("loader.log"))?;
+        let child = in_netns(&self.name, self.bins.loader.to_str().unwrap(), &[])
+            .args(["--bpffs-root", self.bpffs_root.to_str().unwrap()])
+            .args(["--state-dir", self.state_dir.to_str().unwrap()])
+            .args(["run", "--reconcile-interval", "1"])
+            .args(self.underlay.iter().flat_map(|u| {
+                [
+                    "--uplink",
+                    "eth0",
+                    "--pod-cidr",
+                    &self.subnet.to_string(),
+                    "--peers-file",
+                    u.peers_file.to_str().unwrap(),
+                ]
+                .map(String::from)
+            }))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("starting velox-loader")?;
+        std::fs::write(self.loader_pid_file(), child.id().to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if self.status().success {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "velox-loader on {} did not become ready; see {}/loader.log",
+            self.name,
+            self.state_dir.display()
+        )
+    }
+
+    /// Stops the loader with `signal` and waits until it is gone.
+    pub fn stop_loader(&self, signal: Signal) -> anyhow::Result<()> {
+        let Some(pid) = self.loader_pid() else {
+            return Ok(());
+        };
+        kill(pid, signal)?;
+        // Reap it if it is our child; otherwise wait for it to disappear.
+        let _ = nix::sys::wait::waitpid(pid, None);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while kill(pid, None).is_ok() {
+            if Instant::now() > deadline {
+                bail!("velox-loader {pid} did not stop");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_file(self.loader_pid_file());
+        Ok(())
+    }
+
+    /// The network config a runtime would pass for this node.
+    pub fn conf(&self, cni_version: &str) -> Value {
+        json!({
+            "cniVersion": cni_version,
+            "name": format!("velox-{}", self.name),
+            "type": "velox",
+            "subnet": self.subnet.to_string(),
+            "mtu": 1500,
+            "bpffsRoot": self.bpffs_root,
+            "stateDir": self.state_dir,
+            "logFile": self.state_dir.join("cni.log"),
+            "logLevel": "info",
+        })
+    }
+
+    /// Runs `velox` inside the node's netns with the CNI_* variables and `conf` on stdin.
+    pub fn cni(
+        &self,
+        command: &str,
+        container_id: &str,
+        netns: Option<&Path>,
+        ifname: &str,
+        conf: &Value,
+    ) -> anyhow::Result<CniOutcome> {
+        let mut cmd = in_netns(&self.name, self.bins.velox.to_str().unwrap(), &[]);
+        cmd.env_clear()
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_IFNAME", ifname)
+            .env("CNI_PATH", "/usr/lib/cni")
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        if let Some(netns) = netns {
+            cmd.env("CNI_NETNS", netns);
+        }
+        let start = Instant::now();
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes())?;
+        let output = child.wait_with_output()?;
+        let elapsed = start.elapsed();
+        let stdout = if output.stdout.iter().all(u8::is_ascii_whitespace) {
+            Value::Null
+        } else {
+            serde_json::from_slice(&output.stdout).with_context(|| {
+                format!(
+                    "velox {command} printed non-JSON: {}",
+                    String::from_utf8_lossy(&output.stdout)
+                )
+            })?
+        };
+        Ok(CniOutcome {
+            success: output.status.success(),
+            stdout,
+            elapsed,
+        })
+    }
+
+    /// STATUS with the latest version.
+    pub fn status(&self) -> CniOutcome {
+        self.cni("STATUS", "", None, "", &self.conf("1.1.0"))
+            .unwrap_or(CniOutcome {
+                success: false,
+                stdout: Value::Null,
+                elapsed: Duration::ZERO,
+            })
+    }
+
+    /// A pod: a new netns named `pod` and an ADD for container ID `pod`, ifname eth0.
+    pub fn add_pod(&self, pod: &str) -> anyhow::Result<Pod> {
+        run("ip", &["netns", "add", pod])?;
+        run("ip", &["-n", pod, "link", "set", "lo", "up"])?;
+        let netns = Path::new("/run/netns").join(pod);
+        let outcome = self.cni("ADD", pod, Some(&netns), "eth0", &self.conf("1.1.0"))?;
+        if !outcome.success {
+            let _ = delete_netns(pod);
+            bail!("ADD of {pod} failed: {}", outcome.stdout);
+        }
+        let address: Ipv4Net = outcome.stdout["ips"][0]["address"]
+            .as_str()
+            .context("ADD result has no address")?
+            .parse()?;
+        Ok(Pod {
+            name: pod.to_string(),
+            ip: address.addr(),
+        })
+    }
+
+    /// DEL as a runtime does when a pod goes, then the pod's netns goes.
+    pub fn delete_pod(&self, pod: &str) -> anyhow::Result<()> {
+        let netns = Path::new("/run/netns").join(pod);
+        let outcome = self.cni(
+            "DEL",
+            pod,
+            netns.exists().then_some(netns.as_path()),
+            "eth0",
+            &self.conf("1.1.0"),
+        )?;
+        if !outcome.success {
+            bail!("DEL of {pod} failed: {}", outcome.stdout);
+        }
+        delete_netns(pod)
+    }
+
+    /// The pods this node's records know, as (name, IP).
+    pub fn pods(&self) -> anyhow::Result<Vec<Pod>> {
+        Ok(EndpointStore::new(&self.state_dir)
+            .list()?
+            .into_iter()
+            .map(|r| Pod {
+                name: r.container_id,
+                ip: r.ip,
+            })
+            .collect())
+    }
+
+    /// `velox-loader endpoints --json` run in the node.
+    pub fn endpoints(&self) -> anyhow::Result<Vec<Value>> {
+        let output = in_netns(&self.name, self.bins.loader.to_str().unwrap(), &[])
+            .args(["--bpffs-root", self.bpffs_root.to_str().unwrap(), "endpoints", "--json"])
+            .output()?;
+        if !output.status.success() {
+            bail!("velox-loader endpoints: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(serde_json::from_slice(&output.stdout)?)
+    }
+
+    /// The endpoint dump row of `ip`.
+    pub fn endpoint(&self, ip: Ipv4Addr) -> anyhow::Result<Value> {
+        self.endpoints()?
+            .into_iter()
+            .find(|e| e["ip"] == ip.to_string())
+            .with_context(|| format!("{ip} is not in the endpoint map"))
+    }
+
+    /// Turns off the node's IP forwarding, leaving pod-to-pod traffic to eBPF alone.
+    pub fn disable_ip_forwarding(&self) -> anyhow::Result<()> {
+        let output = self.exec("sysctl", &["-qw", "net.ipv4.ip_forward=0"])?;
+        anyhow::ensure!(
+            output.status.success(),
+            "sysctl: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    }
+
+    /// A command in the node's netns (a host process of that node).
+    pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(in_netns(&self.name, program, args).output()?)
+    }
+
+    /// Removes everything: pods (by DEL, as a runtime would), the loader, the netns,
+    /// the pins and the state. Keeps going past failures and reports them all.
+    pub fn down(&self) -> anyhow::Result<()> {
+        let mut errors = Vec::new();
+        if netns_exists(&self.name) {
+            for pod in self.pods().unwrap_or_default() {
+                errors.extend(self.delete_pod(&pod.name).err());
+            }
+        }
+        errors.extend(self.stop_loader(Signal::SIGTERM).err());
+        // Pods a test made by hand are named after their node.
+        for netns in netns_with_prefix(&format!("{}-", self.name)) {
+            errors.extend(delete_netns(&netns).err());
+        }
+        errors.extend(delete_netns(&self.name).err());
+        for dir in [&self.bpffs_root, &self.state_dir] {
+            if dir.exists() {
+                errors.extend(
+                    std::fs::remove_dir_all(dir)
+                        .with_context(|| format!("removing {}", dir.display()))
+                        .err(),
+                );
+            }
+        }
+        match errors.is_empty() {
+            true => Ok(()),
+            false => bail!(
+                "{}",
+                errors.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>().join("; ")
+            ),
+        }
+    }
+
+    /// What `down` should have removed but is still there.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left: Vec<String> = netns_with_prefix(&self.name)
+            .into_iter()
+            .map(|n| format!("netns {n}"))
+            .collect();
+        for dir in [&self.bpffs_root, &self.state_dir] {
+            if dir.exists() {
+                left.push(dir.display().to_string());
+            }
+        }
+        let root = self.bpffs_root.to_str().unwrap_or_default();
+        if Command::new("pgrep")
+            .args(["-f", root])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            left.push("velox-loader process".into());
+        }
+        left
+    }
+}
+
+/// A node that is taken down when the guard drops, also when a test panics.
+pub struct NodeGuard(pub Node);
+
+impl NodeGuard {
+    /// A fresh node whose names are unique to this process, so tests run in parallel.
+    pub fn up(tag: &str) -> anyhow::Result<Self> {
+        let name = format!("vt{}-{tag}", std::process::id());
+        let node = Node::new(&name, "200.200.1.0/24".parse()?, Binaries::locate()?);
+        let guard = Self(node);
+        guard.0.up()?;
+        Ok(guard)
+    }
+
+    /// A pod name unique to this node.
+    pub fn pod_name(&self, pod: &str) -> String {
+        format!("{}-{pod}", self.0.name)
+    }
+
+    pub fn add_pod(&self, pod: &str) -> anyhow::Result<Pod> {
+        self.0.add_pod(&self.pod_name(pod))
+    }
+
+    /// Takes the node down and fails if anything it made is still there.
+    pub fn finish(self) -> anyhow::Result<()> {
+        self.0.down()?;
+        let left = self.0.leftovers();
+        anyhow::ensure!(left.is_empty(), "left over after down: {left:?}");
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for NodeGuard {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        &self.0
+    }
+}
+
+impl Drop for NodeGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.down() {
+            eprintln!("tearing down {}: {e:#}", self.0.name);
+        }
+    }
+}
