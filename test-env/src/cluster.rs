@@ -311,3 +311,51 @@ impl std::fmt::Display for Cluster {
         Ok(())
     }
 }
+
+/// A cluster that is taken down when the guard drops, also when a test panics.
+pub struct ClusterGuard(pub Cluster);
+
+impl ClusterGuard {
+    /// A cluster with names unique to this process, with the standard four pods.
+    pub fn up(tag: &str) -> anyhow::Result<Self> {
+        let guard = Self(Cluster::new(
+            &format!("vc{}{tag}-", std::process::id()),
+            Binaries::locate()?,
+        )?);
+        guard.0.up()?;
+        guard.0.add_standard_pods()?;
+        Ok(guard)
+    }
+
+    /// A pod of the standard set (`pod-1` .. `pod-4`).
+    pub fn pod(&self, name: &str) -> Pod {
+        let pods = self.0.pods().expect("reading pods");
+        pods.into_iter()
+            .map(|(_, p)| p)
+            .find(|p| p.name.ends_with(name))
+            .expect("standard pod")
+    }
+
+    /// Takes the cluster down and fails if anything it made is still there.
+    pub fn finish(self) -> anyhow::Result<()> {
+        self.0.down()?;
+        let left = self.0.leftovers();
+        anyhow::ensure!(left.is_empty(), "left over after down: {left:?}");
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for ClusterGuard {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.0
+    }
+}
+
+impl Drop for ClusterGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.down() {
+            eprintln!("tearing down the cluster: {e:#}");
+        }
+    }
+}

@@ -16,7 +16,7 @@ pub mod netns;
 pub mod node;
 pub mod pod;
 
-pub use cluster::Cluster;
+pub use cluster::{Cluster, ClusterGuard};
 pub use netns::{direct_veth_pair, ensure_bpffs, in_netns, remove_direct_veth_pair};
 pub use node::{CniOutcome, Node, NodeGuard};
 pub use pod::Pod;
