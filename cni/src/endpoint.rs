@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use velox_common::Endpoint;
 
 use crate::config::Attachment;
-use crate::netlink::parse_mac;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointRecord {
@@ -37,12 +36,10 @@ impl EndpointRecord {
     }
 
     /// The map value this record stands for.
-    pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
-        Ok(Endpoint {
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
             ifindex: self.host_ifindex,
-            pod_mac: parse_mac(&self.pod_mac)?,
-            host_mac: parse_mac(&self.host_mac)?,
-        })
+        }
     }
 }
 
@@ -167,7 +164,7 @@ mod tests {
         assert_eq!(store.get(&r.attachment()).unwrap(), Some(r.clone()));
         assert_eq!(store.list().unwrap().len(), 2);
         assert_eq!(store.list().unwrap()[0].container_id, "c2", "sorted by IP");
-        assert_eq!(r.endpoint().unwrap().pod_mac, [2, 0, 0, 0, 0, 2]);
+        assert_eq!(r.endpoint().ifindex, 7);
         store.remove(&r.attachment()).unwrap();
         store.remove(&r.attachment()).unwrap();
         assert_eq!(store.get(&r.attachment()).unwrap(), None);

@@ -17,7 +17,7 @@ use crate::datapath::{self, Bpffs, Maps};
 use crate::endpoint::{host_ifname, EndpointRecord, EndpointStore};
 use crate::error::{fail, CniError, Code};
 use crate::ipam::Ipam;
-use crate::netlink::{format_mac, Netlink};
+use crate::netlink::{format_mac, Link, Netlink};
 use crate::result::{CniResult, Interface, IpConfig, Route};
 use crate::version::{version_info, CniVersion};
 
@@ -79,6 +79,33 @@ fn init_logging(conf: &NetConf) {
     }
     // Never stdout: it carries the result.
     let _ = builder.try_init();
+}
+
+/// The pod side (address, gateway neighbour, default route) and the host side
+/// (neighbour, /32 route) of a new veth pair; returns the pod's interface.
+async fn configure_ends(
+    netns: &File,
+    host: &Netlink,
+    ifname: &str,
+    host_link: &Link,
+    pod_ip: Ipv4Net,
+) -> anyhow::Result<Link> {
+    let pod = Netlink::connect_in(netns)?;
+    let pod_link = pod
+        .link(ifname)
+        .await?
+        .context("pod interface vanished after creation")?;
+    pod.add_address(pod_link.index, pod_ip).await?;
+    pod.add_permanent_neighbour(pod_link.index, GATEWAY, host_link.mac)
+        .await?;
+    pod.set_up(pod_link.index).await?;
+    pod.add_default_route_onlink(pod_link.index, GATEWAY).await?;
+
+    host.add_permanent_neighbour(host_link.index, pod_ip.addr(), pod_link.mac)
+        .await?;
+    host.set_up(host_link.index).await?;
+    host.add_link_route(host_link.index, pod_ip).await?;
+    Ok(pod_link)
 }
 
 impl Plugin {
@@ -158,21 +185,16 @@ impl Plugin {
             .await?
             .context("host veth vanished after creation")?;
 
-        let pod = Netlink::connect_in(netns)?;
-        let pod_link = pod
-            .link(&attachment.ifname)
-            .await?
-            .context("pod interface vanished after creation")?;
-        pod.add_address(pod_link.index, pod_ip).await?;
-        pod.add_permanent_neighbour(pod_link.index, GATEWAY, host_link.mac)
-            .await?;
-        pod.set_up(pod_link.index).await?;
-        pod.add_default_route_onlink(pod_link.index, GATEWAY).await?;
-
-        host.add_permanent_neighbour(host_link.index, ip, pod_link.mac).await?;
-        host.set_up(host_link.index).await?;
-        host.add_link_route(host_link.index, pod_ip).await?;
-        datapath::attach(&self.bpffs, FROM_POD_PROGRAM, &host_name)?;
+        // Attaching TCX waits out an RCU grace period in the kernel (about 9 ms here):
+        // let it run while the two ends are configured.
+        let attach = tokio::task::spawn_blocking({
+            let (bpffs, name) = (self.bpffs.clone(), host_name.clone());
+            move || datapath::attach(&bpffs, FROM_POD_PROGRAM, &name)
+        });
+        let configured = configure_ends(netns, host, &attachment.ifname, &host_link, pod_ip).await;
+        let attached = attach.await.context("attaching from_pod")?;
+        let pod_link = configured?;
+        attached?;
 
         let record = EndpointRecord {
             container_id: attachment.container_id.clone(),
@@ -188,7 +210,7 @@ impl Plugin {
         {
             let _lock = self.store.lock()?;
             self.store.write(&record)?;
-            maps.put(ip, record.endpoint()?)?;
+            maps.put(ip, record.endpoint())?;
         }
         log::info!("added {ip} on {host_name} (ifindex {})", host_link.index);
 
@@ -311,7 +333,7 @@ impl Plugin {
         if !self.bpffs.link(&record.host_ifname).exists() {
             return broken(format!("from_pod is not attached to {}", record.host_ifname));
         }
-        if Maps::open(&self.bpffs)?.get(ip)? != Some(record.endpoint()?) {
+        if Maps::open(&self.bpffs)?.get(ip)? != Some(record.endpoint()) {
             return broken("the endpoint map entry is missing or wrong".into());
         }
         let pod = Netlink::connect_in(&self.open_netns()?)?;

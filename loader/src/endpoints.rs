@@ -7,7 +7,6 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use velox_cni::datapath::{Bpffs, Maps};
 use velox_cni::endpoint::{EndpointRecord, EndpointStore};
-use velox_cni::netlink::format_mac;
 
 #[derive(Serialize)]
 struct Row {
@@ -48,8 +47,8 @@ pub fn print(bpffs: &Bpffs, state_dir: &Path, json: bool) -> anyhow::Result<()> 
             ifindex: endpoint.ifindex,
             container_id: record.as_ref().map(|r| r.container_id.clone()).unwrap_or_default(),
             pod_ifname: record.as_ref().map(|r| r.ifname.clone()).unwrap_or_default(),
-            pod_mac: format_mac(&endpoint.pod_mac),
-            host_mac: format_mac(&endpoint.host_mac),
+            pod_mac: record.as_ref().map(|r| r.pod_mac.clone()).unwrap_or_default(),
+            host_mac: record.as_ref().map(|r| r.host_mac.clone()).unwrap_or_default(),
             packets: c.redirected_packets + c.passed_packets + c.dropped_packets,
             bytes: c.redirected_bytes + c.passed_bytes,
             redirected_packets: c.redirected_packets,

@@ -23,7 +23,7 @@ pub fn reconcile(bpffs: &Bpffs, store: &EndpointStore, maps: &mut Maps, uplink: 
             }
             continue;
         }
-        let endpoint = record.endpoint()?;
+        let endpoint = record.endpoint();
         if maps.get(record.ip)? != Some(endpoint) {
             log::warn!("repairing the map entry of {} ({})", record.ip, record.host_ifname);
             maps.put(record.ip, endpoint)?;

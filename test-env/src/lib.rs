@@ -11,14 +11,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 pub mod cluster;
+pub mod cni;
 pub mod matrix;
 pub mod netns;
 pub mod node;
 pub mod pod;
+pub mod reference;
 
 pub use cluster::{Cluster, ClusterGuard};
+pub use cni::CniOutcome;
 pub use netns::{direct_veth_pair, ensure_bpffs, in_netns, remove_direct_veth_pair};
-pub use node::{CniOutcome, Node, NodeGuard};
+pub use node::{Node, NodeGuard};
 pub use pod::Pod;
 
 /// The release binaries under test: `$VELOX_BIN_DIR`, else the workspace's target/release.

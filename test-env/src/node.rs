@@ -5,7 +5,6 @@ use ipnet::Ipv4Net;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -13,23 +12,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use velox_cni::endpoint::EndpointStore;
 
+use crate::cni::{exec_plugin, CniOutcome};
 use crate::netns::{delete_netns, ensure_bpffs, in_netns, netns_exists, netns_with_prefix};
 use crate::{run, Binaries, Pod};
-
-/// What one CNI invocation returned.
-#[derive(Debug)]
-pub struct CniOutcome {
-    pub success: bool,
-    pub stdout: Value,
-    pub elapsed: Duration,
-}
-
-impl CniOutcome {
-    /// The error code, for a failed call.
-    pub fn code(&self) -> Option<u64> {
-        (!self.success).then(|| self.stdout["code"].as_u64()).flatten()
-    }
-}
 
 /// One simulated node. Creating is explicit (`up`), and so is removing (`down`), so
 /// `cargo xtask test-env up` can leave a node running; tests wrap it in [`NodeGuard`].
@@ -177,40 +162,7 @@ impl Node {
         ifname: &str,
         conf: &Value,
     ) -> anyhow::Result<CniOutcome> {
-        let mut cmd = in_netns(&self.name, self.bins.velox.to_str().unwrap(), &[]);
-        cmd.env_clear()
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", container_id)
-            .env("CNI_IFNAME", ifname)
-            .env("CNI_PATH", "/usr/lib/cni")
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-        if let Some(netns) = netns {
-            cmd.env("CNI_NETNS", netns);
-        }
-        let start = Instant::now();
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes())?;
-        let output = child.wait_with_output()?;
-        let elapsed = start.elapsed();
-        let stdout = if output.stdout.iter().all(u8::is_ascii_whitespace) {
-            Value::Null
-        } else {
-            serde_json::from_slice(&output.stdout).with_context(|| {
-                format!(
-                    "velox {command} printed non-JSON: {}",
-                    String::from_utf8_lossy(&output.stdout)
-                )
-            })?
-        };
-        Ok(CniOutcome {
-            success: output.status.success(),
-            stdout,
-            elapsed,
-        })
+        exec_plugin(&self.name, &self.bins.velox, command, container_id, netns, ifname, conf)
     }
 
     /// STATUS with the latest version.

@@ -35,28 +35,137 @@ impl Pod {
 
     /// iperf3 TCP from this pod to `server` for `seconds`; Gbit/s received.
     pub fn iperf3_to(&self, server: &Pod, seconds: u32) -> anyhow::Result<f64> {
-        let mut listener = in_netns(&server.name, "iperf3", &["-s", "-1", "-B", &server.ip.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
+        Ok(self.iperf3(server, seconds, 1)?.gbps)
+    }
+
+    /// iperf3 TCP with `streams` parallel streams.
+    pub fn iperf3(&self, server: &Pod, seconds: u32, streams: u32) -> anyhow::Result<Throughput> {
+        let _server = Server::start(server, "iperf3", &["-s", "-1", "-B", &server.ip.to_string()])?;
         let deadline = Instant::now() + Duration::from_secs(5);
+        let args = [
+            "-c",
+            &server.ip.to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ];
         // iperf3 3.12 exits 0 even when it cannot connect: the report says.
         let report = loop {
-            let output = self.exec(
-                "iperf3",
-                &["-c", &server.ip.to_string(), "-t", &seconds.to_string(), "-J"],
-            )?;
+            let output = self.exec("iperf3", &args)?;
             let report: Value = serde_json::from_slice(&output.stdout).context("iperf3 report")?;
             if report.get("error").is_none() || Instant::now() > deadline {
                 break report;
             }
             std::thread::sleep(Duration::from_millis(100)); // the server is still starting
         };
-        let _ = listener.kill();
-        let _ = listener.wait();
-        match report["end"]["sum_received"]["bits_per_second"].as_f64() {
-            Some(bps) => Ok(bps / 1e9),
-            None => bail!("iperf3 to {} failed: {}", server.ip, report["error"]),
+        let received = &report["end"]["sum_received"];
+        match (received["bits_per_second"].as_f64(), received["bytes"].as_f64()) {
+            (Some(bps), Some(bytes)) => Ok(Throughput { gbps: bps / 1e9, bytes }),
+            _ => bail!("iperf3 to {} failed: {}", server.ip, report["error"]),
         }
+    }
+
+    /// TCP request/response with sockperf ping-pong, both ends busy-polling: blocking
+    /// sockets would measure the vCPU's wake-up time, not the datapath.
+    pub fn sockperf_to(&self, server: &Pod, seconds: u32) -> anyhow::Result<Latency> {
+        let ip = server.ip.to_string();
+        let _server = Server::start(
+            server,
+            "sockperf",
+            &["sr", "--tcp", "--nonblocked", "-i", &ip, "-p", "11111"],
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let args = [
+            "pp",
+            "--tcp",
+            "--nonblocked",
+            "--full-rtt",
+            "-i",
+            &ip,
+            "-p",
+            "11111",
+            "-t",
+            &seconds.to_string(),
+        ];
+        loop {
+            let output = self.exec("sockperf", &args)?;
+            let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+            match Latency::parse(&text) {
+                Some(latency) => return Ok(latency),
+                None if Instant::now() > deadline => bail!("sockperf to {ip} failed: {text}"),
+                None => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Throughput {
+    pub gbps: f64,
+    pub bytes: f64,
+}
+
+/// Round-trip times in microseconds, and transactions per second.
+#[derive(Clone, Copy, Debug)]
+pub struct Latency {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub tps: f64,
+}
+
+impl Latency {
+    fn parse(text: &str) -> Option<Self> {
+        let after = |marker: &str| -> Option<f64> {
+            let rest = &text[text.find(marker)? + marker.len()..];
+            rest.trim_start()
+                .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .next()?
+                .parse()
+                .ok()
+        };
+        let runtime = after("[Valid Duration] RunTime=")?;
+        let received = after("ReceivedMessages=")?;
+        Some(Self {
+            p50_us: after("percentile 50.000 =")?,
+            p99_us: after("percentile 99.000 =")?,
+            tps: received / runtime,
+        })
+    }
+}
+
+/// A server process in a pod's netns, killed when dropped.
+struct Server(std::process::Child);
+
+impl Server {
+    fn start(pod: &Pod, program: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let child = in_netns(&pod.name, program, args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sockperf_output() {
+        let text = "sockperf: [Valid Duration] RunTime=1.550 sec; SentMessages=156119; ReceivedMessages=156119\n\
+            sockperf: ---> percentile 99.000 =   11.377\nsockperf: ---> percentile 50.000 =    9.754\n";
+        let latency = Latency::parse(text).unwrap();
+        assert_eq!(latency.p50_us, 9.754);
+        assert_eq!(latency.p99_us, 11.377);
+        assert!((latency.tps - 100_721.9).abs() < 1.0);
     }
 }

@@ -1,7 +1,9 @@
 //! `cargo xtask`: what cargo alone cannot do for Velox.
 
+mod bench;
 mod build;
 mod env;
+mod report;
 mod setup;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +29,8 @@ enum Task {
         #[command(subcommand)]
         action: env::TestEnvAction,
     },
+    /// Velox next to the reference plugins and the physical limits, in one interleaved run.
+    Bench(bench::BenchArgs),
     /// Setup, build, bring up the cluster, ping, iperf3, the endpoint dumps, tear down.
     Demo,
 }
@@ -38,6 +42,9 @@ fn main() -> ExitCode {
         Task::Build => build::build(),
         Task::Test => test(),
         Task::TestEnv { action } => env::test_env(action),
+        Task::Bench(args) => setup::setup()
+            .and_then(|()| build::build())
+            .and_then(|()| bench::bench(args)),
         Task::Demo => setup::setup().and_then(|()| build::build()).and_then(|()| env::demo()),
     };
     match result {

@@ -15,6 +15,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "iperf3",
+    "sockperf",
+    "fonts-dejavu-core",
     "iptables",
     "procps",
     "util-linux",

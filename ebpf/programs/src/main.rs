@@ -33,36 +33,31 @@ const AF_INET: u32 = 2;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let redirect = ipv4(&ctx).and_then(|(eth, dst)| to_local_pod(eth, dst).or_else(|| to_peer_node(dst)));
+    let redirect = ipv4(&ctx).and_then(|dst| to_local_pod(dst).or_else(|| to_peer_node(dst)));
     finish(&ctx, redirect)
 }
 
 #[classifier]
 pub fn from_net(ctx: TcContext) -> i32 {
-    let redirect = ipv4(&ctx).and_then(|(eth, dst)| to_local_pod(eth, dst));
+    let redirect = ipv4(&ctx).and_then(to_local_pod);
     finish(&ctx, redirect)
 }
 
-/// The Ethernet header and IPv4 destination of an IPv4 packet.
+/// The IPv4 destination of an IPv4 packet.
 #[inline(always)]
-fn ipv4(ctx: &TcContext) -> Option<(*mut EthHdr, [u8; 4])> {
+fn ipv4(ctx: &TcContext) -> Option<[u8; 4]> {
     let eth = header_at::<EthHdr>(ctx, 0)?;
     // SAFETY: `header_at` checked the header lies inside the packet.
     if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
         return None;
     }
     let ip = header_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
-    Some((eth, unsafe { (*ip).dst_addr }))
+    Some(unsafe { (*ip).dst_addr })
 }
 
 #[inline(always)]
-fn to_local_pod(eth: *mut EthHdr, dst: [u8; 4]) -> Option<i64> {
+fn to_local_pod(dst: [u8; 4]) -> Option<i64> {
     let endpoint = unsafe { VELOX_ENDPOINTS.get(&EndpointKey { ipv4: dst }) }?;
-    // Re-address the frame so the pod sees it come from its gateway, as if routed.
-    unsafe {
-        (*eth).dst_addr = endpoint.pod_mac;
-        (*eth).src_addr = endpoint.host_mac;
-    }
     Some(unsafe { bpf_redirect_peer(endpoint.ifindex, 0) })
 }
 
@@ -81,12 +76,12 @@ fn to_peer_node(dst: [u8; 4]) -> Option<i64> {
 }
 
 #[inline(always)]
-fn header_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+fn header_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     let start = ctx.data() + offset;
     if start + core::mem::size_of::<T>() > ctx.data_end() {
         return None;
     }
-    Some(start as *mut T)
+    Some(start as *const T)
 }
 
 /// Counts the verdict and returns the TC action. `None`: not ours, the kernel decides.

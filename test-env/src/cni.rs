@@ -1,0 +1,77 @@
+//! Running a CNI plugin exactly as a runtime does: inside the node's network
+//! namespace, CNI_* variables in a clean environment, the config on stdin.
+
+use anyhow::Context;
+use serde_json::Value;
+use std::io::Write;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::in_netns;
+
+/// What one CNI invocation returned.
+#[derive(Debug)]
+pub struct CniOutcome {
+    pub success: bool,
+    pub stdout: Value,
+    pub elapsed: Duration,
+}
+
+impl CniOutcome {
+    /// The error code, for a failed call.
+    pub fn code(&self) -> Option<u64> {
+        (!self.success).then(|| self.stdout["code"].as_u64()).flatten()
+    }
+}
+
+/// Runs `plugin` in the netns `node`; `elapsed` is what the runtime would wait.
+pub fn exec_plugin(
+    node: &str,
+    plugin: &Path,
+    command: &str,
+    container_id: &str,
+    netns: Option<&Path>,
+    ifname: &str,
+    conf: &Value,
+) -> anyhow::Result<CniOutcome> {
+    let mut cmd = in_netns(node, plugin.to_str().context("plugin path")?, &[]);
+    cmd.env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_IFNAME", ifname)
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    if let Some(netns) = netns {
+        cmd.env("CNI_NETNS", netns);
+    }
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(conf.to_string().as_bytes())?;
+    let output = child.wait_with_output()?;
+    let elapsed = start.elapsed();
+    let stdout = if output.stdout.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        serde_json::from_slice(&output.stdout).with_context(|| {
+            format!(
+                "{} {command} printed non-JSON: {}",
+                plugin.display(),
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })?
+    };
+    Ok(CniOutcome {
+        success: output.status.success(),
+        stdout,
+        elapsed,
+    })
+}

@@ -1,0 +1,388 @@
+//! `cargo xtask bench`: Velox next to the reference plugins and the physical limits,
+//! all measured in one run, configurations interleaved round-robin so machine noise
+//! hits every one alike.
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use velox_test_env::reference::ReferenceNode;
+use velox_test_env::{direct_veth_pair, remove_direct_veth_pair, run, Binaries, Cluster, Node, Pod};
+
+use crate::report;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Rounds per configuration (medians and min..max over them).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Seconds per iperf3 and sockperf test.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u32,
+    /// Which data-plane configurations to measure.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "velox-same,velox-cross,ptp,bridge,direct,node-to-node"
+    )]
+    pub configs: Vec<Config>,
+    /// Also measure with this many non-matching rules in each host's FORWARD chain (0: skip).
+    #[arg(long, default_value_t = 10_000)]
+    pub netfilter_load: u32,
+    /// Pods per control-plane configuration.
+    #[arg(long, default_value_t = 100)]
+    pub pods: usize,
+    /// Where the table, JSON and chart go.
+    #[arg(long, default_value = "target/bench")]
+    pub out: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Config {
+    /// Velox, two pods on one node.
+    VeloxSame,
+    /// Velox, pods on two nodes.
+    VeloxCross,
+    /// Reference ptp plugin with host-local, two pods on one node.
+    Ptp,
+    /// Reference bridge plugin with host-local, two pods on one node.
+    Bridge,
+    /// A bare veth pair between two namespaces: the same-node limit.
+    Direct,
+    /// Node to node over the underlay: the cross-node limit.
+    NodeToNode,
+}
+
+impl Config {
+    pub fn name(self) -> &'static str {
+        match self {
+            Config::VeloxSame => "velox same node",
+            Config::VeloxCross => "velox across nodes",
+            Config::Ptp => "ptp + host-local",
+            Config::Bridge => "bridge + host-local",
+            Config::Direct => "direct veth pair",
+            Config::NodeToNode => "node to node",
+        }
+    }
+
+    /// What this configuration is measured against.
+    pub fn limit(self) -> Config {
+        match self {
+            Config::VeloxCross | Config::NodeToNode => Config::NodeToNode,
+            _ => Config::Direct,
+        }
+    }
+}
+
+/// One configuration measured once.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    pub config: Config,
+    pub netfilter_rules: u32,
+    pub round: u32,
+    pub gbps_1: f64,
+    pub gbps_4: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub tps: f64,
+    /// Machine-wide CPU seconds per GB received, during the 1-stream test.
+    pub cpu_s_per_gb: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ControlPlane {
+    /// CNI ADD and DEL latencies in ms, per configuration, as a runtime sees them.
+    pub add_ms: Vec<(String, Vec<f64>)>,
+    pub del_ms: Vec<(String, Vec<f64>)>,
+    /// Wall time to create `pods` Velox pods, 8 at a time.
+    pub parallel_create_s: f64,
+    pub parallel_pods: usize,
+    /// velox-loader resident memory with 0 and with 250 endpoints.
+    pub loader_rss_kib: Vec<(usize, u64)>,
+}
+
+const PREFIX: &str = "vbench-";
+
+pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let bins = Binaries::locate()?;
+    let cluster = Cluster::new(PREFIX, bins.clone())?;
+    let ptp = ReferenceNode::ptp(&format!("{PREFIX}ptp"), "10.30.0.0/24".parse()?);
+    let bridge = ReferenceNode::bridge(&format!("{PREFIX}bridge"), "10.31.0.0/24".parse()?);
+    let rss_node = Node::new(&format!("{PREFIX}rss"), "200.200.3.0/24".parse()?, bins);
+    let teardown = || {
+        let _ = cluster.down();
+        let _ = ptp.down();
+        let _ = bridge.down();
+        let _ = rss_node.down();
+        let _ = remove_direct_veth_pair(&format!("{PREFIX}direct"));
+    };
+    teardown();
+    let started = Instant::now();
+    let system_before = report::System::read()?;
+    let result = (|| {
+        cluster.up()?;
+        cluster.add_standard_pods()?;
+        ptp.up()?;
+        bridge.up()?;
+        let control_plane = control_plane(&args, &cluster, &ptp, &rss_node)?;
+        let samples = data_plane(&args, &cluster, &ptp, &bridge)?;
+        Ok::<_, anyhow::Error>((samples, control_plane))
+    })();
+    teardown();
+    let (samples, control_plane) = result?;
+    let run = report::Run {
+        command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+        seconds: args.seconds,
+        rounds: args.rounds,
+        system_before,
+        system_after: report::System::read()?,
+        wall_time_s: started.elapsed().as_secs_f64(),
+        samples,
+        control_plane,
+    };
+    report::write(&run, &args.out)
+}
+
+fn pod(cluster: &Cluster, name: &str) -> anyhow::Result<Pod> {
+    let pods = cluster.pods()?;
+    pods.into_iter()
+        .map(|(_, p)| p)
+        .find(|p| p.name.ends_with(name))
+        .with_context(|| format!("no {name}"))
+}
+
+fn data_plane(
+    args: &BenchArgs,
+    cluster: &Cluster,
+    ptp: &ReferenceNode,
+    bridge: &ReferenceNode,
+) -> anyhow::Result<Vec<Sample>> {
+    let mut pairs = Vec::new();
+    for config in &args.configs {
+        let pair = match config {
+            Config::VeloxSame => (pod(cluster, "pod-1")?, pod(cluster, "pod-4")?),
+            Config::VeloxCross => (pod(cluster, "pod-1")?, pod(cluster, "pod-2")?),
+            Config::Ptp => (ptp.add_pod("a")?.0, ptp.add_pod("b")?.0),
+            Config::Bridge => (bridge.add_pod("a")?.0, bridge.add_pod("b")?.0),
+            Config::Direct => direct_veth_pair(&format!("{PREFIX}direct"))?,
+            Config::NodeToNode => {
+                let node = |i: usize| Pod {
+                    name: cluster.nodes[i].name.clone(),
+                    ip: cluster.node_ip(i),
+                };
+                (node(0), node(1))
+            }
+        };
+        pairs.push((*config, pair));
+    }
+    // The hosts whose FORWARD chain pod traffic would cross on the kernel path.
+    let hosts: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .chain([ptp.name.clone(), bridge.name.clone()])
+        .collect();
+    let loads = if args.netfilter_load > 0 {
+        vec![0, args.netfilter_load]
+    } else {
+        vec![0]
+    };
+    let mut samples = Vec::new();
+    for round in 0..args.rounds {
+        for &rules in &loads {
+            if rules > 0 {
+                hosts.iter().try_for_each(|h| add_forward_rules(h, rules))?;
+            }
+            for i in 0..pairs.len() {
+                let (config, (client, server)) = &pairs[(i + round as usize) % pairs.len()];
+                let sample = measure(*config, rules, round + 1, client, server, args.seconds)
+                    .with_context(|| format!("measuring {}", config.name()))?;
+                println!(
+                    "round {} {:<20} rules {:>5}: {:6.2} Gb/s  {:6.2} Gb/s x4  p50 {:6.1} us  p99 {:6.1} us  {:8.0} tps",
+                    round + 1,
+                    config.name(),
+                    rules,
+                    sample.gbps_1,
+                    sample.gbps_4,
+                    sample.p50_us,
+                    sample.p99_us,
+                    sample.tps
+                );
+                samples.push(sample);
+            }
+            if rules > 0 {
+                hosts.iter().try_for_each(|h| remove_forward_rules(h))?;
+            }
+        }
+    }
+    Ok(samples)
+}
+
+fn measure(config: Config, rules: u32, round: u32, client: &Pod, server: &Pod, seconds: u32) -> anyhow::Result<Sample> {
+    let cpu_before = busy_cpu_seconds()?;
+    let one = client.iperf3(server, seconds, 1)?;
+    let cpu = busy_cpu_seconds()? - cpu_before;
+    let four = client.iperf3(server, seconds, 4)?;
+    let latency = client.sockperf_to(server, seconds)?;
+    Ok(Sample {
+        config,
+        netfilter_rules: rules,
+        round,
+        gbps_1: one.gbps,
+        gbps_4: four.gbps,
+        p50_us: latency.p50_us,
+        p99_us: latency.p99_us,
+        tps: latency.tps,
+        cpu_s_per_gb: cpu / (one.bytes / 1e9),
+    })
+}
+
+/// Busy CPU time of the whole machine (all but idle and iowait), from /proc/stat.
+fn busy_cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()
+        .context("empty /proc/stat")?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let total: f64 = fields.iter().take(8).sum();
+    // USER_HZ is 100 on Linux.
+    Ok((total - fields[3] - fields[4]) / 100.0)
+}
+
+const LOAD_CHAIN: &str = "VELOX-BENCH-LOAD";
+
+/// `rules` non-matching rules, kube-proxy-like, hit by every forwarded packet.
+fn add_forward_rules(netns: &str, rules: u32) -> anyhow::Result<()> {
+    let mut text = format!("*filter\n:{LOAD_CHAIN} - [0:0]\n-I FORWARD 1 -j {LOAD_CHAIN}\n");
+    for i in 0..rules {
+        text.push_str(&format!(
+            "-A {LOAD_CHAIN} -d 172.31.{}.{}/32 -p tcp -m tcp --dport 80 -j DROP\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    text.push_str("COMMIT\n");
+    let mut restore = velox_test_env::in_netns(netns, "iptables-restore", &["--noflush"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(restore.stdin.as_mut().expect("piped"), text.as_bytes())?;
+    anyhow::ensure!(restore.wait()?.success(), "iptables-restore in {netns} failed");
+    Ok(())
+}
+
+fn remove_forward_rules(netns: &str) -> anyhow::Result<()> {
+    let iptables = |args: &[&str]| {
+        run(
+            "nsenter",
+            &[&[format!("--net=/run/netns/{netns}").as_str(), "iptables"], args].concat(),
+        )
+    };
+    iptables(&["-D", "FORWARD", "-j", LOAD_CHAIN])?;
+    iptables(&["-F", LOAD_CHAIN])?;
+    iptables(&["-X", LOAD_CHAIN]).map(drop)
+}
+
+fn ms(outcome: &velox_test_env::CniOutcome) -> anyhow::Result<f64> {
+    anyhow::ensure!(outcome.success, "CNI call failed: {}", outcome.stdout);
+    Ok(outcome.elapsed.as_secs_f64() * 1000.0)
+}
+
+/// ADD and DEL latency per configuration (interleaved pod by pod), parallel creation,
+/// and the loader's memory.
+fn control_plane(
+    args: &BenchArgs,
+    cluster: &Cluster,
+    ptp: &ReferenceNode,
+    rss_node: &Node,
+) -> anyhow::Result<ControlPlane> {
+    let node = &cluster.nodes[0];
+    // Debian's reference plugins (1.1.1) speak up to 1.0.0.
+    let builtin = node.conf("1.0.0");
+    let mut host_local = builtin.clone();
+    host_local.as_object_mut().unwrap().remove("subnet");
+    host_local["ipam"] = serde_json::json!({"type": "host-local", "subnet": "200.200.9.0/24", "dataDir": node.state_dir.join("host-local")});
+    let labels = ["velox (built-in IPAM)", "velox + host-local", "ptp + host-local"];
+    let mut add = vec![Vec::new(); 3];
+    let mut del = vec![Vec::new(); 3];
+    let velox_pod = |i: usize, kind: &str| format!("{}-cp{kind}{i}", node.name);
+    let netns = |name: &str| std::path::Path::new("/run/netns").join(name);
+    println!("control plane: {} pods per configuration", args.pods);
+    for i in 0..args.pods {
+        for (kind, conf) in [("b", &builtin), ("h", &host_local)] {
+            let pod = velox_pod(i, kind);
+            run("ip", &["netns", "add", &pod])?;
+            add[usize::from(kind == "h")].push(ms(&node.cni("ADD", &pod, Some(&netns(&pod)), "eth0", conf)?)?);
+        }
+        let (_, outcome) = ptp.add_pod(&format!("cp{i}"))?;
+        add[2].push(ms(&outcome)?);
+    }
+    for i in 0..args.pods {
+        for (kind, conf) in [("b", &builtin), ("h", &host_local)] {
+            let pod = velox_pod(i, kind);
+            del[usize::from(kind == "h")].push(ms(&node.cni("DEL", &pod, Some(&netns(&pod)), "eth0", conf)?)?);
+            run("ip", &["netns", "del", &pod])?;
+        }
+        let name = format!("{}-cp{i}", ptp.name);
+        del[2].push(ms(&ptp.delete_pod(&Pod {
+            name,
+            ip: std::net::Ipv4Addr::UNSPECIFIED,
+        })?)?);
+    }
+
+    // Parallel creation, 8 at a time, as a busy kubelet would.
+    let names: Vec<String> = (0..args.pods).map(|i| velox_pod(i, "p")).collect();
+    let started = Instant::now();
+    in_parallel(&names, |name| node.add_pod(name).map(drop))?;
+    let parallel_create_s = started.elapsed().as_secs_f64();
+    in_parallel(&names, |name| node.delete_pod(name))?;
+
+    // Loader memory on a node of its own.
+    rss_node.up()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let mut loader_rss_kib = vec![(0, loader_rss(rss_node)?)];
+    let names: Vec<String> = (0..250).map(|i| format!("{}-m{i}", rss_node.name)).collect();
+    in_parallel(&names, |name| rss_node.add_pod(name).map(drop))?;
+    std::thread::sleep(Duration::from_secs(2)); // a reconcile pass over all of them
+    loader_rss_kib.push((250, loader_rss(rss_node)?));
+    rss_node.down()?;
+
+    let zip = |v: Vec<Vec<f64>>| labels.iter().map(|l| l.to_string()).zip(v).collect();
+    Ok(ControlPlane {
+        add_ms: zip(add),
+        del_ms: zip(del),
+        parallel_create_s,
+        parallel_pods: args.pods,
+        loader_rss_kib,
+    })
+}
+
+/// Runs `f` over `items` with 8 workers.
+fn in_parallel(items: &[String], f: impl Fn(&str) -> anyhow::Result<()> + Sync) -> anyhow::Result<()> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { return Ok(()) };
+                    f(item)?;
+                })
+            })
+            .collect();
+        workers.into_iter().try_for_each(|w| w.join().expect("worker panicked"))
+    })
+}
+
+fn loader_rss(node: &Node) -> anyhow::Result<u64> {
+    let pid = node.loader_pid().context("loader not running")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+}

@@ -1,0 +1,320 @@
+//! The bench's outputs: a markdown table of medians, spreads and ratios, the raw JSON,
+//! and a PNG chart.
+
+use anyhow::Context;
+use plotters::prelude::*;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::bench::{Config, ControlPlane, Sample};
+
+#[derive(Serialize)]
+pub struct System {
+    pub kernel: String,
+    pub cpus: usize,
+    pub loadavg: String,
+}
+
+impl System {
+    pub fn read() -> anyhow::Result<Self> {
+        Ok(Self {
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")?
+                .trim()
+                .to_string(),
+            cpus: std::thread::available_parallelism()?.get(),
+            loadavg: std::fs::read_to_string("/proc/loadavg")?
+                .split_whitespace()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" "),
+        })
+    }
+}
+
+#[derive(Serialize)]
+pub struct Run {
+    pub command: String,
+    pub seconds: u32,
+    pub rounds: u32,
+    pub system_before: System,
+    pub system_after: System,
+    pub wall_time_s: f64,
+    pub samples: Vec<Sample>,
+    pub control_plane: ControlPlane,
+}
+
+/// Median and range of one metric.
+#[derive(Clone, Copy, Serialize)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    pub fn of(values: &[f64]) -> Self {
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        Self {
+            median: percentile(&sorted, 50.0),
+            min: sorted[0],
+            max: sorted[sorted.len() - 1],
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+type Metric = (&'static str, fn(&Sample) -> f64);
+
+const METRICS: [Metric; 6] = [
+    ("1 stream Gb/s", |s| s.gbps_1),
+    ("4 streams Gb/s", |s| s.gbps_4),
+    ("p50 us", |s| s.p50_us),
+    ("p99 us", |s| s.p99_us),
+    ("tps", |s| s.tps),
+    ("CPU s/GB", |s| s.cpu_s_per_gb),
+];
+
+/// Medians per (rules, config, metric).
+fn summarize(samples: &[Sample]) -> BTreeMap<(u32, Config), Vec<Stat>> {
+    let mut groups: BTreeMap<(u32, Config), Vec<&Sample>> = BTreeMap::new();
+    for s in samples {
+        groups.entry((s.netfilter_rules, s.config)).or_default().push(s);
+    }
+    groups
+        .into_iter()
+        .map(|(key, group)| {
+            let stats = METRICS
+                .iter()
+                .map(|(_, get)| Stat::of(&group.iter().map(|s| get(s)).collect::<Vec<_>>()))
+                .collect();
+            (key, stats)
+        })
+        .collect()
+}
+
+fn number(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{v:.0}")
+    } else if v >= 100.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+pub fn markdown(run: &Run) -> String {
+    let summary = summarize(&run.samples);
+    let mut out = String::new();
+    let s = &run.system_before;
+    let _ = writeln!(
+        out,
+        "Kernel {}, {} CPUs, load average {} before and {} after; {} rounds of {} s per test, \
+         configurations interleaved round-robin; wall time {:.0} s.\n",
+        s.kernel, s.cpus, s.loadavg, run.system_after.loadavg, run.rounds, run.seconds, run.wall_time_s
+    );
+    let rule_sets: Vec<u32> = summary
+        .keys()
+        .map(|(r, _)| *r)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for rules in rule_sets {
+        let _ = writeln!(out, "### Data plane, {rules} rules in FORWARD\n");
+        let _ = writeln!(out, "Medians with (min..max) over the rounds.\n");
+        let header: Vec<&str> = METRICS.iter().map(|(name, _)| *name).collect();
+        let _ = writeln!(out, "| configuration | {} |", header.join(" | "));
+        let _ = writeln!(out, "|---|{}", "---|".repeat(header.len()));
+        for ((r, config), stats) in summary.iter().filter(|((r, _), _)| *r == rules) {
+            let _ = r;
+            let cells: Vec<String> = stats
+                .iter()
+                .map(|st| format!("{} ({}..{})", number(st.median), number(st.min), number(st.max)))
+                .collect();
+            let _ = writeln!(out, "| {} | {} |", config.name(), cells.join(" | "));
+        }
+        let _ = writeln!(
+            out,
+            "\nRatios of medians (higher is better, except p99: lower is better).\n"
+        );
+        let _ = writeln!(
+            out,
+            "| configuration | 1 stream vs ptp | vs limit | 4 streams vs ptp | vs limit | tps vs ptp | vs limit | p99 vs limit |{}",
+            if rules > 0 { " 1 stream vs own 0 rules | tps vs own 0 rules |" } else { "" }
+        );
+        let _ = writeln!(
+            out,
+            "|---|---|---|---|---|---|---|---|{}",
+            if rules > 0 { "---|---|" } else { "" }
+        );
+        for ((_, config), stats) in summary.iter().filter(|((r, _), _)| *r == rules) {
+            let ratio = |other: Option<&Vec<Stat>>, metric: usize| {
+                other.map_or("-".to_string(), |o| {
+                    format!("{:.2}x", stats[metric].median / o[metric].median)
+                })
+            };
+            let ptp = summary.get(&(rules, Config::Ptp));
+            let limit = summary.get(&(rules, config.limit()));
+            let mut row = format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                config.name(),
+                ratio(ptp, 0),
+                ratio(limit, 0),
+                ratio(ptp, 1),
+                ratio(limit, 1),
+                ratio(ptp, 4),
+                ratio(limit, 4),
+                ratio(limit, 3)
+            );
+            if rules > 0 {
+                let unloaded = summary.get(&(0, *config));
+                let _ = write!(row, " {} | {} |", ratio(unloaded, 0), ratio(unloaded, 4));
+            }
+            let _ = writeln!(out, "{row}");
+        }
+        out.push('\n');
+    }
+    let cp = &run.control_plane;
+    let _ = writeln!(out, "### Control plane\n");
+    let _ = writeln!(
+        out,
+        "CNI calls timed as a runtime sees them (process start included), {} pods each.\n",
+        cp.parallel_pods
+    );
+    let _ = writeln!(
+        out,
+        "| configuration | ADD median ms | ADD p99 ms | DEL median ms | DEL p99 ms |\n|---|---|---|---|---|"
+    );
+    for ((label, add), (_, del)) in cp.add_ms.iter().zip(&cp.del_ms) {
+        let (mut add, mut del) = (add.clone(), del.clone());
+        add.sort_by(f64::total_cmp);
+        del.sort_by(f64::total_cmp);
+        let _ = writeln!(
+            out,
+            "| {label} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            percentile(&add, 50.0),
+            percentile(&add, 99.0),
+            percentile(&del, 50.0),
+            percentile(&del, 99.0)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n{} Velox pods created 8 at a time in {:.2} s.",
+        cp.parallel_pods, cp.parallel_create_s
+    );
+    for (endpoints, kib) in &cp.loader_rss_kib {
+        let _ = writeln!(
+            out,
+            "velox-loader resident memory with {endpoints} endpoints: {:.1} MiB.",
+            *kib as f64 / 1024.0
+        );
+    }
+    out
+}
+
+pub fn write(run: &Run, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let table = markdown(run);
+    std::fs::write(dir.join("results.md"), &table)?;
+    std::fs::write(dir.join("results.json"), serde_json::to_vec_pretty(run)?)?;
+    chart(run, &dir.join("results.png"))?;
+    println!("\n{table}");
+    println!(
+        "written: {0}/results.md, {0}/results.json, {0}/results.png",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Two panels: single-stream throughput and transactions per second, each bar a
+/// configuration's median, with and without the netfilter load side by side.
+fn chart(run: &Run, path: &Path) -> anyhow::Result<()> {
+    let font =
+        std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").context("DejaVu font (fonts-dejavu-core)")?;
+    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
+        .map_err(|_| anyhow::anyhow!("bad font"))?;
+    let summary = summarize(&run.samples);
+    let configs: Vec<Config> = summary
+        .keys()
+        .map(|(_, c)| *c)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let rules: Vec<u32> = summary
+        .keys()
+        .map(|(r, _)| *r)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let root = BitMapBackend::new(path, (1400, 900)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((2, 1));
+    let colors = [RGBColor(31, 119, 180), RGBColor(255, 127, 14)];
+    for (panel, (title, metric, scale)) in panels.iter().zip([
+        ("iperf3 TCP, 1 stream (Gbit/s)", 0, 1.0),
+        ("TCP request/response, busy poll (thousand transactions/s)", 4, 1e-3),
+    ]) {
+        let max = summary.values().map(|s| s[metric].max * scale).fold(0.0, f64::max) * 1.15;
+        let mut chart = ChartBuilder::on(panel)
+            .caption(title, ("sans-serif", 24))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..configs.len() as f64, 0f64..max.max(1.0))?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(configs.len() * 2 + 1)
+            .x_label_formatter(&|x| {
+                let i = x.floor() as usize;
+                if (x - x.floor() - 0.5).abs() < 0.01 && i < configs.len() {
+                    configs[i].name().to_string()
+                } else {
+                    String::new()
+                }
+            })
+            .label_style(("sans-serif", 15))
+            .draw()?;
+        let width = 0.8 / rules.len() as f64;
+        for (k, rule_count) in rules.iter().enumerate() {
+            let color = colors[k % colors.len()];
+            let bars = configs.iter().enumerate().filter_map(|(i, c)| {
+                let stat = summary.get(&(*rule_count, *c))?[metric];
+                let x0 = i as f64 + 0.1 + k as f64 * width;
+                Some(Rectangle::new(
+                    [(x0, 0.0), (x0 + width * 0.95, stat.median * scale)],
+                    color.filled(),
+                ))
+            });
+            chart
+                .draw_series(bars)?
+                .label(format!("{rule_count} FORWARD rules"))
+                .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
+            let spreads = configs.iter().enumerate().filter_map(|(i, c)| {
+                let stat = summary.get(&(*rule_count, *c))?[metric];
+                let x = i as f64 + 0.1 + k as f64 * width + width * 0.475;
+                Some(PathElement::new(
+                    vec![(x, stat.min * scale), (x, stat.max * scale)],
+                    BLACK.stroke_width(2),
+                ))
+            });
+            chart.draw_series(spreads)?;
+        }
+        chart
+            .configure_series_labels()
+            .label_font(("sans-serif", 16))
+            .border_style(BLACK)
+            .background_style(WHITE)
+            .draw()?;
+    }
+    root.present().context("writing the chart")?;
+    Ok(())
+}
