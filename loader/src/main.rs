@@ -3,6 +3,7 @@
 mod cluster;
 mod daemon;
 mod endpoints;
+mod install;
 mod reconcile;
 
 use clap::{Parser, Subcommand};
@@ -54,6 +55,11 @@ enum Commands {
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         ip_masq: bool,
     },
+    /// Put `velox` into the CNI bin dir and a conflist into the CNI conf dir (what a
+    /// DaemonSet's init container runs; see deploy/velox.yaml).
+    Install(install::InstallArgs),
+    /// Remove exactly what `install` added.
+    Uninstall,
     /// The endpoint map joined with the records, with each endpoint's counters.
     Endpoints {
         /// One JSON array instead of a table.
@@ -92,6 +98,8 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(daemon::run(bpffs, cli.state_dir, interval, cluster))
         }
+        Commands::Install(args) => install::install(&args, &bpffs.root, &cli.state_dir),
+        Commands::Uninstall => install::uninstall(&cli.state_dir),
         Commands::Endpoints { json } => endpoints::print(&bpffs, &cli.state_dir, json),
     }
 }

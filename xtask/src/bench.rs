@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -37,9 +37,12 @@ pub struct BenchArgs {
     /// Where the table, JSON and chart go.
     #[arg(long, default_value = "target/bench")]
     pub out: PathBuf,
+    /// Measure nothing: render the table and chart again from `<out>/results.json`.
+    #[arg(long)]
+    pub report_only: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Config {
     /// Velox, two pods on one node.
@@ -78,7 +81,7 @@ impl Config {
 }
 
 /// One configuration measured once.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Sample {
     pub config: Config,
     pub netfilter_rules: u32,
@@ -92,7 +95,7 @@ pub struct Sample {
     pub cpu_s_per_gb: f64,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ControlPlane {
     /// CNI ADD and DEL latencies in ms, per configuration, as a runtime sees them.
     pub add_ms: Vec<(String, Vec<f64>)>,
@@ -107,6 +110,9 @@ pub struct ControlPlane {
 const PREFIX: &str = "vbench-";
 
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    if args.report_only {
+        return report::rerender(&args.out);
+    }
     let bins = Binaries::locate()?;
     let cluster = Cluster::new(PREFIX, bins.clone())?;
     let ptp = ReferenceNode::ptp(&format!("{PREFIX}ptp"), "10.30.0.0/24".parse()?);

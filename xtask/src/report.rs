@@ -3,14 +3,14 @@
 
 use anyhow::Context;
 use plotters::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::bench::{Config, ControlPlane, Sample};
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct System {
     pub kernel: String,
     pub cpus: usize,
@@ -33,7 +33,7 @@ impl System {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
 pub struct Run {
     pub command: String,
     pub seconds: u32,
@@ -220,6 +220,13 @@ pub fn markdown(run: &Run) -> String {
     out
 }
 
+/// Renders the table and chart again from a run's `results.json`.
+pub fn rerender(dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join("results.json");
+    let run: Run = serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)?;
+    write(&run, dir)
+}
+
 pub fn write(run: &Run, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let table = markdown(run);
@@ -262,7 +269,8 @@ fn chart(run: &Run, path: &Path) -> anyhow::Result<()> {
         ("iperf3 TCP, 1 stream (Gbit/s)", 0, 1.0),
         ("TCP request/response, busy poll (thousand transactions/s)", 4, 1e-3),
     ]) {
-        let max = summary.values().map(|s| s[metric].max * scale).fold(0.0, f64::max) * 1.15;
+        // Headroom above the tallest bar keeps the legend clear of the bars.
+        let max = summary.values().map(|s| s[metric].max * scale).fold(0.0, f64::max) * 1.4;
         let mut chart = ChartBuilder::on(panel)
             .caption(title, ("sans-serif", 24))
             .margin(12)
@@ -310,6 +318,7 @@ fn chart(run: &Run, path: &Path) -> anyhow::Result<()> {
         }
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
             .label_font(("sans-serif", 16))
             .border_style(BLACK)
             .background_style(WHITE)

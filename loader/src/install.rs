@@ -1,0 +1,120 @@
+//! `velox-loader install` / `uninstall`: put `velox` into a CNI bin dir and a conflist
+//! into a CNI conf dir, and take away exactly that again. What install wrote is listed,
+//! with checksums, in `<stateDir>/install.json`; uninstall removes a file only if it is
+//! still what install wrote.
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct InstallArgs {
+    /// This node's pod CIDR, for the built-in IPAM.
+    #[arg(long)]
+    pub pod_cidr: ipnet::Ipv4Net,
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// The network name runtimes see.
+    #[arg(long, default_value = "velox")]
+    pub network: String,
+    #[arg(long, default_value_t = 1500)]
+    pub mtu: u32,
+    /// The plugin binary to install; by default the `velox` next to this program.
+    #[arg(long)]
+    pub plugin: Option<PathBuf>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Installed {
+    files: Vec<InstalledFile>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct InstalledFile {
+    path: PathBuf,
+    sha256: String,
+}
+
+fn manifest(state_dir: &Path) -> PathBuf {
+    state_dir.join("install.json")
+}
+
+fn sha256(path: &Path) -> anyhow::Result<String> {
+    let digest = Sha256::digest(std::fs::read(path)?);
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Writes `bytes` to `path` via a temporary file and a rename, so a runtime never
+/// reads half a binary or half a config.
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<InstalledFile> {
+    let dir = path.parent().context("no parent dir")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = dir.join(format!(".{}.velox-tmp", path.file_name().unwrap().to_string_lossy()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("installing {}", path.display()))?;
+    Ok(InstalledFile { path: path.to_path_buf(), sha256: sha256(path)? })
+}
+
+/// The conflist: named `00-<network>.conflist` so it sorts first, cniVersion 1.0.0
+/// (the newest that containerd 1.6 and podman 4.3 speak).
+pub fn conflist(args: &InstallArgs, bpffs_root: &Path, state_dir: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": args.network,
+        "plugins": [{
+            "type": "velox",
+            "subnet": args.pod_cidr,
+            "mtu": args.mtu,
+            "bpffsRoot": bpffs_root,
+            "stateDir": state_dir,
+        }]
+    })
+}
+
+pub fn install(args: &InstallArgs, bpffs_root: &Path, state_dir: &Path) -> anyhow::Result<()> {
+    let plugin = match &args.plugin {
+        Some(plugin) => plugin.clone(),
+        None => std::env::current_exe()?.with_file_name("velox"),
+    };
+    let binary = std::fs::read(&plugin).with_context(|| format!("reading the plugin {}", plugin.display()))?;
+    let conf = serde_json::to_vec_pretty(&conflist(args, bpffs_root, state_dir))?;
+    let files = vec![
+        write_atomically(&args.cni_bin_dir.join("velox"), &binary, 0o755)?,
+        write_atomically(&args.cni_conf_dir.join(format!("00-{}.conflist", args.network)), &conf, 0o644)?,
+    ];
+    for file in &files {
+        println!("installed {}", file.path.display());
+    }
+    std::fs::create_dir_all(state_dir)?;
+    std::fs::write(manifest(state_dir), serde_json::to_vec_pretty(&Installed { files })?)?;
+    Ok(())
+}
+
+pub fn uninstall(state_dir: &Path) -> anyhow::Result<()> {
+    let path = manifest(state_dir);
+    let installed: Installed = match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("nothing installed (no {})", path.display());
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    for file in &installed.files {
+        match sha256(&file.path) {
+            Ok(sum) if sum == file.sha256 => {
+                std::fs::remove_file(&file.path)?;
+                println!("removed {}", file.path.display());
+            }
+            Ok(_) => println!("kept {}: changed since install", file.path.display()),
+            Err(_) => println!("already gone: {}", file.path.display()),
+        }
+    }
+    std::fs::remove_file(&path)?;
+    Ok(())
+}
