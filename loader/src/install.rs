@@ -57,7 +57,10 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<Inst
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
     std::fs::rename(&tmp, path).with_context(|| format!("installing {}", path.display()))?;
-    Ok(InstalledFile { path: path.to_path_buf(), sha256: sha256(path)? })
+    Ok(InstalledFile {
+        path: path.to_path_buf(),
+        sha256: sha256(path)?,
+    })
 }
 
 /// The conflist: named `00-<network>.conflist` so it sorts first, cniVersion 1.0.0
@@ -85,7 +88,11 @@ pub fn install(args: &InstallArgs, bpffs_root: &Path, state_dir: &Path) -> anyho
     let conf = serde_json::to_vec_pretty(&conflist(args, bpffs_root, state_dir))?;
     let files = vec![
         write_atomically(&args.cni_bin_dir.join("velox"), &binary, 0o755)?,
-        write_atomically(&args.cni_conf_dir.join(format!("00-{}.conflist", args.network)), &conf, 0o644)?,
+        write_atomically(
+            &args.cni_conf_dir.join(format!("00-{}.conflist", args.network)),
+            &conf,
+            0o644,
+        )?,
     ];
     for file in &files {
         println!("installed {}", file.path.display());

@@ -223,7 +223,8 @@ pub fn markdown(run: &Run) -> String {
 /// Renders the table and chart again from a run's `results.json`.
 pub fn rerender(dir: &Path) -> anyhow::Result<()> {
     let path = dir.join("results.json");
-    let run: Run = serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)?;
+    let run: Run =
+        serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)?;
     write(&run, dir)
 }
 
