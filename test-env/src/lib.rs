@@ -49,6 +49,13 @@ impl Binaries {
     }
 }
 
+/// `cnitool`, built by `cargo xtask setup` from Debian's source package.
+pub fn cnitool() -> anyhow::Result<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/cnitool");
+    anyhow::ensure!(path.is_file(), "{} is missing: run `cargo xtask setup`", path.display());
+    Ok(path)
+}
+
 /// Runs a command, failing with its stderr when it fails.
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new(program)

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use std::process::Command;
 
-use crate::build::{cargo, cargo_bin_dir, run_checked};
+use crate::build::{cargo, cargo_bin_dir, run_checked, workspace_root};
 
 /// Build toolchain, datapath inspection, and what the tests and demo run.
 const APT_PACKAGES: &[&str] = &[
@@ -21,7 +21,21 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     "util-linux",
     "containernetworking-plugins",
+    // Real runtimes and clients for the runtime tests.
+    "containerd",
+    "runc",
+    "podman",
+    "busybox-static",
+    "golang-go",
+    "golang-github-appc-cni-dev",
 ];
+
+/// cnitool is not packaged; it is built from Debian's source package of libcni.
+const CNI_SOURCE_PACKAGE: &str = "golang-github-appc-cni";
+const DEB_SRC: &str = "/etc/apt/sources.list.d/velox-deb-src.sources";
+
+/// The CRI client the containerd tests use (generated CRI v1 stubs).
+const CRI_PYTHON_PACKAGE: &str = "container-runtime-interface-api==2.0.1";
 
 const BPF_LINKER: &str = "bpf-linker@0.13.0";
 
@@ -61,5 +75,69 @@ pub fn setup() -> anyhow::Result<()> {
         ]))
         .context("installing bpf-linker")?;
     }
+    build_cnitool()?;
+    let cri_client = Command::new("python3")
+        .args(["-c", "import cri_api, grpc"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !cri_client {
+        println!("xtask: installing {CRI_PYTHON_PACKAGE}");
+        run_checked(Command::new("python3").args(["-m", "pip", "install", "-q", CRI_PYTHON_PACKAGE]))?;
+    }
     velox_test_env::ensure_bpffs()
+}
+
+/// `target/tools/cnitool`, from `apt-get source golang-github-appc-cni` built with
+/// Debian's Go in GOPATH mode (its dependencies come from /usr/share/gocode).
+fn build_cnitool() -> anyhow::Result<()> {
+    let tools = workspace_root().join("target/tools");
+    let cnitool = tools.join("cnitool");
+    if cnitool.exists() {
+        return Ok(());
+    }
+    println!("xtask: building cnitool from Debian's {CNI_SOURCE_PACKAGE} source package");
+    if !std::path::Path::new(DEB_SRC).exists() {
+        std::fs::write(
+            DEB_SRC,
+            "Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\nComponents: main\n\
+             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+        )?;
+        run_checked(Command::new("apt-get").args(["update", "-qq"]))?;
+    }
+    let src = tools.join("src");
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src)?;
+    run_checked(Command::new("apt-get").current_dir(&src).args([
+        "source",
+        "-qq",
+        "--download-only",
+        CNI_SOURCE_PACKAGE,
+    ]))?;
+    let gopath = tools.join("gopath");
+    let checkout = gopath.join("src/github.com/containernetworking/cni");
+    let _ = std::fs::remove_dir_all(&checkout);
+    std::fs::create_dir_all(&checkout)?;
+    let orig = std::fs::read_dir(&src)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".orig.tar.xz"))
+        .context("no .orig.tar.xz in the source package")?;
+    run_checked(
+        Command::new("tar")
+            .arg("xf")
+            .arg(&orig)
+            .arg("-C")
+            .arg(&checkout)
+            .arg("--strip-components=1"),
+    )?;
+    run_checked(
+        Command::new("go")
+            .env("GO111MODULE", "off")
+            .env("GOPATH", format!("{}:/usr/share/gocode", gopath.display()))
+            .env("GOCACHE", tools.join("gocache"))
+            .arg("build")
+            .arg("-o")
+            .arg(&cnitool)
+            .arg("github.com/containernetworking/cni/cnitool"),
+    )
 }
