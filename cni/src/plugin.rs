@@ -53,20 +53,24 @@ pub async fn run(env: Environment, stdin: Vec<u8>) -> anyhow::Result<Option<Valu
         env,
         stdin,
     };
-    log::info!(
-        "{:?} container={} ifname={}",
-        plugin.env.command,
-        plugin.env.container_id,
-        plugin.env.ifname
-    );
-    match plugin.env.command {
+    let started = std::time::Instant::now();
+    let outcome = match plugin.env.command {
         Command::Add => plugin.add().await.map(Some),
         Command::Del => plugin.del().await.map(|()| None),
         Command::Check => plugin.check().await.map(|()| None),
         Command::Gc => plugin.gc().await.map(|()| None),
         Command::Status => plugin.status().map(|()| None),
         Command::Version => unreachable!("answered above"),
-    }
+    };
+    log::info!(
+        "{:?} container={} ifname={} ok={} took_ms={:.2}",
+        plugin.env.command,
+        plugin.env.container_id,
+        plugin.env.ifname,
+        outcome.is_ok(),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    outcome
 }
 
 fn init_logging(conf: &NetConf) {

@@ -12,6 +12,7 @@ use std::process::Command;
 
 pub mod cluster;
 pub mod cni;
+pub mod containerd;
 pub mod matrix;
 pub mod netns;
 pub mod node;
@@ -20,7 +21,7 @@ pub mod reference;
 
 pub use cluster::{Cluster, ClusterGuard};
 pub use cni::CniOutcome;
-pub use netns::{direct_veth_pair, ensure_bpffs, in_netns, remove_direct_veth_pair};
+pub use netns::{direct_veth_pair, ensure_bpffs, in_netns, netns_with_prefix, remove_direct_veth_pair};
 pub use node::{Node, NodeGuard};
 pub use pod::Pod;
 

@@ -76,6 +76,7 @@ pub fn setup() -> anyhow::Result<()> {
         .context("installing bpf-linker")?;
     }
     build_cnitool()?;
+    build_images()?;
     let cri_client = Command::new("python3")
         .args(["-c", "import cri_api, grpc"])
         .output()
@@ -85,6 +86,73 @@ pub fn setup() -> anyhow::Result<()> {
         run_checked(Command::new("python3").args(["-m", "pip", "install", "-q", CRI_PYTHON_PACKAGE]))?;
     }
     velox_test_env::ensure_bpffs()
+}
+
+/// The images the runtime tests run, built offline: `pause` (busybox sleeping, the
+/// CRI sandbox image) and `toolbox` (busybox and iperf3 with its libraries), each
+/// imported into podman and saved as a docker archive under `target/tools/images`.
+fn build_images() -> anyhow::Result<()> {
+    let images = workspace_root().join("target/tools/images");
+    for (name, extra) in [("pause", &[][..]), ("toolbox", &["/usr/bin/iperf3"][..])] {
+        let archive = images.join(format!("{name}.tar"));
+        if archive.exists() {
+            continue;
+        }
+        println!("xtask: building the {name} image");
+        let rootfs = images.join(format!("{name}-rootfs"));
+        let _ = std::fs::remove_dir_all(&rootfs);
+        std::fs::create_dir_all(rootfs.join("bin"))?;
+        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
+        for binary in extra {
+            copy_with_libraries(binary, &rootfs)?;
+        }
+        let layer = images.join(format!("{name}-rootfs.tar"));
+        run_checked(
+            Command::new("tar")
+                .arg("-C")
+                .arg(&rootfs)
+                .arg("-cf")
+                .arg(&layer)
+                .arg("."),
+        )?;
+        let tag = format!("velox.test/{name}:1");
+        run_checked(
+            Command::new("podman")
+                .args([
+                    "import",
+                    "--quiet",
+                    "--change",
+                    r#"CMD ["/bin/busybox", "sleep", "2147483647"]"#,
+                ])
+                .arg(&layer)
+                .arg(&tag),
+        )?;
+        run_checked(
+            Command::new("podman")
+                .args(["save", "--quiet", "--format", "docker-archive", "-o"])
+                .arg(&archive)
+                .arg(&tag),
+        )?;
+        std::fs::remove_dir_all(&rootfs)?;
+        std::fs::remove_file(&layer)?;
+    }
+    Ok(())
+}
+
+/// Copies `binary` and every shared library `ldd` names into the same paths in `rootfs`.
+fn copy_with_libraries(binary: &str, rootfs: &std::path::Path) -> anyhow::Result<()> {
+    let ldd = Command::new("ldd").arg(binary).output()?;
+    let libraries = String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|word| word.starts_with('/'))
+        .map(String::from)
+        .collect::<Vec<_>>();
+    for path in std::iter::once(binary.to_string()).chain(libraries) {
+        let target = rootfs.join(path.trim_start_matches('/'));
+        std::fs::create_dir_all(target.parent().context("no parent")?)?;
+        std::fs::copy(&path, &target).with_context(|| format!("copying {path}"))?;
+    }
+    Ok(())
 }
 
 /// `target/tools/cnitool`, from `apt-get source golang-github-appc-cni` built with
