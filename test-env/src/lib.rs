@@ -17,6 +17,7 @@ pub mod matrix;
 pub mod netns;
 pub mod node;
 pub mod pod;
+pub mod podman;
 pub mod reference;
 
 pub use cluster::{Cluster, ClusterGuard};

@@ -102,6 +102,9 @@ fn build_images() -> anyhow::Result<()> {
         let rootfs = images.join(format!("{name}-rootfs"));
         let _ = std::fs::remove_dir_all(&rootfs);
         std::fs::create_dir_all(rootfs.join("bin"))?;
+        // iperf3 keeps a temporary file per stream.
+        std::fs::create_dir_all(rootfs.join("tmp"))?;
+        std::fs::set_permissions(rootfs.join("tmp"), std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
         std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
         for binary in extra {
             copy_with_libraries(binary, &rootfs)?;
