@@ -174,25 +174,7 @@ state = "{d}/state"
                 errors.extend(self.stop_pod(id).and_then(|()| self.remove_pod(id)).err());
             }
         }
-        let _ = Command::new("kill").arg(self.daemon.id().to_string()).status();
-        let _ = self.daemon.wait();
-        // Shims outlive containerd; they are ours if they name our socket.
-        let _ = Command::new("pkill")
-            .args(["-KILL", "-f", &self.dir.display().to_string()])
-            .status();
-        let _ = Command::new("umount")
-            .arg("-R")
-            .arg(self.dir.join("root"))
-            .stderr(Stdio::null())
-            .status();
-        let _ = Command::new("umount")
-            .arg("-R")
-            .arg(self.dir.join("state"))
-            .stderr(Stdio::null())
-            .status();
-        if self.dir.exists() {
-            errors.extend(std::fs::remove_dir_all(&self.dir).err().map(anyhow::Error::from));
-        }
+        errors.extend(self.wipe().err());
         match errors.first() {
             None => Ok(()),
             Some(_) => bail!(
@@ -201,6 +183,37 @@ state = "{d}/state"
             ),
         }
     }
+
+    /// Loses all runtime state at once, as a node reboot would: containerd and its
+    /// shims killed, root and state removed, no CNI DEL called.
+    pub fn wipe(&mut self) -> anyhow::Result<()> {
+        let _ = Command::new("kill").arg(self.daemon.id().to_string()).status();
+        let _ = self.daemon.wait();
+        // Shims outlive containerd; they are ours if they name our socket.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &self.dir.display().to_string()])
+            .status();
+        unmount_under(&self.dir)?;
+        if self.dir.exists() {
+            std::fs::remove_dir_all(&self.dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// Unmounts every mount below `dir` (snapshots, sandbox shm), deepest first.
+fn unmount_under(dir: &Path) -> anyhow::Result<()> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mut mounts: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(4))
+        .filter(|mount| Path::new(mount).starts_with(dir))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for mount in mounts {
+        run("umount", &["-l", mount])?;
+    }
+    Ok(())
 }
 
 impl Drop for Containerd {

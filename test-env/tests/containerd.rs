@@ -8,8 +8,8 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
-use velox_test_env::containerd::Containerd;
-use velox_test_env::{netns_with_prefix, run, NodeGuard};
+use velox_test_env::containerd::{Containerd, Sandbox};
+use velox_test_env::{run, NodeGuard};
 
 fn ipam_reservations(node: &NodeGuard) -> usize {
     let dir = node.state_dir.join("ipam").join(format!("velox-{}", node.name));
@@ -22,8 +22,8 @@ fn ipam_reservations(node: &NodeGuard) -> usize {
         .unwrap_or(0)
 }
 
-/// Everything a pod leaves behind on the node, named.
-fn leaks(node: &NodeGuard) -> Vec<String> {
+/// Everything pods leave behind on the node, and any of `sandboxes`' netns, named.
+fn leaks(node: &NodeGuard, sandboxes: &[Sandbox]) -> Vec<String> {
     let mut leaks = Vec::new();
     if ipam_reservations(node) > 0 {
         leaks.push(format!("{} addresses still reserved", ipam_reservations(node)));
@@ -44,7 +44,12 @@ fn leaks(node: &NodeGuard) -> Vec<String> {
     );
     let links = std::fs::read_dir(node.bpffs_root.join("links")).unwrap();
     leaks.extend(links.flatten().map(|l| format!("link pin {:?}", l.file_name())));
-    leaks.extend(netns_with_prefix("cni-").into_iter().map(|n| format!("netns {n}")));
+    leaks.extend(
+        sandboxes
+            .iter()
+            .filter(|s| s.netns.exists())
+            .map(|s| format!("netns {}", s.netns.display())),
+    );
     leaks
 }
 
@@ -76,7 +81,7 @@ fn cri_pods_talk_and_containerd_may_del_twice() {
     }
     let log = std::fs::read_to_string(&containerd.cni_log).unwrap();
     assert!(!log.contains("ok=false"), "a CNI call failed:\n{log}");
-    assert_eq!(leaks(&node), Vec::<String>::new());
+    assert_eq!(leaks(&node, &[a, b]), Vec::<String>::new());
     drop(containerd);
     node.finish().unwrap();
 }
@@ -89,6 +94,7 @@ fn churn_of_200_sandboxes_with_a_loader_restart_leaks_nothing() {
     // IP -> (sandbox, stopping): a second live holder of an address is a violation;
     // reuse is fine once the holder is being stopped (its DEL may have freed it).
     let live: Mutex<HashMap<Ipv4Addr, (String, bool)>> = Mutex::default();
+    let all = Mutex::new(Vec::new());
     let violations = Mutex::new(Vec::new());
     let (next, done) = (AtomicUsize::new(0), AtomicUsize::new(0));
     let started = Instant::now();
@@ -100,6 +106,7 @@ fn churn_of_200_sandboxes_with_a_loader_restart_leaks_nothing() {
                     return;
                 }
                 let sandbox = containerd.run_pod(&format!("churn-{i}")).unwrap();
+                all.lock().unwrap().push(sandbox.clone());
                 if let Some((other, false)) = live.lock().unwrap().insert(sandbox.ip, (sandbox.id.clone(), false)) {
                     violations
                         .lock()
@@ -145,9 +152,46 @@ fn churn_of_200_sandboxes_with_a_loader_restart_leaks_nothing() {
         percentile(&adds, 50.0),
         percentile(&adds, 99.0)
     );
-    let leaks = leaks(&node);
+    let leaks = leaks(&node, &all.lock().unwrap());
     println!("leaks: {}", leaks.len());
     assert_eq!(leaks, Vec::<String>::new());
+    drop(containerd);
+    node.finish().unwrap();
+}
+
+#[test]
+fn gc_after_the_runtime_lost_its_state_frees_the_rest() {
+    let node = NodeGuard::up("ctdgc").unwrap();
+    let mut containerd = Containerd::start(&node).unwrap();
+    let sandboxes: Vec<_> = (0..3)
+        .map(|i| containerd.run_pod(&format!("gc-{i}")).unwrap())
+        .collect();
+    containerd.wipe().unwrap();
+    // The runtime comes back knowing only the first pod, and garbage-collects the rest.
+    let mut conf = node.conf("1.1.0");
+    conf["cni.dev/valid-attachments"] = serde_json::json!([{"containerID": sandboxes[0].id, "ifname": "eth0"}]);
+    let outcome = node.cni("GC", "", None, "", &conf).unwrap();
+    assert!(outcome.success, "GC: {}", outcome.stdout);
+    assert!(node.endpoint(sandboxes[0].ip).is_ok(), "GC removed a valid attachment");
+    for lost in &sandboxes[1..] {
+        assert!(node.endpoint(lost.ip).is_err(), "{} still in the endpoint map", lost.ip);
+    }
+    let records: Vec<_> = node.pods().unwrap().into_iter().map(|p| p.name).collect();
+    assert_eq!(records, [sandboxes[0].id.clone()]);
+    assert_eq!(ipam_reservations(&node), 1);
+    let veths = run("ip", &["-n", &node.name, "-o", "link", "show", "type", "veth"]).unwrap();
+    assert_eq!(veths.lines().count(), 1, "{veths}");
+    // What is left is the valid pod's: DEL it, then drop the orphaned netns.
+    let netns = &sandboxes[0].netns;
+    assert!(
+        node.cni("DEL", &sandboxes[0].id, Some(netns), "eth0", &node.conf("1.1.0"))
+            .unwrap()
+            .success
+    );
+    for sandbox in &sandboxes {
+        let _ = run("ip", &["netns", "del", &sandbox.pod().name]);
+    }
+    assert_eq!(leaks(&node, &sandboxes), Vec::<String>::new());
     drop(containerd);
     node.finish().unwrap();
 }
