@@ -16,6 +16,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::Stdio;
 
+use crate::guard::{Guard, TearDown};
 use crate::netns::{delete_netns, ensure_bpffs, in_netns, netns_exists};
 use crate::node::Underlay;
 use crate::{run, Binaries, Node, Pod};
@@ -312,8 +313,18 @@ impl std::fmt::Display for Cluster {
     }
 }
 
-/// A cluster that is taken down when the guard drops, also when a test panics.
-pub struct ClusterGuard(pub Cluster);
+/// A cluster for one test, taken down when the guard drops.
+pub type ClusterGuard = Guard<Cluster>;
+
+impl TearDown for Cluster {
+    fn down(&self) -> anyhow::Result<()> {
+        Cluster::down(self)
+    }
+
+    fn leftovers(&self) -> Vec<String> {
+        Cluster::leftovers(self)
+    }
+}
 
 impl ClusterGuard {
     /// A cluster with names unique to this process, with the standard four pods.
@@ -334,28 +345,5 @@ impl ClusterGuard {
             .map(|(_, p)| p)
             .find(|p| p.name.ends_with(name))
             .expect("standard pod")
-    }
-
-    /// Takes the cluster down and fails if anything it made is still there.
-    pub fn finish(self) -> anyhow::Result<()> {
-        self.0.down()?;
-        let left = self.0.leftovers();
-        anyhow::ensure!(left.is_empty(), "left over after down: {left:?}");
-        Ok(())
-    }
-}
-
-impl std::ops::Deref for ClusterGuard {
-    type Target = Cluster;
-    fn deref(&self) -> &Cluster {
-        &self.0
-    }
-}
-
-impl Drop for ClusterGuard {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.down() {
-            eprintln!("tearing down the cluster: {e:#}");
-        }
     }
 }

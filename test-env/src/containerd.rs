@@ -3,7 +3,7 @@
 //! generated CRI v1 stubs). The sandbox image is built offline by `cargo xtask setup`.
 
 use anyhow::{bail, Context};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::net::Ipv4Addr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -56,11 +56,7 @@ impl Containerd {
         }
         std::os::unix::fs::symlink(&node.bins.velox, bin_dir.join("velox"))?;
         let cni_log = dir.join("velox.log");
-        let mut plugin = node.conf("1.0.0");
-        plugin["logFile"] = json!(cni_log);
-        let name = plugin.as_object_mut().unwrap().remove("name").unwrap();
-        plugin.as_object_mut().unwrap().remove("cniVersion");
-        let conflist = json!({"cniVersion": "1.0.0", "name": name, "plugins": [plugin]});
+        let conflist = node.conflist(&cni_log);
         std::fs::write(conf_dir.join("00-velox.conflist"), conflist.to_string())?;
         let d = dir.display().to_string();
         std::fs::write(

@@ -13,6 +13,7 @@ use std::process::Command;
 pub mod cluster;
 pub mod cni;
 pub mod containerd;
+pub mod guard;
 pub mod matrix;
 pub mod netns;
 pub mod node;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use velox_cni::endpoint::EndpointStore;
 
 use crate::cni::{exec_plugin, CniOutcome};
+use crate::guard::{Guard, TearDown};
 use crate::netns::{delete_netns, ensure_bpffs, in_netns, netns_exists, netns_with_prefix};
 use crate::{run, Binaries, Pod};
 
@@ -151,6 +152,17 @@ impl Node {
             "logFile": self.state_dir.join("cni.log"),
             "logLevel": "info",
         })
+    }
+
+    /// The node's network as a runtime's conflist (cniVersion 1.0.0, the newest that
+    /// containerd 1.6 and podman 4.3 speak), logging Velox's calls to `log_file`.
+    pub fn conflist(&self, log_file: &Path) -> Value {
+        let mut plugin = self.conf("1.0.0");
+        let plugin_keys = plugin.as_object_mut().expect("an object");
+        let name = plugin_keys.remove("name");
+        plugin_keys.remove("cniVersion");
+        plugin["logFile"] = json!(log_file);
+        json!({"cniVersion": "1.0.0", "name": name, "plugins": [plugin]})
     }
 
     /// Runs `velox` inside the node's netns with the CNI_* variables and `conf` on stdin.
@@ -314,8 +326,18 @@ impl Node {
     }
 }
 
-/// A node that is taken down when the guard drops, also when a test panics.
-pub struct NodeGuard(pub Node);
+/// A node for one test, taken down when the guard drops.
+pub type NodeGuard = Guard<Node>;
+
+impl TearDown for Node {
+    fn down(&self) -> anyhow::Result<()> {
+        Node::down(self)
+    }
+
+    fn leftovers(&self) -> Vec<String> {
+        Node::leftovers(self)
+    }
+}
 
 impl NodeGuard {
     /// A fresh node whose names are unique to this process, so tests run in parallel.
@@ -334,28 +356,5 @@ impl NodeGuard {
 
     pub fn add_pod(&self, pod: &str) -> anyhow::Result<Pod> {
         self.0.add_pod(&self.pod_name(pod))
-    }
-
-    /// Takes the node down and fails if anything it made is still there.
-    pub fn finish(self) -> anyhow::Result<()> {
-        self.0.down()?;
-        let left = self.0.leftovers();
-        anyhow::ensure!(left.is_empty(), "left over after down: {left:?}");
-        Ok(())
-    }
-}
-
-impl std::ops::Deref for NodeGuard {
-    type Target = Node;
-    fn deref(&self) -> &Node {
-        &self.0
-    }
-}
-
-impl Drop for NodeGuard {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.down() {
-            eprintln!("tearing down {}: {e:#}", self.0.name);
-        }
     }
 }

@@ -3,7 +3,6 @@
 //! setup`.
 
 use anyhow::Context;
-use serde_json::json;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,18 +26,8 @@ impl Podman {
         let net_dir = dir.join("net.d");
         std::fs::create_dir_all(&net_dir)?;
         let cni_log = dir.join("velox.log");
-        let mut plugin = node.conf("1.0.0");
-        plugin["logFile"] = json!(cni_log);
-        let network = plugin
-            .as_object_mut()
-            .unwrap()
-            .remove("name")
-            .unwrap()
-            .as_str()
-            .unwrap()
-            .to_string();
-        plugin.as_object_mut().unwrap().remove("cniVersion");
-        let conflist = json!({"cniVersion": "1.0.0", "name": network, "plugins": [plugin]});
+        let conflist = node.conflist(&cni_log);
+        let network = conflist["name"].as_str().context("network name")?.to_string();
         std::fs::write(net_dir.join(format!("{network}.conflist")), conflist.to_string())?;
         let velox_dir = node.bins.velox.parent().context("velox dir")?;
         // runc, cgroupfs and ulimits of 4096: root here lacks CAP_SYS_RESOURCE and
