@@ -294,7 +294,7 @@ impl Cluster {
 impl std::fmt::Display for Cluster {
     /// The pod table, like `kubectl get pods -o wide`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "{:<24} {:<15} {:<20} {}", "NAME", "IP", "NODE", "NODE_IP")?;
+        writeln!(f, "{:<24} {:<15} {:<20} NODE_IP", "NAME", "IP", "NODE")?;
         let pods = self.pods().map_err(|_| std::fmt::Error)?;
         let hostnet = (0..self.nodes.len())
             .map(|i| self.host_network_pod(i))

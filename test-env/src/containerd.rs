@@ -97,7 +97,7 @@ state = "{d}/state"
             .context("starting containerd")?;
         let containerd = Self { dir, cni_log, daemon };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !containerd.ctr(&["version"]).is_ok() {
+        while containerd.ctr(&["version"]).is_err() {
             if Instant::now() > deadline {
                 bail!("containerd did not start; see {d}/containerd.log");
             }

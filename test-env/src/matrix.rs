@@ -172,7 +172,7 @@ fn run_case(case: &Case) -> anyhow::Result<Row> {
         Ok(TcpStream::connect_timeout(&target.into(), Duration::from_secs(2))?)
     })
     .join()
-    .map_or(false, |r| r.is_ok());
+    .is_ok_and(|r| r.is_ok());
     stop.store(true, Ordering::Relaxed);
     if let Some(listener) = listener {
         // Unblock accept() if nothing connected.

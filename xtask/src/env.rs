@@ -32,7 +32,10 @@ pub fn test_env(action: TestEnvAction) -> anyhow::Result<()> {
     match action {
         TestEnvAction::Up => up(&cluster),
         TestEnvAction::Down => cluster.down(),
-        TestEnvAction::Status => Ok(print!("{cluster}")),
+        TestEnvAction::Status => {
+            print!("{cluster}");
+            Ok(())
+        }
         TestEnvAction::Matrix => run_matrix(&cluster),
         TestEnvAction::Bench { rounds, seconds } => bench(&cluster, rounds, seconds),
     }
