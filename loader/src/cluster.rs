@@ -111,12 +111,9 @@ impl Cluster {
         }
 
         let mut map = PeerMap::open(&self.bpffs)?;
-        for (cidr, peer) in map.entries()? {
-            let wanted = Peer {
-                node_ip: peers.get(&cidr).map_or([0; 4], |ip| ip.octets()),
-                ifindex: uplink.index,
-            };
-            if peer != wanted || !peers.contains_key(&cidr) {
+        // Entries of departed nodes go; the puts below overwrite the rest.
+        for (cidr, _) in map.entries()? {
+            if !peers.contains_key(&cidr) {
                 map.remove(cidr)?;
             }
         }
