@@ -186,7 +186,7 @@ pub fn attach(bpffs: &Bpffs, program: &str, ifname: &str) -> anyhow::Result<()> 
         .attach(ifname, TcAttachType::Ingress)
         .with_context(|| format!("attaching {program} to {ifname}"))?;
     let link: FdLink = classifier.take_link(link_id)?.try_into().context("TCX link expected")?;
-    std::fs::create_dir_all(bpffs.links_dir())?;
+    crate::create_private_dir(&bpffs.links_dir())?;
     link.pin(bpffs.link(ifname))
         .with_context(|| format!("pinning the link of {ifname}"))?;
     Ok(())

@@ -65,7 +65,7 @@ impl EndpointStore {
     }
 
     pub fn lock(&self) -> anyhow::Result<Flock<File>> {
-        fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        crate::create_private_dir(&self.dir)?;
         let file = File::create(self.dir.join(".lock")).context("opening the endpoint lock")?;
         Flock::lock(file, FlockArg::LockExclusive)
             .map_err(|(_, errno)| anyhow::anyhow!("locking endpoint records: {errno}"))
@@ -77,7 +77,7 @@ impl EndpointStore {
 
     /// Writes atomically: a reader sees the old record or the new one, never half.
     pub fn write(&self, record: &EndpointRecord) -> anyhow::Result<()> {
-        fs::create_dir_all(&self.dir)?;
+        crate::create_private_dir(&self.dir)?;
         let path = self.path(&record.attachment());
         let tmp = path.with_extension("tmp");
         fs::write(&tmp, serde_json::to_vec_pretty(record)?).context("writing endpoint record")?;

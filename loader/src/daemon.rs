@@ -43,6 +43,7 @@ pub async fn run(
     let uplink = cluster.as_ref().map(|c| c.uplink().to_string());
     reconcile(&bpffs, &store, &mut maps, uplink.as_deref())?;
 
+    velox_cni::create_private_dir(&state_dir)?;
     let socket = health_socket(&state_dir);
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
@@ -104,7 +105,7 @@ fn ensure_bpffs(bpffs: &Bpffs) -> anyhow::Result<()> {
         log::info!("mounted bpffs at {}", target.display());
     }
     for dir in bpffs.dirs() {
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        velox_cni::create_private_dir(&dir)?;
     }
     Ok(())
 }

@@ -97,7 +97,7 @@ pub fn install(args: &InstallArgs, bpffs_root: &Path, state_dir: &Path) -> anyho
     for file in &files {
         println!("installed {}", file.path.display());
     }
-    std::fs::create_dir_all(state_dir)?;
+    velox_cni::create_private_dir(state_dir)?;
     std::fs::write(manifest(state_dir), serde_json::to_vec_pretty(&Installed { files })?)?;
     Ok(())
 }

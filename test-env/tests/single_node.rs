@@ -40,6 +40,22 @@ fn pods_on_one_node_talk_icmp_and_tcp() {
     );
     let neigh = String::from_utf8(a.exec("ip", &["neigh", "show", "169.254.1.1"]).unwrap().stdout).unwrap();
     assert!(neigh.contains("PERMANENT"), "{neigh}");
+    // Nothing of Velox's is readable by anyone but root.
+    use std::os::unix::fs::PermissionsExt;
+    let state = node.state_dir.join("endpoints");
+    let ipam = node.state_dir.join("ipam");
+    let socket = node.state_dir.join("loader.sock");
+    for dir in [
+        &node.bpffs_root,
+        &node.bpffs_root.join("maps"),
+        &node.bpffs_root.join("links"),
+        &state,
+        &ipam,
+    ] {
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} is {mode:o}", dir.display());
+    }
+    assert_eq!(std::fs::metadata(socket).unwrap().permissions().mode() & 0o777, 0o600);
     node.finish().unwrap();
 }
 

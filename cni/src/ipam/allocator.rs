@@ -32,7 +32,7 @@ impl Allocator {
     }
 
     fn lock(&self) -> anyhow::Result<Flock<File>> {
-        fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        crate::create_private_dir(&self.dir)?;
         let file = File::create(self.dir.join(LOCK)).context("opening the IPAM lock")?;
         Flock::lock(file, FlockArg::LockExclusive)
             .map_err(|(_, errno)| anyhow::anyhow!("locking the IPAM state: {errno}"))
