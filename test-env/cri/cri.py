@@ -6,7 +6,8 @@
     cri.py SOCKET rm ID         -> RemovePodSandbox
     cri.py SOCKET list          -> ids of all sandboxes, one per line
 
-Uses the generated stubs of PyPI's container-runtime-interface-api.
+Uses the generated stubs of PyPI's container-runtime-interface-api, which
+`cargo xtask setup` installs into target/tools/python (put on PYTHONPATH).
 """
 import json
 import sys

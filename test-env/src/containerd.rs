@@ -121,10 +121,20 @@ state = "{d}/state"
 
     fn cri(&self, args: &[&str]) -> anyhow::Result<String> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("cri/cri.py");
-        run(
-            "python3",
-            &[&[script.to_str().unwrap(), self.socket().to_str().unwrap()][..], args].concat(),
-        )
+        let output = Command::new("python3")
+            .env("PYTHONPATH", tools().join("python"))
+            .arg(script)
+            .arg(self.socket())
+            .args(args)
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "CRI {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// RunPodSandbox; returns once the sandbox is ready, with its IP.

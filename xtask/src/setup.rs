@@ -26,6 +26,8 @@ const APT_PACKAGES: &[&str] = &[
     "runc",
     "podman",
     "busybox-static",
+    "python3-pip",
+    "xz-utils",
     "golang-go",
     "golang-github-appc-cni-dev",
 ];
@@ -77,13 +79,17 @@ pub fn setup() -> anyhow::Result<()> {
     }
     build_cnitool()?;
     build_images()?;
-    let cri_client = Command::new("python3")
-        .args(["-c", "import cri_api, grpc"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !cri_client {
+    // Into a directory of the project's own: Debian's python3 refuses system-wide
+    // pip installs, and nothing else on the machine should change.
+    let python_libs = workspace_root().join("target/tools/python");
+    if !python_libs.join("cri_api").exists() {
         println!("xtask: installing {CRI_PYTHON_PACKAGE}");
-        run_checked(Command::new("python3").args(["-m", "pip", "install", "-q", CRI_PYTHON_PACKAGE]))?;
+        run_checked(
+            Command::new("python3")
+                .args(["-m", "pip", "install", "-q", "--target"])
+                .arg(&python_libs)
+                .arg(CRI_PYTHON_PACKAGE),
+        )?;
     }
     velox_test_env::ensure_bpffs()
 }
