@@ -2,7 +2,7 @@
 
 mod cluster;
 mod daemon;
-mod endpoints;
+mod dump;
 mod install;
 mod reconcile;
 
@@ -66,6 +66,19 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// Other nodes' pod CIDRs as the datapath routes them (the peer map).
+    Peers {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counters of every interface a Velox program runs on: pods' veths (from_pod)
+    /// and the uplink (from_net).
+    Stats {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -100,6 +113,8 @@ fn main() -> anyhow::Result<()> {
         }
         Commands::Install(args) => install::install(&args, &bpffs.root, &cli.state_dir),
         Commands::Uninstall => install::uninstall(&cli.state_dir),
-        Commands::Endpoints { json } => endpoints::print(&bpffs, &cli.state_dir, json),
+        Commands::Endpoints { json } => dump::endpoints(&bpffs, &cli.state_dir, json),
+        Commands::Peers { json } => dump::peers(&bpffs, json),
+        Commands::Stats { json } => dump::stats(&bpffs, json),
     }
 }

@@ -235,15 +235,20 @@ impl Node {
             .collect())
     }
 
-    /// `velox-loader endpoints --json` run in the node.
-    pub fn endpoints(&self) -> anyhow::Result<Vec<Value>> {
+    /// `velox-loader <view> --json` (endpoints, peers, stats) run in the node.
+    pub fn dump(&self, view: &str) -> anyhow::Result<Vec<Value>> {
         let output = in_netns(&self.name, self.bins.loader.to_str().unwrap(), &[])
-            .args(["--bpffs-root", self.bpffs_root.to_str().unwrap(), "endpoints", "--json"])
+            .args(["--bpffs-root", self.bpffs_root.to_str().unwrap()])
+            .args(["--state-dir", self.state_dir.to_str().unwrap(), view, "--json"])
             .output()?;
         if !output.status.success() {
-            bail!("velox-loader endpoints: {}", String::from_utf8_lossy(&output.stderr));
+            bail!("velox-loader {view}: {}", String::from_utf8_lossy(&output.stderr));
         }
         Ok(serde_json::from_slice(&output.stdout)?)
+    }
+
+    pub fn endpoints(&self) -> anyhow::Result<Vec<Value>> {
+        self.dump("endpoints")
     }
 
     /// The endpoint dump row of `ip`.

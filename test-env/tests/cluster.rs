@@ -46,10 +46,26 @@ fn cross_node_traffic_takes_the_ebpf_path_on_both_nodes() {
         after >= before + 10,
         "pod-1's redirect counter went {before} -> {after}"
     );
-    let received = cluster.nodes[1].endpoint(pod2.ip).unwrap()["redirected_packets"]
+    let replies = cluster.nodes[1].endpoint(pod2.ip).unwrap()["redirected_packets"]
         .as_u64()
         .unwrap();
-    assert!(received >= 5, "pod-2's replies were not redirected back: {received}");
+    assert!(replies >= 5, "pod-2's replies were not redirected back: {replies}");
+    // from_net on each uplink delivered the other side's packets straight to the pod.
+    for node in &cluster.nodes {
+        let stats = node.dump("stats").unwrap();
+        let uplink = stats.iter().find(|s| s["ifname"] == "eth0").expect("uplink counters");
+        assert!(
+            uplink["redirected_packets"].as_u64().unwrap() >= 5,
+            "from_net on {}: {uplink}",
+            node.name
+        );
+    }
+    // The peer map says where the other node's pods are.
+    let peers = cluster.nodes[0].dump("peers").unwrap();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(peers[0]["pod_cidr"], "200.200.2.0/24");
+    assert_eq!(peers[0]["node_ip"], "10.0.0.4");
+    assert_eq!(peers[0]["ifname"], "eth0");
     cluster.finish().unwrap();
 }
 

@@ -1,0 +1,235 @@
+//! The operator's views of the datapath: `endpoints` (the endpoint map joined with
+//! the records), `peers` (the peer map) and `stats` (every interface's counters).
+
+use comfy_table::{presets::NOTHING, Table};
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use velox_cni::datapath::{Bpffs, Maps, PeerMap};
+use velox_cni::endpoint::{EndpointRecord, EndpointStore};
+
+#[derive(Serialize)]
+struct Row {
+    ip: Ipv4Addr,
+    /// Host-side veth.
+    ifname: String,
+    ifindex: u32,
+    container_id: String,
+    pod_ifname: String,
+    pod_mac: String,
+    host_mac: String,
+    /// All packets the pod sent through from_pod.
+    packets: u64,
+    bytes: u64,
+    redirected_packets: u64,
+    redirected_bytes: u64,
+    passed_packets: u64,
+    passed_bytes: u64,
+    dropped_packets: u64,
+    /// "ok", or what is missing: the loader repairs "no map entry", drops "no record".
+    state: &'static str,
+}
+
+pub fn endpoints(bpffs: &Bpffs, state_dir: &Path, json: bool) -> anyhow::Result<()> {
+    let maps = Maps::open(bpffs)?;
+    let mut records: BTreeMap<Ipv4Addr, EndpointRecord> = EndpointStore::new(state_dir)
+        .list()?
+        .into_iter()
+        .map(|r| (r.ip, r))
+        .collect();
+    let mut rows = Vec::new();
+    for (ip, endpoint) in maps.entries()? {
+        let record = records.remove(&ip);
+        let c = maps.counters(endpoint.ifindex)?;
+        rows.push(Row {
+            ip,
+            ifname: record.as_ref().map(|r| r.host_ifname.clone()).unwrap_or_default(),
+            ifindex: endpoint.ifindex,
+            container_id: record.as_ref().map(|r| r.container_id.clone()).unwrap_or_default(),
+            pod_ifname: record.as_ref().map(|r| r.ifname.clone()).unwrap_or_default(),
+            pod_mac: record.as_ref().map(|r| r.pod_mac.clone()).unwrap_or_default(),
+            host_mac: record.as_ref().map(|r| r.host_mac.clone()).unwrap_or_default(),
+            packets: c.redirected_packets + c.passed_packets + c.dropped_packets,
+            bytes: c.redirected_bytes + c.passed_bytes,
+            redirected_packets: c.redirected_packets,
+            redirected_bytes: c.redirected_bytes,
+            passed_packets: c.passed_packets,
+            passed_bytes: c.passed_bytes,
+            dropped_packets: c.dropped_packets,
+            state: if record.is_some() { "ok" } else { "no record" },
+        });
+    }
+    for (ip, record) in records {
+        rows.push(Row {
+            ip,
+            ifname: record.host_ifname,
+            ifindex: record.host_ifindex,
+            container_id: record.container_id,
+            pod_ifname: record.ifname,
+            pod_mac: record.pod_mac,
+            host_mac: record.host_mac,
+            packets: 0,
+            bytes: 0,
+            redirected_packets: 0,
+            redirected_bytes: 0,
+            passed_packets: 0,
+            passed_bytes: 0,
+            dropped_packets: 0,
+            state: "no map entry",
+        });
+    }
+    rows.sort_by_key(|r| r.ip);
+    let table = rows.iter().map(|r| {
+        [
+            r.ip.to_string(),
+            r.ifname.clone(),
+            r.ifindex.to_string(),
+            r.container_id.chars().take(12).collect(),
+            r.pod_mac.clone(),
+            r.redirected_packets.to_string(),
+            r.passed_packets.to_string(),
+            r.dropped_packets.to_string(),
+            r.bytes.to_string(),
+            r.state.to_string(),
+        ]
+    });
+    let header = [
+        "IP",
+        "HOST IFNAME",
+        "IFINDEX",
+        "CONTAINER",
+        "POD MAC",
+        "REDIRECTED",
+        "PASSED",
+        "DROPPED",
+        "BYTES",
+        "STATE",
+    ];
+    print(&rows, json, header, table)
+}
+
+#[derive(Serialize)]
+struct PeerRow {
+    pod_cidr: Ipv4Net,
+    node_ip: Ipv4Addr,
+    /// The uplink packets for that node leave by.
+    ifindex: u32,
+    ifname: String,
+}
+
+pub fn peers(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
+    let names = interface_names();
+    let rows: Vec<PeerRow> = PeerMap::open(bpffs)?
+        .entries()?
+        .into_iter()
+        .map(|(pod_cidr, peer)| PeerRow {
+            pod_cidr,
+            node_ip: Ipv4Addr::from(peer.node_ip),
+            ifindex: peer.ifindex,
+            ifname: names.get(&peer.ifindex).cloned().unwrap_or_default(),
+        })
+        .collect();
+    let table = rows.iter().map(|r| {
+        [
+            r.pod_cidr.to_string(),
+            r.node_ip.to_string(),
+            r.ifname.clone(),
+            r.ifindex.to_string(),
+        ]
+    });
+    print(&rows, json, ["POD CIDR", "NODE IP", "UPLINK", "IFINDEX"], table)
+}
+
+#[derive(Serialize)]
+struct StatsRow {
+    ifindex: u32,
+    /// Empty when the interface is gone (the loader drops its counters soon).
+    ifname: String,
+    #[serde(flatten)]
+    counters: CountersJson,
+}
+
+#[derive(Serialize)]
+struct CountersJson {
+    redirected_packets: u64,
+    redirected_bytes: u64,
+    passed_packets: u64,
+    passed_bytes: u64,
+    dropped_packets: u64,
+}
+
+pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
+    let maps = Maps::open(bpffs)?;
+    let names = interface_names();
+    let mut rows = Vec::new();
+    for ifindex in maps.counter_ifindexes()? {
+        let c = maps.counters(ifindex)?;
+        rows.push(StatsRow {
+            ifindex,
+            ifname: names.get(&ifindex).cloned().unwrap_or_default(),
+            counters: CountersJson {
+                redirected_packets: c.redirected_packets,
+                redirected_bytes: c.redirected_bytes,
+                passed_packets: c.passed_packets,
+                passed_bytes: c.passed_bytes,
+                dropped_packets: c.dropped_packets,
+            },
+        });
+    }
+    rows.sort_by_key(|r| r.ifindex);
+    let table = rows.iter().map(|r| {
+        let c = &r.counters;
+        [
+            r.ifname.clone(),
+            r.ifindex.to_string(),
+            c.redirected_packets.to_string(),
+            c.redirected_bytes.to_string(),
+            c.passed_packets.to_string(),
+            c.passed_bytes.to_string(),
+            c.dropped_packets.to_string(),
+        ]
+    });
+    let header = [
+        "IFNAME",
+        "IFINDEX",
+        "REDIRECTED",
+        "REDIRECTED BYTES",
+        "PASSED",
+        "PASSED BYTES",
+        "DROPPED",
+    ];
+    print(&rows, json, header, table)
+}
+
+/// Interface names by index, in the loader's network namespace.
+fn interface_names() -> BTreeMap<u32, String> {
+    nix::net::if_::if_nameindex()
+        .map(|list| {
+            list.iter()
+                .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// One JSON array, or a plain table for people.
+fn print<R: Serialize, const N: usize>(
+    rows: &[R],
+    json: bool,
+    header: [&str; N],
+    table_rows: impl Iterator<Item = [String; N]>,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+        return Ok(());
+    }
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header(header);
+    for row in table_rows {
+        table.add_row(row);
+    }
+    println!("{table}");
+    Ok(())
+}
