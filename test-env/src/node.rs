@@ -251,11 +251,11 @@ impl Node {
         self.dump("endpoints")
     }
 
-    /// The endpoint dump row of `ip`.
+    /// The endpoint dump row of `ip`, if the endpoint map has it.
     pub fn endpoint(&self, ip: Ipv4Addr) -> anyhow::Result<Value> {
         self.endpoints()?
             .into_iter()
-            .find(|e| e["ip"] == ip.to_string())
+            .find(|e| e["ip"] == ip.to_string() && e["state"] != "no map entry")
             .with_context(|| format!("{ip} is not in the endpoint map"))
     }
 

@@ -278,6 +278,16 @@ fn loader_sigkill_and_restart_do_not_interrupt_traffic() {
     let ifindex = node.endpoint(b.ip).unwrap()["ifindex"].as_u64().unwrap() as u32;
     maps.remove(b.ip, ifindex).unwrap();
     assert!(node.endpoint(b.ip).is_err());
+    let row = node
+        .endpoints()
+        .unwrap()
+        .into_iter()
+        .find(|e| e["ip"] == b.ip.to_string())
+        .unwrap();
+    assert_eq!(
+        row["state"], "no map entry",
+        "the dump shows what the loader will repair"
+    );
     node.start_loader().unwrap();
     assert_eq!(node.endpoint(b.ip).unwrap()["ifindex"], ifindex);
     assert!(a.ping(b.ip, 3));
