@@ -42,6 +42,8 @@ fn main() -> ExitCode {
         Task::Build => build::build(),
         Task::Test => test(),
         Task::TestEnv { action } => env::test_env(action),
+        // Re-rendering a saved run needs neither root nor a build.
+        Task::Bench(args) if args.report_only => bench::bench(args),
         Task::Bench(args) => setup::setup()
             .and_then(|()| build::build())
             .and_then(|()| bench::bench(args)),
