@@ -4,12 +4,15 @@
 use anyhow::Context;
 use aya::programs::SchedClassifier;
 use aya::EbpfLoader;
+use aya_log::EbpfLogger;
 use nix::mount::{mount, MsFlags};
 use nix::sys::statfs::statfs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
+use tokio::io::Interest;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use velox_cni::datapath::{Bpffs, Maps};
@@ -25,14 +28,20 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VELOX_EBPF_OBJECT"
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
+/// Reads the programs' aya-log records into this process's logger.
+type DatapathLogger = EbpfLogger<&'static dyn log::Log>;
+
 pub async fn run(
     bpffs: Bpffs,
     state_dir: PathBuf,
     interval: Duration,
     cluster: Option<ClusterConfig>,
+    datapath_log_level: log::LevelFilter,
 ) -> anyhow::Result<()> {
     ensure_bpffs(&bpffs)?;
-    load_and_pin(&bpffs)?;
+    if let Some(logger) = load_and_pin(&bpffs, datapath_log_level)? {
+        tokio::spawn(forward_datapath_logs(logger));
+    }
     let mut maps = Maps::open(&bpffs)?;
     let store = EndpointStore::new(&state_dir);
     let netlink = Netlink::connect()?;
@@ -112,11 +121,15 @@ fn ensure_bpffs(bpffs: &Bpffs) -> anyhow::Result<()> {
 
 /// Loads the embedded object, reusing pinned maps, and pins the programs. A new
 /// program pin replaces the old one atomically; attached links keep their program.
-fn load_and_pin(bpffs: &Bpffs) -> anyhow::Result<()> {
+/// Returns the reader of the programs' log records when `log_level` is not off.
+fn load_and_pin(bpffs: &Bpffs, log_level: log::LevelFilter) -> anyhow::Result<Option<DatapathLogger>> {
     let mut loader = EbpfLoader::new();
     for map in [ENDPOINTS_MAP, PEERS_MAP, COUNTERS_MAP] {
         loader.map_pin_path(map, bpffs.map(map));
     }
+    // A constant once loaded: the verifier drops every log call above this level.
+    let level = log_level as u8;
+    loader.override_global(aya_log::LEVEL, &level, true);
     let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
     for name in [FROM_POD_PROGRAM, FROM_NET_PROGRAM] {
         let program: &mut SchedClassifier = ebpf
@@ -131,5 +144,23 @@ fn load_and_pin(bpffs: &Bpffs) -> anyhow::Result<()> {
         program.pin(&staged).with_context(|| format!("pinning {name}"))?;
         std::fs::rename(&staged, &pin).with_context(|| format!("replacing the {name} pin"))?;
     }
-    Ok(())
+    if log_level == log::LevelFilter::Off {
+        return Ok(None);
+    }
+    Ok(Some(
+        EbpfLogger::init(&mut ebpf).context("reading the datapath's log records")?,
+    ))
+}
+
+/// Hands the programs' log records to this process's logger as they arrive.
+async fn forward_datapath_logs(logger: DatapathLogger) {
+    // SAFETY: the logger owns the ring buffer's fd, and the AsyncFd owns the logger, so
+    // the fd outlives its registration.
+    let Ok(mut logger) = (unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }) else {
+        return log::error!("cannot poll the datapath's log records");
+    };
+    while let Ok(mut ready) = logger.readable_mut().await {
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
 }

@@ -54,6 +54,10 @@ enum Commands {
         /// Masquerade pod traffic leaving the cluster to the node's IP.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         ip_masq: bool,
+        /// aya-log level of the eBPF programs: off, error, warn, info, debug (a line per
+        /// packet) or trace. Set when the programs load; off costs nothing per packet.
+        #[arg(long, default_value = "off")]
+        datapath_log_level: log::LevelFilter,
     },
     /// Put `velox` into the CNI bin dir and a conflist into the CNI conf dir (what a
     /// DaemonSet's init container runs; see deploy/velox.yaml).
@@ -85,6 +89,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut logger = env_logger::Builder::new();
     logger.filter_level(cli.log_level);
+    if let Commands::Run { datapath_log_level, .. } = &cli.command {
+        // The programs' records (target: the eBPF crate) follow their own level.
+        logger.filter_module("velox_ebpf", *datapath_log_level);
+    }
     if let Some(path) = &cli.log_file {
         let file = std::fs::File::options().create(true).append(true).open(path)?;
         logger.target(env_logger::Target::Pipe(Box::new(file)));
@@ -98,6 +106,7 @@ fn main() -> anyhow::Result<()> {
             peers_file,
             pod_cidr,
             ip_masq,
+            datapath_log_level,
         } => {
             let cluster = uplink.map(|uplink| cluster::ClusterConfig {
                 uplink,
@@ -109,7 +118,7 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(daemon::run(bpffs, cli.state_dir, interval, cluster))
+                .block_on(daemon::run(bpffs, cli.state_dir, interval, cluster, datapath_log_level))
         }
         Commands::Install(args) => install::install(&args, &bpffs.root, &cli.state_dir),
         Commands::Uninstall => install::uninstall(&cli.state_dir),

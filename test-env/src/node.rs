@@ -79,6 +79,11 @@ impl Node {
     /// Starts `velox-loader run` in the node's netns, in its own process group so it
     /// outlives the caller, and waits until it answers on its health socket.
     pub fn start_loader(&self) -> anyhow::Result<()> {
+        self.start_loader_with(&[])
+    }
+
+    /// `start_loader` with more `velox-loader run` flags.
+    pub fn start_loader_with(&self, run_flags: &[&str]) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.state_dir)?;
         let log = std::fs::File::options()
             .create(true)
@@ -88,6 +93,7 @@ impl Node {
             .args(["--bpffs-root", self.bpffs_root.to_str().unwrap()])
             .args(["--state-dir", self.state_dir.to_str().unwrap()])
             .args(["run", "--reconcile-interval", "1"])
+            .args(run_flags)
             .args(self.underlay.iter().flat_map(|u| {
                 [
                     "--uplink",

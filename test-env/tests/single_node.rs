@@ -523,3 +523,45 @@ fn gc_frees_what_the_runtime_no_longer_knows() {
     assert_eq!(veths.lines().count(), 1, "{veths}");
     node.finish().unwrap();
 }
+
+/// Size of the pinned `from_pod` as the kernel runs it (after the verifier's cuts).
+fn from_pod_size(node: &NodeGuard) -> u64 {
+    let pin = node.bpffs_root.join("programs/from_pod");
+    let info: Value =
+        serde_json::from_str(&run("bpftool", &["-j", "prog", "show", "pinned", pin.to_str().unwrap()]).unwrap())
+            .unwrap();
+    info["bytes_xlated"].as_u64().unwrap()
+}
+
+#[test]
+fn datapath_logging_is_compiled_out_unless_enabled_at_load() {
+    let (node, a, b) = node_with_two_pods("log");
+    assert!(a.ping(b.ip, 2));
+    let quiet_size = from_pod_size(&node);
+    let log_path = node.state_dir.join("loader.log");
+    assert!(
+        !std::fs::read_to_string(&log_path).unwrap().contains("from_pod:"),
+        "logged with logging off"
+    );
+
+    // Turned on at load time, new pods get the logging program.
+    node.stop_loader(Signal::SIGTERM).unwrap();
+    node.start_loader_with(&["--datapath-log-level", "debug"]).unwrap();
+    assert!(
+        from_pod_size(&node) > quiet_size,
+        "the log code should only be there when enabled"
+    );
+    let c = node.add_pod("c").unwrap();
+    let d = node.add_pod("d").unwrap();
+    assert!(c.ping(d.ip, 2));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let expected = format!("from_pod: to {} on ifindex", d.ip);
+    while !std::fs::read_to_string(&log_path).unwrap().contains(&expected) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no datapath log line {expected:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    node.finish().unwrap();
+}

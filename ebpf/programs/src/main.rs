@@ -14,6 +14,7 @@ use aya_ebpf::{
     macros::{btf_map, classifier},
     programs::TcContext,
 };
+use aya_log_ebpf::debug;
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
@@ -33,14 +34,38 @@ const AF_INET: u32 = 2;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let redirect = ipv4(&ctx).and_then(|dst| to_local_pod(dst).or_else(|| to_peer_node(dst)));
-    finish(&ctx, redirect)
+    let dst = ipv4(&ctx);
+    let action = finish(
+        &ctx,
+        dst.and_then(|dst| to_local_pod(dst).or_else(|| to_peer_node(dst))),
+    );
+    trace(&ctx, "from_pod", dst, action);
+    action
 }
 
 #[classifier]
 pub fn from_net(ctx: TcContext) -> i32 {
-    let redirect = ipv4(&ctx).and_then(to_local_pod);
-    finish(&ctx, redirect)
+    let dst = ipv4(&ctx);
+    let action = finish(&ctx, dst.and_then(to_local_pod));
+    trace(&ctx, "from_net", dst, action);
+    action
+}
+
+/// One debug line per IPv4 packet. The loader sets aya-log's level at load time (off
+/// unless `--datapath-log-level` says otherwise); the verifier then removes this
+/// code from the hot path altogether.
+#[inline(always)]
+fn trace(ctx: &TcContext, program: &str, dst: Option<[u8; 4]>, action: i32) {
+    if let Some(dst) = dst {
+        debug!(
+            ctx,
+            "{}: to {:i} on ifindex {}: action {}",
+            program,
+            u32::from_be_bytes(dst),
+            unsafe { (*ctx.skb.skb).ifindex },
+            action
+        );
+    }
 }
 
 /// The IPv4 destination of an IPv4 packet.
