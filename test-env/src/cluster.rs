@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 use crate::guard::{Guard, TearDown};
-use crate::netns::{delete_netns, ensure_bpffs, in_netns, netns_exists};
+use crate::netns::{delete_netns, in_netns, netns_exists};
 use crate::node::Underlay;
 use crate::{run, Binaries, Node, Pod};
 
@@ -105,7 +105,6 @@ impl Cluster {
     }
 
     fn build(&self) -> anyhow::Result<()> {
-        ensure_bpffs()?;
         let router = self.router.as_str();
         run("ip", &["netns", "add", router])?;
         run("ip", &["netns", "add", &self.external])?;

@@ -14,7 +14,7 @@ use velox_cni::endpoint::EndpointStore;
 
 use crate::cni::{exec_plugin, CniOutcome};
 use crate::guard::{Guard, TearDown};
-use crate::netns::{delete_netns, ensure_bpffs, in_netns, netns_exists, netns_with_prefix};
+use crate::netns::{delete_netns, in_netns, netns_exists, netns_with_prefix};
 use crate::{run, Binaries, Pod};
 
 /// One simulated node. Creating is explicit (`up`), and so is removing (`down`), so
@@ -57,7 +57,6 @@ impl Node {
     }
 
     pub fn create_netns(&self) -> anyhow::Result<()> {
-        ensure_bpffs()?;
         run("ip", &["netns", "add", &self.name])?;
         run("ip", &["-n", &self.name, "link", "set", "lo", "up"]).map(drop)
     }
