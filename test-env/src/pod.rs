@@ -33,6 +33,26 @@ impl Pod {
         .is_ok_and(|o| o.status.success())
     }
 
+    /// Pings `ip` `count` times, 50 ms apart, while `during` runs (a restart, say);
+    /// returns how many were answered.
+    pub fn ping_while(&self, ip: Ipv4Addr, count: u32, during: impl FnOnce()) -> anyhow::Result<u32> {
+        let ping = in_netns(
+            &self.name,
+            "ping",
+            &["-c", &count.to_string(), "-i", "0.05", "-W", "1", &ip.to_string()],
+        )
+        .stdout(Stdio::piped())
+        .spawn()?;
+        during();
+        let output = ping.wait_with_output()?;
+        let summary = String::from_utf8_lossy(&output.stdout);
+        let received = summary
+            .split(", ")
+            .find_map(|part| part.strip_suffix(" received"))
+            .context("ping summary")?;
+        Ok(received.trim().parse()?)
+    }
+
     /// iperf3 TCP from this pod to `server` for `seconds`; Gbit/s received.
     pub fn iperf3_to(&self, server: &Pod, seconds: u32) -> anyhow::Result<f64> {
         Ok(self.iperf3(server, seconds, 1)?.gbps)

@@ -3,9 +3,8 @@
 //! `cargo xtask build`; `cargo xtask test` does both.
 
 use nix::sys::signal::Signal;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
-use velox_test_env::{in_netns, matrix, run, ClusterGuard};
+use velox_test_env::{matrix, run, ClusterGuard};
 
 #[test]
 fn connectivity_matrix_passes_with_nat_only_to_the_outside() {
@@ -117,24 +116,15 @@ fn peers_file_changes_apply_without_a_restart() {
 fn loader_restart_on_one_node_keeps_cross_node_traffic_flowing() {
     let cluster = ClusterGuard::up("r").unwrap();
     let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
-    let ping = in_netns(
-        &pod1.name,
-        "ping",
-        &["-c", "60", "-i", "0.05", "-W", "1", &pod2.ip.to_string()],
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    cluster.nodes[0].stop_loader(Signal::SIGKILL).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    cluster.nodes[0].start_loader().unwrap();
-    let output = ping.wait_with_output().unwrap();
-    let summary = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        summary.contains("60 received"),
-        "pings lost across the restart: {summary}"
-    );
+    let received = pod1
+        .ping_while(pod2.ip, 60, || {
+            std::thread::sleep(Duration::from_millis(500));
+            cluster.nodes[0].stop_loader(Signal::SIGKILL).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            cluster.nodes[0].start_loader().unwrap();
+        })
+        .unwrap();
+    assert_eq!(received, 60, "pings lost across the restart");
     // The restarted loader took over the same maps and links: the new pod path works too.
     let pod5 = cluster.nodes[0].add_pod(&cluster.pod_name(0, "pod-5")).unwrap();
     assert!(pod5.ping(pod2.ip, 2));

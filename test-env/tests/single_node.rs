@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
-use velox_test_env::{in_netns, run, NodeGuard, Pod};
+use velox_test_env::{run, NodeGuard, Pod};
 
 /// A fresh node with pods `a` and `b`.
 fn node_with_two_pods(tag: &str) -> (NodeGuard, Pod, Pod) {
@@ -253,24 +253,17 @@ fn loader_sigkill_and_restart_do_not_interrupt_traffic() {
     let (node, a, b) = node_with_two_pods("restart");
     node.disable_ip_forwarding().unwrap();
     // 60 pings over 3 s while the loader is killed, absent, and started again.
-    let ping = in_netns(
-        &a.name,
-        "ping",
-        &["-c", "60", "-i", "0.05", "-W", "1", &b.ip.to_string()],
-    )
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    node.stop_loader(Signal::SIGKILL).unwrap();
-    std::thread::sleep(Duration::from_millis(800));
-    assert!(!node.status().success, "STATUS must report the dead loader");
-    assert_eq!(node.status().code(), Some(50));
-    node.start_loader().unwrap();
-    let output = ping.wait_with_output().unwrap();
-    let summary = String::from_utf8_lossy(&output.stdout);
-    assert!(summary.contains("60 received"), "pings were lost: {summary}");
-    assert!(output.status.success());
+    let received = a
+        .ping_while(b.ip, 60, || {
+            std::thread::sleep(Duration::from_millis(500));
+            node.stop_loader(Signal::SIGKILL).unwrap();
+            std::thread::sleep(Duration::from_millis(800));
+            assert!(!node.status().success, "STATUS must report the dead loader");
+            assert_eq!(node.status().code(), Some(50));
+            node.start_loader().unwrap();
+        })
+        .unwrap();
+    assert_eq!(received, 60, "pings were lost");
 
     // A map entry deleted by hand comes back after a restart.
     node.stop_loader(Signal::SIGKILL).unwrap();
