@@ -99,14 +99,21 @@ impl Cluster {
             .map(|n| (n.pod_cidr.trunc(), n.node_ip))
             .collect();
 
+        let mut routed = BTreeSet::new();
         for route in netlink.routes().await? {
             let wanted = peers.get(&route.dst) == route.gateway.as_ref() && route.oif == Some(uplink.index);
-            if route.protocol == VELOX_ROUTE_PROTOCOL && !wanted {
-                log::info!("removing route {} via {:?}", route.dst, route.gateway);
-                netlink.delete_route(&route).await?;
+            match (route.protocol == VELOX_ROUTE_PROTOCOL, wanted) {
+                (true, true) => {
+                    routed.insert(route.dst);
+                }
+                (true, false) => {
+                    log::info!("removing route {} via {:?}", route.dst, route.gateway);
+                    netlink.delete_route(&route).await?;
+                }
+                (false, _) => {}
             }
         }
-        for (cidr, node_ip) in &peers {
+        for (cidr, node_ip) in peers.iter().filter(|(cidr, _)| !routed.contains(*cidr)) {
             netlink.replace_route_via(*cidr, *node_ip, uplink.index).await?;
         }
 
