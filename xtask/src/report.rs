@@ -100,6 +100,11 @@ fn summarize(samples: &[Sample]) -> BTreeMap<(u32, Config), Vec<Stat>> {
         .collect()
 }
 
+/// The distinct values, in order.
+fn distinct<T: Ord>(values: impl Iterator<Item = T>) -> Vec<T> {
+    values.collect::<std::collections::BTreeSet<_>>().into_iter().collect()
+}
+
 fn number(v: f64) -> String {
     if v >= 1000.0 {
         format!("{v:.0}")
@@ -120,20 +125,14 @@ pub fn markdown(run: &Run) -> String {
          configurations interleaved round-robin; wall time {:.0} s.\n",
         s.kernel, s.cpus, s.loadavg, run.system_after.loadavg, run.rounds, run.seconds, run.wall_time_s
     );
-    let rule_sets: Vec<u32> = summary
-        .keys()
-        .map(|(r, _)| *r)
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let rule_sets = distinct(summary.keys().map(|(r, _)| *r));
     for rules in rule_sets {
         let _ = writeln!(out, "### Data plane, {rules} rules in FORWARD\n");
         let _ = writeln!(out, "Medians with (min..max) over the rounds.\n");
         let header: Vec<&str> = METRICS.iter().map(|(name, _)| *name).collect();
         let _ = writeln!(out, "| configuration | {} |", header.join(" | "));
         let _ = writeln!(out, "|---|{}", "---|".repeat(header.len()));
-        for ((r, config), stats) in summary.iter().filter(|((r, _), _)| *r == rules) {
-            let _ = r;
+        for ((_, config), stats) in summary.iter().filter(|((r, _), _)| *r == rules) {
             let cells: Vec<String> = stats
                 .iter()
                 .map(|st| format!("{} ({}..{})", number(st.median), number(st.min), number(st.max)))
@@ -250,18 +249,8 @@ fn chart(run: &Run, path: &Path) -> anyhow::Result<()> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
         .map_err(|_| anyhow::anyhow!("bad font"))?;
     let summary = summarize(&run.samples);
-    let configs: Vec<Config> = summary
-        .keys()
-        .map(|(_, c)| *c)
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let rules: Vec<u32> = summary
-        .keys()
-        .map(|(r, _)| *r)
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let configs = distinct(summary.keys().map(|(_, c)| *c));
+    let rules = distinct(summary.keys().map(|(r, _)| *r));
     let root = BitMapBackend::new(path, (1400, 900)).into_drawing_area();
     root.fill(&WHITE)?;
     let panels = root.split_evenly((2, 1));
