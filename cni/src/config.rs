@@ -1,15 +1,16 @@
 //! The network configuration on stdin and the CNI_* environment.
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::Value;
 use std::path::PathBuf;
+pub use velox_node::endpoint::Attachment;
+use velox_node::layout::{DEFAULT_BPFFS_ROOT, DEFAULT_STATE_DIR};
+use velox_node::Family;
 
 use crate::error::{fail, CniError, Code};
 use crate::version::CniVersion;
 
-pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/velox";
-pub const DEFAULT_STATE_DIR: &str = "/run/velox";
 pub const DEFAULT_MTU: u32 = 1500;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -21,9 +22,12 @@ pub struct NetConf {
     pub plugin_type: String,
     #[serde(default)]
     pub mtu: Option<u32>,
-    /// The pod CIDR for the built-in allocator.
+    /// The pod CIDR of one family for the built-in allocator.
     #[serde(default)]
-    pub subnet: Option<Ipv4Net>,
+    pub subnet: Option<IpNet>,
+    /// The pod CIDRs for the built-in allocator, at most one per family (dual-stack).
+    #[serde(default)]
+    pub subnets: Option<Vec<IpNet>>,
     /// Delegated IPAM: any CNI IPAM plugin on CNI_PATH, named by `type`.
     #[serde(default)]
     pub ipam: Option<Value>,
@@ -43,18 +47,11 @@ pub struct NetConf {
     pub valid_attachments: Option<Vec<Attachment>>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq, Hash)]
-#[serde(rename_all = "camelCase")]
-pub struct Attachment {
-    #[serde(rename = "containerID")]
-    pub container_id: String,
-    pub ifname: String,
-}
-
 /// Where the pod's address comes from.
 #[derive(Clone, Debug, PartialEq)]
 pub enum IpamSource {
-    Builtin(Ipv4Net),
+    /// One pod CIDR per family, IPv4 first.
+    Builtin(Vec<IpNet>),
     Delegated(String),
 }
 
@@ -90,14 +87,6 @@ impl NetConf {
                 return fail(Code::InvalidConfig, format!("mtu {mtu} is outside 68..=65535"));
             }
         }
-        if let Some(subnet) = self.subnet {
-            if subnet.prefix_len() > 30 {
-                return fail(
-                    Code::InvalidConfig,
-                    format!("subnet {subnet} is too small for pods: use a /30 or larger"),
-                );
-            }
-        }
         self.ipam_source().map(|_| ())
     }
 
@@ -107,8 +96,14 @@ impl NetConf {
 
     pub fn ipam_source(&self) -> anyhow::Result<IpamSource> {
         let delegated = self.ipam.as_ref().map(|ipam| ipam.get("type").and_then(Value::as_str));
-        match (self.subnet, delegated) {
-            (Some(subnet), None) => Ok(IpamSource::Builtin(subnet.trunc())),
+        let subnets = match (&self.subnet, &self.subnets) {
+            (Some(_), Some(_)) => return fail(Code::InvalidConfig, "give \"subnet\" or \"subnets\", not both"),
+            (Some(one), None) => Some(vec![*one]),
+            (None, Some(many)) => Some(many.clone()),
+            (None, None) => None,
+        };
+        match (subnets, delegated) {
+            (Some(subnets), None) => Ok(IpamSource::Builtin(pod_subnets(subnets)?)),
             (None, Some(Some(plugin))) if is_plain_name(plugin) => Ok(IpamSource::Delegated(plugin.to_string())),
             (None, Some(_)) => fail(
                 Code::InvalidConfig,
@@ -116,14 +111,44 @@ impl NetConf {
             ),
             (Some(_), Some(_)) => fail(
                 Code::InvalidConfig,
-                "give either \"subnet\" (built-in IPAM) or \"ipam\" (delegated), not both",
+                "give either \"subnets\" (built-in IPAM) or \"ipam\" (delegated), not both",
             ),
             (None, None) => fail(
                 Code::InvalidConfig,
-                "no address source: set \"subnet\" (e.g. \"200.200.1.0/24\") or \"ipam\"",
+                "no address source: set \"subnets\" (e.g. [\"200.200.1.0/24\", \"fd00:200:1::/64\"]) or \"ipam\"",
             ),
         }
     }
+}
+
+/// Checks the built-in allocator's CIDRs: one or two, at most one per family, each
+/// with room for pods; IPv4 first.
+fn pod_subnets(subnets: Vec<IpNet>) -> anyhow::Result<Vec<IpNet>> {
+    let mut subnets: Vec<IpNet> = subnets.into_iter().map(|s| s.trunc()).collect();
+    subnets.sort_by_key(|s| Family::of(&s.addr()));
+    if subnets.is_empty() {
+        return fail(Code::InvalidConfig, "\"subnets\" is empty");
+    }
+    let one_per_family = match subnets.as_slice() {
+        [_] => true,
+        [a, b] => Family::of(&a.addr()) != Family::of(&b.addr()),
+        _ => false,
+    };
+    if !one_per_family {
+        return fail(
+            Code::InvalidConfig,
+            format!("\"subnets\" takes at most one CIDR per address family, got {subnets:?}"),
+        );
+    }
+    for subnet in &subnets {
+        if subnet.prefix_len() > subnet.max_prefix_len() - 2 {
+            return fail(
+                Code::InvalidConfig,
+                format!("subnet {subnet} is too small for pods: leave at least two bits for hosts"),
+            );
+        }
+    }
+    Ok(subnets)
 }
 
 /// A file name without path tricks: CNI plugin names, container IDs.
@@ -234,11 +259,27 @@ mod tests {
         assert_eq!(version, CniVersion::V1_0_0);
         assert_eq!(
             conf.ipam_source().unwrap(),
-            IpamSource::Builtin("200.200.1.0/24".parse().unwrap())
+            IpamSource::Builtin(vec!["200.200.1.0/24".parse().unwrap()])
         );
         assert_eq!(conf.bpffs_root, PathBuf::from(DEFAULT_BPFFS_ROOT));
         assert_eq!(conf.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(conf.mtu(), DEFAULT_MTU);
+    }
+
+    #[test]
+    fn dual_stack_subnets_come_ipv4_first() {
+        let (conf, _) = NetConf::parse(
+            br#"{"cniVersion":"1.1.0","name":"n","type":"velox","subnets":["fd00:200:1::/64","200.200.1.9/24"]}"#,
+        )
+        .unwrap();
+        let expected = vec!["200.200.1.0/24".parse().unwrap(), "fd00:200:1::/64".parse().unwrap()];
+        assert_eq!(conf.ipam_source().unwrap(), IpamSource::Builtin(expected));
+        let (v6_only, _) =
+            NetConf::parse(br#"{"cniVersion":"1.1.0","name":"n","type":"velox","subnet":"fd00::/120"}"#).unwrap();
+        assert_eq!(
+            v6_only.ipam_source().unwrap(),
+            IpamSource::Builtin(vec!["fd00::/120".parse().unwrap()])
+        );
     }
 
     #[test]
@@ -291,6 +332,25 @@ mod tests {
             Code::InvalidConfig
         );
         assert_eq!(code_of(NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"velox","subnet":"10.0.0.0/24","ipam":{"type":"host-local"}}"#)), Code::InvalidConfig);
+        for subnets in [
+            r#"[]"#,
+            r#"["10.0.0.0/24","10.1.0.0/24"]"#,
+            r#"["fd00::/64","fd01::/64"]"#,
+            r#"["10.0.0.0/24","fd00::/127"]"#,
+        ] {
+            let conf = format!(r#"{{"cniVersion":"1.0.0","name":"n","type":"velox","subnets":{subnets}}}"#);
+            assert_eq!(
+                code_of(NetConf::parse(conf.as_bytes())),
+                Code::InvalidConfig,
+                "{subnets}"
+            );
+        }
+        assert_eq!(
+            code_of(NetConf::parse(
+                br#"{"cniVersion":"1.0.0","name":"n","type":"velox","subnet":"10.0.0.0/24","subnets":["fd00::/64"]}"#
+            )),
+            Code::InvalidConfig
+        );
         assert_eq!(
             code_of(NetConf::parse(
                 br#"{"cniVersion":"1.0.0","name":"n","type":"velox","ipam":{"type":"../../bin/sh"}}"#

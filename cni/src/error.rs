@@ -44,12 +44,22 @@ impl CniError {
     }
 
     /// Turns any failure into a CNI error: a `CniError` anywhere in the chain keeps its
-    /// code, anything else is a datapath failure; the whole chain goes into `details`.
+    /// code, a node layer's "loader not ready" is worth a retry (11), anything else is
+    /// a datapath failure; the whole chain goes into `details`.
     pub fn from_anyhow(err: &anyhow::Error) -> Self {
         let chain = format!("{err:#}");
-        match err.downcast_ref::<CniError>() {
-            Some(cni) if cni.details.is_empty() && chain != cni.msg => cni.clone().with_details(chain),
-            Some(cni) => cni.clone(),
+        if let Some(cni) = err.downcast_ref::<CniError>() {
+            return match cni.details.is_empty() && chain != cni.msg {
+                true => cni.clone().with_details(chain),
+                false => cni.clone(),
+            };
+        }
+        let not_ready = err
+            .chain()
+            .find_map(|cause| cause.downcast_ref::<velox_node::Error>())
+            .filter(|node| matches!(node, velox_node::Error::NotReady { .. }));
+        match not_ready {
+            Some(node) => CniError::new(Code::TryAgainLater, node.to_string()).with_details(chain),
             None => CniError::new(Code::Datapath, err.to_string()).with_details(chain),
         }
     }
@@ -102,6 +112,15 @@ mod tests {
         let cni = CniError::from_anyhow(&err);
         assert_eq!(cni.code, Code::Datapath);
         assert_eq!(cni.details, "creating veth: netlink said no");
+    }
+
+    #[test]
+    fn a_loader_that_is_not_ready_is_worth_a_retry() {
+        let missing = std::io::Error::new(std::io::ErrorKind::NotFound, "no pin");
+        let err = anyhow::Error::from(velox_node::Error::not_ready("cannot open maps/X")(missing)).context("ADD");
+        let cni = CniError::from_anyhow(&err);
+        assert_eq!(cni.code, Code::TryAgainLater);
+        assert!(cni.msg.contains("velox-loader is not ready"), "{}", cni.msg);
     }
 
     #[test]

@@ -1,32 +1,41 @@
 //! The CNI commands. ADD either completes or is undone by the same teardown DEL runs.
 
 use anyhow::Context;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::Read;
-use std::net::Ipv4Addr;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 use velox_common::FROM_POD_PROGRAM;
+use velox_node::endpoint::{host_ifname, EndpointRecord, EndpointStore};
+use velox_node::link::{attach_tc_ingress, detach_tc_ingress};
+use velox_node::maps::EndpointMaps;
+use velox_node::netlink::{format_mac, Link, Netlink};
+use velox_node::{health, Bpffs, ErrorList, Family, StateDir};
 
 use crate::config::{Attachment, Command, Environment, NetConf};
-use crate::datapath::{self, Bpffs, Maps};
-use crate::endpoint::{host_ifname, EndpointRecord, EndpointStore};
 use crate::error::{fail, CniError, Code};
 use crate::ipam::Ipam;
-use crate::netlink::{format_mac, Link, Netlink};
 use crate::result::{CniResult, Interface, IpConfig, Route};
 use crate::version::{version_info, CniVersion};
 
-/// The pods' default gateway: link-local, answered by a static neighbour entry.
-pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The pods' default gateway of a family: link-local, answered by a static neighbour
+/// entry that points at the host-side veth.
+pub fn gateway(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::new(169, 254, 1, 1)),
+        Family::V6 => IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)),
+    }
+}
 
-/// The loader's health socket, asked by STATUS.
-pub fn health_socket(state_dir: &Path) -> PathBuf {
-    state_dir.join("loader.sock")
+fn gateway_of(ip: &IpAddr) -> IpAddr {
+    gateway(Family::of(ip))
+}
+
+/// A pod address as configured: a /32 or a /128.
+fn host_net(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
 }
 
 pub struct Plugin {
@@ -35,6 +44,7 @@ pub struct Plugin {
     env: Environment,
     stdin: Vec<u8>,
     bpffs: Bpffs,
+    state_dir: StateDir,
     store: EndpointStore,
 }
 
@@ -45,9 +55,11 @@ pub async fn run(env: Environment, stdin: Vec<u8>) -> anyhow::Result<Option<Valu
     }
     let (conf, version) = NetConf::parse(&stdin)?;
     init_logging(&conf);
+    let state_dir = StateDir::new(&conf.state_dir);
     let plugin = Plugin {
         bpffs: Bpffs::new(&conf.bpffs_root),
-        store: EndpointStore::new(&conf.state_dir),
+        store: EndpointStore::new(&state_dir),
+        state_dir,
         conf,
         version,
         env,
@@ -85,30 +97,38 @@ fn init_logging(conf: &NetConf) {
     let _ = builder.try_init();
 }
 
-/// The pod side (address, gateway neighbour, default route) and the host side
-/// (neighbour, /32 route) of a new veth pair; returns the pod's interface.
+/// The pod side (addresses, gateway neighbours, default routes) and the host side
+/// (neighbours, /32 and /128 routes) of a new veth pair, for every family the pod has
+/// an address of; returns the pod's interface.
 async fn configure_ends(
     netns: &File,
     host: &Netlink,
     ifname: &str,
     host_link: &Link,
-    pod_ip: Ipv4Net,
+    pod_ips: &[IpAddr],
 ) -> anyhow::Result<Link> {
     let pod = Netlink::connect_in(netns)?;
     let pod_link = pod
         .link(ifname)
         .await?
         .context("pod interface vanished after creation")?;
-    pod.add_address(pod_link.index, pod_ip).await?;
-    pod.add_permanent_neighbour(pod_link.index, GATEWAY, host_link.mac)
-        .await?;
+    for ip in pod_ips {
+        pod.add_address(pod_link.index, host_net(*ip)).await?;
+        pod.add_permanent_neighbour(pod_link.index, gateway_of(ip), host_link.mac)
+            .await?;
+    }
     pod.set_up(pod_link.index).await?;
-    pod.add_default_route_onlink(pod_link.index, GATEWAY).await?;
+    for ip in pod_ips {
+        pod.add_default_route_onlink(pod_link.index, gateway_of(ip)).await?;
+    }
 
-    host.add_permanent_neighbour(host_link.index, pod_ip.addr(), pod_link.mac)
-        .await?;
+    for ip in pod_ips {
+        host.add_permanent_neighbour(host_link.index, *ip, pod_link.mac).await?;
+    }
     host.set_up(host_link.index).await?;
-    host.add_link_route(host_link.index, pod_ip).await?;
+    for ip in pod_ips {
+        host.add_link_route(host_link.index, host_net(*ip)).await?;
+    }
     Ok(pod_link)
 }
 
@@ -139,7 +159,7 @@ impl Plugin {
         let attachment = self.attachment();
         let netns = self.open_netns()?;
         // Fail before touching anything when the loader has not set up the datapath.
-        let mut maps = Maps::open(&self.bpffs)?;
+        let mut maps = EndpointMaps::open(&self.bpffs)?;
         let program = self.bpffs.program(FROM_POD_PROGRAM);
         if !program.exists() {
             return fail(
@@ -176,12 +196,11 @@ impl Plugin {
         attachment: &Attachment,
         netns: &File,
         host: &Netlink,
-        maps: &mut Maps,
+        maps: &mut EndpointMaps,
         ipam: &Ipam,
     ) -> anyhow::Result<CniResult> {
         let mtu = self.conf.mtu();
-        let ip = ipam.allocate(attachment)?;
-        let pod_ip = Ipv4Net::new(ip, 32)?;
+        let ips = ipam.allocate(attachment)?;
         let host_name = host_ifname(attachment);
         host.create_veth(&host_name, &attachment.ifname, netns, mtu).await?;
         let host_link = host
@@ -193,9 +212,9 @@ impl Plugin {
         // let it run while the two ends are configured.
         let attach = tokio::task::spawn_blocking({
             let (bpffs, name) = (self.bpffs.clone(), host_name.clone());
-            move || datapath::attach(&bpffs, FROM_POD_PROGRAM, &name)
+            move || attach_tc_ingress(&bpffs, FROM_POD_PROGRAM, &name)
         });
-        let configured = configure_ends(netns, host, &attachment.ifname, &host_link, pod_ip).await;
+        let configured = configure_ends(netns, host, &attachment.ifname, &host_link, &ips).await;
         let attached = attach.await.context("attaching from_pod")?;
         let pod_link = configured?;
         attached?;
@@ -205,7 +224,7 @@ impl Plugin {
             ifname: attachment.ifname.clone(),
             netns: self.env.netns.clone().unwrap_or_default(),
             network: self.conf.name.clone(),
-            ip,
+            ips: ips.clone(),
             host_ifname: host_name.clone(),
             host_ifindex: host_link.index,
             host_mac: format_mac(&host_link.mac),
@@ -214,9 +233,11 @@ impl Plugin {
         {
             let _lock = self.store.lock()?;
             self.store.write(&record)?;
-            maps.put(ip, record.endpoint())?;
+            for ip in &ips {
+                maps.put(*ip, record.endpoint())?;
+            }
         }
-        log::info!("added {ip} on {host_name} (ifindex {})", host_link.index);
+        log::info!("added {ips:?} on {host_name} (ifindex {})", host_link.index);
 
         Ok(CniResult {
             interfaces: vec![
@@ -233,15 +254,21 @@ impl Plugin {
                     sandbox: record.netns.display().to_string(),
                 },
             ],
-            ips: vec![IpConfig {
-                address: pod_ip,
-                gateway: Some(GATEWAY),
-                interface: Some(1),
-            }],
-            routes: vec![Route {
-                dst: "0.0.0.0/0".parse()?,
-                gw: Some(GATEWAY),
-            }],
+            ips: ips
+                .iter()
+                .map(|ip| IpConfig {
+                    address: host_net(*ip),
+                    gateway: Some(gateway_of(ip)),
+                    interface: Some(1),
+                })
+                .collect(),
+            routes: ips
+                .iter()
+                .map(|ip| Route {
+                    dst: IpNet::new(gateway_of(ip), 0).expect("a /0 is valid").trunc(),
+                    gw: Some(gateway_of(ip)),
+                })
+                .collect(),
             dns: self.conf.dns.clone().unwrap_or_default(),
         })
     }
@@ -262,7 +289,7 @@ impl Plugin {
         let host = Netlink::connect()?;
         // Without the loader's maps DEL still frees everything else; the loader drops
         // map entries that have no record when it comes back.
-        let mut maps = Maps::open(&self.bpffs)
+        let mut maps = EndpointMaps::open(&self.bpffs)
             .map_err(|e| log::warn!("DEL without endpoint map: {e:#}"))
             .ok();
         self.teardown(&self.attachment(), &host, maps.as_mut(), Some(&self.ipam()?))
@@ -275,37 +302,31 @@ impl Plugin {
         &self,
         attachment: &Attachment,
         host: &Netlink,
-        maps: Option<&mut Maps>,
+        maps: Option<&mut EndpointMaps>,
         ipam: Option<&Ipam>,
     ) -> anyhow::Result<()> {
         let host_name = host_ifname(attachment);
-        let mut errors: Vec<anyhow::Error> = Vec::new();
-        let record = self.store.get(attachment).unwrap_or_else(|e| {
-            errors.push(e);
-            None
-        });
+        let mut errors = ErrorList::default();
+        let record = errors.keep(self.store.get(attachment)).flatten();
         if let (Some(record), Some(maps)) = (&record, maps) {
-            let removed = self
-                .store
-                .lock()
-                .and_then(|_lock| maps.remove(record.ip, record.host_ifindex));
-            errors.extend(removed.err());
+            errors.keep(self.store.lock().and_then(|_lock| {
+                for ip in &record.ips {
+                    maps.remove(*ip)?;
+                }
+                maps.remove_counters(record.host_ifindex)
+            }));
         }
         // Deleting the veth detaches the TCX link in the same step; unpinning a live
         // link first would cost a second RCU grace period under the rtnl lock.
-        errors.extend(host.delete_link(&host_name).await.err());
-        errors.extend(datapath::detach(&self.bpffs, &host_name).err());
+        errors.keep(host.delete_link(&host_name).await);
+        errors.keep(detach_tc_ingress(&self.bpffs, &host_name));
         if let Some(ipam) = ipam {
-            errors.extend(ipam.release(attachment).err());
+            errors.keep(ipam.release(attachment));
         }
-        if errors.is_empty() {
-            return self.store.remove(attachment);
+        match errors.into_result() {
+            Ok(()) => Ok(self.store.remove(attachment)?),
+            Err(errors) => fail(Code::Datapath, format!("tearing down {host_name}: {errors}")),
         }
-        let joined: Vec<String> = errors.iter().map(|e| format!("{e:#}")).collect();
-        fail(
-            Code::Datapath,
-            format!("tearing down {host_name}: {}", joined.join("; ")),
-        )
     }
 
     async fn check(&self) -> anyhow::Result<()> {
@@ -324,82 +345,77 @@ impl Plugin {
                 ),
             );
         };
-        let ip = record.ip;
-        let broken = |what: String| fail::<()>(Code::Datapath, format!("CHECK of {ip}: {what}"));
-        if !prev.ips.iter().any(|c| c.address.addr() == ip) {
-            return broken(format!("prevResult does not hold {ip}"));
-        }
+        let ips = &record.ips;
+        let broken = |what: String| fail::<()>(Code::Datapath, format!("CHECK of {ips:?}: {what}"));
         let host = Netlink::connect()?;
         match host.link(&record.host_ifname).await? {
             Some(link) if link.index == record.host_ifindex => {}
             _ => return broken(format!("host veth {} is missing or was replaced", record.host_ifname)),
         }
-        if !self.bpffs.link(&record.host_ifname).exists() {
+        if !self.bpffs.tc_ingress_link(&record.host_ifname).exists() {
             return broken(format!("from_pod is not attached to {}", record.host_ifname));
         }
-        if Maps::open(&self.bpffs)?.get(ip)? != Some(record.endpoint()) {
-            return broken("the endpoint map entry is missing or wrong".into());
-        }
+        let maps = EndpointMaps::open(&self.bpffs)?;
         let pod = Netlink::connect_in(&self.open_netns()?)?;
         let Some(pod_link) = pod.link(&attachment.ifname).await? else {
             return broken(format!("{} is missing in the pod", attachment.ifname));
         };
-        if !pod.addresses(pod_link.index).await?.contains(&Ipv4Net::new(ip, 32)?) {
-            return broken(format!("{} lost its address {ip}/32", attachment.ifname));
+        let addresses = pod.addresses(pod_link.index).await?;
+        for ip in ips {
+            if !prev.ips.iter().any(|c| c.address.addr() == *ip) {
+                return broken(format!("prevResult does not hold {ip}"));
+            }
+            if maps.get(*ip)? != Some(record.endpoint()) {
+                return broken(format!("the endpoint map entry of {ip} is missing or wrong"));
+            }
+            if !addresses.contains(&host_net(*ip)) {
+                return broken(format!("{} lost its address {}", attachment.ifname, host_net(*ip)));
+            }
+            let gateway = gateway_of(ip);
+            let default_route = pod.routes(Family::of(ip)).await?.into_iter().any(|route| {
+                route.dst.prefix_len() == 0 && route.gateway == Some(gateway) && route.oif == Some(pod_link.index)
+            });
+            if !default_route {
+                return broken(format!("the pod has no default route via {gateway}"));
+            }
         }
-        let default_route = pod.routes().await?.into_iter().any(|route| {
-            route.dst.prefix_len() == 0 && route.gateway == Some(GATEWAY) && route.oif == Some(pod_link.index)
-        });
-        if !default_route {
-            return broken(format!("the pod has no default route via {GATEWAY}"));
-        }
-        self.ipam()?.check(&attachment, ip)
+        self.ipam()?.check(&attachment, ips)
     }
 
     async fn gc(&self) -> anyhow::Result<()> {
         self.version.require("GC", CniVersion::V1_1_0)?;
         let valid: HashSet<Attachment> = self.conf.valid_attachments.iter().flatten().cloned().collect();
         let host = Netlink::connect()?;
-        let mut maps = Maps::open(&self.bpffs).ok();
+        let mut maps = EndpointMaps::open(&self.bpffs).ok();
         let ipam = self.ipam()?;
-        let mut errors = Vec::new();
+        let mut errors = ErrorList::default();
         for record in self.store.list()? {
             let attachment = record.attachment();
             if record.network == self.conf.name && !valid.contains(&attachment) {
-                log::info!("GC: removing stale endpoint {} ({})", record.ip, record.container_id);
+                log::info!("GC: removing stale endpoint {:?} ({})", record.ips, record.container_id);
                 // Addresses are released in one pass below.
-                errors.extend(self.teardown(&attachment, &host, maps.as_mut(), None).await.err());
+                errors.keep(self.teardown(&attachment, &host, maps.as_mut(), None).await);
             }
         }
-        errors.extend(ipam.gc(&valid).err());
-        match errors.first() {
-            None => Ok(()),
-            Some(_) => {
-                let joined: Vec<String> = errors.iter().map(|e| format!("{e:#}")).collect();
-                fail(Code::Datapath, format!("GC: {}", joined.join("; ")))
-            }
+        errors.keep(ipam.gc(&valid));
+        match errors.into_result() {
+            Ok(()) => Ok(()),
+            Err(errors) => fail(Code::Datapath, format!("GC: {errors}")),
         }
     }
 
     fn status(&self) -> anyhow::Result<()> {
         self.version.require("STATUS", CniVersion::V1_1_0)?;
-        let socket = health_socket(&self.conf.state_dir);
         let not_available = |why: String| {
             fail::<()>(
                 Code::PluginNotAvailable,
                 format!("velox-loader is not available ({why}); start velox-loader run"),
             )
         };
-        let answer = UnixStream::connect(&socket).and_then(|mut stream| {
-            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-            let mut answer = String::new();
-            stream.read_to_string(&mut answer)?;
-            Ok(answer)
-        });
-        match answer {
-            Ok(answer) if serde_json::from_str::<Value>(&answer).is_ok_and(|v| v["ready"] == true) => Ok(()),
-            Ok(answer) => not_available(format!("it answered {answer:?}")),
-            Err(e) => not_available(format!("{}: {e}", socket.display())),
+        match health::query(&self.state_dir.health_socket(), Duration::from_secs(2)) {
+            Ok(health) if health.ready => Ok(()),
+            Ok(health) => not_available(format!("it answered {health:?}")),
+            Err(e) => not_available(e.to_string()),
         }
     }
 }

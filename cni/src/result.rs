@@ -1,9 +1,10 @@
 //! The ADD result, kept version-neutral and written in the format of the caller's version.
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
+use velox_node::Family;
 
 use crate::error::{CniError, Code};
 use crate::version::CniVersion;
@@ -22,18 +23,18 @@ pub struct Interface {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct IpConfig {
-    pub address: Ipv4Net,
+    pub address: IpNet,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<IpAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<usize>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Route {
-    pub dst: Ipv4Net,
+    pub dst: IpNet,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gw: Option<Ipv4Addr>,
+    pub gw: Option<IpAddr>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -50,10 +51,10 @@ pub struct CniResult {
 
 impl CniResult {
     /// Reads a result of any supported version (a `prevResult`, or a delegated IPAM
-    /// plugin's answer). IPv6 entries are not Velox's and are rejected clearly.
+    /// plugin's answer), with addresses of either family.
     pub fn parse(value: &Value) -> anyhow::Result<Self> {
         serde_json::from_value(value.clone())
-            .map_err(|e| CniError::new(Code::Decode, format!("cannot read CNI result (IPv4 only): {e}")).into())
+            .map_err(|e| CniError::new(Code::Decode, format!("cannot read CNI result: {e}")).into())
     }
 
     /// Appends `other`, renumbering its interface indices after ours (chaining).
@@ -76,8 +77,8 @@ impl CniResult {
         out["cniVersion"] = version.as_str().into();
         if version < CniVersion::V1_0_0 {
             // 0.3.x and 0.4.0 tag every IP with its family.
-            for ip in out["ips"].as_array_mut().into_iter().flatten() {
-                ip["version"] = json!("4");
+            for (ip, config) in out["ips"].as_array_mut().into_iter().flatten().zip(&self.ips) {
+                ip["version"] = json!(Family::of(&config.address.addr()).number());
             }
         }
         if version < CniVersion::V1_1_0 {
@@ -109,15 +110,28 @@ mod tests {
                     sandbox: "/var/run/netns/x".into(),
                 },
             ],
-            ips: vec![IpConfig {
-                address: "200.200.1.2/32".parse().unwrap(),
-                gateway: Some("169.254.1.1".parse().unwrap()),
-                interface: Some(1),
-            }],
-            routes: vec![Route {
-                dst: "0.0.0.0/0".parse().unwrap(),
-                gw: Some("169.254.1.1".parse().unwrap()),
-            }],
+            ips: vec![
+                IpConfig {
+                    address: "200.200.1.2/32".parse().unwrap(),
+                    gateway: Some("169.254.1.1".parse().unwrap()),
+                    interface: Some(1),
+                },
+                IpConfig {
+                    address: "fd00:200:1::2/128".parse().unwrap(),
+                    gateway: Some("fe80::1".parse().unwrap()),
+                    interface: Some(1),
+                },
+            ],
+            routes: vec![
+                Route {
+                    dst: "0.0.0.0/0".parse().unwrap(),
+                    gw: Some("169.254.1.1".parse().unwrap()),
+                },
+                Route {
+                    dst: "::/0".parse().unwrap(),
+                    gw: Some("fe80::1".parse().unwrap()),
+                },
+            ],
             dns: Value::Null,
         }
     }
@@ -128,6 +142,7 @@ mod tests {
             let json = sample().to_json(version);
             assert_eq!(json["cniVersion"], version.as_str());
             assert_eq!(json["ips"][0]["version"], "4");
+            assert_eq!(json["ips"][1]["version"], "6");
             assert!(json["interfaces"][0].get("mtu").is_none());
         }
     }
@@ -142,6 +157,8 @@ mod tests {
         assert_eq!(v110["ips"][0]["address"], "200.200.1.2/32");
         assert_eq!(v110["ips"][0]["interface"], 1);
         assert_eq!(v110["routes"][0]["dst"], "0.0.0.0/0");
+        assert_eq!(v110["ips"][1]["address"], "fd00:200:1::2/128");
+        assert_eq!(v110["routes"][1]["gw"], "fe80::1");
         assert!(v110.get("dns").is_none());
     }
 
@@ -152,7 +169,8 @@ mod tests {
         assert_eq!(prev.ips[0].address, sample().ips[0].address);
         prev.extend(sample());
         assert_eq!(prev.interfaces.len(), 4);
-        assert_eq!(prev.ips[1].interface, Some(3));
+        assert_eq!(prev.ips[2].interface, Some(3));
+        assert_eq!(prev.ips[3].address, sample().ips[1].address);
     }
 
     #[test]

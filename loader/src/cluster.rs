@@ -1,37 +1,107 @@
 //! The node's place in the cluster: `from_net` on the uplink, a route and a peer-map
-//! entry for every other node's pod CIDR (direct routing: no tunnel, no NAT), and
-//! masquerading of pod traffic that leaves the cluster.
+//! entry for every other node's pod CIDRs of both families (direct routing: no
+//! tunnel, no NAT), and masquerading of pod traffic that leaves the cluster, with
+//! iptables for IPv4 and ip6tables for IPv6.
 
 use anyhow::Context;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use velox_cni::datapath::{self, Bpffs, PeerMap};
-use velox_cni::netlink::{Netlink, VELOX_ROUTE_PROTOCOL};
 use velox_common::{Peer, FROM_NET_PROGRAM};
+use velox_node::link::attach_tc_ingress;
+use velox_node::maps::PeerMap;
+use velox_node::netlink::{Netlink, VELOX_ROUTE_PROTOCOL};
+use velox_node::{Bpffs, Family};
 
-/// One node of the peers file, as a Kubernetes Node object would describe it.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PeerNode {
-    pub name: String,
-    #[serde(rename = "nodeIP")]
-    pub node_ip: Ipv4Addr,
-    #[serde(rename = "podCIDR")]
-    pub pod_cidr: Ipv4Net,
+/// The peers file: a Kubernetes `NodeList` (`kubectl get nodes -o json`), of which
+/// Velox reads each node's name, `spec.podCIDRs` and `InternalIP` addresses.
+#[derive(Deserialize)]
+struct NodeList {
+    items: Vec<NodeObject>,
 }
 
 #[derive(Deserialize)]
-struct PeersFile {
-    nodes: Vec<PeerNode>,
+struct NodeObject {
+    metadata: NodeMetadata,
+    #[serde(default)]
+    spec: NodeSpec,
+    #[serde(default)]
+    status: NodeStatus,
+}
+
+#[derive(Deserialize)]
+struct NodeMetadata {
+    name: String,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeSpec {
+    #[serde(default)]
+    pod_cidrs: Vec<IpNet>,
+}
+
+#[derive(Default, Deserialize)]
+struct NodeStatus {
+    #[serde(default)]
+    addresses: Vec<NodeAddress>,
+}
+
+#[derive(Deserialize)]
+struct NodeAddress {
+    #[serde(rename = "type")]
+    kind: String,
+    address: String,
+}
+
+/// One node as Velox needs it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PeerNode {
+    pub name: String,
+    pub pod_cidrs: Vec<IpNet>,
+    /// Its InternalIPs, at most one per family in a dual-stack cluster.
+    pub node_ips: Vec<IpAddr>,
+}
+
+impl PeerNode {
+    /// The node's address to reach `cidr` through: the one of the same family.
+    fn next_hop(&self, cidr: &IpNet) -> Option<IpAddr> {
+        self.node_ips
+            .iter()
+            .copied()
+            .find(|ip| Family::of(ip) == Family::of(&cidr.addr()))
+    }
+}
+
+fn parse_nodes(text: &str) -> anyhow::Result<Vec<PeerNode>> {
+    let list: NodeList = serde_json::from_str(text)?;
+    let mut nodes: Vec<PeerNode> = list
+        .items
+        .into_iter()
+        .map(|node| PeerNode {
+            name: node.metadata.name,
+            pod_cidrs: node.spec.pod_cidrs.iter().map(IpNet::trunc).collect(),
+            node_ips: node
+                .status
+                .addresses
+                .iter()
+                .filter(|a| a.kind == "InternalIP")
+                .filter_map(|a| a.address.parse().ok())
+                .collect(),
+        })
+        .collect();
+    nodes.sort();
+    Ok(nodes)
 }
 
 pub struct ClusterConfig {
     pub uplink: String,
     pub peers_file: Option<PathBuf>,
-    pub pod_cidr: Option<Ipv4Net>,
+    /// This node's pod CIDRs, one per family: the sources to masquerade.
+    pub pod_cidrs: Vec<IpNet>,
     pub ip_masq: bool,
 }
 
@@ -42,13 +112,27 @@ pub struct Cluster {
     applied: Option<Vec<PeerNode>>,
 }
 
-/// The nat chain holding the masquerade rule and its exceptions.
+/// The nat chain holding the masquerade rule and its exceptions, in both families.
 const MASQ_CHAIN: &str = "VELOX-MASQ";
+
+/// Turns on forwarding of a family; a kernel without IPv6 has nothing to turn on.
+fn enable_forwarding(family: Family) -> anyhow::Result<()> {
+    let path = match family {
+        Family::V4 => "/proc/sys/net/ipv4/ip_forward",
+        Family::V6 => "/proc/sys/net/ipv6/conf/all/forwarding",
+    };
+    match std::fs::write(path, "1") {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && family == Family::V6 => Ok(()),
+        other => other.with_context(|| format!("enabling forwarding ({path})")),
+    }
+}
 
 impl Cluster {
     pub fn new(config: ClusterConfig, bpffs: Bpffs) -> anyhow::Result<Self> {
         // The kernel path (pods to outside, to other nodes' hosts) is routing.
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enabling IPv4 forwarding")?;
+        for family in Family::ALL {
+            enable_forwarding(family)?;
+        }
         Ok(Self {
             config,
             bpffs,
@@ -69,11 +153,7 @@ impl Cluster {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        let mut nodes = serde_json::from_str::<PeersFile>(&text)
-            .with_context(|| format!("parsing {}", path.display()))?
-            .nodes;
-        nodes.sort();
-        Ok(nodes)
+        parse_nodes(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
     /// True when the peers file says something other than what is applied.
@@ -87,34 +167,51 @@ impl Cluster {
             .link(&self.config.uplink)
             .await?
             .with_context(|| format!("uplink {} not found", self.config.uplink))?;
-        if !self.bpffs.link(&uplink.name).exists() {
+        if !self.bpffs.tc_ingress_link(&uplink.name).exists() {
             log::info!("attaching from_net to {}", uplink.name);
-            datapath::attach(&self.bpffs, FROM_NET_PROGRAM, &uplink.name)?;
+            attach_tc_ingress(&self.bpffs, FROM_NET_PROGRAM, &uplink.name)?;
         }
-        let own_ips = netlink.addresses(uplink.index).await?;
+        let own_ips: Vec<IpAddr> = netlink.addresses(uplink.index).await?.iter().map(IpNet::addr).collect();
         let nodes = self.read_peers()?;
-        let peers: BTreeMap<Ipv4Net, Ipv4Addr> = nodes
+        let mut peers: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
+        for node in nodes
             .iter()
-            .filter(|n| !own_ips.iter().any(|own| own.addr() == n.node_ip))
-            .map(|n| (n.pod_cidr.trunc(), n.node_ip))
-            .collect();
-
-        let mut routed = BTreeSet::new();
-        for route in netlink.routes().await? {
-            let wanted = peers.get(&route.dst) == route.gateway.as_ref() && route.oif == Some(uplink.index);
-            match (route.protocol == VELOX_ROUTE_PROTOCOL, wanted) {
-                (true, true) => {
-                    routed.insert(route.dst);
+            .filter(|n| !n.node_ips.iter().any(|ip| own_ips.contains(ip)))
+        {
+            for cidr in &node.pod_cidrs {
+                match node.next_hop(cidr) {
+                    Some(next_hop) => {
+                        peers.insert(*cidr, next_hop);
+                    }
+                    None => log::warn!(
+                        "node {} has no InternalIP of the family of {cidr}: not routed",
+                        node.name
+                    ),
                 }
-                (true, false) => {
-                    log::info!("removing route {} via {:?}", route.dst, route.gateway);
-                    netlink.delete_route(&route).await?;
-                }
-                (false, _) => {}
             }
         }
-        for (cidr, node_ip) in peers.iter().filter(|(cidr, _)| !routed.contains(*cidr)) {
-            netlink.replace_route_via(*cidr, *node_ip, uplink.index).await?;
+
+        for family in Family::ALL {
+            let mut routed = BTreeSet::new();
+            for route in netlink.routes(family).await? {
+                let wanted = peers.get(&route.dst) == route.gateway.as_ref() && route.oif == Some(uplink.index);
+                match (route.protocol == VELOX_ROUTE_PROTOCOL, wanted) {
+                    (true, true) => {
+                        routed.insert(route.dst);
+                    }
+                    (true, false) => {
+                        log::info!("removing route {} via {:?}", route.dst, route.gateway);
+                        netlink.delete_route(&route).await?;
+                    }
+                    (false, _) => {}
+                }
+            }
+            let missing = peers
+                .iter()
+                .filter(|(cidr, _)| Family::of(&cidr.addr()) == family && !routed.contains(*cidr));
+            for (cidr, node_ip) in missing {
+                netlink.replace_route_via(*cidr, *node_ip, uplink.index).await?;
+            }
         }
 
         let mut map = PeerMap::open(&self.bpffs)?;
@@ -125,58 +222,89 @@ impl Cluster {
             }
         }
         for (cidr, node_ip) in &peers {
-            map.put(
-                *cidr,
-                Peer {
-                    node_ip: node_ip.octets(),
-                    ifindex: uplink.index,
-                },
-            )?;
+            map.put(*cidr, Peer::new(*node_ip, uplink.index))?;
         }
 
-        if let (true, Some(pod_cidr)) = (self.config.ip_masq, self.config.pod_cidr) {
+        if self.config.ip_masq {
             // Everything inside the cluster keeps its source address.
-            let mut inside: BTreeSet<Ipv4Net> = peers.keys().copied().collect();
-            inside.insert(pod_cidr.trunc());
-            inside.extend(nodes.iter().map(|n| Ipv4Net::from(n.node_ip)));
-            inside.extend(own_ips.iter().map(|ip| Ipv4Net::from(ip.addr())));
-            masquerade(pod_cidr, &inside)?;
+            let mut inside: BTreeSet<IpNet> = peers.keys().copied().collect();
+            inside.extend(self.config.pod_cidrs.iter().map(IpNet::trunc));
+            inside.extend(nodes.iter().flat_map(|n| n.node_ips.iter().copied().map(IpNet::from)));
+            inside.extend(own_ips.iter().copied().map(IpNet::from));
+            for family in Family::ALL {
+                let of_family = |net: &&IpNet| Family::of(&net.addr()) == family;
+                let sources: Vec<IpNet> = self.config.pod_cidrs.iter().filter(of_family).copied().collect();
+                if !sources.is_empty() {
+                    let exempt: Vec<IpNet> = inside.iter().filter(of_family).copied().collect();
+                    masquerade(family, &sources, &exempt)?;
+                }
+            }
         }
         if self.applied.as_ref() != Some(&nodes) {
-            log::info!("cluster: {} peer node(s): {:?}", peers.len(), peers);
+            log::info!("cluster: {} peer pod CIDR(s): {:?}", peers.len(), peers);
         }
         self.applied = Some(nodes);
         Ok(())
     }
 }
 
-/// Pod traffic to anywhere outside `inside` leaves with the node's address. The chain
-/// is replaced in one iptables-restore transaction, so no packet sees half a rule set.
-fn masquerade(pod_cidr: Ipv4Net, inside: &BTreeSet<Ipv4Net>) -> anyhow::Result<()> {
+/// Pod traffic from `sources` to anywhere outside `inside` leaves with the node's
+/// address. The chain is replaced in one iptables-restore transaction, so no packet
+/// sees half a rule set.
+fn masquerade(family: Family, sources: &[IpNet], inside: &[IpNet]) -> anyhow::Result<()> {
+    let (restore, tables) = match family {
+        Family::V4 => ("iptables-restore", "iptables"),
+        Family::V6 => ("ip6tables-restore", "ip6tables"),
+    };
     let mut rules = format!("*nat\n:{MASQ_CHAIN} - [0:0]\n");
     for net in inside {
         rules.push_str(&format!("-A {MASQ_CHAIN} -d {net} -j RETURN\n"));
     }
     rules.push_str(&format!("-A {MASQ_CHAIN} -j MASQUERADE\nCOMMIT\n"));
-    let mut restore = Command::new("iptables-restore")
+    let mut child = Command::new(restore)
         .arg("--noflush")
         .stdin(Stdio::piped())
         .spawn()
-        .context("running iptables-restore")?;
-    std::io::Write::write_all(restore.stdin.as_mut().expect("piped"), rules.as_bytes())?;
-    anyhow::ensure!(
-        restore.wait()?.success(),
-        "iptables-restore refused the {MASQ_CHAIN} chain"
-    );
-    let jump = ["POSTROUTING", "-s", &pod_cidr.to_string(), "-j", MASQ_CHAIN];
-    let present = Command::new("iptables")
-        .args(["-t", "nat", "-C"])
-        .args(jump)
-        .stderr(Stdio::null())
-        .status()?;
-    if !present.success() {
-        let added = Command::new("iptables").args(["-t", "nat", "-A"]).args(jump).status()?;
-        anyhow::ensure!(added.success(), "iptables could not add the masquerade jump");
+        .with_context(|| format!("running {restore}"))?;
+    std::io::Write::write_all(child.stdin.as_mut().expect("piped"), rules.as_bytes())?;
+    anyhow::ensure!(child.wait()?.success(), "{restore} refused the {MASQ_CHAIN} chain");
+    for source in sources {
+        let jump = ["POSTROUTING", "-s", &source.to_string(), "-j", MASQ_CHAIN];
+        let present = Command::new(tables)
+            .args(["-t", "nat", "-C"])
+            .args(jump)
+            .stderr(Stdio::null())
+            .status()?;
+        if !present.success() {
+            let added = Command::new(tables).args(["-t", "nat", "-A"]).args(jump).status()?;
+            anyhow::ensure!(added.success(), "{tables} could not add the masquerade jump");
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_peers_file_is_a_kubernetes_node_list() {
+        let text = r#"{"apiVersion": "v1", "kind": "List", "items": [
+            {"metadata": {"name": "w2"},
+             "spec": {"podCIDR": "200.200.2.0/24", "podCIDRs": ["200.200.2.0/24", "fd00:200:2::/64"]},
+             "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.4"},
+                                      {"type": "InternalIP", "address": "fd00:10::4"},
+                                      {"type": "Hostname", "address": "w2"}]}},
+            {"metadata": {"name": "w3"}}
+        ]}"#;
+        let nodes = parse_nodes(text).unwrap();
+        assert_eq!(nodes.len(), 2);
+        let w2 = &nodes[0];
+        assert_eq!(w2.node_ips.len(), 2, "only InternalIPs: {w2:?}");
+        let v6: IpNet = "fd00:200:2::/64".parse().unwrap();
+        assert_eq!(w2.next_hop(&v6), Some("fd00:10::4".parse().unwrap()));
+        let v4: IpNet = "200.200.2.0/24".parse().unwrap();
+        assert_eq!(w2.next_hop(&v4), Some("10.0.0.4".parse().unwrap()));
+        assert!(nodes[1].pod_cidrs.is_empty(), "a node without spec yet is no peer");
+    }
 }

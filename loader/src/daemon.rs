@@ -8,18 +8,21 @@ use aya_log::EbpfLogger;
 use nix::mount::{mount, MsFlags};
 use nix::sys::statfs::statfs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
 use tokio::io::Interest;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
-use velox_cni::datapath::{Bpffs, Maps};
-use velox_cni::endpoint::EndpointStore;
-use velox_cni::netlink::Netlink;
-use velox_cni::plugin::health_socket;
 use velox_common::{COUNTERS_MAP, ENDPOINTS_MAP, FROM_NET_PROGRAM, FROM_POD_PROGRAM, PEERS_MAP};
+use velox_node::endpoint::EndpointStore;
+use velox_node::fs::create_private_dir;
+use velox_node::health::Health;
+use velox_node::layout::PRIVATE_FILE_MODE;
+use velox_node::maps::EndpointMaps;
+use velox_node::netlink::Netlink;
+use velox_node::{Bpffs, StateDir};
 
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::reconcile::reconcile;
@@ -33,7 +36,7 @@ type DatapathLogger = EbpfLogger<&'static dyn log::Log>;
 
 pub async fn run(
     bpffs: Bpffs,
-    state_dir: PathBuf,
+    state_dir: StateDir,
     interval: Duration,
     cluster: Option<ClusterConfig>,
     datapath_log_level: log::LevelFilter,
@@ -42,7 +45,7 @@ pub async fn run(
     if let Some(logger) = load_and_pin(&bpffs, datapath_log_level)? {
         tokio::spawn(forward_datapath_logs(logger));
     }
-    let mut maps = Maps::open(&bpffs)?;
+    let mut maps = EndpointMaps::open(&bpffs)?;
     let store = EndpointStore::new(&state_dir);
     let netlink = Netlink::connect()?;
     let mut cluster = cluster.map(|config| Cluster::new(config, bpffs.clone())).transpose()?;
@@ -52,12 +55,16 @@ pub async fn run(
     let uplink = cluster.as_ref().map(|c| c.uplink().to_string());
     reconcile(&bpffs, &store, &mut maps, uplink.as_deref())?;
 
-    velox_cni::create_private_dir(&state_dir)?;
-    let socket = health_socket(&state_dir);
+    create_private_dir(&state_dir.root)?;
+    let socket = state_dir.health_socket();
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
-    log::info!("ready: bpffs {}, state {}", bpffs.root.display(), state_dir.display());
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+    log::info!(
+        "ready: bpffs {}, state {}",
+        bpffs.root.display(),
+        state_dir.root.display()
+    );
 
     let mut tick = tokio::time::interval(interval);
     let mut peers_tick = tokio::time::interval(Duration::from_secs(1));
@@ -84,9 +91,11 @@ pub async fn run(
             }
             accepted = listener.accept() => {
                 if let Ok((mut stream, _)) = accepted {
-                    let endpoints = store.list().map(|r| r.len()).unwrap_or(0);
-                    let answer = serde_json::json!({"ready": true, "endpoints": endpoints});
-                    let _ = stream.write_all(answer.to_string().as_bytes()).await;
+                    let health = Health {
+                        ready: true,
+                        endpoints: store.list().map(|r| r.len()).unwrap_or(0),
+                    };
+                    let _ = stream.write_all(health.to_json().as_bytes()).await;
                 }
             }
             _ = terminate.recv() => break,
@@ -114,7 +123,7 @@ fn ensure_bpffs(bpffs: &Bpffs) -> anyhow::Result<()> {
         log::info!("mounted bpffs at {}", target.display());
     }
     for dir in bpffs.dirs() {
-        velox_cni::create_private_dir(&dir)?;
+        create_private_dir(&dir)?;
     }
     Ok(())
 }
@@ -123,6 +132,10 @@ fn ensure_bpffs(bpffs: &Bpffs) -> anyhow::Result<()> {
 /// program pin replaces the old one atomically; attached links keep their program.
 /// Returns the reader of the programs' log records when `log_level` is not off.
 fn load_and_pin(bpffs: &Bpffs, log_level: log::LevelFilter) -> anyhow::Result<Option<DatapathLogger>> {
+    anyhow::ensure!(
+        !EBPF_OBJECT.is_empty(),
+        "this velox-loader was built without the eBPF object: build it with `cargo xtask build`"
+    );
     let mut loader = EbpfLoader::new();
     for map in [ENDPOINTS_MAP, PEERS_MAP, COUNTERS_MAP] {
         loader.map_pin_path(map, bpffs.map(map));

@@ -2,17 +2,17 @@
 //! the records), `peers` (the peer map) and `stats` (every interface's counters).
 
 use comfy_table::{presets::NOTHING, Table};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
-use std::path::Path;
-use velox_cni::datapath::{Bpffs, Maps, PeerMap};
-use velox_cni::endpoint::{EndpointRecord, EndpointStore};
+use std::net::IpAddr;
+use velox_node::endpoint::{EndpointRecord, EndpointStore};
+use velox_node::maps::{EndpointMaps, PeerMap};
+use velox_node::{Bpffs, StateDir};
 
 #[derive(Serialize)]
 struct Row {
-    ip: Ipv4Addr,
+    ip: IpAddr,
     /// Host-side veth.
     ifname: String,
     ifindex: u32,
@@ -32,12 +32,13 @@ struct Row {
     state: &'static str,
 }
 
-pub fn endpoints(bpffs: &Bpffs, state_dir: &Path, json: bool) -> anyhow::Result<()> {
-    let maps = Maps::open(bpffs)?;
-    let mut records: BTreeMap<Ipv4Addr, EndpointRecord> = EndpointStore::new(state_dir)
+/// A row per address: a dual-stack pod has two, with the same interface and counters.
+pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Result<()> {
+    let maps = EndpointMaps::open(bpffs)?;
+    let mut records: BTreeMap<IpAddr, EndpointRecord> = EndpointStore::new(state_dir)
         .list()?
         .into_iter()
-        .map(|r| (r.ip, r))
+        .flat_map(|r| r.ips.clone().into_iter().map(move |ip| (ip, r.clone())))
         .collect();
     let mut rows = Vec::new();
     for (ip, endpoint) in maps.entries()? {
@@ -112,8 +113,8 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &Path, json: bool) -> anyhow::Result<
 
 #[derive(Serialize)]
 struct PeerRow {
-    pod_cidr: Ipv4Net,
-    node_ip: Ipv4Addr,
+    pod_cidr: IpNet,
+    node_ip: IpAddr,
     /// The uplink packets for that node leave by.
     ifindex: u32,
     ifname: String,
@@ -126,7 +127,7 @@ pub fn peers(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
         .into_iter()
         .map(|(pod_cidr, peer)| PeerRow {
             pod_cidr,
-            node_ip: Ipv4Addr::from(peer.node_ip),
+            node_ip: peer.node_ip.ip(),
             ifindex: peer.ifindex,
             ifname: names.get(&peer.ifindex).cloned().unwrap_or_default(),
         })
@@ -161,7 +162,7 @@ struct CountersJson {
 }
 
 pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
-    let maps = Maps::open(bpffs)?;
+    let maps = EndpointMaps::open(bpffs)?;
     let names = interface_names();
     let mut rows = Vec::new();
     for ifindex in maps.counter_ifindexes()? {

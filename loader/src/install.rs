@@ -6,14 +6,15 @@
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use velox_node::fs::{create_private_dir, write_atomic};
 
 #[derive(clap::Args)]
 pub struct InstallArgs {
-    /// This node's pod CIDR, for the built-in IPAM.
-    #[arg(long)]
-    pub pod_cidr: ipnet::Ipv4Net,
+    /// This node's pod CIDRs for the built-in IPAM, one per family: repeat the flag
+    /// for dual-stack.
+    #[arg(long, required = true)]
+    pub pod_cidr: Vec<ipnet::IpNet>,
     #[arg(long, default_value = "/opt/cni/bin")]
     pub cni_bin_dir: PathBuf,
     #[arg(long, default_value = "/etc/cni/net.d")]
@@ -48,15 +49,12 @@ fn sha256(path: &Path) -> anyhow::Result<String> {
     Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Writes `bytes` to `path` via a temporary file and a rename, so a runtime never
-/// reads half a binary or half a config.
+/// Installs `bytes` at `path` atomically, so a runtime never reads half a binary or
+/// half a config.
 fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<InstalledFile> {
     let dir = path.parent().context("no parent dir")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(".{}.velox-tmp", path.file_name().unwrap().to_string_lossy()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("installing {}", path.display()))?;
+    write_atomic(path, bytes, mode)?;
     Ok(InstalledFile {
         path: path.to_path_buf(),
         sha256: sha256(path)?,
@@ -71,7 +69,7 @@ pub fn conflist(args: &InstallArgs, bpffs_root: &Path, state_dir: &Path) -> serd
         "name": args.network,
         "plugins": [{
             "type": "velox",
-            "subnet": args.pod_cidr,
+            "subnets": args.pod_cidr,
             "mtu": args.mtu,
             "bpffsRoot": bpffs_root,
             "stateDir": state_dir,
@@ -97,7 +95,7 @@ pub fn install(args: &InstallArgs, bpffs_root: &Path, state_dir: &Path) -> anyho
     for file in &files {
         println!("installed {}", file.path.display());
     }
-    velox_cni::create_private_dir(state_dir)?;
+    create_private_dir(state_dir)?;
     std::fs::write(manifest(state_dir), serde_json::to_vec_pretty(&Installed { files })?)?;
     Ok(())
 }

@@ -8,7 +8,8 @@ mod reconcile;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use velox_cni::config::{DEFAULT_BPFFS_ROOT, DEFAULT_STATE_DIR};
+use velox_node::layout::{DEFAULT_BPFFS_ROOT, DEFAULT_STATE_DIR};
+use velox_node::{Bpffs, StateDir};
 
 /// The same knobs as the CNI config keys bpffsRoot, stateDir, logFile, logLevel.
 #[derive(Parser)]
@@ -44,13 +45,15 @@ enum Commands {
         /// path (`from_net` on it, `bpf_redirect_neigh` towards peers).
         #[arg(long)]
         uplink: Option<String>,
-        /// JSON `{"nodes": [{"name", "nodeIP", "podCIDR"}]}`, e.g. from the Node list;
-        /// re-read every second. This node's own entry is skipped.
+        /// The cluster's nodes as a Kubernetes NodeList (`kubectl get nodes -o json`):
+        /// each node's `spec.podCIDRs` and `InternalIP`s. Re-read every second; this
+        /// node's own entry is skipped.
         #[arg(long, requires = "uplink")]
         peers_file: Option<PathBuf>,
-        /// This node's pod CIDR: the source range to masquerade.
+        /// This node's pod CIDRs, one per family (repeat for dual-stack): the source
+        /// ranges to masquerade.
         #[arg(long, requires = "uplink")]
-        pod_cidr: Option<ipnet::Ipv4Net>,
+        pod_cidr: Vec<ipnet::IpNet>,
         /// Masquerade pod traffic leaving the cluster to the node's IP.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         ip_masq: bool,
@@ -98,7 +101,8 @@ fn main() -> anyhow::Result<()> {
         logger.target(env_logger::Target::Pipe(Box::new(file)));
     }
     logger.init();
-    let bpffs = velox_cni::datapath::Bpffs::new(&cli.bpffs_root);
+    let bpffs = Bpffs::new(&cli.bpffs_root);
+    let state_dir = StateDir::new(&cli.state_dir);
     match cli.command {
         Commands::Run {
             reconcile_interval,
@@ -111,18 +115,18 @@ fn main() -> anyhow::Result<()> {
             let cluster = uplink.map(|uplink| cluster::ClusterConfig {
                 uplink,
                 peers_file,
-                pod_cidr,
+                pod_cidrs: pod_cidr,
                 ip_masq,
             });
             let interval = std::time::Duration::from_secs(reconcile_interval);
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(daemon::run(bpffs, cli.state_dir, interval, cluster, datapath_log_level))
+                .block_on(daemon::run(bpffs, state_dir, interval, cluster, datapath_log_level))
         }
         Commands::Install(args) => install::install(&args, &bpffs.root, &cli.state_dir),
         Commands::Uninstall => install::uninstall(&cli.state_dir),
-        Commands::Endpoints { json } => dump::endpoints(&bpffs, &cli.state_dir, json),
+        Commands::Endpoints { json } => dump::endpoints(&bpffs, &state_dir, json),
         Commands::Peers { json } => dump::peers(&bpffs, json),
         Commands::Stats { json } => dump::stats(&bpffs, json),
     }

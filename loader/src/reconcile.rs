@@ -3,13 +3,21 @@
 use anyhow::Context;
 use nix::net::if_::if_nametoindex;
 use std::collections::HashSet;
-use velox_cni::datapath::{self, Bpffs, Maps};
-use velox_cni::endpoint::EndpointStore;
 use velox_common::FROM_POD_PROGRAM;
+use velox_node::endpoint::EndpointStore;
+use velox_node::layout::Hook;
+use velox_node::link::attach_tc_ingress;
+use velox_node::maps::EndpointMaps;
+use velox_node::Bpffs;
 
 /// One pass, under the endpoint lock so no ADD or DEL is half-seen. The uplink's
 /// counters (from `from_net`) are kept with the endpoints'.
-pub fn reconcile(bpffs: &Bpffs, store: &EndpointStore, maps: &mut Maps, uplink: Option<&str>) -> anyhow::Result<()> {
+pub fn reconcile(
+    bpffs: &Bpffs,
+    store: &EndpointStore,
+    maps: &mut EndpointMaps,
+    uplink: Option<&str>,
+) -> anyhow::Result<()> {
     let _lock = store.lock()?;
     let mut live_ips = HashSet::new();
     let mut live_ifindexes: HashSet<u32> = uplink.and_then(|name| if_nametoindex(name).ok()).into_iter().collect();
@@ -17,28 +25,32 @@ pub fn reconcile(bpffs: &Bpffs, store: &EndpointStore, maps: &mut Maps, uplink: 
         let alive = if_nametoindex(record.host_ifname.as_str()).is_ok_and(|index| index == record.host_ifindex);
         if !alive {
             // The pod is gone (its netns went away); DEL or GC will free the rest.
-            if maps.get(record.ip)?.is_some() {
-                log::info!("dropping {}: {} is gone", record.ip, record.host_ifname);
-                maps.remove(record.ip, record.host_ifindex)?;
+            for ip in &record.ips {
+                if maps.get(*ip)?.is_some() {
+                    log::info!("dropping {ip}: {} is gone", record.host_ifname);
+                    maps.remove(*ip)?;
+                }
             }
             continue;
         }
         let endpoint = record.endpoint();
-        if maps.get(record.ip)? != Some(endpoint) {
-            log::warn!("repairing the map entry of {} ({})", record.ip, record.host_ifname);
-            maps.put(record.ip, endpoint)?;
+        for ip in &record.ips {
+            if maps.get(*ip)? != Some(endpoint) {
+                log::warn!("repairing the map entry of {ip} ({})", record.host_ifname);
+                maps.put(*ip, endpoint)?;
+            }
+            live_ips.insert(*ip);
         }
-        if !bpffs.link(&record.host_ifname).exists() {
+        if !bpffs.tc_ingress_link(&record.host_ifname).exists() {
             log::warn!("re-attaching from_pod to {}", record.host_ifname);
-            datapath::attach(bpffs, FROM_POD_PROGRAM, &record.host_ifname)?;
+            attach_tc_ingress(bpffs, FROM_POD_PROGRAM, &record.host_ifname)?;
         }
-        live_ips.insert(record.ip);
         live_ifindexes.insert(record.host_ifindex);
     }
-    for (ip, endpoint) in maps.entries()? {
+    for (ip, _) in maps.entries()? {
         if !live_ips.contains(&ip) {
             log::info!("dropping stale map entry {ip}");
-            maps.remove(ip, endpoint.ifindex)?;
+            maps.remove(ip)?;
         }
     }
     for ifindex in maps.counter_ifindexes()? {
@@ -48,7 +60,7 @@ pub fn reconcile(bpffs: &Bpffs, store: &EndpointStore, maps: &mut Maps, uplink: 
     }
     // Links of interfaces that no longer exist hold nothing; an ADD in progress
     // always has its interface before its link.
-    if let Ok(links) = std::fs::read_dir(bpffs.links_dir()) {
+    if let Ok(links) = std::fs::read_dir(bpffs.links_dir(Hook::TcIngress)) {
         for link in links.flatten() {
             let name = link.file_name();
             if if_nametoindex(name.as_os_str()).is_err() {

@@ -1,28 +1,65 @@
-//! The simulated cluster of DESIGN.md: two nodes on an underlay, a router that knows
-//! nothing of pod CIDRs, an external host behind it, and a host-network pod per node.
+//! The simulated cluster of DESIGN.md, dual-stack: two nodes on an underlay, a router
+//! that knows nothing of pod CIDRs, an external host behind it, and a host-network
+//! pod per node. Every node, pod and host has an address of each family.
 //!
 //! ```text
-//!  my-k8s-worker-1 (10.0.0.3)  my-k8s-worker-2 (10.0.0.4)
-//!        eth0 |                      | eth0
-//!             +---- br0 10.0.0.1 ----+        velox-router (forwarding, no pod routes)
-//!                   ext0 198.41.0.1
+//!  my-k8s-worker-1                       my-k8s-worker-2
+//!  10.0.0.3, fd00:10::3                  10.0.0.4, fd00:10::4
+//!  pods 200.200.1.0/24, fd00:200:1::/64  pods 200.200.2.0/24, fd00:200:2::/64
+//!        eth0 |                                | eth0
+//!             +--- br0 10.0.0.1, fd00:10::1 ---+      velox-router (forwarding,
+//!                  ext0 198.41.0.1, 2001:db8:41::1                no pod routes)
 //!                         |
-//!                   eth0 198.41.0.4                velox-external
+//!                  eth0 198.41.0.4, 2001:db8:41::4                velox-external
 //! ```
 
 use anyhow::Context;
 use serde_json::json;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use velox_node::Family;
 
 use crate::guard::{Guard, TearDown};
 use crate::netns::{delete_netns, in_netns, netns_exists};
 use crate::node::Underlay;
 use crate::{run, Binaries, Node, Pod};
 
-pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(198, 41, 0, 4);
-const ROUTER_UNDERLAY_IP: &str = "10.0.0.1";
+/// The host outside the cluster, by family.
+pub fn external_ip(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => "198.41.0.4".parse().unwrap(),
+        Family::V6 => "2001:db8:41::4".parse().unwrap(),
+    }
+}
+
+/// The router's addresses of both families: on the underlay (the nodes' gateway) and
+/// towards the external host; then the external host's own.
+const ROUTER_UNDERLAY: [&str; 2] = ["10.0.0.1/24", "fd00:10::1/64"];
+const ROUTER_EXTERNAL: [&str; 2] = ["198.41.0.1/24", "2001:db8:41::1/64"];
+const EXTERNAL: [&str; 2] = ["198.41.0.4/24", "2001:db8:41::4/64"];
+
+/// The gateway part of one of the router's addresses.
+fn gateway(address: &str) -> &str {
+    address.split('/').next().unwrap()
+}
+
+/// `ip -n <ns> addr add <address> dev <dev> nodad`: the addresses are ours to give,
+/// so IPv6 duplicate address detection would only hold them back for a second.
+fn add_address(ns: &str, dev: &str, address: &str) -> anyhow::Result<()> {
+    run("ip", &["-n", ns, "addr", "add", address, "dev", dev, "nodad"]).map(drop)
+}
+
+/// Default routes of both families via the router's `addresses`.
+fn add_default_routes(ns: &str, addresses: &[&str; 2]) -> anyhow::Result<()> {
+    for (family, address) in ["-4", "-6"].into_iter().zip(addresses) {
+        run(
+            "ip",
+            &[family, "-n", ns, "route", "add", "default", "via", gateway(address)],
+        )?;
+    }
+    Ok(())
+}
 /// Where each node's host-network pod listens.
 pub const HOST_NETWORK_PORT: u16 = 5301;
 
@@ -40,7 +77,7 @@ pub struct Cluster {
 pub struct HostNetworkPod {
     pub name: String,
     pub node: usize,
-    pub ip: Ipv4Addr,
+    pub ips: Vec<IpAddr>,
 }
 
 impl Cluster {
@@ -50,19 +87,30 @@ impl Cluster {
         let state = PathBuf::from(format!("/run/velox-test/{prefix}cluster"));
         let peers_file = state.join("peers.json");
         let nodes = [
-            ("my-k8s-worker-1", "w1", "10.0.0.3", "200.200.1.0/24"),
-            ("my-k8s-worker-2", "w2", "10.0.0.4", "200.200.2.0/24"),
+            (
+                "my-k8s-worker-1",
+                "w1",
+                ["10.0.0.3", "fd00:10::3"],
+                ["200.200.1.0/24", "fd00:200:1::/64"],
+            ),
+            (
+                "my-k8s-worker-2",
+                "w2",
+                ["10.0.0.4", "fd00:10::4"],
+                ["200.200.2.0/24", "fd00:200:2::/64"],
+            ),
         ]
         .into_iter()
-        .map(|(full, short, ip, cidr)| {
+        .map(|(full, short, ips, cidrs)| {
             let name = if prefix.is_empty() {
                 full.to_string()
             } else {
                 format!("{prefix}{short}")
             };
-            let mut node = Node::new(&name, cidr.parse()?, bins.clone());
+            let cidrs = cidrs.iter().map(|c| c.parse()).collect::<Result<_, _>>()?;
+            let mut node = Node::new(&name, cidrs, bins.clone());
             node.underlay = Some(Underlay {
-                node_ip: ip.parse()?,
+                node_ips: ips.iter().map(|ip| ip.parse()).collect::<Result<_, _>>()?,
                 peers_file: peers_file.clone(),
             });
             Ok(node)
@@ -84,12 +132,8 @@ impl Cluster {
         })
     }
 
-    pub fn node_ip(&self, node: usize) -> Ipv4Addr {
-        self.nodes[node]
-            .underlay
-            .as_ref()
-            .expect("cluster nodes have an underlay")
-            .node_ip
+    pub fn node_ip(&self, node: usize, family: Family) -> IpAddr {
+        self.nodes[node].node_ip(family)
     }
 
     pub fn is_up(&self) -> bool {
@@ -105,67 +149,44 @@ impl Cluster {
     }
 
     fn build(&self) -> anyhow::Result<()> {
-        let router = self.router.as_str();
-        run("ip", &["netns", "add", router])?;
-        run("ip", &["netns", "add", &self.external])?;
-        for ns in [router, &self.external] {
+        let (router, external) = (self.router.as_str(), self.external.as_str());
+        for ns in [router, external] {
+            run("ip", &["netns", "add", ns])?;
             run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
         }
         run(
             "ip",
-            &["netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
-        )?;
-        run("ip", &["-n", router, "link", "add", "br0", "type", "bridge"])?;
-        run(
-            "ip",
             &[
-                "-n",
+                "netns",
+                "exec",
                 router,
-                "addr",
-                "add",
-                &format!("{ROUTER_UNDERLAY_IP}/24"),
-                "dev",
-                "br0",
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
             ],
         )?;
+        run("ip", &["-n", router, "link", "add", "br0", "type", "bridge"])?;
+        for address in ROUTER_UNDERLAY {
+            add_address(router, "br0", address)?;
+        }
         run("ip", &["-n", router, "link", "set", "br0", "up"])?;
         // The external host: reachable from the router only.
         run(
             "ip",
             &[
-                "-n",
-                router,
-                "link",
-                "add",
-                "ext0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &self.external,
+                "-n", router, "link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns", external,
             ],
         )?;
-        run("ip", &["-n", router, "addr", "add", "198.41.0.1/24", "dev", "ext0"])?;
+        for address in ROUTER_EXTERNAL {
+            add_address(router, "ext0", address)?;
+        }
+        for address in EXTERNAL {
+            add_address(external, "eth0", address)?;
+        }
         run("ip", &["-n", router, "link", "set", "ext0", "up"])?;
-        run(
-            "ip",
-            &[
-                "-n",
-                &self.external,
-                "addr",
-                "add",
-                &format!("{EXTERNAL_IP}/24"),
-                "dev",
-                "eth0",
-            ],
-        )?;
-        run("ip", &["-n", &self.external, "link", "set", "eth0", "up"])?;
-        run(
-            "ip",
-            &["-n", &self.external, "route", "add", "default", "via", "198.41.0.1"],
-        )?;
+        run("ip", &["-n", external, "link", "set", "eth0", "up"])?;
+        add_default_routes(external, &ROUTER_EXTERNAL)?;
 
         self.write_peers(&self.nodes.iter().collect::<Vec<_>>())?;
         for (i, node) in self.nodes.iter().enumerate() {
@@ -178,34 +199,44 @@ impl Cluster {
                 ],
             )?;
             run("ip", &["-n", router, "link", "set", &port, "master", "br0", "up"])?;
-            let ip = self.node_ip(i);
-            run(
-                "ip",
-                &["-n", &node.name, "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
-            )?;
+            for family in Family::ALL {
+                let prefix = if family == Family::V4 { 24 } else { 64 };
+                add_address(&node.name, "eth0", &format!("{}/{prefix}", node.node_ip(family)))?;
+            }
             run("ip", &["-n", &node.name, "link", "set", "eth0", "up"])?;
-            run(
-                "ip",
-                &["-n", &node.name, "route", "add", "default", "via", ROUTER_UNDERLAY_IP],
-            )?;
+            add_default_routes(&node.name, &ROUTER_UNDERLAY)?;
             node.start_loader()?;
             self.start_host_network_pod(i)?;
         }
         Ok(())
     }
 
-    /// Writes the node list every loader reads; `nodes` may leave some out.
+    /// Writes the node list every loader reads, as `kubectl get nodes -o json` would
+    /// print it; `nodes` may leave some out.
     pub fn write_peers(&self, nodes: &[&Node]) -> anyhow::Result<()> {
-        let entries: Vec<_> = nodes
+        let items: Vec<_> = nodes
             .iter()
             .map(|n| {
-                let ip = n.underlay.as_ref().expect("cluster node").node_ip;
-                json!({"name": n.name, "nodeIP": ip, "podCIDR": n.subnet})
+                let underlay = n.underlay.as_ref().expect("cluster node");
+                let addresses: Vec<_> = underlay
+                    .node_ips
+                    .iter()
+                    .map(|ip| json!({"type": "InternalIP", "address": ip}))
+                    .chain([json!({"type": "Hostname", "address": n.name})])
+                    .collect();
+                json!({
+                    "apiVersion": "v1",
+                    "kind": "Node",
+                    "metadata": {"name": n.name},
+                    "spec": {"podCIDR": n.subnets[0], "podCIDRs": n.subnets},
+                    "status": {"addresses": addresses},
+                })
             })
             .collect();
         std::fs::create_dir_all(self.peers_file.parent().unwrap())?;
         let tmp = self.peers_file.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&json!({"nodes": entries}))?)?;
+        let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&list)?)?;
         std::fs::rename(&tmp, &self.peers_file).context("writing the peers file")
     }
 
@@ -213,7 +244,12 @@ impl Cluster {
         HostNetworkPod {
             name: format!("hostnet-{}", node + 1),
             node,
-            ip: self.node_ip(node),
+            ips: self.nodes[node]
+                .underlay
+                .as_ref()
+                .expect("cluster node")
+                .node_ips
+                .clone(),
         }
     }
 
@@ -291,21 +327,28 @@ impl Cluster {
 }
 
 impl std::fmt::Display for Cluster {
-    /// The pod table, like `kubectl get pods -o wide`.
+    /// The pod table, like `kubectl get pods -o wide`, one address per family.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "{:<24} {:<15} {:<20} NODE_IP", "NAME", "IP", "NODE")?;
+        writeln!(f, "{:<24} {:<15} {:<20} {:<20} NODE_IPS", "NAME", "IP", "IPV6", "NODE")?;
         let pods = self.pods().map_err(|_| std::fmt::Error)?;
         let hostnet = (0..self.nodes.len())
             .map(|i| self.host_network_pod(i))
-            .map(|h| (h.node, h.name, h.ip));
-        for (node, name, ip) in pods.into_iter().map(|(n, p)| (n, p.name, p.ip)).chain(hostnet) {
+            .map(|h| (h.node, h.name, h.ips));
+        for (node, name, ips) in pods.into_iter().map(|(n, p)| (n, p.name, p.ips)).chain(hostnet) {
+            let [v4, v6] = Family::ALL.map(|family| {
+                ips.iter()
+                    .find(|ip| Family::of(ip) == family)
+                    .map_or("-".to_string(), |ip| ip.to_string())
+            });
+            let node_ips = Family::ALL.map(|family| self.node_ip(node, family).to_string());
             writeln!(
                 f,
-                "{:<24} {:<15} {:<20} {}",
+                "{:<24} {:<15} {:<20} {:<20} {}",
                 name,
-                ip,
+                v4,
+                v6,
                 self.nodes[node].name,
-                self.node_ip(node)
+                node_ips.join(",")
             )?;
         }
         Ok(())

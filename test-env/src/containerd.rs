@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context};
 use serde_json::Value;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,7 +20,7 @@ fn tools() -> PathBuf {
 #[derive(Clone, Debug)]
 pub struct Sandbox {
     pub id: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub netns: PathBuf,
 }
 
@@ -29,7 +29,7 @@ impl Sandbox {
     pub fn pod(&self) -> Pod {
         Pod {
             name: self.netns.file_name().unwrap().to_string_lossy().into_owned(),
-            ip: self.ip,
+            ips: vec![self.ip],
         }
     }
 }

@@ -26,6 +26,7 @@ pub use cni::CniOutcome;
 pub use netns::{direct_veth_pair, ensure_bpffs, in_netns, netns_with_prefix, remove_direct_veth_pair};
 pub use node::{Node, NodeGuard};
 pub use pod::Pod;
+pub use velox_node::Family;
 
 /// The release binaries under test: `$VELOX_BIN_DIR`, else the workspace's target/release.
 #[derive(Clone, Debug)]

@@ -1,18 +1,21 @@
-//! The connectivity matrix: every kind of connection the cluster must carry, with ICMP
-//! and TCP, and the source address the *receiver* sees, captured there with raw
-//! sockets. Only traffic leaving the cluster may be NATed.
+//! The connectivity matrix: every kind of connection the cluster must carry, in both
+//! address families, with ICMP and TCP, and the source address the *receiver* sees,
+//! captured there with raw sockets. Only traffic leaving the cluster may be NATed.
 
 use anyhow::Context;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use nix::sys::socket::{recv, setsockopt, socket, sockopt, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType};
+use nix::sys::socket::{
+    recvfrom, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockProtocol, SockType, SockaddrStorage,
+};
 use nix::sys::time::TimeVal;
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
+use velox_node::Family;
 
-use crate::cluster::{Cluster, EXTERNAL_IP, HOST_NETWORK_PORT};
+use crate::cluster::{external_ip, Cluster, HOST_NETWORK_PORT};
 use crate::netns::{in_netns, spawn_in};
 use crate::Pod;
 
@@ -21,7 +24,7 @@ use crate::Pod;
 pub struct Peer {
     pub label: String,
     pub netns: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// The TCP port it is reached on.
     pub port: u16,
     /// Whether the matrix runs a listener there (a host-network pod serves itself).
@@ -30,10 +33,11 @@ pub struct Peer {
 
 #[derive(Clone, Debug)]
 pub struct Case {
+    pub family: Family,
     pub from: Peer,
     pub to: Peer,
     /// The source the receiver must see.
-    pub expected_source: Ipv4Addr,
+    pub expected_source: IpAddr,
 }
 
 #[derive(Clone, Debug)]
@@ -41,7 +45,7 @@ pub struct Row {
     pub case: Case,
     pub icmp: bool,
     pub tcp: bool,
-    pub seen: Option<Ipv4Addr>,
+    pub seen: Option<IpAddr>,
 }
 
 impl Row {
@@ -57,8 +61,16 @@ impl Row {
 const POD_PORT: u16 = 8080;
 const NODE_PORT: u16 = 8081;
 
-/// The cases of the issue, from pod-1 (node 0) unless said otherwise.
+/// The cases of the issue in both families, from pod-1 (node 0) unless said otherwise.
 pub fn cases(cluster: &Cluster, pods: &[(usize, Pod)]) -> anyhow::Result<Vec<Case>> {
+    let mut cases = Vec::new();
+    for family in Family::ALL {
+        cases.extend(cases_of(cluster, pods, family)?);
+    }
+    Ok(cases)
+}
+
+fn cases_of(cluster: &Cluster, pods: &[(usize, Pod)], family: Family) -> anyhow::Result<Vec<Case>> {
     let pod = |name: &str| -> anyhow::Result<Peer> {
         let (_, p) = pods
             .iter()
@@ -67,7 +79,7 @@ pub fn cases(cluster: &Cluster, pods: &[(usize, Pod)]) -> anyhow::Result<Vec<Cas
         Ok(Peer {
             label: name.into(),
             netns: p.name.clone(),
-            ip: p.ip,
+            ip: p.ip(family),
             port: POD_PORT,
             serve: true,
         })
@@ -75,7 +87,7 @@ pub fn cases(cluster: &Cluster, pods: &[(usize, Pod)]) -> anyhow::Result<Vec<Cas
     let node_process = |node: usize, what: &str| Peer {
         label: format!("{what} {}", short(&cluster.nodes[node].name)),
         netns: cluster.nodes[node].name.clone(),
-        ip: cluster.node_ip(node),
+        ip: cluster.node_ip(node, family),
         port: NODE_PORT,
         serve: true,
     };
@@ -84,7 +96,7 @@ pub fn cases(cluster: &Cluster, pods: &[(usize, Pod)]) -> anyhow::Result<Vec<Cas
         Peer {
             label: h.name,
             netns: cluster.nodes[node].name.clone(),
-            ip: h.ip,
+            ip: cluster.node_ip(h.node, family),
             port: HOST_NETWORK_PORT,
             serve: false,
         }
@@ -92,12 +104,13 @@ pub fn cases(cluster: &Cluster, pods: &[(usize, Pod)]) -> anyhow::Result<Vec<Cas
     let external = Peer {
         label: "external".into(),
         netns: cluster.external.clone(),
-        ip: EXTERNAL_IP,
+        ip: external_ip(family),
         port: 8082,
         serve: true,
     };
     let (p1, p2, p3, p4) = (pod("pod-1")?, pod("pod-2")?, pod("pod-3")?, pod("pod-4")?);
     let case = |from: &Peer, to: &Peer| Case {
+        family,
         from: from.clone(),
         to: to.clone(),
         expected_source: from.ip,
@@ -120,9 +133,10 @@ pub fn cases(cluster: &Cluster, pods: &[(usize, Pod)]) -> anyhow::Result<Vec<Cas
     ];
     for (from, node) in [(&p1, 0), (&p2, 1)] {
         cases.push(Case {
+            family,
             from: from.clone(),
             to: external.clone(),
-            expected_source: cluster.node_ip(node),
+            expected_source: cluster.node_ip(node, family),
         });
     }
     Ok(cases)
@@ -140,12 +154,16 @@ fn run_case(case: &Case) -> anyhow::Result<Row> {
     let to = case.to.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let (ready_tx, ready) = mpsc::channel();
-    let icmp = capture(&to, SockProtocol::Icmp, stop.clone(), ready_tx.clone());
+    let icmp = match case.family {
+        Family::V4 => SockProtocol::Icmp,
+        Family::V6 => SockProtocol::IcmpV6,
+    };
+    let icmp = capture(&to, icmp, stop.clone(), ready_tx.clone());
     let tcp = capture(&to, SockProtocol::Tcp, stop.clone(), ready_tx.clone());
     let listener = to.serve.then(|| {
         let (to, ready_tx) = (to.clone(), ready_tx.clone());
         spawn_in(&to.netns, move || {
-            let listener = TcpListener::bind(SocketAddrV4::new(to.ip, to.port))?;
+            let listener = TcpListener::bind(SocketAddr::new(to.ip, to.port))?;
             ready_tx.send(()).ok();
             listener.set_nonblocking(false)?;
             let _ = listener.accept();
@@ -167,9 +185,9 @@ fn run_case(case: &Case) -> anyhow::Result<Row> {
         .output()
         .is_ok_and(|o| o.status.success())
     });
-    let target = SocketAddrV4::new(to.ip, to.port);
+    let target = SocketAddr::new(to.ip, to.port);
     let tcp_ok = spawn_in(&case.from.netns, move || {
-        Ok(TcpStream::connect_timeout(&target.into(), Duration::from_secs(2))?)
+        Ok(TcpStream::connect_timeout(&target, Duration::from_secs(2))?)
     })
     .join()
     .is_ok_and(|r| r.is_ok());
@@ -177,7 +195,7 @@ fn run_case(case: &Case) -> anyhow::Result<Row> {
     if let Some(listener) = listener {
         // Unblock accept() if nothing connected.
         let _ = spawn_in(&to.netns, move || {
-            Ok(TcpStream::connect_timeout(&target.into(), Duration::from_millis(200))?)
+            Ok(TcpStream::connect_timeout(&target, Duration::from_millis(200))?)
         })
         .join();
         let _ = listener.join();
@@ -203,43 +221,61 @@ fn capture(
     protocol: SockProtocol,
     stop: Arc<AtomicBool>,
     ready: mpsc::Sender<()>,
-) -> std::thread::JoinHandle<anyhow::Result<Option<Ipv4Addr>>> {
+) -> std::thread::JoinHandle<anyhow::Result<Option<IpAddr>>> {
     let to = to.clone();
     spawn_in(&to.netns.clone(), move || {
-        let sock = socket(AddressFamily::Inet, SockType::Raw, SockFlag::empty(), protocol)?;
+        let family = match to.ip {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        let sock = socket(family, SockType::Raw, SockFlag::empty(), protocol)?;
         setsockopt(&sock, sockopt::ReceiveTimeout, &TimeVal::new(0, 100_000))?;
         ready.send(()).ok();
         let mut buf = [0u8; 1500];
         let mut seen = None;
         while !stop.load(Ordering::Relaxed) {
-            let Ok(len) = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) else {
+            let Ok((len, Some(from))) = recvfrom::<SockaddrStorage>(sock.as_raw_fd(), &mut buf) else {
                 continue;
             };
-            if seen.is_none() && len >= 20 {
-                seen = matching_source(&buf[..len], protocol, to.ip, to.port);
+            if seen.is_none() && matches_case(&buf[..len], protocol, to.ip, to.port) {
+                seen = source_of(&from);
             }
         }
         Ok(seen)
     })
 }
 
-/// Parses an IPv4 packet as a raw socket delivers it.
-fn matching_source(packet: &[u8], protocol: SockProtocol, dst: Ipv4Addr, port: u16) -> Option<Ipv4Addr> {
-    let header = usize::from(packet[0] & 0x0f) * 4;
-    let payload = packet.get(header..)?;
-    if Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]) != dst {
-        return None;
+fn source_of(from: &SockaddrStorage) -> Option<IpAddr> {
+    if let Some(v4) = from.as_sockaddr_in() {
+        return Some(IpAddr::V4(v4.ip()));
     }
-    let wanted = match protocol {
-        SockProtocol::Icmp => payload.first() == Some(&8), // echo request
-        _ => payload.len() >= 14 && u16::from_be_bytes([payload[2], payload[3]]) == port && payload[13] & 0x02 != 0, // SYN
+    from.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+}
+
+/// Whether a packet a raw socket delivered is the case's echo request or SYN. IPv4
+/// raw sockets deliver the IP header too (its destination is checked); IPv6 ones
+/// start at the transport header.
+fn matches_case(packet: &[u8], protocol: SockProtocol, dst: IpAddr, port: u16) -> bool {
+    let payload = match dst {
+        IpAddr::V4(dst) => {
+            if packet.len() < 20 || Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]) != dst {
+                return false;
+            }
+            &packet[usize::from(packet[0] & 0x0f) * 4..]
+        }
+        IpAddr::V6(_) => packet,
     };
-    wanted.then(|| Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]))
+    match protocol {
+        SockProtocol::Icmp => payload.first() == Some(&8),     // echo request
+        SockProtocol::IcmpV6 => payload.first() == Some(&128), // echo request
+        _ => payload.len() >= 14 && u16::from_be_bytes([payload[2], payload[3]]) == port && payload[13] & 0x02 != 0, // SYN
+    }
 }
 
 pub fn table(rows: &[Row]) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "FAMILY",
         "FROM",
         "TO",
         "ICMP",
@@ -253,6 +289,7 @@ pub fn table(rows: &[Row]) -> Table {
     for row in rows {
         let expected_nat = row.case.expected_source != row.case.from.ip;
         table.add_row([
+            format!("IPv{}", row.case.family.number()),
             format!("{} ({})", row.case.from.label, row.case.from.ip),
             format!("{} ({}:{})", row.case.to.label, row.case.to.ip, row.case.to.port),
             yes_no(row.icmp).into(),

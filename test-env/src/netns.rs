@@ -66,8 +66,8 @@ pub fn spawn_in<T: Send + 'static>(
     })
 }
 
-/// Two namespaces `<prefix>-l` and `<prefix>-r` joined by a bare veth pair: the
-/// same-node limit any CNI is measured against.
+/// Two namespaces `<prefix>-l` and `<prefix>-r` joined by a bare veth pair, with an
+/// address of each family: the same-node limit any CNI is measured against.
 pub fn direct_veth_pair(prefix: &str) -> anyhow::Result<(Pod, Pod)> {
     let (left, right) = (format!("{prefix}-l"), format!("{prefix}-r"));
     let result = (|| {
@@ -79,15 +79,23 @@ pub fn direct_veth_pair(prefix: &str) -> anyhow::Result<(Pod, Pod)> {
                 "-n", &left, "link", "add", "veth-l", "type", "veth", "peer", "name", "veth-r", "netns", &right,
             ],
         )?;
-        let ends = [(&left, "veth-l", "10.99.0.1"), (&right, "veth-r", "10.99.0.2")];
-        for (ns, ifname, ip) in ends {
-            run("ip", &["-n", ns, "addr", "add", &format!("{ip}/24"), "dev", ifname])?;
+        let ends = [
+            (&left, "veth-l", ["10.99.0.1/24", "fd00:99::1/64"]),
+            (&right, "veth-r", ["10.99.0.2/24", "fd00:99::2/64"]),
+        ];
+        for (ns, ifname, addresses) in &ends {
+            for address in addresses {
+                run("ip", &["-n", ns, "addr", "add", address, "dev", ifname, "nodad"])?;
+            }
             run("ip", &["-n", ns, "link", "set", ifname, "up"])?;
             run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
         }
-        Ok(ends.map(|(ns, _, ip)| Pod {
+        Ok(ends.map(|(ns, _, addresses)| Pod {
             name: ns.clone(),
-            ip: ip.parse().unwrap(),
+            ips: addresses
+                .iter()
+                .map(|a| a.parse::<ipnet::IpNet>().unwrap().addr())
+                .collect(),
         }))
     })();
     if result.is_err() {

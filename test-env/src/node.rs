@@ -1,16 +1,17 @@
 //! A node: a network namespace with its own loader, bpffs root and state dir.
 
 use anyhow::{bail, Context};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use velox_cni::endpoint::EndpointStore;
+use velox_node::endpoint::EndpointStore;
+use velox_node::{Family, StateDir};
 
 use crate::cni::{exec_plugin, CniOutcome};
 use crate::guard::{Guard, TearDown};
@@ -22,7 +23,8 @@ use crate::{run, Binaries, Pod};
 #[derive(Clone, Debug)]
 pub struct Node {
     pub name: String,
-    pub subnet: Ipv4Net,
+    /// Its pod CIDRs, one per family.
+    pub subnets: Vec<IpNet>,
     pub bpffs_root: PathBuf,
     pub state_dir: PathBuf,
     pub bins: Binaries,
@@ -33,16 +35,22 @@ pub struct Node {
 /// How a cluster node reaches the others.
 #[derive(Clone, Debug)]
 pub struct Underlay {
-    pub node_ip: Ipv4Addr,
+    /// One per family, IPv4 first.
+    pub node_ips: Vec<IpAddr>,
     /// The cluster's node list, shared by every node's loader.
     pub peers_file: PathBuf,
 }
 
 impl Node {
-    pub fn new(name: &str, subnet: Ipv4Net, bins: Binaries) -> Self {
+    /// The dual-stack pod CIDRs of the test environment's first node.
+    pub fn default_subnets() -> Vec<IpNet> {
+        vec!["200.200.1.0/24".parse().unwrap(), "fd00:200:1::/64".parse().unwrap()]
+    }
+
+    pub fn new(name: &str, subnets: Vec<IpNet>, bins: Binaries) -> Self {
         Self {
             name: name.to_string(),
-            subnet,
+            subnets,
             bpffs_root: PathBuf::from(format!("/sys/fs/bpf/velox-{name}")),
             state_dir: PathBuf::from(format!("/run/velox-test/{name}")),
             bins,
@@ -94,15 +102,14 @@ impl Node {
             .args(["run", "--reconcile-interval", "1"])
             .args(run_flags)
             .args(self.underlay.iter().flat_map(|u| {
-                [
-                    "--uplink",
-                    "eth0",
-                    "--pod-cidr",
-                    &self.subnet.to_string(),
-                    "--peers-file",
-                    u.peers_file.to_str().unwrap(),
-                ]
-                .map(String::from)
+                let pod_cidrs = self
+                    .subnets
+                    .iter()
+                    .flat_map(|s| ["--pod-cidr".to_string(), s.to_string()]);
+                ["--uplink", "eth0", "--peers-file", u.peers_file.to_str().unwrap()]
+                    .map(String::from)
+                    .into_iter()
+                    .chain(pod_cidrs)
             }))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -150,7 +157,7 @@ impl Node {
             "cniVersion": cni_version,
             "name": format!("velox-{}", self.name),
             "type": "velox",
-            "subnet": self.subnet.to_string(),
+            "subnets": self.subnets,
             "mtu": 1500,
             "bpffsRoot": self.bpffs_root,
             "stateDir": self.state_dir,
@@ -202,14 +209,7 @@ impl Node {
             let _ = delete_netns(pod);
             bail!("ADD of {pod} failed: {}", outcome.stdout);
         }
-        let address: Ipv4Net = outcome.stdout["ips"][0]["address"]
-            .as_str()
-            .context("ADD result has no address")?
-            .parse()?;
-        Ok(Pod {
-            name: pod.to_string(),
-            ip: address.addr(),
-        })
+        Pod::from_result(pod, &outcome.stdout)
     }
 
     /// DEL as a runtime does when a pod goes, then the pod's netns goes.
@@ -228,14 +228,14 @@ impl Node {
         delete_netns(pod)
     }
 
-    /// The pods this node's records know, as (name, IP).
+    /// The pods this node's records know.
     pub fn pods(&self) -> anyhow::Result<Vec<Pod>> {
-        Ok(EndpointStore::new(&self.state_dir)
+        Ok(EndpointStore::new(&StateDir::new(&self.state_dir))
             .list()?
             .into_iter()
             .map(|r| Pod {
                 name: r.container_id,
-                ip: r.ip,
+                ips: r.ips,
             })
             .collect())
     }
@@ -257,22 +257,37 @@ impl Node {
     }
 
     /// The endpoint dump row of `ip`, if the endpoint map has it.
-    pub fn endpoint(&self, ip: Ipv4Addr) -> anyhow::Result<Value> {
+    pub fn endpoint(&self, ip: IpAddr) -> anyhow::Result<Value> {
         self.endpoints()?
             .into_iter()
             .find(|e| e["ip"] == ip.to_string() && e["state"] != "no map entry")
             .with_context(|| format!("{ip} is not in the endpoint map"))
     }
 
-    /// Turns off the node's IP forwarding, leaving pod-to-pod traffic to eBPF alone.
+    /// Turns off the node's forwarding of both families, leaving pod-to-pod traffic
+    /// to eBPF alone.
     pub fn disable_ip_forwarding(&self) -> anyhow::Result<()> {
-        let output = self.exec("sysctl", &["-qw", "net.ipv4.ip_forward=0"])?;
+        let output = self.exec(
+            "sysctl",
+            &["-qw", "net.ipv4.ip_forward=0", "net.ipv6.conf.all.forwarding=0"],
+        )?;
         anyhow::ensure!(
             output.status.success(),
             "sysctl: {}",
             String::from_utf8_lossy(&output.stderr)
         );
         Ok(())
+    }
+
+    /// The node's address of `family` on the underlay (cluster nodes only).
+    pub fn node_ip(&self, family: Family) -> IpAddr {
+        let underlay = self.underlay.as_ref().expect("cluster nodes have an underlay");
+        underlay
+            .node_ips
+            .iter()
+            .copied()
+            .find(|ip| Family::of(ip) == family)
+            .expect("cluster nodes are dual-stack")
     }
 
     /// A command in the node's netns (a host process of that node).
@@ -353,7 +368,7 @@ impl NodeGuard {
     /// A fresh node whose names are unique to this process, so tests run in parallel.
     pub fn up(tag: &str) -> anyhow::Result<Self> {
         let name = format!("vt{}-{tag}", std::process::id());
-        let node = Node::new(&name, "200.200.1.0/24".parse()?, Binaries::locate()?);
+        let node = Node::new(&name, Node::default_subnets(), Binaries::locate()?);
         let guard = Self(node);
         guard.0.up()?;
         Ok(guard)

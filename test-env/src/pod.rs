@@ -1,21 +1,51 @@
 //! A pod: a network namespace named after it, wired by the CNI plugin.
 
 use anyhow::{bail, Context};
+use ipnet::IpNet;
 use serde_json::Value;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
+use velox_node::Family;
 
 use crate::in_netns;
 
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub name: String,
-    pub ip: Ipv4Addr,
+    /// At most one address per family, IPv4 first.
+    pub ips: Vec<IpAddr>,
 }
 
 impl Pod {
+    /// The pod a CNI ADD result describes: every address in `ips`.
+    pub fn from_result(name: &str, result: &Value) -> anyhow::Result<Self> {
+        let ips = result["ips"]
+            .as_array()
+            .context("ADD result has no ips")?
+            .iter()
+            .map(|ip| {
+                let address: IpNet = ip["address"].as_str().context("ip without address")?.parse()?;
+                Ok(address.addr())
+            })
+            .collect::<anyhow::Result<Vec<IpAddr>>>()?;
+        anyhow::ensure!(!ips.is_empty(), "ADD result has no address: {result}");
+        Ok(Self {
+            name: name.to_string(),
+            ips,
+        })
+    }
+
+    /// The pod's address of `family`; a pod of the test environment has both.
+    pub fn ip(&self, family: Family) -> IpAddr {
+        self.ips
+            .iter()
+            .copied()
+            .find(|ip| Family::of(ip) == family)
+            .unwrap_or_else(|| panic!("{} has no {family:?} address: {:?}", self.name, self.ips))
+    }
+
     pub fn netns_path(&self) -> PathBuf {
         Path::new("/run/netns").join(&self.name)
     }
@@ -25,7 +55,7 @@ impl Pod {
     }
 
     /// `count` pings to `ip`; true when every one was answered.
-    pub fn ping(&self, ip: Ipv4Addr, count: u32) -> bool {
+    pub fn ping(&self, ip: IpAddr, count: u32) -> bool {
         self.exec(
             "ping",
             &["-c", &count.to_string(), "-i", "0.1", "-W", "1", "-q", &ip.to_string()],
@@ -35,7 +65,7 @@ impl Pod {
 
     /// Pings `ip` `count` times, 50 ms apart, while `during` runs (a restart, say);
     /// returns how many were answered.
-    pub fn ping_while(&self, ip: Ipv4Addr, count: u32, during: impl FnOnce()) -> anyhow::Result<u32> {
+    pub fn ping_while(&self, ip: IpAddr, count: u32, during: impl FnOnce()) -> anyhow::Result<u32> {
         let ping = in_netns(
             &self.name,
             "ping",
@@ -53,24 +83,18 @@ impl Pod {
         Ok(received.trim().parse()?)
     }
 
-    /// iperf3 TCP from this pod to `server` for `seconds`; Gbit/s received.
-    pub fn iperf3_to(&self, server: &Pod, seconds: u32) -> anyhow::Result<f64> {
-        Ok(self.iperf3(server, seconds, 1)?.gbps)
+    /// iperf3 TCP from this pod to `server`'s address of `family` for `seconds`;
+    /// Gbit/s received.
+    pub fn iperf3_to(&self, server: &Pod, family: Family, seconds: u32) -> anyhow::Result<f64> {
+        Ok(self.iperf3(server, family, seconds, 1)?.gbps)
     }
 
     /// iperf3 TCP with `streams` parallel streams.
-    pub fn iperf3(&self, server: &Pod, seconds: u32, streams: u32) -> anyhow::Result<Throughput> {
-        let _server = Server::start(server, "iperf3", &["-s", "-1", "-B", &server.ip.to_string()])?;
+    pub fn iperf3(&self, server: &Pod, family: Family, seconds: u32, streams: u32) -> anyhow::Result<Throughput> {
+        let ip = server.ip(family).to_string();
+        let _server = Server::start(server, "iperf3", &["-s", "-1", "-B", &ip])?;
         let deadline = Instant::now() + Duration::from_secs(5);
-        let args = [
-            "-c",
-            &server.ip.to_string(),
-            "-t",
-            &seconds.to_string(),
-            "-P",
-            &streams.to_string(),
-            "-J",
-        ];
+        let args = ["-c", &ip, "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"];
         // iperf3 3.12 exits 0 even when it cannot connect: the report says.
         let report = loop {
             let output = self.exec("iperf3", &args)?;
@@ -83,7 +107,7 @@ impl Pod {
         let received = &report["end"]["sum_received"];
         match (received["bits_per_second"].as_f64(), received["bytes"].as_f64()) {
             (Some(bps), Some(bytes)) => Ok(Throughput { gbps: bps / 1e9, bytes }),
-            _ => bail!("iperf3 to {} failed: {}", server.ip, report["error"]),
+            _ => bail!("iperf3 to {ip} failed: {}", report["error"]),
         }
     }
 
@@ -92,8 +116,8 @@ impl Pod {
     /// client are pinned to different CPUs so each busy-poller has one. Even so, on
     /// this VM every configuration lands in one of two modes per run (about 7 or
     /// 10.5 us): read latency and tps with their spread.
-    pub fn sockperf_to(&self, server: &Pod, seconds: u32) -> anyhow::Result<Latency> {
-        let ip = server.ip.to_string();
+    pub fn sockperf_to(&self, server: &Pod, family: Family, seconds: u32) -> anyhow::Result<Latency> {
+        let ip = server.ip(family).to_string();
         let serve = [
             "-c",
             "0",

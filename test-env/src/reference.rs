@@ -1,7 +1,7 @@
 //! A node wired by one of the reference CNI plugins (ptp, bridge) with host-local
 //! IPAM, driven through the same CNI calls as Velox, for side-by-side measurements.
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -73,17 +73,7 @@ impl ReferenceNode {
         if !outcome.success {
             bail!("{} ADD of {name} failed: {}", self.plugin, outcome.stdout);
         }
-        let address: Ipv4Net = outcome.stdout["ips"][0]["address"]
-            .as_str()
-            .context("no address")?
-            .parse()?;
-        Ok((
-            Pod {
-                name,
-                ip: address.addr(),
-            },
-            outcome,
-        ))
+        Ok((Pod::from_result(&name, &outcome.stdout)?, outcome))
     }
 
     pub fn delete_pod(&self, pod: &Pod) -> anyhow::Result<CniOutcome> {

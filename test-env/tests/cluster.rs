@@ -4,67 +4,95 @@
 
 use nix::sys::signal::Signal;
 use std::time::{Duration, Instant};
-use velox_test_env::{matrix, run, ClusterGuard};
+use velox_test_env::{matrix, run, ClusterGuard, Family};
 
 #[test]
-fn connectivity_matrix_passes_with_nat_only_to_the_outside() {
+fn connectivity_matrix_passes_in_both_families_with_nat_only_to_the_outside() {
     let cluster = ClusterGuard::up("m").unwrap();
     let rows = matrix::run(&matrix::cases(&cluster, &cluster.pods().unwrap()).unwrap()).unwrap();
     let table = matrix::table(&rows);
-    assert_eq!(rows.len(), 16, "{table}");
+    for family in Family::ALL {
+        assert_eq!(rows.iter().filter(|r| r.case.family == family).count(), 16, "{table}");
+    }
     assert!(rows.iter().all(|r| r.pass()), "{table}");
     let natted: Vec<_> = rows
         .iter()
         .filter(|r| r.nat() == Some(true))
-        .map(|r| r.case.to.label.as_str())
+        .map(|r| (r.case.family, r.case.to.label.as_str()))
         .collect();
-    assert_eq!(natted, ["external", "external"], "{table}");
+    let external = [
+        (Family::V4, "external"),
+        (Family::V4, "external"),
+        (Family::V6, "external"),
+        (Family::V6, "external"),
+    ];
+    assert_eq!(natted, external, "{table}");
     cluster.finish().unwrap();
 }
 
 #[test]
-fn cross_node_traffic_takes_the_ebpf_path_on_both_nodes() {
+fn both_families_take_the_ebpf_path_on_both_nodes_without_forwarding() {
     let cluster = ClusterGuard::up("x").unwrap();
     let (pod1, pod2, pod4) = (cluster.pod("pod-1"), cluster.pod("pod-2"), cluster.pod("pod-4"));
-    // Without forwarding on either node, only from_pod (redirect_neigh) on the sender
-    // and from_net (redirect_peer) on the receiver can carry pod traffic.
+    // Without forwarding on either node, only from_pod (redirect_peer, redirect_neigh)
+    // on the sender and from_net (redirect_peer) on the receiver carry pod traffic.
     for node in &cluster.nodes {
         node.disable_ip_forwarding().unwrap();
     }
-    let redirected = |ip| {
-        cluster.nodes[0].endpoint(ip).unwrap()["redirected_packets"]
+    let redirected = |node: usize, ip| {
+        cluster.nodes[node].endpoint(ip).unwrap()["redirected_packets"]
             .as_u64()
             .unwrap()
     };
-    let before = redirected(pod1.ip);
-    assert!(pod1.ping(pod4.ip, 5), "same node");
-    assert!(pod1.ping(pod2.ip, 5), "across nodes");
-    assert!(pod1.iperf3_to(&pod2, 1).unwrap() > 0.0, "TCP across nodes");
-    let after = redirected(pod1.ip);
-    assert!(
-        after >= before + 10,
-        "pod-1's redirect counter went {before} -> {after}"
-    );
-    let replies = cluster.nodes[1].endpoint(pod2.ip).unwrap()["redirected_packets"]
-        .as_u64()
-        .unwrap();
-    assert!(replies >= 5, "pod-2's replies were not redirected back: {replies}");
-    // from_net on each uplink delivered the other side's packets straight to the pod.
-    for node in &cluster.nodes {
-        let stats = node.dump("stats").unwrap();
+    let uplink_redirected = |node: usize| {
+        let stats = cluster.nodes[node].dump("stats").unwrap();
         let uplink = stats.iter().find(|s| s["ifname"] == "eth0").expect("uplink counters");
+        uplink["redirected_packets"].as_u64().unwrap()
+    };
+    for family in Family::ALL {
+        let before = redirected(0, pod1.ip(family));
+        let replies_before = redirected(1, pod2.ip(family));
+        let uplinks_before = [uplink_redirected(0), uplink_redirected(1)];
+        assert!(pod1.ping(pod4.ip(family), 5), "{family:?} same node");
+        assert!(pod1.ping(pod2.ip(family), 5), "{family:?} across nodes");
         assert!(
-            uplink["redirected_packets"].as_u64().unwrap() >= 5,
-            "from_net on {}: {uplink}",
-            node.name
+            pod1.iperf3_to(&pod2, family, 1).unwrap() > 0.0,
+            "{family:?} TCP across nodes"
         );
+        let after = redirected(0, pod1.ip(family));
+        assert!(
+            after >= before + 10,
+            "{family:?}: pod-1's redirect counter went {before} -> {after}"
+        );
+        let replies = redirected(1, pod2.ip(family)) - replies_before;
+        assert!(
+            replies >= 5,
+            "{family:?}: pod-2's replies were not redirected back: {replies}"
+        );
+        // from_net on each uplink delivered the other side's packets straight to the pod.
+        for (node, before) in uplinks_before.into_iter().enumerate() {
+            let after = uplink_redirected(node);
+            assert!(
+                after >= before + 5,
+                "{family:?}: from_net on node {node}: {before} -> {after}"
+            );
+        }
     }
-    // The peer map says where the other node's pods are.
+    // The peer map says where the other node's pods are, per family.
     let peers = cluster.nodes[0].dump("peers").unwrap();
-    assert_eq!(peers.len(), 1, "{peers:?}");
-    assert_eq!(peers[0]["pod_cidr"], "200.200.2.0/24");
-    assert_eq!(peers[0]["node_ip"], "10.0.0.4");
-    assert_eq!(peers[0]["ifname"], "eth0");
+    let entries: Vec<(String, String, String)> = peers
+        .iter()
+        .map(|p| {
+            (
+                p["pod_cidr"].to_string(),
+                p["node_ip"].to_string(),
+                p["ifname"].to_string(),
+            )
+        })
+        .collect();
+    let expected = [("200.200.2.0/24", "10.0.0.4"), ("fd00:200:2::/64", "fd00:10::4")]
+        .map(|(cidr, ip)| (format!("{cidr:?}"), format!("{ip:?}"), "\"eth0\"".to_string()));
+    assert_eq!(entries, expected, "{peers:?}");
     cluster.finish().unwrap();
 }
 
@@ -82,17 +110,26 @@ fn peers_file_changes_apply_without_a_restart() {
     let cluster = ClusterGuard::up("p").unwrap();
     let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
     let worker1 = &cluster.nodes[0];
-    let route_to_worker2 = || {
-        run("ip", &["-n", &worker1.name, "route", "show", "200.200.2.0/24"])
+    let route_to_worker2 = |family: Family| {
+        let (cidr, via) = match family {
+            Family::V4 => ("200.200.2.0/24", "via 10.0.0.4"),
+            Family::V6 => ("fd00:200:2::/64", "via fd00:10::4"),
+        };
+        run("ip", &["-n", &worker1.name, "route", "show", cidr])
             .unwrap()
-            .contains("via 10.0.0.4")
+            .contains(via)
     };
-    assert!(route_to_worker2());
-    assert!(pod1.ping(pod2.ip, 2));
+    let routes_to_worker2 = || Family::ALL.map(route_to_worker2);
+    assert_eq!(routes_to_worker2(), [true, true]);
+    for family in Family::ALL {
+        assert!(pod1.ping(pod2.ip(family), 2), "{family:?}");
+    }
 
     // worker-2 leaves the node list: worker-1 forgets its pods (the router knows no pod CIDRs).
     cluster.write_peers(&[worker1]).unwrap();
-    eventually("worker-1 drops the route to worker-2's pods", || !route_to_worker2());
+    eventually("worker-1 drops the routes to worker-2's pods", || {
+        routes_to_worker2() == [false, false]
+    });
     let peers = run(
         "bpftool",
         &[
@@ -103,12 +140,21 @@ fn peers_file_changes_apply_without_a_restart() {
         ],
     )
     .unwrap();
-    assert!(!peers.contains("200,200,2,0"), "peer map still has worker-2: {peers}");
-    assert!(!pod1.ping(pod2.ip, 1), "pod-2 still reachable without a peer entry");
+    assert_eq!(peers.trim(), "[]", "peer map still has worker-2: {peers}");
+    for family in Family::ALL {
+        assert!(
+            !pod1.ping(pod2.ip(family), 1),
+            "{family:?}: pod-2 still reachable without a peer entry"
+        );
+    }
 
     cluster.write_peers(&cluster.nodes.iter().collect::<Vec<_>>()).unwrap();
-    eventually("worker-1 routes to worker-2's pods again", route_to_worker2);
-    assert!(pod1.ping(pod2.ip, 2));
+    eventually("worker-1 routes to worker-2's pods again", || {
+        routes_to_worker2() == [true, true]
+    });
+    for family in Family::ALL {
+        assert!(pod1.ping(pod2.ip(family), 2), "{family:?}");
+    }
     cluster.finish().unwrap();
 }
 
@@ -117,7 +163,7 @@ fn loader_restart_on_one_node_keeps_cross_node_traffic_flowing() {
     let cluster = ClusterGuard::up("r").unwrap();
     let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
     let received = pod1
-        .ping_while(pod2.ip, 60, || {
+        .ping_while(pod2.ip(Family::V6), 60, || {
             std::thread::sleep(Duration::from_millis(500));
             cluster.nodes[0].stop_loader(Signal::SIGKILL).unwrap();
             std::thread::sleep(Duration::from_millis(500));
@@ -127,6 +173,8 @@ fn loader_restart_on_one_node_keeps_cross_node_traffic_flowing() {
     assert_eq!(received, 60, "pings lost across the restart");
     // The restarted loader took over the same maps and links: the new pod path works too.
     let pod5 = cluster.nodes[0].add_pod(&cluster.pod_name(0, "pod-5")).unwrap();
-    assert!(pod5.ping(pod2.ip, 2));
+    for family in Family::ALL {
+        assert!(pod5.ping(pod2.ip(family), 2), "{family:?}");
+    }
     cluster.finish().unwrap();
 }

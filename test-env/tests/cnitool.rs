@@ -3,12 +3,12 @@
 
 use serde_json::{json, Value};
 use std::io::{Read, Write};
-use std::net::{SocketAddrV4, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 use velox_test_env::netns::spawn_in;
-use velox_test_env::{cnitool, in_netns, run, ClusterGuard, Node, NodeGuard};
+use velox_test_env::{cnitool, in_netns, run, ClusterGuard, Family, Node, NodeGuard};
 
 /// `cnitool <command> <network> <netns>` inside the node, with `conflist` as the only
 /// network config and Velox plus the reference plugins on CNI_PATH.
@@ -67,7 +67,7 @@ fn cnitool_add_check_del_with_0_4_0_and_1_0_0() {
         ))
         .unwrap();
         assert_eq!(result["cniVersion"], version);
-        let ip: ipnet::Ipv4Net = result["ips"][0]["address"].as_str().unwrap().parse().unwrap();
+        let ip: ipnet::IpNet = result["ips"][0]["address"].as_str().unwrap().parse().unwrap();
         assert!(node.endpoint(ip.addr()).is_ok(), "{ip} not in the endpoint map");
         ok(
             &cnitool_run(&node, conf_dir.path(), "check", &network, &pod, &json!({})),
@@ -115,7 +115,7 @@ fn chained_with_portmap_bandwidth_and_tuning() {
     .unwrap();
 
     // Velox's result flowed through the chain to the end.
-    let ip: ipnet::Ipv4Net = result["ips"][0]["address"].as_str().unwrap().parse().unwrap();
+    let ip: ipnet::IpNet = result["ips"][0]["address"].as_str().unwrap().parse().unwrap();
     assert_eq!(ip.prefix_len(), 32);
     let names: Vec<&str> = result["interfaces"]
         .as_array()
@@ -147,15 +147,15 @@ fn chained_with_portmap_bandwidth_and_tuning() {
     // hostPort: from outside the node (the router), node IP:8080 reaches the pod's :5201.
     let server_ip = ip.addr();
     let server = spawn_in(&pod, move || {
-        let listener = TcpListener::bind(SocketAddrV4::new(server_ip, 5201))?;
+        let listener = TcpListener::bind(SocketAddr::new(server_ip, 5201))?;
         let (mut stream, _) = listener.accept()?;
         stream.write_all(b"hello from the pod")?;
         Ok(())
     });
     std::thread::sleep(Duration::from_millis(200));
-    let node_ip = cluster.node_ip(0);
+    let node_ip = cluster.node_ip(0, Family::V4);
     let reply = spawn_in(&cluster.router, move || {
-        let mut stream = TcpStream::connect_timeout(&SocketAddrV4::new(node_ip, 8080).into(), Duration::from_secs(3))?;
+        let mut stream = TcpStream::connect_timeout(&SocketAddr::new(node_ip, 8080), Duration::from_secs(3))?;
         let mut reply = String::new();
         stream.read_to_string(&mut reply)?;
         Ok(reply)

@@ -4,7 +4,7 @@
 
 use nix::sys::signal::Signal;
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -16,7 +16,7 @@ fn ipam_reservations(node: &NodeGuard) -> usize {
     std::fs::read_dir(dir)
         .map(|d| {
             d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_ok())
+                .filter(|e| e.file_name().to_string_lossy().parse::<IpAddr>().is_ok())
                 .count()
         })
         .unwrap_or(0)
@@ -66,7 +66,13 @@ fn cri_pods_talk_and_containerd_may_del_twice() {
     assert_ne!(a.ip, b.ip);
     assert!(node.endpoint(a.ip).is_ok() && node.endpoint(b.ip).is_ok());
     assert!(a.pod().ping(b.ip, 3), "CRI pods cannot ping each other");
-    assert!(a.pod().iperf3_to(&b.pod(), 1).unwrap() > 0.0, "no TCP between CRI pods");
+    assert!(
+        a.pod()
+            .iperf3_to(&b.pod(), velox_test_env::Family::of(&b.ip), 1)
+            .unwrap()
+            > 0.0,
+        "no TCP between CRI pods"
+    );
     for sandbox in [&a, &b] {
         containerd.stop_pod(&sandbox.id).unwrap();
         containerd.remove_pod(&sandbox.id).unwrap();
@@ -93,7 +99,7 @@ fn churn_of_200_sandboxes_with_a_loader_restart_leaks_nothing() {
     let containerd = Containerd::start(&node).unwrap();
     // IP -> (sandbox, stopping): a second live holder of an address is a violation;
     // reuse is fine once the holder is being stopped (its DEL may have freed it).
-    let live: Mutex<HashMap<Ipv4Addr, (String, bool)>> = Mutex::default();
+    let live: Mutex<HashMap<IpAddr, (String, bool)>> = Mutex::default();
     let all = Mutex::new(Vec::new());
     let violations = Mutex::new(Vec::new());
     let (next, done) = (AtomicUsize::new(0), AtomicUsize::new(0));

@@ -32,7 +32,17 @@ fn install_adds_the_plugin_and_a_conflist_and_uninstall_removes_exactly_that() {
     ];
     let out = loader(
         &state,
-        &[&["install", "--pod-cidr", "200.200.1.0/24"][..], &dirs].concat(),
+        &[
+            &[
+                "install",
+                "--pod-cidr",
+                "200.200.1.0/24",
+                "--pod-cidr",
+                "fd00:200:1::/64",
+            ][..],
+            &dirs,
+        ]
+        .concat(),
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
@@ -47,7 +57,10 @@ fn install_adds_the_plugin_and_a_conflist_and_uninstall_removes_exactly_that() {
     let conflist: serde_json::Value =
         serde_json::from_slice(&std::fs::read(conf.join("00-velox.conflist")).unwrap()).unwrap();
     assert_eq!(conflist["plugins"][0]["type"], "velox");
-    assert_eq!(conflist["plugins"][0]["subnet"], "200.200.1.0/24");
+    assert_eq!(
+        conflist["plugins"][0]["subnets"],
+        serde_json::json!(["200.200.1.0/24", "fd00:200:1::/64"])
+    );
     assert_eq!(conflist["plugins"][0]["stateDir"], state.to_str().unwrap());
 
     // The installed plugin answers like the original.

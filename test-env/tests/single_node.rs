@@ -4,11 +4,11 @@
 
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
-use velox_test_env::{run, NodeGuard, Pod};
+use velox_test_env::{run, Family, NodeGuard, Pod};
 
 /// A fresh node with pods `a` and `b`.
 fn node_with_two_pods(tag: &str) -> (NodeGuard, Pod, Pod) {
@@ -18,28 +18,34 @@ fn node_with_two_pods(tag: &str) -> (NodeGuard, Pod, Pod) {
     (node, a, b)
 }
 
-fn redirected(node: &NodeGuard, ip: Ipv4Addr) -> u64 {
+fn redirected(node: &NodeGuard, ip: IpAddr) -> u64 {
     node.endpoint(ip).unwrap()["redirected_packets"].as_u64().unwrap()
 }
 
 #[test]
 fn pods_on_one_node_talk_icmp_and_tcp() {
     let (node, a, b) = node_with_two_pods("talk");
-    assert_ne!(a.ip, b.ip);
-    assert!(a.ping(b.ip, 3), "a -> b ping");
-    assert!(b.ping(a.ip, 3), "b -> a ping");
-    let gbps = a.iperf3_to(&b, 1).unwrap();
-    assert!(gbps > 0.0, "TCP moved no data");
-    // The pod side is what DESIGN.md says: /32, link-local gateway, static neighbour.
-    let addr = String::from_utf8(a.exec("ip", &["-4", "-o", "addr", "show", "eth0"]).unwrap().stdout).unwrap();
-    assert!(addr.contains(&format!("{}/32", a.ip)), "{addr}");
-    let route = String::from_utf8(a.exec("ip", &["route", "show", "default"]).unwrap().stdout).unwrap();
-    assert!(
-        route.contains("via 169.254.1.1 dev eth0") && route.contains("onlink"),
-        "{route}"
-    );
-    let neigh = String::from_utf8(a.exec("ip", &["neigh", "show", "169.254.1.1"]).unwrap().stdout).unwrap();
-    assert!(neigh.contains("PERMANENT"), "{neigh}");
+    assert_eq!(a.ips.len(), 2, "dual-stack pods: {:?}", a.ips);
+    let shell = |pod: &Pod, args: &[&str]| String::from_utf8(pod.exec("ip", args).unwrap().stdout).unwrap();
+    for (family, host_prefix, gateway) in [(Family::V4, 32, "169.254.1.1"), (Family::V6, 128, "fe80::1")] {
+        assert_ne!(a.ip(family), b.ip(family));
+        assert!(a.ping(b.ip(family), 3), "{family:?} a -> b ping");
+        assert!(b.ping(a.ip(family), 3), "{family:?} b -> a ping");
+        let gbps = a.iperf3_to(&b, family, 1).unwrap();
+        assert!(gbps > 0.0, "{family:?} TCP moved no data");
+        // The pod side is what DESIGN.md says: /32 and /128, link-local gateways,
+        // static neighbours.
+        let flag = format!("-{}", family.number());
+        let addr = shell(&a, &[&flag, "-o", "addr", "show", "eth0", "scope", "global"]);
+        assert!(addr.contains(&format!("{}/{host_prefix}", a.ip(family))), "{addr}");
+        let route = shell(&a, &[&flag, "route", "show", "default"]);
+        assert!(
+            route.contains(&format!("via {gateway} dev eth0")) && route.contains("onlink"),
+            "{route}"
+        );
+        let neigh = shell(&a, &["neigh", "show", gateway]);
+        assert!(neigh.contains("PERMANENT"), "{neigh}");
+    }
     // Nothing of Velox's is readable by anyone but root.
     use std::os::unix::fs::PermissionsExt;
     let state = node.state_dir.join("endpoints");
@@ -49,6 +55,7 @@ fn pods_on_one_node_talk_icmp_and_tcp() {
         &node.bpffs_root,
         &node.bpffs_root.join("maps"),
         &node.bpffs_root.join("links"),
+        &node.bpffs_root.join("links/tc-ingress"),
         &state,
         &ipam,
     ] {
@@ -62,33 +69,37 @@ fn pods_on_one_node_talk_icmp_and_tcp() {
 #[test]
 fn ebpf_carries_pod_traffic_without_host_forwarding() {
     let (node, a, b) = node_with_two_pods("ebpf");
-    // Take the kernel path away: no forwarding, and the host routes to both pods blackholed.
+    // Take the kernel path away: no forwarding, and the host routes to both pods
+    // blackholed, in both families.
     node.disable_ip_forwarding().unwrap();
-    for pod in [&a, &b] {
+    for ip in a.ips.iter().chain(&b.ips) {
         run(
             "ip",
-            &[
-                "-n",
-                &node.name,
-                "route",
-                "replace",
-                "blackhole",
-                &format!("{}/32", pod.ip),
-            ],
+            &["-n", &node.name, "route", "replace", "blackhole", &ip.to_string()],
         )
         .unwrap();
     }
-    let before = redirected(&node, a.ip);
-    assert!(a.ping(b.ip, 5), "pod-to-pod must not need the host stack");
-    assert!(a.iperf3_to(&b, 1).unwrap() > 0.0);
-    let after = redirected(&node, a.ip);
-    assert!(after >= before + 5, "redirect counter of a went {before} -> {after}");
-    // And the host really is cut off: host-to-pod uses the (blackholed) kernel route.
-    let host_ping = node.exec("ping", &["-c", "1", "-W", "1", &b.ip.to_string()]).unwrap();
-    assert!(
-        !host_ping.status.success(),
-        "host reached a pod despite the blackhole route"
-    );
+    for family in Family::ALL {
+        let before = redirected(&node, a.ip(family));
+        assert!(
+            a.ping(b.ip(family), 5),
+            "{family:?} pod-to-pod must not need the host stack"
+        );
+        assert!(a.iperf3_to(&b, family, 1).unwrap() > 0.0);
+        let after = redirected(&node, a.ip(family));
+        assert!(
+            after >= before + 5,
+            "{family:?}: redirect counter of a went {before} -> {after}"
+        );
+        // And the host really is cut off: host-to-pod uses the (blackholed) kernel route.
+        let host_ping = node
+            .exec("ping", &["-c", "1", "-W", "1", &b.ip(family).to_string()])
+            .unwrap();
+        assert!(
+            !host_ping.status.success(),
+            "{family:?}: host reached a pod despite the blackhole route"
+        );
+    }
     node.finish().unwrap();
 }
 
@@ -98,23 +109,35 @@ fn check_passes_then_fails_when_the_ip_is_removed() {
     let pod_name = node.pod_name("a");
     let pod = node.add_pod("a").unwrap();
     let netns = pod.netns_path();
+    let prev_result = |version: &str, ips: &[IpAddr]| {
+        let ips: Vec<Value> = ips
+            .iter()
+            .map(|ip| json!({"address": ipnet::IpNet::from(*ip)}))
+            .collect();
+        json!({"cniVersion": version, "ips": ips})
+    };
     for version in ["0.4.0", "1.0.0", "1.1.0"] {
         let mut conf = node.conf(version);
-        conf["prevResult"] = json!({"cniVersion": version, "ips": [{"address": format!("{}/32", pod.ip)}]});
+        conf["prevResult"] = prev_result(version, &pod.ips);
         let outcome = node.cni("CHECK", &pod_name, Some(&netns), "eth0", &conf).unwrap();
         assert!(outcome.success, "CHECK {version}: {}", outcome.stdout);
     }
-    run(
-        "ip",
-        &["-n", &pod_name, "addr", "del", &format!("{}/32", pod.ip), "dev", "eth0"],
-    )
-    .unwrap();
+    // A prevResult that lacks the IPv6 address does not match what ADD did.
     let mut conf = node.conf("1.1.0");
-    conf["prevResult"] = json!({"cniVersion": "1.1.0", "ips": [{"address": format!("{}/32", pod.ip)}]});
+    conf["prevResult"] = prev_result("1.1.0", &[pod.ip(Family::V4)]);
+    let outcome = node.cni("CHECK", &pod_name, Some(&netns), "eth0", &conf).unwrap();
+    assert!(!outcome.success, "CHECK without the IPv6 address passed");
+    // Losing the IPv6 address in the pod is noticed.
+    let v6 = ipnet::IpNet::from(pod.ip(Family::V6)).to_string();
+    run("ip", &["-n", &pod_name, "addr", "del", &v6, "dev", "eth0"]).unwrap();
+    conf["prevResult"] = prev_result("1.1.0", &pod.ips);
     let outcome = node.cni("CHECK", &pod_name, Some(&netns), "eth0", &conf).unwrap();
     assert!(!outcome.success);
     assert!(
-        outcome.stdout["msg"].as_str().unwrap().contains("lost its address"),
+        outcome.stdout["msg"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("lost its address {v6}")),
         "{}",
         outcome.stdout
     );
@@ -137,23 +160,19 @@ fn del_is_idempotent_and_works_without_the_netns() {
         let outcome = node.cni("DEL", &a_name, Some(&a.netns_path()), "eth0", &conf).unwrap();
         assert!(outcome.success, "DEL: {}", outcome.stdout);
     }
-    assert!(node.endpoints().unwrap().iter().all(|e| e["ip"] != a.ip.to_string()));
+    for ip in &a.ips {
+        assert!(node.endpoints().unwrap().iter().all(|e| e["ip"] != ip.to_string()));
+    }
     // The runtime lost the netns before calling DEL: the address must still be freed.
     let b_name = node.pod_name("b");
     run("ip", &["netns", "del", &b_name]).unwrap();
     let outcome = node.cni("DEL", &b_name, None, "eth0", &conf).unwrap();
     assert!(outcome.success, "DEL without netns: {}", outcome.stdout);
-    let ipam_dir = node.state_dir.join("ipam").join(format!("velox-{}", node.name));
-    let reserved: Vec<_> = std::fs::read_dir(&ipam_dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_ok())
-        .collect();
-    assert!(reserved.is_empty(), "addresses still reserved: {reserved:?}");
+    assert_eq!(reserved_addresses(&node), 0, "addresses still reserved");
     assert!(node.pods().unwrap().is_empty(), "records left");
     assert!(node.endpoints().unwrap().is_empty(), "map entries left");
     assert!(
-        std::fs::read_dir(node.bpffs_root.join("links"))
+        std::fs::read_dir(node.bpffs_root.join("links/tc-ingress"))
             .unwrap()
             .next()
             .is_none(),
@@ -163,23 +182,32 @@ fn del_is_idempotent_and_works_without_the_netns() {
     node.finish().unwrap();
 }
 
-/// After a failed ADD: no address, veth, route, link pin, record or map entry.
-fn assert_nothing_of(node: &NodeGuard, pod_name: &str) {
+/// Addresses of either family the node's built-in IPAM holds.
+fn reserved_addresses(node: &NodeGuard) -> usize {
     let ipam_dir = node.state_dir.join("ipam").join(format!("velox-{}", node.name));
-    let reserved = std::fs::read_dir(&ipam_dir)
+    std::fs::read_dir(&ipam_dir)
         .map(|d| {
             d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_ok())
+                .filter(|e| e.file_name().to_string_lossy().parse::<IpAddr>().is_ok())
                 .count()
         })
-        .unwrap_or(0);
-    assert_eq!(reserved, 0, "address still reserved");
+        .unwrap_or(0)
+}
+
+/// After a failed ADD: no address, veth, route, neighbour, link pin, record or map
+/// entry, in either family.
+fn assert_nothing_of(node: &NodeGuard, pod_name: &str) {
+    assert_eq!(reserved_addresses(node), 0, "address still reserved");
     let links = run("ip", &["-n", &node.name, "-o", "link", "show", "type", "veth"]).unwrap();
     assert!(links.trim().is_empty(), "veth left: {links}");
-    let routes = run("ip", &["-n", &node.name, "route", "show"]).unwrap();
-    assert!(!routes.contains("200.200.1."), "route left: {routes}");
+    for (family, pod_prefix) in [("-4", "200.200.1."), ("-6", "fd00:200:1:")] {
+        for what in ["route", "neigh"] {
+            let left = run("ip", &[family, "-n", &node.name, what, "show"]).unwrap();
+            assert!(!left.contains(pod_prefix), "{what} left: {left}");
+        }
+    }
     assert!(
-        std::fs::read_dir(node.bpffs_root.join("links"))
+        std::fs::read_dir(node.bpffs_root.join("links/tc-ingress"))
             .unwrap()
             .next()
             .is_none(),
@@ -228,7 +256,7 @@ fn add_failing_halfway_leaves_nothing() {
     // Fails at the very end: the record cannot be written (after routes and the TC link).
     let late = node.pod_name("late");
     run("ip", &["netns", "add", &late]).unwrap();
-    let host_ifname = velox_cni::endpoint::host_ifname(&velox_cni::config::Attachment {
+    let host_ifname = velox_node::endpoint::host_ifname(&velox_node::endpoint::Attachment {
         container_id: late.clone(),
         ifname: "eth0".into(),
     });
@@ -244,7 +272,9 @@ fn add_failing_halfway_leaves_nothing() {
     // And the node still works afterwards.
     let a = node.add_pod("a").unwrap();
     let b = node.add_pod("b").unwrap();
-    assert!(a.ping(b.ip, 2));
+    for family in Family::ALL {
+        assert!(a.ping(b.ip(family), 2), "{family:?}");
+    }
     node.finish().unwrap();
 }
 
@@ -254,7 +284,7 @@ fn loader_sigkill_and_restart_do_not_interrupt_traffic() {
     node.disable_ip_forwarding().unwrap();
     // 60 pings over 3 s while the loader is killed, absent, and started again.
     let received = a
-        .ping_while(b.ip, 60, || {
+        .ping_while(b.ip(Family::V4), 60, || {
             std::thread::sleep(Duration::from_millis(500));
             node.stop_loader(Signal::SIGKILL).unwrap();
             std::thread::sleep(Duration::from_millis(800));
@@ -267,23 +297,25 @@ fn loader_sigkill_and_restart_do_not_interrupt_traffic() {
 
     // A map entry deleted by hand comes back after a restart.
     node.stop_loader(Signal::SIGKILL).unwrap();
-    let mut maps = velox_cni::datapath::Maps::open(&velox_cni::datapath::Bpffs::new(&node.bpffs_root)).unwrap();
-    let ifindex = node.endpoint(b.ip).unwrap()["ifindex"].as_u64().unwrap() as u32;
-    maps.remove(b.ip, ifindex).unwrap();
-    assert!(node.endpoint(b.ip).is_err());
+    let bpffs = velox_node::Bpffs::new(&node.bpffs_root);
+    let mut maps = velox_node::maps::EndpointMaps::open(&bpffs).unwrap();
+    let b6 = b.ip(Family::V6);
+    let ifindex = node.endpoint(b6).unwrap()["ifindex"].as_u64().unwrap() as u32;
+    maps.remove(b6).unwrap();
+    assert!(node.endpoint(b6).is_err());
     let row = node
         .endpoints()
         .unwrap()
         .into_iter()
-        .find(|e| e["ip"] == b.ip.to_string())
+        .find(|e| e["ip"] == b6.to_string())
         .unwrap();
     assert_eq!(
         row["state"], "no map entry",
         "the dump shows what the loader will repair"
     );
     node.start_loader().unwrap();
-    assert_eq!(node.endpoint(b.ip).unwrap()["ifindex"], ifindex);
-    assert!(a.ping(b.ip, 3));
+    assert_eq!(node.endpoint(b6).unwrap()["ifindex"], ifindex);
+    assert!(a.ping(b6, 3));
     node.finish().unwrap();
 }
 
@@ -300,15 +332,24 @@ fn every_cni_version_gets_its_result_format() {
         assert!(outcome.success, "ADD {version}: {}", outcome.stdout);
         let result = &outcome.stdout;
         assert_eq!(result["cniVersion"], *version);
-        let ip = &result["ips"][0];
-        assert_eq!(ip["gateway"], "169.254.1.1");
-        assert_eq!(ip["interface"], 1);
+        // Both families in every version, each with its gateway and default route.
+        for (i, (family, gateway, default)) in [("4", "169.254.1.1", "0.0.0.0/0"), ("6", "fe80::1", "::/0")]
+            .into_iter()
+            .enumerate()
+        {
+            let ip = &result["ips"][i];
+            assert_eq!(ip["gateway"], gateway, "{result}");
+            assert_eq!(ip["interface"], 1);
+            assert_eq!(result["routes"][i]["dst"], default, "{result}");
+            let address: ipnet::IpNet = ip["address"].as_str().unwrap().parse().unwrap();
+            assert_eq!(address.prefix_len(), if family == "4" { 32 } else { 128 });
+            match *version {
+                "1.0.0" | "1.1.0" => assert!(ip.get("version").is_none(), "{result}"),
+                _ => assert_eq!(ip["version"], family, "{result}"),
+            }
+        }
         assert_eq!(result["interfaces"][1]["name"], "eth0");
         assert_eq!(result["interfaces"][1]["sandbox"], netns.to_str().unwrap());
-        match *version {
-            "1.0.0" | "1.1.0" => assert!(ip.get("version").is_none(), "{result}"),
-            _ => assert_eq!(ip["version"], "4"),
-        }
         assert_eq!(
             result["interfaces"][1].get("mtu").is_some(),
             *version == "1.1.0",
@@ -318,6 +359,7 @@ fn every_cni_version_gets_its_result_format() {
             .cni("DEL", &pod, Some(&netns), "eth0", &node.conf(version))
             .unwrap();
         assert!(del.success, "DEL {version}: {}", del.stdout);
+        assert_nothing_of(&node, &pod);
     }
     node.finish().unwrap();
 }
@@ -442,8 +484,9 @@ fn delegated_ipam_host_local() {
     let node = NodeGuard::up("hostlocal").unwrap();
     let data_dir = node.state_dir.join("host-local");
     let mut conf = node.conf("1.0.0");
-    conf.as_object_mut().unwrap().remove("subnet");
-    conf["ipam"] = json!({"type": "host-local", "dataDir": data_dir, "ranges": [[{"subnet": "200.200.7.0/24"}]]});
+    conf.as_object_mut().unwrap().remove("subnets");
+    let ranges = json!([[{"subnet": "200.200.7.0/24"}], [{"subnet": "fd00:200:7::/64"}]]);
+    conf["ipam"] = json!({"type": "host-local", "dataDir": data_dir, "ranges": ranges});
     let mut pods = Vec::new();
     for name in ["a", "b"] {
         let pod = node.pod_name(name);
@@ -452,15 +495,28 @@ fn delegated_ipam_host_local() {
             .cni("ADD", &pod, Some(&Path::new("/run/netns").join(&pod)), "eth0", &conf)
             .unwrap();
         assert!(outcome.success, "{}", outcome.stdout);
-        let ip: ipnet::Ipv4Net = outcome.stdout["ips"][0]["address"].as_str().unwrap().parse().unwrap();
-        assert!("200.200.7.0/24".parse::<ipnet::Ipv4Net>().unwrap().contains(&ip.addr()));
-        assert_eq!(ip.prefix_len(), 32);
-        pods.push(Pod {
-            name: pod,
-            ip: ip.addr(),
-        });
+        // host-local answers with its ranges' prefixes; Velox configures /32 and /128.
+        let pod = Pod::from_result(&pod, &outcome.stdout).unwrap();
+        assert!("200.200.7.0/24"
+            .parse::<ipnet::IpNet>()
+            .unwrap()
+            .contains(&pod.ip(Family::V4)));
+        assert!("fd00:200:7::/64"
+            .parse::<ipnet::IpNet>()
+            .unwrap()
+            .contains(&pod.ip(Family::V6)));
+        let prefixes: Vec<&str> = outcome.stdout["ips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|ip| ip["address"].as_str().unwrap().rsplit('/').next().unwrap())
+            .collect();
+        assert_eq!(prefixes, ["32", "128"], "{}", outcome.stdout);
+        pods.push(pod);
     }
-    assert!(pods[0].ping(pods[1].ip, 2));
+    for family in Family::ALL {
+        assert!(pods[0].ping(pods[1].ip(family), 2), "{family:?}");
+    }
     for pod in &pods {
         let outcome = node
             .cni("DEL", &pod.name, Some(&pod.netns_path()), "eth0", &conf)
@@ -471,7 +527,7 @@ fn delegated_ipam_host_local() {
     let held: Vec<_> = std::fs::read_dir(&network_dir)
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("200."))
+        .filter(|e| e.file_name().to_string_lossy().parse::<IpAddr>().is_ok())
         .collect();
     assert!(held.is_empty(), "host-local still holds {held:?}");
     node.finish().unwrap();
@@ -485,10 +541,12 @@ fn concurrent_adds_and_dels_are_safe() {
         let handles: Vec<_> = names.iter().map(|n| s.spawn(|| node.0.add_pod(n))).collect();
         handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
     });
-    let ips: std::collections::HashSet<_> = pods.iter().map(|p| p.ip).collect();
-    assert_eq!(ips.len(), 8, "two pods share an address");
-    assert_eq!(node.endpoints().unwrap().len(), 8);
-    assert!(pods[0].ping(pods[7].ip, 1));
+    let ips: std::collections::HashSet<_> = pods.iter().flat_map(|p| p.ips.clone()).collect();
+    assert_eq!(ips.len(), 16, "two pods share an address");
+    assert_eq!(node.endpoints().unwrap().len(), 16, "a map entry per address");
+    for family in Family::ALL {
+        assert!(pods[0].ping(pods[7].ip(family), 1), "{family:?}");
+    }
     std::thread::scope(|s| {
         for pod in &pods {
             s.spawn(|| node.0.delete_pod(&pod.name).unwrap());
@@ -496,6 +554,7 @@ fn concurrent_adds_and_dels_are_safe() {
     });
     assert!(node.endpoints().unwrap().is_empty());
     assert!(node.pods().unwrap().is_empty());
+    assert_eq!(reserved_addresses(&node), 0);
     node.finish().unwrap();
 }
 
@@ -510,8 +569,11 @@ fn gc_frees_what_the_runtime_no_longer_knows() {
     assert!(outcome.success, "{}", outcome.stdout);
     let left: Vec<_> = node.pods().unwrap().into_iter().map(|p| p.name).collect();
     assert_eq!(left, vec![keep.name.clone()]);
-    assert!(node.endpoint(lost.ip).is_err(), "lost pod still in the map");
-    assert!(node.endpoint(keep.ip).is_ok());
+    for family in Family::ALL {
+        assert!(node.endpoint(lost.ip(family)).is_err(), "lost pod still in the map");
+        assert!(node.endpoint(keep.ip(family)).is_ok());
+    }
+    assert_eq!(reserved_addresses(&node), 2, "only keep's two addresses stay reserved");
     let veths = run("ip", &["-n", &node.name, "-o", "link", "show", "type", "veth"]).unwrap();
     assert_eq!(veths.lines().count(), 1, "{veths}");
     node.finish().unwrap();
@@ -529,7 +591,7 @@ fn from_pod_size(node: &NodeGuard) -> u64 {
 #[test]
 fn datapath_logging_is_compiled_out_unless_enabled_at_load() {
     let (node, a, b) = node_with_two_pods("log");
-    assert!(a.ping(b.ip, 2));
+    assert!(a.ping(b.ip(Family::V4), 2));
     let quiet_size = from_pod_size(&node);
     let log_path = node.state_dir.join("loader.log");
     assert!(
@@ -546,9 +608,10 @@ fn datapath_logging_is_compiled_out_unless_enabled_at_load() {
     );
     let c = node.add_pod("c").unwrap();
     let d = node.add_pod("d").unwrap();
-    assert!(c.ping(d.ip, 2));
+    // Addresses of both families print through one key type.
+    assert!(c.ping(d.ip(Family::V6), 2));
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let expected = format!("from_pod: to {} on ifindex", d.ip);
+    let expected = format!("from_pod: to {} on ifindex", d.ip(Family::V6));
     while !std::fs::read_to_string(&log_path).unwrap().contains(&expected) {
         assert!(
             std::time::Instant::now() < deadline,

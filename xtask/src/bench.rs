@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use velox_test_env::reference::ReferenceNode;
-use velox_test_env::{direct_veth_pair, remove_direct_veth_pair, run, Binaries, Cluster, Node, Pod};
+use velox_test_env::{direct_veth_pair, remove_direct_veth_pair, run, Binaries, Cluster, Family, Node, Pod};
 
 use crate::report;
 
@@ -25,7 +25,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "velox-same,velox-cross,ptp,bridge,direct,node-to-node"
+        default_value = "velox-same,velox-cross,velox-same6,velox-cross6,ptp,bridge,direct,node-to-node"
     )]
     pub configs: Vec<Config>,
     /// Also measure with this many non-matching rules in each host's FORWARD chain (0: skip).
@@ -49,6 +49,12 @@ pub enum Config {
     VeloxSame,
     /// Velox, pods on two nodes.
     VeloxCross,
+    /// Velox over IPv6, two pods on one node.
+    #[value(name = "velox-same6")]
+    VeloxSame6,
+    /// Velox over IPv6, pods on two nodes.
+    #[value(name = "velox-cross6")]
+    VeloxCross6,
     /// Reference ptp plugin with host-local, two pods on one node.
     Ptp,
     /// Reference bridge plugin with host-local, two pods on one node.
@@ -64,6 +70,8 @@ impl Config {
         match self {
             Config::VeloxSame => "velox same node",
             Config::VeloxCross => "velox across nodes",
+            Config::VeloxSame6 => "velox same node IPv6",
+            Config::VeloxCross6 => "velox across nodes IPv6",
             Config::Ptp => "ptp + host-local",
             Config::Bridge => "bridge + host-local",
             Config::Direct => "direct veth pair",
@@ -71,11 +79,19 @@ impl Config {
         }
     }
 
-    /// What this configuration is measured against.
+    /// What this configuration is measured against (the limits are measured over IPv4).
     pub fn limit(self) -> Config {
         match self {
-            Config::VeloxCross | Config::NodeToNode => Config::NodeToNode,
+            Config::VeloxCross | Config::VeloxCross6 | Config::NodeToNode => Config::NodeToNode,
             _ => Config::Direct,
+        }
+    }
+
+    /// The address family the traffic uses.
+    pub fn family(self) -> Family {
+        match self {
+            Config::VeloxSame6 | Config::VeloxCross6 => Family::V6,
+            _ => Family::V4,
         }
     }
 }
@@ -117,7 +133,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let cluster = Cluster::new(PREFIX, bins.clone())?;
     let ptp = ReferenceNode::ptp(&format!("{PREFIX}ptp"), "10.30.0.0/24".parse()?);
     let bridge = ReferenceNode::bridge(&format!("{PREFIX}bridge"), "10.31.0.0/24".parse()?);
-    let rss_node = Node::new(&format!("{PREFIX}rss"), "200.200.3.0/24".parse()?, bins);
+    let rss_node = Node::new(
+        &format!("{PREFIX}rss"),
+        vec!["200.200.3.0/24".parse()?, "fd00:200:3::/64".parse()?],
+        bins,
+    );
     let teardown = || {
         let _ = cluster.down();
         let _ = ptp.down();
@@ -169,15 +189,15 @@ fn data_plane(
     let mut pairs = Vec::new();
     for config in &args.configs {
         let pair = match config {
-            Config::VeloxSame => (pod(cluster, "pod-1")?, pod(cluster, "pod-4")?),
-            Config::VeloxCross => (pod(cluster, "pod-1")?, pod(cluster, "pod-2")?),
+            Config::VeloxSame | Config::VeloxSame6 => (pod(cluster, "pod-1")?, pod(cluster, "pod-4")?),
+            Config::VeloxCross | Config::VeloxCross6 => (pod(cluster, "pod-1")?, pod(cluster, "pod-2")?),
             Config::Ptp => (ptp.add_pod("a")?.0, ptp.add_pod("b")?.0),
             Config::Bridge => (bridge.add_pod("a")?.0, bridge.add_pod("b")?.0),
             Config::Direct => direct_veth_pair(&format!("{PREFIX}direct"))?,
             Config::NodeToNode => {
                 let node = |i: usize| Pod {
                     name: cluster.nodes[i].name.clone(),
-                    ip: cluster.node_ip(i),
+                    ips: Family::ALL.map(|family| cluster.node_ip(i, family)).to_vec(),
                 };
                 (node(0), node(1))
             }
@@ -228,11 +248,12 @@ fn data_plane(
 }
 
 fn measure(config: Config, rules: u32, round: u32, client: &Pod, server: &Pod, seconds: u32) -> anyhow::Result<Sample> {
+    let family = config.family();
     let cpu_before = busy_cpu_seconds()?;
-    let one = client.iperf3(server, seconds, 1)?;
+    let one = client.iperf3(server, family, seconds, 1)?;
     let cpu = busy_cpu_seconds()? - cpu_before;
-    let four = client.iperf3(server, seconds, 4)?;
-    let latency = client.sockperf_to(server, seconds)?;
+    let four = client.iperf3(server, family, seconds, 4)?;
+    let latency = client.sockperf_to(server, family, seconds)?;
     Ok(Sample {
         config,
         netfilter_rules: rules,
@@ -312,7 +333,7 @@ fn control_plane(
     // Debian's reference plugins (1.1.1) speak up to 1.0.0.
     let builtin = node.conf("1.0.0");
     let mut host_local = builtin.clone();
-    host_local.as_object_mut().unwrap().remove("subnet");
+    host_local.as_object_mut().unwrap().remove("subnets");
     host_local["ipam"] = serde_json::json!({"type": "host-local", "subnet": "200.200.9.0/24", "dataDir": node.state_dir.join("host-local")});
     let labels = ["velox (built-in IPAM)", "velox + host-local", "ptp + host-local"];
     let mut add = vec![Vec::new(); 3];
@@ -336,10 +357,7 @@ fn control_plane(
             run("ip", &["netns", "del", &pod])?;
         }
         let name = format!("{}-cp{i}", ptp.name);
-        del[2].push(ms(&ptp.delete_pod(&Pod {
-            name,
-            ip: std::net::Ipv4Addr::UNSPECIFIED,
-        })?)?);
+        del[2].push(ms(&ptp.delete_pod(&Pod { name, ips: Vec::new() })?)?);
     }
 
     // Parallel creation, 8 at a time, as a busy kubelet would.

@@ -1,77 +1,140 @@
 //! Velox's built-in address allocator: one file per reserved address under a
 //! per-network directory, every change made under an exclusive file lock, so
 //! concurrent plugin runs never hand out one address twice and restarts lose nothing.
+//! A network has one subnet per address family; a pod gets one address from each.
 
 use anyhow::Context;
-use ipnet::Ipv4Net;
-use nix::fcntl::{Flock, FlockArg};
+use ipnet::IpNet;
+use nix::fcntl::Flock;
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use velox_node::layout::{StateDir, PRIVATE_FILE_MODE};
+use velox_node::{fs::write_atomic, Family};
 
 use crate::config::Attachment;
 use crate::error::{fail, Code};
 
 pub struct Allocator {
     dir: PathBuf,
-    subnet: Ipv4Net,
+    subnets: Vec<IpNet>,
 }
 
-const LAST_RESERVED: &str = "last_reserved_ip";
 const LOCK: &str = "lock";
 
+/// Where the round-robin of one family goes on.
+fn last_reserved_file(family: Family) -> String {
+    format!("last_reserved_ip.{}", family.number())
+}
+
+/// The addresses of `subnet` a pod may get, as offsets from its network address:
+/// IPv4 leaves out the network and broadcast addresses, IPv6 the subnet-router
+/// anycast address.
+fn host_offsets(subnet: &IpNet) -> (u128, u128) {
+    let host_bits = u32::from(subnet.max_prefix_len() - subnet.prefix_len());
+    let last = u128::MAX.checked_shr(128 - host_bits).unwrap_or(0);
+    match subnet {
+        IpNet::V4(_) => (1, last - 1),
+        IpNet::V6(_) => (1, last),
+    }
+}
+
+fn offset_of(subnet: &IpNet, ip: IpAddr) -> u128 {
+    match (subnet.network(), ip) {
+        (IpAddr::V4(net), IpAddr::V4(ip)) => u128::from(u32::from(ip).wrapping_sub(u32::from(net))),
+        (IpAddr::V6(net), IpAddr::V6(ip)) => u128::from(ip).wrapping_sub(u128::from(net)),
+        _ => u128::MAX,
+    }
+}
+
+fn at_offset(subnet: &IpNet, offset: u128) -> IpAddr {
+    match subnet.network() {
+        IpAddr::V4(net) => IpAddr::V4(Ipv4Addr::from(u32::from(net) + offset as u32)),
+        IpAddr::V6(net) => IpAddr::V6(Ipv6Addr::from(u128::from(net) + offset)),
+    }
+}
+
 impl Allocator {
-    /// `state_dir/ipam/<network>` holds the reservations of one network.
-    pub fn new(state_dir: &Path, network: &str, subnet: Ipv4Net) -> Self {
+    /// `<stateDir>/ipam/<network>` holds the reservations of one network.
+    pub fn new(state_dir: &StateDir, network: &str, subnets: Vec<IpNet>) -> Self {
         Self {
-            dir: state_dir.join("ipam").join(network),
-            subnet,
+            dir: state_dir.ipam_dir(network),
+            subnets,
         }
     }
 
     fn lock(&self) -> anyhow::Result<Flock<File>> {
-        crate::create_private_dir(&self.dir)?;
-        let file = File::create(self.dir.join(LOCK)).context("opening the IPAM lock")?;
-        Flock::lock(file, FlockArg::LockExclusive)
-            .map_err(|(_, errno)| anyhow::anyhow!("locking the IPAM state: {errno}"))
+        Ok(velox_node::fs::lock(&self.dir.join(LOCK))?)
     }
 
-    /// Reserves an address for the attachment; the same attachment gets the same
-    /// address back (a retried ADD after a crash).
-    pub fn allocate(&self, attachment: &Attachment) -> anyhow::Result<Ipv4Addr> {
+    /// Reserves one address per subnet for the attachment; the same attachment gets
+    /// the same addresses back (a retried ADD after a crash).
+    pub fn allocate(&self, attachment: &Attachment) -> anyhow::Result<Vec<IpAddr>> {
         let _lock = self.lock()?;
         let reserved = self.reservations()?;
-        if let Some((ip, _)) = reserved.iter().find(|(_, owner)| owner == attachment) {
-            return Ok(*ip);
+        let mut out = Vec::new();
+        for subnet in &self.subnets {
+            let held = reserved
+                .iter()
+                .find(|(ip, owner)| owner == attachment && subnet.contains(ip));
+            let ip = match held {
+                Some((ip, _)) => *ip,
+                None => self.reserve(subnet, &reserved, attachment)?,
+            };
+            out.push(ip);
         }
-        let taken: HashSet<Ipv4Addr> = reserved.iter().map(|(ip, _)| *ip).collect();
-        let hosts: Vec<Ipv4Addr> = self.subnet.hosts().collect();
+        Ok(out)
+    }
+
+    fn reserve(
+        &self,
+        subnet: &IpNet,
+        reserved: &[(IpAddr, Attachment)],
+        attachment: &Attachment,
+    ) -> anyhow::Result<IpAddr> {
+        let family = Family::of(&subnet.addr());
+        let taken: HashSet<IpAddr> = reserved
+            .iter()
+            .map(|(ip, _)| *ip)
+            .filter(|ip| subnet.contains(ip))
+            .collect();
+        let (first, last) = host_offsets(subnet);
+        let count = last - first + 1;
         // Round-robin from the last address handed out, as host-local does, so a freed
         // address is not reused at once by the next pod.
-        let last = fs::read_to_string(self.dir.join(LAST_RESERVED))
+        let start = fs::read_to_string(self.dir.join(last_reserved_file(family)))
             .ok()
-            .and_then(|s| s.trim().parse::<Ipv4Addr>().ok());
-        let start = last
-            .and_then(|l| hosts.iter().position(|h| *h == l))
-            .map_or(0, |i| i + 1);
-        let Some(ip) = (0..hosts.len())
-            .map(|i| hosts[(start + i) % hosts.len()])
+            .and_then(|s| s.trim().parse::<IpAddr>().ok())
+            .map(|last| offset_of(subnet, last))
+            .filter(|offset| (first..=last).contains(offset))
+            .map_or(first, |offset| offset + 1);
+        // Among `taken + 1` distinct candidates one is free, however large the subnet.
+        let tries = count.min(taken.len() as u128 + 1);
+        let Some(ip) = (0..tries)
+            .map(|i| at_offset(subnet, first + (start - first + i) % count))
             .find(|ip| !taken.contains(ip))
         else {
             return fail(
                 Code::AddressesExhausted,
-                format!("no free address left in {} ({} in use)", self.subnet, taken.len()),
+                format!("no free address left in {subnet} ({} in use)", taken.len()),
             );
         };
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(PRIVATE_FILE_MODE)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(self.dir.join(ip.to_string()))
             .with_context(|| format!("reserving {ip}"))?;
         writeln!(file, "{}\n{}", attachment.container_id, attachment.ifname)?;
-        fs::write(self.dir.join(LAST_RESERVED), ip.to_string())?;
+        write_atomic(
+            &self.dir.join(last_reserved_file(family)),
+            ip.to_string().as_bytes(),
+            PRIVATE_FILE_MODE,
+        )?;
         Ok(ip)
     }
 
@@ -95,8 +158,8 @@ impl Allocator {
         Ok(())
     }
 
-    /// Every reserved address and its owner.
-    pub fn reservations(&self) -> anyhow::Result<Vec<(Ipv4Addr, Attachment)>> {
+    /// Every reserved address of both families and its owner.
+    pub fn reservations(&self) -> anyhow::Result<Vec<(IpAddr, Attachment)>> {
         let entries = match fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -105,7 +168,7 @@ impl Allocator {
         let mut out = Vec::new();
         for entry in entries {
             let entry = entry?;
-            let Some(ip) = entry.file_name().to_str().and_then(|n| n.parse::<Ipv4Addr>().ok()) else {
+            let Some(ip) = entry.file_name().to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
                 continue;
             };
             let content = fs::read_to_string(entry.path())?;
@@ -133,17 +196,23 @@ mod tests {
         }
     }
 
+    fn allocator(dir: &tempfile::TempDir, subnets: &[&str]) -> Allocator {
+        let subnets = subnets.iter().map(|s| s.parse().unwrap()).collect();
+        Allocator::new(&StateDir::new(dir.path()), "net", subnets)
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|ip| ip.parse().unwrap()).collect()
+    }
+
     #[test]
     fn allocates_hosts_only_and_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
-        let alloc = Allocator::new(dir.path(), "net", "10.9.0.0/30".parse().unwrap());
+        let alloc = allocator(&dir, &["10.9.0.0/30"]);
         let a = alloc.allocate(&attachment(1)).unwrap();
-        assert_eq!(a, "10.9.0.1".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(a, ips(&["10.9.0.1"]));
         assert_eq!(alloc.allocate(&attachment(1)).unwrap(), a, "same owner, same address");
-        assert_eq!(
-            alloc.allocate(&attachment(2)).unwrap(),
-            "10.9.0.2".parse::<Ipv4Addr>().unwrap()
-        );
+        assert_eq!(alloc.allocate(&attachment(2)).unwrap(), ips(&["10.9.0.2"]));
         let err = alloc.allocate(&attachment(3)).unwrap_err();
         assert_eq!(CniError::from_anyhow(&err).code, Code::AddressesExhausted);
         alloc.release(&attachment(1)).unwrap();
@@ -152,47 +221,68 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_gives_one_address_per_family_and_frees_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let alloc = allocator(&dir, &["10.9.0.0/24", "fd00:9::/64"]);
+        assert_eq!(alloc.allocate(&attachment(1)).unwrap(), ips(&["10.9.0.1", "fd00:9::1"]));
+        assert_eq!(alloc.allocate(&attachment(2)).unwrap(), ips(&["10.9.0.2", "fd00:9::2"]));
+        assert_eq!(alloc.allocate(&attachment(1)).unwrap(), ips(&["10.9.0.1", "fd00:9::1"]));
+        alloc.release(&attachment(1)).unwrap();
+        let left: Vec<IpAddr> = alloc.reservations().unwrap().into_iter().map(|(ip, _)| ip).collect();
+        assert_eq!(left, ips(&["10.9.0.2", "fd00:9::2"]));
+    }
+
+    #[test]
+    fn ipv6_leaves_out_only_the_subnet_router_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let alloc = allocator(&dir, &["fd00:9::/126"]);
+        let got: Vec<IpAddr> = (1..=3).flat_map(|i| alloc.allocate(&attachment(i)).unwrap()).collect();
+        assert_eq!(got, ips(&["fd00:9::1", "fd00:9::2", "fd00:9::3"]));
+        let err = alloc.allocate(&attachment(4)).unwrap_err();
+        assert_eq!(CniError::from_anyhow(&err).code, Code::AddressesExhausted);
+    }
+
+    #[test]
     fn survives_a_restart_and_round_robins() {
         let dir = tempfile::tempdir().unwrap();
-        let subnet: Ipv4Net = "10.9.0.0/24".parse().unwrap();
-        let first = Allocator::new(dir.path(), "net", subnet)
-            .allocate(&attachment(1))
-            .unwrap();
-        Allocator::new(dir.path(), "net", subnet)
-            .release(&attachment(1))
-            .unwrap();
-        let again = Allocator::new(dir.path(), "net", subnet);
+        let subnets = ["10.9.0.0/24", "fd00:9::/64"];
+        let first = allocator(&dir, &subnets).allocate(&attachment(1)).unwrap();
+        allocator(&dir, &subnets).release(&attachment(1)).unwrap();
+        let again = allocator(&dir, &subnets);
         let second = again.allocate(&attachment(2)).unwrap();
-        assert_ne!(first, second, "a just-freed address is not reused first");
-        assert_eq!(again.reservations().unwrap(), vec![(second, attachment(2))]);
+        assert!(
+            first.iter().all(|ip| !second.contains(ip)),
+            "a just-freed address is not reused first"
+        );
+        assert_eq!(again.reservations().unwrap().len(), 2);
     }
 
     #[test]
     fn gc_keeps_only_valid_attachments() {
         let dir = tempfile::tempdir().unwrap();
-        let alloc = Allocator::new(dir.path(), "net", "10.9.0.0/24".parse().unwrap());
+        let alloc = allocator(&dir, &["10.9.0.0/24", "fd00:9::/64"]);
         for id in 0..5 {
             alloc.allocate(&attachment(id)).unwrap();
         }
         let valid: HashSet<Attachment> = [attachment(1), attachment(3)].into();
         alloc.retain_only(&valid).unwrap();
-        let left: HashSet<Attachment> = alloc.reservations().unwrap().into_iter().map(|(_, a)| a).collect();
-        assert_eq!(left, valid);
+        let left: Vec<Attachment> = alloc.reservations().unwrap().into_iter().map(|(_, a)| a).collect();
+        assert_eq!(left.len(), 4);
+        assert!(left.iter().all(|a| valid.contains(a)));
     }
 
     #[test]
     fn concurrent_allocations_never_collide() {
         let dir = tempfile::tempdir().unwrap();
-        let subnet: Ipv4Net = "10.9.0.0/24".parse().unwrap();
-        let ips: Vec<Ipv4Addr> = std::thread::scope(|s| {
+        let got: Vec<IpAddr> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..16)
                 .map(|worker| {
-                    let path = dir.path();
+                    let dir = &dir;
                     s.spawn(move || {
                         // A fresh allocator per call, as separate plugin processes would have.
                         (0..15)
-                            .map(|i| {
-                                Allocator::new(path, "net", subnet)
+                            .flat_map(|i| {
+                                allocator(dir, &["10.9.0.0/24", "fd00:9::/64"])
                                     .allocate(&attachment(worker * 100 + i))
                                     .unwrap()
                             })
@@ -202,12 +292,8 @@ mod tests {
                 .collect();
             handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
         });
-        let unique: HashSet<_> = ips.iter().collect();
-        assert_eq!(ips.len(), 240);
-        assert_eq!(unique.len(), 240, "an address was handed out twice");
-        assert_eq!(
-            Allocator::new(dir.path(), "net", subnet).reservations().unwrap().len(),
-            240
-        );
+        let unique: HashSet<_> = got.iter().collect();
+        assert_eq!(got.len(), 480);
+        assert_eq!(unique.len(), 480, "an address was handed out twice");
     }
 }

@@ -6,9 +6,10 @@ use anyhow::Context;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use velox_node::{Family, StateDir};
 
 use crate::config::{Attachment, Environment, IpamSource, NetConf};
 use crate::error::{fail, CniError, Code};
@@ -24,7 +25,9 @@ pub enum Ipam {
 impl Ipam {
     pub fn new(conf: &NetConf, env: &Environment, stdin: &[u8]) -> anyhow::Result<Self> {
         Ok(match conf.ipam_source()? {
-            IpamSource::Builtin(subnet) => Self::Builtin(Allocator::new(&conf.state_dir, &conf.name, subnet)),
+            IpamSource::Builtin(subnets) => {
+                Self::Builtin(Allocator::new(&StateDir::new(&conf.state_dir), &conf.name, subnets))
+            }
             IpamSource::Delegated(plugin) => Self::Delegated(Delegate {
                 plugin,
                 cni_path: env.cni_path.clone(),
@@ -33,20 +36,28 @@ impl Ipam {
         })
     }
 
-    /// The pod's address. Velox gives every pod a /32, whatever prefix IPAM reports.
-    pub fn allocate(&self, attachment: &Attachment) -> anyhow::Result<Ipv4Addr> {
+    /// The pod's addresses, at most one per family, IPv4 first. Velox gives every pod
+    /// a /32 and a /128, whatever prefix IPAM reports.
+    pub fn allocate(&self, attachment: &Attachment) -> anyhow::Result<Vec<IpAddr>> {
         match self {
             Self::Builtin(allocator) => allocator.allocate(attachment),
             Self::Delegated(delegate) => {
                 let result = delegate.run("ADD")?.unwrap_or_default();
                 let result = CniResult::parse(&result)?;
-                match result.ips.first() {
-                    Some(ip) => Ok(ip.address.addr()),
-                    None => fail(
+                let ips: Vec<IpAddr> = Family::ALL
+                    .iter()
+                    .filter_map(|family| {
+                        let of_family = |ip: &&crate::result::IpConfig| Family::of(&ip.address.addr()) == *family;
+                        result.ips.iter().find(of_family).map(|ip| ip.address.addr())
+                    })
+                    .collect();
+                if ips.is_empty() {
+                    return fail(
                         Code::InvalidConfig,
-                        format!("IPAM plugin {} returned no IPv4 address", delegate.plugin),
-                    ),
+                        format!("IPAM plugin {} returned no address", delegate.plugin),
+                    );
                 }
+                Ok(ips)
             }
         }
     }
@@ -58,18 +69,20 @@ impl Ipam {
         }
     }
 
-    pub fn check(&self, attachment: &Attachment, ip: Ipv4Addr) -> anyhow::Result<()> {
+    pub fn check(&self, attachment: &Attachment, ips: &[IpAddr]) -> anyhow::Result<()> {
         match self {
             Self::Builtin(allocator) => {
-                let held = allocator
-                    .reservations()?
-                    .into_iter()
-                    .any(|(held, owner)| held == ip && owner == *attachment);
-                if !held {
-                    return fail(
-                        Code::Datapath,
-                        format!("{ip} is not reserved for this container in the built-in IPAM"),
-                    );
+                let reservations = allocator.reservations()?;
+                for ip in ips {
+                    if !reservations
+                        .iter()
+                        .any(|(held, owner)| held == ip && owner == attachment)
+                    {
+                        return fail(
+                            Code::Datapath,
+                            format!("{ip} is not reserved for this container in the built-in IPAM"),
+                        );
+                    }
                 }
                 Ok(())
             }

@@ -1,8 +1,15 @@
 //! The contract between the eBPF datapath and userspace: map names, key and value
 //! layouts, and the names under which the loader pins everything.
+//!
+//! Addresses of both families share one key shape: IPv6 as is, IPv4 as an
+//! IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), the way dual-stack sockets show them.
+//! One map per concept then serves both families, and every later feature (Services,
+//! source validation, policy) keys on the same type.
 #![no_std]
 
-/// Pinned under `<bpffsRoot>/maps/`: pod IPv4 address -> where to deliver it.
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Pinned under `<bpffsRoot>/maps/`: pod address -> where to deliver it.
 pub const ENDPOINTS_MAP: &str = "VELOX_ENDPOINTS";
 /// Pinned under `<bpffsRoot>/maps/`: host veth ifindex -> per-CPU counters.
 pub const COUNTERS_MAP: &str = "VELOX_COUNTERS";
@@ -16,11 +23,59 @@ pub const FROM_NET_PROGRAM: &str = "from_net";
 pub const MAX_ENDPOINTS: usize = 16384;
 pub const MAX_PEERS: usize = 4096;
 
-/// An IPv4 address in network byte order; a byte array so bpftool prints it readably.
+/// Address families as the kernel numbers them (`bpf_redir_neigh.nh_family`).
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+/// How many leading bits of an [`IpKey`] an IPv4 address's mapping takes: an IPv4
+/// prefix of length n is an LPM key of length `IPV4_MAPPED_PREFIX + n`.
+pub const IPV4_MAPPED_PREFIX: u32 = 96;
+
+/// An address of either family in network byte order (IPv4 mapped into IPv6); a
+/// byte array so bpftool prints it readably.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct EndpointKey {
-    pub ipv4: [u8; 4],
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IpKey {
+    pub addr: [u8; 16],
+}
+
+impl IpKey {
+    #[inline(always)]
+    pub const fn v4(octets: [u8; 4]) -> Self {
+        let [a, b, c, d] = octets;
+        Self {
+            addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d],
+        }
+    }
+
+    #[inline(always)]
+    pub const fn v6(octets: [u8; 16]) -> Self {
+        Self { addr: octets }
+    }
+
+    /// The address as Rust sees it: mapped addresses come back as IPv4.
+    pub fn ip(&self) -> IpAddr {
+        let v6 = Ipv6Addr::from(self.addr);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        }
+    }
+}
+
+impl From<IpAddr> for IpKey {
+    fn from(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => Self::v4(v4.octets()),
+            IpAddr::V6(v6) => Self::v6(v6.octets()),
+        }
+    }
+}
+
+impl From<Ipv4Addr> for IpKey {
+    fn from(ip: Ipv4Addr) -> Self {
+        Self::v4(ip.octets())
+    }
 }
 
 /// A pod reachable on this node. Frames are redirected as they are: rewriting the
@@ -33,14 +88,27 @@ pub struct Endpoint {
     pub ifindex: u32,
 }
 
-/// Another node, as the next hop for its pod CIDR (direct routing, no tunnel).
+/// Another node, as the next hop for one of its pod CIDRs (direct routing, no tunnel).
+/// An IPv4 CIDR goes via the node's IPv4 address, an IPv6 CIDR via its IPv6 address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Peer {
-    /// The peer node's IP on the underlay, in network byte order.
-    pub node_ip: [u8; 4],
+    /// The peer node's address on the underlay.
+    pub node_ip: IpKey,
+    /// `AF_INET` or `AF_INET6`: the family of `node_ip`, for `bpf_redirect_neigh`.
+    pub family: u32,
     /// The local uplink to send from.
     pub ifindex: u32,
+}
+
+impl Peer {
+    pub fn new(node_ip: IpAddr, ifindex: u32) -> Self {
+        Self {
+            node_ip: node_ip.into(),
+            family: if node_ip.is_ipv4() { AF_INET } else { AF_INET6 },
+            ifindex,
+        }
+    }
 }
 
 /// Traffic seen by a Velox program on one interface: what a pod sent (`from_pod` on
@@ -70,9 +138,33 @@ impl EndpointCounters {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: plain `repr(C)` data with no padding-dependent invariants.
-    unsafe impl aya::Pod for super::EndpointKey {}
+    // SAFETY: plain `repr(C)` data without padding.
+    unsafe impl aya::Pod for super::IpKey {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::EndpointCounters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_families_round_trip_through_one_key() {
+        let v4: IpAddr = Ipv4Addr::new(200, 200, 1, 7).into();
+        let v6: IpAddr = "fd00:200:1::7".parse::<Ipv6Addr>().unwrap().into();
+        assert_eq!(IpKey::from(v4).ip(), v4);
+        assert_eq!(IpKey::from(v6).ip(), v6);
+        assert_eq!(&IpKey::from(v4).addr[10..], &[0xff, 0xff, 200, 200, 1, 7]);
+        assert_ne!(IpKey::from(v4), IpKey::from(v6));
+    }
+
+    #[test]
+    fn peers_carry_their_family() {
+        assert_eq!(Peer::new(Ipv4Addr::new(10, 0, 0, 4).into(), 3).family, AF_INET);
+        assert_eq!(
+            Peer::new("fd00:10::4".parse::<Ipv6Addr>().unwrap().into(), 3).family,
+            AF_INET6
+        );
+    }
 }

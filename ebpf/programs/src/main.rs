@@ -1,4 +1,4 @@
-//! Velox's TC programs.
+//! Velox's TC programs, IPv4 and IPv6 alike.
 //! - `from_pod`, on the ingress of every host-side pod veth: a local pod gets the
 //!   packet with `bpf_redirect_peer`, a pod on another node with `bpf_redirect_neigh`
 //!   out of the uplink; everything else goes to the kernel.
@@ -17,27 +17,29 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use network_types::{
     eth::{EthHdr, EtherType},
-    ip::Ipv4Hdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
 };
-use velox_common::{Endpoint, EndpointCounters, EndpointKey, Peer, MAX_ENDPOINTS, MAX_PEERS};
+use velox_common::{Endpoint, EndpointCounters, IpKey, Peer, AF_INET, MAX_ENDPOINTS, MAX_PEERS};
 
 #[btf_map]
-static VELOX_ENDPOINTS: HashMap<EndpointKey, Endpoint, MAX_ENDPOINTS> = HashMap::new();
+static VELOX_ENDPOINTS: HashMap<IpKey, Endpoint, MAX_ENDPOINTS> = HashMap::new();
 
 #[btf_map]
-static VELOX_PEERS: LpmTrie<[u8; 4], Peer, MAX_PEERS> = LpmTrie::new();
+static VELOX_PEERS: LpmTrie<[u8; 16], Peer, MAX_PEERS> = LpmTrie::new();
 
 #[btf_map]
 static VELOX_COUNTERS: PerCpuHashMap<u32, EndpointCounters, MAX_ENDPOINTS> = PerCpuHashMap::new();
 
-const AF_INET: u32 = 2;
+const IPPROTO_ICMPV6: u8 = 58;
+/// Router solicitation .. redirect: neighbour discovery is the kernel's business.
+const NDP_TYPES: core::ops::RangeInclusive<u8> = 133..=137;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let dst = ipv4(&ctx);
+    let dst = destination(&ctx);
     let action = finish(
         &ctx,
-        dst.and_then(|dst| to_local_pod(dst).or_else(|| to_peer_node(dst))),
+        dst.and_then(|dst| to_local_pod(&dst).or_else(|| to_peer_node(&dst))),
     );
     trace(&ctx, "from_pod", dst, action);
     action
@@ -45,55 +47,73 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn from_net(ctx: TcContext) -> i32 {
-    let dst = ipv4(&ctx);
-    let action = finish(&ctx, dst.and_then(to_local_pod));
+    let dst = destination(&ctx);
+    let action = finish(&ctx, dst.and_then(|dst| to_local_pod(&dst)));
     trace(&ctx, "from_net", dst, action);
     action
 }
 
-/// One debug line per IPv4 packet. The loader sets aya-log's level at load time (off
+/// One debug line per IP packet. The loader sets aya-log's level at load time (off
 /// unless `--datapath-log-level` says otherwise); the verifier then removes this
 /// code from the hot path altogether.
 #[inline(always)]
-fn trace(ctx: &TcContext, program: &str, dst: Option<[u8; 4]>, action: i32) {
+fn trace(ctx: &TcContext, program: &str, dst: Option<IpKey>, action: i32) {
     if let Some(dst) = dst {
         debug!(
             ctx,
             "{}: to {:i} on ifindex {}: action {}",
             program,
-            u32::from_be_bytes(dst),
+            dst.addr,
             unsafe { (*ctx.skb.skb).ifindex },
             action
         );
     }
 }
 
-/// The IPv4 destination of an IPv4 packet.
+/// The destination of an IPv4 or IPv6 packet as a map key. `None` for what only the
+/// kernel handles: ARP, IPv6 neighbour discovery, anything not IP.
 #[inline(always)]
-fn ipv4(ctx: &TcContext) -> Option<[u8; 4]> {
+fn destination(ctx: &TcContext) -> Option<IpKey> {
     let eth = header_at::<EthHdr>(ctx, 0)?;
-    // SAFETY: `header_at` checked the header lies inside the packet.
-    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16 {
+    // SAFETY: `header_at` checked that each header lies inside the packet.
+    let ether_type = unsafe { (*eth).ether_type };
+    if ether_type == EtherType::Ipv4 as u16 {
+        let ip = header_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
+        return Some(IpKey::v4(unsafe { (*ip).dst_addr }));
+    }
+    if ether_type != EtherType::Ipv6 as u16 {
         return None;
     }
-    let ip = header_at::<Ipv4Hdr>(ctx, EthHdr::LEN)?;
-    Some(unsafe { (*ip).dst_addr })
+    let ip = header_at::<Ipv6Hdr>(ctx, EthHdr::LEN)?;
+    if unsafe { (*ip).next_hdr } == IPPROTO_ICMPV6 {
+        let icmp_type = header_at::<u8>(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
+        if NDP_TYPES.contains(unsafe { &*icmp_type }) {
+            return None;
+        }
+    }
+    Some(IpKey::v6(unsafe { (*ip).dst_addr }))
 }
 
 #[inline(always)]
-fn to_local_pod(dst: [u8; 4]) -> Option<i64> {
-    let endpoint = unsafe { VELOX_ENDPOINTS.get(&EndpointKey { ipv4: dst }) }?;
+fn to_local_pod(dst: &IpKey) -> Option<i64> {
+    let endpoint = unsafe { VELOX_ENDPOINTS.get(dst) }?;
     Some(unsafe { bpf_redirect_peer(endpoint.ifindex, 0) })
 }
 
 #[inline(always)]
-fn to_peer_node(dst: [u8; 4]) -> Option<i64> {
-    let peer = VELOX_PEERS.get(&Key::new(32, dst))?;
+fn to_peer_node(dst: &IpKey) -> Option<i64> {
+    let peer = VELOX_PEERS.get(&Key::new(128, dst.addr))?;
     // The kernel's neighbour table fills in the Ethernet header for the peer node.
+    let addr = peer.node_ip.addr;
+    let word = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
     let mut next_hop = bpf_redir_neigh {
-        nh_family: AF_INET,
-        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
-            ipv4_nh: u32::from_ne_bytes(peer.node_ip),
+        nh_family: peer.family,
+        __bindgen_anon_1: if peer.family == AF_INET {
+            bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: word(12) }
+        } else {
+            bpf_redir_neigh__bindgen_ty_1 {
+                ipv6_nh: [word(0), word(4), word(8), word(12)],
+            }
         },
     };
     let size = core::mem::size_of::<bpf_redir_neigh>() as i32;

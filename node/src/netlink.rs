@@ -1,18 +1,20 @@
 //! The netlink operations Velox needs, on an rtnetlink connection bound to one
-//! network namespace.
+//! network namespace, for both address families.
 
-use anyhow::Context;
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use nix::sched::{setns, CloneFlags};
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressHeaderFlags};
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
+
+use crate::error::{Error, Result};
+use crate::Family;
 
 pub type Mac = [u8; 6];
 
@@ -22,8 +24,8 @@ pub const VELOX_ROUTE_PROTOCOL: u8 = 0x56; // 'V'
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
-    pub dst: Ipv4Net,
-    pub gateway: Option<Ipv4Addr>,
+    pub dst: IpNet,
+    pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
     pub protocol: u8,
     message: RouteMessage,
@@ -39,13 +41,17 @@ pub struct Link {
 
 /// Runs `f` with the calling thread in `netns`, then returns it to where it was.
 /// Sockets created inside stay bound to `netns` after the thread has left it.
-pub fn in_netns<T>(netns: &File, f: impl FnOnce() -> T) -> anyhow::Result<T> {
-    let original = File::open("/proc/thread-self/ns/net").context("opening own netns")?;
-    setns(netns, CloneFlags::CLONE_NEWNET).context("entering the network namespace")?;
+pub fn in_netns<T>(netns: &File, f: impl FnOnce() -> T) -> Result<T> {
+    let original = File::open("/proc/thread-self/ns/net").map_err(Error::io("opening own netns"))?;
+    setns(netns, CloneFlags::CLONE_NEWNET).map_err(|e| Error::io("entering the network namespace")(e.into()))?;
     let out = f();
     // Staying in the pod's namespace would make every later step act on the wrong host.
     setns(&original, CloneFlags::CLONE_NEWNET).expect("returning to the original network namespace");
     Ok(out)
+}
+
+fn is_enodev(error: &rtnetlink::Error) -> bool {
+    matches!(error, rtnetlink::Error::NetlinkError(e) if e.raw_code() == -(nix::errno::Errno::ENODEV as i32))
 }
 
 pub struct Netlink {
@@ -54,29 +60,29 @@ pub struct Netlink {
 
 impl Netlink {
     /// A connection in the caller's network namespace. Needs a tokio runtime.
-    pub fn connect() -> anyhow::Result<Self> {
-        let (connection, handle, _) = rtnetlink::new_connection().context("opening netlink")?;
+    pub fn connect() -> Result<Self> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(Error::io("opening netlink"))?;
         tokio::spawn(connection);
         Ok(Self { handle })
     }
 
     /// A connection acting inside `netns`.
-    pub fn connect_in(netns: &File) -> anyhow::Result<Self> {
+    pub fn connect_in(netns: &File) -> Result<Self> {
         in_netns(netns, Self::connect)?
     }
 
-    pub async fn link(&self, name: &str) -> anyhow::Result<Option<Link>> {
+    pub async fn link(&self, name: &str) -> Result<Option<Link>> {
         let mut links = self.handle.link().get().match_name(name.to_string()).execute();
         match links.try_next().await {
             Ok(Some(msg)) => Ok(Some(link_from(&msg))),
             Ok(None) => Ok(None),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc_enodev() => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("looking up link {name}")),
+            Err(e) if is_enodev(&e) => Ok(None),
+            Err(e) => Err(Error::netlink(format!("looking up link {name}"))(e)),
         }
     }
 
     /// A veth pair: `host` here, `peer` created directly inside `peer_netns`.
-    pub async fn create_veth(&self, host: &str, peer: &str, peer_netns: &File, mtu: u32) -> anyhow::Result<()> {
+    pub async fn create_veth(&self, host: &str, peer: &str, peer_netns: &File, mtu: u32) -> Result<()> {
         let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
             .name(peer.to_string())
             .mtu(mtu)
@@ -92,45 +98,52 @@ impl Netlink {
             .add(msg)
             .execute()
             .await
-            .with_context(|| format!("creating veth pair {host} <-> {peer}"))
+            .map_err(Error::netlink(format!("creating veth pair {host} <-> {peer}")))
     }
 
-    pub async fn set_up(&self, index: u32) -> anyhow::Result<()> {
+    pub async fn set_up(&self, index: u32) -> Result<()> {
         self.handle
             .link()
             .set(LinkUnspec::new_with_index(index).up().build())
             .execute()
             .await
-            .with_context(|| format!("setting link {index} up"))
+            .map_err(Error::netlink(format!("setting link {index} up")))
     }
 
     /// Deletes a link; one that is already gone is not an error.
-    pub async fn delete_link(&self, name: &str) -> anyhow::Result<()> {
+    pub async fn delete_link(&self, name: &str) -> Result<()> {
         let Some(link) = self.link(name).await? else {
             return Ok(());
         };
         match self.handle.link().del(link.index).execute().await {
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc_enodev() => Ok(()),
-            other => other.with_context(|| format!("deleting link {name}")),
+            Err(e) if is_enodev(&e) => Ok(()),
+            other => other.map_err(Error::netlink(format!("deleting link {name}"))),
         }
     }
 
-    pub async fn add_address(&self, index: u32, address: Ipv4Net) -> anyhow::Result<()> {
-        self.handle
-            .address()
-            .add(index, IpAddr::V4(address.addr()), address.prefix_len())
+    /// `ip addr add <address> dev <index> nodad`: a pod's address is Velox's to give,
+    /// so IPv6 duplicate address detection would only hold it tentative for a second.
+    pub async fn add_address(&self, index: u32, address: IpNet) -> Result<()> {
+        let mut request = self.handle.address().add(index, address.addr(), address.prefix_len());
+        if address.addr().is_ipv6() {
+            request.message_mut().header.flags = AddressHeaderFlags::Nodad;
+        }
+        request
             .execute()
             .await
-            .with_context(|| format!("adding address {address}"))
+            .map_err(Error::netlink(format!("adding address {address}")))
     }
 
-    pub async fn addresses(&self, index: u32) -> anyhow::Result<Vec<Ipv4Net>> {
+    /// The addresses of both families on an interface.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
         let mut out = Vec::new();
         let mut stream = self.handle.address().get().set_link_index_filter(index).execute();
-        while let Some(msg) = stream.try_next().await.context("listing addresses")? {
+        while let Some(msg) = stream.try_next().await.map_err(Error::netlink("listing addresses"))? {
             for attr in &msg.attributes {
-                if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
-                    out.push(Ipv4Net::new(*ip, msg.header.prefix_len)?);
+                if let AddressAttribute::Address(ip) = attr {
+                    let net =
+                        IpNet::new(*ip, msg.header.prefix_len).map_err(Error::invalid(format!("address {ip}")))?;
+                    out.push(net);
                 }
             }
         }
@@ -138,9 +151,10 @@ impl Netlink {
     }
 
     /// `ip route add <dst> dev <index> scope link`
-    pub async fn add_link_route(&self, index: u32, dst: Ipv4Net) -> anyhow::Result<()> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+    pub async fn add_link_route(&self, index: u32, dst: IpNet) -> Result<()> {
+        let msg = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst.addr(), dst.prefix_len())
+            .map_err(Error::invalid(format!("route {dst}")))?
             .output_interface(index)
             .scope(RouteScope::Link)
             .build();
@@ -149,13 +163,14 @@ impl Netlink {
             .add(msg)
             .execute()
             .await
-            .with_context(|| format!("adding route {dst}"))
+            .map_err(Error::netlink(format!("adding route {dst}")))
     }
 
-    /// `ip route add default via <gateway> dev <index> onlink`
-    pub async fn add_default_route_onlink(&self, index: u32, gateway: Ipv4Addr) -> anyhow::Result<()> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+    /// `ip route add default via <gateway> dev <index> onlink`, in the gateway's family.
+    pub async fn add_default_route_onlink(&self, index: u32, gateway: IpAddr) -> Result<()> {
+        let msg = RouteMessageBuilder::<IpAddr>::new()
             .gateway(gateway)
+            .map_err(Error::invalid(format!("gateway {gateway}")))?
             .output_interface(index)
             .onlink()
             .build();
@@ -164,14 +179,17 @@ impl Netlink {
             .add(msg)
             .execute()
             .await
-            .with_context(|| format!("adding default route via {gateway}"))
+            .map_err(Error::netlink(format!("adding default route via {gateway}")))
     }
 
     /// `ip route replace <dst> via <gateway> dev <index> proto velox`
-    pub async fn replace_route_via(&self, dst: Ipv4Net, gateway: Ipv4Addr, index: u32) -> anyhow::Result<()> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+    pub async fn replace_route_via(&self, dst: IpNet, gateway: IpAddr, index: u32) -> Result<()> {
+        let what = format!("route {dst} via {gateway}");
+        let msg = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst.addr(), dst.prefix_len())
+            .map_err(Error::invalid(&what))?
             .gateway(gateway)
+            .map_err(Error::invalid(&what))?
             .output_interface(index)
             .protocol(RouteProtocol::Other(VELOX_ROUTE_PROTOCOL))
             .build();
@@ -181,47 +199,43 @@ impl Netlink {
             .replace()
             .execute()
             .await
-            .with_context(|| format!("routing {dst} via {gateway}"))
+            .map_err(Error::netlink(format!("routing {dst} via {gateway}")))
     }
 
-    pub async fn delete_route(&self, route: &Route) -> anyhow::Result<()> {
+    pub async fn delete_route(&self, route: &Route) -> Result<()> {
         self.handle
             .route()
             .del(route.message.clone())
             .execute()
             .await
-            .with_context(|| format!("deleting route {}", route.dst))
+            .map_err(Error::netlink(format!("deleting route {}", route.dst)))
     }
 
-    /// The IPv4 routes of the main table.
-    pub async fn routes(&self) -> anyhow::Result<Vec<Route>> {
+    /// The routes of one family in the main table.
+    pub async fn routes(&self, family: Family) -> Result<Vec<Route>> {
+        let filter = match family {
+            Family::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+            Family::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        };
         let mut out = Vec::new();
-        let mut stream = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute();
-        while let Some(msg) = stream.try_next().await.context("listing routes")? {
-            out.push(route_from(msg)?);
+        let mut stream = self.handle.route().get(filter).execute();
+        while let Some(msg) = stream.try_next().await.map_err(Error::netlink("listing routes"))? {
+            out.push(route_from(msg, family)?);
         }
         Ok(out)
     }
 
     /// `ip neigh add <ip> lladdr <mac> dev <index> nud permanent`
-    pub async fn add_permanent_neighbour(&self, index: u32, ip: Ipv4Addr, mac: Mac) -> anyhow::Result<()> {
+    pub async fn add_permanent_neighbour(&self, index: u32, ip: IpAddr, mac: Mac) -> Result<()> {
         self.handle
             .neighbours()
-            .add(index, IpAddr::V4(ip))
+            .add(index, ip)
             .link_layer_address(&mac)
             .state(NeighbourState::Permanent)
             .execute()
             .await
-            .with_context(|| format!("adding neighbour {ip}"))
+            .map_err(Error::netlink(format!("adding neighbour {ip}")))
     }
-}
-
-fn libc_enodev() -> i32 {
-    nix::errno::Errno::ENODEV as i32
 }
 
 fn link_from(msg: &LinkMessage) -> Link {
@@ -242,18 +256,31 @@ fn link_from(msg: &LinkMessage) -> Link {
     link
 }
 
-fn route_from(message: RouteMessage) -> anyhow::Result<Route> {
-    let (mut dst, mut gateway, mut oif) = (Ipv4Addr::UNSPECIFIED, None, None);
+fn route_address(address: &RouteAddress) -> Option<IpAddr> {
+    match address {
+        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
+        _ => None,
+    }
+}
+
+fn route_from(message: RouteMessage, family: Family) -> Result<Route> {
+    let mut dst = match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    let (mut gateway, mut oif) = (None, None);
     for attr in &message.attributes {
         match attr {
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
-            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+            RouteAttribute::Destination(address) => dst = route_address(address).unwrap_or(dst),
+            RouteAttribute::Gateway(address) => gateway = route_address(address),
             RouteAttribute::Oif(index) => oif = Some(*index),
             _ => {}
         }
     }
+    let prefix = message.header.destination_prefix_length;
     Ok(Route {
-        dst: Ipv4Net::new(dst, message.header.destination_prefix_length)?,
+        dst: IpNet::new(dst, prefix).map_err(Error::invalid(format!("route {dst}/{prefix}")))?,
         gateway,
         oif,
         protocol: message.header.protocol.into(),

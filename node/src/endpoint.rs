@@ -1,0 +1,217 @@
+//! Endpoint records: the one source of truth for which pod is where. A record is
+//! written before its map entries and removed after them; the loader rebuilds the
+//! maps from the records.
+
+use nix::fcntl::Flock;
+use serde::{Deserialize, Deserializer, Serialize};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use velox_common::Endpoint;
+
+use crate::error::{Error, Result};
+use crate::fs::{create_private_dir, lock, remove_if_exists, write_atomic};
+use crate::layout::{StateDir, PRIVATE_FILE_MODE};
+
+/// One interface of one container: what CNI calls an attachment.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub container_id: String,
+    /// The interface name inside the pod (CNI_IFNAME).
+    pub ifname: String,
+    pub netns: PathBuf,
+    pub network: String,
+    /// The pod's addresses, at most one per family. Records of the IPv4-only
+    /// releases (`"ip": "a.b.c.d"`) read as a list of one.
+    #[serde(alias = "ip", deserialize_with = "one_or_many")]
+    pub ips: Vec<IpAddr>,
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub host_mac: String,
+    pub pod_mac: String,
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Vec<IpAddr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(IpAddr),
+        Many(Vec<IpAddr>),
+    }
+    Ok(match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(ip) => vec![ip],
+        OneOrMany::Many(ips) => ips,
+    })
+}
+
+impl EndpointRecord {
+    pub fn attachment(&self) -> Attachment {
+        Attachment {
+            container_id: self.container_id.clone(),
+            ifname: self.ifname.clone(),
+        }
+    }
+
+    /// The map value each of the record's addresses stands for.
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            ifindex: self.host_ifindex,
+        }
+    }
+}
+
+/// The host-side veth name: derived from the attachment alone, so DEL finds the
+/// interface without any state.
+pub fn host_ifname(attachment: &Attachment) -> String {
+    let digest = Sha256::digest(format!("{}/{}", attachment.container_id, attachment.ifname));
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("vlx{}", &hex[..11])
+}
+
+/// The records under `<stateDir>/endpoints`, guarded by one lock that the plugin and
+/// the loader take around every record-and-map change.
+pub struct EndpointStore {
+    dir: PathBuf,
+}
+
+impl EndpointStore {
+    pub fn new(state_dir: &StateDir) -> Self {
+        Self {
+            dir: state_dir.endpoints_dir(),
+        }
+    }
+
+    pub fn lock(&self) -> Result<Flock<File>> {
+        lock(&self.dir.join(".lock"))
+    }
+
+    fn path(&self, attachment: &Attachment) -> PathBuf {
+        self.dir.join(format!("{}.json", host_ifname(attachment)))
+    }
+
+    pub fn write(&self, record: &EndpointRecord) -> Result<()> {
+        create_private_dir(&self.dir)?;
+        let json = serde_json::to_vec_pretty(record).expect("records serialize");
+        write_atomic(&self.path(&record.attachment()), &json, PRIVATE_FILE_MODE)
+    }
+
+    pub fn get(&self, attachment: &Attachment) -> Result<Option<EndpointRecord>> {
+        let path = self.path(attachment);
+        match std::fs::read(&path) {
+            Ok(bytes) => parse(&path, &bytes).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", path.display()))(e)),
+        }
+    }
+
+    pub fn remove(&self, attachment: &Attachment) -> Result<()> {
+        remove_if_exists(&self.path(attachment))
+    }
+
+    /// Every record, in address order.
+    pub fn list(&self) -> Result<Vec<EndpointRecord>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("listing {}", self.dir.display()))(e)),
+        };
+        let mut records = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|ext| ext == "json") {
+                let bytes = std::fs::read(&path).map_err(Error::io(format!("reading {}", path.display())))?;
+                records.push(parse(&path, &bytes)?);
+            }
+        }
+        records.sort_by(|a: &EndpointRecord, b| a.ips.cmp(&b.ips));
+        Ok(records)
+    }
+}
+
+fn parse(path: &Path, bytes: &[u8]) -> Result<EndpointRecord> {
+    serde_json::from_slice(bytes).map_err(|source| Error::Record {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, ips: &[&str]) -> EndpointRecord {
+        EndpointRecord {
+            container_id: id.into(),
+            ifname: "eth0".into(),
+            netns: "/run/netns/x".into(),
+            network: "velox".into(),
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            host_ifname: host_ifname(&Attachment {
+                container_id: id.into(),
+                ifname: "eth0".into(),
+            }),
+            host_ifindex: 7,
+            host_mac: "02:00:00:00:00:01".into(),
+            pod_mac: "02:00:00:00:00:02".into(),
+        }
+    }
+
+    #[test]
+    fn host_names_fit_and_differ() {
+        let a = host_ifname(&Attachment {
+            container_id: "abc".into(),
+            ifname: "eth0".into(),
+        });
+        let b = host_ifname(&Attachment {
+            container_id: "abc".into(),
+            ifname: "eth1".into(),
+        });
+        assert_eq!(a.len(), 14);
+        assert!(a.starts_with("vlx"));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn dual_stack_records_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EndpointStore::new(&StateDir::new(dir.path()));
+        let r = record("c1", &["10.0.0.2", "fd00::2"]);
+        store.write(&r).unwrap();
+        store.write(&record("c2", &["10.0.0.1", "fd00::1"])).unwrap();
+        assert_eq!(store.get(&r.attachment()).unwrap(), Some(r.clone()));
+        let listed = store.list().unwrap();
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].container_id, "c2", "sorted by address");
+        assert_eq!(r.endpoint().ifindex, 7);
+        store.remove(&r.attachment()).unwrap();
+        store.remove(&r.attachment()).unwrap();
+        assert_eq!(store.get(&r.attachment()).unwrap(), None);
+    }
+
+    #[test]
+    fn ipv4_only_records_of_earlier_releases_still_read() {
+        let old = r#"{"container_id":"c","ifname":"eth0","netns":"/x","network":"n","ip":"10.0.0.9",
+            "host_ifname":"vlx0","host_ifindex":3,"host_mac":"m","pod_mac":"p"}"#;
+        let record: EndpointRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(record.ips, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn a_corrupt_record_is_a_typed_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        create_private_dir(&state.endpoints_dir()).unwrap();
+        std::fs::write(state.endpoints_dir().join("vlxbad.json"), b"{").unwrap();
+        let err = EndpointStore::new(&state).list().unwrap_err();
+        assert!(matches!(err, Error::Record { .. }), "{err}");
+        assert!(err.to_string().contains("vlxbad.json"));
+    }
+}

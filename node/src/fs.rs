@@ -1,0 +1,97 @@
+//! The few filesystem steps every part of Velox needs, written once: private
+//! directories, atomic private files, removal that tolerates absence, exclusive locks.
+
+use nix::fcntl::{Flock, FlockArg};
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::layout::{PRIVATE_DIR_MODE, PRIVATE_FILE_MODE};
+
+/// Creates `dir` and its missing parents root-only (0700).
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(dir)
+        .map_err(Error::io(format!("creating {}", dir.display())))
+}
+
+/// Writes `path` with `mode` so that a reader sees the old content or the new, never
+/// half; a symlink planted at the temporary name is not followed.
+pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    remove_if_exists(&tmp)?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&tmp)
+        .map_err(Error::io(format!("creating {}", tmp.display())))?;
+    file.write_all(content)
+        .map_err(Error::io(format!("writing {}", tmp.display())))?;
+    // The umask may have taken bits away from `mode`.
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(Error::io(format!("setting the mode of {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(format!("committing {}", path.display())))
+}
+
+/// Removes a file; one that is not there is fine (every teardown is idempotent).
+pub fn remove_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(format!("removing {}", path.display()))(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Takes the exclusive lock of `path` (created 0600), held until the guard drops.
+pub fn lock(path: &Path) -> Result<Flock<File>> {
+    if let Some(dir) = path.parent() {
+        create_private_dir(dir)?;
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(PRIVATE_FILE_MODE)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(Error::io(format!("opening {}", path.display())))?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, errno)| Error::io(format!("locking {}", path.display()))(errno.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_files_are_private_and_replace_the_old_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/record.json");
+        create_private_dir(path.parent().unwrap()).unwrap();
+        write_atomic(&path, b"one", PRIVATE_FILE_MODE).unwrap();
+        write_atomic(&path, b"two", PRIVATE_FILE_MODE).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+        remove_if_exists(&path).unwrap();
+        remove_if_exists(&path).unwrap();
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_planted_symlink_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let path = dir.path().join("lockfile");
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        assert!(lock(&path).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    }
+}

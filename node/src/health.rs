@@ -1,0 +1,65 @@
+//! The loader's health answer on its unix socket, typed on both ends: the loader
+//! writes one [`Health`] per connection; STATUS and probes read it.
+
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// The datapath is loaded and the maps are in line with the records.
+    pub ready: bool,
+    /// Endpoint records on this node.
+    pub endpoints: usize,
+}
+
+impl Health {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("health serializes")
+    }
+}
+
+/// Asks the loader listening on `socket`.
+pub fn query(socket: &Path, timeout: Duration) -> Result<Health> {
+    let what = || format!("asking {}", socket.display());
+    let mut stream = UnixStream::connect(socket).map_err(Error::io(what()))?;
+    stream.set_read_timeout(Some(timeout)).map_err(Error::io(what()))?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).map_err(Error::io(what()))?;
+    serde_json::from_str(&answer).map_err(|e| Error::Invalid(format!("{} answered {answer:?}: {e}", socket.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn both_ends_speak_the_same_struct() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("loader.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let sent = Health {
+            ready: true,
+            endpoints: 4,
+        };
+        let server = std::thread::spawn({
+            let sent = sent.clone();
+            move || {
+                let (mut stream, _) = listener.accept().unwrap();
+                stream.write_all(sent.to_json().as_bytes()).unwrap();
+            }
+        });
+        assert_eq!(query(&socket, Duration::from_secs(2)).unwrap(), sent);
+        server.join().unwrap();
+        assert!(matches!(
+            query(&dir.path().join("none"), Duration::from_secs(1)),
+            Err(Error::Io { .. })
+        ));
+    }
+}

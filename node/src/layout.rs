@@ -1,0 +1,138 @@
+//! Every path Velox uses on a node, and its mode, in one place.
+//!
+//! ```text
+//! <bpffsRoot>/                        0700  default /sys/fs/bpf/velox; one per node
+//! ├── maps/                           0700  created and pinned by the loader
+//! │   ├── VELOX_ENDPOINTS                   pod address -> host veth
+//! │   ├── VELOX_PEERS                       other nodes' pod CIDRs -> node address
+//! │   └── VELOX_COUNTERS                    per-interface, per-CPU counters
+//! ├── programs/                       0700  replaced atomically at every loader start
+//! │   ├── from_pod
+//! │   └── from_net
+//! └── links/                          0700  one directory per hook, so no sweep of one
+//!     ├── tc-ingress/<ifname>         0700  kind can touch another: pods' host veths
+//!     │                                     (pinned by the plugin), the uplink (loader)
+//!     └── cgroup/<hook>               0700  socket hooks
+//!
+//! <stateDir>/                         0700  default /run/velox
+//! ├── endpoints/                      0700
+//! │   ├── .lock                       0600  held around every record-and-map change
+//! │   └── <host ifname>.json          0600  one record per attachment (atomic writes)
+//! ├── ipam/<network>/                 0700  the built-in allocator, one network each
+//! │   ├── lock                        0600
+//! │   ├── <address>                   0600  reserved: container ID and ifname
+//! │   └── last_reserved_ip.<4|6>      0600  where the round-robin goes on
+//! └── loader.sock                     0600  the health socket (STATUS, probes)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/velox";
+pub const DEFAULT_STATE_DIR: &str = "/run/velox";
+/// Directories and files nobody but root has any business reading.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
+pub const PRIVATE_FILE_MODE: u32 = 0o600;
+
+/// The hooks a link can be pinned under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    TcIngress,
+    Cgroup,
+}
+
+impl Hook {
+    fn dir(self) -> &'static str {
+        match self {
+            Self::TcIngress => "tc-ingress",
+            Self::Cgroup => "cgroup",
+        }
+    }
+}
+
+/// Velox's objects under one bpffs root (`bpffsRoot`).
+#[derive(Clone, Debug)]
+pub struct Bpffs {
+    pub root: PathBuf,
+}
+
+impl Bpffs {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// Every directory the loader creates.
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        vec![
+            self.root.join("maps"),
+            self.root.join("programs"),
+            self.links_dir(Hook::TcIngress),
+            self.links_dir(Hook::Cgroup),
+        ]
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.root.join("maps").join(name)
+    }
+
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.root.join("programs").join(name)
+    }
+
+    pub fn links_dir(&self, hook: Hook) -> PathBuf {
+        self.root.join("links").join(hook.dir())
+    }
+
+    /// The pinned TCX ingress link of the Velox program on an interface.
+    pub fn tc_ingress_link(&self, ifname: &str) -> PathBuf {
+        self.links_dir(Hook::TcIngress).join(ifname)
+    }
+}
+
+/// Velox's files under one state directory (`stateDir`).
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn endpoints_dir(&self) -> PathBuf {
+        self.root.join("endpoints")
+    }
+
+    /// The built-in allocator's state of one network.
+    pub fn ipam_dir(&self, network: &str) -> PathBuf {
+        self.root.join("ipam").join(network)
+    }
+
+    pub fn health_socket(&self) -> PathBuf {
+        self.root.join("loader.sock")
+    }
+}
+
+impl AsRef<Path> for StateDir {
+    fn as_ref(&self) -> &Path {
+        &self.root
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_are_split_by_hook() {
+        let bpffs = Bpffs::new("/sys/fs/bpf/x");
+        assert_eq!(
+            bpffs.tc_ingress_link("eth0"),
+            Path::new("/sys/fs/bpf/x/links/tc-ingress/eth0")
+        );
+        assert!(bpffs.dirs().contains(&PathBuf::from("/sys/fs/bpf/x/links/cgroup")));
+        let state = StateDir::new("/run/v");
+        assert_eq!(state.health_socket(), Path::new("/run/v/loader.sock"));
+        assert_eq!(state.ipam_dir("net"), Path::new("/run/v/ipam/net"));
+    }
+}

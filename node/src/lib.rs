@@ -1,0 +1,43 @@
+//! The node contract both Velox binaries share: where everything lives on disk and
+//! in bpffs, the endpoint records, the health protocol, handles on the pinned maps
+//! and links, and netlink. The CNI plugin and the loader build on this; nothing here
+//! knows CNI error codes or how the loader decides anything.
+
+pub mod endpoint;
+pub mod error;
+pub mod fs;
+pub mod health;
+pub mod layout;
+pub mod link;
+pub mod maps;
+pub mod netlink;
+
+pub use error::{Error, ErrorList, Result};
+pub use layout::{Bpffs, StateDir};
+
+/// An address family, where a feature exists once per family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn of(ip: &std::net::IpAddr) -> Self {
+        if ip.is_ipv4() {
+            Self::V4
+        } else {
+            Self::V6
+        }
+    }
+
+    /// "4" or "6", as CNI results before 1.0.0 and iproute2's `-4`/`-6` say it.
+    pub fn number(self) -> &'static str {
+        match self {
+            Self::V4 => "4",
+            Self::V6 => "6",
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Handles on the loader's pinned maps. Nothing here creates a map: the loader owns
+//! them, and an absent pin means the loader is not ready.
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuHashMap};
+use ipnet::IpNet;
+use std::net::IpAddr;
+use std::path::Path;
+use velox_common::{
+    Endpoint, EndpointCounters, IpKey, Peer, COUNTERS_MAP, ENDPOINTS_MAP, IPV4_MAPPED_PREFIX, PEERS_MAP,
+};
+
+use crate::error::{Error, Result};
+use crate::layout::Bpffs;
+
+fn open_map(path: &Path) -> Result<Map> {
+    let data = MapData::from_pin(path).map_err(Error::not_ready(format!("cannot open {}", path.display())))?;
+    Map::from_map_data(data).map_err(Error::map(format!("opening {}", path.display())))
+}
+
+/// A removal of an entry that is already gone succeeds: teardown is idempotent.
+fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Result<(), MapError> {
+    match result {
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// The endpoint map (pod address -> host veth) and the per-interface counters.
+pub struct EndpointMaps {
+    endpoints: HashMap<MapData, IpKey, Endpoint>,
+    counters: PerCpuHashMap<MapData, u32, EndpointCounters>,
+}
+
+impl EndpointMaps {
+    pub fn open(bpffs: &Bpffs) -> Result<Self> {
+        let typed = |name: &str| Error::map(format!("{name} has an unexpected layout"));
+        Ok(Self {
+            endpoints: open_map(&bpffs.map(ENDPOINTS_MAP))?
+                .try_into()
+                .map_err(typed(ENDPOINTS_MAP))?,
+            counters: open_map(&bpffs.map(COUNTERS_MAP))?
+                .try_into()
+                .map_err(typed(COUNTERS_MAP))?,
+        })
+    }
+
+    pub fn put(&mut self, ip: IpAddr, endpoint: Endpoint) -> Result<()> {
+        self.endpoints
+            .insert(IpKey::from(ip), endpoint, 0)
+            .map_err(Error::map(format!("adding {ip} to the endpoint map")))
+    }
+
+    pub fn get(&self, ip: IpAddr) -> Result<Option<Endpoint>> {
+        match self.endpoints.get(&IpKey::from(ip), 0) {
+            Ok(endpoint) => Ok(Some(endpoint)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(Error::map("reading the endpoint map")(e)),
+        }
+    }
+
+    /// Removes the entry of `ip`; absent is fine.
+    pub fn remove(&mut self, ip: IpAddr) -> Result<()> {
+        ignore_missing(self.endpoints.remove(&IpKey::from(ip)))
+            .map_err(Error::map(format!("removing {ip} from the endpoint map")))
+    }
+
+    pub fn entries(&self) -> Result<Vec<(IpAddr, Endpoint)>> {
+        self.endpoints
+            .iter()
+            .map(|entry| entry.map(|(key, endpoint)| (key.ip(), endpoint)))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Error::map("reading the endpoint map"))
+    }
+
+    /// The counters of an interface, summed over CPUs.
+    pub fn counters(&self, ifindex: u32) -> Result<EndpointCounters> {
+        let mut total = EndpointCounters::default();
+        match self.counters.get(&ifindex, 0) {
+            Ok(per_cpu) => per_cpu.iter().for_each(|c| total.add(c)),
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(Error::map("reading counters")(e)),
+        }
+        Ok(total)
+    }
+
+    /// Interfaces that have counters (to find ones whose endpoint is gone).
+    pub fn counter_ifindexes(&self) -> Result<Vec<u32>> {
+        self.counters
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Error::map("reading counters"))
+    }
+
+    pub fn remove_counters(&mut self, ifindex: u32) -> Result<()> {
+        ignore_missing(self.counters.remove(&ifindex)).map_err(Error::map(format!("removing counters of {ifindex}")))
+    }
+}
+
+/// An LPM key for a CIDR of either family (IPv4 mapped into IPv6).
+fn lpm_key(cidr: IpNet) -> Key<[u8; 16]> {
+    let prefix = match cidr {
+        IpNet::V4(v4) => IPV4_MAPPED_PREFIX + u32::from(v4.prefix_len()),
+        IpNet::V6(v6) => u32::from(v6.prefix_len()),
+    };
+    Key::new(prefix, IpKey::from(cidr.network()).addr)
+}
+
+fn cidr_of(key: &Key<[u8; 16]>) -> Result<IpNet> {
+    let ip = IpKey::v6(key.data()).ip();
+    let prefix = match ip {
+        IpAddr::V4(_) => key.prefix_len() - IPV4_MAPPED_PREFIX,
+        IpAddr::V6(_) => key.prefix_len(),
+    };
+    IpNet::new(ip, prefix as u8).map_err(Error::invalid(format!("peer map key {ip}/{prefix}")))
+}
+
+/// Other nodes' pod CIDRs of both families and how to reach them.
+pub struct PeerMap {
+    peers: LpmTrie<MapData, [u8; 16], Peer>,
+}
+
+impl PeerMap {
+    pub fn open(bpffs: &Bpffs) -> Result<Self> {
+        Ok(Self {
+            peers: open_map(&bpffs.map(PEERS_MAP))?
+                .try_into()
+                .map_err(Error::map(format!("{PEERS_MAP} has an unexpected layout")))?,
+        })
+    }
+
+    pub fn entries(&self) -> Result<Vec<(IpNet, Peer)>> {
+        let mut out = Vec::new();
+        for entry in self.peers.iter() {
+            let (key, peer) = entry.map_err(Error::map("reading the peer map"))?;
+            out.push((cidr_of(&key)?, peer));
+        }
+        Ok(out)
+    }
+
+    pub fn put(&mut self, cidr: IpNet, peer: Peer) -> Result<()> {
+        self.peers
+            .insert(&lpm_key(cidr), peer, 0)
+            .map_err(Error::map(format!("adding {cidr} to the peer map")))
+    }
+
+    pub fn remove(&mut self, cidr: IpNet) -> Result<()> {
+        ignore_missing(self.peers.remove(&lpm_key(cidr)))
+            .map_err(Error::map(format!("removing {cidr} from the peer map")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lpm_keys_of_both_families_round_trip() {
+        for cidr in ["200.200.2.0/24", "fd00:200:2::/64", "0.0.0.0/0", "10.0.0.4/32"] {
+            let cidr: IpNet = cidr.parse().unwrap();
+            assert_eq!(cidr_of(&lpm_key(cidr)).unwrap(), cidr);
+        }
+        assert_eq!(lpm_key("200.200.2.0/24".parse().unwrap()).prefix_len(), 120);
+    }
+}
