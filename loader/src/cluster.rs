@@ -38,9 +38,8 @@ struct NodeMetadata {
 }
 
 #[derive(Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
 struct NodeSpec {
-    #[serde(default)]
+    #[serde(default, rename = "podCIDRs")]
     pod_cidrs: Vec<IpNet>,
 }
 

@@ -168,12 +168,19 @@ impl Netlink {
 
     /// `ip route add default via <gateway> dev <index> onlink`, in the gateway's family.
     pub async fn add_default_route_onlink(&self, index: u32, gateway: IpAddr) -> Result<()> {
-        let msg = RouteMessageBuilder::<IpAddr>::new()
-            .gateway(gateway)
-            .map_err(Error::invalid(format!("gateway {gateway}")))?
-            .output_interface(index)
-            .onlink()
-            .build();
+        // The generic builder only learns the family from a destination.
+        let msg = match gateway {
+            IpAddr::V4(gw) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(gw)
+                .output_interface(index)
+                .onlink()
+                .build(),
+            IpAddr::V6(gw) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .gateway(gw)
+                .output_interface(index)
+                .onlink()
+                .build(),
+        };
         self.handle
             .route()
             .add(msg)

@@ -21,7 +21,7 @@ use std::process::Stdio;
 use velox_node::Family;
 
 use crate::guard::{Guard, TearDown};
-use crate::netns::{delete_netns, in_netns, netns_exists};
+use crate::netns::{create_host_netns, delete_netns, in_netns, netns_exists};
 use crate::node::Underlay;
 use crate::{run, Binaries, Node, Pod};
 
@@ -44,10 +44,8 @@ fn gateway(address: &str) -> &str {
     address.split('/').next().unwrap()
 }
 
-/// `ip -n <ns> addr add <address> dev <dev> nodad`: the addresses are ours to give,
-/// so IPv6 duplicate address detection would only hold them back for a second.
 fn add_address(ns: &str, dev: &str, address: &str) -> anyhow::Result<()> {
-    run("ip", &["-n", ns, "addr", "add", address, "dev", dev, "nodad"]).map(drop)
+    run("ip", &["-n", ns, "addr", "add", address, "dev", dev]).map(drop)
 }
 
 /// Default routes of both families via the router's `addresses`.
@@ -151,8 +149,7 @@ impl Cluster {
     fn build(&self) -> anyhow::Result<()> {
         let (router, external) = (self.router.as_str(), self.external.as_str());
         for ns in [router, external] {
-            run("ip", &["netns", "add", ns])?;
-            run("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+            create_host_netns(ns)?;
         }
         run(
             "ip",

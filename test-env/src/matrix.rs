@@ -291,7 +291,11 @@ pub fn table(rows: &[Row]) -> Table {
         table.add_row([
             format!("IPv{}", row.case.family.number()),
             format!("{} ({})", row.case.from.label, row.case.from.ip),
-            format!("{} ({}:{})", row.case.to.label, row.case.to.ip, row.case.to.port),
+            format!(
+                "{} ({})",
+                row.case.to.label,
+                SocketAddr::new(row.case.to.ip, row.case.to.port)
+            ),
             yes_no(row.icmp).into(),
             yes_no(row.tcp).into(),
             row.seen.map_or("-".into(), |s| s.to_string()),

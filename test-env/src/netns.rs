@@ -22,6 +22,18 @@ pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// A host of the simulated network (node, router, external host): a new netns with
+/// loopback up. Its interfaces skip IPv6 duplicate address detection: a fresh
+/// link-local address stays tentative for a second, and until then the kernel sends
+/// no neighbour solicitation for forwarded traffic, which a machine that booted a
+/// while ago never sees.
+pub fn create_host_netns(name: &str) -> anyhow::Result<()> {
+    run("ip", &["netns", "add", name])?;
+    run("ip", &["-n", name, "link", "set", "lo", "up"])?;
+    let no_dad = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"];
+    run("ip", &[&["netns", "exec", name, "sysctl", "-qw"][..], &no_dad].concat()).map(drop)
+}
+
 /// Deletes a netns and first kills every process still in it: a process would keep
 /// the namespace, and everything in it, alive after `ip netns del`.
 pub fn delete_netns(name: &str) -> anyhow::Result<()> {

@@ -15,7 +15,7 @@ use velox_node::{Family, StateDir};
 
 use crate::cni::{exec_plugin, CniOutcome};
 use crate::guard::{Guard, TearDown};
-use crate::netns::{delete_netns, in_netns, netns_exists, netns_with_prefix};
+use crate::netns::{create_host_netns, delete_netns, in_netns, netns_exists, netns_with_prefix};
 use crate::{run, Binaries, Pod};
 
 /// One simulated node. Creating is explicit (`up`), and so is removing (`down`), so
@@ -65,8 +65,7 @@ impl Node {
     }
 
     pub fn create_netns(&self) -> anyhow::Result<()> {
-        run("ip", &["netns", "add", &self.name])?;
-        run("ip", &["-n", &self.name, "link", "set", "lo", "up"]).map(drop)
+        create_host_netns(&self.name)
     }
 
     fn loader_pid_file(&self) -> PathBuf {

@@ -115,7 +115,8 @@ fn peers_file_changes_apply_without_a_restart() {
             Family::V4 => ("200.200.2.0/24", "via 10.0.0.4"),
             Family::V6 => ("fd00:200:2::/64", "via fd00:10::4"),
         };
-        run("ip", &["-n", &worker1.name, "route", "show", cidr])
+        let flag = format!("-{}", family.number());
+        run("ip", &[&flag, "-n", &worker1.name, "route", "show", cidr])
             .unwrap()
             .contains(via)
     };
