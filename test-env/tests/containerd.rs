@@ -42,7 +42,7 @@ fn leaks(node: &NodeGuard, sandboxes: &[Sandbox]) -> Vec<String> {
             .into_iter()
             .map(|e| format!("map entry {}", e["ip"])),
     );
-    let links = std::fs::read_dir(node.bpffs_root.join("links")).unwrap();
+    let links = std::fs::read_dir(node.bpffs_root.join("links/tc-ingress")).unwrap();
     leaks.extend(links.flatten().map(|l| format!("link pin {:?}", l.file_name())));
     leaks.extend(
         sandboxes
@@ -184,7 +184,7 @@ fn gc_after_the_runtime_lost_its_state_frees_the_rest() {
     }
     let records: Vec<_> = node.pods().unwrap().into_iter().map(|p| p.name).collect();
     assert_eq!(records, [sandboxes[0].id.clone()]);
-    assert_eq!(ipam_reservations(&node), 1);
+    assert_eq!(ipam_reservations(&node), 2, "the valid pod's IPv4 and IPv6 addresses");
     let veths = run("ip", &["-n", &node.name, "-o", "link", "show", "type", "veth"]).unwrap();
     assert_eq!(veths.lines().count(), 1, "{veths}");
     // What is left is the valid pod's: DEL it, then drop the orphaned netns.
