@@ -35,6 +35,9 @@ enum Task {
     Demo,
 }
 
+/// The feature that builds the integration tests, which need root.
+const PRIVILEGED_TESTS: &str = "velox-test-env/privileged";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -58,8 +61,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs the suite with nextest when it is installed (one summary line, a process per
-/// test), else with cargo test. The runner's summary is the last thing printed.
+/// Runs the suite, privileged integration tests included, with nextest when it is
+/// installed (one summary line, a process per test), else with cargo test. The
+/// runner's summary is the last thing printed.
 fn test() -> anyhow::Result<()> {
     setup::setup()?;
     build::build()?;
@@ -75,10 +79,13 @@ fn test() -> anyhow::Result<()> {
             "--workspace",
             "--exclude",
             "velox-ebpf",
+            "--features",
+            PRIVILEGED_TESTS,
             "--no-fail-fast",
         ]);
     } else {
-        cmd.args(["test", "--workspace", "--exclude", "velox-ebpf", "--no-fail-fast"]);
+        cmd.args(["test", "--workspace", "--exclude", "velox-ebpf", "--features", PRIVILEGED_TESTS])
+            .arg("--no-fail-fast");
     }
     build::run_checked(&mut cmd)
 }
