@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use velox_common::{Peer, FROM_NET_PROGRAM};
+use velox_node::fs::read_if_exists;
 use velox_node::link::attach_tc_ingress;
 use velox_node::maps::PeerMap;
 use velox_node::netlink::{Netlink, VELOX_ROUTE_PROTOCOL};
@@ -147,12 +148,10 @@ impl Cluster {
         let Some(path) = &self.config.peers_file else {
             return Ok(Vec::new());
         };
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        let Some(bytes) = read_if_exists(path)? else {
+            return Ok(Vec::new());
         };
-        parse_nodes(&text).with_context(|| format!("parsing {}", path.display()))
+        parse_nodes(&String::from_utf8_lossy(&bytes)).with_context(|| format!("parsing {}", path.display()))
     }
 
     /// True when the peers file says something other than what is applied.

@@ -17,10 +17,10 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use velox_common::{COUNTERS_MAP, ENDPOINTS_MAP, FROM_NET_PROGRAM, FROM_POD_PROGRAM, PEERS_MAP};
 use velox_node::endpoint::EndpointStore;
-use velox_node::fs::create_private_dir;
+use velox_node::fs::{create_private_dir, remove_if_exists};
 use velox_node::health::Health;
 use velox_node::layout::PRIVATE_FILE_MODE;
-use velox_node::maps::EndpointMaps;
+use velox_node::maps::{check_pinned_layouts, EndpointMaps};
 use velox_node::netlink::Netlink;
 use velox_node::{Bpffs, StateDir};
 
@@ -57,7 +57,7 @@ pub async fn run(
 
     create_private_dir(&state_dir.root)?;
     let socket = state_dir.health_socket();
-    let _ = std::fs::remove_file(&socket);
+    remove_if_exists(&socket)?;
     let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
     log::info!(
@@ -103,7 +103,7 @@ pub async fn run(
         }
     }
     // Pins stay: the datapath keeps forwarding without us.
-    let _ = std::fs::remove_file(&socket);
+    remove_if_exists(&socket)?;
     log::info!("stopped; datapath left in place");
     Ok(())
 }
@@ -136,6 +136,7 @@ fn load_and_pin(bpffs: &Bpffs, log_level: log::LevelFilter) -> anyhow::Result<Op
         !EBPF_OBJECT.is_empty(),
         "this velox-loader was built without the eBPF object: build it with `cargo xtask build`"
     );
+    check_pinned_layouts(bpffs)?;
     let mut loader = EbpfLoader::new();
     for map in [ENDPOINTS_MAP, PEERS_MAP, COUNTERS_MAP] {
         loader.map_pin_path(map, bpffs.map(map));
@@ -153,7 +154,7 @@ fn load_and_pin(bpffs: &Bpffs, log_level: log::LevelFilter) -> anyhow::Result<Op
         let pin = bpffs.program(name);
         // bpffs refuses names with a dot.
         let staged = pin.with_file_name(format!("{name}_staged"));
-        let _ = std::fs::remove_file(&staged);
+        remove_if_exists(&staged)?;
         program.pin(&staged).with_context(|| format!("pinning {name}"))?;
         std::fs::rename(&staged, &pin).with_context(|| format!("replacing the {name} pin"))?;
     }

@@ -1,10 +1,10 @@
 //! Makes the maps and links match the endpoint records and the live interfaces.
 
-use anyhow::Context;
 use nix::net::if_::if_nametoindex;
 use std::collections::HashSet;
 use velox_common::FROM_POD_PROGRAM;
 use velox_node::endpoint::EndpointStore;
+use velox_node::fs::{list_dir, remove_if_exists};
 use velox_node::layout::Hook;
 use velox_node::link::attach_tc_ingress;
 use velox_node::maps::EndpointMaps;
@@ -60,12 +60,10 @@ pub fn reconcile(
     }
     // Links of interfaces that no longer exist hold nothing; an ADD in progress
     // always has its interface before its link.
-    if let Ok(links) = std::fs::read_dir(bpffs.links_dir(Hook::TcIngress)) {
-        for link in links.flatten() {
-            let name = link.file_name();
-            if if_nametoindex(name.as_os_str()).is_err() {
-                std::fs::remove_file(link.path()).with_context(|| format!("unpinning {:?}", name))?;
-            }
+    for link in list_dir(&bpffs.links_dir(Hook::TcIngress))? {
+        let gone = link.file_name().is_some_and(|name| if_nametoindex(name).is_err());
+        if gone {
+            remove_if_exists(&link)?;
         }
     }
     Ok(())

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use velox_common::Endpoint;
 
 use crate::error::{Error, Result};
-use crate::fs::{create_private_dir, lock, remove_if_exists, write_atomic};
+use crate::fs::{create_private_dir, list_dir, lock, read_if_exists, remove_if_exists, write_atomic};
 use crate::layout::{StateDir, PRIVATE_FILE_MODE};
 
 /// One interface of one container: what CNI calls an attachment.
@@ -105,11 +105,7 @@ impl EndpointStore {
 
     pub fn get(&self, attachment: &Attachment) -> Result<Option<EndpointRecord>> {
         let path = self.path(attachment);
-        match std::fs::read(&path) {
-            Ok(bytes) => parse(&path, &bytes).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("reading {}", path.display()))(e)),
-        }
+        read_if_exists(&path)?.map(|bytes| parse(&path, &bytes)).transpose()
     }
 
     pub fn remove(&self, attachment: &Attachment) -> Result<()> {
@@ -118,14 +114,8 @@ impl EndpointStore {
 
     /// Every record, in address order.
     pub fn list(&self) -> Result<Vec<EndpointRecord>> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(format!("listing {}", self.dir.display()))(e)),
-        };
         let mut records = Vec::new();
-        for entry in entries.flatten() {
-            let path = entry.path();
+        for path in list_dir(&self.dir)? {
             if path.extension().is_some_and(|ext| ext == "json") {
                 let bytes = std::fs::read(&path).map_err(Error::io(format!("reading {}", path.display())))?;
                 records.push(parse(&path, &bytes)?);

@@ -47,6 +47,28 @@ pub fn remove_if_exists(path: &Path) -> Result<()> {
     }
 }
 
+/// The content of a file, or `None` when it is not there.
+pub fn read_if_exists(path: &Path) -> Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("reading {}", path.display()))(e)),
+    }
+}
+
+/// The paths in a directory; none when the directory is not there (yet).
+pub fn list_dir(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(format!("listing {}", dir.display()))(e)),
+    };
+    entries
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()
+        .map_err(Error::io(format!("listing {}", dir.display())))
+}
+
 /// Takes the exclusive lock of `path` (created 0600), held until the guard drops.
 pub fn lock(path: &Path) -> Result<Flock<File>> {
     if let Some(dir) = path.parent() {
@@ -79,9 +101,13 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(path.parent().unwrap()), 0o700);
+        assert_eq!(read_if_exists(&path).unwrap().as_deref(), Some(&b"two"[..]));
+        assert_eq!(list_dir(path.parent().unwrap()).unwrap(), std::slice::from_ref(&path));
         remove_if_exists(&path).unwrap();
         remove_if_exists(&path).unwrap();
         assert!(!path.exists());
+        assert_eq!(read_if_exists(&path).unwrap(), None);
+        assert!(list_dir(&dir.path().join("none")).unwrap().is_empty());
     }
 
     #[test]

@@ -18,6 +18,44 @@ fn open_map(path: &Path) -> Result<Map> {
     Map::from_map_data(data).map_err(Error::map(format!("opening {}", path.display())))
 }
 
+/// Every pinned map with the key and value size this build's datapath uses.
+pub fn layouts() -> [(&'static str, usize, usize); 3] {
+    use std::mem::size_of;
+    [
+        (ENDPOINTS_MAP, size_of::<IpKey>(), size_of::<Endpoint>()),
+        // An LPM key is its prefix length (u32) and the address.
+        (PEERS_MAP, size_of::<u32>() + size_of::<IpKey>(), size_of::<Peer>()),
+        (COUNTERS_MAP, size_of::<u32>(), size_of::<EndpointCounters>()),
+    ]
+}
+
+/// Refuses pinned maps whose layout is not this build's (an IPv4-only release keyed
+/// its maps by 4 bytes): reusing one would make every lookup miss, silently.
+pub fn check_pinned_layouts(bpffs: &Bpffs) -> Result<()> {
+    for (name, key_size, value_size) in layouts() {
+        let path = bpffs.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let what = format!("reading {}", path.display());
+        let info = MapData::from_pin(&path)
+            .and_then(|map| map.info())
+            .map_err(Error::map(what))?;
+        let pinned = (info.key_size() as usize, info.value_size() as usize);
+        if pinned != (key_size, value_size) {
+            return Err(Error::Invalid(format!(
+                "{} was pinned by a release with another map layout (key {} bytes, value {}; this one needs {key_size} and \
+                 {value_size}): drain the node's pods, remove {} and start again",
+                path.display(),
+                pinned.0,
+                pinned.1,
+                bpffs.root.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A removal of an entry that is already gone succeeds: teardown is idempotent.
 fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Result<(), MapError> {
     match result {

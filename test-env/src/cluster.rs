@@ -18,7 +18,7 @@ use serde_json::json;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use velox_node::Family;
+use velox_node::{ErrorList, Family};
 
 use crate::guard::{Guard, TearDown};
 use crate::netns::{create_host_netns, delete_netns, in_netns, netns_exists};
@@ -295,19 +295,19 @@ impl Cluster {
 
     /// Removes nodes, router, external host and the peers file; keeps going past failures.
     pub fn down(&self) -> anyhow::Result<()> {
-        let mut errors: Vec<String> = Vec::new();
+        let mut errors = ErrorList::default();
         for node in &self.nodes {
-            errors.extend(node.down().err().map(|e| format!("{e:#}")));
+            errors.keep(node.down());
         }
         for ns in [&self.router, &self.external] {
-            errors.extend(delete_netns(ns).err().map(|e| format!("{e:#}")));
+            errors.keep(delete_netns(ns));
         }
         if let Some(dir) = self.peers_file.parent().filter(|d| d.exists()) {
-            errors.extend(std::fs::remove_dir_all(dir).err().map(|e| format!("{e}")));
+            errors.keep(std::fs::remove_dir_all(dir));
         }
+        // Shared by every node and cluster; only the last one out removes it.
         let _ = std::fs::remove_dir("/run/velox-test");
-        anyhow::ensure!(errors.is_empty(), "{}", errors.join("; "));
-        Ok(())
+        Ok(errors.into_result()?)
     }
 
     /// What `down` should have removed but is still there.

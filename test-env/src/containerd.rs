@@ -174,20 +174,14 @@ state = "{d}/state"
     /// Removes every sandbox through the CRI, stops containerd and its shims, and
     /// removes its directory.
     pub fn shutdown(&mut self) -> anyhow::Result<()> {
-        let mut errors = Vec::new();
+        let mut errors = velox_node::ErrorList::default();
         if let Ok(ids) = self.cri(&["list"]) {
             for id in ids.lines() {
-                errors.extend(self.stop_pod(id).and_then(|()| self.remove_pod(id)).err());
+                errors.keep(self.stop_pod(id).and_then(|()| self.remove_pod(id)));
             }
         }
-        errors.extend(self.wipe().err());
-        match errors.first() {
-            None => Ok(()),
-            Some(_) => bail!(
-                "{}",
-                errors.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>().join("; ")
-            ),
-        }
+        errors.keep(self.wipe());
+        Ok(errors.into_result()?)
     }
 
     /// Loses all runtime state at once, as a node reboot would: containerd and its

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 use velox_node::endpoint::EndpointStore;
-use velox_node::{Family, StateDir};
+use velox_node::{ErrorList, Family, StateDir};
 
 use crate::cni::{exec_plugin, CniOutcome};
 use crate::guard::{Guard, TearDown};
@@ -95,7 +95,7 @@ impl Node {
             .create(true)
             .append(true)
             .open(self.state_dir.join("loader.log"))?;
-        let child = in_netns(&self.name, self.bins.loader.to_str().unwrap(), &[])
+        let mut child = in_netns(&self.name, self.bins.loader.to_str().unwrap(), &[])
             .args(["--bpffs-root", self.bpffs_root.to_str().unwrap()])
             .args(["--state-dir", self.state_dir.to_str().unwrap()])
             .args(["run", "--reconcile-interval", "1"])
@@ -121,6 +121,13 @@ impl Node {
         while Instant::now() < deadline {
             if self.status().success {
                 return Ok(());
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "velox-loader on {} exited ({status}); see {}/loader.log",
+                    self.name,
+                    self.state_dir.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -297,34 +304,24 @@ impl Node {
     /// Removes everything: pods (by DEL, as a runtime would), the loader, the netns,
     /// the pins and the state. Keeps going past failures and reports them all.
     pub fn down(&self) -> anyhow::Result<()> {
-        let mut errors = Vec::new();
+        let mut errors = ErrorList::default();
         if netns_exists(&self.name) {
             for pod in self.pods().unwrap_or_default() {
-                errors.extend(self.delete_pod(&pod.name).err());
+                errors.keep(self.delete_pod(&pod.name));
             }
         }
-        errors.extend(self.stop_loader(Signal::SIGTERM).err());
+        errors.keep(self.stop_loader(Signal::SIGTERM));
         // Pods a test made by hand are named after their node.
         for netns in netns_with_prefix(&format!("{}-", self.name)) {
-            errors.extend(delete_netns(&netns).err());
+            errors.keep(delete_netns(&netns));
         }
-        errors.extend(delete_netns(&self.name).err());
+        errors.keep(delete_netns(&self.name));
         for dir in [&self.bpffs_root, &self.state_dir] {
             if dir.exists() {
-                errors.extend(
-                    std::fs::remove_dir_all(dir)
-                        .with_context(|| format!("removing {}", dir.display()))
-                        .err(),
-                );
+                errors.keep(std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display())));
             }
         }
-        match errors.is_empty() {
-            true => Ok(()),
-            false => bail!(
-                "{}",
-                errors.iter().map(|e| format!("{e:#}")).collect::<Vec<_>>().join("; ")
-            ),
-        }
+        Ok(errors.into_result()?)
     }
 
     /// What `down` should have removed but is still there.

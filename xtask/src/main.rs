@@ -84,8 +84,15 @@ fn test() -> anyhow::Result<()> {
             "--no-fail-fast",
         ]);
     } else {
-        cmd.args(["test", "--workspace", "--exclude", "velox-ebpf", "--features", PRIVILEGED_TESTS])
-            .arg("--no-fail-fast");
+        cmd.args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "velox-ebpf",
+            "--features",
+            PRIVILEGED_TESTS,
+        ])
+        .arg("--no-fail-fast");
     }
     build::run_checked(&mut cmd)
 }

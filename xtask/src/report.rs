@@ -71,19 +71,20 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-type Metric = (&'static str, fn(&Sample) -> f64);
+/// A metric, where it was measured.
+type Metric = (&'static str, fn(&Sample) -> Option<f64>);
 
 const METRICS: [Metric; 6] = [
-    ("1 stream Gb/s", |s| s.gbps_1),
-    ("4 streams Gb/s", |s| s.gbps_4),
+    ("1 stream Gb/s", |s| Some(s.gbps_1)),
+    ("4 streams Gb/s", |s| Some(s.gbps_4)),
     ("p50 us", |s| s.p50_us),
     ("p99 us", |s| s.p99_us),
     ("tps", |s| s.tps),
-    ("CPU s/GB", |s| s.cpu_s_per_gb),
+    ("CPU s/GB", |s| Some(s.cpu_s_per_gb)),
 ];
 
-/// Medians per (rules, config, metric).
-fn summarize(samples: &[Sample]) -> BTreeMap<(u32, Config), Vec<Stat>> {
+/// Medians per (rules, config, metric); `None` for a metric never measured there.
+fn summarize(samples: &[Sample]) -> BTreeMap<(u32, Config), Vec<Option<Stat>>> {
     let mut groups: BTreeMap<(u32, Config), Vec<&Sample>> = BTreeMap::new();
     for s in samples {
         groups.entry((s.netfilter_rules, s.config)).or_default().push(s);
@@ -93,7 +94,10 @@ fn summarize(samples: &[Sample]) -> BTreeMap<(u32, Config), Vec<Stat>> {
         .map(|(key, group)| {
             let stats = METRICS
                 .iter()
-                .map(|(_, get)| Stat::of(&group.iter().map(|s| get(s)).collect::<Vec<_>>()))
+                .map(|(_, get)| {
+                    let values: Vec<f64> = group.iter().filter_map(|s| get(s)).collect();
+                    (!values.is_empty()).then(|| Stat::of(&values))
+                })
                 .collect();
             (key, stats)
         })
@@ -135,7 +139,11 @@ pub fn markdown(run: &Run) -> String {
         for ((_, config), stats) in summary.iter().filter(|((r, _), _)| *r == rules) {
             let cells: Vec<String> = stats
                 .iter()
-                .map(|st| format!("{} ({}..{})", number(st.median), number(st.min), number(st.max)))
+                .map(|st| {
+                    st.map_or("-".into(), |st| {
+                        format!("{} ({}..{})", number(st.median), number(st.min), number(st.max))
+                    })
+                })
                 .collect();
             let _ = writeln!(out, "| {} | {} |", config.name(), cells.join(" | "));
         }
@@ -154,11 +162,12 @@ pub fn markdown(run: &Run) -> String {
             if rules > 0 { "---|---|" } else { "" }
         );
         for ((_, config), stats) in summary.iter().filter(|((r, _), _)| *r == rules) {
-            let ratio = |other: Option<&Vec<Stat>>, metric: usize| {
-                other.map_or("-".to_string(), |o| {
-                    format!("{:.2}x", stats[metric].median / o[metric].median)
-                })
-            };
+            let ratio =
+                |other: Option<&Vec<Option<Stat>>>, metric: usize| match (stats[metric], other.and_then(|o| o[metric]))
+                {
+                    (Some(ours), Some(theirs)) => format!("{:.2}x", ours.median / theirs.median),
+                    _ => "-".to_string(),
+                };
             let ptp = summary.get(&(rules, Config::Ptp));
             let limit = summary.get(&(rules, config.limit()));
             let mut row = format!(
@@ -177,6 +186,27 @@ pub fn markdown(run: &Run) -> String {
                 let _ = write!(row, " {} | {} |", ratio(unloaded, 0), ratio(unloaded, 4));
             }
             let _ = writeln!(out, "{row}");
+        }
+        let twins: Vec<_> = summary
+            .iter()
+            .filter(|((r, _), _)| *r == rules)
+            .filter_map(|((_, config), stats)| {
+                let twin = config.ipv4_twin()?;
+                Some((config, stats, twin, summary.get(&(rules, twin))?))
+            })
+            .collect();
+        if !twins.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nIPv6 against the same path over IPv4, same run.\n\n| configuration | 1 stream vs IPv4 | 4 streams vs IPv4 |\n|---|---|---|"
+            );
+            for (config, stats, twin, v4) in twins {
+                let vs = |metric: usize| match (stats[metric], v4[metric]) {
+                    (Some(ours), Some(theirs)) => format!("{:.2}x", ours.median / theirs.median),
+                    _ => "-".to_string(),
+                };
+                let _ = writeln!(out, "| {} vs {} | {} | {} |", config.name(), twin.name(), vs(0), vs(1));
+            }
         }
         out.push('\n');
     }
@@ -260,7 +290,12 @@ fn chart(run: &Run, path: &Path) -> anyhow::Result<()> {
         ("TCP request/response, busy poll (thousand transactions/s)", 4, 1e-3),
     ]) {
         // Headroom above the tallest bar keeps the legend clear of the bars.
-        let max = summary.values().map(|s| s[metric].max * scale).fold(0.0, f64::max) * 1.4;
+        let max = summary
+            .values()
+            .filter_map(|s| s[metric])
+            .map(|s| s.max * scale)
+            .fold(0.0, f64::max)
+            * 1.4;
         let mut chart = ChartBuilder::on(panel)
             .caption(title, ("sans-serif", 24))
             .margin(12)
@@ -285,7 +320,7 @@ fn chart(run: &Run, path: &Path) -> anyhow::Result<()> {
         for (k, rule_count) in rules.iter().enumerate() {
             let color = colors[k % colors.len()];
             let bars = configs.iter().enumerate().filter_map(|(i, c)| {
-                let stat = summary.get(&(*rule_count, *c))?[metric];
+                let stat = summary.get(&(*rule_count, *c))?[metric]?;
                 let x0 = i as f64 + 0.1 + k as f64 * width;
                 Some(Rectangle::new(
                     [(x0, 0.0), (x0 + width * 0.95, stat.median * scale)],
@@ -297,7 +332,7 @@ fn chart(run: &Run, path: &Path) -> anyhow::Result<()> {
                 .label(format!("{rule_count} FORWARD rules"))
                 .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
             let spreads = configs.iter().enumerate().filter_map(|(i, c)| {
-                let stat = summary.get(&(*rule_count, *c))?[metric];
+                let stat = summary.get(&(*rule_count, *c))?[metric]?;
                 let x = i as f64 + 0.1 + k as f64 * width + width * 0.475;
                 Some(PathElement::new(
                     vec![(x, stat.min * scale), (x, stat.max * scale)],

@@ -12,8 +12,9 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use velox_node::fs::{list_dir, write_atomic};
 use velox_node::layout::{StateDir, PRIVATE_FILE_MODE};
-use velox_node::{fs::write_atomic, Family};
+use velox_node::Family;
 
 use crate::config::Attachment;
 use crate::error::{fail, Code};
@@ -160,18 +161,16 @@ impl Allocator {
 
     /// Every reserved address of both families and its owner.
     pub fn reservations(&self) -> anyhow::Result<Vec<(IpAddr, Attachment)>> {
-        let entries = match fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e).context("reading IPAM state"),
-        };
         let mut out = Vec::new();
-        for entry in entries {
-            let entry = entry?;
-            let Some(ip) = entry.file_name().to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
+        for path in list_dir(&self.dir)? {
+            let Some(ip) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.parse::<IpAddr>().ok())
+            else {
                 continue;
             };
-            let content = fs::read_to_string(entry.path())?;
+            let content = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
             let mut lines = content.lines();
             let owner = Attachment {
                 container_id: lines.next().unwrap_or_default().to_string(),
