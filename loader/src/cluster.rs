@@ -9,13 +9,14 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use velox_common::{Peer, FROM_NET_PROGRAM};
+use velox_common::Peer;
 use velox_node::fs::read_if_exists;
-use velox_node::link::attach_tc_ingress;
+use velox_node::link::{ensure_attached, UPLINK_PROGRAMS};
 use velox_node::maps::PeerMap;
 use velox_node::netlink::{Netlink, VELOX_ROUTE_PROTOCOL};
 use velox_node::{Bpffs, Family};
+
+use crate::netfilter::replace_chain;
 
 /// The peers file: a Kubernetes `NodeList` (`kubectl get nodes -o json`), of which
 /// Velox reads each node's name, `spec.podCIDRs` and `InternalIP` addresses.
@@ -165,9 +166,8 @@ impl Cluster {
             .link(&self.config.uplink)
             .await?
             .with_context(|| format!("uplink {} not found", self.config.uplink))?;
-        if !self.bpffs.tc_ingress_link(&uplink.name).exists() {
-            log::info!("attaching from_net to {}", uplink.name);
-            attach_tc_ingress(&self.bpffs, FROM_NET_PROGRAM, &uplink.name)?;
+        for program in ensure_attached(&self.bpffs, &uplink.name, &UPLINK_PROGRAMS)? {
+            log::info!("attached {program} to {}", uplink.name);
         }
         let own_ips: Vec<IpAddr> = netlink.addresses(uplink.index).await?.iter().map(IpNet::addr).collect();
         let nodes = self.read_peers()?;
@@ -247,38 +247,12 @@ impl Cluster {
 }
 
 /// Pod traffic from `sources` to anywhere outside `inside` leaves with the node's
-/// address. The chain is replaced in one iptables-restore transaction, so no packet
-/// sees half a rule set.
+/// address.
 fn masquerade(family: Family, sources: &[IpNet], inside: &[IpNet]) -> anyhow::Result<()> {
-    let (restore, tables) = match family {
-        Family::V4 => ("iptables-restore", "iptables"),
-        Family::V6 => ("ip6tables-restore", "ip6tables"),
-    };
-    let mut rules = format!("*nat\n:{MASQ_CHAIN} - [0:0]\n");
-    for net in inside {
-        rules.push_str(&format!("-A {MASQ_CHAIN} -d {net} -j RETURN\n"));
-    }
-    rules.push_str(&format!("-A {MASQ_CHAIN} -j MASQUERADE\nCOMMIT\n"));
-    let mut child = Command::new(restore)
-        .arg("--noflush")
-        .stdin(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {restore}"))?;
-    std::io::Write::write_all(child.stdin.as_mut().expect("piped"), rules.as_bytes())?;
-    anyhow::ensure!(child.wait()?.success(), "{restore} refused the {MASQ_CHAIN} chain");
-    for source in sources {
-        let jump = ["POSTROUTING", "-s", &source.to_string(), "-j", MASQ_CHAIN];
-        let present = Command::new(tables)
-            .args(["-t", "nat", "-C"])
-            .args(jump)
-            .stderr(Stdio::null())
-            .status()?;
-        if !present.success() {
-            let added = Command::new(tables).args(["-t", "nat", "-A"]).args(jump).status()?;
-            anyhow::ensure!(added.success(), "{tables} could not add the masquerade jump");
-        }
-    }
-    Ok(())
+    let mut rules: Vec<String> = inside.iter().map(|net| format!("-d {net} -j RETURN")).collect();
+    rules.push("-j MASQUERADE".into());
+    let jumps: Vec<Vec<String>> = sources.iter().map(|s| vec!["-s".into(), s.to_string()]).collect();
+    replace_chain(family, "nat", MASQ_CHAIN, &rules, "POSTROUTING", &jumps)
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@ mod cluster;
 mod daemon;
 mod dump;
 mod install;
+mod netfilter;
 mod reconcile;
 
 use clap::{Parser, Subcommand};

@@ -7,7 +7,8 @@ use ipnet::IpNet;
 use std::net::IpAddr;
 use std::path::Path;
 use velox_common::{
-    Endpoint, EndpointCounters, IpKey, Peer, COUNTERS_MAP, ENDPOINTS_MAP, IPV4_MAPPED_PREFIX, PEERS_MAP,
+    Endpoint, EndpointCounters, FlowKey, IpKey, Peer, COUNTERS_MAP, ENDPOINTS_MAP, IPV4_MAPPED_PREFIX, NAT_FLOWS_MAP,
+    PEERS_MAP,
 };
 
 use crate::error::{Error, Result};
@@ -19,13 +20,14 @@ fn open_map(path: &Path) -> Result<Map> {
 }
 
 /// Every pinned map with the key and value size this build's datapath uses.
-pub fn layouts() -> [(&'static str, usize, usize); 3] {
+pub fn layouts() -> [(&'static str, usize, usize); 4] {
     use std::mem::size_of;
     [
         (ENDPOINTS_MAP, size_of::<IpKey>(), size_of::<Endpoint>()),
         // An LPM key is its prefix length (u32) and the address.
         (PEERS_MAP, size_of::<u32>() + size_of::<IpKey>(), size_of::<Peer>()),
         (COUNTERS_MAP, size_of::<u32>(), size_of::<EndpointCounters>()),
+        (NAT_FLOWS_MAP, size_of::<FlowKey>(), size_of::<u32>()),
     ]
 }
 
@@ -185,6 +187,29 @@ impl PeerMap {
     pub fn remove(&mut self, cidr: IpNet) -> Result<()> {
         ignore_missing(self.peers.remove(&lpm_key(cidr)))
             .map_err(Error::map(format!("removing {cidr} from the peer map")))
+    }
+}
+
+/// The replies the datapath hands to the kernel because their connection was NATed.
+pub struct NatFlows {
+    flows: aya::maps::HashMap<MapData, FlowKey, u32>,
+}
+
+impl NatFlows {
+    pub fn open(bpffs: &Bpffs) -> Result<Self> {
+        Ok(Self {
+            flows: open_map(&bpffs.map(NAT_FLOWS_MAP))?
+                .try_into()
+                .map_err(Error::map(format!("{NAT_FLOWS_MAP} has an unexpected layout")))?,
+        })
+    }
+
+    /// Every reply flow and the ifindex its connection's packets left by.
+    pub fn entries(&self) -> Result<Vec<(FlowKey, u32)>> {
+        self.flows
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Error::map("reading the NAT flows"))
     }
 }
 
