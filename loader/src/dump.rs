@@ -1,5 +1,6 @@
 //! The operator's views of the datapath: `endpoints` (the endpoint map joined with
-//! the records), `peers` (the peer map) and `stats` (every interface's counters).
+//! the records), `peers` (the peer map), `stats` (every interface's counters) and
+//! `nat-flows` (the replies handed to the kernel).
 
 use comfy_table::{presets::NOTHING, Table};
 use ipnet::IpNet;
@@ -7,7 +8,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use velox_node::endpoint::{EndpointRecord, EndpointStore};
-use velox_node::maps::{EndpointMaps, PeerMap};
+use velox_node::maps::{EndpointMaps, NatFlows, PeerMap};
 use velox_node::{Bpffs, StateDir};
 
 #[derive(Serialize)]
@@ -202,6 +203,48 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
         "DROPPED",
     ];
     print(&rows, json, header, table)
+}
+
+#[derive(Serialize)]
+struct NatFlowRow {
+    /// The reply as it will arrive: from the (translated) server to the client.
+    protocol: String,
+    src: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+    /// Where the connection's packets left the node.
+    ifname: String,
+    ifindex: u32,
+}
+
+pub fn nat_flows(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
+    let names = interface_names();
+    let mut rows: Vec<NatFlowRow> = NatFlows::open(bpffs)?
+        .entries()?
+        .into_iter()
+        .map(|(flow, ifindex)| NatFlowRow {
+            protocol: match flow.proto {
+                6 => "tcp".into(),
+                17 => "udp".into(),
+                132 => "sctp".into(),
+                other => other.to_string(),
+            },
+            src: std::net::SocketAddr::new(flow.src.ip(), u16::from_be(flow.sport)),
+            dst: std::net::SocketAddr::new(flow.dst.ip(), u16::from_be(flow.dport)),
+            ifname: names.get(&ifindex).cloned().unwrap_or_default(),
+            ifindex,
+        })
+        .collect();
+    rows.sort_by_key(|r| (r.src, r.dst));
+    let table = rows.iter().map(|r| {
+        [
+            r.protocol.clone(),
+            r.src.to_string(),
+            r.dst.to_string(),
+            r.ifname.clone(),
+            r.ifindex.to_string(),
+        ]
+    });
+    print(&rows, json, ["PROTO", "REPLY FROM", "REPLY TO", "LEFT BY", "IFINDEX"], table)
 }
 
 /// Interface names by index, in the loader's network namespace.

@@ -87,6 +87,13 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
+    /// Replies the datapath hands to the kernel because netfilter NATed their
+    /// connection (Services, hostPorts, NodePorts), with where the connection left.
+    NatFlows {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -130,5 +137,6 @@ fn main() -> anyhow::Result<()> {
         Commands::Endpoints { json } => dump::endpoints(&bpffs, &state_dir, json),
         Commands::Peers { json } => dump::peers(&bpffs, json),
         Commands::Stats { json } => dump::stats(&bpffs, json),
+        Commands::NatFlows { json } => dump::nat_flows(&bpffs, json),
     }
 }

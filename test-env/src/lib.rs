@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod cni;
 pub mod containerd;
 pub mod guard;
+pub mod kube_proxy;
 pub mod matrix;
 pub mod netns;
 pub mod node;

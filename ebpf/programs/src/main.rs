@@ -131,7 +131,7 @@ fn read_flow(ctx: &TcContext, flow: &mut FlowKey) -> Option<()> {
         flow.src = IpKey::v4(ip.src_addr);
         flow.dst = IpKey::v4(ip.dst_addr);
         flow.proto = ip.proto as u8;
-        EthHdr::LEN + usize::from(ip.ihl()) * 4
+        EthHdr::LEN + usize::from(ip.ihl()) // already in bytes
     } else if ether_type == EtherType::Ipv6 as u16 {
         let ip = unsafe { &*header_at::<Ipv6Hdr>(ctx, EthHdr::LEN)? };
         flow.src = IpKey::v6(ip.src_addr);

@@ -1,0 +1,179 @@
+//! Kubernetes Services through kube-proxy's iptables rules on the two-node cluster:
+//! the fast path must hand every packet of a connection netfilter NATed to the kernel
+//! (so the reply is translated back) and keep redirecting plain pod-to-pod traffic.
+//! Needs root and `cargo xtask build`; `cargo xtask test` does both.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use velox_test_env::kube_proxy::{Protocol, ServiceRule};
+use velox_test_env::netns::spawn_in;
+use velox_test_env::{ClusterGuard, Family, Pod};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Answers `requests` TCP connections (or UDP datagrams) on `addr` inside `netns`
+/// with `name`; returns once it listens.
+fn serve(netns: &str, addr: SocketAddr, protocol: Protocol, name: &str, requests: usize) -> JoinHandle<anyhow::Result<()>> {
+    let (ready_tx, ready) = mpsc::channel();
+    let name = name.to_string();
+    let server = spawn_in(netns, move || {
+        match protocol {
+            Protocol::Tcp => {
+                let listener = TcpListener::bind(addr)?;
+                ready_tx.send(()).ok();
+                for _ in 0..requests {
+                    let (mut stream, _) = listener.accept()?;
+                    stream.write_all(name.as_bytes())?;
+                }
+            }
+            Protocol::Udp => {
+                let socket = UdpSocket::bind(addr)?;
+                ready_tx.send(()).ok();
+                let mut buf = [0u8; 64];
+                for _ in 0..requests {
+                    let (_, from) = socket.recv_from(&mut buf)?;
+                    socket.send_to(name.as_bytes(), from)?;
+                }
+            }
+        }
+        Ok(())
+    });
+    ready.recv_timeout(TIMEOUT).expect("server did not start");
+    server
+}
+
+/// One request from inside `netns` to `to`: the answer, or why there was none. A
+/// connected UDP socket only takes a reply whose source is `to`, as a resolver does.
+fn request(netns: &str, to: SocketAddr, protocol: Protocol) -> anyhow::Result<String> {
+    spawn_in(netns, move || {
+        let mut answer = String::new();
+        match protocol {
+            Protocol::Tcp => {
+                let mut stream = TcpStream::connect_timeout(&to, TIMEOUT)?;
+                stream.set_read_timeout(Some(TIMEOUT))?;
+                stream.read_to_string(&mut answer)?;
+            }
+            Protocol::Udp => {
+                let any: SocketAddr = match to {
+                    SocketAddr::V4(_) => "0.0.0.0:0".parse()?,
+                    SocketAddr::V6(_) => "[::]:0".parse()?,
+                };
+                let socket = UdpSocket::bind(any)?;
+                socket.connect(to)?;
+                socket.set_read_timeout(Some(TIMEOUT))?;
+                socket.send(b"query")?;
+                let mut buf = [0u8; 64];
+                let len = socket.recv(&mut buf)?;
+                answer = String::from_utf8_lossy(&buf[..len]).into_owned();
+            }
+        }
+        Ok(answer)
+    })
+    .join()
+    .expect("client thread")
+}
+
+fn cluster_ip(family: Family, last: u8) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::from([10, 96, 0, last]),
+        Family::V6 => IpAddr::from([0xfd00, 0x96, 0, 0, 0, 0, 0, u16::from(last)]),
+    }
+}
+
+/// Clients in pods on both nodes and a host process reach ClusterIPs whose backends are
+/// on the same node and on the other, over TCP and connected UDP, in both families.
+#[test]
+fn cluster_ips_work_beside_kube_proxy_rules_in_both_families() {
+    let cluster = ClusterGuard::up("svc").unwrap();
+    let (pod1, pod2, pod3, pod4) = (cluster.pod("pod-1"), cluster.pod("pod-2"), cluster.pod("pod-3"), cluster.pod("pod-4"));
+    let host1 = Pod {
+        name: cluster.nodes[0].name.clone(),
+        ips: Vec::new(),
+    };
+    for family in Family::ALL {
+        // (frontend, protocol, backend pod): one backend on each node.
+        let services = [
+            (SocketAddr::new(cluster_ip(family, 10), 80), Protocol::Tcp, &pod2),
+            (SocketAddr::new(cluster_ip(family, 10), 53), Protocol::Udp, &pod2),
+            (SocketAddr::new(cluster_ip(family, 11), 80), Protocol::Tcp, &pod4),
+            (SocketAddr::new(cluster_ip(family, 11), 53), Protocol::Udp, &pod4),
+        ];
+        let clients = [&pod1, &pod3, &host1];
+        for (frontend, protocol, backend) in services {
+            let backend_addr = SocketAddr::new(backend.ip(family), 8053);
+            let rule = ServiceRule {
+                frontend,
+                protocol,
+                backend: backend_addr,
+                snat: false,
+            };
+            for node in &cluster.nodes {
+                rule.install(node).unwrap();
+            }
+            let server = serve(&backend.name, backend_addr, protocol, &backend.name, clients.len());
+            for client in clients {
+                let answer = request(&client.name, frontend, protocol);
+                assert_eq!(
+                    answer.as_ref().ok(),
+                    Some(&backend.name),
+                    "{protocol:?} {} -> {frontend} (backend {}): {answer:?}",
+                    client.name,
+                    backend.name
+                );
+            }
+            server.join().unwrap().unwrap();
+        }
+    }
+    // The replies were recorded where their connections left (host veths, uplinks)...
+    let flows: usize = cluster.nodes.iter().map(|n| n.dump("nat-flows").unwrap().len()).sum();
+    assert!(flows >= 8, "only {flows} NAT flows recorded");
+    // ...and plain pod-to-pod traffic still takes the fast path beside the rules.
+    for family in Family::ALL {
+        let redirected = || cluster.nodes[0].endpoint(pod1.ip(family)).unwrap()["redirected_packets"].as_u64().unwrap();
+        let before = redirected();
+        assert!(pod1.ping(pod2.ip(family), 3) && pod1.ping(pod4.ip(family), 3), "{family:?}");
+        assert!(redirected() >= before + 6, "{family:?}: pod-to-pod left the fast path");
+    }
+    cluster.finish().unwrap();
+}
+
+/// A NodePort on worker-1 from pods on both nodes: with `externalTrafficPolicy: Local`
+/// (backend on worker-1, no SNAT, the client's address kept) and with the default
+/// policy (backend on worker-2, masqueraded to worker-1's address).
+#[test]
+fn node_ports_work_from_pods_on_both_nodes() {
+    let cluster = ClusterGuard::up("np").unwrap();
+    let (pod1, pod2, pod3, pod4) = (cluster.pod("pod-1"), cluster.pod("pod-2"), cluster.pod("pod-3"), cluster.pod("pod-4"));
+    for family in Family::ALL {
+        let node_ip = cluster.nodes[0].node_ip(family);
+        for (port, backend, snat) in [(30080, &pod1, false), (30081, &pod3, true)] {
+            let backend_addr = SocketAddr::new(backend.ip(family), 8080);
+            let frontend = SocketAddr::new(node_ip, port);
+            ServiceRule {
+                frontend,
+                protocol: Protocol::Tcp,
+                backend: backend_addr,
+                snat,
+            }
+            .install(&cluster.nodes[0])
+            .unwrap();
+            let clients = [&pod2, &pod4];
+            let server = serve(&backend.name, backend_addr, Protocol::Tcp, &backend.name, clients.len());
+            for client in clients {
+                let answer = request(&client.name, frontend, Protocol::Tcp);
+                assert_eq!(
+                    answer.as_ref().ok(),
+                    Some(&backend.name),
+                    "{} -> NodePort {frontend} (backend {}, snat {snat}): {answer:?}",
+                    client.name,
+                    backend.name
+                );
+            }
+            server.join().unwrap().unwrap();
+        }
+    }
+    cluster.finish().unwrap();
+}
