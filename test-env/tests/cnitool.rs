@@ -144,26 +144,32 @@ fn chained_with_portmap_bandwidth_and_tuning() {
     // No CHECK of this chain: Debian's portmap (plugins 1.1.1) fails CHECK on IPv4-only
     // results (containernetworking/plugins#819); Velox's CHECK is tested above.
 
-    // hostPort: from outside the node (the router), node IP:8080 reaches the pod's :5201.
+    // hostPort: node IP:8080 reaches the pod's :5201 from outside the node (the router),
+    // from a pod on the other node and from a pod on this one (hairpin). The replies
+    // of the pods' connections must go back through the kernel's reverse NAT.
     let server_ip = ip.addr();
+    let clients = [cluster.router.clone(), cluster.pod("pod-2").name, cluster.pod("pod-1").name];
     let server = spawn_in(&pod, move || {
         let listener = TcpListener::bind(SocketAddr::new(server_ip, 5201))?;
-        let (mut stream, _) = listener.accept()?;
-        stream.write_all(b"hello from the pod")?;
+        for _ in 0..3 {
+            let (mut stream, _) = listener.accept()?;
+            stream.write_all(b"hello from the pod")?;
+        }
         Ok(())
     });
     std::thread::sleep(Duration::from_millis(200));
     let node_ip = cluster.node_ip(0, Family::V4);
-    let reply = spawn_in(&cluster.router, move || {
-        let mut stream = TcpStream::connect_timeout(&SocketAddr::new(node_ip, 8080), Duration::from_secs(3))?;
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply)?;
-        Ok(reply)
-    })
-    .join()
-    .unwrap()
-    .unwrap();
-    assert_eq!(reply, "hello from the pod");
+    for client in clients {
+        let reply = spawn_in(&client, move || {
+            let mut stream = TcpStream::connect_timeout(&SocketAddr::new(node_ip, 8080), Duration::from_secs(3))?;
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply)?;
+            Ok(reply)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(reply.as_deref().ok(), Some("hello from the pod"), "hostPort from {client}: {reply:?}");
+    }
     server.join().unwrap().unwrap();
 
     // DEL runs the chain in reverse, cleanly, and takes everything with it.
