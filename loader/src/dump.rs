@@ -244,7 +244,12 @@ pub fn nat_flows(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
             r.ifindex.to_string(),
         ]
     });
-    print(&rows, json, ["PROTO", "REPLY FROM", "REPLY TO", "LEFT BY", "IFINDEX"], table)
+    print(
+        &rows,
+        json,
+        ["PROTO", "REPLY FROM", "REPLY TO", "LEFT BY", "IFINDEX"],
+        table,
+    )
 }
 
 /// Interface names by index, in the loader's network namespace.

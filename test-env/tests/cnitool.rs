@@ -148,7 +148,11 @@ fn chained_with_portmap_bandwidth_and_tuning() {
     // from a pod on the other node and from a pod on this one (hairpin). The replies
     // of the pods' connections must go back through the kernel's reverse NAT.
     let server_ip = ip.addr();
-    let clients = [cluster.router.clone(), cluster.pod("pod-2").name, cluster.pod("pod-1").name];
+    let clients = [
+        cluster.router.clone(),
+        cluster.pod("pod-2").name,
+        cluster.pod("pod-1").name,
+    ];
     let server = spawn_in(&pod, move || {
         let listener = TcpListener::bind(SocketAddr::new(server_ip, 5201))?;
         for _ in 0..3 {
@@ -168,7 +172,11 @@ fn chained_with_portmap_bandwidth_and_tuning() {
         })
         .join()
         .unwrap();
-        assert_eq!(reply.as_deref().ok(), Some("hello from the pod"), "hostPort from {client}: {reply:?}");
+        assert_eq!(
+            reply.as_deref().ok(),
+            Some("hello from the pod"),
+            "hostPort from {client}: {reply:?}"
+        );
     }
     server.join().unwrap().unwrap();
 

@@ -16,7 +16,13 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Answers `requests` TCP connections (or UDP datagrams) on `addr` inside `netns`
 /// with `name`; returns once it listens.
-fn serve(netns: &str, addr: SocketAddr, protocol: Protocol, name: &str, requests: usize) -> JoinHandle<anyhow::Result<()>> {
+fn serve(
+    netns: &str,
+    addr: SocketAddr,
+    protocol: Protocol,
+    name: &str,
+    requests: usize,
+) -> JoinHandle<anyhow::Result<()>> {
     let (ready_tx, ready) = mpsc::channel();
     let name = name.to_string();
     let server = spawn_in(netns, move || {
@@ -88,7 +94,12 @@ fn cluster_ip(family: Family, last: u8) -> IpAddr {
 #[test]
 fn cluster_ips_work_beside_kube_proxy_rules_in_both_families() {
     let cluster = ClusterGuard::up("svc").unwrap();
-    let (pod1, pod2, pod3, pod4) = (cluster.pod("pod-1"), cluster.pod("pod-2"), cluster.pod("pod-3"), cluster.pod("pod-4"));
+    let (pod1, pod2, pod3, pod4) = (
+        cluster.pod("pod-1"),
+        cluster.pod("pod-2"),
+        cluster.pod("pod-3"),
+        cluster.pod("pod-4"),
+    );
     let host1 = Pod {
         name: cluster.nodes[0].name.clone(),
         ips: Vec::new(),
@@ -132,9 +143,16 @@ fn cluster_ips_work_beside_kube_proxy_rules_in_both_families() {
     assert!(flows >= 8, "only {flows} NAT flows recorded");
     // ...and plain pod-to-pod traffic still takes the fast path beside the rules.
     for family in Family::ALL {
-        let redirected = || cluster.nodes[0].endpoint(pod1.ip(family)).unwrap()["redirected_packets"].as_u64().unwrap();
+        let redirected = || {
+            cluster.nodes[0].endpoint(pod1.ip(family)).unwrap()["redirected_packets"]
+                .as_u64()
+                .unwrap()
+        };
         let before = redirected();
-        assert!(pod1.ping(pod2.ip(family), 3) && pod1.ping(pod4.ip(family), 3), "{family:?}");
+        assert!(
+            pod1.ping(pod2.ip(family), 3) && pod1.ping(pod4.ip(family), 3),
+            "{family:?}"
+        );
         assert!(redirected() >= before + 6, "{family:?}: pod-to-pod left the fast path");
     }
     cluster.finish().unwrap();
@@ -146,7 +164,12 @@ fn cluster_ips_work_beside_kube_proxy_rules_in_both_families() {
 #[test]
 fn node_ports_work_from_pods_on_both_nodes() {
     let cluster = ClusterGuard::up("np").unwrap();
-    let (pod1, pod2, pod3, pod4) = (cluster.pod("pod-1"), cluster.pod("pod-2"), cluster.pod("pod-3"), cluster.pod("pod-4"));
+    let (pod1, pod2, pod3, pod4) = (
+        cluster.pod("pod-1"),
+        cluster.pod("pod-2"),
+        cluster.pod("pod-3"),
+        cluster.pod("pod-4"),
+    );
     for family in Family::ALL {
         let node_ip = cluster.nodes[0].node_ip(family);
         for (port, backend, snat) in [(30080, &pod1, false), (30081, &pod3, true)] {

@@ -5,9 +5,11 @@
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use velox_common::{FROM_NET_PROGRAM, FROM_POD_PROGRAM, NAT_TRACK_PROGRAM};
 use velox_test_env::reference::ReferenceNode;
 use velox_test_env::{direct_veth_pair, remove_direct_veth_pair, run, Binaries, Cluster, Family, Node, Pod};
 
@@ -25,7 +27,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "velox-same,velox-cross,velox-same6,velox-cross6,ptp,bridge,direct,node-to-node"
+        default_value = "velox-same,velox-cross,velox-same6,velox-cross6,ptp,bridge,direct,node-to-node,direct6,node-to-node6"
     )]
     pub configs: Vec<Config>,
     /// Also measure with this many non-matching rules in each host's FORWARD chain (0: skip).
@@ -63,6 +65,12 @@ pub enum Config {
     Direct,
     /// Node to node over the underlay: the cross-node limit.
     NodeToNode,
+    /// The bare veth pair over IPv6.
+    #[value(name = "direct6")]
+    Direct6,
+    /// Node to node over IPv6.
+    #[value(name = "node-to-node6")]
+    NodeToNode6,
 }
 
 impl Config {
@@ -76,13 +84,17 @@ impl Config {
             Config::Bridge => "bridge + host-local",
             Config::Direct => "direct veth pair",
             Config::NodeToNode => "node to node",
+            Config::Direct6 => "direct veth pair IPv6",
+            Config::NodeToNode6 => "node to node IPv6",
         }
     }
 
-    /// What this configuration is measured against (the limits are measured over IPv4).
+    /// What this configuration is measured against: the limit of its path and family.
     pub fn limit(self) -> Config {
         match self {
-            Config::VeloxCross | Config::VeloxCross6 | Config::NodeToNode => Config::NodeToNode,
+            Config::VeloxCross | Config::NodeToNode => Config::NodeToNode,
+            Config::VeloxCross6 | Config::NodeToNode6 => Config::NodeToNode6,
+            Config::VeloxSame6 | Config::Direct6 => Config::Direct6,
             _ => Config::Direct,
         }
     }
@@ -90,7 +102,7 @@ impl Config {
     /// The address family the traffic uses.
     pub fn family(self) -> Family {
         match self {
-            Config::VeloxSame6 | Config::VeloxCross6 => Family::V6,
+            Config::VeloxSame6 | Config::VeloxCross6 | Config::Direct6 | Config::NodeToNode6 => Family::V6,
             _ => Family::V4,
         }
     }
@@ -100,6 +112,8 @@ impl Config {
         match self {
             Config::VeloxSame6 => Some(Config::VeloxSame),
             Config::VeloxCross6 => Some(Config::VeloxCross),
+            Config::Direct6 => Some(Config::Direct),
+            Config::NodeToNode6 => Some(Config::NodeToNode),
             _ => None,
         }
     }
@@ -123,7 +137,15 @@ pub struct Sample {
     pub tps: Option<f64>,
     /// Machine-wide CPU seconds per GB received, during the 1-stream test.
     pub cpu_s_per_gb: f64,
+    /// Velox's programs, ns per run (`kernel.bpf_stats_enabled`), over an extra
+    /// 1-stream run of its own: the stats cost time per run, so the measurements
+    /// above run without them.
+    #[serde(default)]
+    pub ns_per_run: BTreeMap<String, f64>,
 }
+
+/// The eBPF programs whose cost the bench reports.
+pub const PROGRAMS: [&str; 3] = [FROM_POD_PROGRAM, FROM_NET_PROGRAM, NAT_TRACK_PROGRAM];
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ControlPlane {
@@ -201,14 +223,18 @@ fn data_plane(
     bridge: &ReferenceNode,
 ) -> anyhow::Result<Vec<Sample>> {
     let mut pairs = Vec::new();
+    let mut direct = None;
     for config in &args.configs {
         let pair = match config {
             Config::VeloxSame | Config::VeloxSame6 => (pod(cluster, "pod-1")?, pod(cluster, "pod-4")?),
             Config::VeloxCross | Config::VeloxCross6 => (pod(cluster, "pod-1")?, pod(cluster, "pod-2")?),
             Config::Ptp => (ptp.add_pod("a")?.0, ptp.add_pod("b")?.0),
             Config::Bridge => (bridge.add_pod("a")?.0, bridge.add_pod("b")?.0),
-            Config::Direct => direct_veth_pair(&format!("{PREFIX}direct"))?,
-            Config::NodeToNode => {
+            Config::Direct | Config::Direct6 => match &direct {
+                Some(pair) => Clone::clone(pair),
+                None => direct.insert(direct_veth_pair(&format!("{PREFIX}direct"))?).clone(),
+            },
+            Config::NodeToNode | Config::NodeToNode6 => {
                 let node = |i: usize| Pod {
                     name: cluster.nodes[i].name.clone(),
                     ips: Family::ALL.map(|family| cluster.node_ip(i, family)).to_vec(),
@@ -282,7 +308,47 @@ fn measure(config: Config, rules: u32, round: u32, client: &Pod, server: &Pod, s
         p99_us: latency.map(|l| l.p99_us),
         tps: latency.map(|l| l.tps),
         cpu_s_per_gb: cpu / (one.bytes / 1e9),
+        ns_per_run: match config.name().starts_with("velox") {
+            true => program_cost(|| client.iperf3(server, family, 2, 1).map(drop))?,
+            false => BTreeMap::new(),
+        },
     })
+}
+
+/// Run time and count of every loaded program named in `PROGRAMS`, summed over all
+/// instances (each node loads its own).
+fn program_stats() -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let programs: Vec<serde_json::Value> = serde_json::from_str(&run("bpftool", &["-j", "prog", "show"])?)?;
+    let mut stats = BTreeMap::new();
+    for program in programs {
+        let name = program["name"].as_str().unwrap_or_default();
+        if PROGRAMS.contains(&name) {
+            let entry: &mut (u64, u64) = stats.entry(name.to_string()).or_default();
+            entry.0 += program["run_time_ns"].as_u64().unwrap_or(0);
+            entry.1 += program["run_cnt"].as_u64().unwrap_or(0);
+        }
+    }
+    Ok(stats)
+}
+
+/// ns per run of each program while `traffic` runs with `kernel.bpf_stats_enabled`.
+fn program_cost(traffic: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<BTreeMap<String, f64>> {
+    const SWITCH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    std::fs::write(SWITCH, "1")?;
+    let before = program_stats();
+    let ran = traffic();
+    let after = program_stats();
+    std::fs::write(SWITCH, "0")?;
+    ran?;
+    let (before, after) = (before?, after?);
+    Ok(after
+        .into_iter()
+        .filter_map(|(name, (time, count))| {
+            let (time0, count0) = before.get(&name).copied().unwrap_or_default();
+            let runs = count.checked_sub(count0).filter(|runs| *runs > 0)?;
+            Some((name, (time - time0) as f64 / runs as f64))
+        })
+        .collect())
 }
 
 /// Busy CPU time of the whole machine (all but idle and iowait), from /proc/stat.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::bench::{Config, ControlPlane, Sample};
+use crate::bench::{Config, ControlPlane, Sample, PROGRAMS};
 
 #[derive(Serialize, Deserialize)]
 pub struct System {
@@ -195,6 +195,45 @@ pub fn markdown(run: &Run) -> String {
                 Some((config, stats, twin, summary.get(&(rules, twin))?))
             })
             .collect();
+        let costs: Vec<_> = summary
+            .keys()
+            .filter(|(r, _)| *r == rules)
+            .filter_map(|(_, config)| {
+                let samples: Vec<&Sample> = run
+                    .samples
+                    .iter()
+                    .filter(|s| s.config == *config && s.netfilter_rules == rules && !s.ns_per_run.is_empty())
+                    .collect();
+                (!samples.is_empty()).then_some((config, samples))
+            })
+            .collect();
+        if !costs.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nCost of Velox's programs, ns per run (`kernel.bpf_stats_enabled`, over a 1-stream run of its own, medians with min..max).\n\n| configuration | {} |\n|---|{}",
+                PROGRAMS.join(" | "),
+                "---|".repeat(PROGRAMS.len())
+            );
+            for (config, samples) in costs {
+                let cells: Vec<String> = PROGRAMS
+                    .iter()
+                    .map(|program| {
+                        let values: Vec<f64> = samples
+                            .iter()
+                            .filter_map(|s| s.ns_per_run.get(*program).copied())
+                            .collect();
+                        match values.is_empty() {
+                            true => "-".into(),
+                            false => {
+                                let st = Stat::of(&values);
+                                format!("{:.0} ({:.0}..{:.0})", st.median, st.min, st.max)
+                            }
+                        }
+                    })
+                    .collect();
+                let _ = writeln!(out, "| {} | {} |", config.name(), cells.join(" | "));
+            }
+        }
         if !twins.is_empty() {
             let _ = writeln!(
                 out,
