@@ -7,8 +7,9 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
+use velox_common::FROM_POD_PROGRAM;
 use velox_node::endpoint::{host_ifname, EndpointRecord, EndpointStore};
-use velox_node::link::{attach_tc, detach_tc, POD_PROGRAMS};
+use velox_node::link::{attach_tc_ingress, detach_tc_ingress};
 use velox_node::maps::EndpointMaps;
 use velox_node::netlink::{format_mac, Link, Netlink};
 use velox_node::{health, Bpffs, ErrorList, Family, StateDir};
@@ -159,14 +160,12 @@ impl Plugin {
         let netns = self.open_netns()?;
         // Fail before touching anything when the loader has not set up the datapath.
         let mut maps = EndpointMaps::open(&self.bpffs)?;
-        for (_, program) in POD_PROGRAMS {
-            let program = self.bpffs.program(program);
-            if !program.exists() {
-                return fail(
-                    Code::TryAgainLater,
-                    format!("velox-loader is not ready: {} is missing", program.display()),
-                );
-            }
+        let program = self.bpffs.program(FROM_POD_PROGRAM);
+        if !program.exists() {
+            return fail(
+                Code::TryAgainLater,
+                format!("velox-loader is not ready: {} is missing", program.display()),
+            );
         }
         let host = Netlink::connect()?;
         let host_name = host_ifname(&attachment);
@@ -209,22 +208,16 @@ impl Plugin {
             .await?
             .context("host veth vanished after creation")?;
 
-        // Every TCX attach waits out an RCU grace period in the kernel (about 9 ms here):
-        // let them run side by side while the two ends are configured.
-        let attaches: Vec<_> = POD_PROGRAMS
-            .into_iter()
-            .map(|(hook, program)| {
-                let (bpffs, name) = (self.bpffs.clone(), host_name.clone());
-                tokio::task::spawn_blocking(move || attach_tc(&bpffs, program, &name, hook))
-            })
-            .collect();
+        // Attaching TCX waits out an RCU grace period in the kernel (about 9 ms here):
+        // let it run while the two ends are configured.
+        let attach = tokio::task::spawn_blocking({
+            let (bpffs, name) = (self.bpffs.clone(), host_name.clone());
+            move || attach_tc_ingress(&bpffs, FROM_POD_PROGRAM, &name)
+        });
         let configured = configure_ends(netns, host, &attachment.ifname, &host_link, &ips).await;
-        let mut attached = Vec::new();
-        for attach in attaches {
-            attached.push(attach.await.context("attaching the datapath")?);
-        }
+        let attached = attach.await.context("attaching from_pod")?;
         let pod_link = configured?;
-        attached.into_iter().collect::<Result<(), _>>()?;
+        attached?;
 
         let record = EndpointRecord {
             container_id: attachment.container_id.clone(),
@@ -326,7 +319,7 @@ impl Plugin {
         // Deleting the veth detaches the TCX link in the same step; unpinning a live
         // link first would cost a second RCU grace period under the rtnl lock.
         errors.keep(host.delete_link(&host_name).await);
-        errors.keep(detach_tc(&self.bpffs, &host_name));
+        errors.keep(detach_tc_ingress(&self.bpffs, &host_name));
         if let Some(ipam) = ipam {
             errors.keep(ipam.release(attachment));
         }
@@ -359,10 +352,8 @@ impl Plugin {
             Some(link) if link.index == record.host_ifindex => {}
             _ => return broken(format!("host veth {} is missing or was replaced", record.host_ifname)),
         }
-        for (hook, program) in POD_PROGRAMS {
-            if !self.bpffs.tc_link(hook, &record.host_ifname).exists() {
-                return broken(format!("{program} is not attached to {}", record.host_ifname));
-            }
+        if !self.bpffs.tc_ingress_link(&record.host_ifname).exists() {
+            return broken(format!("from_pod is not attached to {}", record.host_ifname));
         }
         let maps = EndpointMaps::open(&self.bpffs)?;
         let pod = Netlink::connect_in(&self.open_netns()?)?;

@@ -10,8 +10,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use velox_common::Peer;
+use velox_common::FROM_NET_PROGRAM;
 use velox_node::fs::read_if_exists;
-use velox_node::link::{ensure_attached, UPLINK_PROGRAMS};
+use velox_node::link::attach_tc_ingress;
 use velox_node::maps::PeerMap;
 use velox_node::netlink::{Netlink, VELOX_ROUTE_PROTOCOL};
 use velox_node::{Bpffs, Family};
@@ -166,8 +167,9 @@ impl Cluster {
             .link(&self.config.uplink)
             .await?
             .with_context(|| format!("uplink {} not found", self.config.uplink))?;
-        for program in ensure_attached(&self.bpffs, &uplink.name, &UPLINK_PROGRAMS)? {
-            log::info!("attached {program} to {}", uplink.name);
+        if !self.bpffs.tc_ingress_link(&uplink.name).exists() {
+            log::info!("attaching from_net to {}", uplink.name);
+            attach_tc_ingress(&self.bpffs, FROM_NET_PROGRAM, &uplink.name)?;
         }
         let own_ips: Vec<IpAddr> = netlink.addresses(uplink.index).await?.iter().map(IpNet::addr).collect();
         let nodes = self.read_peers()?;

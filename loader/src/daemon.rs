@@ -16,8 +16,7 @@ use tokio::io::Interest;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use velox_common::{
-    COUNTERS_MAP, DEFAULT_NAT_FLOWS, ENDPOINTS_MAP, FROM_NET_PROGRAM, FROM_POD_PROGRAM, NAT_FLOWS_MAP,
-    NAT_TRACK_PROGRAM, PEERS_MAP,
+    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, ENDPOINTS_MAP, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, PEERS_MAP,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, remove_if_exists};
@@ -28,7 +27,6 @@ use velox_node::netlink::Netlink;
 use velox_node::{Bpffs, StateDir};
 
 use crate::cluster::{Cluster, ClusterConfig};
-use crate::netfilter::mark_dnat_connections;
 use crate::reconcile::reconcile;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VELOX_EBPF_OBJECT"));
@@ -58,7 +56,6 @@ pub async fn run(
     }
     let uplink = cluster.as_ref().map(|c| c.uplink().to_string());
     reconcile(&bpffs, &store, &mut maps, uplink.as_deref())?;
-    mark_dnat_connections()?;
 
     create_private_dir(&state_dir.root)?;
     let socket = state_dir.health_socket();
@@ -85,9 +82,6 @@ pub async fn run(
                 }
                 if let Err(e) = reconcile(&bpffs, &store, &mut maps, uplink.as_deref()) {
                     log::error!("reconcile: {e:#}");
-                }
-                if let Err(e) = mark_dnat_connections() {
-                    log::error!("marking DNATed connections: {e:#}");
                 }
             }
             _ = peers_tick.tick() => {
@@ -146,17 +140,17 @@ fn load_and_pin(bpffs: &Bpffs, log_level: log::LevelFilter) -> anyhow::Result<Op
     );
     check_pinned_layouts(bpffs)?;
     let mut loader = EbpfLoader::new();
-    for map in [ENDPOINTS_MAP, PEERS_MAP, COUNTERS_MAP, NAT_FLOWS_MAP] {
+    for map in [ENDPOINTS_MAP, PEERS_MAP, COUNTERS_MAP, KERNEL_FLOWS_MAP] {
         loader.map_pin_path(map, bpffs.map(map));
     }
-    // As many NATed connections as conntrack can hold: an LRU map that size only ever
-    // evicts replies of connections the kernel has already forgotten.
-    loader.map_max_entries(NAT_FLOWS_MAP, nat_flows_capacity());
+    // As many connections as conntrack can hold: an LRU map that size only evicts
+    // the ends of connections the kernel has already forgotten.
+    loader.map_max_entries(KERNEL_FLOWS_MAP, kernel_flows_capacity());
     // A constant once loaded: the verifier drops every log call above this level.
     let level = log_level as u8;
     loader.override_global(aya_log::LEVEL, &level, true);
     let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
-    for name in [FROM_POD_PROGRAM, FROM_NET_PROGRAM, NAT_TRACK_PROGRAM] {
+    for name in [FROM_POD_PROGRAM, FROM_NET_PROGRAM] {
         let program: &mut SchedClassifier = ebpf
             .program_mut(name)
             .with_context(|| format!("{name} missing from the eBPF object"))?
@@ -178,12 +172,12 @@ fn load_and_pin(bpffs: &Bpffs, log_level: log::LevelFilter) -> anyhow::Result<Op
 }
 
 /// `nf_conntrack_max`, or a default where conntrack is not loaded yet.
-fn nat_flows_capacity() -> u32 {
+fn kernel_flows_capacity() -> u32 {
     std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
         .ok()
         .and_then(|max| max.trim().parse().ok())
         .filter(|max| *max > 0)
-        .unwrap_or(DEFAULT_NAT_FLOWS)
+        .unwrap_or(DEFAULT_KERNEL_FLOWS)
 }
 
 /// Hands the programs' log records to this process's logger as they arrive.

@@ -1,6 +1,6 @@
 //! The operator's views of the datapath: `endpoints` (the endpoint map joined with
 //! the records), `peers` (the peer map), `stats` (every interface's counters) and
-//! `nat-flows` (the replies handed to the kernel).
+//! `kernel-flows` (the connection ends whose packets go to the kernel).
 
 use comfy_table::{presets::NOTHING, Table};
 use ipnet::IpNet;
@@ -8,7 +8,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use velox_node::endpoint::{EndpointRecord, EndpointStore};
-use velox_node::maps::{EndpointMaps, NatFlows, PeerMap};
+use velox_node::maps::{EndpointMaps, KernelFlows, PeerMap};
 use velox_node::{Bpffs, StateDir};
 
 #[derive(Serialize)]
@@ -206,50 +206,43 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
 }
 
 #[derive(Serialize)]
-struct NatFlowRow {
-    /// The reply as it will arrive: from the (translated) server to the client.
+struct KernelFlowRow {
     protocol: String,
-    src: std::net::SocketAddr,
-    dst: std::net::SocketAddr,
-    /// Where the connection's packets left the node.
+    /// The pod's end of the connection (for ICMP echo, the port is the identifier).
+    end: std::net::SocketAddr,
+    /// Where its traffic went to the kernel first.
     ifname: String,
     ifindex: u32,
 }
 
-pub fn nat_flows(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
+pub fn kernel_flows(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
     let names = interface_names();
-    let mut rows: Vec<NatFlowRow> = NatFlows::open(bpffs)?
+    let mut rows: Vec<KernelFlowRow> = KernelFlows::open(bpffs)?
         .entries()?
         .into_iter()
-        .map(|(flow, ifindex)| NatFlowRow {
-            protocol: match flow.proto {
+        .map(|(end, ifindex)| KernelFlowRow {
+            protocol: match end.proto {
+                1 | 58 => "icmp".into(),
                 6 => "tcp".into(),
                 17 => "udp".into(),
                 132 => "sctp".into(),
                 other => other.to_string(),
             },
-            src: std::net::SocketAddr::new(flow.src.ip(), u16::from_be(flow.sport)),
-            dst: std::net::SocketAddr::new(flow.dst.ip(), u16::from_be(flow.dport)),
+            end: std::net::SocketAddr::new(end.addr.ip(), u16::from_be(end.port)),
             ifname: names.get(&ifindex).cloned().unwrap_or_default(),
             ifindex,
         })
         .collect();
-    rows.sort_by_key(|r| (r.src, r.dst));
+    rows.sort_by(|a, b| (a.end, &a.protocol).cmp(&(b.end, &b.protocol)));
     let table = rows.iter().map(|r| {
         [
             r.protocol.clone(),
-            r.src.to_string(),
-            r.dst.to_string(),
+            r.end.to_string(),
             r.ifname.clone(),
             r.ifindex.to_string(),
         ]
     });
-    print(
-        &rows,
-        json,
-        ["PROTO", "REPLY FROM", "REPLY TO", "LEFT BY", "IFINDEX"],
-        table,
-    )
+    print(&rows, json, ["PROTO", "POD END", "SEEN ON", "IFINDEX"], table)
 }
 
 /// Interface names by index, in the loader's network namespace.

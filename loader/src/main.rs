@@ -87,9 +87,9 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
-    /// Replies the datapath hands to the kernel because netfilter NATed their
-    /// connection (Services, hostPorts, NodePorts), with where the connection left.
-    NatFlows {
+    /// Pod connection ends whose traffic the kernel handled (Services, hostPorts,
+    /// NodePorts, hosts, the outside): packets to them skip the fast path.
+    KernelFlows {
         /// One JSON array instead of a table.
         #[arg(long)]
         json: bool,
@@ -137,6 +137,6 @@ fn main() -> anyhow::Result<()> {
         Commands::Endpoints { json } => dump::endpoints(&bpffs, &state_dir, json),
         Commands::Peers { json } => dump::peers(&bpffs, json),
         Commands::Stats { json } => dump::stats(&bpffs, json),
-        Commands::NatFlows { json } => dump::nat_flows(&bpffs, json),
+        Commands::KernelFlows { json } => dump::kernel_flows(&bpffs, json),
     }
 }

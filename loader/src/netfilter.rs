@@ -4,11 +4,7 @@
 
 use anyhow::Context;
 use std::process::{Command, Stdio};
-use velox_common::NAT_MARK;
 use velox_node::Family;
-
-/// The mangle chain that marks DNATed connections for `nat_track`.
-const DNAT_MARK_CHAIN: &str = "VELOX-DNAT-MARK";
 
 fn tools(family: Family) -> (&'static str, &'static str) {
     match family {
@@ -54,25 +50,6 @@ pub fn replace_chain(
             let added = Command::new(iptables).args(["-t", table, "-A"]).args(&jump).status()?;
             anyhow::ensure!(added.success(), "{iptables} could not add the jump to {chain}");
         }
-    }
-    Ok(())
-}
-
-/// Marks every original-direction packet of a connection netfilter DNATed (a
-/// kube-proxy Service, a hostPort, a NodePort) with `NAT_MARK`, in both families.
-/// mangle POSTROUTING sees the packet after the DNAT and just before it leaves, when
-/// `nat_track` on the egress interface records its reply.
-pub fn mark_dnat_connections() -> anyhow::Result<()> {
-    let rule = format!("-m conntrack --ctstate DNAT --ctdir ORIGINAL -j MARK --or-mark {NAT_MARK:#x}");
-    for family in Family::ALL {
-        replace_chain(
-            family,
-            "mangle",
-            DNAT_MARK_CHAIN,
-            std::slice::from_ref(&rule),
-            "POSTROUTING",
-            &[Vec::new()],
-        )?;
     }
     Ok(())
 }

@@ -2,10 +2,11 @@
 
 use nix::net::if_::if_nametoindex;
 use std::collections::HashSet;
+use velox_common::FROM_POD_PROGRAM;
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{list_dir, remove_if_exists};
 use velox_node::layout::Hook;
-use velox_node::link::{ensure_attached, POD_PROGRAMS};
+use velox_node::link::attach_tc_ingress;
 use velox_node::maps::EndpointMaps;
 use velox_node::Bpffs;
 
@@ -40,8 +41,9 @@ pub fn reconcile(
             }
             live_ips.insert(*ip);
         }
-        for program in ensure_attached(bpffs, &record.host_ifname, &POD_PROGRAMS)? {
-            log::warn!("re-attached {program} to {}", record.host_ifname);
+        if !bpffs.tc_ingress_link(&record.host_ifname).exists() {
+            log::warn!("re-attaching from_pod to {}", record.host_ifname);
+            attach_tc_ingress(bpffs, FROM_POD_PROGRAM, &record.host_ifname)?;
         }
         live_ifindexes.insert(record.host_ifindex);
     }
@@ -58,12 +60,10 @@ pub fn reconcile(
     }
     // Links of interfaces that no longer exist hold nothing; an ADD in progress
     // always has its interface before its link.
-    for hook in Hook::TC {
-        for link in list_dir(&bpffs.links_dir(hook))? {
-            let gone = link.file_name().is_some_and(|name| if_nametoindex(name).is_err());
-            if gone {
-                remove_if_exists(&link)?;
-            }
+    for link in list_dir(&bpffs.links_dir(Hook::TcIngress))? {
+        let gone = link.file_name().is_some_and(|name| if_nametoindex(name).is_err());
+        if gone {
+            remove_if_exists(&link)?;
         }
     }
     Ok(())

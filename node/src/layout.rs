@@ -6,14 +6,13 @@
 //! │   ├── VELOX_ENDPOINTS                   pod address -> host veth
 //! │   ├── VELOX_PEERS                       other nodes' pod CIDRs -> node address
 //! │   ├── VELOX_COUNTERS                    per-interface, per-CPU counters
-//! │   └── VELOX_NAT_FLOWS                   replies of NATed connections (LRU)
+//! │   └── VELOX_KERNEL_FLOWS                pod connection ends the kernel handles (LRU)
 //! ├── programs/                       0700  replaced atomically at every loader start
 //! │   ├── from_pod
-//! │   ├── from_net
-//! │   └── nat_track
+//! │   └── from_net
 //! └── links/                          0700  one directory per hook, so no sweep of one
 //!     ├── tc-ingress/<ifname>               kind can touch another: pods' host veths
-//!     ├── tc-egress/<ifname>                (pinned by the plugin), the uplink (loader)
+//!     │                                     (pinned by the plugin), the uplink (loader)
 //!     └── cgroup/<hook>                     socket hooks
 //!
 //! <stateDir>/                         0700  default /run/velox
@@ -39,17 +38,13 @@ pub const PRIVATE_FILE_MODE: u32 = 0o600;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     TcIngress,
-    TcEgress,
     Cgroup,
 }
 
 impl Hook {
-    pub const TC: [Hook; 2] = [Hook::TcIngress, Hook::TcEgress];
-
     fn dir(self) -> &'static str {
         match self {
             Self::TcIngress => "tc-ingress",
-            Self::TcEgress => "tc-egress",
             Self::Cgroup => "cgroup",
         }
     }
@@ -72,7 +67,6 @@ impl Bpffs {
             self.root.join("maps"),
             self.root.join("programs"),
             self.links_dir(Hook::TcIngress),
-            self.links_dir(Hook::TcEgress),
             self.links_dir(Hook::Cgroup),
         ]
     }
@@ -89,9 +83,9 @@ impl Bpffs {
         self.root.join("links").join(hook.dir())
     }
 
-    /// The pinned link of the Velox program on an interface's TC `hook`.
-    pub fn tc_link(&self, hook: Hook, ifname: &str) -> PathBuf {
-        self.links_dir(hook).join(ifname)
+    /// The pinned TCX ingress link of the Velox program on an interface.
+    pub fn tc_ingress_link(&self, ifname: &str) -> PathBuf {
+        self.links_dir(Hook::TcIngress).join(ifname)
     }
 }
 
@@ -134,12 +128,8 @@ mod tests {
     fn links_are_split_by_hook() {
         let bpffs = Bpffs::new("/sys/fs/bpf/x");
         assert_eq!(
-            bpffs.tc_link(Hook::TcIngress, "eth0"),
+            bpffs.tc_ingress_link("eth0"),
             Path::new("/sys/fs/bpf/x/links/tc-ingress/eth0")
-        );
-        assert_eq!(
-            bpffs.tc_link(Hook::TcEgress, "eth0"),
-            Path::new("/sys/fs/bpf/x/links/tc-egress/eth0")
         );
         assert!(bpffs.dirs().contains(&PathBuf::from("/sys/fs/bpf/x/links/cgroup")));
         let state = StateDir::new("/run/v");

@@ -7,8 +7,8 @@ use ipnet::IpNet;
 use std::net::IpAddr;
 use std::path::Path;
 use velox_common::{
-    Endpoint, EndpointCounters, FlowKey, IpKey, Peer, COUNTERS_MAP, ENDPOINTS_MAP, IPV4_MAPPED_PREFIX, NAT_FLOWS_MAP,
-    PEERS_MAP,
+    Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, COUNTERS_MAP, ENDPOINTS_MAP, IPV4_MAPPED_PREFIX,
+    KERNEL_FLOWS_MAP, PEERS_MAP,
 };
 
 use crate::error::{Error, Result};
@@ -27,7 +27,7 @@ pub fn layouts() -> [(&'static str, usize, usize); 4] {
         // An LPM key is its prefix length (u32) and the address.
         (PEERS_MAP, size_of::<u32>() + size_of::<IpKey>(), size_of::<Peer>()),
         (COUNTERS_MAP, size_of::<u32>(), size_of::<EndpointCounters>()),
-        (NAT_FLOWS_MAP, size_of::<FlowKey>(), size_of::<u32>()),
+        (KERNEL_FLOWS_MAP, size_of::<FlowEnd>(), size_of::<u32>()),
     ]
 }
 
@@ -190,26 +190,27 @@ impl PeerMap {
     }
 }
 
-/// The replies the datapath hands to the kernel because their connection was NATed.
-pub struct NatFlows {
-    flows: aya::maps::HashMap<MapData, FlowKey, u32>,
+/// Pod connection ends whose traffic the kernel handled: packets to them go to the
+/// kernel rather than the fast path, as they may be replies it must translate back.
+pub struct KernelFlows {
+    ends: HashMap<MapData, FlowEnd, u32>,
 }
 
-impl NatFlows {
+impl KernelFlows {
     pub fn open(bpffs: &Bpffs) -> Result<Self> {
         Ok(Self {
-            flows: open_map(&bpffs.map(NAT_FLOWS_MAP))?
+            ends: open_map(&bpffs.map(KERNEL_FLOWS_MAP))?
                 .try_into()
-                .map_err(Error::map(format!("{NAT_FLOWS_MAP} has an unexpected layout")))?,
+                .map_err(Error::map(format!("{KERNEL_FLOWS_MAP} has an unexpected layout")))?,
         })
     }
 
-    /// Every reply flow and the ifindex its connection's packets left by.
-    pub fn entries(&self) -> Result<Vec<(FlowKey, u32)>> {
-        self.flows
+    /// Every end and the ifindex its traffic was first seen on.
+    pub fn entries(&self) -> Result<Vec<(FlowEnd, u32)>> {
+        self.ends
             .iter()
             .collect::<std::result::Result<_, _>>()
-            .map_err(Error::map("reading the NAT flows"))
+            .map_err(Error::map("reading the kernel flows"))
     }
 }
 

@@ -15,23 +15,15 @@ pub const ENDPOINTS_MAP: &str = "VELOX_ENDPOINTS";
 pub const COUNTERS_MAP: &str = "VELOX_COUNTERS";
 /// Pinned under `<bpffsRoot>/maps/`: other nodes' pod CIDRs -> how to reach that node.
 pub const PEERS_MAP: &str = "VELOX_PEERS";
-/// Pinned under `<bpffsRoot>/maps/`: replies of connections the kernel NATed, which
-/// must go through the kernel to be translated back (LRU).
-pub const NAT_FLOWS_MAP: &str = "VELOX_NAT_FLOWS";
+/// Pinned under `<bpffsRoot>/maps/`: pod connection ends whose traffic the kernel
+/// handled (LRU); replies to them go back through the kernel, which may have NATed them.
+pub const KERNEL_FLOWS_MAP: &str = "VELOX_KERNEL_FLOWS";
 /// Pinned under `<bpffsRoot>/programs/`: TC ingress of every host-side pod veth.
 pub const FROM_POD_PROGRAM: &str = "from_pod";
 /// Pinned under `<bpffsRoot>/programs/`: TC ingress of the node's uplink.
 pub const FROM_NET_PROGRAM: &str = "from_net";
-/// Pinned under `<bpffsRoot>/programs/`: TC egress of every host-side pod veth and of
-/// the uplink; records the replies to expect of NATed connections.
-pub const NAT_TRACK_PROGRAM: &str = "nat_track";
-
-/// The skb mark bit netfilter sets (mangle POSTROUTING, `--ctstate DNAT --ctdir
-/// ORIGINAL`) on every original-direction packet of a connection it DNATed. Not one of
-/// kube-proxy's (0x4000 masquerade, 0x8000 drop) nor Calico's or Cilium's usual bits.
-pub const NAT_MARK: u32 = 0x0200_0000;
-/// Entries of `VELOX_NAT_FLOWS` when the kernel's `nf_conntrack_max` cannot be read.
-pub const DEFAULT_NAT_FLOWS: u32 = 262_144;
+/// Entries of `VELOX_KERNEL_FLOWS` when the kernel's `nf_conntrack_max` cannot be read.
+pub const DEFAULT_KERNEL_FLOWS: u32 = 262_144;
 
 pub const MAX_ENDPOINTS: usize = 16384;
 pub const MAX_PEERS: usize = 4096;
@@ -91,32 +83,16 @@ impl From<Ipv4Addr> for IpKey {
     }
 }
 
-/// A connection as a packet names it: addresses, ports (0 for protocols without
-/// them) in network byte order, and the IP protocol.
+/// One end of a connection: address, port in network byte order (the identifier of an
+/// ICMP echo, 0 for protocols without either) and IP protocol. A packet's source end
+/// is the destination end of its replies.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FlowKey {
-    pub src: IpKey,
-    pub dst: IpKey,
-    pub sport: u16,
-    pub dport: u16,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowEnd {
+    pub addr: IpKey,
+    pub port: u16,
     pub proto: u8,
-    pub pad: [u8; 3],
-}
-
-impl FlowKey {
-    /// The key the other direction's packets carry.
-    #[inline(always)]
-    pub fn reversed(&self) -> Self {
-        Self {
-            src: self.dst,
-            dst: self.src,
-            sport: self.dport,
-            dport: self.sport,
-            proto: self.proto,
-            pad: [0; 3],
-        }
-    }
+    pub pad: u8,
 }
 
 /// A pod reachable on this node. Frames are redirected as they are: rewriting the
@@ -181,7 +157,7 @@ impl EndpointCounters {
 mod pod {
     // SAFETY: plain `repr(C)` data without padding.
     unsafe impl aya::Pod for super::IpKey {}
-    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowEnd {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::EndpointCounters {}
@@ -199,22 +175,6 @@ mod tests {
         assert_eq!(IpKey::from(v6).ip(), v6);
         assert_eq!(&IpKey::from(v4).addr[10..], &[0xff, 0xff, 200, 200, 1, 7]);
         assert_ne!(IpKey::from(v4), IpKey::from(v6));
-    }
-
-    #[test]
-    fn a_reply_carries_the_reversed_flow_key() {
-        let request = FlowKey {
-            src: IpKey::from(Ipv4Addr::new(200, 200, 1, 1)),
-            dst: IpKey::from(Ipv4Addr::new(200, 200, 2, 1)),
-            sport: 40000u16.to_be(),
-            dport: 8080u16.to_be(),
-            proto: 6,
-            pad: [0; 3],
-        };
-        let reply = request.reversed();
-        assert_eq!((reply.src, reply.dst), (request.dst, request.src));
-        assert_eq!((reply.sport, reply.dport), (request.dport, request.sport));
-        assert_eq!(reply.reversed(), request);
     }
 
     #[test]

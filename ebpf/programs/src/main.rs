@@ -4,10 +4,14 @@
 //!   out of the uplink; everything else goes to the kernel.
 //! - `from_net`, on the ingress of the node's uplink: a local pod gets it with
 //!   `bpf_redirect_peer`; everything else goes to the kernel.
-//! - `nat_track`, on the egress of the same interfaces: for a packet netfilter marked
-//!   as part of a DNATed connection (a Service, a hostPort, a NodePort), records the
-//!   reply's flow, so that `from_pod` and `from_net` hand the replies to the kernel,
-//!   which translates them back. A redirect would skip that and break the connection.
+//!
+//! A connection a pod opens to something that is not a pod (a Service, a node IP's
+//! hostPort or NodePort, a host, the outside) goes to the kernel, which may NAT it.
+//! The pod's end of it is then recorded, and packets to that end, which may be
+//! replies the kernel must translate back, go to the kernel too: a redirect would
+//! skip the reverse NAT and break the connection. Plain pod-to-pod traffic never
+//! goes to the kernel, so it keeps the fast path; so do connections *to* a pod's
+//! server port, whatever else that port answers (a kubelet probe, a NodePort).
 #![no_std]
 #![no_main]
 
@@ -24,7 +28,7 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 use velox_common::{
-    Endpoint, EndpointCounters, FlowKey, IpKey, Peer, AF_INET, DEFAULT_NAT_FLOWS, MAX_ENDPOINTS, MAX_PEERS, NAT_MARK,
+    Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, AF_INET, DEFAULT_KERNEL_FLOWS, MAX_ENDPOINTS, MAX_PEERS,
 };
 
 #[btf_map]
@@ -36,15 +40,22 @@ static VELOX_PEERS: LpmTrie<[u8; 16], Peer, MAX_PEERS> = LpmTrie::new();
 #[btf_map]
 static VELOX_COUNTERS: PerCpuHashMap<u32, EndpointCounters, MAX_ENDPOINTS> = PerCpuHashMap::new();
 
-/// Reply flow -> the ifindex its connection's packets left by. The loader sizes it
-/// from `nf_conntrack_max` at load time: conntrack cannot hold more NATed connections.
+/// Pod connection ends whose traffic went to the kernel -> the ifindex it was seen on.
+/// The loader sizes it from `nf_conntrack_max`: conntrack holds no more connections,
+/// and lookups keep the ends of live connections from being evicted.
 #[btf_map]
-static VELOX_NAT_FLOWS: LruHashMap<FlowKey, u32, { DEFAULT_NAT_FLOWS as usize }> = LruHashMap::new();
+static VELOX_KERNEL_FLOWS: LruHashMap<FlowEnd, u32, { DEFAULT_KERNEL_FLOWS as usize }> = LruHashMap::new();
 
+const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_ICMPV6: u8 = 58;
+/// ICMP and ICMPv6 echo request and reply: their identifier stands for a port.
+const ICMP_ECHO: [u8; 4] = [8, 0, 128, 129];
+const ICMP_ECHO_REQUEST: [u8; 2] = [8, 128];
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 /// Router solicitation .. redirect: neighbour discovery is the kernel's business.
 const NDP_TYPES: core::ops::RangeInclusive<u8> = 133..=137;
 
@@ -62,10 +73,11 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let result = if !is_ip {
         PASS
     } else if let Some(endpoint) = unsafe { VELOX_ENDPOINTS.get(&dst) } {
-        redirect_unless_nat_reply(&ctx, || unsafe { bpf_redirect_peer(endpoint.ifindex, 0) })
+        redirect_unless_kernel_flow(&ctx, || unsafe { bpf_redirect_peer(endpoint.ifindex, 0) })
     } else if let Some(peer) = VELOX_PEERS.get(&Key::new(128, dst.addr)) {
-        redirect_unless_nat_reply(&ctx, || to_peer_node(peer))
+        redirect_unless_kernel_flow(&ctx, || to_peer_node(peer))
     } else {
+        remember_kernel_flow(&ctx);
         PASS
     };
     let action = finish(&ctx, result);
@@ -77,76 +89,120 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 pub fn from_net(ctx: TcContext) -> i32 {
     let mut dst = IpKey::default();
     let is_ip = read_destination(&ctx, &mut dst);
-    let result = match is_ip.then(|| unsafe { VELOX_ENDPOINTS.get(&dst) }).flatten() {
-        Some(endpoint) => redirect_unless_nat_reply(&ctx, || unsafe { bpf_redirect_peer(endpoint.ifindex, 0) }),
-        None => PASS,
+    let result = if !is_ip {
+        PASS
+    } else if let Some(endpoint) = unsafe { VELOX_ENDPOINTS.get(&dst) } {
+        redirect_unless_kernel_flow(&ctx, || unsafe { bpf_redirect_peer(endpoint.ifindex, 0) })
+    } else {
+        // A pod on another node reaching this node (a hostPort, a NodePort): the kernel
+        // may send its replies back through the fast path of this node.
+        let mut src = FlowEnd::default();
+        let opens = read_end(&ctx, End::Source, &mut src) == Some(true);
+        if opens && VELOX_PEERS.get(&Key::new(128, src.addr.addr)).is_some() {
+            remember(&ctx, &src);
+        }
+        PASS
     };
     let action = finish(&ctx, result);
     trace(&ctx, "from_net", is_ip.then_some(&dst), action);
     action
 }
 
-/// Replies of connections the kernel NATed go to the kernel, which translates them
-/// back; everything else takes `redirect`.
+/// Packets to a connection end whose traffic went to the kernel go to the kernel: they
+/// may be replies it must translate back. Everything else takes `redirect`.
 #[inline(always)]
-fn redirect_unless_nat_reply(ctx: &TcContext, redirect: impl FnOnce() -> i64) -> i64 {
-    if nat_reply(ctx) {
+fn redirect_unless_kernel_flow(ctx: &TcContext, redirect: impl FnOnce() -> i64) -> i64 {
+    let mut dst = FlowEnd::default();
+    if read_end(ctx, End::Destination, &mut dst).is_some() && unsafe { VELOX_KERNEL_FLOWS.get(&dst) }.is_some() {
         PASS
     } else {
         redirect()
     }
 }
 
-/// Never changes the packet's fate: only remembers the replies of marked packets.
-#[classifier]
-pub fn nat_track(ctx: TcContext) -> i32 {
-    // SAFETY: reading the context's own fields.
-    let (mark, ifindex) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).ifindex) };
-    let mut flow = FlowKey::default();
-    if mark & NAT_MARK != 0 && read_flow(&ctx, &mut flow).is_some() {
-        let _ = VELOX_NAT_FLOWS.insert(&flow.reversed(), &ifindex, 0);
+/// Records the source end of a connection the packet opens, for the kernel handles it.
+#[inline(always)]
+fn remember_kernel_flow(ctx: &TcContext) {
+    let mut src = FlowEnd::default();
+    if read_end(ctx, End::Source, &mut src) == Some(true) {
+        remember(ctx, &src);
     }
-    TC_ACT_OK
 }
 
-/// Whether the packet answers a connection the kernel NATed: it must go to the kernel.
+/// Adds `end` once; later lookups keep it from eviction while its connection lives.
 #[inline(always)]
-fn nat_reply(ctx: &TcContext) -> bool {
-    let mut flow = FlowKey::default();
-    read_flow(ctx, &mut flow).is_some() && unsafe { VELOX_NAT_FLOWS.get(&flow) }.is_some()
+fn remember(ctx: &TcContext, end: &FlowEnd) {
+    if unsafe { VELOX_KERNEL_FLOWS.get(end) }.is_none() {
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        let _ = VELOX_KERNEL_FLOWS.insert(end, ifindex, BPF_NOEXIST as u64);
+    }
 }
 
-/// Fills `flow` (zeroed by the caller) from an IPv4 or IPv6 packet. Written field by
-/// field into one zeroed key: a key built from tuples or options would carry padding
-/// bytes, which LLVM fills with whatever a register holds and the verifier refuses.
-/// IPv6 extension headers are not walked: such a packet's ports read as 0 on both
-/// directions alike.
+/// Which end of a packet's connection to read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum End {
+    Source,
+    Destination,
+}
+
+/// Writes one end of an IPv4 or IPv6 packet into `end` (zeroed by the caller), field
+/// by field: a key built from tuples or options would carry padding bytes, which LLVM
+/// fills from whatever register and the verifier refuses. IPv6 extension headers are
+/// not walked: such a packet's port reads as 0, in both directions alike.
+///
+/// `None` for a packet that is not IP; else whether it may open a connection: a TCP
+/// SYN, an ICMP echo request, any UDP or SCTP datagram (which cannot tell). Other
+/// protocols (IPv6 extension headers among them) open none that Velox can follow.
 #[inline(always)]
-fn read_flow(ctx: &TcContext, flow: &mut FlowKey) -> Option<()> {
+fn read_end(ctx: &TcContext, which: End, end: &mut FlowEnd) -> Option<bool> {
+    let source = which == End::Source;
     let eth = header_at::<EthHdr>(ctx, 0)?;
     // SAFETY: `header_at` checked that each header lies inside the packet.
     let ether_type = unsafe { (*eth).ether_type };
     let l4 = if ether_type == EtherType::Ipv4 as u16 {
         let ip = unsafe { &*header_at::<Ipv4Hdr>(ctx, EthHdr::LEN)? };
-        flow.src = IpKey::v4(ip.src_addr);
-        flow.dst = IpKey::v4(ip.dst_addr);
-        flow.proto = ip.proto as u8;
-        EthHdr::LEN + usize::from(ip.ihl()) // already in bytes
+        end.addr = IpKey::v4(if source { ip.src_addr } else { ip.dst_addr });
+        end.proto = ip.proto as u8;
+        EthHdr::LEN + usize::from(ip.ihl()) // ihl() is in bytes
     } else if ether_type == EtherType::Ipv6 as u16 {
         let ip = unsafe { &*header_at::<Ipv6Hdr>(ctx, EthHdr::LEN)? };
-        flow.src = IpKey::v6(ip.src_addr);
-        flow.dst = IpKey::v6(ip.dst_addr);
-        flow.proto = ip.next_hdr;
+        end.addr = IpKey::v6(if source { ip.src_addr } else { ip.dst_addr });
+        end.proto = ip.next_hdr;
         EthHdr::LEN + Ipv6Hdr::LEN
     } else {
         return None;
     };
-    if matches!(flow.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
-        let ports = unsafe { &*header_at::<[u16; 2]>(ctx, l4)? };
-        flow.sport = ports[0];
-        flow.dport = ports[1];
+    let mut opens = false;
+    match end.proto {
+        IPPROTO_TCP => {
+            // source port, destination port, sequence, acknowledgement, offset, flags
+            if let Some(tcp) = header_at::<[u8; 14]>(ctx, l4) {
+                let tcp = unsafe { &*tcp };
+                let ports = if source { [tcp[0], tcp[1]] } else { [tcp[2], tcp[3]] };
+                end.port = u16::from_ne_bytes(ports);
+                opens = tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            }
+        }
+        IPPROTO_UDP | IPPROTO_SCTP => {
+            if let Some(ports) = header_at::<[u16; 2]>(ctx, l4) {
+                let ports = unsafe { &*ports };
+                end.port = if source { ports[0] } else { ports[1] };
+                opens = true;
+            }
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            // type, code, checksum, identifier: an echo and its reply share the identifier.
+            if let Some(icmp) = header_at::<[u8; 6]>(ctx, l4) {
+                let icmp = unsafe { &*icmp };
+                if ICMP_ECHO.contains(&icmp[0]) {
+                    end.port = u16::from_ne_bytes([icmp[4], icmp[5]]);
+                }
+                opens = ICMP_ECHO_REQUEST.contains(&icmp[0]);
+            }
+        }
+        _ => {}
     }
-    Some(())
+    Some(opens)
 }
 
 /// One debug line per IP packet. The loader sets aya-log's level at load time (off
