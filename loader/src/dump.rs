@@ -7,6 +7,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use velox_common::EndpointCounters;
 use velox_node::endpoint::{EndpointRecord, EndpointStore};
 use velox_node::maps::{EndpointMaps, KernelFlows, PeerMap};
 use velox_node::{Bpffs, StateDir};
@@ -24,11 +25,8 @@ struct Row {
     /// All packets the pod sent through from_pod.
     packets: u64,
     bytes: u64,
-    redirected_packets: u64,
-    redirected_bytes: u64,
-    passed_packets: u64,
-    passed_bytes: u64,
-    dropped_packets: u64,
+    #[serde(flatten)]
+    counters: CountersJson,
     /// "ok", or what is missing: the loader repairs "no map entry", drops "no record".
     state: &'static str,
 }
@@ -55,11 +53,7 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Res
             host_mac: record.as_ref().map(|r| r.host_mac.clone()).unwrap_or_default(),
             packets: c.redirected_packets + c.passed_packets + c.dropped_packets,
             bytes: c.redirected_bytes + c.passed_bytes,
-            redirected_packets: c.redirected_packets,
-            redirected_bytes: c.redirected_bytes,
-            passed_packets: c.passed_packets,
-            passed_bytes: c.passed_bytes,
-            dropped_packets: c.dropped_packets,
+            counters: c.into(),
             state: if record.is_some() { "ok" } else { "no record" },
         });
     }
@@ -74,11 +68,7 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Res
             host_mac: record.host_mac,
             packets: 0,
             bytes: 0,
-            redirected_packets: 0,
-            redirected_bytes: 0,
-            passed_packets: 0,
-            passed_bytes: 0,
-            dropped_packets: 0,
+            counters: CountersJson::default(),
             state: "no map entry",
         });
     }
@@ -90,9 +80,10 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Res
             r.ifindex.to_string(),
             r.container_id.chars().take(12).collect(),
             r.pod_mac.clone(),
-            r.redirected_packets.to_string(),
-            r.passed_packets.to_string(),
-            r.dropped_packets.to_string(),
+            r.counters.redirected_packets.to_string(),
+            r.counters.passed_packets.to_string(),
+            r.counters.dropped_packets.to_string(),
+            r.counters.dropped_spoofed.to_string(),
             r.bytes.to_string(),
             r.state.to_string(),
         ]
@@ -106,6 +97,7 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Res
         "REDIRECTED",
         "PASSED",
         "DROPPED",
+        "SPOOFED",
         "BYTES",
         "STATE",
     ];
@@ -153,13 +145,28 @@ struct StatsRow {
     counters: CountersJson,
 }
 
-#[derive(Serialize)]
+#[derive(Default, Serialize)]
 struct CountersJson {
     redirected_packets: u64,
     redirected_bytes: u64,
     passed_packets: u64,
     passed_bytes: u64,
     dropped_packets: u64,
+    /// Of the dropped: sent from an address that is not the pod's.
+    dropped_spoofed: u64,
+}
+
+impl From<EndpointCounters> for CountersJson {
+    fn from(c: EndpointCounters) -> Self {
+        Self {
+            redirected_packets: c.redirected_packets,
+            redirected_bytes: c.redirected_bytes,
+            passed_packets: c.passed_packets,
+            passed_bytes: c.passed_bytes,
+            dropped_packets: c.dropped_packets,
+            dropped_spoofed: c.dropped_spoofed,
+        }
+    }
 }
 
 pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
@@ -171,13 +178,7 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
         rows.push(StatsRow {
             ifindex,
             ifname: names.get(&ifindex).cloned().unwrap_or_default(),
-            counters: CountersJson {
-                redirected_packets: c.redirected_packets,
-                redirected_bytes: c.redirected_bytes,
-                passed_packets: c.passed_packets,
-                passed_bytes: c.passed_bytes,
-                dropped_packets: c.dropped_packets,
-            },
+            counters: c.into(),
         });
     }
     rows.sort_by_key(|r| r.ifindex);
@@ -191,6 +192,7 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
             c.passed_packets.to_string(),
             c.passed_bytes.to_string(),
             c.dropped_packets.to_string(),
+            c.dropped_spoofed.to_string(),
         ]
     });
     let header = [
@@ -201,6 +203,7 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
         "PASSED",
         "PASSED BYTES",
         "DROPPED",
+        "SPOOFED",
     ];
     print(&rows, json, header, table)
 }

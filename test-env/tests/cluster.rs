@@ -3,7 +3,9 @@
 //! `cargo xtask build`; `cargo xtask test` does both.
 
 use nix::sys::signal::Signal;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
+use velox_test_env::netns::spawn_in;
 use velox_test_env::{matrix, run, ClusterGuard, Family};
 
 #[test]
@@ -176,6 +178,102 @@ fn loader_restart_on_one_node_keeps_cross_node_traffic_flowing() {
     let pod5 = cluster.nodes[0].add_pod(&cluster.pod_name(0, "pod-5")).unwrap();
     for family in Family::ALL {
         assert!(pod5.ping(pod2.ip(family), 2), "{family:?}");
+    }
+    cluster.finish().unwrap();
+}
+
+/// Sends a UDP datagram from each of `sources` in the netns `from` to `to`; returns
+/// the sources `to`'s pod saw within a second.
+fn datagram_sources(from: &str, sources: Vec<IpAddr>, receiver: &str, to: SocketAddr) -> Vec<IpAddr> {
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let receiving = spawn_in(receiver, move || {
+        let socket = UdpSocket::bind(to)?;
+        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+        ready_tx.send(()).ok();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = socket.recv_from(&mut buf) {
+            seen.push(from.ip());
+        }
+        Ok(seen)
+    });
+    ready.recv_timeout(Duration::from_secs(3)).expect("receiver ready");
+    spawn_in(from, move || {
+        for src in sources {
+            UdpSocket::bind(SocketAddr::new(src, 0))?.send_to(b"who am I", to)?;
+        }
+        Ok(())
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    receiving.join().unwrap().unwrap()
+}
+
+#[test]
+fn a_pod_cannot_send_from_an_address_that_is_not_its_own() {
+    let cluster = ClusterGuard::up("spoof").unwrap();
+    let (pod1, pod2, pod3, pod4) = (
+        cluster.pod("pod-1"),
+        cluster.pod("pod-2"),
+        cluster.pod("pod-3"),
+        cluster.pod("pod-4"),
+    );
+    // pod-1 takes an unused address of its node's CIDR, another pod's address and an
+    // outside one, in both families, and sends from them to pods on both nodes.
+    let spoofed: Vec<IpAddr> = [
+        "200.200.1.200",
+        &pod3.ip(Family::V4).to_string(),
+        "8.8.8.8",
+        "fd00:200:1::99",
+        &pod3.ip(Family::V6).to_string(),
+        "2001:4860::8888",
+    ]
+    .iter()
+    .map(|ip| ip.parse().unwrap())
+    .collect();
+    for ip in &spoofed {
+        let address = ipnet::IpNet::from(*ip).to_string();
+        run(
+            "ip",
+            &["-n", &pod1.name, "addr", "add", &address, "dev", "eth0", "nodad"],
+        )
+        .unwrap();
+    }
+    let spoofed_drops = || {
+        cluster.nodes[0].endpoint(pod1.ip(Family::V4)).unwrap()["dropped_spoofed"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = spoofed_drops();
+    for receiver in [&pod4, &pod2] {
+        for family in Family::ALL {
+            let to = SocketAddr::new(receiver.ip(family), 7777);
+            let own = pod1.ip(family);
+            let mut sources: Vec<IpAddr> = spoofed.iter().copied().filter(|ip| Family::of(ip) == family).collect();
+            sources.push(own);
+            let seen = datagram_sources(&pod1.name, sources, &receiver.name, to);
+            // Only the pod's own address gets through.
+            assert_eq!(seen, [own], "{} received from {:?}", receiver.name, seen);
+        }
+    }
+    let dropped = spoofed_drops() - before;
+    assert_eq!(
+        dropped,
+        2 * spoofed.len() as u64,
+        "every spoofed datagram is counted as a drop"
+    );
+    // Its own traffic, IPv6 neighbour discovery included, is untouched (with the extra
+    // addresses gone: the kernel would pick one of them as the source).
+    for ip in &spoofed {
+        let address = ipnet::IpNet::from(*ip).to_string();
+        run("ip", &["-n", &pod1.name, "addr", "del", &address, "dev", "eth0"]).unwrap();
+    }
+    for family in Family::ALL {
+        assert!(
+            pod1.ping(pod2.ip(family), 2) && pod1.ping(pod4.ip(family), 2),
+            "{family:?}"
+        );
     }
     cluster.finish().unwrap();
 }

@@ -139,8 +139,10 @@ pub struct EndpointCounters {
     /// Handed to the kernel stack (host, other nodes, outside).
     pub passed_packets: u64,
     pub passed_bytes: u64,
-    /// A redirect the kernel refused.
+    /// Dropped, for any reason below or because the kernel refused a redirect.
     pub dropped_packets: u64,
+    /// Of those, sent by a pod with a source address that is not its own.
+    pub dropped_spoofed: u64,
 }
 
 impl EndpointCounters {
@@ -150,6 +152,7 @@ impl EndpointCounters {
         self.passed_packets += other.passed_packets;
         self.passed_bytes += other.passed_bytes;
         self.dropped_packets += other.dropped_packets;
+        self.dropped_spoofed += other.dropped_spoofed;
     }
 }
 

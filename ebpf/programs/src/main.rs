@@ -65,13 +65,26 @@ const NDP_TYPES: core::ops::RangeInclusive<u8> = 133..=137;
 
 /// Not for the datapath to deliver: the kernel decides.
 const PASS: i64 = -1;
+/// Dropped: a pod sent it from an address that is not its own.
+const SPOOFED: i64 = -2;
+
+/// `__sk_buff.pkt_type` of a frame addressed to this host.
+const PACKET_HOST: u32 = 0;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let mut dst = IpKey::default();
-    let is_ip = read_destination(&ctx, &mut dst);
+    let (mut src, mut dst) = (IpKey::default(), IpKey::default());
+    let is_ip = read_addresses(&ctx, &mut src, &mut dst);
     let result = if !is_ip {
         PASS
+    } else if !sent_by_this_pod(&ctx, &src) {
+        // Link-local and unspecified sources (neighbour discovery, MLD, DAD) stay on
+        // the link: the kernel never forwards them, and neither does the fast path.
+        if is_link_local(&src) {
+            PASS
+        } else {
+            SPOOFED
+        }
     } else if let Some(endpoint) = unsafe { VELOX_ENDPOINTS.get(&dst) } {
         redirect_unless_kernel_flow(&ctx, || unsafe { bpf_redirect_peer(endpoint.ifindex, 0) })
     } else if let Some(peer) = VELOX_PEERS.get(&Key::new(128, dst.addr)) {
@@ -87,8 +100,12 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn from_net(ctx: TcContext) -> i32 {
-    let mut dst = IpKey::default();
-    let is_ip = read_destination(&ctx, &mut dst);
+    let (mut src, mut dst) = (IpKey::default(), IpKey::default());
+    // Only untagged frames addressed to this node are the fast path's: a VLAN, or a
+    // frame an uplink in promiscuous mode saw for another host, is the kernel's.
+    // SAFETY: reading the context's own fields.
+    let (pkt_type, vlan) = unsafe { ((*ctx.skb.skb).pkt_type, (*ctx.skb.skb).vlan_present) };
+    let is_ip = pkt_type == PACKET_HOST && vlan == 0 && read_addresses(&ctx, &mut src, &mut dst);
     let result = if !is_ip {
         PASS
     } else if let Some(endpoint) = unsafe { VELOX_ENDPOINTS.get(&dst) } {
@@ -222,10 +239,23 @@ fn trace(ctx: &TcContext, program: &str, dst: Option<&IpKey>, action: i32) {
     }
 }
 
-/// Writes the destination of an IPv4 or IPv6 packet into `dst`. False for what only
+/// Whether `src` is one of the addresses of the pod behind this host veth.
+#[inline(always)]
+fn sent_by_this_pod(ctx: &TcContext, src: &IpKey) -> bool {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    unsafe { VELOX_ENDPOINTS.get(src) }.is_some_and(|endpoint| endpoint.ifindex == ifindex)
+}
+
+/// An IPv6 link-local (fe80::/10) or unspecified (::) address.
+#[inline(always)]
+fn is_link_local(addr: &IpKey) -> bool {
+    (addr.addr[0] == 0xfe && addr.addr[1] & 0xc0 == 0x80) || addr.addr == [0; 16]
+}
+
+/// Writes the source and destination of an IPv4 or IPv6 packet. False for what only
 /// the kernel handles: ARP, IPv6 neighbour discovery, anything not IP.
 #[inline(always)]
-fn read_destination(ctx: &TcContext, dst: &mut IpKey) -> bool {
+fn read_addresses(ctx: &TcContext, src: &mut IpKey, dst: &mut IpKey) -> bool {
     let Some(eth) = header_at::<EthHdr>(ctx, 0) else {
         return false;
     };
@@ -235,6 +265,7 @@ fn read_destination(ctx: &TcContext, dst: &mut IpKey) -> bool {
         let Some(ip) = header_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
             return false;
         };
+        *src = IpKey::v4(unsafe { (*ip).src_addr });
         *dst = IpKey::v4(unsafe { (*ip).dst_addr });
         return true;
     }
@@ -251,6 +282,7 @@ fn read_destination(ctx: &TcContext, dst: &mut IpKey) -> bool {
             return false;
         }
     }
+    *src = IpKey::v6(unsafe { (*ip).src_addr });
     *dst = IpKey::v6(unsafe { (*ip).dst_addr });
     true
 }
@@ -283,13 +315,14 @@ fn header_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some(start as *const T)
 }
 
-/// Counts the verdict and returns the TC action for a redirect's `result`, or `PASS`.
+/// Counts the verdict and returns the TC action for a redirect's `result`, `PASS`
+/// or `SPOOFED`.
 #[inline(always)]
 fn finish(ctx: &TcContext, result: i64) -> i32 {
     let action = match result {
         PASS => TC_ACT_OK,
         result if result == TC_ACT_REDIRECT as i64 => TC_ACT_REDIRECT,
-        _ => TC_ACT_SHOT, // the kernel refused the redirect
+        _ => TC_ACT_SHOT, // spoofed, or the kernel refused the redirect
     };
     if let Some(counters) = counters_of(unsafe { (*ctx.skb.skb).ifindex }) {
         // SAFETY: a per-CPU value; only this CPU writes it while we run.
@@ -304,7 +337,12 @@ fn finish(ctx: &TcContext, result: i64) -> i32 {
                 counters.passed_packets += 1;
                 counters.passed_bytes += bytes;
             }
-            _ => counters.dropped_packets += 1,
+            _ => {
+                counters.dropped_packets += 1;
+                if result == SPOOFED {
+                    counters.dropped_spoofed += 1;
+                }
+            }
         }
     }
     action
