@@ -113,10 +113,10 @@ pub fn from_net(ctx: TcContext) -> i32 {
     } else {
         // A pod on another node reaching this node (a hostPort, a NodePort): the kernel
         // may send its replies back through the fast path of this node.
-        let mut src = FlowEnd::default();
-        let opens = read_end(&ctx, End::Source, &mut src) == Some(true);
-        if opens && VELOX_PEERS.get(&Key::new(128, src.addr.addr)).is_some() {
-            remember(&ctx, &src);
+        let mut client = FlowEnd::default();
+        let opens = read_end(&ctx, End::Source, &mut client) == Some(true);
+        if opens && VELOX_PEERS.get(&Key::new(128, src.addr)).is_some() {
+            remember(&ctx, &client);
         }
         PASS
     };
@@ -137,7 +137,7 @@ fn redirect_unless_kernel_flow(ctx: &TcContext, redirect: impl FnOnce() -> i64) 
     }
 }
 
-/// Records the source end of a connection the packet opens, for the kernel handles it.
+/// Records the source end of a connection the packet opens, as the kernel carries it.
 #[inline(always)]
 fn remember_kernel_flow(ctx: &TcContext) {
     let mut src = FlowEnd::default();
