@@ -20,6 +20,8 @@ pub enum Code {
     AlreadyExists = 101,
     /// The built-in allocator has no free address left.
     AddressesExhausted = 102,
+    /// The address IPAM gave is another pod's (here or on another node) or the node's.
+    AddressInUse = 103,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,14 +56,13 @@ impl CniError {
                 false => cni.clone(),
             };
         }
-        let not_ready = err
-            .chain()
-            .find_map(|cause| cause.downcast_ref::<velox_node::Error>())
-            .filter(|node| matches!(node, velox_node::Error::NotReady { .. }));
-        match not_ready {
-            Some(node) => CniError::new(Code::TryAgainLater, node.to_string()).with_details(chain),
-            None => CniError::new(Code::Datapath, err.to_string()).with_details(chain),
-        }
+        let node = err.chain().find_map(|cause| cause.downcast_ref::<velox_node::Error>());
+        let code = match node {
+            Some(velox_node::Error::NotReady { .. }) => Code::TryAgainLater,
+            Some(velox_node::Error::AddressTaken { .. }) => Code::AddressInUse,
+            _ => return CniError::new(Code::Datapath, err.to_string()).with_details(chain),
+        };
+        CniError::new(code, node.map(ToString::to_string).unwrap_or_default()).with_details(chain)
     }
 
     pub fn to_json(&self, cni_version: &str) -> serde_json::Value {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use velox_common::FROM_POD_PROGRAM;
 use velox_node::endpoint::{host_ifname, EndpointRecord, EndpointStore};
 use velox_node::link::{attach_tc_ingress, detach_tc_ingress};
-use velox_node::maps::EndpointMaps;
+use velox_node::maps::{EndpointMaps, PeerMap};
 use velox_node::netlink::{format_mac, Link, Netlink};
 use velox_node::{health, Bpffs, ErrorList, Family, StateDir};
 
@@ -201,6 +201,7 @@ impl Plugin {
     ) -> anyhow::Result<CniResult> {
         let mtu = self.conf.mtu();
         let ips = ipam.allocate(attachment)?;
+        self.check_unused(&ips, maps, host).await?;
         let host_name = host_ifname(attachment);
         host.create_veth(&host_name, &attachment.ifname, netns, mtu).await?;
         let host_link = host
@@ -234,7 +235,7 @@ impl Plugin {
             let _lock = self.store.lock()?;
             self.store.write(&record)?;
             for ip in &ips {
-                maps.put(*ip, record.endpoint())?;
+                maps.insert_new(*ip, record.endpoint())?;
             }
         }
         log::info!("added {ips:?} on {host_name} (ifindex {})", host_link.index);
@@ -271,6 +272,27 @@ impl Plugin {
                 .collect(),
             dns: self.conf.dns.clone().unwrap_or_default(),
         })
+    }
+
+    /// Refuses addresses that would take another's place: a pod's on this node, one in
+    /// another node's pod CIDR, or one of the node's own (delegated or static IPAM
+    /// can hand out any of them). `insert_new` closes the race with a concurrent ADD.
+    async fn check_unused(&self, ips: &[IpAddr], maps: &EndpointMaps, host: &Netlink) -> anyhow::Result<()> {
+        let peers = PeerMap::open(&self.bpffs)?;
+        let node_addresses = host.all_addresses().await?;
+        for ip in ips {
+            let holder = if let Some(endpoint) = maps.get(*ip)? {
+                format!("the pod behind host veth ifindex {}", endpoint.ifindex)
+            } else if let Some(peer) = peers.route(*ip)? {
+                format!("a pod CIDR of the node at {}", peer.node_ip.ip())
+            } else if node_addresses.iter().any(|a| a.addr() == *ip) {
+                "this node".to_string()
+            } else {
+                continue;
+            };
+            return fail(Code::AddressInUse, format!("IPAM gave {ip}, which belongs to {holder}"));
+        }
+        Ok(())
     }
 
     /// An earlier plugin's result comes first; ours is appended to it.
@@ -311,7 +333,7 @@ impl Plugin {
         if let (Some(record), Some(maps)) = (&record, maps) {
             errors.keep(self.store.lock().and_then(|_lock| {
                 for ip in &record.ips {
-                    maps.remove(*ip)?;
+                    maps.remove_owned(*ip, record.host_ifindex)?;
                 }
                 maps.remove_counters(record.host_ifindex)
             }));

@@ -44,6 +44,9 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// Another endpoint holds the address in the endpoint map.
+    #[error("{ip} is already the address of the pod behind host veth ifindex {holder}")]
+    AddressTaken { ip: std::net::IpAddr, holder: u32 },
     #[error("{0}")]
     Invalid(String),
 }

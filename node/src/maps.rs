@@ -14,6 +14,9 @@ use velox_common::{
 use crate::error::{Error, Result};
 use crate::layout::Bpffs;
 
+/// `bpf_map_update_elem`: create the entry, fail if it exists.
+const BPF_NOEXIST: u64 = 1;
+
 fn open_map(path: &Path) -> Result<Map> {
     let data = MapData::from_pin(path).map_err(Error::not_ready(format!("cannot open {}", path.display())))?;
     Map::from_map_data(data).map_err(Error::map(format!("opening {}", path.display())))
@@ -85,10 +88,35 @@ impl EndpointMaps {
         })
     }
 
+    /// Sets the entry of `ip`, whatever it was (the loader's repair from records).
     pub fn put(&mut self, ip: IpAddr, endpoint: Endpoint) -> Result<()> {
         self.endpoints
             .insert(IpKey::from(ip), endpoint, 0)
             .map_err(Error::map(format!("adding {ip} to the endpoint map")))
+    }
+
+    /// Adds `ip` for `endpoint`, atomically refusing it when another endpoint holds it.
+    pub fn insert_new(&mut self, ip: IpAddr, endpoint: Endpoint) -> Result<()> {
+        match self.endpoints.insert(IpKey::from(ip), endpoint, BPF_NOEXIST) {
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(nix::libc::EEXIST) => {
+                match self.get(ip)? {
+                    Some(held) if held != endpoint => Err(Error::AddressTaken {
+                        ip,
+                        holder: held.ifindex,
+                    }),
+                    _ => Ok(()),
+                }
+            }
+            other => other.map_err(Error::map(format!("adding {ip} to the endpoint map"))),
+        }
+    }
+
+    /// Removes the entry of `ip` if it is `ifindex`'s: never another endpoint's.
+    pub fn remove_owned(&mut self, ip: IpAddr, ifindex: u32) -> Result<()> {
+        match self.get(ip)? {
+            Some(held) if held.ifindex == ifindex => self.remove(ip),
+            _ => Ok(()),
+        }
     }
 
     pub fn get(&self, ip: IpAddr) -> Result<Option<Endpoint>> {
@@ -187,6 +215,15 @@ impl PeerMap {
     pub fn remove(&mut self, cidr: IpNet) -> Result<()> {
         ignore_missing(self.peers.remove(&lpm_key(cidr)))
             .map_err(Error::map(format!("removing {cidr} from the peer map")))
+    }
+
+    /// The peer whose pod CIDR holds `ip`, if any.
+    pub fn route(&self, ip: IpAddr) -> Result<Option<Peer>> {
+        match self.peers.get(&Key::new(128, IpKey::from(ip).addr), 0) {
+            Ok(peer) => Ok(Some(peer)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(Error::map("reading the peer map")(e)),
+        }
     }
 }
 

@@ -136,8 +136,21 @@ impl Netlink {
 
     /// The addresses of both families on an interface.
     pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>> {
+        self.list_addresses(Some(index)).await
+    }
+
+    /// The addresses of both families on every interface of the namespace.
+    pub async fn all_addresses(&self) -> Result<Vec<IpNet>> {
+        self.list_addresses(None).await
+    }
+
+    async fn list_addresses(&self, index: Option<u32>) -> Result<Vec<IpNet>> {
         let mut out = Vec::new();
-        let mut stream = self.handle.address().get().set_link_index_filter(index).execute();
+        let mut request = self.handle.address().get();
+        if let Some(index) = index {
+            request = request.set_link_index_filter(index);
+        }
+        let mut stream = request.execute();
         while let Some(msg) = stream.try_next().await.map_err(Error::netlink("listing addresses"))? {
             for attr in &msg.attributes {
                 if let AddressAttribute::Address(ip) = attr {

@@ -277,3 +277,53 @@ fn a_pod_cannot_send_from_an_address_that_is_not_its_own() {
     }
     cluster.finish().unwrap();
 }
+
+#[test]
+fn ipam_cannot_hand_out_an_address_that_is_taken() {
+    let cluster = ClusterGuard::up("taken").unwrap();
+    let (pod1, pod2, pod4) = (cluster.pod("pod-1"), cluster.pod("pod-2"), cluster.pod("pod-4"));
+    let node = &cluster.nodes[0];
+    let owner = |ip| node.endpoint(ip).unwrap()["ifindex"].clone();
+    let owners_before: Vec<_> = pod4.ips.iter().map(|ip| owner(*ip)).collect();
+    // The static IPAM plugin hands out whatever it is told: a pod's address on this
+    // node, one in the other node's pod CIDR, and the node's own address.
+    let taken = [
+        (pod4.ip(Family::V4), "the pod behind host veth"),
+        (pod4.ip(Family::V6), "the pod behind host veth"),
+        (pod2.ip(Family::V4), "a pod CIDR of the node at 10.0.0.4"),
+        (pod2.ip(Family::V6), "a pod CIDR of the node at fd00:10::4"),
+        (node.node_ip(Family::V4), "this node"),
+    ];
+    for (ip, holder) in taken {
+        let name = cluster.pod_name(0, "thief");
+        run("ip", &["netns", "add", &name]).unwrap();
+        let netns = std::path::Path::new("/run/netns").join(&name);
+        // Debian's reference plugins speak up to 1.0.0.
+        let mut conf = node.conf("1.0.0");
+        conf.as_object_mut().unwrap().remove("subnets");
+        conf["ipam"] = serde_json::json!({"type": "static", "addresses": [{"address": ipnet::IpNet::from(ip)}]});
+        let outcome = node.cni("ADD", &name, Some(&netns), "eth0", &conf).unwrap();
+        assert!(!outcome.success, "ADD with {ip} succeeded: {}", outcome.stdout);
+        assert_eq!(outcome.code(), Some(103), "{}", outcome.stdout);
+        let msg = outcome.stdout["msg"].as_str().unwrap();
+        assert!(msg.contains(&ip.to_string()) && msg.contains(holder), "{msg}");
+        // The runtime's DEL of the failed ADD takes nothing of the holder's.
+        assert!(node.cni("DEL", &name, Some(&netns), "eth0", &conf).unwrap().success);
+        run("ip", &["netns", "del", &name]).unwrap();
+    }
+    let owners_after: Vec<_> = pod4.ips.iter().map(|ip| owner(*ip)).collect();
+    assert_eq!(owners_after, owners_before, "pod-4's map entries changed hands");
+    for family in Family::ALL {
+        assert!(
+            pod1.ping(pod4.ip(family), 2) && pod1.ping(pod2.ip(family), 2),
+            "{family:?}"
+        );
+    }
+    let veths = run("ip", &["-n", &node.name, "-o", "link", "show", "type", "veth"]).unwrap();
+    assert_eq!(
+        veths.lines().count(),
+        3,
+        "only the uplink and pod-1's and pod-4's veths: {veths}"
+    );
+    cluster.finish().unwrap();
+}
