@@ -327,3 +327,22 @@ fn ipam_cannot_hand_out_an_address_that_is_taken() {
     );
     cluster.finish().unwrap();
 }
+
+#[test]
+fn an_uplink_mtu_below_the_pods_still_carries_cross_node_tcp() {
+    let cluster = ClusterGuard::up("mtu").unwrap();
+    let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
+    // The pods keep 1500; the underlay shrinks to 1400 on both ends of both links.
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        run("ip", &["-n", &node.name, "link", "set", "eth0", "mtu", "1400"]).unwrap();
+        let port = format!("n{}", i + 1);
+        run("ip", &["-n", &cluster.router, "link", "set", &port, "mtu", "1400"]).unwrap();
+    }
+    // Full-size segments go to the kernel, which tells the sender the path MTU
+    // (ICMP fragmentation needed, ICMPv6 packet too big); TCP then fits its segments.
+    for family in Family::ALL {
+        let gbps = pod1.iperf3_to(&pod2, family, 2).unwrap_or(0.0);
+        assert!(gbps > 0.1, "{family:?}: {gbps} Gbit/s across a 1400-byte underlay");
+    }
+    cluster.finish().unwrap();
+}

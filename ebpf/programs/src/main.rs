@@ -16,9 +16,11 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{bpf_redir_neigh, BPF_NOEXIST, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    bindings::{
+        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_redir_neigh, BPF_NOEXIST, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+    },
     btf_maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
-    helpers::{bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{bpf_check_mtu, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
@@ -88,7 +90,13 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     } else if let Some(endpoint) = unsafe { VELOX_ENDPOINTS.get(&dst) } {
         redirect_unless_kernel_flow(&ctx, || unsafe { bpf_redirect_peer(endpoint.ifindex, 0) })
     } else if let Some(peer) = VELOX_PEERS.get(&Key::new(128, dst.addr)) {
-        redirect_unless_kernel_flow(&ctx, || to_peer_node(peer))
+        // `bpf_redirect_neigh` neither fragments nor reports the path MTU: a packet (or
+        // a GSO segment) too big for the uplink goes to the kernel, which does both.
+        if fits_uplink(&ctx, peer.ifindex) {
+            redirect_unless_kernel_flow(&ctx, || to_peer_node(peer))
+        } else {
+            PASS
+        }
     } else {
         remember_kernel_flow(&ctx);
         PASS
@@ -237,6 +245,14 @@ fn trace(ctx: &TcContext, program: &str, dst: Option<&IpKey>, action: i32) {
             action
         );
     }
+}
+
+/// Whether the packet, or each of its GSO segments, fits the MTU of `ifindex`.
+#[inline(always)]
+fn fits_uplink(ctx: &TcContext, ifindex: u32) -> bool {
+    let mut mtu = 0u32;
+    // SAFETY: the context is a live sk_buff; `mtu` is ours to write.
+    unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, ifindex, &mut mtu, 0, u64::from(BPF_MTU_CHK_SEGS)) == 0 }
 }
 
 /// Whether `src` is one of the addresses of the pod behind this host veth.
