@@ -222,7 +222,7 @@ impl Cluster {
             }
         }
         for (cidr, node_ip) in &peers {
-            map.put(*cidr, Peer::new(*node_ip, uplink.index))?;
+            map.put(*cidr, Peer::new(*node_ip, uplink.index, uplink.mtu))?;
         }
 
         if self.config.ip_masq {

@@ -116,14 +116,17 @@ pub struct Peer {
     pub family: u32,
     /// The local uplink to send from.
     pub ifindex: u32,
+    /// The uplink's MTU, kept by the loader: a packet that fits needs no MTU check.
+    pub mtu: u32,
 }
 
 impl Peer {
-    pub fn new(node_ip: IpAddr, ifindex: u32) -> Self {
+    pub fn new(node_ip: IpAddr, ifindex: u32, mtu: u32) -> Self {
         Self {
             node_ip: node_ip.into(),
             family: if node_ip.is_ipv4() { AF_INET } else { AF_INET6 },
             ifindex,
+            mtu,
         }
     }
 }
@@ -182,9 +185,9 @@ mod tests {
 
     #[test]
     fn peers_carry_their_family() {
-        assert_eq!(Peer::new(Ipv4Addr::new(10, 0, 0, 4).into(), 3).family, AF_INET);
+        assert_eq!(Peer::new(Ipv4Addr::new(10, 0, 0, 4).into(), 3, 1500).family, AF_INET);
         assert_eq!(
-            Peer::new("fd00:10::4".parse::<Ipv6Addr>().unwrap().into(), 3).family,
+            Peer::new("fd00:10::4".parse::<Ipv6Addr>().unwrap().into(), 3, 1500).family,
             AF_INET6
         );
     }

@@ -92,7 +92,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     } else if let Some(peer) = VELOX_PEERS.get(&Key::new(128, dst.addr)) {
         // `bpf_redirect_neigh` neither fragments nor reports the path MTU: a packet (or
         // a GSO segment) too big for the uplink goes to the kernel, which does both.
-        if fits_uplink(&ctx, peer.ifindex) {
+        if fits_uplink(&ctx, peer) {
             redirect_unless_kernel_flow(&ctx, || to_peer_node(peer))
         } else {
             PASS
@@ -247,12 +247,26 @@ fn trace(ctx: &TcContext, program: &str, dst: Option<&IpKey>, action: i32) {
     }
 }
 
-/// Whether the packet, or each of its GSO segments, fits the MTU of `ifindex`.
+/// Whether the packet, or each of its GSO segments, fits the uplink's MTU. A plain
+/// packet within the MTU the loader recorded fits without asking the kernel.
 #[inline(always)]
-fn fits_uplink(ctx: &TcContext, ifindex: u32) -> bool {
+fn fits_uplink(ctx: &TcContext, peer: &Peer) -> bool {
+    // SAFETY: reading the context's own fields.
+    let (len, gso_size) = unsafe { ((*ctx.skb.skb).len, (*ctx.skb.skb).gso_size) };
+    if gso_size == 0 && len <= peer.mtu + EthHdr::LEN as u32 {
+        return true;
+    }
     let mut mtu = 0u32;
     // SAFETY: the context is a live sk_buff; `mtu` is ours to write.
-    unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, ifindex, &mut mtu, 0, u64::from(BPF_MTU_CHK_SEGS)) == 0 }
+    unsafe {
+        bpf_check_mtu(
+            ctx.skb.skb as *mut _,
+            peer.ifindex,
+            &mut mtu,
+            0,
+            u64::from(BPF_MTU_CHK_SEGS),
+        ) == 0
+    }
 }
 
 /// Whether `src` is one of the addresses of the pod behind this host veth.
