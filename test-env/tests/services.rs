@@ -82,6 +82,26 @@ fn request(netns: &str, to: SocketAddr, protocol: Protocol) -> anyhow::Result<St
     .expect("client thread")
 }
 
+/// Serves from `backend` behind `rule`'s frontend and asserts every client reaches it
+/// through the frontend.
+fn assert_reached_through(rule: &ServiceRule, backend: &Pod, clients: &[&Pod]) {
+    let server = serve(&backend.name, rule.backend, rule.protocol, &backend.name, clients.len());
+    for client in clients {
+        let answer = request(&client.name, rule.frontend, rule.protocol);
+        assert_eq!(
+            answer.as_ref().ok(),
+            Some(&backend.name),
+            "{:?} {} -> {} (backend {}, snat {}): {answer:?}",
+            rule.protocol,
+            client.name,
+            rule.frontend,
+            backend.name,
+            rule.snat
+        );
+    }
+    server.join().unwrap().unwrap();
+}
+
 fn cluster_ip(family: Family, last: u8) -> IpAddr {
     match family {
         Family::V4 => IpAddr::from([10, 96, 0, last]),
@@ -124,18 +144,7 @@ fn cluster_ips_work_beside_kube_proxy_rules_in_both_families() {
             for node in &cluster.nodes {
                 rule.install(node).unwrap();
             }
-            let server = serve(&backend.name, backend_addr, protocol, &backend.name, clients.len());
-            for client in clients {
-                let answer = request(&client.name, frontend, protocol);
-                assert_eq!(
-                    answer.as_ref().ok(),
-                    Some(&backend.name),
-                    "{protocol:?} {} -> {frontend} (backend {}): {answer:?}",
-                    client.name,
-                    backend.name
-                );
-            }
-            server.join().unwrap().unwrap();
+            assert_reached_through(&rule, backend, &clients);
         }
     }
     // The clients' ends were recorded where their traffic went to the kernel; the
@@ -195,27 +204,14 @@ fn node_ports_work_from_pods_on_both_nodes() {
         for (port, backend, snat) in [(30080, &pod1, false), (30081, &pod3, true)] {
             let backend_addr = SocketAddr::new(backend.ip(family), 8080);
             let frontend = SocketAddr::new(node_ip, port);
-            ServiceRule {
+            let rule = ServiceRule {
                 frontend,
                 protocol: Protocol::Tcp,
                 backend: backend_addr,
                 snat,
-            }
-            .install(&cluster.nodes[0])
-            .unwrap();
-            let clients = [&pod2, &pod4];
-            let server = serve(&backend.name, backend_addr, Protocol::Tcp, &backend.name, clients.len());
-            for client in clients {
-                let answer = request(&client.name, frontend, Protocol::Tcp);
-                assert_eq!(
-                    answer.as_ref().ok(),
-                    Some(&backend.name),
-                    "{} -> NodePort {frontend} (backend {}, snat {snat}): {answer:?}",
-                    client.name,
-                    backend.name
-                );
-            }
-            server.join().unwrap().unwrap();
+            };
+            rule.install(&cluster.nodes[0]).unwrap();
+            assert_reached_through(&rule, backend, &[&pod2, &pod4]);
         }
     }
     cluster.finish().unwrap();
