@@ -9,8 +9,7 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use velox_common::Peer;
-use velox_common::FROM_NET_PROGRAM;
+use velox_common::{Peer, FROM_NET_PROGRAM};
 use velox_node::fs::read_if_exists;
 use velox_node::link::attach_tc_ingress;
 use velox_node::maps::PeerMap;
@@ -78,8 +77,8 @@ impl PeerNode {
     }
 }
 
-fn parse_nodes(text: &str) -> anyhow::Result<Vec<PeerNode>> {
-    let list: NodeList = serde_json::from_str(text)?;
+fn parse_nodes(json: &[u8]) -> anyhow::Result<Vec<PeerNode>> {
+    let list: NodeList = serde_json::from_slice(json)?;
     let mut nodes: Vec<PeerNode> = list
         .items
         .into_iter()
@@ -153,7 +152,7 @@ impl Cluster {
         let Some(bytes) = read_if_exists(path)? else {
             return Ok(Vec::new());
         };
-        parse_nodes(&String::from_utf8_lossy(&bytes)).with_context(|| format!("parsing {}", path.display()))
+        parse_nodes(&bytes).with_context(|| format!("parsing {}", path.display()))
     }
 
     /// True when the peers file says something other than what is applied.
@@ -271,7 +270,7 @@ mod tests {
                                       {"type": "Hostname", "address": "w2"}]}},
             {"metadata": {"name": "w3"}}
         ]}"#;
-        let nodes = parse_nodes(text).unwrap();
+        let nodes = parse_nodes(text.as_bytes()).unwrap();
         assert_eq!(nodes.len(), 2);
         let w2 = &nodes[0];
         assert_eq!(w2.node_ips.len(), 2, "only InternalIPs: {w2:?}");

@@ -26,9 +26,8 @@ pub fn reconcile(
         if !alive {
             // The pod is gone (its netns went away); DEL or GC will free the rest.
             for ip in &record.ips {
-                if maps.get(*ip)?.is_some_and(|e| e.ifindex == record.host_ifindex) {
-                    log::info!("dropping {ip}: {} is gone", record.host_ifname);
-                    maps.remove_owned(*ip, record.host_ifindex)?;
+                if maps.remove_owned(*ip, record.host_ifindex)? {
+                    log::info!("dropped {ip}: {} is gone", record.host_ifname);
                 }
             }
             continue;

@@ -5,7 +5,6 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuHashMap};
 use ipnet::IpNet;
 use std::net::IpAddr;
-use std::path::Path;
 use velox_common::{
     Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, COUNTERS_MAP, ENDPOINTS_MAP, IPV4_MAPPED_PREFIX,
     KERNEL_FLOWS_MAP, PEERS_MAP,
@@ -17,9 +16,22 @@ use crate::layout::Bpffs;
 /// `bpf_map_update_elem`: create the entry, fail if it exists.
 const BPF_NOEXIST: u64 = 1;
 
-fn open_map(path: &Path) -> Result<Map> {
-    let data = MapData::from_pin(path).map_err(Error::not_ready(format!("cannot open {}", path.display())))?;
-    Map::from_map_data(data).map_err(Error::map(format!("opening {}", path.display())))
+/// The pinned map `name`, as the typed handle `T`.
+fn open_map<T: TryFrom<Map, Error = MapError>>(bpffs: &Bpffs, name: &str) -> Result<T> {
+    let path = bpffs.map(name);
+    let data = MapData::from_pin(&path).map_err(Error::not_ready(format!("cannot open {}", path.display())))?;
+    let map = Map::from_map_data(data).map_err(Error::map(format!("opening {}", path.display())))?;
+    map.try_into()
+        .map_err(Error::map(format!("{name} has an unexpected layout")))
+}
+
+/// A lookup's value, `None` for a key the map does not hold.
+fn found<V>(result: std::result::Result<V, MapError>, what: &str) -> Result<Option<V>> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(Error::map(what)(e)),
+    }
 }
 
 /// Every pinned map with the key and value size this build's datapath uses.
@@ -77,14 +89,9 @@ pub struct EndpointMaps {
 
 impl EndpointMaps {
     pub fn open(bpffs: &Bpffs) -> Result<Self> {
-        let typed = |name: &str| Error::map(format!("{name} has an unexpected layout"));
         Ok(Self {
-            endpoints: open_map(&bpffs.map(ENDPOINTS_MAP))?
-                .try_into()
-                .map_err(typed(ENDPOINTS_MAP))?,
-            counters: open_map(&bpffs.map(COUNTERS_MAP))?
-                .try_into()
-                .map_err(typed(COUNTERS_MAP))?,
+            endpoints: open_map(bpffs, ENDPOINTS_MAP)?,
+            counters: open_map(bpffs, COUNTERS_MAP)?,
         })
     }
 
@@ -111,20 +118,17 @@ impl EndpointMaps {
         }
     }
 
-    /// Removes the entry of `ip` if it is `ifindex`'s: never another endpoint's.
-    pub fn remove_owned(&mut self, ip: IpAddr, ifindex: u32) -> Result<()> {
+    /// Removes the entry of `ip` if it is `ifindex`'s, never another endpoint's;
+    /// true when it did.
+    pub fn remove_owned(&mut self, ip: IpAddr, ifindex: u32) -> Result<bool> {
         match self.get(ip)? {
-            Some(held) if held.ifindex == ifindex => self.remove(ip),
-            _ => Ok(()),
+            Some(held) if held.ifindex == ifindex => self.remove(ip).map(|()| true),
+            _ => Ok(false),
         }
     }
 
     pub fn get(&self, ip: IpAddr) -> Result<Option<Endpoint>> {
-        match self.endpoints.get(&IpKey::from(ip), 0) {
-            Ok(endpoint) => Ok(Some(endpoint)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(Error::map("reading the endpoint map")(e)),
-        }
+        found(self.endpoints.get(&IpKey::from(ip), 0), "reading the endpoint map")
     }
 
     /// Removes the entry of `ip`; absent is fine.
@@ -144,10 +148,8 @@ impl EndpointMaps {
     /// The counters of an interface, summed over CPUs.
     pub fn counters(&self, ifindex: u32) -> Result<EndpointCounters> {
         let mut total = EndpointCounters::default();
-        match self.counters.get(&ifindex, 0) {
-            Ok(per_cpu) => per_cpu.iter().for_each(|c| total.add(c)),
-            Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(Error::map("reading counters")(e)),
+        if let Some(per_cpu) = found(self.counters.get(&ifindex, 0), "reading counters")? {
+            per_cpu.iter().for_each(|c| total.add(c));
         }
         Ok(total)
     }
@@ -191,9 +193,7 @@ pub struct PeerMap {
 impl PeerMap {
     pub fn open(bpffs: &Bpffs) -> Result<Self> {
         Ok(Self {
-            peers: open_map(&bpffs.map(PEERS_MAP))?
-                .try_into()
-                .map_err(Error::map(format!("{PEERS_MAP} has an unexpected layout")))?,
+            peers: open_map(bpffs, PEERS_MAP)?,
         })
     }
 
@@ -219,11 +219,10 @@ impl PeerMap {
 
     /// The peer whose pod CIDR holds `ip`, if any.
     pub fn route(&self, ip: IpAddr) -> Result<Option<Peer>> {
-        match self.peers.get(&Key::new(128, IpKey::from(ip).addr), 0) {
-            Ok(peer) => Ok(Some(peer)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(Error::map("reading the peer map")(e)),
-        }
+        found(
+            self.peers.get(&Key::new(128, IpKey::from(ip).addr), 0),
+            "reading the peer map",
+        )
     }
 }
 
@@ -236,9 +235,7 @@ pub struct KernelFlows {
 impl KernelFlows {
     pub fn open(bpffs: &Bpffs) -> Result<Self> {
         Ok(Self {
-            ends: open_map(&bpffs.map(KERNEL_FLOWS_MAP))?
-                .try_into()
-                .map_err(Error::map(format!("{KERNEL_FLOWS_MAP} has an unexpected layout")))?,
+            ends: open_map(bpffs, KERNEL_FLOWS_MAP)?,
         })
     }
 

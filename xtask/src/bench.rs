@@ -99,6 +99,14 @@ impl Config {
         }
     }
 
+    /// Whether Velox carries the traffic (and its programs' cost can be measured).
+    pub fn is_velox(self) -> bool {
+        matches!(
+            self,
+            Config::VeloxSame | Config::VeloxCross | Config::VeloxSame6 | Config::VeloxCross6
+        )
+    }
+
     /// The address family the traffic uses.
     pub fn family(self) -> Family {
         match self {
@@ -308,7 +316,7 @@ fn measure(config: Config, rules: u32, round: u32, client: &Pod, server: &Pod, s
         p99_us: latency.map(|l| l.p99_us),
         tps: latency.map(|l| l.tps),
         cpu_s_per_gb: cpu / (one.bytes / 1e9),
-        ns_per_run: match config.name().starts_with("velox") {
+        ns_per_run: match config.is_velox() {
             true => program_cost(|| client.iperf3(server, family, 2, 1).map(drop))?,
             false => BTreeMap::new(),
         },
