@@ -1,14 +1,15 @@
 //! The network configuration on stdin and the CNI_* environment.
 
 use ipnet::IpNet;
-use serde::Deserialize;
-use serde_json::Value;
-use std::path::PathBuf;
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
+use std::path::{Component, Path, PathBuf};
 pub use velox_node::endpoint::Attachment;
 use velox_node::layout::{DEFAULT_BPFFS_ROOT, DEFAULT_STATE_DIR};
 use velox_node::Family;
 
 use crate::error::{fail, CniError, Code};
+use crate::result::{CniResult, Dns};
 use crate::version::CniVersion;
 
 pub const DEFAULT_MTU: u32 = 1500;
@@ -32,7 +33,13 @@ pub struct NetConf {
     #[serde(default)]
     pub ipam: Option<Value>,
     #[serde(default)]
-    pub dns: Option<Value>,
+    pub dns: Option<Dns>,
+    /// Runtime arguments (`args`) and capabilities (`runtimeConfig`): Velox reads
+    /// neither, but they must be objects.
+    #[serde(default)]
+    pub args: Option<Map<String, Value>>,
+    #[serde(default)]
+    pub runtime_config: Option<Map<String, Value>>,
     #[serde(default = "default_bpffs_root")]
     pub bpffs_root: PathBuf,
     #[serde(default = "default_state_dir")]
@@ -41,8 +48,9 @@ pub struct NetConf {
     pub log_file: Option<PathBuf>,
     #[serde(default)]
     pub log_level: Option<log::LevelFilter>,
-    #[serde(default)]
-    pub prev_result: Option<Value>,
+    /// Parsed with the rest of the config, so a bad one fails before anything changes.
+    #[serde(default, deserialize_with = "prev_result")]
+    pub prev_result: Option<CniResult>,
     #[serde(default, rename = "cni.dev/valid-attachments")]
     pub valid_attachments: Option<Vec<Attachment>>,
 }
@@ -53,6 +61,13 @@ pub enum IpamSource {
     /// One pod CIDR per family, IPv4 first.
     Builtin(Vec<IpNet>),
     Delegated(String),
+}
+
+fn prev_result<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<CniResult>, D::Error> {
+    let value = Value::deserialize(deserializer)?;
+    CniResult::parse(&value)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("prevResult: {e:#}")))
 }
 
 fn default_bpffs_root() -> PathBuf {
@@ -79,8 +94,30 @@ impl NetConf {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if self.name.is_empty() {
-            return fail(Code::InvalidConfig, "network config needs a non-empty \"name\"");
+        if !is_spec_name(&self.name) {
+            return fail(
+                Code::InvalidConfig,
+                format!(
+                    "network name {:?} must start with a letter or digit, followed by letters, digits, '_', '.' or '-'",
+                    self.name
+                ),
+            );
+        }
+        let paths = [
+            ("bpffsRoot", Some(&self.bpffs_root)),
+            ("stateDir", Some(&self.state_dir)),
+            ("logFile", self.log_file.as_ref()),
+        ];
+        for (key, path) in paths {
+            if let Some(path) = path.filter(|p| !is_normal_absolute(p)) {
+                return fail(
+                    Code::InvalidConfig,
+                    format!("{key} {} must be an absolute path without '.' or '..'", path.display()),
+                );
+            }
+        }
+        for attachment in self.valid_attachments.iter().flatten() {
+            check_attachment(attachment, Code::InvalidConfig, "cni.dev/valid-attachments: ")?;
         }
         if let Some(mtu) = self.mtu {
             if !(68..=65535).contains(&mtu) {
@@ -151,12 +188,57 @@ fn pod_subnets(subnets: Vec<IpNet>) -> anyhow::Result<Vec<IpNet>> {
     Ok(subnets)
 }
 
-/// A file name without path tricks: CNI plugin names, container IDs.
+/// A file name without path tricks: CNI plugin names.
 fn is_plain_name(name: &str) -> bool {
     !name.is_empty()
         && name != "."
         && name != ".."
         && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// The spec's rule for network names and container IDs: an alphanumeric first
+/// character, then alphanumerics, '_', '.' or '-'.
+fn is_spec_name(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_alphanumeric()) && is_plain_name(name)
+}
+
+/// The spec's rule for interface names: 1 to 15 bytes, not "." or "..", no '/', ':'
+/// or whitespace.
+fn is_spec_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+/// Absolute, and already in its shortest form: no '.', '..', '//' or trailing '/'.
+fn is_normal_absolute(path: &Path) -> bool {
+    let normal: PathBuf = path.components().collect();
+    path.is_absolute()
+        && normal.as_os_str() == path.as_os_str()
+        && !path.components().any(|c| c == Component::ParentDir)
+}
+
+fn check_attachment(attachment: &Attachment, code: Code, context: &str) -> anyhow::Result<()> {
+    if !is_spec_name(&attachment.container_id) {
+        return fail(
+            code,
+            format!(
+                "{context}container ID {:?} must start with a letter or digit, followed by letters, digits, '_', '.' or '-'",
+                attachment.container_id
+            ),
+        );
+    }
+    if !is_spec_ifname(&attachment.ifname) {
+        return fail(
+            code,
+            format!(
+                "{context}interface name {:?} must be 1 to 15 bytes, not '.' or '..', without '/', ':' or whitespace",
+                attachment.ifname
+            ),
+        );
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,20 +288,18 @@ impl Environment {
         };
         let container_id = required("CNI_CONTAINERID")?;
         let ifname = required("CNI_IFNAME")?;
-        if per_container && !is_plain_name(&container_id) {
-            return fail(
-                Code::InvalidEnvironment,
-                format!("CNI_CONTAINERID {container_id:?} may only hold letters, digits, '-', '_' and '.'"),
-            );
-        }
-        if per_container && (ifname.len() > 15 || !is_plain_name(&ifname)) {
-            return fail(
-                Code::InvalidEnvironment,
-                format!("CNI_IFNAME {ifname:?} is not a valid interface name (at most 15 of [A-Za-z0-9_.-])"),
-            );
+        if per_container {
+            let attachment = Attachment {
+                container_id: container_id.clone(),
+                ifname: ifname.clone(),
+            };
+            check_attachment(&attachment, Code::InvalidEnvironment, "CNI_CONTAINERID/CNI_IFNAME: ")?;
         }
         // DEL must work when the runtime has already lost the netns.
         let netns = match get("CNI_NETNS").filter(|v| !v.is_empty()) {
+            Some(path) if !Path::new(&path).is_absolute() => {
+                return fail(Code::InvalidEnvironment, format!("CNI_NETNS {path:?} is not an absolute path"))
+            }
             Some(path) => Some(PathBuf::from(path)),
             None if matches!(command, Command::Add | Command::Check) => {
                 return fail(Code::InvalidEnvironment, "CNI_NETNS is not set")
@@ -427,5 +507,159 @@ mod tests {
             code_of(env(&[("CNI_COMMAND", "DEL"), ("CNI_IFNAME", "eth0")])),
             Code::InvalidEnvironment
         );
+    }
+}
+
+#[cfg(test)]
+mod validation {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    const BASE: &str = r#"{"cniVersion":"1.1.0","name":"n","type":"velox","subnets":["10.0.0.0/24"]}"#;
+
+    fn with(key: &str, value: Value) -> Vec<u8> {
+        let mut conf: Value = serde_json::from_str(BASE).unwrap();
+        conf[key] = value;
+        serde_json::to_vec(&conf).unwrap()
+    }
+
+    fn rejection(conf: &[u8]) -> CniError {
+        CniError::from_anyhow(&NetConf::parse(conf).unwrap_err())
+    }
+
+    #[test]
+    fn every_field_is_checked_before_anything_runs() {
+        let bad: [(&str, Value); 14] = [
+            ("name", json!("-leading-dash")),
+            ("name", json!("has space")),
+            ("name", json!("a/b")),
+            ("bpffsRoot", json!("relative/velox")),
+            ("stateDir", json!("/var/lib/../velox")),
+            ("stateDir", json!("/var/lib//velox")),
+            ("logFile", json!("/tmp/./velox.log")),
+            ("dns", json!({"nameservers": ["not-an-address"]})),
+            ("dns", json!({"nameserver": ["10.0.0.10"]})),
+            ("args", json!("K8S_POD_NAME=x")),
+            ("runtimeConfig", json!(["portMappings"])),
+            ("prevResult", json!({"ips": [{"address": "10.0.0.2"}]})),
+            ("prevResult", json!("a string")),
+            ("cni.dev/valid-attachments", json!([{"containerID": "../x", "ifname": "eth0"}])),
+        ];
+        for (key, value) in bad {
+            let err = rejection(&with(key, value.clone()));
+            assert_eq!(err.code, Code::InvalidConfig, "{key}={value}: {err:?}");
+        }
+        let err = rejection(&with("prevResult", json!({"ips": [{"address": "10.0.0.2"}]})));
+        assert!(err.msg.contains("prevResult"), "{err:?}");
+    }
+
+    #[test]
+    fn well_formed_optional_fields_are_accepted() {
+        let (conf, _) = NetConf::parse(&with(
+            "dns",
+            json!({"nameservers": ["10.96.0.10", "fd00::a"], "search": ["svc.cluster.local"], "options": ["ndots:5"]}),
+        ))
+        .unwrap();
+        assert_eq!(conf.dns.unwrap().nameservers.len(), 2);
+        let prev = json!({"cniVersion": "1.1.0", "interfaces": [{"name": "x"}], "ips": [{"address": "10.9.0.2/24"}]});
+        let (conf, _) = NetConf::parse(&with("prevResult", prev)).unwrap();
+        assert_eq!(conf.prev_result.unwrap().ips.len(), 1);
+        NetConf::parse(&with("runtimeConfig", json!({"portMappings": []}))).unwrap();
+        NetConf::parse(&with("args", json!({"cni": {"ips": []}}))).unwrap();
+        NetConf::parse(&with("name", json!("k8s-pod-network_1.x"))).unwrap();
+    }
+
+    #[test]
+    fn spec_names_and_interface_names() {
+        for ok in ["a", "0abc", "a.b-c_d"] {
+            assert!(is_spec_name(ok), "{ok}");
+        }
+        for bad in ["", "-a", ".a", "_a", "a b", "a/b", "ä"] {
+            assert!(!is_spec_name(bad), "{bad}");
+        }
+        for ok in ["eth0", "net1", "e@th", "0123456789abcde"] {
+            assert!(is_spec_ifname(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", "a/b", "a:b", "a b", "0123456789abcdef"] {
+            assert!(!is_spec_ifname(bad), "{bad}");
+        }
+    }
+
+    /// Field values a runtime or a user could send, good and bad.
+    fn field_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[ -~]{0,20}".prop_map(Value::from),
+            Just(json!("/abs/path")),
+            Just(json!("10.0.0.0/24")),
+            Just(json!("fd00::/64")),
+            Just(json!(["10.0.0.0/24", "fd00::/64"])),
+            Just(json!({"type": "host-local"})),
+            Just(json!({"nameservers": ["10.0.0.1"]})),
+            Just(json!({"ips": [{"address": "10.0.0.2/32"}]})),
+            Just(json!([{"containerID": "c", "ifname": "eth0"}])),
+            Just(json!([])),
+            Just(json!({})),
+        ]
+    }
+
+    fn field_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("cniVersion"), Just("name"), Just("type"), Just("mtu"), Just("subnet"),
+            Just("subnets"), Just("ipam"), Just("dns"), Just("args"), Just("runtimeConfig"),
+            Just("bpffsRoot"), Just("stateDir"), Just("logFile"), Just("logLevel"),
+            Just("prevResult"), Just("cni.dev/valid-attachments"), Just("unknownKey"),
+        ]
+        .prop_map(String::from)
+    }
+
+    proptest! {
+        /// Whatever arrives on stdin: no panic, and a rejection is one CNI error
+        /// with a spec code for config problems.
+        #[test]
+        fn any_config_is_accepted_or_refused_with_a_config_code(
+            changes in prop::collection::vec((field_name(), field_value()), 0..6),
+            garbage in prop::option::of(prop::collection::vec(any::<u8>(), 0..40)),
+        ) {
+            let mut conf: Value = serde_json::from_str(BASE).unwrap();
+            for (key, value) in changes {
+                conf[key] = value;
+            }
+            let stdin = match garbage {
+                Some(bytes) => bytes,
+                None => serde_json::to_vec(&conf).unwrap(),
+            };
+            if let Err(err) = NetConf::parse(&stdin) {
+                let cni = CniError::from_anyhow(&err);
+                prop_assert!(matches!(cni.code, Code::IncompatibleVersion | Code::Decode | Code::InvalidConfig), "{cni:?}");
+                let json = cni.to_json("1.1.0");
+                prop_assert!(json["msg"].as_str().is_some_and(|m| !m.is_empty()));
+            }
+        }
+
+        #[test]
+        fn any_environment_is_accepted_or_refused_with_code_4(
+            command in prop_oneof![
+                prop::sample::select(vec!["ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION"]).prop_map(String::from),
+                "[A-Z]{0,6}",
+            ],
+            container_id in prop::option::of("[ -~]{0,70}"),
+            netns in prop::option::of(prop_oneof![Just("/run/netns/x".to_string()), "[ -~]{0,30}"]),
+            ifname in prop::option::of("[ -~]{0,20}"),
+        ) {
+            let vars = [("CNI_COMMAND", Some(command)), ("CNI_CONTAINERID", container_id), ("CNI_NETNS", netns), ("CNI_IFNAME", ifname)];
+            let outcome = Environment::from_vars(|name| vars.iter().find(|(k, _)| *k == name).and_then(|(_, v)| v.clone()));
+            match outcome {
+                Ok(env) if matches!(env.command, Command::Add | Command::Del | Command::Check) => {
+                    prop_assert!(is_spec_name(&env.container_id) && is_spec_ifname(&env.ifname));
+                    prop_assert!(env.netns.as_ref().map_or(true, |p| p.is_absolute()));
+                }
+                Ok(_) => {}
+                Err(err) => prop_assert_eq!(CniError::from_anyhow(&err).code, Code::InvalidEnvironment),
+            }
+        }
     }
 }

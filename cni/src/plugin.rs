@@ -89,7 +89,7 @@ fn init_logging(conf: &NetConf) {
     let mut builder = env_logger::Builder::new();
     builder.filter_level(conf.log_level.unwrap_or(log::LevelFilter::Warn));
     if let Some(path) = &conf.log_file {
-        if let Ok(file) = File::options().create(true).append(true).open(path) {
+        if let Ok(file) = velox_node::fs::open_log(path) {
             builder.target(env_logger::Target::Pipe(Box::new(file)));
         }
     }
@@ -180,7 +180,7 @@ impl Plugin {
         }
         let ipam = self.ipam()?;
         match self.setup(&attachment, &netns, &host, &mut maps, &ipam).await {
-            Ok(result) => Ok(self.chain(result)?.to_json(self.version)),
+            Ok(result) => Ok(self.chain(result).to_json(self.version)),
             Err(err) => {
                 log::warn!("ADD failed, undoing: {err:#}");
                 if let Err(undo) = self.teardown(&attachment, &host, Some(&mut maps), Some(&ipam)).await {
@@ -270,7 +270,7 @@ impl Plugin {
                     gw: Some(gateway_of(ip)),
                 })
                 .collect(),
-            dns: self.conf.dns.clone().unwrap_or_default(),
+            dns: self.conf.dns.clone(),
         })
     }
 
@@ -296,14 +296,14 @@ impl Plugin {
     }
 
     /// An earlier plugin's result comes first; ours is appended to it.
-    fn chain(&self, ours: CniResult) -> anyhow::Result<CniResult> {
+    fn chain(&self, ours: CniResult) -> CniResult {
         match &self.conf.prev_result {
             Some(prev) => {
-                let mut chained = CniResult::parse(prev)?;
+                let mut chained = prev.clone();
                 chained.extend(ours);
-                Ok(chained)
+                chained
             }
-            None => Ok(ours),
+            None => ours,
         }
     }
 
@@ -357,7 +357,6 @@ impl Plugin {
         let Some(prev) = &self.conf.prev_result else {
             return fail(Code::InvalidConfig, "CHECK needs the prevResult of ADD");
         };
-        let prev = CniResult::parse(prev)?;
         let Some(record) = self.store.get(&attachment)? else {
             return fail(
                 Code::UnknownContainer,
@@ -406,7 +405,11 @@ impl Plugin {
 
     async fn gc(&self) -> anyhow::Result<()> {
         self.version.require("GC", CniVersion::V1_1_0)?;
-        let valid: HashSet<Attachment> = self.conf.valid_attachments.iter().flatten().cloned().collect();
+        // Without the list, "everything not listed" would be every pod on the node.
+        let Some(valid) = &self.conf.valid_attachments else {
+            return fail(Code::InvalidConfig, "GC needs \"cni.dev/valid-attachments\"");
+        };
+        let valid: HashSet<Attachment> = valid.iter().cloned().collect();
         let host = Netlink::connect()?;
         let mut maps = EndpointMaps::open(&self.bpffs).ok();
         let ipam = self.ipam()?;

@@ -37,6 +37,20 @@ pub struct Route {
     pub gw: Option<IpAddr>,
 }
 
+/// The spec's DNS object, typed so a malformed one is refused before ADD changes anything.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CniResult {
     #[serde(default)]
@@ -45,8 +59,8 @@ pub struct CniResult {
     pub ips: Vec<IpConfig>,
     #[serde(default)]
     pub routes: Vec<Route>,
-    #[serde(default, skip_serializing_if = "Value::is_null")]
-    pub dns: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Dns>,
 }
 
 impl CniResult {
@@ -66,9 +80,7 @@ impl CniResult {
             ip
         }));
         self.routes.extend(other.routes);
-        if self.dns.is_null() {
-            self.dns = other.dns;
-        }
+        self.dns = self.dns.take().or(other.dns);
     }
 
     /// The result JSON in the format `version` defines.
@@ -132,7 +144,7 @@ mod tests {
                     gw: Some("fe80::1".parse().unwrap()),
                 },
             ],
-            dns: Value::Null,
+            dns: None,
         }
     }
 

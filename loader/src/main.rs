@@ -105,7 +105,7 @@ fn main() -> anyhow::Result<()> {
         logger.filter_module("velox_ebpf", *datapath_log_level);
     }
     if let Some(path) = &cli.log_file {
-        let file = std::fs::File::options().create(true).append(true).open(path)?;
+        let file = velox_node::fs::open_log(path)?;
         logger.target(env_logger::Target::Pipe(Box::new(file)));
     }
     logger.init();

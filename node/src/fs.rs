@@ -69,26 +69,60 @@ pub fn list_dir(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
         .map_err(Error::io(format!("listing {}", dir.display())))
 }
 
-/// Takes the exclusive lock of `path` (created 0600), held until the guard drops.
-pub fn lock(path: &Path) -> Result<Flock<File>> {
+/// Opens a log file for appending: created 0600, a symlink in its place refused.
+pub fn open_log(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(PRIVATE_FILE_MODE)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(Error::io(format!("opening the log file {}", path.display())))
+}
+
+fn open_lock_file(path: &Path) -> Result<File> {
     if let Some(dir) = path.parent() {
         create_private_dir(dir)?;
     }
-    let file = OpenOptions::new()
+    OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
         .mode(PRIVATE_FILE_MODE)
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)
-        .map_err(Error::io(format!("opening {}", path.display())))?;
-    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(Error::io(format!("opening {}", path.display())))
+}
+
+/// Takes the exclusive lock of `path` (created 0600), held until the guard drops.
+pub fn lock(path: &Path) -> Result<Flock<File>> {
+    Flock::lock(open_lock_file(path)?, FlockArg::LockExclusive)
         .map_err(|(_, errno)| Error::io(format!("locking {}", path.display()))(errno.into()))
+}
+
+/// Takes the exclusive lock of `path` if nobody holds it; `None` when someone does.
+pub fn try_lock(path: &Path) -> Result<Option<Flock<File>>> {
+    match Flock::lock(open_lock_file(path)?, FlockArg::LockExclusiveNonblock) {
+        Ok(guard) => Ok(Some(guard)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, errno)) => Err(Error::io(format!("locking {}", path.display()))(errno.into())),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_lock_is_not_taken_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("owner.lock");
+        let first = try_lock(&path).unwrap();
+        assert!(first.is_some());
+        assert!(try_lock(&path).unwrap().is_none(), "a second holder got the lock");
+        drop(first);
+        assert!(try_lock(&path).unwrap().is_some());
+    }
 
     #[test]
     fn atomic_files_are_private_and_replace_the_old_one() {
@@ -118,6 +152,7 @@ mod tests {
         let path = dir.path().join("lockfile");
         std::os::unix::fs::symlink(&victim, &path).unwrap();
         assert!(lock(&path).is_err());
+        assert!(open_log(&path).is_err());
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
     }
 }

@@ -8,6 +8,8 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
+use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
 use velox_test_env::{run, Family, NodeGuard, Pod};
 
 /// A fresh node with pods `a` and `b`.
@@ -195,8 +197,8 @@ fn reserved_addresses(node: &NodeGuard) -> usize {
 }
 
 /// After a failed ADD: no address, veth, route, neighbour, link pin, record or map
-/// entry, in either family.
-fn assert_nothing_of(node: &NodeGuard, pod_name: &str) {
+/// entry, in either family, and no `ifname` in the pod.
+fn assert_nothing_of(node: &NodeGuard, pod_name: &str, ifname: &str) {
     assert_eq!(reserved_addresses(node), 0, "address still reserved");
     let links = run("ip", &["-n", &node.name, "-o", "link", "show", "type", "veth"]).unwrap();
     assert!(links.trim().is_empty(), "veth left: {links}");
@@ -215,8 +217,118 @@ fn assert_nothing_of(node: &NodeGuard, pod_name: &str) {
     );
     assert!(node.pods().unwrap().is_empty(), "record left");
     assert!(node.endpoints().unwrap().is_empty(), "map entry left");
-    let pod_links = run("ip", &["-n", pod_name, "-o", "link", "show", "eth0"]);
-    assert!(pod_links.is_err(), "pod side left: {pod_links:?}");
+    let pod_links = run("ip", &["-n", pod_name, "-o", "link", "show"]).unwrap();
+    let left = pod_links
+        .lines()
+        .any(|line| line.split(": ").nth(1).is_some_and(|name| name.split('@').next() == Some(ifname)));
+    assert!(!left, "pod side {ifname:?} left: {pod_links}");
+}
+
+#[test]
+fn a_bad_prev_result_fails_before_anything_is_created() {
+    let node = NodeGuard::up("prevbad").unwrap();
+    let pod = node.pod_name("a");
+    run("ip", &["netns", "add", &pod]).unwrap();
+    let mut conf = node.conf("1.1.0");
+    conf["prevResult"] = json!({"ips": [{"address": "192.0.2.5"}]});
+    let outcome = node
+        .cni("ADD", &pod, Some(&Path::new("/run/netns").join(&pod)), "eth0", &conf)
+        .unwrap();
+    let (code, msg) = error_of(&outcome);
+    assert_eq!(code, 7, "{msg}");
+    assert!(msg.contains("prevResult"), "{msg}");
+    assert_nothing_of(&node, &pod, "eth0");
+    node.finish().unwrap();
+}
+
+#[test]
+fn gc_without_the_valid_attachments_list_removes_nothing() {
+    let node = NodeGuard::up("gcnolist").unwrap();
+    let pod = node.add_pod("a").unwrap();
+    let (code, msg) = error_of(&node.cni("GC", "", None, "", &node.conf("1.1.0")).unwrap());
+    assert_eq!(code, 7, "{msg}");
+    assert_eq!(node.pods().unwrap().len(), 1);
+    assert_eq!(reserved_addresses(&node), 2);
+    for family in Family::ALL {
+        assert!(node.endpoint(pod.ip(family)).is_ok(), "{family:?}");
+    }
+    node.finish().unwrap();
+}
+
+/// Config changes a runtime or a user could make, good and bad, for the property test.
+fn config_change() -> impl Strategy<Value = (&'static str, Value)> {
+    prop::sample::select(vec![
+        ("mtu", json!(1400)),
+        ("mtu", json!(9000)),
+        ("mtu", json!(20)),
+        ("mtu", json!("big")),
+        ("name", json!("-bad")),
+        ("name", json!("")),
+        ("dns", json!({"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]})),
+        ("dns", json!({"nameservers": "10.96.0.10"})),
+        ("prevResult", json!({"cniVersion": "1.1.0", "ips": [{"address": "192.0.2.5/24"}]})),
+        ("prevResult", json!({"ips": [{"address": "not-an-ip"}]})),
+        ("args", json!({"K8S_POD_NAME": "x"})),
+        ("args", json!(7)),
+        ("runtimeConfig", json!({"portMappings": []})),
+        ("runtimeConfig", json!("x")),
+        ("stateDir", json!("relative/state")),
+        ("bpffsRoot", json!("/sys/fs/bpf/../x")),
+        ("logFile", json!("log")),
+        ("logLevel", json!("shouting")),
+        ("subnets", json!(["10.99.0.0/31"])),
+        ("subnets", json!("banana")),
+        ("cniVersion", json!("0.2.0")),
+        ("cniVersion", json!("0.4.0")),
+        ("ipam", json!({"type": "../../bin/sh"})),
+    ])
+}
+
+/// Random configs and environments against the real binary on a real node: every
+/// rejection is one CNI error JSON and leaves nothing; every accepted ADD is undone
+/// completely by DEL.
+#[test]
+fn any_add_is_refused_cleanly_or_fully_undone_by_del() {
+    let node = NodeGuard::up("fuzz").unwrap();
+    let pod = node.pod_name("fz");
+    run("ip", &["netns", "add", &pod]).unwrap();
+    let netns = Path::new("/run/netns").join(&pod);
+    let inputs = (
+        prop::collection::vec(config_change(), 0..3),
+        prop_oneof![Just("fuzz-1".to_string()), "[ -~]{0,12}"],
+        prop_oneof![Just("eth0".to_string()), "[ -~]{0,17}"],
+    );
+    let config = ProptestConfig {
+        cases: 48,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let (accepted, refused) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+    let outcome = TestRunner::new(config).run(&inputs, |(changes, container_id, ifname)| {
+        let mut conf = node.conf("1.1.0");
+        for (key, value) in changes {
+            conf[key] = value;
+        }
+        let added = node.cni("ADD", &container_id, Some(&netns), &ifname, &conf).unwrap();
+        if added.success {
+            let deleted = node.cni("DEL", &container_id, Some(&netns), &ifname, &conf).unwrap();
+            prop_assert!(deleted.success, "DEL after ADD: {}", deleted.stdout);
+            accepted.set(accepted.get() + 1);
+        } else {
+            refused.set(refused.get() + 1);
+            let code = added.stdout["code"].as_u64();
+            let msg = added.stdout["msg"].as_str().unwrap_or_default();
+            prop_assert!(code.is_some() && !msg.is_empty(), "not a CNI error: {}", added.stdout);
+        }
+        assert_nothing_of(&node, &pod, &ifname);
+        Ok(())
+    });
+    if let Err(failure) = outcome {
+        panic!("{failure}");
+    }
+    let (accepted, refused) = (accepted.get(), refused.get());
+    assert!(accepted > 0 && refused > 0, "the cases must cover both: {accepted} accepted, {refused} refused");
+    node.finish().unwrap();
 }
 
 #[test]
@@ -251,7 +363,7 @@ fn add_failing_halfway_leaves_nothing() {
         "{}",
         outcome.stdout
     );
-    assert_nothing_of(&node, &early);
+    assert_nothing_of(&node, &early, "eth0");
 
     // Fails at the very end: the record cannot be written (after routes and the TC link).
     let late = node.pod_name("late");
@@ -267,7 +379,7 @@ fn add_failing_halfway_leaves_nothing() {
         .unwrap();
     assert!(!outcome.success, "ADD should fail: {}", outcome.stdout);
     std::fs::remove_dir_all(&blocker).unwrap();
-    assert_nothing_of(&node, &late);
+    assert_nothing_of(&node, &late, "eth0");
 
     // And the node still works afterwards.
     let a = node.add_pod("a").unwrap();
@@ -392,7 +504,7 @@ fn every_cni_version_gets_its_result_format() {
             .cni("DEL", &pod, Some(&netns), "eth0", &node.conf(version))
             .unwrap();
         assert!(del.success, "DEL {version}: {}", del.stdout);
-        assert_nothing_of(&node, &pod);
+        assert_nothing_of(&node, &pod, "eth0");
     }
     node.finish().unwrap();
 }
