@@ -655,7 +655,7 @@ mod validation {
             match outcome {
                 Ok(env) if matches!(env.command, Command::Add | Command::Del | Command::Check) => {
                     prop_assert!(is_spec_name(&env.container_id) && is_spec_ifname(&env.ifname));
-                    prop_assert!(env.netns.as_ref().map_or(true, |p| p.is_absolute()));
+                    prop_assert!(env.netns.as_ref().is_none_or(|p| p.is_absolute()));
                 }
                 Ok(_) => {}
                 Err(err) => prop_assert_eq!(CniError::from_anyhow(&err).code, Code::InvalidEnvironment),
