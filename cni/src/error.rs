@@ -60,6 +60,7 @@ impl CniError {
         let code = match node {
             Some(velox_node::Error::NotReady { .. }) => Code::TryAgainLater,
             Some(velox_node::Error::AddressTaken { .. }) => Code::AddressInUse,
+            Some(velox_node::Error::Exhausted { .. }) => Code::AddressesExhausted,
             _ => return CniError::new(Code::Datapath, err.to_string()).with_details(chain),
         };
         CniError::new(code, node.map(ToString::to_string).unwrap_or_default()).with_details(chain)

@@ -329,13 +329,30 @@ impl Plugin {
     ) -> anyhow::Result<()> {
         let host_name = host_ifname(attachment);
         let mut errors = ErrorList::default();
-        let record = errors.keep(self.store.get(attachment)).flatten();
-        if let (Some(record), Some(maps)) = (&record, maps) {
+        // A corrupt record must not make DEL fail forever: the interface still says
+        // which map entries are the pod's, and the file goes at the end.
+        let record = match self.store.get(attachment) {
+            Err(e @ velox_node::Error::Record { .. }) => {
+                log::warn!("{e}; tearing down by the interface instead");
+                None
+            }
+            other => errors.keep(other).flatten(),
+        };
+        let ifindex = match &record {
+            Some(record) => Some(record.host_ifindex),
+            None => errors.keep(host.link(&host_name).await).flatten().map(|link| link.index),
+        };
+        if let (Some(ifindex), Some(maps)) = (ifindex, maps) {
             errors.keep(self.store.lock().and_then(|_lock| {
-                for ip in &record.ips {
-                    maps.remove_owned(*ip, record.host_ifindex)?;
+                match &record {
+                    Some(record) => {
+                        for ip in &record.ips {
+                            maps.remove_owned(*ip, ifindex)?;
+                        }
+                    }
+                    None => maps.remove_all_owned(ifindex)?,
                 }
-                maps.remove_counters(record.host_ifindex)
+                maps.remove_counters(ifindex)
             }));
         }
         // Deleting the veth detaches the TCX link in the same step; unpinning a live

@@ -55,7 +55,7 @@ pub async fn run(
         cluster.reconcile(&netlink).await?;
     }
     let uplink = cluster.as_ref().map(|c| c.uplink().to_string());
-    reconcile(&bpffs, &store, &mut maps, uplink.as_deref())?;
+    reconcile(&bpffs, &state_dir, &store, &mut maps, uplink.as_deref())?;
 
     create_private_dir(&state_dir.root)?;
     let socket = state_dir.health_socket();
@@ -80,7 +80,7 @@ pub async fn run(
                         log::error!("cluster reconcile: {e:#}");
                     }
                 }
-                if let Err(e) = reconcile(&bpffs, &store, &mut maps, uplink.as_deref()) {
+                if let Err(e) = reconcile(&bpffs, &state_dir, &store, &mut maps, uplink.as_deref()) {
                     log::error!("reconcile: {e:#}");
                 }
             }

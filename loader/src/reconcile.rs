@@ -3,17 +3,19 @@
 use nix::net::if_::if_nametoindex;
 use std::collections::HashSet;
 use velox_common::FROM_POD_PROGRAM;
-use velox_node::endpoint::EndpointStore;
+use velox_node::endpoint::{EndpointRecord, EndpointStore};
 use velox_node::fs::{list_dir, remove_if_exists};
+use velox_node::ipam::Allocator;
 use velox_node::layout::Hook;
 use velox_node::link::attach_tc_ingress;
 use velox_node::maps::EndpointMaps;
-use velox_node::Bpffs;
+use velox_node::{Bpffs, StateDir};
 
 /// One pass, under the endpoint lock so no ADD or DEL is half-seen. The uplink's
 /// counters (from `from_net`) are kept with the endpoints'.
 pub fn reconcile(
     bpffs: &Bpffs,
+    state_dir: &StateDir,
     store: &EndpointStore,
     maps: &mut EndpointMaps,
     uplink: Option<&str>,
@@ -24,11 +26,14 @@ pub fn reconcile(
     for record in store.list()? {
         let alive = if_nametoindex(record.host_ifname.as_str()).is_ok_and(|index| index == record.host_ifindex);
         if !alive {
-            // The pod is gone (its netns went away); DEL or GC will free the rest.
+            // The pod is gone: its veth went with its netns.
             for ip in &record.ips {
                 if maps.remove_owned(*ip, record.host_ifindex)? {
                     log::info!("dropped {ip}: {} is gone", record.host_ifname);
                 }
+            }
+            if !record.netns.exists() {
+                reap(state_dir, store, &record)?;
             }
             continue;
         }
@@ -46,8 +51,23 @@ pub fn reconcile(
         }
         live_ifindexes.insert(record.host_ifindex);
     }
-    for (ip, _) in maps.entries()? {
-        if !live_ips.contains(&ip) {
+    // A record nobody can read is dropped once its interface is gone. While the
+    // interface lives the pod keeps its map entries, and DEL finds the file.
+    let mut unreadable_live = HashSet::new();
+    for (path, host_ifname) in store.unreadable()? {
+        match if_nametoindex(host_ifname.as_str()) {
+            Ok(ifindex) => {
+                unreadable_live.insert(ifindex);
+                live_ifindexes.insert(ifindex);
+            }
+            Err(_) => {
+                log::warn!("removing the unreadable record {} of a vanished pod", path.display());
+                remove_if_exists(&path)?;
+            }
+        }
+    }
+    for (ip, endpoint) in maps.entries()? {
+        if !live_ips.contains(&ip) && !unreadable_live.contains(&endpoint.ifindex) {
             log::info!("dropping stale map entry {ip}");
             maps.remove(ip)?;
         }
@@ -65,5 +85,25 @@ pub fn reconcile(
             remove_if_exists(&link)?;
         }
     }
+    Ok(())
+}
+
+/// Frees a pod whose DEL never came (a runtime that sends no GC, a node that lost
+/// power): the netns and the veth are gone, so its addresses and record go too.
+fn reap(state_dir: &StateDir, store: &EndpointStore, record: &EndpointRecord) -> anyhow::Result<()> {
+    let attachment = record.attachment();
+    // Only the built-in allocator's reservations can be freed here; a delegated
+    // IPAM plugin's wait for the runtime's GC.
+    if state_dir.ipam_dir(&record.network).exists() {
+        Allocator::new(state_dir, &record.network, Vec::new()).release(&attachment)?;
+    }
+    store.remove(&attachment)?;
+    log::info!(
+        "reaped {} {} ({:?}): its netns {} is gone and no DEL came",
+        record.container_id,
+        record.ifname,
+        record.ips,
+        record.netns.display()
+    );
     Ok(())
 }

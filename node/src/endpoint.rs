@@ -112,17 +112,44 @@ impl EndpointStore {
         remove_if_exists(&self.path(attachment))
     }
 
-    /// Every record, in address order.
+    /// Every readable record, in address order. One that cannot be read (truncated,
+    /// corrupt, vanished while listing) is logged and left out, so it cannot stop the
+    /// loader or GC; [`EndpointStore::unreadable`] names them.
     pub fn list(&self) -> Result<Vec<EndpointRecord>> {
-        let mut records = Vec::new();
+        let mut records: Vec<EndpointRecord> = self.scan()?.into_iter().filter_map(|(_, r)| r.ok()).collect();
+        records.sort_by(|a, b| a.ips.cmp(&b.ips));
+        Ok(records)
+    }
+
+    /// Record files that cannot be read, with the host veth each was written for.
+    pub fn unreadable(&self) -> Result<Vec<(PathBuf, String)>> {
+        Ok(self
+            .scan()?
+            .into_iter()
+            .filter(|(_, record)| record.is_err())
+            .filter_map(|(path, _)| {
+                let host_ifname = path.file_stem()?.to_str()?.to_string();
+                Some((path, host_ifname))
+            })
+            .collect())
+    }
+
+    fn scan(&self) -> Result<Vec<(PathBuf, Result<EndpointRecord>)>> {
+        let mut out = Vec::new();
         for path in list_dir(&self.dir)? {
             if path.extension().is_some_and(|ext| ext == "json") {
-                let bytes = std::fs::read(&path).map_err(Error::io(format!("reading {}", path.display())))?;
-                records.push(parse(&path, &bytes)?);
+                let record = match read_if_exists(&path) {
+                    Ok(Some(bytes)) => parse(&path, &bytes),
+                    Ok(None) => continue,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = &record {
+                    log::warn!("skipping an endpoint record: {e}");
+                }
+                out.push((path, record));
             }
         }
-        records.sort_by(|a: &EndpointRecord, b| a.ips.cmp(&b.ips));
-        Ok(records)
+        Ok(out)
     }
 }
 
@@ -195,13 +222,21 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_record_is_a_typed_error_naming_the_file() {
+    fn a_corrupt_record_is_skipped_by_list_and_named_by_unreadable() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
-        create_private_dir(&state.endpoints_dir()).unwrap();
-        std::fs::write(state.endpoints_dir().join("vlxbad.json"), b"{").unwrap();
-        let err = EndpointStore::new(&state).list().unwrap_err();
+        let store = EndpointStore::new(&state);
+        let good = record("c1", &["10.0.0.2"]);
+        store.write(&good).unwrap();
+        let bad = record("c2", &["10.0.0.3"]);
+        let bad_path = state.endpoints_dir().join(format!("{}.json", bad.host_ifname));
+        std::fs::write(&bad_path, b"{\"container_id\": \"c2\", \"ifn").unwrap();
+        assert_eq!(store.list().unwrap(), vec![good]);
+        assert_eq!(store.unreadable().unwrap(), vec![(bad_path, bad.host_ifname.clone())]);
+        let err = store.get(&bad.attachment()).unwrap_err();
         assert!(matches!(err, Error::Record { .. }), "{err}");
-        assert!(err.to_string().contains("vlxbad.json"));
+        assert!(err.to_string().contains(&bad.host_ifname));
+        store.remove(&bad.attachment()).unwrap();
+        assert!(store.unreadable().unwrap().is_empty());
     }
 }

@@ -47,6 +47,9 @@ pub enum Error {
     /// Another endpoint holds the address in the endpoint map.
     #[error("{ip} is already the address of the pod behind host veth ifindex {holder}")]
     AddressTaken { ip: std::net::IpAddr, holder: u32 },
+    /// The built-in allocator has no free address left in a subnet.
+    #[error("no free address left in {subnet} ({in_use} in use)")]
+    Exhausted { subnet: ipnet::IpNet, in_use: usize },
     #[error("{0}")]
     Invalid(String),
 }

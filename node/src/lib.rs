@@ -7,6 +7,7 @@ pub mod endpoint;
 pub mod error;
 pub mod fs;
 pub mod health;
+pub mod ipam;
 pub mod layout;
 pub mod link;
 pub mod maps;

@@ -127,6 +127,16 @@ impl EndpointMaps {
         }
     }
 
+    /// Removes every entry that points at `ifindex` (an endpoint whose record is lost).
+    pub fn remove_all_owned(&mut self, ifindex: u32) -> Result<()> {
+        for (ip, endpoint) in self.entries()? {
+            if endpoint.ifindex == ifindex {
+                self.remove(ip)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn get(&self, ip: IpAddr) -> Result<Option<Endpoint>> {
         found(self.endpoints.get(&IpKey::from(ip), 0), "reading the endpoint map")
     }

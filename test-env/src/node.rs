@@ -234,6 +234,18 @@ impl Node {
         delete_netns(pod)
     }
 
+    /// Addresses of either family the node's built-in IPAM holds.
+    pub fn reserved_addresses(&self) -> usize {
+        let ipam_dir = self.state_dir.join("ipam").join(format!("velox-{}", self.name));
+        std::fs::read_dir(&ipam_dir)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().parse::<IpAddr>().is_ok())
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
     /// The pods this node's records know.
     pub fn pods(&self) -> anyhow::Result<Vec<Pod>> {
         Ok(EndpointStore::new(&StateDir::new(&self.state_dir))

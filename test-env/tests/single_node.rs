@@ -170,7 +170,7 @@ fn del_is_idempotent_and_works_without_the_netns() {
     run("ip", &["netns", "del", &b_name]).unwrap();
     let outcome = node.cni("DEL", &b_name, None, "eth0", &conf).unwrap();
     assert!(outcome.success, "DEL without netns: {}", outcome.stdout);
-    assert_eq!(reserved_addresses(&node), 0, "addresses still reserved");
+    assert_eq!(node.reserved_addresses(), 0, "addresses still reserved");
     assert!(node.pods().unwrap().is_empty(), "records left");
     assert!(node.endpoints().unwrap().is_empty(), "map entries left");
     assert!(
@@ -184,22 +184,10 @@ fn del_is_idempotent_and_works_without_the_netns() {
     node.finish().unwrap();
 }
 
-/// Addresses of either family the node's built-in IPAM holds.
-fn reserved_addresses(node: &NodeGuard) -> usize {
-    let ipam_dir = node.state_dir.join("ipam").join(format!("velox-{}", node.name));
-    std::fs::read_dir(&ipam_dir)
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().parse::<IpAddr>().is_ok())
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 /// After a failed ADD: no address, veth, route, neighbour, link pin, record or map
 /// entry, in either family, and no `ifname` in the pod.
 fn assert_nothing_of(node: &NodeGuard, pod_name: &str, ifname: &str) {
-    assert_eq!(reserved_addresses(node), 0, "address still reserved");
+    assert_eq!(node.reserved_addresses(), 0, "address still reserved");
     let links = run("ip", &["-n", &node.name, "-o", "link", "show", "type", "veth"]).unwrap();
     assert!(links.trim().is_empty(), "veth left: {links}");
     for (family, pod_prefix) in [("-4", "200.200.1."), ("-6", "fd00:200:1:")] {
@@ -248,7 +236,7 @@ fn gc_without_the_valid_attachments_list_removes_nothing() {
     let (code, msg) = error_of(&node.cni("GC", "", None, "", &node.conf("1.1.0")).unwrap());
     assert_eq!(code, 7, "{msg}");
     assert_eq!(node.pods().unwrap().len(), 1);
-    assert_eq!(reserved_addresses(&node), 2);
+    assert_eq!(node.reserved_addresses(), 2);
     for family in Family::ALL {
         assert!(node.endpoint(pod.ip(family)).is_ok(), "{family:?}");
     }
@@ -699,7 +687,7 @@ fn concurrent_adds_and_dels_are_safe() {
     });
     assert!(node.endpoints().unwrap().is_empty());
     assert!(node.pods().unwrap().is_empty());
-    assert_eq!(reserved_addresses(&node), 0);
+    assert_eq!(node.reserved_addresses(), 0);
     node.finish().unwrap();
 }
 
@@ -718,7 +706,7 @@ fn gc_frees_what_the_runtime_no_longer_knows() {
         assert!(node.endpoint(lost.ip(family)).is_err(), "lost pod still in the map");
         assert!(node.endpoint(keep.ip(family)).is_ok());
     }
-    assert_eq!(reserved_addresses(&node), 2, "only keep's two addresses stay reserved");
+    assert_eq!(node.reserved_addresses(), 2, "only keep's two addresses stay reserved");
     let veths = run("ip", &["-n", &node.name, "-o", "link", "show", "type", "veth"]).unwrap();
     assert_eq!(veths.lines().count(), 1, "{veths}");
     node.finish().unwrap();

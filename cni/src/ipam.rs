@@ -1,7 +1,5 @@
 //! Where pod addresses come from: the built-in allocator, or any CNI IPAM plugin.
 
-pub mod allocator;
-
 use anyhow::Context;
 use serde_json::Value;
 use std::collections::HashSet;
@@ -15,7 +13,7 @@ use crate::config::{Attachment, Environment, IpamSource, NetConf};
 use crate::error::{fail, CniError, Code};
 use crate::result::CniResult;
 
-pub use allocator::Allocator;
+pub use velox_node::ipam::Allocator;
 
 pub enum Ipam {
     Builtin(Allocator),
@@ -40,7 +38,7 @@ impl Ipam {
     /// a /32 and a /128, whatever prefix IPAM reports.
     pub fn allocate(&self, attachment: &Attachment) -> anyhow::Result<Vec<IpAddr>> {
         match self {
-            Self::Builtin(allocator) => allocator.allocate(attachment),
+            Self::Builtin(allocator) => Ok(allocator.allocate(attachment)?),
             Self::Delegated(delegate) => {
                 let result = delegate.run("ADD")?.unwrap_or_default();
                 let result = CniResult::parse(&result)?;
@@ -64,7 +62,7 @@ impl Ipam {
 
     pub fn release(&self, attachment: &Attachment) -> anyhow::Result<()> {
         match self {
-            Self::Builtin(allocator) => allocator.release(attachment),
+            Self::Builtin(allocator) => Ok(allocator.release(attachment)?),
             Self::Delegated(delegate) => delegate.run("DEL").map(drop),
         }
     }
@@ -93,7 +91,7 @@ impl Ipam {
     /// Frees every address not held by a valid attachment.
     pub fn gc(&self, valid: &HashSet<Attachment>) -> anyhow::Result<()> {
         match self {
-            Self::Builtin(allocator) => allocator.retain_only(valid),
+            Self::Builtin(allocator) => Ok(allocator.retain_only(valid)?),
             Self::Delegated(delegate) => delegate.run("GC").map(drop),
         }
     }

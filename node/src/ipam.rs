@@ -3,7 +3,6 @@
 //! concurrent plugin runs never hand out one address twice and restarts lose nothing.
 //! A network has one subnet per address family; a pod gets one address from each.
 
-use anyhow::Context;
 use ipnet::IpNet;
 use nix::fcntl::Flock;
 use std::collections::HashSet;
@@ -12,12 +11,12 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use velox_node::fs::{list_dir, write_atomic};
-use velox_node::layout::{StateDir, PRIVATE_FILE_MODE};
-use velox_node::Family;
 
-use crate::config::Attachment;
-use crate::error::{fail, Code};
+use crate::endpoint::Attachment;
+use crate::error::{Error, Result};
+use crate::fs::{list_dir, write_atomic};
+use crate::layout::{StateDir, PRIVATE_FILE_MODE};
+use crate::Family;
 
 pub struct Allocator {
     dir: PathBuf,
@@ -59,7 +58,8 @@ fn at_offset(subnet: &IpNet, offset: u128) -> IpAddr {
 }
 
 impl Allocator {
-    /// `<stateDir>/ipam/<network>` holds the reservations of one network.
+    /// `<stateDir>/ipam/<network>` holds the reservations of one network; `subnets`
+    /// may be empty for a caller that only releases.
     pub fn new(state_dir: &StateDir, network: &str, subnets: Vec<IpNet>) -> Self {
         Self {
             dir: state_dir.ipam_dir(network),
@@ -67,13 +67,13 @@ impl Allocator {
         }
     }
 
-    fn lock(&self) -> anyhow::Result<Flock<File>> {
-        Ok(velox_node::fs::lock(&self.dir.join(LOCK))?)
+    fn lock(&self) -> Result<Flock<File>> {
+        crate::fs::lock(&self.dir.join(LOCK))
     }
 
     /// Reserves one address per subnet for the attachment; the same attachment gets
     /// the same addresses back (a retried ADD after a crash).
-    pub fn allocate(&self, attachment: &Attachment) -> anyhow::Result<Vec<IpAddr>> {
+    pub fn allocate(&self, attachment: &Attachment) -> Result<Vec<IpAddr>> {
         let _lock = self.lock()?;
         let reserved = self.reservations()?;
         let mut out = Vec::new();
@@ -95,7 +95,7 @@ impl Allocator {
         subnet: &IpNet,
         reserved: &[(IpAddr, Attachment)],
         attachment: &Attachment,
-    ) -> anyhow::Result<IpAddr> {
+    ) -> Result<IpAddr> {
         let family = Family::of(&subnet.addr());
         let taken: HashSet<IpAddr> = reserved
             .iter()
@@ -118,10 +118,10 @@ impl Allocator {
             .map(|i| at_offset(subnet, first + (start - first + i) % count))
             .find(|ip| !taken.contains(ip))
         else {
-            return fail(
-                Code::AddressesExhausted,
-                format!("no free address left in {subnet} ({} in use)", taken.len()),
-            );
+            return Err(Error::Exhausted {
+                subnet: *subnet,
+                in_use: taken.len(),
+            });
         };
         let mut file = OpenOptions::new()
             .write(true)
@@ -129,8 +129,9 @@ impl Allocator {
             .mode(PRIVATE_FILE_MODE)
             .custom_flags(nix::libc::O_NOFOLLOW)
             .open(self.dir.join(ip.to_string()))
-            .with_context(|| format!("reserving {ip}"))?;
-        writeln!(file, "{}\n{}", attachment.container_id, attachment.ifname)?;
+            .map_err(Error::io(format!("reserving {ip}")))?;
+        writeln!(file, "{}\n{}", attachment.container_id, attachment.ifname)
+            .map_err(Error::io(format!("reserving {ip}")))?;
         write_atomic(
             &self.dir.join(last_reserved_file(family)),
             ip.to_string().as_bytes(),
@@ -140,27 +141,27 @@ impl Allocator {
     }
 
     /// Frees whatever the attachment holds; nothing held is fine (DEL is idempotent).
-    pub fn release(&self, attachment: &Attachment) -> anyhow::Result<()> {
+    pub fn release(&self, attachment: &Attachment) -> Result<()> {
         self.retain(|owner| owner != attachment)
     }
 
     /// Frees every reservation not owned by one of `valid` (CNI GC).
-    pub fn retain_only(&self, valid: &HashSet<Attachment>) -> anyhow::Result<()> {
+    pub fn retain_only(&self, valid: &HashSet<Attachment>) -> Result<()> {
         self.retain(|owner| valid.contains(owner))
     }
 
-    fn retain(&self, keep: impl Fn(&Attachment) -> bool) -> anyhow::Result<()> {
+    fn retain(&self, keep: impl Fn(&Attachment) -> bool) -> Result<()> {
         let _lock = self.lock()?;
         for (ip, owner) in self.reservations()? {
             if !keep(&owner) {
-                fs::remove_file(self.dir.join(ip.to_string())).with_context(|| format!("releasing {ip}"))?;
+                fs::remove_file(self.dir.join(ip.to_string())).map_err(Error::io(format!("releasing {ip}")))?;
             }
         }
         Ok(())
     }
 
     /// Every reserved address of both families and its owner.
-    pub fn reservations(&self) -> anyhow::Result<Vec<(IpAddr, Attachment)>> {
+    pub fn reservations(&self) -> Result<Vec<(IpAddr, Attachment)>> {
         let mut out = Vec::new();
         for path in list_dir(&self.dir)? {
             let Some(ip) = path
@@ -170,7 +171,7 @@ impl Allocator {
             else {
                 continue;
             };
-            let content = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let content = fs::read_to_string(&path).map_err(Error::io(format!("reading {}", path.display())))?;
             let mut lines = content.lines();
             let owner = Attachment {
                 container_id: lines.next().unwrap_or_default().to_string(),
@@ -186,7 +187,6 @@ impl Allocator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::CniError;
 
     fn attachment(id: usize) -> Attachment {
         Attachment {
@@ -213,7 +213,7 @@ mod tests {
         assert_eq!(alloc.allocate(&attachment(1)).unwrap(), a, "same owner, same address");
         assert_eq!(alloc.allocate(&attachment(2)).unwrap(), ips(&["10.9.0.2"]));
         let err = alloc.allocate(&attachment(3)).unwrap_err();
-        assert_eq!(CniError::from_anyhow(&err).code, Code::AddressesExhausted);
+        assert!(matches!(err, Error::Exhausted { in_use: 2, .. }), "{err}");
         alloc.release(&attachment(1)).unwrap();
         alloc.release(&attachment(1)).unwrap();
         assert_eq!(alloc.allocate(&attachment(3)).unwrap(), a);
@@ -238,7 +238,7 @@ mod tests {
         let got: Vec<IpAddr> = (1..=3).flat_map(|i| alloc.allocate(&attachment(i)).unwrap()).collect();
         assert_eq!(got, ips(&["fd00:9::1", "fd00:9::2", "fd00:9::3"]));
         let err = alloc.allocate(&attachment(4)).unwrap_err();
-        assert_eq!(CniError::from_anyhow(&err).code, Code::AddressesExhausted);
+        assert!(matches!(err, Error::Exhausted { in_use: 3, .. }), "{err}");
     }
 
     #[test]
