@@ -66,6 +66,10 @@ pub async fn run(env: Environment, stdin: Vec<u8>) -> anyhow::Result<Option<Valu
         stdin,
     };
     let started = std::time::Instant::now();
+    let _attachment = match plugin.env.command {
+        Command::Add | Command::Del | Command::Check => Some(plugin.store.attachment_lock(&plugin.attachment())?),
+        _ => None,
+    };
     let outcome = match plugin.env.command {
         Command::Add => plugin.add().await.map(Some),
         Command::Del => plugin.del().await.map(|()| None),
@@ -434,6 +438,7 @@ impl Plugin {
         for record in self.store.list()? {
             let attachment = record.attachment();
             if record.network == self.conf.name && !valid.contains(&attachment) {
+                let _attachment = self.store.attachment_lock(&attachment)?;
                 log::info!("GC: removing stale endpoint {:?} ({})", record.ips, record.container_id);
                 // Addresses are released in one pass below.
                 errors.keep(self.teardown(&attachment, &host, maps.as_mut(), None).await);

@@ -19,7 +19,7 @@ use velox_common::{
     COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, ENDPOINTS_MAP, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, PEERS_MAP,
 };
 use velox_node::endpoint::EndpointStore;
-use velox_node::fs::{create_private_dir, remove_if_exists};
+use velox_node::fs::{create_private_dir, remove_if_exists, try_lock_dir};
 use velox_node::health::Health;
 use velox_node::layout::PRIVATE_FILE_MODE;
 use velox_node::maps::{check_pinned_layouts, EndpointMaps};
@@ -44,6 +44,18 @@ pub async fn run(
     datapath_log_level: log::LevelFilter,
 ) -> anyhow::Result<()> {
     ensure_bpffs(&bpffs)?;
+    create_private_dir(&state_dir.root)?;
+    // One loader per bpffs root and per state dir: two would fight over pins and maps.
+    let mut _owned = Vec::new();
+    for dir in [&bpffs.root, &state_dir.root] {
+        match try_lock_dir(dir)? {
+            Some(guard) => _owned.push(guard),
+            None => anyhow::bail!(
+                "another velox-loader is running on {}: refusing to start a second one",
+                dir.display()
+            ),
+        }
+    }
     if let Some(logger) = load_and_pin(&bpffs, datapath_log_level)? {
         tokio::spawn(forward_datapath_logs(logger));
     }
@@ -57,7 +69,6 @@ pub async fn run(
     let uplink = cluster.as_ref().map(|c| c.uplink().to_string());
     reconcile(&bpffs, &state_dir, &store, &mut maps, uplink.as_deref())?;
 
-    create_private_dir(&state_dir.root)?;
     let socket = state_dir.health_socket();
     remove_if_exists(&socket)?;
     let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;

@@ -73,8 +73,10 @@ impl EndpointRecord {
 pub fn host_ifname(attachment: &Attachment) -> String {
     let digest = Sha256::digest(format!("{}/{}", attachment.container_id, attachment.ifname));
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("vlx{}", &hex[..11])
+    format!("{HOST_IFNAME_PREFIX}{}", &hex[..11])
 }
+
+const HOST_IFNAME_PREFIX: &str = "vlx";
 
 /// The records under `<stateDir>/endpoints`, guarded by one lock that the plugin and
 /// the loader take around every record-and-map change.
@@ -93,6 +95,16 @@ impl EndpointStore {
         lock(&self.dir.join(".lock"))
     }
 
+    /// Serialises ADD, CHECK, DEL and GC of one attachment, so a duplicate ADD waits
+    /// and then finds the first one's veth instead of tearing it down. Attachments
+    /// share 256 lock files by their host veth's hash: bounded, and never unlinked
+    /// (unlinking a lock file others wait on would split them).
+    pub fn attachment_lock(&self, attachment: &Attachment) -> Result<Flock<File>> {
+        let host_ifname = host_ifname(attachment);
+        let bucket = &host_ifname[HOST_IFNAME_PREFIX.len()..HOST_IFNAME_PREFIX.len() + 2];
+        lock(&self.dir.join(format!(".attachment-{bucket}.lock")))
+    }
+
     fn path(&self, attachment: &Attachment) -> PathBuf {
         self.dir.join(format!("{}.json", host_ifname(attachment)))
     }
@@ -108,8 +120,11 @@ impl EndpointStore {
         read_if_exists(&path)?.map(|bytes| parse(&path, &bytes)).transpose()
     }
 
+    /// Removes the record, and the temporary file of a write that was killed halfway.
     pub fn remove(&self, attachment: &Attachment) -> Result<()> {
-        remove_if_exists(&self.path(attachment))
+        let path = self.path(attachment);
+        remove_if_exists(&path.with_extension("tmp"))?;
+        remove_if_exists(&path)
     }
 
     /// Every readable record, in address order. One that cannot be read (truncated,

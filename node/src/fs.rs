@@ -80,32 +80,35 @@ pub fn open_log(path: &Path) -> Result<File> {
         .map_err(Error::io(format!("opening the log file {}", path.display())))
 }
 
-fn open_lock_file(path: &Path) -> Result<File> {
+/// Takes the exclusive lock of `path` (created 0600), held until the guard drops.
+pub fn lock(path: &Path) -> Result<Flock<File>> {
     if let Some(dir) = path.parent() {
         create_private_dir(dir)?;
     }
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
         .mode(PRIVATE_FILE_MODE)
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)
-        .map_err(Error::io(format!("opening {}", path.display())))
-}
-
-/// Takes the exclusive lock of `path` (created 0600), held until the guard drops.
-pub fn lock(path: &Path) -> Result<Flock<File>> {
-    Flock::lock(open_lock_file(path)?, FlockArg::LockExclusive)
+        .map_err(Error::io(format!("opening {}", path.display())))?;
+    Flock::lock(file, FlockArg::LockExclusive)
         .map_err(|(_, errno)| Error::io(format!("locking {}", path.display()))(errno.into()))
 }
 
-/// Takes the exclusive lock of `path` if nobody holds it; `None` when someone does.
-pub fn try_lock(path: &Path) -> Result<Option<Flock<File>>> {
-    match Flock::lock(open_lock_file(path)?, FlockArg::LockExclusiveNonblock) {
+/// Takes the exclusive lock of the directory `dir` (bpffs holds no plain files, so
+/// the directory itself is the lock) if nobody holds it; `None` when someone does.
+pub fn try_lock_dir(dir: &Path) -> Result<Option<Flock<File>>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(Error::io(format!("opening {}", dir.display())))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(guard) => Ok(Some(guard)),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-        Err((_, errno)) => Err(Error::io(format!("locking {}", path.display()))(errno.into())),
+        Err((_, errno)) => Err(Error::io(format!("locking {}", dir.display()))(errno.into())),
     }
 }
 
@@ -114,14 +117,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_held_lock_is_not_taken_twice() {
+    fn a_held_directory_lock_is_not_taken_twice() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("owner.lock");
-        let first = try_lock(&path).unwrap();
+        let first = try_lock_dir(dir.path()).unwrap();
         assert!(first.is_some());
-        assert!(try_lock(&path).unwrap().is_none(), "a second holder got the lock");
+        assert!(try_lock_dir(dir.path()).unwrap().is_none(), "a second holder got the lock");
         drop(first);
-        assert!(try_lock(&path).unwrap().is_some());
+        assert!(try_lock_dir(dir.path()).unwrap().is_some());
     }
 
     #[test]

@@ -24,6 +24,8 @@ pub struct Allocator {
 }
 
 const LOCK: &str = "lock";
+/// Where a reservation is written before it is linked into place (under the lock).
+const STAGED_RESERVATION: &str = "staged";
 
 /// Where the round-robin of one family goes on.
 fn last_reserved_file(family: Family) -> String {
@@ -123,21 +125,33 @@ impl Allocator {
                 in_use: taken.len(),
             });
         };
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(PRIVATE_FILE_MODE)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(self.dir.join(ip.to_string()))
-            .map_err(Error::io(format!("reserving {ip}")))?;
-        writeln!(file, "{}\n{}", attachment.container_id, attachment.ifname)
-            .map_err(Error::io(format!("reserving {ip}")))?;
+        self.create_reservation(ip, attachment)?;
         write_atomic(
             &self.dir.join(last_reserved_file(family)),
             ip.to_string().as_bytes(),
             PRIVATE_FILE_MODE,
         )?;
         Ok(ip)
+    }
+
+    /// Creates the reservation file with its owner in one step: written under a
+    /// temporary name and hard-linked into place, so a plugin killed halfway leaves
+    /// either no reservation or a complete one (never one without an owner, which no
+    /// DEL would free).
+    fn create_reservation(&self, ip: IpAddr, attachment: &Attachment) -> Result<()> {
+        let staged = self.dir.join(STAGED_RESERVATION);
+        crate::fs::remove_if_exists(&staged)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(PRIVATE_FILE_MODE)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&staged)
+            .map_err(Error::io(format!("staging {}", staged.display())))?;
+        writeln!(file, "{}\n{}", attachment.container_id, attachment.ifname)
+            .map_err(Error::io(format!("staging {}", staged.display())))?;
+        fs::hard_link(&staged, self.dir.join(ip.to_string())).map_err(Error::io(format!("reserving {ip}")))?;
+        crate::fs::remove_if_exists(&staged)
     }
 
     /// Frees whatever the attachment holds; nothing held is fine (DEL is idempotent).

@@ -5,7 +5,7 @@ use anyhow::Context;
 use serde_json::Value;
 use std::io::Write;
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::in_netns;
@@ -25,8 +25,9 @@ impl CniOutcome {
     }
 }
 
-/// Runs `plugin` in the netns `node`; `elapsed` is what the runtime would wait.
-pub fn exec_plugin(
+/// Starts `plugin` in the netns `node` with the config written to its stdin, without
+/// waiting for it (to kill it halfway).
+pub fn spawn_plugin(
     node: &str,
     plugin: &Path,
     command: &str,
@@ -34,7 +35,7 @@ pub fn exec_plugin(
     netns: Option<&Path>,
     ifname: &str,
     conf: &Value,
-) -> anyhow::Result<CniOutcome> {
+) -> anyhow::Result<Child> {
     let mut cmd = in_netns(node, plugin.to_str().context("plugin path")?, &[]);
     cmd.env_clear()
         .env("CNI_COMMAND", command)
@@ -45,7 +46,6 @@ pub fn exec_plugin(
     if let Some(netns) = netns {
         cmd.env("CNI_NETNS", netns);
     }
-    let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -56,6 +56,21 @@ pub fn exec_plugin(
         .take()
         .expect("piped")
         .write_all(conf.to_string().as_bytes())?;
+    Ok(child)
+}
+
+/// Runs `plugin` in the netns `node`; `elapsed` is what the runtime would wait.
+pub fn exec_plugin(
+    node: &str,
+    plugin: &Path,
+    command: &str,
+    container_id: &str,
+    netns: Option<&Path>,
+    ifname: &str,
+    conf: &Value,
+) -> anyhow::Result<CniOutcome> {
+    let start = Instant::now();
+    let child = spawn_plugin(node, plugin, command, container_id, netns, ifname, conf)?;
     let output = child.wait_with_output()?;
     let elapsed = start.elapsed();
     let stdout = if output.stdout.iter().all(u8::is_ascii_whitespace) {

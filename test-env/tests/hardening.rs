@@ -3,7 +3,10 @@
 //! Needs root and `cargo xtask build`; `cargo xtask test` does both.
 
 use nix::sys::signal::Signal;
-use std::path::PathBuf;
+use proptest::prelude::*;
+use proptest::test_runner::{TestCaseError, TestRunner};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use velox_test_env::{run, wait_for, Family, NodeGuard, Pod};
 
@@ -97,4 +100,133 @@ fn record_host_ifname(pod: &Pod) -> String {
         container_id: pod.name.clone(),
         ifname: "eth0".into(),
     })
+}
+
+fn link_pins(node: &NodeGuard) -> usize {
+    std::fs::read_dir(node.bpffs_root.join("links/tc-ingress")).map_or(0, |d| d.count())
+}
+
+/// The runtime's view after each case: exactly the pods it kept, nothing of the
+/// pods whose plugins were killed.
+fn assert_only(node: &NodeGuard, kept: &[Pod]) -> Result<(), TestCaseError> {
+    prop_assert_eq!(node.pods().unwrap().len(), kept.len(), "records");
+    prop_assert_eq!(node.reserved_addresses(), 2 * kept.len(), "reserved addresses");
+    prop_assert_eq!(node.endpoints().unwrap().len(), 2 * kept.len(), "endpoint map entries");
+    prop_assert_eq!(veth_count(node), kept.len(), "veths");
+    prop_assert_eq!(link_pins(node), kept.len(), "link pins");
+    Ok(())
+}
+
+#[test]
+fn plugins_killed_at_random_points_of_add_and_del_leave_nothing_after_del() {
+    let node = NodeGuard::up("sigkill").unwrap();
+    let conf = node.conf("1.1.0");
+    let kept = std::sync::Mutex::new(Vec::<Pod>::new());
+    let round = std::cell::Cell::new(0);
+    // When the ADD is killed (it takes about 20 ms), and whether and when the DEL
+    // that follows is killed too before the runtime's retry.
+    let kill_points = (0u64..40_000, prop::option::of(0u64..15_000));
+    let config = ProptestConfig {
+        cases: 40,
+        failure_persistence: None,
+        max_shrink_iters: 0,
+        ..ProptestConfig::default()
+    };
+    let outcome = TestRunner::new(config).run(&kill_points, |(add_kill_us, del_kill_us)| {
+        round.set(round.get() + 1);
+        let n = round.get();
+        let victim = node.pod_name(&format!("v{n}"));
+        run("ip", &["netns", "add", &victim]).unwrap();
+        let netns = Path::new("/run/netns").join(&victim);
+        let keeper = std::thread::scope(|s| {
+            // Another pod comes up while the victim's plugin dies.
+            let keeper = s.spawn(|| node.add_pod(&format!("k{n}")));
+            let kill_after = |command: &str, micros: u64| {
+                let mut child = node.spawn_cni(command, &victim, Some(&netns), "eth0", &conf).unwrap();
+                std::thread::sleep(Duration::from_micros(micros));
+                let _ = child.kill();
+                let _ = child.wait();
+            };
+            kill_after("ADD", add_kill_us);
+            if let Some(micros) = del_kill_us {
+                kill_after("DEL", micros);
+            }
+            keeper.join().unwrap()
+        });
+        let del = node.cni("DEL", &victim, Some(&netns), "eth0", &conf).unwrap();
+        prop_assert!(del.success, "DEL after the kill: {}", del.stdout);
+        run("ip", &["netns", "del", &victim]).unwrap();
+        let mut kept = kept.lock().unwrap();
+        kept.push(keeper.unwrap());
+        assert_only(&node, &kept)
+    });
+    if let Err(failure) = outcome {
+        panic!("{failure}");
+    }
+    let kept = kept.into_inner().unwrap();
+    let addresses: HashSet<_> = kept.iter().flat_map(|p| p.ips.clone()).collect();
+    assert_eq!(addresses.len(), 2 * kept.len(), "an address was handed to two live pods");
+    for family in Family::ALL {
+        assert!(kept[0].ping(kept[kept.len() - 1].ip(family), 1), "{family:?}");
+    }
+    node.finish().unwrap();
+}
+
+#[test]
+fn duplicate_concurrent_adds_do_not_tear_each_other_down() {
+    let node = NodeGuard::up("dupadd").unwrap();
+    let other = node.add_pod("other").unwrap();
+    let pod = node.pod_name("twice");
+    run("ip", &["netns", "add", &pod]).unwrap();
+    let netns = Path::new("/run/netns").join(&pod);
+    let conf = node.conf("1.1.0");
+    let outcomes: Vec<_> = std::thread::scope(|s| {
+        let adds: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| node.cni("ADD", &pod, Some(&netns), "eth0", &conf).unwrap()))
+            .collect();
+        adds.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let succeeded: Vec<_> = outcomes.iter().filter(|o| o.success).collect();
+    assert_eq!(succeeded.len(), 1, "{outcomes:?}");
+    for refused in outcomes.iter().filter(|o| !o.success) {
+        assert_eq!(refused.code(), Some(101), "{}", refused.stdout);
+    }
+    let winner = Pod::from_result(&pod, &succeeded[0].stdout).unwrap();
+    for family in Family::ALL {
+        assert!(other.ping(winner.ip(family), 1), "{family:?}: the first ADD's pod was torn down");
+    }
+    assert_eq!(node.reserved_addresses(), 4);
+    node.finish().unwrap();
+}
+
+#[test]
+fn a_second_loader_on_the_same_bpffs_root_or_state_dir_refuses_to_start() {
+    let node = NodeGuard::up("twoloaders").unwrap();
+    // bpffs refuses names with a dot.
+    let elsewhere = |dir: &Path| PathBuf::from(format!("{}-other", dir.display()));
+    let second = |bpffs_root: &Path, state_dir: &Path| {
+        let output = velox_test_env::in_netns(&node.name, node.bins.loader.to_str().unwrap(), &[])
+            .args(["--bpffs-root", bpffs_root.to_str().unwrap()])
+            .args(["--state-dir", state_dir.to_str().unwrap()])
+            .arg("run")
+            .output()
+            .unwrap();
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    for (bpffs_root, state_dir) in [
+        (node.bpffs_root.clone(), node.state_dir.clone()),
+        (node.bpffs_root.clone(), elsewhere(&node.state_dir)),
+        (elsewhere(&node.bpffs_root), node.state_dir.clone()),
+    ] {
+        let (ok, stderr) = second(&bpffs_root, &state_dir);
+        assert!(!ok, "a second loader ran on {bpffs_root:?} {state_dir:?}");
+        assert!(stderr.contains("another velox-loader"), "{stderr}");
+        for dir in [bpffs_root, state_dir] {
+            if dir != node.bpffs_root && dir != node.state_dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+    assert!(node.status().success, "the first loader still answers");
+    node.finish().unwrap();
 }
