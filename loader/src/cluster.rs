@@ -19,10 +19,11 @@ use velox_node::{Bpffs, Family};
 use crate::netfilter::replace_chain;
 
 /// The peers file: a Kubernetes `NodeList` (`kubectl get nodes -o json`), of which
-/// Velox reads each node's name, `spec.podCIDRs` and `InternalIP` addresses.
+/// Velox reads each node's name, `spec.podCIDRs` and `InternalIP` addresses. The items
+/// are read one by one, so one bad node does not hide the others.
 #[derive(Deserialize)]
 struct NodeList {
-    items: Vec<NodeObject>,
+    items: Vec<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -77,11 +78,21 @@ impl PeerNode {
     }
 }
 
+/// The nodes of the peers file. A node whose entry does not parse (a bad CIDR, a
+/// missing name) is skipped with a log line; only a file that is not a list fails.
 fn parse_nodes(json: &[u8]) -> anyhow::Result<Vec<PeerNode>> {
     let list: NodeList = serde_json::from_slice(json)?;
     let mut nodes: Vec<PeerNode> = list
         .items
         .into_iter()
+        .enumerate()
+        .filter_map(|(i, item)| match serde_json::from_value::<NodeObject>(item) {
+            Ok(node) => Some(node),
+            Err(e) => {
+                log::warn!("peers file: skipping node #{i}: {e}");
+                None
+            }
+        })
         .map(|node| PeerNode {
             name: node.metadata.name,
             pod_cidrs: node.spec.pod_cidrs.iter().map(IpNet::trunc).collect(),
@@ -96,6 +107,35 @@ fn parse_nodes(json: &[u8]) -> anyhow::Result<Vec<PeerNode>> {
         .collect();
     nodes.sort();
     Ok(nodes)
+}
+
+/// A route someone other than Velox made, as far as peer CIDRs must respect it.
+#[derive(Clone, Debug, PartialEq)]
+struct ForeignRoute {
+    dst: IpNet,
+    via_gateway: bool,
+}
+
+/// Why a peer's pod CIDR must not be routed, if it must not: a default route, this
+/// node's own pod CIDR, another peer's CIDR, or a route of the host (a connected
+/// subnet, a bridge, a pod's /32). A broader route via a gateway (a summary route)
+/// is what a more specific pod CIDR is allowed to override.
+fn conflict(cidr: &IpNet, own: &[IpNet], accepted: &[IpNet], host_routes: &[ForeignRoute]) -> Option<String> {
+    let overlaps = |other: &IpNet| other.contains(&cidr.network()) || cidr.contains(&other.network());
+    if cidr.prefix_len() == 0 {
+        return Some("it is a default route".into());
+    }
+    if let Some(own) = own.iter().find(|o| overlaps(o)) {
+        return Some(format!("it overlaps this node's pod CIDR {own}"));
+    }
+    if let Some(other) = accepted.iter().find(|o| overlaps(o)) {
+        return Some(format!("it overlaps {other} of another node"));
+    }
+    host_routes
+        .iter()
+        .filter(|r| r.dst.prefix_len() > 0 && overlaps(&r.dst))
+        .find(|r| !(r.via_gateway && r.dst.prefix_len() < cidr.prefix_len()))
+        .map(|r| format!("it overlaps the host's route to {}", r.dst))
 }
 
 pub struct ClusterConfig {
@@ -155,12 +195,14 @@ impl Cluster {
         parse_nodes(&bytes).with_context(|| format!("parsing {}", path.display()))
     }
 
-    /// True when the peers file says something other than what is applied.
+    /// True when the peers file reads and says something other than what is applied.
     pub fn peers_changed(&self) -> bool {
-        self.read_peers().ok() != self.applied
+        self.read_peers().is_ok_and(|nodes| Some(&nodes) != self.applied.as_ref())
     }
 
-    /// One full pass; cheap when nothing changed.
+    /// One full pass; cheap when nothing changed. A peers file that cannot be read
+    /// never fails the pass: the last applied peers stay, or at start-up the routes
+    /// and peer entries already in the kernel.
     pub async fn reconcile(&mut self, netlink: &Netlink) -> anyhow::Result<()> {
         let uplink = netlink
             .link(&self.config.uplink)
@@ -171,28 +213,56 @@ impl Cluster {
             attach_tc_ingress(&self.bpffs, FROM_NET_PROGRAM, &uplink.name)?;
         }
         let own_ips: Vec<IpAddr> = netlink.addresses(uplink.index).await?.iter().map(IpNet::addr).collect();
-        let nodes = self.read_peers()?;
+        let nodes = match (self.read_peers(), &self.applied) {
+            (Ok(nodes), _) => nodes,
+            (Err(e), Some(applied)) => {
+                log::warn!("{e:#}: keeping the last applied peers");
+                applied.clone()
+            }
+            (Err(e), None) => {
+                // Just started: the routes and peer entries of the last run stay.
+                log::warn!("{e:#}: leaving the routes to other nodes as they are");
+                return Ok(());
+            }
+        };
+        let mut routes = Vec::new();
+        for family in Family::ALL {
+            routes.extend(netlink.routes(family).await?);
+        }
+        let host_routes: Vec<ForeignRoute> = routes
+            .iter()
+            .filter(|r| r.protocol != VELOX_ROUTE_PROTOCOL)
+            .map(|r| ForeignRoute {
+                dst: r.dst,
+                via_gateway: r.gateway.is_some(),
+            })
+            .collect();
         let mut peers: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
         for node in nodes
             .iter()
             .filter(|n| !n.node_ips.iter().any(|ip| own_ips.contains(ip)))
         {
             for cidr in &node.pod_cidrs {
-                match node.next_hop(cidr) {
-                    Some(next_hop) => {
-                        peers.insert(*cidr, next_hop);
-                    }
-                    None => log::warn!(
+                let Some(next_hop) = node.next_hop(cidr) else {
+                    log::warn!(
                         "node {} has no InternalIP of the family of {cidr}: not routed",
                         node.name
-                    ),
+                    );
+                    continue;
+                };
+                let accepted: Vec<IpNet> = peers.keys().copied().collect();
+                match conflict(cidr, &self.config.pod_cidrs, &accepted, &host_routes) {
+                    Some(why) => log::warn!("node {}: not routing {cidr}: {why}", node.name),
+                    None => {
+                        peers.insert(*cidr, next_hop);
+                    }
                 }
             }
         }
 
         for family in Family::ALL {
             let mut routed = BTreeSet::new();
-            for route in netlink.routes(family).await? {
+            for route in routes.iter().filter(|r| Family::of(&r.dst.addr()) == family) {
                 let wanted = peers.get(&route.dst) == route.gateway.as_ref() && route.oif == Some(uplink.index);
                 match (route.protocol == VELOX_ROUTE_PROTOCOL, wanted) {
                     (true, true) => {
@@ -200,7 +270,7 @@ impl Cluster {
                     }
                     (true, false) => {
                         log::info!("removing route {} via {:?}", route.dst, route.gateway);
-                        netlink.delete_route(&route).await?;
+                        netlink.delete_route(route).await?;
                     }
                     (false, _) => {}
                 }
@@ -209,7 +279,7 @@ impl Cluster {
                 .iter()
                 .filter(|(cidr, _)| Family::of(&cidr.addr()) == family && !routed.contains(*cidr));
             for (cidr, node_ip) in missing {
-                netlink.replace_route_via(*cidr, *node_ip, uplink.index).await?;
+                netlink.add_route_via(*cidr, *node_ip, uplink.index).await?;
             }
         }
 
@@ -279,5 +349,51 @@ mod tests {
         let v4: IpNet = "200.200.2.0/24".parse().unwrap();
         assert_eq!(w2.next_hop(&v4), Some("10.0.0.4".parse().unwrap()));
         assert!(nodes[1].pod_cidrs.is_empty(), "a node without spec yet is no peer");
+    }
+
+    #[test]
+    fn a_bad_node_is_skipped_and_the_others_kept() {
+        let text = r#"{"items": [
+            {"metadata": {"name": "bad-cidr"}, "spec": {"podCIDRs": ["200.200.300.0/24"]}},
+            {"spec": {"podCIDRs": ["200.200.4.0/24"]}},
+            "not a node",
+            {"metadata": {"name": "good"}, "spec": {"podCIDRs": ["200.200.5.0/24"]}}
+        ]}"#;
+        let nodes = parse_nodes(text.as_bytes()).unwrap();
+        assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["good"]);
+        assert!(parse_nodes(b"{\"items\": 7}").is_err());
+        assert!(parse_nodes(b"[]").is_err());
+    }
+
+    #[test]
+    fn peer_cidrs_that_would_take_over_other_routes_are_refused() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        let own = [net("200.200.1.0/24"), net("fd00:200:1::/64")];
+        let host = [
+            ForeignRoute { dst: net("0.0.0.0/0"), via_gateway: true },
+            ForeignRoute { dst: net("10.0.0.0/24"), via_gateway: false },
+            ForeignRoute { dst: net("172.17.0.0/16"), via_gateway: false },
+            ForeignRoute { dst: net("100.64.0.0/10"), via_gateway: true },
+            ForeignRoute { dst: net("fd00:10::/64"), via_gateway: false },
+        ];
+        let accepted = [net("200.200.2.0/24")];
+        let refused = |cidr: &str| conflict(&net(cidr), &own, &accepted, &host);
+        for ok in ["200.200.3.0/24", "fd00:200:3::/64", "100.64.5.0/24"] {
+            assert_eq!(refused(ok), None, "{ok}");
+        }
+        for (bad, why) in [
+            ("0.0.0.0/0", "default"),
+            ("::/0", "default"),
+            ("200.200.1.128/25", "this node's pod CIDR"),
+            ("200.200.0.0/16", "this node's pod CIDR"),
+            ("200.200.2.0/25", "another node"),
+            ("10.0.0.0/25", "host's route to 10.0.0.0/24"),
+            ("172.16.0.0/12", "host's route to 172.17.0.0/16"),
+            ("100.0.0.0/8", "host's route to 100.64.0.0/10"),
+            ("fd00:10::/64", "host's route"),
+        ] {
+            let why_refused = refused(bad).unwrap_or_else(|| panic!("{bad} was accepted"));
+            assert!(why_refused.contains(why), "{bad}: {why_refused}");
+        }
     }
 }

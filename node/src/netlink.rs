@@ -202,8 +202,9 @@ impl Netlink {
             .map_err(Error::netlink(format!("adding default route via {gateway}")))
     }
 
-    /// `ip route replace <dst> via <gateway> dev <index> proto velox`
-    pub async fn replace_route_via(&self, dst: IpNet, gateway: IpAddr, index: u32) -> Result<()> {
+    /// `ip route add <dst> via <gateway> dev <index> proto velox`: never replaces a
+    /// route someone else made.
+    pub async fn add_route_via(&self, dst: IpNet, gateway: IpAddr, index: u32) -> Result<()> {
         let what = format!("route {dst} via {gateway}");
         let msg = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst.addr(), dst.prefix_len())
@@ -216,7 +217,6 @@ impl Netlink {
         self.handle
             .route()
             .add(msg)
-            .replace()
             .execute()
             .await
             .map_err(Error::netlink(format!("routing {dst} via {gateway}")))

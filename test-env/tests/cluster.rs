@@ -346,3 +346,49 @@ fn an_uplink_mtu_below_the_pods_still_carries_cross_node_tcp() {
     }
     cluster.finish().unwrap();
 }
+
+#[test]
+fn a_bad_peers_file_never_stops_the_loader_nor_takes_over_host_routes() {
+    let cluster = ClusterGuard::up("badpeers").unwrap();
+    let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
+    let worker1 = &cluster.nodes[0];
+    let routes = |dst: &str| run("ip", &["-n", &worker1.name, "route", "show", dst]).unwrap();
+    // A connected subnet of the host that no peer may take.
+    run("ip", &["-n", &worker1.name, "route", "add", "198.51.100.0/24", "dev", "eth0"]).unwrap();
+
+    let mut list: serde_json::Value = serde_json::from_slice(&std::fs::read(&cluster.peers_file).unwrap()).unwrap();
+    let evil = |name: &str, cidr: &str| {
+        serde_json::json!({"metadata": {"name": name}, "spec": {"podCIDRs": [cidr]},
+            "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.9"}]}})
+    };
+    let items = list["items"].as_array_mut().unwrap();
+    items.extend([
+        evil("evil-default", "0.0.0.0/0"),
+        evil("evil-own", "200.200.1.0/25"),
+        evil("evil-host", "198.51.100.0/25"),
+        evil("evil-syntax", "200.200.300.0/24"),
+        serde_json::json!("not a node"),
+        evil("good", "200.200.9.0/24"),
+    ]);
+    std::fs::write(&cluster.peers_file, serde_json::to_vec(&list).unwrap()).unwrap();
+    eventually("the good new node is routed", || routes("200.200.9.0/24").contains("via 10.0.0.9"));
+    assert!(!routes("default").contains("10.0.0.9"), "{}", routes("default"));
+    assert!(routes("200.200.1.0/25").is_empty(), "own CIDR taken: {}", routes("200.200.1.0/25"));
+    assert!(routes("198.51.100.0/25").is_empty());
+    let host_route = routes("198.51.100.0/24");
+    assert!(host_route.contains("dev eth0") && !host_route.contains("via"), "{host_route}");
+    for family in Family::ALL {
+        assert!(pod1.ping(pod2.ip(family), 1), "{family:?}");
+    }
+
+    // A file that does not parse at all, across a loader restart: forwarding goes on.
+    std::fs::write(&cluster.peers_file, b"{ half a file").unwrap();
+    worker1.stop_loader(nix::sys::signal::Signal::SIGTERM).unwrap();
+    worker1.start_loader().expect("the loader starts despite the peers file");
+    std::thread::sleep(Duration::from_secs(2));
+    for family in Family::ALL {
+        assert!(pod1.ping(pod2.ip(family), 1), "{family:?}: routes lost on a bad peers file");
+    }
+    run("ip", &["-n", &worker1.name, "route", "del", "198.51.100.0/24", "dev", "eth0"]).unwrap();
+    cluster.finish().unwrap();
+}
