@@ -16,7 +16,7 @@ use velox_node::maps::PeerMap;
 use velox_node::netlink::{Netlink, VELOX_ROUTE_PROTOCOL};
 use velox_node::{Bpffs, Family};
 
-use crate::netfilter::replace_chain;
+use crate::netfilter::{remove_chain, replace_chain};
 
 /// The peers file: a Kubernetes `NodeList` (`kubectl get nodes -o json`), of which
 /// Velox reads each node's name, `spec.podCIDRs` and `InternalIP` addresses. The items
@@ -154,7 +154,17 @@ pub struct Cluster {
 }
 
 /// The nat chain holding the masquerade rule and its exceptions, in both families.
-const MASQ_CHAIN: &str = "VELOX-MASQ";
+pub const MASQ_CHAIN: &str = "VELOX-MASQ";
+/// The built-in chain that jumps to it.
+pub const MASQ_HOOK: &str = "POSTROUTING";
+
+/// Removes the masquerade chains and their jumps in both families.
+pub fn remove_masquerade() -> anyhow::Result<()> {
+    for family in Family::ALL {
+        remove_chain(family, "nat", MASQ_CHAIN, MASQ_HOOK)?;
+    }
+    Ok(())
+}
 
 /// Turns on forwarding of a family; a kernel without IPv6 has nothing to turn on.
 fn enable_forwarding(family: Family) -> anyhow::Result<()> {
@@ -173,6 +183,10 @@ impl Cluster {
         // The kernel path (pods to outside, to other nodes' hosts) is routing.
         for family in Family::ALL {
             enable_forwarding(family)?;
+        }
+        if !config.ip_masq {
+            // What an earlier run with masquerading set up goes.
+            remove_masquerade()?;
         }
         Ok(Self {
             config,
@@ -323,7 +337,7 @@ fn masquerade(family: Family, sources: &[IpNet], inside: &[IpNet]) -> anyhow::Re
     let mut rules: Vec<String> = inside.iter().map(|net| format!("-d {net} -j RETURN")).collect();
     rules.push("-j MASQUERADE".into());
     let jumps: Vec<Vec<String>> = sources.iter().map(|s| vec!["-s".into(), s.to_string()]).collect();
-    replace_chain(family, "nat", MASQ_CHAIN, &rules, "POSTROUTING", &jumps)
+    replace_chain(family, "nat", MASQ_CHAIN, &rules, MASQ_HOOK, &jumps)
 }
 
 #[cfg(test)]

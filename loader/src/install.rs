@@ -7,7 +7,11 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use velox_node::fs::{create_private_dir, write_atomic};
+use velox_node::fs::{create_private_dir, try_lock_dir, write_atomic};
+use velox_node::netlink::{Netlink, VELOX_ROUTE_PROTOCOL};
+use velox_node::{Bpffs, Family};
+
+use crate::cluster::remove_masquerade;
 
 #[derive(clap::Args)]
 pub struct InstallArgs {
@@ -121,5 +125,31 @@ pub fn uninstall(state_dir: &Path) -> anyhow::Result<()> {
         }
     }
     std::fs::remove_file(&path)?;
+    Ok(())
+}
+
+/// Takes the node's datapath away: unpinning the links detaches `from_pod` and
+/// `from_net`, then the programs and maps go with their pins; then Velox's routes to
+/// other nodes and its masquerade chains. The state dir stays: the runtime's DELs of
+/// pods still running read it.
+pub async fn purge(bpffs: &Bpffs) -> anyhow::Result<()> {
+    if bpffs.root.exists() {
+        let Some(_owned) = try_lock_dir(&bpffs.root)? else {
+            anyhow::bail!("velox-loader is running on {}: stop it first", bpffs.root.display());
+        };
+        std::fs::remove_dir_all(&bpffs.root).with_context(|| format!("removing {}", bpffs.root.display()))?;
+        println!("removed the datapath under {}", bpffs.root.display());
+    }
+    let netlink = Netlink::connect()?;
+    for family in Family::ALL {
+        for route in netlink.routes(family).await? {
+            if route.protocol == VELOX_ROUTE_PROTOCOL {
+                netlink.delete_route(&route).await?;
+                println!("removed the route to {}", route.dst);
+            }
+        }
+    }
+    remove_masquerade()?;
+    println!("removed the masquerade chains");
     Ok(())
 }

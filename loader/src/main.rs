@@ -67,7 +67,13 @@ enum Commands {
     /// DaemonSet's init container runs; see deploy/velox.yaml).
     Install(install::InstallArgs),
     /// Remove exactly what `install` added.
-    Uninstall,
+    Uninstall {
+        /// Also remove the node's datapath: every attached program (pods and uplink),
+        /// the pins under the bpffs root, the routes to other nodes and the masquerade
+        /// chains. The loader must be stopped first; pods keep working on kernel routes.
+        #[arg(long)]
+        purge: bool,
+    },
     /// The endpoint map joined with the records, with each endpoint's counters.
     Endpoints {
         /// One JSON array instead of a table.
@@ -133,7 +139,15 @@ fn main() -> anyhow::Result<()> {
                 .block_on(daemon::run(bpffs, state_dir, interval, cluster, datapath_log_level))
         }
         Commands::Install(args) => install::install(&args, &bpffs.root, &cli.state_dir),
-        Commands::Uninstall => install::uninstall(&cli.state_dir),
+        Commands::Uninstall { purge } => {
+            if purge {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+                    .block_on(install::purge(&bpffs))?;
+            }
+            install::uninstall(&cli.state_dir)
+        }
         Commands::Endpoints { json } => dump::endpoints(&bpffs, &state_dir, json),
         Commands::Peers { json } => dump::peers(&bpffs, json),
         Commands::Stats { json } => dump::stats(&bpffs, json),

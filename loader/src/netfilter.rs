@@ -1,6 +1,7 @@
 //! The netfilter rules Velox keeps, in both families: each in a chain of its own,
 //! replaced in one `iptables-restore` transaction (no packet sees half a rule set),
-//! and jumped to from a built-in chain.
+//! and jumped to from a built-in chain. Every call waits for the xtables lock (`-w`)
+//! instead of failing beside kube-proxy or a firewall daemon.
 
 use anyhow::Context;
 use std::process::{Command, Stdio};
@@ -30,7 +31,7 @@ pub fn replace_chain(
     }
     script.push_str("COMMIT\n");
     let mut child = Command::new(restore)
-        .arg("--noflush")
+        .args(["-w", "--noflush"])
         .stdin(Stdio::piped())
         .spawn()
         .with_context(|| format!("running {restore}"))?;
@@ -42,13 +43,50 @@ pub fn replace_chain(
             .chain(["-j", chain])
             .collect();
         let present = Command::new(iptables)
-            .args(["-t", table, "-C"])
+            .args(["-w", "-t", table, "-C"])
             .args(&jump)
             .stderr(Stdio::null())
             .status()?;
         if !present.success() {
-            let added = Command::new(iptables).args(["-t", table, "-A"]).args(&jump).status()?;
+            let added = Command::new(iptables)
+                .args(["-w", "-t", table, "-A"])
+                .args(&jump)
+                .status()?;
             anyhow::ensure!(added.success(), "{iptables} could not add the jump to {chain}");
+        }
+    }
+    Ok(())
+}
+
+/// Removes `chain` of `table` and every jump to it from `hook`; a chain that is not
+/// there is fine (masquerading was never on, or a family without the tools).
+pub fn remove_chain(family: Family, table: &str, chain: &str, hook: &str) -> anyhow::Result<()> {
+    let (_, iptables) = tools(family);
+    let listed = Command::new(iptables).args(["-w", "-t", table, "-S", hook]).output();
+    let Ok(listed) = listed.map_err(|e| log::warn!("{iptables}: {e}")) else {
+        return Ok(());
+    };
+    let target = format!("-j {chain}");
+    for rule in String::from_utf8_lossy(&listed.stdout).lines() {
+        // `-A POSTROUTING -s 200.200.1.0/24 -j VELOX-MASQ` is deleted as `-D POSTROUTING ...`.
+        if let Some(spec) = rule.strip_prefix("-A ").filter(|r| r.ends_with(&target)) {
+            let deleted = Command::new(iptables)
+                .args(["-w", "-t", table, "-D"])
+                .args(spec.split_whitespace())
+                .status()?;
+            anyhow::ensure!(deleted.success(), "{iptables} could not delete `{rule}`");
+        }
+    }
+    let exists = Command::new(iptables)
+        .args(["-w", "-t", table, "-S", chain])
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .status()?
+        .success();
+    if exists {
+        for step in ["-F", "-X"] {
+            let done = Command::new(iptables).args(["-w", "-t", table, step, chain]).status()?;
+            anyhow::ensure!(done.success(), "{iptables} {step} {chain} failed");
         }
     }
     Ok(())

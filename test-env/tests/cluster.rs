@@ -392,3 +392,74 @@ fn a_bad_peers_file_never_stops_the_loader_nor_takes_over_host_routes() {
     run("ip", &["-n", &worker1.name, "route", "del", "198.51.100.0/24", "dev", "eth0"]).unwrap();
     cluster.finish().unwrap();
 }
+
+#[test]
+fn masquerade_off_and_uninstall_purge_take_away_what_the_loader_added() {
+    let cluster = ClusterGuard::up("purge").unwrap();
+    let (pod1, pod4) = (cluster.pod("pod-1"), cluster.pod("pod-4"));
+    let worker1 = &cluster.nodes[0];
+    let nat_rules = |tool: &str| String::from_utf8(worker1.exec(tool, &["-w", "-t", "nat", "-S"]).unwrap().stdout).unwrap();
+    let jumps = |tool: &str| nat_rules(tool).lines().filter(|r| r.ends_with("-j VELOX-MASQ")).count();
+
+    // Restarts never duplicate the jump (one per pod CIDR).
+    for _ in 0..2 {
+        worker1.stop_loader(nix::sys::signal::Signal::SIGTERM).unwrap();
+        worker1.start_loader().unwrap();
+    }
+    for tool in ["iptables", "ip6tables"] {
+        assert_eq!(jumps(tool), 1, "{tool}: {}", nat_rules(tool));
+    }
+
+    // Masquerading turned off: the chains and jumps go.
+    worker1.stop_loader(nix::sys::signal::Signal::SIGTERM).unwrap();
+    worker1.start_loader_with(&["--ip-masq", "false"]).unwrap();
+    for tool in ["iptables", "ip6tables"] {
+        assert!(!nat_rules(tool).contains("VELOX"), "{tool}: {}", nat_rules(tool));
+    }
+
+    // Purge refuses while the loader runs, then takes the whole datapath away.
+    let purge = || {
+        velox_test_env::in_netns(&worker1.name, worker1.bins.loader.to_str().unwrap(), &[])
+            .args(["--bpffs-root", worker1.bpffs_root.to_str().unwrap()])
+            .args(["--state-dir", worker1.state_dir.to_str().unwrap()])
+            .args(["uninstall", "--purge"])
+            .output()
+            .unwrap()
+    };
+    let refused = purge();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("stop it first"));
+    // With masquerading on again, so purge has chains to remove.
+    worker1.stop_loader(nix::sys::signal::Signal::SIGTERM).unwrap();
+    worker1.start_loader().unwrap();
+    assert_eq!(jumps("iptables"), 1);
+    worker1.stop_loader(nix::sys::signal::Signal::SIGTERM).unwrap();
+    // The kernel's ids of the attached links (uplink and pods), to look for afterwards.
+    let link_ids: Vec<u64> = std::fs::read_dir(worker1.bpffs_root.join("links/tc-ingress"))
+        .unwrap()
+        .map(|pin| {
+            let pin = pin.unwrap().path();
+            let shown = run("bpftool", &["-j", "link", "show", "pinned", pin.to_str().unwrap()]).unwrap();
+            serde_json::from_str::<serde_json::Value>(&shown).unwrap()["id"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(link_ids.len(), 3, "eth0 and two pods");
+    let purged = purge();
+    assert!(purged.status.success(), "{}", String::from_utf8_lossy(&purged.stderr));
+    assert!(!worker1.bpffs_root.exists(), "pins left");
+    for family in ["-4", "-6"] {
+        let routes = run("ip", &[family, "-n", &worker1.name, "route", "show", "proto", "86"]).unwrap();
+        assert!(routes.trim().is_empty(), "Velox routes left: {routes}");
+    }
+    for tool in ["iptables", "ip6tables"] {
+        assert!(!nat_rules(tool).contains("VELOX"), "{tool}: {}", nat_rules(tool));
+    }
+    for id in link_ids {
+        let link = run("bpftool", &["link", "show", "id", &id.to_string()]);
+        assert!(link.is_err(), "link {id} still attached: {link:?}");
+    }
+    for family in Family::ALL {
+        assert!(pod1.ping(pod4.ip(family), 1), "{family:?}: pods on one node go on over kernel routes");
+    }
+    cluster.finish().unwrap();
+}
