@@ -2,8 +2,12 @@
 //! by path), so a restart or a crash never interrupts forwarding.
 
 use anyhow::Context;
-use aya::programs::SchedClassifier;
-use aya::EbpfLoader;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
+use aya::programs::{loaded_programs, SchedClassifier};
+use aya::{Ebpf, EbpfLoader};
+use std::collections::HashMap;
+use std::path::PathBuf;
 use aya_log::EbpfLogger;
 use nix::mount::{mount, MsFlags};
 use nix::sys::statfs::statfs;
@@ -19,10 +23,11 @@ use velox_common::{
     COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, ENDPOINTS_MAP, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, PEERS_MAP,
 };
 use velox_node::endpoint::EndpointStore;
-use velox_node::fs::{create_private_dir, remove_if_exists, try_lock_dir};
+use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir};
+use velox_node::layout::Hook;
 use velox_node::health::Health;
 use velox_node::layout::PRIVATE_FILE_MODE;
-use velox_node::maps::{check_pinned_layouts, EndpointMaps};
+use velox_node::maps::{check_pinned_layouts, layouts, pinned_layout, EndpointMaps, KernelFlows};
 use velox_node::netlink::Netlink;
 use velox_node::{Bpffs, StateDir};
 
@@ -41,7 +46,7 @@ pub async fn run(
     state_dir: StateDir,
     interval: Duration,
     cluster: Option<ClusterConfig>,
-    datapath_log_level: log::LevelFilter,
+    datapath: DatapathOptions,
 ) -> anyhow::Result<()> {
     ensure_bpffs(&bpffs)?;
     create_private_dir(&state_dir.root)?;
@@ -56,9 +61,8 @@ pub async fn run(
             ),
         }
     }
-    if let Some(logger) = load_and_pin(&bpffs, datapath_log_level)? {
-        tokio::spawn(forward_datapath_logs(logger));
-    }
+    let mut ebpf = load_and_pin(&bpffs, &datapath)?;
+    carry_over_kernel_flows(&bpffs)?;
     let mut maps = EndpointMaps::open(&bpffs)?;
     let store = EndpointStore::new(&state_dir);
     let netlink = Netlink::connect()?;
@@ -68,6 +72,15 @@ pub async fn run(
     }
     let uplink = cluster.as_ref().map(|c| c.uplink().to_string());
     reconcile(&bpffs, &state_dir, &store, &mut maps, uplink.as_deref())?;
+    // The maps are filled: every pod and the uplink may move to this build.
+    if repoint_links(&bpffs, &mut ebpf) {
+        remove_other_layouts(&bpffs)?;
+    }
+    if datapath.log_level != log::LevelFilter::Off {
+        let logger = EbpfLogger::init(&mut ebpf).context("reading the datapath's log records")?;
+        tokio::spawn(forward_datapath_logs(logger));
+    }
+    drop(ebpf);
 
     let socket = state_dir.health_socket();
     remove_if_exists(&socket)?;
@@ -141,14 +154,19 @@ fn ensure_bpffs(bpffs: &Bpffs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads the embedded object, reusing pinned maps, and pins the programs. A new
-/// program pin replaces the old one atomically; attached links keep their program.
-/// Returns the reader of the programs' log records when `log_level` is not off.
-fn load_and_pin(bpffs: &Bpffs, log_level: log::LevelFilter) -> anyhow::Result<Option<DatapathLogger>> {
-    anyhow::ensure!(
-        !EBPF_OBJECT.is_empty(),
-        "this velox-loader was built without the eBPF object: build it with `cargo xtask build`"
-    );
+/// Which datapath `run` loads, and how verbosely it logs.
+pub struct DatapathOptions {
+    /// An eBPF object file instead of the embedded one (a datapath fix without a new
+    /// loader, the upgrade test's changed datapath).
+    pub object: Option<PathBuf>,
+    pub log_level: log::LevelFilter,
+}
+
+/// Loads the object, reusing the maps pinned in this build's layout directory (or
+/// pinning fresh ones there), and pins the programs: new pods get them from now on.
+/// A program pin is replaced atomically; links keep their program until
+/// [`repoint_links`] moves them.
+fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf> {
     check_pinned_layouts(bpffs)?;
     let mut loader = EbpfLoader::new();
     for map in [ENDPOINTS_MAP, PEERS_MAP, COUNTERS_MAP, KERNEL_FLOWS_MAP] {
@@ -158,14 +176,22 @@ fn load_and_pin(bpffs: &Bpffs, log_level: log::LevelFilter) -> anyhow::Result<Op
     // the ends of connections the kernel has already forgotten.
     loader.map_max_entries(KERNEL_FLOWS_MAP, kernel_flows_capacity());
     // A constant once loaded: the verifier drops every log call above this level.
-    let level = log_level as u8;
+    let level = options.log_level as u8;
     loader.override_global(aya_log::LEVEL, &level, true);
-    let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
+    let mut ebpf = match &options.object {
+        Some(path) => loader
+            .load_file(path)
+            .with_context(|| format!("loading the eBPF object {}", path.display()))?,
+        None => {
+            anyhow::ensure!(
+                !EBPF_OBJECT.is_empty(),
+                "this velox-loader was built without the eBPF object: build it with `cargo xtask build`"
+            );
+            loader.load(EBPF_OBJECT).context("loading the eBPF object")?
+        }
+    };
     for name in [FROM_POD_PROGRAM, FROM_NET_PROGRAM] {
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .with_context(|| format!("{name} missing from the eBPF object"))?
-            .try_into()?;
+        let program = classifier(&mut ebpf, name)?;
         program.load().with_context(|| format!("loading {name}"))?;
         let pin = bpffs.program(name);
         // bpffs refuses names with a dot.
@@ -174,12 +200,108 @@ fn load_and_pin(bpffs: &Bpffs, log_level: log::LevelFilter) -> anyhow::Result<Op
         program.pin(&staged).with_context(|| format!("pinning {name}"))?;
         std::fs::rename(&staged, &pin).with_context(|| format!("replacing the {name} pin"))?;
     }
-    if log_level == log::LevelFilter::Off {
-        return Ok(None);
+    Ok(ebpf)
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut SchedClassifier> {
+    Ok(ebpf
+        .program_mut(name)
+        .with_context(|| format!("{name} missing from the eBPF object"))?
+        .try_into()?)
+}
+
+/// Moves every pinned link (pods' veths, the uplink) that runs an earlier build of
+/// a program to this build's, in one atomic step per link (`BPF_LINK_UPDATE`): no
+/// packet sees the interface without a program. True when every link runs this
+/// build; a link that could not move is logged and keeps its program.
+fn repoint_links(bpffs: &Bpffs, ebpf: &mut Ebpf) -> bool {
+    let program_names: HashMap<u32, String> = loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|info| Some((info.id(), info.name_as_str()?.to_string())))
+        .collect();
+    let pins = match list_dir(&bpffs.links_dir(Hook::TcIngress)) {
+        Ok(pins) => pins,
+        Err(e) => {
+            log::error!("listing the links to move to this build: {e}");
+            return false;
+        }
+    };
+    let (mut moved, mut failed) = (0, 0);
+    for pin in pins {
+        let outcome = (|| -> anyhow::Result<bool> {
+            let link: FdLink = PinnedLink::from_pin(&pin)?.into();
+            let running = link.info()?.program_id();
+            let name = program_names
+                .get(&running)
+                .with_context(|| format!("program {running} is gone"))?;
+            let program = classifier(ebpf, name)?;
+            if program.info()?.id() == running {
+                return Ok(false);
+            }
+            let id = program.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+            // Our handle only: the pin keeps the link.
+            drop(program.take_link(id)?);
+            Ok(true)
+        })();
+        match outcome {
+            Ok(true) => moved += 1,
+            Ok(false) => {}
+            Err(e) => {
+                failed += 1;
+                log::warn!("{} stays on its program: {e:#}", pin.display());
+            }
+        }
     }
-    Ok(Some(
-        EbpfLogger::init(&mut ebpf).context("reading the datapath's log records")?,
-    ))
+    if moved > 0 {
+        log::info!("moved {moved} link(s) to this build's programs");
+    }
+    failed == 0
+}
+
+/// Removes the maps of other layouts (an earlier or later build's): once every link
+/// runs this build's programs, no program uses them.
+fn remove_other_layouts(bpffs: &Bpffs) -> anyhow::Result<()> {
+    for entry in list_dir(&bpffs.all_maps_dir())? {
+        if entry == bpffs.maps_dir() {
+            continue;
+        }
+        log::info!("removing the maps of another layout: {}", entry.display());
+        if entry.is_dir() {
+            std::fs::remove_dir_all(&entry)
+        } else {
+            std::fs::remove_file(&entry)
+        }
+        .with_context(|| format!("removing {}", entry.display()))?;
+    }
+    Ok(())
+}
+
+/// Copies the kernel flows (connections the kernel NATs, which nothing else records)
+/// from another layout's map of the same shape into this layout's fresh one, so an
+/// upgrade does not put replies of live NATed connections on the fast path. The
+/// endpoint and peer maps are rebuilt from the records and the peers file; counters
+/// start again.
+fn carry_over_kernel_flows(bpffs: &Bpffs) -> anyhow::Result<()> {
+    let mut ours = KernelFlows::open(bpffs)?;
+    if !ours.is_empty()? {
+        return Ok(());
+    }
+    let expected = layouts()
+        .into_iter()
+        .find(|l| l.name == KERNEL_FLOWS_MAP)
+        .expect("kernel flows are in every layout");
+    for dir in list_dir(&bpffs.all_maps_dir())? {
+        let pin = dir.join(KERNEL_FLOWS_MAP);
+        if dir == bpffs.maps_dir() || !pin.exists() {
+            continue;
+        }
+        let theirs = pinned_layout(&pin, KERNEL_FLOWS_MAP)?;
+        if (theirs.key_size, theirs.value_size) == (expected.key_size, expected.value_size) {
+            let copied = ours.copy_from(&pin)?;
+            log::info!("carried {copied} kernel flow(s) over from {}", dir.display());
+        }
+    }
+    Ok(())
 }
 
 /// `nf_conntrack_max`, or a default where conntrack is not loaded yet.

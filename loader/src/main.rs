@@ -62,6 +62,10 @@ enum Commands {
         /// packet) or trace. Set when the programs load; off costs nothing per packet.
         #[arg(long, default_value = "off")]
         datapath_log_level: log::LevelFilter,
+        /// Load this eBPF object instead of the one built into the loader (a
+        /// datapath fix without a new loader). Pods and the uplink move to it at start.
+        #[arg(long)]
+        ebpf_object: Option<PathBuf>,
     },
     /// Put `velox` into the CNI bin dir and a conflist into the CNI conf dir (what a
     /// DaemonSet's init container runs; see deploy/velox.yaml).
@@ -125,6 +129,7 @@ fn main() -> anyhow::Result<()> {
             pod_cidr,
             ip_masq,
             datapath_log_level,
+            ebpf_object,
         } => {
             let cluster = uplink.map(|uplink| cluster::ClusterConfig {
                 uplink,
@@ -136,7 +141,16 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(daemon::run(bpffs, state_dir, interval, cluster, datapath_log_level))
+                .block_on(daemon::run(
+                    bpffs,
+                    state_dir,
+                    interval,
+                    cluster,
+                    daemon::DatapathOptions {
+                        object: ebpf_object,
+                        log_level: datapath_log_level,
+                    },
+                ))
         }
         Commands::Install(args) => install::install(&args, &bpffs.root, &cli.state_dir),
         Commands::Uninstall { purge } => {

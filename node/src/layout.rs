@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! <bpffsRoot>/                        0700  default /sys/fs/bpf/velox; one per node
-//! ├── maps/                           0700  created and pinned by the loader
+//! ├── maps/<layout id>/               0700  created and pinned by the loader; one
+//! │   │                                     directory per map layout (upgrades)
 //! │   ├── VELOX_ENDPOINTS                   pod address -> host veth
 //! │   ├── VELOX_PEERS                       other nodes' pod CIDRs -> node address
 //! │   ├── VELOX_COUNTERS                    per-interface, per-CPU counters
@@ -64,15 +65,25 @@ impl Bpffs {
     /// Every directory the loader creates.
     pub fn dirs(&self) -> Vec<PathBuf> {
         vec![
-            self.root.join("maps"),
+            self.maps_dir(),
             self.root.join("programs"),
             self.links_dir(Hook::TcIngress),
             self.links_dir(Hook::Cgroup),
         ]
     }
 
+    /// Where every map layout has its directory.
+    pub fn all_maps_dir(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+
+    /// The maps of this build's layout.
+    pub fn maps_dir(&self) -> PathBuf {
+        self.all_maps_dir().join(crate::maps::layout_id())
+    }
+
     pub fn map(&self, name: &str) -> PathBuf {
-        self.root.join("maps").join(name)
+        self.maps_dir().join(name)
     }
 
     pub fn program(&self, name: &str) -> PathBuf {

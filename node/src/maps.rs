@@ -18,8 +18,12 @@ const BPF_NOEXIST: u64 = 1;
 
 /// The pinned map `name`, as the typed handle `T`.
 fn open_map<T: TryFrom<Map, Error = MapError>>(bpffs: &Bpffs, name: &str) -> Result<T> {
-    let path = bpffs.map(name);
-    let data = MapData::from_pin(&path).map_err(Error::not_ready(format!("cannot open {}", path.display())))?;
+    open_pin(&bpffs.map(name), name)
+}
+
+/// The map pinned at `path`, as the typed handle `T`.
+fn open_pin<T: TryFrom<Map, Error = MapError>>(path: &std::path::Path, name: &str) -> Result<T> {
+    let data = MapData::from_pin(path).map_err(Error::not_ready(format!("cannot open {}", path.display())))?;
     let map = Map::from_map_data(data).map_err(Error::map(format!("opening {}", path.display())))?;
     map.try_into()
         .map_err(Error::map(format!("{name} has an unexpected layout")))
@@ -34,39 +38,101 @@ fn found<V>(result: std::result::Result<V, MapError>, what: &str) -> Result<Opti
     }
 }
 
-/// Every pinned map with the key and value size this build's datapath uses.
-pub fn layouts() -> [(&'static str, usize, usize); 4] {
+/// How this build's datapath lays out one of its maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: &'static str,
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub flags: u32,
+}
+
+const BPF_MAP_TYPE_HASH: u32 = 1;
+const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
+const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Raise when a map's meaning changes while its sizes stay the same.
+const LAYOUT_REVISION: u32 = 1;
+
+/// Every pinned map as this build's eBPF object declares it.
+pub fn layouts() -> [MapLayout; 4] {
     use std::mem::size_of;
+    let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
+        name,
+        map_type,
+        key_size: key_size as u32,
+        value_size: value_size as u32,
+        flags,
+    };
     [
-        (ENDPOINTS_MAP, size_of::<IpKey>(), size_of::<Endpoint>()),
+        layout(ENDPOINTS_MAP, BPF_MAP_TYPE_HASH, size_of::<IpKey>(), size_of::<Endpoint>(), 0),
         // An LPM key is its prefix length (u32) and the address.
-        (PEERS_MAP, size_of::<u32>() + size_of::<IpKey>(), size_of::<Peer>()),
-        (COUNTERS_MAP, size_of::<u32>(), size_of::<EndpointCounters>()),
-        (KERNEL_FLOWS_MAP, size_of::<FlowEnd>(), size_of::<u32>()),
+        layout(
+            PEERS_MAP,
+            BPF_MAP_TYPE_LPM_TRIE,
+            size_of::<u32>() + size_of::<IpKey>(),
+            size_of::<Peer>(),
+            BPF_F_NO_PREALLOC,
+        ),
+        // Allocated per interface as pods come, not preallocated for all of them on every CPU.
+        layout(
+            COUNTERS_MAP,
+            BPF_MAP_TYPE_PERCPU_HASH,
+            size_of::<u32>(),
+            size_of::<EndpointCounters>(),
+            BPF_F_NO_PREALLOC,
+        ),
+        layout(KERNEL_FLOWS_MAP, BPF_MAP_TYPE_LRU_HASH, size_of::<FlowEnd>(), size_of::<u32>(), 0),
     ]
 }
 
-/// Refuses pinned maps whose layout is not this build's (an IPv4-only release keyed
-/// its maps by 4 bytes): reusing one would make every lookup miss, silently.
+/// Names this build's map layout. Maps are pinned under `maps/<layout id>/`, so a
+/// build with another layout never reads them wrongly: it pins fresh maps beside
+/// them, and the loader fills those and moves every program over (an upgrade or a
+/// downgrade alike).
+pub fn layout_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(format!("{LAYOUT_REVISION}:{:?}", layouts()));
+        digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    })
+}
+
+/// The layout of a pinned map, as the kernel reports it.
+pub fn pinned_layout(path: &std::path::Path, name: &'static str) -> Result<MapLayout> {
+    let info = MapData::from_pin(path)
+        .and_then(|map| map.info())
+        .map_err(Error::map(format!("reading {}", path.display())))?;
+    let map_type = info
+        .map_type()
+        .map_err(Error::map(format!("reading {}", path.display())))? as u32;
+    Ok(MapLayout {
+        name,
+        map_type,
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        flags: info.map_flags(),
+    })
+}
+
+/// Refuses pinned maps in this build's layout directory that do not have this
+/// build's layout (a `layouts()` that no longer matches the eBPF object): reusing
+/// one would make lookups miss or misread, silently.
 pub fn check_pinned_layouts(bpffs: &Bpffs) -> Result<()> {
-    for (name, key_size, value_size) in layouts() {
-        let path = bpffs.map(name);
+    for expected in layouts() {
+        let path = bpffs.map(expected.name);
         if !path.exists() {
             continue;
         }
-        let what = format!("reading {}", path.display());
-        let info = MapData::from_pin(&path)
-            .and_then(|map| map.info())
-            .map_err(Error::map(what))?;
-        let pinned = (info.key_size() as usize, info.value_size() as usize);
-        if pinned != (key_size, value_size) {
+        let pinned = pinned_layout(&path, expected.name)?;
+        if pinned != expected {
             return Err(Error::Invalid(format!(
-                "{} was pinned by a release with another map layout (key {} bytes, value {}; this one needs {key_size} and \
-                 {value_size}): drain the node's pods, remove {} and start again",
-                path.display(),
-                pinned.0,
-                pinned.1,
-                bpffs.root.display()
+                "{} does not have the layout this build expects ({pinned:?} instead of {expected:?})",
+                path.display()
             )));
         }
     }
@@ -255,6 +321,28 @@ impl KernelFlows {
             .iter()
             .collect::<std::result::Result<_, _>>()
             .map_err(Error::map("reading the kernel flows"))
+    }
+
+    pub fn is_empty(&self) -> Result<bool> {
+        match self.ends.keys().next() {
+            None => Ok(true),
+            Some(key) => key.map(|_| false).map_err(Error::map("reading the kernel flows")),
+        }
+    }
+
+    /// Adds every end of the kernel-flows map pinned at `pin` (another layout's, of
+    /// the same shape); returns how many.
+    pub fn copy_from(&mut self, pin: &std::path::Path) -> Result<usize> {
+        let theirs: HashMap<MapData, FlowEnd, u32> = open_pin(pin, KERNEL_FLOWS_MAP)?;
+        let mut copied = 0;
+        for entry in theirs.iter() {
+            let (end, ifindex) = entry.map_err(Error::map(format!("reading {}", pin.display())))?;
+            self.ends
+                .insert(end, ifindex, 0)
+                .map_err(Error::map("adding a kernel flow"))?;
+            copied += 1;
+        }
+        Ok(copied)
     }
 }
 

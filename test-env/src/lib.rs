@@ -61,6 +61,14 @@ pub fn cnitool() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The upgrade test's changed datapath, which `cargo xtask test` builds.
+pub fn upgrade_test_object() -> anyhow::Result<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/ebpf-upgrade-test/bpfel-unknown-none/release/velox-ebpf");
+    anyhow::ensure!(path.is_file(), "{} is missing: run `cargo xtask test`", path.display());
+    Ok(path)
+}
+
 /// Runs a command, failing with its stderr when it fails.
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new(program)

@@ -139,7 +139,10 @@ fn peers_file_changes_apply_without_a_restart() {
             "map",
             "dump",
             "pinned",
-            worker1.bpffs_root.join("maps/VELOX_PEERS").to_str().unwrap(),
+            velox_node::Bpffs::new(&worker1.bpffs_root)
+                .map("VELOX_PEERS")
+                .to_str()
+                .unwrap(),
         ],
     )
     .unwrap();

@@ -230,3 +230,104 @@ fn a_second_loader_on_the_same_bpffs_root_or_state_dir_refuses_to_start() {
     assert!(node.status().success, "the first loader still answers");
     node.finish().unwrap();
 }
+
+/// The id of the program pinned at `pin` or run by the link pinned at `pin`.
+fn pinned_id(kind: &str, pin: &Path, field: &str) -> u64 {
+    let shown = run("bpftool", &["-j", kind, "show", "pinned", pin.to_str().unwrap()]).unwrap();
+    serde_json::from_str::<serde_json::Value>(&shown).unwrap()[field].as_u64().unwrap()
+}
+
+/// True when every pod's link runs the pinned `from_pod`.
+fn every_pod_runs_the_pinned_program(node: &NodeGuard) -> bool {
+    let bpffs = velox_node::Bpffs::new(&node.bpffs_root);
+    let program = pinned_id("prog", &bpffs.program("from_pod"), "id");
+    std::fs::read_dir(bpffs.links_dir(velox_node::layout::Hook::TcIngress))
+        .unwrap()
+        .all(|pin| pinned_id("link", &pin.unwrap().path(), "prog_id") == program)
+}
+
+fn dropped(node: &NodeGuard, pod: &Pod) -> u64 {
+    node.endpoint(pod.ip(Family::V4)).unwrap()["dropped_packets"].as_u64().unwrap()
+}
+
+/// One datagram to the discard port of `to`; true when `from`'s datapath dropped it.
+fn discard_is_dropped(node: &NodeGuard, from: &Pod, to: &Pod, family: Family) -> bool {
+    let before = dropped(node, from);
+    let target = format!("echo x > /dev/udp/{}/9", to.ip(family));
+    from.exec("bash", &["-c", &target]).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    dropped(node, from) > before
+}
+
+#[test]
+fn an_upgrade_and_a_downgrade_under_iperf3_move_every_pod_without_a_reset() {
+    let node = NodeGuard::up("upgrade").unwrap();
+    let (a, b) = (node.add_pod("a").unwrap(), node.add_pod("b").unwrap());
+    let changed = velox_test_env::upgrade_test_object().unwrap();
+    let changed = changed.to_str().unwrap();
+    for family in Family::ALL {
+        assert!(!discard_is_dropped(&node, &a, &b, family), "{family:?}: the build under test lets it through");
+    }
+    // A restart with `flags` while a TCP stream runs between the pods.
+    let restart_under_traffic = |flags: &[&str]| {
+        std::thread::scope(|s| {
+            let stream = s.spawn(|| a.iperf3(&b, Family::V4, 5, 2));
+            std::thread::sleep(Duration::from_millis(1500));
+            node.stop_loader(Signal::SIGTERM).unwrap();
+            node.start_loader_with(flags).unwrap();
+            stream.join().unwrap()
+        })
+    };
+
+    let upgraded = restart_under_traffic(&["--ebpf-object", changed]);
+    assert!(upgraded.is_ok(), "the stream broke during the upgrade: {upgraded:?}");
+    assert!(every_pod_runs_the_pinned_program(&node), "a pod kept the old program");
+    for family in Family::ALL {
+        assert!(discard_is_dropped(&node, &a, &b, family), "{family:?}: an old pod missed the new datapath");
+    }
+    let c = node.add_pod("c").unwrap();
+    assert!(discard_is_dropped(&node, &c, &a, Family::V4), "a new pod gets the new datapath");
+
+    let downgraded = restart_under_traffic(&[]);
+    assert!(downgraded.is_ok(), "the stream broke during the downgrade: {downgraded:?}");
+    assert!(every_pod_runs_the_pinned_program(&node));
+    for pod in [&a, &c] {
+        assert!(!discard_is_dropped(&node, pod, &b, Family::V4), "{} kept the changed datapath", pod.name);
+    }
+    node.finish().unwrap();
+}
+
+#[test]
+fn maps_of_another_layout_are_replaced_and_every_pod_moves_over() {
+    let node = NodeGuard::up("migrate").unwrap();
+    let (a, b) = (node.add_pod("a").unwrap(), node.add_pod("b").unwrap());
+    // Without forwarding only the eBPF fast path carries pod-to-pod traffic.
+    node.disable_ip_forwarding().unwrap();
+    node.stop_loader(Signal::SIGTERM).unwrap();
+    let bpffs = velox_node::Bpffs::new(&node.bpffs_root);
+    // The running programs' maps become another layout's, emptied...
+    let mut maps = velox_node::maps::EndpointMaps::open(&bpffs).unwrap();
+    for (ip, _) in maps.entries().unwrap() {
+        maps.remove(ip).unwrap();
+    }
+    drop(maps);
+    std::fs::rename(bpffs.maps_dir(), bpffs.all_maps_dir().join("0ther1ay0ut0")).unwrap();
+    // ...and the IPv4-only release's flat pin (4-byte keys) lies beside them.
+    let flat = bpffs.all_maps_dir().join("VELOX_ENDPOINTS");
+    let flat_pin = flat.to_str().unwrap();
+    run(
+        "bpftool",
+        &["map", "create", flat_pin, "type", "hash", "key", "4", "value", "4", "entries", "16", "name", "VELOX_ENDPOINTS"],
+    )
+    .unwrap();
+    assert!(!a.ping(b.ip(Family::V4), 1), "the emptied maps must break the fast path");
+
+    node.start_loader().unwrap();
+    for family in Family::ALL {
+        assert!(a.ping(b.ip(family), 2), "{family:?}: pods did not move to the refilled maps");
+    }
+    assert!(every_pod_runs_the_pinned_program(&node));
+    let layouts: Vec<_> = std::fs::read_dir(bpffs.all_maps_dir()).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(layouts, [bpffs.maps_dir()], "other layouts are removed");
+    node.finish().unwrap();
+}

@@ -30,31 +30,37 @@ pub fn cargo_bin_dir() -> PathBuf {
         .join("bin")
 }
 
-pub fn build() -> anyhow::Result<()> {
-    let root = workspace_root();
+/// Builds the eBPF object with Debian's cargo and rustc into `target_dir`.
+fn build_ebpf(target_dir: &str, features: &[&str]) -> anyhow::Result<()> {
     let path = format!(
         "{}:{}",
         cargo_bin_dir().display(),
         std::env::var("PATH").unwrap_or_default()
     );
+    let mut cmd = Command::new("/usr/bin/cargo");
+    cmd.current_dir(workspace_root())
+        .env("PATH", path)
+        .env("RUSTC", "/usr/bin/rustc")
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTFLAGS")
+        .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
+        .args(["build", "--quiet", "-p", "velox-ebpf", "--bins", "--release"])
+        .args(["--target", "bpfel-unknown-none", "--target-dir", target_dir]);
+    for feature in features {
+        cmd.args(["--features", feature]);
+    }
+    run_checked(&mut cmd)
+}
+
+pub fn build() -> anyhow::Result<()> {
     println!("xtask: building the eBPF object");
-    run_checked(
-        Command::new("/usr/bin/cargo")
-            .current_dir(&root)
-            .env("PATH", path)
-            .env("RUSTC", "/usr/bin/rustc")
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .env_remove("RUSTFLAGS")
-            .env("RUSTC_BOOTSTRAP", "aya_ebpf")
-            .env(
-                "CARGO_ENCODED_RUSTFLAGS",
-                "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
-            )
-            .args(["build", "--quiet", "-p", "velox-ebpf", "--bins", "--release"])
-            .args(["--target", "bpfel-unknown-none", "--target-dir", "target/ebpf"]),
-    )?;
+    build_ebpf("target/ebpf", &[])?;
     println!("xtask: building velox and velox-loader");
-    run_checked(Command::new(cargo()).current_dir(&root).args([
+    run_checked(Command::new(cargo()).current_dir(workspace_root()).args([
         "build",
         "--quiet",
         "--release",
@@ -63,4 +69,10 @@ pub fn build() -> anyhow::Result<()> {
         "-p",
         "velox-loader",
     ]))
+}
+
+/// The upgrade test's second datapath; only the tests need it.
+pub fn build_upgrade_test_object() -> anyhow::Result<()> {
+    println!("xtask: building the upgrade test's eBPF object");
+    build_ebpf("target/ebpf-upgrade-test", &["upgrade-test"])
 }

@@ -67,6 +67,7 @@ fn main() -> ExitCode {
 fn test() -> anyhow::Result<()> {
     setup::setup()?;
     build::build()?;
+    build::build_upgrade_test_object()?;
     let nextest = Command::new(build::cargo())
         .args(["nextest", "--version"])
         .output()

@@ -17,7 +17,8 @@
 
 use aya_ebpf::{
     bindings::{
-        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_redir_neigh, BPF_NOEXIST, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_redir_neigh, BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK,
+        TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
     btf_maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
     helpers::{bpf_check_mtu, bpf_redirect_neigh, bpf_redirect_peer},
@@ -39,8 +40,11 @@ static VELOX_ENDPOINTS: HashMap<IpKey, Endpoint, MAX_ENDPOINTS> = HashMap::new()
 #[btf_map]
 static VELOX_PEERS: LpmTrie<[u8; 16], Peer, MAX_PEERS> = LpmTrie::new();
 
+/// Allocated as interfaces first send, not preallocated for every possible pod on
+/// every CPU.
 #[btf_map]
-static VELOX_COUNTERS: PerCpuHashMap<u32, EndpointCounters, MAX_ENDPOINTS> = PerCpuHashMap::new();
+static VELOX_COUNTERS: PerCpuHashMap<u32, EndpointCounters, MAX_ENDPOINTS, { BPF_F_NO_PREALLOC as usize }> =
+    PerCpuHashMap::new();
 
 /// Pod connection ends whose traffic went to the kernel -> the ifindex it was seen on.
 /// The loader sizes it from `nf_conntrack_max`: conntrack holds no more connections,
@@ -101,9 +105,24 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         remember_kernel_flow(&ctx);
         PASS
     };
+    #[cfg(feature = "upgrade-test")]
+    let result = if is_ip && to_discard_port(&ctx) { TEST_DROPPED } else { result };
     let action = finish(&ctx, result);
     trace(&ctx, "from_pod", is_ip.then_some(&dst), action);
     action
+}
+
+/// Dropped by the upgrade test's datapath.
+#[cfg(feature = "upgrade-test")]
+const TEST_DROPPED: i64 = -3;
+
+/// UDP to port 9: what the upgrade test's datapath drops, so a test sees which
+/// program a pod's link runs.
+#[cfg(feature = "upgrade-test")]
+#[inline(always)]
+fn to_discard_port(ctx: &TcContext) -> bool {
+    let mut dst = FlowEnd::default();
+    read_end(ctx, End::Destination, &mut dst).is_some() && dst.proto == IPPROTO_UDP && dst.port == 9u16.to_be()
 }
 
 #[classifier]
