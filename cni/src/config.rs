@@ -295,8 +295,10 @@ impl Environment {
             };
             check_attachment(&attachment, Code::InvalidEnvironment, "CNI_CONTAINERID/CNI_IFNAME: ")?;
         }
-        // DEL must work when the runtime has already lost the netns.
+        // DEL must work when the runtime has already lost the netns. VERSION and the
+        // node-wide commands ignore it (libcni probes VERSION with CNI_NETNS=dummy).
         let netns = match get("CNI_NETNS").filter(|v| !v.is_empty()) {
+            Some(_) if !per_container => None,
             Some(path) if !Path::new(&path).is_absolute() => {
                 return fail(Code::InvalidEnvironment, format!("CNI_NETNS {path:?} is not an absolute path"))
             }
@@ -470,6 +472,14 @@ mod tests {
         .unwrap();
         assert_eq!(del.netns, None);
         assert_eq!(env(&[("CNI_COMMAND", "VERSION")]).unwrap().command, Command::Version);
+        // What libcni sends when it validates a config.
+        let probe = env(&[
+            ("CNI_COMMAND", "VERSION"),
+            ("CNI_CONTAINERID", "cni"),
+            ("CNI_NETNS", "dummy"),
+            ("CNI_IFNAME", "dummy"),
+        ]);
+        assert_eq!(probe.unwrap().command, Command::Version);
         assert_eq!(env(&[("CNI_COMMAND", "STATUS")]).unwrap().command, Command::Status);
     }
 

@@ -27,7 +27,7 @@ use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_di
 use velox_node::layout::Hook;
 use velox_node::health::Health;
 use velox_node::layout::PRIVATE_FILE_MODE;
-use velox_node::maps::{check_pinned_layouts, layouts, pinned_layout, EndpointMaps, KernelFlows};
+use velox_node::maps::{check_object_layout, check_pinned_layouts, layouts, pinned_layout, EndpointMaps, KernelFlows};
 use velox_node::netlink::Netlink;
 use velox_node::{Bpffs, StateDir};
 
@@ -178,18 +178,22 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     // A constant once loaded: the verifier drops every log call above this level.
     let level = options.log_level as u8;
     loader.override_global(aya_log::LEVEL, &level, true);
-    let mut ebpf = match &options.object {
-        Some(path) => loader
-            .load_file(path)
-            .with_context(|| format!("loading the eBPF object {}", path.display()))?,
+    let from_file;
+    let object = match &options.object {
+        Some(path) => {
+            from_file = std::fs::read(path).with_context(|| format!("reading the eBPF object {}", path.display()))?;
+            &from_file[..]
+        }
         None => {
             anyhow::ensure!(
                 !EBPF_OBJECT.is_empty(),
                 "this velox-loader was built without the eBPF object: build it with `cargo xtask build`"
             );
-            loader.load(EBPF_OBJECT).context("loading the eBPF object")?
+            EBPF_OBJECT
         }
     };
+    check_object_layout(object)?;
+    let mut ebpf = loader.load(object).context("loading the eBPF object")?;
     for name in [FROM_POD_PROGRAM, FROM_NET_PROGRAM] {
         let program = classifier(&mut ebpf, name)?;
         program.load().with_context(|| format!("loading {name}"))?;

@@ -26,7 +26,7 @@ struct Row {
     packets: u64,
     bytes: u64,
     #[serde(flatten)]
-    counters: CountersJson,
+    counters: EndpointCounters,
     /// "ok", or what is missing: the loader repairs "no map entry", drops "no record".
     state: &'static str,
 }
@@ -53,7 +53,7 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Res
             host_mac: record.as_ref().map(|r| r.host_mac.clone()).unwrap_or_default(),
             packets: c.redirected_packets + c.passed_packets + c.dropped_packets,
             bytes: c.redirected_bytes + c.passed_bytes,
-            counters: c.into(),
+            counters: c,
             state: if record.is_some() { "ok" } else { "no record" },
         });
     }
@@ -68,7 +68,7 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Res
             host_mac: record.host_mac,
             packets: 0,
             bytes: 0,
-            counters: CountersJson::default(),
+            counters: EndpointCounters::default(),
             state: "no map entry",
         });
     }
@@ -84,6 +84,7 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Res
             r.counters.passed_packets.to_string(),
             r.counters.dropped_packets.to_string(),
             r.counters.dropped_spoofed.to_string(),
+            r.counters.dropped_no_interface.to_string(),
             r.bytes.to_string(),
             r.state.to_string(),
         ]
@@ -98,6 +99,7 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Res
         "PASSED",
         "DROPPED",
         "SPOOFED",
+        "NO IFACE",
         "BYTES",
         "STATE",
     ];
@@ -142,31 +144,7 @@ struct StatsRow {
     /// Empty when the interface is gone (the loader drops its counters soon).
     ifname: String,
     #[serde(flatten)]
-    counters: CountersJson,
-}
-
-#[derive(Default, Serialize)]
-struct CountersJson {
-    redirected_packets: u64,
-    redirected_bytes: u64,
-    passed_packets: u64,
-    passed_bytes: u64,
-    dropped_packets: u64,
-    /// Of the dropped: sent from an address that is not the pod's.
-    dropped_spoofed: u64,
-}
-
-impl From<EndpointCounters> for CountersJson {
-    fn from(c: EndpointCounters) -> Self {
-        Self {
-            redirected_packets: c.redirected_packets,
-            redirected_bytes: c.redirected_bytes,
-            passed_packets: c.passed_packets,
-            passed_bytes: c.passed_bytes,
-            dropped_packets: c.dropped_packets,
-            dropped_spoofed: c.dropped_spoofed,
-        }
-    }
+    counters: EndpointCounters,
 }
 
 pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
@@ -178,7 +156,7 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
         rows.push(StatsRow {
             ifindex,
             ifname: names.get(&ifindex).cloned().unwrap_or_default(),
-            counters: c.into(),
+            counters: c,
         });
     }
     rows.sort_by_key(|r| r.ifindex);
@@ -193,6 +171,7 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
             c.passed_bytes.to_string(),
             c.dropped_packets.to_string(),
             c.dropped_spoofed.to_string(),
+            c.dropped_no_interface.to_string(),
         ]
     });
     let header = [
@@ -204,6 +183,7 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
         "PASSED BYTES",
         "DROPPED",
         "SPOOFED",
+        "NO IFACE",
     ];
     print(&rows, json, header, table)
 }

@@ -256,6 +256,18 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_subnets_cost_no_more_than_the_addresses_in_use() {
+        // Every address of a /0 in memory would be 2^32 (IPv4) or 2^128 (IPv6) entries.
+        let dir = tempfile::tempdir().unwrap();
+        let alloc = allocator(&dir, &["0.0.0.0/0", "::/0"]);
+        for id in 0..3 {
+            assert_eq!(alloc.allocate(&attachment(id)).unwrap().len(), 2);
+        }
+        let alloc = allocator(&tempfile::tempdir().unwrap(), &["10.0.0.0/8", "fd00::/8"]);
+        assert_eq!(alloc.allocate(&attachment(9)).unwrap(), ips(&["10.0.0.1", "fd00::1"]));
+    }
+
+    #[test]
     fn survives_a_restart_and_round_robins() {
         let dir = tempfile::tempdir().unwrap();
         let subnets = ["10.9.0.0/24", "fd00:9::/64"];

@@ -139,6 +139,28 @@ pub fn check_pinned_layouts(bpffs: &Bpffs) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an object whose maps this loader and the plugin would misread: they are
+/// built for one map layout, and an object's maps are pinned where they look.
+pub fn check_object_layout(object: &[u8]) -> Result<()> {
+    let parsed = aya_obj::Object::parse(object).map_err(Error::invalid("parsing the eBPF object"))?;
+    for expected in layouts() {
+        let map = parsed
+            .maps
+            .get(expected.name)
+            .ok_or_else(|| Error::Invalid(format!("the eBPF object has no map {}", expected.name)))?;
+        let declared = (map.map_type(), map.key_size(), map.value_size(), map.map_flags());
+        let wanted = (expected.map_type, expected.key_size, expected.value_size, expected.flags);
+        if declared != wanted {
+            return Err(Error::Invalid(format!(
+                "the eBPF object's {} (type, key, value, flags) is {declared:?}, this build's layout {wanted:?}: \
+                 build the object and the loader from the same source",
+                expected.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A removal of an entry that is already gone succeeds: teardown is idempotent.
 fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Result<(), MapError> {
     match result {

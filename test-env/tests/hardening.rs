@@ -331,3 +331,50 @@ fn maps_of_another_layout_are_replaced_and_every_pod_moves_over() {
     assert_eq!(layouts, [bpffs.maps_dir()], "other layouts are removed");
     node.finish().unwrap();
 }
+
+#[test]
+fn a_pod_whose_interface_vanished_is_a_counted_drop_not_a_redirect() {
+    let node = NodeGuard::up("vanished").unwrap();
+    let (a, b) = (node.add_pod("a").unwrap(), node.add_pod("b").unwrap());
+    // No loader: nothing removes b's map entries when its interface goes.
+    node.stop_loader(Signal::SIGKILL).unwrap();
+    run("ip", &["netns", "del", &b.name]).unwrap();
+    // The kernel takes the netns, and the veth pair with it, down a moment later.
+    let host_veth = record_host_ifname(&b);
+    let veth_gone = || run("ip", &["-n", &node.name, "link", "show", &host_veth]).is_err();
+    assert!(wait_for(Duration::from_secs(5), veth_gone), "b's veth outlived its netns");
+    let counters = || node.endpoint(a.ip(Family::V4)).unwrap();
+    let before = counters();
+    for family in Family::ALL {
+        assert!(!a.ping(b.ip(family), 2), "{family:?}");
+    }
+    let after = counters();
+    let grew = |field: &str| after[field].as_u64().unwrap() - before[field].as_u64().unwrap();
+    assert!(grew("dropped_no_interface") >= 4, "{after}");
+    assert!(grew("dropped_packets") >= 4, "{after}");
+    assert_eq!(grew("redirected_packets"), 0, "{after}");
+    node.start_loader().unwrap();
+    assert!(wait_for(Duration::from_secs(5), || node.pods().unwrap().len() == 1), "b is reaped");
+    node.finish().unwrap();
+}
+
+#[test]
+fn only_an_object_with_this_builds_map_layout_is_loaded() {
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf/bpfel-unknown-none/release/velox-ebpf");
+    for object in [built, velox_test_env::upgrade_test_object().unwrap()] {
+        let bytes = std::fs::read(&object).unwrap();
+        velox_node::maps::check_object_layout(&bytes).unwrap_or_else(|e| panic!("{}: {e}", object.display()));
+    }
+    // Anything else is refused before a map is pinned or a link moves.
+    let node = NodeGuard::up("badobject").unwrap();
+    let a = node.add_pod("a").unwrap();
+    let b = node.add_pod("b").unwrap();
+    node.stop_loader(Signal::SIGTERM).unwrap();
+    let err = node.start_loader_with(&["--ebpf-object", "/bin/true"]).unwrap_err();
+    let log = std::fs::read_to_string(node.state_dir.join("loader.log")).unwrap();
+    assert!(log.contains("parsing the eBPF object"), "{err:#}\n{log}");
+    assert!(every_pod_runs_the_pinned_program(&node));
+    assert!(a.ping(b.ip(Family::V4), 1));
+    node.start_loader().unwrap();
+    node.finish().unwrap();
+}

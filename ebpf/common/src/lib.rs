@@ -135,6 +135,7 @@ impl Peer {
 /// its host veth), or what arrived from the network (`from_net` on the uplink).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct EndpointCounters {
     /// Delivered straight to a pod, or to another node, by the eBPF datapath.
     pub redirected_packets: u64,
@@ -146,6 +147,8 @@ pub struct EndpointCounters {
     pub dropped_packets: u64,
     /// Of those, sent by a pod with a source address that is not its own.
     pub dropped_spoofed: u64,
+    /// Of those, for a pod whose interface is gone before its map entry.
+    pub dropped_no_interface: u64,
 }
 
 impl EndpointCounters {
@@ -156,6 +159,7 @@ impl EndpointCounters {
         self.passed_bytes += other.passed_bytes;
         self.dropped_packets += other.dropped_packets;
         self.dropped_spoofed += other.dropped_spoofed;
+        self.dropped_no_interface += other.dropped_no_interface;
     }
 }
 

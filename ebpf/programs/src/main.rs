@@ -73,6 +73,10 @@ const NDP_TYPES: core::ops::RangeInclusive<u8> = 133..=137;
 const PASS: i64 = -1;
 /// Dropped: a pod sent it from an address that is not its own.
 const SPOOFED: i64 = -2;
+/// Dropped: the pod's interface is gone, its map entry not yet.
+const NO_INTERFACE: i64 = -4;
+/// `bpf_check_mtu` for an ifindex that names no interface.
+const ENODEV: i64 = 19;
 
 /// `__sk_buff.pkt_type` of a frame addressed to this host.
 const PACKET_HOST: u32 = 0;
@@ -92,7 +96,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
             SPOOFED
         }
     } else if let Some(endpoint) = unsafe { VELOX_ENDPOINTS.get(&dst) } {
-        redirect_unless_kernel_flow(&ctx, || unsafe { bpf_redirect_peer(endpoint.ifindex, 0) })
+        redirect_unless_kernel_flow(&ctx, || to_local_pod(&ctx, endpoint))
     } else if let Some(peer) = VELOX_PEERS.get(&Key::new(128, dst.addr)) {
         // `bpf_redirect_neigh` neither fragments nor reports the path MTU: a packet (or
         // a GSO segment) too big for the uplink goes to the kernel, which does both.
@@ -136,7 +140,7 @@ pub fn from_net(ctx: TcContext) -> i32 {
     let result = if !is_ip {
         PASS
     } else if let Some(endpoint) = unsafe { VELOX_ENDPOINTS.get(&dst) } {
-        redirect_unless_kernel_flow(&ctx, || unsafe { bpf_redirect_peer(endpoint.ifindex, 0) })
+        redirect_unless_kernel_flow(&ctx, || to_local_pod(&ctx, endpoint))
     } else {
         // A pod on another node reaching this node (a hostPort, a NodePort): the kernel
         // may send its replies back through the fast path of this node.
@@ -150,6 +154,22 @@ pub fn from_net(ctx: TcContext) -> i32 {
     let action = finish(&ctx, result);
     trace(&ctx, "from_net", is_ip.then_some(&dst), action);
     action
+}
+
+/// Into the pod behind `endpoint`'s host veth. `bpf_redirect_peer` takes any ifindex
+/// and the kernel drops the packet later where nobody counts it, so a pod whose
+/// interface vanished (its netns went, the loader has not seen it yet) is a drop here.
+#[inline(always)]
+fn to_local_pod(ctx: &TcContext, endpoint: &Endpoint) -> i64 {
+    let mut mtu = 0u32;
+    // SAFETY: the context is a live sk_buff; `mtu` is ours to write. A lookup of the
+    // interface by index: no MTU verdict is asked for (flags 0, length 0).
+    let exists = unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, endpoint.ifindex, &mut mtu, 0, 0) } != -ENODEV;
+    if exists {
+        unsafe { bpf_redirect_peer(endpoint.ifindex, 0) }
+    } else {
+        NO_INTERFACE
+    }
 }
 
 /// Packets to a connection end whose traffic went to the kernel go to the kernel: they
@@ -365,7 +385,7 @@ fn header_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
 }
 
 /// Counts the verdict and returns the TC action for a redirect's `result`, `PASS`
-/// or `SPOOFED`.
+/// or a drop (`SPOOFED`, `NO_INTERFACE`).
 #[inline(always)]
 fn finish(ctx: &TcContext, result: i64) -> i32 {
     let action = match result {
@@ -388,8 +408,10 @@ fn finish(ctx: &TcContext, result: i64) -> i32 {
             }
             _ => {
                 counters.dropped_packets += 1;
-                if result == SPOOFED {
-                    counters.dropped_spoofed += 1;
+                match result {
+                    SPOOFED => counters.dropped_spoofed += 1,
+                    NO_INTERFACE => counters.dropped_no_interface += 1,
+                    _ => {}
                 }
             }
         }
