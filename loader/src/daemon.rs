@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::tc::SchedClassifierLink;
-use aya::programs::{loaded_programs, SchedClassifier};
+use aya::programs::{loaded_programs, CgroupSockAddr, Program};
+use std::os::fd::AsFd;
 use aya::{Ebpf, EbpfLoader};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,19 +19,19 @@ use tokio::io::AsyncWriteExt;
 use tokio::io::Interest;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
-use velox_common::{
-    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, ENDPOINTS_MAP, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, PEERS_MAP,
-};
+use velox_common::{DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, SOCKET_LB_PROGRAMS};
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir};
-use velox_node::layout::Hook;
 use velox_node::health::Health;
+use velox_node::layout::Hook;
+use velox_node::link::{attach_cgroup, update_pinned_link};
 use velox_node::layout::PRIVATE_FILE_MODE;
 use velox_node::maps::{check_object_layout, check_pinned_layouts, layouts, pinned_layout, EndpointMaps, KernelFlows};
 use velox_node::netlink::Netlink;
 use velox_node::{Bpffs, StateDir};
 
 use crate::cluster::{Cluster, ClusterConfig};
+use crate::services::ServiceSource;
 use crate::reconcile::reconcile;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VELOX_EBPF_OBJECT"));
@@ -72,8 +72,14 @@ pub async fn run(
     }
     let uplink = cluster.as_ref().map(|c| c.uplink().to_string());
     reconcile(&bpffs, &state_dir, &store, &mut maps, uplink.as_deref())?;
+    let mut services = datapath.cluster_state.clone().map(ServiceSource::new);
+    let node_ips = node_addresses(&netlink, uplink.as_deref()).await?;
+    if let Some(services) = &mut services {
+        services.reconcile(&bpffs, &node_ips)?;
+    }
+    attach_socket_lb(&bpffs, &mut ebpf, datapath.socket_lb_cgroup.as_deref())?;
     // The maps are filled: every pod and the uplink may move to this build.
-    if repoint_links(&bpffs, &mut ebpf) {
+    if repoint_links(&bpffs, &ebpf) {
         remove_other_layouts(&bpffs)?;
     }
     if datapath.log_level != log::LevelFilter::Off {
@@ -114,6 +120,11 @@ pub async fn run(
                         log::error!("applying the peers file: {e:#}");
                     }
                 }
+                if let Some(services) = &mut services {
+                    if let Err(e) = services.reconcile(&bpffs, &node_ips) {
+                        log::error!("applying the cluster state: {e:#}");
+                    }
+                }
             }
             accepted = listener.accept() => {
                 if let Ok((mut stream, _)) = accepted {
@@ -132,6 +143,23 @@ pub async fn run(
     remove_if_exists(&socket)?;
     log::info!("stopped; datapath left in place");
     Ok(())
+}
+
+/// The node's global addresses on its uplink: where a NodePort answers.
+async fn node_addresses(netlink: &Netlink, uplink: Option<&str>) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    let Some(uplink) = uplink else {
+        return Ok(Vec::new());
+    };
+    let Some(link) = netlink.link(uplink).await? else {
+        return Ok(Vec::new());
+    };
+    Ok(netlink
+        .addresses(link.index)
+        .await?
+        .iter()
+        .map(|net| net.addr())
+        .filter(|ip| !matches!(ip, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local()))
+        .collect())
 }
 
 /// Mounts bpffs at /sys/fs/bpf when the root is not on one already (it is not at boot here).
@@ -154,12 +182,17 @@ fn ensure_bpffs(bpffs: &Bpffs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Which datapath `run` loads, and how verbosely it logs.
+/// Which datapath `run` loads, how verbosely it logs, and the socket load balancer.
 pub struct DatapathOptions {
     /// An eBPF object file instead of the embedded one (a datapath fix without a new
     /// loader, the upgrade test's changed datapath).
     pub object: Option<PathBuf>,
     pub log_level: log::LevelFilter,
+    /// Services and EndpointSlices as Kubernetes JSON (a file or a directory).
+    pub cluster_state: Option<PathBuf>,
+    /// The cgroup (v2) whose processes' sockets the load balancer translates; off
+    /// when `None`.
+    pub socket_lb_cgroup: Option<PathBuf>,
 }
 
 /// Loads the object, reusing the maps pinned in this build's layout directory (or
@@ -169,8 +202,8 @@ pub struct DatapathOptions {
 fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf> {
     check_pinned_layouts(bpffs)?;
     let mut loader = EbpfLoader::new();
-    for map in [ENDPOINTS_MAP, PEERS_MAP, COUNTERS_MAP, KERNEL_FLOWS_MAP] {
-        loader.map_pin_path(map, bpffs.map(map));
+    for map in layouts() {
+        loader.map_pin_path(map.name, bpffs.map(map.name));
     }
     // As many connections as conntrack can hold: an LRU map that size only evicts
     // the ends of connections the kernel has already forgotten.
@@ -194,9 +227,16 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     };
     check_object_layout(object)?;
     let mut ebpf = loader.load(object).context("loading the eBPF object")?;
-    for name in [FROM_POD_PROGRAM, FROM_NET_PROGRAM] {
-        let program = classifier(&mut ebpf, name)?;
-        program.load().with_context(|| format!("loading {name}"))?;
+    for name in [FROM_POD_PROGRAM, FROM_NET_PROGRAM].into_iter().chain(SOCKET_LB_PROGRAMS) {
+        let program = ebpf
+            .program_mut(name)
+            .with_context(|| format!("{name} missing from the eBPF object"))?;
+        match program {
+            Program::SchedClassifier(p) => p.load(),
+            Program::CgroupSockAddr(p) => p.load(),
+            _ => anyhow::bail!("{name} is not a TC or socket hook program"),
+        }
+        .with_context(|| format!("loading {name}"))?;
         let pin = bpffs.program(name);
         // bpffs refuses names with a dot.
         let staged = pin.with_file_name(format!("{name}_staged"));
@@ -207,29 +247,48 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     Ok(ebpf)
 }
 
-fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut SchedClassifier> {
-    Ok(ebpf
-        .program_mut(name)
-        .with_context(|| format!("{name} missing from the eBPF object"))?
-        .try_into()?)
+/// Attaches the socket load balancer's hooks to `cgroup` where they are not attached
+/// yet, or detaches them when the load balancer is off (`None`).
+fn attach_socket_lb(bpffs: &Bpffs, ebpf: &mut Ebpf, cgroup: Option<&Path>) -> anyhow::Result<()> {
+    for name in SOCKET_LB_PROGRAMS {
+        let pin = bpffs.cgroup_link(name);
+        match cgroup {
+            None => remove_if_exists(&pin)?,
+            Some(_) if pin.exists() => {}
+            Some(cgroup) => {
+                let program: &mut CgroupSockAddr = ebpf
+                    .program_mut(name)
+                    .with_context(|| format!("{name} missing from the eBPF object"))?
+                    .try_into()?;
+                attach_cgroup(bpffs, program, name, cgroup)?;
+            }
+        }
+    }
+    if let Some(cgroup) = cgroup {
+        log::info!("socket load balancer on {}", cgroup.display());
+    }
+    Ok(())
 }
 
 /// Moves every pinned link (pods' veths, the uplink) that runs an earlier build of
 /// a program to this build's, in one atomic step per link (`BPF_LINK_UPDATE`): no
 /// packet sees the interface without a program. True when every link runs this
 /// build; a link that could not move is logged and keeps its program.
-fn repoint_links(bpffs: &Bpffs, ebpf: &mut Ebpf) -> bool {
+fn repoint_links(bpffs: &Bpffs, ebpf: &Ebpf) -> bool {
     let program_names: HashMap<u32, String> = loaded_programs()
         .filter_map(Result::ok)
         .filter_map(|info| Some((info.id(), info.name_as_str()?.to_string())))
         .collect();
-    let pins = match list_dir(&bpffs.links_dir(Hook::TcIngress)) {
-        Ok(pins) => pins,
-        Err(e) => {
-            log::error!("listing the links to move to this build: {e}");
-            return false;
+    let mut pins = Vec::new();
+    for hook in [Hook::TcIngress, Hook::Cgroup] {
+        match list_dir(&bpffs.links_dir(hook)) {
+            Ok(found) => pins.extend(found),
+            Err(e) => {
+                log::error!("listing the links to move to this build: {e}");
+                return false;
+            }
         }
-    };
+    }
     let (mut moved, mut failed) = (0, 0);
     for pin in pins {
         let outcome = (|| -> anyhow::Result<bool> {
@@ -238,13 +297,13 @@ fn repoint_links(bpffs: &Bpffs, ebpf: &mut Ebpf) -> bool {
             let name = program_names
                 .get(&running)
                 .with_context(|| format!("program {running} is gone"))?;
-            let program = classifier(ebpf, name)?;
+            let program = ebpf
+                .program(name)
+                .with_context(|| format!("this build has no program {name}"))?;
             if program.info()?.id() == running {
                 return Ok(false);
             }
-            let id = program.attach_to_link(SchedClassifierLink::try_from(link)?)?;
-            // Our handle only: the pin keeps the link.
-            drop(program.take_link(id)?);
+            update_pinned_link(&pin, program.fd()?.as_fd())?;
             Ok(true)
         })();
         match outcome {
@@ -329,3 +388,4 @@ async fn forward_datapath_logs(logger: DatapathLogger) {
         ready.clear_ready();
     }
 }
+

@@ -7,9 +7,9 @@ use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use velox_common::EndpointCounters;
+use velox_common::{EndpointCounters, FlowEnd};
 use velox_node::endpoint::{EndpointRecord, EndpointStore};
-use velox_node::maps::{EndpointMaps, KernelFlows, PeerMap};
+use velox_node::maps::{EndpointMaps, KernelFlows, PeerMap, ServiceMaps};
 use velox_node::{Bpffs, StateDir};
 
 #[derive(Serialize)]
@@ -204,14 +204,8 @@ pub fn kernel_flows(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
         .entries()?
         .into_iter()
         .map(|(end, ifindex)| KernelFlowRow {
-            protocol: match end.proto {
-                1 | 58 => "icmp".into(),
-                6 => "tcp".into(),
-                17 => "udp".into(),
-                132 => "sctp".into(),
-                other => other.to_string(),
-            },
-            end: std::net::SocketAddr::new(end.addr.ip(), u16::from_be(end.port)),
+            protocol: protocol_name(end.proto),
+            end: socket_address(&end),
             ifname: names.get(&ifindex).cloned().unwrap_or_default(),
             ifindex,
         })
@@ -226,6 +220,57 @@ pub fn kernel_flows(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
         ]
     });
     print(&rows, json, ["PROTO", "POD END", "SEEN ON", "IFINDEX"], table)
+}
+
+fn protocol_name(proto: u8) -> String {
+    match proto {
+        1 | 58 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        132 => "sctp".into(),
+        other => other.to_string(),
+    }
+}
+
+fn socket_address(end: &FlowEnd) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(end.addr.ip(), u16::from_be(end.port))
+}
+
+#[derive(Serialize)]
+struct ServiceRow {
+    frontend: std::net::SocketAddr,
+    protocol: String,
+    id: u32,
+    backends: Vec<std::net::SocketAddr>,
+    /// "ok", or "no backends": connections are refused.
+    state: &'static str,
+}
+
+pub fn services(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
+    let maps = ServiceMaps::open(bpffs)?;
+    let mut rows = Vec::new();
+    for (frontend, service) in maps.services()? {
+        let backends: Vec<_> = maps.backends(&service)?.iter().map(socket_address).collect();
+        rows.push(ServiceRow {
+            frontend: socket_address(&frontend),
+            protocol: protocol_name(frontend.proto),
+            id: service.id,
+            state: if backends.is_empty() { "no backends" } else { "ok" },
+            backends,
+        });
+    }
+    rows.sort_by(|a, b| (a.frontend, &a.protocol).cmp(&(b.frontend, &b.protocol)));
+    let table = rows.iter().map(|r| {
+        let backends: Vec<String> = r.backends.iter().map(ToString::to_string).collect();
+        [
+            r.frontend.to_string(),
+            r.protocol.clone(),
+            r.id.to_string(),
+            backends.join(" "),
+            r.state.to_string(),
+        ]
+    });
+    print(&rows, json, ["FRONTEND", "PROTO", "ID", "BACKENDS", "STATE"], table)
 }
 
 /// Interface names by index, in the loader's network namespace.

@@ -6,6 +6,7 @@ mod dump;
 mod install;
 mod netfilter;
 mod reconcile;
+mod services;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -66,6 +67,20 @@ enum Commands {
         /// datapath fix without a new loader). Pods and the uplink move to it at start.
         #[arg(long)]
         ebpf_object: Option<PathBuf>,
+        /// Kubernetes Services and EndpointSlices as JSON (`kubectl get
+        /// services,endpointslices -A -o json`): a file, or a directory of such files.
+        /// Re-read every second.
+        #[arg(long)]
+        cluster_state: Option<PathBuf>,
+        /// Turn on the socket load balancer (Velox's kube-proxy replacement for
+        /// ClusterIPs and NodePorts): cgroup socket hooks translate Service addresses
+        /// in connect, sendmsg, recvmsg and getpeername.
+        #[arg(long, requires = "cluster_state")]
+        socket_lb: bool,
+        /// The cgroup (v2) the socket hooks attach to; by default the root of the
+        /// cgroup2 hierarchy, found in the mount table.
+        #[arg(long, requires = "socket_lb")]
+        socket_lb_cgroup: Option<PathBuf>,
     },
     /// Put `velox` into the CNI bin dir and a conflist into the CNI conf dir (what a
     /// DaemonSet's init container runs; see deploy/velox.yaml).
@@ -93,6 +108,13 @@ enum Commands {
     /// Counters of every interface a Velox program runs on: pods' veths (from_pod)
     /// and the uplink (from_net).
     Stats {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The socket load balancer's Services as the datapath sees them: each frontend
+    /// with its backends.
+    Services {
         /// One JSON array instead of a table.
         #[arg(long)]
         json: bool,
@@ -130,7 +152,15 @@ fn main() -> anyhow::Result<()> {
             ip_masq,
             datapath_log_level,
             ebpf_object,
+            cluster_state,
+            socket_lb,
+            socket_lb_cgroup,
         } => {
+            let socket_lb_cgroup = match (socket_lb, socket_lb_cgroup) {
+                (false, _) => None,
+                (true, Some(cgroup)) => Some(cgroup),
+                (true, None) => Some(velox_node::layout::cgroup2_root()?),
+            };
             let cluster = uplink.map(|uplink| cluster::ClusterConfig {
                 uplink,
                 peers_file,
@@ -149,6 +179,8 @@ fn main() -> anyhow::Result<()> {
                     daemon::DatapathOptions {
                         object: ebpf_object,
                         log_level: datapath_log_level,
+                        cluster_state,
+                        socket_lb_cgroup,
                     },
                 ))
         }
@@ -166,5 +198,6 @@ fn main() -> anyhow::Result<()> {
         Commands::Peers { json } => dump::peers(&bpffs, json),
         Commands::Stats { json } => dump::stats(&bpffs, json),
         Commands::KernelFlows { json } => dump::kernel_flows(&bpffs, json),
+        Commands::Services { json } => dump::services(&bpffs, json),
     }
 }

@@ -14,7 +14,7 @@
 //! └── links/                          0700  one directory per hook, so no sweep of one
 //!     ├── tc-ingress/<ifname>               kind can touch another: pods' host veths
 //!     │                                     (pinned by the plugin), the uplink (loader)
-//!     └── cgroup/<hook>                     socket hooks
+//!     └── cgroup/<program>                  the socket load balancer's hooks
 //!
 //! <stateDir>/                         0700  default /run/velox
 //! ├── endpoints/                      0700
@@ -98,6 +98,11 @@ impl Bpffs {
     pub fn tc_ingress_link(&self, ifname: &str) -> PathBuf {
         self.links_dir(Hook::TcIngress).join(ifname)
     }
+
+    /// The pinned link of a socket hook program on the load balancer's cgroup.
+    pub fn cgroup_link(&self, program: &str) -> PathBuf {
+        self.links_dir(Hook::Cgroup).join(program)
+    }
 }
 
 /// Velox's files under one state directory (`stateDir`).
@@ -129,6 +134,19 @@ impl AsRef<Path> for StateDir {
     fn as_ref(&self) -> &Path {
         &self.root
     }
+}
+
+/// Where the cgroup2 hierarchy is mounted (`/sys/fs/cgroup`, or
+/// `/sys/fs/cgroup/unified` on a hybrid host), from the mount table.
+pub fn cgroup2_root() -> crate::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(crate::Error::io("reading the mount table"))?;
+    mounts
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| fields.get(2) == Some(&"cgroup2"))
+        .and_then(|fields| fields.get(1).map(PathBuf::from))
+        .ok_or_else(|| crate::Error::Invalid("no cgroup2 hierarchy is mounted".into()))
 }
 
 #[cfg(test)]

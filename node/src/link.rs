@@ -1,8 +1,13 @@
-//! Pinned TCX links: a program attached to an interface stays attached after the
-//! process that attached it exits, for as long as the pin (or the interface) lives.
+//! Pinned links: a program attached to an interface (TCX) or a cgroup stays attached
+//! after the process that attached it exits, for as long as the pin (or the
+//! interface) lives; and it can be moved to another program in one step.
 
-use aya::programs::links::FdLink;
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::links::{CgroupAttachMode, FdLink};
+use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::fs::{create_private_dir, remove_if_exists};
@@ -31,4 +36,74 @@ pub fn attach_tc_ingress(bpffs: &Bpffs, program: &str, ifname: &str) -> Result<(
 /// already did, when the interface went away).
 pub fn detach_tc_ingress(bpffs: &Bpffs, ifname: &str) -> Result<()> {
     remove_if_exists(&bpffs.tc_ingress_link(ifname))
+}
+
+/// Attaches a loaded socket hook program to `cgroup` (only it, no program of a
+/// sub-cgroup may override: links take only that mode) and pins the link as
+/// `links/cgroup/<name>`.
+pub fn attach_cgroup(bpffs: &Bpffs, program: &mut CgroupSockAddr, name: &str, cgroup: &Path) -> Result<()> {
+    let cgroup_dir = std::fs::File::open(cgroup).map_err(Error::io(format!("opening the cgroup {}", cgroup.display())))?;
+    let link_id = program
+        .attach(&cgroup_dir, CgroupAttachMode::Single)
+        .map_err(Error::program(format!("attaching {name} to {}", cgroup.display())))?;
+    let link: FdLink = program
+        .take_link(link_id)
+        .map_err(Error::program(format!("taking the link of {name}")))?
+        .try_into()
+        .map_err(Error::invalid(format!("the link of {name} is not a bpf_link")))?;
+    create_private_dir(&bpffs.links_dir(Hook::Cgroup))?;
+    link.pin(bpffs.cgroup_link(name))
+        .map_err(Error::invalid(format!("pinning the link of {name}")))?;
+    Ok(())
+}
+
+const BPF_OBJ_GET: i64 = 7;
+const BPF_LINK_UPDATE: i64 = 29;
+
+/// Moves the link pinned at `pin` (any hook) to `program` in one step
+/// (`BPF_LINK_UPDATE`): no packet or socket call meets the hook without a program.
+/// aya keeps its wrapper of this call private.
+pub fn update_pinned_link(pin: &Path, program: BorrowedFd<'_>) -> Result<()> {
+    let what = format!("moving {} to a new program", pin.display());
+    let path = CString::new(pin.as_os_str().as_bytes()).map_err(Error::invalid(&what))?;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+    };
+    // SAFETY: `get` is a valid bpf_attr prefix for BPF_OBJ_GET and outlives the call.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_bpf, BPF_OBJ_GET, &get, std::mem::size_of::<ObjGet>()) };
+    if fd < 0 {
+        return Err(Error::io(what)(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a new fd the kernel just gave us.
+    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let update = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: program.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: `update` is a valid bpf_attr prefix for BPF_LINK_UPDATE.
+    let done =
+        unsafe { nix::libc::syscall(nix::libc::SYS_bpf, BPF_LINK_UPDATE, &update, std::mem::size_of::<LinkUpdate>()) };
+    if done < 0 {
+        return Err(Error::io(what)(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }

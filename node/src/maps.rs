@@ -6,8 +6,8 @@ use aya::maps::{HashMap, Map, MapData, MapError, PerCpuHashMap};
 use ipnet::IpNet;
 use std::net::IpAddr;
 use velox_common::{
-    Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, COUNTERS_MAP, ENDPOINTS_MAP, IPV4_MAPPED_PREFIX,
-    KERNEL_FLOWS_MAP, PEERS_MAP,
+    BackendSlot, Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, Service, SocketPeer, BACKENDS_MAP, COUNTERS_MAP,
+    ENDPOINTS_MAP, IPV4_MAPPED_PREFIX, KERNEL_FLOWS_MAP, PEERS_MAP, SERVICES_MAP, SOCKET_PEERS_MAP,
 };
 
 use crate::error::{Error, Result};
@@ -58,7 +58,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const LAYOUT_REVISION: u32 = 1;
 
 /// Every pinned map as this build's eBPF object declares it.
-pub fn layouts() -> [MapLayout; 4] {
+pub fn layouts() -> [MapLayout; 7] {
     use std::mem::size_of;
     let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
         name,
@@ -86,6 +86,27 @@ pub fn layouts() -> [MapLayout; 4] {
             BPF_F_NO_PREALLOC,
         ),
         layout(KERNEL_FLOWS_MAP, BPF_MAP_TYPE_LRU_HASH, size_of::<FlowEnd>(), size_of::<u32>(), 0),
+        layout(
+            SERVICES_MAP,
+            BPF_MAP_TYPE_HASH,
+            size_of::<FlowEnd>(),
+            size_of::<Service>(),
+            BPF_F_NO_PREALLOC,
+        ),
+        layout(
+            BACKENDS_MAP,
+            BPF_MAP_TYPE_HASH,
+            size_of::<BackendSlot>(),
+            size_of::<FlowEnd>(),
+            BPF_F_NO_PREALLOC,
+        ),
+        layout(
+            SOCKET_PEERS_MAP,
+            BPF_MAP_TYPE_LRU_HASH,
+            size_of::<SocketPeer>(),
+            size_of::<FlowEnd>(),
+            0,
+        ),
     ]
 }
 
@@ -365,6 +386,72 @@ impl KernelFlows {
             copied += 1;
         }
         Ok(copied)
+    }
+}
+
+/// The socket load balancer's Services: frontend -> (id, backend count), and
+/// (id, slot) -> backend.
+pub struct ServiceMaps {
+    services: HashMap<MapData, FlowEnd, Service>,
+    backends: HashMap<MapData, BackendSlot, FlowEnd>,
+}
+
+impl ServiceMaps {
+    pub fn open(bpffs: &Bpffs) -> Result<Self> {
+        Ok(Self {
+            services: open_map(bpffs, SERVICES_MAP)?,
+            backends: open_map(bpffs, BACKENDS_MAP)?,
+        })
+    }
+
+    pub fn services(&self) -> Result<Vec<(FlowEnd, Service)>> {
+        self.services
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Error::map("reading the service map"))
+    }
+
+    /// The backends of a Service in slot order.
+    pub fn backends(&self, service: &Service) -> Result<Vec<FlowEnd>> {
+        (0..service.backends)
+            .filter_map(|slot| {
+                found(
+                    self.backends.get(&BackendSlot { service: service.id, slot }, 0),
+                    "reading the backend map",
+                )
+                .transpose()
+            })
+            .collect()
+    }
+
+    /// Gives `frontend` the service `id` with `backends`, without a moment in which
+    /// a connection could pick a slot that is not filled: a growing Service gets its
+    /// slots before its count, a shrinking one its count before the slots go.
+    pub fn set(&mut self, frontend: FlowEnd, id: u32, backends: &[FlowEnd], before: Option<Service>) -> Result<()> {
+        let count = backends.len() as u32;
+        for (slot, backend) in backends.iter().enumerate() {
+            self.backends
+                .insert(BackendSlot { service: id, slot: slot as u32 }, *backend, 0)
+                .map_err(Error::map("adding a backend"))?;
+        }
+        self.services
+            .insert(frontend, Service { id, backends: count }, 0)
+            .map_err(Error::map("adding a service"))?;
+        for slot in count..before.map_or(0, |b| b.backends) {
+            ignore_missing(self.backends.remove(&BackendSlot { service: id, slot }))
+                .map_err(Error::map("removing a backend"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a frontend, then its backends.
+    pub fn remove(&mut self, frontend: &FlowEnd, service: &Service) -> Result<()> {
+        ignore_missing(self.services.remove(frontend)).map_err(Error::map("removing a service"))?;
+        for slot in 0..service.backends {
+            ignore_missing(self.backends.remove(&BackendSlot { service: service.id, slot }))
+                .map_err(Error::map("removing a backend"))?;
+        }
+        Ok(())
     }
 }
 

@@ -18,6 +18,14 @@ pub const PEERS_MAP: &str = "VELOX_PEERS";
 /// Pinned under `<bpffsRoot>/maps/`: pod connection ends whose traffic the kernel
 /// handled (LRU); replies to them go back through the kernel, which may have NATed them.
 pub const KERNEL_FLOWS_MAP: &str = "VELOX_KERNEL_FLOWS";
+/// Pinned under `<bpffsRoot>/maps/`: Service frontend (ClusterIP or node address,
+/// port, protocol) -> its id and how many backends it has.
+pub const SERVICES_MAP: &str = "VELOX_SERVICES";
+/// Pinned under `<bpffsRoot>/maps/`: (Service id, slot) -> backend address and port.
+pub const BACKENDS_MAP: &str = "VELOX_BACKENDS";
+/// Pinned under `<bpffsRoot>/maps/`: (socket, backend) -> the frontend it was
+/// translated from (LRU), so replies and getpeername show the Service.
+pub const SOCKET_PEERS_MAP: &str = "VELOX_SOCKET_PEERS";
 /// Pinned under `<bpffsRoot>/programs/`: TC ingress of every host-side pod veth.
 pub const FROM_POD_PROGRAM: &str = "from_pod";
 /// Pinned under `<bpffsRoot>/programs/`: TC ingress of the node's uplink.
@@ -27,6 +35,27 @@ pub const DEFAULT_KERNEL_FLOWS: u32 = 262_144;
 
 pub const MAX_ENDPOINTS: usize = 16384;
 pub const MAX_PEERS: usize = 4096;
+pub const MAX_SERVICES: usize = 65536;
+pub const MAX_BACKENDS: usize = 262_144;
+pub const MAX_SOCKET_PEERS: usize = 65536;
+
+/// The socket load balancer's programs (cgroup sock_addr hooks), by the hook each
+/// attaches to: `connect` and `sendmsg` turn a Service frontend into a backend,
+/// `recvmsg` and `getpeername` show the frontend again.
+pub const SOCKET_LB_PROGRAMS: [&str; 8] = [
+    "lb_connect4",
+    "lb_connect6",
+    "lb_sendmsg4",
+    "lb_sendmsg6",
+    "lb_recvmsg4",
+    "lb_recvmsg6",
+    "lb_getpeername4",
+    "lb_getpeername6",
+];
+
+/// IP protocol numbers, as in `FlowEnd::proto`.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
 
 /// Address families as the kernel numbers them (`bpf_redir_neigh.nh_family`).
 pub const AF_INET: u32 = 2;
@@ -93,6 +122,32 @@ pub struct FlowEnd {
     pub port: u16,
     pub proto: u8,
     pub pad: u8,
+}
+
+/// A Service frontend's entry: its id (the backends' key) and how many backends it
+/// has; 0 refuses connections (ECONNREFUSED) instead of letting them hang.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    pub id: u32,
+    pub backends: u32,
+}
+
+/// One backend of a Service: slots 0..backends of its id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendSlot {
+    pub service: u32,
+    pub slot: u32,
+}
+
+/// A socket's peer: the socket's cookie and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketPeer {
+    pub cookie: u64,
+    pub peer: FlowEnd,
+    pub pad: u32,
 }
 
 /// A pod reachable on this node. Frames are redirected as they are: rewriting the
@@ -171,6 +226,9 @@ mod pod {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::EndpointCounters {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::BackendSlot {}
+    unsafe impl aya::Pod for super::SocketPeer {}
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@
 #![no_std]
 #![no_main]
 
+mod socket_lb;
+
 use aya_ebpf::{
     bindings::{
         bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_redir_neigh, BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK,
@@ -31,7 +33,8 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 use velox_common::{
-    Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, AF_INET, DEFAULT_KERNEL_FLOWS, MAX_ENDPOINTS, MAX_PEERS,
+    Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, AF_INET, DEFAULT_KERNEL_FLOWS, IPPROTO_TCP, IPPROTO_UDP,
+    MAX_ENDPOINTS, MAX_PEERS,
 };
 
 #[btf_map]
@@ -53,8 +56,6 @@ static VELOX_COUNTERS: PerCpuHashMap<u32, EndpointCounters, MAX_ENDPOINTS, { BPF
 static VELOX_KERNEL_FLOWS: LruHashMap<FlowEnd, u32, { DEFAULT_KERNEL_FLOWS as usize }> = LruHashMap::new();
 
 const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_ICMPV6: u8 = 58;
 /// ICMP and ICMPv6 echo request and reply: their identifier stands for a port.

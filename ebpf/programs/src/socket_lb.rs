@@ -1,0 +1,174 @@
+//! The socket load balancer: cgroup sock_addr hooks that turn a Service frontend
+//! into one of its backends where a socket is connected or a datagram sent, before
+//! any packet exists, so no packet of the connection needs NAT. `recvmsg` and
+//! `getpeername` show the frontend again, as a client of the Service expects (a
+//! resolver drops a reply that comes from another address than it asked).
+
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, BPF_F_NO_PREALLOC},
+    btf_maps::{HashMap, LruHashMap},
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    macros::{btf_map, cgroup_sock_addr},
+    programs::SockAddrContext,
+    EbpfContext,
+};
+use velox_common::{
+    BackendSlot, FlowEnd, IpKey, Service, SocketPeer, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_SERVICES,
+    MAX_SOCKET_PEERS,
+};
+
+#[btf_map]
+static VELOX_SERVICES: HashMap<FlowEnd, Service, MAX_SERVICES, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
+
+#[btf_map]
+static VELOX_BACKENDS: HashMap<BackendSlot, FlowEnd, MAX_BACKENDS, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
+
+#[btf_map]
+static VELOX_SOCKET_PEERS: LruHashMap<SocketPeer, FlowEnd, MAX_SOCKET_PEERS> = LruHashMap::new();
+
+/// What a sock_addr hook returns to let the call go on; 0 fails it.
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+const ECONNREFUSED: i32 = 111;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    to_backend(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    to_backend(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    to_backend(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    to_backend(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    to_frontend(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    to_frontend(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    to_frontend(&ctx, Family::V4)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    to_frontend(&ctx, Family::V6)
+}
+
+/// The address and port the call names (destination of connect and sendmsg, source
+/// of a received datagram, the peer for getpeername), with the socket's protocol.
+/// False for sockets that are neither TCP nor UDP.
+#[inline(always)]
+fn read_user_end(sa: &bpf_sock_addr, family: Family, end: &mut FlowEnd) -> bool {
+    end.proto = match sa.type_ {
+        SOCK_STREAM => IPPROTO_TCP,
+        SOCK_DGRAM => IPPROTO_UDP,
+        _ => return false,
+    };
+    end.addr = match family {
+        Family::V4 => IpKey::v4(sa.user_ip4.to_ne_bytes()),
+        Family::V6 => {
+            let mut addr = [0u8; 16];
+            for (i, word) in sa.user_ip6.iter().enumerate() {
+                addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+            }
+            IpKey::v6(addr)
+        }
+    };
+    // The port sits in network byte order in the low 16 bits.
+    end.port = sa.user_port as u16;
+    true
+}
+
+#[inline(always)]
+fn write_user_end(sa: &mut bpf_sock_addr, family: Family, end: &FlowEnd) {
+    let a = &end.addr.addr;
+    match family {
+        Family::V4 => sa.user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        Family::V6 => {
+            sa.user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+            sa.user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
+            sa.user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
+            sa.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
+        }
+    }
+    sa.user_port = u32::from(end.port);
+}
+
+/// connect and sendmsg: a Service frontend becomes a backend picked at random, and
+/// the socket remembers which frontend it asked for. A Service without backends
+/// refuses (ECONNREFUSED) instead of letting the client wait for a timeout.
+#[inline(always)]
+fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
+    // SAFETY: the context the kernel passed; the verifier checks every access.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let mut frontend = FlowEnd::default();
+    if !read_user_end(sa, family, &mut frontend) {
+        return ALLOW;
+    }
+    let Some(service) = (unsafe { VELOX_SERVICES.get(&frontend) }) else {
+        return ALLOW;
+    };
+    let backends = service.backends;
+    let slot = BackendSlot {
+        service: service.id,
+        slot: if backends == 0 { 0 } else { (unsafe { bpf_get_prandom_u32() }) % backends },
+    };
+    // A slot can be missing for a moment while the loader shrinks the Service.
+    let backend = if backends == 0 { None } else { unsafe { VELOX_BACKENDS.get(&slot) } };
+    let Some(backend) = backend else {
+        // SAFETY: sets this call's error; the kernel keeps it when we refuse.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return REFUSE;
+    };
+    write_user_end(sa, family, backend);
+    let peer = SocketPeer {
+        // SAFETY: the context is a live socket address of a live socket.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        peer: *backend,
+        pad: 0,
+    };
+    let _ = VELOX_SOCKET_PEERS.insert(&peer, &frontend, 0);
+    ALLOW
+}
+
+/// recvmsg and getpeername: a backend this socket was sent to shows as the frontend.
+#[inline(always)]
+fn to_frontend(ctx: &SockAddrContext, family: Family) -> i32 {
+    // SAFETY: the context the kernel passed; the verifier checks every access.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let mut peer = SocketPeer::default();
+    if !read_user_end(sa, family, &mut peer.peer) {
+        return ALLOW;
+    }
+    // SAFETY: as above.
+    peer.cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some(frontend) = unsafe { VELOX_SOCKET_PEERS.get(&peer) } {
+        write_user_end(sa, family, frontend);
+    }
+    ALLOW
+}

@@ -1,0 +1,304 @@
+//! Kubernetes Services and EndpointSlices, in their own JSON (what `kubectl get
+//! services,endpointslices -A -o json` prints), turned into the socket load
+//! balancer's maps: every frontend (a ClusterIP, or for a NodePort every node
+//! address and loopback) with the ready backends of its family.
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::Service as KubeService;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use velox_common::{FlowEnd, Service, IPPROTO_TCP, IPPROTO_UDP};
+use velox_node::fs::list_dir;
+use velox_node::maps::ServiceMaps;
+use velox_node::Family;
+
+/// The objects of the cluster-state source that the load balancer reads.
+#[derive(Debug, Default)]
+pub struct ClusterState {
+    pub services: Vec<KubeService>,
+    pub slices: Vec<EndpointSlice>,
+}
+
+/// The `--cluster-state` source, re-read every second; only a change reaches the maps.
+pub struct ServiceSource {
+    path: std::path::PathBuf,
+    applied: Option<BTreeMap<FlowEnd, Vec<FlowEnd>>>,
+}
+
+impl ServiceSource {
+    pub fn new(path: std::path::PathBuf) -> Self {
+        Self { path, applied: None }
+    }
+
+    /// Reads the source and applies it if it changed. A source that cannot be read
+    /// changes nothing: the maps keep the last Services.
+    pub fn reconcile(&mut self, bpffs: &velox_node::Bpffs, node_ips: &[IpAddr]) -> anyhow::Result<()> {
+        let wanted = frontends(&read_cluster_state(&self.path)?, node_ips);
+        if self.applied.as_ref() == Some(&wanted) {
+            return Ok(());
+        }
+        apply(&mut ServiceMaps::open(bpffs)?, &wanted)?;
+        log::info!("services: {} frontend(s) from {}", wanted.len(), self.path.display());
+        self.applied = Some(wanted);
+        Ok(())
+    }
+}
+
+/// Reads a file, or every `*.json` file of a directory: each one Kubernetes object
+/// or a `List` of them. Objects of other kinds are ignored; one that does not parse
+/// is skipped with a log line. A path that does not exist (yet) holds nothing.
+pub fn read_cluster_state(path: &Path) -> anyhow::Result<ClusterState> {
+    let files = if !path.exists() {
+        Vec::new()
+    } else if path.is_dir() {
+        let mut files: Vec<_> = list_dir(path)?
+            .into_iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "json"))
+            .collect();
+        files.sort();
+        files
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut state = ClusterState::default();
+    for file in files {
+        let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+        let value: Value = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", file.display()))?;
+        let objects = match value.get("items") {
+            Some(Value::Array(items)) => items.clone(),
+            _ => vec![value],
+        };
+        for object in objects {
+            let kind = object.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+            let parsed = match kind.as_str() {
+                "Service" => serde_json::from_value(object).map(|s| state.services.push(s)),
+                "EndpointSlice" => serde_json::from_value(object).map(|s| state.slices.push(s)),
+                _ => Ok(()),
+            };
+            if let Err(e) = parsed {
+                log::warn!("{}: skipping a {kind}: {e}", file.display());
+            }
+        }
+    }
+    Ok(state)
+}
+
+fn protocol_number(protocol: Option<&str>) -> Option<u8> {
+    match protocol.unwrap_or("TCP") {
+        "TCP" => Some(IPPROTO_TCP),
+        "UDP" => Some(IPPROTO_UDP),
+        _ => None, // SCTP: not through the socket hooks
+    }
+}
+
+fn end(addr: IpAddr, port: u16, proto: u8) -> FlowEnd {
+    FlowEnd {
+        addr: addr.into(),
+        port: port.to_be(),
+        proto,
+        pad: 0,
+    }
+}
+
+/// Every frontend with its ready backends (sorted, each once); `node_ips` are the
+/// addresses a NodePort answers on besides loopback.
+pub fn frontends(state: &ClusterState, node_ips: &[IpAddr]) -> BTreeMap<FlowEnd, Vec<FlowEnd>> {
+    let mut out = BTreeMap::new();
+    for service in &state.services {
+        let (Some(name), Some(spec)) = (service.metadata.name.as_deref(), service.spec.as_ref()) else {
+            continue;
+        };
+        let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
+        let slices: Vec<&EndpointSlice> = state
+            .slices
+            .iter()
+            .filter(|slice| {
+                slice.metadata.namespace.as_deref().unwrap_or("default") == namespace
+                    && slice
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("kubernetes.io/service-name"))
+                        .is_some_and(|n| n == name)
+            })
+            .collect();
+        let cluster_ips: Vec<IpAddr> = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .filter_map(|ip| ip.parse().ok())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for port in spec.ports.iter().flatten() {
+            let Some(proto) = protocol_number(port.protocol.as_deref()) else {
+                continue;
+            };
+            let Ok(service_port) = u16::try_from(port.port) else {
+                continue;
+            };
+            let backends_of = |family: Family| -> Vec<FlowEnd> {
+                let mut backends = BTreeSet::new();
+                for slice in &slices {
+                    let slice_family = match slice.address_type.as_str() {
+                        "IPv4" => Family::V4,
+                        "IPv6" => Family::V6,
+                        _ => continue,
+                    };
+                    if slice_family != family {
+                        continue;
+                    }
+                    // The slice's port of the same name (both unnamed for a one-port Service).
+                    let target = slice.ports.iter().flatten().find(|p| {
+                        p.name.as_deref().unwrap_or("") == port.name.as_deref().unwrap_or("")
+                            && protocol_number(p.protocol.as_deref()) == Some(proto)
+                    });
+                    let Some(target) = target.and_then(|p| p.port).and_then(|p| u16::try_from(p).ok()) else {
+                        continue;
+                    };
+                    for endpoint in &slice.endpoints {
+                        // Kubernetes: an unset `ready` means ready.
+                        if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                            continue;
+                        }
+                        for address in &endpoint.addresses {
+                            if let Ok(ip) = address.parse::<IpAddr>() {
+                                backends.insert(end(ip, target, proto));
+                            }
+                        }
+                    }
+                }
+                backends.into_iter().collect()
+            };
+            for ip in &cluster_ips {
+                out.insert(end(*ip, service_port, proto), backends_of(Family::of(ip)));
+            }
+            let node_port = port.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0);
+            if let Some(node_port) = node_port {
+                let loopback = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
+                for ip in node_ips.iter().chain(loopback.iter()) {
+                    out.insert(end(*ip, node_port, proto), backends_of(Family::of(ip)));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Makes the service maps hold exactly `wanted`. A frontend keeps its id for as long
+/// as it exists; a new one gets the smallest free id. The maps are the only state,
+/// so a restarted loader picks up where the last one stopped.
+pub fn apply(maps: &mut ServiceMaps, wanted: &BTreeMap<FlowEnd, Vec<FlowEnd>>) -> anyhow::Result<()> {
+    let current: BTreeMap<FlowEnd, Service> = maps.services()?.into_iter().collect();
+    let mut used: BTreeSet<u32> = current.values().map(|s| s.id).collect();
+    let mut next_free = 1;
+    for (frontend, backends) in wanted {
+        let before = current.get(frontend).copied();
+        let id = match before {
+            Some(service) => {
+                if maps.backends(&service)? == *backends {
+                    continue;
+                }
+                service.id
+            }
+            None => {
+                while used.contains(&next_free) {
+                    next_free += 1;
+                }
+                used.insert(next_free);
+                next_free
+            }
+        };
+        maps.set(*frontend, id, backends, before)?;
+    }
+    for (frontend, service) in &current {
+        if !wanted.contains_key(frontend) {
+            maps.remove(frontend, service)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn state(objects: Value) -> ClusterState {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, serde_json::to_vec(&objects).unwrap()).unwrap();
+        read_cluster_state(&path).unwrap()
+    }
+
+    fn ends(list: &[(&str, u16, u8)]) -> Vec<FlowEnd> {
+        list.iter().map(|(ip, port, proto)| end(ip.parse().unwrap(), *port, *proto)).collect()
+    }
+
+    fn dns_cluster() -> Value {
+        json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "Service",
+             "metadata": {"name": "dns", "namespace": "kube-system"},
+             "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:96::a"],
+                      "ports": [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+                                {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 5353}]}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+             "metadata": {"name": "dns-a", "namespace": "kube-system", "labels": {"kubernetes.io/service-name": "dns"}},
+             "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}, {"name": "dns-tcp", "port": 5353, "protocol": "TCP"}],
+             "endpoints": [{"addresses": ["200.200.1.5"], "conditions": {"ready": true}},
+                           {"addresses": ["200.200.2.7"]},
+                           {"addresses": ["200.200.2.9"], "conditions": {"ready": false}}]},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv6",
+             "metadata": {"name": "dns-b", "namespace": "kube-system", "labels": {"kubernetes.io/service-name": "dns"}},
+             "ports": [{"name": "dns", "port": 5353, "protocol": "UDP"}],
+             "endpoints": [{"addresses": ["fd00:200:1::5"]}]},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+             "metadata": {"name": "other", "namespace": "default", "labels": {"kubernetes.io/service-name": "dns"}},
+             "ports": [{"name": "dns", "port": 1, "protocol": "UDP"}],
+             "endpoints": [{"addresses": ["10.1.1.1"]}]},
+            {"kind": "Service", "metadata": {"name": "broken"}, "spec": {"ports": "not a list"}}
+        ]})
+    }
+
+    #[test]
+    fn cluster_ips_of_both_families_get_the_ready_backends_of_their_family_and_port() {
+        let frontends = frontends(&state(dns_cluster()), &[]);
+        let udp4 = end("10.96.0.10".parse().unwrap(), 53, IPPROTO_UDP);
+        assert_eq!(
+            frontends[&udp4],
+            ends(&[("200.200.1.5", 5353, IPPROTO_UDP), ("200.200.2.7", 5353, IPPROTO_UDP)]),
+            "ready or unset, same namespace only"
+        );
+        let udp6 = end("fd00:96::a".parse().unwrap(), 53, IPPROTO_UDP);
+        assert_eq!(frontends[&udp6], ends(&[("fd00:200:1::5", 5353, IPPROTO_UDP)]));
+        let tcp6 = end("fd00:96::a".parse().unwrap(), 53, IPPROTO_TCP);
+        assert_eq!(frontends[&tcp6], vec![], "no IPv6 backend on the TCP port: refused, not hanging");
+        assert_eq!(frontends.len(), 4);
+    }
+
+    #[test]
+    fn a_node_port_answers_on_every_node_address_and_loopback() {
+        let objects = json!({"kind": "Service", "metadata": {"name": "web"},
+            "spec": {"type": "NodePort", "clusterIP": "10.96.1.1",
+                     "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]}});
+        let frontends = frontends(&state(objects), &["10.0.0.3".parse().unwrap()]);
+        let at = |ip: &str, port| end(ip.parse().unwrap(), port, IPPROTO_TCP);
+        for frontend in [at("10.96.1.1", 80), at("10.0.0.3", 30080), at("127.0.0.1", 30080), at("::1", 30080)] {
+            assert!(frontends.contains_key(&frontend), "{frontend:?}");
+        }
+    }
+
+    #[test]
+    fn headless_services_and_other_kinds_are_no_frontends() {
+        let objects = json!({"items": [
+            {"kind": "Service", "metadata": {"name": "headless"},
+             "spec": {"clusterIP": "None", "ports": [{"port": 80}]}},
+            {"kind": "Pod", "metadata": {"name": "p"}}
+        ]});
+        assert!(frontends(&state(objects), &[]).is_empty());
+    }
+}
