@@ -10,7 +10,9 @@ use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod backend;
 pub mod cluster;
+pub mod cluster_state;
 pub mod cni;
 pub mod containerd;
 pub mod guard;
@@ -24,7 +26,9 @@ pub mod reference;
 
 pub use cluster::{Cluster, ClusterGuard};
 pub use cni::CniOutcome;
-pub use netns::{direct_veth_pair, ensure_bpffs, in_netns, netns_with_prefix, remove_direct_veth_pair};
+pub use netns::{
+    direct_veth_pair, ensure_bpffs, in_netns, in_netns_and_cgroup, netns_with_prefix, remove_direct_veth_pair,
+};
 pub use node::{Node, NodeGuard};
 pub use pod::Pod;
 pub use velox_node::Family;

@@ -53,6 +53,20 @@ pub fn in_netns(netns: &str, program: &str, args: &[&str]) -> Command {
     cmd
 }
 
+/// `in_netns`, with the process first moved into the cgroup (v2) `cgroup`: socket
+/// hooks attached there act on it.
+pub fn in_netns_and_cgroup(netns: &str, cgroup: &Path, program: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!(
+            "echo $$ > \"$0/cgroup.procs\" && exec nsenter --net=/run/netns/{netns} \"$@\""
+        ))
+        .arg(cgroup)
+        .arg(program)
+        .args(args);
+    cmd
+}
+
 /// Mounts bpffs at /sys/fs/bpf unless it is there already.
 pub fn ensure_bpffs() -> anyhow::Result<()> {
     if Command::new("mountpoint")

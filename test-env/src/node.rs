@@ -246,6 +246,19 @@ impl Node {
         delete_netns(pod)
     }
 
+    /// The node's own cgroup (v2): processes of its pods and host that the socket load
+    /// balancer acts on. Created on first use, removed by `down`.
+    pub fn cgroup(&self) -> anyhow::Result<PathBuf> {
+        let cgroup = velox_node::layout::cgroup2_root()?.join(format!("velox-test-{}", self.name));
+        std::fs::create_dir_all(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+        Ok(cgroup)
+    }
+
+    fn cgroup_if_made(&self) -> Option<PathBuf> {
+        let cgroup = velox_node::layout::cgroup2_root().ok()?.join(format!("velox-test-{}", self.name));
+        cgroup.exists().then_some(cgroup)
+    }
+
     /// Addresses of either family the node's built-in IPAM holds.
     pub fn reserved_addresses(&self) -> usize {
         let ipam_dir = self.state_dir.join("ipam").join(format!("velox-{}", self.name));
@@ -340,6 +353,10 @@ impl Node {
             errors.keep(delete_netns(&netns));
         }
         errors.keep(delete_netns(&self.name));
+        if let Some(cgroup) = self.cgroup_if_made() {
+            // Empty once its processes are gone.
+            errors.keep(std::fs::remove_dir(&cgroup).with_context(|| format!("removing {}", cgroup.display())));
+        }
         for dir in [&self.bpffs_root, &self.state_dir] {
             if dir.exists() {
                 errors.keep(std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display())));
@@ -358,6 +375,9 @@ impl Node {
             if dir.exists() {
                 left.push(dir.display().to_string());
             }
+        }
+        if let Some(cgroup) = self.cgroup_if_made() {
+            left.push(cgroup.display().to_string());
         }
         let root = self.bpffs_root.to_str().unwrap_or_default();
         if Command::new("pgrep")

@@ -3,53 +3,15 @@
 //! (so the reply is translated back) and keep redirecting plain pod-to-pod traffic.
 //! Needs root and `cargo xtask build`; `cargo xtask test` does both.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::io::Read;
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
+use velox_test_env::backend::Backend;
 use velox_test_env::kube_proxy::{Protocol, ServiceRule};
 use velox_test_env::netns::spawn_in;
 use velox_test_env::{ClusterGuard, Family, Pod};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Answers `requests` TCP connections (or UDP datagrams) on `addr` inside `netns`
-/// with `name`; returns once it listens.
-fn serve(
-    netns: &str,
-    addr: SocketAddr,
-    protocol: Protocol,
-    name: &str,
-    requests: usize,
-) -> JoinHandle<anyhow::Result<()>> {
-    let (ready_tx, ready) = mpsc::channel();
-    let name = name.to_string();
-    let server = spawn_in(netns, move || {
-        match protocol {
-            Protocol::Tcp => {
-                let listener = TcpListener::bind(addr)?;
-                ready_tx.send(()).ok();
-                for _ in 0..requests {
-                    let (mut stream, _) = listener.accept()?;
-                    stream.write_all(name.as_bytes())?;
-                }
-            }
-            Protocol::Udp => {
-                let socket = UdpSocket::bind(addr)?;
-                ready_tx.send(()).ok();
-                let mut buf = [0u8; 64];
-                for _ in 0..requests {
-                    let (_, from) = socket.recv_from(&mut buf)?;
-                    socket.send_to(name.as_bytes(), from)?;
-                }
-            }
-        }
-        Ok(())
-    });
-    ready.recv_timeout(TIMEOUT).expect("server did not start");
-    server
-}
 
 /// One request from inside `netns` to `to`: the answer, or why there was none. A
 /// connected UDP socket only takes a reply whose source is `to`, as a resolver does.
@@ -85,7 +47,7 @@ fn request(netns: &str, to: SocketAddr, protocol: Protocol) -> anyhow::Result<St
 /// Serves from `backend` behind `rule`'s frontend and asserts every client reaches it
 /// through the frontend.
 fn assert_reached_through(rule: &ServiceRule, backend: &Pod, clients: &[&Pod]) {
-    let server = serve(&backend.name, rule.backend, rule.protocol, &backend.name, clients.len());
+    let _backend = Backend::start(&backend.name, rule.backend, rule.protocol, &backend.name).unwrap();
     for client in clients {
         let answer = request(&client.name, rule.frontend, rule.protocol);
         assert_eq!(
@@ -99,7 +61,6 @@ fn assert_reached_through(rule: &ServiceRule, backend: &Pod, clients: &[&Pod]) {
             rule.snat
         );
     }
-    server.join().unwrap().unwrap();
 }
 
 fn cluster_ip(family: Family, last: u8) -> IpAddr {

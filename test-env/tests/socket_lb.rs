@@ -1,0 +1,188 @@
+//! Velox's own Service load balancer (`--socket-lb`) on the two-node cluster, with no
+//! kube-proxy rules anywhere: Services and EndpointSlices come from the cluster-state
+//! file, and clients are processes in their node's cgroup (pods and hosts).
+//! Needs root and `cargo xtask build`; `cargo xtask test` does both.
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use velox_test_env::backend::Backend;
+use velox_test_env::cluster_state::{self, ServicePort, ServiceSpec};
+use velox_test_env::kube_proxy::Protocol;
+use velox_test_env::{in_netns_and_cgroup, wait_for, ClusterGuard, Family, Node, Pod};
+
+const HTTP: ServicePort = ServicePort {
+    name: "http",
+    protocol: Protocol::Tcp,
+    port: 80,
+    target_port: 8080,
+    node_port: None,
+};
+const DNS: ServicePort = ServicePort {
+    name: "dns",
+    protocol: Protocol::Udp,
+    port: 53,
+    target_port: 5353,
+    node_port: None,
+};
+
+fn cluster_ip(family: Family, last: u8) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::from([10, 96, 0, last]),
+        Family::V6 => IpAddr::from([0xfd00, 0x96, 0, 0, 0, 0, 0, u16::from(last)]),
+    }
+}
+
+/// The cluster with every loader restarted with the load balancer on, reading
+/// Services from one file.
+fn cluster_with_socket_lb(tag: &str) -> (ClusterGuard, PathBuf) {
+    let cluster = ClusterGuard::up(tag).unwrap();
+    let state = cluster.peers_file.with_file_name("services.json");
+    cluster_state::write(&state, &[]).unwrap();
+    for node in &cluster.nodes {
+        node.stop_loader(Signal::SIGTERM).unwrap();
+        let cgroup = node.cgroup().unwrap();
+        let flags = [
+            "--cluster-state",
+            state.to_str().unwrap(),
+            "--socket-lb",
+            "--socket-lb-cgroup",
+            cgroup.to_str().unwrap(),
+        ];
+        node.start_loader_with(&flags).unwrap();
+    }
+    (cluster, state)
+}
+
+/// One request by `velox-probe` from `netns`, as a process of `node`'s cgroup.
+fn probe(node: &Node, netns: &str, mode: &str, to: SocketAddr) -> Value {
+    let cgroup = node.cgroup().unwrap();
+    let to = to.to_string();
+    let output = in_netns_and_cgroup(netns, &cgroup, env!("CARGO_BIN_EXE_velox-probe"), &[mode, &to])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!("velox-probe {mode} {to}: {e}: {}", String::from_utf8_lossy(&output.stderr))
+    })
+}
+
+/// Waits until every node's load balancer shows `frontends` frontends.
+fn wait_for_services(cluster: &ClusterGuard, frontends: usize) {
+    let ready = || cluster.nodes.iter().all(|n| n.dump("services").is_ok_and(|rows| rows.len() == frontends));
+    assert!(wait_for(Duration::from_secs(5), ready), "the loaders did not pick up the Services");
+}
+
+#[test]
+fn cluster_ips_are_translated_in_the_socket_for_pods_and_hosts_on_both_nodes() {
+    let (cluster, state) = cluster_with_socket_lb("slb");
+    let (pod1, pod2, pod3, pod4) = (
+        cluster.pod("pod-1"),
+        cluster.pod("pod-2"),
+        cluster.pod("pod-3"),
+        cluster.pod("pod-4"),
+    );
+    // Backends on both nodes: pod-2 on worker-2, pod-4 on worker-1.
+    let backend_pods = [&pod2, &pod4];
+    let mut backends = Vec::new();
+    for pod in backend_pods {
+        for family in Family::ALL {
+            for port in [HTTP, DNS] {
+                let addr = SocketAddr::new(pod.ip(family), port.target_port);
+                backends.push(Backend::start(&pod.name, addr, port.protocol, &pod.name).unwrap());
+            }
+        }
+    }
+    let names: BTreeSet<String> = backend_pods.iter().map(|p| p.name.clone()).collect();
+    let web = ServiceSpec {
+        name: "web".into(),
+        cluster_ips: Family::ALL.map(|f| cluster_ip(f, 20)).to_vec(),
+        ports: vec![HTTP, DNS],
+        backends: backend_pods.iter().flat_map(|p| p.ips.clone()).collect(),
+    };
+    cluster_state::write(&state, &[web]).unwrap();
+    wait_for_services(&cluster, 4);
+    let dump = cluster.nodes[0].dump("services").unwrap();
+    assert!(dump.iter().all(|row| row["backends"].as_array().unwrap().len() == 2), "{dump:?}");
+
+    let (worker1, worker2) = (&cluster.nodes[0], &cluster.nodes[1]);
+    // Pods on both nodes, and a process on worker-1's host.
+    let clients: [(&Node, &str); 3] = [(worker1, &pod1.name), (worker2, &pod3.name), (worker1, &worker1.name)];
+    for family in Family::ALL {
+        let http = SocketAddr::new(cluster_ip(family, 20), 80);
+        let dns = SocketAddr::new(cluster_ip(family, 20), 53);
+        for (node, netns) in clients {
+            let mut reached = BTreeSet::new();
+            for _ in 0..16 {
+                let answer = probe(node, netns, "tcp", http);
+                assert_eq!(answer["peer"], http.to_string(), "getpeername shows the Service: {answer}");
+                reached.insert(answer["answer"].as_str().unwrap().to_string());
+            }
+            assert_eq!(reached, names, "{netns} -> {http}: connections spread over every backend");
+            for mode in ["udp", "udp-sendto"] {
+                let answer = probe(node, netns, mode, dns);
+                assert!(names.contains(answer["answer"].as_str().unwrap_or_default()), "{mode} {netns}: {answer}");
+                assert_eq!(answer["peer"], dns.to_string(), "{mode}: the reply comes from the Service");
+            }
+        }
+    }
+    drop(backends);
+    cluster.finish().unwrap();
+}
+
+#[test]
+fn no_backend_refuses_at_once_and_a_removed_backend_gets_no_new_connections() {
+    let (cluster, state) = cluster_with_socket_lb("slbchg");
+    let (pod1, pod2, pod4) = (cluster.pod("pod-1"), cluster.pod("pod-2"), cluster.pod("pod-4"));
+    let worker1 = &cluster.nodes[0];
+    let mut backends = Vec::new();
+    for pod in [&pod2, &pod4] {
+        for family in Family::ALL {
+            let addr = SocketAddr::new(pod.ip(family), HTTP.target_port);
+            backends.push(Backend::start(&pod.name, addr, Protocol::Tcp, &pod.name).unwrap());
+        }
+    }
+    let web = |backends: &[&Pod]| ServiceSpec {
+        name: "web".into(),
+        cluster_ips: Family::ALL.map(|f| cluster_ip(f, 30)).to_vec(),
+        ports: vec![HTTP],
+        backends: backends.iter().flat_map(|p| p.ips.clone()).collect(),
+    };
+    let empty = ServiceSpec {
+        name: "empty".into(),
+        cluster_ips: Family::ALL.map(|f| cluster_ip(f, 31)).to_vec(),
+        ports: vec![HTTP],
+        backends: Vec::new(),
+    };
+    cluster_state::write(&state, &[web(&[&pod2, &pod4]), empty.clone()]).unwrap();
+    wait_for_services(&cluster, 4);
+
+    for family in Family::ALL {
+        let started = Instant::now();
+        let answer = probe(worker1, &pod1.name, "tcp", SocketAddr::new(cluster_ip(family, 31), 80));
+        assert_eq!(answer["error"], "ConnectionRefused", "{answer}");
+        assert!(started.elapsed() < Duration::from_secs(1), "refused at once, not after a timeout");
+    }
+    let rows = worker1.dump("services").unwrap();
+    let empty_row = rows.iter().find(|r| r["frontend"] == format!("{}:80", cluster_ip(Family::V4, 31))).unwrap();
+    assert_eq!(empty_row["state"], "no backends");
+
+    // pod-4 leaves the Service: every new connection goes to pod-2.
+    cluster_state::write(&state, &[web(&[&pod2]), empty]).unwrap();
+    let only_pod2 = || {
+        worker1.dump("services").is_ok_and(|rows| {
+            rows.iter().filter(|r| r["state"] == "ok").all(|r| r["backends"].as_array().unwrap().len() == 1)
+        })
+    };
+    assert!(wait_for(Duration::from_secs(5), only_pod2), "the backend was not removed");
+    for family in Family::ALL {
+        for _ in 0..12 {
+            let answer = probe(worker1, &pod1.name, "tcp", SocketAddr::new(cluster_ip(family, 30), 80));
+            assert_eq!(answer["answer"], pod2.name, "{family:?}: {answer}");
+        }
+    }
+    drop(backends);
+    cluster.finish().unwrap();
+}
