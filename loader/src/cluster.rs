@@ -209,6 +209,11 @@ impl Cluster {
         parse_nodes(&bytes).with_context(|| format!("parsing {}", path.display()))
     }
 
+    /// Every node's InternalIPs as last applied (this node's too when the list has it).
+    pub fn node_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.applied.iter().flatten().flat_map(|node| node.node_ips.iter().copied())
+    }
+
     /// True when the peers file reads and says something other than what is applied.
     pub fn peers_changed(&self) -> bool {
         self.read_peers().is_ok_and(|nodes| Some(&nodes) != self.applied.as_ref())

@@ -73,9 +73,16 @@ pub async fn run(
     let uplink = cluster.as_ref().map(|c| c.uplink().to_string());
     reconcile(&bpffs, &state_dir, &store, &mut maps, uplink.as_deref())?;
     let mut services = datapath.cluster_state.clone().map(ServiceSource::new);
-    let node_ips = node_addresses(&netlink, uplink.as_deref()).await?;
+    let own_ips = node_addresses(&netlink, uplink.as_deref()).await?;
+    // A NodePort answers on every node's address, so a client on this node reaches
+    // it on any of them.
+    let node_ips = |cluster: &Option<Cluster>| -> Vec<std::net::IpAddr> {
+        let all: std::collections::BTreeSet<_> =
+            own_ips.iter().copied().chain(cluster.iter().flat_map(Cluster::node_ips)).collect();
+        all.into_iter().collect()
+    };
     if let Some(services) = &mut services {
-        services.reconcile(&bpffs, &node_ips)?;
+        services.reconcile(&bpffs, &node_ips(&cluster))?;
     }
     attach_socket_lb(&bpffs, &mut ebpf, datapath.socket_lb_cgroup.as_deref())?;
     // The maps are filled: every pod and the uplink may move to this build.
@@ -121,7 +128,7 @@ pub async fn run(
                     }
                 }
                 if let Some(services) = &mut services {
-                    if let Err(e) = services.reconcile(&bpffs, &node_ips) {
+                    if let Err(e) = services.reconcile(&bpffs, &node_ips(&cluster)) {
                         log::error!("applying the cluster state: {e:#}");
                     }
                 }
@@ -145,7 +152,7 @@ pub async fn run(
     Ok(())
 }
 
-/// The node's global addresses on its uplink: where a NodePort answers.
+/// The node's addresses on its uplink (link-local ones aside).
 async fn node_addresses(netlink: &Netlink, uplink: Option<&str>) -> anyhow::Result<Vec<std::net::IpAddr>> {
     let Some(uplink) = uplink else {
         return Ok(Vec::new());

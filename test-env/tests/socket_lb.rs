@@ -186,3 +186,40 @@ fn no_backend_refuses_at_once_and_a_removed_backend_gets_no_new_connections() {
     drop(backends);
     cluster.finish().unwrap();
 }
+
+#[test]
+fn node_ports_answer_on_every_node_address_and_on_loopback() {
+    let (cluster, state) = cluster_with_socket_lb("slbnp");
+    let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
+    let worker1 = &cluster.nodes[0];
+    let backends: Vec<Backend> = Family::ALL
+        .iter()
+        .map(|f| Backend::start(&pod2.name, SocketAddr::new(pod2.ip(*f), 8080), Protocol::Tcp, &pod2.name).unwrap())
+        .collect();
+    let node_port = ServiceSpec {
+        name: "np".into(),
+        cluster_ips: Family::ALL.map(|f| cluster_ip(f, 40)).to_vec(),
+        ports: vec![ServicePort {
+            node_port: Some(30080),
+            ..HTTP
+        }],
+        backends: pod2.ips.clone(),
+    };
+    cluster_state::write(&state, &[node_port]).unwrap();
+    // Two ClusterIPs, both nodes' two addresses, two loopbacks.
+    wait_for_services(&cluster, 8);
+    for family in Family::ALL {
+        for node in 0..2 {
+            let frontend = SocketAddr::new(cluster.node_ip(node, family), 30080);
+            let answer = probe(worker1, &pod1.name, "tcp", frontend);
+            assert_eq!(answer["answer"], pod2.name, "pod-1 -> {frontend}: {answer}");
+            assert_eq!(answer["peer"], frontend.to_string());
+        }
+    }
+    for loopback in ["127.0.0.1:30080", "[::1]:30080"] {
+        let answer = probe(worker1, &worker1.name, "tcp", loopback.parse().unwrap());
+        assert_eq!(answer["answer"], pod2.name, "host -> {loopback}: {answer}");
+    }
+    drop(backends);
+    cluster.finish().unwrap();
+}
