@@ -466,3 +466,46 @@ fn masquerade_off_and_uninstall_purge_take_away_what_the_loader_added() {
     }
     cluster.finish().unwrap();
 }
+
+#[test]
+fn from_net_leaves_frames_for_another_host_to_the_kernel() {
+    let cluster = ClusterGuard::up("otherhost").unwrap();
+    let (pod1, pod3) = (cluster.pod("pod-1"), cluster.pod("pod-3"));
+    let (worker1, worker2) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let worker1_ip = cluster.node_ip(0, Family::V4).to_string();
+    // worker-2 sends worker-1's frames to a MAC nobody has: the router's bridge floods
+    // them, and worker-1's uplink, promiscuous, sees them as addressed to another host.
+    run("ip", &["-n", &worker1.name, "link", "set", "eth0", "promisc", "on"]).unwrap();
+    let bogus = ["neigh", "replace", &worker1_ip, "lladdr", "02:00:00:00:00:99", "dev", "eth0", "nud", "permanent"];
+    run("ip", &[&["-n", worker2.name.as_str()][..], &bogus].concat()).unwrap();
+    let uplink_redirected = || {
+        worker1
+            .dump("stats")
+            .unwrap()
+            .into_iter()
+            .find(|row| row["ifname"] == "eth0")
+            .map_or(0, |row| row["redirected_packets"].as_u64().unwrap())
+    };
+    let before = uplink_redirected();
+    // Proof that the frames do arrive at worker-1's uplink.
+    let capture = velox_test_env::in_netns(
+        &worker1.name,
+        "timeout",
+        &["5", "tcpdump", "-i", "eth0", "-c", "1", "-n", "ether", "dst", "02:00:00:00:00:99"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!pod3.ping(pod1.ip(Family::V4), 2), "a frame for another host reached a pod");
+    let captured = capture.wait_with_output().unwrap();
+    assert!(captured.status.success(), "no frame for the bogus MAC reached worker-1");
+    assert_eq!(uplink_redirected(), before, "from_net redirected frames not addressed to its node");
+
+    // With the neighbour right again, the same ping takes the fast path.
+    run("ip", &["-n", &worker2.name, "neigh", "del", &worker1_ip, "dev", "eth0"]).unwrap();
+    assert!(pod3.ping(pod1.ip(Family::V4), 2));
+    assert!(uplink_redirected() > before);
+    cluster.finish().unwrap();
+}

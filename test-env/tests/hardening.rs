@@ -378,3 +378,21 @@ fn only_an_object_with_this_builds_map_layout_is_loaded() {
     node.start_loader().unwrap();
     node.finish().unwrap();
 }
+
+#[test]
+fn counters_take_memory_per_interface_not_for_every_possible_pod() {
+    let node = NodeGuard::up("countermem").unwrap();
+    let (a, b) = (node.add_pod("a").unwrap(), node.add_pod("b").unwrap());
+    assert!(a.ping(b.ip(Family::V4), 1) && b.ping(a.ip(Family::V4), 1));
+    let counters = velox_node::Bpffs::new(&node.bpffs_root).map(velox_common::COUNTERS_MAP);
+    let shown = run("bpftool", &["-j", "map", "show", "pinned", counters.to_str().unwrap()]).unwrap();
+    let memlock = serde_json::from_str::<serde_json::Value>(&shown).unwrap()["bytes_memlock"].as_u64().unwrap();
+    // Preallocated, the map would hold a value per possible pod on every CPU.
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    let preallocated = velox_common::MAX_ENDPOINTS as u64
+        * std::mem::size_of::<velox_common::EndpointCounters>() as u64
+        * cpus;
+    assert!(node.dump("stats").unwrap().len() >= 2, "both pods have counters");
+    assert!(memlock < preallocated / 2, "{memlock} bytes for two interfaces ({preallocated} preallocated)");
+    node.finish().unwrap();
+}

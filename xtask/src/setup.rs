@@ -16,6 +16,7 @@ const APT_PACKAGES: &[&str] = &[
     "iputils-ping",
     "iperf3",
     "sockperf",
+    "tcpdump",
     "fonts-dejavu-core",
     "iptables",
     "procps",
