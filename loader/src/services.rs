@@ -9,7 +9,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use velox_common::{FlowEnd, Service, IPPROTO_TCP, IPPROTO_UDP};
 use velox_node::fs::list_dir;
 use velox_node::maps::ServiceMaps;
@@ -22,21 +22,50 @@ pub struct ClusterState {
     pub slices: Vec<EndpointSlice>,
 }
 
-/// The `--cluster-state` source, re-read every second; only a change reaches the maps.
+/// What a file of the source looked like when it was read: a file that still looks
+/// the same is not parsed again (10,000 Services are megabytes of JSON).
+type Fingerprint = Vec<(PathBuf, Option<std::time::SystemTime>, u64)>;
+
+/// The `--cluster-state` source, looked at every second; only a change reaches the maps.
 pub struct ServiceSource {
-    path: std::path::PathBuf,
+    path: PathBuf,
+    read: Option<Fingerprint>,
     applied: Option<BTreeMap<FlowEnd, Vec<FlowEnd>>>,
+    node_ips: Vec<IpAddr>,
 }
 
 impl ServiceSource {
-    pub fn new(path: std::path::PathBuf) -> Self {
-        Self { path, applied: None }
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            read: None,
+            applied: None,
+            node_ips: Vec::new(),
+        }
     }
 
-    /// Reads the source and applies it if it changed. A source that cannot be read
-    /// changes nothing: the maps keep the last Services.
+    fn fingerprint(&self) -> anyhow::Result<Fingerprint> {
+        Ok(state_files(&self.path)?
+            .into_iter()
+            .map(|file| {
+                let meta = std::fs::metadata(&file).ok();
+                let modified = meta.as_ref().and_then(|m| m.modified().ok());
+                let len = meta.map_or(0, |m| m.len());
+                (file, modified, len)
+            })
+            .collect())
+    }
+
+    /// Reads the source and applies it if it or the node addresses changed. A
+    /// source that cannot be read changes nothing: the maps keep the last Services.
     pub fn reconcile(&mut self, bpffs: &velox_node::Bpffs, node_ips: &[IpAddr]) -> anyhow::Result<()> {
+        let fingerprint = self.fingerprint()?;
+        if self.read.as_ref() == Some(&fingerprint) && self.node_ips == node_ips {
+            return Ok(());
+        }
         let wanted = frontends(&read_cluster_state(&self.path)?, node_ips);
+        self.read = Some(fingerprint);
+        self.node_ips = node_ips.to_vec();
         if self.applied.as_ref() == Some(&wanted) {
             return Ok(());
         }
@@ -51,20 +80,8 @@ impl ServiceSource {
 /// or a `List` of them. Objects of other kinds are ignored; one that does not parse
 /// is skipped with a log line. A path that does not exist (yet) holds nothing.
 pub fn read_cluster_state(path: &Path) -> anyhow::Result<ClusterState> {
-    let files = if !path.exists() {
-        Vec::new()
-    } else if path.is_dir() {
-        let mut files: Vec<_> = list_dir(path)?
-            .into_iter()
-            .filter(|f| f.extension().is_some_and(|e| e == "json"))
-            .collect();
-        files.sort();
-        files
-    } else {
-        vec![path.to_path_buf()]
-    };
     let mut state = ClusterState::default();
-    for file in files {
+    for file in state_files(path)? {
         let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
         let value: Value = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", file.display()))?;
         let objects = match value.get("items") {
@@ -84,6 +101,22 @@ pub fn read_cluster_state(path: &Path) -> anyhow::Result<ClusterState> {
         }
     }
     Ok(state)
+}
+
+/// The files of the source: `path` itself, or the `*.json` files in it, sorted.
+fn state_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<_> = list_dir(path)?
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 fn protocol_number(protocol: Option<&str>) -> Option<u8> {

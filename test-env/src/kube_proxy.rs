@@ -112,3 +112,54 @@ impl ServiceRule {
         Ok(())
     }
 }
+
+/// Many IPv4 TCP ClusterIP Services the way kube-proxy's iptables mode writes them,
+/// in one `iptables-restore`: a match per Service in `KUBE-SERVICES` (walked in order
+/// by the first packet of every connection), a `KUBE-SVC-*` chain picking an endpoint
+/// with `-m statistic --mode random --probability 1/n`, and a `KUBE-SEP-*` chain per
+/// endpoint doing the DNAT. Replaces what an earlier call wrote.
+pub fn restore_services(node: &Node, services: &[(SocketAddr, Vec<SocketAddr>)]) -> anyhow::Result<()> {
+    let mut chains = format!("*nat\n:{SERVICES_CHAIN} - [0:0]\n");
+    let mut rules = String::new();
+    for (i, (frontend, backends)) in services.iter().enumerate() {
+        let svc = format!("KUBE-SVC-{i:08X}");
+        chains.push_str(&format!(":{svc} - [0:0]\n"));
+        rules.push_str(&format!(
+            "-A {SERVICES_CHAIN} -d {}/32 -p tcp -m tcp --dport {} -j {svc}\n",
+            frontend.ip(),
+            frontend.port()
+        ));
+        for (j, backend) in backends.iter().enumerate() {
+            let sep = format!("KUBE-SEP-{i:08X}-{j}");
+            chains.push_str(&format!(":{sep} - [0:0]\n"));
+            let left = backends.len() - j;
+            let pick = match left {
+                1 => String::new(),
+                n => format!("-m statistic --mode random --probability {:.11} ", 1.0 / n as f64),
+            };
+            rules.push_str(&format!("-A {svc} {pick}-j {sep}\n"));
+            rules.push_str(&format!("-A {sep} -p tcp -m tcp -j DNAT --to-destination {backend}\n"));
+        }
+    }
+    let script = format!("{chains}{rules}COMMIT\n");
+    let mut restore = crate::in_netns(&node.name, "iptables-restore", &["-w", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(restore.stdin.as_mut().expect("piped"), script.as_bytes())?;
+    anyhow::ensure!(restore.wait()?.success(), "iptables-restore of {} Services failed", services.len());
+    for hook in ["PREROUTING", "OUTPUT"] {
+        let jump = ["-t", "nat", "-C", hook, "-j", SERVICES_CHAIN];
+        if iptables(node, Family::V4, &jump).is_err() {
+            iptables(node, Family::V4, &["-t", "nat", "-I", hook, "-j", SERVICES_CHAIN])?;
+        }
+    }
+    Ok(())
+}
+
+/// Empties `KUBE-SERVICES`: no Service matches, and no packet walks a rule.
+pub fn flush_services(node: &Node) -> anyhow::Result<()> {
+    if iptables(node, Family::V4, &["-t", "nat", "-L", SERVICES_CHAIN, "-n"]).is_ok() {
+        iptables(node, Family::V4, &["-t", "nat", "-F", SERVICES_CHAIN])?;
+    }
+    Ok(())
+}

@@ -38,6 +38,8 @@ pub use velox_node::Family;
 pub struct Binaries {
     pub velox: PathBuf,
     pub loader: PathBuf,
+    /// A Service client and connection-rate tester (`src/bin/velox-probe.rs`).
+    pub probe: PathBuf,
 }
 
 impl Binaries {
@@ -48,8 +50,9 @@ impl Binaries {
         let bins = Self {
             velox: dir.join("velox"),
             loader: dir.join("velox-loader"),
+            probe: dir.join("velox-probe"),
         };
-        for bin in [&bins.velox, &bins.loader] {
+        for bin in [&bins.velox, &bins.loader, &bins.probe] {
             if !bin.is_file() {
                 bail!("{} is missing: run `cargo xtask build`", bin.display());
             }

@@ -3,13 +3,13 @@
 use anyhow::{bail, Context};
 use ipnet::IpNet;
 use serde_json::Value;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 use velox_node::Family;
 
-use crate::in_netns;
+use crate::netns::{in_netns, in_netns_and_cgroup};
 
 #[derive(Clone, Debug)]
 pub struct Pod {
@@ -91,13 +91,34 @@ impl Pod {
 
     /// iperf3 TCP with `streams` parallel streams.
     pub fn iperf3(&self, server: &Pod, family: Family, seconds: u32, streams: u32) -> anyhow::Result<Throughput> {
+        self.iperf3_via(server, family, None, seconds, streams)
+    }
+
+    /// iperf3 to `server` through `via`, a Service frontend that leads to the server's
+    /// port 5201, with the client in `via`'s cgroup (where the socket load balancer's
+    /// hooks act); straight to the server's address when `via` is `None`.
+    pub fn iperf3_via(
+        &self,
+        server: &Pod,
+        family: Family,
+        via: Option<(SocketAddr, &Path)>,
+        seconds: u32,
+        streams: u32,
+    ) -> anyhow::Result<Throughput> {
         let ip = server.ip(family).to_string();
         let _server = Server::start(server, "iperf3", &["-s", "-1", "-B", &ip])?;
+        let (host, port) = match via {
+            Some((frontend, _)) => (frontend.ip().to_string(), frontend.port().to_string()),
+            None => (ip.clone(), "5201".to_string()),
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
-        let args = ["-c", &ip, "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"];
+        let args = ["-c", &host, "-p", &port, "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"];
         // iperf3 3.12 exits 0 even when it cannot connect: the report says.
         let report = loop {
-            let output = self.exec("iperf3", &args)?;
+            let output = match via {
+                Some((_, cgroup)) => in_netns_and_cgroup(&self.name, cgroup, "iperf3", &args).output()?,
+                None => self.exec("iperf3", &args)?,
+            };
             let report: Value = serde_json::from_slice(&output.stdout).context("iperf3 report")?;
             if report.get("error").is_none() || Instant::now() > deadline {
                 break report;
@@ -107,7 +128,7 @@ impl Pod {
         let received = &report["end"]["sum_received"];
         match (received["bits_per_second"].as_f64(), received["bytes"].as_f64()) {
             (Some(bps), Some(bytes)) => Ok(Throughput { gbps: bps / 1e9, bytes }),
-            _ => bail!("iperf3 to {ip} failed: {}", report["error"]),
+            _ => bail!("iperf3 to {host}:{port} failed: {}", report["error"]),
         }
     }
 

@@ -61,7 +61,8 @@ fn cluster_with_socket_lb(tag: &str) -> (ClusterGuard, PathBuf) {
 fn probe(node: &Node, netns: &str, mode: &str, to: SocketAddr) -> Value {
     let cgroup = node.cgroup().unwrap();
     let to = to.to_string();
-    let output = in_netns_and_cgroup(netns, &cgroup, env!("CARGO_BIN_EXE_velox-probe"), &[mode, &to])
+    let probe = node.bins.probe.to_str().unwrap();
+    let output = in_netns_and_cgroup(netns, &cgroup, probe, &[mode, &to])
         .output()
         .unwrap();
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {

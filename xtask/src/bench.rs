@@ -14,6 +14,7 @@ use velox_test_env::reference::ReferenceNode;
 use velox_test_env::{direct_veth_pair, remove_direct_veth_pair, run, Binaries, Cluster, Family, Node, Pod};
 
 use crate::report;
+use crate::service_bench;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -33,6 +34,10 @@ pub struct BenchArgs {
     /// Also measure with this many non-matching rules in each host's FORWARD chain (0: skip).
     #[arg(long, default_value_t = 10_000)]
     pub netfilter_load: u32,
+    /// Service counts for the Service section (connection rate through a ClusterIP,
+    /// socket LB vs kube-proxy); empty skips it.
+    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+    pub services: Vec<usize>,
     /// Pods per control-plane configuration.
     #[arg(long, default_value_t = 100)]
     pub pods: usize,
@@ -199,10 +204,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         bridge.up()?;
         let control_plane = control_plane(&args, &cluster, &ptp, &rss_node)?;
         let samples = data_plane(&args, &cluster, &ptp, &bridge)?;
-        Ok::<_, anyhow::Error>((samples, control_plane))
+        let services = service_bench::measure(&cluster, &args.services, args.rounds, args.seconds)?;
+        Ok::<_, anyhow::Error>((samples, control_plane, services))
     })();
     teardown();
-    let (samples, control_plane) = result?;
+    let (samples, control_plane, (service_samples, service_throughput)) = result?;
     let run = report::Run {
         command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
         seconds: args.seconds,
@@ -212,11 +218,13 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         wall_time_s: started.elapsed().as_secs_f64(),
         samples,
         control_plane,
+        service_samples,
+        service_throughput,
     };
     report::write(&run, &args.out)
 }
 
-fn pod(cluster: &Cluster, name: &str) -> anyhow::Result<Pod> {
+pub fn pod(cluster: &Cluster, name: &str) -> anyhow::Result<Pod> {
     let pods = cluster.pods()?;
     pods.into_iter()
         .map(|(_, p)| p)

@@ -59,16 +59,16 @@ fn build_ebpf(target_dir: &str, features: &[&str]) -> anyhow::Result<()> {
 pub fn build() -> anyhow::Result<()> {
     println!("xtask: building the eBPF object");
     build_ebpf("target/ebpf", &[])?;
-    println!("xtask: building velox and velox-loader");
-    run_checked(Command::new(cargo()).current_dir(workspace_root()).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "velox-cni",
-        "-p",
-        "velox-loader",
-    ]))
+    println!("xtask: building velox, velox-loader and velox-probe");
+    let packages = ["-p", "velox-cni", "-p", "velox-loader", "-p", "velox-test-env"];
+    let bins = ["--bin", "velox", "--bin", "velox-loader", "--bin", "velox-probe"];
+    run_checked(
+        Command::new(cargo())
+            .current_dir(workspace_root())
+            .args(["build", "--quiet", "--release"])
+            .args(packages)
+            .args(bins),
+    )
 }
 
 /// The upgrade test's second datapath; only the tests need it.

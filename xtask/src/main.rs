@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod env;
 mod report;
+mod service_bench;
 mod setup;
 
 use clap::{Parser, Subcommand};

@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::bench::{Config, ControlPlane, Sample, PROGRAMS};
+use crate::service_bench::{Balancer, ServiceSample, ServiceThroughput};
 
 #[derive(Serialize, Deserialize)]
 pub struct System {
@@ -43,6 +44,10 @@ pub struct Run {
     pub wall_time_s: f64,
     pub samples: Vec<Sample>,
     pub control_plane: ControlPlane,
+    #[serde(default)]
+    pub service_samples: Vec<ServiceSample>,
+    #[serde(default)]
+    pub service_throughput: Vec<ServiceThroughput>,
 }
 
 /// Median and range of one metric.
@@ -249,6 +254,7 @@ pub fn markdown(run: &Run) -> String {
         }
         out.push('\n');
     }
+    services_markdown(run, &mut out);
     let cp = &run.control_plane;
     let _ = writeln!(out, "### Control plane\n");
     let _ = writeln!(
@@ -286,6 +292,73 @@ pub fn markdown(run: &Run) -> String {
         );
     }
     out
+}
+
+/// The Service section: connection rate and first-byte latency per balancer and
+/// Service count, and throughput through a Service.
+fn services_markdown(run: &Run, out: &mut String) {
+    if run.service_samples.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "### Services\n");
+    let _ = writeln!(
+        out,
+        "TCP connect, first byte, close, again, for {} s from pod-1 (worker-1) to a ClusterIP with two backends on \
+         worker-2; the measured Service sits in the middle of the list. Medians with (min..max) over the rounds.\n",
+        run.seconds
+    );
+    let _ = writeln!(
+        out,
+        "| balancer | Services | connections/s | first byte p50 us | first byte p99 us | conn/s vs kube-proxy |\n|---|---|---|---|---|---|"
+    );
+    let counts = distinct(run.service_samples.iter().map(|s| s.services));
+    let balancers = distinct(run.service_samples.iter().map(|s| s.balancer));
+    let stat = |balancer: Balancer, count: usize, get: fn(&ServiceSample) -> f64| {
+        let values: Vec<f64> = run
+            .service_samples
+            .iter()
+            .filter(|s| s.balancer == balancer && s.services == count)
+            .map(get)
+            .collect();
+        (!values.is_empty()).then(|| Stat::of(&values))
+    };
+    let show = |s: Option<Stat>| s.map_or("-".into(), |s| format!("{} ({}..{})", number(s.median), number(s.min), number(s.max)));
+    for &count in &counts {
+        for &balancer in &balancers {
+            let rate = stat(balancer, count, |s| s.connections_per_s);
+            let baseline = stat(Balancer::KubeProxy, count, |s| s.connections_per_s);
+            let ratio = match (rate, baseline) {
+                (Some(r), Some(b)) => format!("{:.2}x", r.median / b.median),
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {count} | {} | {} | {} | {ratio} |",
+                balancer.name(),
+                show(rate),
+                show(stat(balancer, count, |s| s.first_byte_p50_us)),
+                show(stat(balancer, count, |s| s.first_byte_p99_us)),
+            );
+        }
+    }
+    if !run.service_throughput.is_empty() {
+        let via: Vec<f64> = run.service_throughput.iter().map(|t| t.via_service_gbps).collect();
+        let direct: Vec<f64> = run.service_throughput.iter().map(|t| t.pod_to_pod_gbps).collect();
+        let (via, direct) = (Stat::of(&via), Stat::of(&direct));
+        let _ = writeln!(
+            out,
+            "\nOne iperf3 stream through a Service (socket LB) {} Gb/s ({}..{}), pod to pod {} Gb/s ({}..{}): {:.2}x.\n",
+            number(via.median),
+            number(via.min),
+            number(via.max),
+            number(direct.median),
+            number(direct.min),
+            number(direct.max),
+            via.median / direct.median
+        );
+    } else {
+        out.push('\n');
+    }
 }
 
 /// Renders the table and chart again from a run's `results.json`.

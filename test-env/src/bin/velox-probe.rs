@@ -6,10 +6,14 @@
 //! `velox-probe tcp ADDR`: connect, read everything; `peer` is getpeername.
 //! `velox-probe udp ADDR`: connected socket, send, receive; `peer` is getpeername.
 //! `velox-probe udp-sendto ADDR`: unconnected socket; `peer` is where the reply came from.
+//! `velox-probe crr ADDR SECONDS`: connect, read the first byte, close, again and again
+//! (a connection-rate test); prints `{"connections", "per_second", "p50_us", "p99_us"}`.
+//! `velox-probe serve ADDR`: the other end of `crr` and `tcp`, until killed: one byte
+//! per connection.
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -43,12 +47,58 @@ fn request(mode: &str, to: SocketAddr) -> std::io::Result<(String, SocketAddr)> 
     }
 }
 
+/// Connections opened, read and closed one after another for `seconds`.
+fn connection_rate(to: SocketAddr, seconds: u64) -> std::io::Result<serde_json::Value> {
+    let mut first_byte_us = Vec::new();
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let opened = Instant::now();
+        let mut stream = TcpStream::connect_timeout(&to, TIMEOUT)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.read_exact(&mut byte)?;
+        first_byte_us.push(opened.elapsed().as_secs_f64() * 1e6);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    first_byte_us.sort_by(f64::total_cmp);
+    let quantile = |q: f64| first_byte_us[((first_byte_us.len() - 1) as f64 * q) as usize];
+    Ok(serde_json::json!({
+        "connections": first_byte_us.len(),
+        "per_second": first_byte_us.len() as f64 / elapsed,
+        "p50_us": quantile(0.5),
+        "p99_us": quantile(0.99),
+    }))
+}
+
+fn serve(on: SocketAddr) -> std::io::Result<()> {
+    let listener = TcpListener::bind(on)?;
+    loop {
+        let (mut stream, _) = listener.accept()?;
+        stream.write_all(b"x")?;
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(mode), Some(to)) = (args.get(1), args.get(2).and_then(|a| a.parse().ok())) else {
-        eprintln!("usage: velox-probe tcp|udp|udp-sendto ADDR:PORT");
+        eprintln!("usage: velox-probe tcp|udp|udp-sendto|serve ADDR:PORT, velox-probe crr ADDR:PORT SECONDS");
         std::process::exit(2);
     };
+    if mode == "serve" {
+        if let Err(e) = serve(to) {
+            eprintln!("velox-probe serve {to}: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if mode == "crr" {
+        let seconds = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
+        match connection_rate(to, seconds) {
+            Ok(line) => println!("{line}"),
+            Err(e) => println!("{}", serde_json::json!({"error": format!("{:?}", e.kind()), "message": e.to_string()})),
+        }
+        return;
+    }
     let line = match request(mode, to) {
         Ok((answer, peer)) => serde_json::json!({"answer": answer, "peer": peer.to_string()}),
         Err(e) => serde_json::json!({"error": format!("{:?}", e.kind()), "message": e.to_string()}),
