@@ -322,8 +322,7 @@ impl Plugin {
             .await
     }
 
-    /// Removes whatever exists of an attachment, keeps going past failures, and
-    /// removes the record last so a retry still knows what to clean.
+    /// Removes whatever exists of an attachment and keeps going past failures.
     async fn teardown(
         &self,
         attachment: &Attachment,
@@ -346,8 +345,12 @@ impl Plugin {
             Some(record) => Some(record.host_ifindex),
             None => errors.keep(host.link(&host_name).await).flatten().map(|link| link.index),
         };
-        if let (Some(ifindex), Some(maps)) = (ifindex, maps) {
-            errors.keep(self.store.lock().and_then(|_lock| {
+        // The map entries and the record go in one step under the endpoint lock: the
+        // loader must never see the record without its entries (it would put them
+        // back). What stays (veth, link pin, addresses) is found from the attachment
+        // alone, so a retry needs no record.
+        errors.keep(self.store.lock().and_then(|_lock| {
+            if let (Some(ifindex), Some(maps)) = (ifindex, maps) {
                 match &record {
                     Some(record) => {
                         for ip in &record.ips {
@@ -356,9 +359,10 @@ impl Plugin {
                     }
                     None => maps.remove_all_owned(ifindex)?,
                 }
-                maps.remove_counters(ifindex)
-            }));
-        }
+                maps.remove_counters(ifindex)?;
+            }
+            self.store.remove(attachment)
+        }));
         // Deleting the veth detaches the TCX link in the same step; unpinning a live
         // link first would cost a second RCU grace period under the rtnl lock.
         errors.keep(host.delete_link(&host_name).await);
@@ -367,7 +371,7 @@ impl Plugin {
             errors.keep(ipam.release(attachment));
         }
         match errors.into_result() {
-            Ok(()) => Ok(self.store.remove(attachment)?),
+            Ok(()) => Ok(()),
             Err(errors) => fail(Code::Datapath, format!("tearing down {host_name}: {errors}")),
         }
     }

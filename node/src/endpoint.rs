@@ -1,6 +1,7 @@
-//! Endpoint records: the one source of truth for which pod is where. A record is
-//! written before its map entries and removed after them; the loader rebuilds the
-//! maps from the records.
+//! Endpoint records: the one source of truth for which pod is where. A record and
+//! its map entries are added together and removed together, under the endpoint lock
+//! (the record written first, removed last); the loader rebuilds the maps from the
+//! records under the same lock.
 
 use nix::fcntl::Flock;
 use serde::{Deserialize, Deserializer, Serialize};
