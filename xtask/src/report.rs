@@ -303,8 +303,9 @@ fn services_markdown(run: &Run, out: &mut String) {
     let _ = writeln!(out, "### Services\n");
     let _ = writeln!(
         out,
-        "TCP connect, first byte, close, again, for {} s from pod-1 (worker-1) to a ClusterIP with two backends on \
-         worker-2; the measured Service sits in the middle of the list. Medians with (min..max) over the rounds.\n",
+        "TCP connect, first byte, close, again, for {} s from a pod on worker-1 (pod-1 through kube-proxy, pod-4 \
+         through the socket LB) to a ClusterIP with two backends on worker-2; the measured Service sits in the \
+         middle of the list. Medians with (min..max) over the rounds.\n",
         run.seconds
     );
     let _ = writeln!(

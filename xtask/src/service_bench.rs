@@ -11,7 +11,7 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 use velox_test_env::cluster_state::{self, ServicePort, ServiceSpec};
 use velox_test_env::kube_proxy::{self, Protocol};
-use velox_test_env::{in_netns, in_netns_and_cgroup, wait_for, Cluster, Family, Node, Pod};
+use velox_test_env::{in_netns, in_netns_and_cgroup, run, wait_for, Cluster, Family, Node, Pod};
 
 use crate::bench::pod;
 
@@ -64,7 +64,8 @@ impl Drop for Running {
 
 /// The measured Services' ClusterIPs: 10.128.0.0/16, one per Service.
 fn cluster_ip(i: usize) -> IpAddr {
-    IpAddr::from([10, 128, (i >> 8) as u8, i as u8])
+    let host = i + 1;
+    IpAddr::from([10, 128, (host >> 8) as u8, host as u8])
 }
 
 const CRR_PORT: ServicePort = ServicePort {
@@ -98,8 +99,15 @@ pub fn measure(
     if counts.is_empty() {
         return Ok(Default::default());
     }
-    // The client on worker-1, two backends on worker-2.
-    let (client, backends) = (pod(cluster, "pod-1")?, [pod(cluster, "pod-2")?, pod(cluster, "pod-3")?]);
+    // A client on worker-1 per balancer, two backends on worker-2. One client for both
+    // would reuse source ports whose kube-proxy connections conntrack still holds in
+    // TIME_WAIT: a reply to the new, direct connection would match the old DNAT and be
+    // translated.
+    let client_of = |balancer: Balancer| match balancer {
+        Balancer::KubeProxy => pod(cluster, "pod-1"),
+        Balancer::VeloxSocketLb => pod(cluster, "pod-4"),
+    };
+    let backends = [pod(cluster, "pod-2")?, pod(cluster, "pod-3")?];
     let worker1 = &cluster.nodes[0];
     let cgroup = worker1.cgroup()?;
     let probe = worker1.bins.probe.to_str().context("probe path")?.to_string();
@@ -153,6 +161,11 @@ pub fn measure(
                         );
                     }
                 }
+                // Each measurement starts from an empty conntrack table: connections of
+                // the last one in TIME_WAIT would clash with new ones reusing their
+                // source ports (a DNAT to the same backend gets the same reply tuple).
+                run("nsenter", &[&format!("--net=/run/netns/{}", worker1.name), "conntrack", "-F"])?;
+                let client = client_of(balancer)?;
                 let sample = connection_rate(&client, &cgroup, &probe, measured, seconds)
                     .with_context(|| format!("{} with {count} Services", balancer.name()))?;
                 println!(

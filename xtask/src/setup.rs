@@ -19,6 +19,7 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "fonts-dejavu-core",
     "iptables",
+    "conntrack",
     "procps",
     "util-linux",
     "containernetworking-plugins",
