@@ -116,6 +116,9 @@ impl NetConf {
                 );
             }
         }
+        if self.socket_lb_arg().is_some_and(|v| !v.is_boolean()) {
+            return fail(Code::InvalidConfig, "args.cni.socketLB must be true or false");
+        }
         for attachment in self.valid_attachments.iter().flatten() {
             check_attachment(attachment, Code::InvalidConfig, "cni.dev/valid-attachments: ")?;
         }
@@ -125,6 +128,16 @@ impl NetConf {
             }
         }
         self.ipam_source().map(|_| ())
+    }
+
+    /// Whether the pod opted out of the socket load balancer: `args.cni.socketLB:
+    /// false`, where a runtime or Multus puts per-pod arguments.
+    pub fn socket_lb_opt_out(&self) -> bool {
+        self.socket_lb_arg() == Some(&Value::Bool(false))
+    }
+
+    fn socket_lb_arg(&self) -> Option<&Value> {
+        self.args.as_ref()?.get("cni")?.get("socketLB")
     }
 
     pub fn mtu(&self) -> u32 {
@@ -540,7 +553,8 @@ mod validation {
 
     #[test]
     fn every_field_is_checked_before_anything_runs() {
-        let bad: [(&str, Value); 14] = [
+        let bad: [(&str, Value); 15] = [
+            ("args", json!({"cni": {"socketLB": "no"}})),
             ("name", json!("-leading-dash")),
             ("name", json!("has space")),
             ("name", json!("a/b")),
@@ -577,6 +591,9 @@ mod validation {
         assert_eq!(conf.prev_result.unwrap().ips.len(), 1);
         NetConf::parse(&with("runtimeConfig", json!({"portMappings": []}))).unwrap();
         NetConf::parse(&with("args", json!({"cni": {"ips": []}}))).unwrap();
+        let (opted_out, _) = NetConf::parse(&with("args", json!({"cni": {"socketLB": false}}))).unwrap();
+        assert!(opted_out.socket_lb_opt_out());
+        assert!(!NetConf::parse(BASE.as_bytes()).unwrap().0.socket_lb_opt_out());
         NetConf::parse(&with("name", json!("k8s-pod-network_1.x"))).unwrap();
     }
 

@@ -11,7 +11,7 @@ use velox_common::FROM_POD_PROGRAM;
 use velox_node::endpoint::{host_ifname, EndpointRecord, EndpointStore};
 use velox_node::link::{attach_tc_ingress, detach_tc_ingress};
 use velox_node::maps::{EndpointMaps, PeerMap};
-use velox_node::netlink::{format_mac, Link, Netlink};
+use velox_node::netlink::{format_mac, netns_cookie, Link, Netlink};
 use velox_node::{health, Bpffs, ErrorList, Family, StateDir};
 
 use crate::config::{Attachment, Command, Environment, NetConf};
@@ -224,7 +224,12 @@ impl Plugin {
         let pod_link = configured?;
         attached?;
 
+        let socket_lb_opt_out = match self.conf.socket_lb_opt_out() {
+            true => Some(netns_cookie(netns)?),
+            false => None,
+        };
         let record = EndpointRecord {
+            socket_lb_opt_out,
             container_id: attachment.container_id.clone(),
             ifname: attachment.ifname.clone(),
             netns: self.env.netns.clone().unwrap_or_default(),
@@ -240,6 +245,9 @@ impl Plugin {
             self.store.write(&record)?;
             for ip in &ips {
                 maps.insert_new(*ip, record.endpoint())?;
+            }
+            if let Some(cookie) = record.socket_lb_opt_out {
+                maps.set_lb_opt_out(cookie, true)?;
             }
         }
         log::info!("added {ips:?} on {host_name} (ifindex {})", host_link.index);
@@ -355,6 +363,9 @@ impl Plugin {
                     Some(record) => {
                         for ip in &record.ips {
                             maps.remove_owned(*ip, ifindex)?;
+                        }
+                        if let Some(cookie) = record.socket_lb_opt_out {
+                            maps.set_lb_opt_out(cookie, false)?;
                         }
                     }
                     None => maps.remove_all_owned(ifindex)?,

@@ -22,6 +22,7 @@ pub fn reconcile(
 ) -> anyhow::Result<()> {
     let _lock = store.lock()?;
     let mut live_ips = HashSet::new();
+    let mut opted_out = HashSet::new();
     let mut live_ifindexes: HashSet<u32> = uplink.and_then(|name| if_nametoindex(name).ok()).into_iter().collect();
     for record in store.list()? {
         let alive = if_nametoindex(record.host_ifname.as_str()).is_ok_and(|index| index == record.host_ifindex);
@@ -36,6 +37,10 @@ pub fn reconcile(
                 reap(state_dir, store, &record)?;
             }
             continue;
+        }
+        if let Some(cookie) = record.socket_lb_opt_out {
+            maps.set_lb_opt_out(cookie, true)?;
+            opted_out.insert(cookie);
         }
         let endpoint = record.endpoint();
         for ip in &record.ips {
@@ -70,6 +75,11 @@ pub fn reconcile(
         if !live_ips.contains(&ip) && !unreadable_live.contains(&endpoint.ifindex) {
             log::info!("dropping stale map entry {ip}");
             maps.remove(ip)?;
+        }
+    }
+    for cookie in maps.lb_opt_outs()? {
+        if !opted_out.contains(&cookie) {
+            maps.set_lb_opt_out(cookie, false)?;
         }
     }
     for ifindex in maps.counter_ifindexes()? {

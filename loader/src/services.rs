@@ -139,25 +139,21 @@ fn end(addr: IpAddr, port: u16, proto: u8) -> FlowEnd {
 /// Every frontend with its ready backends (sorted, each once); `node_ips` are the
 /// addresses a NodePort answers on besides loopback.
 pub fn frontends(state: &ClusterState, node_ips: &[IpAddr]) -> BTreeMap<FlowEnd, Vec<FlowEnd>> {
+    // The slices of each Service, by namespace and name, found in one pass.
+    let mut slices_of: std::collections::HashMap<(&str, &str), Vec<&EndpointSlice>> = Default::default();
+    for slice in &state.slices {
+        let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+        if let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) {
+            slices_of.entry((namespace, service.as_str())).or_default().push(slice);
+        }
+    }
     let mut out = BTreeMap::new();
     for service in &state.services {
         let (Some(name), Some(spec)) = (service.metadata.name.as_deref(), service.spec.as_ref()) else {
             continue;
         };
         let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
-        let slices: Vec<&EndpointSlice> = state
-            .slices
-            .iter()
-            .filter(|slice| {
-                slice.metadata.namespace.as_deref().unwrap_or("default") == namespace
-                    && slice
-                        .metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get("kubernetes.io/service-name"))
-                        .is_some_and(|n| n == name)
-            })
-            .collect();
+        let slices = slices_of.get(&(namespace, name)).map(Vec::as_slice).unwrap_or_default();
         let cluster_ips: Vec<IpAddr> = spec
             .cluster_ips
             .iter()
@@ -176,7 +172,7 @@ pub fn frontends(state: &ClusterState, node_ips: &[IpAddr]) -> BTreeMap<FlowEnd,
             };
             let backends_of = |family: Family| -> Vec<FlowEnd> {
                 let mut backends = BTreeSet::new();
-                for slice in &slices {
+                for slice in slices {
                     let slice_family = match slice.address_type.as_str() {
                         "IPv4" => Family::V4,
                         "IPv6" => Family::V6,

@@ -38,6 +38,10 @@ pub struct EndpointRecord {
     pub host_ifindex: u32,
     pub host_mac: String,
     pub pod_mac: String,
+    /// The pod's network namespace cookie when it opted out of the socket load
+    /// balancer (CNI `args.cni.socketLB: false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_lb_opt_out: Option<u64>,
 }
 
 fn one_or_many<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Vec<IpAddr>, D::Error> {
@@ -194,6 +198,7 @@ mod tests {
             host_ifindex: 7,
             host_mac: "02:00:00:00:00:01".into(),
             pod_mac: "02:00:00:00:00:02".into(),
+            socket_lb_opt_out: None,
         }
     }
 

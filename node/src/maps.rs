@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use std::net::IpAddr;
 use velox_common::{
     BackendSlot, Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, Service, SocketPeer, BACKENDS_MAP, COUNTERS_MAP,
-    ENDPOINTS_MAP, IPV4_MAPPED_PREFIX, KERNEL_FLOWS_MAP, PEERS_MAP, SERVICES_MAP, SOCKET_PEERS_MAP,
+    ENDPOINTS_MAP, IPV4_MAPPED_PREFIX, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP, PEERS_MAP, SERVICES_MAP, SOCKET_PEERS_MAP,
 };
 
 use crate::error::{Error, Result};
@@ -58,7 +58,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const LAYOUT_REVISION: u32 = 1;
 
 /// Every pinned map as this build's eBPF object declares it.
-pub fn layouts() -> [MapLayout; 7] {
+pub fn layouts() -> [MapLayout; 8] {
     use std::mem::size_of;
     let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
         name,
@@ -107,6 +107,7 @@ pub fn layouts() -> [MapLayout; 7] {
             size_of::<FlowEnd>(),
             0,
         ),
+        layout(LB_OPT_OUT_MAP, BPF_MAP_TYPE_HASH, size_of::<u64>(), size_of::<u8>(), BPF_F_NO_PREALLOC),
     ]
 }
 
@@ -194,6 +195,7 @@ fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Res
 pub struct EndpointMaps {
     endpoints: HashMap<MapData, IpKey, Endpoint>,
     counters: PerCpuHashMap<MapData, u32, EndpointCounters>,
+    lb_opt_out: HashMap<MapData, u64, u8>,
 }
 
 impl EndpointMaps {
@@ -201,7 +203,26 @@ impl EndpointMaps {
         Ok(Self {
             endpoints: open_map(bpffs, ENDPOINTS_MAP)?,
             counters: open_map(bpffs, COUNTERS_MAP)?,
+            lb_opt_out: open_map(bpffs, LB_OPT_OUT_MAP)?,
         })
+    }
+
+    /// Puts the pod whose network namespace has `cookie` out of the socket load
+    /// balancer's reach, or back in.
+    pub fn set_lb_opt_out(&mut self, cookie: u64, opted_out: bool) -> Result<()> {
+        match opted_out {
+            true => self.lb_opt_out.insert(cookie, 1, 0),
+            false => ignore_missing(self.lb_opt_out.remove(&cookie)),
+        }
+        .map_err(Error::map("updating the socket LB opt-outs"))
+    }
+
+    /// Network namespace cookies that opted out.
+    pub fn lb_opt_outs(&self) -> Result<Vec<u64>> {
+        self.lb_opt_out
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Error::map("reading the socket LB opt-outs"))
     }
 
     /// Sets the entry of `ip`, whatever it was (the loader's repair from records).

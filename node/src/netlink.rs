@@ -50,6 +50,33 @@ pub fn in_netns<T>(netns: &File, f: impl FnOnce() -> T) -> Result<T> {
     Ok(out)
 }
 
+/// The kernel's cookie of the network namespace `netns`: what
+/// `bpf_get_netns_cookie` returns for its sockets.
+pub fn netns_cookie(netns: &File) -> Result<u64> {
+    const SO_NETNS_COOKIE: i32 = 71;
+    in_netns(netns, || -> Result<u64> {
+        use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+        use std::os::fd::AsRawFd;
+        let probe = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+            .map_err(|e| Error::io("opening a socket in the pod")(e.into()))?;
+        let (mut cookie, mut len) = (0u64, std::mem::size_of::<u64>() as nix::libc::socklen_t);
+        // SAFETY: `cookie` and `len` are valid for the kernel to write.
+        let done = unsafe {
+            nix::libc::getsockopt(
+                probe.as_raw_fd(),
+                nix::libc::SOL_SOCKET,
+                SO_NETNS_COOKIE,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        if done != 0 {
+            return Err(Error::io("reading the network namespace cookie")(std::io::Error::last_os_error()));
+        }
+        Ok(cookie)
+    })?
+}
+
 fn is_enodev(error: &rtnetlink::Error) -> bool {
     matches!(error, rtnetlink::Error::NetlinkError(e) if e.raw_code() == -(nix::errno::Errno::ENODEV as i32))
 }

@@ -224,3 +224,46 @@ fn node_ports_answer_on_every_node_address_and_on_loopback() {
     drop(backends);
     cluster.finish().unwrap();
 }
+
+#[test]
+fn a_pod_that_opted_out_keeps_its_sockets_untranslated() {
+    let (cluster, state) = cluster_with_socket_lb("slbopt");
+    let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
+    let worker1 = &cluster.nodes[0];
+    let _backend = Backend::start(&pod2.name, SocketAddr::new(pod2.ip(Family::V4), 8080), Protocol::Tcp, &pod2.name)
+        .unwrap();
+    let web = ServiceSpec {
+        name: "web".into(),
+        cluster_ips: vec![cluster_ip(Family::V4, 50)],
+        ports: vec![HTTP],
+        backends: vec![pod2.ip(Family::V4)],
+    };
+    cluster_state::write(&state, &[web]).unwrap();
+    wait_for_services(&cluster, 1);
+    // A pod whose runtime (or Multus) passes `args.cni.socketLB: false`.
+    let opted_out = cluster.pod_name(0, "optout");
+    velox_test_env::run("ip", &["netns", "add", &opted_out]).unwrap();
+    let mut conf = worker1.conf("1.1.0");
+    conf["args"] = serde_json::json!({"cni": {"socketLB": false}});
+    let netns = std::path::Path::new("/run/netns").join(&opted_out);
+    let added = worker1.cni("ADD", &opted_out, Some(&netns), "eth0", &conf).unwrap();
+    assert!(added.success, "{}", added.stdout);
+    let opt_outs = || {
+        let map = velox_node::Bpffs::new(&worker1.bpffs_root).map(velox_common::LB_OPT_OUT_MAP);
+        let dump = velox_test_env::run("bpftool", &["-j", "map", "dump", "pinned", map.to_str().unwrap()]).unwrap();
+        serde_json::from_str::<Value>(&dump).unwrap().as_array().unwrap().len()
+    };
+    assert_eq!(opt_outs(), 1);
+
+    let frontend = SocketAddr::new(cluster_ip(Family::V4, 50), 80);
+    let translated = probe(worker1, &pod1.name, "tcp", frontend);
+    assert_eq!(translated["answer"], pod2.name, "{translated}");
+    // Nothing answers a ClusterIP without kube-proxy: the untranslated connection fails.
+    let untouched = probe(worker1, &opted_out, "tcp", frontend);
+    assert!(untouched.get("error").is_some(), "the opted-out pod was translated: {untouched}");
+
+    let deleted = worker1.cni("DEL", &opted_out, Some(&netns), "eth0", &conf).unwrap();
+    assert!(deleted.success, "{}", deleted.stdout);
+    assert_eq!(opt_outs(), 0, "DEL removes the opt-out");
+    cluster.finish().unwrap();
+}

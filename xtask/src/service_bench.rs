@@ -161,9 +161,9 @@ pub fn measure(
                         );
                     }
                 }
-                // Each measurement starts from an empty conntrack table: connections of
-                // the last one in TIME_WAIT would clash with new ones reusing their
-                // source ports (a DNAT to the same backend gets the same reply tuple).
+                // Each measurement starts from an empty conntrack table: an entry of the
+                // last one (its connections end with a reset, CLOSE for 10 s) holds the
+                // reply tuple a new DNAT to the same backend from the same port needs.
                 run("nsenter", &[&format!("--net=/run/netns/{}", worker1.name), "conntrack", "-F"])?;
                 let client = client_of(balancer)?;
                 let sample = connection_rate(&client, &cgroup, &probe, measured, seconds)

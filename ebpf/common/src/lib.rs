@@ -26,6 +26,9 @@ pub const BACKENDS_MAP: &str = "VELOX_BACKENDS";
 /// Pinned under `<bpffsRoot>/maps/`: (socket, backend) -> the frontend it was
 /// translated from (LRU), so replies and getpeername show the Service.
 pub const SOCKET_PEERS_MAP: &str = "VELOX_SOCKET_PEERS";
+/// Pinned under `<bpffsRoot>/maps/`: network namespace cookies of the pods that opted
+/// out of the socket load balancer; their sockets are left as they are.
+pub const LB_OPT_OUT_MAP: &str = "VELOX_LB_OPT_OUT";
 /// Pinned under `<bpffsRoot>/programs/`: TC ingress of every host-side pod veth.
 pub const FROM_POD_PROGRAM: &str = "from_pod";
 /// Pinned under `<bpffsRoot>/programs/`: TC ingress of the node's uplink.

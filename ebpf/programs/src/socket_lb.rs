@@ -7,14 +7,14 @@
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_F_NO_PREALLOC},
     btf_maps::{HashMap, LruHashMap},
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
     EbpfContext,
 };
 use velox_common::{
-    BackendSlot, FlowEnd, IpKey, Service, SocketPeer, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_SERVICES,
-    MAX_SOCKET_PEERS,
+    BackendSlot, FlowEnd, IpKey, Service, SocketPeer, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_ENDPOINTS,
+    MAX_SERVICES, MAX_SOCKET_PEERS,
 };
 
 #[btf_map]
@@ -25,6 +25,10 @@ static VELOX_BACKENDS: HashMap<BackendSlot, FlowEnd, MAX_BACKENDS, { BPF_F_NO_PR
 
 #[btf_map]
 static VELOX_SOCKET_PEERS: LruHashMap<SocketPeer, FlowEnd, MAX_SOCKET_PEERS> = LruHashMap::new();
+
+/// Pods that opted out: their network namespace's cookie.
+#[btf_map]
+static VELOX_LB_OPT_OUT: HashMap<u64, u8, MAX_ENDPOINTS, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 
 /// What a sock_addr hook returns to let the call go on; 0 fails it.
 const ALLOW: i32 = 1;
@@ -79,6 +83,14 @@ pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
     to_frontend(&ctx, Family::V6)
 }
 
+/// Whether the socket belongs to a pod that opted out of the load balancer.
+#[inline(always)]
+fn opted_out(ctx: &SockAddrContext) -> bool {
+    // SAFETY: the context the kernel passed.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    unsafe { VELOX_LB_OPT_OUT.get(&netns) }.is_some()
+}
+
 /// The address and port the call names (destination of connect and sendmsg, source
 /// of a received datagram, the peer for getpeername), with the socket's protocol.
 /// False for sockets that are neither TCP nor UDP.
@@ -127,7 +139,7 @@ fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
     // SAFETY: the context the kernel passed; the verifier checks every access.
     let sa = unsafe { &mut *ctx.sock_addr };
     let mut frontend = FlowEnd::default();
-    if !read_user_end(sa, family, &mut frontend) {
+    if !read_user_end(sa, family, &mut frontend) || opted_out(ctx) {
         return ALLOW;
     }
     let Some(service) = (unsafe { VELOX_SERVICES.get(&frontend) }) else {

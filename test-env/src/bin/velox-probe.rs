@@ -58,6 +58,11 @@ fn connection_rate(to: SocketAddr, seconds: u64) -> std::io::Result<serde_json::
         stream.set_read_timeout(Some(TIMEOUT))?;
         stream.read_exact(&mut byte)?;
         first_byte_us.push(opened.elapsed().as_secs_f64() * 1e6);
+        // Close with a reset: no TIME_WAIT on either end, so a source port can come
+        // back at once without meeting the last connection's state at the server (a
+        // SYN into a TIME_WAIT socket is answered with an ACK and retried after 1 s).
+        let abort = nix::libc::linger { l_onoff: 1, l_linger: 0 };
+        nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &abort)?;
     }
     let elapsed = started.elapsed().as_secs_f64();
     first_byte_us.sort_by(f64::total_cmp);
