@@ -81,8 +81,11 @@ pub async fn run(
             own_ips.iter().copied().chain(cluster.iter().flat_map(Cluster::node_ips)).collect();
         all.into_iter().collect()
     };
+    let pod_netns = |store: &EndpointStore| -> Vec<PathBuf> {
+        store.list().unwrap_or_default().into_iter().map(|r| r.netns).collect()
+    };
     if let Some(services) = &mut services {
-        services.reconcile(&bpffs, &node_ips(&cluster))?;
+        services.reconcile(&bpffs, &node_ips(&cluster), &pod_netns(&store))?;
     }
     attach_socket_lb(&bpffs, &mut ebpf, datapath.socket_lb_cgroup.as_deref())?;
     // The maps are filled: every pod and the uplink may move to this build.
@@ -128,7 +131,7 @@ pub async fn run(
                     }
                 }
                 if let Some(services) = &mut services {
-                    if let Err(e) = services.reconcile(&bpffs, &node_ips(&cluster)) {
+                    if let Err(e) = services.reconcile(&bpffs, &node_ips(&cluster), &pod_netns(&store)) {
                         log::error!("applying the cluster state: {e:#}");
                     }
                 }

@@ -7,6 +7,7 @@ mod install;
 mod netfilter;
 mod reconcile;
 mod services;
+mod sockets;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

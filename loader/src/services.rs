@@ -7,13 +7,15 @@ use anyhow::Context;
 use k8s_openapi::api::core::v1::Service as KubeService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use velox_common::{FlowEnd, Service, IPPROTO_TCP, IPPROTO_UDP};
 use velox_node::fs::list_dir;
 use velox_node::maps::ServiceMaps;
 use velox_node::Family;
+
+use crate::sockets::destroy_connected_udp;
 
 /// The objects of the cluster-state source that the load balancer reads.
 #[derive(Debug, Default)]
@@ -58,7 +60,14 @@ impl ServiceSource {
 
     /// Reads the source and applies it if it or the node addresses changed. A
     /// source that cannot be read changes nothing: the maps keep the last Services.
-    pub fn reconcile(&mut self, bpffs: &velox_node::Bpffs, node_ips: &[IpAddr]) -> anyhow::Result<()> {
+    /// Connected UDP sockets to a backend that left are closed, here and in every
+    /// netns of `pod_netns`.
+    pub fn reconcile(
+        &mut self,
+        bpffs: &velox_node::Bpffs,
+        node_ips: &[IpAddr],
+        pod_netns: &[PathBuf],
+    ) -> anyhow::Result<()> {
         let fingerprint = self.fingerprint()?;
         if self.read.as_ref() == Some(&fingerprint) && self.node_ips == node_ips {
             return Ok(());
@@ -69,10 +78,35 @@ impl ServiceSource {
         if self.applied.as_ref() == Some(&wanted) {
             return Ok(());
         }
-        apply(&mut ServiceMaps::open(bpffs)?, &wanted)?;
+        let lost_udp = apply(&mut ServiceMaps::open(bpffs)?, &wanted)?;
         log::info!("services: {} frontend(s) from {}", wanted.len(), self.path.display());
         self.applied = Some(wanted);
+        if !lost_udp.is_empty() {
+            close_udp_sockets_to(&lost_udp, pod_netns);
+        }
         Ok(())
+    }
+}
+
+/// Closes the connected UDP sockets to `backends` of this node's host and pods; a
+/// netns that is gone or refuses is logged and skipped.
+fn close_udp_sockets_to(backends: &HashSet<SocketAddr>, pod_netns: &[PathBuf]) {
+    let mut closed = 0;
+    match destroy_connected_udp(backends) {
+        Ok(n) => closed += n,
+        Err(e) => log::warn!("closing UDP sockets on the host: {e:#}"),
+    }
+    for path in pod_netns {
+        let outcome = std::fs::File::open(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|netns| Ok(velox_node::netlink::in_netns(&netns, || destroy_connected_udp(backends))??));
+        match outcome {
+            Ok(n) => closed += n,
+            Err(e) => log::warn!("closing UDP sockets in {}: {e:#}", path.display()),
+        }
+    }
+    if closed > 0 {
+        log::info!("closed {closed} connected UDP socket(s) to backends that left: {backends:?}");
     }
 }
 
@@ -220,18 +254,28 @@ pub fn frontends(state: &ClusterState, node_ips: &[IpAddr]) -> BTreeMap<FlowEnd,
 
 /// Makes the service maps hold exactly `wanted`. A frontend keeps its id for as long
 /// as it exists; a new one gets the smallest free id. The maps are the only state,
-/// so a restarted loader picks up where the last one stopped.
-pub fn apply(maps: &mut ServiceMaps, wanted: &BTreeMap<FlowEnd, Vec<FlowEnd>>) -> anyhow::Result<()> {
+/// so a restarted loader picks up where the last one stopped. Returns the UDP
+/// backends that some frontend lost.
+pub fn apply(maps: &mut ServiceMaps, wanted: &BTreeMap<FlowEnd, Vec<FlowEnd>>) -> anyhow::Result<HashSet<SocketAddr>> {
     let current: BTreeMap<FlowEnd, Service> = maps.services()?.into_iter().collect();
     let mut used: BTreeSet<u32> = current.values().map(|s| s.id).collect();
     let mut next_free = 1;
+    let mut lost_udp = HashSet::new();
+    let mut note_lost = |frontend: &FlowEnd, gone: &[FlowEnd], kept: &[FlowEnd]| {
+        if frontend.proto == IPPROTO_UDP {
+            let gone = gone.iter().filter(|b| !kept.contains(b));
+            lost_udp.extend(gone.map(|b| SocketAddr::new(b.addr.ip(), u16::from_be(b.port))));
+        }
+    };
     for (frontend, backends) in wanted {
         let before = current.get(frontend).copied();
         let id = match before {
             Some(service) => {
-                if maps.backends(&service)? == *backends {
+                let had = maps.backends(&service)?;
+                if had == *backends {
                     continue;
                 }
+                note_lost(frontend, &had, backends);
                 service.id
             }
             None => {
@@ -246,10 +290,11 @@ pub fn apply(maps: &mut ServiceMaps, wanted: &BTreeMap<FlowEnd, Vec<FlowEnd>>) -
     }
     for (frontend, service) in &current {
         if !wanted.contains_key(frontend) {
+            note_lost(frontend, &maps.backends(service)?, &[]);
             maps.remove(frontend, service)?;
         }
     }
-    Ok(())
+    Ok(lost_udp)
 }
 
 #[cfg(test)]

@@ -267,3 +267,59 @@ fn a_pod_that_opted_out_keeps_its_sockets_untranslated() {
     assert_eq!(opt_outs(), 0, "DEL removes the opt-out");
     cluster.finish().unwrap();
 }
+
+#[test]
+fn a_connected_udp_socket_whose_backend_left_is_closed() {
+    let (cluster, state) = cluster_with_socket_lb("slbudp");
+    let (pod1, pod2, pod4) = (cluster.pod("pod-1"), cluster.pod("pod-2"), cluster.pod("pod-4"));
+    let worker1 = &cluster.nodes[0];
+    let _backends: Vec<Backend> = [&pod2, &pod4]
+        .iter()
+        .map(|p| Backend::start(&p.name, SocketAddr::new(p.ip(Family::V4), 5353), Protocol::Udp, &p.name).unwrap())
+        .collect();
+    let dns = |backend: &Pod| ServiceSpec {
+        name: "dns".into(),
+        cluster_ips: vec![cluster_ip(Family::V4, 60)],
+        ports: vec![DNS],
+        backends: vec![backend.ip(Family::V4)],
+    };
+    cluster_state::write(&state, &[dns(&pod2)]).unwrap();
+    wait_for_services(&cluster, 1);
+    let frontend = SocketAddr::new(cluster_ip(Family::V4, 60), 53);
+    // A resolver's socket: connected once, used again later.
+    let mut resolver = in_netns_and_cgroup(
+        &pod1.name,
+        &worker1.cgroup().unwrap(),
+        worker1.bins.probe.to_str().unwrap(),
+        &["udp-hold", &frontend.to_string()],
+    )
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(resolver.stdout.take().unwrap()));
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["answer"], pod2.name, "{first}");
+
+    // pod-2 leaves the Service, pod-4 takes its place.
+    cluster_state::write(&state, &[dns(&pod4)]).unwrap();
+    let moved = || {
+        worker1.dump("services").is_ok_and(|rows| {
+            rows.iter().any(|r| r["backends"][0] == format!("{}:5353", pod4.ip(Family::V4)))
+        })
+    };
+    assert!(wait_for(Duration::from_secs(5), moved));
+    std::thread::sleep(Duration::from_millis(200));
+    std::io::Write::write_all(resolver.stdin.as_mut().unwrap(), b"again\n").unwrap();
+    let second: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    // Closed and disconnected: a send finds no destination (a receive would report
+    // ECONNABORTED).
+    let closed = second["error"] == "ConnectionAborted"
+        || second["message"].as_str().is_some_and(|m| m.contains("Destination address required"));
+    assert!(closed, "the socket to the old backend was not closed: {second}");
+    resolver.wait().unwrap();
+    // The resolver's next socket reaches the backend that is there.
+    let again = probe(worker1, &pod1.name, "udp", frontend);
+    assert_eq!(again["answer"], pod4.name, "{again}");
+    cluster.finish().unwrap();
+}

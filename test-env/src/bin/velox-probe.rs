@@ -6,6 +6,8 @@
 //! `velox-probe tcp ADDR`: connect, read everything; `peer` is getpeername.
 //! `velox-probe udp ADDR`: connected socket, send, receive; `peer` is getpeername.
 //! `velox-probe udp-sendto ADDR`: unconnected socket; `peer` is where the reply came from.
+//! `velox-probe udp-hold ADDR`: like `udp`, then waits for a line on stdin and sends
+//! on the same socket again; prints a second line with that answer or error.
 //! `velox-probe crr ADDR SECONDS`: connect, read the first byte, close, again and again
 //! (a connection-rate test); prints `{"connections", "per_second", "p50_us", "p99_us"}`.
 //! `velox-probe serve ADDR`: the other end of `crr` and `tcp`, until killed: one byte
@@ -75,6 +77,34 @@ fn connection_rate(to: SocketAddr, seconds: u64) -> std::io::Result<serde_json::
     }))
 }
 
+/// One exchange on a connected UDP socket, a pause until stdin says, another.
+fn hold_udp(to: SocketAddr) {
+    let exchange = |socket: &UdpSocket| -> std::io::Result<String> {
+        let mut buf = [0u8; 256];
+        socket.send(b"query")?;
+        let len = socket.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
+    };
+    let report = |outcome: std::io::Result<String>| match outcome {
+        Ok(answer) => println!("{}", serde_json::json!({"answer": answer})),
+        Err(e) => println!("{}", serde_json::json!({"error": format!("{:?}", e.kind()), "message": e.to_string()})),
+    };
+    let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    let socket = UdpSocket::bind(any).and_then(|s| {
+        s.connect(to)?;
+        s.set_read_timeout(Some(TIMEOUT))?;
+        Ok(s)
+    });
+    let socket = match socket {
+        Ok(socket) => socket,
+        Err(e) => return report(Err(e)),
+    };
+    report(exchange(&socket));
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    report(exchange(&socket));
+}
+
 fn serve(on: SocketAddr) -> std::io::Result<()> {
     let listener = TcpListener::bind(on)?;
     loop {
@@ -94,6 +124,10 @@ fn main() {
             eprintln!("velox-probe serve {to}: {e}");
             std::process::exit(1);
         }
+        return;
+    }
+    if mode == "udp-hold" {
+        hold_udp(to);
         return;
     }
     if mode == "crr" {
