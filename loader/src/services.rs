@@ -99,7 +99,7 @@ fn close_udp_sockets_to(backends: &HashSet<SocketAddr>, pod_netns: &[PathBuf]) {
     for path in pod_netns {
         let outcome = std::fs::File::open(path)
             .map_err(anyhow::Error::from)
-            .and_then(|netns| Ok(velox_node::netlink::in_netns(&netns, || destroy_connected_udp(backends))??));
+            .and_then(|netns| velox_node::netlink::in_netns(&netns, || destroy_connected_udp(backends))?);
         match outcome {
             Ok(n) => closed += n,
             Err(e) => log::warn!("closing UDP sockets in {}: {e:#}", path.display()),
