@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use velox_node::endpoint::EndpointStore;
 use velox_node::{ErrorList, Family, StateDir};
 
-use crate::cni::{exec_plugin, spawn_plugin, CniOutcome};
+use crate::cni::{exec_plugin, CniOutcome};
 use crate::guard::{Guard, TearDown};
 use crate::netns::{create_host_netns, delete_netns, in_netns, netns_exists, netns_with_prefix};
 use crate::{run, Binaries, Pod};
@@ -193,18 +193,6 @@ impl Node {
         conf: &Value,
     ) -> anyhow::Result<CniOutcome> {
         exec_plugin(&self.name, &self.bins.velox, command, container_id, netns, ifname, conf)
-    }
-
-    /// `cni` without waiting: the running plugin, to kill it halfway.
-    pub fn spawn_cni(
-        &self,
-        command: &str,
-        container_id: &str,
-        netns: Option<&Path>,
-        ifname: &str,
-        conf: &Value,
-    ) -> anyhow::Result<std::process::Child> {
-        spawn_plugin(&self.name, &self.bins.velox, command, container_id, netns, ifname, conf)
     }
 
     /// STATUS with the latest version.
