@@ -313,7 +313,10 @@ impl Environment {
         let netns = match get("CNI_NETNS").filter(|v| !v.is_empty()) {
             Some(_) if !per_container => None,
             Some(path) if !Path::new(&path).is_absolute() => {
-                return fail(Code::InvalidEnvironment, format!("CNI_NETNS {path:?} is not an absolute path"))
+                return fail(
+                    Code::InvalidEnvironment,
+                    format!("CNI_NETNS {path:?} is not an absolute path"),
+                )
             }
             Some(path) => Some(PathBuf::from(path)),
             None if matches!(command, Command::Add | Command::Check) => {
@@ -568,7 +571,10 @@ mod validation {
             ("runtimeConfig", json!(["portMappings"])),
             ("prevResult", json!({"ips": [{"address": "10.0.0.2"}]})),
             ("prevResult", json!("a string")),
-            ("cni.dev/valid-attachments", json!([{"containerID": "../x", "ifname": "eth0"}])),
+            (
+                "cni.dev/valid-attachments",
+                json!([{"containerID": "../x", "ifname": "eth0"}]),
+            ),
         ];
         for (key, value) in bad {
             let err = rejection(&with(key, value.clone()));
@@ -635,10 +641,23 @@ mod validation {
 
     fn field_name() -> impl Strategy<Value = String> {
         prop_oneof![
-            Just("cniVersion"), Just("name"), Just("type"), Just("mtu"), Just("subnet"),
-            Just("subnets"), Just("ipam"), Just("dns"), Just("args"), Just("runtimeConfig"),
-            Just("bpffsRoot"), Just("stateDir"), Just("logFile"), Just("logLevel"),
-            Just("prevResult"), Just("cni.dev/valid-attachments"), Just("unknownKey"),
+            Just("cniVersion"),
+            Just("name"),
+            Just("type"),
+            Just("mtu"),
+            Just("subnet"),
+            Just("subnets"),
+            Just("ipam"),
+            Just("dns"),
+            Just("args"),
+            Just("runtimeConfig"),
+            Just("bpffsRoot"),
+            Just("stateDir"),
+            Just("logFile"),
+            Just("logLevel"),
+            Just("prevResult"),
+            Just("cni.dev/valid-attachments"),
+            Just("unknownKey"),
         ]
         .prop_map(String::from)
     }

@@ -351,7 +351,10 @@ impl Plugin {
         };
         let ifindex = match &record {
             Some(record) => Some(record.host_ifindex),
-            None => errors.keep(host.link(&host_name).await).flatten().map(|link| link.index),
+            None => errors
+                .keep(host.link(&host_name).await)
+                .flatten()
+                .map(|link| link.index),
         };
         // The map entries and the record go in one step under the endpoint lock: the
         // loader must never see the record without its entries (it would put them

@@ -211,12 +211,16 @@ impl Cluster {
 
     /// Every node's InternalIPs as last applied (this node's too when the list has it).
     pub fn node_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.applied.iter().flatten().flat_map(|node| node.node_ips.iter().copied())
+        self.applied
+            .iter()
+            .flatten()
+            .flat_map(|node| node.node_ips.iter().copied())
     }
 
     /// True when the peers file reads and says something other than what is applied.
     pub fn peers_changed(&self) -> bool {
-        self.read_peers().is_ok_and(|nodes| Some(&nodes) != self.applied.as_ref())
+        self.read_peers()
+            .is_ok_and(|nodes| Some(&nodes) != self.applied.as_ref())
     }
 
     /// One full pass; cheap when nothing changed. A peers file that cannot be read
@@ -389,11 +393,26 @@ mod tests {
         let net = |s: &str| s.parse::<IpNet>().unwrap();
         let own = [net("200.200.1.0/24"), net("fd00:200:1::/64")];
         let host = [
-            ForeignRoute { dst: net("0.0.0.0/0"), via_gateway: true },
-            ForeignRoute { dst: net("10.0.0.0/24"), via_gateway: false },
-            ForeignRoute { dst: net("172.17.0.0/16"), via_gateway: false },
-            ForeignRoute { dst: net("100.64.0.0/10"), via_gateway: true },
-            ForeignRoute { dst: net("fd00:10::/64"), via_gateway: false },
+            ForeignRoute {
+                dst: net("0.0.0.0/0"),
+                via_gateway: true,
+            },
+            ForeignRoute {
+                dst: net("10.0.0.0/24"),
+                via_gateway: false,
+            },
+            ForeignRoute {
+                dst: net("172.17.0.0/16"),
+                via_gateway: false,
+            },
+            ForeignRoute {
+                dst: net("100.64.0.0/10"),
+                via_gateway: true,
+            },
+            ForeignRoute {
+                dst: net("fd00:10::/64"),
+                via_gateway: false,
+            },
         ];
         let accepted = [net("200.200.2.0/24")];
         let refused = |cidr: &str| conflict(&net(cidr), &own, &accepted, &host);

@@ -4,15 +4,15 @@
 use anyhow::Context;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{loaded_programs, CgroupSockAddr, Program};
-use std::os::fd::AsFd;
 use aya::{Ebpf, EbpfLoader};
-use std::collections::HashMap;
-use std::path::PathBuf;
 use aya_log::EbpfLogger;
 use nix::mount::{mount, MsFlags};
 use nix::sys::statfs::statfs;
+use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::path::PathBuf;
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
@@ -24,15 +24,15 @@ use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir};
 use velox_node::health::Health;
 use velox_node::layout::Hook;
-use velox_node::link::{attach_cgroup, update_pinned_link};
 use velox_node::layout::PRIVATE_FILE_MODE;
+use velox_node::link::{attach_cgroup, update_pinned_link};
 use velox_node::maps::{check_object_layout, check_pinned_layouts, layouts, pinned_layout, EndpointMaps, KernelFlows};
 use velox_node::netlink::Netlink;
 use velox_node::{Bpffs, StateDir};
 
 use crate::cluster::{Cluster, ClusterConfig};
-use crate::services::ServiceSource;
 use crate::reconcile::reconcile;
+use crate::services::ServiceSource;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VELOX_EBPF_OBJECT"));
 
@@ -77,15 +77,19 @@ pub async fn run(
     // A NodePort answers on every node's address, so a client on this node reaches
     // it on any of them.
     let node_ips = |cluster: &Option<Cluster>| -> Vec<std::net::IpAddr> {
-        let all: std::collections::BTreeSet<_> =
-            own_ips.iter().copied().chain(cluster.iter().flat_map(Cluster::node_ips)).collect();
+        let all: std::collections::BTreeSet<_> = own_ips
+            .iter()
+            .copied()
+            .chain(cluster.iter().flat_map(Cluster::node_ips))
+            .collect();
         all.into_iter().collect()
     };
-    let pod_netns = |store: &EndpointStore| -> Vec<PathBuf> {
-        store.list().unwrap_or_default().into_iter().map(|r| r.netns).collect()
-    };
+    let pod_netns = || -> Vec<PathBuf> { store.list().unwrap_or_default().into_iter().map(|r| r.netns).collect() };
     if let Some(services) = &mut services {
-        services.reconcile(&bpffs, &node_ips(&cluster), &pod_netns(&store))?;
+        // Like the peers file, a cluster state that cannot be read never stops the start.
+        if let Err(e) = services.reconcile(&bpffs, &node_ips(&cluster), pod_netns) {
+            log::error!("applying the cluster state: {e:#}");
+        }
     }
     attach_socket_lb(&bpffs, &mut ebpf, datapath.socket_lb_cgroup.as_deref())?;
     // The maps are filled: every pod and the uplink may move to this build.
@@ -131,7 +135,7 @@ pub async fn run(
                     }
                 }
                 if let Some(services) = &mut services {
-                    if let Err(e) = services.reconcile(&bpffs, &node_ips(&cluster), &pod_netns(&store)) {
+                    if let Err(e) = services.reconcile(&bpffs, &node_ips(&cluster), pod_netns) {
                         log::error!("applying the cluster state: {e:#}");
                     }
                 }
@@ -237,7 +241,10 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     };
     check_object_layout(object)?;
     let mut ebpf = loader.load(object).context("loading the eBPF object")?;
-    for name in [FROM_POD_PROGRAM, FROM_NET_PROGRAM].into_iter().chain(SOCKET_LB_PROGRAMS) {
+    for name in [FROM_POD_PROGRAM, FROM_NET_PROGRAM]
+        .into_iter()
+        .chain(SOCKET_LB_PROGRAMS)
+    {
         let program = ebpf
             .program_mut(name)
             .with_context(|| format!("{name} missing from the eBPF object"))?;
@@ -398,4 +405,3 @@ async fn forward_datapath_logs(logger: DatapathLogger) {
         ready.clear_ready();
     }
 }
-

@@ -61,12 +61,12 @@ impl ServiceSource {
     /// Reads the source and applies it if it or the node addresses changed. A
     /// source that cannot be read changes nothing: the maps keep the last Services.
     /// Connected UDP sockets to a backend that left are closed, here and in every
-    /// netns of `pod_netns`.
+    /// netns `pod_netns` lists (asked only then).
     pub fn reconcile(
         &mut self,
         bpffs: &velox_node::Bpffs,
         node_ips: &[IpAddr],
-        pod_netns: &[PathBuf],
+        pod_netns: impl FnOnce() -> Vec<PathBuf>,
     ) -> anyhow::Result<()> {
         let fingerprint = self.fingerprint()?;
         if self.read.as_ref() == Some(&fingerprint) && self.node_ips == node_ips {
@@ -82,7 +82,7 @@ impl ServiceSource {
         log::info!("services: {} frontend(s) from {}", wanted.len(), self.path.display());
         self.applied = Some(wanted);
         if !lost_udp.is_empty() {
-            close_udp_sockets_to(&lost_udp, pod_netns);
+            close_udp_sockets_to(&lost_udp, &pod_netns());
         }
         Ok(())
     }
@@ -123,7 +123,11 @@ pub fn read_cluster_state(path: &Path) -> anyhow::Result<ClusterState> {
             _ => vec![value],
         };
         for object in objects {
-            let kind = object.get("kind").and_then(Value::as_str).unwrap_or_default().to_string();
+            let kind = object
+                .get("kind")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
             let parsed = match kind.as_str() {
                 "Service" => serde_json::from_value(object).map(|s| state.services.push(s)),
                 "EndpointSlice" => serde_json::from_value(object).map(|s| state.slices.push(s)),
@@ -177,7 +181,12 @@ pub fn frontends(state: &ClusterState, node_ips: &[IpAddr]) -> BTreeMap<FlowEnd,
     let mut slices_of: std::collections::HashMap<(&str, &str), Vec<&EndpointSlice>> = Default::default();
     for slice in &state.slices {
         let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
-        if let Some(service) = slice.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) {
+        if let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+        {
             slices_of.entry((namespace, service.as_str())).or_default().push(slice);
         }
     }
@@ -310,7 +319,9 @@ mod tests {
     }
 
     fn ends(list: &[(&str, u16, u8)]) -> Vec<FlowEnd> {
-        list.iter().map(|(ip, port, proto)| end(ip.parse().unwrap(), *port, *proto)).collect()
+        list.iter()
+            .map(|(ip, port, proto)| end(ip.parse().unwrap(), *port, *proto))
+            .collect()
     }
 
     fn dns_cluster() -> Value {
@@ -350,7 +361,11 @@ mod tests {
         let udp6 = end("fd00:96::a".parse().unwrap(), 53, IPPROTO_UDP);
         assert_eq!(frontends[&udp6], ends(&[("fd00:200:1::5", 5353, IPPROTO_UDP)]));
         let tcp6 = end("fd00:96::a".parse().unwrap(), 53, IPPROTO_TCP);
-        assert_eq!(frontends[&tcp6], vec![], "no IPv6 backend on the TCP port: refused, not hanging");
+        assert_eq!(
+            frontends[&tcp6],
+            vec![],
+            "no IPv6 backend on the TCP port: refused, not hanging"
+        );
         assert_eq!(frontends.len(), 4);
     }
 
@@ -361,7 +376,12 @@ mod tests {
                      "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]}});
         let frontends = frontends(&state(objects), &["10.0.0.3".parse().unwrap()]);
         let at = |ip: &str, port| end(ip.parse().unwrap(), port, IPPROTO_TCP);
-        for frontend in [at("10.96.1.1", 80), at("10.0.0.3", 30080), at("127.0.0.1", 30080), at("::1", 30080)] {
+        for frontend in [
+            at("10.96.1.1", 80),
+            at("10.0.0.3", 30080),
+            at("127.0.0.1", 30080),
+            at("::1", 30080),
+        ] {
             assert!(frontends.contains_key(&frontend), "{frontend:?}");
         }
     }

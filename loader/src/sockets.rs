@@ -38,7 +38,11 @@ fn request(flags: u16, socket_id: SocketId, family: u8) -> Vec<u8> {
 
 /// The UDP sockets of this network namespace connected to one of `peers`.
 fn connected_to(socket: &Socket, family: u8, peers: &HashSet<SocketAddr>) -> anyhow::Result<Vec<SocketId>> {
-    let empty = if family == AF_INET { SocketId::new_v4() } else { SocketId::new_v6() };
+    let empty = if family == AF_INET {
+        SocketId::new_v4()
+    } else {
+        SocketId::new_v6()
+    };
     socket.send(&request(NLM_F_REQUEST | NLM_F_DUMP, empty, family), 0)?;
     let mut found = Vec::new();
     let mut buf = vec![0; 65536];

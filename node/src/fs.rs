@@ -121,7 +121,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = try_lock_dir(dir.path()).unwrap();
         assert!(first.is_some());
-        assert!(try_lock_dir(dir.path()).unwrap().is_none(), "a second holder got the lock");
+        assert!(
+            try_lock_dir(dir.path()).unwrap().is_none(),
+            "a second holder got the lock"
+        );
         drop(first);
         assert!(try_lock_dir(dir.path()).unwrap().is_some());
     }

@@ -92,12 +92,7 @@ impl Allocator {
         Ok(out)
     }
 
-    fn reserve(
-        &self,
-        subnet: &IpNet,
-        reserved: &[(IpAddr, Attachment)],
-        attachment: &Attachment,
-    ) -> Result<IpAddr> {
+    fn reserve(&self, subnet: &IpNet, reserved: &[(IpAddr, Attachment)], attachment: &Attachment) -> Result<IpAddr> {
         let family = Family::of(&subnet.addr());
         let taken: HashSet<IpAddr> = reserved
             .iter()

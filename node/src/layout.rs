@@ -139,8 +139,7 @@ impl AsRef<Path> for StateDir {
 /// Where the cgroup2 hierarchy is mounted (`/sys/fs/cgroup`, or
 /// `/sys/fs/cgroup/unified` on a hybrid host), from the mount table.
 pub fn cgroup2_root() -> crate::Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")
-        .map_err(crate::Error::io("reading the mount table"))?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(crate::Error::io("reading the mount table"))?;
     mounts
         .lines()
         .map(|line| line.split_whitespace().collect::<Vec<_>>())

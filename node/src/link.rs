@@ -42,7 +42,8 @@ pub fn detach_tc_ingress(bpffs: &Bpffs, ifname: &str) -> Result<()> {
 /// sub-cgroup may override: links take only that mode) and pins the link as
 /// `links/cgroup/<name>`.
 pub fn attach_cgroup(bpffs: &Bpffs, program: &mut CgroupSockAddr, name: &str, cgroup: &Path) -> Result<()> {
-    let cgroup_dir = std::fs::File::open(cgroup).map_err(Error::io(format!("opening the cgroup {}", cgroup.display())))?;
+    let cgroup_dir =
+        std::fs::File::open(cgroup).map_err(Error::io(format!("opening the cgroup {}", cgroup.display())))?;
     let link_id = program
         .attach(&cgroup_dir, CgroupAttachMode::Single)
         .map_err(Error::program(format!("attaching {name} to {}", cgroup.display())))?;
@@ -100,8 +101,14 @@ pub fn update_pinned_link(pin: &Path, program: BorrowedFd<'_>) -> Result<()> {
         old_prog_fd: 0,
     };
     // SAFETY: `update` is a valid bpf_attr prefix for BPF_LINK_UPDATE.
-    let done =
-        unsafe { nix::libc::syscall(nix::libc::SYS_bpf, BPF_LINK_UPDATE, &update, std::mem::size_of::<LinkUpdate>()) };
+    let done = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &update,
+            std::mem::size_of::<LinkUpdate>(),
+        )
+    };
     if done < 0 {
         return Err(Error::io(what)(std::io::Error::last_os_error()));
     }

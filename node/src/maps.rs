@@ -68,7 +68,13 @@ pub fn layouts() -> [MapLayout; 8] {
         flags,
     };
     [
-        layout(ENDPOINTS_MAP, BPF_MAP_TYPE_HASH, size_of::<IpKey>(), size_of::<Endpoint>(), 0),
+        layout(
+            ENDPOINTS_MAP,
+            BPF_MAP_TYPE_HASH,
+            size_of::<IpKey>(),
+            size_of::<Endpoint>(),
+            0,
+        ),
         // An LPM key is its prefix length (u32) and the address.
         layout(
             PEERS_MAP,
@@ -85,7 +91,13 @@ pub fn layouts() -> [MapLayout; 8] {
             size_of::<EndpointCounters>(),
             BPF_F_NO_PREALLOC,
         ),
-        layout(KERNEL_FLOWS_MAP, BPF_MAP_TYPE_LRU_HASH, size_of::<FlowEnd>(), size_of::<u32>(), 0),
+        layout(
+            KERNEL_FLOWS_MAP,
+            BPF_MAP_TYPE_LRU_HASH,
+            size_of::<FlowEnd>(),
+            size_of::<u32>(),
+            0,
+        ),
         layout(
             SERVICES_MAP,
             BPF_MAP_TYPE_HASH,
@@ -107,7 +119,13 @@ pub fn layouts() -> [MapLayout; 8] {
             size_of::<FlowEnd>(),
             0,
         ),
-        layout(LB_OPT_OUT_MAP, BPF_MAP_TYPE_HASH, size_of::<u64>(), size_of::<u8>(), BPF_F_NO_PREALLOC),
+        layout(
+            LB_OPT_OUT_MAP,
+            BPF_MAP_TYPE_HASH,
+            size_of::<u64>(),
+            size_of::<u8>(),
+            BPF_F_NO_PREALLOC,
+        ),
     ]
 }
 
@@ -171,7 +189,12 @@ pub fn check_object_layout(object: &[u8]) -> Result<()> {
             .get(expected.name)
             .ok_or_else(|| Error::Invalid(format!("the eBPF object has no map {}", expected.name)))?;
         let declared = (map.map_type(), map.key_size(), map.value_size(), map.map_flags());
-        let wanted = (expected.map_type, expected.key_size, expected.value_size, expected.flags);
+        let wanted = (
+            expected.map_type,
+            expected.key_size,
+            expected.value_size,
+            expected.flags,
+        );
         if declared != wanted {
             return Err(Error::Invalid(format!(
                 "the eBPF object's {} (type, key, value, flags) is {declared:?}, this build's layout {wanted:?}: \
@@ -437,7 +460,13 @@ impl ServiceMaps {
         (0..service.backends)
             .filter_map(|slot| {
                 found(
-                    self.backends.get(&BackendSlot { service: service.id, slot }, 0),
+                    self.backends.get(
+                        &BackendSlot {
+                            service: service.id,
+                            slot,
+                        },
+                        0,
+                    ),
                     "reading the backend map",
                 )
                 .transpose()
@@ -452,7 +481,14 @@ impl ServiceMaps {
         let count = backends.len() as u32;
         for (slot, backend) in backends.iter().enumerate() {
             self.backends
-                .insert(BackendSlot { service: id, slot: slot as u32 }, *backend, 0)
+                .insert(
+                    BackendSlot {
+                        service: id,
+                        slot: slot as u32,
+                    },
+                    *backend,
+                    0,
+                )
                 .map_err(Error::map("adding a backend"))?;
         }
         self.services
@@ -469,8 +505,11 @@ impl ServiceMaps {
     pub fn remove(&mut self, frontend: &FlowEnd, service: &Service) -> Result<()> {
         ignore_missing(self.services.remove(frontend)).map_err(Error::map("removing a service"))?;
         for slot in 0..service.backends {
-            ignore_missing(self.backends.remove(&BackendSlot { service: service.id, slot }))
-                .map_err(Error::map("removing a backend"))?;
+            ignore_missing(self.backends.remove(&BackendSlot {
+                service: service.id,
+                slot,
+            }))
+            .map_err(Error::map("removing a backend"))?;
         }
         Ok(())
     }

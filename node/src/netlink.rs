@@ -71,7 +71,9 @@ pub fn netns_cookie(netns: &File) -> Result<u64> {
             )
         };
         if done != 0 {
-            return Err(Error::io("reading the network namespace cookie")(std::io::Error::last_os_error()));
+            return Err(Error::io("reading the network namespace cookie")(
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(cookie)
     })?

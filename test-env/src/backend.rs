@@ -51,7 +51,11 @@ impl Backend {
                             Ok((_, from)) => {
                                 socket.send_to(name.as_bytes(), from)?;
                             }
-                            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
                             Err(e) => return Err(e.into()),
                         }
                     }

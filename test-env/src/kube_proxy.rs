@@ -146,7 +146,11 @@ pub fn restore_services(node: &Node, services: &[(SocketAddr, Vec<SocketAddr>)])
         .stdin(std::process::Stdio::piped())
         .spawn()?;
     std::io::Write::write_all(restore.stdin.as_mut().expect("piped"), script.as_bytes())?;
-    anyhow::ensure!(restore.wait()?.success(), "iptables-restore of {} Services failed", services.len());
+    anyhow::ensure!(
+        restore.wait()?.success(),
+        "iptables-restore of {} Services failed",
+        services.len()
+    );
     for hook in ["PREROUTING", "OUTPUT"] {
         let jump = ["-t", "nat", "-C", hook, "-j", SERVICES_CHAIN];
         if iptables(node, Family::V4, &jump).is_err() {

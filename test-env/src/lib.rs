@@ -70,8 +70,8 @@ pub fn cnitool() -> anyhow::Result<PathBuf> {
 
 /// The upgrade test's changed datapath, which `cargo xtask test` builds.
 pub fn upgrade_test_object() -> anyhow::Result<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/ebpf-upgrade-test/bpfel-unknown-none/release/velox-ebpf");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf-upgrade-test/bpfel-unknown-none/release/velox-ebpf");
     anyhow::ensure!(path.is_file(), "{} is missing: run `cargo xtask test`", path.display());
     Ok(path)
 }

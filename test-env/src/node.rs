@@ -243,7 +243,9 @@ impl Node {
     }
 
     fn cgroup_if_made(&self) -> Option<PathBuf> {
-        let cgroup = velox_node::layout::cgroup2_root().ok()?.join(format!("velox-test-{}", self.name));
+        let cgroup = velox_node::layout::cgroup2_root()
+            .ok()?
+            .join(format!("velox-test-{}", self.name));
         cgroup.exists().then_some(cgroup)
     }
 

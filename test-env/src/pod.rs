@@ -112,7 +112,17 @@ impl Pod {
             None => (ip.clone(), "5201".to_string()),
         };
         let deadline = Instant::now() + Duration::from_secs(5);
-        let args = ["-c", &host, "-p", &port, "-t", &seconds.to_string(), "-P", &streams.to_string(), "-J"];
+        let args = [
+            "-c",
+            &host,
+            "-p",
+            &port,
+            "-t",
+            &seconds.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ];
         // iperf3 3.12 exits 0 even when it cannot connect: the report says.
         let report = loop {
             let output = match via {

@@ -357,7 +357,11 @@ fn a_bad_peers_file_never_stops_the_loader_nor_takes_over_host_routes() {
     let worker1 = &cluster.nodes[0];
     let routes = |dst: &str| run("ip", &["-n", &worker1.name, "route", "show", dst]).unwrap();
     // A connected subnet of the host that no peer may take.
-    run("ip", &["-n", &worker1.name, "route", "add", "198.51.100.0/24", "dev", "eth0"]).unwrap();
+    run(
+        "ip",
+        &["-n", &worker1.name, "route", "add", "198.51.100.0/24", "dev", "eth0"],
+    )
+    .unwrap();
 
     let mut list: serde_json::Value = serde_json::from_slice(&std::fs::read(&cluster.peers_file).unwrap()).unwrap();
     let evil = |name: &str, cidr: &str| {
@@ -374,12 +378,21 @@ fn a_bad_peers_file_never_stops_the_loader_nor_takes_over_host_routes() {
         evil("good", "200.200.9.0/24"),
     ]);
     std::fs::write(&cluster.peers_file, serde_json::to_vec(&list).unwrap()).unwrap();
-    eventually("the good new node is routed", || routes("200.200.9.0/24").contains("via 10.0.0.9"));
+    eventually("the good new node is routed", || {
+        routes("200.200.9.0/24").contains("via 10.0.0.9")
+    });
     assert!(!routes("default").contains("10.0.0.9"), "{}", routes("default"));
-    assert!(routes("200.200.1.0/25").is_empty(), "own CIDR taken: {}", routes("200.200.1.0/25"));
+    assert!(
+        routes("200.200.1.0/25").is_empty(),
+        "own CIDR taken: {}",
+        routes("200.200.1.0/25")
+    );
     assert!(routes("198.51.100.0/25").is_empty());
     let host_route = routes("198.51.100.0/24");
-    assert!(host_route.contains("dev eth0") && !host_route.contains("via"), "{host_route}");
+    assert!(
+        host_route.contains("dev eth0") && !host_route.contains("via"),
+        "{host_route}"
+    );
     for family in Family::ALL {
         assert!(pod1.ping(pod2.ip(family), 1), "{family:?}");
     }
@@ -387,12 +400,21 @@ fn a_bad_peers_file_never_stops_the_loader_nor_takes_over_host_routes() {
     // A file that does not parse at all, across a loader restart: forwarding goes on.
     std::fs::write(&cluster.peers_file, b"{ half a file").unwrap();
     worker1.stop_loader(nix::sys::signal::Signal::SIGTERM).unwrap();
-    worker1.start_loader().expect("the loader starts despite the peers file");
+    worker1
+        .start_loader()
+        .expect("the loader starts despite the peers file");
     std::thread::sleep(Duration::from_secs(2));
     for family in Family::ALL {
-        assert!(pod1.ping(pod2.ip(family), 1), "{family:?}: routes lost on a bad peers file");
+        assert!(
+            pod1.ping(pod2.ip(family), 1),
+            "{family:?}: routes lost on a bad peers file"
+        );
     }
-    run("ip", &["-n", &worker1.name, "route", "del", "198.51.100.0/24", "dev", "eth0"]).unwrap();
+    run(
+        "ip",
+        &["-n", &worker1.name, "route", "del", "198.51.100.0/24", "dev", "eth0"],
+    )
+    .unwrap();
     cluster.finish().unwrap();
 }
 
@@ -401,7 +423,8 @@ fn masquerade_off_and_uninstall_purge_take_away_what_the_loader_added() {
     let cluster = ClusterGuard::up("purge").unwrap();
     let (pod1, pod4) = (cluster.pod("pod-1"), cluster.pod("pod-4"));
     let worker1 = &cluster.nodes[0];
-    let nat_rules = |tool: &str| String::from_utf8(worker1.exec(tool, &["-w", "-t", "nat", "-S"]).unwrap().stdout).unwrap();
+    let nat_rules =
+        |tool: &str| String::from_utf8(worker1.exec(tool, &["-w", "-t", "nat", "-S"]).unwrap().stdout).unwrap();
     let jumps = |tool: &str| nat_rules(tool).lines().filter(|r| r.ends_with("-j VELOX-MASQ")).count();
 
     // Restarts never duplicate the jump (one per pod CIDR).
@@ -443,7 +466,9 @@ fn masquerade_off_and_uninstall_purge_take_away_what_the_loader_added() {
         .map(|pin| {
             let pin = pin.unwrap().path();
             let shown = run("bpftool", &["-j", "link", "show", "pinned", pin.to_str().unwrap()]).unwrap();
-            serde_json::from_str::<serde_json::Value>(&shown).unwrap()["id"].as_u64().unwrap()
+            serde_json::from_str::<serde_json::Value>(&shown).unwrap()["id"]
+                .as_u64()
+                .unwrap()
         })
         .collect();
     assert_eq!(link_ids.len(), 3, "eth0 and two pods");
@@ -462,7 +487,10 @@ fn masquerade_off_and_uninstall_purge_take_away_what_the_loader_added() {
         assert!(link.is_err(), "link {id} still attached: {link:?}");
     }
     for family in Family::ALL {
-        assert!(pod1.ping(pod4.ip(family), 1), "{family:?}: pods on one node go on over kernel routes");
+        assert!(
+            pod1.ping(pod4.ip(family), 1),
+            "{family:?}: pods on one node go on over kernel routes"
+        );
     }
     cluster.finish().unwrap();
 }
@@ -476,7 +504,17 @@ fn from_net_leaves_frames_for_another_host_to_the_kernel() {
     // worker-2 sends worker-1's frames to a MAC nobody has: the router's bridge floods
     // them, and worker-1's uplink, promiscuous, sees them as addressed to another host.
     run("ip", &["-n", &worker1.name, "link", "set", "eth0", "promisc", "on"]).unwrap();
-    let bogus = ["neigh", "replace", &worker1_ip, "lladdr", "02:00:00:00:00:99", "dev", "eth0", "nud", "permanent"];
+    let bogus = [
+        "neigh",
+        "replace",
+        &worker1_ip,
+        "lladdr",
+        "02:00:00:00:00:99",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ];
     run("ip", &[&["-n", worker2.name.as_str()][..], &bogus].concat()).unwrap();
     let uplink_redirected = || {
         worker1
@@ -491,17 +529,35 @@ fn from_net_leaves_frames_for_another_host_to_the_kernel() {
     let capture = velox_test_env::in_netns(
         &worker1.name,
         "timeout",
-        &["5", "tcpdump", "-i", "eth0", "-c", "1", "-n", "ether", "dst", "02:00:00:00:00:99"],
+        &[
+            "5",
+            "tcpdump",
+            "-i",
+            "eth0",
+            "-c",
+            "1",
+            "-n",
+            "ether",
+            "dst",
+            "02:00:00:00:00:99",
+        ],
     )
     .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::null())
     .spawn()
     .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!pod3.ping(pod1.ip(Family::V4), 2), "a frame for another host reached a pod");
+    assert!(
+        !pod3.ping(pod1.ip(Family::V4), 2),
+        "a frame for another host reached a pod"
+    );
     let captured = capture.wait_with_output().unwrap();
     assert!(captured.status.success(), "no frame for the bogus MAC reached worker-1");
-    assert_eq!(uplink_redirected(), before, "from_net redirected frames not addressed to its node");
+    assert_eq!(
+        uplink_redirected(),
+        before,
+        "from_net redirected frames not addressed to its node"
+    );
 
     // With the neighbour right again, the same ping takes the fast path.
     run("ip", &["-n", &worker2.name, "neigh", "del", &worker1_ip, "dev", "eth0"]).unwrap();

@@ -39,14 +39,18 @@ fn a_corrupt_record_stops_neither_the_loader_nor_gc_nor_del() {
     std::fs::write(&orphan, b"\0\0\0").unwrap();
 
     node.stop_loader(Signal::SIGTERM).unwrap();
-    node.start_loader().expect("the loader starts despite unreadable records");
+    node.start_loader()
+        .expect("the loader starts despite unreadable records");
     assert!(
         wait_for(Duration::from_secs(5), || !orphan.exists()),
         "the orphan's unreadable record is removed"
     );
     assert!(record.exists(), "the record of a live pod stays for its DEL");
     for family in Family::ALL {
-        assert!(fine.ping(broken.ip(family), 1), "{family:?}: the broken pod still gets traffic");
+        assert!(
+            fine.ping(broken.ip(family), 1),
+            "{family:?}: the broken pod still gets traffic"
+        );
     }
 
     let mut gc = node.conf("1.1.0");
@@ -57,11 +61,15 @@ fn a_corrupt_record_stops_neither_the_loader_nor_gc_nor_del() {
     let outcome = node.cni("GC", "", None, "", &gc).unwrap();
     assert!(outcome.success, "GC: {}", outcome.stdout);
 
-    node.delete_pod(&broken.name).expect("DEL of the pod with the corrupt record");
+    node.delete_pod(&broken.name)
+        .expect("DEL of the pod with the corrupt record");
     assert!(!record.exists(), "DEL removes the corrupt record");
     for family in Family::ALL {
         assert!(node.endpoint(broken.ip(family)).is_err(), "{family:?}: map entry left");
-        assert!(node.endpoint(fine.ip(family)).is_ok(), "{family:?}: the other pod lost its entry");
+        assert!(
+            node.endpoint(fine.ip(family)).is_ok(),
+            "{family:?}: the other pod lost its entry"
+        );
     }
     assert_eq!(node.reserved_addresses(), 2, "only the fine pod's addresses stay");
     assert_eq!(veth_count(&node), 1);
@@ -80,12 +88,19 @@ fn a_pod_whose_del_never_comes_is_reaped_once_its_netns_is_gone() {
         "the record of the vanished pod is reaped"
     );
     assert_eq!(node.pods().unwrap()[0].name, stays.name);
-    assert_eq!(node.reserved_addresses(), 2, "the vanished pod's addresses are free again");
+    assert_eq!(
+        node.reserved_addresses(),
+        2,
+        "the vanished pod's addresses are free again"
+    );
     for family in Family::ALL {
         assert!(node.endpoint(gone.ip(family)).is_err(), "{family:?}: map entry left");
     }
     assert!(
-        std::fs::read_dir(node.bpffs_root.join("links/tc-ingress")).unwrap().count() == 1,
+        std::fs::read_dir(node.bpffs_root.join("links/tc-ingress"))
+            .unwrap()
+            .count()
+            == 1,
         "the vanished pod's link pin is removed"
     );
     // A pod whose veth is gone but whose netns still exists is not reaped: its DEL
@@ -167,7 +182,11 @@ fn plugins_killed_at_random_points_of_add_and_del_leave_nothing_after_del() {
     }
     let kept = kept.into_inner().unwrap();
     let addresses: HashSet<_> = kept.iter().flat_map(|p| p.ips.clone()).collect();
-    assert_eq!(addresses.len(), 2 * kept.len(), "an address was handed to two live pods");
+    assert_eq!(
+        addresses.len(),
+        2 * kept.len(),
+        "an address was handed to two live pods"
+    );
     for family in Family::ALL {
         assert!(kept[0].ping(kept[kept.len() - 1].ip(family), 1), "{family:?}");
     }
@@ -195,7 +214,10 @@ fn duplicate_concurrent_adds_do_not_tear_each_other_down() {
     }
     let winner = Pod::from_result(&pod, &succeeded[0].stdout).unwrap();
     for family in Family::ALL {
-        assert!(other.ping(winner.ip(family), 1), "{family:?}: the first ADD's pod was torn down");
+        assert!(
+            other.ping(winner.ip(family), 1),
+            "{family:?}: the first ADD's pod was torn down"
+        );
     }
     assert_eq!(node.reserved_addresses(), 4);
     node.finish().unwrap();
@@ -213,7 +235,10 @@ fn a_second_loader_on_the_same_bpffs_root_or_state_dir_refuses_to_start() {
             .arg("run")
             .output()
             .unwrap();
-        (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     };
     for (bpffs_root, state_dir) in [
         (node.bpffs_root.clone(), node.state_dir.clone()),
@@ -236,7 +261,9 @@ fn a_second_loader_on_the_same_bpffs_root_or_state_dir_refuses_to_start() {
 /// The id of the program pinned at `pin` or run by the link pinned at `pin`.
 fn pinned_id(kind: &str, pin: &Path, field: &str) -> u64 {
     let shown = run("bpftool", &["-j", kind, "show", "pinned", pin.to_str().unwrap()]).unwrap();
-    serde_json::from_str::<serde_json::Value>(&shown).unwrap()[field].as_u64().unwrap()
+    serde_json::from_str::<serde_json::Value>(&shown).unwrap()[field]
+        .as_u64()
+        .unwrap()
 }
 
 /// True when every pod's link runs the pinned `from_pod`.
@@ -249,7 +276,9 @@ fn every_pod_runs_the_pinned_program(node: &NodeGuard) -> bool {
 }
 
 fn dropped(node: &NodeGuard, pod: &Pod) -> u64 {
-    node.endpoint(pod.ip(Family::V4)).unwrap()["dropped_packets"].as_u64().unwrap()
+    node.endpoint(pod.ip(Family::V4)).unwrap()["dropped_packets"]
+        .as_u64()
+        .unwrap()
 }
 
 /// One datagram to the discard port of `to`; true when `from`'s datapath dropped it.
@@ -268,7 +297,10 @@ fn an_upgrade_and_a_downgrade_under_iperf3_move_every_pod_without_a_reset() {
     let changed = velox_test_env::upgrade_test_object().unwrap();
     let changed = changed.to_str().unwrap();
     for family in Family::ALL {
-        assert!(!discard_is_dropped(&node, &a, &b, family), "{family:?}: the build under test lets it through");
+        assert!(
+            !discard_is_dropped(&node, &a, &b, family),
+            "{family:?}: the build under test lets it through"
+        );
     }
     // A restart with `flags` while a TCP stream runs between the pods.
     let restart_under_traffic = |flags: &[&str]| {
@@ -285,16 +317,29 @@ fn an_upgrade_and_a_downgrade_under_iperf3_move_every_pod_without_a_reset() {
     assert!(upgraded.is_ok(), "the stream broke during the upgrade: {upgraded:?}");
     assert!(every_pod_runs_the_pinned_program(&node), "a pod kept the old program");
     for family in Family::ALL {
-        assert!(discard_is_dropped(&node, &a, &b, family), "{family:?}: an old pod missed the new datapath");
+        assert!(
+            discard_is_dropped(&node, &a, &b, family),
+            "{family:?}: an old pod missed the new datapath"
+        );
     }
     let c = node.add_pod("c").unwrap();
-    assert!(discard_is_dropped(&node, &c, &a, Family::V4), "a new pod gets the new datapath");
+    assert!(
+        discard_is_dropped(&node, &c, &a, Family::V4),
+        "a new pod gets the new datapath"
+    );
 
     let downgraded = restart_under_traffic(&[]);
-    assert!(downgraded.is_ok(), "the stream broke during the downgrade: {downgraded:?}");
+    assert!(
+        downgraded.is_ok(),
+        "the stream broke during the downgrade: {downgraded:?}"
+    );
     assert!(every_pod_runs_the_pinned_program(&node));
     for pod in [&a, &c] {
-        assert!(!discard_is_dropped(&node, pod, &b, Family::V4), "{} kept the changed datapath", pod.name);
+        assert!(
+            !discard_is_dropped(&node, pod, &b, Family::V4),
+            "{} kept the changed datapath",
+            pod.name
+        );
     }
     node.finish().unwrap();
 }
@@ -319,17 +364,40 @@ fn maps_of_another_layout_are_replaced_and_every_pod_moves_over() {
     let flat_pin = flat.to_str().unwrap();
     run(
         "bpftool",
-        &["map", "create", flat_pin, "type", "hash", "key", "4", "value", "4", "entries", "16", "name", "VELOX_ENDPOINTS"],
+        &[
+            "map",
+            "create",
+            flat_pin,
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "16",
+            "name",
+            "VELOX_ENDPOINTS",
+        ],
     )
     .unwrap();
-    assert!(!a.ping(b.ip(Family::V4), 1), "the emptied maps must break the fast path");
+    assert!(
+        !a.ping(b.ip(Family::V4), 1),
+        "the emptied maps must break the fast path"
+    );
 
     node.start_loader().unwrap();
     for family in Family::ALL {
-        assert!(a.ping(b.ip(family), 2), "{family:?}: pods did not move to the refilled maps");
+        assert!(
+            a.ping(b.ip(family), 2),
+            "{family:?}: pods did not move to the refilled maps"
+        );
     }
     assert!(every_pod_runs_the_pinned_program(&node));
-    let layouts: Vec<_> = std::fs::read_dir(bpffs.all_maps_dir()).unwrap().map(|e| e.unwrap().path()).collect();
+    let layouts: Vec<_> = std::fs::read_dir(bpffs.all_maps_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(layouts, [bpffs.maps_dir()], "other layouts are removed");
     node.finish().unwrap();
 }
@@ -344,7 +412,10 @@ fn a_pod_whose_interface_vanished_is_a_counted_drop_not_a_redirect() {
     // The kernel takes the netns, and the veth pair with it, down a moment later.
     let host_veth = record_host_ifname(&b);
     let veth_gone = || run("ip", &["-n", &node.name, "link", "show", &host_veth]).is_err();
-    assert!(wait_for(Duration::from_secs(5), veth_gone), "b's veth outlived its netns");
+    assert!(
+        wait_for(Duration::from_secs(5), veth_gone),
+        "b's veth outlived its netns"
+    );
     let counters = || node.endpoint(a.ip(Family::V4)).unwrap();
     let before = counters();
     for family in Family::ALL {
@@ -356,13 +427,17 @@ fn a_pod_whose_interface_vanished_is_a_counted_drop_not_a_redirect() {
     assert!(grew("dropped_packets") >= 4, "{after}");
     assert_eq!(grew("redirected_packets"), 0, "{after}");
     node.start_loader().unwrap();
-    assert!(wait_for(Duration::from_secs(5), || node.pods().unwrap().len() == 1), "b is reaped");
+    assert!(
+        wait_for(Duration::from_secs(5), || node.pods().unwrap().len() == 1),
+        "b is reaped"
+    );
     node.finish().unwrap();
 }
 
 #[test]
 fn only_an_object_with_this_builds_map_layout_is_loaded() {
-    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf/bpfel-unknown-none/release/velox-ebpf");
+    let built =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf/bpfel-unknown-none/release/velox-ebpf");
     for object in [built, velox_test_env::upgrade_test_object().unwrap()] {
         let bytes = std::fs::read(&object).unwrap();
         velox_node::maps::check_object_layout(&bytes).unwrap_or_else(|e| panic!("{}: {e}", object.display()));
@@ -388,13 +463,17 @@ fn counters_take_memory_per_interface_not_for_every_possible_pod() {
     assert!(a.ping(b.ip(Family::V4), 1) && b.ping(a.ip(Family::V4), 1));
     let counters = velox_node::Bpffs::new(&node.bpffs_root).map(velox_common::COUNTERS_MAP);
     let shown = run("bpftool", &["-j", "map", "show", "pinned", counters.to_str().unwrap()]).unwrap();
-    let memlock = serde_json::from_str::<serde_json::Value>(&shown).unwrap()["bytes_memlock"].as_u64().unwrap();
+    let memlock = serde_json::from_str::<serde_json::Value>(&shown).unwrap()["bytes_memlock"]
+        .as_u64()
+        .unwrap();
     // Preallocated, the map would hold a value per possible pod on every CPU.
     let cpus = std::thread::available_parallelism().unwrap().get() as u64;
-    let preallocated = velox_common::MAX_ENDPOINTS as u64
-        * std::mem::size_of::<velox_common::EndpointCounters>() as u64
-        * cpus;
+    let preallocated =
+        velox_common::MAX_ENDPOINTS as u64 * std::mem::size_of::<velox_common::EndpointCounters>() as u64 * cpus;
     assert!(node.dump("stats").unwrap().len() >= 2, "both pods have counters");
-    assert!(memlock < preallocated / 2, "{memlock} bytes for two interfaces ({preallocated} preallocated)");
+    assert!(
+        memlock < preallocated / 2,
+        "{memlock} bytes for two interfaces ({preallocated} preallocated)"
+    );
     node.finish().unwrap();
 }

@@ -3,13 +3,13 @@
 //! test` does both.
 
 use nix::sys::signal::Signal;
+use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
 use serde_json::{json, Value};
 use std::net::IpAddr;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
-use proptest::prelude::*;
-use proptest::test_runner::TestRunner;
 use velox_test_env::{run, Family, NodeGuard, Pod};
 
 /// A fresh node with pods `a` and `b`.
@@ -206,9 +206,11 @@ fn assert_nothing_of(node: &NodeGuard, pod_name: &str, ifname: &str) {
     assert!(node.pods().unwrap().is_empty(), "record left");
     assert!(node.endpoints().unwrap().is_empty(), "map entry left");
     let pod_links = run("ip", &["-n", pod_name, "-o", "link", "show"]).unwrap();
-    let left = pod_links
-        .lines()
-        .any(|line| line.split(": ").nth(1).is_some_and(|name| name.split('@').next() == Some(ifname)));
+    let left = pod_links.lines().any(|line| {
+        line.split(": ")
+            .nth(1)
+            .is_some_and(|name| name.split('@').next() == Some(ifname))
+    });
     assert!(!left, "pod side {ifname:?} left: {pod_links}");
 }
 
@@ -252,9 +254,15 @@ fn config_change() -> impl Strategy<Value = (&'static str, Value)> {
         ("mtu", json!("big")),
         ("name", json!("-bad")),
         ("name", json!("")),
-        ("dns", json!({"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]})),
+        (
+            "dns",
+            json!({"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]}),
+        ),
         ("dns", json!({"nameservers": "10.96.0.10"})),
-        ("prevResult", json!({"cniVersion": "1.1.0", "ips": [{"address": "192.0.2.5/24"}]})),
+        (
+            "prevResult",
+            json!({"cniVersion": "1.1.0", "ips": [{"address": "192.0.2.5/24"}]}),
+        ),
         ("prevResult", json!({"ips": [{"address": "not-an-ip"}]})),
         ("args", json!({"K8S_POD_NAME": "x"})),
         ("args", json!(7)),
@@ -315,7 +323,10 @@ fn any_add_is_refused_cleanly_or_fully_undone_by_del() {
         panic!("{failure}");
     }
     let (accepted, refused) = (accepted.get(), refused.get());
-    assert!(accepted > 0 && refused > 0, "the cases must cover both: {accepted} accepted, {refused} refused");
+    assert!(
+        accepted > 0 && refused > 0,
+        "the cases must cover both: {accepted} accepted, {refused} refused"
+    );
     node.finish().unwrap();
 }
 

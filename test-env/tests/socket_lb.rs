@@ -66,14 +66,25 @@ fn probe(node: &Node, netns: &str, mode: &str, to: SocketAddr) -> Value {
         .output()
         .unwrap();
     serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!("velox-probe {mode} {to}: {e}: {}", String::from_utf8_lossy(&output.stderr))
+        panic!(
+            "velox-probe {mode} {to}: {e}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
     })
 }
 
 /// Waits until every node's load balancer shows `frontends` frontends.
 fn wait_for_services(cluster: &ClusterGuard, frontends: usize) {
-    let ready = || cluster.nodes.iter().all(|n| n.dump("services").is_ok_and(|rows| rows.len() == frontends));
-    assert!(wait_for(Duration::from_secs(5), ready), "the loaders did not pick up the Services");
+    let ready = || {
+        cluster
+            .nodes
+            .iter()
+            .all(|n| n.dump("services").is_ok_and(|rows| rows.len() == frontends))
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), ready),
+        "the loaders did not pick up the Services"
+    );
 }
 
 #[test]
@@ -106,7 +117,10 @@ fn cluster_ips_are_translated_in_the_socket_for_pods_and_hosts_on_both_nodes() {
     cluster_state::write(&state, &[web]).unwrap();
     wait_for_services(&cluster, 4);
     let dump = cluster.nodes[0].dump("services").unwrap();
-    assert!(dump.iter().all(|row| row["backends"].as_array().unwrap().len() == 2), "{dump:?}");
+    assert!(
+        dump.iter().all(|row| row["backends"].as_array().unwrap().len() == 2),
+        "{dump:?}"
+    );
 
     let (worker1, worker2) = (&cluster.nodes[0], &cluster.nodes[1]);
     // Pods on both nodes, and a process on worker-1's host.
@@ -118,14 +132,28 @@ fn cluster_ips_are_translated_in_the_socket_for_pods_and_hosts_on_both_nodes() {
             let mut reached = BTreeSet::new();
             for _ in 0..16 {
                 let answer = probe(node, netns, "tcp", http);
-                assert_eq!(answer["peer"], http.to_string(), "getpeername shows the Service: {answer}");
+                assert_eq!(
+                    answer["peer"],
+                    http.to_string(),
+                    "getpeername shows the Service: {answer}"
+                );
                 reached.insert(answer["answer"].as_str().unwrap().to_string());
             }
-            assert_eq!(reached, names, "{netns} -> {http}: connections spread over every backend");
+            assert_eq!(
+                reached, names,
+                "{netns} -> {http}: connections spread over every backend"
+            );
             for mode in ["udp", "udp-sendto"] {
                 let answer = probe(node, netns, mode, dns);
-                assert!(names.contains(answer["answer"].as_str().unwrap_or_default()), "{mode} {netns}: {answer}");
-                assert_eq!(answer["peer"], dns.to_string(), "{mode}: the reply comes from the Service");
+                assert!(
+                    names.contains(answer["answer"].as_str().unwrap_or_default()),
+                    "{mode} {netns}: {answer}"
+                );
+                assert_eq!(
+                    answer["peer"],
+                    dns.to_string(),
+                    "{mode}: the reply comes from the Service"
+                );
             }
         }
     }
@@ -164,20 +192,31 @@ fn no_backend_refuses_at_once_and_a_removed_backend_gets_no_new_connections() {
         let started = Instant::now();
         let answer = probe(worker1, &pod1.name, "tcp", SocketAddr::new(cluster_ip(family, 31), 80));
         assert_eq!(answer["error"], "ConnectionRefused", "{answer}");
-        assert!(started.elapsed() < Duration::from_secs(1), "refused at once, not after a timeout");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "refused at once, not after a timeout"
+        );
     }
     let rows = worker1.dump("services").unwrap();
-    let empty_row = rows.iter().find(|r| r["frontend"] == format!("{}:80", cluster_ip(Family::V4, 31))).unwrap();
+    let empty_row = rows
+        .iter()
+        .find(|r| r["frontend"] == format!("{}:80", cluster_ip(Family::V4, 31)))
+        .unwrap();
     assert_eq!(empty_row["state"], "no backends");
 
     // pod-4 leaves the Service: every new connection goes to pod-2.
     cluster_state::write(&state, &[web(&[&pod2]), empty]).unwrap();
     let only_pod2 = || {
         worker1.dump("services").is_ok_and(|rows| {
-            rows.iter().filter(|r| r["state"] == "ok").all(|r| r["backends"].as_array().unwrap().len() == 1)
+            rows.iter()
+                .filter(|r| r["state"] == "ok")
+                .all(|r| r["backends"].as_array().unwrap().len() == 1)
         })
     };
-    assert!(wait_for(Duration::from_secs(5), only_pod2), "the backend was not removed");
+    assert!(
+        wait_for(Duration::from_secs(5), only_pod2),
+        "the backend was not removed"
+    );
     for family in Family::ALL {
         for _ in 0..12 {
             let answer = probe(worker1, &pod1.name, "tcp", SocketAddr::new(cluster_ip(family, 30), 80));
@@ -195,7 +234,15 @@ fn node_ports_answer_on_every_node_address_and_on_loopback() {
     let worker1 = &cluster.nodes[0];
     let backends: Vec<Backend> = Family::ALL
         .iter()
-        .map(|f| Backend::start(&pod2.name, SocketAddr::new(pod2.ip(*f), 8080), Protocol::Tcp, &pod2.name).unwrap())
+        .map(|f| {
+            Backend::start(
+                &pod2.name,
+                SocketAddr::new(pod2.ip(*f), 8080),
+                Protocol::Tcp,
+                &pod2.name,
+            )
+            .unwrap()
+        })
         .collect();
     let node_port = ServiceSpec {
         name: "np".into(),
@@ -230,8 +277,13 @@ fn a_pod_that_opted_out_keeps_its_sockets_untranslated() {
     let (cluster, state) = cluster_with_socket_lb("slbopt");
     let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
     let worker1 = &cluster.nodes[0];
-    let _backend = Backend::start(&pod2.name, SocketAddr::new(pod2.ip(Family::V4), 8080), Protocol::Tcp, &pod2.name)
-        .unwrap();
+    let _backend = Backend::start(
+        &pod2.name,
+        SocketAddr::new(pod2.ip(Family::V4), 8080),
+        Protocol::Tcp,
+        &pod2.name,
+    )
+    .unwrap();
     let web = ServiceSpec {
         name: "web".into(),
         cluster_ips: vec![cluster_ip(Family::V4, 50)],
@@ -260,7 +312,10 @@ fn a_pod_that_opted_out_keeps_its_sockets_untranslated() {
     assert_eq!(translated["answer"], pod2.name, "{translated}");
     // Nothing answers a ClusterIP without kube-proxy: the untranslated connection fails.
     let untouched = probe(worker1, &opted_out, "tcp", frontend);
-    assert!(untouched.get("error").is_some(), "the opted-out pod was translated: {untouched}");
+    assert!(
+        untouched.get("error").is_some(),
+        "the opted-out pod was translated: {untouched}"
+    );
 
     let deleted = worker1.cni("DEL", &opted_out, Some(&netns), "eth0", &conf).unwrap();
     assert!(deleted.success, "{}", deleted.stdout);
@@ -305,7 +360,8 @@ fn a_connected_udp_socket_whose_backend_left_is_closed() {
     cluster_state::write(&state, &[dns(&pod4)]).unwrap();
     let moved = || {
         worker1.dump("services").is_ok_and(|rows| {
-            rows.iter().any(|r| r["backends"][0] == format!("{}:5353", pod4.ip(Family::V4)))
+            rows.iter()
+                .any(|r| r["backends"][0] == format!("{}:5353", pod4.ip(Family::V4)))
         })
     };
     assert!(wait_for(Duration::from_secs(5), moved));
@@ -315,7 +371,9 @@ fn a_connected_udp_socket_whose_backend_left_is_closed() {
     // Closed and disconnected: a send finds no destination (a receive would report
     // ECONNABORTED).
     let closed = second["error"] == "ConnectionAborted"
-        || second["message"].as_str().is_some_and(|m| m.contains("Destination address required"));
+        || second["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Destination address required"));
     assert!(closed, "the socket to the old backend was not closed: {second}");
     resolver.wait().unwrap();
     // The resolver's next socket reaches the backend that is there.

@@ -323,7 +323,11 @@ fn services_markdown(run: &Run, out: &mut String) {
             .collect();
         (!values.is_empty()).then(|| Stat::of(&values))
     };
-    let show = |s: Option<Stat>| s.map_or("-".into(), |s| format!("{} ({}..{})", number(s.median), number(s.min), number(s.max)));
+    let show = |s: Option<Stat>| {
+        s.map_or("-".into(), |s| {
+            format!("{} ({}..{})", number(s.median), number(s.min), number(s.max))
+        })
+    };
     for &count in &counts {
         for &balancer in &balancers {
             let rate = stat(balancer, count, |s| s.connections_per_s);

@@ -111,8 +111,10 @@ pub fn measure(
     let worker1 = &cluster.nodes[0];
     let cgroup = worker1.cgroup()?;
     let probe = worker1.bins.probe.to_str().context("probe path")?.to_string();
-    let backend_addrs: Vec<SocketAddr> =
-        backends.iter().map(|b| SocketAddr::new(b.ip(Family::V4), CRR_PORT.target_port)).collect();
+    let backend_addrs: Vec<SocketAddr> = backends
+        .iter()
+        .map(|b| SocketAddr::new(b.ip(Family::V4), CRR_PORT.target_port))
+        .collect();
     let _servers = backend_addrs
         .iter()
         .zip(&backends)
@@ -164,7 +166,10 @@ pub fn measure(
                 // Each measurement starts from an empty conntrack table: an entry of the
                 // last one (its connections end with a reset, CLOSE for 10 s) holds the
                 // reply tuple a new DNAT to the same backend from the same port needs.
-                run("nsenter", &[&format!("--net=/run/netns/{}", worker1.name), "conntrack", "-F"])?;
+                run(
+                    "nsenter",
+                    &[&format!("--net=/run/netns/{}", worker1.name), "conntrack", "-F"],
+                )?;
                 let client = client_of(balancer)?;
                 let sample = connection_rate(&client, &cgroup, &probe, measured, seconds)
                     .with_context(|| format!("{} with {count} Services", balancer.name()))?;
@@ -233,8 +238,13 @@ fn connection_rate(
     to: SocketAddr,
     seconds: u32,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    let output = in_netns_and_cgroup(&client.name, cgroup, probe, &["crr", &to.to_string(), &seconds.to_string()])
-        .output()?;
+    let output = in_netns_and_cgroup(
+        &client.name,
+        cgroup,
+        probe,
+        &["crr", &to.to_string(), &seconds.to_string()],
+    )
+    .output()?;
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).context("velox-probe crr report")?;
     let field = |name: &str| report[name].as_f64().with_context(|| format!("crr to {to}: {report}"));
     Ok((field("per_second")?, field("p50_us")?, field("p99_us")?))

@@ -111,7 +111,11 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         PASS
     };
     #[cfg(feature = "upgrade-test")]
-    let result = if is_ip && to_discard_port(&ctx) { TEST_DROPPED } else { result };
+    let result = if is_ip && to_discard_port(&ctx) {
+        TEST_DROPPED
+    } else {
+        result
+    };
     let action = finish(&ctx, result);
     trace(&ctx, "from_pod", is_ip.then_some(&dst), action);
     action

@@ -148,10 +148,18 @@ fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
     let backends = service.backends;
     let slot = BackendSlot {
         service: service.id,
-        slot: if backends == 0 { 0 } else { (unsafe { bpf_get_prandom_u32() }) % backends },
+        slot: if backends == 0 {
+            0
+        } else {
+            (unsafe { bpf_get_prandom_u32() }) % backends
+        },
     };
     // A slot can be missing for a moment while the loader shrinks the Service.
-    let backend = if backends == 0 { None } else { unsafe { VELOX_BACKENDS.get(&slot) } };
+    let backend = if backends == 0 {
+        None
+    } else {
+        unsafe { VELOX_BACKENDS.get(&slot) }
+    };
     let Some(backend) = backend else {
         // SAFETY: sets this call's error; the kernel keeps it when we refuse.
         unsafe { bpf_set_retval(-ECONNREFUSED) };

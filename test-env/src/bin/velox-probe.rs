@@ -63,7 +63,10 @@ fn connection_rate(to: SocketAddr, seconds: u64) -> std::io::Result<serde_json::
         // Close with a reset: no TIME_WAIT on either end, so a source port can come
         // back at once without meeting the last connection's state at the server (a
         // SYN into a TIME_WAIT socket is answered with an ACK and retried after 1 s).
-        let abort = nix::libc::linger { l_onoff: 1, l_linger: 0 };
+        let abort = nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
         nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &abort)?;
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -87,7 +90,10 @@ fn hold_udp(to: SocketAddr) {
     };
     let report = |outcome: std::io::Result<String>| match outcome {
         Ok(answer) => println!("{}", serde_json::json!({"answer": answer})),
-        Err(e) => println!("{}", serde_json::json!({"error": format!("{:?}", e.kind()), "message": e.to_string()})),
+        Err(e) => println!(
+            "{}",
+            serde_json::json!({"error": format!("{:?}", e.kind()), "message": e.to_string()})
+        ),
     };
     let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
     let socket = UdpSocket::bind(any).and_then(|s| {
@@ -134,7 +140,10 @@ fn main() {
         let seconds = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
         match connection_rate(to, seconds) {
             Ok(line) => println!("{line}"),
-            Err(e) => println!("{}", serde_json::json!({"error": format!("{:?}", e.kind()), "message": e.to_string()})),
+            Err(e) => println!(
+                "{}",
+                serde_json::json!({"error": format!("{:?}", e.kind()), "message": e.to_string()})
+            ),
         }
         return;
     }
