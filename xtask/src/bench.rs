@@ -18,8 +18,9 @@ use crate::service_bench;
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Rounds per configuration (medians and min..max over them).
-    #[arg(long, default_value_t = 3)]
+    /// Rounds per configuration (medians and min..max over them, and how many fell
+    /// below 0.8x of the median).
+    #[arg(long, default_value_t = 5)]
     pub rounds: u32,
     /// Seconds per iperf3 and sockperf test.
     #[arg(long, default_value_t = 5)]

@@ -152,6 +152,7 @@ pub fn markdown(run: &Run) -> String {
                 .collect();
             let _ = writeln!(out, "| {} | {} |", config.name(), cells.join(" | "));
         }
+        collapses_markdown(run, rules, &mut out);
         let _ = writeln!(
             out,
             "\nRatios of medians (higher is better, except p99: lower is better).\n"
@@ -292,6 +293,31 @@ pub fn markdown(run: &Run) -> String {
         );
     }
     out
+}
+
+/// Rounds whose throughput fell below 0.8x of their configuration's own median: a
+/// collapse shows here instead of being averaged away.
+fn collapses_markdown(run: &Run, rules: u32, out: &mut String) {
+    let configs = distinct(run.samples.iter().filter(|s| s.netfilter_rules == rules).map(|s| s.config));
+    let _ = writeln!(
+        out,
+        "\nRounds below 0.8x of the configuration's own median (collapses), of {} rounds.\n",
+        run.rounds
+    );
+    let _ = writeln!(out, "| configuration | 1 stream | 4 streams |\n|---|---|---|");
+    for config in configs {
+        let of = |get: fn(&Sample) -> f64| {
+            let values: Vec<f64> = run
+                .samples
+                .iter()
+                .filter(|s| s.netfilter_rules == rules && s.config == config)
+                .map(get)
+                .collect();
+            let median = Stat::of(&values).median;
+            values.iter().filter(|v| **v < 0.8 * median).count()
+        };
+        let _ = writeln!(out, "| {} | {} | {} |", config.name(), of(|s| s.gbps_1), of(|s| s.gbps_4));
+    }
 }
 
 /// The Service section: connection rate and first-byte latency per balancer and
