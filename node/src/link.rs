@@ -73,12 +73,16 @@ pub fn update_pinned_link(pin: &Path, program: BorrowedFd<'_>) -> Result<()> {
         bpf_fd: u32,
         file_flags: u32,
         path_fd: i32,
+        // Spelled out: the kernel refuses non-zero bytes after the last field, and
+        // implicit padding may hold anything.
+        pad: u32,
     }
     let get = ObjGet {
         pathname: path.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
         path_fd: 0,
+        pad: 0,
     };
     // SAFETY: `get` is a valid bpf_attr prefix for BPF_OBJ_GET and outlives the call.
     let fd = unsafe { nix::libc::syscall(nix::libc::SYS_bpf, BPF_OBJ_GET, &get, std::mem::size_of::<ObjGet>()) };
