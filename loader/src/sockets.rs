@@ -86,8 +86,16 @@ pub fn destroy_connected_udp(peers: &HashSet<SocketAddr>) -> anyhow::Result<usiz
             message[4..6].copy_from_slice(&SOCK_DESTROY.to_ne_bytes());
             socket.send(&message, 0)?;
             let mut ack = vec![0; 4096];
-            socket.recv(&mut &mut ack[..], 0)?;
-            destroyed += 1;
+            let size = socket.recv(&mut &mut ack[..], 0)?;
+            let answer = <NetlinkMessage<SockDiagMessage>>::deserialize(&ack[..size])
+                .map_err(|e| anyhow::anyhow!("reading a SOCK_DESTROY answer: {e}"))?;
+            match answer.payload {
+                // An ACK is an error message with code 0.
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    anyhow::bail!("SOCK_DESTROY refused (is CONFIG_INET_DIAG_DESTROY set?): {e:?}")
+                }
+                _ => destroyed += 1,
+            }
         }
     }
     Ok(destroyed)
