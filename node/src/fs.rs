@@ -23,20 +23,26 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 /// half; a symlink planted at the temporary name is not followed.
 pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    remove_if_exists(&tmp)?;
+    write_new(&tmp, content, mode)?;
+    std::fs::rename(&tmp, path).map_err(Error::io(format!("committing {}", path.display())))
+}
+
+/// Creates `path` with `content` and `mode`, first removing a leftover of an earlier
+/// attempt; a symlink planted there is not followed.
+pub fn write_new(path: &Path, content: &[u8], mode: u32) -> Result<()> {
+    remove_if_exists(path)?;
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(&tmp)
-        .map_err(Error::io(format!("creating {}", tmp.display())))?;
+        .open(path)
+        .map_err(Error::io(format!("creating {}", path.display())))?;
     file.write_all(content)
-        .map_err(Error::io(format!("writing {}", tmp.display())))?;
+        .map_err(Error::io(format!("writing {}", path.display())))?;
     // The umask may have taken bits away from `mode`.
     file.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(Error::io(format!("setting the mode of {}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(Error::io(format!("committing {}", path.display())))
+        .map_err(Error::io(format!("setting the mode of {}", path.display())))
 }
 
 /// Removes a file; one that is not there is fine (every teardown is idempotent).

@@ -6,15 +6,13 @@
 use ipnet::IpNet;
 use nix::fcntl::Flock;
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::fs::{self, File};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use crate::endpoint::Attachment;
 use crate::error::{Error, Result};
-use crate::fs::{list_dir, write_atomic};
+use crate::fs::{list_dir, write_atomic, write_new};
 use crate::layout::{StateDir, PRIVATE_FILE_MODE};
 use crate::Family;
 
@@ -135,16 +133,8 @@ impl Allocator {
     /// DEL would free).
     fn create_reservation(&self, ip: IpAddr, attachment: &Attachment) -> Result<()> {
         let staged = self.dir.join(STAGED_RESERVATION);
-        crate::fs::remove_if_exists(&staged)?;
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(PRIVATE_FILE_MODE)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&staged)
-            .map_err(Error::io(format!("staging {}", staged.display())))?;
-        writeln!(file, "{}\n{}", attachment.container_id, attachment.ifname)
-            .map_err(Error::io(format!("staging {}", staged.display())))?;
+        let owner = format!("{}\n{}\n", attachment.container_id, attachment.ifname);
+        write_new(&staged, owner.as_bytes(), PRIVATE_FILE_MODE)?;
         fs::hard_link(&staged, self.dir.join(ip.to_string())).map_err(Error::io(format!("reserving {ip}")))?;
         crate::fs::remove_if_exists(&staged)
     }
