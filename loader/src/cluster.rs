@@ -151,6 +151,8 @@ pub struct Cluster {
     bpffs: Bpffs,
     /// What the last successful pass set up, to notice a changed peers file.
     applied: Option<Vec<PeerNode>>,
+    /// The uplink's addresses as the last pass found them.
+    own_ips: Vec<IpAddr>,
 }
 
 /// The nat chain holding the masquerade rule and its exceptions, in both families.
@@ -192,6 +194,7 @@ impl Cluster {
             config,
             bpffs,
             applied: None,
+            own_ips: Vec::new(),
         })
     }
 
@@ -209,12 +212,18 @@ impl Cluster {
         parse_nodes(&bytes).with_context(|| format!("parsing {}", path.display()))
     }
 
-    /// Every node's InternalIPs as last applied (this node's too when the list has it).
-    pub fn node_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.applied
+    /// Every node's address as last seen: this node's uplink addresses (link-local
+    /// ones aside) and every node's InternalIPs, each once.
+    pub fn node_ips(&self) -> Vec<IpAddr> {
+        let own = self
+            .own_ips
             .iter()
-            .flatten()
-            .flat_map(|node| node.node_ips.iter().copied())
+            .copied()
+            .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()));
+        let all: BTreeSet<IpAddr> = own
+            .chain(self.applied.iter().flatten().flat_map(|node| node.node_ips.iter().copied()))
+            .collect();
+        all.into_iter().collect()
     }
 
     /// True when the peers file reads and says something other than what is applied.
@@ -236,6 +245,7 @@ impl Cluster {
             attach_tc_ingress(&self.bpffs, FROM_NET_PROGRAM, &uplink.name)?;
         }
         let own_ips: Vec<IpAddr> = netlink.addresses(uplink.index).await?.iter().map(IpNet::addr).collect();
+        self.own_ips = own_ips.clone();
         let nodes = match (self.read_peers(), &self.applied) {
             (Ok(nodes), _) => nodes,
             (Err(e), Some(applied)) => {

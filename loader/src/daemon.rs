@@ -73,17 +73,9 @@ pub async fn run(
     let uplink = cluster.as_ref().map(|c| c.uplink().to_string());
     reconcile(&bpffs, &state_dir, &store, &mut maps, uplink.as_deref())?;
     let mut services = datapath.cluster_state.clone().map(ServiceSource::new);
-    let own_ips = node_addresses(&netlink, uplink.as_deref()).await?;
     // A NodePort answers on every node's address, so a client on this node reaches
     // it on any of them.
-    let node_ips = |cluster: &Option<Cluster>| -> Vec<std::net::IpAddr> {
-        let all: std::collections::BTreeSet<_> = own_ips
-            .iter()
-            .copied()
-            .chain(cluster.iter().flat_map(Cluster::node_ips))
-            .collect();
-        all.into_iter().collect()
-    };
+    let node_ips = |cluster: &Option<Cluster>| cluster.as_ref().map(Cluster::node_ips).unwrap_or_default();
     let pod_netns = || -> Vec<PathBuf> { store.list().unwrap_or_default().into_iter().map(|r| r.netns).collect() };
     if let Some(services) = &mut services {
         // Like the peers file, a cluster state that cannot be read never stops the start.
@@ -157,23 +149,6 @@ pub async fn run(
     remove_if_exists(&socket)?;
     log::info!("stopped; datapath left in place");
     Ok(())
-}
-
-/// The node's addresses on its uplink (link-local ones aside).
-async fn node_addresses(netlink: &Netlink, uplink: Option<&str>) -> anyhow::Result<Vec<std::net::IpAddr>> {
-    let Some(uplink) = uplink else {
-        return Ok(Vec::new());
-    };
-    let Some(link) = netlink.link(uplink).await? else {
-        return Ok(Vec::new());
-    };
-    Ok(netlink
-        .addresses(link.index)
-        .await?
-        .iter()
-        .map(|net| net.addr())
-        .filter(|ip| !matches!(ip, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local()))
-        .collect())
 }
 
 /// Mounts bpffs at /sys/fs/bpf when the root is not on one already (it is not at boot here).
