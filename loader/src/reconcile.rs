@@ -38,10 +38,7 @@ pub fn reconcile(
             }
             continue;
         }
-        if let Some(cookie) = record.socket_lb_opt_out {
-            maps.set_lb_opt_out(cookie, true)?;
-            opted_out.insert(cookie);
-        }
+        opted_out.extend(record.socket_lb_opt_out);
         let endpoint = record.endpoint();
         for ip in &record.ips {
             if maps.get(*ip)? != Some(endpoint) {
@@ -77,10 +74,10 @@ pub fn reconcile(
             maps.remove(ip)?;
         }
     }
-    for cookie in maps.lb_opt_outs()? {
-        if !opted_out.contains(&cookie) {
-            maps.set_lb_opt_out(cookie, false)?;
-        }
+    // The opt-outs: the records' and nothing else, written only where they differ.
+    let present: HashSet<u64> = maps.lb_opt_outs()?.into_iter().collect();
+    for &cookie in present.symmetric_difference(&opted_out) {
+        maps.set_lb_opt_out(cookie, opted_out.contains(&cookie))?;
     }
     for ifindex in maps.counter_ifindexes()? {
         if !live_ifindexes.contains(&ifindex) {
