@@ -3,6 +3,7 @@
 //! (pods, other nodes) and OUTPUT (host processes), as kube-proxy writes it; a
 //! NodePort without `externalTrafficPolicy: Local` also masquerades.
 
+use anyhow::Context;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::node::Node;
@@ -142,15 +143,7 @@ pub fn restore_services(node: &Node, services: &[(SocketAddr, Vec<SocketAddr>)])
         }
     }
     let script = format!("{chains}{rules}COMMIT\n");
-    let mut restore = crate::in_netns(&node.name, "iptables-restore", &["-w", "--noflush"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(restore.stdin.as_mut().expect("piped"), script.as_bytes())?;
-    anyhow::ensure!(
-        restore.wait()?.success(),
-        "iptables-restore of {} Services failed",
-        services.len()
-    );
+    crate::iptables_restore(&node.name, &script).with_context(|| format!("restoring {} Services", services.len()))?;
     for hook in ["PREROUTING", "OUTPUT"] {
         let jump = ["-t", "nat", "-C", hook, "-j", SERVICES_CHAIN];
         if iptables(node, Family::V4, &jump).is_err() {

@@ -27,7 +27,8 @@ pub mod reference;
 pub use cluster::{Cluster, ClusterGuard};
 pub use cni::CniOutcome;
 pub use netns::{
-    direct_veth_pair, ensure_bpffs, in_netns, in_netns_and_cgroup, netns_with_prefix, remove_direct_veth_pair,
+    direct_veth_pair, ensure_bpffs, in_netns, in_netns_and_cgroup, iptables_restore, netns_with_prefix,
+    remove_direct_veth_pair,
 };
 pub use node::{Node, NodeGuard};
 pub use pod::Pod;

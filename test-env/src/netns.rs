@@ -67,6 +67,17 @@ pub fn in_netns_and_cgroup(netns: &str, cgroup: &Path, program: &str, args: &[&s
     cmd
 }
 
+/// Applies an `iptables-restore` script in `netns` without flushing other tables'
+/// rules, waiting for the xtables lock.
+pub fn iptables_restore(netns: &str, script: &str) -> anyhow::Result<()> {
+    let mut restore = in_netns(netns, "iptables-restore", &["-w", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(restore.stdin.as_mut().expect("piped"), script.as_bytes())?;
+    anyhow::ensure!(restore.wait()?.success(), "iptables-restore in {netns} failed");
+    Ok(())
+}
+
 /// Mounts bpffs at /sys/fs/bpf unless it is there already.
 pub fn ensure_bpffs() -> anyhow::Result<()> {
     if Command::new("mountpoint")

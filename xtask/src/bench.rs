@@ -7,7 +7,6 @@ use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 use velox_common::{FROM_NET_PROGRAM, FROM_POD_PROGRAM};
 use velox_test_env::reference::ReferenceNode;
@@ -397,12 +396,7 @@ fn add_forward_rules(netns: &str, rules: u32) -> anyhow::Result<()> {
         ));
     }
     text.push_str("COMMIT\n");
-    let mut restore = velox_test_env::in_netns(netns, "iptables-restore", &["--noflush"])
-        .stdin(Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(restore.stdin.as_mut().expect("piped"), text.as_bytes())?;
-    anyhow::ensure!(restore.wait()?.success(), "iptables-restore in {netns} failed");
-    Ok(())
+    velox_test_env::iptables_restore(netns, &text)
 }
 
 fn remove_forward_rules(netns: &str) -> anyhow::Result<()> {
