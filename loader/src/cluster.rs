@@ -221,7 +221,12 @@ impl Cluster {
             .copied()
             .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()));
         let all: BTreeSet<IpAddr> = own
-            .chain(self.applied.iter().flatten().flat_map(|node| node.node_ips.iter().copied()))
+            .chain(
+                self.applied
+                    .iter()
+                    .flatten()
+                    .flat_map(|node| node.node_ips.iter().copied()),
+            )
             .collect();
         all.into_iter().collect()
     }

@@ -298,7 +298,12 @@ pub fn markdown(run: &Run) -> String {
 /// Rounds whose throughput fell below 0.8x of their configuration's own median: a
 /// collapse shows here instead of being averaged away.
 fn collapses_markdown(run: &Run, rules: u32, out: &mut String) {
-    let configs = distinct(run.samples.iter().filter(|s| s.netfilter_rules == rules).map(|s| s.config));
+    let configs = distinct(
+        run.samples
+            .iter()
+            .filter(|s| s.netfilter_rules == rules)
+            .map(|s| s.config),
+    );
     let _ = writeln!(
         out,
         "\nRounds below 0.8x of the configuration's own median (collapses), of {} rounds.\n",
@@ -316,7 +321,13 @@ fn collapses_markdown(run: &Run, rules: u32, out: &mut String) {
             let median = Stat::of(&values).median;
             values.iter().filter(|v| **v < 0.8 * median).count()
         };
-        let _ = writeln!(out, "| {} | {} | {} |", config.name(), of(|s| s.gbps_1), of(|s| s.gbps_4));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |",
+            config.name(),
+            of(|s| s.gbps_1),
+            of(|s| s.gbps_4)
+        );
     }
 }
 
