@@ -44,8 +44,15 @@ fn gateway(address: &str) -> &str {
     address.split('/').next().unwrap()
 }
 
+/// IPv6 addresses skip duplicate address detection: a tentative address answers
+/// nothing for a second or two, and this simulated underlay has no duplicates.
 fn add_address(ns: &str, dev: &str, address: &str) -> anyhow::Result<()> {
-    run("ip", &["-n", ns, "addr", "add", address, "dev", dev]).map(drop)
+    let nodad = address.contains(':').then_some("nodad");
+    let args: Vec<&str> = ["-n", ns, "addr", "add", address, "dev", dev]
+        .into_iter()
+        .chain(nodad)
+        .collect();
+    run("ip", &args).map(drop)
 }
 
 /// Default routes of both families via the router's `addresses`.
