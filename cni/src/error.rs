@@ -22,6 +22,8 @@ pub enum Code {
     AddressesExhausted = 102,
     /// The address IPAM gave is another pod's (here or on another node) or the node's.
     AddressInUse = 103,
+    /// The node has as many pods as the loader's `--max-pods`.
+    NodeFull = 104,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +63,7 @@ impl CniError {
             Some(velox_node::Error::NotReady { .. }) => Code::TryAgainLater,
             Some(velox_node::Error::AddressTaken { .. }) => Code::AddressInUse,
             Some(velox_node::Error::Exhausted { .. }) => Code::AddressesExhausted,
+            Some(velox_node::Error::NodeFull { .. }) => Code::NodeFull,
             _ => return CniError::new(Code::Datapath, err.to_string()).with_details(chain),
         };
         CniError::new(code, node.map(ToString::to_string).unwrap_or_default()).with_details(chain)

@@ -228,7 +228,8 @@ impl Plugin {
             true => Some(netns_cookie(netns)?),
             false => None,
         };
-        let record = EndpointRecord {
+        let mut record = EndpointRecord {
+            slot: 0,
             socket_lb_opt_out,
             container_id: attachment.container_id.clone(),
             ifname: attachment.ifname.clone(),
@@ -242,7 +243,10 @@ impl Plugin {
         };
         {
             let _lock = self.store.lock()?;
+            record.slot = self.store.claim_slot(&host_name, maps.max_pods())?;
             self.store.write(&record)?;
+            maps.reset_counters(record.slot)?;
+            maps.set_interface(host_link.index, record.slot)?;
             for ip in &ips {
                 maps.insert_new(*ip, record.endpoint())?;
             }
@@ -373,7 +377,7 @@ impl Plugin {
                     }
                     None => maps.remove_all_owned(ifindex)?,
                 }
-                maps.remove_counters(ifindex)?;
+                maps.remove_interface(ifindex)?;
             }
             self.store.remove(attachment)
         }));

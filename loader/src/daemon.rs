@@ -2,6 +2,7 @@
 //! by path), so a restart or a crash never interrupts forwarding.
 
 use anyhow::Context;
+use aya::maps::MapData;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{loaded_programs, CgroupSockAddr, Program};
 use aya::{Ebpf, EbpfLoader};
@@ -19,7 +20,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::io::Interest;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
-use velox_common::{DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, SOCKET_LB_PROGRAMS};
+use velox_common::{
+    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, SOCKET_LB_PROGRAMS,
+};
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir};
 use velox_node::health::Health;
@@ -182,6 +185,8 @@ pub struct DatapathOptions {
     /// The cgroup (v2) whose processes' sockets the load balancer translates; off
     /// when `None`.
     pub socket_lb_cgroup: Option<PathBuf>,
+    /// Counters slots for this many pods (and one for the uplink).
+    pub max_pods: u32,
 }
 
 /// Loads the object, reusing the maps pinned in this build's layout directory (or
@@ -197,6 +202,20 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     // As many connections as conntrack can hold: an LRU map that size only evicts
     // the ends of connections the kernel has already forgotten.
     loader.map_max_entries(KERNEL_FLOWS_MAP, kernel_flows_capacity());
+    let counters_slots = options.max_pods + 1;
+    let counters = bpffs.map(COUNTERS_MAP);
+    if let Ok(pinned) = MapData::from_pin(&counters).and_then(|map| map.info()) {
+        if pinned.max_entries() != counters_slots {
+            // A pinned map keeps its size: a new --max-pods needs a new one.
+            log::info!(
+                "--max-pods is {}, the pinned counters have slots for {}: counting starts again",
+                options.max_pods,
+                pinned.max_entries().saturating_sub(1)
+            );
+            remove_if_exists(&counters)?;
+        }
+    }
+    loader.map_max_entries(COUNTERS_MAP, counters_slots);
     // A constant once loaded: the verifier drops every log call above this level.
     let level = options.log_level as u8;
     loader.override_global(aya_log::LEVEL, &level, true);

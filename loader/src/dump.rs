@@ -42,7 +42,7 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Res
     let mut rows = Vec::new();
     for (ip, endpoint) in maps.entries()? {
         let record = records.remove(&ip);
-        let c = maps.counters(endpoint.ifindex)?;
+        let c = maps.counters(endpoint.slot)?;
         rows.push(Row {
             ip,
             ifname: record.as_ref().map(|r| r.host_ifname.clone()).unwrap_or_default(),
@@ -141,8 +141,10 @@ pub fn peers(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
 #[derive(Serialize)]
 struct StatsRow {
     ifindex: u32,
-    /// Empty when the interface is gone (the loader drops its counters soon).
+    /// Empty when the interface is gone (the loader drops its entry soon).
     ifname: String,
+    /// Its counters slot: 0 is the uplink's.
+    slot: u32,
     #[serde(flatten)]
     counters: EndpointCounters,
 }
@@ -151,12 +153,12 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
     let maps = EndpointMaps::open(bpffs)?;
     let names = interface_names();
     let mut rows = Vec::new();
-    for ifindex in maps.counter_ifindexes()? {
-        let c = maps.counters(ifindex)?;
+    for (ifindex, slot) in maps.interfaces()? {
         rows.push(StatsRow {
             ifindex,
             ifname: names.get(&ifindex).cloned().unwrap_or_default(),
-            counters: c,
+            slot,
+            counters: maps.counters(slot)?,
         });
     }
     rows.sort_by_key(|r| r.ifindex);
@@ -165,6 +167,7 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
         [
             r.ifname.clone(),
             r.ifindex.to_string(),
+            r.slot.to_string(),
             c.redirected_packets.to_string(),
             c.redirected_bytes.to_string(),
             c.passed_packets.to_string(),
@@ -177,6 +180,7 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
     let header = [
         "IFNAME",
         "IFINDEX",
+        "SLOT",
         "REDIRECTED",
         "REDIRECTED BYTES",
         "PASSED",

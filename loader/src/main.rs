@@ -82,6 +82,10 @@ enum Commands {
         /// cgroup2 hierarchy, found in the mount table.
         #[arg(long, requires = "socket_lb")]
         socket_lb_cgroup: Option<PathBuf>,
+        /// The most pods this node runs: the per-CPU counters array has a slot for
+        /// each (56 bytes per CPU), and an ADD beyond it fails with code 104.
+        #[arg(long, default_value_t = velox_common::DEFAULT_MAX_PODS, value_parser = clap::value_parser!(u32).range(1..=velox_common::MAX_ENDPOINTS as i64 - 1))]
+        max_pods: u32,
     },
     /// Put `velox` into the CNI bin dir and a conflist into the CNI conf dir (what a
     /// DaemonSet's init container runs; see deploy/velox.yaml).
@@ -156,6 +160,7 @@ fn main() -> anyhow::Result<()> {
             cluster_state,
             socket_lb,
             socket_lb_cgroup,
+            max_pods,
         } => {
             let socket_lb_cgroup = match (socket_lb, socket_lb_cgroup) {
                 (false, _) => None,
@@ -182,6 +187,7 @@ fn main() -> anyhow::Result<()> {
                         log_level: datapath_log_level,
                         cluster_state,
                         socket_lb_cgroup,
+                        max_pods,
                     },
                 ))
         }

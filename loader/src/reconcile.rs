@@ -1,8 +1,8 @@
 //! Makes the maps and links match the endpoint records and the live interfaces.
 
 use nix::net::if_::if_nametoindex;
-use std::collections::HashSet;
-use velox_common::FROM_POD_PROGRAM;
+use std::collections::{HashMap, HashSet};
+use velox_common::{FROM_POD_PROGRAM, UPLINK_SLOT};
 use velox_node::endpoint::{EndpointRecord, EndpointStore};
 use velox_node::fs::{list_dir, remove_if_exists};
 use velox_node::ipam::Allocator;
@@ -11,8 +11,8 @@ use velox_node::link::attach_tc_ingress;
 use velox_node::maps::EndpointMaps;
 use velox_node::{Bpffs, StateDir};
 
-/// One pass, under the endpoint lock so no ADD or DEL is half-seen. The uplink's
-/// counters (from `from_net`) are kept with the endpoints'.
+/// One pass, under the endpoint lock so no ADD or DEL is half-seen. The uplink has
+/// its interface entry with the pods', on the uplink's counters slot.
 pub fn reconcile(
     bpffs: &Bpffs,
     state_dir: &StateDir,
@@ -23,8 +23,15 @@ pub fn reconcile(
     let _lock = store.lock()?;
     let mut live_ips = HashSet::new();
     let mut opted_out = HashSet::new();
-    let mut live_ifindexes: HashSet<u32> = uplink.and_then(|name| if_nametoindex(name).ok()).into_iter().collect();
-    for record in store.list()? {
+    // Interface -> counters slot, as the records and the uplink say.
+    let mut slots: HashMap<u32, u32> = uplink
+        .and_then(|name| if_nametoindex(name).ok())
+        .map(|ifindex| (ifindex, UPLINK_SLOT))
+        .into_iter()
+        .collect();
+    let mut owners = HashSet::new();
+    for mut record in store.list()? {
+        owners.insert(record.host_ifname.clone());
         let alive = if_nametoindex(record.host_ifname.as_str()).is_ok_and(|index| index == record.host_ifindex);
         if !alive {
             // The pod is gone: its veth went with its netns.
@@ -37,6 +44,12 @@ pub fn reconcile(
                 reap(state_dir, store, &record)?;
             }
             continue;
+        }
+        if record.slot == 0 {
+            // A record of a release before counters slots.
+            record.slot = store.claim_slot(&record.host_ifname, maps.max_pods())?;
+            store.write(&record)?;
+            maps.reset_counters(record.slot)?;
         }
         opted_out.extend(record.socket_lb_opt_out);
         let endpoint = record.endpoint();
@@ -51,7 +64,7 @@ pub fn reconcile(
             log::warn!("re-attaching from_pod to {}", record.host_ifname);
             attach_tc_ingress(bpffs, FROM_POD_PROGRAM, &record.host_ifname)?;
         }
-        live_ifindexes.insert(record.host_ifindex);
+        slots.insert(record.host_ifindex, record.slot);
     }
     // A record nobody can read is dropped once its interface is gone. While the
     // interface lives the pod keeps its map entries, and DEL finds the file.
@@ -60,7 +73,7 @@ pub fn reconcile(
         match if_nametoindex(host_ifname.as_str()) {
             Ok(ifindex) => {
                 unreadable_live.insert(ifindex);
-                live_ifindexes.insert(ifindex);
+                owners.insert(host_ifname);
             }
             Err(_) => {
                 log::warn!("removing the unreadable record {} of a vanished pod", path.display());
@@ -79,9 +92,21 @@ pub fn reconcile(
     for &cookie in present.symmetric_difference(&opted_out) {
         maps.set_lb_opt_out(cookie, opted_out.contains(&cookie))?;
     }
-    for ifindex in maps.counter_ifindexes()? {
-        if !live_ifindexes.contains(&ifindex) {
-            maps.remove_counters(ifindex)?;
+    let present: HashMap<u32, u32> = maps.interfaces()?.into_iter().collect();
+    for ifindex in present.keys() {
+        if !slots.contains_key(ifindex) && !unreadable_live.contains(ifindex) {
+            maps.remove_interface(*ifindex)?;
+        }
+    }
+    for (&ifindex, &slot) in &slots {
+        if present.get(&ifindex) != Some(&slot) {
+            maps.set_interface(ifindex, slot)?;
+        }
+    }
+    // The claim of an ADD killed before its record: its interface is gone too.
+    for (slot, owner) in store.slots()? {
+        if !owners.contains(&owner) && if_nametoindex(owner.as_str()).is_err() {
+            store.release_slot(&owner, Some(slot))?;
         }
     }
     // Links of interfaces that no longer exist hold nothing; an ADD in progress

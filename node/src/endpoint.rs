@@ -42,6 +42,10 @@ pub struct EndpointRecord {
     /// balancer (CNI `args.cni.socketLB: false`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_lb_opt_out: Option<u64>,
+    /// The pod's counters slot, claimed under `endpoints/slots/`; 0 in records of
+    /// earlier releases, until the loader claims one.
+    #[serde(default)]
+    pub slot: u32,
 }
 
 fn one_or_many<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Vec<IpAddr>, D::Error> {
@@ -69,6 +73,7 @@ impl EndpointRecord {
     pub fn endpoint(&self) -> Endpoint {
         Endpoint {
             ifindex: self.host_ifindex,
+            slot: self.slot,
         }
     }
 }
@@ -125,11 +130,76 @@ impl EndpointStore {
         read_if_exists(&path)?.map(|bytes| parse(&path, &bytes)).transpose()
     }
 
-    /// Removes the record, and the temporary file of a write that was killed halfway.
+    /// Removes the record, its counters slot claim, and the temporary file of a
+    /// write that was killed halfway.
     pub fn remove(&self, attachment: &Attachment) -> Result<()> {
         let path = self.path(attachment);
+        let slot = self.get(attachment).ok().flatten().map(|record| record.slot);
+        self.release_slot(&host_ifname(attachment), slot)?;
         remove_if_exists(&path.with_extension("tmp"))?;
         remove_if_exists(&path)
+    }
+
+    fn slots_dir(&self) -> PathBuf {
+        self.dir.join("slots")
+    }
+
+    /// Claims a counters slot in 1..=`max_pods` for `host_ifname`'s pod, under the
+    /// endpoint lock; a retried ADD gets its own claim back. Claims are files named
+    /// by slot holding their owner, probed from the owner's hash so a claim is mostly
+    /// one file creation.
+    pub fn claim_slot(&self, host_ifname: &str, max_pods: u32) -> Result<u32> {
+        let dir = self.slots_dir();
+        create_private_dir(&dir)?;
+        let start = host_ifname
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        for i in 0..max_pods {
+            let slot = 1 + start.wrapping_add(i) % max_pods;
+            match self.slot_owner(slot)? {
+                None => {
+                    write_atomic(&dir.join(slot.to_string()), host_ifname.as_bytes(), PRIVATE_FILE_MODE)?;
+                    return Ok(slot);
+                }
+                Some(owner) if owner == host_ifname => return Ok(slot),
+                Some(_) => {}
+            }
+        }
+        Err(Error::NodeFull { max_pods })
+    }
+
+    fn slot_owner(&self, slot: u32) -> Result<Option<String>> {
+        let owner = read_if_exists(&self.slots_dir().join(slot.to_string()))?;
+        Ok(owner.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    /// Every claimed slot and its owner's host veth.
+    pub fn slots(&self) -> Result<Vec<(u32, String)>> {
+        let mut claims = Vec::new();
+        for path in list_dir(&self.slots_dir())? {
+            let Some(slot) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse().ok()) else {
+                continue; // a write's temporary file
+            };
+            if let Some(owner) = self.slot_owner(slot)? {
+                claims.push((slot, owner));
+            }
+        }
+        Ok(claims)
+    }
+
+    /// Frees `host_ifname`'s claim: at `slot` when the record said, else wherever it
+    /// is (an ADD killed before its record was written).
+    pub fn release_slot(&self, host_ifname: &str, slot: Option<u32>) -> Result<()> {
+        let claimed = match slot.filter(|&slot| slot != 0) {
+            Some(slot) => vec![(slot, self.slot_owner(slot)?.unwrap_or_default())],
+            None => self.slots()?,
+        };
+        for (slot, owner) in claimed {
+            if owner == host_ifname {
+                remove_if_exists(&self.slots_dir().join(slot.to_string()))?;
+            }
+        }
+        Ok(())
     }
 
     /// Every readable record, in address order. One that cannot be read (truncated,
@@ -199,6 +269,7 @@ mod tests {
             host_mac: "02:00:00:00:00:01".into(),
             pod_mac: "02:00:00:00:00:02".into(),
             socket_lb_opt_out: None,
+            slot: 0,
         }
     }
 
@@ -232,6 +303,25 @@ mod tests {
         store.remove(&r.attachment()).unwrap();
         store.remove(&r.attachment()).unwrap();
         assert_eq!(store.get(&r.attachment()).unwrap(), None);
+    }
+
+    #[test]
+    fn slots_are_unique_until_released_and_run_out_at_max_pods() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EndpointStore::new(&StateDir::new(dir.path()));
+        let a = store.claim_slot("vlxa", 2).unwrap();
+        let b = store.claim_slot("vlxb", 2).unwrap();
+        assert_ne!(a, b);
+        assert!([a, b].iter().all(|s| (1..=2).contains(s)), "slot 0 is the uplink's");
+        assert_eq!(store.claim_slot("vlxa", 2).unwrap(), a, "a retry gets its own claim");
+        assert!(matches!(
+            store.claim_slot("vlxc", 2),
+            Err(Error::NodeFull { max_pods: 2 })
+        ));
+        store.release_slot("vlxa", None).unwrap();
+        store.release_slot("vlxc", Some(b)).unwrap(); // not its claim: kept
+        assert_eq!(store.slots().unwrap(), vec![(b, "vlxb".to_string())]);
+        assert_eq!(store.claim_slot("vlxc", 2).unwrap(), a);
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub enum Error {
     /// The built-in allocator has no free address left in a subnet.
     #[error("no free address left in {subnet} ({in_use} in use)")]
     Exhausted { subnet: ipnet::IpNet, in_use: usize },
+    /// Every counters slot is taken.
+    #[error("this node already has {max_pods} pods, the most velox-loader's --max-pods allows")]
+    NodeFull { max_pods: u32 },
     #[error("{0}")]
     Invalid(String),
 }

@@ -2,12 +2,13 @@
 //! them, and an absent pin means the loader is not ready.
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuHashMap};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use ipnet::IpNet;
 use std::net::IpAddr;
 use velox_common::{
     BackendSlot, Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, Service, SocketPeer, BACKENDS_MAP, COUNTERS_MAP,
-    ENDPOINTS_MAP, IPV4_MAPPED_PREFIX, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP, PEERS_MAP, SERVICES_MAP, SOCKET_PEERS_MAP,
+    ENDPOINTS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP, PEERS_MAP, SERVICES_MAP,
+    SOCKET_PEERS_MAP,
 };
 
 use crate::error::{Error, Result};
@@ -49,7 +50,7 @@ pub struct MapLayout {
 }
 
 const BPF_MAP_TYPE_HASH: u32 = 1;
-const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
+const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -58,7 +59,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const LAYOUT_REVISION: u32 = 1;
 
 /// Every pinned map as this build's eBPF object declares it.
-pub fn layouts() -> [MapLayout; 8] {
+pub fn layouts() -> [MapLayout; 9] {
     use std::mem::size_of;
     let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
         name,
@@ -83,12 +84,19 @@ pub fn layouts() -> [MapLayout; 8] {
             size_of::<Peer>(),
             BPF_F_NO_PREALLOC,
         ),
-        // Allocated per interface as pods come, not preallocated for all of them on every CPU.
+        // Sized by the loader's `--max-pods`: an array is allocated whole, on every CPU.
         layout(
             COUNTERS_MAP,
-            BPF_MAP_TYPE_PERCPU_HASH,
+            BPF_MAP_TYPE_PERCPU_ARRAY,
             size_of::<u32>(),
             size_of::<EndpointCounters>(),
+            0,
+        ),
+        layout(
+            INTERFACES_MAP,
+            BPF_MAP_TYPE_HASH,
+            size_of::<u32>(),
+            size_of::<u32>(),
             BPF_F_NO_PREALLOC,
         ),
         layout(
@@ -214,10 +222,12 @@ fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Res
     }
 }
 
-/// The endpoint map (pod address -> host veth) and the per-interface counters.
+/// The endpoint map (pod address -> host veth and counters slot), the counters,
+/// the interfaces' slots and the socket LB opt-outs.
 pub struct EndpointMaps {
     endpoints: HashMap<MapData, IpKey, Endpoint>,
-    counters: PerCpuHashMap<MapData, u32, EndpointCounters>,
+    counters: PerCpuArray<MapData, EndpointCounters>,
+    interfaces: HashMap<MapData, u32, u32>,
     lb_opt_out: HashMap<MapData, u64, u8>,
 }
 
@@ -226,8 +236,14 @@ impl EndpointMaps {
         Ok(Self {
             endpoints: open_map(bpffs, ENDPOINTS_MAP)?,
             counters: open_map(bpffs, COUNTERS_MAP)?,
+            interfaces: open_map(bpffs, INTERFACES_MAP)?,
             lb_opt_out: open_map(bpffs, LB_OPT_OUT_MAP)?,
         })
+    }
+
+    /// How many pods the counters array has slots for (the loader's `--max-pods`).
+    pub fn max_pods(&self) -> u32 {
+        self.counters.len().saturating_sub(1)
     }
 
     /// Puts the pod whose network namespace has `cookie` out of the socket load
@@ -308,25 +324,41 @@ impl EndpointMaps {
             .map_err(Error::map("reading the endpoint map"))
     }
 
-    /// The counters of an interface, summed over CPUs.
-    pub fn counters(&self, ifindex: u32) -> Result<EndpointCounters> {
+    /// The counters of `slot`, summed over CPUs.
+    pub fn counters(&self, slot: u32) -> Result<EndpointCounters> {
         let mut total = EndpointCounters::default();
-        if let Some(per_cpu) = found(self.counters.get(&ifindex, 0), "reading counters")? {
+        if let Some(per_cpu) = found(self.counters.get(&slot, 0), "reading counters")? {
             per_cpu.iter().for_each(|c| total.add(c));
         }
         Ok(total)
     }
 
-    /// Interfaces that have counters (to find ones whose endpoint is gone).
-    pub fn counter_ifindexes(&self) -> Result<Vec<u32>> {
+    /// Zeroes `slot` on every CPU, for the pod that takes it over.
+    pub fn reset_counters(&mut self, slot: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))?;
+        let zeroes = PerCpuValues::try_from(vec![EndpointCounters::default(); cpus])
+            .map_err(Error::io("sizing per-CPU counters"))?;
         self.counters
-            .keys()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(Error::map("reading counters"))
+            .set(slot, zeroes, 0)
+            .map_err(Error::map(format!("resetting counters slot {slot}")))
     }
 
-    pub fn remove_counters(&mut self, ifindex: u32) -> Result<()> {
-        ignore_missing(self.counters.remove(&ifindex)).map_err(Error::map(format!("removing counters of {ifindex}")))
+    /// Every interface with its counters slot.
+    pub fn interfaces(&self) -> Result<Vec<(u32, u32)>> {
+        self.interfaces
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Error::map("reading the interface map"))
+    }
+
+    pub fn set_interface(&mut self, ifindex: u32, slot: u32) -> Result<()> {
+        self.interfaces
+            .insert(ifindex, slot, 0)
+            .map_err(Error::map(format!("adding interface {ifindex}")))
+    }
+
+    pub fn remove_interface(&mut self, ifindex: u32) -> Result<()> {
+        ignore_missing(self.interfaces.remove(&ifindex)).map_err(Error::map(format!("removing interface {ifindex}")))
     }
 }
 

@@ -261,6 +261,15 @@ impl Node {
             .unwrap_or(0)
     }
 
+    /// Counters slots claimed by pods, and the interfaces the datapath counts for
+    /// pods (the interface map's entries other than the uplink's slot 0).
+    pub fn counted_pods(&self) -> anyhow::Result<(usize, usize)> {
+        let store = velox_node::endpoint::EndpointStore::new(&velox_node::StateDir::new(&self.state_dir));
+        let claims = store.slots()?.len();
+        let interfaces = self.dump("stats")?.iter().filter(|row| row["slot"] != 0).count();
+        Ok((claims, interfaces))
+    }
+
     /// The pods this node's records know.
     pub fn pods(&self) -> anyhow::Result<Vec<Pod>> {
         Ok(EndpointStore::new(&StateDir::new(&self.state_dir))

@@ -130,6 +130,7 @@ fn assert_only(node: &NodeGuard, kept: &[Pod]) -> Result<(), TestCaseError> {
     prop_assert_eq!(node.endpoints().unwrap().len(), 2 * kept.len(), "endpoint map entries");
     prop_assert_eq!(veth_count(node), kept.len(), "veths");
     prop_assert_eq!(link_pins(node), kept.len(), "link pins");
+    prop_assert_eq!(node.counted_pods().unwrap(), (kept.len(), kept.len()), "counters slots");
     Ok(())
 }
 
@@ -457,23 +458,48 @@ fn only_an_object_with_this_builds_map_layout_is_loaded() {
 }
 
 #[test]
-fn counters_take_memory_per_interface_not_for_every_possible_pod() {
-    let node = NodeGuard::up("countermem").unwrap();
-    let (a, b) = (node.add_pod("a").unwrap(), node.add_pod("b").unwrap());
-    assert!(a.ping(b.ip(Family::V4), 1) && b.ping(a.ip(Family::V4), 1));
+fn counters_have_a_slot_per_pod_up_to_max_pods_and_a_full_node_refuses_cleanly() {
+    let node = NodeGuard::up("maxpods").unwrap();
+    node.stop_loader(Signal::SIGTERM).unwrap();
+    node.start_loader_with(&["--max-pods", "2"]).unwrap();
     let counters = velox_node::Bpffs::new(&node.bpffs_root).map(velox_common::COUNTERS_MAP);
     let shown = run("bpftool", &["-j", "map", "show", "pinned", counters.to_str().unwrap()]).unwrap();
-    let memlock = serde_json::from_str::<serde_json::Value>(&shown).unwrap()["bytes_memlock"]
-        .as_u64()
-        .unwrap();
-    // Preallocated, the map would hold a value per possible pod on every CPU.
-    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
-    let preallocated =
-        velox_common::MAX_ENDPOINTS as u64 * std::mem::size_of::<velox_common::EndpointCounters>() as u64 * cpus;
-    assert!(node.dump("stats").unwrap().len() >= 2, "both pods have counters");
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["max_entries"], 3, "the uplink's slot and one per pod: {shown}");
+
+    let (a, b) = (node.add_pod("a").unwrap(), node.add_pod("b").unwrap());
+    assert!(a.ping(b.ip(Family::V4), 3));
+    let sent = |pod: &Pod| {
+        node.endpoint(pod.ip(Family::V4)).unwrap()["redirected_packets"]
+            .as_u64()
+            .unwrap()
+    };
+    assert!(sent(&a) >= 3, "a's echo requests are a's: {}", sent(&a));
+
+    // A third pod is refused with its own code, and leaves nothing behind.
+    let c = node.pod_name("c");
+    run("ip", &["netns", "add", &c]).unwrap();
+    let netns = std::path::Path::new("/run/netns").join(&c);
+    let outcome = node.cni("ADD", &c, Some(&netns), "eth0", &node.conf("1.1.0")).unwrap();
+    assert!(!outcome.success);
+    assert_eq!(outcome.stdout["code"], 104, "{}", outcome.stdout);
     assert!(
-        memlock < preallocated / 2,
-        "{memlock} bytes for two interfaces ({preallocated} preallocated)"
+        outcome.stdout["msg"].as_str().unwrap().contains("--max-pods"),
+        "{}",
+        outcome.stdout
     );
+    assert_eq!(node.pods().unwrap().len(), 2);
+    assert_eq!(node.reserved_addresses(), 4);
+    assert_eq!(veth_count(&node), 2);
+    assert_eq!(node.counted_pods().unwrap(), (2, 2));
+
+    // The slot a departed pod frees is the next pod's, counting from zero.
+    node.delete_pod(&a.name).unwrap();
+    let outcome = node.cni("ADD", &c, Some(&netns), "eth0", &node.conf("1.1.0")).unwrap();
+    assert!(outcome.success, "{}", outcome.stdout);
+    let c = Pod::from_result(&c, &outcome.stdout).unwrap();
+    assert_eq!(sent(&c), 0, "counters of the slot's last pod were reset");
+    assert!(c.ping(b.ip(Family::V4), 2));
+    assert!(sent(&c) >= 2);
     node.finish().unwrap();
 }

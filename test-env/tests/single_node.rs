@@ -205,6 +205,7 @@ fn assert_nothing_of(node: &NodeGuard, pod_name: &str, ifname: &str) {
     );
     assert!(node.pods().unwrap().is_empty(), "record left");
     assert!(node.endpoints().unwrap().is_empty(), "map entry left");
+    assert_eq!(node.counted_pods().unwrap(), (0, 0), "counters slot left");
     let pod_links = run("ip", &["-n", pod_name, "-o", "link", "show"]).unwrap();
     let left = pod_links.lines().any(|line| {
         line.split(": ")

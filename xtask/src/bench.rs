@@ -150,6 +150,10 @@ pub struct Sample {
     pub tps: Option<f64>,
     /// Machine-wide CPU seconds per GB received, during the 1-stream test.
     pub cpu_s_per_gb: f64,
+    /// CPU time the hypervisor took from this machine (steal) during the 4-stream
+    /// test, in seconds over all CPUs: what a collapsed round had that others did not.
+    #[serde(default)]
+    pub steal_4_s: f64,
     /// Velox's programs, ns per run (`kernel.bpf_stats_enabled`), over an extra
     /// 1-stream run of its own: the stats cost time per run, so the measurements
     /// above run without them.
@@ -284,12 +288,13 @@ fn data_plane(
                     .with_context(|| format!("measuring {}", config.name()))?;
                 let or_dash = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
                 println!(
-                    "round {} {:<24} rules {:>5}: {:6.2} Gb/s  {:6.2} Gb/s x4  p50 {:>6} us  p99 {:>6} us  {:>8} tps",
+                    "round {} {:<24} rules {:>5}: {:6.2} Gb/s  {:6.2} Gb/s x4 (steal {:.2} s)  p50 {:>6} us  p99 {:>6} us  {:>8} tps",
                     round + 1,
                     config.name(),
                     rules,
                     sample.gbps_1,
                     sample.gbps_4,
+                    sample.steal_4_s,
                     or_dash(sample.p50_us, 1),
                     or_dash(sample.p99_us, 1),
                     or_dash(sample.tps, 0)
@@ -306,10 +311,12 @@ fn data_plane(
 
 fn measure(config: Config, rules: u32, round: u32, client: &Pod, server: &Pod, seconds: u32) -> anyhow::Result<Sample> {
     let family = config.family();
-    let cpu_before = busy_cpu_seconds()?;
+    let before = CpuTimes::read()?;
     let one = client.iperf3(server, family, seconds, 1)?;
-    let cpu = busy_cpu_seconds()? - cpu_before;
+    let cpu = CpuTimes::read()?.busy - before.busy;
+    let before = CpuTimes::read()?;
     let four = client.iperf3(server, family, seconds, 4)?;
+    let steal_4_s = CpuTimes::read()?.steal - before.steal;
     let latency = match family {
         Family::V4 => Some(client.sockperf_to(server, family, seconds)?),
         Family::V6 => None,
@@ -324,6 +331,7 @@ fn measure(config: Config, rules: u32, round: u32, client: &Pod, server: &Pod, s
         p99_us: latency.map(|l| l.p99_us),
         tps: latency.map(|l| l.tps),
         cpu_s_per_gb: cpu / (one.bytes / 1e9),
+        steal_4_s,
         ns_per_run: match config.is_velox() {
             true => program_cost(|| client.iperf3(server, family, 2, 1).map(drop))?,
             false => BTreeMap::new(),
@@ -367,20 +375,35 @@ fn program_cost(traffic: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<
         .collect())
 }
 
-/// Busy CPU time of the whole machine (all but idle and iowait), from /proc/stat.
-fn busy_cpu_seconds() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/stat")?;
-    let fields: Vec<f64> = stat
-        .lines()
-        .next()
-        .context("empty /proc/stat")?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    let total: f64 = fields.iter().take(8).sum();
-    // USER_HZ is 100 on Linux.
-    Ok((total - fields[3] - fields[4]) / 100.0)
+/// CPU time of the whole machine, from /proc/stat, in seconds.
+struct CpuTimes {
+    /// All but idle, iowait and steal.
+    busy: f64,
+    /// Time the hypervisor ran something else while this machine wanted to run.
+    steal: f64,
+}
+
+impl CpuTimes {
+    fn read() -> anyhow::Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        // user nice system idle iowait irq softirq steal, in USER_HZ (100 on Linux)
+        let fields: Vec<f64> = stat
+            .lines()
+            .next()
+            .context("empty /proc/stat")?
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        anyhow::ensure!(fields.len() == 8, "unexpected /proc/stat");
+        let steal = fields[7];
+        let busy = fields.iter().sum::<f64>() - fields[3] - fields[4] - steal;
+        Ok(Self {
+            busy: busy / 100.0,
+            steal: steal / 100.0,
+        })
+    }
 }
 
 const LOAD_CHAIN: &str = "VELOX-BENCH-LOAD";

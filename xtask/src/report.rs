@@ -309,24 +309,43 @@ fn collapses_markdown(run: &Run, rules: u32, out: &mut String) {
         "\nRounds below 0.8x of the configuration's own median (collapses), of {} rounds.\n",
         run.rounds
     );
-    let _ = writeln!(out, "| configuration | 1 stream | 4 streams |\n|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| configuration | 1 stream | 4 streams | CPU steal in the 4-stream test (s): collapsed rounds / the others |\n|---|---|---|---|"
+    );
     for config in configs {
-        let of = |get: fn(&Sample) -> f64| {
-            let values: Vec<f64> = run
-                .samples
-                .iter()
-                .filter(|s| s.netfilter_rules == rules && s.config == config)
-                .map(get)
-                .collect();
-            let median = Stat::of(&values).median;
-            values.iter().filter(|v| **v < 0.8 * median).count()
+        let samples: Vec<&Sample> = run
+            .samples
+            .iter()
+            .filter(|s| s.netfilter_rules == rules && s.config == config)
+            .collect();
+        let collapsed = |get: fn(&Sample) -> f64| {
+            let median = Stat::of(&samples.iter().map(|s| get(s)).collect::<Vec<_>>()).median;
+            samples.iter().map(|s| get(s) < 0.8 * median).collect::<Vec<bool>>()
         };
+        let (one, four) = (collapsed(|s| s.gbps_1), collapsed(|s| s.gbps_4));
+        let steal = |collapsed: bool| {
+            let steal: Vec<String> = samples
+                .iter()
+                .zip(&four)
+                .filter(|(_, c)| **c == collapsed)
+                .map(|(s, _)| format!("{:.2}", s.steal_4_s))
+                .collect();
+            if steal.is_empty() {
+                "-".to_string()
+            } else {
+                steal.join(", ")
+            }
+        };
+        let count = |flags: &[bool]| flags.iter().filter(|c| **c).count();
         let _ = writeln!(
             out,
-            "| {} | {} | {} |",
+            "| {} | {} | {} | {} / {} |",
             config.name(),
-            of(|s| s.gbps_1),
-            of(|s| s.gbps_4)
+            count(&one),
+            count(&four),
+            steal(true),
+            steal(false)
         );
     }
 }

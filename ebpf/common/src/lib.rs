@@ -11,8 +11,12 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// Pinned under `<bpffsRoot>/maps/`: pod address -> where to deliver it.
 pub const ENDPOINTS_MAP: &str = "VELOX_ENDPOINTS";
-/// Pinned under `<bpffsRoot>/maps/`: host veth ifindex -> per-CPU counters.
+/// Pinned under `<bpffsRoot>/maps/`: counters slot -> per-CPU counters (an array:
+/// slot 0 is the uplink's, each pod's slot is in its endpoint entry).
 pub const COUNTERS_MAP: &str = "VELOX_COUNTERS";
+/// Pinned under `<bpffsRoot>/maps/`: host veth ifindex -> its counters slot, for the
+/// packets whose source address names no endpoint of the interface (spoofed, ARP).
+pub const INTERFACES_MAP: &str = "VELOX_INTERFACES";
 /// Pinned under `<bpffsRoot>/maps/`: other nodes' pod CIDRs -> how to reach that node.
 pub const PEERS_MAP: &str = "VELOX_PEERS";
 /// Pinned under `<bpffsRoot>/maps/`: pod connection ends whose traffic the kernel
@@ -37,6 +41,11 @@ pub const FROM_NET_PROGRAM: &str = "from_net";
 pub const DEFAULT_KERNEL_FLOWS: u32 = 262_144;
 
 pub const MAX_ENDPOINTS: usize = 16384;
+/// The counters slot of the node's uplink (`from_net`); pods have 1..=max pods.
+pub const UPLINK_SLOT: u32 = 0;
+/// Pods per node when the loader is not told (`--max-pods`): the counters array
+/// holds one slot more, per CPU.
+pub const DEFAULT_MAX_PODS: u32 = 1024;
 pub const MAX_PEERS: usize = 4096;
 pub const MAX_SERVICES: usize = 65536;
 pub const MAX_BACKENDS: usize = 262_144;
@@ -161,6 +170,9 @@ pub struct SocketPeer {
 pub struct Endpoint {
     /// Host-side veth: `bpf_redirect_peer` to it lands in the pod's netns.
     pub ifindex: u32,
+    /// The pod's index into the counters array, found by the same lookup that
+    /// validates its source address.
+    pub slot: u32,
 }
 
 /// Another node, as the next hop for one of its pod CIDRs (direct routing, no tunnel).

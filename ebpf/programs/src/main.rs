@@ -22,7 +22,7 @@ use aya_ebpf::{
         bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_redir_neigh, BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK,
         TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
-    btf_maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuHashMap},
+    btf_maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     helpers::{bpf_check_mtu, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{btf_map, classifier},
     programs::TcContext,
@@ -34,7 +34,7 @@ use network_types::{
 };
 use velox_common::{
     Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, AF_INET, DEFAULT_KERNEL_FLOWS, IPPROTO_TCP, IPPROTO_UDP,
-    MAX_ENDPOINTS, MAX_PEERS,
+    MAX_ENDPOINTS, MAX_PEERS, UPLINK_SLOT,
 };
 
 #[btf_map]
@@ -43,11 +43,14 @@ static VELOX_ENDPOINTS: HashMap<IpKey, Endpoint, MAX_ENDPOINTS> = HashMap::new()
 #[btf_map]
 static VELOX_PEERS: LpmTrie<[u8; 16], Peer, MAX_PEERS> = LpmTrie::new();
 
-/// Allocated as interfaces first send, not preallocated for every possible pod on
-/// every CPU.
+/// Indexed by counters slot. The loader sizes it by `--max-pods`: an array is
+/// allocated whole, on every CPU.
 #[btf_map]
-static VELOX_COUNTERS: PerCpuHashMap<u32, EndpointCounters, MAX_ENDPOINTS, { BPF_F_NO_PREALLOC as usize }> =
-    PerCpuHashMap::new();
+static VELOX_COUNTERS: PerCpuArray<EndpointCounters, MAX_ENDPOINTS> = PerCpuArray::new();
+
+/// Host veth -> counters slot, for what the source lookup cannot attribute.
+#[btf_map]
+static VELOX_INTERFACES: HashMap<u32, u32, MAX_ENDPOINTS, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 
 /// Pod connection ends whose traffic went to the kernel -> the ifindex it was seen on.
 /// The loader sizes it from `nf_conntrack_max`: conntrack holds no more connections,
@@ -82,42 +85,70 @@ const ENODEV: i64 = 19;
 /// `__sk_buff.pkt_type` of a frame addressed to this host.
 const PACKET_HOST: u32 = 0;
 
+/// What the programs read of an IP packet, parsed once.
+#[derive(Default)]
+struct Packet {
+    src: FlowEnd,
+    dst: FlowEnd,
+    /// Whether the packet may open a connection: a TCP SYN, an ICMP echo request,
+    /// any UDP or SCTP datagram (which cannot tell). Other protocols (IPv6 extension
+    /// headers among them) open none that Velox can follow.
+    opens: bool,
+}
+
+/// The counters slot of an interface Velox does not know.
+const NO_SLOT: u32 = u32::MAX;
+
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let (mut src, mut dst) = (IpKey::default(), IpKey::default());
-    let is_ip = read_addresses(&ctx, &mut src, &mut dst);
+    let mut packet = Packet::default();
+    let is_ip = parse(&ctx, &mut packet);
+    // SAFETY: reading the context's own fields.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // The sender's own entry: one lookup proves its source address and gives its
+    // counters slot.
+    let sender = match is_ip {
+        true => unsafe { VELOX_ENDPOINTS.get(&packet.src.addr) }.filter(|sender| sender.ifindex == ifindex),
+        false => None,
+    };
     let result = if !is_ip {
         PASS
-    } else if !sent_by_this_pod(&ctx, &src) {
+    } else if sender.is_none() {
         // Link-local and unspecified sources (neighbour discovery, MLD, DAD) stay on
         // the link: the kernel never forwards them, and neither does the fast path.
-        if is_link_local(&src) {
+        if is_link_local(&packet.src.addr) {
             PASS
         } else {
             SPOOFED
         }
-    } else if let Some(endpoint) = unsafe { VELOX_ENDPOINTS.get(&dst) } {
-        redirect_unless_kernel_flow(&ctx, || to_local_pod(&ctx, endpoint))
-    } else if let Some(peer) = VELOX_PEERS.get(&Key::new(128, dst.addr)) {
+    } else if let Some(endpoint) = unsafe { VELOX_ENDPOINTS.get(&packet.dst.addr) } {
+        redirect_unless_kernel_flow(&packet, || to_local_pod(&ctx, endpoint))
+    } else if let Some(peer) = VELOX_PEERS.get(&Key::new(128, packet.dst.addr.addr)) {
         // `bpf_redirect_neigh` neither fragments nor reports the path MTU: a packet (or
         // a GSO segment) too big for the uplink goes to the kernel, which does both.
         if fits_uplink(&ctx, peer) {
-            redirect_unless_kernel_flow(&ctx, || to_peer_node(peer))
+            redirect_unless_kernel_flow(&packet, || to_peer_node(peer))
         } else {
             PASS
         }
     } else {
-        remember_kernel_flow(&ctx);
+        if packet.opens {
+            remember(ifindex, &packet.src);
+        }
         PASS
     };
     #[cfg(feature = "upgrade-test")]
-    let result = if is_ip && to_discard_port(&ctx) {
+    let result = if is_ip && packet.dst.proto == IPPROTO_UDP && packet.dst.port == DISCARD_PORT.to_be() {
         TEST_DROPPED
     } else {
         result
     };
-    let action = finish(&ctx, result);
-    trace(&ctx, "from_pod", is_ip.then_some(&dst), action);
+    let slot = match sender {
+        Some(sender) => sender.slot,
+        None => unsafe { VELOX_INTERFACES.get(&ifindex) }.map_or(NO_SLOT, |slot| *slot),
+    };
+    let action = finish(&ctx, slot, result);
+    trace(&ctx, "from_pod", is_ip.then_some(&packet.dst.addr), action);
     action
 }
 
@@ -125,39 +156,39 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 #[cfg(feature = "upgrade-test")]
 const TEST_DROPPED: i64 = -3;
 
-/// UDP to port 9: what the upgrade test's datapath drops, so a test sees which
+/// UDP to this port is what the upgrade test's datapath drops, so a test sees which
 /// program a pod's link runs.
 #[cfg(feature = "upgrade-test")]
-#[inline(always)]
-fn to_discard_port(ctx: &TcContext) -> bool {
-    let mut dst = FlowEnd::default();
-    read_end(ctx, End::Destination, &mut dst).is_some() && dst.proto == IPPROTO_UDP && dst.port == 9u16.to_be()
-}
+const DISCARD_PORT: u16 = 9;
 
 #[classifier]
 pub fn from_net(ctx: TcContext) -> i32 {
-    let (mut src, mut dst) = (IpKey::default(), IpKey::default());
+    let mut packet = Packet::default();
     // Only untagged frames addressed to this node are the fast path's: a VLAN, or a
     // frame an uplink in promiscuous mode saw for another host, is the kernel's.
     // SAFETY: reading the context's own fields.
-    let (pkt_type, vlan) = unsafe { ((*ctx.skb.skb).pkt_type, (*ctx.skb.skb).vlan_present) };
-    let is_ip = pkt_type == PACKET_HOST && vlan == 0 && read_addresses(&ctx, &mut src, &mut dst);
+    let (pkt_type, vlan, ifindex) = unsafe {
+        (
+            (*ctx.skb.skb).pkt_type,
+            (*ctx.skb.skb).vlan_present,
+            (*ctx.skb.skb).ifindex,
+        )
+    };
+    let is_ip = pkt_type == PACKET_HOST && vlan == 0 && parse(&ctx, &mut packet);
     let result = if !is_ip {
         PASS
-    } else if let Some(endpoint) = unsafe { VELOX_ENDPOINTS.get(&dst) } {
-        redirect_unless_kernel_flow(&ctx, || to_local_pod(&ctx, endpoint))
+    } else if let Some(endpoint) = unsafe { VELOX_ENDPOINTS.get(&packet.dst.addr) } {
+        redirect_unless_kernel_flow(&packet, || to_local_pod(&ctx, endpoint))
     } else {
         // A pod on another node reaching this node (a hostPort, a NodePort): the kernel
         // may send its replies back through the fast path of this node.
-        let mut client = FlowEnd::default();
-        let opens = read_end(&ctx, End::Source, &mut client) == Some(true);
-        if opens && VELOX_PEERS.get(&Key::new(128, src.addr)).is_some() {
-            remember(&ctx, &client);
+        if packet.opens && VELOX_PEERS.get(&Key::new(128, packet.src.addr.addr)).is_some() {
+            remember(ifindex, &packet.src);
         }
         PASS
     };
-    let action = finish(&ctx, result);
-    trace(&ctx, "from_net", is_ip.then_some(&dst), action);
+    let action = finish(&ctx, UPLINK_SLOT, result);
+    trace(&ctx, "from_net", is_ip.then_some(&packet.dst.addr), action);
     action
 }
 
@@ -180,98 +211,94 @@ fn to_local_pod(ctx: &TcContext, endpoint: &Endpoint) -> i64 {
 /// Packets to a connection end whose traffic went to the kernel go to the kernel: they
 /// may be replies it must translate back. Everything else takes `redirect`.
 #[inline(always)]
-fn redirect_unless_kernel_flow(ctx: &TcContext, redirect: impl FnOnce() -> i64) -> i64 {
-    let mut dst = FlowEnd::default();
-    if read_end(ctx, End::Destination, &mut dst).is_some() && unsafe { VELOX_KERNEL_FLOWS.get(&dst) }.is_some() {
+fn redirect_unless_kernel_flow(packet: &Packet, redirect: impl FnOnce() -> i64) -> i64 {
+    if unsafe { VELOX_KERNEL_FLOWS.get(&packet.dst) }.is_some() {
         PASS
     } else {
         redirect()
     }
 }
 
-/// Records the source end of a connection the packet opens, as the kernel carries it.
+/// Adds `end`, first seen on `ifindex`, once; later lookups keep it from eviction
+/// while its connection lives.
 #[inline(always)]
-fn remember_kernel_flow(ctx: &TcContext) {
-    let mut src = FlowEnd::default();
-    if read_end(ctx, End::Source, &mut src) == Some(true) {
-        remember(ctx, &src);
-    }
-}
-
-/// Adds `end` once; later lookups keep it from eviction while its connection lives.
-#[inline(always)]
-fn remember(ctx: &TcContext, end: &FlowEnd) {
+fn remember(ifindex: u32, end: &FlowEnd) {
     if unsafe { VELOX_KERNEL_FLOWS.get(end) }.is_none() {
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let _ = VELOX_KERNEL_FLOWS.insert(end, ifindex, BPF_NOEXIST as u64);
     }
 }
 
-/// Which end of a packet's connection to read.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum End {
-    Source,
-    Destination,
-}
-
-/// Writes one end of an IPv4 or IPv6 packet into `end` (zeroed by the caller), field
-/// by field: a key built from tuples or options would carry padding bytes, which LLVM
-/// fills from whatever register and the verifier refuses. IPv6 extension headers are
-/// not walked: such a packet's port reads as 0, in both directions alike.
+/// Reads both ends of an IPv4 or IPv6 packet into `packet` (zeroed by the caller),
+/// field by field: a key built from tuples or options would carry padding bytes,
+/// which LLVM fills from whatever register and the verifier refuses. IPv6 extension
+/// headers are not walked: such a packet's ports read as 0, in both directions alike.
 ///
-/// `None` for a packet that is not IP; else whether it may open a connection: a TCP
-/// SYN, an ICMP echo request, any UDP or SCTP datagram (which cannot tell). Other
-/// protocols (IPv6 extension headers among them) open none that Velox can follow.
+/// False for what only the kernel handles: ARP, IPv6 neighbour discovery, anything
+/// not IP.
 #[inline(always)]
-fn read_end(ctx: &TcContext, which: End, end: &mut FlowEnd) -> Option<bool> {
-    let source = which == End::Source;
-    let eth = header_at::<EthHdr>(ctx, 0)?;
+fn parse(ctx: &TcContext, packet: &mut Packet) -> bool {
+    let Some(eth) = header_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
     // SAFETY: `header_at` checked that each header lies inside the packet.
     let ether_type = unsafe { (*eth).ether_type };
-    let l4 = if ether_type == EtherType::Ipv4 as u16 {
-        let ip = unsafe { &*header_at::<Ipv4Hdr>(ctx, EthHdr::LEN)? };
-        end.addr = IpKey::v4(if source { ip.src_addr } else { ip.dst_addr });
-        end.proto = ip.proto as u8;
-        EthHdr::LEN + usize::from(ip.ihl()) // ihl() is in bytes
+    let (l4, proto) = if ether_type == EtherType::Ipv4 as u16 {
+        let Some(ip) = header_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+            return false;
+        };
+        let ip = unsafe { &*ip };
+        packet.src.addr = IpKey::v4(ip.src_addr);
+        packet.dst.addr = IpKey::v4(ip.dst_addr);
+        (EthHdr::LEN + usize::from(ip.ihl()), ip.proto as u8) // ihl() is in bytes
     } else if ether_type == EtherType::Ipv6 as u16 {
-        let ip = unsafe { &*header_at::<Ipv6Hdr>(ctx, EthHdr::LEN)? };
-        end.addr = IpKey::v6(if source { ip.src_addr } else { ip.dst_addr });
-        end.proto = ip.next_hdr;
-        EthHdr::LEN + Ipv6Hdr::LEN
+        let Some(ip) = header_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
+            return false;
+        };
+        let ip = unsafe { &*ip };
+        packet.src.addr = IpKey::v6(ip.src_addr);
+        packet.dst.addr = IpKey::v6(ip.dst_addr);
+        (EthHdr::LEN + Ipv6Hdr::LEN, ip.next_hdr)
     } else {
-        return None;
+        return false;
     };
-    let mut opens = false;
-    match end.proto {
+    packet.src.proto = proto;
+    packet.dst.proto = proto;
+    match proto {
         IPPROTO_TCP => {
             // source port, destination port, sequence, acknowledgement, offset, flags
             if let Some(tcp) = header_at::<[u8; 14]>(ctx, l4) {
                 let tcp = unsafe { &*tcp };
-                let ports = if source { [tcp[0], tcp[1]] } else { [tcp[2], tcp[3]] };
-                end.port = u16::from_ne_bytes(ports);
-                opens = tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
+                packet.src.port = u16::from_ne_bytes([tcp[0], tcp[1]]);
+                packet.dst.port = u16::from_ne_bytes([tcp[2], tcp[3]]);
+                packet.opens = tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
             }
         }
         IPPROTO_UDP | IPPROTO_SCTP => {
             if let Some(ports) = header_at::<[u16; 2]>(ctx, l4) {
                 let ports = unsafe { &*ports };
-                end.port = if source { ports[0] } else { ports[1] };
-                opens = true;
+                packet.src.port = ports[0];
+                packet.dst.port = ports[1];
+                packet.opens = true;
             }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             // type, code, checksum, identifier: an echo and its reply share the identifier.
             if let Some(icmp) = header_at::<[u8; 6]>(ctx, l4) {
                 let icmp = unsafe { &*icmp };
-                if ICMP_ECHO.contains(&icmp[0]) {
-                    end.port = u16::from_ne_bytes([icmp[4], icmp[5]]);
+                if proto == IPPROTO_ICMPV6 && NDP_TYPES.contains(&icmp[0]) {
+                    return false;
                 }
-                opens = ICMP_ECHO_REQUEST.contains(&icmp[0]);
+                if ICMP_ECHO.contains(&icmp[0]) {
+                    let identifier = u16::from_ne_bytes([icmp[4], icmp[5]]);
+                    packet.src.port = identifier;
+                    packet.dst.port = identifier;
+                }
+                packet.opens = ICMP_ECHO_REQUEST.contains(&icmp[0]);
             }
         }
         _ => {}
     }
-    Some(opens)
+    true
 }
 
 /// One debug line per IP packet. The loader sets aya-log's level at load time (off
@@ -313,52 +340,10 @@ fn fits_uplink(ctx: &TcContext, peer: &Peer) -> bool {
     }
 }
 
-/// Whether `src` is one of the addresses of the pod behind this host veth.
-#[inline(always)]
-fn sent_by_this_pod(ctx: &TcContext, src: &IpKey) -> bool {
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    unsafe { VELOX_ENDPOINTS.get(src) }.is_some_and(|endpoint| endpoint.ifindex == ifindex)
-}
-
 /// An IPv6 link-local (fe80::/10) or unspecified (::) address.
 #[inline(always)]
 fn is_link_local(addr: &IpKey) -> bool {
     (addr.addr[0] == 0xfe && addr.addr[1] & 0xc0 == 0x80) || addr.addr == [0; 16]
-}
-
-/// Writes the source and destination of an IPv4 or IPv6 packet. False for what only
-/// the kernel handles: ARP, IPv6 neighbour discovery, anything not IP.
-#[inline(always)]
-fn read_addresses(ctx: &TcContext, src: &mut IpKey, dst: &mut IpKey) -> bool {
-    let Some(eth) = header_at::<EthHdr>(ctx, 0) else {
-        return false;
-    };
-    // SAFETY: `header_at` checked that each header lies inside the packet.
-    let ether_type = unsafe { (*eth).ether_type };
-    if ether_type == EtherType::Ipv4 as u16 {
-        let Some(ip) = header_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
-            return false;
-        };
-        *src = IpKey::v4(unsafe { (*ip).src_addr });
-        *dst = IpKey::v4(unsafe { (*ip).dst_addr });
-        return true;
-    }
-    if ether_type != EtherType::Ipv6 as u16 {
-        return false;
-    }
-    let Some(ip) = header_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
-        return false;
-    };
-    if unsafe { (*ip).next_hdr } == IPPROTO_ICMPV6 {
-        let is_ndp =
-            header_at::<u8>(ctx, EthHdr::LEN + Ipv6Hdr::LEN).is_some_and(|t| NDP_TYPES.contains(unsafe { &*t }));
-        if is_ndp {
-            return false;
-        }
-    }
-    *src = IpKey::v6(unsafe { (*ip).src_addr });
-    *dst = IpKey::v6(unsafe { (*ip).dst_addr });
-    true
 }
 
 #[inline(always)]
@@ -389,16 +374,16 @@ fn header_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some(start as *const T)
 }
 
-/// Counts the verdict and returns the TC action for a redirect's `result`, `PASS`
-/// or a drop (`SPOOFED`, `NO_INTERFACE`).
+/// Counts the verdict in counters `slot` and returns the TC action for a redirect's
+/// `result`, `PASS` or a drop (`SPOOFED`, `NO_INTERFACE`).
 #[inline(always)]
-fn finish(ctx: &TcContext, result: i64) -> i32 {
+fn finish(ctx: &TcContext, slot: u32, result: i64) -> i32 {
     let action = match result {
         PASS => TC_ACT_OK,
         result if result == TC_ACT_REDIRECT as i64 => TC_ACT_REDIRECT,
         _ => TC_ACT_SHOT, // spoofed, or the kernel refused the redirect
     };
-    if let Some(counters) = counters_of(unsafe { (*ctx.skb.skb).ifindex }) {
+    if let Some(counters) = VELOX_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: a per-CPU value; only this CPU writes it while we run.
         let counters = unsafe { &mut *counters };
         let bytes = ctx.len() as u64;
@@ -422,15 +407,6 @@ fn finish(ctx: &TcContext, result: i64) -> i32 {
         }
     }
     action
-}
-
-#[inline(always)]
-fn counters_of(ifindex: u32) -> Option<*mut EndpointCounters> {
-    if let Some(counters) = VELOX_COUNTERS.get_ptr_mut(ifindex) {
-        return Some(counters);
-    }
-    let _ = VELOX_COUNTERS.insert(ifindex, EndpointCounters::default(), BPF_NOEXIST as u64);
-    VELOX_COUNTERS.get_ptr_mut(ifindex)
 }
 
 #[cfg(not(test))]
