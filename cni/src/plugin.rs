@@ -204,8 +204,6 @@ impl Plugin {
         ipam: &Ipam,
     ) -> anyhow::Result<CniResult> {
         let mtu = self.conf.mtu();
-        let ips = ipam.allocate(attachment)?;
-        self.check_unused(&ips, maps, host).await?;
         let host_name = host_ifname(attachment);
         host.create_veth(&host_name, &attachment.ifname, netns, mtu).await?;
         let host_link = host
@@ -213,15 +211,23 @@ impl Plugin {
             .await?
             .context("host veth vanished after creation")?;
 
-        // Attaching TCX waits out an RCU grace period in the kernel (about 9 ms here):
-        // let it run while the two ends are configured.
+        // Attaching TCX holds the rtnl lock through an RCU grace period (about 10 ms
+        // here), which no netlink request can overlap: allocate the addresses (a
+        // delegated IPAM plugin's exec included) and check them meanwhile.
         let attach = tokio::task::spawn_blocking({
             let (bpffs, name) = (self.bpffs.clone(), host_name.clone());
             move || attach_tc_ingress(&bpffs, FROM_POD_PROGRAM, &name)
         });
-        let configured = configure_ends(netns, host, &attachment.ifname, &host_link, &ips).await;
+        let configured = async {
+            let ips = ipam.allocate(attachment)?;
+            self.check_unused(&ips, maps, host).await?;
+            let pod_link = configure_ends(netns, host, &attachment.ifname, &host_link, &ips).await?;
+            anyhow::Ok((ips, pod_link))
+        }
+        .await;
+        // Undoing a failed ADD must not race the attach.
         let attached = attach.await.context("attaching from_pod")?;
-        let pod_link = configured?;
+        let (ips, pod_link) = configured?;
         attached?;
 
         let socket_lb_opt_out = match self.conf.socket_lb_opt_out() {

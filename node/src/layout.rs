@@ -4,9 +4,10 @@
 //! <bpffsRoot>/                        0700  default /sys/fs/bpf/velox; one per node
 //! ├── maps/<layout id>/               0700  created and pinned by the loader; one
 //! │   │                                     directory per map layout (upgrades)
-//! │   ├── VELOX_ENDPOINTS                   pod address -> host veth
+//! │   ├── VELOX_ENDPOINTS                   pod address -> host veth, counters slot
 //! │   ├── VELOX_PEERS                       other nodes' pod CIDRs -> node address
-//! │   ├── VELOX_COUNTERS                    per-interface, per-CPU counters
+//! │   ├── VELOX_COUNTERS                    per-slot, per-CPU counters (an array)
+//! │   ├── VELOX_INTERFACES                  host veth or uplink -> counters slot
 //! │   └── VELOX_KERNEL_FLOWS                pod connection ends the kernel handles (LRU)
 //! ├── programs/                       0700  replaced atomically at every loader start
 //! │   ├── from_pod
@@ -19,7 +20,8 @@
 //! <stateDir>/                         0700  default /run/velox
 //! ├── endpoints/                      0700
 //! │   ├── .lock                       0600  held around every record-and-map change
-//! │   └── <host ifname>.json          0600  one record per attachment (atomic writes)
+//! │   ├── <host ifname>.json          0600  one record per attachment (atomic writes)
+//! │   └── slots/<n>                   0600  counters slot n, claimed: its host ifname
 //! ├── ipam/<network>/                 0700  the built-in allocator, one network each
 //! │   ├── lock                        0600
 //! │   ├── <address>                   0600  reserved: container ID and ifname

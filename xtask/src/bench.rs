@@ -35,8 +35,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 10_000)]
     pub netfilter_load: u32,
     /// Service counts for the Service section (connection rate through a ClusterIP,
-    /// socket LB vs kube-proxy); empty skips it.
-    #[arg(long, value_delimiter = ',', default_value = "1,1000,10000")]
+    /// socket LB vs kube-proxy); `--services` with no value skips it.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1,1000,10000")]
     pub services: Vec<usize>,
     /// Pods per control-plane configuration.
     #[arg(long, default_value_t = 100)]
@@ -171,6 +171,9 @@ pub struct ControlPlane {
     pub del_ms: Vec<(String, Vec<f64>)>,
     /// Wall time to create `pods` Velox pods, 8 at a time.
     pub parallel_create_s: f64,
+    /// ADD latencies in ms with 8 ADDs at a time, per configuration (a busy kubelet).
+    #[serde(default)]
+    pub concurrent_add_ms: Vec<(String, Vec<f64>)>,
     pub parallel_pods: usize,
     /// velox-loader resident memory with 0 and with 250 endpoints.
     pub loader_rss_kib: Vec<(usize, u64)>,
@@ -478,12 +481,32 @@ fn control_plane(
         del[2].push(ms(&ptp.delete_pod(&Pod { name, ips: Vec::new() })?)?);
     }
 
-    // Parallel creation, 8 at a time, as a busy kubelet would.
+    // 8 ADDs at a time, as a busy kubelet would: Velox, then ptp.
+    let latencies = std::sync::Mutex::new(Vec::new());
+    let timed = |outcome: anyhow::Result<velox_test_env::CniOutcome>| -> anyhow::Result<()> {
+        latencies.lock().unwrap().push(ms(&outcome?)?);
+        Ok(())
+    };
     let names: Vec<String> = (0..args.pods).map(|i| velox_pod(i, "p")).collect();
     let started = Instant::now();
-    in_parallel(&names, |name| node.add_pod(name).map(drop))?;
+    in_parallel(&names, |name| {
+        run("ip", &["netns", "add", name])?;
+        timed(node.cni("ADD", name, Some(&netns(name)), "eth0", &builtin))
+    })?;
     let parallel_create_s = started.elapsed().as_secs_f64();
     in_parallel(&names, |name| node.delete_pod(name))?;
+    let mut concurrent_add_ms = vec![(labels[0].to_string(), std::mem::take(&mut *latencies.lock().unwrap()))];
+    let names: Vec<String> = (0..args.pods).map(|i| format!("cc{i}")).collect();
+    let pods = std::sync::Mutex::new(Vec::new());
+    in_parallel(&names, |name| {
+        let (pod, outcome) = ptp.add_pod(name)?;
+        pods.lock().unwrap().push(pod);
+        timed(Ok(outcome))
+    })?;
+    for pod in pods.into_inner().unwrap() {
+        ptp.delete_pod(&pod)?;
+    }
+    concurrent_add_ms.push((labels[2].to_string(), latencies.into_inner().unwrap()));
 
     // Loader memory on a node of its own.
     rss_node.up()?;
@@ -501,6 +524,7 @@ fn control_plane(
         del_ms: zip(del),
         parallel_create_s,
         parallel_pods: args.pods,
+        concurrent_add_ms,
         loader_rss_kib,
     })
 }

@@ -282,6 +282,21 @@ pub fn markdown(run: &Run) -> String {
     }
     let _ = writeln!(
         out,
+        "\n8 ADDs at a time ({} pods each):\n\n| configuration | ADD median ms | ADD p99 ms |\n|---|---|---|",
+        cp.parallel_pods
+    );
+    for (label, add) in &cp.concurrent_add_ms {
+        let mut add = add.clone();
+        add.sort_by(f64::total_cmp);
+        let _ = writeln!(
+            out,
+            "| {label} | {:.1} | {:.1} |",
+            percentile(&add, 50.0),
+            percentile(&add, 99.0)
+        );
+    }
+    let _ = writeln!(
+        out,
         "\n{} Velox pods created 8 at a time in {:.2} s.",
         cp.parallel_pods, cp.parallel_create_s
     );
