@@ -8,9 +8,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::path::PathBuf;
 use velox_common::{Peer, FROM_NET_PROGRAM};
-use velox_node::fs::read_if_exists;
 use velox_node::link::attach_tc_ingress;
 use velox_node::maps::PeerMap;
 use velox_node::netlink::{Netlink, VELOX_ROUTE_PROTOCOL};
@@ -78,35 +76,40 @@ impl PeerNode {
     }
 }
 
-/// The nodes of the peers file. A node whose entry does not parse (a bad CIDR, a
+/// The nodes of a `NodeList`. A node whose entry does not parse (a bad CIDR, a
 /// missing name) is skipped with a log line; only a file that is not a list fails.
-fn parse_nodes(json: &[u8]) -> anyhow::Result<Vec<PeerNode>> {
+pub fn parse_nodes(json: &[u8]) -> anyhow::Result<Vec<PeerNode>> {
     let list: NodeList = serde_json::from_slice(json)?;
     let mut nodes: Vec<PeerNode> = list
         .items
         .into_iter()
         .enumerate()
-        .filter_map(|(i, item)| match serde_json::from_value::<NodeObject>(item) {
+        .filter_map(|(i, item)| match peer_node(item) {
             Ok(node) => Some(node),
             Err(e) => {
                 log::warn!("peers file: skipping node #{i}: {e}");
                 None
             }
         })
-        .map(|node| PeerNode {
-            name: node.metadata.name,
-            pod_cidrs: node.spec.pod_cidrs.iter().map(IpNet::trunc).collect(),
-            node_ips: node
-                .status
-                .addresses
-                .iter()
-                .filter(|a| a.kind == "InternalIP")
-                .filter_map(|a| a.address.parse().ok())
-                .collect(),
-        })
         .collect();
     nodes.sort();
     Ok(nodes)
+}
+
+/// One Node object (from a file or the API server) as Velox needs it.
+pub fn peer_node(object: serde_json::Value) -> anyhow::Result<PeerNode> {
+    let node: NodeObject = serde_json::from_value(object)?;
+    Ok(PeerNode {
+        name: node.metadata.name,
+        pod_cidrs: node.spec.pod_cidrs.iter().map(IpNet::trunc).collect(),
+        node_ips: node
+            .status
+            .addresses
+            .iter()
+            .filter(|a| a.kind == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect(),
+    })
 }
 
 /// A route someone other than Velox made, as far as peer CIDRs must respect it.
@@ -139,11 +142,15 @@ fn conflict(cidr: &IpNet, own: &[IpNet], accepted: &[IpNet], host_routes: &[Fore
 }
 
 pub struct ClusterConfig {
-    pub uplink: String,
-    pub peers_file: Option<PathBuf>,
-    /// This node's pod CIDRs, one per family: the sources to masquerade.
+    /// The interface towards the other nodes; when not given, the one holding an
+    /// InternalIP of this node's Node.
+    pub uplink: Option<String>,
+    /// This node's pod CIDRs, one per family: the sources to masquerade. When not
+    /// given, its Node's `spec.podCIDRs`.
     pub pod_cidrs: Vec<IpNet>,
     pub ip_masq: bool,
+    /// This node's Node in the cluster source.
+    pub node_name: Option<String>,
 }
 
 pub struct Cluster {
@@ -198,18 +205,42 @@ impl Cluster {
         })
     }
 
-    pub fn uplink(&self) -> &str {
-        &self.config.uplink
+    /// The uplink, once known.
+    pub fn uplink(&self) -> Option<&str> {
+        self.config.uplink.as_deref()
     }
 
-    fn read_peers(&self) -> anyhow::Result<Vec<PeerNode>> {
-        let Some(path) = &self.config.peers_file else {
-            return Ok(Vec::new());
-        };
-        let Some(bytes) = read_if_exists(path)? else {
-            return Ok(Vec::new());
-        };
-        parse_nodes(&bytes).with_context(|| format!("parsing {}", path.display()))
+    /// This node's pod CIDRs, once known.
+    pub fn pod_cidrs(&self) -> &[IpNet] {
+        &self.config.pod_cidrs
+    }
+
+    /// Fills in what the flags left to this node's Node: the uplink (the interface
+    /// holding one of its InternalIPs) and the pod CIDRs. False while either is
+    /// still unknown.
+    async fn learn_from_own_node(&mut self, netlink: &Netlink, nodes: &[PeerNode]) -> anyhow::Result<bool> {
+        let own = self
+            .config
+            .node_name
+            .as_ref()
+            .and_then(|name| nodes.iter().find(|n| &n.name == name));
+        if self.config.uplink.is_none() {
+            for ip in own.iter().flat_map(|n| n.node_ips.iter()) {
+                if let Some(link) = netlink.link_with_address(*ip).await? {
+                    log::info!("uplink {}: it holds this node's InternalIP {ip}", link.name);
+                    self.config.uplink = Some(link.name);
+                    break;
+                }
+            }
+        }
+        if self.config.pod_cidrs.is_empty() {
+            if let Some(own) = own.filter(|n| !n.pod_cidrs.is_empty()) {
+                log::info!("pod CIDRs {:?}: from node {}", own.pod_cidrs, own.name);
+                self.config.pod_cidrs = own.pod_cidrs.clone();
+            }
+        }
+        // Pod CIDRs are awaited only from a Node to learn them from.
+        Ok(self.config.uplink.is_some() && (own.is_none() || !self.config.pod_cidrs.is_empty()))
     }
 
     /// Every node's address as last seen: this node's uplink addresses (link-local
@@ -231,38 +262,34 @@ impl Cluster {
         all.into_iter().collect()
     }
 
-    /// True when the peers file reads and says something other than what is applied.
-    pub fn peers_changed(&self) -> bool {
-        self.read_peers()
-            .is_ok_and(|nodes| Some(&nodes) != self.applied.as_ref())
-    }
-
-    /// One full pass; cheap when nothing changed. A peers file that cannot be read
-    /// never fails the pass: the last applied peers stay, or at start-up the routes
-    /// and peer entries already in the kernel.
-    pub async fn reconcile(&mut self, netlink: &Netlink) -> anyhow::Result<()> {
+    /// One full pass over `nodes`, the cluster's nodes as the source has them; cheap
+    /// when nothing changed. When the source cannot say (`None`), the last applied
+    /// nodes stay, or at start-up the routes and peer entries already in the kernel.
+    pub async fn reconcile(&mut self, netlink: &Netlink, nodes: Option<Vec<PeerNode>>) -> anyhow::Result<()> {
+        let nodes = match (nodes, &self.applied) {
+            (Some(nodes), _) => nodes,
+            (None, Some(applied)) => applied.clone(),
+            // Just started: the routes and peer entries of the last run stay.
+            (None, None) => return Ok(()),
+        };
+        if !self.learn_from_own_node(netlink, &nodes).await? {
+            log::warn!(
+                "waiting for node {:?} in the cluster source: it names this node's uplink and pod CIDRs",
+                self.config.node_name.as_deref().unwrap_or("(no --node-name)")
+            );
+            return Ok(());
+        }
+        let uplink_name = self.config.uplink.clone().unwrap_or_default();
         let uplink = netlink
-            .link(&self.config.uplink)
+            .link(&uplink_name)
             .await?
-            .with_context(|| format!("uplink {} not found", self.config.uplink))?;
+            .with_context(|| format!("uplink {uplink_name} not found"))?;
         if !self.bpffs.tc_ingress_link(&uplink.name).exists() {
             log::info!("attaching from_net to {}", uplink.name);
             attach_tc_ingress(&self.bpffs, FROM_NET_PROGRAM, &uplink.name)?;
         }
         let own_ips: Vec<IpAddr> = netlink.addresses(uplink.index).await?.iter().map(IpNet::addr).collect();
         self.own_ips = own_ips.clone();
-        let nodes = match (self.read_peers(), &self.applied) {
-            (Ok(nodes), _) => nodes,
-            (Err(e), Some(applied)) => {
-                log::warn!("{e:#}: keeping the last applied peers");
-                applied.clone()
-            }
-            (Err(e), None) => {
-                // Just started: the routes and peer entries of the last run stay.
-                log::warn!("{e:#}: leaving the routes to other nodes as they are");
-                return Ok(());
-            }
-        };
         let mut routes = Vec::new();
         for family in Family::ALL {
             routes.extend(netlink.routes(family).await?);
@@ -275,25 +302,37 @@ impl Cluster {
                 via_gateway: r.gateway.is_some(),
             })
             .collect();
-        let mut peers: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
+        // Where two nodes claim overlapping CIDRs, the one routed already keeps its
+        // route: a newcomer (a misconfigured or hostile Node) never takes it over.
+        let established: BTreeSet<(IpNet, IpAddr)> = routes
+            .iter()
+            .filter(|r| r.protocol == VELOX_ROUTE_PROTOCOL)
+            .filter_map(|r| Some((r.dst, r.gateway?)))
+            .collect();
+        let mut candidates = Vec::new();
         for node in nodes
             .iter()
             .filter(|n| !n.node_ips.iter().any(|ip| own_ips.contains(ip)))
         {
             for cidr in &node.pod_cidrs {
-                let Some(next_hop) = node.next_hop(cidr) else {
-                    log::warn!(
+                match node.next_hop(cidr) {
+                    Some(next_hop) => candidates.push((node, *cidr, next_hop)),
+                    None => log::warn!(
                         "node {} has no InternalIP of the family of {cidr}: not routed",
                         node.name
-                    );
-                    continue;
-                };
-                let accepted: Vec<IpNet> = peers.keys().copied().collect();
-                match conflict(cidr, &self.config.pod_cidrs, &accepted, &host_routes) {
-                    Some(why) => log::warn!("node {}: not routing {cidr}: {why}", node.name),
-                    None => {
-                        peers.insert(*cidr, next_hop);
-                    }
+                    ),
+                }
+            }
+        }
+        candidates
+            .sort_by_key(|(node, cidr, next_hop)| (!established.contains(&(*cidr, *next_hop)), node.name.clone()));
+        let mut peers: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
+        for (node, cidr, next_hop) in candidates {
+            let accepted: Vec<IpNet> = peers.keys().copied().collect();
+            match conflict(&cidr, &self.config.pod_cidrs, &accepted, &host_routes) {
+                Some(why) => log::warn!("node {}: not routing {cidr}: {why}", node.name),
+                None => {
+                    peers.insert(cidr, next_hop);
                 }
             }
         }

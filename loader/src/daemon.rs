@@ -34,8 +34,10 @@ use velox_node::netlink::Netlink;
 use velox_node::{Bpffs, StateDir};
 
 use crate::cluster::{Cluster, ClusterConfig};
+use crate::kubernetes::ApiSource;
 use crate::reconcile::reconcile;
-use crate::services::ServiceSource;
+use crate::services::ServiceBalancer;
+use crate::source::{ClusterSource, FileSource};
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VELOX_EBPF_OBJECT"));
 
@@ -49,7 +51,9 @@ pub async fn run(
     state_dir: StateDir,
     interval: Duration,
     cluster: Option<ClusterConfig>,
+    source: SourceOptions,
     datapath: DatapathOptions,
+    mut install_into: Option<(PathBuf, PathBuf)>,
 ) -> anyhow::Result<()> {
     ensure_bpffs(&bpffs)?;
     create_private_dir(&state_dir.root)?;
@@ -69,23 +73,17 @@ pub async fn run(
     let mut maps = EndpointMaps::open(&bpffs)?;
     let store = EndpointStore::new(&state_dir);
     let netlink = Netlink::connect()?;
-    let mut cluster = cluster.map(|config| Cluster::new(config, bpffs.clone())).transpose()?;
-    if let Some(cluster) = &mut cluster {
-        cluster.reconcile(&netlink).await?;
-    }
-    let uplink = cluster.as_ref().map(|c| c.uplink().to_string());
-    reconcile(&bpffs, &state_dir, &store, &mut maps, uplink.as_deref())?;
-    let mut services = datapath.cluster_state.clone().map(ServiceSource::new);
-    // A NodePort answers on every node's address, so a client on this node reaches
-    // it on any of them.
-    let node_ips = |cluster: &Option<Cluster>| cluster.as_ref().map(Cluster::node_ips).unwrap_or_default();
-    let pod_netns = || -> Vec<PathBuf> { store.list().unwrap_or_default().into_iter().map(|r| r.netns).collect() };
-    if let Some(services) = &mut services {
-        // Like the peers file, a cluster state that cannot be read never stops the start.
-        if let Err(e) = services.reconcile(&bpffs, &node_ips(&cluster), pod_netns) {
-            log::error!("applying the cluster state: {e:#}");
-        }
-    }
+    let cluster = cluster.map(|config| Cluster::new(config, bpffs.clone())).transpose()?;
+    let source = source.start(datapath.socket_lb_cgroup.is_some()).await?;
+    let mut sync = ClusterSync {
+        source,
+        cluster,
+        balancer: datapath.socket_lb_cgroup.is_some().then(ServiceBalancer::default),
+        node_ips: None,
+    };
+    // A source that cannot be read never stops the start; a missing uplink does.
+    sync.apply(&netlink, &bpffs, &store, true).await?;
+    reconcile(&bpffs, &state_dir, &store, &mut maps, sync.uplink())?;
     attach_socket_lb(&bpffs, &mut ebpf, datapath.socket_lb_cgroup.as_deref())?;
     // The maps are filled: every pod and the uplink may move to this build.
     if repoint_links(&bpffs, &ebpf) {
@@ -107,31 +105,31 @@ pub async fn run(
         state_dir.root.display()
     );
 
+    sync.source.network_ready();
     let mut tick = tokio::time::interval(interval);
-    let mut peers_tick = tokio::time::interval(Duration::from_secs(1));
+    let mut source_tick = tokio::time::interval(Duration::from_millis(250));
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Some(cluster) = &mut cluster {
-                    if let Err(e) = cluster.reconcile(&netlink).await {
-                        log::error!("cluster reconcile: {e:#}");
-                    }
+                if let Err(e) = sync.apply(&netlink, &bpffs, &store, true).await {
+                    log::error!("cluster reconcile: {e:#}");
                 }
-                if let Err(e) = reconcile(&bpffs, &state_dir, &store, &mut maps, uplink.as_deref()) {
+                if let Err(e) = reconcile(&bpffs, &state_dir, &store, &mut maps, sync.uplink()) {
                     log::error!("reconcile: {e:#}");
                 }
             }
-            _ = peers_tick.tick() => {
-                if let Some(cluster) = cluster.as_mut().filter(|c| c.peers_changed()) {
-                    if let Err(e) = cluster.reconcile(&netlink).await {
-                        log::error!("applying the peers file: {e:#}");
-                    }
+            _ = source_tick.tick() => {
+                if let Err(e) = sync.apply(&netlink, &bpffs, &store, false).await {
+                    log::error!("applying the cluster's nodes: {e:#}");
                 }
-                if let Some(services) = &mut services {
-                    if let Err(e) = services.reconcile(&bpffs, &node_ips(&cluster), pod_netns) {
-                        log::error!("applying the cluster state: {e:#}");
+                let pod_cidrs = sync.cluster.as_ref().map(|c| c.pod_cidrs().to_vec()).unwrap_or_default();
+                if let Some((bin_dir, conf_dir)) = install_into.take_if(|_| !pod_cidrs.is_empty()) {
+                    // The conflist tells kubelet the node's network is ready: only now.
+                    let args = crate::install::InstallArgs::new(pod_cidrs, bin_dir, conf_dir);
+                    if let Err(e) = crate::install::install(&args, &bpffs.root, &state_dir.root) {
+                        log::error!("installing the plugin and its conflist: {e:#}");
                     }
                 }
             }
@@ -140,6 +138,7 @@ pub async fn run(
                     let health = Health {
                         ready: true,
                         endpoints: store.list().map(|r| r.len()).unwrap_or(0),
+                        cluster: Some(sync.source.health()),
                     };
                     let _ = stream.write_all(health.to_json().as_bytes()).await;
                 }
@@ -174,14 +173,86 @@ fn ensure_bpffs(bpffs: &Bpffs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the cluster is learnt from.
+pub enum SourceOptions {
+    /// `--peers-file` and `--cluster-state`.
+    Files {
+        peers_file: Option<PathBuf>,
+        cluster_state: Option<PathBuf>,
+    },
+    /// The API server, from `kubeconfig` or the usual places; `node_name` is this
+    /// node's Node.
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        node_name: Option<String>,
+    },
+}
+
+impl SourceOptions {
+    async fn start(self, with_services: bool) -> anyhow::Result<Box<dyn ClusterSource>> {
+        Ok(match self {
+            SourceOptions::Files {
+                peers_file,
+                cluster_state,
+            } => Box::new(FileSource::new(peers_file, cluster_state)),
+            SourceOptions::Kubernetes { kubeconfig, node_name } => {
+                Box::new(ApiSource::start(kubeconfig.as_deref(), with_services, node_name).await?)
+            }
+        })
+    }
+}
+
+/// The cluster source and what it feeds: routes and peers, the socket load balancer.
+struct ClusterSync {
+    source: Box<dyn ClusterSource>,
+    cluster: Option<Cluster>,
+    balancer: Option<ServiceBalancer>,
+    /// The node addresses the Services were last applied with.
+    node_ips: Option<Vec<std::net::IpAddr>>,
+}
+
+impl ClusterSync {
+    fn uplink(&self) -> Option<&str> {
+        self.cluster.as_ref().and_then(Cluster::uplink)
+    }
+
+    /// Applies what the source changed, or everything (`full`: the periodic pass that
+    /// also repairs routes). A failure to apply the Services is logged; one of the
+    /// uplink, routes and peers is returned. The datapath keeps what it has.
+    async fn apply(
+        &mut self,
+        netlink: &Netlink,
+        bpffs: &Bpffs,
+        store: &EndpointStore,
+        full: bool,
+    ) -> anyhow::Result<()> {
+        let changed = self.source.changed();
+        let mut result = Ok(());
+        if let Some(cluster) = self.cluster.as_mut().filter(|_| changed || full) {
+            result = cluster.reconcile(netlink, self.source.nodes()).await;
+        }
+        // A NodePort answers on every node's address, so a client on this node
+        // reaches it on any of them.
+        let node_ips = self.cluster.as_ref().map(Cluster::node_ips).unwrap_or_default();
+        if let Some(balancer) = self.balancer.as_mut() {
+            if changed || self.node_ips.as_ref() != Some(&node_ips) {
+                let pod_netns = || store.list().unwrap_or_default().into_iter().map(|r| r.netns).collect();
+                if let Err(e) = balancer.reconcile(bpffs, self.source.services(), &node_ips, pod_netns) {
+                    log::error!("applying the Services: {e:#}");
+                }
+                self.node_ips = Some(node_ips);
+            }
+        }
+        result
+    }
+}
+
 /// Which datapath `run` loads, how verbosely it logs, and the socket load balancer.
 pub struct DatapathOptions {
     /// An eBPF object file instead of the embedded one (a datapath fix without a new
     /// loader, the upgrade test's changed datapath).
     pub object: Option<PathBuf>,
     pub log_level: log::LevelFilter,
-    /// Services and EndpointSlices as Kubernetes JSON (a file or a directory).
-    pub cluster_state: Option<PathBuf>,
     /// The cgroup (v2) whose processes' sockets the load balancer translates; off
     /// when `None`.
     pub socket_lb_cgroup: Option<PathBuf>,

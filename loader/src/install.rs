@@ -24,13 +24,30 @@ pub struct InstallArgs {
     #[arg(long, default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
     /// The network name runtimes see.
-    #[arg(long, default_value = "velox")]
+    #[arg(long, default_value = DEFAULT_NETWORK)]
     pub network: String,
-    #[arg(long, default_value_t = 1500)]
+    #[arg(long, default_value_t = DEFAULT_MTU)]
     pub mtu: u32,
     /// The plugin binary to install; by default the `velox` next to this program.
     #[arg(long)]
     pub plugin: Option<PathBuf>,
+}
+
+const DEFAULT_NETWORK: &str = "velox";
+const DEFAULT_MTU: u32 = 1500;
+
+impl InstallArgs {
+    /// The defaults of `velox-loader install` for these pod CIDRs and directories.
+    pub fn new(pod_cidr: Vec<ipnet::IpNet>, cni_bin_dir: PathBuf, cni_conf_dir: PathBuf) -> Self {
+        Self {
+            pod_cidr,
+            cni_bin_dir,
+            cni_conf_dir,
+            network: DEFAULT_NETWORK.into(),
+            mtu: DEFAULT_MTU,
+            plugin: None,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]

@@ -4,10 +4,12 @@ mod cluster;
 mod daemon;
 mod dump;
 mod install;
+mod kubernetes;
 mod netfilter;
 mod reconcile;
 mod services;
 mod sockets;
+mod source;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -45,18 +47,28 @@ enum Commands {
         #[arg(long, default_value_t = 10)]
         reconcile_interval: u64,
         /// The node's interface towards the other nodes; enables the cross-node fast
-        /// path (`from_net` on it, `bpf_redirect_neigh` towards peers).
+        /// path (`from_net` on it, `bpf_redirect_neigh` towards peers). With
+        /// `--kubernetes` and `--node-name` it defaults to the interface holding an
+        /// InternalIP of this node's Node.
         #[arg(long)]
         uplink: Option<String>,
         /// The cluster's nodes as a Kubernetes NodeList (`kubectl get nodes -o json`):
-        /// each node's `spec.podCIDRs` and `InternalIP`s. Re-read every second; this
-        /// node's own entry is skipped.
-        #[arg(long, requires = "uplink")]
+        /// each node's `spec.podCIDRs` and `InternalIP`s. Looked at four times a
+        /// second; this node's own entry is skipped.
+        #[arg(long, requires = "uplink", conflicts_with_all = ["kubernetes", "kubeconfig"])]
         peers_file: Option<PathBuf>,
         /// This node's pod CIDRs, one per family (repeat for dual-stack): the source
-        /// ranges to masquerade.
-        #[arg(long, requires = "uplink")]
+        /// ranges to masquerade. With `--kubernetes` and `--node-name` they default
+        /// to its Node's `spec.podCIDRs`.
+        #[arg(long)]
         pod_cidr: Vec<ipnet::IpNet>,
+        /// Install the `velox` plugin into this directory and write the conflist for
+        /// this node's pod CIDRs into `--cni-conf-dir` once they are known (what
+        /// `velox-loader install` does, for a DaemonSet with no init container).
+        #[arg(long, requires = "cni_conf_dir")]
+        cni_bin_dir: Option<PathBuf>,
+        #[arg(long, requires = "cni_bin_dir")]
+        cni_conf_dir: Option<PathBuf>,
         /// Masquerade pod traffic leaving the cluster to the node's IP.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         ip_masq: bool,
@@ -71,12 +83,25 @@ enum Commands {
         /// Kubernetes Services and EndpointSlices as JSON (`kubectl get
         /// services,endpointslices -A -o json`): a file, or a directory of such files.
         /// Re-read every second.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["kubernetes", "kubeconfig"])]
         cluster_state: Option<PathBuf>,
+        /// Learn the cluster (Nodes, Services, EndpointSlices) from the Kubernetes API
+        /// server instead of files: with the in-cluster service account, or
+        /// `KUBECONFIG`, or `--kubeconfig`.
+        #[arg(long)]
+        kubernetes: bool,
+        /// The kubeconfig to reach the API server with (implies `--kubernetes`).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name in the cluster (the DaemonSet passes `spec.nodeName`):
+        /// its Node gets `NetworkUnavailable=False` once the datapath is up.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: Option<String>,
         /// Turn on the socket load balancer (Velox's kube-proxy replacement for
         /// ClusterIPs and NodePorts): cgroup socket hooks translate Service addresses
-        /// in connect, sendmsg, recvmsg and getpeername.
-        #[arg(long, requires = "cluster_state")]
+        /// in connect, sendmsg, recvmsg and getpeername. Needs Services from
+        /// `--cluster-state` or `--kubernetes`.
+        #[arg(long)]
         socket_lb: bool,
         /// The cgroup (v2) the socket hooks attach to; by default the root of the
         /// cgroup2 hierarchy, found in the mount table.
@@ -97,6 +122,13 @@ enum Commands {
         /// chains. The loader must be stopped first; pods keep working on kernel routes.
         #[arg(long)]
         purge: bool,
+    },
+    /// Ask the running loader how it is, as the DaemonSet's probes do: prints its
+    /// answer (JSON); fails when it does not answer or is not ready.
+    Health {
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 2)]
+        timeout: u64,
     },
     /// The endpoint map joined with the records, with each endpoint's counters.
     Endpoints {
@@ -137,6 +169,8 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut logger = env_logger::Builder::new();
     logger.filter_level(cli.log_level);
+    // kube's client logs every failed connection; the watches report them once.
+    logger.filter_module("kube_client::client::builder", log::LevelFilter::Off);
     if let Commands::Run { datapath_log_level, .. } = &cli.command {
         // The programs' records (target: the eBPF crate) follow their own level.
         logger.filter_module("velox_ebpf", *datapath_log_level);
@@ -158,20 +192,40 @@ fn main() -> anyhow::Result<()> {
             datapath_log_level,
             ebpf_object,
             cluster_state,
+            kubernetes,
+            kubeconfig,
+            node_name,
             socket_lb,
             socket_lb_cgroup,
             max_pods,
+            cni_bin_dir,
+            cni_conf_dir,
         } => {
+            let kubernetes = kubernetes || kubeconfig.is_some();
+            anyhow::ensure!(
+                !socket_lb || kubernetes || cluster_state.is_some(),
+                "--socket-lb needs the Services: give --cluster-state or --kubernetes"
+            );
+            let source = match kubernetes {
+                true => daemon::SourceOptions::Kubernetes {
+                    kubeconfig,
+                    node_name: node_name.clone(),
+                },
+                false => daemon::SourceOptions::Files {
+                    peers_file,
+                    cluster_state,
+                },
+            };
             let socket_lb_cgroup = match (socket_lb, socket_lb_cgroup) {
                 (false, _) => None,
                 (true, Some(cgroup)) => Some(cgroup),
                 (true, None) => Some(velox_node::layout::cgroup2_root()?),
             };
-            let cluster = uplink.map(|uplink| cluster::ClusterConfig {
+            let cluster = (uplink.is_some() || kubernetes).then_some(cluster::ClusterConfig {
                 uplink,
-                peers_file,
                 pod_cidrs: pod_cidr,
                 ip_masq,
+                node_name,
             });
             let interval = std::time::Duration::from_secs(reconcile_interval);
             tokio::runtime::Builder::new_current_thread()
@@ -182,13 +236,14 @@ fn main() -> anyhow::Result<()> {
                     state_dir,
                     interval,
                     cluster,
+                    source,
                     daemon::DatapathOptions {
                         object: ebpf_object,
                         log_level: datapath_log_level,
-                        cluster_state,
                         socket_lb_cgroup,
                         max_pods,
                     },
+                    cni_bin_dir.zip(cni_conf_dir),
                 ))
         }
         Commands::Install(args) => install::install(&args, &bpffs.root, &cli.state_dir),
@@ -200,6 +255,13 @@ fn main() -> anyhow::Result<()> {
                     .block_on(install::purge(&bpffs))?;
             }
             install::uninstall(&cli.state_dir)
+        }
+        Commands::Health { timeout } => {
+            let health =
+                velox_node::health::query(&state_dir.health_socket(), std::time::Duration::from_secs(timeout))?;
+            println!("{}", health.to_json());
+            anyhow::ensure!(health.ready, "velox-loader is not ready");
+            Ok(())
         }
         Commands::Endpoints { json } => dump::endpoints(&bpffs, &state_dir, json),
         Commands::Peers { json } => dump::peers(&bpffs, json),

@@ -24,62 +24,33 @@ pub struct ClusterState {
     pub slices: Vec<EndpointSlice>,
 }
 
-/// What a file of the source looked like when it was read: a file that still looks
-/// the same is not parsed again (10,000 Services are megabytes of JSON).
-type Fingerprint = Vec<(PathBuf, Option<std::time::SystemTime>, u64)>;
-
-/// The `--cluster-state` source, looked at every second; only a change reaches the maps.
-pub struct ServiceSource {
-    path: PathBuf,
-    read: Option<Fingerprint>,
+/// The socket load balancer's maps, kept in line with the cluster source.
+#[derive(Default)]
+pub struct ServiceBalancer {
     applied: Option<BTreeMap<FlowEnd, Vec<FlowEnd>>>,
-    node_ips: Vec<IpAddr>,
 }
 
-impl ServiceSource {
-    pub fn new(path: PathBuf) -> Self {
-        Self {
-            path,
-            read: None,
-            applied: None,
-            node_ips: Vec::new(),
-        }
-    }
-
-    fn fingerprint(&self) -> anyhow::Result<Fingerprint> {
-        Ok(state_files(&self.path)?
-            .into_iter()
-            .map(|file| {
-                let meta = std::fs::metadata(&file).ok();
-                let modified = meta.as_ref().and_then(|m| m.modified().ok());
-                let len = meta.map_or(0, |m| m.len());
-                (file, modified, len)
-            })
-            .collect())
-    }
-
-    /// Reads the source and applies it if it or the node addresses changed. A
-    /// source that cannot be read changes nothing: the maps keep the last Services.
-    /// Connected UDP sockets to a backend that left are closed, here and in every
-    /// netns `pod_netns` lists (asked only then).
+impl ServiceBalancer {
+    /// Applies `state` (`None`: the source cannot say, the maps keep the last
+    /// Services) with NodePorts on `node_ips`. Connected UDP sockets to a backend
+    /// that left are closed, here and in every netns `pod_netns` lists (asked only
+    /// then).
     pub fn reconcile(
         &mut self,
         bpffs: &velox_node::Bpffs,
+        state: Option<ClusterState>,
         node_ips: &[IpAddr],
         pod_netns: impl FnOnce() -> Vec<PathBuf>,
     ) -> anyhow::Result<()> {
-        let fingerprint = self.fingerprint()?;
-        if self.read.as_ref() == Some(&fingerprint) && self.node_ips == node_ips {
+        let Some(state) = state else {
             return Ok(());
-        }
-        let wanted = frontends(&read_cluster_state(&self.path)?, node_ips);
-        self.read = Some(fingerprint);
-        self.node_ips = node_ips.to_vec();
+        };
+        let wanted = frontends(&state, node_ips);
         if self.applied.as_ref() == Some(&wanted) {
             return Ok(());
         }
         let lost_udp = apply(&mut ServiceMaps::open(bpffs)?, &wanted)?;
-        log::info!("services: {} frontend(s) from {}", wanted.len(), self.path.display());
+        log::info!("services: {} frontend(s)", wanted.len());
         self.applied = Some(wanted);
         if !lost_udp.is_empty() {
             close_udp_sockets_to(&lost_udp, &pod_netns());
@@ -142,7 +113,7 @@ pub fn read_cluster_state(path: &Path) -> anyhow::Result<ClusterState> {
 }
 
 /// The files of the source: `path` itself, or the `*.json` files in it, sorted.
-fn state_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+pub fn state_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     if !path.exists() {
         return Ok(Vec::new());
     }

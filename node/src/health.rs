@@ -15,6 +15,21 @@ pub struct Health {
     pub ready: bool,
     /// Endpoint records on this node.
     pub endpoints: usize,
+    /// The cluster source, when the loader has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterHealth>,
+}
+
+/// How the loader's cluster source is doing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterHealth {
+    /// `kubernetes` or `files`.
+    pub source: String,
+    /// Everything listed and nothing failing: the datapath follows the cluster. When
+    /// false, it forwards with the last state it knew.
+    pub synced: bool,
+    /// What fails, per resource or file.
+    pub errors: Vec<String>,
 }
 
 impl Health {
@@ -47,6 +62,11 @@ mod tests {
         let sent = Health {
             ready: true,
             endpoints: 4,
+            cluster: Some(ClusterHealth {
+                source: "kubernetes".into(),
+                synced: false,
+                errors: vec!["nodes: connection refused".into()],
+            }),
         };
         let server = std::thread::spawn({
             let sent = sent.clone();

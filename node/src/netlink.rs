@@ -110,6 +110,26 @@ impl Netlink {
         }
     }
 
+    /// The interface that holds `ip`, if any.
+    pub async fn link_with_address(&self, ip: IpAddr) -> Result<Option<Link>> {
+        let mut stream = self.handle.address().get().execute();
+        let mut index = None;
+        while let Some(msg) = stream.try_next().await.map_err(Error::netlink("listing addresses"))? {
+            if msg.attributes.contains(&AddressAttribute::Address(ip)) {
+                index = Some(msg.header.index);
+            }
+        }
+        let Some(index) = index else {
+            return Ok(None);
+        };
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(found) => Ok(found.as_ref().map(link_from)),
+            Err(e) if is_enodev(&e) => Ok(None),
+            Err(e) => Err(Error::netlink(format!("looking up link {index}"))(e)),
+        }
+    }
+
     /// A veth pair: `host` here, `peer` created directly inside `peer_netns`.
     pub async fn create_veth(&self, host: &str, peer: &str, peer_netns: &File, mtu: u32) -> Result<()> {
         let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()

@@ -65,6 +65,24 @@ fn add_default_routes(ns: &str, addresses: &[&str; 2]) -> anyhow::Result<()> {
     }
     Ok(())
 }
+/// A cluster node's Node object: its pod CIDRs and InternalIPs.
+pub fn node_object(node: &Node) -> serde_json::Value {
+    let underlay = node.underlay.as_ref().expect("cluster node");
+    let addresses: Vec<_> = underlay
+        .node_ips
+        .iter()
+        .map(|ip| json!({"type": "InternalIP", "address": ip}))
+        .chain([json!({"type": "Hostname", "address": node.name})])
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": node.name},
+        "spec": {"podCIDR": node.subnets[0], "podCIDRs": node.subnets},
+        "status": {"addresses": addresses},
+    })
+}
+
 /// Where each node's host-network pod listens.
 pub const HOST_NETWORK_PORT: u16 = 5301;
 
@@ -218,25 +236,7 @@ impl Cluster {
     /// Writes the node list every loader reads, as `kubectl get nodes -o json` would
     /// print it; `nodes` may leave some out.
     pub fn write_peers(&self, nodes: &[&Node]) -> anyhow::Result<()> {
-        let items: Vec<_> = nodes
-            .iter()
-            .map(|n| {
-                let underlay = n.underlay.as_ref().expect("cluster node");
-                let addresses: Vec<_> = underlay
-                    .node_ips
-                    .iter()
-                    .map(|ip| json!({"type": "InternalIP", "address": ip}))
-                    .chain([json!({"type": "Hostname", "address": n.name})])
-                    .collect();
-                json!({
-                    "apiVersion": "v1",
-                    "kind": "Node",
-                    "metadata": {"name": n.name},
-                    "spec": {"podCIDR": n.subnets[0], "podCIDRs": n.subnets},
-                    "status": {"addresses": addresses},
-                })
-            })
-            .collect();
+        let items: Vec<_> = nodes.iter().map(|n| node_object(n)).collect();
         std::fs::create_dir_all(self.peers_file.parent().unwrap())?;
         let tmp = self.peers_file.with_extension("tmp");
         let list = json!({"apiVersion": "v1", "kind": "List", "items": items});

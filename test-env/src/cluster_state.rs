@@ -37,7 +37,7 @@ fn protocol(p: Protocol) -> &'static str {
 
 impl ServiceSpec {
     /// The Service object and one EndpointSlice per address family.
-    fn objects(&self) -> Vec<Value> {
+    pub fn objects(&self) -> Vec<Value> {
         let node_port = self.ports.iter().any(|p| p.node_port.is_some());
         let ports: Vec<Value> = self
             .ports

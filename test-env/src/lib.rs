@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod apiserver;
 pub mod backend;
 pub mod cluster;
 pub mod cluster_state;
@@ -25,6 +26,9 @@ pub mod podman;
 pub mod reference;
 
 pub use cluster::{Cluster, ClusterGuard};
+
+/// The image `cargo xtask image` builds and deploy/velox.yaml runs.
+pub const IMAGE: &str = concat!("localhost/velox:", env!("CARGO_PKG_VERSION"));
 pub use cni::CniOutcome;
 pub use netns::{
     direct_veth_pair, ensure_bpffs, in_netns, in_netns_and_cgroup, iptables_restore, netns_with_prefix,

@@ -100,16 +100,23 @@ impl Node {
             .args(["--state-dir", self.state_dir.to_str().unwrap()])
             .args(["run", "--reconcile-interval", "1"])
             .args(run_flags)
-            .args(self.underlay.iter().flat_map(|u| {
-                let pod_cidrs = self
-                    .subnets
+            // A loader pointed at the (stand-in) API server learns the other nodes,
+            // its uplink and its pod CIDRs there, as in a real cluster.
+            .args(
+                self.underlay
                     .iter()
-                    .flat_map(|s| ["--pod-cidr".to_string(), s.to_string()]);
-                ["--uplink", "eth0", "--peers-file", u.peers_file.to_str().unwrap()]
-                    .map(String::from)
-                    .into_iter()
-                    .chain(pod_cidrs)
-            }))
+                    .filter(|_| !run_flags.contains(&"--kubeconfig"))
+                    .flat_map(|u| {
+                        let pod_cidrs = self
+                            .subnets
+                            .iter()
+                            .flat_map(|s| ["--pod-cidr".to_string(), s.to_string()]);
+                        ["--uplink", "eth0", "--peers-file", u.peers_file.to_str().unwrap()]
+                            .map(String::from)
+                            .into_iter()
+                            .chain(pod_cidrs)
+                    }),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -283,6 +290,15 @@ impl Node {
     }
 
     /// `velox-loader <view> --json` (endpoints, peers, stats) run in the node.
+    /// `velox-loader health`: the loader's answer, ready or not.
+    pub fn health(&self) -> anyhow::Result<Value> {
+        let output = in_netns(&self.name, self.bins.loader.to_str().unwrap(), &[])
+            .args(["--state-dir", self.state_dir.to_str().unwrap(), "health"])
+            .output()?;
+        serde_json::from_slice(&output.stdout)
+            .with_context(|| format!("velox-loader health: {}", String::from_utf8_lossy(&output.stderr)))
+    }
+
     pub fn dump(&self, view: &str) -> anyhow::Result<Vec<Value>> {
         let output = in_netns(&self.name, self.bins.loader.to_str().unwrap(), &[])
             .args(["--bpffs-root", self.bpffs_root.to_str().unwrap()])

@@ -136,8 +136,19 @@ impl Pod {
             std::thread::sleep(Duration::from_millis(100)); // the server is still starting
         };
         let received = &report["end"]["sum_received"];
+        let slowest_second_gbps = report["intervals"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["sum"]["bits_per_second"].as_f64())
+            .fold(f64::INFINITY, f64::min)
+            / 1e9;
         match (received["bits_per_second"].as_f64(), received["bytes"].as_f64()) {
-            (Some(bps), Some(bytes)) => Ok(Throughput { gbps: bps / 1e9, bytes }),
+            (Some(bps), Some(bytes)) => Ok(Throughput {
+                gbps: bps / 1e9,
+                bytes,
+                slowest_second_gbps,
+            }),
             _ => bail!("iperf3 to {host}:{port} failed: {}", report["error"]),
         }
     }
@@ -195,6 +206,9 @@ impl Pod {
 pub struct Throughput {
     pub gbps: f64,
     pub bytes: f64,
+    /// The slowest of iperf3's one-second intervals, as the sender saw it: 0 means
+    /// the traffic stopped for a second.
+    pub slowest_second_gbps: f64,
 }
 
 /// Round-trip times in microseconds, and transactions per second.

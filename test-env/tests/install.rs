@@ -1,4 +1,4 @@
-//! `velox-loader install` / `uninstall` into CNI dirs, as a DaemonSet's init container runs it.
+//! `velox-loader install` / `uninstall` into CNI dirs, run directly and from the image `cargo xtask image` builds.
 
 use std::path::Path;
 use std::process::Command;
@@ -112,4 +112,70 @@ fn uninstall_keeps_files_changed_since_install() {
         "an edited config must survive uninstall"
     );
     assert!(!bin.join("velox").exists());
+}
+
+/// `podman run` of the image with `options`: cgroupfs, and ulimits of 4096, since
+/// root here lacks CAP_SYS_RESOURCE and systemd.
+fn podman_run(options: &[&str], args: &[&str]) -> std::process::Output {
+    Command::new("podman")
+        .args([
+            "--cgroup-manager=cgroupfs",
+            "--events-backend=file",
+            "run",
+            "--rm",
+            "--network=none",
+        ])
+        .args(["--ulimit=nofile=4096:4096", "--ulimit=nproc=4096:4096"])
+        .args(options)
+        .arg(velox_test_env::IMAGE)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The loader in the image, with `host` mounted at /host.
+fn in_image(host: &Path, args: &[&str]) -> std::process::Output {
+    podman_run(&["-v", &format!("{}:/host", host.display())], args)
+}
+
+#[test]
+fn the_image_runs_the_loader_and_installs_the_plugin_into_a_host_directory() {
+    let host = tempfile::tempdir().unwrap();
+    let version = in_image(host.path(), &["--version"]);
+    assert!(version.status.success(), "{version:?}");
+    let printed = String::from_utf8_lossy(&version.stdout);
+    assert_eq!(printed.trim(), format!("velox-loader {}", env!("CARGO_PKG_VERSION")));
+
+    let install = in_image(
+        host.path(),
+        &[
+            "--state-dir",
+            "/host/state",
+            "install",
+            "--pod-cidr",
+            "200.200.7.0/24",
+            "--pod-cidr",
+            "fd00:200:7::/64",
+            "--cni-bin-dir",
+            "/host/bin",
+            "--cni-conf-dir",
+            "/host/net.d",
+        ],
+    );
+    assert!(install.status.success(), "{install:?}");
+    let plugin = std::fs::read(host.path().join("bin/velox")).unwrap();
+    let built = std::fs::read(Binaries::locate().unwrap().velox).unwrap();
+    assert_eq!(plugin, built, "the image carries this build's plugin");
+    let conflist: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(host.path().join("net.d/00-velox.conflist")).unwrap()).unwrap();
+    assert_eq!(
+        conflist["plugins"][0]["subnets"],
+        serde_json::json!(["200.200.7.0/24", "fd00:200:7::/64"])
+    );
+    // The loader's iptables runs inside the image too.
+    let iptables = podman_run(&["--entrypoint=iptables"], &["--version"]);
+    assert!(
+        String::from_utf8_lossy(&iptables.stdout).contains("nf_tables"),
+        "{iptables:?}"
+    );
 }

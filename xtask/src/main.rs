@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod env;
+mod image;
 mod report;
 mod service_bench;
 mod setup;
@@ -34,6 +35,9 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Setup, build, bring up the cluster, ping, iperf3, the endpoint dumps, tear down.
     Demo,
+    /// Setup, build, then the OCI image deploy/velox.yaml runs (podman, no registry),
+    /// saved to target/velox-image.tar.
+    Image,
 }
 
 /// The feature that builds the integration tests, which need root.
@@ -52,6 +56,9 @@ fn main() -> ExitCode {
             .and_then(|()| build::build())
             .and_then(|()| bench::bench(args)),
         Task::Demo => setup::setup().and_then(|()| build::build()).and_then(|()| env::demo()),
+        Task::Image => setup::setup()
+            .and_then(|()| build::build())
+            .and_then(|()| image::image()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,6 +76,7 @@ fn test() -> anyhow::Result<()> {
     setup::setup()?;
     build::build()?;
     build::build_upgrade_test_object()?;
+    image::image()?;
     let nextest = Command::new(build::cargo())
         .args(["nextest", "--version"])
         .output()

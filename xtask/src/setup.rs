@@ -1,9 +1,11 @@
 //! Installs the toolchain of shared/TOOLCHAIN.md when it is missing; quick otherwise.
 
 use anyhow::Context;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::build::{cargo, cargo_bin_dir, run_checked, workspace_root};
+use crate::image::import_rootfs;
 
 /// Build toolchain, datapath inspection, and what the tests and demo run.
 const APT_PACKAGES: &[&str] = &[
@@ -115,29 +117,10 @@ fn build_images() -> anyhow::Result<()> {
         std::fs::set_permissions(rootfs.join("tmp"), std::os::unix::fs::PermissionsExt::from_mode(0o1777))?;
         std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))?;
         for binary in extra {
-            copy_with_libraries(binary, &rootfs)?;
+            copy_with_libraries(Path::new(binary), &rootfs, Path::new(binary))?;
         }
-        let layer = images.join(format!("{name}-rootfs.tar"));
-        run_checked(
-            Command::new("tar")
-                .arg("-C")
-                .arg(&rootfs)
-                .arg("-cf")
-                .arg(&layer)
-                .arg("."),
-        )?;
         let tag = format!("velox.test/{name}:1");
-        run_checked(
-            Command::new("podman")
-                .args([
-                    "import",
-                    "--quiet",
-                    "--change",
-                    r#"CMD ["/bin/busybox", "sleep", "2147483647"]"#,
-                ])
-                .arg(&layer)
-                .arg(&tag),
-        )?;
+        import_rootfs(&rootfs, &tag, &[r#"CMD ["/bin/busybox", "sleep", "2147483647"]"#])?;
         run_checked(
             Command::new("podman")
                 .args(["save", "--quiet", "--format", "docker-archive", "-o"])
@@ -145,23 +128,25 @@ fn build_images() -> anyhow::Result<()> {
                 .arg(&tag),
         )?;
         std::fs::remove_dir_all(&rootfs)?;
-        std::fs::remove_file(&layer)?;
     }
     Ok(())
 }
 
-/// Copies `binary` and every shared library `ldd` names into the same paths in `rootfs`.
-fn copy_with_libraries(binary: &str, rootfs: &std::path::Path) -> anyhow::Result<()> {
+/// Copies `binary` to `at` in `rootfs`, and every shared library `ldd` names to the
+/// same path there.
+pub fn copy_with_libraries(binary: &Path, rootfs: &Path, at: &Path) -> anyhow::Result<()> {
     let ldd = Command::new("ldd").arg(binary).output()?;
     let libraries = String::from_utf8_lossy(&ldd.stdout)
         .split_whitespace()
         .filter(|word| word.starts_with('/'))
-        .map(String::from)
+        .map(PathBuf::from)
         .collect::<Vec<_>>();
-    for path in std::iter::once(binary.to_string()).chain(libraries) {
-        let target = rootfs.join(path.trim_start_matches('/'));
+    let copies = std::iter::once((binary.to_path_buf(), at.to_path_buf()))
+        .chain(libraries.into_iter().map(|library| (library.clone(), library)));
+    for (from, to) in copies {
+        let target = rootfs.join(to.strip_prefix("/").unwrap_or(&to));
         std::fs::create_dir_all(target.parent().context("no parent")?)?;
-        std::fs::copy(&path, &target).with_context(|| format!("copying {path}"))?;
+        std::fs::copy(&from, &target).with_context(|| format!("copying {}", from.display()))?;
     }
     Ok(())
 }

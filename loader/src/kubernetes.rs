@@ -1,0 +1,309 @@
+//! The Kubernetes API server as the loader's cluster source: a watch with a
+//! reflector cache per resource. While the API server is away, or a watch has
+//! expired (410 Gone), the caches keep the last known state, the datapath forwards
+//! with it, and the watches list again with back-off; the health answer and the
+//! log say so.
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
+use kube::{Api, Client, Config};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use velox_node::health::ClusterHealth;
+
+use crate::cluster::{peer_node, PeerNode};
+use crate::services::ClusterState;
+use crate::source::ClusterSource;
+
+/// How each watch is doing.
+#[derive(Default)]
+struct WatchStatus {
+    /// It has listed at least once: its cache holds the cluster's state.
+    listed: bool,
+    /// The last failure, until the watch works again.
+    error: Option<String>,
+}
+
+type Statuses = Arc<Mutex<BTreeMap<&'static str, WatchStatus>>>;
+
+pub struct ApiSource {
+    client: Client,
+    /// This node's Node, whose status says when its network is ready.
+    node_name: Option<String>,
+    nodes: Store<Node>,
+    /// With the socket load balancer only.
+    services: Option<(Store<Service>, Store<EndpointSlice>)>,
+    /// Bumped by every event of every watch.
+    generation: Arc<AtomicU64>,
+    seen: u64,
+    statuses: Statuses,
+}
+
+impl ApiSource {
+    /// A client from `kubeconfig`, or the usual places (`KUBECONFIG`, the
+    /// in-cluster service account), and the watches. Nothing here waits for the API
+    /// server: a node whose pins and state are there starts without it.
+    pub async fn start(
+        kubeconfig: Option<&Path>,
+        with_services: bool,
+        node_name: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let config = match kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path)
+                    .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+                Config::from_custom_kubeconfig(file, &Default::default()).await?
+            }
+            None => Config::infer()
+                .await
+                .context("no kubeconfig and not in a cluster (KUBERNETES_SERVICE_HOST)")?,
+        };
+        log::info!("cluster source: the Kubernetes API at {}", config.cluster_url);
+        let client = Client::try_from(config)?;
+        let generation = Arc::new(AtomicU64::new(0));
+        let statuses = Statuses::default();
+        let watch = |name| Watch {
+            name,
+            generation: generation.clone(),
+            statuses: statuses.clone(),
+        };
+        let nodes = watch("nodes").start(Api::<Node>::all(client.clone()));
+        let services = with_services.then(|| {
+            (
+                watch("services").start(Api::<Service>::all(client.clone())),
+                watch("endpointslices").start(Api::<EndpointSlice>::all(client.clone())),
+            )
+        });
+        Ok(Self {
+            client,
+            node_name,
+            nodes,
+            services,
+            generation,
+            seen: u64::MAX,
+            statuses,
+        })
+    }
+
+    fn listed(&self, name: &str) -> bool {
+        self.statuses.lock().unwrap().get(name).is_some_and(|s| s.listed)
+    }
+}
+
+/// Tells the cluster a node's network is up: the Node condition
+/// `NetworkUnavailable=False`, which kubelet waits for from a network plugin.
+async fn mark_network_available(client: Client, node_name: &str) -> anyhow::Result<()> {
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let patch = serde_json::json!({"status": {"conditions": [{
+        "type": "NetworkUnavailable",
+        "status": "False",
+        "reason": "VeloxIsUp",
+        "message": "velox-loader runs on this node",
+        "lastTransitionTime": now,
+        "lastHeartbeatTime": now,
+    }]}});
+    Api::<Node>::all(client)
+        .patch_status(node_name, &PatchParams::default(), &Patch::Strategic(patch))
+        .await
+        .map_err(explain)
+        .with_context(|| format!("setting NetworkUnavailable=False on node {node_name}"))?;
+    log::info!("node {node_name}: NetworkUnavailable=False");
+    Ok(())
+}
+
+impl ClusterSource for ApiSource {
+    fn changed(&mut self) -> bool {
+        let generation = self.generation.load(Ordering::Relaxed);
+        let changed = generation != self.seen;
+        self.seen = generation;
+        changed
+    }
+
+    fn nodes(&mut self) -> Option<Vec<PeerNode>> {
+        if !self.listed("nodes") {
+            return None;
+        }
+        let mut nodes: Vec<PeerNode> = self
+            .nodes
+            .state()
+            .iter()
+            .filter_map(|node| {
+                let value = serde_json::to_value(&**node).ok()?;
+                peer_node(value)
+                    .map_err(|e| log::warn!("skipping a node the API server sent: {e:#}"))
+                    .ok()
+            })
+            .collect();
+        nodes.sort();
+        Some(nodes)
+    }
+
+    fn services(&mut self) -> Option<ClusterState> {
+        let (services, slices) = self.services.as_ref()?;
+        if !self.listed("services") || !self.listed("endpointslices") {
+            return None;
+        }
+        Some(ClusterState {
+            services: services.state().iter().map(|s| (**s).clone()).collect(),
+            slices: slices.state().iter().map(|s| (**s).clone()).collect(),
+        })
+    }
+
+    fn health(&self) -> ClusterHealth {
+        let statuses = self.statuses.lock().unwrap();
+        let errors: Vec<String> = statuses
+            .iter()
+            .filter_map(|(name, status)| status.error.as_ref().map(|e| format!("{name}: {e}")))
+            .collect();
+        ClusterHealth {
+            source: "kubernetes".into(),
+            synced: errors.is_empty() && statuses.values().all(|s| s.listed),
+            errors,
+        }
+    }
+
+    /// Sets the condition in the background, retrying until the API server takes it.
+    fn network_ready(&mut self) {
+        let Some(node_name) = self.node_name.clone() else {
+            return log::warn!("no --node-name: the Node's NetworkUnavailable condition is left alone");
+        };
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let mut retry = Retry::default();
+            while let Err(e) = mark_network_available(client.clone(), &node_name).await {
+                let delay = retry.next_delay();
+                log::warn!("{e:#}; trying again in {delay:?}");
+                tokio::time::sleep(delay).await;
+            }
+        });
+    }
+}
+
+/// One resource's watch, feeding a reflector cache.
+struct Watch {
+    name: &'static str,
+    generation: Arc<AtomicU64>,
+    statuses: Statuses,
+}
+
+impl Watch {
+    fn start<K>(self, api: Api<K>) -> Store<K>
+    where
+        K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    {
+        let (reader, mut writer) = reflector::store();
+        self.statuses.lock().unwrap().insert(self.name, WatchStatus::default());
+        tokio::spawn(async move {
+            let mut retry = Retry::default();
+            loop {
+                // Lists, then watches from the list's version. Any failure (410 Gone
+                // included) ends this round: the next one, after a back-off, lists
+                // again. The cache keeps its content until a new list is complete.
+                let events = watcher(api.clone(), watcher::Config::default());
+                futures_util::pin_mut!(events);
+                while let Some(event) = events.next().await {
+                    match event {
+                        Ok(event) => {
+                            writer.apply_watcher_event(&event);
+                            retry.reset();
+                            self.observed(&event);
+                        }
+                        Err(e) => {
+                            self.failed(explain_watch(e));
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(retry.next_delay()).await;
+            }
+        });
+        reader
+    }
+
+    fn observed<K>(&self, event: &watcher::Event<K>) {
+        let mut statuses = self.statuses.lock().unwrap();
+        let status = statuses.entry(self.name).or_default();
+        // A list in progress proves nothing yet; its end, or a change, does.
+        if matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
+            return;
+        }
+        status.listed = true;
+        if let Some(error) = status.error.take() {
+            log::info!("watching {}: working again after: {error}", self.name);
+        }
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn failed(&self, error: anyhow::Error) {
+        let error = format!("{error:#}");
+        let mut statuses = self.statuses.lock().unwrap();
+        let status = statuses.entry(self.name).or_default();
+        if status.error.as_ref() != Some(&error) {
+            log::warn!(
+                "watching {}: {error}; the datapath keeps the last known state",
+                self.name
+            );
+        }
+        status.error = Some(error);
+    }
+}
+
+/// Delays between the attempts of a failing watch: 0.5 s doubling to 8 s, each
+/// shortened by up to a quarter at random so nodes spread out. A node catches up
+/// within seconds of the API server's return (kube's default waits up to 30 s).
+struct Retry {
+    next: Duration,
+}
+
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const LAST_RETRY: Duration = Duration::from_secs(8);
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self { next: FIRST_RETRY }
+    }
+}
+
+impl Retry {
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (delay * 2).min(LAST_RETRY);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.subsec_nanos());
+        delay.mul_f64(1.0 - f64::from(nanos % 1000) / 4000.0)
+    }
+
+    fn reset(&mut self) {
+        self.next = FIRST_RETRY;
+    }
+}
+
+fn explain_watch(error: watcher::Error) -> anyhow::Error {
+    match error {
+        watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => {
+            explain(e)
+        }
+        other => other.into(),
+    }
+}
+
+/// A refusal by RBAC says what to fix.
+fn explain(error: kube::Error) -> anyhow::Error {
+    match &error {
+        kube::Error::Api(response) if response.code == 403 => anyhow::anyhow!(
+            "forbidden by the API server's RBAC ({}): velox-loader's ClusterRole (deploy/velox.yaml) must grant it",
+            response.message
+        ),
+        _ => error.into(),
+    }
+}
