@@ -35,6 +35,7 @@ use velox_node::{Bpffs, StateDir};
 
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::kubernetes::ApiSource;
+use crate::metrics::Metrics;
 use crate::reconcile::reconcile;
 use crate::services::ServiceBalancer;
 use crate::source::{ClusterSource, FileSource};
@@ -46,15 +47,28 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Reads the programs' aya-log records into this process's logger.
 type DatapathLogger = EbpfLogger<&'static dyn log::Log>;
 
-pub async fn run(
-    bpffs: Bpffs,
-    state_dir: StateDir,
-    interval: Duration,
-    cluster: Option<ClusterConfig>,
-    source: SourceOptions,
-    datapath: DatapathOptions,
-    mut install_into: Option<(PathBuf, PathBuf)>,
-) -> anyhow::Result<()> {
+/// What `velox-loader run` was asked to do beyond its bpffs root and state dir.
+pub struct RunOptions {
+    /// Between two full reconcile passes.
+    pub interval: Duration,
+    /// The node's place in a cluster (uplink, peers, masquerade), if it has one.
+    pub cluster: Option<ClusterConfig>,
+    pub source: SourceOptions,
+    pub datapath: DatapathOptions,
+    /// The CNI bin and conf dirs to install the plugin and conflist into.
+    pub install_into: Option<(PathBuf, PathBuf)>,
+    pub metrics_address: Option<std::net::SocketAddr>,
+}
+
+pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyhow::Result<()> {
+    let RunOptions {
+        interval,
+        cluster,
+        source,
+        datapath,
+        mut install_into,
+        metrics_address,
+    } = options;
     ensure_bpffs(&bpffs)?;
     create_private_dir(&state_dir.root)?;
     // One loader per bpffs root and per state dir: two would fight over pins and maps.
@@ -74,7 +88,13 @@ pub async fn run(
     let store = EndpointStore::new(&state_dir);
     let netlink = Netlink::connect()?;
     let cluster = cluster.map(|config| Cluster::new(config, bpffs.clone())).transpose()?;
-    let source = source.start(datapath.socket_lb_cgroup.is_some()).await?;
+    let metrics = Metrics::new();
+    if let Some(address) = metrics_address {
+        metrics.serve(address, bpffs.clone()).await?;
+    }
+    let source = source
+        .start(datapath.socket_lb_cgroup.is_some(), metrics.clone())
+        .await?;
     let mut sync = ClusterSync {
         source,
         cluster,
@@ -116,9 +136,11 @@ pub async fn run(
                 if let Err(e) = sync.apply(&netlink, &bpffs, &store, true).await {
                     log::error!("cluster reconcile: {e:#}");
                 }
+                let started = std::time::Instant::now();
                 if let Err(e) = reconcile(&bpffs, &state_dir, &store, &mut maps, sync.uplink()) {
                     log::error!("reconcile: {e:#}");
                 }
+                metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
             }
             _ = source_tick.tick() => {
                 if let Err(e) = sync.apply(&netlink, &bpffs, &store, false).await {
@@ -189,14 +211,14 @@ pub enum SourceOptions {
 }
 
 impl SourceOptions {
-    async fn start(self, with_services: bool) -> anyhow::Result<Box<dyn ClusterSource>> {
+    async fn start(self, with_services: bool, metrics: Metrics) -> anyhow::Result<Box<dyn ClusterSource>> {
         Ok(match self {
             SourceOptions::Files {
                 peers_file,
                 cluster_state,
             } => Box::new(FileSource::new(peers_file, cluster_state)),
             SourceOptions::Kubernetes { kubeconfig, node_name } => {
-                Box::new(ApiSource::start(kubeconfig.as_deref(), with_services, node_name).await?)
+                Box::new(ApiSource::start(kubeconfig.as_deref(), with_services, node_name, metrics).await?)
             }
         })
     }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use velox_node::health::ClusterHealth;
 
 use crate::cluster::{peer_node, PeerNode};
+use crate::metrics::{Metrics, SourceLabels};
 use crate::services::ClusterState;
 use crate::source::ClusterSource;
 
@@ -36,6 +37,7 @@ type Statuses = Arc<Mutex<BTreeMap<&'static str, WatchStatus>>>;
 
 pub struct ApiSource {
     client: Client,
+    metrics: Metrics,
     /// This node's Node, whose status says when its network is ready.
     node_name: Option<String>,
     nodes: Store<Node>,
@@ -55,6 +57,7 @@ impl ApiSource {
         kubeconfig: Option<&Path>,
         with_services: bool,
         node_name: Option<String>,
+        metrics: Metrics,
     ) -> anyhow::Result<Self> {
         let config = match kubeconfig {
             Some(path) => {
@@ -74,6 +77,7 @@ impl ApiSource {
             name,
             generation: generation.clone(),
             statuses: statuses.clone(),
+            metrics: metrics.clone(),
         };
         let nodes = watch("nodes").start(Api::<Node>::all(client.clone()));
         let services = with_services.then(|| {
@@ -84,6 +88,7 @@ impl ApiSource {
         });
         Ok(Self {
             client,
+            metrics,
             node_name,
             nodes,
             services,
@@ -175,10 +180,11 @@ impl ClusterSource for ApiSource {
         let Some(node_name) = self.node_name.clone() else {
             return log::warn!("no --node-name: the Node's NetworkUnavailable condition is left alone");
         };
-        let client = self.client.clone();
+        let (client, metrics) = (self.client.clone(), self.metrics.clone());
         tokio::spawn(async move {
             let mut retry = Retry::default();
             while let Err(e) = mark_network_available(client.clone(), &node_name).await {
+                metrics.api_errors.get_or_create(&labels("nodes/status")).inc();
                 let delay = retry.next_delay();
                 log::warn!("{e:#}; trying again in {delay:?}");
                 tokio::time::sleep(delay).await;
@@ -192,6 +198,7 @@ struct Watch {
     name: &'static str,
     generation: Arc<AtomicU64>,
     statuses: Statuses,
+    metrics: Metrics,
 }
 
 impl Watch {
@@ -237,6 +244,7 @@ impl Watch {
             return;
         }
         status.listed = true;
+        self.metrics.watch_events.get_or_create(&labels(self.name)).inc();
         if let Some(error) = status.error.take() {
             log::info!("watching {}: working again after: {error}", self.name);
         }
@@ -244,6 +252,7 @@ impl Watch {
     }
 
     fn failed(&self, error: anyhow::Error) {
+        self.metrics.api_errors.get_or_create(&labels(self.name)).inc();
         let error = format!("{error:#}");
         let mut statuses = self.statuses.lock().unwrap();
         let status = statuses.entry(self.name).or_default();
@@ -254,6 +263,12 @@ impl Watch {
             );
         }
         status.error = Some(error);
+    }
+}
+
+fn labels(resource: &str) -> SourceLabels {
+    SourceLabels {
+        resource: resource.to_string(),
     }
 }
 

@@ -5,6 +5,7 @@ mod daemon;
 mod dump;
 mod install;
 mod kubernetes;
+mod metrics;
 mod netfilter;
 mod reconcile;
 mod services;
@@ -69,6 +70,9 @@ enum Commands {
         cni_bin_dir: Option<PathBuf>,
         #[arg(long, requires = "cni_bin_dir")]
         cni_conf_dir: Option<PathBuf>,
+        /// Serve Prometheus metrics on this address (`/metrics`), e.g. 0.0.0.0:9962.
+        #[arg(long)]
+        metrics_address: Option<std::net::SocketAddr>,
         /// Masquerade pod traffic leaving the cluster to the node's IP.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         ip_masq: bool,
@@ -200,6 +204,7 @@ fn main() -> anyhow::Result<()> {
             max_pods,
             cni_bin_dir,
             cni_conf_dir,
+            metrics_address,
         } => {
             let kubernetes = kubernetes || kubeconfig.is_some();
             anyhow::ensure!(
@@ -234,16 +239,19 @@ fn main() -> anyhow::Result<()> {
                 .block_on(daemon::run(
                     bpffs,
                     state_dir,
-                    interval,
-                    cluster,
-                    source,
-                    daemon::DatapathOptions {
-                        object: ebpf_object,
-                        log_level: datapath_log_level,
-                        socket_lb_cgroup,
-                        max_pods,
+                    daemon::RunOptions {
+                        interval,
+                        cluster,
+                        source,
+                        datapath: daemon::DatapathOptions {
+                            object: ebpf_object,
+                            log_level: datapath_log_level,
+                            socket_lb_cgroup,
+                            max_pods,
+                        },
+                        install_into: cni_bin_dir.zip(cni_conf_dir),
+                        metrics_address,
                     },
-                    cni_bin_dir.zip(cni_conf_dir),
                 ))
         }
         Commands::Install(args) => install::install(&args, &bpffs.root, &cli.state_dir),

@@ -290,6 +290,24 @@ impl Node {
     }
 
     /// `velox-loader <view> --json` (endpoints, peers, stats) run in the node.
+    /// The loader's Prometheus metrics, from `--metrics-address` `address` in the
+    /// node's netns: each sample's name with labels, and its value.
+    pub fn metrics(&self, address: &str) -> anyhow::Result<Vec<(String, f64)>> {
+        let url = format!("http://{address}/metrics");
+        let output = in_netns(&self.name, "busybox", &["wget", "-q", "-O", "-", &url]).output()?;
+        if !output.status.success() {
+            bail!("fetching {url}: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| {
+                let (sample, value) = line.rsplit_once(' ')?;
+                Some((sample.to_string(), value.parse().ok()?))
+            })
+            .collect())
+    }
+
     /// `velox-loader health`: the loader's answer, ready or not.
     pub fn health(&self) -> anyhow::Result<Value> {
         let output = in_netns(&self.name, self.bins.loader.to_str().unwrap(), &[])

@@ -24,6 +24,15 @@ const HTTP: ServicePort = ServicePort {
     node_port: None,
 };
 
+/// Where every loader serves its metrics, in its node's netns.
+const METRICS: &str = "127.0.0.1:9962";
+
+/// A sample of `node`'s metrics, 0 when absent.
+fn metric(node: &Node, sample: &str) -> f64 {
+    let metrics = node.metrics(METRICS).unwrap();
+    metrics.iter().find(|(name, _)| name == sample).map_or(0.0, |(_, v)| *v)
+}
+
 /// A stand-in API server on the cluster's underlay holding its Nodes, and a
 /// kubeconfig for it.
 fn api_server_for(cluster: &ClusterGuard) -> (ApiServer, PathBuf) {
@@ -56,6 +65,8 @@ fn run_on_the_api_server(node: &Node, kubeconfig: &Path) {
         bin_dir.to_str().unwrap(),
         "--cni-conf-dir",
         conf_dir.to_str().unwrap(),
+        "--metrics-address",
+        METRICS,
     ];
     node.start_loader_with(&flags).unwrap();
 }
@@ -287,6 +298,9 @@ fn thirty_seconds_without_the_api_server_lose_no_traffic_then_it_resyncs() {
         "a second without traffic: {transfer:?}"
     );
     assert!(routes_all(worker1, worker2, true));
+    // The outage is counted, and so are the events since.
+    assert!(metric(worker1, "velox_api_errors_total{resource=\"nodes\"}") >= 1.0);
+    assert!(metric(worker1, "velox_watch_events_total{resource=\"nodes\"}") >= 2.0);
     drop(api);
     cluster.finish().unwrap();
 }

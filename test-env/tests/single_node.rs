@@ -733,3 +733,39 @@ fn datapath_logging_is_compiled_out_unless_enabled_at_load() {
     }
     node.finish().unwrap();
 }
+
+#[test]
+fn metrics_show_each_pods_counters_the_maps_and_the_reconcile_passes() {
+    let node = NodeGuard::up("metrics").unwrap();
+    node.stop_loader(Signal::SIGTERM).unwrap();
+    let address = "127.0.0.1:9962";
+    node.start_loader_with(&["--metrics-address", address]).unwrap();
+    let (a, b) = (node.add_pod("a").unwrap(), node.add_pod("b").unwrap());
+    assert!(a.ping(b.ip(Family::V4), 3));
+    std::thread::sleep(Duration::from_millis(1500)); // a reconcile pass
+    let metrics = node.metrics(address).unwrap();
+    let value = |sample: &str| {
+        metrics
+            .iter()
+            .find(|(name, _)| name == sample)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("no {sample} in {metrics:?}"))
+    };
+    let host_ifname = velox_node::endpoint::host_ifname(&velox_node::endpoint::Attachment {
+        container_id: a.name.clone(),
+        ifname: "eth0".into(),
+    });
+    let redirected = format!("velox_interface_packets_total{{interface=\"{host_ifname}\",verdict=\"redirected\"}}");
+    assert!(value(&redirected) >= 3.0, "a's echo requests went straight to b");
+    let spoofed = format!("velox_drops_total{{interface=\"{host_ifname}\",reason=\"spoofed\"}}");
+    assert_eq!(value(&spoofed), 0.0);
+    assert_eq!(
+        value("velox_map_entries{map=\"endpoints\"}"),
+        4.0,
+        "two pods, two families"
+    );
+    assert_eq!(value("velox_map_entries{map=\"interfaces\"}"), 2.0);
+    assert_eq!(value("velox_max_pods"), f64::from(velox_common::DEFAULT_MAX_PODS));
+    assert!(value("velox_reconcile_duration_seconds_count") >= 1.0);
+    node.finish().unwrap();
+}

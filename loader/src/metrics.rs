@@ -1,0 +1,239 @@
+//! `/metrics` in Prometheus text format on `--metrics-address`: the datapath's
+//! counters per interface and drops by reason (read from the maps at each scrape),
+//! map fill levels, reconcile durations, and the cluster source's watch events and
+//! failures.
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::Full;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use velox_node::maps::{EndpointMaps, PeerMap, ServiceMaps};
+use velox_node::Bpffs;
+
+/// A resource (`nodes`, `services`, ...) or file the cluster source reads.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub resource: String,
+}
+
+/// What the loader's own work records; the datapath's numbers are read at scrape.
+#[derive(Clone)]
+pub struct Metrics {
+    /// Seconds per reconcile pass of the endpoints and links.
+    pub reconcile_seconds: Histogram,
+    /// Events a watch delivered, per resource.
+    pub watch_events: Family<SourceLabels, Counter>,
+    /// Failed lists, watches and requests of the API server, per resource.
+    pub api_errors: Family<SourceLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self {
+            // 1 ms to about 4 s.
+            reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 13)),
+            watch_events: Family::default(),
+            api_errors: Family::default(),
+        }
+    }
+
+    /// Serves `/metrics` on `address` for as long as the loader runs.
+    pub async fn serve(&self, address: SocketAddr, bpffs: Bpffs) -> anyhow::Result<()> {
+        let mut registry = Registry::with_prefix("velox");
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of a reconcile pass over the endpoint records, maps and links",
+            self.reconcile_seconds.clone(),
+        );
+        registry.register(
+            "watch_events",
+            "Events the cluster source's watches delivered, per resource",
+            self.watch_events.clone(),
+        );
+        registry.register(
+            "api_errors",
+            "Failed requests to the Kubernetes API server, per resource",
+            self.api_errors.clone(),
+        );
+        registry.register_collector(Box::new(Datapath { bpffs }));
+        let registry = Arc::new(registry);
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the metrics address {address}"))?;
+        log::info!("metrics on http://{address}/metrics");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let registry = registry.clone();
+                let service = hyper::service::service_fn(move |request| {
+                    let registry = registry.clone();
+                    async move { Ok::<_, std::convert::Infallible>(answer(&registry, request.uri().path())) }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                );
+            }
+        });
+        Ok(())
+    }
+}
+
+fn answer(registry: &Registry, path: &str) -> hyper::Response<Full<Bytes>> {
+    let mut text = String::new();
+    let (status, body) = match path {
+        "/metrics" => match prometheus_client::encoding::prometheus_text::encode(&mut text, registry) {
+            Ok(()) => (200, text),
+            Err(e) => (500, format!("encoding the metrics: {e}\n")),
+        },
+        _ => (404, "only /metrics is here\n".to_string()),
+    };
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; version=0.0.4")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a valid response")
+}
+
+/// The datapath's numbers, read from the pinned maps when scraped.
+#[derive(Debug)]
+struct Datapath {
+    bpffs: Bpffs,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    interface: String,
+    verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    interface: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabels {
+    map: &'static str,
+}
+
+impl Collector for Datapath {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // A map that cannot be read (the loader is still starting) is left out.
+        let Ok(maps) = EndpointMaps::open(&self.bpffs) else {
+            return Ok(());
+        };
+        let mut interfaces = maps.interfaces().unwrap_or_default();
+        interfaces.sort();
+        let counters: Vec<(String, _)> = interfaces
+            .iter()
+            .filter_map(|(ifindex, slot)| {
+                let name = nix::net::if_::if_indextoname(*ifindex)
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| ifindex.to_string());
+                Some((name, maps.counters(*slot).ok()?))
+            })
+            .collect();
+
+        let mut packets = encoder.encode_descriptor(
+            "interface_packets",
+            "Packets a Velox program saw on an interface (a pod's host veth: what the pod sent; the uplink: what arrived), by verdict",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (interface, c) in &counters {
+            for (verdict, value) in [
+                ("redirected", c.redirected_packets),
+                ("passed", c.passed_packets),
+                ("dropped", c.dropped_packets),
+            ] {
+                let labels = VerdictLabels {
+                    interface: interface.clone(),
+                    verdict,
+                };
+                ConstCounter::new(value).encode(packets.encode_family(&labels)?)?;
+            }
+        }
+        let mut bytes = encoder.encode_descriptor(
+            "interface_bytes",
+            "Bytes a Velox program redirected or passed to the kernel on an interface",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (interface, c) in &counters {
+            for (verdict, value) in [("redirected", c.redirected_bytes), ("passed", c.passed_bytes)] {
+                let labels = VerdictLabels {
+                    interface: interface.clone(),
+                    verdict,
+                };
+                ConstCounter::new(value).encode(bytes.encode_family(&labels)?)?;
+            }
+        }
+        let mut drops = encoder.encode_descriptor(
+            "drops",
+            "Packets dropped on an interface, by reason (other: the kernel refused a redirect)",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (interface, c) in &counters {
+            let other = c.dropped_packets - c.dropped_spoofed - c.dropped_no_interface;
+            for (reason, value) in [
+                ("spoofed", c.dropped_spoofed),
+                ("no_interface", c.dropped_no_interface),
+                ("other", other),
+            ] {
+                let labels = DropLabels {
+                    interface: interface.clone(),
+                    reason,
+                };
+                ConstCounter::new(value).encode(drops.encode_family(&labels)?)?;
+            }
+        }
+
+        let fill = [
+            ("endpoints", maps.entries().map(|e| e.len()).ok()),
+            ("interfaces", Some(interfaces.len())),
+            (
+                "peers",
+                PeerMap::open(&self.bpffs)
+                    .and_then(|m| m.entries())
+                    .map(|e| e.len())
+                    .ok(),
+            ),
+            (
+                "services",
+                ServiceMaps::open(&self.bpffs)
+                    .and_then(|m| m.services())
+                    .map(|s| s.len())
+                    .ok(),
+            ),
+        ];
+        let mut entries = encoder.encode_descriptor(
+            "map_entries",
+            "Entries in a Velox map",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (map, count) in fill {
+            if let Some(count) = count {
+                ConstGauge::new(count as i64).encode(entries.encode_family(&MapLabels { map })?)?;
+            }
+        }
+        let max_pods = encoder.encode_descriptor(
+            "max_pods",
+            "Pods this node has counters slots for (--max-pods)",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        ConstGauge::new(i64::from(maps.max_pods())).encode(max_pods)?;
+        Ok(())
+    }
+}
