@@ -12,6 +12,7 @@ use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -102,6 +103,20 @@ fn answer(registry: &Registry, path: &str) -> hyper::Response<Full<Bytes>> {
         .expect("a valid response")
 }
 
+/// One counter family of constant samples.
+fn encode_counters<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: Vec<(L, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 /// The datapath's numbers, read from the pinned maps when scraped.
 #[derive(Debug)]
 struct Datapath {
@@ -143,60 +158,51 @@ impl Collector for Datapath {
             })
             .collect();
 
-        let mut packets = encoder.encode_descriptor(
-            "interface_packets",
-            "Packets a Velox program saw on an interface (a pod's host veth: what the pod sent; the uplink: what arrived), by verdict",
-            None,
-            ConstCounter::new(0u64).metric_type(),
-        )?;
+        let (mut packets, mut bytes, mut drops) = (Vec::new(), Vec::new(), Vec::new());
         for (interface, c) in &counters {
-            for (verdict, value) in [
-                ("redirected", c.redirected_packets),
-                ("passed", c.passed_packets),
-                ("dropped", c.dropped_packets),
-            ] {
-                let labels = VerdictLabels {
-                    interface: interface.clone(),
-                    verdict,
-                };
-                ConstCounter::new(value).encode(packets.encode_family(&labels)?)?;
-            }
+            let verdict = |verdict, value| {
+                let interface = interface.clone();
+                (VerdictLabels { interface, verdict }, value)
+            };
+            packets.extend([
+                verdict("redirected", c.redirected_packets),
+                verdict("passed", c.passed_packets),
+                verdict("dropped", c.dropped_packets),
+            ]);
+            bytes.extend([
+                verdict("redirected", c.redirected_bytes),
+                verdict("passed", c.passed_bytes),
+            ]);
+            let reason = |reason, value| {
+                let interface = interface.clone();
+                (DropLabels { interface, reason }, value)
+            };
+            let other = c.dropped_packets - c.dropped_spoofed - c.dropped_no_interface;
+            drops.extend([
+                reason("spoofed", c.dropped_spoofed),
+                reason("no_interface", c.dropped_no_interface),
+                reason("other", other),
+            ]);
         }
-        let mut bytes = encoder.encode_descriptor(
+        encode_counters(
+            &mut encoder,
+            "interface_packets",
+            "Packets a Velox program saw on an interface (a pod's host veth: what the pod sent; the uplink: \
+             what arrived), by verdict",
+            packets,
+        )?;
+        encode_counters(
+            &mut encoder,
             "interface_bytes",
             "Bytes a Velox program redirected or passed to the kernel on an interface",
-            None,
-            ConstCounter::new(0u64).metric_type(),
+            bytes,
         )?;
-        for (interface, c) in &counters {
-            for (verdict, value) in [("redirected", c.redirected_bytes), ("passed", c.passed_bytes)] {
-                let labels = VerdictLabels {
-                    interface: interface.clone(),
-                    verdict,
-                };
-                ConstCounter::new(value).encode(bytes.encode_family(&labels)?)?;
-            }
-        }
-        let mut drops = encoder.encode_descriptor(
+        encode_counters(
+            &mut encoder,
             "drops",
             "Packets dropped on an interface, by reason (other: the kernel refused a redirect)",
-            None,
-            ConstCounter::new(0u64).metric_type(),
+            drops,
         )?;
-        for (interface, c) in &counters {
-            let other = c.dropped_packets - c.dropped_spoofed - c.dropped_no_interface;
-            for (reason, value) in [
-                ("spoofed", c.dropped_spoofed),
-                ("no_interface", c.dropped_no_interface),
-                ("other", other),
-            ] {
-                let labels = DropLabels {
-                    interface: interface.clone(),
-                    reason,
-                };
-                ConstCounter::new(value).encode(drops.encode_family(&labels)?)?;
-            }
-        }
 
         let fill = [
             ("endpoints", maps.entries().map(|e| e.len()).ok()),
@@ -216,12 +222,8 @@ impl Collector for Datapath {
                     .ok(),
             ),
         ];
-        let mut entries = encoder.encode_descriptor(
-            "map_entries",
-            "Entries in a Velox map",
-            None,
-            ConstGauge::new(0i64).metric_type(),
-        )?;
+        let mut entries =
+            encoder.encode_descriptor("map_entries", "Entries in a Velox map", None, MetricType::Gauge)?;
         for (map, count) in fill {
             if let Some(count) = count {
                 ConstGauge::new(count as i64).encode(entries.encode_family(&MapLabels { map })?)?;
@@ -231,7 +233,7 @@ impl Collector for Datapath {
             "max_pods",
             "Pods this node has counters slots for (--max-pods)",
             None,
-            ConstGauge::new(0i64).metric_type(),
+            MetricType::Gauge,
         )?;
         ConstGauge::new(i64::from(maps.max_pods())).encode(max_pods)?;
         Ok(())
