@@ -36,7 +36,8 @@ pub struct FileSource {
     peers_file: Option<PathBuf>,
     cluster_state: Option<PathBuf>,
     seen: Option<Fingerprint>,
-    errors: Vec<String>,
+    /// The last failure to read each file, until it reads again.
+    errors: std::collections::BTreeMap<&'static str, String>,
 }
 
 impl FileSource {
@@ -45,7 +46,7 @@ impl FileSource {
             peers_file,
             cluster_state,
             seen: None,
-            errors: Vec::new(),
+            errors: Default::default(),
         }
     }
 
@@ -65,9 +66,19 @@ impl FileSource {
             .collect()
     }
 
-    fn failed(&mut self, error: anyhow::Error) {
-        log::warn!("{error:#}");
-        self.errors = vec![format!("{error:#}")];
+    /// Records how reading `what` went.
+    fn read<T>(&mut self, what: &'static str, outcome: anyhow::Result<T>) -> Option<T> {
+        match outcome {
+            Ok(value) => {
+                self.errors.remove(what);
+                Some(value)
+            }
+            Err(e) => {
+                log::warn!("{e:#}");
+                self.errors.insert(what, format!("{e:#}"));
+                None
+            }
+        }
     }
 }
 
@@ -88,34 +99,20 @@ impl ClusterSource for FileSource {
             .map_err(anyhow::Error::from)
             .and_then(|bytes| bytes.map_or(Ok(Vec::new()), |bytes| parse_nodes(&bytes)))
             .map_err(|e| e.context(format!("reading the peers file {}", path.display())));
-        match parsed {
-            Ok(nodes) => {
-                self.errors.clear();
-                Some(nodes)
-            }
-            Err(e) => {
-                self.failed(e);
-                None
-            }
-        }
+        self.read("peers file", parsed)
     }
 
     fn services(&mut self) -> Option<ClusterState> {
         let path = self.cluster_state.clone()?;
-        match read_cluster_state(&path) {
-            Ok(state) => Some(state),
-            Err(e) => {
-                self.failed(e);
-                None
-            }
-        }
+        let state = read_cluster_state(&path);
+        self.read("cluster state", state)
     }
 
     fn health(&self) -> ClusterHealth {
         ClusterHealth {
             source: "files".into(),
             synced: self.errors.is_empty(),
-            errors: self.errors.clone(),
+            errors: self.errors.values().cloned().collect(),
         }
     }
 }
