@@ -6,6 +6,7 @@ mod dump;
 mod install;
 mod kubernetes;
 mod metrics;
+mod monitor;
 mod netfilter;
 mod reconcile;
 mod services;
@@ -133,6 +134,13 @@ enum Commands {
         /// Seconds to wait for the answer.
         #[arg(long, default_value_t = 2)]
         timeout: u64,
+    },
+    /// Every packet the datapath drops from now on, with its connection ends, the
+    /// interface and the pod (like `cilium monitor --type drop`); until interrupted.
+    Monitor {
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// The endpoint map joined with the records, with each endpoint's counters.
     Endpoints {
@@ -271,6 +279,7 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(health.ready, "velox-loader is not ready");
             Ok(())
         }
+        Commands::Monitor { json } => monitor::monitor(&bpffs, &state_dir, json),
         Commands::Endpoints { json } => dump::endpoints(&bpffs, &state_dir, json),
         Commands::Peers { json } => dump::peers(&bpffs, json),
         Commands::Stats { json } => dump::stats(&bpffs, json),

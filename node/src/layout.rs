@@ -8,6 +8,8 @@
 //! │   ├── VELOX_PEERS                       other nodes' pod CIDRs -> node address
 //! │   ├── VELOX_COUNTERS                    per-slot, per-CPU counters (an array)
 //! │   ├── VELOX_INTERFACES                  host veth or uplink -> counters slot
+//! │   ├── VELOX_EVENTS                      drop events (ring buffer), while a monitor runs
+//! │   ├── VELOX_MONITOR                     until when a monitor listens
 //! │   └── VELOX_KERNEL_FLOWS                pod connection ends the kernel handles (LRU)
 //! ├── programs/                       0700  replaced atomically at every loader start
 //! │   ├── from_pod

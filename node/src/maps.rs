@@ -7,8 +7,8 @@ use ipnet::IpNet;
 use std::net::IpAddr;
 use velox_common::{
     BackendSlot, Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, Service, SocketPeer, BACKENDS_MAP, COUNTERS_MAP,
-    ENDPOINTS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP, PEERS_MAP, SERVICES_MAP,
-    SOCKET_PEERS_MAP,
+    ENDPOINTS_MAP, EVENTS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP, MONITOR_MAP,
+    PEERS_MAP, SERVICES_MAP, SOCKET_PEERS_MAP,
 };
 
 use crate::error::{Error, Result};
@@ -53,13 +53,15 @@ const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_RINGBUF: u32 = 27;
 const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// Raise when a map's meaning changes while its sizes stay the same.
 const LAYOUT_REVISION: u32 = 1;
 
 /// Every pinned map as this build's eBPF object declares it.
-pub fn layouts() -> [MapLayout; 9] {
+pub fn layouts() -> [MapLayout; 11] {
     use std::mem::size_of;
     let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
         name,
@@ -134,6 +136,9 @@ pub fn layouts() -> [MapLayout; 9] {
             size_of::<u8>(),
             BPF_F_NO_PREALLOC,
         ),
+        // A ring buffer has neither keys nor values: its size is its layout.
+        layout(EVENTS_MAP, BPF_MAP_TYPE_RINGBUF, 0, 0, 0),
+        layout(MONITOR_MAP, BPF_MAP_TYPE_ARRAY, size_of::<u32>(), size_of::<u64>(), 0),
     ]
 }
 

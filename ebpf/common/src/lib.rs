@@ -33,6 +33,14 @@ pub const SOCKET_PEERS_MAP: &str = "VELOX_SOCKET_PEERS";
 /// Pinned under `<bpffsRoot>/maps/`: network namespace cookies of the pods that opted
 /// out of the socket load balancer; their sockets are left as they are.
 pub const LB_OPT_OUT_MAP: &str = "VELOX_LB_OPT_OUT";
+/// Pinned under `<bpffsRoot>/maps/`: a ring buffer of [`DropEvent`]s, written only
+/// while a monitor listens.
+pub const EVENTS_MAP: &str = "VELOX_EVENTS";
+/// Pinned under `<bpffsRoot>/maps/`: one u64, the `bpf_ktime_get_ns` time until
+/// which a monitor listens; monitors push it forward while they run.
+pub const MONITOR_MAP: &str = "VELOX_MONITOR";
+/// Bytes of the events ring buffer (a power of two, a multiple of the page size).
+pub const EVENTS_BYTES: usize = 256 * 1024;
 /// Pinned under `<bpffsRoot>/programs/`: TC ingress of every host-side pod veth.
 pub const FROM_POD_PROGRAM: &str = "from_pod";
 /// Pinned under `<bpffsRoot>/programs/`: TC ingress of the node's uplink.
@@ -233,6 +241,23 @@ impl EndpointCounters {
     }
 }
 
+/// Why a packet was dropped, in a [`DropEvent`].
+pub const DROP_SPOOFED: u32 = 1;
+pub const DROP_NO_INTERFACE: u32 = 2;
+/// The kernel refused a redirect.
+pub const DROP_REDIRECT_FAILED: u32 = 3;
+
+/// A dropped packet, as `velox-loader monitor` shows it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    pub src: FlowEnd,
+    pub dst: FlowEnd,
+    /// The interface the program saw it on.
+    pub ifindex: u32,
+    pub reason: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `repr(C)` data without padding.
@@ -244,6 +269,7 @@ mod pod {
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::BackendSlot {}
     unsafe impl aya::Pod for super::SocketPeer {}
+    unsafe impl aya::Pod for super::DropEvent {}
 }
 
 #[cfg(test)]

@@ -22,8 +22,8 @@ use aya_ebpf::{
         bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_redir_neigh, BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK,
         TC_ACT_REDIRECT, TC_ACT_SHOT,
     },
-    btf_maps::{lpm_trie::Key, HashMap, LpmTrie, LruHashMap, PerCpuArray},
-    helpers::{bpf_check_mtu, bpf_redirect_neigh, bpf_redirect_peer},
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+    helpers::{bpf_check_mtu, bpf_ktime_get_ns, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
@@ -33,8 +33,8 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 use velox_common::{
-    Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, AF_INET, DEFAULT_KERNEL_FLOWS, IPPROTO_TCP, IPPROTO_UDP,
-    MAX_ENDPOINTS, MAX_PEERS, UPLINK_SLOT,
+    DropEvent, Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, AF_INET, DEFAULT_KERNEL_FLOWS, DROP_NO_INTERFACE,
+    DROP_REDIRECT_FAILED, DROP_SPOOFED, EVENTS_BYTES, IPPROTO_TCP, IPPROTO_UDP, MAX_ENDPOINTS, MAX_PEERS, UPLINK_SLOT,
 };
 
 #[btf_map]
@@ -47,6 +47,14 @@ static VELOX_PEERS: LpmTrie<[u8; 16], Peer, MAX_PEERS> = LpmTrie::new();
 /// allocated whole, on every CPU.
 #[btf_map]
 static VELOX_COUNTERS: PerCpuArray<EndpointCounters, MAX_ENDPOINTS> = PerCpuArray::new();
+
+/// Drops, for `velox-loader monitor`; written only while one listens.
+#[btf_map]
+static VELOX_EVENTS: RingBuf<DropEvent, EVENTS_BYTES> = RingBuf::new();
+
+/// Until when (`bpf_ktime_get_ns`) a monitor listens.
+#[btf_map]
+static VELOX_MONITOR: Array<u64, 1> = Array::new();
 
 /// Host veth -> counters slot, for what the source lookup cannot attribute.
 #[btf_map]
@@ -147,7 +155,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         Some(sender) => sender.slot,
         None => unsafe { VELOX_INTERFACES.get(&ifindex) }.map_or(NO_SLOT, |slot| *slot),
     };
-    let action = finish(&ctx, slot, result);
+    let action = finish(&ctx, &packet, slot, result);
     trace(&ctx, "from_pod", is_ip.then_some(&packet.dst.addr), action);
     action
 }
@@ -187,7 +195,7 @@ pub fn from_net(ctx: TcContext) -> i32 {
         }
         PASS
     };
-    let action = finish(&ctx, UPLINK_SLOT, result);
+    let action = finish(&ctx, &packet, UPLINK_SLOT, result);
     trace(&ctx, "from_net", is_ip.then_some(&packet.dst.addr), action);
     action
 }
@@ -374,10 +382,11 @@ fn header_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some(start as *const T)
 }
 
-/// Counts the verdict in counters `slot` and returns the TC action for a redirect's
-/// `result`, `PASS` or a drop (`SPOOFED`, `NO_INTERFACE`).
+/// Counts the verdict in counters `slot`, reports a drop to a listening monitor, and
+/// returns the TC action for a redirect's `result`, `PASS` or a drop (`SPOOFED`,
+/// `NO_INTERFACE`).
 #[inline(always)]
-fn finish(ctx: &TcContext, slot: u32, result: i64) -> i32 {
+fn finish(ctx: &TcContext, packet: &Packet, slot: u32, result: i64) -> i32 {
     let action = match result {
         PASS => TC_ACT_OK,
         result if result == TC_ACT_REDIRECT as i64 => TC_ACT_REDIRECT,
@@ -406,7 +415,34 @@ fn finish(ctx: &TcContext, slot: u32, result: i64) -> i32 {
             }
         }
     }
+    if action == TC_ACT_SHOT {
+        report_drop(ctx, packet, result);
+    }
     action
+}
+
+/// Writes a drop into the events ring buffer while a monitor listens; a full
+/// buffer loses the event, never the packet's time.
+#[inline(always)]
+fn report_drop(ctx: &TcContext, packet: &Packet, result: i64) {
+    let listening = VELOX_MONITOR
+        .get(0)
+        .is_some_and(|until| unsafe { bpf_ktime_get_ns() } < *until);
+    if !listening {
+        return;
+    }
+    let reason = match result {
+        SPOOFED => DROP_SPOOFED,
+        NO_INTERFACE => DROP_NO_INTERFACE,
+        _ => DROP_REDIRECT_FAILED,
+    };
+    let event = DropEvent {
+        src: packet.src,
+        dst: packet.dst,
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        reason,
+    };
+    let _ = VELOX_EVENTS.output(&event, 0);
 }
 
 #[cfg(not(test))]
