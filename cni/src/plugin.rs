@@ -385,7 +385,7 @@ impl Plugin {
                 }
                 maps.remove_interface(ifindex)?;
             }
-            self.store.remove(attachment)
+            self.store.remove(attachment, record.as_ref().map(|r| r.slot))
         }));
         // Deleting the veth detaches the TCX link in the same step; unpinning a live
         // link first would cost a second RCU grace period under the rtnl lock.

@@ -146,10 +146,10 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
                 if let Err(e) = sync.apply(&netlink, &bpffs, &store, false).await {
                     log::error!("applying the cluster's nodes: {e:#}");
                 }
-                let pod_cidrs = sync.cluster.as_ref().map(|c| c.pod_cidrs().to_vec()).unwrap_or_default();
+                let pod_cidrs = sync.cluster.as_ref().map(|c| c.pod_cidrs()).unwrap_or_default();
                 if let Some((bin_dir, conf_dir)) = install_into.clone().filter(|_| !pod_cidrs.is_empty()) {
                     // The conflist tells kubelet the node's network is ready: only now.
-                    let args = crate::install::InstallArgs::new(pod_cidrs, bin_dir, conf_dir);
+                    let args = crate::install::InstallArgs::new(pod_cidrs.to_vec(), bin_dir, conf_dir);
                     match crate::install::install(&args, &bpffs.root, &state_dir.root) {
                         Ok(()) => install_into = None,
                         Err(e) => log::error!("installing the plugin and its conflist (trying again): {e:#}"),

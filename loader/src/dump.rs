@@ -278,7 +278,8 @@ pub fn services(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
 }
 
 /// Interface names by index, in the loader's network namespace.
-fn interface_names() -> BTreeMap<u32, String> {
+/// Every interface of this network namespace, by ifindex.
+pub fn interface_names() -> BTreeMap<u32, String> {
     nix::net::if_::if_nameindex()
         .map(|list| {
             list.iter()

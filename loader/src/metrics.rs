@@ -19,6 +19,8 @@ use std::sync::Arc;
 use velox_node::maps::{EndpointMaps, PeerMap, ServiceMaps};
 use velox_node::Bpffs;
 
+use crate::dump::interface_names;
+
 /// A resource (`nodes`, `services`, ...) or file the cluster source reads.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
@@ -148,12 +150,11 @@ impl Collector for Datapath {
         };
         let mut interfaces = maps.interfaces().unwrap_or_default();
         interfaces.sort();
+        let names = interface_names();
         let counters: Vec<(String, _)> = interfaces
             .iter()
             .filter_map(|(ifindex, slot)| {
-                let name = nix::net::if_::if_indextoname(*ifindex)
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|_| ifindex.to_string());
+                let name = names.get(ifindex).cloned().unwrap_or_else(|| ifindex.to_string());
                 Some((name, maps.counters(*slot).ok()?))
             })
             .collect();

@@ -3,17 +3,14 @@
 //! events only while a monitor listens: it pushes a deadline forward every second,
 //! and the events stop within seconds after the last monitor is gone.
 
-use anyhow::Context;
-use aya::maps::{Array, Map, MapData, RingBuf};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use velox_common::{
-    DropEvent, FlowEnd, DROP_NO_INTERFACE, DROP_SPOOFED, EVENTS_MAP, IPPROTO_TCP, IPPROTO_UDP, MONITOR_MAP,
-};
+use velox_common::{FlowEnd, DROP_NO_INTERFACE, DROP_SPOOFED, IPPROTO_TCP, IPPROTO_UDP};
 use velox_node::endpoint::EndpointStore;
+use velox_node::maps::DropEvents;
 use velox_node::{Bpffs, StateDir};
 
 /// How far ahead a monitor sets the deadline, and how often it renews it.
@@ -58,16 +55,8 @@ fn monotonic_ns() -> anyhow::Result<u64> {
     Ok(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
 }
 
-fn open(bpffs: &Bpffs, name: &str) -> anyhow::Result<Map> {
-    let path = bpffs.map(name);
-    let data =
-        MapData::from_pin(&path).with_context(|| format!("opening {} (is velox-loader running?)", path.display()))?;
-    Ok(Map::from_map_data(data)?)
-}
-
 pub fn monitor(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Result<()> {
-    let mut events: RingBuf<MapData> = open(bpffs, EVENTS_MAP)?.try_into()?;
-    let mut deadline: Array<MapData, u64> = open(bpffs, MONITOR_MAP)?.try_into()?;
+    let mut events = DropEvents::open(bpffs)?;
     let store = EndpointStore::new(state_dir);
     let mut pods: HashMap<u32, String> = HashMap::new();
     let mut renewed: Option<Instant> = None;
@@ -77,11 +66,7 @@ pub fn monitor(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Resul
     }
     loop {
         if renewed.is_none_or(|at| at.elapsed() >= RENEW_EVERY) {
-            let until = monotonic_ns()? + LISTEN_AHEAD.as_nanos() as u64;
-            // Another monitor may have set it further ahead: never pull it back.
-            if deadline.get(&0, 0)? < until {
-                deadline.set(0, until, 0)?;
-            }
+            events.listen_until(monotonic_ns()? + LISTEN_AHEAD.as_nanos() as u64)?;
             renewed = Some(Instant::now());
             pods = store
                 .list()?
@@ -89,12 +74,7 @@ pub fn monitor(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Resul
                 .map(|r| (r.host_ifindex, format!("{} {}", r.container_id, r.ifname)))
                 .collect();
         }
-        while let Some(item) = events.next() {
-            if item.len() < size_of::<DropEvent>() {
-                continue;
-            }
-            // SAFETY: the programs write whole DropEvents; read unaligned.
-            let event: DropEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+        while let Some(event) = events.next_event() {
             let ifname = nix::net::if_::if_indextoname(event.ifindex)
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|_| event.ifindex.to_string());

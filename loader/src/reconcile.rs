@@ -129,7 +129,7 @@ fn reap(state_dir: &StateDir, store: &EndpointStore, record: &EndpointRecord) ->
     if state_dir.ipam_dir(&record.network).exists() {
         Allocator::new(state_dir, &record.network, Vec::new()).release(&attachment)?;
     }
-    store.remove(&attachment)?;
+    store.remove(&attachment, Some(record.slot))?;
     log::info!(
         "reaped {} {} ({:?}): its netns {} is gone and no DEL came",
         record.container_id,

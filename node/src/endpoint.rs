@@ -131,10 +131,10 @@ impl EndpointStore {
     }
 
     /// Removes the record, its counters slot claim, and the temporary file of a
-    /// write that was killed halfway.
-    pub fn remove(&self, attachment: &Attachment) -> Result<()> {
+    /// write that was killed halfway. `slot` is the record's, when the caller has
+    /// read it; without it (no record, a corrupt one) the claim is looked for.
+    pub fn remove(&self, attachment: &Attachment, slot: Option<u32>) -> Result<()> {
         let path = self.path(attachment);
-        let slot = self.get(attachment).ok().flatten().map(|record| record.slot);
         self.release_slot(&host_ifname(attachment), slot)?;
         remove_if_exists(&path.with_extension("tmp"))?;
         remove_if_exists(&path)
@@ -300,8 +300,8 @@ mod tests {
         assert_eq!(listed.len(), 2);
         assert_eq!(listed[0].container_id, "c2", "sorted by address");
         assert_eq!(r.endpoint().ifindex, 7);
-        store.remove(&r.attachment()).unwrap();
-        store.remove(&r.attachment()).unwrap();
+        store.remove(&r.attachment(), Some(r.slot)).unwrap();
+        store.remove(&r.attachment(), None).unwrap();
         assert_eq!(store.get(&r.attachment()).unwrap(), None);
     }
 
@@ -347,7 +347,7 @@ mod tests {
         let err = store.get(&bad.attachment()).unwrap_err();
         assert!(matches!(err, Error::Record { .. }), "{err}");
         assert!(err.to_string().contains(&bad.host_ifname));
-        store.remove(&bad.attachment()).unwrap();
+        store.remove(&bad.attachment(), None).unwrap();
         assert!(store.unreadable().unwrap().is_empty());
     }
 }

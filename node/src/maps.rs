@@ -2,13 +2,13 @@
 //! them, and an absent pin means the loader is not ready.
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues, RingBuf};
 use ipnet::IpNet;
 use std::net::IpAddr;
 use velox_common::{
-    BackendSlot, Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, Service, SocketPeer, BACKENDS_MAP, COUNTERS_MAP,
-    ENDPOINTS_MAP, EVENTS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP, MONITOR_MAP,
-    PEERS_MAP, SERVICES_MAP, SOCKET_PEERS_MAP,
+    BackendSlot, DropEvent, Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, Service, SocketPeer, BACKENDS_MAP,
+    COUNTERS_MAP, ENDPOINTS_MAP, EVENTS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP,
+    MONITOR_MAP, PEERS_MAP, SERVICES_MAP, SOCKET_PEERS_MAP,
 };
 
 use crate::error::{Error, Result};
@@ -364,6 +364,42 @@ impl EndpointMaps {
 
     pub fn remove_interface(&mut self, ifindex: u32) -> Result<()> {
         ignore_missing(self.interfaces.remove(&ifindex)).map_err(Error::map(format!("removing interface {ifindex}")))
+    }
+}
+
+/// The programs' drop events, and the deadline until which they write them.
+pub struct DropEvents {
+    events: RingBuf<MapData>,
+    until: Array<MapData, u64>,
+}
+
+impl DropEvents {
+    pub fn open(bpffs: &Bpffs) -> Result<Self> {
+        Ok(Self {
+            events: open_map(bpffs, EVENTS_MAP)?,
+            until: open_map(bpffs, MONITOR_MAP)?,
+        })
+    }
+
+    /// Keeps the programs writing events until `until_ns` (`bpf_ktime_get_ns`),
+    /// never pulling back a later deadline another monitor set.
+    pub fn listen_until(&mut self, until_ns: u64) -> Result<()> {
+        let what = "setting the monitor deadline";
+        if self.until.get(&0, 0).map_err(Error::map(what))? < until_ns {
+            self.until.set(0, until_ns, 0).map_err(Error::map(what))?;
+        }
+        Ok(())
+    }
+
+    /// The next event waiting, if any.
+    pub fn next_event(&mut self) -> Option<DropEvent> {
+        loop {
+            let item = self.events.next()?;
+            if item.len() >= std::mem::size_of::<DropEvent>() {
+                // SAFETY: the programs write whole DropEvents; read unaligned.
+                return Some(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+            }
+        }
     }
 }
 
