@@ -251,7 +251,7 @@ impl Plugin {
             let _lock = self.store.lock()?;
             record.slot = self.store.claim_slot(&host_name, maps.max_pods())?;
             self.store.write(&record)?;
-            maps.reset_counters(record.slot)?;
+            maps.reset_slot(record.slot)?;
             maps.set_interface(host_link.index, record.slot)?;
             for ip in &ips {
                 maps.insert_new(*ip, record.endpoint())?;

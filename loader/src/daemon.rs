@@ -21,7 +21,8 @@ use tokio::io::Interest;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use velox_common::{
-    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, SOCKET_LB_PROGRAMS,
+    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, POLICY_STATE_MAP,
+    SOCKET_LB_PROGRAMS,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir};
@@ -36,6 +37,7 @@ use velox_node::{Bpffs, StateDir};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::kubernetes::ApiSource;
 use crate::metrics::Metrics;
+use crate::policy::{LocalPod, PolicyReconciler};
 use crate::reconcile::reconcile;
 use crate::services::ServiceBalancer;
 use crate::source::{ClusterSource, FileSource};
@@ -58,6 +60,8 @@ pub struct RunOptions {
     /// The CNI bin and conf dirs to install the plugin and conflist into.
     pub install_into: Option<(PathBuf, PathBuf)>,
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Enforce NetworkPolicy.
+    pub network_policy: bool,
 }
 
 pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyhow::Result<()> {
@@ -68,6 +72,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         datapath,
         mut install_into,
         metrics_address,
+        network_policy,
     } = options;
     ensure_bpffs(&bpffs)?;
     create_private_dir(&state_dir.root)?;
@@ -93,16 +98,18 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         metrics.serve(address, bpffs.clone()).await?;
     }
     let source = source
-        .start(datapath.socket_lb_cgroup.is_some(), metrics.clone())
+        .start(datapath.socket_lb_cgroup.is_some(), network_policy, metrics.clone())
         .await?;
     let mut sync = ClusterSync {
         source,
         cluster,
         balancer: datapath.socket_lb_cgroup.is_some().then(ServiceBalancer::default),
         node_ips: None,
+        policy: network_policy.then(PolicyReconciler::default),
+        endpoints_changed_at: None,
     };
     // A source that cannot be read never stops the start; a missing uplink does.
-    sync.apply(&netlink, &bpffs, &store, true).await?;
+    sync.apply(&netlink, &bpffs, &store, &state_dir, true).await?;
     reconcile(&bpffs, &state_dir, &store, &mut maps, sync.uplink())?;
     attach_socket_lb(&bpffs, &mut ebpf, datapath.socket_lb_cgroup.as_deref())?;
     // The maps are filled: every pod and the uplink may move to this build.
@@ -133,7 +140,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Err(e) = sync.apply(&netlink, &bpffs, &store, true).await {
+                if let Err(e) = sync.apply(&netlink, &bpffs, &store, &state_dir, true).await {
                     log::error!("cluster reconcile: {e:#}");
                 }
                 let started = std::time::Instant::now();
@@ -143,7 +150,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
                 metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
             }
             _ = source_tick.tick() => {
-                if let Err(e) = sync.apply(&netlink, &bpffs, &store, false).await {
+                if let Err(e) = sync.apply(&netlink, &bpffs, &store, &state_dir, false).await {
                     log::error!("applying the cluster's nodes: {e:#}");
                 }
                 let pod_cidrs = sync.cluster.as_ref().map(|c| c.pod_cidrs()).unwrap_or_default();
@@ -212,26 +219,36 @@ pub enum SourceOptions {
 }
 
 impl SourceOptions {
-    async fn start(self, with_services: bool, metrics: Metrics) -> anyhow::Result<Box<dyn ClusterSource>> {
+    async fn start(
+        self,
+        with_services: bool,
+        with_policy: bool,
+        metrics: Metrics,
+    ) -> anyhow::Result<Box<dyn ClusterSource>> {
         Ok(match self {
             SourceOptions::Files {
                 peers_file,
                 cluster_state,
             } => Box::new(FileSource::new(peers_file, cluster_state)),
             SourceOptions::Kubernetes { kubeconfig, node_name } => {
-                Box::new(ApiSource::start(kubeconfig.as_deref(), with_services, node_name, metrics).await?)
+                Box::new(ApiSource::start(kubeconfig.as_deref(), with_services, with_policy, node_name, metrics).await?)
             }
         })
     }
 }
 
-/// The cluster source and what it feeds: routes and peers, the socket load balancer.
+/// The cluster source and what it feeds: routes and peers, the socket load
+/// balancer, NetworkPolicy.
 struct ClusterSync {
     source: Box<dyn ClusterSource>,
     cluster: Option<Cluster>,
     balancer: Option<ServiceBalancer>,
     /// The node addresses the Services were last applied with.
     node_ips: Option<Vec<std::net::IpAddr>>,
+    policy: Option<PolicyReconciler>,
+    /// When the endpoint records last changed (the directory's mtime): a pod came
+    /// or went, and policy must look at it.
+    endpoints_changed_at: Option<std::time::SystemTime>,
 }
 
 impl ClusterSync {
@@ -247,6 +264,7 @@ impl ClusterSync {
         netlink: &Netlink,
         bpffs: &Bpffs,
         store: &EndpointStore,
+        state_dir: &StateDir,
         full: bool,
     ) -> anyhow::Result<()> {
         let changed = self.source.changed();
@@ -264,6 +282,25 @@ impl ClusterSync {
                     log::error!("applying the Services: {e:#}");
                 }
                 self.node_ips = Some(node_ips);
+            }
+        }
+        let endpoints_changed_at = std::fs::metadata(state_dir.endpoints_dir())
+            .and_then(|m| m.modified())
+            .ok();
+        if let Some(policy) = self.policy.as_mut() {
+            if changed || full || endpoints_changed_at != self.endpoints_changed_at {
+                let local: Vec<LocalPod> = store
+                    .list()?
+                    .into_iter()
+                    .map(|r| LocalPod {
+                        slot: r.slot,
+                        ips: r.ips,
+                    })
+                    .collect();
+                if let Err(e) = policy.reconcile(bpffs, state_dir, self.source.policy(), &local) {
+                    log::error!("applying NetworkPolicy: {e:#}");
+                }
+                self.endpoints_changed_at = endpoints_changed_at;
             }
         }
         result
@@ -297,19 +334,21 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     // the ends of connections the kernel has already forgotten.
     loader.map_max_entries(KERNEL_FLOWS_MAP, kernel_flows_capacity());
     let counters_slots = options.max_pods + 1;
-    let counters = bpffs.map(COUNTERS_MAP);
-    if let Ok(pinned) = MapData::from_pin(&counters).and_then(|map| map.info()) {
-        if pinned.max_entries() != counters_slots {
-            // A pinned map keeps its size: a new --max-pods needs a new one.
-            log::info!(
-                "--max-pods is {}, the pinned counters have slots for {}: counting starts again",
-                options.max_pods,
-                pinned.max_entries().saturating_sub(1)
-            );
-            remove_if_exists(&counters)?;
+    // The arrays by slot: a pinned map keeps its size, so a new --max-pods needs new ones.
+    for name in [COUNTERS_MAP, POLICY_STATE_MAP] {
+        let pin = bpffs.map(name);
+        if let Ok(pinned) = MapData::from_pin(&pin).and_then(|map| map.info()) {
+            if pinned.max_entries() != counters_slots {
+                log::info!(
+                    "--max-pods is {}, the pinned {name} has slots for {}: it starts again empty",
+                    options.max_pods,
+                    pinned.max_entries().saturating_sub(1)
+                );
+                remove_if_exists(&pin)?;
+            }
         }
+        loader.map_max_entries(name, counters_slots);
     }
-    loader.map_max_entries(COUNTERS_MAP, counters_slots);
     // A constant once loaded: the verifier drops every log call above this level.
     let level = options.log_level as u8;
     loader.override_global(aya_log::LEVEL, &level, true);

@@ -85,6 +85,7 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Res
             r.counters.dropped_packets.to_string(),
             r.counters.dropped_spoofed.to_string(),
             r.counters.dropped_no_interface.to_string(),
+            r.counters.dropped_policy.to_string(),
             r.bytes.to_string(),
             r.state.to_string(),
         ]
@@ -100,6 +101,7 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Res
         "DROPPED",
         "SPOOFED",
         "NO IFACE",
+        "POLICY",
         "BYTES",
         "STATE",
     ];
@@ -175,6 +177,7 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
             c.dropped_packets.to_string(),
             c.dropped_spoofed.to_string(),
             c.dropped_no_interface.to_string(),
+            c.dropped_policy.to_string(),
         ]
     });
     let header = [
@@ -188,6 +191,7 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
         "DROPPED",
         "SPOOFED",
         "NO IFACE",
+        "POLICY",
     ];
     print(&rows, json, header, table)
 }

@@ -6,8 +6,9 @@
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
@@ -21,6 +22,7 @@ use velox_node::health::ClusterHealth;
 
 use crate::cluster::{peer_node, PeerNode};
 use crate::metrics::{Metrics, SourceLabels};
+use crate::policy::PolicyInput;
 use crate::services::ClusterState;
 use crate::source::ClusterSource;
 
@@ -43,6 +45,8 @@ pub struct ApiSource {
     nodes: Store<Node>,
     /// With the socket load balancer only.
     services: Option<(Store<Service>, Store<EndpointSlice>)>,
+    /// With NetworkPolicy only.
+    policy: Option<(Store<NetworkPolicy>, Store<Pod>, Store<Namespace>)>,
     /// Bumped by every event of every watch.
     generation: Arc<AtomicU64>,
     seen: u64,
@@ -56,6 +60,7 @@ impl ApiSource {
     pub async fn start(
         kubeconfig: Option<&Path>,
         with_services: bool,
+        with_policy: bool,
         node_name: Option<String>,
         metrics: Metrics,
     ) -> anyhow::Result<Self> {
@@ -86,12 +91,20 @@ impl ApiSource {
                 watch("endpointslices").start(Api::<EndpointSlice>::all(client.clone())),
             )
         });
+        let policy = with_policy.then(|| {
+            (
+                watch("networkpolicies").start(Api::<NetworkPolicy>::all(client.clone())),
+                watch("pods").start(Api::<Pod>::all(client.clone())),
+                watch("namespaces").start(Api::<Namespace>::all(client.clone())),
+            )
+        });
         Ok(Self {
             client,
             metrics,
             node_name,
             nodes,
             services,
+            policy,
             generation,
             seen: u64::MAX,
             statuses,
@@ -157,8 +170,23 @@ impl ClusterSource for ApiSource {
             return None;
         }
         Some(ClusterState {
-            services: services.state().iter().map(|s| (**s).clone()).collect(),
-            slices: slices.state().iter().map(|s| (**s).clone()).collect(),
+            services: contents(services),
+            slices: contents(slices),
+        })
+    }
+
+    fn policy(&mut self) -> Option<PolicyInput> {
+        let (policies, pods, namespaces) = self.policy.as_ref()?;
+        if !["networkpolicies", "pods", "namespaces"]
+            .iter()
+            .all(|name| self.listed(name))
+        {
+            return None;
+        }
+        Some(PolicyInput {
+            policies: contents(policies),
+            pods: contents(pods),
+            namespaces: contents(namespaces),
         })
     }
 
@@ -191,6 +219,15 @@ impl ClusterSource for ApiSource {
             }
         });
     }
+}
+
+/// A copy of what a cache holds.
+fn contents<K>(store: &Store<K>) -> Vec<K>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store.state().iter().map(|object| (**object).clone()).collect()
 }
 
 /// One resource's watch, feeding a reflector cache.

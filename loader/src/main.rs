@@ -8,6 +8,7 @@ mod kubernetes;
 mod metrics;
 mod monitor;
 mod netfilter;
+mod policy;
 mod reconcile;
 mod services;
 mod sockets;
@@ -116,6 +117,10 @@ enum Commands {
         /// each (56 bytes per CPU), and an ADD beyond it fails with code 104.
         #[arg(long, default_value_t = velox_common::DEFAULT_MAX_PODS, value_parser = clap::value_parser!(u32).range(1..=velox_common::MAX_ENDPOINTS as i64 - 1))]
         max_pods: u32,
+        /// Enforce Kubernetes NetworkPolicy in the datapath, from the NetworkPolicies,
+        /// Pods and Namespaces of `--cluster-state` or `--kubernetes`.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        network_policy: bool,
     },
     /// Put `velox` into the CNI bin dir and a conflist into the CNI conf dir (what a
     /// DaemonSet's init container runs; see deploy/velox.yaml).
@@ -210,6 +215,7 @@ fn main() -> anyhow::Result<()> {
             socket_lb,
             socket_lb_cgroup,
             max_pods,
+            network_policy,
             cni_bin_dir,
             cni_conf_dir,
             metrics_address,
@@ -259,6 +265,7 @@ fn main() -> anyhow::Result<()> {
                         },
                         install_into: cni_bin_dir.zip(cni_conf_dir),
                         metrics_address,
+                        network_policy,
                     },
                 ))
         }

@@ -178,10 +178,11 @@ impl Collector for Datapath {
                 let interface = interface.clone();
                 (DropLabels { interface, reason }, value)
             };
-            let other = c.dropped_packets - c.dropped_spoofed - c.dropped_no_interface;
+            let other = c.dropped_packets - c.dropped_spoofed - c.dropped_no_interface - c.dropped_policy;
             drops.extend([
                 reason("spoofed", c.dropped_spoofed),
                 reason("no_interface", c.dropped_no_interface),
+                reason("policy", c.dropped_policy),
                 reason("other", other),
             ]);
         }

@@ -1,38 +1,115 @@
-//! `velox-loader monitor`: every packet the datapath drops, as it happens, with its
-//! connection ends, the interface and the pod behind it. The programs write drop
-//! events only while a monitor listens: it pushes a deadline forward every second,
+//! `velox-loader monitor`: every packet the datapath drops and every new connection
+//! a policy rule allows, as it happens, with its connection ends, their pods, the
+//! interface and the policies that decided. The programs write events only while a
+//! monitor listens: it pushes a deadline forward every second,
 //! and the events stop within seconds after the last monitor is gone.
 
 use serde::Serialize;
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
-use velox_common::{FlowEnd, DROP_NO_INTERFACE, DROP_SPOOFED, IPPROTO_TCP, IPPROTO_UDP};
+use velox_common::{
+    FlowEnd, FlowEvent, DROP_NO_INTERFACE, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS, DROP_SPOOFED, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP, VERDICT_ALLOWED,
+};
 use velox_node::endpoint::EndpointStore;
-use velox_node::maps::DropEvents;
+use velox_node::maps::FlowEvents;
 use velox_node::{Bpffs, StateDir};
+
+use crate::policy::PolicyNames;
 
 /// How far ahead a monitor sets the deadline, and how often it renews it.
 const LISTEN_AHEAD: Duration = Duration::from_secs(3);
 const RENEW_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Serialize)]
-struct Drop {
+struct Event {
+    /// `dropped`, or `allowed` for a new connection a policy rule let through.
+    verdict: &'static str,
     reason: &'static str,
     protocol: String,
     src: SocketAddr,
     dst: SocketAddr,
+    /// The cluster's names of the ends (`namespace/name`), when they are pods.
+    src_pod: Option<String>,
+    dst_pod: Option<String>,
     ifname: String,
     /// The container behind the interface, when it is a pod's.
     pod: Option<String>,
+    /// What decided: the policies whose rules allowed it, or for a denial the
+    /// policies that select the pod and of which no rule allows it.
+    policies: Vec<String>,
 }
 
 fn reason(code: u32) -> &'static str {
     match code {
+        VERDICT_ALLOWED => "policy",
         DROP_SPOOFED => "spoofed",
         DROP_NO_INTERFACE => "no-interface",
+        DROP_POLICY_EGRESS => "policy-egress",
+        DROP_POLICY_INGRESS => "policy-ingress",
         _ => "redirect-failed",
+    }
+}
+
+impl Event {
+    fn new(event: &FlowEvent, names: &PolicyNames, pods: &HashMap<u32, String>) -> Self {
+        let ifname = nix::net::if_::if_indextoname(event.ifindex)
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| event.ifindex.to_string());
+        let (src, dst) = (socket(&event.src), socket(&event.dst));
+        let selecting = |ip: IpAddr| names.selected_by.get(&ip).cloned().unwrap_or_default();
+        let policies = match event.reason {
+            VERDICT_ALLOWED => [event.egress_policy, event.ingress_policy]
+                .into_iter()
+                .filter_map(|id| names.policy(id))
+                .collect(),
+            DROP_POLICY_EGRESS => selecting(src.ip()),
+            DROP_POLICY_INGRESS => selecting(dst.ip()),
+            _ => Vec::new(),
+        };
+        Event {
+            verdict: if event.reason == VERDICT_ALLOWED {
+                "allowed"
+            } else {
+                "dropped"
+            },
+            reason: reason(event.reason),
+            protocol: protocol(&event.src),
+            src,
+            dst,
+            src_pod: names.pods.get(&src.ip()).cloned(),
+            dst_pod: names.pods.get(&dst.ip()).cloned(),
+            ifname,
+            pod: pods.get(&event.ifindex).cloned(),
+            policies,
+        }
+    }
+
+    fn line(&self) -> String {
+        let end = |addr: &SocketAddr, pod: &Option<String>| match pod {
+            Some(pod) => format!("{addr} ({pod})"),
+            None => addr.to_string(),
+        };
+        let decided = match (self.verdict, self.policies.is_empty()) {
+            (_, true) => String::new(),
+            ("allowed", false) => format!(" by {}", self.policies.join(", ")),
+            _ => format!(" by {} (no rule allows it)", self.policies.join(", ")),
+        };
+        format!(
+            "{} {:<15} {} {} -> {} on {}{}{decided}",
+            if self.verdict == "allowed" { "ALLOW" } else { "DROP " },
+            self.reason,
+            self.protocol,
+            end(&self.src, &self.src_pod),
+            end(&self.dst, &self.dst_pod),
+            self.ifname,
+            self.pod
+                .as_ref()
+                .map(|p| format!(" (container {p})"))
+                .unwrap_or_default()
+        )
     }
 }
 
@@ -40,6 +117,7 @@ fn protocol(end: &FlowEnd) -> String {
     match end.proto {
         IPPROTO_TCP => "TCP".into(),
         IPPROTO_UDP => "UDP".into(),
+        IPPROTO_SCTP => "SCTP".into(),
         1 | 58 => "ICMP".into(),
         other => other.to_string(),
     }
@@ -56,18 +134,20 @@ fn monotonic_ns() -> anyhow::Result<u64> {
 }
 
 pub fn monitor(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Result<()> {
-    let mut events = DropEvents::open(bpffs)?;
+    let mut events = FlowEvents::open(bpffs)?;
     let store = EndpointStore::new(state_dir);
     let mut pods: HashMap<u32, String> = HashMap::new();
+    let mut names = PolicyNames::default();
     let mut renewed: Option<Instant> = None;
     let mut out = std::io::stdout().lock();
     if !json {
-        writeln!(out, "listening for drops (Ctrl-C stops)")?;
+        writeln!(out, "listening for drops and policy verdicts (Ctrl-C stops)")?;
     }
     loop {
         if renewed.is_none_or(|at| at.elapsed() >= RENEW_EVERY) {
             events.listen_until(monotonic_ns()? + LISTEN_AHEAD.as_nanos() as u64)?;
             renewed = Some(Instant::now());
+            names = PolicyNames::read(state_dir);
             pods = store
                 .list()?
                 .into_iter()
@@ -75,30 +155,10 @@ pub fn monitor(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Resul
                 .collect();
         }
         while let Some(event) = events.next_event() {
-            let ifname = nix::net::if_::if_indextoname(event.ifindex)
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|_| event.ifindex.to_string());
-            let drop = Drop {
-                reason: reason(event.reason),
-                protocol: protocol(&event.src),
-                src: socket(&event.src),
-                dst: socket(&event.dst),
-                ifname,
-                pod: pods.get(&event.ifindex).cloned(),
-            };
-            if json {
-                writeln!(out, "{}", serde_json::to_string(&drop)?)?;
-            } else {
-                writeln!(
-                    out,
-                    "DROP {:<15} {} {} -> {} on {}{}",
-                    drop.reason,
-                    drop.protocol,
-                    drop.src,
-                    drop.dst,
-                    drop.ifname,
-                    drop.pod.as_ref().map(|p| format!(" (pod {p})")).unwrap_or_default()
-                )?;
+            let event = Event::new(&event, &names, &pods);
+            match json {
+                true => writeln!(out, "{}", serde_json::to_string(&event)?)?,
+                false => writeln!(out, "{}", event.line())?,
             }
             out.flush()?;
         }

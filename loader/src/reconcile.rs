@@ -49,7 +49,7 @@ pub fn reconcile(
             // A record of a release before counters slots.
             record.slot = store.claim_slot(&record.host_ifname, maps.max_pods())?;
             store.write(&record)?;
-            maps.reset_counters(record.slot)?;
+            maps.reset_slot(record.slot)?;
         }
         opted_out.extend(record.socket_lb_opt_out);
         let endpoint = record.endpoint();

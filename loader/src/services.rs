@@ -3,19 +3,18 @@
 //! balancer's maps: every frontend (a ClusterIP, or for a NodePort every node
 //! address and loopback) with the ready backends of its family.
 
-use anyhow::Context;
 use k8s_openapi::api::core::v1::Service as KubeService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use velox_common::{FlowEnd, Service, IPPROTO_TCP, IPPROTO_UDP};
-use velox_node::fs::list_dir;
 use velox_node::maps::ServiceMaps;
 use velox_node::Family;
 
 use crate::sockets::destroy_connected_udp;
+use crate::source::objects_of;
 
 /// The objects of the cluster-state source that the load balancer reads.
 #[derive(Debug, Default)]
@@ -81,51 +80,13 @@ fn close_udp_sockets_to(backends: &HashSet<SocketAddr>, pod_netns: &[PathBuf]) {
     }
 }
 
-/// Reads a file, or every `*.json` file of a directory: each one Kubernetes object
-/// or a `List` of them. Objects of other kinds are ignored; one that does not parse
-/// is skipped with a log line. A path that does not exist (yet) holds nothing.
-pub fn read_cluster_state(path: &Path) -> anyhow::Result<ClusterState> {
-    let mut state = ClusterState::default();
-    for file in state_files(path)? {
-        let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-        let value: Value = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", file.display()))?;
-        let objects = match value.get("items") {
-            Some(Value::Array(items)) => items.clone(),
-            _ => vec![value],
-        };
-        for object in objects {
-            let kind = object
-                .get("kind")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string();
-            let parsed = match kind.as_str() {
-                "Service" => serde_json::from_value(object).map(|s| state.services.push(s)),
-                "EndpointSlice" => serde_json::from_value(object).map(|s| state.slices.push(s)),
-                _ => Ok(()),
-            };
-            if let Err(e) = parsed {
-                log::warn!("{}: skipping a {kind}: {e}", file.display());
-            }
+impl ClusterState {
+    pub fn from_objects(objects: &[Value]) -> Self {
+        Self {
+            services: objects_of(objects, "Service"),
+            slices: objects_of(objects, "EndpointSlice"),
         }
     }
-    Ok(state)
-}
-
-/// The files of the source: `path` itself, or the `*.json` files in it, sorted.
-pub fn state_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    if !path.exists() {
-        return Ok(Vec::new());
-    }
-    if !path.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let mut files: Vec<_> = list_dir(path)?
-        .into_iter()
-        .filter(|f| f.extension().is_some_and(|e| e == "json"))
-        .collect();
-    files.sort();
-    Ok(files)
 }
 
 fn protocol_number(protocol: Option<&str>) -> Option<u8> {
@@ -283,10 +244,7 @@ mod tests {
     use serde_json::json;
 
     fn state(objects: Value) -> ClusterState {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.json");
-        std::fs::write(&path, serde_json::to_vec(&objects).unwrap()).unwrap();
-        read_cluster_state(&path).unwrap()
+        ClusterState::from_objects(&crate::source::objects_in(objects))
     }
 
     fn ends(list: &[(&str, u16, u8)]) -> Vec<FlowEnd> {

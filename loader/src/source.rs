@@ -3,12 +3,16 @@
 //! JSON ([`FileSource`]: test-env, or a node without the API in reach). The
 //! reconcilers read one interface and never know which source fed them.
 
-use std::path::PathBuf;
-use velox_node::fs::read_if_exists;
+use anyhow::Context;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use velox_node::fs::{list_dir, read_if_exists};
 use velox_node::health::ClusterHealth;
 
 use crate::cluster::{parse_nodes, PeerNode};
-use crate::services::{read_cluster_state, state_files, ClusterState};
+use crate::policy::PolicyInput;
+use crate::services::ClusterState;
 
 pub trait ClusterSource {
     /// Whether anything may have changed since the last call; cheap, asked often.
@@ -20,6 +24,9 @@ pub trait ClusterSource {
     /// The Services and their EndpointSlices; `None` likewise, or when the node does
     /// not balance Services.
     fn services(&mut self) -> Option<ClusterState>;
+    /// NetworkPolicies, Pods and Namespaces; `None` likewise, or when the node does
+    /// not enforce policy.
+    fn policy(&mut self) -> Option<PolicyInput>;
     /// How the source is doing, for the health answer.
     fn health(&self) -> ClusterHealth;
     /// The datapath is up: tell the cluster, where it listens.
@@ -30,12 +37,15 @@ pub trait ClusterSource {
 /// parsed again (10,000 Services are megabytes of JSON).
 type Fingerprint = Vec<(PathBuf, Option<std::time::SystemTime>, u64)>;
 
-/// `--peers-file` (a `NodeList`) and `--cluster-state` (Services and EndpointSlices,
-/// a file or a directory of them), looked at whenever the daemon asks.
+/// `--peers-file` (a `NodeList`) and `--cluster-state` (Services, EndpointSlices,
+/// NetworkPolicies, Pods, Namespaces: a file or a directory of them), looked at
+/// whenever the daemon asks.
 pub struct FileSource {
     peers_file: Option<PathBuf>,
     cluster_state: Option<PathBuf>,
     seen: Option<Fingerprint>,
+    /// The cluster state's objects as last read, until the files change.
+    objects: Option<Vec<Value>>,
     /// The last failure to read each file, until it reads again.
     errors: std::collections::BTreeMap<&'static str, String>,
 }
@@ -46,6 +56,7 @@ impl FileSource {
             peers_file,
             cluster_state,
             seen: None,
+            objects: None,
             errors: Default::default(),
         }
     }
@@ -82,10 +93,24 @@ impl FileSource {
     }
 }
 
+impl FileSource {
+    /// The cluster state's objects, read once per change of its files.
+    fn objects(&mut self) -> Option<&[Value]> {
+        if self.objects.is_none() {
+            let path = self.cluster_state.clone()?;
+            self.objects = self.read("cluster state", read_objects(&path));
+        }
+        self.objects.as_deref()
+    }
+}
+
 impl ClusterSource for FileSource {
     fn changed(&mut self) -> bool {
         let fingerprint = self.fingerprint();
         let changed = self.seen.as_ref() != Some(&fingerprint);
+        if changed {
+            self.objects = None;
+        }
         self.seen = Some(fingerprint);
         changed
     }
@@ -103,9 +128,11 @@ impl ClusterSource for FileSource {
     }
 
     fn services(&mut self) -> Option<ClusterState> {
-        let path = self.cluster_state.clone()?;
-        let state = read_cluster_state(&path);
-        self.read("cluster state", state)
+        self.objects().map(|objects| ClusterState::from_objects(objects))
+    }
+
+    fn policy(&mut self) -> Option<PolicyInput> {
+        self.objects().map(|objects| PolicyInput::from_objects(objects))
     }
 
     fn health(&self) -> ClusterHealth {
@@ -115,4 +142,57 @@ impl ClusterSource for FileSource {
             errors: self.errors.values().cloned().collect(),
         }
     }
+}
+
+/// Every object in `path`: a file, or every `*.json` file of a directory, each one
+/// Kubernetes object or a `List` of them. A path that does not exist (yet) holds
+/// nothing.
+fn read_objects(path: &Path) -> anyhow::Result<Vec<Value>> {
+    let mut objects = Vec::new();
+    for file in state_files(path)? {
+        let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+        let value: Value = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", file.display()))?;
+        objects.extend(objects_in(value));
+    }
+    Ok(objects)
+}
+
+/// A list's items, or the one object.
+pub fn objects_in(value: Value) -> Vec<Value> {
+    match value {
+        Value::Object(mut object) if object.get("items").is_some_and(Value::is_array) => match object.remove("items") {
+            Some(Value::Array(items)) => items,
+            _ => Vec::new(),
+        },
+        other => vec![other],
+    }
+}
+
+/// The objects of `kind`; one that does not parse is skipped, with a warning.
+pub fn objects_of<T: DeserializeOwned>(objects: &[Value], kind: &str) -> Vec<T> {
+    objects
+        .iter()
+        .filter(|object| object.get("kind").and_then(Value::as_str) == Some(kind))
+        .filter_map(|object| {
+            serde_json::from_value(object.clone())
+                .map_err(|e| log::warn!("skipping a {kind}: {e}"))
+                .ok()
+        })
+        .collect()
+}
+
+/// The files of the source: `path` itself, or the `*.json` files in it, sorted.
+fn state_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files: Vec<_> = list_dir(path)?
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    Ok(files)
 }

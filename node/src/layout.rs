@@ -10,6 +10,10 @@
 //! │   ├── VELOX_INTERFACES                  host veth or uplink -> counters slot
 //! │   ├── VELOX_EVENTS                      drop events (ring buffer), while a monitor runs
 //! │   ├── VELOX_MONITOR                     until when a monitor listens
+//! │   ├── VELOX_POLICY_STATE                per-slot isolation and live rules version
+//! │   ├── VELOX_POLICY_RULES                (slot, direction, version, peer prefix) -> ports
+//! │   ├── VELOX_POLICY_FLOWS                connections policy allowed (LRU)
+//! │   ├── VELOX_POLICY_GENERATION           bumped at every rules change
 //! │   └── VELOX_KERNEL_FLOWS                pod connection ends the kernel handles (LRU)
 //! ├── programs/                       0700  replaced atomically at every loader start
 //! │   ├── from_pod
@@ -28,6 +32,7 @@
 //! │   ├── lock                        0600
 //! │   ├── <address>                   0600  reserved: container ID and ifname
 //! │   └── last_reserved_ip.<4|6>      0600  where the round-robin goes on
+//! ├── policy-names.json               0600  policy ids and pod names, for the monitor
 //! └── loader.sock                     0600  the health socket (STATUS, probes)
 //! ```
 
@@ -127,6 +132,11 @@ impl StateDir {
     /// The built-in allocator's state of one network.
     pub fn ipam_dir(&self, network: &str) -> PathBuf {
         self.root.join("ipam").join(network)
+    }
+
+    /// Policy ids and pod names, for `velox-loader monitor`.
+    pub fn policy_names(&self) -> PathBuf {
+        self.root.join("policy-names.json")
     }
 
     pub fn health_socket(&self) -> PathBuf {

@@ -6,9 +6,10 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValue
 use ipnet::IpNet;
 use std::net::IpAddr;
 use velox_common::{
-    BackendSlot, DropEvent, Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, Service, SocketPeer, BACKENDS_MAP,
-    COUNTERS_MAP, ENDPOINTS_MAP, EVENTS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP,
-    MONITOR_MAP, PEERS_MAP, SERVICES_MAP, SOCKET_PEERS_MAP,
+    BackendSlot, Endpoint, EndpointCounters, FlowEnd, FlowEvent, IpKey, Peer, PolicyFlow, PolicyKey, PolicyPorts,
+    PolicyState, Service, SocketPeer, BACKENDS_MAP, COUNTERS_MAP, ENDPOINTS_MAP, EVENTS_MAP, INTERFACES_MAP,
+    IPV4_MAPPED_PREFIX, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP, MONITOR_MAP, PEERS_MAP, POLICY_FLOWS_MAP,
+    POLICY_GENERATION_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP, SERVICES_MAP, SOCKET_PEERS_MAP,
 };
 
 use crate::error::{Error, Result};
@@ -61,7 +62,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const LAYOUT_REVISION: u32 = 1;
 
 /// Every pinned map as this build's eBPF object declares it.
-pub fn layouts() -> [MapLayout; 11] {
+pub fn layouts() -> [MapLayout; 15] {
     use std::mem::size_of;
     let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
         name,
@@ -139,6 +140,35 @@ pub fn layouts() -> [MapLayout; 11] {
         // A ring buffer has neither keys nor values: its size is its layout.
         layout(EVENTS_MAP, BPF_MAP_TYPE_RINGBUF, 0, 0, 0),
         layout(MONITOR_MAP, BPF_MAP_TYPE_ARRAY, size_of::<u32>(), size_of::<u64>(), 0),
+        // Sized like the counters, by `--max-pods`.
+        layout(
+            POLICY_STATE_MAP,
+            BPF_MAP_TYPE_ARRAY,
+            size_of::<u32>(),
+            size_of::<PolicyState>(),
+            0,
+        ),
+        layout(
+            POLICY_RULES_MAP,
+            BPF_MAP_TYPE_LPM_TRIE,
+            size_of::<u32>() + size_of::<PolicyKey>(),
+            size_of::<PolicyPorts>(),
+            BPF_F_NO_PREALLOC,
+        ),
+        layout(
+            POLICY_FLOWS_MAP,
+            BPF_MAP_TYPE_LRU_HASH,
+            size_of::<PolicyFlow>(),
+            size_of::<u32>(),
+            0,
+        ),
+        layout(
+            POLICY_GENERATION_MAP,
+            BPF_MAP_TYPE_ARRAY,
+            size_of::<u32>(),
+            size_of::<u32>(),
+            0,
+        ),
     ]
 }
 
@@ -227,11 +257,12 @@ fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Res
     }
 }
 
-/// The endpoint map (pod address -> host veth and counters slot), the counters,
-/// the interfaces' slots and the socket LB opt-outs.
+/// The endpoint map (pod address -> host veth and counters slot), the counters and
+/// policy switches by slot, the interfaces' slots and the socket LB opt-outs.
 pub struct EndpointMaps {
     endpoints: HashMap<MapData, IpKey, Endpoint>,
     counters: PerCpuArray<MapData, EndpointCounters>,
+    policy_state: Array<MapData, PolicyState>,
     interfaces: HashMap<MapData, u32, u32>,
     lb_opt_out: HashMap<MapData, u64, u8>,
 }
@@ -241,6 +272,7 @@ impl EndpointMaps {
         Ok(Self {
             endpoints: open_map(bpffs, ENDPOINTS_MAP)?,
             counters: open_map(bpffs, COUNTERS_MAP)?,
+            policy_state: open_map(bpffs, POLICY_STATE_MAP)?,
             interfaces: open_map(bpffs, INTERFACES_MAP)?,
             lb_opt_out: open_map(bpffs, LB_OPT_OUT_MAP)?,
         })
@@ -338,14 +370,18 @@ impl EndpointMaps {
         Ok(total)
     }
 
-    /// Zeroes `slot` on every CPU, for the pod that takes it over.
-    pub fn reset_counters(&mut self, slot: u32) -> Result<()> {
+    /// Zeroes `slot`'s counters on every CPU and its policy switches, for the pod
+    /// that takes it over: it is not isolated until the loader has seen it.
+    pub fn reset_slot(&mut self, slot: u32) -> Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))?;
         let zeroes = PerCpuValues::try_from(vec![EndpointCounters::default(); cpus])
             .map_err(Error::io("sizing per-CPU counters"))?;
         self.counters
             .set(slot, zeroes, 0)
-            .map_err(Error::map(format!("resetting counters slot {slot}")))
+            .map_err(Error::map(format!("resetting counters slot {slot}")))?;
+        self.policy_state
+            .set(slot, PolicyState::default(), 0)
+            .map_err(Error::map(format!("resetting the policy of slot {slot}")))
     }
 
     /// Every interface with its counters slot.
@@ -367,13 +403,14 @@ impl EndpointMaps {
     }
 }
 
-/// The programs' drop events, and the deadline until which they write them.
-pub struct DropEvents {
+/// The programs' drop and policy verdict events, and the deadline until which they
+/// write them.
+pub struct FlowEvents {
     events: RingBuf<MapData>,
     until: Array<MapData, u64>,
 }
 
-impl DropEvents {
+impl FlowEvents {
     pub fn open(bpffs: &Bpffs) -> Result<Self> {
         Ok(Self {
             events: open_map(bpffs, EVENTS_MAP)?,
@@ -392,14 +429,103 @@ impl DropEvents {
     }
 
     /// The next event waiting, if any.
-    pub fn next_event(&mut self) -> Option<DropEvent> {
+    pub fn next_event(&mut self) -> Option<FlowEvent> {
         loop {
             let item = self.events.next()?;
-            if item.len() >= std::mem::size_of::<DropEvent>() {
-                // SAFETY: the programs write whole DropEvents; read unaligned.
+            if item.len() >= std::mem::size_of::<FlowEvent>() {
+                // SAFETY: the programs write whole FlowEvents; read unaligned.
                 return Some(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
             }
         }
+    }
+}
+
+/// NetworkPolicy as the datapath reads it: each slot's switches, the rules of both
+/// versions, the rules generation, and the connections allowed.
+pub struct PolicyMaps {
+    state: Array<MapData, PolicyState>,
+    rules: LpmTrie<MapData, PolicyKey, PolicyPorts>,
+    generation: Array<MapData, u32>,
+    flows: HashMap<MapData, PolicyFlow, u32>,
+}
+
+impl PolicyMaps {
+    pub fn open(bpffs: &Bpffs) -> Result<Self> {
+        Ok(Self {
+            state: open_map(bpffs, POLICY_STATE_MAP)?,
+            rules: open_map(bpffs, POLICY_RULES_MAP)?,
+            generation: open_map(bpffs, POLICY_GENERATION_MAP)?,
+            flows: open_map(bpffs, POLICY_FLOWS_MAP)?,
+        })
+    }
+
+    pub fn state(&self, slot: u32) -> Result<PolicyState> {
+        self.state
+            .get(&slot, 0)
+            .map_err(Error::map(format!("reading the policy of slot {slot}")))
+    }
+
+    /// Every slot whose pod a policy isolates or whose rules version is not 0.
+    pub fn states(&self) -> Result<Vec<(u32, PolicyState)>> {
+        let states = self
+            .state
+            .iter()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(Error::map("reading the policy states"))?;
+        Ok((0..)
+            .zip(states)
+            .filter(|(_, state)| *state != PolicyState::default())
+            .collect())
+    }
+
+    pub fn set_state(&mut self, slot: u32, state: PolicyState) -> Result<()> {
+        self.state
+            .set(slot, state, 0)
+            .map_err(Error::map(format!("setting the policy of slot {slot}")))
+    }
+
+    /// Every rule entry: its key and the peer prefix's length.
+    pub fn rules(&self) -> Result<Vec<(PolicyKey, u32, PolicyPorts)>> {
+        self.rules
+            .iter()
+            .map(|entry| {
+                let (key, ports) = entry?;
+                let prefix = key.prefix_len() - POLICY_KEY_FIXED_BITS;
+                Ok((key.data(), prefix, ports))
+            })
+            .collect::<std::result::Result<_, MapError>>()
+            .map_err(Error::map("reading the policy rules"))
+    }
+
+    pub fn put_rule(&mut self, key: PolicyKey, prefix: u32, ports: &PolicyPorts) -> Result<()> {
+        let key = Key::new(POLICY_KEY_FIXED_BITS + prefix, key);
+        self.rules
+            .insert(&key, ports, 0)
+            .map_err(Error::map("adding a policy rule"))
+    }
+
+    pub fn remove_rule(&mut self, key: PolicyKey, prefix: u32) -> Result<()> {
+        let key = Key::new(POLICY_KEY_FIXED_BITS + prefix, key);
+        ignore_missing(self.rules.remove(&key)).map_err(Error::map("removing a policy rule"))
+    }
+
+    pub fn generation(&self) -> Result<u32> {
+        self.generation
+            .get(&0, 0)
+            .map_err(Error::map("reading the policy generation"))
+    }
+
+    /// Makes every allowed connection meet the rules again, once, at its next packet.
+    pub fn bump_generation(&mut self) -> Result<()> {
+        let next = self.generation()?.wrapping_add(1);
+        self.generation
+            .set(0, next, 0)
+            .map_err(Error::map("bumping the policy generation"))
+    }
+
+    /// How many connections policy follows now.
+    pub fn flows(&self) -> usize {
+        self.flows.keys().filter(|key| key.is_ok()).count()
     }
 }
 

@@ -39,6 +39,18 @@ pub const EVENTS_MAP: &str = "VELOX_EVENTS";
 /// Pinned under `<bpffsRoot>/maps/`: one u64, the `bpf_ktime_get_ns` time until
 /// which a monitor listens; monitors push it forward while they run.
 pub const MONITOR_MAP: &str = "VELOX_MONITOR";
+/// Pinned under `<bpffsRoot>/maps/`: counters slot -> [`PolicyState`] (an array, sized
+/// like the counters): whether the pod is isolated and which rule version is live.
+pub const POLICY_STATE_MAP: &str = "VELOX_POLICY_STATE";
+/// Pinned under `<bpffsRoot>/maps/`: (slot, direction, version, peer prefix) ->
+/// [`PolicyPorts`] (an LPM trie): what an isolated pod may exchange with a peer.
+pub const POLICY_RULES_MAP: &str = "VELOX_POLICY_RULES";
+/// Pinned under `<bpffsRoot>/maps/`: connections policy allowed (LRU), keyed by the
+/// direction that opened them -> the rule generation that allowed them.
+pub const POLICY_FLOWS_MAP: &str = "VELOX_POLICY_FLOWS";
+/// Pinned under `<bpffsRoot>/maps/`: one u32, the rule generation; the loader bumps it
+/// after every change, so connections are checked against the new rules once.
+pub const POLICY_GENERATION_MAP: &str = "VELOX_POLICY_GENERATION";
 /// Bytes of the events ring buffer (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: usize = 256 * 1024;
 /// Pinned under `<bpffsRoot>/programs/`: TC ingress of every host-side pod veth.
@@ -58,6 +70,12 @@ pub const MAX_PEERS: usize = 4096;
 pub const MAX_SERVICES: usize = 65536;
 pub const MAX_BACKENDS: usize = 262_144;
 pub const MAX_SOCKET_PEERS: usize = 65536;
+/// Rule entries (pod, direction, peer prefix) on a node, both versions together.
+pub const MAX_POLICY_RULES: usize = 262_144;
+/// Connections policy follows on a node.
+pub const MAX_POLICY_FLOWS: usize = 262_144;
+/// Port ranges one rule entry holds: what a pod may exchange with one peer prefix.
+pub const MAX_PORT_RULES: usize = 16;
 
 /// The socket load balancer's programs (cgroup sock_addr hooks), by the hook each
 /// attaches to: `connect` and `sendmsg` turn a Service frontend into a backend,
@@ -76,6 +94,7 @@ pub const SOCKET_LB_PROGRAMS: [&str; 8] = [
 /// IP protocol numbers, as in `FlowEnd::proto`.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
 
 /// Address families as the kernel numbers them (`bpf_redir_neigh.nh_family`).
 pub const AF_INET: u32 = 2;
@@ -183,6 +202,87 @@ pub struct Endpoint {
     pub slot: u32,
 }
 
+/// [`PolicyState::flags`]: the pod is selected by a policy of that direction, so only
+/// what a rule allows passes.
+pub const ISOLATED_INGRESS: u32 = 1;
+pub const ISOLATED_EGRESS: u32 = 2;
+/// [`PolicyState::flags`]: which of the two versions of the pod's rules is live. The
+/// loader writes the other version whole, then flips this bit: a pod's rules change
+/// at once, never entry by entry.
+pub const RULES_VERSION: u32 = 4;
+
+/// A pod's policy switches, by counters slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyState {
+    pub flags: u32,
+}
+
+impl PolicyState {
+    pub fn version(&self) -> u8 {
+        u8::from(self.flags & RULES_VERSION != 0)
+    }
+}
+
+/// Direction of a rule, as in [`PolicyKey::direction`].
+pub const INGRESS: u8 = 0;
+pub const EGRESS: u8 = 1;
+
+/// The key of a rule entry after the LPM prefix length: the pod's slot, direction and
+/// rules version (64 bits that are always matched whole) and the peer's prefix. A
+/// peer prefix of n bits is an LPM key of length `POLICY_KEY_FIXED_BITS + n` (IPv4
+/// mapped, as everywhere).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub slot: u32,
+    pub direction: u8,
+    pub version: u8,
+    pub pad: [u8; 2],
+    pub peer: IpKey,
+}
+
+/// Bits of a [`PolicyKey`] before the peer address.
+pub const POLICY_KEY_FIXED_BITS: u32 = 64;
+
+/// [`PortRule::proto`] for a rule without ports: every protocol, every port (ICMP too).
+pub const ANY_PROTOCOL: u8 = 0;
+
+/// Ports `first..=last` (host byte order) of one protocol, and the policy that
+/// allowed them (its id, as `velox-loader monitor` names it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRule {
+    pub proto: u8,
+    pub pad: u8,
+    pub first: u16,
+    pub last: u16,
+    pub policy: u16,
+}
+
+impl PortRule {
+    #[inline(always)]
+    pub fn allows(&self, proto: u8, port: u16) -> bool {
+        self.proto == ANY_PROTOCOL || (self.proto == proto && self.first <= port && port <= self.last)
+    }
+}
+
+/// What an isolated pod may exchange with a peer prefix: the rules in use come
+/// first, the rest are zero (policy 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyPorts {
+    pub rules: [PortRule; MAX_PORT_RULES],
+}
+
+/// A connection as it was opened (`src` opened it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PolicyFlow {
+    pub src: FlowEnd,
+    pub dst: FlowEnd,
+}
+
 /// Another node, as the next hop for one of its pod CIDRs (direct routing, no tunnel).
 /// An IPv4 CIDR goes via the node's IPv4 address, an IPv6 CIDR via its IPv6 address.
 #[repr(C)]
@@ -227,6 +327,8 @@ pub struct EndpointCounters {
     pub dropped_spoofed: u64,
     /// Of those, for a pod whose interface is gone before its map entry.
     pub dropped_no_interface: u64,
+    /// Of those, denied by NetworkPolicy (the sender's egress or the receiver's ingress).
+    pub dropped_policy: u64,
 }
 
 impl EndpointCounters {
@@ -238,24 +340,36 @@ impl EndpointCounters {
         self.dropped_packets += other.dropped_packets;
         self.dropped_spoofed += other.dropped_spoofed;
         self.dropped_no_interface += other.dropped_no_interface;
+        self.dropped_policy += other.dropped_policy;
     }
 }
 
-/// Why a packet was dropped, in a [`DropEvent`].
+/// A new connection a policy rule allowed, in a [`FlowEvent`].
+pub const VERDICT_ALLOWED: u32 = 0;
+/// Why a packet was dropped, in a [`FlowEvent`].
 pub const DROP_SPOOFED: u32 = 1;
 pub const DROP_NO_INTERFACE: u32 = 2;
 /// The kernel refused a redirect.
 pub const DROP_REDIRECT_FAILED: u32 = 3;
+/// No rule of a policy selecting the sender allows it out.
+pub const DROP_POLICY_EGRESS: u32 = 4;
+/// No rule of a policy selecting the receiver allows it in.
+pub const DROP_POLICY_INGRESS: u32 = 5;
 
-/// A dropped packet, as `velox-loader monitor` shows it.
+/// A dropped packet, or a connection a policy allowed, as `velox-loader monitor`
+/// shows it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DropEvent {
+pub struct FlowEvent {
     pub src: FlowEnd,
     pub dst: FlowEnd,
     /// The interface the program saw it on.
     pub ifindex: u32,
+    /// `VERDICT_ALLOWED` or a `DROP_*` reason.
     pub reason: u32,
+    /// The policies whose rules allowed each direction (0: none was needed).
+    pub egress_policy: u16,
+    pub ingress_policy: u16,
 }
 
 #[cfg(feature = "user")]
@@ -269,7 +383,11 @@ mod pod {
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::BackendSlot {}
     unsafe impl aya::Pod for super::SocketPeer {}
-    unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::PolicyState {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyPorts {}
+    unsafe impl aya::Pod for super::PolicyFlow {}
 }
 
 #[cfg(test)]

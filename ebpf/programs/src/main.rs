@@ -15,6 +15,7 @@
 #![no_std]
 #![no_main]
 
+mod policy;
 mod socket_lb;
 
 use aya_ebpf::{
@@ -32,9 +33,11 @@ use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
+use policy::{police, Verdict, ALLOWED, DENIED_EGRESS, DENIED_INGRESS};
 use velox_common::{
-    DropEvent, Endpoint, EndpointCounters, FlowEnd, IpKey, Peer, AF_INET, DEFAULT_KERNEL_FLOWS, DROP_NO_INTERFACE,
-    DROP_REDIRECT_FAILED, DROP_SPOOFED, EVENTS_BYTES, IPPROTO_TCP, IPPROTO_UDP, MAX_ENDPOINTS, MAX_PEERS, UPLINK_SLOT,
+    Endpoint, EndpointCounters, FlowEnd, FlowEvent, IpKey, Peer, AF_INET, DEFAULT_KERNEL_FLOWS, DROP_NO_INTERFACE,
+    DROP_POLICY_EGRESS, DROP_POLICY_INGRESS, DROP_REDIRECT_FAILED, DROP_SPOOFED, EVENTS_BYTES, IPPROTO_SCTP,
+    IPPROTO_TCP, IPPROTO_UDP, MAX_ENDPOINTS, MAX_PEERS, UPLINK_SLOT, VERDICT_ALLOWED,
 };
 
 #[btf_map]
@@ -48,9 +51,9 @@ static VELOX_PEERS: LpmTrie<[u8; 16], Peer, MAX_PEERS> = LpmTrie::new();
 #[btf_map]
 static VELOX_COUNTERS: PerCpuArray<EndpointCounters, MAX_ENDPOINTS> = PerCpuArray::new();
 
-/// Drops, for `velox-loader monitor`; written only while one listens.
+/// Drops and policy verdicts, for `velox-loader monitor`; written only while one listens.
 #[btf_map]
-static VELOX_EVENTS: RingBuf<DropEvent, EVENTS_BYTES> = RingBuf::new();
+static VELOX_EVENTS: RingBuf<FlowEvent, EVENTS_BYTES> = RingBuf::new();
 
 /// Until when (`bpf_ktime_get_ns`) a monitor listens.
 #[btf_map]
@@ -67,7 +70,6 @@ static VELOX_INTERFACES: HashMap<u32, u32, MAX_ENDPOINTS, { BPF_F_NO_PREALLOC as
 static VELOX_KERNEL_FLOWS: LruHashMap<FlowEnd, u32, { DEFAULT_KERNEL_FLOWS as usize }> = LruHashMap::new();
 
 const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_ICMPV6: u8 = 58;
 /// ICMP and ICMPv6 echo request and reply: their identifier stands for a port.
 const ICMP_ECHO: [u8; 4] = [8, 0, 128, 129];
@@ -95,17 +97,17 @@ const PACKET_HOST: u32 = 0;
 
 /// What the programs read of an IP packet, parsed once.
 #[derive(Default)]
-struct Packet {
-    src: FlowEnd,
-    dst: FlowEnd,
+pub struct Packet {
+    pub src: FlowEnd,
+    pub dst: FlowEnd,
     /// Whether the packet may open a connection: a TCP SYN, an ICMP echo request,
     /// any UDP or SCTP datagram (which cannot tell). Other protocols (IPv6 extension
     /// headers among them) open none that Velox can follow.
-    opens: bool,
+    pub opens: bool,
 }
 
 /// The counters slot of an interface Velox does not know.
-const NO_SLOT: u32 = u32::MAX;
+pub const NO_SLOT: u32 = u32::MAX;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
@@ -119,6 +121,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         true => unsafe { VELOX_ENDPOINTS.get(&packet.src.addr) }.filter(|sender| sender.ifindex == ifindex),
         false => None,
     };
+    let mut verdict = Verdict::default();
     let result = if !is_ip {
         PASS
     } else if sender.is_none() {
@@ -129,21 +132,30 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         } else {
             SPOOFED
         }
-    } else if let Some(endpoint) = unsafe { VELOX_ENDPOINTS.get(&packet.dst.addr) } {
-        redirect_unless_kernel_flow(&packet, || to_local_pod(&ctx, endpoint))
-    } else if let Some(peer) = VELOX_PEERS.get(&Key::new(128, packet.dst.addr.addr)) {
-        // `bpf_redirect_neigh` neither fragments nor reports the path MTU: a packet (or
-        // a GSO segment) too big for the uplink goes to the kernel, which does both.
-        if fits_uplink(&ctx, peer) {
-            redirect_unless_kernel_flow(&packet, || to_peer_node(peer))
+    } else if is_kernel_flow(&packet) {
+        PASS
+    } else {
+        let local = unsafe { VELOX_ENDPOINTS.get(&packet.dst.addr) };
+        let sender_slot = sender.map_or(NO_SLOT, |sender| sender.slot);
+        police(&packet, sender_slot, local.map_or(NO_SLOT, |e| e.slot), &mut verdict);
+        if verdict.result != ALLOWED {
+            verdict.result
+        } else if let Some(endpoint) = local {
+            to_local_pod(&ctx, endpoint)
+        } else if let Some(peer) = VELOX_PEERS.get(&Key::new(128, packet.dst.addr.addr)) {
+            // `bpf_redirect_neigh` neither fragments nor reports the path MTU: a packet
+            // (or a GSO segment) too big for the uplink goes to the kernel, which does both.
+            if fits_uplink(&ctx, peer) {
+                to_peer_node(peer)
+            } else {
+                PASS
+            }
         } else {
+            if packet.opens {
+                remember(ifindex, &packet.src);
+            }
             PASS
         }
-    } else {
-        if packet.opens {
-            remember(ifindex, &packet.src);
-        }
-        PASS
     };
     #[cfg(feature = "upgrade-test")]
     let result = if is_ip && packet.dst.proto == IPPROTO_UDP && packet.dst.port == DISCARD_PORT.to_be() {
@@ -155,7 +167,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         Some(sender) => sender.slot,
         None => unsafe { VELOX_INTERFACES.get(&ifindex) }.map_or(NO_SLOT, |slot| *slot),
     };
-    let action = finish(&ctx, &packet, slot, result);
+    let action = finish(&ctx, &packet, slot, result, &verdict);
     trace(&ctx, "from_pod", is_ip.then_some(&packet.dst.addr), action);
     action
 }
@@ -183,10 +195,20 @@ pub fn from_net(ctx: TcContext) -> i32 {
         )
     };
     let is_ip = pkt_type == PACKET_HOST && vlan == 0 && parse(&ctx, &mut packet);
+    let mut verdict = Verdict::default();
     let result = if !is_ip {
         PASS
     } else if let Some(endpoint) = unsafe { VELOX_ENDPOINTS.get(&packet.dst.addr) } {
-        redirect_unless_kernel_flow(&packet, || to_local_pod(&ctx, endpoint))
+        if is_kernel_flow(&packet) {
+            PASS
+        } else {
+            police(&packet, NO_SLOT, endpoint.slot, &mut verdict);
+            if verdict.result == ALLOWED {
+                to_local_pod(&ctx, endpoint)
+            } else {
+                verdict.result
+            }
+        }
     } else {
         // A pod on another node reaching this node (a hostPort, a NodePort): the kernel
         // may send its replies back through the fast path of this node.
@@ -195,7 +217,7 @@ pub fn from_net(ctx: TcContext) -> i32 {
         }
         PASS
     };
-    let action = finish(&ctx, &packet, UPLINK_SLOT, result);
+    let action = finish(&ctx, &packet, UPLINK_SLOT, result, &verdict);
     trace(&ctx, "from_net", is_ip.then_some(&packet.dst.addr), action);
     action
 }
@@ -217,14 +239,11 @@ fn to_local_pod(ctx: &TcContext, endpoint: &Endpoint) -> i64 {
 }
 
 /// Packets to a connection end whose traffic went to the kernel go to the kernel: they
-/// may be replies it must translate back. Everything else takes `redirect`.
+/// may be replies it must translate back. The kernel follows those connections, and
+/// policy checked them when they opened.
 #[inline(always)]
-fn redirect_unless_kernel_flow(packet: &Packet, redirect: impl FnOnce() -> i64) -> i64 {
-    if unsafe { VELOX_KERNEL_FLOWS.get(&packet.dst) }.is_some() {
-        PASS
-    } else {
-        redirect()
-    }
+fn is_kernel_flow(packet: &Packet) -> bool {
+    unsafe { VELOX_KERNEL_FLOWS.get(&packet.dst) }.is_some()
 }
 
 /// Adds `end`, first seen on `ifindex`, once; later lookups keep it from eviction
@@ -382,15 +401,15 @@ fn header_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
     Some(start as *const T)
 }
 
-/// Counts the verdict in counters `slot`, reports a drop to a listening monitor, and
-/// returns the TC action for a redirect's `result`, `PASS` or a drop (`SPOOFED`,
-/// `NO_INTERFACE`).
+/// Counts the verdict in counters `slot`, reports drops and the connections a policy
+/// allowed to a listening monitor, and returns the TC action for a redirect's
+/// `result`, `PASS` or a drop (`SPOOFED`, `NO_INTERFACE`, a policy's denial).
 #[inline(always)]
-fn finish(ctx: &TcContext, packet: &Packet, slot: u32, result: i64) -> i32 {
+fn finish(ctx: &TcContext, packet: &Packet, slot: u32, result: i64, verdict: &Verdict) -> i32 {
     let action = match result {
         PASS => TC_ACT_OK,
         result if result == TC_ACT_REDIRECT as i64 => TC_ACT_REDIRECT,
-        _ => TC_ACT_SHOT, // spoofed, or the kernel refused the redirect
+        _ => TC_ACT_SHOT, // spoofed, denied, or the kernel refused the redirect
     };
     if let Some(counters) = VELOX_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: a per-CPU value; only this CPU writes it while we run.
@@ -410,39 +429,41 @@ fn finish(ctx: &TcContext, packet: &Packet, slot: u32, result: i64) -> i32 {
                 match result {
                     SPOOFED => counters.dropped_spoofed += 1,
                     NO_INTERFACE => counters.dropped_no_interface += 1,
+                    DENIED_EGRESS | DENIED_INGRESS => counters.dropped_policy += 1,
                     _ => {}
                 }
             }
         }
     }
-    if action == TC_ACT_SHOT {
-        report_drop(ctx, packet, result);
+    let reason = match result {
+        _ if action != TC_ACT_SHOT => VERDICT_ALLOWED,
+        SPOOFED => DROP_SPOOFED,
+        NO_INTERFACE => DROP_NO_INTERFACE,
+        DENIED_EGRESS => DROP_POLICY_EGRESS,
+        DENIED_INGRESS => DROP_POLICY_INGRESS,
+        _ => DROP_REDIRECT_FAILED,
+    };
+    if (action == TC_ACT_SHOT || verdict.new_connection) && monitor_listens() {
+        let event = FlowEvent {
+            src: packet.src,
+            dst: packet.dst,
+            ifindex: unsafe { (*ctx.skb.skb).ifindex },
+            reason,
+            egress_policy: verdict.egress_policy,
+            ingress_policy: verdict.ingress_policy,
+        };
+        // A full buffer loses the event, never the packet's time.
+        let _ = VELOX_EVENTS.output(&event, 0);
     }
     action
 }
 
-/// Writes a drop into the events ring buffer while a monitor listens; a full
-/// buffer loses the event, never the packet's time.
+/// Whether a monitor listens: events cost nothing when none does.
 #[inline(always)]
-fn report_drop(ctx: &TcContext, packet: &Packet, result: i64) {
-    let listening = VELOX_MONITOR
+fn monitor_listens() -> bool {
+    VELOX_MONITOR
         .get(0)
-        .is_some_and(|until| unsafe { bpf_ktime_get_ns() } < *until);
-    if !listening {
-        return;
-    }
-    let reason = match result {
-        SPOOFED => DROP_SPOOFED,
-        NO_INTERFACE => DROP_NO_INTERFACE,
-        _ => DROP_REDIRECT_FAILED,
-    };
-    let event = DropEvent {
-        src: packet.src,
-        dst: packet.dst,
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
-        reason,
-    };
-    let _ = VELOX_EVENTS.output(&event, 0);
+        .is_some_and(|until| unsafe { bpf_ktime_get_ns() } < *until)
 }
 
 #[cfg(not(test))]

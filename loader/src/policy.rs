@@ -1,0 +1,237 @@
+//! The policy reconciler: compiles NetworkPolicies (see [`compile`]) and brings the
+//! maps in line, one pod at a time and each pod at once. A pod's new rules are written
+//! beside its live ones (the other rules version), then one write of its state makes
+//! them live, then the old ones go: no packet meets half of an update. After any
+//! change the rules generation moves on, so every allowed connection meets the new
+//! rules at its next packet (the datapath lets it go on if they allow it still).
+
+mod compile;
+
+pub use compile::{compile, Compiled, LocalPod, PodPolicy, Prefix};
+
+use anyhow::Context;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use velox_common::{PolicyKey, PolicyPorts, PolicyState, MAX_PORT_RULES, RULES_VERSION};
+use velox_node::layout::PRIVATE_FILE_MODE;
+use velox_node::maps::PolicyMaps;
+use velox_node::{Bpffs, StateDir};
+
+/// The objects policy is compiled from.
+#[derive(Debug, Default)]
+pub struct PolicyInput {
+    pub policies: Vec<NetworkPolicy>,
+    pub pods: Vec<Pod>,
+    pub namespaces: Vec<Namespace>,
+}
+
+impl PolicyInput {
+    pub fn from_objects(objects: &[serde_json::Value]) -> Self {
+        use crate::source::objects_of;
+        Self {
+            policies: objects_of(objects, "NetworkPolicy"),
+            pods: objects_of(objects, "Pod"),
+            namespaces: objects_of(objects, "Namespace"),
+        }
+    }
+}
+
+/// Who is who, for `velox-loader monitor`: written by the loader next to the
+/// endpoint records whenever it changes.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyNames {
+    /// `namespace/name` of policy id n at n - 1.
+    pub policies: Vec<String>,
+    /// `namespace/name` of every pod address the cluster reports.
+    pub pods: BTreeMap<IpAddr, String>,
+    /// This node's isolated pods: the policies that select each.
+    pub selected_by: BTreeMap<IpAddr, Vec<String>>,
+}
+
+impl PolicyNames {
+    pub fn read(state_dir: &StateDir) -> Self {
+        std::fs::read(state_dir.policy_names())
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn policy(&self, id: u16) -> Option<String> {
+        self.policies.get(usize::from(id).checked_sub(1)?).cloned()
+    }
+}
+
+/// A pod's entries as the maps hold them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Applied {
+    state: PolicyState,
+    rules: BTreeMap<(u8, Prefix), PolicyPorts>,
+}
+
+#[derive(Default)]
+pub struct PolicyReconciler {
+    /// By slot, the pods with a policy. `None`: read the maps first (at start, after
+    /// a failure).
+    applied: Option<BTreeMap<u32, Applied>>,
+    names: Option<PolicyNames>,
+}
+
+impl PolicyReconciler {
+    /// Applies `input` (`None`: the source cannot say; the maps keep the last rules)
+    /// to this node's pods.
+    pub fn reconcile(
+        &mut self,
+        bpffs: &Bpffs,
+        state_dir: &StateDir,
+        input: Option<PolicyInput>,
+        local: &[LocalPod],
+    ) -> anyhow::Result<()> {
+        let Some(input) = input else {
+            return Ok(());
+        };
+        let compiled = compile(&input.policies, &input.pods, &input.namespaces, local);
+        for problem in &compiled.problems {
+            log::warn!("NetworkPolicy: {problem}");
+        }
+        let names = PolicyNames {
+            policies: compiled.policy_names.clone(),
+            pods: compiled.pod_names.clone(),
+            selected_by: local
+                .iter()
+                .filter_map(|pod| Some((pod, compiled.pods.get(&pod.slot)?)))
+                .flat_map(|(pod, policy)| {
+                    let names: Vec<String> = policy
+                        .selected_by
+                        .iter()
+                        .filter_map(|id| compiled.policy_names.get(usize::from(*id) - 1).cloned())
+                        .collect();
+                    pod.ips.iter().map(move |ip| (*ip, names.clone()))
+                })
+                .collect(),
+        };
+        if self.names.as_ref() != Some(&names) {
+            velox_node::fs::write_atomic(
+                &state_dir.policy_names(),
+                &serde_json::to_vec(&names)?,
+                PRIVATE_FILE_MODE,
+            )
+            .context("writing the policy names")?;
+            self.names = Some(names);
+        }
+        let mut maps = PolicyMaps::open(bpffs)?;
+        let mut applied = match self.applied.take() {
+            Some(applied) => applied,
+            None => read_applied(&mut maps)?,
+        };
+        // On a failure the maps are read again next time: they are the truth.
+        apply(&mut maps, &mut applied, &compiled)?;
+        self.applied = Some(applied);
+        Ok(())
+    }
+}
+
+/// The pods' live entries; entries of a version that is not live (an update the
+/// loader did not finish) are removed.
+fn read_applied(maps: &mut PolicyMaps) -> anyhow::Result<BTreeMap<u32, Applied>> {
+    let mut applied: BTreeMap<u32, Applied> = maps
+        .states()?
+        .into_iter()
+        .map(|(slot, state)| {
+            (
+                slot,
+                Applied {
+                    state,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    for (key, prefix, ports) in maps.rules()? {
+        let live = applied.get(&key.slot).map(|a| a.state.version());
+        if live == Some(key.version) {
+            let prefix = Prefix {
+                addr: u128::from_be_bytes(key.peer.addr),
+                len: prefix as u8,
+            };
+            let entry = applied.get_mut(&key.slot).expect("looked up above");
+            entry.rules.insert((key.direction, prefix), ports);
+        } else {
+            maps.remove_rule(key, prefix)?;
+        }
+    }
+    Ok(applied)
+}
+
+fn apply(maps: &mut PolicyMaps, applied: &mut BTreeMap<u32, Applied>, compiled: &Compiled) -> anyhow::Result<()> {
+    let slots: BTreeSet<u32> = applied.keys().chain(compiled.pods.keys()).copied().collect();
+    let mut changed = false;
+    for slot in slots {
+        let want = compiled.pods.get(&slot).map(entries).unwrap_or_default();
+        let had = applied.get(&slot).cloned().unwrap_or_default();
+        // The plugin resets a slot's state for the pod that takes it over.
+        let live = maps.state(slot)?;
+        if live == had.state && had.state.flags & !RULES_VERSION == want.state.flags && had.rules == want.rules {
+            continue;
+        }
+        let state = if want == Applied::default() {
+            PolicyState::default() // not isolated: its rules go after
+        } else {
+            let version = 1 - had.state.version();
+            for ((direction, prefix), ports) in &want.rules {
+                maps.put_rule(key(slot, *direction, version, prefix), u32::from(prefix.len), ports)?;
+            }
+            PolicyState {
+                flags: want.state.flags | if version == 1 { RULES_VERSION } else { 0 },
+            }
+        };
+        maps.set_state(slot, state)?;
+        for (direction, prefix) in had.rules.keys() {
+            maps.remove_rule(
+                key(slot, *direction, had.state.version(), prefix),
+                u32::from(prefix.len),
+            )?;
+        }
+        changed = true;
+        match state == PolicyState::default() {
+            true => applied.remove(&slot),
+            false => applied.insert(slot, Applied { state, ..want }),
+        };
+    }
+    if changed {
+        maps.bump_generation()?;
+    }
+    Ok(())
+}
+
+/// A pod's compiled policy as map values (its state without a version yet).
+fn entries(policy: &PodPolicy) -> Applied {
+    Applied {
+        state: PolicyState {
+            flags: policy.isolation,
+        },
+        rules: policy
+            .rules
+            .iter()
+            .map(|(key, rules)| {
+                let mut ports = PolicyPorts::default();
+                for (slot, rule) in ports.rules.iter_mut().zip(rules.iter().take(MAX_PORT_RULES)) {
+                    *slot = *rule;
+                }
+                (*key, ports)
+            })
+            .collect(),
+    }
+}
+
+fn key(slot: u32, direction: u8, version: u8, prefix: &Prefix) -> PolicyKey {
+    PolicyKey {
+        slot,
+        direction,
+        version,
+        pad: [0; 2],
+        peer: prefix.ip_key(),
+    }
+}

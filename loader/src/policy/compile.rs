@@ -1,0 +1,978 @@
+//! NetworkPolicy to map entries: a pure function of the policies, the cluster's pods
+//! and namespaces, and this node's pods.
+//!
+//! Each of this node's pods gets, per direction, whether a policy isolates it and a
+//! set of peer prefixes with the ports it may use with them. The datapath takes the
+//! longest prefix that holds a peer's address, so the entries are cut such that the
+//! longest one always says everything: every prefix any rule names (an `ipBlock`, its
+//! `except`s, a selected pod's address) gets the union of the ports of all the rules
+//! whose peers hold that whole prefix. Prefixes of a rule nest or are disjoint, so an
+//! address's longest prefix decides exactly as the rules would one by one.
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+use velox_common::{
+    PortRule, ANY_PROTOCOL, EGRESS, INGRESS, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ISOLATED_EGRESS, ISOLATED_INGRESS,
+    MAX_PORT_RULES,
+};
+
+/// A prefix of the datapath's address space (IPv4 mapped into IPv6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Prefix {
+    pub addr: u128,
+    pub len: u8,
+}
+
+impl Prefix {
+    /// Every address, both families.
+    const ALL: Prefix = Prefix { addr: 0, len: 0 };
+    /// Where IPv4 lives: no IPv6 block holds it.
+    const IPV4: Prefix = Prefix {
+        addr: 0xffff << 32,
+        len: 96,
+    };
+
+    fn new(addr: u128, len: u8) -> Self {
+        Self {
+            addr: addr & mask(len),
+            len,
+        }
+    }
+
+    pub fn host(ip: IpAddr) -> Self {
+        Self::new(u128::from_be_bytes(velox_common::IpKey::from(ip).addr), 128)
+    }
+
+    fn parse(cidr: &str) -> Option<Self> {
+        let net: ipnet::IpNet = cidr.trim().parse().ok()?;
+        let base = Self::host(net.network());
+        Some(match net {
+            ipnet::IpNet::V4(v4) => Self::new(base.addr, 96 + v4.prefix_len()),
+            ipnet::IpNet::V6(v6) => Self::new(base.addr, v6.prefix_len()),
+        })
+    }
+
+    pub fn contains(&self, other: &Prefix) -> bool {
+        self.len <= other.len && other.addr & mask(self.len) == self.addr
+    }
+
+    pub fn ip_key(&self) -> velox_common::IpKey {
+        velox_common::IpKey::v6(self.addr.to_be_bytes())
+    }
+}
+
+fn mask(len: u8) -> u128 {
+    match len {
+        0 => 0,
+        len => u128::MAX << (128 - u32::from(len)),
+    }
+}
+
+/// A pod of this node: its counters slot and addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPod {
+    pub slot: u32,
+    pub ips: Vec<IpAddr>,
+}
+
+/// What one pod of this node may do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodPolicy {
+    /// `ISOLATED_INGRESS` and `ISOLATED_EGRESS`.
+    pub isolation: u32,
+    /// (direction, peer prefix) -> ports, merged and sorted.
+    pub rules: BTreeMap<(u8, Prefix), Vec<PortRule>>,
+    /// The ids of the policies that select it.
+    pub selected_by: BTreeSet<u16>,
+}
+
+#[derive(Debug, Default)]
+pub struct Compiled {
+    /// By slot; pods no policy selects are absent.
+    pub pods: BTreeMap<u32, PodPolicy>,
+    /// `namespace/name` of policy id n at n - 1.
+    pub policy_names: Vec<String>,
+    /// `namespace/name` of every pod address.
+    pub pod_names: BTreeMap<IpAddr, String>,
+    /// What could not be compiled as written (too many port ranges for one peer).
+    pub problems: Vec<String>,
+}
+
+/// A cluster pod as policy sees it.
+struct PodView<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    ips: Vec<IpAddr>,
+    /// Named container ports: (name, protocol, number).
+    ports: Vec<(&'a str, u8, u16)>,
+}
+
+/// Who a rule's peers are.
+enum Peers {
+    All,
+    /// `ipBlock`s (cidr, excepts) and the addresses of the selected pods.
+    Some {
+        blocks: Vec<(Prefix, Vec<Prefix>)>,
+        hosts: HashSet<Prefix>,
+    },
+}
+
+/// One rule of one policy that applies to a pod in one direction.
+struct Rule<'a> {
+    policy: u16,
+    peers: &'a Peers,
+    ports: &'a [NetworkPolicyPort],
+}
+
+pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace], local: &[LocalPod]) -> Compiled {
+    let empty = BTreeMap::new();
+    let namespace_labels: HashMap<&str, &BTreeMap<String, String>> = namespaces
+        .iter()
+        .filter_map(|ns| {
+            Some((
+                ns.metadata.name.as_deref()?,
+                ns.metadata.labels.as_ref().unwrap_or(&empty),
+            ))
+        })
+        .collect();
+    let views: Vec<PodView> = pods.iter().filter_map(|pod| view(pod, &empty)).collect();
+    let mut policies: Vec<&NetworkPolicy> = policies.iter().collect();
+    policies.sort_by_key(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()));
+    let mut compiled = Compiled {
+        policy_names: policies.iter().map(|p| name_of(&p.metadata)).collect(),
+        pod_names: views
+            .iter()
+            .flat_map(|v| v.ips.iter().map(move |ip| (*ip, format!("{}/{}", v.namespace, v.name))))
+            .collect(),
+        ..Default::default()
+    };
+    let by_address: HashMap<Prefix, &PodView> = views
+        .iter()
+        .flat_map(|v| v.ips.iter().map(move |ip| (Prefix::host(*ip), v)))
+        .collect();
+    // Peers depend on the policy only (its namespace), not on the pod it selects.
+    let peers: Vec<[Vec<Peers>; 2]> = policies
+        .iter()
+        .map(|policy| {
+            let namespace = policy.metadata.namespace.as_deref().unwrap_or("default");
+            let resolve = |list| resolve(list, namespace, &views, &namespace_labels);
+            let spec = policy.spec.as_ref();
+            [
+                spec.iter()
+                    .flat_map(|s| s.ingress.iter().flatten())
+                    .map(|r| resolve(&r.from))
+                    .collect(),
+                spec.iter()
+                    .flat_map(|s| s.egress.iter().flatten())
+                    .map(|r| resolve(&r.to))
+                    .collect(),
+            ]
+        })
+        .collect();
+    for pod in local {
+        let Some(me) = views.iter().find(|v| v.ips.iter().any(|ip| pod.ips.contains(ip))) else {
+            continue; // not known to the cluster (yet): no policy selects it
+        };
+        let mut rules: [Vec<Rule>; 2] = [Vec::new(), Vec::new()];
+        let mut isolation = 0;
+        let mut selected_by = BTreeSet::new();
+        for (index, policy) in policies.iter().enumerate() {
+            let Some(spec) = &policy.spec else { continue };
+            if policy.metadata.namespace.as_deref().unwrap_or("default") != me.namespace
+                || !selects(spec.pod_selector.as_ref(), me.labels)
+            {
+                continue;
+            }
+            let id = u16::try_from(index + 1).unwrap_or(u16::MAX);
+            let types = spec.policy_types.clone().unwrap_or_else(|| {
+                let mut types = vec!["Ingress".to_string()];
+                if spec.egress.is_some() {
+                    types.push("Egress".into());
+                }
+                types
+            });
+            for (direction, flag, type_name) in [
+                (INGRESS, ISOLATED_INGRESS, "Ingress"),
+                (EGRESS, ISOLATED_EGRESS, "Egress"),
+            ] {
+                if !types.iter().any(|t| t == type_name) {
+                    continue;
+                }
+                isolation |= flag;
+                selected_by.insert(id);
+                let ports = match direction {
+                    INGRESS => spec.ingress.iter().flatten().map(|r| &r.ports).collect::<Vec<_>>(),
+                    _ => spec.egress.iter().flatten().map(|r| &r.ports).collect(),
+                };
+                for (peers, ports) in peers[index][usize::from(direction)].iter().zip(ports) {
+                    rules[usize::from(direction)].push(Rule {
+                        policy: id,
+                        peers,
+                        ports: ports.as_deref().unwrap_or_default(),
+                    });
+                }
+            }
+        }
+        if isolation == 0 {
+            continue;
+        }
+        let mut policy = PodPolicy {
+            isolation,
+            selected_by,
+            ..Default::default()
+        };
+        for direction in [INGRESS, EGRESS] {
+            let rules = &rules[usize::from(direction)];
+            let entries = entries(rules, direction, me, &views, &by_address, &mut compiled.problems);
+            policy
+                .rules
+                .extend(entries.into_iter().map(|(prefix, ports)| ((direction, prefix), ports)));
+        }
+        compiled.pods.insert(pod.slot, policy);
+    }
+    compiled
+}
+
+fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// A running pod with addresses on the pod network; host-network pods have the
+/// node's address and are not selected, finished pods have given theirs back.
+fn view<'a>(pod: &'a Pod, empty: &'a BTreeMap<String, String>) -> Option<PodView<'a>> {
+    let spec = pod.spec.as_ref()?;
+    let status = pod.status.as_ref()?;
+    if spec.host_network == Some(true) || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.ip.parse().ok())
+        .collect();
+    if let Some(ip) = status.pod_ip.as_ref().and_then(|ip| ip.parse().ok()) {
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    if ips.is_empty() {
+        return None;
+    }
+    let ports = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            let proto = protocol(p.protocol.as_deref())?;
+            Some((p.name.as_deref()?, proto, u16::try_from(p.container_port).ok()?))
+        })
+        .collect();
+    Some(PodView {
+        namespace: pod.metadata.namespace.as_deref().unwrap_or("default"),
+        name: pod.metadata.name.as_deref().unwrap_or_default(),
+        labels: pod.metadata.labels.as_ref().unwrap_or(empty),
+        ips,
+        ports,
+    })
+}
+
+fn protocol(name: Option<&str>) -> Option<u8> {
+    match name.unwrap_or("TCP") {
+        "TCP" => Some(IPPROTO_TCP),
+        "UDP" => Some(IPPROTO_UDP),
+        "SCTP" => Some(IPPROTO_SCTP),
+        _ => None,
+    }
+}
+
+/// Whether a label selector selects `labels`; no selector selects nothing, an empty
+/// one everything.
+pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
+    let Some(selector) = selector else {
+        return true; // podSelector is optional in the API: absent means all pods
+    };
+    let labels_match = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(key, value)| labels.get(key) == Some(value));
+    labels_match
+        && selector.match_expressions.iter().flatten().all(|expression| {
+            let value = labels.get(&expression.key);
+            let values = expression.values.as_deref().unwrap_or_default();
+            match expression.operator.as_str() {
+                "In" => value.is_some_and(|v| values.contains(v)),
+                "NotIn" => value.is_none_or(|v| !values.contains(v)),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                _ => false, // an operator the API would refuse selects nothing
+            }
+        })
+}
+
+/// The peers of a rule in a policy of `namespace`: no list (or an empty one) is
+/// everyone.
+fn resolve(
+    list: &Option<Vec<NetworkPolicyPeer>>,
+    namespace: &str,
+    pods: &[PodView],
+    namespace_labels: &HashMap<&str, &BTreeMap<String, String>>,
+) -> Peers {
+    let Some(list) = list.as_ref().filter(|l| !l.is_empty()) else {
+        return Peers::All;
+    };
+    let mut blocks = Vec::new();
+    let mut hosts = HashSet::new();
+    for peer in list {
+        if let Some(block) = &peer.ip_block {
+            let Some(cidr) = Prefix::parse(&block.cidr) else {
+                log::warn!("ignoring the ipBlock {:?}: not a CIDR", block.cidr);
+                continue;
+            };
+            let mut except: Vec<Prefix> = block.except.iter().flatten().filter_map(|e| Prefix::parse(e)).collect();
+            // An IPv6 block as wide as ::/96 would hold the IPv4 addresses too.
+            if cidr.contains(&Prefix::IPV4) && cidr != Prefix::IPV4 {
+                except.push(Prefix::IPV4);
+            }
+            blocks.push((cidr, except));
+            continue;
+        }
+        if peer.pod_selector.is_none() && peer.namespace_selector.is_none() {
+            continue;
+        }
+        for pod in pods {
+            let in_namespace = match &peer.namespace_selector {
+                None => pod.namespace == namespace,
+                Some(selector) => namespace_labels
+                    .get(pod.namespace)
+                    .is_some_and(|labels| selects(Some(selector), labels)),
+            };
+            if in_namespace && selects(peer.pod_selector.as_ref(), pod.labels) {
+                hosts.extend(pod.ips.iter().map(|ip| Prefix::host(*ip)));
+            }
+        }
+    }
+    Peers::Some { blocks, hosts }
+}
+
+impl Peers {
+    /// Whether every address of `prefix` is a peer.
+    fn hold(&self, prefix: &Prefix) -> bool {
+        match self {
+            Peers::All => true,
+            Peers::Some { blocks, hosts } => {
+                hosts.contains(prefix)
+                    || blocks
+                        .iter()
+                        .any(|(cidr, except)| cidr.contains(prefix) && !except.iter().any(|e| e.contains(prefix)))
+            }
+        }
+    }
+
+    /// The prefixes the peers name.
+    fn prefixes(&self, out: &mut BTreeSet<Prefix>) {
+        match self {
+            Peers::All => {
+                out.insert(Prefix::ALL);
+            }
+            Peers::Some { blocks, hosts } => {
+                for (cidr, except) in blocks {
+                    out.insert(*cidr);
+                    out.extend(except.iter().copied());
+                }
+                out.extend(hosts.iter().copied());
+            }
+        }
+    }
+}
+
+/// The entries of one pod in one direction.
+fn entries(
+    rules: &[Rule],
+    direction: u8,
+    me: &PodView,
+    pods: &[PodView],
+    by_address: &HashMap<Prefix, &PodView>,
+    problems: &mut Vec<String>,
+) -> BTreeMap<Prefix, Vec<PortRule>> {
+    let mut prefixes = BTreeSet::new();
+    for rule in rules {
+        rule.peers.prefixes(&mut prefixes);
+        // A named port out is the destination pod's: each pod that may answer to it
+        // needs an entry of its own.
+        if direction == EGRESS
+            && rule
+                .ports
+                .iter()
+                .any(|p| matches!(p.port, Some(IntOrString::String(_))))
+        {
+            for pod in pods {
+                for ip in &pod.ips {
+                    let host = Prefix::host(*ip);
+                    if rule.peers.hold(&host) {
+                        prefixes.insert(host);
+                    }
+                }
+            }
+        }
+    }
+    let mut values: BTreeMap<Prefix, Vec<PortRule>> = BTreeMap::new();
+    for prefix in &prefixes {
+        // The pod whose address this is, for named ports out.
+        let named_by = match direction {
+            INGRESS => Some(me),
+            _ => by_address.get(prefix).copied(),
+        };
+        let mut ports = Vec::new();
+        for rule in rules.iter().filter(|r| r.peers.hold(prefix)) {
+            port_rules(rule, named_by, &mut ports);
+        }
+        let merged = merge(ports);
+        if merged.len() > MAX_PORT_RULES {
+            problems.push(format!(
+                "{}/{}: {} port ranges for the peers {}/{}, more than the {MAX_PORT_RULES} an entry holds: the rest are denied",
+                me.namespace,
+                me.name,
+                merged.len(),
+                prefix.ip_key().ip(),
+                prefix.len
+            ));
+        }
+        values.insert(*prefix, merged.into_iter().take(MAX_PORT_RULES).collect());
+    }
+    // An empty entry matters only where it hides a wider one that allows something.
+    let wider_allows = |prefix: &Prefix| {
+        (0..prefix.len)
+            .rev()
+            .find_map(|len| values.get(&Prefix::new(prefix.addr, len)))
+            .is_some_and(|ports| !ports.is_empty())
+    };
+    let keep: Vec<Prefix> = values
+        .iter()
+        .filter(|(prefix, ports)| !ports.is_empty() || wider_allows(prefix))
+        .map(|(prefix, _)| *prefix)
+        .collect();
+    values.retain(|prefix, _| keep.contains(prefix));
+    values
+}
+
+/// The port ranges a rule allows; a named port resolved against `named_by`'s
+/// container ports (none when it has no such port).
+fn port_rules(rule: &Rule, named_by: Option<&PodView>, out: &mut Vec<PortRule>) {
+    let range = |proto, first, last| PortRule {
+        proto,
+        pad: 0,
+        first,
+        last,
+        policy: rule.policy,
+    };
+    if rule.ports.is_empty() {
+        out.push(range(ANY_PROTOCOL, 0, u16::MAX));
+        return;
+    }
+    for port in rule.ports {
+        let Some(proto) = protocol(port.protocol.as_deref()) else {
+            continue;
+        };
+        match &port.port {
+            None => out.push(range(proto, 0, u16::MAX)),
+            Some(IntOrString::Int(number)) => {
+                let Ok(first) = u16::try_from(*number) else { continue };
+                let last = port.end_port.and_then(|end| u16::try_from(end).ok()).unwrap_or(first);
+                if first <= last {
+                    out.push(range(proto, first, last));
+                }
+            }
+            Some(IntOrString::String(name)) => {
+                for (_, _, number) in named_by
+                    .iter()
+                    .flat_map(|pod| pod.ports.iter())
+                    .filter(|(n, p, _)| n == name && *p == proto)
+                {
+                    out.push(range(proto, *number, *number));
+                }
+            }
+        }
+    }
+}
+
+/// Sorted by protocol and port, overlapping and adjacent ranges joined (the lowest
+/// policy id keeps the credit); a rule for every protocol stands alone.
+fn merge(mut ports: Vec<PortRule>) -> Vec<PortRule> {
+    ports.sort_by_key(|r| (r.proto, r.first, r.last, r.policy));
+    if let Some(any) = ports
+        .iter()
+        .filter(|r| r.proto == ANY_PROTOCOL)
+        .min_by_key(|r| r.policy)
+    {
+        return vec![*any];
+    }
+    let mut merged: Vec<PortRule> = Vec::new();
+    for rule in ports {
+        match merged.last_mut() {
+            Some(last) if last.proto == rule.proto && u32::from(rule.first) <= u32::from(last.last) + 1 => {
+                last.last = last.last.max(rule.last);
+                last.policy = last.policy.min(rule.policy);
+            }
+            _ => merged.push(rule),
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn pod(namespace: &str, name: &str, labels: Value, ips: &[&str]) -> Value {
+        json!({
+            "kind": "Pod",
+            "metadata": {"namespace": namespace, "name": name, "labels": labels},
+            "spec": {"containers": [{"name": "c", "ports": [
+                {"name": "serve-80", "containerPort": 80},
+                {"name": "serve-81-udp", "containerPort": 81, "protocol": "UDP"},
+            ]}]},
+            "status": {"phase": "Running", "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()},
+        })
+    }
+
+    fn policy(namespace: &str, name: &str, spec: Value) -> NetworkPolicy {
+        serde_json::from_value(json!({"metadata": {"namespace": namespace, "name": name}, "spec": spec})).unwrap()
+    }
+
+    /// Three namespaces x, y, z with pods a, b, c each (`x/a` is 10.0.0.1 and
+    /// fd00::1, `y/b` 10.0.1.2, ...), like the upstream e2e suite; namespace labels
+    /// `ns: <name>`, pod labels `pod: <name>`.
+    struct Grid {
+        pods: Vec<Pod>,
+        namespaces: Vec<Namespace>,
+    }
+
+    impl Grid {
+        fn new() -> Self {
+            let mut pods = Vec::new();
+            let mut namespaces = Vec::new();
+            for (n, ns) in ["x", "y", "z"].iter().enumerate() {
+                namespaces
+                    .push(serde_json::from_value(json!({"metadata": {"name": ns, "labels": {"ns": ns}}})).unwrap());
+                for (p, name) in ["a", "b", "c"].iter().enumerate() {
+                    let ips = [format!("10.0.{n}.{}", p + 1), format!("fd00::{n}:{}", p + 1)];
+                    let value = pod(ns, name, json!({"pod": name}), &[&ips[0], &ips[1]]);
+                    pods.push(serde_json::from_value(value).unwrap());
+                }
+            }
+            Self { pods, namespaces }
+        }
+
+        fn ips(&self, who: &str) -> Vec<IpAddr> {
+            let (ns, name) = who.split_once('/').unwrap();
+            let pod = self
+                .pods
+                .iter()
+                .find(|p| p.metadata.namespace.as_deref() == Some(ns) && p.metadata.name.as_deref() == Some(name))
+                .unwrap();
+            let ips = pod.status.as_ref().unwrap().pod_ips.as_ref().unwrap();
+            ips.iter().map(|ip| ip.ip.parse().unwrap()).collect()
+        }
+
+        /// Every pod of the grid on this node, slot n + 1 for pod n.
+        fn compile(&self, policies: &[NetworkPolicy]) -> Compiled {
+            let local: Vec<LocalPod> = self
+                .pods
+                .iter()
+                .enumerate()
+                .map(|(n, p)| LocalPod {
+                    slot: n as u32 + 1,
+                    ips: p
+                        .status
+                        .as_ref()
+                        .unwrap()
+                        .pod_ips
+                        .iter()
+                        .flatten()
+                        .map(|ip| ip.ip.parse().unwrap())
+                        .collect(),
+                })
+                .collect();
+            let compiled = compile(policies, &self.pods, &self.namespaces, &local);
+            assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
+            compiled
+        }
+
+        fn slot(&self, who: &str) -> u32 {
+            let (ns, name) = who.split_once('/').unwrap();
+            let n = self
+                .pods
+                .iter()
+                .position(|p| p.metadata.namespace.as_deref() == Some(ns) && p.metadata.name.as_deref() == Some(name))
+                .unwrap();
+            n as u32 + 1
+        }
+    }
+
+    /// What the datapath decides for `from` -> `to` (`x/a`, or an address), as it
+    /// does it: each end's isolation, the longest prefix, the port rules.
+    fn allowed(grid: &Grid, compiled: &Compiled, from: &str, to: &str, proto: u8, port: u16, v6: bool) -> bool {
+        let ip = |who: &str| -> IpAddr {
+            match who.parse() {
+                Ok(ip) => ip,
+                Err(_) => grid.ips(who)[usize::from(v6)],
+            }
+        };
+        let side = |who: &str, direction: u8, peer: IpAddr| {
+            let Ok(slot) = std::panic::catch_unwind(|| grid.slot(who)) else {
+                return true; // not a pod of the grid
+            };
+            let Some(policy) = compiled.pods.get(&slot) else {
+                return true;
+            };
+            let flag = if direction == INGRESS {
+                ISOLATED_INGRESS
+            } else {
+                ISOLATED_EGRESS
+            };
+            if policy.isolation & flag == 0 {
+                return true;
+            }
+            let host = Prefix::host(peer);
+            let longest = (0..=128u8)
+                .rev()
+                .find_map(|len| policy.rules.get(&(direction, Prefix::new(host.addr, len))));
+            longest.is_some_and(|rules| rules.iter().any(|r| r.allows(proto, port)))
+        };
+        side(from, EGRESS, ip(to)) && side(to, INGRESS, ip(from))
+    }
+
+    const ALL: [&str; 9] = ["x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c"];
+
+    /// The pairs (from, to) allowed on TCP `port`, in both families alike.
+    fn truth(grid: &Grid, policies: &[NetworkPolicy], proto: u8, port: u16) -> BTreeSet<(String, String)> {
+        let compiled = grid.compile(policies);
+        let mut pairs = BTreeSet::new();
+        for from in ALL {
+            for to in ALL {
+                let v4 = allowed(grid, &compiled, from, to, proto, port, false);
+                let v6 = allowed(grid, &compiled, from, to, proto, port, true);
+                assert_eq!(v4, v6, "{from} -> {to}: the families disagree");
+                if v4 {
+                    pairs.insert((from.to_string(), to.to_string()));
+                }
+            }
+        }
+        pairs
+    }
+
+    fn everyone_but(denied: &[(&str, &str)]) -> BTreeSet<(String, String)> {
+        let mut pairs = BTreeSet::new();
+        for from in ALL {
+            for to in ALL {
+                if !denied.contains(&(from, to)) {
+                    pairs.insert((from.to_string(), to.to_string()));
+                }
+            }
+        }
+        pairs
+    }
+
+    fn denied_into(to: &str, except: &[&str]) -> Vec<(&'static str, String)> {
+        ALL.iter()
+            .filter(|f| !except.contains(f))
+            .map(|f| (*f, to.to_string()))
+            .collect()
+    }
+
+    fn expect(denied: Vec<(&str, String)>) -> BTreeSet<(String, String)> {
+        let denied: Vec<(&str, &str)> = denied.iter().map(|(f, t)| (*f, t.as_str())).collect();
+        everyone_but(&denied)
+    }
+
+    #[test]
+    fn no_policy_allows_everything() {
+        let grid = Grid::new();
+        assert_eq!(truth(&grid, &[], IPPROTO_TCP, 80), everyone_but(&[]));
+        assert!(grid.compile(&[]).pods.is_empty());
+    }
+
+    #[test]
+    fn deny_all_ingress_isolates_every_pod_of_its_namespace_only() {
+        let grid = Grid::new();
+        let deny = policy("x", "deny", json!({"podSelector": {}, "policyTypes": ["Ingress"]}));
+        let mut denied = Vec::new();
+        for to in ["x/a", "x/b", "x/c"] {
+            denied.extend(denied_into(to, &[]));
+        }
+        assert_eq!(truth(&grid, &[deny.clone()], IPPROTO_TCP, 80), expect(denied));
+        let compiled = grid.compile(&[deny]);
+        assert_eq!(compiled.pods[&grid.slot("x/a")].isolation, ISOLATED_INGRESS);
+        assert!(compiled.pods[&grid.slot("x/a")].rules.is_empty());
+        assert!(!compiled.pods.contains_key(&grid.slot("y/a")));
+    }
+
+    #[test]
+    fn pod_selector_allows_pods_of_its_own_namespace() {
+        let grid = Grid::new();
+        let p = policy(
+            "x",
+            "allow-b",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                   "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        );
+        assert_eq!(
+            truth(&grid, &[p], IPPROTO_TCP, 80),
+            expect(denied_into("x/a", &["x/b"]))
+        );
+    }
+
+    #[test]
+    fn namespace_selector_and_both_together() {
+        let grid = Grid::new();
+        let ns_only = policy(
+            "x",
+            "from-y",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                   "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}),
+        );
+        assert_eq!(
+            truth(&grid, &[ns_only], IPPROTO_TCP, 80),
+            expect(denied_into("x/a", &["y/a", "y/b", "y/c"]))
+        );
+        // Both in one peer: pods b of namespaces other than x.
+        let both = policy(
+            "x",
+            "b-elsewhere",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                   "ingress": [{"from": [{
+                       "namespaceSelector": {"matchExpressions": [{"key": "ns", "operator": "NotIn", "values": ["x"]}]},
+                       "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        );
+        assert_eq!(
+            truth(&grid, &[both], IPPROTO_TCP, 80),
+            expect(denied_into("x/a", &["y/b", "z/b"]))
+        );
+    }
+
+    #[test]
+    fn match_expressions_of_every_operator() {
+        let labels: BTreeMap<String, String> = [("pod".to_string(), "a".to_string())].into();
+        let selector =
+            |expr: Value| -> LabelSelector { serde_json::from_value(json!({"matchExpressions": [expr]})).unwrap() };
+        let cases = [
+            (json!({"key": "pod", "operator": "In", "values": ["a", "b"]}), true),
+            (json!({"key": "pod", "operator": "In", "values": ["b"]}), false),
+            (json!({"key": "pod", "operator": "NotIn", "values": ["b"]}), true),
+            (json!({"key": "other", "operator": "NotIn", "values": ["b"]}), true),
+            (json!({"key": "pod", "operator": "Exists"}), true),
+            (json!({"key": "pod", "operator": "DoesNotExist"}), false),
+            (json!({"key": "pod", "operator": "Bogus"}), false),
+        ];
+        for (expr, expected) in cases {
+            assert_eq!(selects(Some(&selector(expr.clone())), &labels), expected, "{expr}");
+        }
+        assert!(selects(Some(&LabelSelector::default()), &labels));
+    }
+
+    #[test]
+    fn ports_by_number_range_name_and_protocol() {
+        let grid = Grid::new();
+        let p = policy(
+            "x",
+            "ports",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+            "ingress": [{"ports": [
+                {"port": 80},
+                {"port": 1000, "endPort": 1010},
+                {"port": "serve-81-udp", "protocol": "UDP"},
+                {"protocol": "SCTP"},
+            ]}]}),
+        );
+        let compiled = grid.compile(&[p]);
+        let a = |proto, port| allowed(&grid, &compiled, "y/b", "x/a", proto, port, false);
+        assert!(a(IPPROTO_TCP, 80));
+        assert!(!a(IPPROTO_TCP, 81));
+        assert!(!a(IPPROTO_UDP, 80));
+        assert!(a(IPPROTO_TCP, 1000) && a(IPPROTO_TCP, 1005) && a(IPPROTO_TCP, 1010));
+        assert!(!a(IPPROTO_TCP, 999) && !a(IPPROTO_TCP, 1011));
+        assert!(a(IPPROTO_UDP, 81), "the named port, resolved on the pod that serves it");
+        assert!(!a(IPPROTO_TCP, 81));
+        assert!(a(IPPROTO_SCTP, 9) && a(IPPROTO_SCTP, 65535));
+    }
+
+    #[test]
+    fn a_named_port_out_is_the_destination_pods() {
+        let mut grid = Grid::new();
+        // y/b calls its port 80 differently: egress to "serve-80" does not reach it.
+        let renamed = pod("y", "b", json!({"pod": "b"}), &["10.0.1.2", "fd00::1:2"]);
+        let mut renamed: Pod = serde_json::from_value(renamed).unwrap();
+        renamed.spec.as_mut().unwrap().containers[0].ports.as_mut().unwrap()[0].name = Some("web".into());
+        let at = grid
+            .pods
+            .iter()
+            .position(|p| p.metadata.name.as_deref() == Some("b") && p.metadata.namespace.as_deref() == Some("y"))
+            .unwrap();
+        grid.pods[at] = renamed;
+        let p = policy(
+            "x",
+            "out",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                   "egress": [{"ports": [{"port": "serve-80"}]}]}),
+        );
+        let compiled = grid.compile(&[p]);
+        assert!(allowed(&grid, &compiled, "x/a", "y/a", IPPROTO_TCP, 80, false));
+        assert!(allowed(&grid, &compiled, "x/a", "y/a", IPPROTO_TCP, 80, true));
+        assert!(!allowed(&grid, &compiled, "x/a", "y/b", IPPROTO_TCP, 80, false));
+        assert!(
+            !allowed(&grid, &compiled, "x/a", "192.0.2.1", IPPROTO_TCP, 80, false),
+            "no pod: no name"
+        );
+    }
+
+    #[test]
+    fn ip_block_with_except_in_both_families() {
+        let grid = Grid::new();
+        let p = policy(
+            "x",
+            "block",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+            "egress": [{"to": [
+                {"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.1.0/24"]}},
+                {"ipBlock": {"cidr": "fd00::/64", "except": ["fd00::1:0/112"]}},
+            ]}]}),
+        );
+        let compiled = grid.compile(&[p]);
+        for v6 in [false, true] {
+            let out = |to| allowed(&grid, &compiled, "x/a", to, IPPROTO_TCP, 80, v6);
+            assert!(out("x/b") && out("z/c"), "inside the block");
+            assert!(!out("y/a") && !out("y/c"), "the except");
+        }
+        assert!(!allowed(&grid, &compiled, "x/a", "192.0.2.1", IPPROTO_TCP, 80, false));
+        assert!(allowed(&grid, &compiled, "x/a", "10.0.200.1", IPPROTO_TCP, 80, false));
+    }
+
+    #[test]
+    fn an_ipv6_block_of_everything_holds_no_ipv4_address() {
+        let grid = Grid::new();
+        let p = policy(
+            "x",
+            "v6",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                   "egress": [{"to": [{"ipBlock": {"cidr": "::/0"}}]}]}),
+        );
+        let compiled = grid.compile(&[p]);
+        assert!(allowed(&grid, &compiled, "x/a", "y/b", IPPROTO_TCP, 80, true));
+        assert!(!allowed(&grid, &compiled, "x/a", "y/b", IPPROTO_TCP, 80, false));
+        assert!(!allowed(&grid, &compiled, "x/a", "192.0.2.1", IPPROTO_TCP, 80, false));
+    }
+
+    #[test]
+    fn policies_add_up_and_their_ports_merge() {
+        let grid = Grid::new();
+        let one = policy(
+            "x",
+            "one",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                   "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}], "ports": [{"port": 80, "endPort": 90}]}]}),
+        );
+        let two = policy(
+            "x",
+            "two",
+            json!({"podSelector": {},
+                   "ingress": [{"from": [{"namespaceSelector": {}}], "ports": [{"port": 85, "endPort": 100}]}]}),
+        );
+        let compiled = grid.compile(&[one.clone(), two.clone()]);
+        let a = &compiled.pods[&grid.slot("x/a")];
+        let from_b = &a.rules[&(INGRESS, Prefix::host(grid.ips("x/b")[0]))];
+        assert_eq!(from_b.len(), 1, "80-90 and 85-100 are one range: {from_b:?}");
+        assert_eq!((from_b[0].first, from_b[0].last, from_b[0].policy), (80, 100, 1));
+        assert_eq!(a.selected_by, BTreeSet::from([1, 2]));
+        assert_eq!(compiled.policy_names, ["x/one", "x/two"]);
+        let t = |port| truth(&grid, &[one.clone(), two.clone()], IPPROTO_TCP, port);
+        assert!(t(80).contains(&("x/b".into(), "x/a".into())));
+        assert!(!t(80).contains(&("y/b".into(), "x/a".into())));
+        assert!(t(95).contains(&("y/b".into(), "x/a".into())));
+        assert!(!t(101).contains(&("x/b".into(), "x/a".into())));
+    }
+
+    #[test]
+    fn an_egress_policy_leaves_ingress_open_and_the_reverse() {
+        let grid = Grid::new();
+        let egress = policy(
+            "x",
+            "egress",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                   "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}]}]}),
+        );
+        let mut denied: Vec<(&str, String)> = Vec::new();
+        for to in ["y/a", "y/b", "y/c", "z/a", "z/b", "z/c"] {
+            denied.push(("x/a", to.to_string()));
+        }
+        assert_eq!(truth(&grid, &[egress], IPPROTO_TCP, 80), expect(denied));
+        // No policyTypes, an egress section: both directions isolated.
+        let both = policy(
+            "x",
+            "both",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "egress": []}),
+        );
+        assert_eq!(
+            grid.compile(&[both]).pods[&1].isolation,
+            ISOLATED_INGRESS | ISOLATED_EGRESS
+        );
+    }
+
+    #[test]
+    fn host_network_and_finished_pods_are_no_peers() {
+        let mut grid = Grid::new();
+        let mut host = pod("y", "host", json!({"pod": "b"}), &["10.9.9.9"]);
+        host["spec"]["hostNetwork"] = json!(true);
+        let mut done = pod("y", "done", json!({"pod": "b"}), &["10.9.9.8"]);
+        done["status"]["phase"] = json!("Succeeded");
+        grid.pods.push(serde_json::from_value(host).unwrap());
+        grid.pods.push(serde_json::from_value(done).unwrap());
+        let p = policy(
+            "x",
+            "from-b",
+            json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        );
+        let compiled = grid.compile(&[p]);
+        let rules = &compiled.pods[&1].rules;
+        assert!(!rules.contains_key(&(INGRESS, Prefix::host("10.9.9.9".parse().unwrap()))));
+        assert!(!rules.contains_key(&(INGRESS, Prefix::host("10.9.9.8".parse().unwrap()))));
+        assert!(rules.contains_key(&(INGRESS, Prefix::host("10.0.1.2".parse().unwrap()))));
+    }
+
+    #[test]
+    fn more_port_ranges_than_an_entry_holds_is_reported() {
+        let grid = Grid::new();
+        let ports: Vec<Value> = (0..20).map(|i| json!({"port": 1000 + 2 * i})).collect();
+        let p = policy("x", "many", json!({"podSelector": {}, "ingress": [{"ports": ports}]}));
+        let local = [LocalPod {
+            slot: 1,
+            ips: grid.ips("x/a"),
+        }];
+        let compiled = compile(&[p], &grid.pods, &grid.namespaces, &local);
+        assert_eq!(compiled.problems.len(), 1, "{:?}", compiled.problems);
+        assert!(compiled.problems[0].contains("x/a"));
+        assert!(compiled.pods[&1].rules.values().all(|r| r.len() == MAX_PORT_RULES));
+    }
+
+    #[test]
+    fn a_pod_the_cluster_does_not_know_yet_is_not_isolated() {
+        let grid = Grid::new();
+        let deny = policy("x", "deny", json!({"podSelector": {}}));
+        let local = [LocalPod {
+            slot: 7,
+            ips: vec!["10.7.7.7".parse().unwrap()],
+        }];
+        assert!(compile(&[deny], &grid.pods, &grid.namespaces, &local).pods.is_empty());
+    }
+}
