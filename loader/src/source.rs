@@ -128,11 +128,11 @@ impl ClusterSource for FileSource {
     }
 
     fn services(&mut self) -> Option<ClusterState> {
-        self.objects().map(|objects| ClusterState::from_objects(objects))
+        self.objects().map(ClusterState::from_objects)
     }
 
     fn policy(&mut self) -> Option<PolicyInput> {
-        self.objects().map(|objects| PolicyInput::from_objects(objects))
+        self.objects().map(PolicyInput::from_objects)
     }
 
     fn health(&self) -> ClusterHealth {

@@ -93,6 +93,8 @@ pub struct Cluster {
     pub external: String,
     pub nodes: Vec<Node>,
     pub peers_file: PathBuf,
+    /// The directory of Kubernetes JSON the loaders read policy objects from.
+    pub cluster_state: PathBuf,
 }
 
 /// A process in a node's own netns: it has the node's IP.
@@ -135,6 +137,7 @@ impl Cluster {
             node.underlay = Some(Underlay {
                 node_ips: ips.iter().map(|ip| ip.parse()).collect::<Result<_, _>>()?,
                 peers_file: peers_file.clone(),
+                cluster_state: state.join("objects"),
             });
             Ok(node)
         })
@@ -152,6 +155,7 @@ impl Cluster {
             external: name("external"),
             nodes,
             peers_file,
+            cluster_state: state.join("objects"),
         })
     }
 

@@ -1,6 +1,7 @@
-//! The cluster's Services and EndpointSlices as Kubernetes JSON, written where the
-//! loaders read them (`--cluster-state`): what `kubectl get services,endpointslices
-//! -A -o json` would print. The stand-in for the API server's Service objects.
+//! The cluster's Services and EndpointSlices (and any other objects) as Kubernetes
+//! JSON, written where the loaders read them (`--cluster-state`): what `kubectl get
+//! services,endpointslices -A -o json` would print. The stand-in for the API server's
+//! objects.
 
 use serde_json::{json, Value};
 use std::net::IpAddr;
@@ -84,7 +85,16 @@ impl ServiceSpec {
 /// Replaces the file at `path` with `services`, atomically (the loaders poll it).
 pub fn write(path: &Path, services: &[ServiceSpec]) -> anyhow::Result<()> {
     let items: Vec<Value> = services.iter().flat_map(ServiceSpec::objects).collect();
+    write_objects(path, items)
+}
+
+/// Replaces the file at `path` with a `List` of `items`, atomically.
+pub fn write_objects(path: &Path, items: Vec<Value>) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+    // Not `*.json`: a loader reading the directory never sees it half written.
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(&list)?)?;
     std::fs::rename(&tmp, path)?;

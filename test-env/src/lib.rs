@@ -20,6 +20,7 @@ pub mod guard;
 pub mod kube_proxy;
 pub mod matrix;
 pub mod netns;
+pub mod netpol;
 pub mod node;
 pub mod pod;
 pub mod podman;

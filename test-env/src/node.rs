@@ -39,6 +39,9 @@ pub struct Underlay {
     pub node_ips: Vec<IpAddr>,
     /// The cluster's node list, shared by every node's loader.
     pub peers_file: PathBuf,
+    /// The cluster's objects (NetworkPolicies, Pods, Namespaces): a directory of
+    /// Kubernetes JSON every node's loader reads, unless a test gives its own.
+    pub cluster_state: PathBuf,
 }
 
 impl Node {
@@ -111,10 +114,15 @@ impl Node {
                             .subnets
                             .iter()
                             .flat_map(|s| ["--pod-cidr".to_string(), s.to_string()]);
+                        let cluster_state = (!run_flags.contains(&"--cluster-state"))
+                            .then(|| ["--cluster-state".to_string(), u.cluster_state.display().to_string()])
+                            .into_iter()
+                            .flatten();
                         ["--uplink", "eth0", "--peers-file", u.peers_file.to_str().unwrap()]
                             .map(String::from)
                             .into_iter()
                             .chain(pod_cidrs)
+                            .chain(cluster_state)
                     }),
             )
             .stdin(Stdio::null())

@@ -126,6 +126,12 @@ impl IpKey {
         Self { addr: octets }
     }
 
+    /// Whether this is an IPv4 address (mapped).
+    #[inline(always)]
+    pub fn is_v4_mapped(&self) -> bool {
+        self.addr[..10] == [0; 10] && self.addr[10] == 0xff && self.addr[11] == 0xff
+    }
+
     /// The address as Rust sees it: mapped addresses come back as IPv4.
     pub fn ip(&self) -> IpAddr {
         let v6 = Ipv6Addr::from(self.addr);

@@ -137,7 +137,13 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     } else {
         let local = unsafe { VELOX_ENDPOINTS.get(&packet.dst.addr) };
         let sender_slot = sender.map_or(NO_SLOT, |sender| sender.slot);
-        police(&packet, sender_slot, local.map_or(NO_SLOT, |e| e.slot), &mut verdict);
+        police(
+            &ctx,
+            &packet,
+            sender_slot,
+            local.map_or(NO_SLOT, |e| e.slot),
+            &mut verdict,
+        );
         if verdict.result != ALLOWED {
             verdict.result
         } else if let Some(endpoint) = local {
@@ -202,7 +208,7 @@ pub fn from_net(ctx: TcContext) -> i32 {
         if is_kernel_flow(&packet) {
             PASS
         } else {
-            police(&packet, NO_SLOT, endpoint.slot, &mut verdict);
+            police(&ctx, &packet, NO_SLOT, endpoint.slot, &mut verdict);
             if verdict.result == ALLOWED {
                 to_local_pod(&ctx, endpoint)
             } else {

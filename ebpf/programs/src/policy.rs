@@ -5,13 +5,19 @@
 //! changed the rules) walks the rules.
 
 use aya_ebpf::{
-    bindings::BPF_ANY,
+    bindings::{
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+        BPF_ANY, BPF_F_CURRENT_NETNS,
+    },
     btf_maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap},
+    helpers::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::btf_map,
+    programs::TcContext,
 };
 use velox_common::{
-    FlowEnd, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, EGRESS, INGRESS, ISOLATED_EGRESS, ISOLATED_INGRESS,
-    MAX_ENDPOINTS, MAX_POLICY_FLOWS, MAX_POLICY_RULES, MAX_PORT_RULES, POLICY_KEY_FIXED_BITS, RULES_VERSION,
+    FlowEnd, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, EGRESS, INGRESS, IPPROTO_TCP, IPPROTO_UDP,
+    ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_ENDPOINTS, MAX_POLICY_FLOWS, MAX_POLICY_RULES, MAX_PORT_RULES,
+    POLICY_KEY_FIXED_BITS, RULES_VERSION,
 };
 
 use crate::{Packet, NO_SLOT};
@@ -51,9 +57,11 @@ pub struct Verdict {
 /// Decides `packet` from the pod in `src_slot` to the pod in `dst_slot` (`NO_SLOT`
 /// for an end that is not a pod of this node: its node, if any, polices it).
 #[inline(always)]
-pub fn police(packet: &Packet, src_slot: u32, dst_slot: u32, verdict: &mut Verdict) {
+pub fn police(ctx: &TcContext, packet: &Packet, src_slot: u32, dst_slot: u32, verdict: &mut Verdict) {
     let (src_flags, dst_flags) = (flags(src_slot), flags(dst_slot));
-    if src_flags & ISOLATED_EGRESS == 0 && dst_flags & ISOLATED_INGRESS == 0 {
+    // Connections of an isolated pod are followed whichever way they go: the replies
+    // of one the pod accepted pass its egress rules, and the reverse.
+    if (src_flags | dst_flags) & (ISOLATED_INGRESS | ISOLATED_EGRESS) == 0 {
         return;
     }
     let generation = VELOX_POLICY_GENERATION.get(0).map_or(0, |g| *g);
@@ -112,6 +120,70 @@ pub fn police(packet: &Packet, src_slot: u32, dst_slot: u32, verdict: &mut Verdi
         if again.result == ALLOWED {
             unsafe { *seen = generation };
             *verdict = Verdict::default();
+            return;
+        }
+    }
+    // The host reaches its pods through the kernel, where no program sees the
+    // connection open (kubelet's probes): their replies pass.
+    if verdict.result == DENIED_EGRESS && src_slot != NO_SLOT && host_has_connection(ctx, packet) {
+        *verdict = Verdict::default();
+    }
+}
+
+/// `TCP_LISTEN` in `bpf_sock.state`.
+const TCP_LISTEN: u32 = 10;
+
+/// Whether a socket of the node's own netns is connected to exactly the pod end that
+/// sent `packet`: a TCP connection past listening, or a connected UDP socket.
+#[inline(always)]
+fn host_has_connection(ctx: &TcContext, packet: &Packet) -> bool {
+    // SAFETY: all-zero is a valid tuple.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let (src, dst) = (&packet.src.addr.addr, &packet.dst.addr.addr);
+    let word = |a: &[u8; 16], i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    let size = if packet.src.addr.is_v4_mapped() {
+        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: word(src, 12),
+            daddr: word(dst, 12),
+            sport: packet.src.port,
+            dport: packet.dst.port,
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    } else {
+        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: [word(src, 0), word(src, 4), word(src, 8), word(src, 12)],
+            daddr: [word(dst, 0), word(dst, 4), word(dst, 8), word(dst, 12)],
+            sport: packet.src.port,
+            dport: packet.dst.port,
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    } as u32;
+    let skb = ctx.skb.skb as *mut _;
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    // SAFETY: the helpers read `tuple`; a socket they return is released. Each
+    // protocol keeps its own lookup and read: the verifier refuses one instruction
+    // that reads a `sock_common` on one path and a full socket on another.
+    unsafe {
+        match packet.src.proto {
+            IPPROTO_TCP => {
+                let socket = bpf_skc_lookup_tcp(skb, &mut tuple, size, netns, 0);
+                if socket.is_null() {
+                    return false;
+                }
+                let state = core::ptr::read_volatile(&(*socket).state);
+                bpf_sk_release(socket as *mut _);
+                state != TCP_LISTEN
+            }
+            IPPROTO_UDP => {
+                let socket = bpf_sk_lookup_udp(skb, &mut tuple, size, netns, 0);
+                if socket.is_null() {
+                    return false;
+                }
+                let peer_port = core::ptr::read_volatile(&(*socket).dst_port);
+                bpf_sk_release(socket as *mut _);
+                peer_port != 0
+            }
+            _ => false,
         }
     }
 }

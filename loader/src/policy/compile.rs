@@ -712,7 +712,10 @@ mod tests {
         for to in ["x/a", "x/b", "x/c"] {
             denied.extend(denied_into(to, &[]));
         }
-        assert_eq!(truth(&grid, &[deny.clone()], IPPROTO_TCP, 80), expect(denied));
+        assert_eq!(
+            truth(&grid, std::slice::from_ref(&deny), IPPROTO_TCP, 80),
+            expect(denied)
+        );
         let compiled = grid.compile(&[deny]);
         assert_eq!(compiled.pods[&grid.slot("x/a")].isolation, ISOLATED_INGRESS);
         assert!(compiled.pods[&grid.slot("x/a")].rules.is_empty());

@@ -12,6 +12,9 @@
 //! (a connection-rate test); prints `{"connections", "per_second", "p50_us", "p99_us"}`.
 //! `velox-probe serve ADDR`: the other end of `crr` and `tcp`, until killed: one byte
 //! per connection.
+//! `velox-probe serve-ports PORT...`: what a pod of the network policy grid serves,
+//! until killed: on each port of both families, TCP (one byte per connection, then
+//! an echo until the client closes) and UDP (each datagram echoed).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -119,8 +122,57 @@ fn serve(on: SocketAddr) -> std::io::Result<()> {
     }
 }
 
+/// One byte, then what the client sends back to it, until it closes.
+fn echo(mut stream: TcpStream) -> std::io::Result<()> {
+    stream.write_all(b"x")?;
+    let mut buf = [0u8; 512];
+    loop {
+        match stream.read(&mut buf)? {
+            0 => return Ok(()),
+            len => stream.write_all(&buf[..len])?,
+        }
+    }
+}
+
+/// TCP and UDP on `[::]:port` (IPv4 too, mapped) for every port.
+fn serve_ports(ports: &[u16]) -> std::io::Result<()> {
+    let mut threads = Vec::new();
+    for &port in ports {
+        let any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+        let listener = TcpListener::bind(any)?;
+        threads.push(std::thread::spawn(move || -> std::io::Result<()> {
+            loop {
+                let (stream, _) = listener.accept()?;
+                std::thread::spawn(move || echo(stream));
+            }
+        }));
+        let socket = UdpSocket::bind(any)?;
+        threads.push(std::thread::spawn(move || -> std::io::Result<()> {
+            let mut buf = [0u8; 512];
+            loop {
+                let (len, from) = socket.recv_from(&mut buf)?;
+                let _ = socket.send_to(&buf[..len], from);
+            }
+        }));
+    }
+    for thread in threads {
+        thread
+            .join()
+            .map_err(|_| std::io::Error::other("a server thread panicked"))??;
+    }
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("serve-ports") {
+        let ports: Vec<u16> = args[2..].iter().filter_map(|p| p.parse().ok()).collect();
+        if let Err(e) = serve_ports(&ports) {
+            eprintln!("velox-probe serve-ports: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let (Some(mode), Some(to)) = (args.get(1), args.get(2).and_then(|a| a.parse().ok())) else {
         eprintln!("usage: velox-probe tcp|udp|udp-sendto|serve ADDR:PORT, velox-probe crr ADDR:PORT SECONDS");
         std::process::exit(2);
