@@ -138,6 +138,7 @@ pub fn monitor(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Resul
     let store = EndpointStore::new(state_dir);
     let mut pods: HashMap<u32, String> = HashMap::new();
     let mut names = PolicyNames::default();
+    let mut names_read = None;
     let mut renewed: Option<Instant> = None;
     let mut out = std::io::stdout().lock();
     if !json {
@@ -147,12 +148,20 @@ pub fn monitor(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Resul
         if renewed.is_none_or(|at| at.elapsed() >= RENEW_EVERY) {
             events.listen_until(monotonic_ns()? + LISTEN_AHEAD.as_nanos() as u64)?;
             renewed = Some(Instant::now());
-            names = PolicyNames::read(state_dir);
             pods = store
                 .list()?
                 .into_iter()
                 .map(|r| (r.host_ifindex, format!("{} {}", r.container_id, r.ifname)))
                 .collect();
+        }
+        // The loader rewrites the names as policies and pods change: the events of a
+        // new policy must name it.
+        let names_written = std::fs::metadata(state_dir.policy_names())
+            .and_then(|m| m.modified())
+            .ok();
+        if names_written != names_read {
+            names = PolicyNames::read(state_dir);
+            names_read = names_written;
         }
         while let Some(event) = events.next_event() {
             let event = Event::new(&event, &names, &pods);

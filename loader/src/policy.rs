@@ -235,3 +235,27 @@ fn key(slot: u32, direction: u8, version: u8, prefix: &Prefix) -> PolicyKey {
         peer: prefix.ip_key(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_their_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = StateDir::new(dir.path());
+        let names = PolicyNames {
+            policies: vec!["x/allow-b".into()],
+            pods: [
+                ("fd00::1".parse().unwrap(), "x/a".into()),
+                ("10.0.0.1".parse().unwrap(), "x/a".into()),
+            ]
+            .into(),
+            selected_by: [("10.0.0.1".parse().unwrap(), vec!["x/allow-b".into()])].into(),
+        };
+        velox_node::fs::write_atomic(&state_dir.policy_names(), &serde_json::to_vec(&names).unwrap(), 0o600).unwrap();
+        assert_eq!(PolicyNames::read(&state_dir), names);
+        assert_eq!(names.policy(1).as_deref(), Some("x/allow-b"));
+        assert_eq!(names.policy(0), None);
+    }
+}

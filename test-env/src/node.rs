@@ -32,6 +32,40 @@ pub struct Node {
     pub underlay: Option<Underlay>,
 }
 
+/// A running `velox-loader monitor --json`; it stops when dropped.
+pub struct Monitor {
+    child: std::process::Child,
+    events: std::sync::mpsc::Receiver<Value>,
+}
+
+impl Monitor {
+    /// Calls `provoke` until an event `wanted` accepts comes, for up to `within`.
+    pub fn wait_for(
+        &self,
+        within: Duration,
+        mut provoke: impl FnMut(),
+        wanted: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            provoke();
+            while let Ok(event) = self.events.recv_timeout(Duration::from_millis(200)) {
+                if wanted(&event) {
+                    return Ok(event);
+                }
+            }
+        }
+        bail!("no such event within {within:?}")
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// How a cluster node reaches the others.
 #[derive(Clone, Debug)]
 pub struct Underlay {
@@ -297,7 +331,6 @@ impl Node {
             .collect())
     }
 
-    /// `velox-loader <view> --json` (endpoints, peers, stats) run in the node.
     /// The loader's Prometheus metrics, from `--metrics-address` `address` in the
     /// node's netns: each sample's name with labels, and its value.
     pub fn metrics(&self, address: &str) -> anyhow::Result<Vec<(String, f64)>> {
@@ -325,6 +358,7 @@ impl Node {
             .with_context(|| format!("velox-loader health: {}", String::from_utf8_lossy(&output.stderr)))
     }
 
+    /// `velox-loader <view> --json` (endpoints, peers, stats) run in the node.
     pub fn dump(&self, view: &str) -> anyhow::Result<Vec<Value>> {
         let output = in_netns(&self.name, self.bins.loader.to_str().unwrap(), &[])
             .args(["--bpffs-root", self.bpffs_root.to_str().unwrap()])
@@ -334,6 +368,27 @@ impl Node {
             bail!("velox-loader {view}: {}", String::from_utf8_lossy(&output.stderr));
         }
         Ok(serde_json::from_slice(&output.stdout)?)
+    }
+
+    /// `velox-loader monitor --json` on the node, its events read as they come.
+    pub fn monitor(&self) -> anyhow::Result<Monitor> {
+        use std::io::BufRead;
+        let mut child = in_netns(&self.name, self.bins.loader.to_str().unwrap(), &[])
+            .args(["--bpffs-root", self.bpffs_root.to_str().unwrap()])
+            .args(["--state-dir", self.state_dir.to_str().unwrap(), "monitor", "--json"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting velox-loader monitor")?;
+        let (lines, events) = std::sync::mpsc::channel();
+        let stdout = child.stdout.take().context("the monitor's stdout")?;
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(event) = serde_json::from_str(&line) {
+                    let _ = lines.send(event);
+                }
+            }
+        });
+        Ok(Monitor { child, events })
     }
 
     pub fn endpoints(&self) -> anyhow::Result<Vec<Value>> {

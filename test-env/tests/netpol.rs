@@ -647,3 +647,170 @@ fn conformance_ip_blocks_and_label_updates() {
         &r,
     );
 }
+
+#[test]
+fn open_connections_meet_policy_changes_replies_pass_and_every_verdict_is_visible() {
+    use velox_test_env::netpol::{connect, exchange};
+    let cluster = ClusterGuard::up("np4").unwrap();
+    let grid = Grid::up(&cluster).unwrap();
+    let node0 = &cluster.nodes[0];
+    let (a, b, c) = (grid.pod("x/a"), grid.pod("x/b"), grid.pod("x/c"));
+    assert_eq!((a.node, b.node, c.node), (0, 1, 0), "x/b across nodes, x/c beside x/a");
+    let to_a = |family| std::net::SocketAddr::new(a.pod.ip(family), 80);
+    let mut from_b = connect(&b.pod, to_a(Family::V4)).unwrap();
+    let mut from_c = connect(&c.pod, to_a(Family::V6)).unwrap();
+    assert!(exchange(&mut from_b) && exchange(&mut from_c));
+    let monitor = node0.monitor().unwrap();
+    let until = |what: &str, mut done: Box<dyn FnMut() -> bool + '_>| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+
+    // x/a admits x/b only: x/c's open connection stops, x/b's goes on.
+    let allow_b = policy(
+        "x",
+        "allow-b",
+        json!({"podSelector": pod_a(), "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+    );
+    grid.write_policies(std::slice::from_ref(&allow_b)).unwrap();
+    until(
+        "x/c's open connection to x/a is cut",
+        Box::new(|| !exchange(&mut from_c)),
+    );
+    for _ in 0..5 {
+        assert!(exchange(&mut from_b), "x/b's open connection goes on");
+    }
+    let denied = monitor
+        .wait_for(
+            std::time::Duration::from_secs(10),
+            || {
+                let _ = connect(&c.pod, to_a(Family::V4));
+            },
+            |e| e["reason"] == "policy-ingress",
+        )
+        .unwrap();
+    assert_eq!(denied["verdict"], "dropped", "{denied}");
+    assert_eq!(denied["src_pod"], "x/c", "{denied}");
+    assert_eq!(denied["dst_pod"], "x/a", "{denied}");
+    assert_eq!(denied["policies"], json!(["x/allow-b"]), "{denied}");
+    let counted = node0.endpoint(c.pod.ip(Family::V4)).unwrap();
+    assert!(counted["dropped_policy"].as_u64().unwrap() > 0, "{counted}");
+    let allowed = monitor
+        .wait_for(
+            std::time::Duration::from_secs(10),
+            || {
+                let _ = connect(&b.pod, to_a(Family::V6));
+            },
+            |e| e["verdict"] == "allowed",
+        )
+        .unwrap();
+    assert_eq!(allowed["reason"], "policy", "{allowed}");
+    assert_eq!(allowed["src_pod"], "x/b", "{allowed}");
+    assert_eq!(allowed["policies"], json!(["x/allow-b"]), "{allowed}");
+
+    // x/a may send nothing of its own now: replies to what it admits still pass,
+    // and so do the replies to its node's own connections (kubelet's probes).
+    let no_egress = policy(
+        "x",
+        "no-egress",
+        json!({"podSelector": pod_a(), "policyTypes": ["Egress"]}),
+    );
+    grid.write_policies(&[allow_b.clone(), no_egress]).unwrap();
+    let mut r = only_into_a(&grid, &["x/b"]);
+    r.expect_all_egress("x/a", false);
+    grid.expect("egress isolated too", &[TCP80], &r).unwrap();
+    for _ in 0..5 {
+        assert!(exchange(&mut from_b), "replies of x/b's connection pass x/a's egress");
+    }
+    for family in Family::ALL {
+        let to = to_a(family);
+        let probe = velox_test_env::netns::spawn_in(&node0.name, move || {
+            let mut stream = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2))?;
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+            let mut byte = [0u8; 1];
+            std::io::Read::read_exact(&mut stream, &mut byte)?;
+            Ok(byte)
+        });
+        assert!(probe.join().unwrap().is_ok(), "the node reaches x/a over {family:?}");
+    }
+
+    // Everything deleted: x/c connects again.
+    grid.write_policies(&[]).unwrap();
+    until(
+        "x/c connects once the policies are gone",
+        Box::new(|| connect(&c.pod, to_a(Family::V6)).is_ok()),
+    );
+    assert!(exchange(&mut from_b));
+}
+
+/// A pod whose labels move it from one policy to another is never denied on the
+/// way, and a pod neither admits is never let in: each pod's rules change at once.
+#[test]
+fn a_label_change_opens_no_window_either_way() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let cluster = ClusterGuard::up("np5").unwrap();
+    let mut grid = Grid::up(&cluster).unwrap();
+    let from = |role| json!({"podSelector": pod_a(), "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": role}}}]}]});
+    let policies = [policy("x", "blue", from("blue")), policy("x", "green", from("green"))];
+    grid.pod_mut("x/b").labels.insert("role".into(), "blue".into());
+    case(
+        &grid,
+        "x/b admitted as blue",
+        &policies,
+        &[TCP80],
+        &only_into_a(&grid, &["x/b"]),
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (refused, admitted, tries) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let to = std::net::SocketAddr::new(grid.pod("x/a").pod.ip(Family::V4), 80);
+    let prober = |pod: &velox_test_env::Pod, wrong: Arc<AtomicUsize>, should_answer: bool| {
+        let (stop, tries, name) = (stop.clone(), tries.clone(), pod.name.clone());
+        velox_test_env::netns::spawn_in(&name, move || {
+            while !stop.load(Ordering::Relaxed) {
+                let answered = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_millis(300))
+                    .and_then(|mut s| {
+                        s.set_read_timeout(Some(std::time::Duration::from_millis(300)))?;
+                        std::io::Read::read_exact(&mut s, &mut [0u8; 1])
+                    })
+                    .is_ok();
+                tries.fetch_add(1, Ordering::Relaxed);
+                if answered != should_answer {
+                    wrong.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(())
+        })
+    };
+    let b_prober = prober(&grid.pod("x/b").pod, refused.clone(), true);
+    let c_prober = prober(&grid.pod("x/c").pod, admitted.clone(), false);
+    for round in 0..10 {
+        let role = if round % 2 == 0 { "green" } else { "blue" };
+        grid.pod_mut("x/b").labels.insert("role".into(), role.into());
+        grid.write_policies(&policies).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(600));
+    }
+    stop.store(true, Ordering::Relaxed);
+    b_prober.join().unwrap().unwrap();
+    c_prober.join().unwrap().unwrap();
+    let tries = tries.load(Ordering::Relaxed);
+    assert!(tries > 20, "{tries} connections tried");
+    assert_eq!(
+        refused.load(Ordering::Relaxed),
+        0,
+        "x/b refused during a relabel ({tries} tries)"
+    );
+    assert_eq!(
+        admitted.load(Ordering::Relaxed),
+        0,
+        "x/c let in during a relabel ({tries} tries)"
+    );
+}

@@ -772,35 +772,17 @@ fn metrics_show_each_pods_counters_the_maps_and_the_reconcile_passes() {
 
 #[test]
 fn the_monitor_shows_each_drop_with_its_ends_and_pod_while_it_listens() {
-    use std::io::BufRead;
     let node = NodeGuard::up("monitor").unwrap();
     let (a, b) = (node.add_pod("a").unwrap(), node.add_pod("b").unwrap());
-    let mut monitor = velox_test_env::in_netns(&node.name, node.bins.loader.to_str().unwrap(), &[])
-        .args(["--bpffs-root", node.bpffs_root.to_str().unwrap()])
-        .args(["--state-dir", node.state_dir.to_str().unwrap(), "monitor", "--json"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (lines, received) = std::sync::mpsc::channel();
-    let stdout = monitor.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = lines.send(line);
-        }
-    });
+    let monitor = node.monitor().unwrap();
     // a sends from an address that is not its own.
     run("ip", &["-n", &a.name, "addr", "add", "198.51.100.7/32", "dev", "eth0"]).unwrap();
     let to = b.ip(Family::V4).to_string();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let drop = loop {
-        assert!(std::time::Instant::now() < deadline, "no drop event came");
+    let provoke = || {
         let _ = a.exec("ping", &["-c", "1", "-W", "1", "-I", "198.51.100.7", &to]);
-        if let Ok(line) = received.recv_timeout(Duration::from_millis(500)) {
-            break serde_json::from_str::<Value>(&line).unwrap();
-        }
     };
-    monitor.kill().unwrap();
-    let _ = monitor.wait();
+    let drop = monitor.wait_for(Duration::from_secs(10), provoke, |_| true).unwrap();
+    assert_eq!(drop["verdict"], "dropped", "{drop}");
     assert_eq!(drop["reason"], "spoofed", "{drop}");
     assert_eq!(drop["protocol"], "ICMP", "{drop}");
     assert_eq!(

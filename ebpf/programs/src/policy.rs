@@ -96,11 +96,13 @@ pub fn police(ctx: &TcContext, packet: &Packet, src_slot: u32, dst_slot: u32, ve
         verdict,
     );
     if verdict.result == ALLOWED {
+        // Traffic the rules allow one way makes its replies allowed, also for a
+        // connection that was open before its pod was isolated.
         if let Some(seen) = opened {
             unsafe { *seen = generation };
-        } else if packet.opens {
+        } else {
             let _ = VELOX_POLICY_FLOWS.insert(&forward, generation, BPF_ANY as u64);
-            verdict.new_connection = true;
+            verdict.new_connection = packet.opens;
         }
         return;
     }
