@@ -47,7 +47,22 @@ pub const ENDPOINT_SLICES: Resource = Resource {
     kind: "EndpointSlice",
     api_version: "discovery.k8s.io/v1",
 };
-const RESOURCES: [Resource; 3] = [NODES, SERVICES, ENDPOINT_SLICES];
+pub const PODS: Resource = Resource {
+    plural: "pods",
+    kind: "Pod",
+    api_version: "v1",
+};
+pub const NAMESPACES: Resource = Resource {
+    plural: "namespaces",
+    kind: "Namespace",
+    api_version: "v1",
+};
+pub const NETWORK_POLICIES: Resource = Resource {
+    plural: "networkpolicies",
+    kind: "NetworkPolicy",
+    api_version: "networking.k8s.io/v1",
+};
+const RESOURCES: [Resource; 6] = [NODES, SERVICES, ENDPOINT_SLICES, PODS, NAMESPACES, NETWORK_POLICIES];
 
 /// One request as RBAC sees it: API group, resource (with `/status` for a
 /// subresource), verb.
@@ -322,7 +337,8 @@ fn status(code: u16, reason: &str, message: String) -> Response<Body> {
 fn route(path: &str) -> Option<(Resource, Option<String>, Option<String>)> {
     let rest = path
         .strip_prefix("/api/v1/")
-        .or_else(|| path.strip_prefix("/apis/discovery.k8s.io/v1/"))?;
+        .or_else(|| path.strip_prefix("/apis/discovery.k8s.io/v1/"))
+        .or_else(|| path.strip_prefix("/apis/networking.k8s.io/v1/"))?;
     let mut parts: Vec<&str> = rest.split('/').collect();
     if parts.first() == Some(&"namespaces") && parts.len() >= 3 {
         parts.drain(..2);

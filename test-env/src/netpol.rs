@@ -44,22 +44,32 @@ pub struct GridPod {
 
 impl GridPod {
     fn object(&self, node_name: &str) -> Value {
-        let ports: Vec<Value> = PORTS
-            .iter()
-            .flat_map(|port| {
-                [("tcp", "TCP"), ("udp", "UDP")].map(|(suffix, protocol)| {
-                    json!({"name": format!("serve-{port}-{suffix}"), "containerPort": port, "protocol": protocol})
-                })
-            })
-            .collect();
-        let ips: Vec<Value> = self.pod.ips.iter().map(|ip| json!({"ip": ip})).collect();
-        json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"namespace": self.namespace, "name": self.name, "labels": self.labels},
-            "spec": {"nodeName": node_name, "containers": [{"name": "server", "ports": ports}]},
-            "status": {"phase": "Running", "podIP": self.pod.ips[0], "podIPs": ips},
-        })
+        pod_object(&self.namespace, &self.name, &self.labels, node_name, &self.pod)
     }
+}
+
+/// `pod` as the API server shows it: running on `node_name` with its addresses,
+/// serving the grid's named ports.
+pub fn pod_object(namespace: &str, name: &str, labels: &BTreeMap<String, String>, node_name: &str, pod: &Pod) -> Value {
+    let ports: Vec<Value> = PORTS
+        .iter()
+        .flat_map(|port| {
+            [("tcp", "TCP"), ("udp", "UDP")].map(|(suffix, protocol)| {
+                json!({"name": format!("serve-{port}-{suffix}"), "containerPort": port, "protocol": protocol})
+            })
+        })
+        .collect();
+    let ips: Vec<Value> = pod.ips.iter().map(|ip| json!({"ip": ip})).collect();
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": namespace, "name": name, "labels": labels},
+        "spec": {"nodeName": node_name, "containers": [{"name": "server", "ports": ports}]},
+        "status": {"phase": "Running", "podIP": pod.ips[0], "podIPs": ips},
+    })
+}
+
+pub fn namespace_object(name: &str, labels: &BTreeMap<String, String>) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
 }
 
 /// The grid on a cluster; its servers stop when it drops (the cluster's teardown
@@ -145,7 +155,7 @@ impl<'a> Grid<'a> {
         let namespaces = self
             .namespace_labels
             .iter()
-            .map(|(name, labels)| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}))
+            .map(|(name, labels)| namespace_object(name, labels))
             .collect();
         write_objects(&dir.join("namespaces.json"), namespaces)
     }

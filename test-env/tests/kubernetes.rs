@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use velox_test_env::apiserver::{ApiServer, ENDPOINT_SLICES, NODES, SERVICES};
+use velox_test_env::apiserver::{ApiServer, ENDPOINT_SLICES, NETWORK_POLICIES, NODES, SERVICES};
 use velox_test_env::backend::Backend;
 use velox_test_env::cluster::node_object;
 use velox_test_env::cluster_state::{ServicePort, ServiceSpec};
@@ -430,4 +430,52 @@ fn the_manifest_grants_exactly_what_the_loader_asks_and_runs_only_the_loader() {
             .and_then(|e| e.command.clone());
         assert_eq!(command, Some(vec!["velox-loader".to_string(), "health".to_string()]));
     }
+}
+
+#[test]
+fn network_policies_pods_and_namespaces_from_the_api_server_reach_the_datapath() {
+    use velox_test_env::netpol::{namespace_object, pod_object, policy};
+    let (cluster, api) = cluster_on_the_api_server("kp");
+    api.apply(namespace_object(
+        "default",
+        &[("team".to_string(), "one".to_string())].into(),
+    ))
+    .unwrap();
+    let roles = [("pod-1", "server"), ("pod-2", "client"), ("pod-3", "other")];
+    for (node, pod) in cluster.pods().unwrap() {
+        let role = roles
+            .iter()
+            .find(|(name, _)| pod.name.ends_with(name))
+            .map_or("none", |(_, r)| r);
+        let labels = [("role".to_string(), role.to_string())].into();
+        api.apply(pod_object(
+            "default",
+            &pod.name,
+            &labels,
+            &cluster.nodes[node].name,
+            &pod,
+        ))
+        .unwrap();
+    }
+    let (server, client, other) = (cluster.pod("pod-1"), cluster.pod("pod-2"), cluster.pod("pod-3"));
+    let server_ip = server.ip(Family::V4);
+    api.apply(policy(
+        "default",
+        "clients-only",
+        serde_json::json!({"podSelector": {"matchLabels": {"role": "server"}},
+                           "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}]}]}),
+    ))
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || !other.ping(server_ip, 1)),
+        "the policy from the API server isolates pod-1"
+    );
+    assert!(client.ping(server_ip, 2), "the client it admits gets through");
+    api.delete(NETWORK_POLICIES, "default", "clients-only");
+    assert!(
+        wait_for(Duration::from_secs(10), || other.ping(server_ip, 1)),
+        "deleted, the policy stops applying"
+    );
+    drop(api);
+    cluster.finish().unwrap();
 }
