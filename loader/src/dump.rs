@@ -1,6 +1,7 @@
 //! The operator's views of the datapath: `endpoints` (the endpoint map joined with
-//! the records), `peers` (the peer map), `stats` (every interface's counters) and
-//! `kernel-flows` (the connection ends whose packets go to the kernel).
+//! the records), `peers` (the peer map), `stats` (every interface's counters),
+//! `kernel-flows` (the connection ends whose packets go to the kernel), `services`
+//! and `policy` (each isolated pod's live rules).
 
 use comfy_table::{presets::NOTHING, Table};
 use ipnet::IpNet;
@@ -230,7 +231,101 @@ pub fn kernel_flows(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
     print(&rows, json, ["PROTO", "POD END", "SEEN ON", "IFINDEX"], table)
 }
 
-fn protocol_name(proto: u8) -> String {
+#[derive(Serialize)]
+struct PolicyRow {
+    slot: u32,
+    /// `namespace/name`, as the cluster reports the pod's address.
+    pod: String,
+    direction: &'static str,
+    /// A peer prefix, or `nothing` for a direction isolated without any rule.
+    peer: String,
+    ports: String,
+    policies: Vec<String>,
+}
+
+/// Every isolated pod's live rules, by slot and direction.
+pub fn policy(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Result<()> {
+    use velox_common::{EGRESS, ISOLATED_EGRESS, ISOLATED_INGRESS};
+    let maps = velox_node::maps::PolicyMaps::open(bpffs)?;
+    let names = crate::policy::PolicyNames::read(state_dir);
+    let pods: BTreeMap<u32, String> = EndpointStore::new(state_dir)
+        .list()?
+        .into_iter()
+        .map(|r| {
+            let name = r.ips.iter().find_map(|ip| names.pods.get(ip)).cloned();
+            (r.slot, name.unwrap_or(r.container_id))
+        })
+        .collect();
+    let states: BTreeMap<u32, velox_common::PolicyState> = maps.states()?.into_iter().collect();
+    let mut rows = Vec::new();
+    let mut ruled = std::collections::BTreeSet::new();
+    for (key, prefix, ports) in maps.rules()? {
+        if states.get(&key.slot).map(|s| s.version()) != Some(key.version) {
+            continue; // the other version: being written, or left by an update
+        }
+        let peer = key.peer.ip();
+        let len = if peer.is_ipv4() {
+            prefix - velox_common::IPV4_MAPPED_PREFIX
+        } else {
+            prefix
+        };
+        let rules = ports.rules.iter().take_while(|r| r.policy != 0);
+        ruled.insert((key.slot, key.direction));
+        rows.push(PolicyRow {
+            slot: key.slot,
+            pod: pods.get(&key.slot).cloned().unwrap_or_default(),
+            direction: if key.direction == EGRESS { "egress" } else { "ingress" },
+            peer: if prefix == 0 {
+                "any".into()
+            } else {
+                format!("{peer}/{len}")
+            },
+            ports: rules
+                .clone()
+                .map(|r| match r.proto {
+                    velox_common::ANY_PROTOCOL => "any".to_string(),
+                    proto if r.first == r.last => format!("{} {}", protocol_name(proto), r.first),
+                    proto => format!("{} {}-{}", protocol_name(proto), r.first, r.last),
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            policies: rules.filter_map(|r| names.policy(r.policy)).collect(),
+        });
+    }
+    for (slot, state) in &states {
+        for (flag, direction, name) in [(ISOLATED_INGRESS, 0, "ingress"), (ISOLATED_EGRESS, EGRESS, "egress")] {
+            if state.flags & flag != 0 && !ruled.contains(&(*slot, direction)) {
+                rows.push(PolicyRow {
+                    slot: *slot,
+                    pod: pods.get(slot).cloned().unwrap_or_default(),
+                    direction: name,
+                    peer: "nothing".into(),
+                    ports: String::new(),
+                    policies: Vec::new(),
+                });
+            }
+        }
+    }
+    rows.sort_by(|a, b| (a.slot, a.direction, &a.peer).cmp(&(b.slot, b.direction, &b.peer)));
+    let table = rows.iter().map(|r| {
+        [
+            r.slot.to_string(),
+            r.pod.clone(),
+            r.direction.to_string(),
+            r.peer.clone(),
+            r.ports.clone(),
+            r.policies.join(", "),
+        ]
+    });
+    print(
+        &rows,
+        json,
+        ["SLOT", "POD", "DIRECTION", "PEER", "PORTS", "POLICIES"],
+        table,
+    )
+}
+
+pub fn protocol_name(proto: u8) -> String {
     match proto {
         1 | 58 => "icmp".into(),
         6 => "tcp".into(),
@@ -240,7 +335,7 @@ fn protocol_name(proto: u8) -> String {
     }
 }
 
-fn socket_address(end: &FlowEnd) -> std::net::SocketAddr {
+pub fn socket_address(end: &FlowEnd) -> std::net::SocketAddr {
     std::net::SocketAddr::new(end.addr.ip(), u16::from_be(end.port))
 }
 

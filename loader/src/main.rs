@@ -140,8 +140,10 @@ enum Commands {
         #[arg(long, default_value_t = 2)]
         timeout: u64,
     },
-    /// Every packet the datapath drops from now on, with its connection ends, the
-    /// interface and the pod (like `cilium monitor --type drop`); until interrupted.
+    /// Every packet the datapath drops from now on, and every new connection a
+    /// policy rule allows, with its connection ends, their pods, the interface and
+    /// the deciding policies (like `cilium monitor --type drop`, `hubble observe`);
+    /// until interrupted.
     Monitor {
         /// One JSON object per line instead of text.
         #[arg(long)]
@@ -169,6 +171,13 @@ enum Commands {
     /// The socket load balancer's Services as the datapath sees them: each frontend
     /// with its backends.
     Services {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Each pod a NetworkPolicy isolates, with its live rules: per direction, the
+    /// peer prefixes and the ports it may use with them, and the policies behind them.
+    Policy {
         /// One JSON array instead of a table.
         #[arg(long)]
         json: bool,
@@ -292,5 +301,6 @@ fn main() -> anyhow::Result<()> {
         Commands::Stats { json } => dump::stats(&bpffs, json),
         Commands::KernelFlows { json } => dump::kernel_flows(&bpffs, json),
         Commands::Services { json } => dump::services(&bpffs, json),
+        Commands::Policy { json } => dump::policy(&bpffs, &state_dir, json),
     }
 }

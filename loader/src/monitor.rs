@@ -10,13 +10,13 @@ use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use velox_common::{
-    FlowEnd, FlowEvent, DROP_NO_INTERFACE, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS, DROP_SPOOFED, IPPROTO_SCTP,
-    IPPROTO_TCP, IPPROTO_UDP, VERDICT_ALLOWED,
+    FlowEvent, DROP_NO_INTERFACE, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS, DROP_SPOOFED, VERDICT_ALLOWED,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::maps::FlowEvents;
 use velox_node::{Bpffs, StateDir};
 
+use crate::dump::{protocol_name, socket_address};
 use crate::policy::PolicyNames;
 
 /// How far ahead a monitor sets the deadline, and how often it renews it.
@@ -58,7 +58,7 @@ impl Event {
         let ifname = nix::net::if_::if_indextoname(event.ifindex)
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|_| event.ifindex.to_string());
-        let (src, dst) = (socket(&event.src), socket(&event.dst));
+        let (src, dst) = (socket_address(&event.src), socket_address(&event.dst));
         let selecting = |ip: IpAddr| names.selected_by.get(&ip).cloned().unwrap_or_default();
         let policies = match event.reason {
             VERDICT_ALLOWED => [event.egress_policy, event.ingress_policy]
@@ -76,7 +76,7 @@ impl Event {
                 "dropped"
             },
             reason: reason(event.reason),
-            protocol: protocol(&event.src),
+            protocol: protocol_name(event.src.proto).to_uppercase(),
             src,
             dst,
             src_pod: names.pods.get(&src.ip()).cloned(),
@@ -111,20 +111,6 @@ impl Event {
                 .unwrap_or_default()
         )
     }
-}
-
-fn protocol(end: &FlowEnd) -> String {
-    match end.proto {
-        IPPROTO_TCP => "TCP".into(),
-        IPPROTO_UDP => "UDP".into(),
-        IPPROTO_SCTP => "SCTP".into(),
-        1 | 58 => "ICMP".into(),
-        other => other.to_string(),
-    }
-}
-
-fn socket(end: &FlowEnd) -> SocketAddr {
-    SocketAddr::new(end.addr.ip(), u16::from_be(end.port))
 }
 
 /// The clock `bpf_ktime_get_ns` reads.

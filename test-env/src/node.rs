@@ -503,9 +503,13 @@ impl TearDown for Node {
 impl NodeGuard {
     /// A fresh node whose names are unique to this process, so tests run in parallel.
     pub fn up(tag: &str) -> anyhow::Result<Self> {
+        Self::up_with_subnets(tag, Node::default_subnets())
+    }
+
+    /// `up`, with other pod CIDRs (more pods than a /24 holds).
+    pub fn up_with_subnets(tag: &str, subnets: Vec<IpNet>) -> anyhow::Result<Self> {
         let name = format!("vt{}-{tag}", std::process::id());
-        let node = Node::new(&name, Node::default_subnets(), Binaries::locate()?);
-        let guard = Self(node);
+        let guard = Self(Node::new(&name, subnets, Binaries::locate()?));
         guard.0.up()?;
         Ok(guard)
     }

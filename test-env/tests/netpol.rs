@@ -814,3 +814,89 @@ fn a_label_change_opens_no_window_either_way() {
         "x/c let in during a relabel ({tries} tries)"
     );
 }
+
+/// 1,000 pods on one node, each isolated by a policy of its own that admits the
+/// next pod: every pod's rules reach the maps, the datapath enforces them, and a
+/// relabel moves one pod between policies.
+#[test]
+fn a_thousand_policies_over_a_thousand_pods_on_one_node() {
+    use velox_test_env::netpol::{namespace_object, pod_object};
+    use velox_test_env::NodeGuard;
+    const PODS: usize = 1000;
+    let subnets = vec!["200.200.0.0/21".parse().unwrap(), "fd00:200:1::/64".parse().unwrap()];
+    let node = NodeGuard::up_with_subnets("np1k", subnets).unwrap();
+    let state = node.state_dir.join("objects");
+    node.stop_loader(nix::sys::signal::Signal::SIGTERM).unwrap();
+    node.start_loader_with(&["--cluster-state", state.to_str().unwrap()])
+        .unwrap();
+    let started = std::time::Instant::now();
+    let pods: Vec<velox_test_env::Pod> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..8)
+            .map(|worker| {
+                let node = &node;
+                scope.spawn(move || {
+                    (worker..PODS)
+                        .step_by(8)
+                        .map(|i| (i, node.add_pod(&format!("p{i}")).unwrap()))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut pods: Vec<_> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+        pods.sort_by_key(|(i, _)| *i);
+        pods.into_iter().map(|(_, p)| p).collect()
+    });
+    eprintln!("{PODS} pods added in {:?}", started.elapsed());
+    let app = |i: usize| [("app".to_string(), format!("p{i}"))].into();
+    let write_pods = |labels: &dyn Fn(usize) -> std::collections::BTreeMap<String, String>| {
+        let objects = (0..PODS)
+            .map(|i| pod_object("default", &format!("p{i}"), &labels(i), &node.name, &pods[i]))
+            .chain([namespace_object("default", &Default::default())])
+            .collect();
+        velox_test_env::cluster_state::write_objects(&state.join("pods.json"), objects).unwrap();
+    };
+    write_pods(&app);
+    let policies = (0..PODS)
+        .map(|i| {
+            policy(
+                "default",
+                &format!("p{i}"),
+                json!({"podSelector": {"matchLabels": {"app": format!("p{i}")}},
+                       "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": format!("p{}", (i + 1) % PODS)}}}]}]}),
+            )
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    velox_test_env::cluster_state::write_objects(&state.join("policies.json"), policies).unwrap();
+    // Each pod: an entry for each address of the one pod it admits.
+    let rules = || node.dump("policy").map(|rows| rows.len()).unwrap_or(0);
+    assert!(
+        velox_test_env::wait_for(std::time::Duration::from_secs(60), || rules() == 2 * PODS),
+        "{} rule rows instead of {}",
+        rules(),
+        2 * PODS
+    );
+    eprintln!("{PODS} policies applied in {:?}", started.elapsed());
+    let p0 = pods[0].ip(Family::V4);
+    assert!(pods[1].ping(p0, 1), "p1 is admitted into p0");
+    assert!(!pods[2].ping(p0, 1), "p2 is not");
+    assert!(
+        pods[PODS - 1].ping(pods[PODS - 2].ip(Family::V6), 1),
+        "the last pair, IPv6"
+    );
+
+    // p2 takes p1's label: p0 admits it, and p2's own policy no longer selects it.
+    let relabeled = |i: usize| if i == 2 { app(1) } else { app(i) };
+    let started = std::time::Instant::now();
+    write_pods(&relabeled);
+    assert!(
+        velox_test_env::wait_for(std::time::Duration::from_secs(30), || pods[2].ping(p0, 1)),
+        "p2 admitted once relabeled"
+    );
+    eprintln!("a relabel applied in {:?}", started.elapsed());
+    assert!(
+        !pods[3].ping(pods[2].ip(Family::V4), 1),
+        "p2's old policy, which admitted p3, no longer applies: p1's, which admits no one now, does"
+    );
+    node.finish().unwrap();
+}
