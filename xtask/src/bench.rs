@@ -12,6 +12,7 @@ use velox_common::{FROM_NET_PROGRAM, FROM_POD_PROGRAM};
 use velox_test_env::reference::ReferenceNode;
 use velox_test_env::{direct_veth_pair, remove_direct_veth_pair, run, Binaries, Cluster, Family, Node, Pod};
 
+use crate::policy_bench;
 use crate::report;
 use crate::service_bench;
 
@@ -38,6 +39,11 @@ pub struct BenchArgs {
     /// socket LB vs kube-proxy); `--services` with no value skips it.
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "1,1000,10000")]
     pub services: Vec<usize>,
+    /// Policy counts for the NetworkPolicy section (established flows and new
+    /// connections, Velox's eBPF vs iptables FORWARD rules); `--policies` with no
+    /// value skips it.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "0,100,1000")]
+    pub policies: Vec<usize>,
     /// Pods per control-plane configuration.
     #[arg(long, default_value_t = 100)]
     pub pods: usize,
@@ -212,10 +218,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let control_plane = control_plane(&args, &cluster, &ptp, &rss_node)?;
         let samples = data_plane(&args, &cluster, &ptp, &bridge)?;
         let services = service_bench::measure(&cluster, &args.services, args.rounds, args.seconds)?;
-        Ok::<_, anyhow::Error>((samples, control_plane, services))
+        let policies = policy_bench::measure(&cluster, &ptp, &args.policies, args.rounds, args.seconds)?;
+        Ok::<_, anyhow::Error>((samples, control_plane, services, policies))
     })();
     teardown();
-    let (samples, control_plane, (service_samples, service_throughput)) = result?;
+    let (samples, control_plane, (service_samples, service_throughput), policy_samples) = result?;
     let run = report::Run {
         command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
         seconds: args.seconds,
@@ -227,6 +234,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         control_plane,
         service_samples,
         service_throughput,
+        policy_samples,
     };
     report::write(&run, &args.out)
 }

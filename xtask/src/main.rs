@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod env;
 mod image;
+mod policy_bench;
 mod report;
 mod service_bench;
 mod setup;

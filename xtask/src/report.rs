@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::bench::{Config, ControlPlane, Sample, PROGRAMS};
+use crate::policy_bench::{Engine, PolicySample};
 use crate::service_bench::{Balancer, ServiceSample, ServiceThroughput};
 
 #[derive(Serialize, Deserialize)]
@@ -48,6 +49,8 @@ pub struct Run {
     pub service_samples: Vec<ServiceSample>,
     #[serde(default)]
     pub service_throughput: Vec<ServiceThroughput>,
+    #[serde(default)]
+    pub policy_samples: Vec<PolicySample>,
 }
 
 /// Median and range of one metric.
@@ -256,6 +259,7 @@ pub fn markdown(run: &Run) -> String {
         out.push('\n');
     }
     services_markdown(run, &mut out);
+    policies_markdown(run, &mut out);
     let cp = &run.control_plane;
     let _ = writeln!(out, "### Control plane\n");
     let _ = writeln!(
@@ -435,6 +439,68 @@ fn services_markdown(run: &Run, out: &mut String) {
     } else {
         out.push('\n');
     }
+}
+
+/// The NetworkPolicy section: per engine and policy count, established-flow
+/// throughput and round trips and the connection rate, each against the same engine
+/// without policy.
+fn policies_markdown(run: &Run, out: &mut String) {
+    if run.policy_samples.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "### NetworkPolicy
+"
+    );
+    let _ = writeln!(
+        out,
+        "The server pod isolated by N policies (each admits one peer; the last also admits the client), the client \
+         on the same node. One iperf3 stream and busy-poll TCP round trips (sockperf) are established flows; \
+         connections/s is connect, first byte, close. iptables: the same policies as FORWARD rules on the ptp \
+         plugin (conntrack ESTABLISHED first, then a rule per peer). {} s per test, medians with (min..max) over \
+         the rounds; \"vs 0\" compares an engine with itself without policy.\n",
+        run.seconds
+    );
+    let _ = writeln!(
+        out,
+        "| engine | policies | Gb/s | vs 0 | RTT p50 us | vs 0 | RTT p99 us | connections/s | vs 0 |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    let stat = |engine: Engine, count: usize, get: fn(&PolicySample) -> f64| {
+        let values: Vec<f64> = run
+            .policy_samples
+            .iter()
+            .filter(|s| s.engine == engine && s.policies == count)
+            .map(get)
+            .collect();
+        (!values.is_empty()).then(|| Stat::of(&values))
+    };
+    let show = |s: Option<Stat>| {
+        s.map_or("-".into(), |s| {
+            format!("{} ({}..{})", number(s.median), number(s.min), number(s.max))
+        })
+    };
+    let versus = |engine, count, get: fn(&PolicySample) -> f64| match (stat(engine, count, get), stat(engine, 0, get)) {
+        (Some(s), Some(base)) => format!("{:.3}x", s.median / base.median),
+        _ => "-".into(),
+    };
+    for engine in distinct(run.policy_samples.iter().map(|s| s.engine)) {
+        for count in distinct(run.policy_samples.iter().map(|s| s.policies)) {
+            let _ = writeln!(
+                out,
+                "| {} | {count} | {} | {} | {} | {} | {} | {} | {} |",
+                engine.name(),
+                show(stat(engine, count, |s| s.gbps)),
+                versus(engine, count, |s| s.gbps),
+                show(stat(engine, count, |s| s.rtt_p50_us)),
+                versus(engine, count, |s| s.rtt_p50_us),
+                show(stat(engine, count, |s| s.rtt_p99_us)),
+                show(stat(engine, count, |s| s.connections_per_s)),
+                versus(engine, count, |s| s.connections_per_s),
+            );
+        }
+    }
+    out.push('\n');
 }
 
 /// Renders the table and chart again from a run's `results.json`.

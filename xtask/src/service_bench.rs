@@ -53,7 +53,7 @@ pub struct ServiceThroughput {
 }
 
 /// A process killed when dropped.
-struct Running(Child);
+pub struct Running(pub Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
@@ -171,7 +171,7 @@ pub fn measure(
                     &[&format!("--net=/run/netns/{}", worker1.name), "conntrack", "-F"],
                 )?;
                 let client = client_of(balancer)?;
-                let sample = connection_rate(&client, &cgroup, &probe, measured, seconds)
+                let sample = connection_rate(&client, Some(&cgroup), &probe, measured, seconds)
                     .with_context(|| format!("{} with {count} Services", balancer.name()))?;
                 println!(
                     "round {round} {:<20} {count:>6} Services: {:8.0} conn/s  first byte p50 {:6.1} us  p99 {:7.1} us",
@@ -230,20 +230,20 @@ fn write_services(path: &Path, count: usize, backends: &[Pod; 2]) -> anyhow::Res
 }
 
 /// (connections/s, first-byte p50 us, p99 us) of `velox-probe crr` from `client`,
-/// as a process of the node's cgroup.
-fn connection_rate(
+/// as a process of `cgroup` (where the socket load balancer acts) when given.
+pub fn connection_rate(
     client: &Pod,
-    cgroup: &Path,
+    cgroup: Option<&Path>,
     probe: &str,
     to: SocketAddr,
     seconds: u32,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    let output = in_netns_and_cgroup(
-        &client.name,
-        cgroup,
-        probe,
-        &["crr", &to.to_string(), &seconds.to_string()],
-    )
+    let args = ["crr".to_string(), to.to_string(), seconds.to_string()];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = match cgroup {
+        Some(cgroup) => in_netns_and_cgroup(&client.name, cgroup, probe, &args),
+        None => in_netns(&client.name, probe, &args),
+    }
     .output()?;
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).context("velox-probe crr report")?;
     let field = |name: &str| report[name].as_f64().with_context(|| format!("crr to {to}: {report}"));

@@ -1,0 +1,200 @@
+//! The bench's NetworkPolicy section: what 0, 100 and 1,000 policies cost an
+//! established flow (one iperf3 stream, busy-poll TCP round trips) and new
+//! connections (connect, first byte, close), Velox's eBPF policy next to the same
+//! policies as iptables rules in FORWARD (an iptables policy engine: conntrack's
+//! ESTABLISHED first, then a rule per allowed peer) on the ptp plugin. Engines are
+//! interleaved per round; each is compared with itself at 0 policies.
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+use velox_test_env::cluster_state::write_objects;
+use velox_test_env::netpol::{namespace_object, pod_object, policy};
+use velox_test_env::reference::ReferenceNode;
+use velox_test_env::{in_netns, iptables_restore, run, wait_for, Cluster, Family, Pod};
+
+use crate::bench::pod;
+use crate::service_bench::{connection_rate, Running};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Engine {
+    /// Velox's eBPF policy, two pods on one node.
+    Velox,
+    /// iptables rules in FORWARD, the ptp plugin's two pods.
+    Iptables,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Velox => "velox eBPF",
+            Self::Iptables => "iptables FORWARD (ptp)",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PolicySample {
+    pub engine: Engine,
+    pub policies: usize,
+    pub round: u32,
+    pub gbps: f64,
+    pub rtt_p50_us: f64,
+    pub rtt_p99_us: f64,
+    pub connections_per_s: f64,
+}
+
+const CHAIN: &str = "VELOX-BENCH-POLICY";
+const CRR_PORT: u16 = 8080;
+
+/// A peer no packet comes from: what every policy but the last admits.
+fn other_peer(i: usize) -> String {
+    format!("172.31.{}.{}", i / 256, i % 256)
+}
+
+pub fn measure(
+    cluster: &Cluster,
+    ptp: &ReferenceNode,
+    counts: &[usize],
+    rounds: u32,
+    seconds: u32,
+) -> anyhow::Result<Vec<PolicySample>> {
+    if counts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let node = &cluster.nodes[0];
+    let velox = (pod(cluster, "pod-1")?, pod(cluster, "pod-4")?);
+    let reference = (ptp.add_pod("policy-client")?.0, ptp.add_pod("policy-server")?.0);
+    let probe = node.bins.probe.to_str().context("probe path")?.to_string();
+    let _servers = [&velox.1, &reference.1]
+        .into_iter()
+        .map(|server| {
+            let on = SocketAddr::new(server.ip(Family::V4), CRR_PORT).to_string();
+            Ok(Running(in_netns(&server.name, &probe, &["serve", &on]).spawn()?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut samples = Vec::new();
+    for round in 1..=rounds {
+        for &count in counts {
+            let order = match round % 2 {
+                1 => [Engine::Velox, Engine::Iptables],
+                _ => [Engine::Iptables, Engine::Velox],
+            };
+            for engine in order {
+                let (client, server) = match engine {
+                    Engine::Velox => {
+                        apply_velox(cluster, &velox, count)?;
+                        &velox
+                    }
+                    Engine::Iptables => {
+                        apply_iptables(&ptp.name, &reference, count)?;
+                        &reference
+                    }
+                };
+                let throughput = client.iperf3(server, Family::V4, seconds, 1)?;
+                let rtt = client.sockperf_to(server, Family::V4, seconds)?;
+                let to = SocketAddr::new(server.ip(Family::V4), CRR_PORT);
+                let (per_s, _, _) = connection_rate(client, None, &probe, to, seconds)?;
+                println!(
+                    "round {round} {:<24} {count:>5} policies: {:6.2} Gb/s  RTT p50 {:6.1} us  p99 {:6.1} us  {per_s:8.0} conn/s",
+                    engine.name(),
+                    throughput.gbps,
+                    rtt.p50_us,
+                    rtt.p99_us
+                );
+                samples.push(PolicySample {
+                    engine,
+                    policies: count,
+                    round,
+                    gbps: throughput.gbps,
+                    rtt_p50_us: rtt.p50_us,
+                    rtt_p99_us: rtt.p99_us,
+                    connections_per_s: per_s,
+                });
+            }
+        }
+    }
+    apply_velox(cluster, &velox, 0)?;
+    apply_iptables(&ptp.name, &reference, 0)?;
+    Ok(samples)
+}
+
+/// `count` policies selecting the server, the last one admitting the client, as the
+/// cluster's loaders read them; waits until node 0 has them all.
+fn apply_velox(cluster: &Cluster, (client, server): &(Pod, Pod), count: usize) -> anyhow::Result<()> {
+    let node = &cluster.nodes[0];
+    let labels = |app: &str| -> BTreeMap<String, String> { [("app".to_string(), app.to_string())].into() };
+    let pods = vec![
+        namespace_object("default", &BTreeMap::new()),
+        pod_object("default", &client.name, &labels("client"), &node.name, client),
+        pod_object("default", &server.name, &labels("server"), &node.name, server),
+    ];
+    write_objects(&cluster.cluster_state.join("pods.json"), pods)?;
+    let policies = (0..count)
+        .map(|i| {
+            let mut from = vec![json!({"ipBlock": {"cidr": format!("{}/32", other_peer(i))}})];
+            if i + 1 == count {
+                from.push(json!({"podSelector": {"matchLabels": {"app": "client"}}}));
+            }
+            policy(
+                "default",
+                &format!("bench-{i}"),
+                json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": from}]}),
+            )
+        })
+        .collect();
+    write_objects(&cluster.cluster_state.join("policies.json"), policies)?;
+    // One entry per admitted peer: the other peers and the client's two addresses.
+    let wanted = if count == 0 { 0 } else { count + 2 };
+    let applied = || node.dump("policy").is_ok_and(|rows| rows.len() == wanted);
+    anyhow::ensure!(
+        wait_for(Duration::from_secs(60), applied),
+        "the loader did not apply {count} policies"
+    );
+    Ok(())
+}
+
+/// The same policies as an iptables engine writes them into FORWARD of the ptp host.
+fn apply_iptables(host: &str, (client, server): &(Pod, Pod), count: usize) -> anyhow::Result<()> {
+    let _ = run(
+        "nsenter",
+        &[
+            &format!("--net=/run/netns/{host}"),
+            "iptables",
+            "-D",
+            "FORWARD",
+            "-j",
+            CHAIN,
+        ],
+    );
+    let _ = run(
+        "nsenter",
+        &[&format!("--net=/run/netns/{host}"), "iptables", "-F", CHAIN],
+    );
+    let _ = run(
+        "nsenter",
+        &[&format!("--net=/run/netns/{host}"), "iptables", "-X", CHAIN],
+    );
+    if count == 0 {
+        return Ok(());
+    }
+    let (client, server) = (client.ip(Family::V4), server.ip(Family::V4));
+    let mut text = format!(
+        "*filter\n:{CHAIN} - [0:0]\n-I FORWARD 1 -j {CHAIN}\n-A {CHAIN} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n"
+    );
+    for i in 0..count - 1 {
+        text.push_str(&format!(
+            "-A {CHAIN} -s {}/32 -d {server}/32 -j ACCEPT\n",
+            other_peer(i)
+        ));
+    }
+    text.push_str(&format!(
+        "-A {CHAIN} -s {}/32 -d {server}/32 -j ACCEPT\n-A {CHAIN} -s {client}/32 -d {server}/32 -j ACCEPT\n-A {CHAIN} -d {server}/32 -j DROP\nCOMMIT\n",
+        other_peer(count - 1)
+    ));
+    iptables_restore(host, &text)
+}
