@@ -16,7 +16,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use velox_node::maps::{EndpointMaps, PeerMap, ServiceMaps};
+use velox_node::maps::{EndpointMaps, PeerMap, PolicyMaps, ServiceMaps};
 use velox_node::Bpffs;
 
 use crate::dump::interface_names;
@@ -206,6 +206,7 @@ impl Collector for Datapath {
             drops,
         )?;
 
+        let policy = PolicyMaps::open(&self.bpffs).ok();
         let fill = [
             ("endpoints", maps.entries().map(|e| e.len()).ok()),
             ("interfaces", Some(interfaces.len())),
@@ -223,6 +224,11 @@ impl Collector for Datapath {
                     .map(|s| s.len())
                     .ok(),
             ),
+            (
+                "policy_rules",
+                policy.as_ref().and_then(|m| m.rules().ok()).map(|r| r.len()),
+            ),
+            ("policy_flows", policy.as_ref().map(PolicyMaps::flows)),
         ];
         let mut entries =
             encoder.encode_descriptor("map_entries", "Entries in a Velox map", None, MetricType::Gauge)?;

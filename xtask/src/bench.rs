@@ -367,7 +367,7 @@ fn program_stats() -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
 }
 
 /// ns per run of each program while `traffic` runs with `kernel.bpf_stats_enabled`.
-fn program_cost(traffic: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<BTreeMap<String, f64>> {
+pub fn program_cost(traffic: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<BTreeMap<String, f64>> {
     const SWITCH: &str = "/proc/sys/kernel/bpf_stats_enabled";
     std::fs::write(SWITCH, "1")?;
     let before = program_stats();

@@ -16,7 +16,7 @@ use velox_test_env::netpol::{namespace_object, pod_object, policy};
 use velox_test_env::reference::ReferenceNode;
 use velox_test_env::{in_netns, iptables_restore, run, wait_for, Cluster, Family, Pod};
 
-use crate::bench::pod;
+use crate::bench::{pod, program_cost};
 use crate::service_bench::{connection_rate, Running};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -46,6 +46,12 @@ pub struct PolicySample {
     pub rtt_p50_us: f64,
     pub rtt_p99_us: f64,
     pub connections_per_s: f64,
+    /// Velox only: `from_pod`'s ns per packet (bpf_stats) during 2 s of one iperf3
+    /// stream (an established flow), and of connections opened one after another.
+    #[serde(default)]
+    pub from_pod_ns_established: Option<f64>,
+    #[serde(default)]
+    pub from_pod_ns_connections: Option<f64>,
 }
 
 const CHAIN: &str = "VELOX-BENCH-POLICY";
@@ -99,12 +105,23 @@ pub fn measure(
                 let rtt = client.sockperf_to(server, Family::V4, seconds)?;
                 let to = SocketAddr::new(server.ip(Family::V4), CRR_PORT);
                 let (per_s, _, _) = connection_rate(client, None, &probe, to, seconds)?;
+                let from_pod = |traffic: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<Option<f64>> {
+                    Ok(match engine {
+                        Engine::Velox => program_cost(traffic)?.get("from_pod").copied(),
+                        Engine::Iptables => None,
+                    })
+                };
+                let established = from_pod(&|| client.iperf3(server, Family::V4, 2, 1).map(drop))?;
+                let connections = from_pod(&|| connection_rate(client, None, &probe, to, 2).map(drop))?;
+                let ns = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
                 println!(
-                    "round {round} {:<24} {count:>5} policies: {:6.2} Gb/s  RTT p50 {:6.1} us  p99 {:6.1} us  {per_s:8.0} conn/s",
+                    "round {round} {:<24} {count:>5} policies: {:6.2} Gb/s  RTT p50 {:6.1} us  p99 {:6.1} us  {per_s:8.0} conn/s  from_pod {} ns flow, {} ns connections",
                     engine.name(),
                     throughput.gbps,
                     rtt.p50_us,
-                    rtt.p99_us
+                    rtt.p99_us,
+                    ns(established),
+                    ns(connections),
                 );
                 samples.push(PolicySample {
                     engine,
@@ -114,6 +131,8 @@ pub fn measure(
                     rtt_p50_us: rtt.p50_us,
                     rtt_p99_us: rtt.p99_us,
                     connections_per_s: per_s,
+                    from_pod_ns_established: established,
+                    from_pod_ns_connections: connections,
                 });
             }
         }

@@ -459,22 +459,25 @@ fn policies_markdown(run: &Run, out: &mut String) {
          on the same node. One iperf3 stream and busy-poll TCP round trips (sockperf) are established flows; \
          connections/s is connect, first byte, close. iptables: the same policies as FORWARD rules on the ptp \
          plugin (conntrack ESTABLISHED first, then a rule per peer). {} s per test, medians with (min..max) over \
-         the rounds; \"vs 0\" compares an engine with itself without policy.\n",
+         the rounds; \"vs 0\" compares an engine with itself without policy. from_pod ns/packet: bpf_stats \
+         during 2 s of one stream and of connections, the datapath's own cost, which the machine's noise \
+         does not blur.\n",
         run.seconds
     );
     let _ = writeln!(
         out,
-        "| engine | policies | Gb/s | vs 0 | RTT p50 us | vs 0 | RTT p99 us | connections/s | vs 0 |\n|---|---|---|---|---|---|---|---|---|"
+        "| engine | policies | Gb/s | vs 0 | RTT p50 us | vs 0 | RTT p99 us | connections/s | vs 0 | from_pod ns/packet, flow | connections |\n|---|---|---|---|---|---|---|---|---|---|---|"
     );
-    let stat = |engine: Engine, count: usize, get: fn(&PolicySample) -> f64| {
+    let stat_of = |engine: Engine, count: usize, get: &dyn Fn(&PolicySample) -> Option<f64>| {
         let values: Vec<f64> = run
             .policy_samples
             .iter()
             .filter(|s| s.engine == engine && s.policies == count)
-            .map(get)
+            .filter_map(get)
             .collect();
         (!values.is_empty()).then(|| Stat::of(&values))
     };
+    let stat = |engine, count, get: fn(&PolicySample) -> f64| stat_of(engine, count, &|s| Some(get(s)));
     let show = |s: Option<Stat>| {
         s.map_or("-".into(), |s| {
             format!("{} ({}..{})", number(s.median), number(s.min), number(s.max))
@@ -488,7 +491,7 @@ fn policies_markdown(run: &Run, out: &mut String) {
         for count in distinct(run.policy_samples.iter().map(|s| s.policies)) {
             let _ = writeln!(
                 out,
-                "| {} | {count} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {count} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 engine.name(),
                 show(stat(engine, count, |s| s.gbps)),
                 versus(engine, count, |s| s.gbps),
@@ -497,6 +500,8 @@ fn policies_markdown(run: &Run, out: &mut String) {
                 show(stat(engine, count, |s| s.rtt_p99_us)),
                 show(stat(engine, count, |s| s.connections_per_s)),
                 versus(engine, count, |s| s.connections_per_s),
+                show(stat_of(engine, count, &|s| s.from_pod_ns_established)),
+                show(stat_of(engine, count, &|s| s.from_pod_ns_connections)),
             );
         }
     }
