@@ -6,9 +6,9 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValue
 use ipnet::IpNet;
 use std::net::IpAddr;
 use velox_common::{
-    BackendSlot, Endpoint, EndpointCounters, FlowEnd, FlowEvent, IpKey, Peer, PolicyFlow, PolicyKey, PolicyPorts,
-    PolicyState, Service, SocketPeer, BACKENDS_MAP, COUNTERS_MAP, ENDPOINTS_MAP, EVENTS_MAP, INTERFACES_MAP,
-    IPV4_MAPPED_PREFIX, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP, MONITOR_MAP, PEERS_MAP, POLICY_FLOWS_MAP,
+    AllowedFlow, BackendSlot, Endpoint, EndpointCounters, FlowEnd, FlowEvent, IpKey, Peer, PolicyFlow, PolicyKey,
+    PolicyPorts, PolicyState, Service, SocketPeer, BACKENDS_MAP, COUNTERS_MAP, ENDPOINTS_MAP, EVENTS_MAP,
+    INTERFACES_MAP, IPV4_MAPPED_PREFIX, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP, MONITOR_MAP, PEERS_MAP, POLICY_FLOWS_MAP,
     POLICY_GENERATION_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP, SERVICES_MAP, SOCKET_PEERS_MAP,
 };
 
@@ -159,7 +159,7 @@ pub fn layouts() -> [MapLayout; 15] {
             POLICY_FLOWS_MAP,
             BPF_MAP_TYPE_LRU_HASH,
             size_of::<PolicyFlow>(),
-            size_of::<u32>(),
+            size_of::<AllowedFlow>(),
             0,
         ),
         layout(
@@ -446,7 +446,7 @@ pub struct PolicyMaps {
     state: Array<MapData, PolicyState>,
     rules: LpmTrie<MapData, PolicyKey, PolicyPorts>,
     generation: Array<MapData, u32>,
-    flows: HashMap<MapData, PolicyFlow, u32>,
+    flows: HashMap<MapData, PolicyFlow, AllowedFlow>,
 }
 
 impl PolicyMaps {

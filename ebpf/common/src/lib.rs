@@ -45,8 +45,8 @@ pub const POLICY_STATE_MAP: &str = "VELOX_POLICY_STATE";
 /// Pinned under `<bpffsRoot>/maps/`: (slot, direction, version, peer prefix) ->
 /// [`PolicyPorts`] (an LPM trie): what an isolated pod may exchange with a peer.
 pub const POLICY_RULES_MAP: &str = "VELOX_POLICY_RULES";
-/// Pinned under `<bpffsRoot>/maps/`: connections policy allowed (LRU), keyed by the
-/// direction that opened them -> the rule generation that allowed them.
+/// Pinned under `<bpffsRoot>/maps/`: connections policy allowed (LRU), both
+/// directions under one key -> the rules generation that allowed them, who opened.
 pub const POLICY_FLOWS_MAP: &str = "VELOX_POLICY_FLOWS";
 /// Pinned under `<bpffsRoot>/maps/`: one u32, the rule generation; the loader bumps it
 /// after every change, so connections are checked against the new rules once.
@@ -281,12 +281,63 @@ pub struct PolicyPorts {
     pub rules: [PortRule; MAX_PORT_RULES],
 }
 
-/// A connection as it was opened (`src` opened it).
+/// A connection: its two ends in a fixed order (see [`PolicyFlow::of`]), so that
+/// both directions find one entry with one lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PolicyFlow {
-    pub src: FlowEnd,
-    pub dst: FlowEnd,
+    pub first: FlowEnd,
+    pub second: FlowEnd,
+}
+
+impl PolicyFlow {
+    /// The connection of a packet from `src` to `dst`, and whether `src` is its
+    /// first end. Any fixed order serves: addresses compared as native words, then
+    /// ports.
+    #[inline(always)]
+    pub fn of(src: &FlowEnd, dst: &FlowEnd) -> (Self, bool) {
+        let word = |end: &FlowEnd, i: usize| {
+            let a = &end.addr.addr;
+            u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
+        };
+        let mut src_first = src.port <= dst.port;
+        for i in [0, 4, 8, 12] {
+            let (s, d) = (word(src, i), word(dst, i));
+            if s != d {
+                src_first = s < d;
+                break;
+            }
+        }
+        match src_first {
+            true => (
+                Self {
+                    first: *src,
+                    second: *dst,
+                },
+                true,
+            ),
+            false => (
+                Self {
+                    first: *dst,
+                    second: *src,
+                },
+                false,
+            ),
+        }
+    }
+}
+
+/// [`AllowedFlow::opener`]: which end of the [`PolicyFlow`] opened it.
+pub const OPENED_BY_FIRST: u32 = 0;
+pub const OPENED_BY_SECOND: u32 = 1;
+
+/// A connection policy allowed: under which rules generation, and which way it
+/// was opened (what decides again when the rules change).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowedFlow {
+    pub generation: u32,
+    pub opener: u32,
 }
 
 /// Another node, as the next hop for one of its pod CIDRs (direct routing, no tunnel).
@@ -394,6 +445,7 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::PolicyPorts {}
     unsafe impl aya::Pod for super::PolicyFlow {}
+    unsafe impl aya::Pod for super::AllowedFlow {}
 }
 
 #[cfg(test)]
@@ -408,6 +460,26 @@ mod tests {
         assert_eq!(IpKey::from(v6).ip(), v6);
         assert_eq!(&IpKey::from(v4).addr[10..], &[0xff, 0xff, 200, 200, 1, 7]);
         assert_ne!(IpKey::from(v4), IpKey::from(v6));
+    }
+
+    #[test]
+    fn both_directions_of_a_connection_share_one_flow_key() {
+        let end = |ip: &str, port: u16| FlowEnd {
+            addr: ip.parse::<IpAddr>().unwrap().into(),
+            port: port.to_be(),
+            proto: IPPROTO_TCP,
+            pad: 0,
+        };
+        for (a, b) in [
+            (end("200.200.1.3", 80), end("200.200.2.3", 40000)),
+            (end("fd00:200:1::3", 80), end("fd00:200:1::4", 80)),
+            (end("200.200.1.3", 80), end("200.200.1.3", 81)),
+        ] {
+            let (forward, a_first) = PolicyFlow::of(&a, &b);
+            let (reverse, b_first) = PolicyFlow::of(&b, &a);
+            assert_eq!(forward, reverse);
+            assert_ne!(a_first, b_first);
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! NetworkPolicy: whether a packet between a sender and a receiver may pass, decided
 //! once per connection. A pod no policy isolates costs one array read per side; a
-//! connection already allowed costs one or two hash lookups, whatever the number of
+//! connection already allowed costs one hash lookup, whatever the number of
 //! policies; only the first packet of a connection (or the first after the loader
 //! changed the rules) walks the rules.
 
@@ -15,9 +15,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use velox_common::{
-    FlowEnd, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, EGRESS, INGRESS, IPPROTO_TCP, IPPROTO_UDP,
+    AllowedFlow, FlowEnd, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, EGRESS, INGRESS, IPPROTO_TCP, IPPROTO_UDP,
     ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_ENDPOINTS, MAX_POLICY_FLOWS, MAX_POLICY_RULES, MAX_PORT_RULES,
-    POLICY_KEY_FIXED_BITS, RULES_VERSION,
+    OPENED_BY_FIRST, OPENED_BY_SECOND, POLICY_KEY_FIXED_BITS, RULES_VERSION,
 };
 
 use crate::{Packet, NO_SLOT};
@@ -29,10 +29,9 @@ static VELOX_POLICY_STATE: Array<PolicyState, MAX_ENDPOINTS> = Array::new();
 #[btf_map]
 static VELOX_POLICY_RULES: LpmTrie<PolicyKey, PolicyPorts, MAX_POLICY_RULES> = LpmTrie::new();
 
-/// Connections allowed, by the direction that opened them -> the rules generation
-/// that allowed them.
+/// Connections allowed, both directions under one key.
 #[btf_map]
-static VELOX_POLICY_FLOWS: LruHashMap<PolicyFlow, u32, MAX_POLICY_FLOWS> = LruHashMap::new();
+static VELOX_POLICY_FLOWS: LruHashMap<PolicyFlow, AllowedFlow, MAX_POLICY_FLOWS> = LruHashMap::new();
 
 #[btf_map]
 static VELOX_POLICY_GENERATION: Array<u32, 1> = Array::new();
@@ -65,24 +64,11 @@ pub fn police(ctx: &TcContext, packet: &Packet, src_slot: u32, dst_slot: u32, ve
         return;
     }
     let generation = VELOX_POLICY_GENERATION.get(0).map_or(0, |g| *g);
-    let forward = PolicyFlow {
-        src: packet.src,
-        dst: packet.dst,
-    };
-    let opened = VELOX_POLICY_FLOWS.get_ptr_mut(&forward);
-    if let Some(seen) = opened {
+    let (key, src_first) = PolicyFlow::of(&packet.src, &packet.dst);
+    let known = VELOX_POLICY_FLOWS.get_ptr_mut(&key);
+    if let Some(flow) = known {
         // SAFETY: a map value; a racing writer writes the same generation.
-        if unsafe { *seen } == generation {
-            return;
-        }
-    }
-    let reverse = PolicyFlow {
-        src: packet.dst,
-        dst: packet.src,
-    };
-    let replied = VELOX_POLICY_FLOWS.get_ptr_mut(&reverse);
-    if let Some(seen) = replied {
-        if unsafe { *seen } == generation {
+        if unsafe { (*flow).generation } == generation {
             return;
         }
     }
@@ -98,31 +84,36 @@ pub fn police(ctx: &TcContext, packet: &Packet, src_slot: u32, dst_slot: u32, ve
     if verdict.result == ALLOWED {
         // Traffic the rules allow one way makes its replies allowed, also for a
         // connection that was open before its pod was isolated.
-        if let Some(seen) = opened {
-            unsafe { *seen = generation };
-        } else {
-            let _ = VELOX_POLICY_FLOWS.insert(&forward, generation, BPF_ANY as u64);
-            verdict.new_connection = packet.opens;
+        match known {
+            Some(flow) => unsafe { (*flow).generation = generation },
+            None => {
+                let opener = if src_first { OPENED_BY_FIRST } else { OPENED_BY_SECOND };
+                let _ = VELOX_POLICY_FLOWS.insert(&key, AllowedFlow { generation, opener }, BPF_ANY as u64);
+                verdict.new_connection = packet.opens;
+            }
         }
         return;
     }
-    // A reply whose connection the rules have changed under: its opening direction
-    // decides, as it did when the connection opened.
-    if let Some(seen) = replied {
-        let mut again = Verdict::default();
-        check(
-            dst_slot,
-            dst_flags,
-            src_slot,
-            src_flags,
-            &packet.dst,
-            &packet.src,
-            &mut again,
-        );
-        if again.result == ALLOWED {
-            unsafe { *seen = generation };
-            *verdict = Verdict::default();
-            return;
+    // A reply whose connection the rules have changed under: the direction that
+    // opened it decides, as it did then.
+    if let Some(flow) = known {
+        let opened_by_src = (unsafe { (*flow).opener } == OPENED_BY_FIRST) == src_first;
+        if !opened_by_src {
+            let mut again = Verdict::default();
+            check(
+                dst_slot,
+                dst_flags,
+                src_slot,
+                src_flags,
+                &packet.dst,
+                &packet.src,
+                &mut again,
+            );
+            if again.result == ALLOWED {
+                unsafe { (*flow).generation = generation };
+                *verdict = Verdict::default();
+                return;
+            }
         }
     }
     // The host reaches its pods through the kernel, where no program sees the
