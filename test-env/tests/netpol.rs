@@ -387,7 +387,7 @@ fn conformance_ports_protocols_and_egress() {
     case(
         &grid,
         "should deny egress from pods based on PodSelector",
-        &[deny_out.clone()],
+        std::slice::from_ref(&deny_out),
         &[TCP80, UDP80],
         &r,
     );
