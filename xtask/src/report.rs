@@ -62,6 +62,13 @@ pub struct Stat {
 }
 
 impl Stat {
+    /// `median (min..max)`, or `-` for nothing measured.
+    fn show(stat: Option<Self>) -> String {
+        stat.map_or("-".into(), |s| {
+            format!("{} ({}..{})", number(s.median), number(s.min), number(s.max))
+        })
+    }
+
     pub fn of(values: &[f64]) -> Self {
         let mut sorted = values.to_vec();
         sorted.sort_by(f64::total_cmp);
@@ -398,11 +405,6 @@ fn services_markdown(run: &Run, out: &mut String) {
             .collect();
         (!values.is_empty()).then(|| Stat::of(&values))
     };
-    let show = |s: Option<Stat>| {
-        s.map_or("-".into(), |s| {
-            format!("{} ({}..{})", number(s.median), number(s.min), number(s.max))
-        })
-    };
     for &count in &counts {
         for &balancer in &balancers {
             let rate = stat(balancer, count, |s| s.connections_per_s);
@@ -415,9 +417,9 @@ fn services_markdown(run: &Run, out: &mut String) {
                 out,
                 "| {} | {count} | {} | {} | {} | {ratio} |",
                 balancer.name(),
-                show(rate),
-                show(stat(balancer, count, |s| s.first_byte_p50_us)),
-                show(stat(balancer, count, |s| s.first_byte_p99_us)),
+                Stat::show(rate),
+                Stat::show(stat(balancer, count, |s| s.first_byte_p50_us)),
+                Stat::show(stat(balancer, count, |s| s.first_byte_p99_us)),
             );
         }
     }
@@ -478,11 +480,6 @@ fn policies_markdown(run: &Run, out: &mut String) {
         (!values.is_empty()).then(|| Stat::of(&values))
     };
     let stat = |engine, count, get: fn(&PolicySample) -> f64| stat_of(engine, count, &|s| Some(get(s)));
-    let show = |s: Option<Stat>| {
-        s.map_or("-".into(), |s| {
-            format!("{} ({}..{})", number(s.median), number(s.min), number(s.max))
-        })
-    };
     let versus = |engine, count, get: fn(&PolicySample) -> f64| match (stat(engine, count, get), stat(engine, 0, get)) {
         (Some(s), Some(base)) => format!("{:.3}x", s.median / base.median),
         _ => "-".into(),
@@ -493,15 +490,15 @@ fn policies_markdown(run: &Run, out: &mut String) {
                 out,
                 "| {} | {count} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 engine.name(),
-                show(stat(engine, count, |s| s.gbps)),
+                Stat::show(stat(engine, count, |s| s.gbps)),
                 versus(engine, count, |s| s.gbps),
-                show(stat(engine, count, |s| s.rtt_p50_us)),
+                Stat::show(stat(engine, count, |s| s.rtt_p50_us)),
                 versus(engine, count, |s| s.rtt_p50_us),
-                show(stat(engine, count, |s| s.rtt_p99_us)),
-                show(stat(engine, count, |s| s.connections_per_s)),
+                Stat::show(stat(engine, count, |s| s.rtt_p99_us)),
+                Stat::show(stat(engine, count, |s| s.connections_per_s)),
                 versus(engine, count, |s| s.connections_per_s),
-                show(stat_of(engine, count, &|s| s.from_pod_ns_established)),
-                show(stat_of(engine, count, &|s| s.from_pod_ns_connections)),
+                Stat::show(stat_of(engine, count, &|s| s.from_pod_ns_established)),
+                Stat::show(stat_of(engine, count, &|s| s.from_pod_ns_connections)),
             );
         }
     }

@@ -340,7 +340,7 @@ fn resolve(
                 continue;
             };
             let mut except: Vec<Prefix> = block.except.iter().flatten().filter_map(|e| Prefix::parse(e)).collect();
-            // An IPv6 block as wide as ::/96 would hold the IPv4 addresses too.
+            // An IPv6 block that holds ::ffff:0:0/96 would hold every IPv4 address too.
             if cidr.contains(&Prefix::IPV4) && cidr != Prefix::IPV4 {
                 except.push(Prefix::IPV4);
             }
@@ -353,9 +353,11 @@ fn resolve(
         for pod in pods {
             let in_namespace = match &peer.namespace_selector {
                 None => pod.namespace == namespace,
-                Some(selector) => namespace_labels
-                    .get(pod.namespace)
-                    .is_some_and(|labels| selects(Some(selector), labels)),
+                // A namespace the source has not shown (yet) has no labels we know.
+                Some(selector) => selects(
+                    Some(selector),
+                    namespace_labels.get(pod.namespace).copied().unwrap_or(&BTreeMap::new()),
+                ),
             };
             if in_namespace && selects(peer.pod_selector.as_ref(), pod.labels) {
                 hosts.extend(pod.ips.iter().map(|ip| Prefix::host(*ip)));
