@@ -370,6 +370,17 @@ impl Node {
         Ok(serde_json::from_slice(&output.stdout)?)
     }
 
+    /// One request by `velox-probe <mode> <to>` from `netns`, as a process of the
+    /// node's cgroup (where the socket load balancer acts): its JSON line.
+    pub fn probe(&self, netns: &str, mode: &str, to: std::net::SocketAddr) -> anyhow::Result<Value> {
+        let cgroup = self.cgroup()?;
+        let to = to.to_string();
+        let probe = self.bins.probe.to_str().context("probe path")?;
+        let output = crate::netns::in_netns_and_cgroup(netns, &cgroup, probe, &[mode, &to]).output()?;
+        serde_json::from_slice(&output.stdout)
+            .with_context(|| format!("velox-probe {mode} {to}: {}", String::from_utf8_lossy(&output.stderr)))
+    }
+
     /// `velox-loader monitor --json` on the node, its events read as they come.
     pub fn monitor(&self) -> anyhow::Result<Monitor> {
         use std::io::BufRead;

@@ -14,7 +14,7 @@ use velox_test_env::backend::Backend;
 use velox_test_env::cluster::node_object;
 use velox_test_env::cluster_state::{ServicePort, ServiceSpec};
 use velox_test_env::kube_proxy::Protocol;
-use velox_test_env::{in_netns_and_cgroup, run, wait_for, ClusterGuard, Family, Node, Pod};
+use velox_test_env::{run, wait_for, ClusterGuard, Family, Node, Pod};
 
 const HTTP: ServicePort = ServicePort {
     name: "http",
@@ -124,16 +124,7 @@ fn cluster_ip(last: u8) -> IpAddr {
 
 /// One HTTP-ish request through `to` from `pod` on `node`: the backend's name.
 fn ask(node: &Node, pod: &Pod, to: SocketAddr) -> Option<String> {
-    let cgroup = node.cgroup().unwrap();
-    let output = in_netns_and_cgroup(
-        &pod.name,
-        &cgroup,
-        node.bins.probe.to_str().unwrap(),
-        &["tcp", &to.to_string()],
-    )
-    .output()
-    .unwrap();
-    let answer: Value = serde_json::from_slice(&output.stdout).ok()?;
+    let answer = node.probe(&pod.name, "tcp", to).ok()?;
     answer["answer"].as_str().map(str::to_string)
 }
 

@@ -900,3 +900,108 @@ fn a_thousand_policies_over_a_thousand_pods_on_one_node() {
     );
     node.finish().unwrap();
 }
+
+/// Policy applies to Service traffic after the socket load balancer's translation
+/// (the backend's ingress decides), and to pods' traffic to the outside (egress to
+/// an `ipBlock`).
+#[test]
+fn policy_holds_through_services_and_to_the_outside() {
+    use nix::sys::signal::Signal;
+    use std::net::{IpAddr, SocketAddr};
+    use velox_test_env::backend::Backend;
+    use velox_test_env::cluster::external_ip;
+    use velox_test_env::cluster_state::{self, ServicePort, ServiceSpec};
+    use velox_test_env::netpol::pod_object;
+    let cluster = ClusterGuard::up("np6").unwrap();
+    for node in &cluster.nodes {
+        node.stop_loader(Signal::SIGTERM).unwrap();
+        let cgroup = node.cgroup().unwrap();
+        node.start_loader_with(&["--socket-lb", "--socket-lb-cgroup", cgroup.to_str().unwrap()])
+            .unwrap();
+    }
+    let (client, backend, other) = (cluster.pod("pod-1"), cluster.pod("pod-2"), cluster.pod("pod-4"));
+    let start = |netns: &str, on: SocketAddr| Backend::start(netns, on, Protocol::Tcp, "up").unwrap();
+    let servers = [
+        start(&backend.name, SocketAddr::new(backend.ip(Family::V4), 8080)),
+        start(&cluster.external, SocketAddr::new(external_ip(Family::V4), 8080)),
+    ];
+    let cluster_ip: IpAddr = "10.96.0.30".parse().unwrap();
+    let web = ServiceSpec {
+        name: "web".into(),
+        cluster_ips: vec![cluster_ip],
+        ports: vec![ServicePort {
+            name: "http",
+            protocol: Protocol::Tcp,
+            port: 80,
+            target_port: 8080,
+            node_port: None,
+        }],
+        backends: vec![backend.ip(Family::V4)],
+    };
+    cluster_state::write(&cluster.cluster_state.join("services.json"), &[web]).unwrap();
+    let roles = [(&client, 0, "client"), (&backend, 1, "web"), (&other, 0, "other")];
+    let pods = roles
+        .iter()
+        .map(|(pod, node, role)| {
+            let labels = [("app".to_string(), role.to_string())].into();
+            pod_object("default", &pod.name, &labels, &cluster.nodes[*node].name, pod)
+        })
+        .chain([velox_test_env::netpol::namespace_object("default", &Default::default())])
+        .collect();
+    velox_test_env::cluster_state::write_objects(&cluster.cluster_state.join("pods.json"), pods).unwrap();
+    let answers = |pod: &velox_test_env::Pod, to: SocketAddr| {
+        cluster.nodes[0]
+            .probe(&pod.name, "tcp", to)
+            .is_ok_and(|answer| answer["answer"] == "up")
+    };
+    let service = SocketAddr::new(cluster_ip, 80);
+    let outside = SocketAddr::new(external_ip(Family::V4), 8080);
+    let write = |policies: Vec<Value>| {
+        velox_test_env::cluster_state::write_objects(&cluster.cluster_state.join("policies.json"), policies).unwrap();
+    };
+    let eventually = |what: &str, done: &dyn Fn() -> bool| {
+        assert!(
+            velox_test_env::wait_for(std::time::Duration::from_secs(15), done),
+            "{what}"
+        );
+    };
+    eventually("the Service answers without policy", &|| answers(&other, service));
+
+    write(vec![policy(
+        "default",
+        "web-from-clients",
+        json!({"podSelector": {"matchLabels": {"app": "web"}},
+               "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]}),
+    )]);
+    eventually("the backend refuses pod-4 through the Service", &|| {
+        !answers(&other, service)
+    });
+    assert!(
+        answers(&client, service),
+        "the client it admits gets through the Service"
+    );
+
+    write(vec![policy(
+        "default",
+        "client-out",
+        json!({"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"],
+               "egress": [{"to": [{"ipBlock": {"cidr": "198.41.0.0/24", "except": ["198.41.0.4/32"]}}]}]}),
+    )]);
+    eventually("pod-1 may not reach the external host", &|| !answers(&client, outside));
+    assert!(answers(&other, outside), "pod-4, not isolated, reaches it");
+    write(vec![policy(
+        "default",
+        "client-out",
+        json!({"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Egress"],
+               "egress": [{"to": [{"ipBlock": {"cidr": "198.41.0.0/24"}}]}]}),
+    )]);
+    eventually("pod-1 reaches the external host once admitted", &|| {
+        answers(&client, outside)
+    });
+    assert!(
+        !answers(&client, service),
+        "but not the Service's backend, a pod it does not admit"
+    );
+    drop(servers);
+    cluster.finish().unwrap();
+}

@@ -59,18 +59,7 @@ fn cluster_with_socket_lb(tag: &str) -> (ClusterGuard, PathBuf) {
 
 /// One request by `velox-probe` from `netns`, as a process of `node`'s cgroup.
 fn probe(node: &Node, netns: &str, mode: &str, to: SocketAddr) -> Value {
-    let cgroup = node.cgroup().unwrap();
-    let to = to.to_string();
-    let probe = node.bins.probe.to_str().unwrap();
-    let output = in_netns_and_cgroup(netns, &cgroup, probe, &[mode, &to])
-        .output()
-        .unwrap();
-    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "velox-probe {mode} {to}: {e}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    })
+    node.probe(netns, mode, to).unwrap()
 }
 
 /// Waits until every node's load balancer shows `frontends` frontends.
