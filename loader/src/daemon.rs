@@ -289,18 +289,22 @@ impl ClusterSync {
             .ok();
         if let Some(policy) = self.policy.as_mut() {
             if changed || full || endpoints_changed_at != self.endpoints_changed_at {
-                let local: Vec<LocalPod> = store
-                    .list()?
-                    .into_iter()
-                    .map(|r| LocalPod {
-                        slot: r.slot,
-                        ips: r.ips,
-                    })
-                    .collect();
-                if let Err(e) = policy.reconcile(bpffs, state_dir, self.source.policy(), &local) {
-                    log::error!("applying NetworkPolicy: {e:#}");
+                let local = store.list().map(|records| {
+                    records
+                        .into_iter()
+                        .map(|r| LocalPod {
+                            slot: r.slot,
+                            ips: r.ips,
+                        })
+                        .collect::<Vec<_>>()
+                });
+                let applied = local
+                    .map_err(anyhow::Error::from)
+                    .and_then(|local| policy.reconcile(bpffs, state_dir, self.source.policy(), &local));
+                match applied {
+                    Ok(()) => self.endpoints_changed_at = endpoints_changed_at,
+                    Err(e) => log::error!("applying NetworkPolicy: {e:#}"),
                 }
-                self.endpoints_changed_at = endpoints_changed_at;
             }
         }
         result

@@ -1,8 +1,8 @@
 //! `velox-loader monitor`: every packet the datapath drops and every new connection
 //! a policy rule allows, as it happens, with its connection ends, their pods, the
 //! interface and the policies that decided. The programs write events only while a
-//! monitor listens: it pushes a deadline forward every second,
-//! and the events stop within seconds after the last monitor is gone.
+//! monitor listens: it pushes a deadline forward every second, and the events stop
+//! within seconds after the last monitor is gone.
 
 use serde::Serialize;
 use std::collections::HashMap;

@@ -96,22 +96,19 @@ impl PolicyReconciler {
         for problem in &compiled.problems {
             log::warn!("NetworkPolicy: {problem}");
         }
-        let names = PolicyNames {
+        let mut names = PolicyNames {
             policies: compiled.policy_names.clone(),
             pods: compiled.pod_names.clone(),
-            selected_by: local
-                .iter()
-                .filter_map(|pod| Some((pod, compiled.pods.get(&pod.slot)?)))
-                .flat_map(|(pod, policy)| {
-                    let names: Vec<String> = policy
-                        .selected_by
-                        .iter()
-                        .filter_map(|id| compiled.policy_names.get(usize::from(*id) - 1).cloned())
-                        .collect();
-                    pod.ips.iter().map(move |ip| (*ip, names.clone()))
-                })
-                .collect(),
+            selected_by: BTreeMap::new(),
         };
+        for pod in local {
+            if let Some(policy) = compiled.pods.get(&pod.slot) {
+                let selecting: Vec<String> = policy.selected_by.iter().filter_map(|id| names.policy(*id)).collect();
+                for ip in &pod.ips {
+                    names.selected_by.insert(*ip, selecting.clone());
+                }
+            }
+        }
         if self.names.as_ref() != Some(&names) {
             velox_node::fs::write_atomic(
                 &state_dir.policy_names(),

@@ -77,6 +77,15 @@ impl FileSource {
             .collect()
     }
 
+    /// The cluster state's objects, read once per change of its files.
+    fn objects(&mut self) -> Option<&[Value]> {
+        if self.objects.is_none() {
+            let path = self.cluster_state.clone()?;
+            self.objects = self.read("cluster state", read_objects(&path));
+        }
+        self.objects.as_deref()
+    }
+
     /// Records how reading `what` went.
     fn read<T>(&mut self, what: &'static str, outcome: anyhow::Result<T>) -> Option<T> {
         match outcome {
@@ -90,17 +99,6 @@ impl FileSource {
                 None
             }
         }
-    }
-}
-
-impl FileSource {
-    /// The cluster state's objects, read once per change of its files.
-    fn objects(&mut self) -> Option<&[Value]> {
-        if self.objects.is_none() {
-            let path = self.cluster_state.clone()?;
-            self.objects = self.read("cluster state", read_objects(&path));
-        }
-        self.objects.as_deref()
     }
 }
 

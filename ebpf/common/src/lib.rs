@@ -126,6 +126,15 @@ impl IpKey {
         Self { addr: octets }
     }
 
+    /// The address as four words in memory order, as the kernel's `__be32[4]`
+    /// fields hold it (an IPv4 address is the last).
+    #[inline(always)]
+    pub fn words(&self) -> [u32; 4] {
+        let a = &self.addr;
+        let word = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+        [word(0), word(4), word(8), word(12)]
+    }
+
     /// Whether this is an IPv4 address (mapped).
     #[inline(always)]
     pub fn is_v4_mapped(&self) -> bool {
@@ -296,15 +305,11 @@ impl PolicyFlow {
     /// ports.
     #[inline(always)]
     pub fn of(src: &FlowEnd, dst: &FlowEnd) -> (Self, bool) {
-        let word = |end: &FlowEnd, i: usize| {
-            let a = &end.addr.addr;
-            u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
-        };
+        let (src_words, dst_words) = (src.addr.words(), dst.addr.words());
         let mut src_first = src.port <= dst.port;
-        for i in [0, 4, 8, 12] {
-            let (s, d) = (word(src, i), word(dst, i));
-            if s != d {
-                src_first = s < d;
+        for i in 0..4 {
+            if src_words[i] != dst_words[i] {
+                src_first = src_words[i] < dst_words[i];
                 break;
             }
         }

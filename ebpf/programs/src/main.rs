@@ -382,17 +382,16 @@ fn is_link_local(addr: &IpKey) -> bool {
 #[inline(always)]
 fn to_peer_node(peer: &Peer) -> i64 {
     // The kernel's neighbour table fills in the Ethernet header for the peer node.
-    let addr = peer.node_ip.addr;
-    let word = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    let words = peer.node_ip.words();
     // Zeroed first: an IPv4 next hop leaves 12 bytes of the union unwritten, and
     // LLVM would fill them from whatever register, which the verifier refuses.
     // SAFETY: all-zero is a valid bpf_redir_neigh.
     let mut next_hop: bpf_redir_neigh = unsafe { core::mem::zeroed() };
     next_hop.nh_family = peer.family;
     if peer.family == AF_INET {
-        next_hop.__bindgen_anon_1.ipv4_nh = word(12);
+        next_hop.__bindgen_anon_1.ipv4_nh = words[3];
     } else {
-        next_hop.__bindgen_anon_1.ipv6_nh = [word(0), word(4), word(8), word(12)];
+        next_hop.__bindgen_anon_1.ipv6_nh = words;
     }
     let size = core::mem::size_of::<bpf_redir_neigh>() as i32;
     unsafe { bpf_redirect_neigh(peer.ifindex, &mut next_hop, size, 0) }

@@ -132,20 +132,19 @@ const TCP_LISTEN: u32 = 10;
 fn host_has_connection(ctx: &TcContext, packet: &Packet) -> bool {
     // SAFETY: all-zero is a valid tuple.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let (src, dst) = (&packet.src.addr.addr, &packet.dst.addr.addr);
-    let word = |a: &[u8; 16], i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    let (src, dst) = (packet.src.addr.words(), packet.dst.addr.words());
     let size = if packet.src.addr.is_v4_mapped() {
         tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-            saddr: word(src, 12),
-            daddr: word(dst, 12),
+            saddr: src[3],
+            daddr: dst[3],
             sport: packet.src.port,
             dport: packet.dst.port,
         };
         core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
     } else {
         tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
-            saddr: [word(src, 0), word(src, 4), word(src, 8), word(src, 12)],
-            daddr: [word(dst, 0), word(dst, 4), word(dst, 8), word(dst, 12)],
+            saddr: src,
+            daddr: dst,
             sport: packet.src.port,
             dport: packet.dst.port,
         };

@@ -295,11 +295,11 @@ fn protocol(name: Option<&str>) -> Option<u8> {
     }
 }
 
-/// Whether a label selector selects `labels`; no selector selects nothing, an empty
-/// one everything.
+/// Whether a label selector selects `labels`: an empty one selects everything, and
+/// so does an absent one (where the API makes a selector optional, absent means all).
 pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, String>) -> bool {
     let Some(selector) = selector else {
-        return true; // podSelector is optional in the API: absent means all pods
+        return true;
     };
     let labels_match = selector
         .match_labels
