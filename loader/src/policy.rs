@@ -165,9 +165,10 @@ fn read_applied(maps: &mut PolicyMaps) -> anyhow::Result<BTreeMap<u32, Applied>>
 fn apply(maps: &mut PolicyMaps, applied: &mut BTreeMap<u32, Applied>, compiled: &Compiled) -> anyhow::Result<()> {
     let slots: BTreeSet<u32> = applied.keys().chain(compiled.pods.keys()).copied().collect();
     let mut changed = false;
+    let nothing = Applied::default();
     for slot in slots {
         let want = compiled.pods.get(&slot).map(entries).unwrap_or_default();
-        let had = applied.get(&slot).cloned().unwrap_or_default();
+        let had = applied.get(&slot).unwrap_or(&nothing);
         // The plugin resets a slot's state for the pod that takes it over.
         let live = maps.state(slot)?;
         if live == had.state && had.state.flags & !RULES_VERSION == want.state.flags && had.rules == want.rules {

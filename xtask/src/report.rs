@@ -69,6 +69,11 @@ impl Stat {
         })
     }
 
+    /// `of`, or `None` for nothing measured.
+    pub fn of_any(values: &[f64]) -> Option<Self> {
+        (!values.is_empty()).then(|| Self::of(values))
+    }
+
     pub fn of(values: &[f64]) -> Self {
         let mut sorted = values.to_vec();
         sorted.sort_by(f64::total_cmp);
@@ -111,7 +116,7 @@ fn summarize(samples: &[Sample]) -> BTreeMap<(u32, Config), Vec<Option<Stat>>> {
                 .iter()
                 .map(|(_, get)| {
                     let values: Vec<f64> = group.iter().filter_map(|s| get(s)).collect();
-                    (!values.is_empty()).then(|| Stat::of(&values))
+                    Stat::of_any(&values)
                 })
                 .collect();
             (key, stats)
@@ -403,7 +408,7 @@ fn services_markdown(run: &Run, out: &mut String) {
             .filter(|s| s.balancer == balancer && s.services == count)
             .map(get)
             .collect();
-        (!values.is_empty()).then(|| Stat::of(&values))
+        Stat::of_any(&values)
     };
     for &count in &counts {
         for &balancer in &balancers {
@@ -477,7 +482,7 @@ fn policies_markdown(run: &Run, out: &mut String) {
             .filter(|s| s.engine == engine && s.policies == count)
             .filter_map(get)
             .collect();
-        (!values.is_empty()).then(|| Stat::of(&values))
+        Stat::of_any(&values)
     };
     let stat = |engine, count, get: fn(&PolicySample) -> f64| stat_of(engine, count, &|s| Some(get(s)));
     let versus = |engine, count, get: fn(&PolicySample) -> f64| match (stat(engine, count, get), stat(engine, 0, get)) {

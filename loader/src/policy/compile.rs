@@ -175,7 +175,11 @@ pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace
         })
         .collect();
     for pod in local {
-        let Some(me) = views.iter().find(|v| v.ips.iter().any(|ip| pod.ips.contains(ip))) else {
+        let Some(me) = pod
+            .ips
+            .iter()
+            .find_map(|ip| by_address.get(&Prefix::host(*ip)).copied())
+        else {
             continue; // not known to the cluster (yet): no policy selects it
         };
         let mut rules: [Vec<Rule>; 2] = [Vec::new(), Vec::new()];
