@@ -3,12 +3,12 @@
 //! `kernel-flows` (the connection ends whose packets go to the kernel), `services`
 //! and `policy` (each isolated pod's live rules).
 
-use comfy_table::{presets::NOTHING, Table};
+use comfy_table::{presets::NOTHING, Cell, Table};
 use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use velox_common::{EndpointCounters, FlowEnd};
+use velox_common::{EndpointCounters, FlowEnd, DROP_REASONS};
 use velox_node::endpoint::{EndpointRecord, EndpointStore};
 use velox_node::maps::{EndpointMaps, KernelFlows, PeerMap, ServiceMaps};
 use velox_node::{Bpffs, StateDir};
@@ -52,7 +52,7 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Res
             pod_ifname: record.as_ref().map(|r| r.ifname.clone()).unwrap_or_default(),
             pod_mac: record.as_ref().map(|r| r.pod_mac.clone()).unwrap_or_default(),
             host_mac: record.as_ref().map(|r| r.host_mac.clone()).unwrap_or_default(),
-            packets: c.redirected_packets + c.passed_packets + c.dropped_packets,
+            packets: c.redirected_packets + c.passed_packets + c.dropped_packets(),
             bytes: c.redirected_bytes + c.passed_bytes,
             counters: c,
             state: if record.is_some() { "ok" } else { "no record" },
@@ -83,13 +83,11 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Res
             r.pod_mac.clone(),
             r.counters.redirected_packets.to_string(),
             r.counters.passed_packets.to_string(),
-            r.counters.dropped_packets.to_string(),
-            r.counters.dropped_spoofed.to_string(),
-            r.counters.dropped_no_interface.to_string(),
-            r.counters.dropped_policy.to_string(),
-            r.bytes.to_string(),
-            r.state.to_string(),
+            r.counters.dropped_packets().to_string(),
         ]
+        .into_iter()
+        .chain(r.counters.dropped.map(|count| count.to_string()))
+        .chain([r.bytes.to_string(), r.state.to_string()])
     });
     let header = [
         "IP",
@@ -100,12 +98,11 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Res
         "REDIRECTED",
         "PASSED",
         "DROPPED",
-        "SPOOFED",
-        "NO IFACE",
-        "POLICY",
-        "BYTES",
-        "STATE",
-    ];
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain(drop_reason_columns())
+    .chain(["BYTES".into(), "STATE".into()]);
     print(&rows, json, header, table)
 }
 
@@ -175,11 +172,10 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
             c.redirected_bytes.to_string(),
             c.passed_packets.to_string(),
             c.passed_bytes.to_string(),
-            c.dropped_packets.to_string(),
-            c.dropped_spoofed.to_string(),
-            c.dropped_no_interface.to_string(),
-            c.dropped_policy.to_string(),
+            c.dropped_packets().to_string(),
         ]
+        .into_iter()
+        .chain(c.dropped.map(|count| count.to_string()))
     });
     let header = [
         "IFNAME",
@@ -190,10 +186,10 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
         "PASSED",
         "PASSED BYTES",
         "DROPPED",
-        "SPOOFED",
-        "NO IFACE",
-        "POLICY",
-    ];
+    ]
+    .into_iter()
+    .map(String::from)
+    .chain(drop_reason_columns());
     print(&rows, json, header, table)
 }
 
@@ -389,11 +385,16 @@ pub fn interface_names() -> BTreeMap<u32, String> {
 }
 
 /// One JSON array, or a plain table for people.
-fn print<R: Serialize, const N: usize>(
+/// A column per drop reason, headed by its name.
+fn drop_reason_columns() -> impl Iterator<Item = String> {
+    DROP_REASONS.iter().map(|reason| reason.name.to_uppercase())
+}
+
+fn print<R: Serialize, C: Into<Cell>>(
     rows: &[R],
     json: bool,
-    header: [&str; N],
-    table_rows: impl Iterator<Item = [String; N]>,
+    header: impl IntoIterator<Item = C>,
+    table_rows: impl Iterator<Item = impl IntoIterator<Item = String>>,
 ) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(rows)?);

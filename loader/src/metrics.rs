@@ -16,6 +16,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use velox_common::DROP_REASONS;
 use velox_node::maps::{EndpointMaps, PeerMap, PolicyMaps, ServiceMaps};
 use velox_node::Bpffs;
 
@@ -142,6 +143,15 @@ struct MapLabels {
     map: &'static str,
 }
 
+/// The drops' help lists every reason the `reason` label takes, from the drop-reason table.
+fn drops_help() -> String {
+    let reasons: Vec<String> = DROP_REASONS
+        .iter()
+        .map(|reason| format!("{}: {}", reason.name, reason.help))
+        .collect();
+    format!("Packets dropped on an interface, by reason ({})", reasons.join("; "))
+}
+
 impl Collector for Datapath {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // A map that cannot be read (the loader is still starting) is left out.
@@ -168,23 +178,22 @@ impl Collector for Datapath {
             packets.extend([
                 verdict("redirected", c.redirected_packets),
                 verdict("passed", c.passed_packets),
-                verdict("dropped", c.dropped_packets),
+                verdict("dropped", c.dropped_packets()),
             ]);
             bytes.extend([
                 verdict("redirected", c.redirected_bytes),
                 verdict("passed", c.passed_bytes),
             ]);
-            let reason = |reason, value| {
+            drops.extend(DROP_REASONS.iter().zip(c.dropped).map(|(reason, count)| {
                 let interface = interface.clone();
-                (DropLabels { interface, reason }, value)
-            };
-            let other = c.dropped_packets - c.dropped_spoofed - c.dropped_no_interface - c.dropped_policy;
-            drops.extend([
-                reason("spoofed", c.dropped_spoofed),
-                reason("no_interface", c.dropped_no_interface),
-                reason("policy", c.dropped_policy),
-                reason("other", other),
-            ]);
+                (
+                    DropLabels {
+                        interface,
+                        reason: reason.name,
+                    },
+                    count,
+                )
+            }));
         }
         encode_counters(
             &mut encoder,
@@ -199,12 +208,7 @@ impl Collector for Datapath {
             "Bytes a Velox program redirected or passed to the kernel on an interface",
             bytes,
         )?;
-        encode_counters(
-            &mut encoder,
-            "drops",
-            "Packets dropped on an interface, by reason (other: the kernel refused a redirect)",
-            drops,
-        )?;
+        encode_counters(&mut encoder, "drops", &drops_help(), drops)?;
 
         let policy = PolicyMaps::open(&self.bpffs).ok();
         let fill = [

@@ -9,9 +9,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
-use velox_common::{
-    FlowEvent, DROP_NO_INTERFACE, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS, DROP_SPOOFED, VERDICT_ALLOWED,
-};
+use velox_common::{DropReason, FlowEvent, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS, VERDICT_ALLOWED};
 use velox_node::endpoint::EndpointStore;
 use velox_node::maps::FlowEvents;
 use velox_node::{Bpffs, StateDir};
@@ -42,14 +40,13 @@ struct Event {
     policies: Vec<String>,
 }
 
+/// A drop's reason as the drop-reason table names it; `policy` for a connection a
+/// policy rule allowed.
 fn reason(code: u32) -> &'static str {
-    match code {
-        VERDICT_ALLOWED => "policy",
-        DROP_SPOOFED => "spoofed",
-        DROP_NO_INTERFACE => "no-interface",
-        DROP_POLICY_EGRESS => "policy-egress",
-        DROP_POLICY_INGRESS => "policy-ingress",
-        _ => "redirect-failed",
+    match DropReason::of(code) {
+        Some(reason) => reason.name,
+        None if code == VERDICT_ALLOWED => "policy",
+        None => "unknown",
     }
 }
 

@@ -244,7 +244,7 @@ fn a_pod_cannot_send_from_an_address_that_is_not_its_own() {
         .unwrap();
     }
     let spoofed_drops = || {
-        cluster.nodes[0].endpoint(pod1.ip(Family::V4)).unwrap()["dropped_spoofed"]
+        cluster.nodes[0].endpoint(pod1.ip(Family::V4)).unwrap()["dropped"]["spoofed"]
             .as_u64()
             .unwrap()
     };

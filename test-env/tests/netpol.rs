@@ -689,7 +689,7 @@ fn open_connections_meet_policy_changes_replies_pass_and_every_verdict_is_visibl
             || {
                 let _ = connect(&c.pod, to_a(Family::V4));
             },
-            |e| e["reason"] == "policy-ingress",
+            |e| e["reason"] == "policy_ingress",
         )
         .unwrap();
     assert_eq!(denied["verdict"], "dropped", "{denied}");
@@ -697,7 +697,7 @@ fn open_connections_meet_policy_changes_replies_pass_and_every_verdict_is_visibl
     assert_eq!(denied["dst_pod"], "x/a", "{denied}");
     assert_eq!(denied["policies"], json!(["x/allow-b"]), "{denied}");
     let counted = node0.endpoint(c.pod.ip(Family::V4)).unwrap();
-    assert!(counted["dropped_policy"].as_u64().unwrap() > 0, "{counted}");
+    assert!(counted["dropped"]["policy_ingress"].as_u64().unwrap() > 0, "{counted}");
     let allowed = monitor
         .wait_for(
             std::time::Duration::from_secs(10),

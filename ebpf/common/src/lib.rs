@@ -135,6 +135,16 @@ impl IpKey {
         [word(0), word(4), word(8), word(12)]
     }
 
+    /// The address from four words in memory order, as [`Self::words`] gives them.
+    #[inline(always)]
+    pub fn from_words(words: [u32; 4]) -> Self {
+        let mut addr = [0u8; 16];
+        for (i, word) in words.iter().enumerate() {
+            addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+        Self { addr }
+    }
+
     /// Whether this is an IPv4 address (mapped).
     #[inline(always)]
     pub fn is_v4_mapped(&self) -> bool {
@@ -371,11 +381,63 @@ impl Peer {
     }
 }
 
+/// Why a program dropped a packet: the one table behind the programs' drop verdicts,
+/// the counters, `velox-loader dump` and `monitor`, and the `reason` label of the
+/// metrics. A reason's code is the value the programs carry as their verdict, and its
+/// index in this table and in [`EndpointCounters::dropped`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropReason {
+    pub code: u32,
+    /// Lower snake case, the same in every view.
+    pub name: &'static str,
+    pub help: &'static str,
+}
+
+pub const DROP_SPOOFED: u32 = 0;
+pub const DROP_NO_INTERFACE: u32 = 1;
+pub const DROP_REDIRECT_FAILED: u32 = 2;
+pub const DROP_POLICY_EGRESS: u32 = 3;
+pub const DROP_POLICY_INGRESS: u32 = 4;
+
+pub const DROP_REASONS: [DropReason; 5] = [
+    DropReason {
+        code: DROP_SPOOFED,
+        name: "spoofed",
+        help: "sent by a pod from an address that is not its own",
+    },
+    DropReason {
+        code: DROP_NO_INTERFACE,
+        name: "no_interface",
+        help: "for a pod whose interface is gone before its map entry",
+    },
+    DropReason {
+        code: DROP_REDIRECT_FAILED,
+        name: "redirect_failed",
+        help: "the kernel refused a redirect",
+    },
+    DropReason {
+        code: DROP_POLICY_EGRESS,
+        name: "policy_egress",
+        help: "no rule of a NetworkPolicy selecting the sender allows it out",
+    },
+    DropReason {
+        code: DROP_POLICY_INGRESS,
+        name: "policy_ingress",
+        help: "no rule of a NetworkPolicy selecting the receiver allows it in",
+    },
+];
+
+impl DropReason {
+    /// The reason with `code`, `None` for a code this build does not know.
+    pub fn of(code: u32) -> Option<&'static Self> {
+        DROP_REASONS.get(code as usize)
+    }
+}
+
 /// Traffic seen by a Velox program on one interface: what a pod sent (`from_pod` on
 /// its host veth), or what arrived from the network (`from_net` on the uplink).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct EndpointCounters {
     /// Delivered straight to a pod, or to another node, by the eBPF datapath.
     pub redirected_packets: u64,
@@ -383,14 +445,8 @@ pub struct EndpointCounters {
     /// Handed to the kernel stack (host, other nodes, outside).
     pub passed_packets: u64,
     pub passed_bytes: u64,
-    /// Dropped, for any reason below or because the kernel refused a redirect.
-    pub dropped_packets: u64,
-    /// Of those, sent by a pod with a source address that is not its own.
-    pub dropped_spoofed: u64,
-    /// Of those, for a pod whose interface is gone before its map entry.
-    pub dropped_no_interface: u64,
-    /// Of those, denied by NetworkPolicy (the sender's egress or the receiver's ingress).
-    pub dropped_policy: u64,
+    /// Dropped packets, by [`DropReason::code`].
+    pub dropped: [u64; DROP_REASONS.len()],
 }
 
 impl EndpointCounters {
@@ -399,24 +455,46 @@ impl EndpointCounters {
         self.redirected_bytes += other.redirected_bytes;
         self.passed_packets += other.passed_packets;
         self.passed_bytes += other.passed_bytes;
-        self.dropped_packets += other.dropped_packets;
-        self.dropped_spoofed += other.dropped_spoofed;
-        self.dropped_no_interface += other.dropped_no_interface;
-        self.dropped_policy += other.dropped_policy;
+        for (sum, more) in self.dropped.iter_mut().zip(other.dropped) {
+            *sum += more;
+        }
+    }
+
+    /// Dropped packets, whatever the reason.
+    pub fn dropped_packets(&self) -> u64 {
+        self.dropped.iter().sum()
     }
 }
 
-/// A new connection a policy rule allowed, in a [`FlowEvent`].
-pub const VERDICT_ALLOWED: u32 = 0;
-/// Why a packet was dropped, in a [`FlowEvent`].
-pub const DROP_SPOOFED: u32 = 1;
-pub const DROP_NO_INTERFACE: u32 = 2;
-/// The kernel refused a redirect.
-pub const DROP_REDIRECT_FAILED: u32 = 3;
-/// No rule of a policy selecting the sender allows it out.
-pub const DROP_POLICY_EGRESS: u32 = 4;
-/// No rule of a policy selecting the receiver allows it in.
-pub const DROP_POLICY_INGRESS: u32 = 5;
+/// Counters as the loader's views show them: the totals, and the drops under each
+/// reason's name (`"dropped": {"spoofed": 0, ...}`).
+#[cfg(feature = "user")]
+impl serde::Serialize for EndpointCounters {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeStruct};
+        struct ByReason<'a>(&'a [u64; DROP_REASONS.len()]);
+        impl serde::Serialize for ByReason<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let mut map = serializer.serialize_map(Some(DROP_REASONS.len()))?;
+                for (reason, count) in DROP_REASONS.iter().zip(self.0) {
+                    map.serialize_entry(reason.name, count)?;
+                }
+                map.end()
+            }
+        }
+        let mut counters = serializer.serialize_struct("EndpointCounters", 6)?;
+        counters.serialize_field("redirected_packets", &self.redirected_packets)?;
+        counters.serialize_field("redirected_bytes", &self.redirected_bytes)?;
+        counters.serialize_field("passed_packets", &self.passed_packets)?;
+        counters.serialize_field("passed_bytes", &self.passed_bytes)?;
+        counters.serialize_field("dropped_packets", &self.dropped_packets())?;
+        counters.serialize_field("dropped", &ByReason(&self.dropped))?;
+        counters.end()
+    }
+}
+
+/// In a [`FlowEvent`], instead of a drop reason: a new connection a policy rule allowed.
+pub const VERDICT_ALLOWED: u32 = u32::MAX;
 
 /// A dropped packet, or a connection a policy allowed, as `velox-loader monitor`
 /// shows it.
@@ -427,7 +505,7 @@ pub struct FlowEvent {
     pub dst: FlowEnd,
     /// The interface the program saw it on.
     pub ifindex: u32,
-    /// `VERDICT_ALLOWED` or a `DROP_*` reason.
+    /// `VERDICT_ALLOWED` or a [`DropReason::code`].
     pub reason: u32,
     /// The policies whose rules allowed each direction (0: none was needed).
     pub egress_policy: u16,
@@ -465,6 +543,7 @@ mod tests {
         assert_eq!(IpKey::from(v6).ip(), v6);
         assert_eq!(&IpKey::from(v4).addr[10..], &[0xff, 0xff, 200, 200, 1, 7]);
         assert_ne!(IpKey::from(v4), IpKey::from(v6));
+        assert_eq!(IpKey::from_words(IpKey::from(v6).words()), IpKey::from(v6));
     }
 
     #[test]
@@ -485,6 +564,19 @@ mod tests {
             assert_eq!(forward, reverse);
             assert_ne!(a_first, b_first);
         }
+    }
+
+    #[test]
+    fn each_drop_reason_sits_at_its_code_under_one_name() {
+        for (index, reason) in DROP_REASONS.iter().enumerate() {
+            assert_eq!(reason.code as usize, index, "{reason:?}");
+            assert_eq!(DropReason::of(reason.code), Some(reason));
+            assert!(
+                reason.name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+                "{reason:?}"
+            );
+        }
+        assert_eq!(DropReason::of(VERDICT_ALLOWED), None);
     }
 
     #[test]

@@ -15,12 +15,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use velox_common::{
-    AllowedFlow, FlowEnd, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, EGRESS, INGRESS, IPPROTO_TCP, IPPROTO_UDP,
-    ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_ENDPOINTS, MAX_POLICY_FLOWS, MAX_POLICY_RULES, MAX_PORT_RULES,
-    OPENED_BY_FIRST, OPENED_BY_SECOND, POLICY_KEY_FIXED_BITS, RULES_VERSION,
+    AllowedFlow, FlowEnd, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS,
+    EGRESS, INGRESS, IPPROTO_TCP, IPPROTO_UDP, ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_ENDPOINTS, MAX_POLICY_FLOWS,
+    MAX_POLICY_RULES, MAX_PORT_RULES, OPENED_BY_FIRST, OPENED_BY_SECOND, POLICY_KEY_FIXED_BITS, RULES_VERSION,
 };
 
-use crate::{Packet, NO_SLOT};
+use crate::{
+    parse::Packet,
+    verdict::{Outcome, NO_SLOT, PASS},
+};
 
 /// By counters slot; the loader sizes it like the counters.
 #[btf_map]
@@ -36,21 +39,28 @@ static VELOX_POLICY_FLOWS: LruHashMap<PolicyFlow, AllowedFlow, MAX_POLICY_FLOWS>
 #[btf_map]
 static VELOX_POLICY_GENERATION: Array<u32, 1> = Array::new();
 
-/// Allowed by policy (or no policy applies).
-pub const ALLOWED: i64 = 0;
-/// Dropped: the sender's egress policies allow nothing of the kind.
-pub const DENIED_EGRESS: i64 = -5;
-/// Dropped: the receiver's ingress policies allow nothing of the kind.
-pub const DENIED_INGRESS: i64 = -6;
+/// Allowed by policy (or no policy applies): forwarding decides.
+pub const ALLOWED: Outcome = PASS;
 
 /// The decision on a packet and the policies whose rules allowed it.
-#[derive(Default)]
 pub struct Verdict {
-    pub result: i64,
+    /// `ALLOWED`, `DROP_POLICY_EGRESS` or `DROP_POLICY_INGRESS`.
+    pub result: Outcome,
     pub egress_policy: u16,
     pub ingress_policy: u16,
     /// A rule walk allowed a packet that opens a connection: worth an event.
     pub new_connection: bool,
+}
+
+impl Default for Verdict {
+    fn default() -> Self {
+        Self {
+            result: ALLOWED,
+            egress_policy: 0,
+            ingress_policy: 0,
+            new_connection: false,
+        }
+    }
 }
 
 /// Decides `packet` from the pod in `src_slot` to the pod in `dst_slot` (`NO_SLOT`
@@ -118,7 +128,7 @@ pub fn police(ctx: &TcContext, packet: &Packet, src_slot: u32, dst_slot: u32, ve
     }
     // The host reaches its pods through the kernel, where no program sees the
     // connection open (kubelet's probes): their replies pass.
-    if verdict.result == DENIED_EGRESS && src_slot != NO_SLOT && host_has_connection(ctx, packet) {
+    if verdict.result == DROP_POLICY_EGRESS && src_slot != NO_SLOT && host_has_connection(ctx, packet) {
         *verdict = Verdict::default();
     }
 }
@@ -202,14 +212,14 @@ fn check(
     if src_flags & ISOLATED_EGRESS != 0 {
         verdict.egress_policy = allowing_policy(src_slot, EGRESS, src_flags, dst, dst);
         if verdict.egress_policy == 0 {
-            verdict.result = DENIED_EGRESS;
+            verdict.result = DROP_POLICY_EGRESS;
             return;
         }
     }
     if dst_flags & ISOLATED_INGRESS != 0 {
         verdict.ingress_policy = allowing_policy(dst_slot, INGRESS, dst_flags, src, dst);
         if verdict.ingress_policy == 0 {
-            verdict.result = DENIED_INGRESS;
+            verdict.result = DROP_POLICY_INGRESS;
         }
     }
 }

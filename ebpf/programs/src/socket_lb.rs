@@ -103,13 +103,7 @@ fn read_user_end(sa: &bpf_sock_addr, family: Family, end: &mut FlowEnd) -> bool 
     };
     end.addr = match family {
         Family::V4 => IpKey::v4(sa.user_ip4.to_ne_bytes()),
-        Family::V6 => {
-            let mut addr = [0u8; 16];
-            for (i, word) in sa.user_ip6.iter().enumerate() {
-                addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-            }
-            IpKey::v6(addr)
-        }
+        Family::V6 => IpKey::from_words(sa.user_ip6),
     };
     // The port sits in network byte order in the low 16 bits.
     end.port = sa.user_port as u16;
@@ -118,15 +112,10 @@ fn read_user_end(sa: &bpf_sock_addr, family: Family, end: &mut FlowEnd) -> bool 
 
 #[inline(always)]
 fn write_user_end(sa: &mut bpf_sock_addr, family: Family, end: &FlowEnd) {
-    let a = &end.addr.addr;
+    let words = end.addr.words();
     match family {
-        Family::V4 => sa.user_ip4 = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-        Family::V6 => {
-            sa.user_ip6[0] = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-            sa.user_ip6[1] = u32::from_ne_bytes([a[4], a[5], a[6], a[7]]);
-            sa.user_ip6[2] = u32::from_ne_bytes([a[8], a[9], a[10], a[11]]);
-            sa.user_ip6[3] = u32::from_ne_bytes([a[12], a[13], a[14], a[15]]);
-        }
+        Family::V4 => sa.user_ip4 = words[3],
+        Family::V6 => sa.user_ip6 = words,
     }
     sa.user_port = u32::from(end.port);
 }

@@ -1,0 +1,107 @@
+//! Where a packet goes: a pod of this node (`bpf_redirect_peer` into its netns), a
+//! pod of another node (`bpf_redirect_neigh` out of the uplink, direct routing: no
+//! tunnel, no NAT), or the kernel.
+
+use aya_ebpf::{
+    bindings::{bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_redir_neigh, TC_ACT_REDIRECT},
+    btf_maps::{lpm_trie::Key, HashMap, LpmTrie},
+    helpers::{bpf_check_mtu, bpf_redirect_neigh, bpf_redirect_peer},
+    macros::btf_map,
+    programs::TcContext,
+};
+use network_types::eth::EthHdr;
+use velox_common::{Endpoint, IpKey, Peer, AF_INET, DROP_NO_INTERFACE, DROP_REDIRECT_FAILED, MAX_ENDPOINTS, MAX_PEERS};
+
+use crate::verdict::{Outcome, REDIRECT};
+
+#[btf_map]
+static VELOX_ENDPOINTS: HashMap<IpKey, Endpoint, MAX_ENDPOINTS> = HashMap::new();
+
+#[btf_map]
+static VELOX_PEERS: LpmTrie<[u8; 16], Peer, MAX_PEERS> = LpmTrie::new();
+
+/// `bpf_check_mtu` for an ifindex that names no interface.
+const ENODEV: i64 = 19;
+
+/// The pod of this node with address `addr`.
+#[inline(always)]
+pub fn local_endpoint(addr: &IpKey) -> Option<&'static Endpoint> {
+    // SAFETY: a map value the kernel keeps while the program runs.
+    unsafe { VELOX_ENDPOINTS.get(addr) }
+}
+
+/// The node whose pod CIDRs hold `addr`.
+#[inline(always)]
+pub fn peer_node(addr: &IpKey) -> Option<&'static Peer> {
+    VELOX_PEERS.get(&Key::new(128, addr.addr))
+}
+
+/// Into the pod behind `endpoint`'s host veth. `bpf_redirect_peer` takes any ifindex
+/// and the kernel drops the packet later where nobody counts it, so a pod whose
+/// interface vanished (its netns went, the loader has not seen it yet) is a drop here.
+#[inline(always)]
+pub fn to_local_pod(ctx: &TcContext, endpoint: &Endpoint) -> Outcome {
+    let mut mtu = 0u32;
+    // SAFETY: the context is a live sk_buff; `mtu` is ours to write. A lookup of the
+    // interface by index: no MTU verdict is asked for (flags 0, length 0).
+    let exists = unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, endpoint.ifindex, &mut mtu, 0, 0) } != -ENODEV;
+    if exists {
+        redirected(unsafe { bpf_redirect_peer(endpoint.ifindex, 0) })
+    } else {
+        DROP_NO_INTERFACE
+    }
+}
+
+/// Out of the uplink towards `peer`; the kernel's neighbour table fills in the
+/// Ethernet header.
+#[inline(always)]
+pub fn to_peer_node(peer: &Peer) -> Outcome {
+    let words = peer.node_ip.words();
+    // Zeroed first: an IPv4 next hop leaves 12 bytes of the union unwritten, and
+    // LLVM would fill them from whatever register, which the verifier refuses.
+    // SAFETY: all-zero is a valid bpf_redir_neigh.
+    let mut next_hop: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+    next_hop.nh_family = peer.family;
+    if peer.family == AF_INET {
+        next_hop.__bindgen_anon_1.ipv4_nh = words[3];
+    } else {
+        next_hop.__bindgen_anon_1.ipv6_nh = words;
+    }
+    let size = core::mem::size_of::<bpf_redir_neigh>() as i32;
+    redirected(unsafe { bpf_redirect_neigh(peer.ifindex, &mut next_hop, size, 0) })
+}
+
+/// Whether the packet, or each of its GSO segments, fits the uplink's MTU. A plain
+/// packet within the MTU the loader recorded fits without asking the kernel.
+/// `bpf_redirect_neigh` neither fragments nor reports the path MTU: a packet that does
+/// not fit goes to the kernel, which does both.
+#[inline(always)]
+pub fn fits_uplink(ctx: &TcContext, peer: &Peer) -> bool {
+    // SAFETY: reading the context's own fields.
+    let (len, gso_size) = unsafe { ((*ctx.skb.skb).len, (*ctx.skb.skb).gso_size) };
+    if gso_size == 0 && len <= peer.mtu + EthHdr::LEN as u32 {
+        return true;
+    }
+    let mut mtu = 0u32;
+    // SAFETY: the context is a live sk_buff; `mtu` is ours to write.
+    unsafe {
+        bpf_check_mtu(
+            ctx.skb.skb as *mut _,
+            peer.ifindex,
+            &mut mtu,
+            0,
+            u64::from(BPF_MTU_CHK_SEGS),
+        ) == 0
+    }
+}
+
+/// A redirect helper's result as an outcome: the kernel refuses a redirect with
+/// `TC_ACT_SHOT`.
+#[inline(always)]
+fn redirected(action: i64) -> Outcome {
+    if action == TC_ACT_REDIRECT as i64 {
+        REDIRECT
+    } else {
+        DROP_REDIRECT_FAILED
+    }
+}

@@ -1,0 +1,111 @@
+//! Reading a packet's two connection ends, once per packet, for every later step.
+
+use aya_ebpf::programs::TcContext;
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+use velox_common::{FlowEnd, IpKey, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+/// ICMP and ICMPv6 echo request and reply: their identifier stands for a port.
+const ICMP_ECHO: [u8; 4] = [8, 0, 128, 129];
+const ICMP_ECHO_REQUEST: [u8; 2] = [8, 128];
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// Router solicitation .. redirect: neighbour discovery is the kernel's business.
+const NDP_TYPES: core::ops::RangeInclusive<u8> = 133..=137;
+
+/// What the programs read of an IP packet, parsed once.
+#[derive(Default)]
+pub struct Packet {
+    pub src: FlowEnd,
+    pub dst: FlowEnd,
+    /// Whether the packet may open a connection: a TCP SYN, an ICMP echo request,
+    /// any UDP or SCTP datagram (which cannot tell). Other protocols (IPv6 extension
+    /// headers among them) open none that Velox can follow.
+    pub opens: bool,
+}
+
+/// Reads both ends of an IPv4 or IPv6 packet into `packet` (zeroed by the caller),
+/// field by field: a key built from tuples or options would carry padding bytes,
+/// which LLVM fills from whatever register and the verifier refuses. IPv6 extension
+/// headers are not walked: such a packet's ports read as 0, in both directions alike.
+///
+/// False for what only the kernel handles: ARP, IPv6 neighbour discovery, anything
+/// not IP.
+#[inline(always)]
+pub fn parse(ctx: &TcContext, packet: &mut Packet) -> bool {
+    let Some(eth) = header_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    // SAFETY: `header_at` checked that each header lies inside the packet.
+    let ether_type = unsafe { (*eth).ether_type };
+    let (l4, proto) = if ether_type == EtherType::Ipv4 as u16 {
+        let Some(ip) = header_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
+            return false;
+        };
+        let ip = unsafe { &*ip };
+        packet.src.addr = IpKey::v4(ip.src_addr);
+        packet.dst.addr = IpKey::v4(ip.dst_addr);
+        (EthHdr::LEN + usize::from(ip.ihl()), ip.proto as u8) // ihl() is in bytes
+    } else if ether_type == EtherType::Ipv6 as u16 {
+        let Some(ip) = header_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
+            return false;
+        };
+        let ip = unsafe { &*ip };
+        packet.src.addr = IpKey::v6(ip.src_addr);
+        packet.dst.addr = IpKey::v6(ip.dst_addr);
+        (EthHdr::LEN + Ipv6Hdr::LEN, ip.next_hdr)
+    } else {
+        return false;
+    };
+    packet.src.proto = proto;
+    packet.dst.proto = proto;
+    match proto {
+        IPPROTO_TCP => {
+            // source port, destination port, sequence, acknowledgement, offset, flags
+            if let Some(tcp) = header_at::<[u8; 14]>(ctx, l4) {
+                let tcp = unsafe { &*tcp };
+                packet.src.port = u16::from_ne_bytes([tcp[0], tcp[1]]);
+                packet.dst.port = u16::from_ne_bytes([tcp[2], tcp[3]]);
+                packet.opens = tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
+            }
+        }
+        IPPROTO_UDP | IPPROTO_SCTP => {
+            if let Some(ports) = header_at::<[u16; 2]>(ctx, l4) {
+                let ports = unsafe { &*ports };
+                packet.src.port = ports[0];
+                packet.dst.port = ports[1];
+                packet.opens = true;
+            }
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            // type, code, checksum, identifier: an echo and its reply share the identifier.
+            if let Some(icmp) = header_at::<[u8; 6]>(ctx, l4) {
+                let icmp = unsafe { &*icmp };
+                if proto == IPPROTO_ICMPV6 && NDP_TYPES.contains(&icmp[0]) {
+                    return false;
+                }
+                if ICMP_ECHO.contains(&icmp[0]) {
+                    let identifier = u16::from_ne_bytes([icmp[4], icmp[5]]);
+                    packet.src.port = identifier;
+                    packet.dst.port = identifier;
+                }
+                packet.opens = ICMP_ECHO_REQUEST.contains(&icmp[0]);
+            }
+        }
+        _ => {}
+    }
+    true
+}
+
+#[inline(always)]
+fn header_at<T>(ctx: &TcContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data() + offset;
+    if start + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some(start as *const T)
+}

@@ -1,0 +1,20 @@
+//! Source address validation: a pod sends only from its own addresses.
+
+use velox_common::{Endpoint, IpKey};
+
+use crate::{forward::local_endpoint, parse::Packet};
+
+/// The sending pod's own entry, when the packet's source address is one of the pod
+/// behind `ifindex`: one lookup proves the source and gives the counters slot.
+#[inline(always)]
+pub fn sender(packet: &Packet, ifindex: u32) -> Option<&'static Endpoint> {
+    local_endpoint(&packet.src.addr).filter(|sender| sender.ifindex == ifindex)
+}
+
+/// Link-local and unspecified sources (neighbour discovery, MLD, DAD) stay on the
+/// link: the kernel never forwards them, and neither does the fast path, so a pod
+/// may send from them.
+#[inline(always)]
+pub fn stays_on_link(addr: &IpKey) -> bool {
+    (addr.addr[0] == 0xfe && addr.addr[1] & 0xc0 == 0x80) || addr.addr == [0; 16]
+}

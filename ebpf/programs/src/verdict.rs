@@ -1,0 +1,126 @@
+//! What a program decided for a packet, and what it tells about it: the TC action,
+//! the per-interface counters, the events a listening monitor reads, and the debug
+//! trace.
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
+    helpers::bpf_ktime_get_ns,
+    macros::btf_map,
+    programs::TcContext,
+};
+use aya_log_ebpf::debug;
+use velox_common::{EndpointCounters, FlowEvent, IpKey, DROP_REASONS, EVENTS_BYTES, MAX_ENDPOINTS, VERDICT_ALLOWED};
+
+use crate::{parse::Packet, policy::Verdict};
+
+/// Indexed by counters slot. The loader sizes it by `--max-pods`: an array is
+/// allocated whole, on every CPU.
+#[btf_map]
+static VELOX_COUNTERS: PerCpuArray<EndpointCounters, MAX_ENDPOINTS> = PerCpuArray::new();
+
+/// Drops and policy verdicts, for `velox-loader monitor`; written only while one listens.
+#[btf_map]
+static VELOX_EVENTS: RingBuf<FlowEvent, EVENTS_BYTES> = RingBuf::new();
+
+/// Until when (`bpf_ktime_get_ns`) a monitor listens.
+#[btf_map]
+static VELOX_MONITOR: Array<u64, 1> = Array::new();
+
+/// Host veth -> counters slot, for what the source lookup cannot attribute.
+#[btf_map]
+static VELOX_INTERFACES: HashMap<u32, u32, MAX_ENDPOINTS, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
+
+/// What a program decided for a packet: a drop reason's code (`DROP_*`), or one of
+/// the two values past the table. The programs keep to plain values like this one:
+/// an `Option` or enum holding a value leaves its payload undefined when empty, LLVM
+/// then copies whatever a register holds, and the verifier refuses to read it.
+pub type Outcome = u32;
+/// Not for the datapath to deliver: the kernel decides.
+pub const PASS: Outcome = DROP_REASONS.len() as u32;
+/// Delivered by a redirect.
+pub const REDIRECT: Outcome = PASS + 1;
+
+/// The counters slot of an interface Velox does not know.
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// The counters slot of host veth `ifindex`, for a packet no pod's address claims.
+#[inline(always)]
+pub fn interface_slot(ifindex: u32) -> u32 {
+    unsafe { VELOX_INTERFACES.get(&ifindex) }.map_or(NO_SLOT, |slot| *slot)
+}
+
+/// Counts `outcome` in counters `slot`, reports drops and the connections a policy
+/// allowed to a listening monitor, and returns the TC action.
+#[inline(always)]
+pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, verdict: &Verdict) -> i32 {
+    #[cfg(feature = "upgrade-test")]
+    let outcome = crate::upgrade_test::outcome(packet, outcome);
+    let action = match outcome {
+        PASS => TC_ACT_OK,
+        REDIRECT => TC_ACT_REDIRECT,
+        _ => TC_ACT_SHOT,
+    };
+    if let Some(counters) = VELOX_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU value; only this CPU writes it while we run.
+        let counters = unsafe { &mut *counters };
+        let bytes = ctx.len() as u64;
+        match outcome {
+            REDIRECT => {
+                counters.redirected_packets += 1;
+                counters.redirected_bytes += bytes;
+            }
+            PASS => {
+                counters.passed_packets += 1;
+                counters.passed_bytes += bytes;
+            }
+            reason => {
+                if let Some(dropped) = counters.dropped.get_mut(reason as usize) {
+                    *dropped += 1;
+                }
+            }
+        }
+    }
+    if (action == TC_ACT_SHOT || verdict.new_connection) && monitor_listens() {
+        let event = FlowEvent {
+            src: packet.src,
+            dst: packet.dst,
+            ifindex: unsafe { (*ctx.skb.skb).ifindex },
+            reason: if action == TC_ACT_SHOT {
+                outcome
+            } else {
+                VERDICT_ALLOWED
+            },
+            egress_policy: verdict.egress_policy,
+            ingress_policy: verdict.ingress_policy,
+        };
+        // A full buffer loses the event, never the packet's time.
+        let _ = VELOX_EVENTS.output(&event, 0);
+    }
+    action
+}
+
+/// Whether a monitor listens: events cost nothing when none does.
+#[inline(always)]
+fn monitor_listens() -> bool {
+    VELOX_MONITOR
+        .get(0)
+        .is_some_and(|until| unsafe { bpf_ktime_get_ns() } < *until)
+}
+
+/// One debug line per IP packet. The loader sets aya-log's level at load time (off
+/// unless `--datapath-log-level` says otherwise); the verifier then removes this
+/// code from the hot path altogether.
+#[inline(always)]
+pub fn trace(ctx: &TcContext, program: &str, dst: Option<&IpKey>, action: i32) {
+    if let Some(dst) = dst {
+        debug!(
+            ctx,
+            "{}: to {:i} on ifindex {}: action {}",
+            program,
+            dst.addr,
+            unsafe { (*ctx.skb.skb).ifindex },
+            action
+        );
+    }
+}
