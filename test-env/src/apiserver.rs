@@ -107,8 +107,8 @@ pub struct ApiServer {
 impl ApiServer {
     /// Starts serving on `ip` (a port of its own) inside the network namespace `netns`.
     pub fn start(netns: &str, ip: IpAddr) -> anyhow::Result<Self> {
-        let netns_file = std::fs::File::open(Path::new("/run/netns").join(netns))
-            .with_context(|| format!("opening netns {netns}"))?;
+        let netns_file =
+            std::fs::File::open(crate::netns_path(netns)).with_context(|| format!("opening netns {netns}"))?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             events: broadcast::channel(4096).0,

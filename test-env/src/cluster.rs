@@ -1,4 +1,4 @@
-//! The simulated cluster of DESIGN.md, dual-stack: two nodes on an underlay, a router
+//! The simulated cluster, dual-stack: two nodes on an underlay, a router
 //! that knows nothing of pod CIDRs, an external host behind it, and a host-network
 //! pod per node. Every node, pod and host has an address of each family.
 //!
@@ -106,8 +106,8 @@ pub struct HostNetworkPod {
 }
 
 impl Cluster {
-    /// The default cluster has DESIGN.md's names; `prefix` makes every name unique
-    /// (tests running side by side).
+    /// The default cluster has the names of the module's diagram; `prefix` makes
+    /// every name unique (tests running side by side).
     pub fn new(prefix: &str, bins: Binaries) -> anyhow::Result<Self> {
         let state = PathBuf::from(format!("/run/velox-test/{prefix}cluster"));
         let peers_file = state.join("peers.json");
@@ -275,8 +275,8 @@ impl Cluster {
         .context("starting the host-network pod")
     }
 
-    /// Pods `pod-1`, `pod-4` on the first node and `pod-2`, `pod-3` on the second, as in
-    /// DESIGN.md (prefixed with the node name in tests).
+    /// Pods `pod-1`, `pod-4` on the first node and `pod-2`, `pod-3` on the second
+    /// (prefixed with the node name in tests).
     pub fn add_standard_pods(&self) -> anyhow::Result<Vec<(usize, Pod)>> {
         let mut pods = Vec::new();
         for (node, pod) in [(0, "pod-1"), (1, "pod-2"), (1, "pod-3"), (0, "pod-4")] {

@@ -73,7 +73,8 @@ state = "{d}/state"
   path = "{d}/opt"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "velox.test/pause:1"
-  # Root here lacks CAP_SYS_RESOURCE (see the issue's quirks).
+  # Root may lack CAP_SYS_RESOURCE (a VM or container of the CI's kind): containerd
+  # must not try to lower OOM scores.
   restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"

@@ -7,7 +7,7 @@ use anyhow::Context;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::node::Node;
-use crate::run;
+use crate::run_in_netns;
 use velox_node::Family;
 
 const SERVICES_CHAIN: &str = "KUBE-SERVICES";
@@ -43,8 +43,7 @@ fn iptables(node: &Node, family: Family, args: &[&str]) -> anyhow::Result<String
         Family::V4 => "iptables",
         Family::V6 => "ip6tables",
     };
-    let netns = format!("--net=/run/netns/{}", node.name);
-    run("nsenter", &[&[netns.as_str(), binary, "-w"][..], args].concat())
+    run_in_netns(&node.name, binary, &[&["-w"][..], args].concat())
 }
 
 impl ServiceRule {

@@ -32,8 +32,8 @@ pub use cluster::{Cluster, ClusterGuard};
 pub const IMAGE: &str = concat!("localhost/velox:", env!("CARGO_PKG_VERSION"));
 pub use cni::CniOutcome;
 pub use netns::{
-    direct_veth_pair, ensure_bpffs, in_netns, in_netns_and_cgroup, iptables_restore, netns_with_prefix,
-    remove_direct_veth_pair,
+    direct_veth_pair, ensure_bpffs, in_netns, in_netns_and_cgroup, iptables_restore, netns_path, netns_with_prefix,
+    remove_direct_veth_pair, run_in_netns,
 };
 pub use node::{Node, NodeGuard};
 pub use pod::Pod;

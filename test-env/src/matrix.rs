@@ -61,7 +61,10 @@ impl Row {
 const POD_PORT: u16 = 8080;
 const NODE_PORT: u16 = 8081;
 
-/// The cases of the issue in both families, from pod-1 (node 0) unless said otherwise.
+/// The connections checked, 16 per family: pod-1 (node 0) to itself, to pod-4 (same
+/// node) and pod-2 (other node); pod-3 to pod-4; pod-1 to and from a process and a
+/// host-network pod on each node; pod-1 to each node IP; pod-1 and pod-2 to the
+/// external host, which sees their node's IP.
 pub fn cases(cluster: &Cluster, pods: &[(usize, Pod)]) -> anyhow::Result<Vec<Case>> {
     let mut cases = Vec::new();
     for family in Family::ALL {

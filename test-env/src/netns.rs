@@ -1,19 +1,33 @@
-//! Network namespaces under /run/netns, and running things inside them.
+//! Named network namespaces (`ip netns`), and running things inside them.
 
 use anyhow::Context;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::{run, Pod};
 
+/// Where `ip netns add` keeps named network namespaces.
+pub const NETNS_DIR: &str = "/run/netns";
+
+/// The file of the named network namespace `name` (what a runtime passes as
+/// `CNI_NETNS`).
+pub fn netns_path(name: &str) -> PathBuf {
+    Path::new(NETNS_DIR).join(name)
+}
+
+/// nsenter's flag that enters the named network namespace `name`.
+fn nsenter_net(name: &str) -> String {
+    format!("--net={}", netns_path(name).display())
+}
+
 pub fn netns_exists(name: &str) -> bool {
-    Path::new("/run/netns").join(name).exists()
+    netns_path(name).exists()
 }
 
 /// Network namespaces whose name starts with `prefix`.
 pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
-    std::fs::read_dir("/run/netns")
+    std::fs::read_dir(NETNS_DIR)
         .into_iter()
         .flatten()
         .flatten()
@@ -46,11 +60,17 @@ pub fn delete_netns(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A command inside the network namespace `netns` (a name under /run/netns).
+/// A command inside the named network namespace `netns`, entered with nsenter (not
+/// `ip netns exec`, whose own mount namespace hides the bpffs pins).
 pub fn in_netns(netns: &str, program: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{netns}")).arg(program).args(args);
+    cmd.arg(nsenter_net(netns)).arg(program).args(args);
     cmd
+}
+
+/// [`run`] inside the named network namespace `netns`.
+pub fn run_in_netns(netns: &str, program: &str, args: &[&str]) -> anyhow::Result<String> {
+    run("nsenter", &[&[nsenter_net(netns).as_str(), program][..], args].concat())
 }
 
 /// `in_netns`, with the process first moved into the cgroup (v2) `cgroup`: socket
@@ -59,7 +79,8 @@ pub fn in_netns_and_cgroup(netns: &str, cgroup: &Path, program: &str, args: &[&s
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(format!(
-            "echo $$ > \"$0/cgroup.procs\" && exec nsenter --net=/run/netns/{netns} \"$@\""
+            "echo $$ > \"$0/cgroup.procs\" && exec nsenter {} \"$@\"",
+            nsenter_net(netns)
         ))
         .arg(cgroup)
         .arg(program)
@@ -95,7 +116,7 @@ pub fn spawn_in<T: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
 ) -> std::thread::JoinHandle<anyhow::Result<T>> {
-    let path = Path::new("/run/netns").join(name);
+    let path = netns_path(name);
     std::thread::spawn(move || {
         let netns = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;

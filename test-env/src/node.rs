@@ -258,7 +258,7 @@ impl Node {
     pub fn add_pod(&self, pod: &str) -> anyhow::Result<Pod> {
         run("ip", &["netns", "add", pod])?;
         run("ip", &["-n", pod, "link", "set", "lo", "up"])?;
-        let netns = Path::new("/run/netns").join(pod);
+        let netns = crate::netns_path(pod);
         let outcome = self.cni("ADD", pod, Some(&netns), "eth0", &self.conf("1.1.0"))?;
         if !outcome.success {
             let _ = delete_netns(pod);
@@ -269,7 +269,7 @@ impl Node {
 
     /// DEL as a runtime does when a pod goes, then the pod's netns goes.
     pub fn delete_pod(&self, pod: &str) -> anyhow::Result<()> {
-        let netns = Path::new("/run/netns").join(pod);
+        let netns = crate::netns_path(pod);
         let outcome = self.cni(
             "DEL",
             pod,

@@ -47,7 +47,7 @@ impl Pod {
     }
 
     pub fn netns_path(&self) -> PathBuf {
-        Path::new("/run/netns").join(&self.name)
+        crate::netns_path(&self.name)
     }
 
     pub fn exec(&self, program: &str, args: &[&str]) -> anyhow::Result<Output> {

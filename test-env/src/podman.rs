@@ -30,8 +30,8 @@ impl Podman {
         let network = conflist["name"].as_str().context("network name")?.to_string();
         std::fs::write(net_dir.join(format!("{network}.conflist")), conflist.to_string())?;
         let velox_dir = node.bins.velox.parent().context("velox dir")?;
-        // runc, cgroupfs and ulimits of 4096: root here lacks CAP_SYS_RESOURCE and
-        // cgroups are hybrid (the quirks).
+        // runc, cgroupfs and ulimits of 4096: root may lack CAP_SYS_RESOURCE (no
+        // raising limits) and cgroups may be hybrid (v1 with a v2 mount beside).
         std::fs::write(
             dir.join("containers.conf"),
             format!(

@@ -60,7 +60,7 @@ impl ReferenceNode {
     }
 
     pub fn cni(&self, command: &str, pod: &str) -> anyhow::Result<CniOutcome> {
-        let netns = Path::new("/run/netns").join(pod);
+        let netns = crate::netns_path(pod);
         let plugin = Path::new(REFERENCE_PLUGINS).join(&self.plugin);
         exec_plugin(&self.name, &plugin, command, pod, Some(&netns), "eth0", &self.conf)
     }

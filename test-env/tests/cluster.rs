@@ -6,7 +6,7 @@ use nix::sys::signal::Signal;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 use velox_test_env::netns::spawn_in;
-use velox_test_env::{matrix, run, ClusterGuard, Family};
+use velox_test_env::{matrix, netns_path, run, ClusterGuard, Family};
 
 #[test]
 fn connectivity_matrix_passes_in_both_families_with_nat_only_to_the_outside() {
@@ -300,7 +300,7 @@ fn ipam_cannot_hand_out_an_address_that_is_taken() {
     for (ip, holder) in taken {
         let name = cluster.pod_name(0, "thief");
         run("ip", &["netns", "add", &name]).unwrap();
-        let netns = std::path::Path::new("/run/netns").join(&name);
+        let netns = netns_path(&name);
         // Debian's reference plugins speak up to 1.0.0.
         let mut conf = node.conf("1.0.0");
         conf.as_object_mut().unwrap().remove("subnets");

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 use velox_test_env::netns::spawn_in;
-use velox_test_env::{cnitool, in_netns, run, ClusterGuard, Family, Node, NodeGuard};
+use velox_test_env::{cnitool, in_netns, netns_path, run, ClusterGuard, Family, Node, NodeGuard};
 
 /// `cnitool <command> <network> <netns>` inside the node, with `conflist` as the only
 /// network config and Velox plus the reference plugins on CNI_PATH.
@@ -17,7 +17,7 @@ fn cnitool_run(node: &Node, conf_dir: &Path, command: &str, network: &str, netns
     in_netns(
         &node.name,
         cnitool().unwrap().to_str().unwrap(),
-        &[command, network, &format!("/run/netns/{netns}")],
+        &[command, network, netns_path(netns).to_str().unwrap()],
     )
     .env("NETCONFPATH", conf_dir)
     .env("CNI_PATH", format!("{velox_dir}:/usr/lib/cni"))

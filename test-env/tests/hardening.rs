@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use velox_test_env::cni::spawn_plugin;
-use velox_test_env::{run, wait_for, Family, NodeGuard, Pod};
+use velox_test_env::{netns_path, run, wait_for, Family, NodeGuard, Pod};
 
 fn record_path(node: &NodeGuard, pod: &Pod) -> PathBuf {
     let host_ifname = velox_node::endpoint::host_ifname(&velox_node::endpoint::Attachment {
@@ -154,7 +154,7 @@ fn plugins_killed_at_random_points_of_add_and_del_leave_nothing_after_del() {
         let n = round.get();
         let victim = node.pod_name(&format!("v{n}"));
         run("ip", &["netns", "add", &victim]).unwrap();
-        let netns = Path::new("/run/netns").join(&victim);
+        let netns = netns_path(&victim);
         let keeper = std::thread::scope(|s| {
             // Another pod comes up while the victim's plugin dies.
             let keeper = s.spawn(|| node.add_pod(&format!("k{n}")));
@@ -200,7 +200,7 @@ fn duplicate_concurrent_adds_do_not_tear_each_other_down() {
     let other = node.add_pod("other").unwrap();
     let pod = node.pod_name("twice");
     run("ip", &["netns", "add", &pod]).unwrap();
-    let netns = Path::new("/run/netns").join(&pod);
+    let netns = netns_path(&pod);
     let conf = node.conf("1.1.0");
     let outcomes: Vec<_> = std::thread::scope(|s| {
         let adds: Vec<_> = (0..4)
@@ -481,7 +481,7 @@ fn counters_have_a_slot_per_pod_up_to_max_pods_and_a_full_node_refuses_cleanly()
     // A third pod is refused with its own code, and leaves nothing behind.
     let c = node.pod_name("c");
     run("ip", &["netns", "add", &c]).unwrap();
-    let netns = std::path::Path::new("/run/netns").join(&c);
+    let netns = netns_path(&c);
     let outcome = node.cni("ADD", &c, Some(&netns), "eth0", &node.conf("1.1.0")).unwrap();
     assert!(!outcome.success);
     assert_eq!(outcome.stdout["code"], 104, "{}", outcome.stdout);

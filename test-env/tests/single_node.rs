@@ -7,10 +7,9 @@ use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use serde_json::{json, Value};
 use std::net::IpAddr;
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
-use velox_test_env::{run, Family, NodeGuard, Pod};
+use velox_test_env::{netns_path, run, Family, NodeGuard, Pod};
 
 /// A fresh node with pods `a` and `b`.
 fn node_with_two_pods(tag: &str) -> (NodeGuard, Pod, Pod) {
@@ -35,8 +34,7 @@ fn pods_on_one_node_talk_icmp_and_tcp() {
         assert!(b.ping(a.ip(family), 3), "{family:?} b -> a ping");
         let gbps = a.iperf3_to(&b, family, 1).unwrap();
         assert!(gbps > 0.0, "{family:?} TCP moved no data");
-        // The pod side is what DESIGN.md says: /32 and /128, link-local gateways,
-        // static neighbours.
+        // The pod side: /32 and /128, link-local gateways, static neighbours.
         let flag = format!("-{}", family.number());
         let addr = shell(&a, &[&flag, "-o", "addr", "show", "eth0", "scope", "global"]);
         assert!(addr.contains(&format!("{}/{host_prefix}", a.ip(family))), "{addr}");
@@ -222,9 +220,7 @@ fn a_bad_prev_result_fails_before_anything_is_created() {
     run("ip", &["netns", "add", &pod]).unwrap();
     let mut conf = node.conf("1.1.0");
     conf["prevResult"] = json!({"ips": [{"address": "192.0.2.5"}]});
-    let outcome = node
-        .cni("ADD", &pod, Some(&Path::new("/run/netns").join(&pod)), "eth0", &conf)
-        .unwrap();
+    let outcome = node.cni("ADD", &pod, Some(&netns_path(&pod)), "eth0", &conf).unwrap();
     let (code, msg) = error_of(&outcome);
     assert_eq!(code, 7, "{msg}");
     assert!(msg.contains("prevResult"), "{msg}");
@@ -289,7 +285,7 @@ fn any_add_is_refused_cleanly_or_fully_undone_by_del() {
     let node = NodeGuard::up("fuzz").unwrap();
     let pod = node.pod_name("fz");
     run("ip", &["netns", "add", &pod]).unwrap();
-    let netns = Path::new("/run/netns").join(&pod);
+    let netns = netns_path(&pod);
     let inputs = (
         prop::collection::vec(config_change(), 0..3),
         prop_oneof![Just("fuzz-1".to_string()), "[ -~]{0,12}"],
@@ -349,13 +345,7 @@ fn add_failing_halfway_leaves_nothing() {
     run("ip", &["-n", &early, "link", "set", "side0", "up"]).unwrap();
     run("ip", &["-n", &early, "route", "add", "default", "dev", "side0"]).unwrap();
     let outcome = node
-        .cni(
-            "ADD",
-            &early,
-            Some(&Path::new("/run/netns").join(&early)),
-            "eth0",
-            &conf,
-        )
+        .cni("ADD", &early, Some(&netns_path(&early)), "eth0", &conf)
         .unwrap();
     assert!(!outcome.success, "ADD should fail: {}", outcome.stdout);
     assert!(
@@ -374,9 +364,7 @@ fn add_failing_halfway_leaves_nothing() {
     });
     let blocker = node.state_dir.join("endpoints").join(format!("{host_ifname}.json"));
     std::fs::create_dir_all(blocker.join("occupied")).unwrap();
-    let outcome = node
-        .cni("ADD", &late, Some(&Path::new("/run/netns").join(&late)), "eth0", &conf)
-        .unwrap();
+    let outcome = node.cni("ADD", &late, Some(&netns_path(&late)), "eth0", &conf).unwrap();
     assert!(!outcome.success, "ADD should fail: {}", outcome.stdout);
     std::fs::remove_dir_all(&blocker).unwrap();
     assert_nothing_of(&node, &late, "eth0");
@@ -437,7 +425,7 @@ fn every_cni_version_gets_its_result_format() {
     for (i, version) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"].iter().enumerate() {
         let pod = node.pod_name(&format!("v{i}"));
         run("ip", &["netns", "add", &pod]).unwrap();
-        let netns = Path::new("/run/netns").join(&pod);
+        let netns = netns_path(&pod);
         let outcome = node
             .cni("ADD", &pod, Some(&netns), "eth0", &node.conf(version))
             .unwrap();
@@ -487,9 +475,7 @@ fn prev_result_is_chained() {
         "interfaces": [{"name": "sidecar0"}],
         "ips": [{"address": "192.0.2.5/24", "interface": 0}],
     });
-    let outcome = node
-        .cni("ADD", &pod, Some(&Path::new("/run/netns").join(&pod)), "eth0", &conf)
-        .unwrap();
+    let outcome = node.cni("ADD", &pod, Some(&netns_path(&pod)), "eth0", &conf).unwrap();
     assert!(outcome.success, "{}", outcome.stdout);
     let result = &outcome.stdout;
     assert_eq!(result["interfaces"][0]["name"], "sidecar0");
@@ -515,7 +501,7 @@ fn errors_are_cni_json_with_the_spec_codes() {
     let node = NodeGuard::up("errors").unwrap();
     let pod = node.pod_name("a");
     run("ip", &["netns", "add", &pod]).unwrap();
-    let netns = Path::new("/run/netns").join(&pod);
+    let netns = netns_path(&pod);
     let add = |conf: &Value| node.cni("ADD", &pod, Some(&netns), "eth0", conf).unwrap();
 
     let (code, _) = error_of(&add(&json!("not an object")));
@@ -603,9 +589,7 @@ fn delegated_ipam_host_local() {
     for name in ["a", "b"] {
         let pod = node.pod_name(name);
         run("ip", &["netns", "add", &pod]).unwrap();
-        let outcome = node
-            .cni("ADD", &pod, Some(&Path::new("/run/netns").join(&pod)), "eth0", &conf)
-            .unwrap();
+        let outcome = node.cni("ADD", &pod, Some(&netns_path(&pod)), "eth0", &conf).unwrap();
         assert!(outcome.success, "{}", outcome.stdout);
         // host-local answers with its ranges' prefixes; Velox configures /32 and /128.
         let pod = Pod::from_result(&pod, &outcome.stdout).unwrap();

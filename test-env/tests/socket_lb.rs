@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use velox_test_env::backend::Backend;
 use velox_test_env::cluster_state::{self, ServicePort, ServiceSpec};
 use velox_test_env::kube_proxy::Protocol;
-use velox_test_env::{in_netns_and_cgroup, wait_for, ClusterGuard, Family, Node, Pod};
+use velox_test_env::{in_netns_and_cgroup, netns_path, wait_for, ClusterGuard, Family, Node, Pod};
 
 const HTTP: ServicePort = ServicePort {
     name: "http",
@@ -286,7 +286,7 @@ fn a_pod_that_opted_out_keeps_its_sockets_untranslated() {
     velox_test_env::run("ip", &["netns", "add", &opted_out]).unwrap();
     let mut conf = worker1.conf("1.1.0");
     conf["args"] = serde_json::json!({"cni": {"socketLB": false}});
-    let netns = std::path::Path::new("/run/netns").join(&opted_out);
+    let netns = netns_path(&opted_out);
     let added = worker1.cni("ADD", &opted_out, Some(&netns), "eth0", &conf).unwrap();
     assert!(added.success, "{}", added.stdout);
     let opt_outs = || {

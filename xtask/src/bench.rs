@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use velox_common::{FROM_NET_PROGRAM, FROM_POD_PROGRAM};
 use velox_test_env::reference::ReferenceNode;
-use velox_test_env::{direct_veth_pair, remove_direct_veth_pair, run, Binaries, Cluster, Family, Node, Pod};
+use velox_test_env::{
+    direct_veth_pair, remove_direct_veth_pair, run, run_in_netns, Binaries, Cluster, Family, Node, Pod,
+};
 
 use crate::policy_bench;
 use crate::report;
@@ -434,12 +436,7 @@ fn add_forward_rules(netns: &str, rules: u32) -> anyhow::Result<()> {
 }
 
 fn remove_forward_rules(netns: &str) -> anyhow::Result<()> {
-    let iptables = |args: &[&str]| {
-        run(
-            "nsenter",
-            &[&[format!("--net=/run/netns/{netns}").as_str(), "iptables"], args].concat(),
-        )
-    };
+    let iptables = |args: &[&str]| run_in_netns(netns, "iptables", args);
     iptables(&["-D", "FORWARD", "-j", LOAD_CHAIN])?;
     iptables(&["-F", LOAD_CHAIN])?;
     iptables(&["-X", LOAD_CHAIN]).map(drop)
@@ -468,7 +465,7 @@ fn control_plane(
     let mut add = vec![Vec::new(); 3];
     let mut del = vec![Vec::new(); 3];
     let velox_pod = |i: usize, kind: &str| format!("{}-cp{kind}{i}", node.name);
-    let netns = |name: &str| std::path::Path::new("/run/netns").join(name);
+    let netns = velox_test_env::netns_path;
     println!("control plane: {} pods per configuration", args.pods);
     for i in 0..args.pods {
         for (kind, conf) in [("b", &builtin), ("h", &host_local)] {

@@ -1,5 +1,8 @@
-//! The two-toolchain build of shared/TOOLCHAIN.md: eBPF with Debian's cargo and rustc
-//! (which ship the bpfel core), userspace with the default toolchain.
+//! Two toolchains in one workspace: the eBPF object with Debian's cargo and rustc
+//! (the only ones here with a prebuilt `core` for `bpfel-unknown-none`), called by
+//! full path with `RUSTC` set (else `/usr/bin/cargo` takes rustup's rustc from PATH);
+//! userspace with the default toolchain. `-Cdebuginfo=2 -Clink-arg=--btf` give the
+//! object the `.BTF` section BTF maps need to load.
 
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};

@@ -1,4 +1,5 @@
-//! `cargo xtask test-env ...` and `cargo xtask demo`, on the cluster of DESIGN.md.
+//! `cargo xtask test-env ...` and `cargo xtask demo`, on test-env's two-node cluster
+//! (`velox_test_env::Cluster`).
 
 use anyhow::Context;
 use clap::Subcommand;

@@ -21,7 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what is missing: Debian packages, bpf-linker, the bpffs mount.
+    /// Install what the tests need, when missing: Debian packages, bpf-linker,
+    /// cnitool, the runtime tests' images and CRI client, the bpffs mount.
     Setup,
     /// Build the eBPF object (Debian's toolchain), then velox and velox-loader (release).
     Build,
@@ -34,7 +35,8 @@ enum Task {
     },
     /// Velox next to the reference plugins and the physical limits, in one interleaved run.
     Bench(bench::BenchArgs),
-    /// Setup, build, bring up the cluster, ping, iperf3, the endpoint dumps, tear down.
+    /// Install the toolchain and what the demo runs, build, bring up the cluster,
+    /// ping, iperf3, the endpoint dumps, tear down.
     Demo,
     /// Setup, build, then the OCI image deploy/velox.yaml runs (podman, no registry),
     /// saved to target/velox-image.tar.
@@ -56,7 +58,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => setup::setup()
             .and_then(|()| build::build())
             .and_then(|()| bench::bench(args)),
-        Task::Demo => setup::setup().and_then(|()| build::build()).and_then(|()| env::demo()),
+        Task::Demo => setup::base().and_then(|()| build::build()).and_then(|()| env::demo()),
         Task::Image => setup::setup()
             .and_then(|()| build::build())
             .and_then(|()| image::image()),

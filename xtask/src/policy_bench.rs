@@ -14,7 +14,7 @@ use std::time::Duration;
 use velox_test_env::cluster_state::write_objects;
 use velox_test_env::netpol::{namespace_object, pod_object, policy};
 use velox_test_env::reference::ReferenceNode;
-use velox_test_env::{in_netns, iptables_restore, run, wait_for, Cluster, Family, Pod};
+use velox_test_env::{in_netns, iptables_restore, run_in_netns, wait_for, Cluster, Family, Pod};
 
 use crate::bench::{pod, program_cost};
 use crate::service_bench::{connection_rate, Running};
@@ -179,25 +179,9 @@ fn apply_velox(cluster: &Cluster, (client, server): &(Pod, Pod), count: usize) -
 
 /// The same policies as an iptables engine writes them into FORWARD of the ptp host.
 fn apply_iptables(host: &str, (client, server): &(Pod, Pod), count: usize) -> anyhow::Result<()> {
-    let _ = run(
-        "nsenter",
-        &[
-            &format!("--net=/run/netns/{host}"),
-            "iptables",
-            "-D",
-            "FORWARD",
-            "-j",
-            CHAIN,
-        ],
-    );
-    let _ = run(
-        "nsenter",
-        &[&format!("--net=/run/netns/{host}"), "iptables", "-F", CHAIN],
-    );
-    let _ = run(
-        "nsenter",
-        &[&format!("--net=/run/netns/{host}"), "iptables", "-X", CHAIN],
-    );
+    let _ = run_in_netns(host, "iptables", &["-D", "FORWARD", "-j", CHAIN]);
+    let _ = run_in_netns(host, "iptables", &["-F", CHAIN]);
+    let _ = run_in_netns(host, "iptables", &["-X", CHAIN]);
     if count == 0 {
         return Ok(());
     }

@@ -11,7 +11,7 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 use velox_test_env::cluster_state::{self, ServicePort, ServiceSpec};
 use velox_test_env::kube_proxy::{self, Protocol};
-use velox_test_env::{in_netns, in_netns_and_cgroup, run, wait_for, Cluster, Family, Node, Pod};
+use velox_test_env::{in_netns, in_netns_and_cgroup, run_in_netns, wait_for, Cluster, Family, Node, Pod};
 
 use crate::bench::pod;
 
@@ -166,10 +166,7 @@ pub fn measure(
                 // Each measurement starts from an empty conntrack table: an entry of the
                 // last one (its connections end with a reset, CLOSE for 10 s) holds the
                 // reply tuple a new DNAT to the same backend from the same port needs.
-                run(
-                    "nsenter",
-                    &[&format!("--net=/run/netns/{}", worker1.name), "conntrack", "-F"],
-                )?;
+                run_in_netns(&worker1.name, "conntrack", &["-F"])?;
                 let client = client_of(balancer)?;
                 let sample = connection_rate(&client, Some(&cgroup), &probe, measured, seconds)
                     .with_context(|| format!("{} with {count} Services", balancer.name()))?;

@@ -1,4 +1,10 @@
-//! Installs the toolchain of shared/TOOLCHAIN.md when it is missing; quick otherwise.
+//! Installs what is missing, quick otherwise: `base` what the demo builds and runs,
+//! `setup` that and everything the tests and the benchmark use.
+//!
+//! The eBPF object builds with Debian's rustc and cargo (`rustc-web`, `cargo-web`),
+//! the only toolchain here with a prebuilt `core` for `bpfel-unknown-none`
+//! (`libstd-rust-web-dev-bpf`); bpf-linker links against Debian's LLVM 22, the LLVM
+//! rustc-web is built on.
 
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -7,23 +13,28 @@ use std::process::Command;
 use crate::build::{cargo, cargo_bin_dir, run_checked, workspace_root};
 use crate::image::import_rootfs;
 
-/// Build toolchain, datapath inspection, and what the tests and demo run.
-const APT_PACKAGES: &[&str] = &[
+/// The build toolchain and what the simulated cluster and the demo's traffic run.
+const BASE_PACKAGES: &[&str] = &[
     "rustc-web",
     "cargo-web",
     "libstd-rust-web-dev-bpf",
     "llvm-22-dev",
-    "bpftool",
     "iproute2",
     "iputils-ping",
     "iperf3",
+    "iptables",
+    "procps",
+    "util-linux",
+];
+
+/// What the tests and the benchmark add: datapath inspection, measurement, the
+/// reference plugins, kube-proxy-style rules, the chart's font.
+const TEST_PACKAGES: &[&str] = &[
+    "bpftool",
     "sockperf",
     "tcpdump",
     "fonts-dejavu-core",
-    "iptables",
     "conntrack",
-    "procps",
-    "util-linux",
     "containernetworking-plugins",
     // Real runtimes and clients for the runtime tests.
     "containerd",
@@ -52,50 +63,83 @@ fn installed(package: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
+/// What `cargo xtask demo` needs: the toolchain, bpf-linker, the cluster's tools,
+/// the bpffs mount.
+pub fn base() -> anyhow::Result<()> {
+    install(&[BASE_PACKAGES])
+}
+
+/// Everything the tests and the benchmark need: `base`, and the test packages,
+/// cnitool, the offline images and the CRI client.
 pub fn setup() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
-    if !missing.is_empty() {
-        println!("xtask: installing {}", missing.join(" "));
-        run_checked(Command::new("apt-get").args(["update", "-qq"]))?;
-        run_checked(
-            Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing),
-        )?;
+    install(&[BASE_PACKAGES, TEST_PACKAGES])?;
+    build_cnitool()?;
+    build_images()?;
+    install_cri_client()
+}
+
+/// The packages of `lists`, bpf-linker and the bpffs mount.
+fn install(lists: &[&[&str]]) -> anyhow::Result<()> {
+    install_packages(lists)?;
+    install_bpf_linker()?;
+    velox_test_env::ensure_bpffs()
+}
+
+/// The packages of `lists` that are not installed yet, in one apt-get run.
+fn install_packages(lists: &[&[&str]]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = lists
+        .iter()
+        .flat_map(|list| list.iter().copied())
+        .filter(|p| !installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
     }
+    println!("xtask: installing {}", missing.join(" "));
+    run_checked(Command::new("apt-get").args(["update", "-qq"]))?;
+    run_checked(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+fn install_bpf_linker() -> anyhow::Result<()> {
     let linker = cargo_bin_dir().join("bpf-linker");
     let linker_ok = Command::new(&linker)
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    if !linker_ok {
-        println!("xtask: installing {BPF_LINKER} (about a minute)");
-        run_checked(Command::new(cargo()).env("LLVM_PREFIX", "/usr/lib/llvm-22").args([
-            "install",
-            BPF_LINKER,
-            "--locked",
-            "--no-default-features",
-            "--features",
-            "llvm-22",
-        ]))
-        .context("installing bpf-linker")?;
+    if linker_ok {
+        return Ok(());
     }
-    build_cnitool()?;
-    build_images()?;
-    // Into a directory of the project's own: Debian's python3 refuses system-wide
-    // pip installs, and nothing else on the machine should change.
+    println!("xtask: installing {BPF_LINKER} (about a minute)");
+    run_checked(Command::new(cargo()).env("LLVM_PREFIX", "/usr/lib/llvm-22").args([
+        "install",
+        BPF_LINKER,
+        "--locked",
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ]))
+    .context("installing bpf-linker")
+}
+
+/// Into a directory of the project's own: Debian's python3 refuses system-wide pip
+/// installs, and nothing else on the machine should change.
+fn install_cri_client() -> anyhow::Result<()> {
     let python_libs = workspace_root().join("target/tools/python");
-    if !python_libs.join("cri_api").exists() {
-        println!("xtask: installing {CRI_PYTHON_PACKAGE}");
-        run_checked(
-            Command::new("python3")
-                .args(["-m", "pip", "install", "-q", "--target"])
-                .arg(&python_libs)
-                .arg(CRI_PYTHON_PACKAGE),
-        )?;
+    if python_libs.join("cri_api").exists() {
+        return Ok(());
     }
-    velox_test_env::ensure_bpffs()
+    println!("xtask: installing {CRI_PYTHON_PACKAGE}");
+    run_checked(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "--target"])
+            .arg(&python_libs)
+            .arg(CRI_PYTHON_PACKAGE),
+    )
 }
 
 /// The images the runtime tests run, built offline: `pause` (busybox sleeping, the
