@@ -14,9 +14,9 @@ use velox_test_env::{
     direct_veth_pair, remove_direct_veth_pair, run, run_in_netns, Binaries, Cluster, Family, Node, Pod,
 };
 
-use crate::policy_bench;
 use crate::report;
 use crate::service_bench;
+use crate::{policy_bench, program_ab};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -55,6 +55,14 @@ pub struct BenchArgs {
     /// Measure nothing: render the table and chart again from `<out>/results.json`.
     #[arg(long)]
     pub report_only: bool,
+    /// Measure only the programs' ns per run, this build's object next to this one
+    /// (the previous build's, say), interleaved, in one run.
+    #[arg(long)]
+    pub ebpf_object: Option<PathBuf>,
+    /// The loader to run `--ebpf-object` with when its map layout is not this
+    /// build's (a loader built with that object); this build's loader otherwise.
+    #[arg(long, requires = "ebpf_object")]
+    pub other_loader: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize, Deserialize)]
@@ -192,6 +200,9 @@ const PREFIX: &str = "vbench-";
 pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if args.report_only {
         return report::rerender(&args.out);
+    }
+    if let Some(other) = &args.ebpf_object {
+        return program_ab::measure(&args, other);
     }
     let bins = Binaries::locate()?;
     let cluster = Cluster::new(PREFIX, bins.clone())?;

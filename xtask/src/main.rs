@@ -5,6 +5,7 @@ mod build;
 mod env;
 mod image;
 mod policy_bench;
+mod program_ab;
 mod report;
 mod service_bench;
 mod setup;

@@ -1,0 +1,167 @@
+//! `cargo xtask bench --ebpf-object <object> [--other-loader <loader>]`: this build's
+//! eBPF programs next to another object's (the previous build, say), ns per run of
+//! each program, measured in one run. Each round restarts every node's loader with
+//! each object in turn (order alternating), which moves every link over as an upgrade
+//! does, then runs one iperf3 stream with `kernel.bpf_stats_enabled` on each path. A
+//! loader loads only objects of its own map layout: for an object of another layout,
+//! `--other-loader` names a loader built with it.
+
+use anyhow::Context;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use velox_test_env::{Binaries, Cluster, Family, Pod};
+
+use crate::bench::{pod, program_cost, BenchArgs};
+use crate::report::Stat;
+
+const PREFIX: &str = "vab-";
+
+/// One object on one path in one round.
+#[derive(Serialize)]
+struct Sample {
+    object: &'static str,
+    path: &'static str,
+    round: u32,
+    gbps: f64,
+    ns_per_run: BTreeMap<String, f64>,
+}
+
+/// A datapath to measure: a loader and the object it runs.
+struct Datapath {
+    name: &'static str,
+    loader: PathBuf,
+    object: PathBuf,
+}
+
+pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
+    let bins = Binaries::locate()?;
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/ebpf/bpfel-unknown-none/release/velox-ebpf");
+    let datapaths = [
+        Datapath {
+            name: "this build",
+            loader: bins.loader.clone(),
+            object: built,
+        },
+        Datapath {
+            name: "other",
+            loader: args.other_loader.clone().unwrap_or_else(|| bins.loader.clone()),
+            object: other.to_path_buf(),
+        },
+    ];
+    for path in datapaths.iter().flat_map(|d| [&d.loader, &d.object]) {
+        anyhow::ensure!(path.is_file(), "{} is missing", path.display());
+    }
+    let cluster = Cluster::new(PREFIX, bins)?;
+    let _ = cluster.down();
+    let result = (|| {
+        cluster.up()?;
+        cluster.add_standard_pods()?;
+        let paths: [(&str, Pod, Pod, Family); 3] = [
+            (
+                "same node",
+                pod(&cluster, "pod-1")?,
+                pod(&cluster, "pod-4")?,
+                Family::V4,
+            ),
+            (
+                "across nodes",
+                pod(&cluster, "pod-1")?,
+                pod(&cluster, "pod-2")?,
+                Family::V4,
+            ),
+            (
+                "same node IPv6",
+                pod(&cluster, "pod-1")?,
+                pod(&cluster, "pod-4")?,
+                Family::V6,
+            ),
+        ];
+        let mut samples = Vec::new();
+        for round in 0..args.rounds {
+            for i in 0..datapaths.len() {
+                let datapath = &datapaths[(i + round as usize) % datapaths.len()];
+                let object = datapath.name;
+                restart_loaders(&cluster, datapath)
+                    .with_context(|| format!("loading {}", datapath.object.display()))?;
+                for (name, client, server, family) in &paths {
+                    let mut gbps = 0.0;
+                    let ns_per_run = program_cost(|| {
+                        gbps = client.iperf3(server, *family, args.seconds, 1)?.gbps;
+                        Ok(())
+                    })?;
+                    println!(
+                        "round {} {object:<10} {name:<15} {gbps:6.2} Gb/s  {ns_per_run:?}",
+                        round + 1
+                    );
+                    samples.push(Sample {
+                        object,
+                        path: name,
+                        round: round + 1,
+                        gbps,
+                        ns_per_run,
+                    });
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>(samples)
+    })();
+    let _ = cluster.down();
+    let samples = result?;
+    let table = report(&samples, other);
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(args.out.join("program-ab.md"), &table)?;
+    std::fs::write(args.out.join("program-ab.json"), serde_json::to_vec_pretty(&samples)?)?;
+    println!(
+        "\n{table}\nwritten: {0}/program-ab.md, {0}/program-ab.json",
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// Every node's loader restarted as `datapath`, ready when this returns.
+fn restart_loaders(cluster: &Cluster, datapath: &Datapath) -> anyhow::Result<()> {
+    for node in &cluster.nodes {
+        let mut node = node.clone();
+        node.bins.loader = datapath.loader.clone();
+        node.stop_loader(nix::sys::signal::Signal::SIGTERM)?;
+        node.start_loader_with(&["--ebpf-object", datapath.object.to_str().context("object path")?])?;
+    }
+    Ok(())
+}
+
+/// Per path and program: each object's median (min..max) and the ratio of the medians.
+fn report(samples: &[Sample], other: &Path) -> String {
+    let mut table = format!(
+        "ns per run, this build vs {} (bpf_stats, one iperf3 stream per path and round, medians (min..max))\n\n\
+         | path | program | this build | other | this / other |\n|---|---|---|---|---|\n",
+        other.display()
+    );
+    let mut keys: Vec<(&str, &String)> = samples
+        .iter()
+        .flat_map(|s| s.ns_per_run.keys().map(move |program| (s.path, program)))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    for (path, program) in keys {
+        let stat = |object: &str| {
+            let values: Vec<f64> = samples
+                .iter()
+                .filter(|s| s.path == path && s.object == object)
+                .filter_map(|s| s.ns_per_run.get(program).copied())
+                .collect();
+            Stat::of_any(&values)
+        };
+        let (this, that) = (stat("this build"), stat("other"));
+        let show = |s: &Option<Stat>| {
+            s.as_ref()
+                .map_or("-".into(), |s| format!("{:.0} ({:.0}..{:.0})", s.median, s.min, s.max))
+        };
+        let ratio = match (&this, &that) {
+            (Some(a), Some(b)) => format!("{:.2}", a.median / b.median),
+            _ => "-".into(),
+        };
+        table += &format!("| {path} | {program} | {} | {} | {ratio} |\n", show(&this), show(&that));
+    }
+    table
+}
