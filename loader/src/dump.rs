@@ -263,12 +263,6 @@ pub fn policy(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Result
         if states.get(&key.slot).map(|s| s.version()) != Some(key.version) {
             continue; // the other version: being written, or left by an update
         }
-        let peer = key.peer.ip();
-        let len = if peer.is_ipv4() {
-            prefix - velox_common::IPV4_MAPPED_PREFIX
-        } else {
-            prefix
-        };
         let rules = ports.rules.iter().take_while(|r| r.policy != 0);
         ruled.insert((key.slot, key.direction));
         rows.push(PolicyRow {
@@ -278,7 +272,7 @@ pub fn policy(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Result
             peer: if prefix == 0 {
                 "any".into()
             } else {
-                format!("{peer}/{len}")
+                velox_node::maps::cidr_of_mapped(key.peer, prefix)?.to_string()
             },
             ports: rules
                 .clone()

@@ -5,7 +5,6 @@
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use velox_node::fs::{create_private_dir, try_lock_dir, write_atomic};
 use velox_node::netlink::{Netlink, VELOX_ROUTE_PROTOCOL};
@@ -66,8 +65,7 @@ fn manifest(state_dir: &Path) -> PathBuf {
 }
 
 fn sha256(path: &Path) -> anyhow::Result<String> {
-    let digest = Sha256::digest(std::fs::read(path)?);
-    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(velox_node::sha256_hex(std::fs::read(path)?))
 }
 
 /// Installs `bytes` at `path` atomically, so a runtime never reads half a binary or

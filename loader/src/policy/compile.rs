@@ -15,8 +15,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
+use velox_node::maps::mapped_prefix_len;
 use velox_common::{
-    PortRule, ANY_PROTOCOL, EGRESS, INGRESS, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ISOLATED_EGRESS, ISOLATED_INGRESS,
+    PortRule, ANY_PROTOCOL, EGRESS, INGRESS, IPV4_MAPPED_PREFIX, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ISOLATED_EGRESS, ISOLATED_INGRESS,
     MAX_PORT_RULES,
 };
 
@@ -33,7 +34,7 @@ impl Prefix {
     /// Where IPv4 lives: no IPv6 block holds it.
     const IPV4: Prefix = Prefix {
         addr: 0xffff << 32,
-        len: 96,
+        len: IPV4_MAPPED_PREFIX as u8,
     };
 
     fn new(addr: u128, len: u8) -> Self {
@@ -49,11 +50,7 @@ impl Prefix {
 
     fn parse(cidr: &str) -> Option<Self> {
         let net: ipnet::IpNet = cidr.trim().parse().ok()?;
-        let base = Self::host(net.network());
-        Some(match net {
-            ipnet::IpNet::V4(v4) => Self::new(base.addr, 96 + v4.prefix_len()),
-            ipnet::IpNet::V6(v6) => Self::new(base.addr, v6.prefix_len()),
-        })
+        Some(Self::new(Self::host(net.network()).addr, mapped_prefix_len(&net) as u8))
     }
 
     pub fn contains(&self, other: &Prefix) -> bool {
