@@ -7,6 +7,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use velox_node::fs::{create_private_dir, try_lock_dir, write_atomic};
+use velox_node::layout::PRIVATE_FILE_MODE;
 use velox_node::netlink::{Netlink, VELOX_ROUTE_PROTOCOL};
 use velox_node::{Bpffs, Family};
 
@@ -115,7 +116,11 @@ pub fn install(args: &InstallArgs, bpffs_root: &Path, state_dir: &Path) -> anyho
         println!("installed {}", file.path.display());
     }
     create_private_dir(state_dir)?;
-    std::fs::write(manifest(state_dir), serde_json::to_vec_pretty(&Installed { files })?)?;
+    write_atomic(
+        &manifest(state_dir),
+        &serde_json::to_vec_pretty(&Installed { files })?,
+        PRIVATE_FILE_MODE,
+    )?;
     Ok(())
 }
 
