@@ -34,13 +34,14 @@ use velox_node::maps::{check_object_layout, check_pinned_layouts, layouts, pinne
 use velox_node::netlink::Netlink;
 use velox_node::{Bpffs, StateDir};
 
-use crate::cluster::{Cluster, ClusterConfig};
-use crate::kubernetes::ApiSource;
 use crate::metrics::Metrics;
-use crate::policy::{LocalPod, PolicyReconciler};
-use crate::reconcile::reconcile;
-use crate::services::ServiceBalancer;
-use crate::source::{ClusterSource, FileSource};
+use crate::reconcile::endpoints::sync_endpoints;
+use crate::reconcile::policy::{LocalPod, PolicyReconciler};
+use crate::reconcile::routes::{NodeNetwork, NodeNetworkConfig};
+use crate::reconcile::services::ServiceBalancer;
+use crate::source::files::FileSource;
+use crate::source::kubernetes::ApiSource;
+use crate::source::ClusterSource;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VELOX_EBPF_OBJECT"));
 
@@ -54,7 +55,7 @@ pub struct RunOptions {
     /// Between two full reconcile passes.
     pub interval: Duration,
     /// The node's place in a cluster (uplink, peers, masquerade), if it has one.
-    pub cluster: Option<ClusterConfig>,
+    pub node_network: Option<NodeNetworkConfig>,
     pub source: SourceOptions,
     pub datapath: DatapathOptions,
     /// The CNI bin and conf dirs to install the plugin and conflist into.
@@ -67,7 +68,7 @@ pub struct RunOptions {
 pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyhow::Result<()> {
     let RunOptions {
         interval,
-        cluster,
+        node_network,
         source,
         datapath,
         mut install_into,
@@ -92,7 +93,9 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     let mut maps = EndpointMaps::open(&bpffs)?;
     let store = EndpointStore::new(&state_dir);
     let netlink = Netlink::connect()?;
-    let cluster = cluster.map(|config| Cluster::new(config, bpffs.clone())).transpose()?;
+    let node_network = node_network
+        .map(|config| NodeNetwork::new(config, bpffs.clone()))
+        .transpose()?;
     let metrics = Metrics::new();
     if let Some(address) = metrics_address {
         metrics.serve(address, bpffs.clone()).await?;
@@ -100,9 +103,9 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     let source = source
         .start(datapath.socket_lb_cgroup.is_some(), network_policy, metrics.clone())
         .await?;
-    let mut sync = ClusterSync {
+    let mut sync = SourceSync {
         source,
-        cluster,
+        node_network,
         balancer: datapath.socket_lb_cgroup.is_some().then(ServiceBalancer::default),
         node_ips: None,
         policy: network_policy.then(PolicyReconciler::default),
@@ -110,7 +113,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     };
     // A source that cannot be read never stops the start; a missing uplink does.
     sync.apply(&netlink, &bpffs, &store, &state_dir, true).await?;
-    reconcile(&bpffs, &state_dir, &store, &mut maps, sync.uplink())?;
+    sync_endpoints(&bpffs, &state_dir, &store, &mut maps, sync.uplink())?;
     attach_socket_lb(&bpffs, &mut ebpf, datapath.socket_lb_cgroup.as_deref())?;
     // The maps are filled: every pod and the uplink may move to this build.
     if repoint_links(&bpffs, &ebpf) {
@@ -144,7 +147,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
                     log::error!("cluster reconcile: {e:#}");
                 }
                 let started = std::time::Instant::now();
-                if let Err(e) = reconcile(&bpffs, &state_dir, &store, &mut maps, sync.uplink()) {
+                if let Err(e) = sync_endpoints(&bpffs, &state_dir, &store, &mut maps, sync.uplink()) {
                     log::error!("reconcile: {e:#}");
                 }
                 metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
@@ -153,7 +156,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
                 if let Err(e) = sync.apply(&netlink, &bpffs, &store, &state_dir, false).await {
                     log::error!("applying the cluster's nodes: {e:#}");
                 }
-                let pod_cidrs = sync.cluster.as_ref().map(|c| c.pod_cidrs()).unwrap_or_default();
+                let pod_cidrs = sync.node_network.as_ref().map(|n| n.pod_cidrs()).unwrap_or_default();
                 if let Some((bin_dir, conf_dir)) = install_into.clone().filter(|_| !pod_cidrs.is_empty()) {
                     // The conflist tells kubelet the node's network is ready: only now.
                     let args = crate::install::InstallArgs::new(pod_cidrs.to_vec(), bin_dir, conf_dir);
@@ -239,9 +242,9 @@ impl SourceOptions {
 
 /// The cluster source and what it feeds: routes and peers, the socket load
 /// balancer, NetworkPolicy.
-struct ClusterSync {
+struct SourceSync {
     source: Box<dyn ClusterSource>,
-    cluster: Option<Cluster>,
+    node_network: Option<NodeNetwork>,
     balancer: Option<ServiceBalancer>,
     /// The node addresses the Services were last applied with.
     node_ips: Option<Vec<std::net::IpAddr>>,
@@ -251,9 +254,9 @@ struct ClusterSync {
     endpoints_changed_at: Option<std::time::SystemTime>,
 }
 
-impl ClusterSync {
+impl SourceSync {
     fn uplink(&self) -> Option<&str> {
-        self.cluster.as_ref().and_then(Cluster::uplink)
+        self.node_network.as_ref().and_then(NodeNetwork::uplink)
     }
 
     /// Applies what the source changed, or everything (`full`: the periodic pass that
@@ -269,16 +272,20 @@ impl ClusterSync {
     ) -> anyhow::Result<()> {
         let changed = self.source.changed();
         let mut result = Ok(());
-        if let Some(cluster) = self.cluster.as_mut().filter(|_| changed || full) {
-            result = cluster.reconcile(netlink, self.source.nodes()).await;
+        if let Some(node_network) = self.node_network.as_mut().filter(|_| changed || full) {
+            result = node_network.apply_nodes(netlink, self.source.nodes()).await;
         }
         // A NodePort answers on every node's address, so a client on this node
         // reaches it on any of them.
-        let node_ips = self.cluster.as_ref().map(Cluster::node_ips).unwrap_or_default();
+        let node_ips = self
+            .node_network
+            .as_ref()
+            .map(NodeNetwork::node_ips)
+            .unwrap_or_default();
         if let Some(balancer) = self.balancer.as_mut() {
             if changed || self.node_ips.as_ref() != Some(&node_ips) {
                 let pod_netns = || store.list().unwrap_or_default().into_iter().map(|r| r.netns).collect();
-                if let Err(e) = balancer.reconcile(bpffs, self.source.services(), &node_ips, pod_netns) {
+                if let Err(e) = balancer.apply_services(bpffs, self.source.services(), &node_ips, pod_netns) {
                     log::error!("applying the Services: {e:#}");
                 }
                 self.node_ips = Some(node_ips);
@@ -300,7 +307,7 @@ impl ClusterSync {
                 });
                 let applied = local
                     .map_err(anyhow::Error::from)
-                    .and_then(|local| policy.reconcile(bpffs, state_dir, self.source.policy(), &local));
+                    .and_then(|local| policy.apply_policy(bpffs, state_dir, self.source.policy(), &local));
                 match applied {
                     Ok(()) => self.endpoints_changed_at = endpoints_changed_at,
                     Err(e) => log::error!("applying NetworkPolicy: {e:#}"),

@@ -11,7 +11,7 @@ use velox_node::layout::PRIVATE_FILE_MODE;
 use velox_node::netlink::{Netlink, VELOX_ROUTE_PROTOCOL};
 use velox_node::{Bpffs, Family};
 
-use crate::cluster::remove_masquerade;
+use crate::reconcile::masquerade::remove_masquerade;
 
 #[derive(clap::Args)]
 pub struct InstallArgs {

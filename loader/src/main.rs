@@ -1,17 +1,13 @@
 //! `velox-loader`: the per-node daemon (`run`) and the operator CLI.
 
-mod cluster;
 mod daemon;
 mod dump;
 mod install;
-mod kubernetes;
 mod metrics;
 mod monitor;
+mod names;
 mod netfilter;
-mod policy;
 mod reconcile;
-mod services;
-mod sockets;
 mod source;
 
 use clap::{Parser, Subcommand};
@@ -249,7 +245,7 @@ fn main() -> anyhow::Result<()> {
                 (true, Some(cgroup)) => Some(cgroup),
                 (true, None) => Some(velox_node::layout::cgroup2_root()?),
             };
-            let cluster = (uplink.is_some() || kubernetes).then_some(cluster::ClusterConfig {
+            let node_network = (uplink.is_some() || kubernetes).then_some(reconcile::routes::NodeNetworkConfig {
                 uplink,
                 pod_cidrs: pod_cidr,
                 ip_masq,
@@ -264,7 +260,7 @@ fn main() -> anyhow::Result<()> {
                     state_dir,
                     daemon::RunOptions {
                         interval,
-                        cluster,
+                        node_network,
                         source,
                         datapath: daemon::DatapathOptions {
                             object: ebpf_object,

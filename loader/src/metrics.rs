@@ -19,7 +19,7 @@ use std::sync::Arc;
 use velox_node::maps::{EndpointMaps, PeerMap, PolicyMaps, ServiceMaps};
 use velox_node::Bpffs;
 
-use crate::dump::interface_names;
+use crate::names::interface_names;
 
 /// A resource (`nodes`, `services`, ...) or file the cluster source reads.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -15,11 +15,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
-use velox_node::maps::mapped_prefix_len;
 use velox_common::{
-    PortRule, ANY_PROTOCOL, EGRESS, INGRESS, IPV4_MAPPED_PREFIX, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ISOLATED_EGRESS, ISOLATED_INGRESS,
-    MAX_PORT_RULES,
+    PortRule, ANY_PROTOCOL, EGRESS, INGRESS, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_PORT_RULES,
 };
+use velox_node::maps::mapped_prefix_len;
+
+use crate::names::protocol_number;
+use crate::source::namespace_of;
 
 /// A prefix of the datapath's address space (IPv4 mapped into IPv6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -110,7 +112,7 @@ struct PodView<'a> {
 }
 
 /// Who a rule's peers are.
-enum Peers {
+enum RulePeers {
     All,
     /// `ipBlock`s (cidr, excepts) and the addresses of the selected pods.
     Some {
@@ -122,7 +124,7 @@ enum Peers {
 /// One rule of one policy that applies to a pod in one direction.
 struct Rule<'a> {
     policy: u16,
-    peers: &'a Peers,
+    peers: &'a RulePeers,
     ports: &'a [NetworkPolicyPort],
 }
 
@@ -153,10 +155,10 @@ pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace
         .flat_map(|v| v.ips.iter().map(move |ip| (Prefix::host(*ip), v)))
         .collect();
     // Peers depend on the policy only (its namespace), not on the pod it selects.
-    let peers: Vec<[Vec<Peers>; 2]> = policies
+    let peers: Vec<[Vec<RulePeers>; 2]> = policies
         .iter()
         .map(|policy| {
-            let namespace = policy.metadata.namespace.as_deref().unwrap_or("default");
+            let namespace = namespace_of(&policy.metadata);
             let resolve = |list| resolve(list, namespace, &views, &namespace_labels);
             let spec = policy.spec.as_ref();
             [
@@ -184,9 +186,7 @@ pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace
         let mut selected_by = BTreeSet::new();
         for (index, policy) in policies.iter().enumerate() {
             let Some(spec) = &policy.spec else { continue };
-            if policy.metadata.namespace.as_deref().unwrap_or("default") != me.namespace
-                || !selects(spec.pod_selector.as_ref(), me.labels)
-            {
+            if namespace_of(&policy.metadata) != me.namespace || !selects(spec.pod_selector.as_ref(), me.labels) {
                 continue;
             }
             let id = u16::try_from(index + 1).unwrap_or(u16::MAX);
@@ -240,11 +240,7 @@ pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace
 }
 
 fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    format!(
-        "{}/{}",
-        meta.namespace.as_deref().unwrap_or("default"),
-        meta.name.as_deref().unwrap_or_default()
-    )
+    format!("{}/{}", namespace_of(meta), meta.name.as_deref().unwrap_or_default())
 }
 
 /// A running pod with addresses on the pod network; host-network pods have the
@@ -274,26 +270,17 @@ fn view<'a>(pod: &'a Pod, empty: &'a BTreeMap<String, String>) -> Option<PodView
         .iter()
         .flat_map(|c| c.ports.iter().flatten())
         .filter_map(|p| {
-            let proto = protocol(p.protocol.as_deref())?;
+            let proto = protocol_number(p.protocol.as_deref())?;
             Some((p.name.as_deref()?, proto, u16::try_from(p.container_port).ok()?))
         })
         .collect();
     Some(PodView {
-        namespace: pod.metadata.namespace.as_deref().unwrap_or("default"),
+        namespace: namespace_of(&pod.metadata),
         name: pod.metadata.name.as_deref().unwrap_or_default(),
         labels: pod.metadata.labels.as_ref().unwrap_or(empty),
         ips,
         ports,
     })
-}
-
-fn protocol(name: Option<&str>) -> Option<u8> {
-    match name.unwrap_or("TCP") {
-        "TCP" => Some(IPPROTO_TCP),
-        "UDP" => Some(IPPROTO_UDP),
-        "SCTP" => Some(IPPROTO_SCTP),
-        _ => None,
-    }
 }
 
 /// Whether a label selector selects `labels`: an empty one selects everything, and
@@ -328,9 +315,9 @@ fn resolve(
     namespace: &str,
     pods: &[PodView],
     namespace_labels: &HashMap<&str, &BTreeMap<String, String>>,
-) -> Peers {
+) -> RulePeers {
     let Some(list) = list.as_ref().filter(|l| !l.is_empty()) else {
-        return Peers::All;
+        return RulePeers::All;
     };
     let mut blocks = Vec::new();
     let mut hosts = HashSet::new();
@@ -365,15 +352,15 @@ fn resolve(
             }
         }
     }
-    Peers::Some { blocks, hosts }
+    RulePeers::Some { blocks, hosts }
 }
 
-impl Peers {
+impl RulePeers {
     /// Whether every address of `prefix` is a peer.
     fn hold(&self, prefix: &Prefix) -> bool {
         match self {
-            Peers::All => true,
-            Peers::Some { blocks, hosts } => {
+            RulePeers::All => true,
+            RulePeers::Some { blocks, hosts } => {
                 hosts.contains(prefix)
                     || blocks
                         .iter()
@@ -385,10 +372,10 @@ impl Peers {
     /// The prefixes the peers name.
     fn prefixes(&self, out: &mut BTreeSet<Prefix>) {
         match self {
-            Peers::All => {
+            RulePeers::All => {
                 out.insert(Prefix::ALL);
             }
-            Peers::Some { blocks, hosts } => {
+            RulePeers::Some { blocks, hosts } => {
                 for (cidr, except) in blocks {
                     out.insert(*cidr);
                     out.extend(except.iter().copied());
@@ -484,7 +471,7 @@ fn port_rules(rule: &Rule, named_by: Option<&PodView>, out: &mut Vec<PortRule>) 
         return;
     }
     for port in rule.ports {
-        let Some(proto) = protocol(port.protocol.as_deref()) else {
+        let Some(proto) = protocol_number(port.protocol.as_deref()) else {
             continue;
         };
         match &port.port {
@@ -537,6 +524,7 @@ fn merge(mut ports: Vec<PortRule>) -> Vec<PortRule> {
 mod tests {
     use super::*;
     use serde_json::{json, Value};
+    use velox_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
     fn pod(namespace: &str, name: &str, labels: Value, ips: &[&str]) -> Value {
         json!({
