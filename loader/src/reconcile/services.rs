@@ -127,39 +127,7 @@ pub fn frontends(state: &ServicesInput, node_ips: &[IpAddr]) -> BTreeMap<FlowEnd
             let Ok(service_port) = u16::try_from(port.port) else {
                 continue;
             };
-            let backends_of = |family: Family| -> Vec<FlowEnd> {
-                let mut backends = BTreeSet::new();
-                for slice in slices {
-                    let slice_family = match slice.address_type.as_str() {
-                        "IPv4" => Family::V4,
-                        "IPv6" => Family::V6,
-                        _ => continue,
-                    };
-                    if slice_family != family {
-                        continue;
-                    }
-                    // The slice's port of the same name (both unnamed for a one-port Service).
-                    let target = slice.ports.iter().flatten().find(|p| {
-                        p.name.as_deref().unwrap_or("") == port.name.as_deref().unwrap_or("")
-                            && socket_protocol(p.protocol.as_deref()) == Some(proto)
-                    });
-                    let Some(target) = target.and_then(|p| p.port).and_then(|p| u16::try_from(p).ok()) else {
-                        continue;
-                    };
-                    for endpoint in &slice.endpoints {
-                        // Kubernetes: an unset `ready` means ready.
-                        if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                            continue;
-                        }
-                        for address in &endpoint.addresses {
-                            if let Ok(ip) = address.parse::<IpAddr>() {
-                                backends.insert(end(ip, target, proto));
-                            }
-                        }
-                    }
-                }
-                backends.into_iter().collect()
-            };
+            let backends_of = |family| ready_backends(slices, port.name.as_deref(), proto, family);
             for ip in &cluster_ips {
                 out.insert(end(*ip, service_port, proto), backends_of(Family::of(ip)));
             }
@@ -173,6 +141,42 @@ pub fn frontends(state: &ServicesInput, node_ips: &[IpAddr]) -> BTreeMap<FlowEnd
         }
     }
     out
+}
+
+/// The ready backends of `family` of a Service port (its name, its protocol), from
+/// the Service's slices: sorted, each once.
+fn ready_backends(slices: &[&EndpointSlice], port_name: Option<&str>, proto: u8, family: Family) -> Vec<FlowEnd> {
+    let mut backends = BTreeSet::new();
+    for slice in slices {
+        let slice_family = match slice.address_type.as_str() {
+            "IPv4" => Family::V4,
+            "IPv6" => Family::V6,
+            _ => continue,
+        };
+        if slice_family != family {
+            continue;
+        }
+        // The slice's port of the same name (both unnamed for a one-port Service).
+        let target = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name.unwrap_or("")
+                && socket_protocol(p.protocol.as_deref()) == Some(proto)
+        });
+        let Some(target) = target.and_then(|p| p.port).and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            // Kubernetes: an unset `ready` means ready.
+            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for address in &endpoint.addresses {
+                if let Ok(ip) = address.parse::<IpAddr>() {
+                    backends.insert(end(ip, target, proto));
+                }
+            }
+        }
+    }
+    backends.into_iter().collect()
 }
 
 /// Makes the service maps hold exactly `wanted`. A frontend keeps its id for as long

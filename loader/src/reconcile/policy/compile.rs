@@ -181,44 +181,11 @@ pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace
         else {
             continue; // not known to the cluster (yet): no policy selects it
         };
-        let mut rules: [Vec<Rule>; 2] = [Vec::new(), Vec::new()];
-        let mut isolation = 0;
-        let mut selected_by = BTreeSet::new();
-        for (index, policy) in policies.iter().enumerate() {
-            let Some(spec) = &policy.spec else { continue };
-            if namespace_of(&policy.metadata) != me.namespace || !selects(spec.pod_selector.as_ref(), me.labels) {
-                continue;
-            }
-            let id = u16::try_from(index + 1).unwrap_or(u16::MAX);
-            let types = spec.policy_types.clone().unwrap_or_else(|| {
-                let mut types = vec!["Ingress".to_string()];
-                if spec.egress.is_some() {
-                    types.push("Egress".into());
-                }
-                types
-            });
-            for (direction, flag, type_name) in [
-                (INGRESS, ISOLATED_INGRESS, "Ingress"),
-                (EGRESS, ISOLATED_EGRESS, "Egress"),
-            ] {
-                if !types.iter().any(|t| t == type_name) {
-                    continue;
-                }
-                isolation |= flag;
-                selected_by.insert(id);
-                let ports = match direction {
-                    INGRESS => spec.ingress.iter().flatten().map(|r| &r.ports).collect::<Vec<_>>(),
-                    _ => spec.egress.iter().flatten().map(|r| &r.ports).collect(),
-                };
-                for (peers, ports) in peers[index][usize::from(direction)].iter().zip(ports) {
-                    rules[usize::from(direction)].push(Rule {
-                        policy: id,
-                        peers,
-                        ports: ports.as_deref().unwrap_or_default(),
-                    });
-                }
-            }
-        }
+        let Selection {
+            isolation,
+            selected_by,
+            rules,
+        } = select(&policies, &peers, me);
         if isolation == 0 {
             continue;
         }
@@ -237,6 +204,59 @@ pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace
         compiled.pods.insert(pod.slot, policy);
     }
     compiled
+}
+
+/// What the policies that select a pod make of it.
+#[derive(Default)]
+struct Selection<'a> {
+    /// `ISOLATED_INGRESS` and `ISOLATED_EGRESS`.
+    isolation: u32,
+    /// The ids of the selecting policies.
+    selected_by: BTreeSet<u16>,
+    /// The selecting policies' rules, by direction.
+    rules: [Vec<Rule<'a>>; 2],
+}
+
+/// The policies (sorted; id n + 1 at n) that select `me`, with each one's peers by
+/// direction.
+fn select<'a>(policies: &[&'a NetworkPolicy], peers: &'a [[Vec<RulePeers>; 2]], me: &PodView) -> Selection<'a> {
+    let mut selection = Selection::default();
+    for (index, policy) in policies.iter().enumerate() {
+        let Some(spec) = &policy.spec else { continue };
+        if namespace_of(&policy.metadata) != me.namespace || !selects(spec.pod_selector.as_ref(), me.labels) {
+            continue;
+        }
+        let id = u16::try_from(index + 1).unwrap_or(u16::MAX);
+        let types = spec.policy_types.clone().unwrap_or_else(|| {
+            let mut types = vec!["Ingress".to_string()];
+            if spec.egress.is_some() {
+                types.push("Egress".into());
+            }
+            types
+        });
+        for (direction, flag, type_name) in [
+            (INGRESS, ISOLATED_INGRESS, "Ingress"),
+            (EGRESS, ISOLATED_EGRESS, "Egress"),
+        ] {
+            if !types.iter().any(|t| t == type_name) {
+                continue;
+            }
+            selection.isolation |= flag;
+            selection.selected_by.insert(id);
+            let ports = match direction {
+                INGRESS => spec.ingress.iter().flatten().map(|r| &r.ports).collect::<Vec<_>>(),
+                _ => spec.egress.iter().flatten().map(|r| &r.ports).collect(),
+            };
+            for (peers, ports) in peers[index][usize::from(direction)].iter().zip(ports) {
+                selection.rules[usize::from(direction)].push(Rule {
+                    policy: id,
+                    peers,
+                    ports: ports.as_deref().unwrap_or_default(),
+                });
+            }
+        }
+    }
+    selection
 }
 
 fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
