@@ -206,10 +206,22 @@ impl Collector for Datapath {
             drops,
         )?;
 
+        self.encode_map_fill(&mut encoder, &maps, interfaces.len())
+    }
+}
+
+impl Datapath {
+    /// How full the maps are, and how many pods the counters have slots for.
+    fn encode_map_fill(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        maps: &EndpointMaps,
+        interfaces: usize,
+    ) -> Result<(), std::fmt::Error> {
         let policy = PolicyMaps::open(&self.bpffs).ok();
         let fill = [
             ("endpoints", maps.entries().map(|e| e.len()).ok()),
-            ("interfaces", Some(interfaces.len())),
+            ("interfaces", Some(interfaces)),
             (
                 "peers",
                 PeerMap::open(&self.bpffs)
