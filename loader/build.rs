@@ -1,5 +1,5 @@
-//! Embeds the eBPF object built by `cargo xtask build` (Debian's toolchain, see
-//! shared/TOOLCHAIN.md); cargo alone cannot build it. Without the object (a plain
+//! Embeds the eBPF object built by `cargo xtask build` (Debian's rustc with its BPF std,
+//! LLVM 22 and bpf-linker); cargo alone cannot build it. Without the object (a plain
 //! `cargo check` or `cargo test` anywhere) an empty stub is embedded, and
 //! `velox-loader run` says how to build the real one.
 use std::path::PathBuf;

@@ -203,11 +203,50 @@ impl Plugin {
         maps: &mut EndpointMaps,
         ipam: &Ipam,
     ) -> anyhow::Result<CniResult> {
-        let mtu = self.conf.mtu();
         let host_name = host_ifname(attachment);
-        host.create_veth(&host_name, &attachment.ifname, netns, mtu).await?;
+        let (host_link, ips, pod_link) = self.plumb(attachment, netns, host, maps, ipam, &host_name).await?;
+        let socket_lb_opt_out = match self.conf.socket_lb_opt_out() {
+            true => Some(netns_cookie(netns)?),
+            false => None,
+        };
+        let record = EndpointRecord {
+            slot: 0,
+            socket_lb_opt_out,
+            container_id: attachment.container_id.clone(),
+            ifname: attachment.ifname.clone(),
+            netns: self.env.netns.clone().unwrap_or_default(),
+            network: self.conf.name.clone(),
+            ips,
+            host_ifname: host_name,
+            host_ifindex: host_link.index,
+            host_mac: format_mac(&host_link.mac),
+            pod_mac: format_mac(&pod_link.mac),
+        };
+        let record = self.publish(record, maps)?;
+        log::info!(
+            "added {:?} on {} (ifindex {})",
+            record.ips,
+            record.host_ifname,
+            host_link.index
+        );
+        Ok(self.result(record))
+    }
+
+    /// The veth pair with `from_pod` on its host end, and the pod's addresses
+    /// configured on both ends: the host's link, the addresses and the pod's link.
+    async fn plumb(
+        &self,
+        attachment: &Attachment,
+        netns: &File,
+        host: &Netlink,
+        maps: &EndpointMaps,
+        ipam: &Ipam,
+        host_name: &str,
+    ) -> anyhow::Result<(Link, Vec<IpAddr>, Link)> {
+        host.create_veth(host_name, &attachment.ifname, netns, self.conf.mtu())
+            .await?;
         let host_link = host
-            .link(&host_name)
+            .link(host_name)
             .await?
             .context("host veth vanished after creation")?;
 
@@ -215,7 +254,7 @@ impl Plugin {
         // here), which no netlink request can overlap: allocate the addresses (a
         // delegated IPAM plugin's exec included) and check them meanwhile.
         let attach = tokio::task::spawn_blocking({
-            let (bpffs, name) = (self.bpffs.clone(), host_name.clone());
+            let (bpffs, name) = (self.bpffs.clone(), host_name.to_string());
             move || attach_tc_ingress(&bpffs, FROM_POD_PROGRAM, &name)
         });
         let configured = async {
@@ -229,55 +268,46 @@ impl Plugin {
         let attached = attach.await.context("attaching from_pod")?;
         let (ips, pod_link) = configured?;
         attached?;
+        Ok((host_link, ips, pod_link))
+    }
 
-        let socket_lb_opt_out = match self.conf.socket_lb_opt_out() {
-            true => Some(netns_cookie(netns)?),
-            false => None,
-        };
-        let mut record = EndpointRecord {
-            slot: 0,
-            socket_lb_opt_out,
-            container_id: attachment.container_id.clone(),
-            ifname: attachment.ifname.clone(),
-            netns: self.env.netns.clone().unwrap_or_default(),
-            network: self.conf.name.clone(),
-            ips: ips.clone(),
-            host_ifname: host_name.clone(),
-            host_ifindex: host_link.index,
-            host_mac: format_mac(&host_link.mac),
-            pod_mac: format_mac(&pod_link.mac),
-        };
-        {
-            let _lock = self.store.lock()?;
-            record.slot = self.store.claim_slot(&host_name, maps.max_pods())?;
-            self.store.write(&record)?;
-            maps.reset_slot(record.slot)?;
-            maps.set_interface(host_link.index, record.slot)?;
-            for ip in &ips {
-                maps.insert_new(*ip, record.endpoint())?;
-            }
-            if let Some(cookie) = record.socket_lb_opt_out {
-                maps.set_lb_opt_out(cookie, true)?;
-            }
+    /// Writes the record with a counters slot of its own and puts the pod into the
+    /// maps, under the endpoint lock.
+    fn publish(&self, mut record: EndpointRecord, maps: &mut EndpointMaps) -> anyhow::Result<EndpointRecord> {
+        let _lock = self.store.lock()?;
+        record.slot = self.store.claim_slot(&record.host_ifname, maps.max_pods())?;
+        self.store.write(&record)?;
+        maps.reset_slot(record.slot)?;
+        maps.set_interface(record.host_ifindex, record.slot)?;
+        for ip in &record.ips {
+            maps.insert_new(*ip, record.endpoint())?;
         }
-        log::info!("added {ips:?} on {host_name} (ifindex {})", host_link.index);
+        if let Some(cookie) = record.socket_lb_opt_out {
+            maps.set_lb_opt_out(cookie, true)?;
+        }
+        Ok(record)
+    }
 
-        Ok(CniResult {
+    /// The ADD result for a pod's record.
+    fn result(&self, record: EndpointRecord) -> CniResult {
+        let mtu = self.conf.mtu();
+        CniResult {
             interfaces: vec![
                 Interface {
-                    name: host_name,
+                    name: record.host_ifname,
                     mac: record.host_mac,
                     mtu: Some(mtu),
                     sandbox: String::new(),
                 },
                 Interface {
-                    name: attachment.ifname.clone(),
+                    name: record.ifname,
                     mac: record.pod_mac,
                     mtu: Some(mtu),
                     sandbox: record.netns.display().to_string(),
                 },
             ],
-            ips: ips
+            ips: record
+                .ips
                 .iter()
                 .map(|ip| IpConfig {
                     address: host_net(*ip),
@@ -285,7 +315,8 @@ impl Plugin {
                     interface: Some(1),
                 })
                 .collect(),
-            routes: ips
+            routes: record
+                .ips
                 .iter()
                 .map(|ip| Route {
                     dst: IpNet::new(gateway_of(ip), 0).expect("a /0 is valid").trunc(),
@@ -293,7 +324,7 @@ impl Plugin {
                 })
                 .collect(),
             dns: self.conf.dns.clone(),
-        })
+        }
     }
 
     /// Refuses addresses that would take another's place: a pod's on this node, one in

@@ -7,6 +7,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{loaded_programs, CgroupSockAddr, Program};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
+use nix::fcntl::Flock;
 use nix::mount::{mount, MsFlags};
 use nix::sys::statfs::statfs;
 use std::collections::HashMap;
@@ -34,13 +35,14 @@ use velox_node::maps::{check_object_layout, check_pinned_layouts, layouts, pinne
 use velox_node::netlink::Netlink;
 use velox_node::{Bpffs, StateDir};
 
-use crate::cluster::{Cluster, ClusterConfig};
-use crate::kubernetes::ApiSource;
 use crate::metrics::Metrics;
-use crate::policy::{LocalPod, PolicyReconciler};
-use crate::reconcile::reconcile;
-use crate::services::ServiceBalancer;
-use crate::source::{ClusterSource, FileSource};
+use crate::reconcile::endpoints::sync_endpoints;
+use crate::reconcile::policy::{LocalPod, PolicyReconciler};
+use crate::reconcile::routes::{NodeNetwork, NodeNetworkConfig};
+use crate::reconcile::services::ServiceBalancer;
+use crate::source::files::FileSource;
+use crate::source::kubernetes::ApiSource;
+use crate::source::ClusterSource;
 
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("VELOX_EBPF_OBJECT"));
 
@@ -49,12 +51,138 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Reads the programs' aya-log records into this process's logger.
 type DatapathLogger = EbpfLogger<&'static dyn log::Log>;
 
+// `velox-loader run`'s flags; the command's help is on `Commands::Run`.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Seconds between reconciliations.
+    #[arg(long, default_value_t = 10)]
+    reconcile_interval: u64,
+    /// The node's interface towards the other nodes; enables the cross-node fast
+    /// path (`from_net` on it, `bpf_redirect_neigh` towards peers). With
+    /// `--kubernetes` and `--node-name` it defaults to the interface holding an
+    /// InternalIP of this node's Node.
+    #[arg(long)]
+    uplink: Option<String>,
+    /// The cluster's nodes as a Kubernetes NodeList (`kubectl get nodes -o json`):
+    /// each node's `spec.podCIDRs` and `InternalIP`s. Looked at four times a
+    /// second; this node's own entry is skipped.
+    #[arg(long, requires = "uplink", conflicts_with_all = ["kubernetes", "kubeconfig"])]
+    peers_file: Option<PathBuf>,
+    /// This node's pod CIDRs, one per family (repeat for dual-stack): the source
+    /// ranges to masquerade. With `--kubernetes` and `--node-name` they default
+    /// to its Node's `spec.podCIDRs`.
+    #[arg(long)]
+    pod_cidr: Vec<ipnet::IpNet>,
+    /// Install the `velox` plugin into this directory and write the conflist for
+    /// this node's pod CIDRs into `--cni-conf-dir` once they are known (what
+    /// `velox-loader install` does, for a DaemonSet with no init container).
+    #[arg(long, requires = "cni_conf_dir")]
+    cni_bin_dir: Option<PathBuf>,
+    #[arg(long, requires = "cni_bin_dir")]
+    cni_conf_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (`/metrics`), e.g. 0.0.0.0:9962.
+    #[arg(long)]
+    metrics_address: Option<std::net::SocketAddr>,
+    /// Masquerade pod traffic leaving the cluster to the node's IP.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    ip_masq: bool,
+    /// aya-log level of the eBPF programs: off, error, warn, info, debug (a line per
+    /// packet) or trace. Set when the programs load; off costs nothing per packet.
+    #[arg(long, default_value = "off")]
+    pub datapath_log_level: log::LevelFilter,
+    /// Load this eBPF object instead of the one built into the loader (a
+    /// datapath fix without a new loader). Pods and the uplink move to it at start.
+    #[arg(long)]
+    ebpf_object: Option<PathBuf>,
+    /// Kubernetes Services and EndpointSlices as JSON (`kubectl get
+    /// services,endpointslices -A -o json`): a file, or a directory of such files.
+    /// Re-read every second.
+    #[arg(long, conflicts_with_all = ["kubernetes", "kubeconfig"])]
+    cluster_state: Option<PathBuf>,
+    /// Learn the cluster (Nodes, Services, EndpointSlices) from the Kubernetes API
+    /// server instead of files: with the in-cluster service account, or
+    /// `KUBECONFIG`, or `--kubeconfig`.
+    #[arg(long)]
+    kubernetes: bool,
+    /// The kubeconfig to reach the API server with (implies `--kubernetes`).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name in the cluster (the DaemonSet passes `spec.nodeName`):
+    /// its Node gets `NetworkUnavailable=False` once the datapath is up.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Turn on the socket load balancer (Velox's kube-proxy replacement for
+    /// ClusterIPs and NodePorts): cgroup socket hooks translate Service addresses
+    /// in connect, sendmsg, recvmsg and getpeername. Needs Services from
+    /// `--cluster-state` or `--kubernetes`.
+    #[arg(long)]
+    socket_lb: bool,
+    /// The cgroup (v2) the socket hooks attach to; by default the root of the
+    /// cgroup2 hierarchy, found in the mount table.
+    #[arg(long, requires = "socket_lb")]
+    socket_lb_cgroup: Option<PathBuf>,
+    /// The most pods this node runs: the per-CPU counters array has a slot for
+    /// each (56 bytes per CPU), and an ADD beyond it fails with code 104.
+    #[arg(long, default_value_t = velox_common::DEFAULT_MAX_PODS, value_parser = clap::value_parser!(u32).range(1..=velox_common::MAX_ENDPOINTS as i64 - 1))]
+    max_pods: u32,
+    /// Enforce Kubernetes NetworkPolicy in the datapath, from the NetworkPolicies,
+    /// Pods and Namespaces of `--cluster-state` or `--kubernetes`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    network_policy: bool,
+}
+
+impl RunArgs {
+    /// What the flags ask for, checked against each other.
+    pub fn options(self) -> anyhow::Result<RunOptions> {
+        let kubernetes = self.kubernetes || self.kubeconfig.is_some();
+        anyhow::ensure!(
+            !self.socket_lb || kubernetes || self.cluster_state.is_some(),
+            "--socket-lb needs the Services: give --cluster-state or --kubernetes"
+        );
+        let source = match kubernetes {
+            true => SourceOptions::Kubernetes {
+                kubeconfig: self.kubeconfig,
+                node_name: self.node_name.clone(),
+            },
+            false => SourceOptions::Files {
+                peers_file: self.peers_file,
+                cluster_state: self.cluster_state,
+            },
+        };
+        let socket_lb_cgroup = match (self.socket_lb, self.socket_lb_cgroup) {
+            (false, _) => None,
+            (true, Some(cgroup)) => Some(cgroup),
+            (true, None) => Some(velox_node::layout::cgroup2_root()?),
+        };
+        let node_network = (self.uplink.is_some() || kubernetes).then_some(NodeNetworkConfig {
+            uplink: self.uplink,
+            pod_cidrs: self.pod_cidr,
+            ip_masq: self.ip_masq,
+            node_name: self.node_name,
+        });
+        Ok(RunOptions {
+            interval: Duration::from_secs(self.reconcile_interval),
+            node_network,
+            source,
+            datapath: DatapathOptions {
+                object: self.ebpf_object,
+                log_level: self.datapath_log_level,
+                socket_lb_cgroup,
+                max_pods: self.max_pods,
+            },
+            install_into: self.cni_bin_dir.zip(self.cni_conf_dir),
+            metrics_address: self.metrics_address,
+            network_policy: self.network_policy,
+        })
+    }
+}
+
 /// What `velox-loader run` was asked to do beyond its bpffs root and state dir.
 pub struct RunOptions {
     /// Between two full reconcile passes.
     pub interval: Duration,
     /// The node's place in a cluster (uplink, peers, masquerade), if it has one.
-    pub cluster: Option<ClusterConfig>,
+    pub node_network: Option<NodeNetworkConfig>,
     pub source: SourceOptions,
     pub datapath: DatapathOptions,
     /// The CNI bin and conf dirs to install the plugin and conflist into.
@@ -67,120 +195,184 @@ pub struct RunOptions {
 pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyhow::Result<()> {
     let RunOptions {
         interval,
-        cluster,
+        node_network,
         source,
         datapath,
-        mut install_into,
+        install_into,
         metrics_address,
         network_policy,
     } = options;
-    ensure_bpffs(&bpffs)?;
-    create_private_dir(&state_dir.root)?;
-    // One loader per bpffs root and per state dir: two would fight over pins and maps.
-    let mut _owned = Vec::new();
-    for dir in [&bpffs.root, &state_dir.root] {
-        match try_lock_dir(dir)? {
-            Some(guard) => _owned.push(guard),
-            None => anyhow::bail!(
-                "another velox-loader is running on {}: refusing to start a second one",
-                dir.display()
-            ),
-        }
-    }
+    let _owned = take_over(&bpffs, &state_dir)?;
     let mut ebpf = load_and_pin(&bpffs, &datapath)?;
     carry_over_kernel_flows(&bpffs)?;
-    let mut maps = EndpointMaps::open(&bpffs)?;
+    let maps = EndpointMaps::open(&bpffs)?;
     let store = EndpointStore::new(&state_dir);
     let netlink = Netlink::connect()?;
-    let cluster = cluster.map(|config| Cluster::new(config, bpffs.clone())).transpose()?;
+    let node_network = node_network
+        .map(|config| NodeNetwork::new(config, bpffs.clone()))
+        .transpose()?;
     let metrics = Metrics::new();
     if let Some(address) = metrics_address {
         metrics.serve(address, bpffs.clone()).await?;
     }
-    let source = source
-        .start(datapath.socket_lb_cgroup.is_some(), network_policy, metrics.clone())
-        .await?;
-    let mut sync = ClusterSync {
-        source,
-        cluster,
-        balancer: datapath.socket_lb_cgroup.is_some().then(ServiceBalancer::default),
+    let with_services = datapath.socket_lb_cgroup.is_some();
+    let sync = SourceSync {
+        source: source.start(with_services, network_policy, metrics.clone()).await?,
+        node_network,
+        balancer: with_services.then(ServiceBalancer::default),
         node_ips: None,
         policy: network_policy.then(PolicyReconciler::default),
         endpoints_changed_at: None,
     };
+    let mut daemon = Daemon {
+        bpffs,
+        state_dir,
+        store,
+        maps,
+        netlink,
+        sync,
+        metrics,
+        install_into,
+    };
     // A source that cannot be read never stops the start; a missing uplink does.
-    sync.apply(&netlink, &bpffs, &store, &state_dir, true).await?;
-    reconcile(&bpffs, &state_dir, &store, &mut maps, sync.uplink())?;
-    attach_socket_lb(&bpffs, &mut ebpf, datapath.socket_lb_cgroup.as_deref())?;
+    daemon.apply_source(true).await?;
+    sync_endpoints(
+        &daemon.bpffs,
+        &daemon.state_dir,
+        &daemon.store,
+        &mut daemon.maps,
+        daemon.sync.uplink(),
+    )?;
+    attach_socket_lb(&daemon.bpffs, &mut ebpf, datapath.socket_lb_cgroup.as_deref())?;
     // The maps are filled: every pod and the uplink may move to this build.
-    if repoint_links(&bpffs, &ebpf) {
-        remove_other_layouts(&bpffs)?;
+    if repoint_links(&daemon.bpffs, &ebpf) {
+        remove_other_layouts(&daemon.bpffs)?;
     }
     if datapath.log_level != log::LevelFilter::Off {
         let logger = EbpfLogger::init(&mut ebpf).context("reading the datapath's log records")?;
         tokio::spawn(forward_datapath_logs(logger));
     }
     drop(ebpf);
+    daemon.serve(interval).await
+}
 
-    let socket = state_dir.health_socket();
-    remove_if_exists(&socket)?;
-    let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
-    log::info!(
-        "ready: bpffs {}, state {}",
-        bpffs.root.display(),
-        state_dir.root.display()
-    );
-
-    sync.source.network_ready();
-    let mut tick = tokio::time::interval(interval);
-    let mut source_tick = tokio::time::interval(Duration::from_millis(250));
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                if let Err(e) = sync.apply(&netlink, &bpffs, &store, &state_dir, true).await {
-                    log::error!("cluster reconcile: {e:#}");
-                }
-                let started = std::time::Instant::now();
-                if let Err(e) = reconcile(&bpffs, &state_dir, &store, &mut maps, sync.uplink()) {
-                    log::error!("reconcile: {e:#}");
-                }
-                metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
-            }
-            _ = source_tick.tick() => {
-                if let Err(e) = sync.apply(&netlink, &bpffs, &store, &state_dir, false).await {
-                    log::error!("applying the cluster's nodes: {e:#}");
-                }
-                let pod_cidrs = sync.cluster.as_ref().map(|c| c.pod_cidrs()).unwrap_or_default();
-                if let Some((bin_dir, conf_dir)) = install_into.clone().filter(|_| !pod_cidrs.is_empty()) {
-                    // The conflist tells kubelet the node's network is ready: only now.
-                    let args = crate::install::InstallArgs::new(pod_cidrs.to_vec(), bin_dir, conf_dir);
-                    match crate::install::install(&args, &bpffs.root, &state_dir.root) {
-                        Ok(()) => install_into = None,
-                        Err(e) => log::error!("installing the plugin and its conflist (trying again): {e:#}"),
-                    }
-                }
-            }
-            accepted = listener.accept() => {
-                if let Ok((mut stream, _)) = accepted {
-                    let health = Health {
-                        ready: true,
-                        endpoints: store.list().map(|r| r.len()).unwrap_or(0),
-                        cluster: Some(sync.source.health()),
-                    };
-                    let _ = stream.write_all(health.to_json().as_bytes()).await;
-                }
-            }
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+/// Makes sure the bpffs root and the state dir exist and that no other loader runs
+/// on either: two would fight over pins and maps. The guards hold that until dropped.
+fn take_over(bpffs: &Bpffs, state_dir: &StateDir) -> anyhow::Result<Vec<Flock<std::fs::File>>> {
+    ensure_bpffs(bpffs)?;
+    create_private_dir(&state_dir.root)?;
+    let mut owned = Vec::new();
+    for dir in [&bpffs.root, &state_dir.root] {
+        match try_lock_dir(dir)? {
+            Some(guard) => owned.push(guard),
+            None => anyhow::bail!(
+                "another velox-loader is running on {}: refusing to start a second one",
+                dir.display()
+            ),
         }
     }
-    // Pins stay: the datapath keeps forwarding without us.
-    remove_if_exists(&socket)?;
-    log::info!("stopped; datapath left in place");
-    Ok(())
+    Ok(owned)
+}
+
+/// The running loader: its handles, and what it keeps in line.
+struct Daemon {
+    bpffs: Bpffs,
+    state_dir: StateDir,
+    store: EndpointStore,
+    maps: EndpointMaps,
+    netlink: Netlink,
+    sync: SourceSync,
+    metrics: Metrics,
+    /// The CNI bin and conf dirs to install into, until that is done.
+    install_into: Option<(PathBuf, PathBuf)>,
+}
+
+impl Daemon {
+    /// Answers health probes and reconciles until SIGTERM or SIGINT. Pins stay: the
+    /// datapath keeps forwarding without us.
+    async fn serve(mut self, interval: Duration) -> anyhow::Result<()> {
+        let socket = self.state_dir.health_socket();
+        remove_if_exists(&socket)?;
+        let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+        log::info!(
+            "ready: bpffs {}, state {}",
+            self.bpffs.root.display(),
+            self.state_dir.root.display()
+        );
+
+        self.sync.source.network_ready();
+        let mut tick = tokio::time::interval(interval);
+        let mut source_tick = tokio::time::interval(Duration::from_millis(250));
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.full_pass().await,
+                _ = source_tick.tick() => self.source_pass().await,
+                accepted = listener.accept() => {
+                    if let Ok((stream, _)) = accepted {
+                        self.answer_health(stream).await;
+                    }
+                }
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+            }
+        }
+        remove_if_exists(&socket)?;
+        log::info!("stopped; datapath left in place");
+        Ok(())
+    }
+
+    async fn apply_source(&mut self, full: bool) -> anyhow::Result<()> {
+        self.sync
+            .apply(&self.netlink, &self.bpffs, &self.store, &self.state_dir, full)
+            .await
+    }
+
+    /// The periodic pass: everything the source feeds, routes repaired, then the
+    /// endpoints.
+    async fn full_pass(&mut self) {
+        if let Err(e) = self.apply_source(true).await {
+            log::error!("cluster reconcile: {e:#}");
+        }
+        let started = std::time::Instant::now();
+        let uplink = self.sync.uplink();
+        if let Err(e) = sync_endpoints(&self.bpffs, &self.state_dir, &self.store, &mut self.maps, uplink) {
+            log::error!("reconcile: {e:#}");
+        }
+        self.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+    }
+
+    /// What the source changed, and the CNI install once the pod CIDRs are known.
+    async fn source_pass(&mut self) {
+        if let Err(e) = self.apply_source(false).await {
+            log::error!("applying the cluster's nodes: {e:#}");
+        }
+        let pod_cidrs = self
+            .sync
+            .node_network
+            .as_ref()
+            .map(|n| n.pod_cidrs())
+            .unwrap_or_default();
+        if let Some((bin_dir, conf_dir)) = self.install_into.clone().filter(|_| !pod_cidrs.is_empty()) {
+            // The conflist tells kubelet the node's network is ready: only now.
+            let args = crate::install::InstallArgs::new(pod_cidrs.to_vec(), bin_dir, conf_dir);
+            match crate::install::install(&args, &self.bpffs.root, &self.state_dir.root) {
+                Ok(()) => self.install_into = None,
+                Err(e) => log::error!("installing the plugin and its conflist (trying again): {e:#}"),
+            }
+        }
+    }
+
+    async fn answer_health(&self, mut stream: tokio::net::UnixStream) {
+        let health = Health {
+            ready: true,
+            endpoints: self.store.list().map(|r| r.len()).unwrap_or(0),
+            cluster: Some(self.sync.source.health()),
+        };
+        let _ = stream.write_all(health.to_json().as_bytes()).await;
+    }
 }
 
 /// Mounts bpffs at /sys/fs/bpf when the root is not on one already (it is not at boot here).
@@ -239,9 +431,9 @@ impl SourceOptions {
 
 /// The cluster source and what it feeds: routes and peers, the socket load
 /// balancer, NetworkPolicy.
-struct ClusterSync {
+struct SourceSync {
     source: Box<dyn ClusterSource>,
-    cluster: Option<Cluster>,
+    node_network: Option<NodeNetwork>,
     balancer: Option<ServiceBalancer>,
     /// The node addresses the Services were last applied with.
     node_ips: Option<Vec<std::net::IpAddr>>,
@@ -251,9 +443,9 @@ struct ClusterSync {
     endpoints_changed_at: Option<std::time::SystemTime>,
 }
 
-impl ClusterSync {
+impl SourceSync {
     fn uplink(&self) -> Option<&str> {
-        self.cluster.as_ref().and_then(Cluster::uplink)
+        self.node_network.as_ref().and_then(NodeNetwork::uplink)
     }
 
     /// Applies what the source changed, or everything (`full`: the periodic pass that
@@ -269,16 +461,20 @@ impl ClusterSync {
     ) -> anyhow::Result<()> {
         let changed = self.source.changed();
         let mut result = Ok(());
-        if let Some(cluster) = self.cluster.as_mut().filter(|_| changed || full) {
-            result = cluster.reconcile(netlink, self.source.nodes()).await;
+        if let Some(node_network) = self.node_network.as_mut().filter(|_| changed || full) {
+            result = node_network.apply_nodes(netlink, self.source.nodes()).await;
         }
         // A NodePort answers on every node's address, so a client on this node
         // reaches it on any of them.
-        let node_ips = self.cluster.as_ref().map(Cluster::node_ips).unwrap_or_default();
+        let node_ips = self
+            .node_network
+            .as_ref()
+            .map(NodeNetwork::node_ips)
+            .unwrap_or_default();
         if let Some(balancer) = self.balancer.as_mut() {
             if changed || self.node_ips.as_ref() != Some(&node_ips) {
                 let pod_netns = || store.list().unwrap_or_default().into_iter().map(|r| r.netns).collect();
-                if let Err(e) = balancer.reconcile(bpffs, self.source.services(), &node_ips, pod_netns) {
+                if let Err(e) = balancer.apply_services(bpffs, self.source.services(), &node_ips, pod_netns) {
                     log::error!("applying the Services: {e:#}");
                 }
                 self.node_ips = Some(node_ips);
@@ -300,7 +496,7 @@ impl ClusterSync {
                 });
                 let applied = local
                     .map_err(anyhow::Error::from)
-                    .and_then(|local| policy.reconcile(bpffs, state_dir, self.source.policy(), &local));
+                    .and_then(|local| policy.apply_policy(bpffs, state_dir, self.source.policy(), &local));
                 match applied {
                     Ok(()) => self.endpoints_changed_at = endpoints_changed_at,
                     Err(e) => log::error!("applying NetworkPolicy: {e:#}"),

@@ -8,10 +8,12 @@ use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use velox_common::{EndpointCounters, FlowEnd, DROP_REASONS};
+use velox_common::{EndpointCounters, DROP_REASONS};
 use velox_node::endpoint::{EndpointRecord, EndpointStore};
 use velox_node::maps::{EndpointMaps, KernelFlows, PeerMap, ServiceMaps};
 use velox_node::{Bpffs, StateDir};
+
+use crate::names::{interface_names, protocol_name, socket_address, PolicyNames};
 
 #[derive(Serialize)]
 struct Row {
@@ -243,7 +245,7 @@ struct PolicyRow {
 pub fn policy(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Result<()> {
     use velox_common::{EGRESS, ISOLATED_EGRESS, ISOLATED_INGRESS};
     let maps = velox_node::maps::PolicyMaps::open(bpffs)?;
-    let names = crate::policy::PolicyNames::read(state_dir);
+    let names = PolicyNames::read(state_dir);
     let pods: BTreeMap<u32, String> = EndpointStore::new(state_dir)
         .list()?
         .into_iter()
@@ -259,12 +261,6 @@ pub fn policy(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Result
         if states.get(&key.slot).map(|s| s.version()) != Some(key.version) {
             continue; // the other version: being written, or left by an update
         }
-        let peer = key.peer.ip();
-        let len = if peer.is_ipv4() {
-            prefix - velox_common::IPV4_MAPPED_PREFIX
-        } else {
-            prefix
-        };
         let rules = ports.rules.iter().take_while(|r| r.policy != 0);
         ruled.insert((key.slot, key.direction));
         rows.push(PolicyRow {
@@ -274,7 +270,7 @@ pub fn policy(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Result
             peer: if prefix == 0 {
                 "any".into()
             } else {
-                format!("{peer}/{len}")
+                velox_node::maps::cidr_of_mapped(key.peer, prefix)?.to_string()
             },
             ports: rules
                 .clone()
@@ -321,20 +317,6 @@ pub fn policy(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Result
     )
 }
 
-pub fn protocol_name(proto: u8) -> String {
-    match proto {
-        1 | 58 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        132 => "sctp".into(),
-        other => other.to_string(),
-    }
-}
-
-pub fn socket_address(end: &FlowEnd) -> std::net::SocketAddr {
-    std::net::SocketAddr::new(end.addr.ip(), u16::from_be(end.port))
-}
-
 #[derive(Serialize)]
 struct ServiceRow {
     frontend: std::net::SocketAddr,
@@ -370,18 +352,6 @@ pub fn services(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
         ]
     });
     print(&rows, json, ["FRONTEND", "PROTO", "ID", "BACKENDS", "STATE"], table)
-}
-
-/// Interface names by index, in the loader's network namespace.
-/// Every interface of this network namespace, by ifindex.
-pub fn interface_names() -> BTreeMap<u32, String> {
-    nix::net::if_::if_nameindex()
-        .map(|list| {
-            list.iter()
-                .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// One JSON array, or a plain table for people.

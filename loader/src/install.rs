@@ -5,13 +5,13 @@
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use velox_node::fs::{create_private_dir, try_lock_dir, write_atomic};
+use velox_node::layout::PRIVATE_FILE_MODE;
 use velox_node::netlink::{Netlink, VELOX_ROUTE_PROTOCOL};
 use velox_node::{Bpffs, Family};
 
-use crate::cluster::remove_masquerade;
+use crate::reconcile::masquerade::remove_masquerade;
 
 #[derive(clap::Args)]
 pub struct InstallArgs {
@@ -66,8 +66,7 @@ fn manifest(state_dir: &Path) -> PathBuf {
 }
 
 fn sha256(path: &Path) -> anyhow::Result<String> {
-    let digest = Sha256::digest(std::fs::read(path)?);
-    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(velox_node::sha256_hex(std::fs::read(path)?))
 }
 
 /// Installs `bytes` at `path` atomically, so a runtime never reads half a binary or
@@ -117,7 +116,11 @@ pub fn install(args: &InstallArgs, bpffs_root: &Path, state_dir: &Path) -> anyho
         println!("installed {}", file.path.display());
     }
     create_private_dir(state_dir)?;
-    std::fs::write(manifest(state_dir), serde_json::to_vec_pretty(&Installed { files })?)?;
+    write_atomic(
+        &manifest(state_dir),
+        &serde_json::to_vec_pretty(&Installed { files })?,
+        PRIVATE_FILE_MODE,
+    )?;
     Ok(())
 }
 

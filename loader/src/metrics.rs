@@ -20,7 +20,7 @@ use velox_common::DROP_REASONS;
 use velox_node::maps::{EndpointMaps, PeerMap, PolicyMaps, ServiceMaps};
 use velox_node::Bpffs;
 
-use crate::dump::interface_names;
+use crate::names::interface_names;
 
 /// A resource (`nodes`, `services`, ...) or file the cluster source reads.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -210,10 +210,22 @@ impl Collector for Datapath {
         )?;
         encode_counters(&mut encoder, "drops", &drops_help(), drops)?;
 
+        self.encode_map_fill(&mut encoder, &maps, interfaces.len())
+    }
+}
+
+impl Datapath {
+    /// How full the maps are, and how many pods the counters have slots for.
+    fn encode_map_fill(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        maps: &EndpointMaps,
+        interfaces: usize,
+    ) -> Result<(), std::fmt::Error> {
         let policy = PolicyMaps::open(&self.bpffs).ok();
         let fill = [
             ("endpoints", maps.entries().map(|e| e.len()).ok()),
-            ("interfaces", Some(interfaces.len())),
+            ("interfaces", Some(interfaces)),
             (
                 "peers",
                 PeerMap::open(&self.bpffs)

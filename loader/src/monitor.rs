@@ -14,8 +14,7 @@ use velox_node::endpoint::EndpointStore;
 use velox_node::maps::FlowEvents;
 use velox_node::{Bpffs, StateDir};
 
-use crate::dump::{protocol_name, socket_address};
-use crate::policy::PolicyNames;
+use crate::names::{protocol_name, socket_address, PolicyNames};
 
 /// How far ahead a monitor sets the deadline, and how often it renews it.
 const LISTEN_AHEAD: Duration = Duration::from_secs(3);

@@ -5,7 +5,6 @@
 
 use nix::fcntl::Flock;
 use serde::{Deserialize, Deserializer, Serialize};
-use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -81,8 +80,7 @@ impl EndpointRecord {
 /// The host-side veth name: derived from the attachment alone, so DEL finds the
 /// interface without any state.
 pub fn host_ifname(attachment: &Attachment) -> String {
-    let digest = Sha256::digest(format!("{}/{}", attachment.container_id, attachment.ifname));
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = crate::sha256_hex(format!("{}/{}", attachment.container_id, attachment.ifname));
     format!("{HOST_IFNAME_PREFIX}{}", &hex[..11])
 }
 

@@ -17,12 +17,12 @@ pub struct Health {
     pub endpoints: usize,
     /// The cluster source, when the loader has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<ClusterHealth>,
+    pub cluster: Option<SourceHealth>,
 }
 
 /// How the loader's cluster source is doing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClusterHealth {
+pub struct SourceHealth {
     /// `kubernetes` or `files`.
     pub source: String,
     /// Everything listed and nothing failing: the datapath follows the cluster. When
@@ -62,7 +62,7 @@ mod tests {
         let sent = Health {
             ready: true,
             endpoints: 4,
-            cluster: Some(ClusterHealth {
+            cluster: Some(SourceHealth {
                 source: "kubernetes".into(),
                 synced: false,
                 errors: vec!["nodes: connection refused".into()],

@@ -8,16 +8,23 @@
 //! │   ├── VELOX_PEERS                       other nodes' pod CIDRs -> node address
 //! │   ├── VELOX_COUNTERS                    per-slot, per-CPU counters (an array)
 //! │   ├── VELOX_INTERFACES                  host veth or uplink -> counters slot
-//! │   ├── VELOX_EVENTS                      drop events (ring buffer), while a monitor runs
+//! │   ├── VELOX_KERNEL_FLOWS                pod connection ends the kernel handles (LRU)
+//! │   ├── VELOX_SERVICES                    Service frontend -> its id, backend count
+//! │   ├── VELOX_BACKENDS                    (Service id, slot) -> backend
+//! │   ├── VELOX_SOCKET_PEERS                (socket, backend) -> frontend (LRU)
+//! │   ├── VELOX_LB_OPT_OUT                  netns cookies the socket LB leaves alone
+//! │   ├── VELOX_EVENTS                      drops and connections policy allowed (ring
+//! │   │                                     buffer), while a monitor runs
 //! │   ├── VELOX_MONITOR                     until when a monitor listens
 //! │   ├── VELOX_POLICY_STATE                per-slot isolation and live rules version
 //! │   ├── VELOX_POLICY_RULES                (slot, direction, version, peer prefix) -> ports
 //! │   ├── VELOX_POLICY_FLOWS                connections policy allowed (LRU)
-//! │   ├── VELOX_POLICY_GENERATION           bumped at every rules change
-//! │   └── VELOX_KERNEL_FLOWS                pod connection ends the kernel handles (LRU)
+//! │   └── VELOX_POLICY_GENERATION           bumped at every rules change
 //! ├── programs/                       0700  replaced atomically at every loader start
-//! │   ├── from_pod
-//! │   └── from_net
+//! │   ├── from_pod                          each through a `<name>_staged` pin
+//! │   ├── from_net
+//! │   └── lb_<hook><4|6>                    the socket load balancer's: connect,
+//! │                                         sendmsg, recvmsg, getpeername
 //! └── links/                          0700  one directory per hook, so no sweep of one
 //!     ├── tc-ingress/<ifname>               kind can touch another: pods' host veths
 //!     │                                     (pinned by the plugin), the uplink (loader)
@@ -33,6 +40,7 @@
 //! │   ├── <address>                   0600  reserved: container ID and ifname
 //! │   └── last_reserved_ip.<4|6>      0600  where the round-robin goes on
 //! ├── policy-names.json               0600  policy ids and pod names, for the monitor
+//! ├── install.json                    0600  what `install` wrote, with checksums
 //! └── loader.sock                     0600  the health socket (STATUS, probes)
 //! ```
 

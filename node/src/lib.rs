@@ -16,6 +16,12 @@ pub mod netlink;
 pub use error::{Error, ErrorList, Result};
 pub use layout::{Bpffs, StateDir};
 
+/// The SHA-256 of `bytes`, in lowercase hex.
+pub fn sha256_hex(bytes: impl AsRef<[u8]>) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// An address family, where a feature exists once per family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {

@@ -178,11 +178,7 @@ pub fn layouts() -> [MapLayout; 15] {
 /// downgrade alike).
 pub fn layout_id() -> &'static str {
     static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ID.get_or_init(|| {
-        use sha2::{Digest, Sha256};
-        let digest = Sha256::digest(format!("{LAYOUT_REVISION}:{:?}", layouts()));
-        digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
-    })
+    ID.get_or_init(|| crate::sha256_hex(format!("{LAYOUT_REVISION}:{:?}", layouts()))[..12].to_string())
 }
 
 /// The layout of a pinned map, as the kernel reports it.
@@ -529,22 +525,34 @@ impl PolicyMaps {
     }
 }
 
-/// An LPM key for a CIDR of either family (IPv4 mapped into IPv6).
-fn lpm_key(cidr: IpNet) -> Key<[u8; 16]> {
-    let prefix = match cidr {
+/// The length of `cidr` as a prefix of the datapath's address space, where IPv4 is
+/// mapped into IPv6.
+pub fn mapped_prefix_len(cidr: &IpNet) -> u32 {
+    match cidr {
         IpNet::V4(v4) => IPV4_MAPPED_PREFIX + u32::from(v4.prefix_len()),
         IpNet::V6(v6) => u32::from(v6.prefix_len()),
+    }
+}
+
+/// The CIDR that an address of the datapath's space and a prefix length of that
+/// space stand for: [`mapped_prefix_len`] undone.
+pub fn cidr_of_mapped(addr: IpKey, prefix_len: u32) -> Result<IpNet> {
+    let ip = addr.ip();
+    let invalid = || Error::Invalid(format!("prefix {ip}/{prefix_len} of the mapped address space"));
+    let len = match ip {
+        IpAddr::V4(_) => prefix_len.checked_sub(IPV4_MAPPED_PREFIX).ok_or_else(invalid)?,
+        IpAddr::V6(_) => prefix_len,
     };
-    Key::new(prefix, IpKey::from(cidr.network()).addr)
+    IpNet::new(ip, len.try_into().map_err(|_| invalid())?).map_err(|_| invalid())
+}
+
+/// An LPM key for a CIDR of either family (IPv4 mapped into IPv6).
+fn lpm_key(cidr: IpNet) -> Key<[u8; 16]> {
+    Key::new(mapped_prefix_len(&cidr), IpKey::from(cidr.network()).addr)
 }
 
 fn cidr_of(key: &Key<[u8; 16]>) -> Result<IpNet> {
-    let ip = IpKey::v6(key.data()).ip();
-    let prefix = match ip {
-        IpAddr::V4(_) => key.prefix_len() - IPV4_MAPPED_PREFIX,
-        IpAddr::V6(_) => key.prefix_len(),
-    };
-    IpNet::new(ip, prefix as u8).map_err(Error::invalid(format!("peer map key {ip}/{prefix}")))
+    cidr_of_mapped(IpKey::v6(key.data()), key.prefix_len())
 }
 
 /// Other nodes' pod CIDRs of both families and how to reach them.

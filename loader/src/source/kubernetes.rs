@@ -18,13 +18,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use velox_node::health::ClusterHealth;
+use velox_node::health::SourceHealth;
 
-use crate::cluster::{peer_node, PeerNode};
+use super::{ClusterSource, PolicyInput, ServicesInput};
 use crate::metrics::{Metrics, SourceLabels};
-use crate::policy::PolicyInput;
-use crate::services::ClusterState;
-use crate::source::ClusterSource;
 
 /// How each watch is doing.
 #[derive(Default)]
@@ -145,31 +142,19 @@ impl ClusterSource for ApiSource {
         changed
     }
 
-    fn nodes(&mut self) -> Option<Vec<PeerNode>> {
+    fn nodes(&mut self) -> Option<Vec<Node>> {
         if !self.listed("nodes") {
             return None;
         }
-        let mut nodes: Vec<PeerNode> = self
-            .nodes
-            .state()
-            .iter()
-            .filter_map(|node| {
-                let value = serde_json::to_value(&**node).ok()?;
-                peer_node(value)
-                    .map_err(|e| log::warn!("skipping a node the API server sent: {e:#}"))
-                    .ok()
-            })
-            .collect();
-        nodes.sort();
-        Some(nodes)
+        Some(contents(&self.nodes))
     }
 
-    fn services(&mut self) -> Option<ClusterState> {
+    fn services(&mut self) -> Option<ServicesInput> {
         let (services, slices) = self.services.as_ref()?;
         if !self.listed("services") || !self.listed("endpointslices") {
             return None;
         }
-        Some(ClusterState {
+        Some(ServicesInput {
             services: contents(services),
             slices: contents(slices),
         })
@@ -190,13 +175,13 @@ impl ClusterSource for ApiSource {
         })
     }
 
-    fn health(&self) -> ClusterHealth {
+    fn health(&self) -> SourceHealth {
         let statuses = self.statuses.lock().unwrap();
         let errors: Vec<String> = statuses
             .iter()
             .filter_map(|(name, status)| status.error.as_ref().map(|e| format!("{name}: {e}")))
             .collect();
-        ClusterHealth {
+        SourceHealth {
             source: "kubernetes".into(),
             synced: errors.is_empty() && statuses.values().all(|s| s.listed),
             errors,

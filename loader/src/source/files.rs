@@ -1,45 +1,23 @@
-//! Where the loader learns the cluster from: the Kubernetes API server (a node of a
-//! real cluster, [`crate::kubernetes::ApiSource`]) or files of the same Kubernetes
-//! JSON ([`FileSource`]: test-env, or a node without the API in reach). The
-//! reconcilers read one interface and never know which source fed them.
+//! `--peers-file` (a `NodeList`) and `--cluster-state` (Services, EndpointSlices,
+//! NetworkPolicies, Pods, Namespaces: a file or a directory of them), the same
+//! Kubernetes JSON that `kubectl get -o json` prints.
 
 use anyhow::Context;
+use k8s_openapi::api::core::v1::Node;
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use velox_node::fs::{list_dir, read_if_exists};
-use velox_node::health::ClusterHealth;
+use velox_node::health::SourceHealth;
 
-use crate::cluster::{parse_nodes, PeerNode};
-use crate::policy::PolicyInput;
-use crate::services::ClusterState;
-
-pub trait ClusterSource {
-    /// Whether anything may have changed since the last call; cheap, asked often.
-    fn changed(&mut self) -> bool;
-    /// Every node, this one included. `None` when the source cannot say (a file that
-    /// does not parse, a watch that has not listed yet): the reconciler keeps what
-    /// it has, and the datapath goes on with the last known cluster.
-    fn nodes(&mut self) -> Option<Vec<PeerNode>>;
-    /// The Services and their EndpointSlices; `None` likewise, or when the node does
-    /// not balance Services.
-    fn services(&mut self) -> Option<ClusterState>;
-    /// NetworkPolicies, Pods and Namespaces; `None` likewise, or when the node does
-    /// not enforce policy.
-    fn policy(&mut self) -> Option<PolicyInput>;
-    /// How the source is doing, for the health answer.
-    fn health(&self) -> ClusterHealth;
-    /// The datapath is up: tell the cluster, where it listens.
-    fn network_ready(&mut self) {}
-}
+use super::{ClusterSource, PolicyInput, ServicesInput};
 
 /// A file's identity as far as re-reading goes: a file that looks the same is not
 /// parsed again (10,000 Services are megabytes of JSON).
 type Fingerprint = Vec<(PathBuf, Option<std::time::SystemTime>, u64)>;
 
-/// `--peers-file` (a `NodeList`) and `--cluster-state` (Services, EndpointSlices,
-/// NetworkPolicies, Pods, Namespaces: a file or a directory of them), looked at
-/// whenever the daemon asks.
+/// The peers file and the cluster state, looked at whenever the daemon asks.
 pub struct FileSource {
     peers_file: Option<PathBuf>,
     cluster_state: Option<PathBuf>,
@@ -114,30 +92,73 @@ impl ClusterSource for FileSource {
     }
 
     /// No peers file, or none yet: a cluster of this node alone.
-    fn nodes(&mut self) -> Option<Vec<PeerNode>> {
+    fn nodes(&mut self) -> Option<Vec<Node>> {
         let Some(path) = &self.peers_file else {
             return Some(Vec::new());
         };
         let parsed = read_if_exists(path)
             .map_err(anyhow::Error::from)
-            .and_then(|bytes| bytes.map_or(Ok(Vec::new()), |bytes| parse_nodes(&bytes)))
+            .and_then(|bytes| bytes.map_or(Ok(Vec::new()), |bytes| parse_node_list(&bytes)))
             .map_err(|e| e.context(format!("reading the peers file {}", path.display())));
         self.read("peers file", parsed)
     }
 
-    fn services(&mut self) -> Option<ClusterState> {
-        self.objects().map(ClusterState::from_objects)
+    fn services(&mut self) -> Option<ServicesInput> {
+        self.objects().map(ServicesInput::from_objects)
     }
 
     fn policy(&mut self) -> Option<PolicyInput> {
         self.objects().map(PolicyInput::from_objects)
     }
 
-    fn health(&self) -> ClusterHealth {
-        ClusterHealth {
+    fn health(&self) -> SourceHealth {
+        SourceHealth {
             source: "files".into(),
             synced: self.errors.is_empty(),
             errors: self.errors.values().cloned().collect(),
+        }
+    }
+}
+
+/// The peers file: a Kubernetes `NodeList` (`kubectl get nodes -o json`). The items
+/// are read one by one, so one bad node does not hide the others.
+#[derive(Deserialize)]
+struct NodeList {
+    items: Vec<Value>,
+}
+
+/// The nodes of a `NodeList`. An item that is not a Node is skipped with a log
+/// line; only a file that is not a list fails.
+pub fn parse_node_list(json: &[u8]) -> anyhow::Result<Vec<Node>> {
+    let list: NodeList = serde_json::from_slice(json)?;
+    let nodes = list
+        .items
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, item)| {
+            serde_json::from_value(item)
+                .map_err(|e| log::warn!("peers file: skipping node #{i}: {e}"))
+                .ok()
+        })
+        .collect();
+    Ok(nodes)
+}
+
+impl ServicesInput {
+    pub fn from_objects(objects: &[Value]) -> Self {
+        Self {
+            services: objects_of(objects, "Service"),
+            slices: objects_of(objects, "EndpointSlice"),
+        }
+    }
+}
+
+impl PolicyInput {
+    pub fn from_objects(objects: &[Value]) -> Self {
+        Self {
+            policies: objects_of(objects, "NetworkPolicy"),
+            pods: objects_of(objects, "Pod"),
+            namespaces: objects_of(objects, "Namespace"),
         }
     }
 }
@@ -167,7 +188,7 @@ pub fn objects_in(value: Value) -> Vec<Value> {
 }
 
 /// The objects of `kind`; one that does not parse is skipped, with a warning.
-pub fn objects_of<T: DeserializeOwned>(objects: &[Value], kind: &str) -> Vec<T> {
+fn objects_of<T: DeserializeOwned>(objects: &[Value], kind: &str) -> Vec<T> {
     objects
         .iter()
         .filter(|object| object.get("kind").and_then(Value::as_str) == Some(kind))

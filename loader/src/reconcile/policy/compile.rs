@@ -16,9 +16,12 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use velox_common::{
-    PortRule, ANY_PROTOCOL, EGRESS, INGRESS, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, ISOLATED_EGRESS, ISOLATED_INGRESS,
-    MAX_PORT_RULES,
+    PortRule, ANY_PROTOCOL, EGRESS, INGRESS, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_PORT_RULES,
 };
+use velox_node::maps::mapped_prefix_len;
+
+use crate::names::protocol_number;
+use crate::source::namespace_of;
 
 /// A prefix of the datapath's address space (IPv4 mapped into IPv6).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -33,7 +36,7 @@ impl Prefix {
     /// Where IPv4 lives: no IPv6 block holds it.
     const IPV4: Prefix = Prefix {
         addr: 0xffff << 32,
-        len: 96,
+        len: IPV4_MAPPED_PREFIX as u8,
     };
 
     fn new(addr: u128, len: u8) -> Self {
@@ -49,11 +52,7 @@ impl Prefix {
 
     fn parse(cidr: &str) -> Option<Self> {
         let net: ipnet::IpNet = cidr.trim().parse().ok()?;
-        let base = Self::host(net.network());
-        Some(match net {
-            ipnet::IpNet::V4(v4) => Self::new(base.addr, 96 + v4.prefix_len()),
-            ipnet::IpNet::V6(v6) => Self::new(base.addr, v6.prefix_len()),
-        })
+        Some(Self::new(Self::host(net.network()).addr, mapped_prefix_len(&net) as u8))
     }
 
     pub fn contains(&self, other: &Prefix) -> bool {
@@ -113,7 +112,7 @@ struct PodView<'a> {
 }
 
 /// Who a rule's peers are.
-enum Peers {
+enum RulePeers {
     All,
     /// `ipBlock`s (cidr, excepts) and the addresses of the selected pods.
     Some {
@@ -125,7 +124,7 @@ enum Peers {
 /// One rule of one policy that applies to a pod in one direction.
 struct Rule<'a> {
     policy: u16,
-    peers: &'a Peers,
+    peers: &'a RulePeers,
     ports: &'a [NetworkPolicyPort],
 }
 
@@ -156,10 +155,10 @@ pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace
         .flat_map(|v| v.ips.iter().map(move |ip| (Prefix::host(*ip), v)))
         .collect();
     // Peers depend on the policy only (its namespace), not on the pod it selects.
-    let peers: Vec<[Vec<Peers>; 2]> = policies
+    let peers: Vec<[Vec<RulePeers>; 2]> = policies
         .iter()
         .map(|policy| {
-            let namespace = policy.metadata.namespace.as_deref().unwrap_or("default");
+            let namespace = namespace_of(&policy.metadata);
             let resolve = |list| resolve(list, namespace, &views, &namespace_labels);
             let spec = policy.spec.as_ref();
             [
@@ -182,46 +181,11 @@ pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace
         else {
             continue; // not known to the cluster (yet): no policy selects it
         };
-        let mut rules: [Vec<Rule>; 2] = [Vec::new(), Vec::new()];
-        let mut isolation = 0;
-        let mut selected_by = BTreeSet::new();
-        for (index, policy) in policies.iter().enumerate() {
-            let Some(spec) = &policy.spec else { continue };
-            if policy.metadata.namespace.as_deref().unwrap_or("default") != me.namespace
-                || !selects(spec.pod_selector.as_ref(), me.labels)
-            {
-                continue;
-            }
-            let id = u16::try_from(index + 1).unwrap_or(u16::MAX);
-            let types = spec.policy_types.clone().unwrap_or_else(|| {
-                let mut types = vec!["Ingress".to_string()];
-                if spec.egress.is_some() {
-                    types.push("Egress".into());
-                }
-                types
-            });
-            for (direction, flag, type_name) in [
-                (INGRESS, ISOLATED_INGRESS, "Ingress"),
-                (EGRESS, ISOLATED_EGRESS, "Egress"),
-            ] {
-                if !types.iter().any(|t| t == type_name) {
-                    continue;
-                }
-                isolation |= flag;
-                selected_by.insert(id);
-                let ports = match direction {
-                    INGRESS => spec.ingress.iter().flatten().map(|r| &r.ports).collect::<Vec<_>>(),
-                    _ => spec.egress.iter().flatten().map(|r| &r.ports).collect(),
-                };
-                for (peers, ports) in peers[index][usize::from(direction)].iter().zip(ports) {
-                    rules[usize::from(direction)].push(Rule {
-                        policy: id,
-                        peers,
-                        ports: ports.as_deref().unwrap_or_default(),
-                    });
-                }
-            }
-        }
+        let Selection {
+            isolation,
+            selected_by,
+            rules,
+        } = select(&policies, &peers, me);
         if isolation == 0 {
             continue;
         }
@@ -242,12 +206,61 @@ pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace
     compiled
 }
 
+/// What the policies that select a pod make of it.
+#[derive(Default)]
+struct Selection<'a> {
+    /// `ISOLATED_INGRESS` and `ISOLATED_EGRESS`.
+    isolation: u32,
+    /// The ids of the selecting policies.
+    selected_by: BTreeSet<u16>,
+    /// The selecting policies' rules, by direction.
+    rules: [Vec<Rule<'a>>; 2],
+}
+
+/// The policies (sorted; id n + 1 at n) that select `me`, with each one's peers by
+/// direction.
+fn select<'a>(policies: &[&'a NetworkPolicy], peers: &'a [[Vec<RulePeers>; 2]], me: &PodView) -> Selection<'a> {
+    let mut selection = Selection::default();
+    for (index, policy) in policies.iter().enumerate() {
+        let Some(spec) = &policy.spec else { continue };
+        if namespace_of(&policy.metadata) != me.namespace || !selects(spec.pod_selector.as_ref(), me.labels) {
+            continue;
+        }
+        let id = u16::try_from(index + 1).unwrap_or(u16::MAX);
+        let types = spec.policy_types.clone().unwrap_or_else(|| {
+            let mut types = vec!["Ingress".to_string()];
+            if spec.egress.is_some() {
+                types.push("Egress".into());
+            }
+            types
+        });
+        for (direction, flag, type_name) in [
+            (INGRESS, ISOLATED_INGRESS, "Ingress"),
+            (EGRESS, ISOLATED_EGRESS, "Egress"),
+        ] {
+            if !types.iter().any(|t| t == type_name) {
+                continue;
+            }
+            selection.isolation |= flag;
+            selection.selected_by.insert(id);
+            let ports = match direction {
+                INGRESS => spec.ingress.iter().flatten().map(|r| &r.ports).collect::<Vec<_>>(),
+                _ => spec.egress.iter().flatten().map(|r| &r.ports).collect(),
+            };
+            for (peers, ports) in peers[index][usize::from(direction)].iter().zip(ports) {
+                selection.rules[usize::from(direction)].push(Rule {
+                    policy: id,
+                    peers,
+                    ports: ports.as_deref().unwrap_or_default(),
+                });
+            }
+        }
+    }
+    selection
+}
+
 fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
-    format!(
-        "{}/{}",
-        meta.namespace.as_deref().unwrap_or("default"),
-        meta.name.as_deref().unwrap_or_default()
-    )
+    format!("{}/{}", namespace_of(meta), meta.name.as_deref().unwrap_or_default())
 }
 
 /// A running pod with addresses on the pod network; host-network pods have the
@@ -277,26 +290,17 @@ fn view<'a>(pod: &'a Pod, empty: &'a BTreeMap<String, String>) -> Option<PodView
         .iter()
         .flat_map(|c| c.ports.iter().flatten())
         .filter_map(|p| {
-            let proto = protocol(p.protocol.as_deref())?;
+            let proto = protocol_number(p.protocol.as_deref())?;
             Some((p.name.as_deref()?, proto, u16::try_from(p.container_port).ok()?))
         })
         .collect();
     Some(PodView {
-        namespace: pod.metadata.namespace.as_deref().unwrap_or("default"),
+        namespace: namespace_of(&pod.metadata),
         name: pod.metadata.name.as_deref().unwrap_or_default(),
         labels: pod.metadata.labels.as_ref().unwrap_or(empty),
         ips,
         ports,
     })
-}
-
-fn protocol(name: Option<&str>) -> Option<u8> {
-    match name.unwrap_or("TCP") {
-        "TCP" => Some(IPPROTO_TCP),
-        "UDP" => Some(IPPROTO_UDP),
-        "SCTP" => Some(IPPROTO_SCTP),
-        _ => None,
-    }
 }
 
 /// Whether a label selector selects `labels`: an empty one selects everything, and
@@ -331,9 +335,9 @@ fn resolve(
     namespace: &str,
     pods: &[PodView],
     namespace_labels: &HashMap<&str, &BTreeMap<String, String>>,
-) -> Peers {
+) -> RulePeers {
     let Some(list) = list.as_ref().filter(|l| !l.is_empty()) else {
-        return Peers::All;
+        return RulePeers::All;
     };
     let mut blocks = Vec::new();
     let mut hosts = HashSet::new();
@@ -368,15 +372,15 @@ fn resolve(
             }
         }
     }
-    Peers::Some { blocks, hosts }
+    RulePeers::Some { blocks, hosts }
 }
 
-impl Peers {
+impl RulePeers {
     /// Whether every address of `prefix` is a peer.
     fn hold(&self, prefix: &Prefix) -> bool {
         match self {
-            Peers::All => true,
-            Peers::Some { blocks, hosts } => {
+            RulePeers::All => true,
+            RulePeers::Some { blocks, hosts } => {
                 hosts.contains(prefix)
                     || blocks
                         .iter()
@@ -388,10 +392,10 @@ impl Peers {
     /// The prefixes the peers name.
     fn prefixes(&self, out: &mut BTreeSet<Prefix>) {
         match self {
-            Peers::All => {
+            RulePeers::All => {
                 out.insert(Prefix::ALL);
             }
-            Peers::Some { blocks, hosts } => {
+            RulePeers::Some { blocks, hosts } => {
                 for (cidr, except) in blocks {
                     out.insert(*cidr);
                     out.extend(except.iter().copied());
@@ -487,7 +491,7 @@ fn port_rules(rule: &Rule, named_by: Option<&PodView>, out: &mut Vec<PortRule>) 
         return;
     }
     for port in rule.ports {
-        let Some(proto) = protocol(port.protocol.as_deref()) else {
+        let Some(proto) = protocol_number(port.protocol.as_deref()) else {
             continue;
         };
         match &port.port {
@@ -540,6 +544,7 @@ fn merge(mut ports: Vec<PortRule>) -> Vec<PortRule> {
 mod tests {
     use super::*;
     use serde_json::{json, Value};
+    use velox_common::{IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
     fn pod(namespace: &str, name: &str, labels: Value, ips: &[&str]) -> Value {
         json!({

@@ -9,60 +9,13 @@ mod compile;
 
 pub use compile::{compile, Compiled, LocalPod, PodPolicy, Prefix};
 
-use anyhow::Context;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
 use velox_common::{PolicyKey, PolicyPorts, PolicyState, MAX_PORT_RULES, RULES_VERSION};
-use velox_node::layout::PRIVATE_FILE_MODE;
 use velox_node::maps::PolicyMaps;
 use velox_node::{Bpffs, StateDir};
 
-/// The objects policy is compiled from.
-#[derive(Debug, Default)]
-pub struct PolicyInput {
-    pub policies: Vec<NetworkPolicy>,
-    pub pods: Vec<Pod>,
-    pub namespaces: Vec<Namespace>,
-}
-
-impl PolicyInput {
-    pub fn from_objects(objects: &[serde_json::Value]) -> Self {
-        use crate::source::objects_of;
-        Self {
-            policies: objects_of(objects, "NetworkPolicy"),
-            pods: objects_of(objects, "Pod"),
-            namespaces: objects_of(objects, "Namespace"),
-        }
-    }
-}
-
-/// Who is who, for `velox-loader monitor`: written by the loader next to the
-/// endpoint records whenever it changes.
-#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PolicyNames {
-    /// `namespace/name` of policy id n at n - 1.
-    pub policies: Vec<String>,
-    /// `namespace/name` of every pod address the cluster reports.
-    pub pods: BTreeMap<IpAddr, String>,
-    /// This node's isolated pods: the policies that select each.
-    pub selected_by: BTreeMap<IpAddr, Vec<String>>,
-}
-
-impl PolicyNames {
-    pub fn read(state_dir: &StateDir) -> Self {
-        std::fs::read(state_dir.policy_names())
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default()
-    }
-
-    pub fn policy(&self, id: u16) -> Option<String> {
-        self.policies.get(usize::from(id).checked_sub(1)?).cloned()
-    }
-}
+use crate::names::PolicyNames;
+use crate::source::PolicyInput;
 
 /// A pod's entries as the maps hold them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -82,7 +35,7 @@ pub struct PolicyReconciler {
 impl PolicyReconciler {
     /// Applies `input` (`None`: the source cannot say; the maps keep the last rules)
     /// to this node's pods.
-    pub fn reconcile(
+    pub fn apply_policy(
         &mut self,
         bpffs: &Bpffs,
         state_dir: &StateDir,
@@ -110,12 +63,7 @@ impl PolicyReconciler {
             }
         }
         if self.names.as_ref() != Some(&names) {
-            velox_node::fs::write_atomic(
-                &state_dir.policy_names(),
-                &serde_json::to_vec(&names)?,
-                PRIVATE_FILE_MODE,
-            )
-            .context("writing the policy names")?;
+            names.write(state_dir)?;
             self.names = Some(names);
         }
         let mut maps = PolicyMaps::open(bpffs)?;
@@ -124,7 +72,7 @@ impl PolicyReconciler {
             None => read_applied(&mut maps)?,
         };
         // On a failure the maps are read again next time: they are the truth.
-        apply(&mut maps, &mut applied, &compiled)?;
+        write_rules(&mut maps, &mut applied, &compiled)?;
         self.applied = Some(applied);
         Ok(())
     }
@@ -162,7 +110,7 @@ fn read_applied(maps: &mut PolicyMaps) -> anyhow::Result<BTreeMap<u32, Applied>>
     Ok(applied)
 }
 
-fn apply(maps: &mut PolicyMaps, applied: &mut BTreeMap<u32, Applied>, compiled: &Compiled) -> anyhow::Result<()> {
+fn write_rules(maps: &mut PolicyMaps, applied: &mut BTreeMap<u32, Applied>, compiled: &Compiled) -> anyhow::Result<()> {
     let slots: BTreeSet<u32> = applied.keys().chain(compiled.pods.keys()).copied().collect();
     let mut changed = false;
     let nothing = Applied::default();
@@ -231,29 +179,5 @@ fn key(slot: u32, direction: u8, version: u8, prefix: &Prefix) -> PolicyKey {
         version,
         pad: [0; 2],
         peer: prefix.ip_key(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_round_trip_through_their_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let state_dir = StateDir::new(dir.path());
-        let names = PolicyNames {
-            policies: vec!["x/allow-b".into()],
-            pods: [
-                ("fd00::1".parse().unwrap(), "x/a".into()),
-                ("10.0.0.1".parse().unwrap(), "x/a".into()),
-            ]
-            .into(),
-            selected_by: [("10.0.0.1".parse().unwrap(), vec!["x/allow-b".into()])].into(),
-        };
-        velox_node::fs::write_atomic(&state_dir.policy_names(), &serde_json::to_vec(&names).unwrap(), 0o600).unwrap();
-        assert_eq!(PolicyNames::read(&state_dir), names);
-        assert_eq!(names.policy(1).as_deref(), Some("x/allow-b"));
-        assert_eq!(names.policy(0), None);
     }
 }

@@ -1,116 +1,19 @@
-//! The node's place in the cluster: `from_net` on the uplink, a route and a peer-map
-//! entry for every other node's pod CIDRs of both families (direct routing: no
-//! tunnel, no NAT), and masquerading of pod traffic that leaves the cluster, with
-//! iptables for IPv4 and ip6tables for IPv6.
+//! The node's place among the nodes: `from_net` on the uplink, and a route for every
+//! other node's pod CIDRs of both families (direct routing: no tunnel, no NAT), with
+//! the peer map and the masquerade chains kept in step.
 
 use anyhow::Context;
 use ipnet::IpNet;
-use serde::Deserialize;
+use k8s_openapi::api::core::v1::Node;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use velox_common::{Peer, FROM_NET_PROGRAM};
+use velox_common::FROM_NET_PROGRAM;
 use velox_node::link::attach_tc_ingress;
-use velox_node::maps::PeerMap;
-use velox_node::netlink::{Netlink, VELOX_ROUTE_PROTOCOL};
+use velox_node::netlink::{Link, Netlink, Route, VELOX_ROUTE_PROTOCOL};
 use velox_node::{Bpffs, Family};
 
-use crate::netfilter::{remove_chain, replace_chain};
-
-/// The peers file: a Kubernetes `NodeList` (`kubectl get nodes -o json`), of which
-/// Velox reads each node's name, `spec.podCIDRs` and `InternalIP` addresses. The items
-/// are read one by one, so one bad node does not hide the others.
-#[derive(Deserialize)]
-struct NodeList {
-    items: Vec<serde_json::Value>,
-}
-
-#[derive(Deserialize)]
-struct NodeObject {
-    metadata: NodeMetadata,
-    #[serde(default)]
-    spec: NodeSpec,
-    #[serde(default)]
-    status: NodeStatus,
-}
-
-#[derive(Deserialize)]
-struct NodeMetadata {
-    name: String,
-}
-
-#[derive(Default, Deserialize)]
-struct NodeSpec {
-    #[serde(default, rename = "podCIDRs")]
-    pod_cidrs: Vec<IpNet>,
-}
-
-#[derive(Default, Deserialize)]
-struct NodeStatus {
-    #[serde(default)]
-    addresses: Vec<NodeAddress>,
-}
-
-#[derive(Deserialize)]
-struct NodeAddress {
-    #[serde(rename = "type")]
-    kind: String,
-    address: String,
-}
-
-/// One node as Velox needs it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PeerNode {
-    pub name: String,
-    pub pod_cidrs: Vec<IpNet>,
-    /// Its InternalIPs, at most one per family in a dual-stack cluster.
-    pub node_ips: Vec<IpAddr>,
-}
-
-impl PeerNode {
-    /// The node's address to reach `cidr` through: the one of the same family.
-    fn next_hop(&self, cidr: &IpNet) -> Option<IpAddr> {
-        self.node_ips
-            .iter()
-            .copied()
-            .find(|ip| Family::of(ip) == Family::of(&cidr.addr()))
-    }
-}
-
-/// The nodes of a `NodeList`. A node whose entry does not parse (a bad CIDR, a
-/// missing name) is skipped with a log line; only a file that is not a list fails.
-pub fn parse_nodes(json: &[u8]) -> anyhow::Result<Vec<PeerNode>> {
-    let list: NodeList = serde_json::from_slice(json)?;
-    let mut nodes: Vec<PeerNode> = list
-        .items
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, item)| match peer_node(item) {
-            Ok(node) => Some(node),
-            Err(e) => {
-                log::warn!("peers file: skipping node #{i}: {e}");
-                None
-            }
-        })
-        .collect();
-    nodes.sort();
-    Ok(nodes)
-}
-
-/// One Node object (from a file or the API server) as Velox needs it.
-pub fn peer_node(object: serde_json::Value) -> anyhow::Result<PeerNode> {
-    let node: NodeObject = serde_json::from_value(object)?;
-    Ok(PeerNode {
-        name: node.metadata.name,
-        pod_cidrs: node.spec.pod_cidrs.iter().map(IpNet::trunc).collect(),
-        node_ips: node
-            .status
-            .addresses
-            .iter()
-            .filter(|a| a.kind == "InternalIP")
-            .filter_map(|a| a.address.parse().ok())
-            .collect(),
-    })
-}
+use super::masquerade::{masquerade_outside, remove_masquerade};
+use super::peers::{node_addresses, write_peer_map, NodeAddresses};
 
 /// A route someone other than Velox made, as far as peer CIDRs must respect it.
 #[derive(Clone, Debug, PartialEq)]
@@ -141,7 +44,7 @@ fn conflict(cidr: &IpNet, own: &[IpNet], accepted: &[IpNet], host_routes: &[Fore
         .map(|r| format!("it overlaps the host's route to {}", r.dst))
 }
 
-pub struct ClusterConfig {
+pub struct NodeNetworkConfig {
     /// The interface towards the other nodes; when not given, the one holding an
     /// InternalIP of this node's Node.
     pub uplink: Option<String>,
@@ -153,26 +56,15 @@ pub struct ClusterConfig {
     pub node_name: Option<String>,
 }
 
-pub struct Cluster {
-    config: ClusterConfig,
+/// The uplink, the routes to the other nodes' pods, the peer map and masquerading,
+/// kept in line with the cluster's nodes.
+pub struct NodeNetwork {
+    config: NodeNetworkConfig,
     bpffs: Bpffs,
     /// What the last successful pass set up, to notice a changed peers file.
-    applied: Option<Vec<PeerNode>>,
+    applied: Option<Vec<NodeAddresses>>,
     /// The uplink's addresses as the last pass found them.
     own_ips: Vec<IpAddr>,
-}
-
-/// The nat chain holding the masquerade rule and its exceptions, in both families.
-pub const MASQ_CHAIN: &str = "VELOX-MASQ";
-/// The built-in chain that jumps to it.
-pub const MASQ_HOOK: &str = "POSTROUTING";
-
-/// Removes the masquerade chains and their jumps in both families.
-pub fn remove_masquerade() -> anyhow::Result<()> {
-    for family in Family::ALL {
-        remove_chain(family, "nat", MASQ_CHAIN, MASQ_HOOK)?;
-    }
-    Ok(())
 }
 
 /// Turns on forwarding of a family; a kernel without IPv6 has nothing to turn on.
@@ -187,8 +79,8 @@ fn enable_forwarding(family: Family) -> anyhow::Result<()> {
     }
 }
 
-impl Cluster {
-    pub fn new(config: ClusterConfig, bpffs: Bpffs) -> anyhow::Result<Self> {
+impl NodeNetwork {
+    pub fn new(config: NodeNetworkConfig, bpffs: Bpffs) -> anyhow::Result<Self> {
         // The kernel path (pods to outside, to other nodes' hosts) is routing.
         for family in Family::ALL {
             enable_forwarding(family)?;
@@ -218,7 +110,7 @@ impl Cluster {
     /// Fills in what the flags left to this node's Node: the uplink (the interface
     /// holding one of its InternalIPs) and the pod CIDRs. False while either is
     /// still unknown.
-    async fn learn_from_own_node(&mut self, netlink: &Netlink, nodes: &[PeerNode]) -> anyhow::Result<bool> {
+    async fn learn_from_own_node(&mut self, netlink: &Netlink, nodes: &[NodeAddresses]) -> anyhow::Result<bool> {
         let own = self
             .config
             .node_name
@@ -265,9 +157,9 @@ impl Cluster {
     /// One full pass over `nodes`, the cluster's nodes as the source has them; cheap
     /// when nothing changed. When the source cannot say (`None`), the last applied
     /// nodes stay, or at start-up the routes and peer entries already in the kernel.
-    pub async fn reconcile(&mut self, netlink: &Netlink, nodes: Option<Vec<PeerNode>>) -> anyhow::Result<()> {
+    pub async fn apply_nodes(&mut self, netlink: &Netlink, nodes: Option<Vec<Node>>) -> anyhow::Result<()> {
         let nodes = match (nodes, &self.applied) {
-            (Some(nodes), _) => nodes,
+            (Some(nodes), _) => node_addresses(&nodes),
             (None, Some(applied)) => applied.clone(),
             // Just started: the routes and peer entries of the last run stay.
             (None, None) => return Ok(()),
@@ -279,21 +171,42 @@ impl Cluster {
             );
             return Ok(());
         }
-        let uplink_name = self.config.uplink.clone().unwrap_or_default();
-        let uplink = netlink
-            .link(&uplink_name)
-            .await?
-            .with_context(|| format!("uplink {uplink_name} not found"))?;
-        if !self.bpffs.tc_ingress_link(&uplink.name).exists() {
-            log::info!("attaching from_net to {}", uplink.name);
-            attach_tc_ingress(&self.bpffs, FROM_NET_PROGRAM, &uplink.name)?;
-        }
-        let own_ips: Vec<IpAddr> = netlink.addresses(uplink.index).await?.iter().map(IpNet::addr).collect();
-        self.own_ips = own_ips.clone();
+        let uplink = self.attach_uplink(netlink).await?;
+        self.own_ips = netlink.addresses(uplink.index).await?.iter().map(IpNet::addr).collect();
         let mut routes = Vec::new();
         for family in Family::ALL {
             routes.extend(netlink.routes(family).await?);
         }
+        let next_hops = self.next_hops(&nodes, &routes);
+        sync_routes(netlink, &routes, &next_hops, uplink.index).await?;
+        write_peer_map(&self.bpffs, &next_hops, &uplink)?;
+        if self.config.ip_masq {
+            masquerade_outside(&self.config.pod_cidrs, &self.inside(&nodes, &next_hops))?;
+        }
+        if self.applied.as_ref() != Some(&nodes) {
+            log::info!("cluster: {} peer pod CIDR(s): {:?}", next_hops.len(), next_hops);
+        }
+        self.applied = Some(nodes);
+        Ok(())
+    }
+
+    /// The uplink, with `from_net` attached.
+    async fn attach_uplink(&self, netlink: &Netlink) -> anyhow::Result<Link> {
+        let name = self.config.uplink.clone().unwrap_or_default();
+        let uplink = netlink
+            .link(&name)
+            .await?
+            .with_context(|| format!("uplink {name} not found"))?;
+        if !self.bpffs.tc_ingress_link(&uplink.name).exists() {
+            log::info!("attaching from_net to {}", uplink.name);
+            attach_tc_ingress(&self.bpffs, FROM_NET_PROGRAM, &uplink.name)?;
+        }
+        Ok(uplink)
+    }
+
+    /// The other nodes' pod CIDRs to route, each to the node's address of its
+    /// family; a CIDR that would take over another route is left out, with a log line.
+    fn next_hops(&self, nodes: &[NodeAddresses], routes: &[Route]) -> BTreeMap<IpNet, IpAddr> {
         let host_routes: Vec<ForeignRoute> = routes
             .iter()
             .filter(|r| r.protocol != VELOX_ROUTE_PROTOCOL)
@@ -312,7 +225,7 @@ impl Cluster {
         let mut candidates = Vec::new();
         for node in nodes
             .iter()
-            .filter(|n| !n.node_ips.iter().any(|ip| own_ips.contains(ip)))
+            .filter(|n| !n.node_ips.iter().any(|ip| self.own_ips.contains(ip)))
         {
             for cidr in &node.pod_cidrs {
                 match node.next_hop(cidr) {
@@ -326,121 +239,66 @@ impl Cluster {
         }
         candidates
             .sort_by_key(|(node, cidr, next_hop)| (!established.contains(&(*cidr, *next_hop)), node.name.clone()));
-        let mut peers: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
+        let mut next_hops: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
         for (node, cidr, next_hop) in candidates {
-            let accepted: Vec<IpNet> = peers.keys().copied().collect();
+            let accepted: Vec<IpNet> = next_hops.keys().copied().collect();
             match conflict(&cidr, &self.config.pod_cidrs, &accepted, &host_routes) {
                 Some(why) => log::warn!("node {}: not routing {cidr}: {why}", node.name),
                 None => {
-                    peers.insert(cidr, next_hop);
+                    next_hops.insert(cidr, next_hop);
                 }
             }
         }
+        next_hops
+    }
 
-        for family in Family::ALL {
-            let mut routed = BTreeSet::new();
-            for route in routes.iter().filter(|r| Family::of(&r.dst.addr()) == family) {
-                let wanted = peers.get(&route.dst) == route.gateway.as_ref() && route.oif == Some(uplink.index);
-                match (route.protocol == VELOX_ROUTE_PROTOCOL, wanted) {
-                    (true, true) => {
-                        routed.insert(route.dst);
-                    }
-                    (true, false) => {
-                        log::info!("removing route {} via {:?}", route.dst, route.gateway);
-                        netlink.delete_route(route).await?;
-                    }
-                    (false, _) => {}
-                }
-            }
-            let missing = peers
-                .iter()
-                .filter(|(cidr, _)| Family::of(&cidr.addr()) == family && !routed.contains(*cidr));
-            for (cidr, node_ip) in missing {
-                netlink.add_route_via(*cidr, *node_ip, uplink.index).await?;
-            }
-        }
-
-        let mut map = PeerMap::open(&self.bpffs)?;
-        // Entries of departed nodes go; the puts below overwrite the rest.
-        for (cidr, _) in map.entries()? {
-            if !peers.contains_key(&cidr) {
-                map.remove(cidr)?;
-            }
-        }
-        for (cidr, node_ip) in &peers {
-            map.put(*cidr, Peer::new(*node_ip, uplink.index, uplink.mtu))?;
-        }
-
-        if self.config.ip_masq {
-            // Everything inside the cluster keeps its source address.
-            let mut inside: BTreeSet<IpNet> = peers.keys().copied().collect();
-            inside.extend(self.config.pod_cidrs.iter().map(IpNet::trunc));
-            inside.extend(nodes.iter().flat_map(|n| n.node_ips.iter().copied().map(IpNet::from)));
-            inside.extend(own_ips.iter().copied().map(IpNet::from));
-            for family in Family::ALL {
-                let of_family = |net: &&IpNet| Family::of(&net.addr()) == family;
-                let sources: Vec<IpNet> = self.config.pod_cidrs.iter().filter(of_family).copied().collect();
-                if !sources.is_empty() {
-                    let exempt: Vec<IpNet> = inside.iter().filter(of_family).copied().collect();
-                    masquerade(family, &sources, &exempt)?;
-                }
-            }
-        }
-        if self.applied.as_ref() != Some(&nodes) {
-            log::info!("cluster: {} peer pod CIDR(s): {:?}", peers.len(), peers);
-        }
-        self.applied = Some(nodes);
-        Ok(())
+    /// Everything inside the cluster, which keeps its source address: the routed pod
+    /// CIDRs, this node's, and every node's addresses.
+    fn inside(&self, nodes: &[NodeAddresses], next_hops: &BTreeMap<IpNet, IpAddr>) -> BTreeSet<IpNet> {
+        let mut inside: BTreeSet<IpNet> = next_hops.keys().copied().collect();
+        inside.extend(self.config.pod_cidrs.iter().map(IpNet::trunc));
+        inside.extend(nodes.iter().flat_map(|n| n.node_ips.iter().copied().map(IpNet::from)));
+        inside.extend(self.own_ips.iter().copied().map(IpNet::from));
+        inside
     }
 }
 
-/// Pod traffic from `sources` to anywhere outside `inside` leaves with the node's
-/// address.
-fn masquerade(family: Family, sources: &[IpNet], inside: &[IpNet]) -> anyhow::Result<()> {
-    let mut rules: Vec<String> = inside.iter().map(|net| format!("-d {net} -j RETURN")).collect();
-    rules.push("-j MASQUERADE".into());
-    let jumps: Vec<Vec<String>> = sources.iter().map(|s| vec!["-s".into(), s.to_string()]).collect();
-    replace_chain(family, "nat", MASQ_CHAIN, &rules, MASQ_HOOK, &jumps)
+/// Makes Velox's routes (its route protocol) be exactly `next_hops` through the
+/// uplink `uplink_index`; `routes` are the kernel's routes of both families.
+async fn sync_routes(
+    netlink: &Netlink,
+    routes: &[Route],
+    next_hops: &BTreeMap<IpNet, IpAddr>,
+    uplink_index: u32,
+) -> anyhow::Result<()> {
+    for family in Family::ALL {
+        let mut routed = BTreeSet::new();
+        for route in routes.iter().filter(|r| Family::of(&r.dst.addr()) == family) {
+            let wanted = next_hops.get(&route.dst) == route.gateway.as_ref() && route.oif == Some(uplink_index);
+            match (route.protocol == VELOX_ROUTE_PROTOCOL, wanted) {
+                (true, true) => {
+                    routed.insert(route.dst);
+                }
+                (true, false) => {
+                    log::info!("removing route {} via {:?}", route.dst, route.gateway);
+                    netlink.delete_route(route).await?;
+                }
+                (false, _) => {}
+            }
+        }
+        let missing = next_hops
+            .iter()
+            .filter(|(cidr, _)| Family::of(&cidr.addr()) == family && !routed.contains(*cidr));
+        for (cidr, node_ip) in missing {
+            netlink.add_route_via(*cidr, *node_ip, uplink_index).await?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_peers_file_is_a_kubernetes_node_list() {
-        let text = r#"{"apiVersion": "v1", "kind": "List", "items": [
-            {"metadata": {"name": "w2"},
-             "spec": {"podCIDR": "200.200.2.0/24", "podCIDRs": ["200.200.2.0/24", "fd00:200:2::/64"]},
-             "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.4"},
-                                      {"type": "InternalIP", "address": "fd00:10::4"},
-                                      {"type": "Hostname", "address": "w2"}]}},
-            {"metadata": {"name": "w3"}}
-        ]}"#;
-        let nodes = parse_nodes(text.as_bytes()).unwrap();
-        assert_eq!(nodes.len(), 2);
-        let w2 = &nodes[0];
-        assert_eq!(w2.node_ips.len(), 2, "only InternalIPs: {w2:?}");
-        let v6: IpNet = "fd00:200:2::/64".parse().unwrap();
-        assert_eq!(w2.next_hop(&v6), Some("fd00:10::4".parse().unwrap()));
-        let v4: IpNet = "200.200.2.0/24".parse().unwrap();
-        assert_eq!(w2.next_hop(&v4), Some("10.0.0.4".parse().unwrap()));
-        assert!(nodes[1].pod_cidrs.is_empty(), "a node without spec yet is no peer");
-    }
-
-    #[test]
-    fn a_bad_node_is_skipped_and_the_others_kept() {
-        let text = r#"{"items": [
-            {"metadata": {"name": "bad-cidr"}, "spec": {"podCIDRs": ["200.200.300.0/24"]}},
-            {"spec": {"podCIDRs": ["200.200.4.0/24"]}},
-            "not a node",
-            {"metadata": {"name": "good"}, "spec": {"podCIDRs": ["200.200.5.0/24"]}}
-        ]}"#;
-        let nodes = parse_nodes(text.as_bytes()).unwrap();
-        assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["good"]);
-        assert!(parse_nodes(b"{\"items\": 7}").is_err());
-        assert!(parse_nodes(b"[]").is_err());
-    }
 
     #[test]
     fn peer_cidrs_that_would_take_over_other_routes_are_refused() {

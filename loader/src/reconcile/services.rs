@@ -1,27 +1,21 @@
-//! Kubernetes Services and EndpointSlices, in their own JSON (what `kubectl get
-//! services,endpointslices -A -o json` prints), turned into the socket load
-//! balancer's maps: every frontend (a ClusterIP, or for a NodePort every node
+//! Kubernetes Services and EndpointSlices turned into the socket load balancer's
+//! maps: every frontend (a ClusterIP, or for a NodePort every node
 //! address and loopback) with the ready backends of its family.
 
-use k8s_openapi::api::core::v1::Service as KubeService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use velox_common::{FlowEnd, Service, IPPROTO_TCP, IPPROTO_UDP};
+use velox_common::{FlowEnd, Service, IPPROTO_SCTP, IPPROTO_UDP};
 use velox_node::maps::ServiceMaps;
 use velox_node::Family;
 
-use crate::sockets::destroy_connected_udp;
-use crate::source::objects_of;
+use crate::names::protocol_number;
+use crate::source::{namespace_of, ServicesInput};
 
-/// The objects of the cluster-state source that the load balancer reads.
-#[derive(Debug, Default)]
-pub struct ClusterState {
-    pub services: Vec<KubeService>,
-    pub slices: Vec<EndpointSlice>,
-}
+mod udp_sockets;
+
+use udp_sockets::destroy_connected_udp;
 
 /// The socket load balancer's maps, kept in line with the cluster source.
 #[derive(Default)]
@@ -34,10 +28,10 @@ impl ServiceBalancer {
     /// Services) with NodePorts on `node_ips`. Connected UDP sockets to a backend
     /// that left are closed, here and in every netns `pod_netns` lists (asked only
     /// then).
-    pub fn reconcile(
+    pub fn apply_services(
         &mut self,
         bpffs: &velox_node::Bpffs,
-        state: Option<ClusterState>,
+        state: Option<ServicesInput>,
         node_ips: &[IpAddr],
         pod_netns: impl FnOnce() -> Vec<PathBuf>,
     ) -> anyhow::Result<()> {
@@ -48,7 +42,7 @@ impl ServiceBalancer {
         if self.applied.as_ref() == Some(&wanted) {
             return Ok(());
         }
-        let lost_udp = apply(&mut ServiceMaps::open(bpffs)?, &wanted)?;
+        let lost_udp = write_frontends(&mut ServiceMaps::open(bpffs)?, &wanted)?;
         log::info!("services: {} frontend(s)", wanted.len());
         self.applied = Some(wanted);
         if !lost_udp.is_empty() {
@@ -80,21 +74,9 @@ fn close_udp_sockets_to(backends: &HashSet<SocketAddr>, pod_netns: &[PathBuf]) {
     }
 }
 
-impl ClusterState {
-    pub fn from_objects(objects: &[Value]) -> Self {
-        Self {
-            services: objects_of(objects, "Service"),
-            slices: objects_of(objects, "EndpointSlice"),
-        }
-    }
-}
-
-fn protocol_number(protocol: Option<&str>) -> Option<u8> {
-    match protocol.unwrap_or("TCP") {
-        "TCP" => Some(IPPROTO_TCP),
-        "UDP" => Some(IPPROTO_UDP),
-        _ => None, // SCTP: not through the socket hooks
-    }
+/// The protocols the socket hooks see: SCTP does not go through them.
+fn socket_protocol(kubernetes_name: Option<&str>) -> Option<u8> {
+    protocol_number(kubernetes_name).filter(|proto| *proto != IPPROTO_SCTP)
 }
 
 fn end(addr: IpAddr, port: u16, proto: u8) -> FlowEnd {
@@ -108,11 +90,11 @@ fn end(addr: IpAddr, port: u16, proto: u8) -> FlowEnd {
 
 /// Every frontend with its ready backends (sorted, each once); `node_ips` are the
 /// addresses a NodePort answers on besides loopback.
-pub fn frontends(state: &ClusterState, node_ips: &[IpAddr]) -> BTreeMap<FlowEnd, Vec<FlowEnd>> {
+pub fn frontends(state: &ServicesInput, node_ips: &[IpAddr]) -> BTreeMap<FlowEnd, Vec<FlowEnd>> {
     // The slices of each Service, by namespace and name, found in one pass.
     let mut slices_of: std::collections::HashMap<(&str, &str), Vec<&EndpointSlice>> = Default::default();
     for slice in &state.slices {
-        let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+        let namespace = namespace_of(&slice.metadata);
         if let Some(service) = slice
             .metadata
             .labels
@@ -127,7 +109,7 @@ pub fn frontends(state: &ClusterState, node_ips: &[IpAddr]) -> BTreeMap<FlowEnd,
         let (Some(name), Some(spec)) = (service.metadata.name.as_deref(), service.spec.as_ref()) else {
             continue;
         };
-        let namespace = service.metadata.namespace.as_deref().unwrap_or("default");
+        let namespace = namespace_of(&service.metadata);
         let slices = slices_of.get(&(namespace, name)).map(Vec::as_slice).unwrap_or_default();
         let cluster_ips: Vec<IpAddr> = spec
             .cluster_ips
@@ -139,45 +121,13 @@ pub fn frontends(state: &ClusterState, node_ips: &[IpAddr]) -> BTreeMap<FlowEnd,
             .into_iter()
             .collect();
         for port in spec.ports.iter().flatten() {
-            let Some(proto) = protocol_number(port.protocol.as_deref()) else {
+            let Some(proto) = socket_protocol(port.protocol.as_deref()) else {
                 continue;
             };
             let Ok(service_port) = u16::try_from(port.port) else {
                 continue;
             };
-            let backends_of = |family: Family| -> Vec<FlowEnd> {
-                let mut backends = BTreeSet::new();
-                for slice in slices {
-                    let slice_family = match slice.address_type.as_str() {
-                        "IPv4" => Family::V4,
-                        "IPv6" => Family::V6,
-                        _ => continue,
-                    };
-                    if slice_family != family {
-                        continue;
-                    }
-                    // The slice's port of the same name (both unnamed for a one-port Service).
-                    let target = slice.ports.iter().flatten().find(|p| {
-                        p.name.as_deref().unwrap_or("") == port.name.as_deref().unwrap_or("")
-                            && protocol_number(p.protocol.as_deref()) == Some(proto)
-                    });
-                    let Some(target) = target.and_then(|p| p.port).and_then(|p| u16::try_from(p).ok()) else {
-                        continue;
-                    };
-                    for endpoint in &slice.endpoints {
-                        // Kubernetes: an unset `ready` means ready.
-                        if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                            continue;
-                        }
-                        for address in &endpoint.addresses {
-                            if let Ok(ip) = address.parse::<IpAddr>() {
-                                backends.insert(end(ip, target, proto));
-                            }
-                        }
-                    }
-                }
-                backends.into_iter().collect()
-            };
+            let backends_of = |family| ready_backends(slices, port.name.as_deref(), proto, family);
             for ip in &cluster_ips {
                 out.insert(end(*ip, service_port, proto), backends_of(Family::of(ip)));
             }
@@ -193,11 +143,50 @@ pub fn frontends(state: &ClusterState, node_ips: &[IpAddr]) -> BTreeMap<FlowEnd,
     out
 }
 
+/// The ready backends of `family` of a Service port (its name, its protocol), from
+/// the Service's slices: sorted, each once.
+fn ready_backends(slices: &[&EndpointSlice], port_name: Option<&str>, proto: u8, family: Family) -> Vec<FlowEnd> {
+    let mut backends = BTreeSet::new();
+    for slice in slices {
+        let slice_family = match slice.address_type.as_str() {
+            "IPv4" => Family::V4,
+            "IPv6" => Family::V6,
+            _ => continue,
+        };
+        if slice_family != family {
+            continue;
+        }
+        // The slice's port of the same name (both unnamed for a one-port Service).
+        let target = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name.unwrap_or("")
+                && socket_protocol(p.protocol.as_deref()) == Some(proto)
+        });
+        let Some(target) = target.and_then(|p| p.port).and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            // Kubernetes: an unset `ready` means ready.
+            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for address in &endpoint.addresses {
+                if let Ok(ip) = address.parse::<IpAddr>() {
+                    backends.insert(end(ip, target, proto));
+                }
+            }
+        }
+    }
+    backends.into_iter().collect()
+}
+
 /// Makes the service maps hold exactly `wanted`. A frontend keeps its id for as long
 /// as it exists; a new one gets the smallest free id. The maps are the only state,
 /// so a restarted loader picks up where the last one stopped. Returns the UDP
 /// backends that some frontend lost.
-pub fn apply(maps: &mut ServiceMaps, wanted: &BTreeMap<FlowEnd, Vec<FlowEnd>>) -> anyhow::Result<HashSet<SocketAddr>> {
+pub fn write_frontends(
+    maps: &mut ServiceMaps,
+    wanted: &BTreeMap<FlowEnd, Vec<FlowEnd>>,
+) -> anyhow::Result<HashSet<SocketAddr>> {
     let current: BTreeMap<FlowEnd, Service> = maps.services()?.into_iter().collect();
     let mut used: BTreeSet<u32> = current.values().map(|s| s.id).collect();
     let mut next_free = 1;
@@ -241,10 +230,11 @@ pub fn apply(maps: &mut ServiceMaps, wanted: &BTreeMap<FlowEnd, Vec<FlowEnd>>) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+    use velox_common::IPPROTO_TCP;
 
-    fn state(objects: Value) -> ClusterState {
-        ClusterState::from_objects(&crate::source::objects_in(objects))
+    fn state(objects: Value) -> ServicesInput {
+        ServicesInput::from_objects(&crate::source::files::objects_in(objects))
     }
 
     fn ends(list: &[(&str, u16, u8)]) -> Vec<FlowEnd> {

@@ -1,0 +1,109 @@
+//! How the loader, its CLI views and its metrics name what the maps hold by number:
+//! interfaces, IP protocols, connection ends, policies and pods.
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use velox_common::{FlowEnd, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+use velox_node::layout::PRIVATE_FILE_MODE;
+use velox_node::StateDir;
+
+/// Every interface of this network namespace, by ifindex.
+pub fn interface_names() -> BTreeMap<u32, String> {
+    nix::net::if_::if_nameindex()
+        .map(|list| {
+            list.iter()
+                .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The IP protocols Velox names: Kubernetes' spelling and the number.
+const PROTOCOLS: [(&str, u8); 3] = [("TCP", IPPROTO_TCP), ("UDP", IPPROTO_UDP), ("SCTP", IPPROTO_SCTP)];
+
+/// The number of a protocol as Kubernetes spells it; an absent one is TCP.
+pub fn protocol_number(kubernetes_name: Option<&str>) -> Option<u8> {
+    let name = kubernetes_name.unwrap_or("TCP");
+    PROTOCOLS.iter().find(|(n, _)| *n == name).map(|(_, number)| *number)
+}
+
+/// A protocol's name for people (`tcp`, `icmp`), or its number.
+pub fn protocol_name(proto: u8) -> String {
+    match proto {
+        1 | 58 => "icmp".into(),
+        _ => PROTOCOLS
+            .iter()
+            .find(|(_, number)| *number == proto)
+            .map_or_else(|| proto.to_string(), |(name, _)| name.to_lowercase()),
+    }
+}
+
+/// A connection end as a socket address.
+pub fn socket_address(end: &FlowEnd) -> SocketAddr {
+    SocketAddr::new(end.addr.ip(), u16::from_be(end.port))
+}
+
+/// Who is who, for `velox-loader monitor`: written by the loader next to the
+/// endpoint records whenever it changes.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyNames {
+    /// `namespace/name` of policy id n at n - 1.
+    pub policies: Vec<String>,
+    /// `namespace/name` of every pod address the cluster reports.
+    pub pods: BTreeMap<IpAddr, String>,
+    /// This node's isolated pods: the policies that select each.
+    pub selected_by: BTreeMap<IpAddr, Vec<String>>,
+}
+
+impl PolicyNames {
+    pub fn write(&self, state_dir: &StateDir) -> anyhow::Result<()> {
+        velox_node::fs::write_atomic(&state_dir.policy_names(), &serde_json::to_vec(self)?, PRIVATE_FILE_MODE)
+            .context("writing the policy names")
+    }
+
+    pub fn read(state_dir: &StateDir) -> Self {
+        std::fs::read(state_dir.policy_names())
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn policy(&self, id: u16) -> Option<String> {
+        self.policies.get(usize::from(id).checked_sub(1)?).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_their_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = StateDir::new(dir.path());
+        let names = PolicyNames {
+            policies: vec!["x/allow-b".into()],
+            pods: [
+                ("fd00::1".parse().unwrap(), "x/a".into()),
+                ("10.0.0.1".parse().unwrap(), "x/a".into()),
+            ]
+            .into(),
+            selected_by: [("10.0.0.1".parse().unwrap(), vec!["x/allow-b".into()])].into(),
+        };
+        names.write(&state_dir).unwrap();
+        assert_eq!(PolicyNames::read(&state_dir), names);
+        assert_eq!(names.policy(1).as_deref(), Some("x/allow-b"));
+        assert_eq!(names.policy(0), None);
+    }
+
+    #[test]
+    fn protocols_by_kubernetes_name_and_by_number() {
+        assert_eq!(protocol_number(None), Some(IPPROTO_TCP));
+        assert_eq!(protocol_number(Some("SCTP")), Some(IPPROTO_SCTP));
+        assert_eq!(protocol_number(Some("ICMP")), None);
+        let names: Vec<String> = [6, 17, 132, 1, 58, 47].into_iter().map(protocol_name).collect();
+        assert_eq!(names, ["tcp", "udp", "sctp", "icmp", "icmp", "47"]);
+    }
+}

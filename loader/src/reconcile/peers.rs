@@ -1,0 +1,134 @@
+//! The other nodes as peers: what Velox reads of each Node (its name, pod CIDRs and
+//! InternalIPs), and the peer map the datapath forwards to them with.
+
+use anyhow::Context;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Node;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use velox_common::Peer;
+use velox_node::maps::PeerMap;
+use velox_node::netlink::Link;
+use velox_node::{Bpffs, Family};
+
+/// One node as Velox needs it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NodeAddresses {
+    pub name: String,
+    pub pod_cidrs: Vec<IpNet>,
+    /// Its InternalIPs, at most one per family in a dual-stack cluster.
+    pub node_ips: Vec<IpAddr>,
+}
+
+impl NodeAddresses {
+    /// What Velox reads of a Node; one without a name or with a pod CIDR that does
+    /// not parse is refused.
+    fn of(node: &Node) -> anyhow::Result<Self> {
+        let name = node.metadata.name.clone().context("a node without a name")?;
+        let pod_cidrs = node
+            .spec
+            .iter()
+            .flat_map(|spec| spec.pod_cidrs.iter().flatten())
+            .map(|cidr| {
+                let net: IpNet = cidr.parse().with_context(|| format!("node {name}: pod CIDR {cidr}"))?;
+                Ok(net.trunc())
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let node_ips = node
+            .status
+            .iter()
+            .flat_map(|status| status.addresses.iter().flatten())
+            .filter(|a| a.type_ == "InternalIP")
+            .filter_map(|a| a.address.parse().ok())
+            .collect();
+        Ok(Self {
+            name,
+            pod_cidrs,
+            node_ips,
+        })
+    }
+
+    /// The node's address to reach `cidr` through: the one of the same family.
+    pub fn next_hop(&self, cidr: &IpNet) -> Option<IpAddr> {
+        self.node_ips
+            .iter()
+            .copied()
+            .find(|ip| Family::of(ip) == Family::of(&cidr.addr()))
+    }
+}
+
+/// The nodes as Velox needs them, sorted. A node that does not read (a bad CIDR, a
+/// missing name) is skipped with a log line.
+pub fn node_addresses(nodes: &[Node]) -> Vec<NodeAddresses> {
+    let mut out: Vec<NodeAddresses> = nodes
+        .iter()
+        .filter_map(|node| {
+            NodeAddresses::of(node)
+                .map_err(|e| log::warn!("skipping a node: {e:#}"))
+                .ok()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Makes the peer map hold exactly `next_hops` (pod CIDR -> node address), each
+/// reached through `uplink`.
+pub fn write_peer_map(bpffs: &Bpffs, next_hops: &BTreeMap<IpNet, IpAddr>, uplink: &Link) -> anyhow::Result<()> {
+    let mut map = PeerMap::open(bpffs)?;
+    // Entries of departed nodes go; the puts below overwrite the rest.
+    for (cidr, _) in map.entries()? {
+        if !next_hops.contains_key(&cidr) {
+            map.remove(cidr)?;
+        }
+    }
+    for (cidr, node_ip) in next_hops {
+        map.put(*cidr, Peer::new(*node_ip, uplink.index, uplink.mtu))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::files::parse_node_list;
+
+    fn parse_nodes(json: &[u8]) -> anyhow::Result<Vec<NodeAddresses>> {
+        Ok(node_addresses(&parse_node_list(json)?))
+    }
+
+    #[test]
+    fn the_peers_file_is_a_kubernetes_node_list() {
+        let text = r#"{"apiVersion": "v1", "kind": "List", "items": [
+            {"metadata": {"name": "w2"},
+             "spec": {"podCIDR": "200.200.2.0/24", "podCIDRs": ["200.200.2.0/24", "fd00:200:2::/64"]},
+             "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.4"},
+                                      {"type": "InternalIP", "address": "fd00:10::4"},
+                                      {"type": "Hostname", "address": "w2"}]}},
+            {"metadata": {"name": "w3"}}
+        ]}"#;
+        let nodes = parse_nodes(text.as_bytes()).unwrap();
+        assert_eq!(nodes.len(), 2);
+        let w2 = &nodes[0];
+        assert_eq!(w2.node_ips.len(), 2, "only InternalIPs: {w2:?}");
+        let v6: IpNet = "fd00:200:2::/64".parse().unwrap();
+        assert_eq!(w2.next_hop(&v6), Some("fd00:10::4".parse().unwrap()));
+        let v4: IpNet = "200.200.2.0/24".parse().unwrap();
+        assert_eq!(w2.next_hop(&v4), Some("10.0.0.4".parse().unwrap()));
+        assert!(nodes[1].pod_cidrs.is_empty(), "a node without spec yet is no peer");
+    }
+
+    #[test]
+    fn a_bad_node_is_skipped_and_the_others_kept() {
+        let text = r#"{"items": [
+            {"metadata": {"name": "bad-cidr"}, "spec": {"podCIDRs": ["200.200.300.0/24"]}},
+            {"spec": {"podCIDRs": ["200.200.4.0/24"]}},
+            "not a node",
+            {"metadata": {"name": "good"}, "spec": {"podCIDRs": ["200.200.5.0/24"]}}
+        ]}"#;
+        let nodes = parse_nodes(text.as_bytes()).unwrap();
+        assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["good"]);
+        assert!(parse_nodes(b"{\"items\": 7}").is_err());
+        assert!(parse_nodes(b"[]").is_err());
+    }
+}
