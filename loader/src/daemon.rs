@@ -96,10 +96,11 @@ pub struct RunArgs {
     ebpf_object: Option<PathBuf>,
     /// Kubernetes Services and EndpointSlices as JSON (`kubectl get
     /// services,endpointslices -A -o json`): a file, or a directory of such files.
-    /// Re-read every second.
+    /// Looked at four times a second, read again when a file changes.
     #[arg(long, conflicts_with_all = ["kubernetes", "kubeconfig"])]
     cluster_state: Option<PathBuf>,
-    /// Learn the cluster (Nodes, Services, EndpointSlices) from the Kubernetes API
+    /// Learn the cluster (Nodes, Services, EndpointSlices, and with
+    /// `--network-policy` NetworkPolicies, Pods and Namespaces) from the Kubernetes API
     /// server instead of files: with the in-cluster service account, or
     /// `KUBECONFIG`, or `--kubeconfig`.
     #[arg(long)]
@@ -122,7 +123,7 @@ pub struct RunArgs {
     #[arg(long, requires = "socket_lb")]
     socket_lb_cgroup: Option<PathBuf>,
     /// The most pods this node runs: the per-CPU counters array has a slot for
-    /// each (56 bytes per CPU), and an ADD beyond it fails with code 104.
+    /// each (72 bytes per CPU), and an ADD beyond it fails with code 104.
     #[arg(long, default_value_t = velox_common::DEFAULT_MAX_PODS, value_parser = clap::value_parser!(u32).range(1..=velox_common::MAX_ENDPOINTS as i64 - 1))]
     max_pods: u32,
     /// Enforce Kubernetes NetworkPolicy in the datapath, from the NetworkPolicies,
