@@ -416,6 +416,106 @@ fn an_egress_isolated_pod_stays_isolated_from_a_udp_server_that_answered_its_hos
     cluster.finish().unwrap();
 }
 
+/// Item 1's last case: what the shortcut recorded for a pod outlives it. pod-5's UDP
+/// server (not isolated) answers node 0's host, pod-5 goes, and the next pod is given
+/// its addresses (the allocator's round-robin is moved back one, as a full cycle
+/// through the subnet would bring it) in a namespace whose deny-all ingress policy
+/// isolates it. Pods on both nodes must get nothing from the new pod's server on the
+/// port the old one had answered from; today the old pod's `ip:port/udp` entries
+/// still send every packet to that port around the policy.
+#[test]
+fn a_pod_given_a_used_address_inherits_no_open_port() {
+    let cluster = ClusterGuard::up("pp4").unwrap();
+    let node = &cluster.nodes[0];
+    let (same_node, other_node) = (cluster.pod("pod-4"), cluster.pod("pod-2"));
+    let old = node.add_pod(&cluster.pod_name(0, "pod-5")).unwrap();
+    write_pods(
+        &cluster,
+        &[
+            at(&old, 0, "default", "old"),
+            at(&same_node, 0, "default", "client"),
+            at(&other_node, 1, "default", "client"),
+        ],
+    );
+    write_policies(&cluster, vec![]);
+    let host = node.name.clone();
+    let from_host = |pod: &Pod, name: &str| -> Vec<Probe> {
+        Family::ALL
+            .into_iter()
+            .map(|family| {
+                let to = SocketAddr::new(pod.ip(family), SERVED);
+                probe(&format!("node 0's host to {name}"), &host, Protocol::Udp, to, "direct")
+            })
+            .collect()
+    };
+    let servers = udp_servers(&old, "pod-5");
+    expect_answered(
+        &from_host(&old, "pod-5"),
+        "pod-5",
+        "node 0's host reaches pod-5's UDP server",
+    );
+    drop(servers);
+    node.delete_pod(&old.name).unwrap();
+
+    // The allocator goes on after the last address it handed out: one before pod-5's.
+    let ipam = node.state_dir.join("ipam").join(format!("velox-{}", node.name));
+    for family in Family::ALL {
+        let before = match old.ip(family) {
+            IpAddr::V4(ip) => std::net::Ipv4Addr::from(u32::from(ip) - 1).to_string(),
+            IpAddr::V6(ip) => std::net::Ipv6Addr::from(u128::from(ip) - 1).to_string(),
+        };
+        let file = ipam.join(format!("last_reserved_ip.{}", family.number()));
+        std::fs::write(&file, before).unwrap();
+    }
+    let new = node.add_pod(&cluster.pod_name(0, "pod-6")).unwrap();
+    assert_eq!(
+        new.ips, old.ips,
+        "setting up: pod-6 should have been given pod-5's addresses"
+    );
+    write_pods(
+        &cluster,
+        &[
+            at(&new, 0, "isolated", "new"),
+            at(&same_node, 0, "default", "client"),
+            at(&other_node, 1, "default", "client"),
+        ],
+    );
+    let servers = udp_servers(&new, "pod-6");
+    let clients = [
+        (&same_node, "pod-4 (node 0, same node)"),
+        (&other_node, "pod-2 (node 1)"),
+    ];
+    expect_answered(
+        &udp_probes(&clients, &new, CONTROL),
+        "pod-6",
+        "without policy, pods on both nodes reach pod-6's UDP server",
+    );
+    write_policies(
+        &cluster,
+        vec![policy(
+            "isolated",
+            "deny-ingress",
+            json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+        )],
+    );
+    eventually_refused(
+        &udp_probes(&clients, &new, CONTROL),
+        "a deny-all ingress policy in its namespace isolates pod-6",
+    );
+    expect_refused(
+        &udp_probes(&clients, &new, SERVED),
+        3,
+        "pod-6, isolated, inherited the open UDP port its address had when pod-5 had it",
+    );
+    expect_answered(
+        &from_host(&new, "pod-6"),
+        "pod-6",
+        "the server was up all along: node 0's host gets pod-6's answers",
+    );
+    drop(servers);
+    cluster.finish().unwrap();
+}
+
 fn cluster_ip(family: Family) -> IpAddr {
     match family {
         Family::V4 => "10.96.0.40".parse().unwrap(),
