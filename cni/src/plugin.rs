@@ -7,9 +7,8 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
-use velox_common::FROM_POD_PROGRAM;
 use velox_node::endpoint::{host_ifname, EndpointRecord, EndpointStore};
-use velox_node::link::{attach_tc_ingress, detach_tc_ingress};
+use velox_node::link::{attach_pod_veth_programs, detach_tc, POD_VETH_PROGRAMS};
 use velox_node::maps::{EndpointMaps, PeerMap};
 use velox_node::netlink::{format_mac, netns_cookie, Link, Netlink};
 use velox_node::{health, Bpffs, ErrorList, Family, StateDir};
@@ -164,12 +163,14 @@ impl Plugin {
         let netns = self.open_netns()?;
         // Fail before touching anything when the loader has not set up the datapath.
         let mut maps = EndpointMaps::open(&self.bpffs)?;
-        let program = self.bpffs.program(FROM_POD_PROGRAM);
-        if !program.exists() {
-            return fail(
-                Code::TryAgainLater,
-                format!("velox-loader is not ready: {} is missing", program.display()),
-            );
+        for (_, name) in POD_VETH_PROGRAMS {
+            let program = self.bpffs.program(name);
+            if !program.exists() {
+                return fail(
+                    Code::TryAgainLater,
+                    format!("velox-loader is not ready: {} is missing", program.display()),
+                );
+            }
         }
         let host = Netlink::connect()?;
         let host_name = host_ifname(&attachment);
@@ -251,11 +252,12 @@ impl Plugin {
             .context("host veth vanished after creation")?;
 
         // Attaching TCX holds the rtnl lock through an RCU grace period (about 10 ms
-        // here), which no netlink request can overlap: allocate the addresses (a
-        // delegated IPAM plugin's exec included) and check them meanwhile.
+        // here, per program), which no netlink request can overlap: allocate the
+        // addresses (a delegated IPAM plugin's exec included) and check them meanwhile.
+        // Both programs are on the veth before the pod has an address.
         let attach = tokio::task::spawn_blocking({
             let (bpffs, name) = (self.bpffs.clone(), host_name.to_string());
-            move || attach_tc_ingress(&bpffs, FROM_POD_PROGRAM, &name)
+            move || attach_pod_veth_programs(&bpffs, &name)
         });
         let configured = async {
             let ips = ipam.allocate(attachment)?;
@@ -265,7 +267,7 @@ impl Plugin {
         }
         .await;
         // Undoing a failed ADD must not race the attach.
-        let attached = attach.await.context("attaching from_pod")?;
+        let attached = attach.await.context("attaching the veth's programs")?;
         let (ips, pod_link) = configured?;
         attached?;
         Ok((host_link, ips, pod_link))
@@ -421,7 +423,7 @@ impl Plugin {
         // Deleting the veth detaches the TCX link in the same step; unpinning a live
         // link first would cost a second RCU grace period under the rtnl lock.
         errors.keep(host.delete_link(&host_name).await);
-        errors.keep(detach_tc_ingress(&self.bpffs, &host_name));
+        errors.keep(detach_tc(&self.bpffs, &host_name));
         if let Some(ipam) = ipam {
             errors.keep(ipam.release(attachment));
         }
@@ -453,8 +455,10 @@ impl Plugin {
             Some(link) if link.index == record.host_ifindex => {}
             _ => return broken(format!("host veth {} is missing or was replaced", record.host_ifname)),
         }
-        if !self.bpffs.tc_ingress_link(&record.host_ifname).exists() {
-            return broken(format!("from_pod is not attached to {}", record.host_ifname));
+        for (hook, program) in POD_VETH_PROGRAMS {
+            if !self.bpffs.tc_link(hook, &record.host_ifname).exists() {
+                return broken(format!("{program} is not attached to {}", record.host_ifname));
+            }
         }
         let maps = EndpointMaps::open(&self.bpffs)?;
         let pod = Netlink::connect_in(&self.open_netns()?)?;

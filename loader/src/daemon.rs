@@ -22,8 +22,8 @@ use tokio::io::Interest;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use velox_common::{
-    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, POLICY_STATE_MAP,
-    SOCKET_LB_PROGRAMS,
+    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, POLICY_RULES_MAP,
+    POLICY_STATE_MAP, SOCKET_LB_PROGRAMS, TO_POD_PROGRAM,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir};
@@ -126,6 +126,11 @@ pub struct RunArgs {
     /// each (72 bytes per CPU), and an ADD beyond it fails with code 104.
     #[arg(long, default_value_t = velox_common::DEFAULT_MAX_PODS, value_parser = clap::value_parser!(u32).range(1..=velox_common::MAX_ENDPOINTS as i64 - 1))]
     max_pods: u32,
+    /// Entries of the NetworkPolicy rules map (one per isolated pod, direction and
+    /// peer prefix, both rule versions together). A pod whose rules do not fit
+    /// denies what they would allow, and health and metrics say so.
+    #[arg(long, default_value_t = velox_common::MAX_POLICY_RULES as u32, value_parser = clap::value_parser!(u32).range(1..))]
+    policy_rules: u32,
     /// Enforce Kubernetes NetworkPolicy in the datapath, from the NetworkPolicies,
     /// Pods and Namespaces of `--cluster-state` or `--kubernetes`.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -170,6 +175,7 @@ impl RunArgs {
                 log_level: self.datapath_log_level,
                 socket_lb_cgroup,
                 max_pods: self.max_pods,
+                policy_rules: self.policy_rules,
             },
             install_into: self.cni_bin_dir.zip(self.cni_conf_dir),
             metrics_address: self.metrics_address,
@@ -326,9 +332,13 @@ impl Daemon {
     }
 
     async fn apply_source(&mut self, full: bool) -> anyhow::Result<()> {
-        self.sync
+        let applied = self
+            .sync
             .apply(&self.netlink, &self.bpffs, &self.store, &self.state_dir, full)
-            .await
+            .await;
+        let failed_closed = self.sync.policy.as_ref().map_or(0, |policy| policy.failed_closed.len());
+        self.metrics.policy_failed_closed.set(failed_closed as i64);
+        applied
     }
 
     /// The periodic pass: everything the source feeds, routes repaired, then the
@@ -371,6 +381,12 @@ impl Daemon {
             ready: true,
             endpoints: self.store.list().map(|r| r.len()).unwrap_or(0),
             cluster: Some(self.sync.source.health()),
+            policy_failed_closed: self
+                .sync
+                .policy
+                .as_ref()
+                .map(|policy| policy.failed_closed.clone())
+                .unwrap_or_default(),
         };
         let _ = stream.write_all(health.to_json().as_bytes()).await;
     }
@@ -519,6 +535,8 @@ pub struct DatapathOptions {
     pub socket_lb_cgroup: Option<PathBuf>,
     /// Counters slots for this many pods (and one for the uplink).
     pub max_pods: u32,
+    /// Entries of the policy rules map.
+    pub policy_rules: u32,
 }
 
 /// Loads the object, reusing the maps pinned in this build's layout directory (or
@@ -535,20 +553,26 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     // the ends of connections the kernel has already forgotten.
     loader.map_max_entries(KERNEL_FLOWS_MAP, kernel_flows_capacity());
     let counters_slots = options.max_pods + 1;
-    // The arrays by slot: a pinned map keeps its size, so a new --max-pods needs new ones.
-    for name in [COUNTERS_MAP, POLICY_STATE_MAP] {
+    // A pinned map keeps its size, so a new size needs a new map: the arrays by slot
+    // for --max-pods, the rules for --policy-rules. New rules maps start empty, and
+    // the isolated pods deny everything until the policy pass writes their rules.
+    let sized = [
+        (COUNTERS_MAP, counters_slots, "--max-pods"),
+        (POLICY_STATE_MAP, counters_slots, "--max-pods"),
+        (POLICY_RULES_MAP, options.policy_rules, "--policy-rules"),
+    ];
+    for (name, entries, flag) in sized {
         let pin = bpffs.map(name);
         if let Ok(pinned) = MapData::from_pin(&pin).and_then(|map| map.info()) {
-            if pinned.max_entries() != counters_slots {
+            if pinned.max_entries() != entries {
                 log::info!(
-                    "--max-pods is {}, the pinned {name} has slots for {}: it starts again empty",
-                    options.max_pods,
-                    pinned.max_entries().saturating_sub(1)
+                    "{flag} asks for {entries} entries of {name}, the pinned one has {}: it starts again empty",
+                    pinned.max_entries()
                 );
                 remove_if_exists(&pin)?;
             }
         }
-        loader.map_max_entries(name, counters_slots);
+        loader.map_max_entries(name, entries);
     }
     // A constant once loaded: the verifier drops every log call above this level.
     let level = options.log_level as u8;
@@ -569,7 +593,7 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     };
     check_object_layout(object)?;
     let mut ebpf = loader.load(object).context("loading the eBPF object")?;
-    for name in [FROM_POD_PROGRAM, FROM_NET_PROGRAM]
+    for name in [FROM_POD_PROGRAM, FROM_NET_PROGRAM, TO_POD_PROGRAM]
         .into_iter()
         .chain(SOCKET_LB_PROGRAMS)
     {
@@ -625,7 +649,7 @@ fn repoint_links(bpffs: &Bpffs, ebpf: &Ebpf) -> bool {
         .filter_map(|info| Some((info.id(), info.name_as_str()?.to_string())))
         .collect();
     let mut pins = Vec::new();
-    for hook in [Hook::TcIngress, Hook::Cgroup] {
+    for hook in [Hook::TcIngress, Hook::TcEgress, Hook::Cgroup] {
         match list_dir(&bpffs.links_dir(hook)) {
             Ok(found) => pins.extend(found),
             Err(e) => {

@@ -10,7 +10,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
@@ -37,6 +37,8 @@ pub struct Metrics {
     pub watch_events: Family<SourceLabels, Counter>,
     /// Failed lists, watches and requests of the API server, per resource.
     pub api_errors: Family<SourceLabels, Counter>,
+    /// Pods whose policy rules the last pass could not write (they deny instead).
+    pub policy_failed_closed: Gauge,
 }
 
 impl Metrics {
@@ -46,6 +48,7 @@ impl Metrics {
             reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 13)),
             watch_events: Family::default(),
             api_errors: Family::default(),
+            policy_failed_closed: Gauge::default(),
         }
     }
 
@@ -66,6 +69,12 @@ impl Metrics {
             "api_errors",
             "Failed requests to the Kubernetes API server, per resource",
             self.api_errors.clone(),
+        );
+        registry.register(
+            "policy_pods_failed_closed",
+            "Pods whose NetworkPolicy rules could not be written (a full rules map, a failed write): they deny \
+             what those rules would allow",
+            self.policy_failed_closed.clone(),
         );
         registry.register_collector(Box::new(Datapath { bpffs }));
         let registry = Arc::new(registry);

@@ -18,6 +18,11 @@ pub struct Health {
     /// The cluster source, when the loader has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<SourceHealth>,
+    /// Pods whose NetworkPolicy rules could not be written (a full rules map, a failed
+    /// write), and why: each denies what those rules would have allowed until a
+    /// later pass writes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policy_failed_closed: Vec<String>,
 }
 
 /// How the loader's cluster source is doing.
@@ -67,6 +72,7 @@ mod tests {
                 synced: false,
                 errors: vec!["nodes: connection refused".into()],
             }),
+            policy_failed_closed: vec!["the pod in slot 3: adding a policy rule".into()],
         };
         let server = std::thread::spawn({
             let sent = sent.clone();

@@ -23,11 +23,13 @@
 //! ├── programs/                       0700  replaced atomically at every loader start
 //! │   ├── from_pod                          each through a `<name>_staged` pin
 //! │   ├── from_net
+//! │   ├── to_pod
 //! │   └── lb_<hook><4|6>                    the socket load balancer's: connect,
 //! │                                         sendmsg, recvmsg, getpeername
 //! └── links/                          0700  one directory per hook, so no sweep of one
 //!     ├── tc-ingress/<ifname>               kind can touch another: pods' host veths
 //!     │                                     (pinned by the plugin), the uplink (loader)
+//!     ├── tc-egress/<ifname>                pods' host veths (`to_pod`)
 //!     └── cgroup/<program>                  the socket load balancer's hooks
 //!
 //! <stateDir>/                         0700  default /run/velox
@@ -56,6 +58,7 @@ pub const PRIVATE_FILE_MODE: u32 = 0o600;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     TcIngress,
+    TcEgress,
     Cgroup,
 }
 
@@ -63,6 +66,7 @@ impl Hook {
     fn dir(self) -> &'static str {
         match self {
             Self::TcIngress => "tc-ingress",
+            Self::TcEgress => "tc-egress",
             Self::Cgroup => "cgroup",
         }
     }
@@ -85,6 +89,7 @@ impl Bpffs {
             self.maps_dir(),
             self.root.join("programs"),
             self.links_dir(Hook::TcIngress),
+            self.links_dir(Hook::TcEgress),
             self.links_dir(Hook::Cgroup),
         ]
     }
@@ -111,9 +116,9 @@ impl Bpffs {
         self.root.join("links").join(hook.dir())
     }
 
-    /// The pinned TCX ingress link of the Velox program on an interface.
-    pub fn tc_ingress_link(&self, ifname: &str) -> PathBuf {
-        self.links_dir(Hook::TcIngress).join(ifname)
+    /// The pinned TCX link of the Velox program on an interface's `hook`.
+    pub fn tc_link(&self, hook: Hook, ifname: &str) -> PathBuf {
+        self.links_dir(hook).join(ifname)
     }
 
     /// The pinned link of a socket hook program on the load balancer's cgroup.
@@ -178,7 +183,7 @@ mod tests {
     fn links_are_split_by_hook() {
         let bpffs = Bpffs::new("/sys/fs/bpf/x");
         assert_eq!(
-            bpffs.tc_ingress_link("eth0"),
+            bpffs.tc_link(Hook::TcIngress, "eth0"),
             Path::new("/sys/fs/bpf/x/links/tc-ingress/eth0")
         );
         assert!(bpffs.dirs().contains(&PathBuf::from("/sys/fs/bpf/x/links/cgroup")));

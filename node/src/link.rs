@@ -8,34 +8,62 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use velox_common::{FROM_POD_PROGRAM, TO_POD_PROGRAM};
 
 use crate::error::{Error, Result};
 use crate::fs::{create_private_dir, remove_if_exists};
 use crate::layout::{Bpffs, Hook};
 
-/// Attaches the pinned `program` to the ingress of `ifname` (TCX) and pins the link.
-pub fn attach_tc_ingress(bpffs: &Bpffs, program: &str, ifname: &str) -> Result<()> {
+/// The programs on a pod's host veth: `from_pod` on its ingress (what the pod sends),
+/// `to_pod` on its egress (what the kernel delivers into the pod).
+pub const POD_VETH_PROGRAMS: [(Hook, &str); 2] =
+    [(Hook::TcIngress, FROM_POD_PROGRAM), (Hook::TcEgress, TO_POD_PROGRAM)];
+
+/// Attaches whichever of [`POD_VETH_PROGRAMS`] the host veth `ifname` lacks; the
+/// names of those it attached.
+pub fn attach_pod_veth_programs(bpffs: &Bpffs, ifname: &str) -> Result<Vec<&'static str>> {
+    let mut attached = Vec::new();
+    for (hook, program) in POD_VETH_PROGRAMS {
+        if !bpffs.tc_link(hook, ifname).exists() {
+            attach_tc(bpffs, hook, program, ifname)?;
+            attached.push(program);
+        }
+    }
+    Ok(attached)
+}
+
+/// Attaches the pinned `program` to `ifname`'s TCX `hook` (ingress or egress) and
+/// pins the link.
+pub fn attach_tc(bpffs: &Bpffs, hook: Hook, program: &str, ifname: &str) -> Result<()> {
+    let attach_type = match hook {
+        Hook::TcIngress => TcAttachType::Ingress,
+        Hook::TcEgress => TcAttachType::Egress,
+        Hook::Cgroup => return Err(Error::Invalid(format!("{program}: a cgroup hook is not a TC hook"))),
+    };
     let program_pin = bpffs.program(program);
     let mut classifier = SchedClassifier::from_pin(&program_pin)
         .map_err(Error::not_ready(format!("cannot open {}", program_pin.display())))?;
     let link_id = classifier
-        .attach(ifname, TcAttachType::Ingress)
+        .attach(ifname, attach_type)
         .map_err(Error::program(format!("attaching {program} to {ifname}")))?;
     let link: FdLink = classifier
         .take_link(link_id)
         .map_err(Error::program(format!("taking the link of {ifname}")))?
         .try_into()
         .map_err(Error::invalid(format!("the link of {ifname} is not a TCX link")))?;
-    create_private_dir(&bpffs.links_dir(Hook::TcIngress))?;
-    link.pin(bpffs.tc_ingress_link(ifname))
+    create_private_dir(&bpffs.links_dir(hook))?;
+    link.pin(bpffs.tc_link(hook, ifname))
         .map_err(Error::invalid(format!("pinning the link of {ifname}")))?;
     Ok(())
 }
 
-/// Removes the pinned link; the kernel detaches the program when the pin goes (or
-/// already did, when the interface went away).
-pub fn detach_tc_ingress(bpffs: &Bpffs, ifname: &str) -> Result<()> {
-    remove_if_exists(&bpffs.tc_ingress_link(ifname))
+/// Removes the pinned TC links of `ifname`; the kernel detaches a program when its
+/// pin goes (or already did, when the interface went away).
+pub fn detach_tc(bpffs: &Bpffs, ifname: &str) -> Result<()> {
+    for hook in [Hook::TcIngress, Hook::TcEgress] {
+        remove_if_exists(&bpffs.tc_link(hook, ifname))?;
+    }
+    Ok(())
 }
 
 /// Attaches a loaded socket hook program to `cgroup` (only it, no program of a

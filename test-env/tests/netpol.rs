@@ -1005,3 +1005,110 @@ fn policy_holds_through_services_and_to_the_outside() {
     drop(servers);
     cluster.finish().unwrap();
 }
+
+/// Rules that do not fit the rules map fail closed: the pod denies what they would
+/// allow (also to the pods a policy does not admit), health and the metrics name it,
+/// and once they fit (a loader restarted with room) the rules hold.
+#[test]
+fn rules_that_do_not_fit_deny_and_say_so() {
+    use nix::sys::signal::Signal;
+    use std::net::SocketAddr;
+    use velox_test_env::backend::Backend;
+    use velox_test_env::netpol::{namespace_object, pod_object};
+    let cluster = ClusterGuard::up("npfull").unwrap();
+    let node0 = &cluster.nodes[0];
+    let metrics = "127.0.0.1:9971";
+    let restart = |policy_rules: &str| {
+        node0.stop_loader(Signal::SIGTERM).unwrap();
+        node0
+            .start_loader_with(&["--policy-rules", policy_rules, "--metrics-address", metrics])
+            .unwrap();
+    };
+    // pod-1's rules: 8 unrelated /32 blocks and pod-4's addresses, 10 entries.
+    restart("6");
+    let (server, admitted, other) = (cluster.pod("pod-1"), cluster.pod("pod-4"), cluster.pod("pod-2"));
+    let servers: Vec<Backend> = Family::ALL
+        .iter()
+        .map(|family| {
+            let on = SocketAddr::new(server.ip(*family), 8080);
+            Backend::start(&server.name, on, Protocol::Tcp, "up").unwrap()
+        })
+        .collect();
+    let roles = [(&server, 0, "server"), (&admitted, 0, "client"), (&other, 1, "other")];
+    let pods = roles
+        .iter()
+        .map(|(pod, node, role)| {
+            let labels = [("app".to_string(), role.to_string())].into();
+            pod_object("default", &pod.name, &labels, &cluster.nodes[*node].name, pod)
+        })
+        .chain([namespace_object("default", &Default::default())])
+        .collect();
+    let state = |file: &str| cluster.cluster_state.join(file);
+    velox_test_env::cluster_state::write_objects(&state("pods.json"), pods).unwrap();
+    let answers = |from: &velox_test_env::Pod, family: Family| {
+        node0
+            .probe(&from.name, "tcp", SocketAddr::new(server.ip(family), 8080))
+            .is_ok_and(|answer| answer["answer"] == "up")
+    };
+    let eventually = |what: &str, done: &dyn Fn() -> bool| {
+        assert!(
+            velox_test_env::wait_for(std::time::Duration::from_secs(15), done),
+            "{what}"
+        );
+    };
+    for family in Family::ALL {
+        eventually("pod-2 reaches pod-1 without policy", &|| answers(&other, family));
+    }
+
+    let blocks = (1..=8)
+        .map(|i| json!({"ipBlock": {"cidr": format!("192.0.2.{i}/32")}}))
+        .chain(
+            Family::ALL.map(|family| json!({"ipBlock": {"cidr": ipnet::IpNet::from(admitted.ip(family)).to_string()}})),
+        )
+        .collect::<Vec<_>>();
+    let allow_client = policy(
+        "default",
+        "server-from-client",
+        json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": blocks}]}),
+    );
+    velox_test_env::cluster_state::write_objects(&state("policies.json"), vec![allow_client]).unwrap();
+    for family in Family::ALL {
+        eventually("pod-2, which no rule admits, is denied", &|| !answers(&other, family));
+    }
+    let failed_closed = || {
+        node0.health().unwrap()["policy_failed_closed"]
+            .as_array()
+            .is_some_and(|pods| pods.len() == 1)
+    };
+    eventually("health names the pod whose rules do not fit", &failed_closed);
+    let gauge = |value: f64| {
+        node0
+            .metrics(metrics)
+            .unwrap()
+            .iter()
+            .any(|(name, v)| name == "velox_policy_pods_failed_closed" && *v == value)
+    };
+    assert!(gauge(1.0), "the metric counts it");
+    for family in Family::ALL {
+        assert!(
+            !answers(&other, family),
+            "{family:?}: pod-2, which no rule admits, is denied"
+        );
+        assert!(
+            !answers(&admitted, family),
+            "{family:?}: pod-4 too: its rule did not fit"
+        );
+    }
+
+    restart("1024");
+    eventually("the rules fit, health is clean", &|| {
+        node0.health().unwrap()["policy_failed_closed"].is_null()
+    });
+    assert!(gauge(0.0));
+    for family in Family::ALL {
+        eventually("pod-4 is admitted", &|| answers(&admitted, family));
+        assert!(!answers(&other, family), "{family:?}: pod-2 is still denied");
+    }
+    drop(servers);
+    cluster.finish().unwrap();
+}

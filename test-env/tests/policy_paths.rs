@@ -1,5 +1,5 @@
-//! Paths into a pod that must not skip its NetworkPolicy (issue 20, "Paths that skip
-//! the policy", items 1 and 2), on the two-node cluster, in both families:
+//! Paths into a pod that must not skip its NetworkPolicy, on the two-node cluster, in
+//! both families:
 //! - a UDP server that answered its node's host once must stay as isolated as it was
 //!   (the kernel-flow shortcut must not open its port to every pod, for ingress nor
 //!   for egress);

@@ -57,6 +57,9 @@ pub const EVENTS_BYTES: usize = 256 * 1024;
 pub const FROM_POD_PROGRAM: &str = "from_pod";
 /// Pinned under `<bpffsRoot>/programs/`: TC ingress of the node's uplink.
 pub const FROM_NET_PROGRAM: &str = "from_net";
+/// Pinned under `<bpffsRoot>/programs/`: TC egress of every host-side pod veth, where
+/// the kernel delivers into the pod what Velox did not redirect.
+pub const TO_POD_PROGRAM: &str = "to_pod";
 /// Entries of `VELOX_KERNEL_FLOWS` when the kernel's `nf_conntrack_max` cannot be read.
 pub const DEFAULT_KERNEL_FLOWS: u32 = 262_144;
 

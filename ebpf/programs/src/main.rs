@@ -5,6 +5,11 @@
 //!   out of the uplink; everything else goes to the kernel.
 //! - `from_net`, on the ingress of the node's uplink: a local pod gets it with
 //!   `bpf_redirect_peer`; everything else goes to the kernel.
+//! - `to_pod`, on the egress of every host-side pod veth: what the kernel delivers
+//!   into a pod meets the pod's ingress policy there.
+//!
+//! Policy sees every path: a pod's egress in `from_pod`, a pod's ingress where Velox
+//! delivers (`from_pod`, `from_net`) and where the kernel does (`to_pod`).
 //! - the socket load balancer's cgroup hooks (`socket_lb`).
 #![no_std]
 #![no_main]
@@ -46,8 +51,6 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         } else {
             DROP_SPOOFED
         }
-    } else if is_kernel_flow(&packet) {
-        PASS
     } else {
         let sender_slot = sender.map_or(NO_SLOT, |sender| sender.slot);
         from_pod_to(&ctx, &packet, sender_slot, ifindex, &mut verdict)
@@ -62,13 +65,21 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 }
 
 /// Where a validated packet from the pod in `sender_slot` goes, once policy allows it:
-/// a local pod, a pod on a peer node, or the kernel.
+/// a local pod, a pod on a peer node, or the kernel. A packet of a connection the
+/// kernel handles (a reply it may translate back) goes to the kernel; the sender's
+/// egress judges it here, the receiver's ingress where the kernel delivers it.
 #[inline(always)]
 fn from_pod_to(ctx: &TcContext, packet: &Packet, sender_slot: u32, ifindex: u32, verdict: &mut Verdict) -> Outcome {
-    let local = local_endpoint(&packet.dst.addr);
+    let kernel_flow = is_kernel_flow(packet);
+    let local = match kernel_flow {
+        true => None,
+        false => local_endpoint(&packet.dst.addr),
+    };
     police(ctx, packet, sender_slot, local.map_or(NO_SLOT, |e| e.slot), verdict);
     if verdict.result != ALLOWED {
         verdict.result
+    } else if kernel_flow {
+        PASS
     } else if let Some(endpoint) = local {
         to_local_pod(ctx, endpoint)
     } else if let Some(peer) = peer_node(&packet.dst.addr) {
@@ -104,6 +115,7 @@ pub fn from_net(ctx: TcContext) -> i32 {
         PASS
     } else if let Some(endpoint) = local_endpoint(&packet.dst.addr) {
         if is_kernel_flow(&packet) {
+            // The kernel delivers it, and `to_pod` judges it there.
             PASS
         } else {
             police(&ctx, &packet, NO_SLOT, endpoint.slot, &mut verdict);
@@ -123,6 +135,36 @@ pub fn from_net(ctx: TcContext) -> i32 {
     };
     let action = finish(&ctx, &packet, UPLINK_SLOT, outcome, &verdict);
     trace(&ctx, "from_net", is_ip.then_some(&packet.dst.addr), action);
+    action
+}
+
+/// What the kernel delivers into a pod: kube-proxy's NodePorts and ClusterIPs, hostPorts,
+/// connections Velox handed to the kernel. Velox's own deliveries
+/// (`bpf_redirect_peer`) never pass here. The node's own processes reach its pods
+/// (kubelet's probes): a packet the host sent, not one it forwarded, passes.
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    let mut packet = Packet::default();
+    // SAFETY: reading the context's own fields. A packet the host sent arrived on no
+    // interface.
+    let (ifindex, from_host) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex == 0) };
+    let is_ip = parse(&ctx, &mut packet);
+    let receiver = match is_ip && !from_host {
+        true => local_endpoint(&packet.dst.addr).filter(|receiver| receiver.ifindex == ifindex),
+        false => None,
+    };
+    let mut verdict = Verdict::default();
+    if let Some(receiver) = receiver {
+        police(&ctx, &packet, NO_SLOT, receiver.slot, &mut verdict);
+    }
+    // A pod's counters count what it sent; here only a drop is counted, in the
+    // receiver's slot.
+    let slot = match receiver {
+        Some(receiver) if verdict.result != ALLOWED => receiver.slot,
+        _ => NO_SLOT,
+    };
+    let action = finish(&ctx, &packet, slot, verdict.result, &verdict);
+    trace(&ctx, "to_pod", is_ip.then_some(&packet.dst.addr), action);
     action
 }
 

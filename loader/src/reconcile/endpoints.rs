@@ -4,12 +4,12 @@
 use nix::net::if_::if_nametoindex;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use velox_common::{FROM_POD_PROGRAM, UPLINK_SLOT};
+use velox_common::UPLINK_SLOT;
 use velox_node::endpoint::{EndpointRecord, EndpointStore};
 use velox_node::fs::{list_dir, remove_if_exists};
 use velox_node::ipam::Allocator;
 use velox_node::layout::Hook;
-use velox_node::link::attach_tc_ingress;
+use velox_node::link::attach_pod_veth_programs;
 use velox_node::maps::EndpointMaps;
 use velox_node::{Bpffs, StateDir};
 
@@ -65,10 +65,12 @@ pub fn sync_endpoints(
     }
     // Links of interfaces that no longer exist hold nothing; an ADD in progress
     // always has its interface before its link.
-    for link in list_dir(&bpffs.links_dir(Hook::TcIngress))? {
-        let gone = link.file_name().is_some_and(|name| if_nametoindex(name).is_err());
-        if gone {
-            remove_if_exists(&link)?;
+    for hook in [Hook::TcIngress, Hook::TcEgress] {
+        for link in list_dir(&bpffs.links_dir(hook))? {
+            let gone = link.file_name().is_some_and(|name| if_nametoindex(name).is_err());
+            if gone {
+                remove_if_exists(&link)?;
+            }
         }
     }
     Ok(())
@@ -113,9 +115,9 @@ fn sync_record(
         }
         wanted.ips.insert(*ip);
     }
-    if !bpffs.tc_ingress_link(&record.host_ifname).exists() {
-        log::warn!("re-attaching from_pod to {}", record.host_ifname);
-        attach_tc_ingress(bpffs, FROM_POD_PROGRAM, &record.host_ifname)?;
+    // A pod of a release before `to_pod` gets it here, at the first pass of an upgrade.
+    for program in attach_pod_veth_programs(bpffs, &record.host_ifname)? {
+        log::warn!("attached {program} to {}, which lacked it", record.host_ifname);
     }
     wanted.slots.insert(record.host_ifindex, record.slot);
     Ok(())

@@ -30,6 +30,9 @@ pub struct PolicyReconciler {
     /// a failure).
     applied: Option<BTreeMap<u32, Applied>>,
     names: Option<PolicyNames>,
+    /// The pods whose rules the last pass could not write, and why: they deny what
+    /// those rules would have allowed.
+    pub failed_closed: Vec<String>,
 }
 
 impl PolicyReconciler {
@@ -72,7 +75,13 @@ impl PolicyReconciler {
             None => read_applied(&mut maps)?,
         };
         // On a failure the maps are read again next time: they are the truth.
-        write_rules(&mut maps, &mut applied, &compiled)?;
+        self.failed_closed = write_rules(&mut maps, &mut applied, &compiled)?;
+        anyhow::ensure!(
+            self.failed_closed.is_empty(),
+            "{} pod(s) deny what their rules would allow, their rules could not be written: {}",
+            self.failed_closed.len(),
+            self.failed_closed.join("; ")
+        );
         self.applied = Some(applied);
         Ok(())
     }
@@ -110,46 +119,104 @@ fn read_applied(maps: &mut PolicyMaps) -> anyhow::Result<BTreeMap<u32, Applied>>
     Ok(applied)
 }
 
-fn write_rules(maps: &mut PolicyMaps, applied: &mut BTreeMap<u32, Applied>, compiled: &Compiled) -> anyhow::Result<()> {
+/// Brings every pod's entries in line with `compiled`, one pod at a time. A pod whose
+/// rules cannot all be written (the rules map is full, a write fails) fails closed:
+/// it becomes isolated as wanted with none of its new rules, so it admits nothing in
+/// those directions, and the others go on. The generation moves after any change,
+/// so no connection keeps what the old rules allowed. Returns the pods that failed
+/// closed, and why.
+fn write_rules(
+    maps: &mut PolicyMaps,
+    applied: &mut BTreeMap<u32, Applied>,
+    compiled: &Compiled,
+) -> anyhow::Result<Vec<String>> {
     let slots: BTreeSet<u32> = applied.keys().chain(compiled.pods.keys()).copied().collect();
     let mut changed = false;
+    let mut failed = Vec::new();
     let nothing = Applied::default();
     for slot in slots {
         let want = compiled.pods.get(&slot).map(entries).unwrap_or_default();
-        let had = applied.get(&slot).unwrap_or(&nothing);
+        let had = applied.get(&slot).unwrap_or(&nothing).clone();
         // The plugin resets a slot's state for the pod that takes it over.
         let live = maps.state(slot)?;
         if live == had.state && had.state.flags & !RULES_VERSION == want.state.flags && had.rules == want.rules {
             continue;
         }
-        let state = if want == Applied::default() {
-            PolicyState::default() // not isolated: its rules go after
-        } else {
-            let version = 1 - had.state.version();
-            for ((direction, prefix), ports) in &want.rules {
-                maps.put_rule(key(slot, *direction, version, prefix), u32::from(prefix.len), ports)?;
-            }
-            PolicyState {
-                flags: want.state.flags | if version == 1 { RULES_VERSION } else { 0 },
+        changed = true;
+        let now = match write_pod(maps, slot, &had, want) {
+            Ok(now) => now,
+            Err((now, e)) => {
+                failed.push(format!("the pod in slot {slot}: {e:#}"));
+                now
             }
         };
-        maps.set_state(slot, state)?;
-        for (direction, prefix) in had.rules.keys() {
-            maps.remove_rule(
-                key(slot, *direction, had.state.version(), prefix),
-                u32::from(prefix.len),
-            )?;
-        }
-        changed = true;
-        match state == PolicyState::default() {
+        match now.state == PolicyState::default() {
             true => applied.remove(&slot),
-            false => applied.insert(slot, Applied { state, ..want }),
+            false => applied.insert(slot, now),
         };
     }
     if changed {
         maps.bump_generation()?;
     }
-    Ok(())
+    Ok(failed)
+}
+
+/// Moves the pod in `slot` from `had` to `want`: the new rules under the version that
+/// is not live, then the state, then the old rules go. What the maps hold afterwards
+/// is returned, also on a failure: then the pod's new version holds nothing.
+fn write_pod(
+    maps: &mut PolicyMaps,
+    slot: u32,
+    had: &Applied,
+    want: Applied,
+) -> Result<Applied, (Applied, anyhow::Error)> {
+    let version = 1 - had.state.version();
+    let state = match want == Applied::default() {
+        true => PolicyState::default(), // not isolated: its rules go after
+        false => PolicyState {
+            flags: want.state.flags | if version == 1 { RULES_VERSION } else { 0 },
+        },
+    };
+    let written = want
+        .rules
+        .iter()
+        .try_for_each(|((direction, prefix), ports)| {
+            maps.put_rule(key(slot, *direction, version, prefix), u32::from(prefix.len), ports)
+        })
+        .map_err(anyhow::Error::from);
+    let now = match &written {
+        Ok(()) => Applied { state, ..want.clone() },
+        Err(_) => {
+            // Fail closed: isolated as wanted, with an empty rules version (an entry
+            // that cannot be removed is one of the wanted rules: it admits nothing
+            // the new rules do not).
+            for (direction, prefix) in want.rules.keys() {
+                let _ = maps.remove_rule(key(slot, *direction, version, prefix), u32::from(prefix.len));
+            }
+            Applied {
+                state,
+                rules: BTreeMap::new(),
+            }
+        }
+    };
+    let switched = maps.set_state(slot, now.state).map_err(anyhow::Error::from);
+    if let Err(e) = switched {
+        // The old rules stay live, and so do their entries.
+        return Err((had.clone(), e.context("switching the pod's rules")));
+    }
+    // Entries left of the old version would come back to life at the next switch:
+    // a failure here makes the next pass read the maps again, which removes them.
+    let removed = had.rules.keys().try_for_each(|(direction, prefix)| {
+        maps.remove_rule(
+            key(slot, *direction, had.state.version(), prefix),
+            u32::from(prefix.len),
+        )
+    });
+    match (written, removed) {
+        (Ok(()), Ok(())) => Ok(now),
+        (Err(e), _) => Err((now, e)),
+        (_, Err(e)) => Err((now, anyhow::Error::from(e).context("removing the old rules"))),
+    }
 }
 
 /// A pod's compiled policy as map values (its state without a version yet).

@@ -8,7 +8,8 @@ use k8s_openapi::api::core::v1::Node;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use velox_common::FROM_NET_PROGRAM;
-use velox_node::link::attach_tc_ingress;
+use velox_node::layout::Hook;
+use velox_node::link::attach_tc;
 use velox_node::netlink::{Link, Netlink, Route, VELOX_ROUTE_PROTOCOL};
 use velox_node::{Bpffs, Family};
 
@@ -197,9 +198,9 @@ impl NodeNetwork {
             .link(&name)
             .await?
             .with_context(|| format!("uplink {name} not found"))?;
-        if !self.bpffs.tc_ingress_link(&uplink.name).exists() {
+        if !self.bpffs.tc_link(Hook::TcIngress, &uplink.name).exists() {
             log::info!("attaching from_net to {}", uplink.name);
-            attach_tc_ingress(&self.bpffs, FROM_NET_PROGRAM, &uplink.name)?;
+            attach_tc(&self.bpffs, Hook::TcIngress, FROM_NET_PROGRAM, &uplink.name)?;
         }
         Ok(uplink)
     }
