@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use velox_common::{FROM_NET_PROGRAM, FROM_POD_PROGRAM};
+use velox_common::{FROM_NET_PROGRAM, FROM_POD_PROGRAM, TO_POD_PROGRAM};
 use velox_test_env::reference::ReferenceNode;
 use velox_test_env::{
     direct_veth_pair, remove_direct_veth_pair, run, run_in_netns, Binaries, Cluster, Family, Node, Pod,
@@ -178,7 +178,7 @@ pub struct Sample {
 }
 
 /// The eBPF programs whose cost the bench reports.
-pub const PROGRAMS: [&str; 2] = [FROM_POD_PROGRAM, FROM_NET_PROGRAM];
+pub const PROGRAMS: [&str; 3] = [FROM_POD_PROGRAM, FROM_NET_PROGRAM, TO_POD_PROGRAM];
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ControlPlane {

@@ -2,15 +2,18 @@
 //! eBPF programs next to another object's (the previous build, say), ns per run of
 //! each program, measured in one run. Each round restarts every node's loader with
 //! each object in turn (order alternating), which moves every link over as an upgrade
-//! does, then runs one iperf3 stream with `kernel.bpf_stats_enabled` on each path. A
+//! does, then runs one iperf3 stream with `kernel.bpf_stats_enabled` on each path (pod
+//! to pod, and through a kube-proxy-style ClusterIP, where the kernel delivers). A
 //! loader loads only objects of its own map layout: for an object of another layout,
 //! `--other-loader` names a loader built with it.
 
 use anyhow::Context;
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use velox_test_env::{Binaries, Cluster, Family, Pod};
+use velox_test_env::kube_proxy::{Protocol, ServiceRule};
+use velox_test_env::{Binaries, Cluster, Family};
 
 use crate::bench::{pod, program_cost, BenchArgs};
 use crate::report::Stat;
@@ -57,24 +60,30 @@ pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
     let result = (|| {
         cluster.up()?;
         cluster.add_standard_pods()?;
-        let paths: [(&str, Pod, Pod, Family); 3] = [
+        let (client, same, across) = (
+            pod(&cluster, "pod-1")?,
+            pod(&cluster, "pod-4")?,
+            pod(&cluster, "pod-2")?,
+        );
+        // kube-proxy's DNAT on the client's node: the kernel delivers to the backend.
+        let cluster_ip = SocketAddr::new(IpAddr::from([10, 96, 0, 50]), 5201);
+        ServiceRule {
+            frontend: cluster_ip,
+            protocol: Protocol::Tcp,
+            backend: SocketAddr::new(same.ip(Family::V4), 5201),
+            snat: false,
+        }
+        .install(&cluster.nodes[0])?;
+        let cgroup = cluster.nodes[0].cgroup()?;
+        let paths = [
+            ("same node", &same, Family::V4, None),
+            ("across nodes", &across, Family::V4, None),
+            ("same node IPv6", &same, Family::V6, None),
             (
-                "same node",
-                pod(&cluster, "pod-1")?,
-                pod(&cluster, "pod-4")?,
+                "kube-proxy ClusterIP",
+                &same,
                 Family::V4,
-            ),
-            (
-                "across nodes",
-                pod(&cluster, "pod-1")?,
-                pod(&cluster, "pod-2")?,
-                Family::V4,
-            ),
-            (
-                "same node IPv6",
-                pod(&cluster, "pod-1")?,
-                pod(&cluster, "pod-4")?,
-                Family::V6,
+                Some((cluster_ip, cgroup.as_path())),
             ),
         ];
         let mut samples = Vec::new();
@@ -84,10 +93,10 @@ pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
                 let object = datapath.name;
                 restart_loaders(&cluster, datapath)
                     .with_context(|| format!("loading {}", datapath.object.display()))?;
-                for (name, client, server, family) in &paths {
+                for (name, server, family, via) in &paths {
                     let mut gbps = 0.0;
                     let ns_per_run = program_cost(|| {
-                        gbps = client.iperf3(server, *family, args.seconds, 1)?.gbps;
+                        gbps = client.iperf3_via(server, *family, *via, args.seconds, 1)?.gbps;
                         Ok(())
                     })?;
                     println!(
