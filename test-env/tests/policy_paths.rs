@@ -737,3 +737,57 @@ fn the_kernels_deliveries_into_an_isolated_pod_are_policed() {
     drop(servers);
     cluster.finish().unwrap();
 }
+
+/// A pod's veth that lost its `to_pod` filter (`tc filter del`) fails CHECK and gets
+/// the filter back from the loader's next pass: without it, what the kernel delivers
+/// into the pod would meet no policy.
+#[test]
+fn a_lost_to_pod_filter_fails_check_and_comes_back() {
+    let node = velox_test_env::NodeGuard::up("pp5").unwrap();
+    let pod_name = node.pod_name("a");
+    let pod = node.add_pod("a").unwrap();
+    let host_veth = velox_node::endpoint::host_ifname(&velox_node::endpoint::Attachment {
+        container_id: pod_name.clone(),
+        ifname: "eth0".into(),
+    });
+    let mut conf = node.conf("1.1.0");
+    let ips: Vec<Value> = pod
+        .ips
+        .iter()
+        .map(|ip| json!({"address": ipnet::IpNet::from(*ip)}))
+        .collect();
+    conf["prevResult"] = json!({"cniVersion": "1.1.0", "ips": ips});
+    let check = || {
+        node.cni("CHECK", &pod_name, Some(&pod.netns_path()), "eth0", &conf)
+            .unwrap()
+    };
+    let filters =
+        || velox_test_env::run("tc", &["-n", &node.name, "filter", "show", "dev", &host_veth, "egress"]).unwrap();
+    assert!(
+        filters().contains("to_pod"),
+        "ADD put to_pod on the veth's egress: {}",
+        filters()
+    );
+    assert!(check().success, "{}", check().stdout);
+
+    // The loader is stopped so that CHECK sees the loss before the repair does.
+    node.stop_loader(nix::sys::signal::Signal::SIGTERM).unwrap();
+    velox_test_env::run("tc", &["-n", &node.name, "filter", "del", "dev", &host_veth, "egress"]).unwrap();
+    let outcome = check();
+    assert!(!outcome.success, "CHECK passed without to_pod");
+    assert!(
+        outcome.stdout["msg"]
+            .as_str()
+            .unwrap()
+            .contains("to_pod is not attached"),
+        "{}",
+        outcome.stdout
+    );
+    node.start_loader().unwrap();
+    assert!(
+        velox_test_env::wait_for(Duration::from_secs(5), || filters().contains("to_pod")),
+        "the loader put to_pod back"
+    );
+    assert!(check().success, "{}", check().stdout);
+    node.finish().unwrap();
+}
