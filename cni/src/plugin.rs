@@ -7,10 +7,8 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
-use velox_common::{FROM_POD_PROGRAM, TO_POD_PROGRAM};
 use velox_node::endpoint::{host_ifname, EndpointRecord, EndpointStore};
-use velox_node::layout::Hook;
-use velox_node::link::{attach_pod_veth_programs, detach_tc_ingress};
+use velox_node::link::{attach_pod_veth_programs, detach_tc, POD_VETH_PROGRAMS};
 use velox_node::maps::{EndpointMaps, PeerMap};
 use velox_node::netlink::{format_mac, netns_cookie, Link, Netlink};
 use velox_node::{health, Bpffs, ErrorList, Family, StateDir};
@@ -165,7 +163,7 @@ impl Plugin {
         let netns = self.open_netns()?;
         // Fail before touching anything when the loader has not set up the datapath.
         let mut maps = EndpointMaps::open(&self.bpffs)?;
-        for name in [FROM_POD_PROGRAM, TO_POD_PROGRAM] {
+        for (_, name) in POD_VETH_PROGRAMS {
             let program = self.bpffs.program(name);
             if !program.exists() {
                 return fail(
@@ -425,7 +423,7 @@ impl Plugin {
         // Deleting the veth detaches the TCX link in the same step; unpinning a live
         // link first would cost a second RCU grace period under the rtnl lock.
         errors.keep(host.delete_link(&host_name).await);
-        errors.keep(detach_tc_ingress(&self.bpffs, &host_name));
+        errors.keep(detach_tc(&self.bpffs, &host_name));
         if let Some(ipam) = ipam {
             errors.keep(ipam.release(attachment));
         }
@@ -457,11 +455,10 @@ impl Plugin {
             Some(link) if link.index == record.host_ifindex => {}
             _ => return broken(format!("host veth {} is missing or was replaced", record.host_ifname)),
         }
-        if !self.bpffs.tc_link(Hook::TcIngress, &record.host_ifname).exists() {
-            return broken(format!("{FROM_POD_PROGRAM} is not attached to {}", record.host_ifname));
-        }
-        if !host.has_egress_bpf_filter(record.host_ifindex).await? {
-            return broken(format!("{TO_POD_PROGRAM} is not attached to {}", record.host_ifname));
+        for (hook, program) in POD_VETH_PROGRAMS {
+            if !self.bpffs.tc_link(hook, &record.host_ifname).exists() {
+                return broken(format!("{program} is not attached to {}", record.host_ifname));
+            }
         }
         let maps = EndpointMaps::open(&self.bpffs)?;
         let pod = Netlink::connect_in(&self.open_netns()?)?;

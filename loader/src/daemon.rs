@@ -36,7 +36,7 @@ use velox_node::netlink::Netlink;
 use velox_node::{Bpffs, StateDir};
 
 use crate::metrics::Metrics;
-use crate::reconcile::endpoints::{move_to_pod_filters, sync_endpoints, sync_to_pod_filters};
+use crate::reconcile::endpoints::sync_endpoints;
 use crate::reconcile::policy::{LocalPod, PolicyReconciler};
 use crate::reconcile::routes::{NodeNetwork, NodeNetworkConfig};
 use crate::reconcile::services::ServiceBalancer;
@@ -252,8 +252,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     )?;
     attach_socket_lb(&daemon.bpffs, &mut ebpf, datapath.socket_lb_cgroup.as_deref())?;
     // The maps are filled: every pod and the uplink may move to this build.
-    let filters_moved = move_to_pod_filters(&daemon.bpffs, &daemon.store);
-    if repoint_links(&daemon.bpffs, &ebpf) && filters_moved {
+    if repoint_links(&daemon.bpffs, &ebpf) {
         remove_other_layouts(&daemon.bpffs)?;
     }
     if datapath.log_level != log::LevelFilter::Off {
@@ -352,9 +351,6 @@ impl Daemon {
         let uplink = self.sync.uplink();
         if let Err(e) = sync_endpoints(&self.bpffs, &self.state_dir, &self.store, &mut self.maps, uplink) {
             log::error!("reconcile: {e:#}");
-        }
-        if let Err(e) = sync_to_pod_filters(&self.netlink, &self.bpffs, &self.store).await {
-            log::error!("reconcile of the pods' to_pod filters: {e:#}");
         }
         self.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
     }
@@ -653,7 +649,7 @@ fn repoint_links(bpffs: &Bpffs, ebpf: &Ebpf) -> bool {
         .filter_map(|info| Some((info.id(), info.name_as_str()?.to_string())))
         .collect();
     let mut pins = Vec::new();
-    for hook in [Hook::TcIngress, Hook::Cgroup] {
+    for hook in [Hook::TcIngress, Hook::TcEgress, Hook::Cgroup] {
         match list_dir(&bpffs.links_dir(hook)) {
             Ok(found) => pins.extend(found),
             Err(e) => {

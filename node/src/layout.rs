@@ -23,13 +23,13 @@
 //! ├── programs/                       0700  replaced atomically at every loader start
 //! │   ├── from_pod                          each through a `<name>_staged` pin
 //! │   ├── from_net
-//! │   ├── to_pod                            on pods' veths' egress as a TC filter
-//! │   │                                     (no link, no pin: it goes with the veth)
+//! │   ├── to_pod
 //! │   └── lb_<hook><4|6>                    the socket load balancer's: connect,
 //! │                                         sendmsg, recvmsg, getpeername
 //! └── links/                          0700  one directory per hook, so no sweep of one
 //!     ├── tc-ingress/<ifname>               kind can touch another: pods' host veths
 //!     │                                     (pinned by the plugin), the uplink (loader)
+//!     ├── tc-egress/<ifname>                pods' host veths (`to_pod`)
 //!     └── cgroup/<program>                  the socket load balancer's hooks
 //!
 //! <stateDir>/                         0700  default /run/velox
@@ -58,6 +58,7 @@ pub const PRIVATE_FILE_MODE: u32 = 0o600;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     TcIngress,
+    TcEgress,
     Cgroup,
 }
 
@@ -65,6 +66,7 @@ impl Hook {
     fn dir(self) -> &'static str {
         match self {
             Self::TcIngress => "tc-ingress",
+            Self::TcEgress => "tc-egress",
             Self::Cgroup => "cgroup",
         }
     }
@@ -87,6 +89,7 @@ impl Bpffs {
             self.maps_dir(),
             self.root.join("programs"),
             self.links_dir(Hook::TcIngress),
+            self.links_dir(Hook::TcEgress),
             self.links_dir(Hook::Cgroup),
         ]
     }

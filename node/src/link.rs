@@ -1,11 +1,9 @@
 //! Pinned links: a program attached to an interface (TCX) or a cgroup stays attached
 //! after the process that attached it exits, for as long as the pin (or the
-//! interface) lives; and it can be moved to another program in one step. And
-//! `to_pod`'s TC filter, which lives with its veth.
+//! interface) lives; and it can be moved to another program in one step.
 
 use aya::programs::links::{CgroupAttachMode, FdLink};
-use aya::programs::tc::{qdisc_add_clsact, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle};
-use aya::programs::{CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType};
+use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -16,54 +14,22 @@ use crate::error::{Error, Result};
 use crate::fs::{create_private_dir, remove_if_exists};
 use crate::layout::{Bpffs, Hook};
 
-/// Attaches both programs of a pod's host veth: `from_pod` on its ingress (what the
-/// pod sends, a pinned TCX link) and `to_pod` on its egress (what the kernel delivers
-/// into the pod, see [`attach_to_pod`]).
-pub fn attach_pod_veth_programs(bpffs: &Bpffs, ifname: &str) -> Result<()> {
-    attach_tc(bpffs, Hook::TcIngress, FROM_POD_PROGRAM, ifname)?;
-    attach_to_pod(bpffs, ifname)
-}
+/// The programs on a pod's host veth: `from_pod` on its ingress (what the pod sends),
+/// `to_pod` on its egress (what the kernel delivers into the pod).
+pub const POD_VETH_PROGRAMS: [(Hook, &str); 2] =
+    [(Hook::TcIngress, FROM_POD_PROGRAM), (Hook::TcEgress, TO_POD_PROGRAM)];
 
-/// `to_pod`'s place among a veth's egress filters, the only one Velox puts there.
-const TO_POD_PRIORITY: u16 = 1;
-const TO_POD_HANDLE: u16 = 1;
-
-/// Puts the pinned `to_pod` on the egress of the host veth `ifname`, or moves the one
-/// there to it in place (atomic for packets). It is a classic TC filter (a clsact
-/// qdisc and `cls_bpf`), not a TCX link: attaching a second TCX link would wait out
-/// another RCU grace period under the rtnl lock, about 10 ms of every ADD, and a
-/// filter attaches without one. It lives as long as the veth and needs no pin.
-pub fn attach_to_pod(bpffs: &Bpffs, ifname: &str) -> Result<()> {
-    let program_pin = bpffs.program(TO_POD_PROGRAM);
-    let mut classifier = SchedClassifier::from_pin(&program_pin)
-        .map_err(Error::not_ready(format!("cannot open {}", program_pin.display())))?;
-    let what = || format!("attaching {TO_POD_PROGRAM} to the egress of {ifname}");
-    match qdisc_add_clsact(ifname) {
-        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(nix::libc::EEXIST) => {}
-        added => added.map_err(|e| Error::program(what())(ProgramError::TcError(e)))?,
+/// Attaches whichever of [`POD_VETH_PROGRAMS`] the host veth `ifname` lacks; the
+/// names of those it attached.
+pub fn attach_pod_veth_programs(bpffs: &Bpffs, ifname: &str) -> Result<Vec<&'static str>> {
+    let mut attached = Vec::new();
+    for (hook, program) in POD_VETH_PROGRAMS {
+        if !bpffs.tc_link(hook, ifname).exists() {
+            attach_tc(bpffs, hook, program, ifname)?;
+            attached.push(program);
+        }
     }
-    let handle = TcHandle::new(0, TO_POD_HANDLE);
-    let there = SchedClassifierLink::attached(ifname, TcAttachType::Egress, TO_POD_PRIORITY, handle, None)
-        .map_err(Error::io(what()))?;
-    let link_id = match classifier.attach_to_link(there) {
-        Ok(id) => id,
-        // Nothing to replace: a new veth.
-        Err(_) => classifier
-            .attach_with_options(
-                ifname,
-                TcAttachType::Egress,
-                TcAttachOptions::Netlink(NlOptions {
-                    priority: TO_POD_PRIORITY,
-                    handle,
-                    ..Default::default()
-                }),
-            )
-            .map_err(Error::program(what()))?,
-    };
-    let link = classifier.take_link(link_id).map_err(Error::program(what()))?;
-    // The filter stays with the veth: dropping aya's handle would detach it.
-    std::mem::forget(link);
-    Ok(())
+    Ok(attached)
 }
 
 /// Attaches the pinned `program` to `ifname`'s TCX `hook` (ingress or egress) and
@@ -71,6 +37,7 @@ pub fn attach_to_pod(bpffs: &Bpffs, ifname: &str) -> Result<()> {
 pub fn attach_tc(bpffs: &Bpffs, hook: Hook, program: &str, ifname: &str) -> Result<()> {
     let attach_type = match hook {
         Hook::TcIngress => TcAttachType::Ingress,
+        Hook::TcEgress => TcAttachType::Egress,
         Hook::Cgroup => return Err(Error::Invalid(format!("{program}: a cgroup hook is not a TC hook"))),
     };
     let program_pin = bpffs.program(program);
@@ -90,10 +57,13 @@ pub fn attach_tc(bpffs: &Bpffs, hook: Hook, program: &str, ifname: &str) -> Resu
     Ok(())
 }
 
-/// Removes the pinned TC link of `ifname`; the kernel detaches the program when its
+/// Removes the pinned TC links of `ifname`; the kernel detaches a program when its
 /// pin goes (or already did, when the interface went away).
-pub fn detach_tc_ingress(bpffs: &Bpffs, ifname: &str) -> Result<()> {
-    remove_if_exists(&bpffs.tc_link(Hook::TcIngress, ifname))
+pub fn detach_tc(bpffs: &Bpffs, ifname: &str) -> Result<()> {
+    for hook in [Hook::TcIngress, Hook::TcEgress] {
+        remove_if_exists(&bpffs.tc_link(hook, ifname))?;
+    }
+    Ok(())
 }
 
 /// Attaches a loaded socket hook program to `cgroup` (only it, no program of a

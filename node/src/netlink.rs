@@ -8,7 +8,6 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressHeaderFlags};
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
-use rtnetlink::packet_route::tc::TcAttribute;
 use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -182,22 +181,6 @@ impl Netlink {
             .execute()
             .await
             .map_err(Error::netlink(format!("adding address {address}")))
-    }
-
-    /// Whether a BPF classifier (`cls_bpf`) filters the egress of interface `index`.
-    pub async fn has_egress_bpf_filter(&self, index: u32) -> Result<bool> {
-        let what = || format!("listing the egress filters of interface {index}");
-        let mut filters = self.handle.traffic_filter(index as i32).get().egress().execute();
-        while let Some(filter) = filters.try_next().await.map_err(Error::netlink(what()))? {
-            if filter
-                .attributes
-                .iter()
-                .any(|a| matches!(a, TcAttribute::Kind(kind) if kind == "bpf"))
-            {
-                return Ok(true);
-            }
-        }
-        Ok(false)
     }
 
     /// The addresses of both families on an interface.

@@ -4,14 +4,13 @@
 use nix::net::if_::if_nametoindex;
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use velox_common::{FROM_POD_PROGRAM, UPLINK_SLOT};
+use velox_common::UPLINK_SLOT;
 use velox_node::endpoint::{EndpointRecord, EndpointStore};
 use velox_node::fs::{list_dir, remove_if_exists};
 use velox_node::ipam::Allocator;
 use velox_node::layout::Hook;
-use velox_node::link::{attach_tc, attach_to_pod};
+use velox_node::link::attach_pod_veth_programs;
 use velox_node::maps::EndpointMaps;
-use velox_node::netlink::Netlink;
 use velox_node::{Bpffs, StateDir};
 
 /// What the records say the maps must hold.
@@ -66,10 +65,12 @@ pub fn sync_endpoints(
     }
     // Links of interfaces that no longer exist hold nothing; an ADD in progress
     // always has its interface before its link.
-    for link in list_dir(&bpffs.links_dir(Hook::TcIngress))? {
-        let gone = link.file_name().is_some_and(|name| if_nametoindex(name).is_err());
-        if gone {
-            remove_if_exists(&link)?;
+    for hook in [Hook::TcIngress, Hook::TcEgress] {
+        for link in list_dir(&bpffs.links_dir(hook))? {
+            let gone = link.file_name().is_some_and(|name| if_nametoindex(name).is_err());
+            if gone {
+                remove_if_exists(&link)?;
+            }
         }
     }
     Ok(())
@@ -114,9 +115,9 @@ fn sync_record(
         }
         wanted.ips.insert(*ip);
     }
-    if !bpffs.tc_link(Hook::TcIngress, &record.host_ifname).exists() {
-        log::warn!("re-attaching from_pod to {}", record.host_ifname);
-        attach_tc(bpffs, Hook::TcIngress, FROM_POD_PROGRAM, &record.host_ifname)?;
+    // A pod of a release before `to_pod` gets it here, at the first pass of an upgrade.
+    for program in attach_pod_veth_programs(bpffs, &record.host_ifname)? {
+        log::warn!("attached {program} to {}, which lacked it", record.host_ifname);
     }
     wanted.slots.insert(record.host_ifindex, record.slot);
     Ok(())
@@ -178,46 +179,5 @@ fn reap(state_dir: &StateDir, store: &EndpointStore, record: &EndpointRecord) ->
         record.ips,
         record.netns.display()
     );
-    Ok(())
-}
-
-/// The live pods' records: those whose host veth is still the one ADD made.
-fn live_records(store: &EndpointStore) -> anyhow::Result<Vec<EndpointRecord>> {
-    Ok(store
-        .list()?
-        .into_iter()
-        .filter(|r| if_nametoindex(r.host_ifname.as_str()).is_ok_and(|index| index == r.host_ifindex))
-        .collect())
-}
-
-/// Moves every live pod's `to_pod` filter to this build's program, and gives one to a
-/// pod of a release before it (an upgrade). True when every pod got it.
-pub fn move_to_pod_filters(bpffs: &Bpffs, store: &EndpointStore) -> bool {
-    let records = match live_records(store) {
-        Ok(records) => records,
-        Err(e) => {
-            log::error!("listing the pods to move to this build's to_pod: {e:#}");
-            return false;
-        }
-    };
-    let mut failed = 0;
-    for record in &records {
-        if let Err(e) = attach_to_pod(bpffs, &record.host_ifname) {
-            failed += 1;
-            log::error!("{}: {e:#}", record.host_ifname);
-        }
-    }
-    failed == 0
-}
-
-/// Gives `to_pod` back to a live pod's veth that lost its filter (someone ran `tc
-/// filter del`): without it, what the kernel delivers into the pod meets no policy.
-pub async fn sync_to_pod_filters(netlink: &Netlink, bpffs: &Bpffs, store: &EndpointStore) -> anyhow::Result<()> {
-    for record in live_records(store)? {
-        if !netlink.has_egress_bpf_filter(record.host_ifindex).await? {
-            log::warn!("re-attaching to_pod to {}", record.host_ifname);
-            attach_to_pod(bpffs, &record.host_ifname)?;
-        }
-    }
     Ok(())
 }
