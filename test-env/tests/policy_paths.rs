@@ -737,3 +737,52 @@ fn the_kernels_deliveries_into_an_isolated_pod_are_policed() {
     drop(servers);
     cluster.finish().unwrap();
 }
+
+/// A pod's veth that lost its `to_pod` link (its pin removed, which detaches it)
+/// fails CHECK and gets the link back from the loader's next pass: without it, what
+/// the kernel delivers into the pod would meet no policy.
+#[test]
+fn a_lost_to_pod_link_fails_check_and_comes_back() {
+    let node = velox_test_env::NodeGuard::up("pp5").unwrap();
+    let pod_name = node.pod_name("a");
+    let pod = node.add_pod("a").unwrap();
+    let host_veth = velox_node::endpoint::host_ifname(&velox_node::endpoint::Attachment {
+        container_id: pod_name.clone(),
+        ifname: "eth0".into(),
+    });
+    let mut conf = node.conf("1.1.0");
+    let ips: Vec<Value> = pod
+        .ips
+        .iter()
+        .map(|ip| json!({"address": ipnet::IpNet::from(*ip)}))
+        .collect();
+    conf["prevResult"] = json!({"cniVersion": "1.1.0", "ips": ips});
+    let check = || {
+        node.cni("CHECK", &pod_name, Some(&pod.netns_path()), "eth0", &conf)
+            .unwrap()
+    };
+    let link = velox_node::Bpffs::new(&node.bpffs_root).tc_link(velox_node::layout::Hook::TcEgress, &host_veth);
+    assert!(link.exists(), "ADD pinned to_pod's link");
+    assert!(check().success, "{}", check().stdout);
+
+    // The loader is stopped so that CHECK sees the loss before the repair does.
+    node.stop_loader(nix::sys::signal::Signal::SIGTERM).unwrap();
+    std::fs::remove_file(&link).unwrap();
+    let outcome = check();
+    assert!(!outcome.success, "CHECK passed without to_pod");
+    assert!(
+        outcome.stdout["msg"]
+            .as_str()
+            .unwrap()
+            .contains("to_pod is not attached"),
+        "{}",
+        outcome.stdout
+    );
+    node.start_loader().unwrap();
+    assert!(
+        velox_test_env::wait_for(Duration::from_secs(5), || link.exists()),
+        "the loader put to_pod back"
+    );
+    assert!(check().success, "{}", check().stdout);
+    node.finish().unwrap();
+}
