@@ -123,7 +123,7 @@ pub struct RunArgs {
     #[arg(long, requires = "socket_lb")]
     socket_lb_cgroup: Option<PathBuf>,
     /// The most pods this node runs: the per-CPU counters array has a slot for
-    /// each (72 bytes per CPU), and an ADD beyond it fails with code 104.
+    /// each (80 bytes per CPU), and an ADD beyond it fails with code 104.
     #[arg(long, default_value_t = velox_common::DEFAULT_MAX_PODS, value_parser = clap::value_parser!(u32).range(1..=velox_common::MAX_ENDPOINTS as i64 - 1))]
     max_pods: u32,
     /// Entries of the NetworkPolicy rules map (one per isolated pod, direction and

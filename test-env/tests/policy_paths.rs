@@ -271,8 +271,8 @@ fn a_udp_server_that_answered_its_host_stays_unreachable_from_other_pods() {
         &cluster,
         &[
             at(&server, 0, "isolated", "server"),
-            at(&same_node, 0, "default", "client"),
-            at(&other_node, 1, "default", "client"),
+            at(&same_node, 0, "clients", "client"),
+            at(&other_node, 1, "clients", "client"),
             at(&other_node_too, 1, "default", "client"),
         ],
     );
@@ -298,13 +298,19 @@ fn a_udp_server_that_answered_its_host_stays_unreachable_from_other_pods() {
         "pod-1",
         "without policy, pods on both nodes reach pod-1's UDP server",
     );
+    // The clients are isolated too (their own ingress): a connection an isolated
+    // client opens must not stand in for the server's ingress rules.
     write_policies(
         &cluster,
-        vec![policy(
-            "isolated",
-            "deny-ingress",
-            json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
-        )],
+        ["isolated", "clients"]
+            .map(|namespace| {
+                policy(
+                    namespace,
+                    "deny-ingress",
+                    json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+                )
+            })
+            .to_vec(),
     );
     eventually_refused(
         &udp_probes(&clients, &server, CONTROL),

@@ -356,6 +356,9 @@ pub const OPENED_BY_SECOND: u32 = 1;
 pub struct AllowedFlow {
     pub generation: u32,
     pub opener: u32,
+    /// 1 while the receiver's ingress is still to be judged, where the kernel delivers
+    /// the connection (`to_pod`): until then only the replies may trust the entry.
+    pub ingress_pending: u32,
 }
 
 /// Another node, as the next hop for one of its pod CIDRs (direct routing, no tunnel).
@@ -401,8 +404,9 @@ pub const DROP_NO_INTERFACE: u32 = 1;
 pub const DROP_REDIRECT_FAILED: u32 = 2;
 pub const DROP_POLICY_EGRESS: u32 = 3;
 pub const DROP_POLICY_INGRESS: u32 = 4;
+pub const DROP_UNKNOWN_RECEIVER: u32 = 5;
 
-pub const DROP_REASONS: [DropReason; 5] = [
+pub const DROP_REASONS: [DropReason; 6] = [
     DropReason {
         code: DROP_SPOOFED,
         name: "spoofed",
@@ -427,6 +431,12 @@ pub const DROP_REASONS: [DropReason; 5] = [
         code: DROP_POLICY_INGRESS,
         name: "policy_ingress",
         help: "no rule of a NetworkPolicy selecting the receiver allows it in",
+    },
+    DropReason {
+        code: DROP_UNKNOWN_RECEIVER,
+        name: "unknown_receiver",
+        help:
+            "forwarded into a pod for an address it does not hold in the maps (its ADD unfinished, its DEL under way)",
     },
 ];
 

@@ -29,7 +29,7 @@ use forward::{fits_uplink, local_endpoint, peer_node, to_local_pod, to_peer_node
 use kernel_flows::{is_kernel_flow, remember};
 use parse::{parse, Packet};
 use policy::{police, Verdict, ALLOWED};
-use velox_common::{DROP_SPOOFED, UPLINK_SLOT};
+use velox_common::{DROP_SPOOFED, DROP_UNKNOWN_RECEIVER, UPLINK_SLOT};
 use verdict::{finish, interface_slot, trace, Outcome, NO_SLOT, PASS};
 
 /// `__sk_buff.pkt_type` of a frame addressed to this host.
@@ -66,8 +66,10 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 
 /// Where a validated packet from the pod in `sender_slot` goes, once policy allows it:
 /// a local pod, a pod on a peer node, or the kernel. A packet of a connection the
-/// kernel handles (a reply it may translate back) goes to the kernel; the sender's
-/// egress judges it here, the receiver's ingress where the kernel delivers it.
+/// kernel handles (a reply it may translate back) goes to the kernel. The sender's
+/// egress judges a packet here; the receiver's ingress here when Velox delivers it to
+/// a local pod, on its node when it goes to another, and where the kernel delivers it
+/// (`to_pod`) otherwise.
 #[inline(always)]
 fn from_pod_to(ctx: &TcContext, packet: &Packet, sender_slot: u32, ifindex: u32, verdict: &mut Verdict) -> Outcome {
     let kernel_flow = is_kernel_flow(packet);
@@ -75,14 +77,20 @@ fn from_pod_to(ctx: &TcContext, packet: &Packet, sender_slot: u32, ifindex: u32,
         true => None,
         false => local_endpoint(&packet.dst.addr),
     };
-    police(ctx, packet, sender_slot, local.map_or(NO_SLOT, |e| e.slot), verdict);
+    let peer = match kernel_flow || local.is_some() {
+        true => None,
+        false => peer_node(&packet.dst.addr),
+    };
+    let dst_slot = local.map_or(NO_SLOT, |e| e.slot);
+    let to_kernel = local.is_none() && peer.is_none();
+    police(ctx, packet, sender_slot, dst_slot, to_kernel, verdict);
     if verdict.result != ALLOWED {
         verdict.result
     } else if kernel_flow {
         PASS
     } else if let Some(endpoint) = local {
         to_local_pod(ctx, endpoint)
-    } else if let Some(peer) = peer_node(&packet.dst.addr) {
+    } else if let Some(peer) = peer {
         if fits_uplink(ctx, peer) {
             to_peer_node(peer)
         } else {
@@ -118,7 +126,7 @@ pub fn from_net(ctx: TcContext) -> i32 {
             // The kernel delivers it, and `to_pod` judges it there.
             PASS
         } else {
-            police(&ctx, &packet, NO_SLOT, endpoint.slot, &mut verdict);
+            police(&ctx, &packet, NO_SLOT, endpoint.slot, false, &mut verdict);
             if verdict.result == ALLOWED {
                 to_local_pod(&ctx, endpoint)
             } else {
@@ -141,7 +149,10 @@ pub fn from_net(ctx: TcContext) -> i32 {
 /// What the kernel delivers into a pod: kube-proxy's NodePorts and ClusterIPs, hostPorts,
 /// connections Velox handed to the kernel. Velox's own deliveries
 /// (`bpf_redirect_peer`) never pass here. The node's own processes reach its pods
-/// (kubelet's probes): a packet the host sent, not one it forwarded, passes.
+/// (kubelet's probes): a packet the host sent, not one it forwarded, passes. So do
+/// later fragments and ICMP errors, which do not name their connection (as before
+/// this hook). A forwarded packet for an address this pod does not hold in the maps
+/// (its ADD unfinished, its DEL under way) is dropped.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
     let mut packet = Packet::default();
@@ -149,20 +160,24 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     // interface.
     let (ifindex, from_host) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex == 0) };
     let is_ip = parse(&ctx, &mut packet);
-    let receiver = match is_ip && !from_host {
-        true => local_endpoint(&packet.dst.addr).filter(|receiver| receiver.ifindex == ifindex),
-        false => None,
-    };
     let mut verdict = Verdict::default();
-    if let Some(receiver) = receiver {
-        police(&ctx, &packet, NO_SLOT, receiver.slot, &mut verdict);
+    let mut slot = NO_SLOT;
+    if is_ip && !from_host && !packet.unnamed_connection {
+        match local_endpoint(&packet.dst.addr).filter(|receiver| receiver.ifindex == ifindex) {
+            Some(receiver) => {
+                police(&ctx, &packet, NO_SLOT, receiver.slot, false, &mut verdict);
+                slot = receiver.slot;
+            }
+            None => {
+                verdict.result = DROP_UNKNOWN_RECEIVER;
+                slot = interface_slot(ifindex);
+            }
+        }
     }
-    // A pod's counters count what it sent; here only a drop is counted, in the
-    // receiver's slot.
-    let slot = match receiver {
-        Some(receiver) if verdict.result != ALLOWED => receiver.slot,
-        _ => NO_SLOT,
-    };
+    // A pod's counters count what it sent; here only a drop is counted.
+    if verdict.result == ALLOWED {
+        slot = NO_SLOT;
+    }
     let action = finish(&ctx, &packet, slot, verdict.result, &verdict);
     trace(&ctx, "to_pod", is_ip.then_some(&packet.dst.addr), action);
     action

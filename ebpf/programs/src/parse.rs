@@ -16,6 +16,13 @@ const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 /// Router solicitation .. redirect: neighbour discovery is the kernel's business.
 const NDP_TYPES: core::ops::RangeInclusive<u8> = 133..=137;
+/// ICMP errors, each about the connection whose packet it quotes: destination
+/// unreachable, source quench, time exceeded, parameter problem; and ICMPv6's
+/// destination unreachable, packet too big, time exceeded, parameter problem.
+const ICMP_ERRORS: [u8; 4] = [3, 4, 11, 12];
+const ICMPV6_ERRORS: core::ops::RangeInclusive<u8> = 1..=4;
+/// The IPv6 fragment header.
+const IPPROTO_FRAGMENT: u8 = 44;
 
 /// What the programs read of an IP packet, parsed once.
 #[derive(Default)]
@@ -26,6 +33,9 @@ pub struct Packet {
     /// any UDP or SCTP datagram (which cannot tell). Other protocols (IPv6 extension
     /// headers among them) open none that Velox can follow.
     pub opens: bool,
+    /// The packet does not name its connection: a later fragment (no ports) or an
+    /// ICMP error (it is about the connection it quotes).
+    pub unnamed_connection: bool,
 }
 
 /// Reads both ends of an IPv4 or IPv6 packet into `packet` (zeroed by the caller),
@@ -49,6 +59,9 @@ pub fn parse(ctx: &TcContext, packet: &mut Packet) -> bool {
         let ip = unsafe { &*ip };
         packet.src.addr = IpKey::v4(ip.src_addr);
         packet.dst.addr = IpKey::v4(ip.dst_addr);
+        if ip.frag_offset() != 0 {
+            packet.unnamed_connection = true;
+        }
         (EthHdr::LEN + usize::from(ip.ihl()), ip.proto as u8) // ihl() is in bytes
     } else if ether_type == EtherType::Ipv6 as u16 {
         let Some(ip) = header_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
@@ -57,12 +70,18 @@ pub fn parse(ctx: &TcContext, packet: &mut Packet) -> bool {
         let ip = unsafe { &*ip };
         packet.src.addr = IpKey::v6(ip.src_addr);
         packet.dst.addr = IpKey::v6(ip.dst_addr);
+        if ip.next_hdr == IPPROTO_FRAGMENT {
+            packet.unnamed_connection = true;
+        }
         (EthHdr::LEN + Ipv6Hdr::LEN, ip.next_hdr)
     } else {
         return false;
     };
     packet.src.proto = proto;
     packet.dst.proto = proto;
+    if packet.unnamed_connection {
+        return true;
+    }
     match proto {
         IPPROTO_TCP => {
             // source port, destination port, sequence, acknowledgement, offset, flags
@@ -85,9 +104,15 @@ pub fn parse(ctx: &TcContext, packet: &mut Packet) -> bool {
             // type, code, checksum, identifier: an echo and its reply share the identifier.
             if let Some(icmp) = header_at::<[u8; 6]>(ctx, l4) {
                 let icmp = unsafe { &*icmp };
-                if proto == IPPROTO_ICMPV6 && NDP_TYPES.contains(&icmp[0]) {
+                // Neighbour discovery stays on the link; an ND type to any other
+                // address is judged like any packet.
+                if proto == IPPROTO_ICMPV6 && NDP_TYPES.contains(&icmp[0]) && stays_on_link(&packet.dst.addr) {
                     return false;
                 }
+                packet.unnamed_connection = match proto {
+                    IPPROTO_ICMP => ICMP_ERRORS.contains(&icmp[0]),
+                    _ => ICMPV6_ERRORS.contains(&icmp[0]),
+                };
                 if ICMP_ECHO.contains(&icmp[0]) {
                     let identifier = u16::from_ne_bytes([icmp[4], icmp[5]]);
                     packet.src.port = identifier;
@@ -99,6 +124,12 @@ pub fn parse(ctx: &TcContext, packet: &mut Packet) -> bool {
         _ => {}
     }
     true
+}
+
+/// A link-local (fe80::/10) or multicast (ff00::/8) IPv6 destination.
+#[inline(always)]
+fn stays_on_link(addr: &IpKey) -> bool {
+    addr.addr[0] == 0xff || (addr.addr[0] == 0xfe && addr.addr[1] & 0xc0 == 0x80)
 }
 
 #[inline(always)]

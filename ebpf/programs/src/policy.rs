@@ -65,8 +65,18 @@ impl Default for Verdict {
 
 /// Decides `packet` from the pod in `src_slot` to the pod in `dst_slot` (`NO_SLOT`
 /// for an end that is not a pod of this node: its node, if any, polices it).
+/// `ingress_elsewhere`: the packet goes to the kernel, and the receiver's ingress is
+/// judged where the kernel delivers it (`to_pod`); until then the connection it opens
+/// is trusted only for its replies.
 #[inline(always)]
-pub fn police(ctx: &TcContext, packet: &Packet, src_slot: u32, dst_slot: u32, verdict: &mut Verdict) {
+pub fn police(
+    ctx: &TcContext,
+    packet: &Packet,
+    src_slot: u32,
+    dst_slot: u32,
+    ingress_elsewhere: bool,
+    verdict: &mut Verdict,
+) {
     let (src_flags, dst_flags) = (flags(src_slot), flags(dst_slot));
     // Connections of an isolated pod are followed whichever way they go: the replies
     // of one the pod accepted pass its egress rules, and the reverse.
@@ -77,8 +87,15 @@ pub fn police(ctx: &TcContext, packet: &Packet, src_slot: u32, dst_slot: u32, ve
     let (key, src_first) = PolicyFlow::of(&packet.src, &packet.dst);
     let known = VELOX_POLICY_FLOWS.get_ptr_mut(&key);
     if let Some(flow) = known {
-        // SAFETY: a map value; a racing writer writes the same generation.
-        if unsafe { (*flow).generation } == generation {
+        // SAFETY: a map value; racing writers write the same values.
+        let (current, opened_by_src, pending) = unsafe {
+            (
+                (*flow).generation == generation,
+                ((*flow).opener == OPENED_BY_FIRST) == src_first,
+                (*flow).ingress_pending != 0,
+            )
+        };
+        if current && !(pending && opened_by_src) {
             return;
         }
     }
@@ -94,11 +111,24 @@ pub fn police(ctx: &TcContext, packet: &Packet, src_slot: u32, dst_slot: u32, ve
     if verdict.result == ALLOWED {
         // Traffic the rules allow one way makes its replies allowed, also for a
         // connection that was open before its pod was isolated.
+        let ingress_pending = u32::from(ingress_elsewhere);
         match known {
-            Some(flow) => unsafe { (*flow).generation = generation },
+            Some(flow) => unsafe {
+                (*flow).generation = generation;
+                // The opening direction's receiver has now been judged here, or is
+                // to be judged (again, under these rules) where the kernel delivers.
+                if ((*flow).opener == OPENED_BY_FIRST) == src_first {
+                    (*flow).ingress_pending = ingress_pending;
+                }
+            },
             None => {
                 let opener = if src_first { OPENED_BY_FIRST } else { OPENED_BY_SECOND };
-                let _ = VELOX_POLICY_FLOWS.insert(&key, AllowedFlow { generation, opener }, BPF_ANY as u64);
+                let flow = AllowedFlow {
+                    generation,
+                    opener,
+                    ingress_pending,
+                };
+                let _ = VELOX_POLICY_FLOWS.insert(&key, flow, BPF_ANY as u64);
                 verdict.new_connection = packet.opens;
             }
         }
