@@ -347,7 +347,17 @@ fn resolve(
                 log::warn!("ignoring the ipBlock {:?}: not a CIDR", block.cidr);
                 continue;
             };
-            let mut except: Vec<Prefix> = block.except.iter().flatten().filter_map(|e| Prefix::parse(e)).collect();
+            // An IPv6 block of IPv4-mapped addresses names no IPv4 address.
+            if block.cidr.contains(':') && Prefix::IPV4.contains(&cidr) {
+                log::warn!("ignoring the ipBlock {:?}: IPv4-mapped IPv6 addresses hold no IPv4 peer", block.cidr);
+                continue;
+            }
+            // Without all of its excepts a block would admit what they shut: it goes.
+            let except: Option<Vec<Prefix>> = block.except.iter().flatten().map(|e| Prefix::parse(e)).collect();
+            let Some(mut except) = except else {
+                log::warn!("ignoring the ipBlock {:?}: an except is not a CIDR", block.cidr);
+                continue;
+            };
             // An IPv6 block that holds ::ffff:0:0/96 would hold every IPv4 address too.
             if cidr.contains(&Prefix::IPV4) && cidr != Prefix::IPV4 {
                 except.push(Prefix::IPV4);
@@ -361,11 +371,14 @@ fn resolve(
         for pod in pods {
             let in_namespace = match &peer.namespace_selector {
                 None => pod.namespace == namespace,
-                // A namespace the source has not shown (yet) has no labels we know.
-                Some(selector) => selects(
-                    Some(selector),
-                    namespace_labels.get(pod.namespace).copied().unwrap_or(&BTreeMap::new()),
-                ),
+                // A namespace the source has not shown (yet) has labels we do not
+                // know: only the selector of every namespace takes it, never one that
+                // asks for a label to be absent (`NotIn`, `DoesNotExist`).
+                Some(selector) => match namespace_labels.get(pod.namespace) {
+                    Some(labels) => selects(Some(selector), labels),
+                    None => selector.match_labels.as_ref().is_none_or(|l| l.is_empty())
+                        && selector.match_expressions.as_ref().is_none_or(|e| e.is_empty()),
+                },
             };
             if in_namespace && selects(peer.pod_selector.as_ref(), pod.labels) {
                 hosts.extend(pod.ips.iter().map(|ip| Prefix::host(*ip)));
@@ -886,6 +899,71 @@ mod tests {
         assert!(allowed(&grid, &compiled, "x/a", "y/b", IPPROTO_TCP, 80, true));
         assert!(!allowed(&grid, &compiled, "x/a", "y/b", IPPROTO_TCP, 80, false));
         assert!(!allowed(&grid, &compiled, "x/a", "192.0.2.1", IPPROTO_TCP, 80, false));
+    }
+
+    #[test]
+    fn an_ipv6_block_inside_the_ipv4_mapped_range_holds_no_ipv4_address() {
+        let grid = Grid::new();
+        let p = policy(
+            "x",
+            "mapped",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                   "egress": [{"to": [{"ipBlock": {"cidr": "::ffff:10.0.0.0/104"}}]}]}),
+        );
+        let compiled = grid.compile(&[p]);
+        assert!(!allowed(&grid, &compiled, "x/a", "y/b", IPPROTO_TCP, 80, false));
+        assert!(!allowed(&grid, &compiled, "x/a", "10.0.200.1", IPPROTO_TCP, 80, false));
+    }
+
+    #[test]
+    fn an_except_that_does_not_parse_takes_its_block_with_it() {
+        let grid = Grid::new();
+        let p = policy(
+            "x",
+            "block",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                   "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.1.0/33"]}}]}]}),
+        );
+        let compiled = grid.compile(&[p]);
+        assert!(!allowed(&grid, &compiled, "x/a", "y/b", IPPROTO_TCP, 80, false), "the except's range stays shut");
+        assert!(!allowed(&grid, &compiled, "x/a", "z/c", IPPROTO_TCP, 80, false), "and so does the block");
+    }
+
+    #[test]
+    fn leading_zero_ipv4_cidrs_parse_as_kubernetes_stored_them() {
+        let grid = Grid::new();
+        let p = policy(
+            "x",
+            "block",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                   "egress": [{"to": [{"ipBlock": {"cidr": "010.000.0.0/16", "except": ["010.000.001.0/24"]}}]}]}),
+        );
+        let compiled = grid.compile(&[p]);
+        assert!(allowed(&grid, &compiled, "x/a", "z/c", IPPROTO_TCP, 80, false), "inside the block");
+        assert!(!allowed(&grid, &compiled, "x/a", "y/b", IPPROTO_TCP, 80, false), "the except");
+    }
+
+    #[test]
+    fn a_namespace_not_seen_yet_matches_no_selector_that_asks_for_an_absent_label() {
+        let mut grid = Grid::new();
+        grid.namespaces.retain(|ns| ns.metadata.name.as_deref() != Some("z"));
+        let not_in = policy(
+            "x",
+            "not-in",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                   "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [{"key": "ns", "operator": "NotIn", "values": ["y"]}]}}]}]}),
+        );
+        let compiled = grid.compile(std::slice::from_ref(&not_in));
+        assert!(allowed(&grid, &compiled, "x/b", "x/a", IPPROTO_TCP, 80, false), "x is not y");
+        assert!(!allowed(&grid, &compiled, "y/b", "x/a", IPPROTO_TCP, 80, false), "y is");
+        assert!(!allowed(&grid, &compiled, "z/b", "x/a", IPPROTO_TCP, 80, false), "z's labels are unknown");
+        let every = policy(
+            "x",
+            "every",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [{"namespaceSelector": {}}]}]}),
+        );
+        let compiled = grid.compile(&[every]);
+        assert!(allowed(&grid, &compiled, "z/b", "x/a", IPPROTO_TCP, 80, false), "z is some namespace");
     }
 
     #[test]
