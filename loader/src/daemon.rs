@@ -37,7 +37,7 @@ use velox_node::{Bpffs, StateDir};
 
 use crate::metrics::Metrics;
 use crate::reconcile::endpoints::sync_endpoints;
-use crate::reconcile::policy::{LocalPod, PolicyReconciler};
+use crate::reconcile::policy::{lift_isolation, LocalPod, PolicyReconciler};
 use crate::reconcile::routes::{NodeNetwork, NodeNetworkConfig};
 use crate::reconcile::services::ServiceBalancer;
 use crate::source::files::FileSource;
@@ -212,6 +212,9 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     let _owned = take_over(&bpffs, &state_dir)?;
     let mut ebpf = load_and_pin(&bpffs, &datapath)?;
     carry_over_kernel_flows(&bpffs)?;
+    if !network_policy {
+        lift_isolation(&bpffs)?;
+    }
     let maps = EndpointMaps::open(&bpffs)?;
     let store = EndpointStore::new(&state_dir);
     let netlink = Netlink::connect()?;

@@ -1112,3 +1112,61 @@ fn rules_that_do_not_fit_deny_and_say_so() {
     drop(servers);
     cluster.finish().unwrap();
 }
+
+/// `--network-policy=false` turns enforcement off: a pod a deny-all policy isolated
+/// is reachable again once the loader restarts with it (the rules an earlier run
+/// left in the maps do not stay in force).
+#[test]
+fn network_policy_off_lifts_the_isolation_an_earlier_run_left() {
+    use nix::sys::signal::Signal;
+    use std::net::SocketAddr;
+    use velox_test_env::backend::Backend;
+    use velox_test_env::netpol::{namespace_object, pod_object};
+    let cluster = ClusterGuard::up("npoff").unwrap();
+    let node0 = &cluster.nodes[0];
+    let (server, client) = (cluster.pod("pod-1"), cluster.pod("pod-4"));
+    let servers: Vec<Backend> = Family::ALL
+        .iter()
+        .map(|family| {
+            let on = SocketAddr::new(server.ip(*family), 8080);
+            Backend::start(&server.name, on, Protocol::Tcp, "up").unwrap()
+        })
+        .collect();
+    let pods = [(&server, "server"), (&client, "client")]
+        .iter()
+        .map(|(pod, role)| {
+            let labels = [("app".to_string(), role.to_string())].into();
+            pod_object("default", &pod.name, &labels, &node0.name, pod)
+        })
+        .chain([namespace_object("default", &Default::default())])
+        .collect();
+    let state = |file: &str| cluster.cluster_state.join(file);
+    velox_test_env::cluster_state::write_objects(&state("pods.json"), pods).unwrap();
+    let deny = policy(
+        "default",
+        "deny",
+        json!({"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"]}),
+    );
+    velox_test_env::cluster_state::write_objects(&state("policies.json"), vec![deny]).unwrap();
+    let answers = |family: Family| {
+        node0
+            .probe(&client.name, "tcp", SocketAddr::new(server.ip(family), 8080))
+            .is_ok_and(|answer| answer["answer"] == "up")
+    };
+    let eventually = |what: &str, done: &dyn Fn() -> bool| {
+        assert!(
+            velox_test_env::wait_for(std::time::Duration::from_secs(15), done),
+            "{what}"
+        );
+    };
+    for family in Family::ALL {
+        eventually("the deny-all policy isolates pod-1", &|| !answers(family));
+    }
+    node0.stop_loader(Signal::SIGTERM).unwrap();
+    node0.start_loader_with(&["--network-policy=false"]).unwrap();
+    for family in Family::ALL {
+        eventually("with enforcement off, pod-4 reaches pod-1", &|| answers(family));
+    }
+    drop(servers);
+    cluster.finish().unwrap();
+}

@@ -87,6 +87,27 @@ impl PolicyReconciler {
     }
 }
 
+/// Turns enforcement off (`--network-policy=false`): no pod stays isolated by rules
+/// an earlier run left in the maps, and no connection by the flows they allowed.
+pub fn lift_isolation(bpffs: &Bpffs) -> anyhow::Result<()> {
+    let mut maps = PolicyMaps::open(bpffs)?;
+    let mut lifted = 0;
+    for (slot, state) in maps.states()? {
+        if state != PolicyState::default() {
+            maps.set_state(slot, PolicyState::default())?;
+            lifted += 1;
+        }
+    }
+    for (key, prefix, _) in maps.rules()? {
+        maps.remove_rule(key, prefix)?;
+    }
+    maps.bump_generation()?;
+    if lifted > 0 {
+        log::info!("NetworkPolicy is off: {lifted} pod(s) no longer isolated");
+    }
+    Ok(())
+}
+
 /// The pods' live entries; entries of a version that is not live (an update the
 /// loader did not finish) are removed.
 fn read_applied(maps: &mut PolicyMaps) -> anyhow::Result<BTreeMap<u32, Applied>> {

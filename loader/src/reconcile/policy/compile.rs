@@ -349,7 +349,10 @@ fn resolve(
             };
             // An IPv6 block of IPv4-mapped addresses names no IPv4 address.
             if block.cidr.contains(':') && Prefix::IPV4.contains(&cidr) {
-                log::warn!("ignoring the ipBlock {:?}: IPv4-mapped IPv6 addresses hold no IPv4 peer", block.cidr);
+                log::warn!(
+                    "ignoring the ipBlock {:?}: IPv4-mapped IPv6 addresses hold no IPv4 peer",
+                    block.cidr
+                );
                 continue;
             }
             // Without all of its excepts a block would admit what they shut: it goes.
@@ -376,8 +379,10 @@ fn resolve(
                 // asks for a label to be absent (`NotIn`, `DoesNotExist`).
                 Some(selector) => match namespace_labels.get(pod.namespace) {
                     Some(labels) => selects(Some(selector), labels),
-                    None => selector.match_labels.as_ref().is_none_or(|l| l.is_empty())
-                        && selector.match_expressions.as_ref().is_none_or(|e| e.is_empty()),
+                    None => {
+                        selector.match_labels.as_ref().is_none_or(|l| l.is_empty())
+                            && selector.match_expressions.as_ref().is_none_or(|e| e.is_empty())
+                    }
                 },
             };
             if in_namespace && selects(peer.pod_selector.as_ref(), pod.labels) {
@@ -925,8 +930,14 @@ mod tests {
                    "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.1.0/33"]}}]}]}),
         );
         let compiled = grid.compile(&[p]);
-        assert!(!allowed(&grid, &compiled, "x/a", "y/b", IPPROTO_TCP, 80, false), "the except's range stays shut");
-        assert!(!allowed(&grid, &compiled, "x/a", "z/c", IPPROTO_TCP, 80, false), "and so does the block");
+        assert!(
+            !allowed(&grid, &compiled, "x/a", "y/b", IPPROTO_TCP, 80, false),
+            "the except's range stays shut"
+        );
+        assert!(
+            !allowed(&grid, &compiled, "x/a", "z/c", IPPROTO_TCP, 80, false),
+            "and so does the block"
+        );
     }
 
     #[test]
@@ -939,8 +950,14 @@ mod tests {
                    "egress": [{"to": [{"ipBlock": {"cidr": "010.000.0.0/16", "except": ["010.000.001.0/24"]}}]}]}),
         );
         let compiled = grid.compile(&[p]);
-        assert!(allowed(&grid, &compiled, "x/a", "z/c", IPPROTO_TCP, 80, false), "inside the block");
-        assert!(!allowed(&grid, &compiled, "x/a", "y/b", IPPROTO_TCP, 80, false), "the except");
+        assert!(
+            allowed(&grid, &compiled, "x/a", "z/c", IPPROTO_TCP, 80, false),
+            "inside the block"
+        );
+        assert!(
+            !allowed(&grid, &compiled, "x/a", "y/b", IPPROTO_TCP, 80, false),
+            "the except"
+        );
     }
 
     #[test]
@@ -954,16 +971,25 @@ mod tests {
                    "ingress": [{"from": [{"namespaceSelector": {"matchExpressions": [{"key": "ns", "operator": "NotIn", "values": ["y"]}]}}]}]}),
         );
         let compiled = grid.compile(std::slice::from_ref(&not_in));
-        assert!(allowed(&grid, &compiled, "x/b", "x/a", IPPROTO_TCP, 80, false), "x is not y");
+        assert!(
+            allowed(&grid, &compiled, "x/b", "x/a", IPPROTO_TCP, 80, false),
+            "x is not y"
+        );
         assert!(!allowed(&grid, &compiled, "y/b", "x/a", IPPROTO_TCP, 80, false), "y is");
-        assert!(!allowed(&grid, &compiled, "z/b", "x/a", IPPROTO_TCP, 80, false), "z's labels are unknown");
+        assert!(
+            !allowed(&grid, &compiled, "z/b", "x/a", IPPROTO_TCP, 80, false),
+            "z's labels are unknown"
+        );
         let every = policy(
             "x",
             "every",
             json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [{"namespaceSelector": {}}]}]}),
         );
         let compiled = grid.compile(&[every]);
-        assert!(allowed(&grid, &compiled, "z/b", "x/a", IPPROTO_TCP, 80, false), "z is some namespace");
+        assert!(
+            allowed(&grid, &compiled, "z/b", "x/a", IPPROTO_TCP, 80, false),
+            "z is some namespace"
+        );
     }
 
     #[test]
