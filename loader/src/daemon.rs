@@ -210,13 +210,14 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         network_policy,
     } = options;
     let _owned = take_over(&bpffs, &state_dir)?;
+    let store = EndpointStore::new(&state_dir);
+    refuse_max_pods_below_live_slots(&store, datapath.max_pods)?;
     let mut ebpf = load_and_pin(&bpffs, &datapath)?;
     carry_over_kernel_flows(&bpffs)?;
     if !network_policy {
         lift_isolation(&bpffs)?;
     }
     let maps = EndpointMaps::open(&bpffs)?;
-    let store = EndpointStore::new(&state_dir);
     let netlink = Netlink::connect()?;
     let node_network = node_network
         .map(|config| NodeNetwork::new(config, bpffs.clone()))
@@ -226,12 +227,13 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         metrics.serve(address, bpffs.clone()).await?;
     }
     let with_services = datapath.socket_lb_cgroup.is_some();
+    let source = source.start(with_services, network_policy, metrics.clone()).await?;
     let sync = SourceSync {
-        source: source.start(with_services, network_policy, metrics.clone()).await?,
+        policy: (network_policy && source.gives_policy()).then(PolicyReconciler::default),
+        source,
         node_network,
         balancer: with_services.then(ServiceBalancer::default),
         node_ips: None,
-        policy: network_policy.then(PolicyReconciler::default),
         endpoints_changed_at: None,
     };
     let mut daemon = Daemon {
@@ -243,6 +245,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         sync,
         metrics,
         install_into,
+        unmoved: None,
     };
     // A source that cannot be read never stops the start; a missing uplink does.
     daemon.apply_source(true).await?;
@@ -254,16 +257,30 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         daemon.sync.uplink(),
     )?;
     attach_socket_lb(&daemon.bpffs, &mut ebpf, datapath.socket_lb_cgroup.as_deref())?;
-    // The maps are filled: every pod and the uplink may move to this build.
-    if repoint_links(&daemon.bpffs, &ebpf) {
-        remove_other_layouts(&daemon.bpffs)?;
-    }
     if datapath.log_level != log::LevelFilter::Off {
         let logger = EbpfLogger::init(&mut ebpf).context("reading the datapath's log records")?;
         tokio::spawn(forward_datapath_logs(logger));
     }
-    drop(ebpf);
+    daemon.unmoved = Some(ebpf);
+    daemon.move_to_this_build()?;
     daemon.serve(interval).await
+}
+
+/// Refuses a --max-pods that leaves a live pod's counters slot outside the arrays: its
+/// policy state would read as "not isolated" and its counters would go. The datapath
+/// that runs keeps its maps and rules.
+fn refuse_max_pods_below_live_slots(store: &EndpointStore, max_pods: u32) -> anyhow::Result<()> {
+    let records = store.list()?;
+    if let Some(record) = records.iter().filter(|r| r.slot > max_pods).max_by_key(|r| r.slot) {
+        anyhow::bail!(
+            "--max-pods {max_pods} is below counters slot {} of the pod on {}: start with --max-pods {} or more, \
+             or lower it once the pods above it have gone",
+            record.slot,
+            record.host_ifname,
+            record.slot
+        );
+    }
+    Ok(())
 }
 
 /// Makes sure the bpffs root and the state dir exist and that no other loader runs
@@ -295,9 +312,31 @@ struct Daemon {
     metrics: Metrics,
     /// The CNI bin and conf dirs to install into, until that is done.
     install_into: Option<(PathBuf, PathBuf)>,
+    /// This build's programs, while the links still run an earlier build's: they
+    /// move once the maps hold the policy (see [`Daemon::move_to_this_build`]).
+    unmoved: Option<Ebpf>,
 }
 
 impl Daemon {
+    /// Moves every link to this build's programs once its maps are filled, the policy
+    /// rules included: until the source has given them, the links keep their programs
+    /// and maps, and with them the last rules they enforced (a new layout or a new
+    /// --max-pods starts on empty maps, which would isolate nobody).
+    fn move_to_this_build(&mut self) -> anyhow::Result<()> {
+        let policy_known = self.sync.policy.as_ref().is_none_or(|policy| policy.applied_once);
+        let Some(ebpf) = self.unmoved.as_ref().filter(|_| policy_known) else {
+            if self.unmoved.is_some() {
+                log::info!("the links keep their programs until NetworkPolicy is known");
+            }
+            return Ok(());
+        };
+        if repoint_links(&self.bpffs, ebpf) {
+            remove_other_layouts(&self.bpffs)?;
+        }
+        self.unmoved = None;
+        Ok(())
+    }
+
     /// Answers health probes and reconciles until SIGTERM or SIGINT. Pins stay: the
     /// datapath keeps forwarding without us.
     async fn serve(mut self, interval: Duration) -> anyhow::Result<()> {
@@ -362,6 +401,9 @@ impl Daemon {
     async fn source_pass(&mut self) {
         if let Err(e) = self.apply_source(false).await {
             log::error!("applying the cluster's nodes: {e:#}");
+        }
+        if let Err(e) = self.move_to_this_build() {
+            log::error!("moving the links to this build: {e:#}");
         }
         let pod_cidrs = self
             .sync

@@ -1170,3 +1170,101 @@ fn network_policy_off_lifts_the_isolation_an_earlier_run_left() {
     drop(servers);
     cluster.finish().unwrap();
 }
+
+/// Restarting the loader with another `--max-pods` (new arrays, empty until the
+/// policy pass fills them) admits nothing a deny-all policy denies, probed all along;
+/// one below a live pod's counters slot is refused, and the datapath that runs keeps
+/// its rules.
+#[test]
+fn another_max_pods_opens_no_window_and_one_below_a_live_slot_is_refused() {
+    use nix::sys::signal::Signal;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use velox_test_env::backend::Backend;
+    use velox_test_env::netpol::{namespace_object, pod_object};
+    let cluster = ClusterGuard::up("npslots").unwrap();
+    let node0 = &cluster.nodes[0];
+    let (server, client) = (cluster.pod("pod-1"), cluster.pod("pod-4"));
+    let servers: Vec<Backend> = Family::ALL
+        .iter()
+        .map(|family| {
+            let on = SocketAddr::new(server.ip(*family), 8080);
+            Backend::start(&server.name, on, Protocol::Tcp, "up").unwrap()
+        })
+        .collect();
+    let pods = [(&server, "server"), (&client, "client")]
+        .iter()
+        .map(|(pod, role)| {
+            let labels = [("app".to_string(), role.to_string())].into();
+            pod_object("default", &pod.name, &labels, &node0.name, pod)
+        })
+        .chain([namespace_object("default", &Default::default())])
+        .collect();
+    let state = |file: &str| cluster.cluster_state.join(file);
+    velox_test_env::cluster_state::write_objects(&state("pods.json"), pods).unwrap();
+    let deny = policy(
+        "default",
+        "deny",
+        json!({"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"]}),
+    );
+    velox_test_env::cluster_state::write_objects(&state("policies.json"), vec![deny]).unwrap();
+    // A refused probe waits 1 s: a window of that order shows.
+    let answers =
+        |family: Family| velox_test_env::netpol::connect(&client, SocketAddr::new(server.ip(family), 8080)).is_ok();
+    for family in Family::ALL {
+        assert!(
+            velox_test_env::wait_for(std::time::Duration::from_secs(15), || !answers(family)),
+            "the deny-all policy isolates pod-1"
+        );
+    }
+    let highest_slot = node0
+        .dump("stats")
+        .unwrap()
+        .iter()
+        .filter_map(|row| row["slot"].as_u64())
+        .max()
+        .unwrap();
+    let (stop, admitted, probed) = (AtomicBool::new(false), AtomicUsize::new(0), AtomicUsize::new(0));
+    /// Stops the prober also when an assertion fails, so the scope can end.
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|s| {
+        let _stop = StopOnDrop(&stop);
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                for family in Family::ALL {
+                    probed.fetch_add(1, Ordering::Relaxed);
+                    if answers(family) {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        let restart = |max_pods: u64| {
+            node0.stop_loader(Signal::SIGTERM).unwrap();
+            node0.start_loader_with(&["--max-pods", &max_pods.to_string()])
+        };
+        restart(2048).unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        let refused = restart(highest_slot - 1);
+        assert!(refused.is_err(), "--max-pods below a live slot was taken");
+        let log = std::fs::read_to_string(node0.state_dir.join("loader.log")).unwrap();
+        assert!(log.contains("is below counters slot"), "{log}");
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        node0.start_loader().unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    });
+    let probed = probed.load(Ordering::Relaxed);
+    assert!(probed >= 10, "the probes ran: {probed}");
+    assert_eq!(
+        admitted.load(Ordering::Relaxed),
+        0,
+        "a probe got through the deny-all policy"
+    );
+    drop(servers);
+    cluster.finish().unwrap();
+}

@@ -33,6 +33,8 @@ pub struct PolicyReconciler {
     /// The pods whose rules the last pass could not write, and why: they deny what
     /// those rules would have allowed.
     pub failed_closed: Vec<String>,
+    /// A pass has written the source's policy into the maps (failed-closed pods too).
+    pub applied_once: bool,
 }
 
 impl PolicyReconciler {
@@ -76,6 +78,7 @@ impl PolicyReconciler {
         };
         // On a failure the maps are read again next time: they are the truth.
         self.failed_closed = write_rules(&mut maps, &mut applied, &compiled)?;
+        self.applied_once = true;
         anyhow::ensure!(
             self.failed_closed.is_empty(),
             "{} pod(s) deny what their rules would allow, their rules could not be written: {}",
