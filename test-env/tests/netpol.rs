@@ -1006,15 +1006,66 @@ fn policy_holds_through_services_and_to_the_outside() {
     cluster.finish().unwrap();
 }
 
+/// A TCP server on pod-1:8080 in both families, running while held, and the pods of
+/// `roles` (pod, node, `app` label) in namespace `default`, written where the loaders
+/// read them.
+fn serve_on_pod_1(
+    cluster: &ClusterGuard,
+    roles: &[(&velox_test_env::Pod, usize, &str)],
+) -> Vec<velox_test_env::backend::Backend> {
+    use velox_test_env::netpol::{namespace_object, pod_object};
+    let server = cluster.pod("pod-1");
+    let servers = Family::ALL
+        .iter()
+        .map(|family| {
+            let on = std::net::SocketAddr::new(server.ip(*family), 8080);
+            velox_test_env::backend::Backend::start(&server.name, on, Protocol::Tcp, "up").unwrap()
+        })
+        .collect();
+    let pods = roles
+        .iter()
+        .map(|(pod, node, role)| {
+            let labels = [("app".to_string(), role.to_string())].into();
+            pod_object("default", &pod.name, &labels, &cluster.nodes[*node].name, pod)
+        })
+        .chain([namespace_object("default", &Default::default())])
+        .collect();
+    write_state(cluster, "pods.json", pods);
+    servers
+}
+
+fn write_state(cluster: &ClusterGuard, file: &str, objects: Vec<Value>) {
+    velox_test_env::cluster_state::write_objects(&cluster.cluster_state.join(file), objects).unwrap();
+}
+
+/// Whether `client` reaches pod-1's server (a refused probe waits 1 s).
+fn reaches_pod_1(cluster: &ClusterGuard, client: &velox_test_env::Pod, family: Family) -> bool {
+    let to = std::net::SocketAddr::new(cluster.pod("pod-1").ip(family), 8080);
+    velox_test_env::netpol::connect(client, to).is_ok()
+}
+
+fn eventually(what: &str, done: &dyn Fn() -> bool) {
+    assert!(
+        velox_test_env::wait_for(std::time::Duration::from_secs(15), done),
+        "{what}"
+    );
+}
+
+/// The policy that isolates pod-1 (`app=server`) from everyone.
+fn deny_into_the_server() -> Value {
+    policy(
+        "default",
+        "deny",
+        json!({"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"]}),
+    )
+}
+
 /// Rules that do not fit the rules map fail closed: the pod denies what they would
 /// allow (also to the pods a policy does not admit), health and the metrics name it,
 /// and once they fit (a loader restarted with room) the rules hold.
 #[test]
 fn rules_that_do_not_fit_deny_and_say_so() {
     use nix::sys::signal::Signal;
-    use std::net::SocketAddr;
-    use velox_test_env::backend::Backend;
-    use velox_test_env::netpol::{namespace_object, pod_object};
     let cluster = ClusterGuard::up("npfull").unwrap();
     let node0 = &cluster.nodes[0];
     let metrics = "127.0.0.1:9971";
@@ -1027,35 +1078,11 @@ fn rules_that_do_not_fit_deny_and_say_so() {
     // pod-1's rules: 8 unrelated /32 blocks and pod-4's addresses, 10 entries.
     restart("6");
     let (server, admitted, other) = (cluster.pod("pod-1"), cluster.pod("pod-4"), cluster.pod("pod-2"));
-    let servers: Vec<Backend> = Family::ALL
-        .iter()
-        .map(|family| {
-            let on = SocketAddr::new(server.ip(*family), 8080);
-            Backend::start(&server.name, on, Protocol::Tcp, "up").unwrap()
-        })
-        .collect();
-    let roles = [(&server, 0, "server"), (&admitted, 0, "client"), (&other, 1, "other")];
-    let pods = roles
-        .iter()
-        .map(|(pod, node, role)| {
-            let labels = [("app".to_string(), role.to_string())].into();
-            pod_object("default", &pod.name, &labels, &cluster.nodes[*node].name, pod)
-        })
-        .chain([namespace_object("default", &Default::default())])
-        .collect();
-    let state = |file: &str| cluster.cluster_state.join(file);
-    velox_test_env::cluster_state::write_objects(&state("pods.json"), pods).unwrap();
-    let answers = |from: &velox_test_env::Pod, family: Family| {
-        node0
-            .probe(&from.name, "tcp", SocketAddr::new(server.ip(family), 8080))
-            .is_ok_and(|answer| answer["answer"] == "up")
-    };
-    let eventually = |what: &str, done: &dyn Fn() -> bool| {
-        assert!(
-            velox_test_env::wait_for(std::time::Duration::from_secs(15), done),
-            "{what}"
-        );
-    };
+    let servers = serve_on_pod_1(
+        &cluster,
+        &[(&server, 0, "server"), (&admitted, 0, "client"), (&other, 1, "other")],
+    );
+    let answers = |from: &velox_test_env::Pod, family: Family| reaches_pod_1(&cluster, from, family);
     for family in Family::ALL {
         eventually("pod-2 reaches pod-1 without policy", &|| answers(&other, family));
     }
@@ -1071,7 +1098,7 @@ fn rules_that_do_not_fit_deny_and_say_so() {
         "server-from-client",
         json!({"podSelector": {"matchLabels": {"app": "server"}}, "ingress": [{"from": blocks}]}),
     );
-    velox_test_env::cluster_state::write_objects(&state("policies.json"), vec![allow_client]).unwrap();
+    write_state(&cluster, "policies.json", vec![allow_client]);
     for family in Family::ALL {
         eventually("pod-2, which no rule admits, is denied", &|| !answers(&other, family));
     }
@@ -1119,46 +1146,12 @@ fn rules_that_do_not_fit_deny_and_say_so() {
 #[test]
 fn network_policy_off_lifts_the_isolation_an_earlier_run_left() {
     use nix::sys::signal::Signal;
-    use std::net::SocketAddr;
-    use velox_test_env::backend::Backend;
-    use velox_test_env::netpol::{namespace_object, pod_object};
     let cluster = ClusterGuard::up("npoff").unwrap();
     let node0 = &cluster.nodes[0];
     let (server, client) = (cluster.pod("pod-1"), cluster.pod("pod-4"));
-    let servers: Vec<Backend> = Family::ALL
-        .iter()
-        .map(|family| {
-            let on = SocketAddr::new(server.ip(*family), 8080);
-            Backend::start(&server.name, on, Protocol::Tcp, "up").unwrap()
-        })
-        .collect();
-    let pods = [(&server, "server"), (&client, "client")]
-        .iter()
-        .map(|(pod, role)| {
-            let labels = [("app".to_string(), role.to_string())].into();
-            pod_object("default", &pod.name, &labels, &node0.name, pod)
-        })
-        .chain([namespace_object("default", &Default::default())])
-        .collect();
-    let state = |file: &str| cluster.cluster_state.join(file);
-    velox_test_env::cluster_state::write_objects(&state("pods.json"), pods).unwrap();
-    let deny = policy(
-        "default",
-        "deny",
-        json!({"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"]}),
-    );
-    velox_test_env::cluster_state::write_objects(&state("policies.json"), vec![deny]).unwrap();
-    let answers = |family: Family| {
-        node0
-            .probe(&client.name, "tcp", SocketAddr::new(server.ip(family), 8080))
-            .is_ok_and(|answer| answer["answer"] == "up")
-    };
-    let eventually = |what: &str, done: &dyn Fn() -> bool| {
-        assert!(
-            velox_test_env::wait_for(std::time::Duration::from_secs(15), done),
-            "{what}"
-        );
-    };
+    let servers = serve_on_pod_1(&cluster, &[(&server, 0, "server"), (&client, 0, "client")]);
+    write_state(&cluster, "policies.json", vec![deny_into_the_server()]);
+    let answers = |family: Family| reaches_pod_1(&cluster, &client, family);
     for family in Family::ALL {
         eventually("the deny-all policy isolates pod-1", &|| !answers(family));
     }
@@ -1178,44 +1171,15 @@ fn network_policy_off_lifts_the_isolation_an_earlier_run_left() {
 #[test]
 fn another_max_pods_opens_no_window_and_one_below_a_live_slot_is_refused() {
     use nix::sys::signal::Signal;
-    use std::net::SocketAddr;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use velox_test_env::backend::Backend;
-    use velox_test_env::netpol::{namespace_object, pod_object};
     let cluster = ClusterGuard::up("npslots").unwrap();
     let node0 = &cluster.nodes[0];
     let (server, client) = (cluster.pod("pod-1"), cluster.pod("pod-4"));
-    let servers: Vec<Backend> = Family::ALL
-        .iter()
-        .map(|family| {
-            let on = SocketAddr::new(server.ip(*family), 8080);
-            Backend::start(&server.name, on, Protocol::Tcp, "up").unwrap()
-        })
-        .collect();
-    let pods = [(&server, "server"), (&client, "client")]
-        .iter()
-        .map(|(pod, role)| {
-            let labels = [("app".to_string(), role.to_string())].into();
-            pod_object("default", &pod.name, &labels, &node0.name, pod)
-        })
-        .chain([namespace_object("default", &Default::default())])
-        .collect();
-    let state = |file: &str| cluster.cluster_state.join(file);
-    velox_test_env::cluster_state::write_objects(&state("pods.json"), pods).unwrap();
-    let deny = policy(
-        "default",
-        "deny",
-        json!({"podSelector": {"matchLabels": {"app": "server"}}, "policyTypes": ["Ingress"]}),
-    );
-    velox_test_env::cluster_state::write_objects(&state("policies.json"), vec![deny]).unwrap();
-    // A refused probe waits 1 s: a window of that order shows.
-    let answers =
-        |family: Family| velox_test_env::netpol::connect(&client, SocketAddr::new(server.ip(family), 8080)).is_ok();
+    let servers = serve_on_pod_1(&cluster, &[(&server, 0, "server"), (&client, 0, "client")]);
+    write_state(&cluster, "policies.json", vec![deny_into_the_server()]);
+    let answers = |family: Family| reaches_pod_1(&cluster, &client, family);
     for family in Family::ALL {
-        assert!(
-            velox_test_env::wait_for(std::time::Duration::from_secs(15), || !answers(family)),
-            "the deny-all policy isolates pod-1"
-        );
+        eventually("the deny-all policy isolates pod-1", &|| !answers(family));
     }
     let highest_slot = node0
         .dump("stats")
