@@ -28,14 +28,21 @@ struct Sample {
     round: u32,
     gbps: f64,
     ns_per_run: BTreeMap<String, f64>,
+    /// CNI ADD latencies in ms, one pod after the other (`path` "ADD").
+    add_ms: Vec<f64>,
 }
 
-/// A datapath to measure: a loader and the object it runs.
+/// A datapath to measure: a loader, the object it runs, and the plugin that attaches
+/// its programs to pods (`velox` beside `--other-loader`).
 struct Datapath {
     name: &'static str,
     loader: PathBuf,
     object: PathBuf,
+    plugin: PathBuf,
 }
+
+/// ADDs per datapath and round.
+const ADDS: usize = 20;
 
 pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
     let bins = Binaries::locate()?;
@@ -45,14 +52,19 @@ pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
             name: "this build",
             loader: bins.loader.clone(),
             object: built,
+            plugin: bins.velox.clone(),
         },
         Datapath {
             name: "other",
             loader: args.other_loader.clone().unwrap_or_else(|| bins.loader.clone()),
             object: other.to_path_buf(),
+            plugin: match &args.other_loader {
+                Some(loader) => loader.with_file_name("velox"),
+                None => bins.velox.clone(),
+            },
         },
     ];
-    for path in datapaths.iter().flat_map(|d| [&d.loader, &d.object]) {
+    for path in datapaths.iter().flat_map(|d| [&d.loader, &d.object, &d.plugin]) {
         anyhow::ensure!(path.is_file(), "{} is missing", path.display());
     }
     let cluster = Cluster::new(PREFIX, bins)?;
@@ -109,8 +121,18 @@ pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
                         round: round + 1,
                         gbps,
                         ns_per_run,
+                        add_ms: Vec::new(),
                     });
                 }
+                let add_ms = add_latencies(&cluster, datapath, round)?;
+                samples.push(Sample {
+                    object,
+                    path: "ADD",
+                    round: round + 1,
+                    gbps: 0.0,
+                    ns_per_run: BTreeMap::new(),
+                    add_ms,
+                });
             }
         }
         Ok::<_, anyhow::Error>(samples)
@@ -126,6 +148,27 @@ pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// ADD latencies of `ADDS` pods on node 0 through `datapath`'s plugin, one after
+/// the other; each pod is deleted again.
+fn add_latencies(cluster: &Cluster, datapath: &Datapath, round: u32) -> anyhow::Result<Vec<f64>> {
+    let mut node = cluster.nodes[0].clone();
+    node.bins.velox = datapath.plugin.clone();
+    let conf = node.conf("1.1.0");
+    let mut latencies = Vec::new();
+    for i in 0..ADDS {
+        let pod = format!("{}-ab{round}-{i}", node.name);
+        velox_test_env::run("ip", &["netns", "add", &pod])?;
+        let netns = velox_test_env::netns_path(&pod);
+        let added = node.cni("ADD", &pod, Some(&netns), "eth0", &conf)?;
+        let deleted = node.cni("DEL", &pod, Some(&netns), "eth0", &conf);
+        velox_test_env::run("ip", &["netns", "del", &pod])?;
+        anyhow::ensure!(added.success, "ADD failed: {}", added.stdout);
+        anyhow::ensure!(deleted?.success, "DEL failed");
+        latencies.push(added.elapsed.as_secs_f64() * 1000.0);
+    }
+    Ok(latencies)
 }
 
 /// Every node's loader restarted as `datapath`, ready when this returns.
@@ -171,6 +214,20 @@ fn report(samples: &[Sample], other: &Path) -> String {
             _ => "-".into(),
         };
         table += &format!("| {path} | {program} | {} | {} | {ratio} |\n", show(&this), show(&that));
+    }
+    let add = |object: &str| {
+        let values: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.object == object)
+            .flat_map(|s| s.add_ms.iter().copied())
+            .collect();
+        Stat::of_any(&values)
+    };
+    if let (Some(this), Some(that)) = (add("this build"), add("other")) {
+        table += &format!(
+            "\nCNI ADD, ms, {ADDS} per datapath and round, interleaved: this build {:.1} ({:.1}..{:.1}), other {:.1} ({:.1}..{:.1})\n",
+            this.median, this.min, this.max, that.median, that.min, that.max
+        );
     }
     table
 }
