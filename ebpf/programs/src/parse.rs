@@ -106,7 +106,7 @@ pub fn parse(ctx: &TcContext, packet: &mut Packet) -> bool {
                 let icmp = unsafe { &*icmp };
                 // Neighbour discovery stays on the link; an ND type to any other
                 // address is judged like any packet.
-                if proto == IPPROTO_ICMPV6 && NDP_TYPES.contains(&icmp[0]) && stays_on_link(&packet.dst.addr) {
+                if proto == IPPROTO_ICMPV6 && NDP_TYPES.contains(&icmp[0]) && is_link_scoped(&packet.dst.addr) {
                     return false;
                 }
                 packet.unnamed_connection = match proto {
@@ -128,7 +128,7 @@ pub fn parse(ctx: &TcContext, packet: &mut Packet) -> bool {
 
 /// A link-local (fe80::/10) or multicast (ff00::/8) IPv6 destination.
 #[inline(always)]
-fn stays_on_link(addr: &IpKey) -> bool {
+fn is_link_scoped(addr: &IpKey) -> bool {
     addr.addr[0] == 0xff || (addr.addr[0] == 0xfe && addr.addr[1] & 0xc0 == 0x80)
 }
 
