@@ -432,6 +432,9 @@ impl Daemon {
                 .as_ref()
                 .map(|policy| policy.failed_closed.clone())
                 .unwrap_or_default(),
+            links_held: self.unmoved.is_some().then(|| {
+                "the NetworkPolicy is not known yet: the links keep the programs and rules they had".to_string()
+            }),
         };
         let _ = stream.write_all(health.to_json().as_bytes()).await;
     }

@@ -23,6 +23,10 @@ pub struct Health {
     /// later pass writes them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub policy_failed_closed: Vec<String>,
+    /// Why the links still run the programs (and maps) of the loader before this one:
+    /// this one moves them once the NetworkPolicy is in its maps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub links_held: Option<String>,
 }
 
 /// How the loader's cluster source is doing.
@@ -73,6 +77,7 @@ mod tests {
                 errors: vec!["nodes: connection refused".into()],
             }),
             policy_failed_closed: vec!["the pod in slot 3: adding a policy rule".into()],
+            links_held: Some("the NetworkPolicy is not known yet".into()),
         };
         let server = std::thread::spawn({
             let sent = sent.clone();

@@ -277,6 +277,11 @@ fn thirty_seconds_without_the_api_server_and_a_loader_restart_lose_no_traffic_th
         run_on_the_api_server(worker1, &cluster.peers_file.with_file_name("kubeconfig.json"));
         std::thread::sleep(Duration::from_secs(20));
         assert!(routes_all(worker1, worker2, true), "the last known state stays");
+        let health = worker1.health().unwrap();
+        assert!(
+            health["links_held"].is_string(),
+            "without the policy the links stay: {health}"
+        );
         assert_eq!(routes(worker1, THIRD_POD_CIDR), Some(false));
         api.set_reachable(true);
         // Back: the loaders list again and catch up, while the traffic goes on.
@@ -284,6 +289,11 @@ fn thirty_seconds_without_the_api_server_and_a_loader_restart_lose_no_traffic_th
             assert!(wait_for(Duration::from_secs(10), || synced(node)), "{}", node.name);
         }
         assert!(wait_for(Duration::from_secs(2), || routes(worker1, THIRD_POD_CIDR) == Some(true)));
+        let moved = || worker1.health().is_ok_and(|h| h["links_held"].is_null());
+        assert!(
+            wait_for(Duration::from_secs(5), moved),
+            "the links move once the policy is known"
+        );
         iperf.join().unwrap()
     })
     .unwrap();
