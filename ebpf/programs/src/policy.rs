@@ -121,6 +121,12 @@ pub fn police(
                     (*flow).ingress_pending = ingress_pending;
                 }
             },
+            // A packet in the middle of a connection the map does not know (one open
+            // before its pod was isolated) does not say who opened it. Sent by a pod
+            // isolated for ingress, crediting it would open its ingress to the
+            // other end: it passes on its own, and the other end's next packet is
+            // judged on its own too.
+            None if !packet.opens && src_flags & ISOLATED_INGRESS != 0 => {}
             None => {
                 let opener = if src_first { OPENED_BY_FIRST } else { OPENED_BY_SECOND };
                 let flow = AllowedFlow {
