@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use velox_test_env::kube_proxy::{Protocol, ServiceRule};
-use velox_test_env::{Binaries, Cluster, Family};
+use velox_test_env::{Binaries, Cluster, Family, Pod};
 
 use crate::bench::{pod, program_cost, BenchArgs};
 use crate::report::Stat;
@@ -98,44 +98,7 @@ pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
                 Some((cluster_ip, cgroup.as_path())),
             ),
         ];
-        let mut samples = Vec::new();
-        for round in 0..args.rounds {
-            for i in 0..datapaths.len() {
-                let datapath = &datapaths[(i + round as usize) % datapaths.len()];
-                let object = datapath.name;
-                restart_loaders(&cluster, datapath)
-                    .with_context(|| format!("loading {}", datapath.object.display()))?;
-                for (name, server, family, via) in &paths {
-                    let mut gbps = 0.0;
-                    let ns_per_run = program_cost(|| {
-                        gbps = client.iperf3_via(server, *family, *via, args.seconds, 1)?.gbps;
-                        Ok(())
-                    })?;
-                    println!(
-                        "round {} {object:<10} {name:<15} {gbps:6.2} Gb/s  {ns_per_run:?}",
-                        round + 1
-                    );
-                    samples.push(Sample {
-                        object,
-                        path: name,
-                        round: round + 1,
-                        gbps,
-                        ns_per_run,
-                        add_ms: Vec::new(),
-                    });
-                }
-                let add_ms = add_latencies(&cluster, datapath, round)?;
-                samples.push(Sample {
-                    object,
-                    path: "ADD",
-                    round: round + 1,
-                    gbps: 0.0,
-                    ns_per_run: BTreeMap::new(),
-                    add_ms,
-                });
-            }
-        }
-        Ok::<_, anyhow::Error>(samples)
+        measure_rounds(args, &cluster, &datapaths, &client, &paths)
     })();
     let _ = cluster.down();
     let samples = result?;
@@ -148,6 +111,57 @@ pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// A path to measure: its name, the server pod, the family, and the Service frontend
+/// (with the client's cgroup) it goes through, if any.
+type MeasuredPath<'a> = (&'static str, &'a Pod, Family, Option<(SocketAddr, &'a Path)>);
+
+/// Every round: each datapath in turn (order alternating), each path, then the ADDs.
+fn measure_rounds(
+    args: &BenchArgs,
+    cluster: &Cluster,
+    datapaths: &[Datapath],
+    client: &Pod,
+    paths: &[MeasuredPath<'_>],
+) -> anyhow::Result<Vec<Sample>> {
+    let mut samples = Vec::new();
+    for round in 0..args.rounds {
+        for i in 0..datapaths.len() {
+            let datapath = &datapaths[(i + round as usize) % datapaths.len()];
+            let object = datapath.name;
+            restart_loaders(cluster, datapath).with_context(|| format!("loading {}", datapath.object.display()))?;
+            for (name, server, family, via) in paths {
+                let mut gbps = 0.0;
+                let ns_per_run = program_cost(|| {
+                    gbps = client.iperf3_via(server, *family, *via, args.seconds, 1)?.gbps;
+                    Ok(())
+                })?;
+                println!(
+                    "round {} {object:<10} {name:<15} {gbps:6.2} Gb/s  {ns_per_run:?}",
+                    round + 1
+                );
+                samples.push(Sample {
+                    object,
+                    path: name,
+                    round: round + 1,
+                    gbps,
+                    ns_per_run,
+                    add_ms: Vec::new(),
+                });
+            }
+            let add_ms = add_latencies(cluster, datapath, round)?;
+            samples.push(Sample {
+                object,
+                path: "ADD",
+                round: round + 1,
+                gbps: 0.0,
+                ns_per_run: BTreeMap::new(),
+                add_ms,
+            });
+        }
+    }
+    Ok(samples)
 }
 
 /// ADD latencies of `ADDS` pods on node 0 through `datapath`'s plugin, one after

@@ -109,35 +109,12 @@ pub fn police(
         verdict,
     );
     if verdict.result == ALLOWED {
-        // Traffic the rules allow one way makes its replies allowed, also for a
-        // connection that was open before its pod was isolated.
-        let ingress_pending = u32::from(ingress_elsewhere);
-        match known {
-            Some(flow) => unsafe {
-                (*flow).generation = generation;
-                // The opening direction's receiver has now been judged here, or is
-                // to be judged (again, under these rules) where the kernel delivers.
-                if ((*flow).opener == OPENED_BY_FIRST) == src_first {
-                    (*flow).ingress_pending = ingress_pending;
-                }
-            },
-            // A packet in the middle of a connection the map does not know (one open
-            // before its pod was isolated) does not say who opened it. Sent by a pod
-            // isolated for ingress, crediting it would open its ingress to the
-            // other end: it passes on its own, and the other end's next packet is
-            // judged on its own too.
-            None if !packet.opens && src_flags & ISOLATED_INGRESS != 0 => {}
-            None => {
-                let opener = if src_first { OPENED_BY_FIRST } else { OPENED_BY_SECOND };
-                let flow = AllowedFlow {
-                    generation,
-                    opener,
-                    ingress_pending,
-                };
-                let _ = VELOX_POLICY_FLOWS.insert(&key, flow, BPF_ANY as u64);
-                verdict.new_connection = packet.opens;
-            }
-        }
+        let connection = Connection {
+            key: &key,
+            src_first,
+            generation,
+        };
+        record_allowed(known, &connection, ingress_elsewhere, packet, src_flags, verdict);
         return;
     }
     // A reply whose connection the rules have changed under: the direction that
@@ -166,6 +143,56 @@ pub fn police(
     // connection open (kubelet's probes): their replies pass.
     if verdict.result == DROP_POLICY_EGRESS && src_slot != NO_SLOT && host_has_connection(ctx, packet) {
         *verdict = Verdict::default();
+    }
+}
+
+/// A connection as `police` looks it up: its key, whether the packet's source is its
+/// first end, the rules generation now.
+struct Connection<'a> {
+    key: &'a PolicyFlow,
+    src_first: bool,
+    generation: u32,
+}
+
+/// Records that the rules allowed a packet of `connection` (`known`: its entry).
+#[inline(always)]
+fn record_allowed(
+    known: Option<*mut AllowedFlow>,
+    connection: &Connection,
+    ingress_elsewhere: bool,
+    packet: &Packet,
+    src_flags: u32,
+    verdict: &mut Verdict,
+) {
+    let (key, src_first, generation) = (connection.key, connection.src_first, connection.generation);
+    // Traffic the rules allow one way makes its replies allowed, also for a
+    // connection that was open before its pod was isolated.
+    let ingress_pending = u32::from(ingress_elsewhere);
+    match known {
+        Some(flow) => unsafe {
+            (*flow).generation = generation;
+            // The opening direction's receiver has now been judged here, or is
+            // to be judged (again, under these rules) where the kernel delivers.
+            if ((*flow).opener == OPENED_BY_FIRST) == src_first {
+                (*flow).ingress_pending = ingress_pending;
+            }
+        },
+        // A packet in the middle of a connection the map does not know (one open
+        // before its pod was isolated) does not say who opened it. Sent by a pod
+        // isolated for ingress, crediting it would open its ingress to the
+        // other end: it passes on its own, and the other end's next packet is
+        // judged on its own too.
+        None if !packet.opens && src_flags & ISOLATED_INGRESS != 0 => {}
+        None => {
+            let opener = if src_first { OPENED_BY_FIRST } else { OPENED_BY_SECOND };
+            let flow = AllowedFlow {
+                generation,
+                opener,
+                ingress_pending,
+            };
+            let _ = VELOX_POLICY_FLOWS.insert(key, flow, BPF_ANY as u64);
+            verdict.new_connection = packet.opens;
+        }
     }
 }
 
