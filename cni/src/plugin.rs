@@ -233,7 +233,7 @@ impl Plugin {
         Ok(self.result(record))
     }
 
-    /// The veth pair with `from_pod` on its host end, and the pod's addresses
+    /// The veth pair with `from_pod` and `to_pod` on its host end, and the pod's addresses
     /// configured on both ends: the host's link, the addresses and the pod's link.
     async fn plumb(
         &self,
@@ -254,7 +254,8 @@ impl Plugin {
         // Attaching TCX holds the rtnl lock through an RCU grace period (about 10 ms
         // here, per program), which no netlink request can overlap: allocate the
         // addresses (a delegated IPAM plugin's exec included) and check them meanwhile.
-        // Both programs are on the veth before the pod has an address.
+        // Both are attached before ADD publishes the pod: until then `to_pod` drops
+        // what the kernel forwards to the pod's new addresses.
         let attach = tokio::task::spawn_blocking({
             let (bpffs, name) = (self.bpffs.clone(), host_name.to_string());
             move || attach_pod_veth_programs(&bpffs, &name)

@@ -697,7 +697,7 @@ fn repoint_links(bpffs: &Bpffs, ebpf: &Ebpf) -> bool {
         .filter_map(|info| Some((info.id(), info.name_as_str()?.to_string())))
         .collect();
     let mut pins = Vec::new();
-    for hook in [Hook::TcIngress, Hook::TcEgress, Hook::Cgroup] {
+    for hook in Hook::ALL {
         match list_dir(&bpffs.links_dir(hook)) {
             Ok(found) => pins.extend(found),
             Err(e) => {

@@ -63,6 +63,11 @@ pub enum Hook {
 }
 
 impl Hook {
+    /// The hooks of interfaces' links (pods' veths, the uplink).
+    pub const TC: [Hook; 2] = [Hook::TcIngress, Hook::TcEgress];
+    /// Every hook.
+    pub const ALL: [Hook; 3] = [Hook::TcIngress, Hook::TcEgress, Hook::Cgroup];
+
     fn dir(self) -> &'static str {
         match self {
             Self::TcIngress => "tc-ingress",
@@ -85,13 +90,10 @@ impl Bpffs {
 
     /// Every directory the loader creates.
     pub fn dirs(&self) -> Vec<PathBuf> {
-        vec![
-            self.maps_dir(),
-            self.root.join("programs"),
-            self.links_dir(Hook::TcIngress),
-            self.links_dir(Hook::TcEgress),
-            self.links_dir(Hook::Cgroup),
-        ]
+        [self.maps_dir(), self.root.join("programs")]
+            .into_iter()
+            .chain(Hook::ALL.map(|hook| self.links_dir(hook)))
+            .collect()
     }
 
     /// Where every map layout has its directory.

@@ -60,7 +60,7 @@ pub fn attach_tc(bpffs: &Bpffs, hook: Hook, program: &str, ifname: &str) -> Resu
 /// Removes the pinned TC links of `ifname`; the kernel detaches a program when its
 /// pin goes (or already did, when the interface went away).
 pub fn detach_tc(bpffs: &Bpffs, ifname: &str) -> Result<()> {
-    for hook in [Hook::TcIngress, Hook::TcEgress] {
+    for hook in Hook::TC {
         remove_if_exists(&bpffs.tc_link(hook, ifname))?;
     }
     Ok(())

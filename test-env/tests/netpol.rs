@@ -1051,6 +1051,20 @@ fn eventually(what: &str, done: &dyn Fn() -> bool) {
     );
 }
 
+/// pod-1 serving (the servers returned), pod-4 beside it, and a deny-all ingress
+/// policy isolating pod-1, in force: pod-4 no longer reaches it.
+fn isolate_pod_1_from_pod_4(cluster: &ClusterGuard) -> (velox_test_env::Pod, Vec<velox_test_env::backend::Backend>) {
+    let (server, client) = (cluster.pod("pod-1"), cluster.pod("pod-4"));
+    let servers = serve_on_pod_1(cluster, &[(&server, 0, "server"), (&client, 0, "client")]);
+    write_state(cluster, "policies.json", vec![deny_into_the_server()]);
+    for family in Family::ALL {
+        eventually("the deny-all policy isolates pod-1", &|| {
+            !reaches_pod_1(cluster, &client, family)
+        });
+    }
+    (client, servers)
+}
+
 /// The policy that isolates pod-1 (`app=server`) from everyone.
 fn deny_into_the_server() -> Value {
     policy(
@@ -1148,13 +1162,8 @@ fn network_policy_off_lifts_the_isolation_an_earlier_run_left() {
     use nix::sys::signal::Signal;
     let cluster = ClusterGuard::up("npoff").unwrap();
     let node0 = &cluster.nodes[0];
-    let (server, client) = (cluster.pod("pod-1"), cluster.pod("pod-4"));
-    let servers = serve_on_pod_1(&cluster, &[(&server, 0, "server"), (&client, 0, "client")]);
-    write_state(&cluster, "policies.json", vec![deny_into_the_server()]);
+    let (client, servers) = isolate_pod_1_from_pod_4(&cluster);
     let answers = |family: Family| reaches_pod_1(&cluster, &client, family);
-    for family in Family::ALL {
-        eventually("the deny-all policy isolates pod-1", &|| !answers(family));
-    }
     node0.stop_loader(Signal::SIGTERM).unwrap();
     node0.start_loader_with(&["--network-policy=false"]).unwrap();
     for family in Family::ALL {
@@ -1174,13 +1183,8 @@ fn another_max_pods_opens_no_window_and_one_below_a_live_slot_is_refused() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let cluster = ClusterGuard::up("npslots").unwrap();
     let node0 = &cluster.nodes[0];
-    let (server, client) = (cluster.pod("pod-1"), cluster.pod("pod-4"));
-    let servers = serve_on_pod_1(&cluster, &[(&server, 0, "server"), (&client, 0, "client")]);
-    write_state(&cluster, "policies.json", vec![deny_into_the_server()]);
+    let (client, servers) = isolate_pod_1_from_pod_4(&cluster);
     let answers = |family: Family| reaches_pod_1(&cluster, &client, family);
-    for family in Family::ALL {
-        eventually("the deny-all policy isolates pod-1", &|| !answers(family));
-    }
     let highest_slot = node0
         .dump("stats")
         .unwrap()

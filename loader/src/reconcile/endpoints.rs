@@ -65,7 +65,7 @@ pub fn sync_endpoints(
     }
     // Links of interfaces that no longer exist hold nothing; an ADD in progress
     // always has its interface before its link.
-    for hook in [Hook::TcIngress, Hook::TcEgress] {
+    for hook in Hook::TC {
         for link in list_dir(&bpffs.links_dir(hook))? {
             let gone = link.file_name().is_some_and(|name| if_nametoindex(name).is_err());
             if gone {
