@@ -10,8 +10,6 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, btf_maps::LruHashMap, macros::btf_map};
 use velox_common::{FlowEnd, DEFAULT_KERNEL_FLOWS};
 
-use crate::parse::Packet;
-
 /// Pod connection ends whose traffic went to the kernel -> the ifindex it was seen on.
 /// The loader sizes it from `nf_conntrack_max`: conntrack holds no more connections,
 /// and lookups keep the ends of live connections from being evicted.
@@ -19,11 +17,11 @@ use crate::parse::Packet;
 static VELOX_KERNEL_FLOWS: LruHashMap<FlowEnd, u32, { DEFAULT_KERNEL_FLOWS as usize }> = LruHashMap::new();
 
 /// Packets to a connection end whose traffic went to the kernel go to the kernel: they
-/// may be replies it must translate back. The kernel follows those connections, and
-/// policy checked them when they opened.
+/// may be replies (or ICMP errors about the connection) it must translate back. The
+/// kernel follows those connections, and policy checked them when they opened.
 #[inline(always)]
-pub fn is_kernel_flow(packet: &Packet) -> bool {
-    unsafe { VELOX_KERNEL_FLOWS.get(&packet.dst) }.is_some()
+pub fn is_kernel_flow(to: &FlowEnd) -> bool {
+    unsafe { VELOX_KERNEL_FLOWS.get(to) }.is_some()
 }
 
 /// Adds `end`, first seen on `ifindex`, once; later lookups keep it from eviction

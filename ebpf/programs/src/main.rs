@@ -46,7 +46,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let outcome = if !is_ip {
         PASS
     } else if sender.is_none() {
-        if sav::stays_on_link(&packet.src.addr) {
+        if sav::stays_on_link(&packet.sent_from) {
             PASS
         } else {
             DROP_SPOOFED
@@ -72,7 +72,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 /// (`to_pod`) otherwise.
 #[inline(always)]
 fn from_pod_to(ctx: &TcContext, packet: &Packet, sender_slot: u32, ifindex: u32, verdict: &mut Verdict) -> Outcome {
-    let kernel_flow = is_kernel_flow(packet);
+    let kernel_flow = is_kernel_flow(&packet.dst);
     let local = match kernel_flow {
         true => None,
         false => local_endpoint(&packet.dst.addr),
@@ -122,7 +122,7 @@ pub fn from_net(ctx: TcContext) -> i32 {
     let outcome = if !is_ip {
         PASS
     } else if let Some(endpoint) = local_endpoint(&packet.dst.addr) {
-        if is_kernel_flow(&packet) {
+        if is_kernel_flow(&packet.dst) {
             // The kernel delivers it, and `to_pod` judges it there.
             PASS
         } else {
@@ -149,10 +149,9 @@ pub fn from_net(ctx: TcContext) -> i32 {
 /// What the kernel delivers into a pod: kube-proxy's NodePorts and ClusterIPs, hostPorts,
 /// connections Velox handed to the kernel. Velox's own deliveries
 /// (`bpf_redirect_peer`) never pass here. The node's own processes reach its pods
-/// (kubelet's probes): a packet the host sent, not one it forwarded, passes. So do
-/// later fragments and ICMP errors, which do not name their connection (as before
-/// this hook). A forwarded packet for an address this pod does not hold in the maps
-/// (its ADD unfinished, its DEL under way) is dropped.
+/// (kubelet's probes): a packet the host sent, not one it forwarded, passes. A
+/// forwarded packet for an address this pod does not hold in the maps (its ADD
+/// unfinished, its DEL under way) is dropped.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
     let mut packet = Packet::default();
@@ -162,7 +161,7 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     let is_ip = parse(&ctx, &mut packet);
     let mut verdict = Verdict::default();
     let mut slot = NO_SLOT;
-    if is_ip && !from_host && !packet.unnamed_connection {
+    if is_ip && !from_host {
         match local_endpoint(&packet.dst.addr).filter(|receiver| receiver.ifindex == ifindex) {
             Some(receiver) => {
                 police(&ctx, &packet, NO_SLOT, receiver.slot, false, &mut verdict);

@@ -1,6 +1,6 @@
 //! Reading a packet's two connection ends, once per packet, for every later step.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{bindings::BPF_ANY, btf_maps::LruHashMap, macros::btf_map, programs::TcContext};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -21,27 +21,66 @@ const NDP_TYPES: core::ops::RangeInclusive<u8> = 133..=137;
 /// destination unreachable, packet too big, time exceeded, parameter problem.
 const ICMP_ERRORS: [u8; 4] = [3, 4, 11, 12];
 const ICMPV6_ERRORS: core::ops::RangeInclusive<u8> = 1..=4;
+/// An ICMP error's own header before the packet it quotes.
+const ICMP_ERROR_HEADER: usize = 8;
 /// The IPv6 fragment header.
-const IPPROTO_FRAGMENT: u8 = 44;
+const IPV6_FRAGMENT: u8 = 44;
+/// IPv4 "more fragments" in the flags and offset field, and the offset's bits.
+const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+const IPV4_OFFSET: u16 = 0x1fff;
+
+/// A datagram's fragments: the first carries the ports, the later ones none.
+#[repr(C)]
+struct FragmentKey {
+    src: IpKey,
+    dst: IpKey,
+    id: u32,
+    proto: u8,
+    pad: [u8; 3],
+}
+
+/// The ports of datagrams whose first fragment passed here, so their later fragments
+/// are judged as the connection they belong to. A later fragment whose first was not
+/// seen (out of order, or evicted) names no connection: its ports read as 0, which
+/// only a rule for every port allows. Private to one load of the programs: fragment
+/// trains in flight while the loader replaces the programs start again.
+#[btf_map]
+static VELOX_FRAGMENTS: LruHashMap<FragmentKey, [u16; 2], 8192> = LruHashMap::new();
 
 /// What the programs read of an IP packet, parsed once.
 #[derive(Default)]
 pub struct Packet {
+    /// The packet's ends; for an ICMP error, those of the connection it is about, as
+    /// a packet of it from the error's sender to its receiver would carry them: policy
+    /// and connection tracking judge the error as that connection's.
     pub src: FlowEnd,
     pub dst: FlowEnd,
     /// Whether the packet may open a connection: a TCP SYN, an ICMP echo request,
-    /// any UDP or SCTP datagram (which cannot tell). Other protocols (IPv6 extension
-    /// headers among them) open none that Velox can follow.
+    /// any UDP or SCTP datagram (which cannot tell). A later fragment or an ICMP error
+    /// belongs to a connection, it opens none.
     pub opens: bool,
-    /// The packet does not name its connection: a later fragment (no ports) or an
-    /// ICMP error (it is about the connection it quotes).
-    pub unnamed_connection: bool,
+    /// The source address in the packet's IP header, what source validation checks:
+    /// for an ICMP error the error's sender (the connection's peer, or a router on
+    /// its path), not the connection's end in `src`.
+    pub sent_from: IpKey,
+}
+
+/// Where a packet's transport header lies and what its fragment is.
+struct Layer4 {
+    offset: usize,
+    proto: u8,
+    fragment: Fragment,
+}
+
+enum Fragment {
+    Whole,
+    First(u32),
+    Later(u32),
 }
 
 /// Reads both ends of an IPv4 or IPv6 packet into `packet` (zeroed by the caller),
 /// field by field: a key built from tuples or options would carry padding bytes,
-/// which LLVM fills from whatever register and the verifier refuses. IPv6 extension
-/// headers are not walked: such a packet's ports read as 0, in both directions alike.
+/// which LLVM fills from whatever register and the verifier refuses.
 ///
 /// False for what only the kernel handles: ARP, IPv6 neighbour discovery, anything
 /// not IP.
@@ -52,40 +91,119 @@ pub fn parse(ctx: &TcContext, packet: &mut Packet) -> bool {
     };
     // SAFETY: `header_at` checked that each header lies inside the packet.
     let ether_type = unsafe { (*eth).ether_type };
-    let (l4, proto) = if ether_type == EtherType::Ipv4 as u16 {
-        let Some(ip) = header_at::<Ipv4Hdr>(ctx, EthHdr::LEN) else {
-            return false;
-        };
-        let ip = unsafe { &*ip };
-        packet.src.addr = IpKey::v4(ip.src_addr);
-        packet.dst.addr = IpKey::v4(ip.dst_addr);
-        if ip.frag_offset() != 0 {
-            packet.unnamed_connection = true;
-        }
-        (EthHdr::LEN + usize::from(ip.ihl()), ip.proto as u8) // ihl() is in bytes
+    let layer4 = if ether_type == EtherType::Ipv4 as u16 {
+        ipv4(ctx, packet)
     } else if ether_type == EtherType::Ipv6 as u16 {
-        let Some(ip) = header_at::<Ipv6Hdr>(ctx, EthHdr::LEN) else {
-            return false;
-        };
-        let ip = unsafe { &*ip };
-        packet.src.addr = IpKey::v6(ip.src_addr);
-        packet.dst.addr = IpKey::v6(ip.dst_addr);
-        if ip.next_hdr == IPPROTO_FRAGMENT {
-            packet.unnamed_connection = true;
-        }
-        (EthHdr::LEN + Ipv6Hdr::LEN, ip.next_hdr)
+        ipv6(ctx, packet)
     } else {
+        None
+    };
+    let Some(Layer4 { offset, proto, fragment }) = layer4 else {
         return false;
     };
     packet.src.proto = proto;
     packet.dst.proto = proto;
-    if packet.unnamed_connection {
-        return true;
+    match fragment {
+        Fragment::Later(id) => {
+            later_fragment(packet, id);
+            true
+        }
+        Fragment::First(id) => {
+            let is_ip = transport(ctx, offset, packet);
+            first_fragment(packet, id);
+            is_ip
+        }
+        Fragment::Whole => transport(ctx, offset, packet),
     }
-    match proto {
+}
+
+/// Gives a later fragment its datagram's ports.
+#[inline(always)]
+fn later_fragment(packet: &mut Packet, id: u32) {
+    if let Some(ports) = unsafe { VELOX_FRAGMENTS.get(&fragment_key(packet, id)) } {
+        packet.src.port = ports[0];
+        packet.dst.port = ports[1];
+    }
+}
+
+#[inline(always)]
+fn first_fragment(packet: &Packet, id: u32) {
+    let ports = [packet.src.port, packet.dst.port];
+    let _ = VELOX_FRAGMENTS.insert(&fragment_key(packet, id), &ports, BPF_ANY as u64);
+}
+
+#[inline(always)]
+fn ipv4(ctx: &TcContext, packet: &mut Packet) -> Option<Layer4> {
+    let ip = unsafe { &*header_at::<Ipv4Hdr>(ctx, EthHdr::LEN)? };
+    packet.src.addr = IpKey::v4(ip.src_addr);
+    packet.dst.addr = IpKey::v4(ip.dst_addr);
+    packet.sent_from = packet.src.addr;
+    let frags = u16::from_be_bytes(ip.frags);
+    let id = u32::from(u16::from_be_bytes(ip.id));
+    let fragment = if frags & IPV4_OFFSET != 0 {
+        Fragment::Later(id)
+    } else if frags & IPV4_MORE_FRAGMENTS != 0 {
+        Fragment::First(id)
+    } else {
+        Fragment::Whole
+    };
+    Some(Layer4 {
+        offset: EthHdr::LEN + usize::from(ip.ihl()), // ihl() is in bytes
+        proto: ip.proto,
+        fragment,
+    })
+}
+
+/// An IPv6 packet's transport header: after the fixed header, or after a fragment
+/// header right behind it. Other extension headers are not walked (the verifier's
+/// budget): such a packet reads as that header's protocol, which no rule allows.
+#[inline(always)]
+fn ipv6(ctx: &TcContext, packet: &mut Packet) -> Option<Layer4> {
+    let ip = unsafe { &*header_at::<Ipv6Hdr>(ctx, EthHdr::LEN)? };
+    packet.src.addr = IpKey::v6(ip.src_addr);
+    packet.dst.addr = IpKey::v6(ip.dst_addr);
+    packet.sent_from = packet.src.addr;
+    let offset = EthHdr::LEN + Ipv6Hdr::LEN;
+    if ip.next_hdr != IPV6_FRAGMENT {
+        return Some(Layer4 {
+            offset,
+            proto: ip.next_hdr,
+            fragment: Fragment::Whole,
+        });
+    }
+    // next header, reserved, offset (13 bits) and flags (M last), id
+    let header = unsafe { &*header_at::<[u8; 8]>(ctx, offset)? };
+    let offset_and_more = u16::from_be_bytes([header[2], header[3]]);
+    let id = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    Some(Layer4 {
+        offset: offset + 8,
+        proto: header[0],
+        fragment: match offset_and_more >> 3 {
+            0 => Fragment::First(id),
+            _ => Fragment::Later(id),
+        },
+    })
+}
+
+#[inline(always)]
+fn fragment_key(packet: &Packet, id: u32) -> FragmentKey {
+    FragmentKey {
+        src: packet.src.addr,
+        dst: packet.dst.addr,
+        id,
+        proto: packet.src.proto,
+        pad: [0; 3],
+    }
+}
+
+/// Reads the ports (or the ICMP echo identifier) at `offset`. False for IPv6
+/// neighbour discovery on the link.
+#[inline(always)]
+fn transport(ctx: &TcContext, offset: usize, packet: &mut Packet) -> bool {
+    match packet.src.proto {
         IPPROTO_TCP => {
             // source port, destination port, sequence, acknowledgement, offset, flags
-            if let Some(tcp) = header_at::<[u8; 14]>(ctx, l4) {
+            if let Some(tcp) = header_at::<[u8; 14]>(ctx, offset) {
                 let tcp = unsafe { &*tcp };
                 packet.src.port = u16::from_ne_bytes([tcp[0], tcp[1]]);
                 packet.dst.port = u16::from_ne_bytes([tcp[2], tcp[3]]);
@@ -93,7 +211,7 @@ pub fn parse(ctx: &TcContext, packet: &mut Packet) -> bool {
             }
         }
         IPPROTO_UDP | IPPROTO_SCTP => {
-            if let Some(ports) = header_at::<[u16; 2]>(ctx, l4) {
+            if let Some(ports) = header_at::<[u16; 2]>(ctx, offset) {
                 let ports = unsafe { &*ports };
                 packet.src.port = ports[0];
                 packet.dst.port = ports[1];
@@ -102,18 +220,21 @@ pub fn parse(ctx: &TcContext, packet: &mut Packet) -> bool {
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             // type, code, checksum, identifier: an echo and its reply share the identifier.
-            if let Some(icmp) = header_at::<[u8; 6]>(ctx, l4) {
+            if let Some(icmp) = header_at::<[u8; 6]>(ctx, offset) {
                 let icmp = unsafe { &*icmp };
+                let proto = packet.src.proto;
                 // Neighbour discovery stays on the link; an ND type to any other
                 // address is judged like any packet.
                 if proto == IPPROTO_ICMPV6 && NDP_TYPES.contains(&icmp[0]) && is_link_scoped(&packet.dst.addr) {
                     return false;
                 }
-                packet.unnamed_connection = match proto {
+                let error = match proto {
                     IPPROTO_ICMP => ICMP_ERRORS.contains(&icmp[0]),
                     _ => ICMPV6_ERRORS.contains(&icmp[0]),
                 };
-                if ICMP_ECHO.contains(&icmp[0]) {
+                if error {
+                    quoted_connection(ctx, offset + ICMP_ERROR_HEADER, packet);
+                } else if ICMP_ECHO.contains(&icmp[0]) {
                     let identifier = u16::from_ne_bytes([icmp[4], icmp[5]]);
                     packet.src.port = identifier;
                     packet.dst.port = identifier;
@@ -124,6 +245,56 @@ pub fn parse(ctx: &TcContext, packet: &mut Packet) -> bool {
         _ => {}
     }
     true
+}
+
+/// Turns an ICMP error's ends into those of the connection whose packet it quotes at
+/// `offset`, reversed: the error travels back to the quoted packet's sender. The
+/// error stays as it is when the quote is cut short, or was not sent by the error's
+/// receiver (then it is about no connection of its receiver). It reads copies
+/// (`bpf_skb_load_bytes`), not through packet pointers: an error's quote lies at an
+/// offset the verifier would have to follow through every later step.
+#[inline(always)]
+fn quoted_connection(ctx: &TcContext, offset: usize, packet: &mut Packet) {
+    let quoted = if packet.src.proto == IPPROTO_ICMP {
+        ctx.load::<Ipv4Hdr>(offset).ok().map(|ip| {
+            let transport = offset + usize::from(ip.ihl());
+            (IpKey::v4(ip.src_addr), IpKey::v4(ip.dst_addr), ip.proto, transport)
+        })
+    } else {
+        ctx.load::<Ipv6Hdr>(offset).ok().map(|ip| {
+            let transport = offset + Ipv6Hdr::LEN;
+            (IpKey::v6(ip.src_addr), IpKey::v6(ip.dst_addr), ip.next_hdr, transport)
+        })
+    };
+    let Some((src, dst, proto, transport)) = quoted else {
+        return;
+    };
+    if src != packet.dst.addr {
+        return;
+    }
+    // The ports, or an echo's type, code, checksum and identifier.
+    let Ok(head) = ctx.load::<[u8; 8]>(transport) else {
+        return;
+    };
+    let (src_port, dst_port) = match proto {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => (
+            u16::from_ne_bytes([head[0], head[1]]),
+            u16::from_ne_bytes([head[2], head[3]]),
+        ),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let identifier = u16::from_ne_bytes([head[4], head[5]]);
+            (identifier, identifier)
+        }
+        _ => (0, 0),
+    };
+    packet.src = FlowEnd {
+        addr: dst,
+        port: dst_port,
+        proto,
+        pad: 0,
+    };
+    packet.dst.port = src_port;
+    packet.dst.proto = proto;
 }
 
 /// A link-local (fe80::/10) or multicast (ff00::/8) IPv6 destination.

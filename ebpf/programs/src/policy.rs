@@ -84,7 +84,8 @@ pub fn police(
         return;
     }
     let generation = VELOX_POLICY_GENERATION.get(0).map_or(0, |g| *g);
-    let (key, src_first) = PolicyFlow::of(&packet.src, &packet.dst);
+    let (src, dst) = (&packet.src, &packet.dst);
+    let (key, src_first) = PolicyFlow::of(src, dst);
     let known = VELOX_POLICY_FLOWS.get_ptr_mut(&key);
     if let Some(flow) = known {
         // SAFETY: a map value; racing writers write the same values.
@@ -99,15 +100,7 @@ pub fn police(
             return;
         }
     }
-    check(
-        src_slot,
-        src_flags,
-        dst_slot,
-        dst_flags,
-        &packet.src,
-        &packet.dst,
-        verdict,
-    );
+    check(src_slot, src_flags, dst_slot, dst_flags, src, dst, verdict);
     if verdict.result == ALLOWED {
         let connection = Connection {
             key: &key,
@@ -123,15 +116,7 @@ pub fn police(
         let opened_by_src = (unsafe { (*flow).opener } == OPENED_BY_FIRST) == src_first;
         if !opened_by_src {
             let mut again = Verdict::default();
-            check(
-                dst_slot,
-                dst_flags,
-                src_slot,
-                src_flags,
-                &packet.dst,
-                &packet.src,
-                &mut again,
-            );
+            check(dst_slot, dst_flags, src_slot, src_flags, dst, src, &mut again);
             if again.result == ALLOWED {
                 unsafe { (*flow).generation = generation };
                 *verdict = Verdict::default();
@@ -141,7 +126,7 @@ pub fn police(
     }
     // The host reaches its pods through the kernel, where no program sees the
     // connection open (kubelet's probes): their replies pass.
-    if verdict.result == DROP_POLICY_EGRESS && src_slot != NO_SLOT && host_has_connection(ctx, packet) {
+    if verdict.result == DROP_POLICY_EGRESS && src_slot != NO_SLOT && host_has_connection(ctx, src, dst) {
         *verdict = Verdict::default();
     }
 }
@@ -199,27 +184,28 @@ fn record_allowed(
 /// `TCP_LISTEN` in `bpf_sock.state`.
 const TCP_LISTEN: u32 = 10;
 
-/// Whether a socket of the node's own netns is connected to exactly the pod end that
-/// sent `packet`: a TCP connection past listening, or a connected UDP socket.
+/// Whether a socket of the node's own netns (its end `host`) is connected to exactly
+/// the `pod` end: a TCP connection past listening, or a connected UDP socket. Only a
+/// denied packet asks: a call of its own keeps the tuple off the common path's stack.
 #[inline(always)]
-fn host_has_connection(ctx: &TcContext, packet: &Packet) -> bool {
+fn host_has_connection(ctx: &TcContext, pod: &FlowEnd, host: &FlowEnd) -> bool {
     // SAFETY: all-zero is a valid tuple.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let (src, dst) = (packet.src.addr.words(), packet.dst.addr.words());
-    let size = if packet.src.addr.is_v4_mapped() {
+    let (src, dst) = (pod.addr.words(), host.addr.words());
+    let size = if pod.addr.is_v4_mapped() {
         tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
             saddr: src[3],
             daddr: dst[3],
-            sport: packet.src.port,
-            dport: packet.dst.port,
+            sport: pod.port,
+            dport: host.port,
         };
         core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
     } else {
         tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
             saddr: src,
             daddr: dst,
-            sport: packet.src.port,
-            dport: packet.dst.port,
+            sport: pod.port,
+            dport: host.port,
         };
         core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
     } as u32;
@@ -229,7 +215,7 @@ fn host_has_connection(ctx: &TcContext, packet: &Packet) -> bool {
     // protocol keeps its own lookup and read: the verifier refuses one instruction
     // that reads a `sock_common` on one path and a full socket on another.
     unsafe {
-        match packet.src.proto {
+        match pod.proto {
             IPPROTO_TCP => {
                 let socket = bpf_skc_lookup_tcp(skb, &mut tuple, size, netns, 0);
                 if socket.is_null() {
@@ -288,7 +274,9 @@ fn check(
 }
 
 /// The id of a policy of the pod in `slot` that lets it exchange `to`'s protocol and
-/// port with `peer` in `direction`; 0 when none does.
+/// port with `peer` in `direction`; 0 when none does. Only a connection's first
+/// packet (or its first under new rules) asks: a call of its own keeps the rule key
+/// off the common path's stack.
 #[inline(always)]
 fn allowing_policy(slot: u32, direction: u8, flags: u32, peer: &FlowEnd, to: &FlowEnd) -> u16 {
     let key = Key::new(

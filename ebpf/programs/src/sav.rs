@@ -8,7 +8,7 @@ use crate::{forward::local_endpoint, parse::Packet};
 /// behind `ifindex`: one lookup proves the source and gives the counters slot.
 #[inline(always)]
 pub fn sender(packet: &Packet, ifindex: u32) -> Option<&'static Endpoint> {
-    local_endpoint(&packet.src.addr).filter(|sender| sender.ifindex == ifindex)
+    local_endpoint(&packet.sent_from).filter(|sender| sender.ifindex == ifindex)
 }
 
 /// Link-local and unspecified sources (neighbour discovery, MLD, DAD) stay on the
