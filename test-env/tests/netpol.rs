@@ -1173,12 +1173,14 @@ fn network_policy_off_lifts_the_isolation_an_earlier_run_left() {
     cluster.finish().unwrap();
 }
 
-/// Restarting the loader with another `--max-pods` (new arrays, empty until the
-/// policy pass fills them) admits nothing a deny-all policy denies, probed all along;
-/// one below a live pod's counters slot is refused, and the datapath that runs keeps
-/// its rules.
+/// Restarting the loader admits nothing a deny-all policy denies, probed all along
+/// in both families: with another `--max-pods` (new arrays, empty until the policy
+/// pass fills them), with another build's programs (an upgrade) and back (a
+/// downgrade), and with the maps pinned under another layout (a layout upgrade: all
+/// maps start empty). One below a live pod's counters slot is refused, and the
+/// datapath that runs keeps its rules.
 #[test]
-fn another_max_pods_opens_no_window_and_one_below_a_live_slot_is_refused() {
+fn restarts_with_another_max_pods_build_or_layout_open_no_window() {
     use nix::sys::signal::Signal;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let cluster = ClusterGuard::up("npslots").unwrap();
@@ -1225,6 +1227,24 @@ fn another_max_pods_opens_no_window_and_one_below_a_live_slot_is_refused() {
         std::thread::sleep(std::time::Duration::from_secs(3));
         node0.start_loader().unwrap();
         std::thread::sleep(std::time::Duration::from_secs(3));
+
+        let upgrade = velox_test_env::upgrade_test_object().unwrap();
+        node0.stop_loader(Signal::SIGTERM).unwrap();
+        node0
+            .start_loader_with(&["--ebpf-object", upgrade.to_str().unwrap()])
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        node0.stop_loader(Signal::SIGTERM).unwrap();
+        node0.start_loader().unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(3));
+
+        // The running programs' maps become another layout's: the loader pins new,
+        // empty ones and fills them before it moves the links.
+        node0.stop_loader(Signal::SIGTERM).unwrap();
+        let bpffs = velox_node::Bpffs::new(&node0.bpffs_root);
+        std::fs::rename(bpffs.maps_dir(), bpffs.all_maps_dir().join("0ther1ay0ut0")).unwrap();
+        node0.start_loader().unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(3));
     });
     let probed = probed.load(Ordering::Relaxed);
     assert!(probed >= 10, "the probes ran: {probed}");
@@ -1233,6 +1253,11 @@ fn another_max_pods_opens_no_window_and_one_below_a_live_slot_is_refused() {
         0,
         "a probe got through the deny-all policy"
     );
+    // The probes could succeed: without the policy they do.
+    write_state(&cluster, "policies.json", vec![]);
+    for family in Family::ALL {
+        eventually("without the policy pod-4 reaches pod-1 again", &|| answers(family));
+    }
     drop(servers);
     cluster.finish().unwrap();
 }

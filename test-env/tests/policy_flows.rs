@@ -76,7 +76,10 @@ fn isolate_the_server(cluster: &Cluster) {
 fn echo_server(netns: &str, addr: SocketAddr) -> (Arc<AtomicBool>, std::thread::JoinHandle<anyhow::Result<()>>) {
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
-    let socket = spawn_in(netns, move || Ok(UdpSocket::bind(addr)?)).join().unwrap().unwrap();
+    let socket = spawn_in(netns, move || Ok(UdpSocket::bind(addr)?))
+        .join()
+        .unwrap()
+        .unwrap();
     let thread = std::thread::spawn(move || {
         socket.set_read_timeout(Some(Duration::from_millis(100)))?;
         let mut buf = vec![0u8; 65536];
@@ -150,14 +153,20 @@ fn an_allowed_flow_gets_datagrams_larger_than_the_mtu() {
     }
 
     isolate_the_server(&cluster);
-    let closed = |client: &Pod, family: Family| !echoed(&client.name, SocketAddr::new(server.ip(family), ALLOWED_OUT), 100);
+    let closed =
+        |client: &Pod, family: Family| !echoed(&client.name, SocketAddr::new(server.ip(family), ALLOWED_OUT), 100);
     eventually("the policy isolates the server", || {
-        clients.iter().all(|(client, _)| Family::ALL.into_iter().all(|family| closed(client, family)))
+        clients
+            .iter()
+            .all(|(client, _)| Family::ALL.into_iter().all(|family| closed(client, family)))
     });
     for family in Family::ALL {
         for (client, who) in clients {
             let to = SocketAddr::new(server.ip(family), ALLOWED_IN);
-            assert!(echoed(&client.name, to, 100), "{who} {family:?}: the allowed port answers");
+            assert!(
+                echoed(&client.name, to, 100),
+                "{who} {family:?}: the allowed port answers"
+            );
             assert!(
                 echoed(&client.name, to, LARGE),
                 "{who} {family:?}: a {LARGE}-byte datagram on the allowed port did not come back whole"
@@ -319,7 +328,10 @@ fn an_allowed_flow_gets_its_icmp_errors() {
                 Family::V4 => 1200,
                 Family::V6 => 1280,
             };
-            assert!(before > u32::from(smaller), "{who} {family:?}: path MTU {before} to start with");
+            assert!(
+                before > u32::from(smaller),
+                "{who} {family:?}: path MTU {before} to start with"
+            );
             let flow = socket.local_addr().unwrap();
             let message = too_big(flow, socket.peer_addr().unwrap(), smaller);
             send_icmp(&peer.name, peer.ip(family), server.ip(family), message);

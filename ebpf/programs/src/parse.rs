@@ -98,7 +98,12 @@ pub fn parse(ctx: &TcContext, packet: &mut Packet) -> bool {
     } else {
         None
     };
-    let Some(Layer4 { offset, proto, fragment }) = layer4 else {
+    let Some(Layer4 {
+        offset,
+        proto,
+        fragment,
+    }) = layer4
+    else {
         return false;
     };
     packet.src.proto = proto;
