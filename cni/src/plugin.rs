@@ -101,9 +101,9 @@ fn init_logging(conf: &NetConf) {
     let _ = builder.try_init();
 }
 
-/// The pod side (addresses, gateway neighbours, default routes) and the host side
-/// (neighbours, /32 and /128 routes) of a new veth pair, for every family the pod has
-/// an address of; returns the pod's interface.
+/// The pod side (addresses, gateway neighbours, default routes) and the host side's
+/// neighbours of a new veth pair, for every family the pod has an address of; the
+/// host end stays down (see [`open_host_end`]). Returns the pod's interface.
 async fn configure_ends(
     netns: &File,
     host: &Netlink,
@@ -129,11 +129,19 @@ async fn configure_ends(
     for ip in pod_ips {
         host.add_permanent_neighbour(host_link.index, *ip, pod_link.mac).await?;
     }
+    Ok(pod_link)
+}
+
+/// Brings the host end up and routes the pod's addresses to it. A veth whose host end
+/// is down carries nothing either way: until its programs are attached, a packet
+/// of the pod would reach the kernel without `from_pod`, and one to it without
+/// `to_pod`, so no policy would see it.
+async fn open_host_end(host: &Netlink, host_link: &Link, pod_ips: &[IpAddr]) -> anyhow::Result<()> {
     host.set_up(host_link.index).await?;
     for ip in pod_ips {
         host.add_link_route(host_link.index, host_net(*ip)).await?;
     }
-    Ok(pod_link)
+    Ok(())
 }
 
 impl Plugin {
@@ -308,6 +316,7 @@ impl Plugin {
         let attached = attach.await.context("attaching the veth's programs")?;
         let (ips, pod_link) = configured?;
         attached?;
+        open_host_end(host, &host_link, &ips).await?;
         Ok((host_link, ips, pod_link))
     }
 
