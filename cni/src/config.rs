@@ -351,8 +351,9 @@ impl Environment {
 
 /// The Kubernetes pod CNI_ARGS names (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`, and
 /// `K8S_POD_UID` where the runtime sends it), as `KEY=VALUE` pairs split by `;`.
-/// Other keys are the runtime's business. A pair without `=`, half a name or a name
-/// Kubernetes would refuse is an error: the name decides which policy the pod gets.
+/// Other keys are the runtime's business, and so is a pod name without a namespace
+/// (podman's container names). A pair without `=` or a name Kubernetes would refuse
+/// is an error: the name decides which policy the pod gets.
 fn pod_of_cni_args(args: &str) -> anyhow::Result<Option<PodName>> {
     let mut pairs = std::collections::HashMap::new();
     for pair in args.split(';').filter(|p| !p.is_empty()) {
@@ -361,15 +362,10 @@ fn pod_of_cni_args(args: &str) -> anyhow::Result<Option<PodName>> {
         };
         pairs.insert(key, value);
     }
-    let (namespace, name) = match (pairs.get("K8S_POD_NAMESPACE"), pairs.get("K8S_POD_NAME")) {
-        (None, None) => return Ok(None),
-        (Some(namespace), Some(name)) => (*namespace, *name),
-        _ => {
-            return fail(
-                Code::InvalidEnvironment,
-                "CNI_ARGS names half a pod: give both K8S_POD_NAMESPACE and K8S_POD_NAME",
-            )
-        }
+    // Podman passes K8S_POD_NAME alone (its container's name): without a namespace
+    // it names no Kubernetes pod.
+    let (Some(namespace), Some(name)) = (pairs.get("K8S_POD_NAMESPACE"), pairs.get("K8S_POD_NAME")) else {
+        return Ok(None);
     };
     if !is_dns_label(namespace) {
         return fail(
@@ -590,11 +586,15 @@ mod tests {
         let pod = with("ADD", kubelet).unwrap().pod.unwrap();
         assert_eq!(pod.to_string(), "x/web-0.a");
         assert_eq!(pod.uid.as_deref(), Some("0f1e-2d"));
-        assert_eq!(with("ADD", "IgnoreUnknown=1").unwrap().pod, None, "podman, cnitool");
+        assert_eq!(with("ADD", "IgnoreUnknown=1").unwrap().pod, None, "cnitool");
+        assert_eq!(
+            with("ADD", "IgnoreUnknown=1;K8S_POD_NAME=My_Container").unwrap().pod,
+            None,
+            "podman names its container, no Kubernetes pod"
+        );
+        assert_eq!(with("ADD", "K8S_POD_NAMESPACE=x").unwrap().pod, None);
         assert_eq!(with("ADD", "").unwrap().pod, None);
         for bad in [
-            "K8S_POD_NAMESPACE=x",
-            "K8S_POD_NAME=a",
             "K8S_POD_NAMESPACE=x;K8S_POD_NAME",
             "K8S_POD_NAMESPACE=X;K8S_POD_NAME=a",
             "K8S_POD_NAMESPACE=x;K8S_POD_NAME=a/b",
