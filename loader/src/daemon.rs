@@ -219,7 +219,9 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     mark_policy_enforcement(&store, &state_dir, enforces_policy)?;
     let mut ebpf = load_and_pin(&bpffs, &datapath)?;
     carry_over_kernel_flows(&bpffs)?;
-    if !network_policy {
+    // Not enforcing (turned off, or no source of policy): no pod stays isolated by
+    // an earlier run's rules, nor denied by an ADD that saw the earlier marker.
+    if !enforces_policy {
         lift_isolation(&bpffs)?;
     }
     let maps = EndpointMaps::open(&bpffs)?;

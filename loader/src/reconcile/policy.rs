@@ -117,8 +117,9 @@ impl PolicyReconciler {
     }
 }
 
-/// Turns enforcement off (`--network-policy=false`): no pod stays isolated by rules
-/// an earlier run left in the maps, and no connection by the flows they allowed.
+/// Turns enforcement off (`--network-policy=false`, or no source of policy): no pod
+/// stays isolated by rules an earlier run left in the maps, and no connection by the
+/// flows they allowed.
 pub fn lift_isolation(bpffs: &Bpffs) -> anyhow::Result<()> {
     let mut maps = PolicyMaps::open(bpffs)?;
     let mut lifted = 0;
