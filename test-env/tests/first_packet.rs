@@ -230,10 +230,11 @@ fn two_hundred_new_pods_are_isolated_from_their_first_packet_across_loader_resta
             }
         }
         let _stop = StopOnDrop(&restarting);
+        let mut restarter = None;
         for i in 0..PODS {
             if i == ACROSS_RESTARTS.start {
                 restarting.store(true, Ordering::Relaxed);
-                scope.spawn(|| {
+                restarter = Some(scope.spawn(|| {
                     while restarting.load(Ordering::Relaxed) {
                         let signal = match restarts.fetch_add(1, Ordering::Relaxed) % 2 {
                             0 => Signal::SIGKILL,
@@ -244,10 +245,12 @@ fn two_hundred_new_pods_are_isolated_from_their_first_packet_across_loader_resta
                         node.start_loader().unwrap();
                         std::thread::sleep(Duration::from_millis(500));
                     }
-                });
+                }));
             }
             if i == ACROSS_RESTARTS.end {
+                // The pods after these meet a loader that runs.
                 restarting.store(false, Ordering::Relaxed);
+                restarter.take().expect("started").join().unwrap();
             }
             let name = format!("p{i}");
             let netns = cluster.pod_name(0, &format!("fp{i}"));
