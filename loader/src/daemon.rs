@@ -500,7 +500,9 @@ impl Daemon {
             let answer = match slot {
                 _ if !seen && now < request.until => None,
                 _ if !seen => Some(PolicyAnswer::NotApplied {
-                    why: "velox-loader does not have the NetworkPolicy from its source yet".into(),
+                    why: "no policy pass has finished since it asked: the source has not given the policy, \
+                          or writing it failed (see velox-loader's log)"
+                        .into(),
                 }),
                 None => Some(PolicyAnswer::NotApplied {
                     why: "velox-loader has no endpoint record of it".into(),
