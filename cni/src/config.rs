@@ -5,6 +5,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 use std::path::{Component, Path, PathBuf};
 pub use velox_node::endpoint::Attachment;
+use velox_node::endpoint::PodName;
 use velox_node::layout::{DEFAULT_BPFFS_ROOT, DEFAULT_STATE_DIR};
 use velox_node::Family;
 
@@ -272,6 +273,8 @@ pub struct Environment {
     pub netns: Option<PathBuf>,
     pub ifname: String,
     pub cni_path: Vec<PathBuf>,
+    /// The Kubernetes pod of an ADD, when CNI_ARGS names it.
+    pub pod: Option<PodName>,
 }
 
 impl Environment {
@@ -330,14 +333,82 @@ impl Environment {
             .filter(|p| !p.is_empty())
             .map(PathBuf::from)
             .collect();
+        // Only ADD reads it: DEL and CHECK must not fail on arguments they ignore.
+        let pod = match command {
+            Command::Add => pod_of_cni_args(&get("CNI_ARGS").unwrap_or_default())?,
+            _ => None,
+        };
         Ok(Self {
             command,
             container_id,
             netns,
             ifname,
             cni_path,
+            pod,
         })
     }
+}
+
+/// The Kubernetes pod CNI_ARGS names (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`, and
+/// `K8S_POD_UID` where the runtime sends it), as `KEY=VALUE` pairs split by `;`.
+/// Other keys are the runtime's business, and so is a pod name without a namespace
+/// (podman's container names). A pair without `=` or a name Kubernetes would refuse
+/// is an error: the name decides which policy the pod gets.
+fn pod_of_cni_args(args: &str) -> anyhow::Result<Option<PodName>> {
+    let mut pairs = std::collections::HashMap::new();
+    for pair in args.split(';').filter(|p| !p.is_empty()) {
+        let Some((key, value)) = pair.split_once('=') else {
+            return fail(Code::InvalidEnvironment, format!("CNI_ARGS: {pair:?} is not KEY=VALUE"));
+        };
+        pairs.insert(key, value);
+    }
+    // Podman passes K8S_POD_NAME alone (its container's name): without a namespace
+    // it names no Kubernetes pod.
+    let (Some(namespace), Some(name)) = (pairs.get("K8S_POD_NAMESPACE"), pairs.get("K8S_POD_NAME")) else {
+        return Ok(None);
+    };
+    if !is_dns_label(namespace) {
+        return fail(
+            Code::InvalidEnvironment,
+            format!("CNI_ARGS: K8S_POD_NAMESPACE {namespace:?} is not a Kubernetes namespace name"),
+        );
+    }
+    if !is_dns_subdomain(name) {
+        return fail(
+            Code::InvalidEnvironment,
+            format!("CNI_ARGS: K8S_POD_NAME {name:?} is not a Kubernetes pod name"),
+        );
+    }
+    let uid = pairs.get("K8S_POD_UID").filter(|uid| !uid.is_empty());
+    if let Some(uid) = uid.filter(|uid| uid.len() > 128 || !uid.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+    {
+        return fail(
+            Code::InvalidEnvironment,
+            format!("CNI_ARGS: K8S_POD_UID {uid:?} is not a Kubernetes UID"),
+        );
+    }
+    Ok(Some(PodName {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        uid: uid.map(|uid| uid.to_string()),
+    }))
+}
+
+/// RFC 1123 label, as Kubernetes checks namespace names: 1 to 63 lowercase
+/// alphanumerics or '-', alphanumeric at both ends.
+fn is_dns_label(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// RFC 1123 subdomain, as Kubernetes checks pod names: labels joined by '.', 253
+/// bytes at most.
+fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253 && name.split('.').all(is_dns_label)
 }
 
 #[cfg(test)]
@@ -497,6 +568,42 @@ mod tests {
         ]);
         assert_eq!(probe.unwrap().command, Command::Version);
         assert_eq!(env(&[("CNI_COMMAND", "STATUS")]).unwrap().command, Command::Status);
+    }
+
+    #[test]
+    fn cni_args_name_the_pod_on_add_only() {
+        let base = [
+            ("CNI_CONTAINERID", "abc"),
+            ("CNI_NETNS", "/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        let with = |command: &str, args: &str| {
+            let mut vars = vec![("CNI_COMMAND", command), ("CNI_ARGS", args)];
+            vars.extend(base);
+            env(&vars)
+        };
+        let kubelet = "IgnoreUnknown=1;K8S_POD_NAMESPACE=x;K8S_POD_NAME=web-0.a;K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=0f1e-2d";
+        let pod = with("ADD", kubelet).unwrap().pod.unwrap();
+        assert_eq!(pod.to_string(), "x/web-0.a");
+        assert_eq!(pod.uid.as_deref(), Some("0f1e-2d"));
+        assert_eq!(with("ADD", "IgnoreUnknown=1").unwrap().pod, None, "cnitool");
+        assert_eq!(
+            with("ADD", "IgnoreUnknown=1;K8S_POD_NAME=My_Container").unwrap().pod,
+            None,
+            "podman names its container, no Kubernetes pod"
+        );
+        assert_eq!(with("ADD", "K8S_POD_NAMESPACE=x").unwrap().pod, None);
+        assert_eq!(with("ADD", "").unwrap().pod, None);
+        for bad in [
+            "K8S_POD_NAMESPACE=x;K8S_POD_NAME",
+            "K8S_POD_NAMESPACE=X;K8S_POD_NAME=a",
+            "K8S_POD_NAMESPACE=x;K8S_POD_NAME=a/b",
+            "K8S_POD_NAMESPACE=x;K8S_POD_NAME=",
+            "K8S_POD_NAMESPACE=x;K8S_POD_NAME=a;K8S_POD_UID=a b",
+        ] {
+            assert_eq!(code_of(with("ADD", bad)), Code::InvalidEnvironment, "{bad}");
+        }
+        assert_eq!(with("DEL", "K8S_POD_NAME=a").unwrap().pod, None, "DEL ignores CNI_ARGS");
     }
 
     #[test]

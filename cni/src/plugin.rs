@@ -9,8 +9,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 use velox_node::endpoint::{host_ifname, EndpointRecord, EndpointStore};
 use velox_node::link::{attach_pod_veth_programs, detach_tc, POD_VETH_PROGRAMS};
-use velox_node::maps::{EndpointMaps, PeerMap};
+use velox_node::maps::{EndpointMaps, NewPodPolicy, PeerMap};
 use velox_node::netlink::{format_mac, netns_cookie, Link, Netlink};
+use velox_node::pod_policy::{self, PolicyAnswer};
 use velox_node::{health, Bpffs, ErrorList, Family, StateDir};
 
 use crate::config::{Attachment, Command, Environment, NetConf};
@@ -100,9 +101,9 @@ fn init_logging(conf: &NetConf) {
     let _ = builder.try_init();
 }
 
-/// The pod side (addresses, gateway neighbours, default routes) and the host side
-/// (neighbours, /32 and /128 routes) of a new veth pair, for every family the pod has
-/// an address of; returns the pod's interface.
+/// The pod side (addresses, gateway neighbours, default routes) and the host side's
+/// neighbours of a new veth pair, for every family the pod has an address of; the
+/// host end stays down (see [`open_host_end`]). Returns the pod's interface.
 async fn configure_ends(
     netns: &File,
     host: &Netlink,
@@ -128,11 +129,19 @@ async fn configure_ends(
     for ip in pod_ips {
         host.add_permanent_neighbour(host_link.index, *ip, pod_link.mac).await?;
     }
+    Ok(pod_link)
+}
+
+/// Brings the host end up and routes the pod's addresses to it. A veth whose host end
+/// is down carries nothing either way: until its programs are attached, a packet
+/// of the pod would reach the kernel without `from_pod`, and one to it without
+/// `to_pod`, so no policy would see it.
+async fn open_host_end(host: &Netlink, host_link: &Link, pod_ips: &[IpAddr]) -> anyhow::Result<()> {
     host.set_up(host_link.index).await?;
     for ip in pod_ips {
         host.add_link_route(host_link.index, host_net(*ip)).await?;
     }
-    Ok(pod_link)
+    Ok(())
 }
 
 impl Plugin {
@@ -185,7 +194,11 @@ impl Plugin {
         }
         let ipam = self.ipam()?;
         match self.setup(&attachment, &netns, &host, &mut maps, &ipam).await {
-            Ok(result) => Ok(self.chain(result).to_json(self.version)),
+            Ok((result, NewPodPolicy::DenyAll)) => {
+                self.wait_for_policy(&host_name).await;
+                Ok(self.chain(result).to_json(self.version))
+            }
+            Ok((result, NewPodPolicy::NotIsolated)) => Ok(self.chain(result).to_json(self.version)),
             Err(err) => {
                 log::warn!("ADD failed, undoing: {err:#}");
                 if let Err(undo) = self.teardown(&attachment, &host, Some(&mut maps), Some(&ipam)).await {
@@ -196,6 +209,36 @@ impl Plugin {
         }
     }
 
+    /// Asks the loader to apply the new pod's policy now and waits for it, up to
+    /// [`pod_policy::WAIT`]. Whatever the loader answers, or if it does not, ADD succeeds:
+    /// the pod denies everything until its rules are in the maps.
+    async fn wait_for_policy(&self, host_name: &str) {
+        let started = std::time::Instant::now();
+        let socket = self.state_dir.policy_socket();
+        let outcome = pod_policy::request(&socket, host_name, pod_policy::WAIT).await;
+        let waited_ms = started.elapsed().as_secs_f64() * 1000.0;
+        match outcome {
+            Ok(PolicyAnswer::Applied) => log::info!("{host_name}: policy applied after {waited_ms:.2} ms"),
+            Ok(PolicyAnswer::NotApplied { why }) => {
+                log::warn!("{host_name}: starts denying everything until velox-loader applies its policy: {why}")
+            }
+            Err(e) => log::warn!(
+                "{host_name}: starts denying everything until velox-loader applies its policy \
+                 (waited {waited_ms:.0} ms): {e}"
+            ),
+        }
+    }
+
+    /// How a new pod starts: denied both ways when the loader enforces NetworkPolicy
+    /// and the runtime named the pod (the loader finds its Pod object by that name),
+    /// open otherwise, as before pods had names.
+    fn new_pod_policy(&self) -> NewPodPolicy {
+        match self.env.pod.is_some() && self.state_dir.policy_enforced_marker().exists() {
+            true => NewPodPolicy::DenyAll,
+            false => NewPodPolicy::NotIsolated,
+        }
+    }
+
     async fn setup(
         &self,
         attachment: &Attachment,
@@ -203,7 +246,7 @@ impl Plugin {
         host: &Netlink,
         maps: &mut EndpointMaps,
         ipam: &Ipam,
-    ) -> anyhow::Result<CniResult> {
+    ) -> anyhow::Result<(CniResult, NewPodPolicy)> {
         let host_name = host_ifname(attachment);
         let (host_link, ips, pod_link) = self.plumb(attachment, netns, host, maps, ipam, &host_name).await?;
         let socket_lb_opt_out = match self.conf.socket_lb_opt_out() {
@@ -222,15 +265,17 @@ impl Plugin {
             host_ifindex: host_link.index,
             host_mac: format_mac(&host_link.mac),
             pod_mac: format_mac(&pod_link.mac),
+            pod: self.env.pod.clone(),
         };
-        let record = self.publish(record, maps)?;
+        let (record, policy) = self.publish(record, maps)?;
         log::info!(
-            "added {:?} on {} (ifindex {})",
+            "added {:?} on {} (ifindex {}, pod {}, starting {policy:?})",
             record.ips,
             record.host_ifname,
-            host_link.index
+            host_link.index,
+            record.pod.as_ref().map_or("unnamed".to_string(), ToString::to_string),
         );
-        Ok(self.result(record))
+        Ok((self.result(record), policy))
     }
 
     /// The veth pair with `from_pod` and `to_pod` on its host end, and the pod's addresses
@@ -271,16 +316,26 @@ impl Plugin {
         let attached = attach.await.context("attaching the veth's programs")?;
         let (ips, pod_link) = configured?;
         attached?;
+        open_host_end(host, &host_link, &ips).await?;
         Ok((host_link, ips, pod_link))
     }
 
     /// Writes the record with a counters slot of its own and puts the pod into the
-    /// maps, under the endpoint lock.
-    fn publish(&self, mut record: EndpointRecord, maps: &mut EndpointMaps) -> anyhow::Result<EndpointRecord> {
+    /// maps, under the endpoint lock. The slot's policy state is set before the pod's
+    /// interface and addresses point at the slot: no packet of the pod, or to it, is
+    /// judged by what the slot's previous pod left.
+    fn publish(
+        &self,
+        mut record: EndpointRecord,
+        maps: &mut EndpointMaps,
+    ) -> anyhow::Result<(EndpointRecord, NewPodPolicy)> {
         let _lock = self.store.lock()?;
+        // Under the lock the loader changes the marker under: a loader starting
+        // without enforcement lifts what was set before it, and is seen after.
+        let policy = self.new_pod_policy();
         record.slot = self.store.claim_slot(&record.host_ifname, maps.max_pods())?;
         self.store.write(&record)?;
-        maps.reset_slot(record.slot)?;
+        maps.reset_slot(record.slot, policy)?;
         maps.set_interface(record.host_ifindex, record.slot)?;
         for ip in &record.ips {
             maps.insert_new(*ip, record.endpoint())?;
@@ -288,7 +343,7 @@ impl Plugin {
         if let Some(cookie) = record.socket_lb_opt_out {
             maps.set_lb_opt_out(cookie, true)?;
         }
-        Ok(record)
+        Ok((record, policy))
     }
 
     /// The ADD result for a pod's record.

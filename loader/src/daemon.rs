@@ -15,29 +15,31 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
 use tokio::io::Interest;
-use tokio::net::UnixListener;
+use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc::{Receiver, Sender};
 use velox_common::{
     COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, POLICY_RULES_MAP,
     POLICY_STATE_MAP, SOCKET_LB_PROGRAMS, TO_POD_PROGRAM,
 };
 use velox_node::endpoint::EndpointStore;
-use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir};
-use velox_node::health::Health;
+use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir, write_atomic};
+use velox_node::health::{Health, PolicyHealth, MAX_NAMED_WAITING};
 use velox_node::layout::Hook;
 use velox_node::layout::PRIVATE_FILE_MODE;
 use velox_node::link::{attach_cgroup, update_pinned_link};
 use velox_node::maps::{check_object_layout, check_pinned_layouts, layouts, pinned_layout, EndpointMaps, KernelFlows};
 use velox_node::netlink::Netlink;
+use velox_node::pod_policy::{self, PolicyAnswer, PolicyRequest};
 use velox_node::{Bpffs, StateDir};
 
 use crate::metrics::Metrics;
 use crate::reconcile::endpoints::sync_endpoints;
-use crate::reconcile::policy::{lift_isolation, LocalPod, PolicyReconciler};
+use crate::reconcile::policy::{lift_isolation, PolicyReconciler};
 use crate::reconcile::routes::{NodeNetwork, NodeNetworkConfig};
 use crate::reconcile::services::ServiceBalancer;
 use crate::source::files::FileSource;
@@ -212,9 +214,14 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     let _owned = take_over(&bpffs, &state_dir)?;
     let store = EndpointStore::new(&state_dir);
     refuse_max_pods_below_live_slots(&store, datapath.max_pods)?;
+    let enforces_policy = network_policy && source.gives_policy();
+    // Before the programs ADD needs are pinned: from the first pod on, ADD knows.
+    mark_policy_enforcement(&store, &state_dir, enforces_policy)?;
     let mut ebpf = load_and_pin(&bpffs, &datapath)?;
     carry_over_kernel_flows(&bpffs)?;
-    if !network_policy {
+    // Not enforcing (turned off, or no source of policy): no pod stays isolated by
+    // an earlier run's rules, nor denied by an ADD that saw the earlier marker.
+    if !enforces_policy {
         lift_isolation(&bpffs)?;
     }
     let maps = EndpointMaps::open(&bpffs)?;
@@ -229,7 +236,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     let with_services = datapath.socket_lb_cgroup.is_some();
     let source = source.start(with_services, network_policy, metrics.clone()).await?;
     let sync = SourceSync {
-        policy: (network_policy && source.gives_policy()).then(PolicyReconciler::default),
+        policy: enforces_policy.then(PolicyReconciler::default),
         source,
         node_network,
         balancer: with_services.then(ServiceBalancer::default),
@@ -246,9 +253,10 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         metrics,
         install_into,
         unmoved: None,
+        waiting: Vec::new(),
     };
     // A source that cannot be read never stops the start; a missing uplink does.
-    daemon.apply_source(true).await?;
+    daemon.apply_source(Pass::Full).await?;
     sync_endpoints(
         &daemon.bpffs,
         &daemon.state_dir,
@@ -279,6 +287,19 @@ fn refuse_max_pods_below_live_slots(store: &EndpointStore, max_pods: u32) -> any
             record.host_ifname,
             record.slot
         );
+    }
+    Ok(())
+}
+
+/// Tells ADD whether this node enforces NetworkPolicy (a new named pod then starts
+/// denied both ways until the loader applies its policy), under the endpoint lock
+/// ADD reads it under: an ADD sees the marker this loader left, or none.
+fn mark_policy_enforcement(store: &EndpointStore, state_dir: &StateDir, enforced: bool) -> anyhow::Result<()> {
+    let _lock = store.lock()?;
+    let marker = state_dir.policy_enforced_marker();
+    match enforced {
+        true => write_atomic(&marker, b"", PRIVATE_FILE_MODE)?,
+        false => remove_if_exists(&marker)?,
     }
     Ok(())
 }
@@ -315,6 +336,37 @@ struct Daemon {
     /// This build's programs, while the links still run an earlier build's: they
     /// move once the maps hold the policy (see [`Daemon::move_to_this_build`]).
     unmoved: Option<Ebpf>,
+    /// ADDs waiting for their pod's policy, answered after a policy pass has seen
+    /// the pod, or when their time is up.
+    waiting: Vec<WaitingRequest>,
+}
+
+/// An ADD's request for its pod's policy, until answered.
+struct WaitingRequest {
+    host_ifname: String,
+    stream: UnixStream,
+    /// The policy passes done when it came: a later one has seen the pod's record.
+    passes_before: u64,
+    /// When ADD gives up waiting; the pod stays denied until its rules land.
+    until: Instant,
+}
+
+/// Requests kept at once: more ADDs at a time than a node runs pods would be a
+/// runaway client; the ones beyond are answered at once (their pods stay denied
+/// until the next pass).
+const MAX_WAITING_REQUESTS: usize = 256;
+/// How long a client has to send its request line.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// What a pass of the cluster source covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    /// What changed since the last pass (a quarter of a second apart).
+    Changes,
+    /// Everything, routes repaired (the periodic pass).
+    Full,
+    /// What changed, and the policy of every pod now: an ADD waits for it.
+    PolicyNow,
 }
 
 impl Daemon {
@@ -341,9 +393,10 @@ impl Daemon {
     /// datapath keeps forwarding without us.
     async fn serve(mut self, interval: Duration) -> anyhow::Result<()> {
         let socket = self.state_dir.health_socket();
-        remove_if_exists(&socket)?;
-        let listener = UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+        let listener = bind_private(&socket)?;
+        let policy_socket = self.state_dir.policy_socket();
+        let policy_listener = bind_private(&policy_socket)?;
+        let (requests_in, mut requests) = tokio::sync::mpsc::channel(MAX_WAITING_REQUESTS);
         log::info!(
             "ready: bpffs {}, state {}",
             self.bpffs.root.display(),
@@ -364,29 +417,116 @@ impl Daemon {
                         self.answer_health(stream).await;
                     }
                 }
+                accepted = policy_listener.accept() => {
+                    if let Ok((stream, _)) = accepted {
+                        read_policy_request(stream, requests_in.clone());
+                    }
+                }
+                Some(request) = requests.recv() => self.apply_policy_now(request, &mut requests).await,
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
             }
         }
+        remove_if_exists(&policy_socket)?;
         remove_if_exists(&socket)?;
         log::info!("stopped; datapath left in place");
         Ok(())
     }
 
-    async fn apply_source(&mut self, full: bool) -> anyhow::Result<()> {
+    async fn apply_source(&mut self, pass: Pass) -> anyhow::Result<()> {
         let applied = self
             .sync
-            .apply(&self.netlink, &self.bpffs, &self.store, &self.state_dir, full)
+            .apply(&self.netlink, &self.bpffs, &self.store, &self.state_dir, pass)
             .await;
-        let failed_closed = self.sync.policy.as_ref().map_or(0, |policy| policy.failed_closed.len());
-        self.metrics.policy_failed_closed.set(failed_closed as i64);
+        if let Some(policy) = &self.sync.policy {
+            self.metrics.policy_failed_closed.set(policy.failed_closed.len() as i64);
+            let waiting = policy.waiting_for_pod_object.len() as i64;
+            self.metrics.policy_waiting_for_pod_object.set(waiting);
+        }
+        self.answer_waiting().await;
         applied
+    }
+
+    /// An ADD asks for its pod's policy (and any others that asked meanwhile): a
+    /// policy pass now, answered as soon as it has seen their pods.
+    async fn apply_policy_now(&mut self, first: ArrivedRequest, more: &mut Receiver<ArrivedRequest>) {
+        let mut arrived = vec![first];
+        while let Ok(request) = more.try_recv() {
+            arrived.push(request);
+        }
+        let Some(policy) = &self.sync.policy else {
+            let why = "velox-loader does not enforce NetworkPolicy".to_string();
+            for (_, stream) in arrived {
+                pod_policy::answer(stream, &PolicyAnswer::NotApplied { why: why.clone() }).await;
+            }
+            return;
+        };
+        let passes_before = policy.passes;
+        for (request, stream) in arrived {
+            if self.waiting.len() >= MAX_WAITING_REQUESTS {
+                let why = format!("{MAX_WAITING_REQUESTS} ADDs wait already");
+                pod_policy::answer(stream, &PolicyAnswer::NotApplied { why }).await;
+                continue;
+            }
+            self.waiting.push(WaitingRequest {
+                host_ifname: request.host_ifname,
+                stream,
+                passes_before,
+                until: Instant::now() + pod_policy::WAIT,
+            });
+        }
+        if let Err(e) = self.apply_source(Pass::PolicyNow).await {
+            log::error!("applying the cluster's nodes: {e:#}");
+        }
+    }
+
+    /// Answers the ADDs whose pods a policy pass has seen since they asked, and the
+    /// ones whose time is up; the others keep waiting.
+    async fn answer_waiting(&mut self) {
+        let Some(policy) = &self.sync.policy else {
+            return;
+        };
+        if self.waiting.is_empty() {
+            return;
+        }
+        let slots: HashMap<String, u32> = match self.store.list() {
+            Ok(records) => records.into_iter().map(|r| (r.host_ifname, r.slot)).collect(),
+            Err(e) => return log::error!("reading the endpoint records: {e:#}"),
+        };
+        let now = Instant::now();
+        for request in std::mem::take(&mut self.waiting) {
+            let slot = slots.get(&request.host_ifname);
+            let seen = policy.passes > request.passes_before;
+            let answer = match slot {
+                _ if !seen && now < request.until => None,
+                _ if !seen => Some(PolicyAnswer::NotApplied {
+                    why: "no policy pass has finished since it asked: the source has not given the policy, \
+                          or writing it failed (see velox-loader's log)"
+                        .into(),
+                }),
+                None => Some(PolicyAnswer::NotApplied {
+                    why: "velox-loader has no endpoint record of it".into(),
+                }),
+                Some(slot) => match (policy.failed_closed.get(slot), policy.waiting_for_pod_object.get(slot)) {
+                    (Some(why), _) => Some(PolicyAnswer::NotApplied { why: why.clone() }),
+                    (None, Some(name)) if now >= request.until => Some(PolicyAnswer::NotApplied {
+                        why: format!("the cluster source has not shown the Pod object {name} yet"),
+                    }),
+                    (None, Some(_)) => None,
+                    (None, None) => Some(PolicyAnswer::Applied),
+                },
+            };
+            match answer {
+                Some(answer) => pod_policy::answer(request.stream, &answer).await,
+                None => self.waiting.push(request),
+            }
+        }
     }
 
     /// The periodic pass: everything the source feeds, routes repaired, then the
     /// endpoints.
     async fn full_pass(&mut self) {
-        if let Err(e) = self.apply_source(true).await {
+        if let Err(e) = self.apply_source(Pass::Full).await {
             log::error!("cluster reconcile: {e:#}");
         }
         let started = std::time::Instant::now();
@@ -399,7 +539,7 @@ impl Daemon {
 
     /// What the source changed, and the CNI install once the pod CIDRs are known.
     async fn source_pass(&mut self) {
-        if let Err(e) = self.apply_source(false).await {
+        if let Err(e) = self.apply_source(Pass::Changes).await {
             log::error!("applying the cluster's nodes: {e:#}");
         }
         if let Err(e) = self.move_to_this_build() {
@@ -430,14 +570,48 @@ impl Daemon {
                 .sync
                 .policy
                 .as_ref()
-                .map(|policy| policy.failed_closed.clone())
+                .map(|policy| policy.failed_closed.values().cloned().collect())
                 .unwrap_or_default(),
             links_held: self.unmoved.is_some().then(|| {
                 "the NetworkPolicy is not known yet: the links keep the programs and rules they had".to_string()
             }),
+            policy: self.sync.policy.as_ref().map(|policy| PolicyHealth {
+                synced_once: policy.applied_once,
+                waiting_for_pod_object: policy.waiting_for_pod_object.len(),
+                waiting: policy
+                    .waiting_for_pod_object
+                    .values()
+                    .take(MAX_NAMED_WAITING)
+                    .cloned()
+                    .collect(),
+            }),
         };
         let _ = stream.write_all(health.to_json().as_bytes()).await;
     }
+}
+
+/// A unix socket only root reaches, in place of one a loader before left.
+fn bind_private(socket: &Path) -> anyhow::Result<UnixListener> {
+    remove_if_exists(socket)?;
+    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
+    Ok(listener)
+}
+
+/// A policy request with the connection to answer on.
+type ArrivedRequest = (PolicyRequest, UnixStream);
+
+/// Reads the request off a new connection beside the loop, which a slow client
+/// must not hold up, and hands it over.
+fn read_policy_request(mut stream: UnixStream, to: Sender<ArrivedRequest>) {
+    tokio::spawn(async move {
+        match pod_policy::read_request(&mut stream, REQUEST_READ_TIMEOUT).await {
+            Ok(request) => {
+                let _ = to.send((request, stream)).await;
+            }
+            Err(e) => log::warn!("refusing a policy request: {e}"),
+        }
+    });
 }
 
 /// Mounts bpffs at /sys/fs/bpf when the root is not on one already (it is not at boot here).
@@ -476,6 +650,15 @@ pub enum SourceOptions {
 }
 
 impl SourceOptions {
+    /// Whether the source has policy to give at all (a files source without
+    /// `--cluster-state` has none: no pod is isolated).
+    fn gives_policy(&self) -> bool {
+        match self {
+            SourceOptions::Files { cluster_state, .. } => cluster_state.is_some(),
+            SourceOptions::Kubernetes { .. } => true,
+        }
+    }
+
     async fn start(
         self,
         with_services: bool,
@@ -513,17 +696,18 @@ impl SourceSync {
         self.node_network.as_ref().and_then(NodeNetwork::uplink)
     }
 
-    /// Applies what the source changed, or everything (`full`: the periodic pass that
-    /// also repairs routes). A failure to apply the Services is logged; one of the
-    /// uplink, routes and peers is returned. The datapath keeps what it has.
+    /// Applies what `pass` covers. A failure to apply the Services or the policy is
+    /// logged; one of the uplink, routes and peers is returned. The datapath keeps
+    /// what it has.
     async fn apply(
         &mut self,
         netlink: &Netlink,
         bpffs: &Bpffs,
         store: &EndpointStore,
         state_dir: &StateDir,
-        full: bool,
+        pass: Pass,
     ) -> anyhow::Result<()> {
+        let full = pass == Pass::Full;
         let changed = self.source.changed();
         let mut result = Ok(());
         if let Some(node_network) = self.node_network.as_mut().filter(|_| changed || full) {
@@ -549,19 +733,11 @@ impl SourceSync {
             .and_then(|m| m.modified())
             .ok();
         if let Some(policy) = self.policy.as_mut() {
-            if changed || full || endpoints_changed_at != self.endpoints_changed_at {
-                let local = store.list().map(|records| {
-                    records
-                        .into_iter()
-                        .map(|r| LocalPod {
-                            slot: r.slot,
-                            ips: r.ips,
-                        })
-                        .collect::<Vec<_>>()
-                });
-                let applied = local
+            if changed || pass != Pass::Changes || endpoints_changed_at != self.endpoints_changed_at {
+                let applied = store
+                    .list()
                     .map_err(anyhow::Error::from)
-                    .and_then(|local| policy.apply_policy(bpffs, state_dir, self.source.policy(), &local));
+                    .and_then(|records| policy.apply_policy(bpffs, state_dir, store, self.source.policy(), &records));
                 match applied {
                     Ok(()) => self.endpoints_changed_at = endpoints_changed_at,
                     Err(e) => log::error!("applying NetworkPolicy: {e:#}"),

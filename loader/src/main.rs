@@ -54,11 +54,17 @@ enum Commands {
         purge: bool,
     },
     /// Ask the running loader how it is, as the DaemonSet's probes do: prints its
-    /// answer (JSON); fails when it does not answer or is not ready.
+    /// answer (JSON); fails when it does not answer or is not ready (the datapath is
+    /// not up, or the NetworkPolicy it enforces has never been known).
     Health {
         /// Seconds to wait for the answer.
         #[arg(long, default_value_t = 2)]
         timeout: u64,
+        /// The liveness probe's question: fail only when the loader does not answer
+        /// or its datapath is not up (a policy source that is away is no reason to
+        /// restart it).
+        #[arg(long)]
+        live: bool,
     },
     /// Every packet the datapath drops from now on, and every new connection a
     /// policy rule allows, with its connection ends, their pods, the interface and
@@ -128,11 +134,15 @@ fn main() -> anyhow::Result<()> {
             }
             install::uninstall(&cli.state_dir)
         }
-        Commands::Health { timeout } => {
+        Commands::Health { timeout, live } => {
             let health =
                 velox_node::health::query(&state_dir.health_socket(), std::time::Duration::from_secs(timeout))?;
             println!("{}", health.to_json());
             anyhow::ensure!(health.ready, "velox-loader is not ready");
+            anyhow::ensure!(
+                live || health.probe_ready(),
+                "velox-loader is not ready: it has never had the NetworkPolicy it enforces"
+            );
             Ok(())
         }
         Commands::Monitor { json } => monitor::monitor(&bpffs, &state_dir, json),

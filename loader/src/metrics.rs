@@ -39,6 +39,8 @@ pub struct Metrics {
     pub api_errors: Family<SourceLabels, Counter>,
     /// Pods whose policy rules the last pass could not write (they deny instead).
     pub policy_failed_closed: Gauge,
+    /// Named pods that deny everything until the source shows their Pod object.
+    pub policy_waiting_for_pod_object: Gauge,
 }
 
 impl Metrics {
@@ -49,6 +51,7 @@ impl Metrics {
             watch_events: Family::default(),
             api_errors: Family::default(),
             policy_failed_closed: Gauge::default(),
+            policy_waiting_for_pod_object: Gauge::default(),
         }
     }
 
@@ -75,6 +78,11 @@ impl Metrics {
             "Pods whose NetworkPolicy rules could not be written (a full rules map, a failed write): they deny \
              what those rules would allow",
             self.policy_failed_closed.clone(),
+        );
+        registry.register(
+            "policy_pods_waiting_for_pod_object",
+            "Pods that deny everything because the cluster source has not shown their Pod object yet",
+            self.policy_waiting_for_pod_object.clone(),
         );
         registry.register_collector(Box::new(Datapath { bpffs }));
         let registry = Arc::new(registry);

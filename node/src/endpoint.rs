@@ -45,6 +45,28 @@ pub struct EndpointRecord {
     /// earlier releases, until the loader claims one.
     #[serde(default)]
     pub slot: u32,
+    /// The Kubernetes pod this attachment is for, as the runtime named it in
+    /// CNI_ARGS; absent in records of earlier releases and of runtimes that do not
+    /// say (the loader then knows the pod by its addresses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodName>,
+}
+
+/// A Kubernetes pod as a runtime names it at ADD (`K8S_POD_NAMESPACE`,
+/// `K8S_POD_NAME`, `K8S_POD_UID` in CNI_ARGS).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PodName {
+    pub namespace: String,
+    pub name: String,
+    /// Tells a pod from an earlier one of the same name (a StatefulSet's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+impl std::fmt::Display for PodName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
 }
 
 fn one_or_many<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Vec<IpAddr>, D::Error> {
@@ -268,6 +290,7 @@ mod tests {
             pod_mac: "02:00:00:00:00:02".into(),
             socket_lb_opt_out: None,
             slot: 0,
+            pod: None,
         }
     }
 
@@ -328,6 +351,24 @@ mod tests {
             "host_ifname":"vlx0","host_ifindex":3,"host_mac":"m","pod_mac":"p"}"#;
         let record: EndpointRecord = serde_json::from_str(old).unwrap();
         assert_eq!(record.ips, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
+        assert_eq!(record.pod, None, "records before pod names name no pod");
+    }
+
+    #[test]
+    fn a_named_pod_round_trips_and_an_unnamed_one_writes_no_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EndpointStore::new(&StateDir::new(dir.path()));
+        let mut named = record("c1", &["10.0.0.2"]);
+        named.pod = Some(PodName {
+            namespace: "x".into(),
+            name: "a".into(),
+            uid: None,
+        });
+        store.write(&named).unwrap();
+        assert_eq!(store.get(&named.attachment()).unwrap(), Some(named.clone()));
+        assert_eq!(named.pod.as_ref().unwrap().to_string(), "x/a");
+        let unnamed = serde_json::to_value(record("c2", &["10.0.0.3"])).unwrap();
+        assert!(unnamed.get("pod").is_none(), "{unnamed}");
     }
 
     #[test]

@@ -27,7 +27,28 @@ pub struct Health {
     /// this one moves them once the NetworkPolicy is in its maps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub links_held: Option<String>,
+    /// NetworkPolicy enforcement, when the loader enforces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyHealth>,
 }
+
+/// How NetworkPolicy enforcement is doing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyHealth {
+    /// The source has given NetworkPolicies, Pods and Namespaces at least once and
+    /// the maps hold them. Until then new named pods deny everything, and the loader
+    /// is not ready.
+    pub synced_once: bool,
+    /// Named pods that deny everything because the source has not shown their Pod
+    /// object (yet).
+    pub waiting_for_pod_object: usize,
+    /// The first [`MAX_NAMED_WAITING`] of them, `namespace/name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting: Vec<String>,
+}
+
+/// How many waiting pods health names; the count says how many there are.
+pub const MAX_NAMED_WAITING: usize = 10;
 
 /// How the loader's cluster source is doing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +65,12 @@ pub struct SourceHealth {
 impl Health {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("health serializes")
+    }
+
+    /// Ready for the readiness probe: the datapath is up and, where the loader
+    /// enforces NetworkPolicy, it has had the policy at least once.
+    pub fn probe_ready(&self) -> bool {
+        self.ready && self.policy.as_ref().is_none_or(|policy| policy.synced_once)
     }
 }
 
@@ -78,7 +105,13 @@ mod tests {
             }),
             policy_failed_closed: vec!["the pod in slot 3: adding a policy rule".into()],
             links_held: Some("the NetworkPolicy is not known yet".into()),
+            policy: Some(PolicyHealth {
+                synced_once: false,
+                waiting_for_pod_object: 1,
+                waiting: vec!["x/a".into()],
+            }),
         };
+        assert!(!sent.probe_ready(), "never had the policy");
         let server = std::thread::spawn({
             let sent = sent.clone();
             move || {

@@ -42,8 +42,11 @@
 //! │   ├── <address>                   0600  reserved: container ID and ifname
 //! │   └── last_reserved_ip.<4|6>      0600  where the round-robin goes on
 //! ├── policy-names.json               0600  policy ids and pod names, for the monitor
+//! ├── network-policy-enforced         0600  present while the loader enforces NetworkPolicy:
+//! │                                         ADD starts a named pod denied in both directions
 //! ├── install.json                    0600  what `install` wrote, with checksums
-//! └── loader.sock                     0600  the health socket (STATUS, probes)
+//! ├── loader.sock                     0600  the health socket (STATUS, probes)
+//! └── policy.sock                     0600  ADD asks for a new pod's policy here, and waits
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -156,6 +159,17 @@ impl StateDir {
 
     pub fn health_socket(&self) -> PathBuf {
         self.root.join("loader.sock")
+    }
+
+    /// Present while the loader enforces NetworkPolicy (written before it pins the
+    /// programs ADD needs, removed when it starts without enforcing).
+    pub fn policy_enforced_marker(&self) -> PathBuf {
+        self.root.join("network-policy-enforced")
+    }
+
+    /// Where ADD asks the loader to apply a new pod's policy now.
+    pub fn policy_socket(&self) -> PathBuf {
+        self.root.join("policy.sock")
     }
 }
 

@@ -12,6 +12,7 @@ pub mod layout;
 pub mod link;
 pub mod maps;
 pub mod netlink;
+pub mod pod_policy;
 
 pub use error::{Error, ErrorList, Result};
 pub use layout::{Bpffs, StateDir};

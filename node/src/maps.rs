@@ -8,8 +8,9 @@ use std::net::IpAddr;
 use velox_common::{
     AllowedFlow, BackendSlot, Endpoint, EndpointCounters, FlowEnd, FlowEvent, IpKey, Peer, PolicyFlow, PolicyKey,
     PolicyPorts, PolicyState, Service, SocketPeer, BACKENDS_MAP, COUNTERS_MAP, ENDPOINTS_MAP, EVENTS_MAP,
-    INTERFACES_MAP, IPV4_MAPPED_PREFIX, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP, MONITOR_MAP, PEERS_MAP, POLICY_FLOWS_MAP,
-    POLICY_GENERATION_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP, SERVICES_MAP, SOCKET_PEERS_MAP,
+    INTERFACES_MAP, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP,
+    MONITOR_MAP, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_GENERATION_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP,
+    POLICY_STATE_MAP, RULES_VERSION, SERVICES_MAP, SOCKET_PEERS_MAP,
 };
 
 use crate::error::{Error, Result};
@@ -253,6 +254,16 @@ fn ignore_missing(result: std::result::Result<(), MapError>) -> std::result::Res
     }
 }
 
+/// How a new pod starts, until the loader has applied its policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NewPodPolicy {
+    /// Open both ways: nothing enforces policy, or the loader cannot tell which
+    /// Pod object it is (no name).
+    NotIsolated,
+    /// Isolated in both directions with no rule: nothing in or out.
+    DenyAll,
+}
+
 /// The endpoint map (pod address -> host veth and counters slot), the counters and
 /// policy switches by slot, the interfaces' slots and the socket LB opt-outs.
 pub struct EndpointMaps {
@@ -366,17 +377,36 @@ impl EndpointMaps {
         Ok(total)
     }
 
-    /// Zeroes `slot`'s counters on every CPU and its policy switches, for the pod
-    /// that takes it over: it is not isolated until the loader has seen it.
-    pub fn reset_slot(&mut self, slot: u32) -> Result<()> {
+    /// Zeroes `slot`'s counters on every CPU and sets its policy switches for the pod
+    /// that takes it over, before any packet of the pod can be judged.
+    pub fn reset_slot(&mut self, slot: u32, policy: NewPodPolicy) -> Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))?;
         let zeroes = PerCpuValues::try_from(vec![EndpointCounters::default(); cpus])
             .map_err(Error::io("sizing per-CPU counters"))?;
         self.counters
             .set(slot, zeroes, 0)
             .map_err(Error::map(format!("resetting counters slot {slot}")))?;
+        let state = match policy {
+            NewPodPolicy::NotIsolated => PolicyState::default(),
+            NewPodPolicy::DenyAll => {
+                // The slot's previous pod may have left rules under its live version
+                // (the loader removes them at its next pass): the new pod goes live
+                // on the other one, which holds none of them.
+                let previous = self
+                    .policy_state
+                    .get(&slot, 0)
+                    .map_err(Error::map(format!("reading the policy of slot {slot}")))?;
+                let version = match previous.version() {
+                    0 => RULES_VERSION,
+                    _ => 0,
+                };
+                PolicyState {
+                    flags: ISOLATED_INGRESS | ISOLATED_EGRESS | version,
+                }
+            }
+        };
         self.policy_state
-            .set(slot, PolicyState::default(), 0)
+            .set(slot, state, 0)
             .map_err(Error::map(format!("resetting the policy of slot {slot}")))
     }
 

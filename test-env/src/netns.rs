@@ -42,10 +42,16 @@ pub fn netns_with_prefix(prefix: &str) -> Vec<String> {
 /// no neighbour solicitation for forwarded traffic, which a machine that booted a
 /// while ago never sees.
 pub fn create_host_netns(name: &str) -> anyhow::Result<()> {
-    run("ip", &["netns", "add", name])?;
-    run("ip", &["-n", name, "link", "set", "lo", "up"])?;
+    create_pod_netns(name)?;
     let no_dad = ["net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0"];
     run("ip", &[&["netns", "exec", name, "sysctl", "-qw"][..], &no_dad].concat()).map(drop)
+}
+
+/// A pod's netns before ADD (a runtime's sandbox), or the start of a host's: `name`,
+/// loopback up.
+pub fn create_pod_netns(name: &str) -> anyhow::Result<()> {
+    run("ip", &["netns", "add", name])?;
+    run("ip", &["-n", name, "link", "set", "lo", "up"]).map(drop)
 }
 
 /// Deletes a netns and first kills every process still in it: a process would keep

@@ -51,6 +51,15 @@ impl GridPod {
 /// `pod` as the API server shows it: running on `node_name` with its addresses,
 /// serving the grid's named ports.
 pub fn pod_object(namespace: &str, name: &str, labels: &BTreeMap<String, String>, node_name: &str, pod: &Pod) -> Value {
+    let mut object = scheduled_pod_object(namespace, name, labels, node_name);
+    let ips: Vec<Value> = pod.ips.iter().map(|ip| json!({"ip": ip})).collect();
+    object["status"] = json!({"phase": "Running", "podIP": pod.ips[0], "podIPs": ips});
+    object
+}
+
+/// A pod as the API server shows it when kubelet runs its ADD: scheduled to
+/// `node_name`, serving the grid's named ports, without addresses yet.
+pub fn scheduled_pod_object(namespace: &str, name: &str, labels: &BTreeMap<String, String>, node_name: &str) -> Value {
     let ports: Vec<Value> = PORTS
         .iter()
         .flat_map(|port| {
@@ -59,13 +68,36 @@ pub fn pod_object(namespace: &str, name: &str, labels: &BTreeMap<String, String>
             })
         })
         .collect();
-    let ips: Vec<Value> = pod.ips.iter().map(|ip| json!({"ip": ip})).collect();
     json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"namespace": namespace, "name": name, "labels": labels},
         "spec": {"nodeName": node_name, "containers": [{"name": "server", "ports": ports}]},
-        "status": {"phase": "Running", "podIP": pod.ips[0], "podIPs": ips},
+        "status": {"phase": "Pending"},
     })
+}
+
+/// What a pod of the grid serves (`velox-probe serve-ports` on [`PORTS`]), until
+/// dropped.
+pub struct PortServer(Child);
+
+impl PortServer {
+    pub fn start(pod: &Pod, probe: &std::path::Path) -> anyhow::Result<Self> {
+        let ports: Vec<String> = PORTS.iter().map(u16::to_string).collect();
+        let child = in_netns(&pod.name, probe.to_str().context("probe path")?, &[])
+            .arg("serve-ports")
+            .args(&ports)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting a grid server")?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for PortServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 pub fn namespace_object(name: &str, labels: &BTreeMap<String, String>) -> Value {
@@ -78,7 +110,7 @@ pub struct Grid<'a> {
     cluster: &'a Cluster,
     pub pods: Vec<GridPod>,
     pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
-    servers: Vec<Child>,
+    _servers: Vec<PortServer>,
 }
 
 impl<'a> Grid<'a> {
@@ -88,10 +120,8 @@ impl<'a> Grid<'a> {
             cluster,
             pods: Vec::new(),
             namespace_labels: BTreeMap::new(),
-            servers: Vec::new(),
+            _servers: Vec::new(),
         };
-        let ports: Vec<String> = PORTS.iter().map(u16::to_string).collect();
-        let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
         for namespace in NAMESPACES {
             grid.namespace_labels.insert(
                 namespace.into(),
@@ -104,13 +134,8 @@ impl<'a> Grid<'a> {
             for name in POD_NAMES {
                 let node = grid.pods.len() % cluster.nodes.len();
                 let pod = cluster.nodes[node].add_pod(&cluster.pod_name(node, &format!("{namespace}-{name}")))?;
-                let server = in_netns(&pod.name, cluster.nodes[node].bins.probe.to_str().unwrap(), &[])
-                    .arg("serve-ports")
-                    .args(&ports)
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .context("starting a grid server")?;
-                grid.servers.push(server);
+                grid._servers
+                    .push(PortServer::start(&pod, &cluster.nodes[node].bins.probe)?);
                 grid.pods.push(GridPod {
                     id: format!("{namespace}/{name}"),
                     namespace: namespace.into(),
@@ -231,15 +256,6 @@ impl<'a> Grid<'a> {
                 );
             }
             std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-}
-
-impl Drop for Grid<'_> {
-    fn drop(&mut self) {
-        for server in &mut self.servers {
-            let _ = server.kill();
-            let _ = server.wait();
         }
     }
 }

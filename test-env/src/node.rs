@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use velox_node::endpoint::EndpointStore;
 use velox_node::{ErrorList, Family, StateDir};
 
-use crate::cni::{exec_plugin, CniOutcome};
+use crate::cni::{exec_plugin, CniOutcome, Invocation};
 use crate::guard::{Guard, TearDown};
-use crate::netns::{create_host_netns, delete_netns, in_netns, netns_exists, netns_with_prefix};
-use crate::{run, Binaries, Pod};
+use crate::netns::{create_host_netns, create_pod_netns, delete_netns, in_netns, netns_exists, netns_with_prefix};
+use crate::{Binaries, Pod};
 
 /// One simulated node. Creating is explicit (`up`), and so is removing (`down`), so
 /// `cargo xtask test-env up` can leave a node running; tests wrap it in [`NodeGuard`].
@@ -241,7 +241,8 @@ impl Node {
         ifname: &str,
         conf: &Value,
     ) -> anyhow::Result<CniOutcome> {
-        exec_plugin(&self.name, &self.bins.velox, command, container_id, netns, ifname, conf)
+        let call = Invocation::new(command, container_id, netns, ifname);
+        exec_plugin(&self.name, &self.bins.velox, &call, conf)
     }
 
     /// STATUS with the latest version.
@@ -256,15 +257,31 @@ impl Node {
 
     /// A pod: a new netns named `pod` and an ADD for container ID `pod`, ifname eth0.
     pub fn add_pod(&self, pod: &str) -> anyhow::Result<Pod> {
-        run("ip", &["netns", "add", pod])?;
-        run("ip", &["-n", pod, "link", "set", "lo", "up"])?;
+        create_pod_netns(pod)?;
+        self.add_to_netns(pod, "").map(|(pod, _)| pod)
+    }
+
+    /// ADD of `pod` (whose netns `create_pod_netns` made) as kubelet adds the
+    /// Kubernetes pod `namespace/name`: its name in CNI_ARGS. Returns the pod and how
+    /// long ADD took.
+    pub fn add_kubernetes_pod(&self, pod: &str, namespace: &str, name: &str) -> anyhow::Result<(Pod, Duration)> {
+        self.add_to_netns(pod, &crate::cni::kubernetes_args(namespace, name, pod))
+    }
+
+    /// ADD for container ID `pod`, ifname eth0, in the netns `pod`, with CNI_ARGS
+    /// `args`; the netns goes when ADD fails.
+    fn add_to_netns(&self, pod: &str, args: &str) -> anyhow::Result<(Pod, Duration)> {
         let netns = crate::netns_path(pod);
-        let outcome = self.cni("ADD", pod, Some(&netns), "eth0", &self.conf("1.1.0"))?;
+        let call = Invocation {
+            args,
+            ..Invocation::new("ADD", pod, Some(&netns), "eth0")
+        };
+        let outcome = exec_plugin(&self.name, &self.bins.velox, &call, &self.conf("1.1.0"))?;
         if !outcome.success {
             let _ = delete_netns(pod);
             bail!("ADD of {pod} failed: {}", outcome.stdout);
         }
-        Pod::from_result(pod, &outcome.stdout)
+        Ok((Pod::from_result(pod, &outcome.stdout)?, outcome.elapsed))
     }
 
     /// DEL as a runtime does when a pod goes, then the pod's netns goes.
@@ -356,6 +373,17 @@ impl Node {
             .output()?;
         serde_json::from_slice(&output.stdout)
             .with_context(|| format!("velox-loader health: {}", String::from_utf8_lossy(&output.stderr)))
+    }
+
+    /// Whether `velox-loader health` with `flags` (`--live`) succeeds, as a probe
+    /// of the DaemonSet asks it.
+    pub fn health_probe(&self, flags: &[&str]) -> bool {
+        in_netns(&self.name, self.bins.loader.to_str().unwrap(), &[])
+            .args(["--state-dir", self.state_dir.to_str().unwrap(), "health"])
+            .args(flags)
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
     }
 
     /// `velox-loader <view> --json` (endpoints, peers, stats) run in the node.

@@ -6,7 +6,7 @@ use ipnet::Ipv4Net;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
-use crate::cni::{exec_plugin, CniOutcome};
+use crate::cni::{exec_plugin, CniOutcome, Invocation};
 use crate::netns::{delete_netns, netns_with_prefix};
 use crate::{run, Pod};
 
@@ -55,14 +55,14 @@ impl ReferenceNode {
     }
 
     pub fn up(&self) -> anyhow::Result<()> {
-        run("ip", &["netns", "add", &self.name])?;
-        run("ip", &["-n", &self.name, "link", "set", "lo", "up"]).map(drop)
+        crate::netns::create_pod_netns(&self.name)
     }
 
     pub fn cni(&self, command: &str, pod: &str) -> anyhow::Result<CniOutcome> {
         let netns = crate::netns_path(pod);
         let plugin = Path::new(REFERENCE_PLUGINS).join(&self.plugin);
-        exec_plugin(&self.name, &plugin, command, pod, Some(&netns), "eth0", &self.conf)
+        let call = Invocation::new(command, pod, Some(&netns), "eth0");
+        exec_plugin(&self.name, &plugin, &call, &self.conf)
     }
 
     /// A pod named `<node>-<pod>`: its netns, then ADD.

@@ -8,7 +8,7 @@ use proptest::test_runner::{TestCaseError, TestRunner};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use velox_test_env::cni::spawn_plugin;
+use velox_test_env::cni::{spawn_plugin, Invocation};
 use velox_test_env::{netns_path, run, wait_for, Family, NodeGuard, Pod};
 
 fn record_path(node: &NodeGuard, pod: &Pod) -> PathBuf {
@@ -160,7 +160,8 @@ fn plugins_killed_at_random_points_of_add_and_del_leave_nothing_after_del() {
             let keeper = s.spawn(|| node.add_pod(&format!("k{n}")));
             let kill_after = |command: &str, micros: u64| {
                 let velox = &node.bins.velox;
-                let mut child = spawn_plugin(&node.name, velox, command, &victim, Some(&netns), "eth0", &conf).unwrap();
+                let call = Invocation::new(command, &victim, Some(&netns), "eth0");
+                let mut child = spawn_plugin(&node.name, velox, &call, &conf).unwrap();
                 std::thread::sleep(Duration::from_micros(micros));
                 let _ = child.kill();
                 let _ = child.wait();

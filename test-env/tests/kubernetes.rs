@@ -338,6 +338,39 @@ fn a_resource_rbac_forbids_is_reported_and_the_rest_keeps_working() {
     cluster.finish().unwrap();
 }
 
+/// A Pods watch that fails (RBAC forbids it here) leaves no new pod open and no
+/// health green: a pod kubelet names at ADD denies everything, health says the
+/// source is not synced and the policy never was, and the readiness probe fails
+/// while the liveness probe does not.
+#[test]
+fn a_failing_pods_watch_leaves_new_pods_denied_and_the_loader_unready() {
+    use velox_test_env::apiserver::PODS;
+    use velox_test_env::netpol::{connect, PortServer, PORTS};
+    let cluster = ClusterGuard::up("kpods").unwrap();
+    let (api, kubeconfig) = api_server_for(&cluster);
+    api.forbid(PODS);
+    let worker1 = &cluster.nodes[0];
+    run_on_the_api_server(worker1, &kubeconfig);
+    let peer = cluster.pod("pod-4");
+    let server = PortServer::start(&peer, &worker1.bins.probe).unwrap();
+    let netns = cluster.pod_name(0, "new");
+    velox_test_env::netns::create_pod_netns(&netns).unwrap();
+    let (pod, _) = worker1.add_kubernetes_pod(&netns, "default", "new").unwrap();
+    for family in Family::ALL {
+        let to = SocketAddr::new(peer.ip(family), PORTS[0]);
+        for _ in 0..3 {
+            assert!(connect(&pod, to).is_err(), "{family:?}: the new pod got out");
+        }
+    }
+    let health = worker1.health().unwrap();
+    assert_eq!(health["cluster"]["synced"], false, "{health}");
+    assert_eq!(health["policy"]["synced_once"], false, "{health}");
+    assert!(!worker1.health_probe(&[]), "ready without ever having the policy");
+    assert!(worker1.health_probe(&["--live"]), "alive all the same");
+    drop((server, api));
+    cluster.finish().unwrap();
+}
+
 /// The objects of deploy/velox.yaml, by kind.
 fn manifest() -> Vec<Value> {
     use serde::Deserialize;
@@ -424,12 +457,17 @@ fn the_manifest_grants_exactly_what_the_loader_asks_and_runs_only_the_loader() {
     let mounted: BTreeSet<String> = loader.volume_mounts.iter().flatten().map(|m| m.name.clone()).collect();
     let volumes: BTreeSet<String> = pod.volumes.iter().flatten().map(|v| v.name.clone()).collect();
     assert_eq!(mounted, volumes);
-    for probe in [&loader.liveness_probe, &loader.readiness_probe] {
-        let command = probe
+    // Readiness waits for the policy; liveness only for an answer (restarting a
+    // loader whose API server is away would not bring it back).
+    for (probe, command) in [
+        (&loader.liveness_probe, &["velox-loader", "health", "--live"][..]),
+        (&loader.readiness_probe, &["velox-loader", "health"][..]),
+    ] {
+        let given = probe
             .as_ref()
             .and_then(|p| p.exec.as_ref())
             .and_then(|e| e.command.clone());
-        assert_eq!(command, Some(vec!["velox-loader".to_string(), "health".to_string()]));
+        assert_eq!(given, Some(command.iter().map(|c| c.to_string()).collect()));
     }
 }
 

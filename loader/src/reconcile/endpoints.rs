@@ -10,7 +10,7 @@ use velox_node::fs::{list_dir, remove_if_exists};
 use velox_node::ipam::Allocator;
 use velox_node::layout::Hook;
 use velox_node::link::attach_pod_veth_programs;
-use velox_node::maps::EndpointMaps;
+use velox_node::maps::{EndpointMaps, NewPodPolicy};
 use velox_node::{Bpffs, StateDir};
 
 /// What the records say the maps must hold.
@@ -101,10 +101,10 @@ fn sync_record(
         return Ok(());
     }
     if record.slot == 0 {
-        // A record of a release before counters slots.
+        // A record of a release before counters slots (and pod names).
         record.slot = store.claim_slot(&record.host_ifname, maps.max_pods())?;
         store.write(&record)?;
-        maps.reset_slot(record.slot)?;
+        maps.reset_slot(record.slot, NewPodPolicy::NotIsolated)?;
     }
     wanted.opted_out.extend(record.socket_lb_opt_out);
     let endpoint = record.endpoint();

@@ -9,8 +9,9 @@ mod compile;
 
 pub use compile::{compile, Compiled, LocalPod, PodPolicy, Prefix};
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use velox_common::{PolicyKey, PolicyPorts, PolicyState, MAX_PORT_RULES, RULES_VERSION};
+use velox_node::endpoint::{EndpointRecord, EndpointStore};
 use velox_node::maps::PolicyMaps;
 use velox_node::{Bpffs, StateDir};
 
@@ -30,27 +31,44 @@ pub struct PolicyReconciler {
     /// a failure).
     applied: Option<BTreeMap<u32, Applied>>,
     names: Option<PolicyNames>,
-    /// The pods whose rules the last pass could not write, and why: they deny what
-    /// those rules would have allowed.
-    pub failed_closed: Vec<String>,
+    /// The pods whose rules the last pass could not write, by slot, and why: they
+    /// deny what those rules would have allowed.
+    pub failed_closed: BTreeMap<u32, String>,
+    /// This node's named pods the last pass found no Pod object for, by slot: they
+    /// deny everything until the source shows it.
+    pub waiting_for_pod_object: BTreeMap<u32, String>,
     /// A pass has written the source's policy into the maps (failed-closed pods too).
     pub applied_once: bool,
+    /// Passes that wrote the source's policy into the maps: a pod whose record a
+    /// pass saw has its state in the maps once this moves on.
+    pub passes: u64,
 }
 
 impl PolicyReconciler {
     /// Applies `input` (`None`: the source cannot say; the maps keep the last rules)
-    /// to this node's pods.
+    /// to this node's pods, the pods of `records`. The maps are written under the
+    /// endpoint lock, and only for slots whose pod is still the one compiled for: a
+    /// pod that took a slot over meanwhile keeps what ADD gave it until the next pass.
     pub fn apply_policy(
         &mut self,
         bpffs: &Bpffs,
         state_dir: &StateDir,
+        store: &EndpointStore,
         input: Option<PolicyInput>,
-        local: &[LocalPod],
+        records: &[EndpointRecord],
     ) -> anyhow::Result<()> {
         let Some(input) = input else {
             return Ok(());
         };
-        let compiled = compile(&input.policies, &input.pods, &input.namespaces, local);
+        let local: Vec<LocalPod> = records
+            .iter()
+            .map(|r| LocalPod {
+                slot: r.slot,
+                ips: r.ips.clone(),
+                pod: r.pod.clone(),
+            })
+            .collect();
+        let compiled = compile(&input.policies, &input.pods, &input.namespaces, &local);
         for problem in &compiled.problems {
             log::warn!("NetworkPolicy: {problem}");
         }
@@ -59,7 +77,7 @@ impl PolicyReconciler {
             pods: compiled.pod_names.clone(),
             selected_by: BTreeMap::new(),
         };
-        for pod in local {
+        for pod in &local {
             if let Some(policy) = compiled.pods.get(&pod.slot) {
                 let selecting: Vec<String> = policy.selected_by.iter().filter_map(|id| names.policy(*id)).collect();
                 for ip in &pod.ips {
@@ -76,22 +94,32 @@ impl PolicyReconciler {
             Some(applied) => applied,
             None => read_applied(&mut maps)?,
         };
-        // On a failure the maps are read again next time: they are the truth.
-        self.failed_closed = write_rules(&mut maps, &mut applied, &compiled)?;
+        let compiled_for: HashMap<u32, &str> = records.iter().map(|r| (r.slot, r.host_ifname.as_str())).collect();
+        let failed_closed = {
+            let _lock = store.lock()?;
+            let owners: HashMap<u32, String> = store.list()?.into_iter().map(|r| (r.slot, r.host_ifname)).collect();
+            let same_pod = |slot| owners.get(&slot).map(String::as_str) == compiled_for.get(&slot).copied();
+            // On a failure the maps are read again next time: they are the truth.
+            write_rules(&mut maps, &mut applied, &compiled, same_pod)?
+        };
+        self.failed_closed = failed_closed;
+        self.waiting_for_pod_object = compiled.waiting_for_pod_object;
         self.applied_once = true;
+        self.passes += 1;
         anyhow::ensure!(
             self.failed_closed.is_empty(),
             "{} pod(s) deny what their rules would allow, their rules could not be written: {}",
             self.failed_closed.len(),
-            self.failed_closed.join("; ")
+            self.failed_closed.values().cloned().collect::<Vec<_>>().join("; ")
         );
         self.applied = Some(applied);
         Ok(())
     }
 }
 
-/// Turns enforcement off (`--network-policy=false`): no pod stays isolated by rules
-/// an earlier run left in the maps, and no connection by the flows they allowed.
+/// Turns enforcement off (`--network-policy=false`, or no source of policy): no pod
+/// stays isolated by rules an earlier run left in the maps, and no connection by the
+/// flows they allowed.
 pub fn lift_isolation(bpffs: &Bpffs) -> anyhow::Result<()> {
     let mut maps = PolicyMaps::open(bpffs)?;
     let mut lifted = 0;
@@ -143,34 +171,36 @@ fn read_applied(maps: &mut PolicyMaps) -> anyhow::Result<BTreeMap<u32, Applied>>
     Ok(applied)
 }
 
-/// Brings every pod's entries in line with `compiled`, one pod at a time. A pod whose
-/// rules cannot all be written (the rules map is full, a write fails) fails closed:
-/// it becomes isolated as wanted with none of its new rules, so it admits nothing in
-/// those directions, and the others go on. The generation moves after any change,
-/// so no connection keeps what the old rules allowed. Returns the pods that failed
-/// closed, and why.
+/// Brings every pod's entries in line with `compiled`, one pod at a time, for the
+/// slots `same_pod` says still hold the pod compiled for. A pod whose rules cannot
+/// all be written (the rules map is full, a write fails) fails closed: it becomes
+/// isolated as wanted with none of its new rules, so it admits nothing in those
+/// directions, and the others go on. The generation moves after any change, so no
+/// connection keeps what the old rules allowed. Returns the pods that failed closed,
+/// by slot, and why.
 fn write_rules(
     maps: &mut PolicyMaps,
     applied: &mut BTreeMap<u32, Applied>,
     compiled: &Compiled,
-) -> anyhow::Result<Vec<String>> {
+    same_pod: impl Fn(u32) -> bool,
+) -> anyhow::Result<BTreeMap<u32, String>> {
     let slots: BTreeSet<u32> = applied.keys().chain(compiled.pods.keys()).copied().collect();
     let mut changed = false;
-    let mut failed = Vec::new();
+    let mut failed = BTreeMap::new();
     let nothing = Applied::default();
-    for slot in slots {
+    for slot in slots.into_iter().filter(|slot| same_pod(*slot)) {
         let want = compiled.pods.get(&slot).map(entries).unwrap_or_default();
         let had = applied.get(&slot).unwrap_or(&nothing).clone();
-        // The plugin resets a slot's state for the pod that takes it over.
+        // The plugin sets a slot's state for the pod that takes it over.
         let live = maps.state(slot)?;
         if live == had.state && had.state.flags & !RULES_VERSION == want.state.flags && had.rules == want.rules {
             continue;
         }
         changed = true;
-        let now = match write_pod(maps, slot, &had, want) {
+        let now = match write_pod(maps, slot, live, &had, want) {
             Ok(now) => now,
             Err((now, e)) => {
-                failed.push(format!("the pod in slot {slot}: {e:#}"));
+                failed.insert(slot, format!("the pod in slot {slot}: {e:#}"));
                 now
             }
         };
@@ -186,15 +216,36 @@ fn write_rules(
 }
 
 /// Moves the pod in `slot` from `had` to `want`: the new rules under the version that
-/// is not live, then the state, then the old rules go. What the maps hold afterwards
+/// is not `live`, then the state, then the old rules go. What the maps hold afterwards
 /// is returned, also on a failure: then the pod's new version holds nothing.
 fn write_pod(
     maps: &mut PolicyMaps,
     slot: u32,
+    live: PolicyState,
     had: &Applied,
     want: Applied,
 ) -> Result<Applied, (Applied, anyhow::Error)> {
-    let version = 1 - had.state.version();
+    let version = 1 - live.version();
+    // A new pod in the slot went live on the version the previous one did not use
+    // (the plugin starts it so): that one's rules are under the version to write,
+    // not live, and go first.
+    let stale_first = had.state.version() == version;
+    let remove_had = |maps: &mut PolicyMaps| {
+        had.rules.keys().try_for_each(|(direction, prefix)| {
+            maps.remove_rule(
+                key(slot, *direction, had.state.version(), prefix),
+                u32::from(prefix.len),
+            )
+        })
+    };
+    if stale_first {
+        if let Err(e) = remove_had(maps) {
+            return Err((
+                had.clone(),
+                anyhow::Error::from(e).context("removing the slot's previous rules"),
+            ));
+        }
+    }
     let state = match want == Applied::default() {
         true => PolicyState::default(), // not isolated: its rules go after
         false => PolicyState {
@@ -230,12 +281,10 @@ fn write_pod(
     }
     // Entries left of the old version would come back to life at the next switch:
     // a failure here makes the next pass read the maps again, which removes them.
-    let removed = had.rules.keys().try_for_each(|(direction, prefix)| {
-        maps.remove_rule(
-            key(slot, *direction, had.state.version(), prefix),
-            u32::from(prefix.len),
-        )
-    });
+    let removed = match stale_first {
+        true => Ok(()),
+        false => remove_had(maps),
+    };
     match (written, removed) {
         (Ok(()), Ok(())) => Ok(now),
         (Err(e), _) => Err((now, e)),

@@ -111,10 +111,6 @@ impl ClusterSource for FileSource {
         self.objects().map(PolicyInput::from_objects)
     }
 
-    fn gives_policy(&self) -> bool {
-        self.cluster_state.is_some()
-    }
-
     fn health(&self) -> SourceHealth {
         SourceHealth {
             source: "files".into(),

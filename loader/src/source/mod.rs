@@ -26,11 +26,6 @@ pub trait ClusterSource {
     /// NetworkPolicies, Pods and Namespaces; `None` likewise, or when the node does
     /// not enforce policy.
     fn policy(&mut self) -> Option<PolicyInput>;
-    /// Whether the source has policy to give at all (a files source without
-    /// `--cluster-state` has none: no pod is isolated).
-    fn gives_policy(&self) -> bool {
-        true
-    }
     /// How the source is doing, for the health answer.
     fn health(&self) -> SourceHealth;
     /// The datapath is up: tell the cluster, where it listens.

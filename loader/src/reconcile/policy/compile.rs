@@ -18,6 +18,7 @@ use std::net::IpAddr;
 use velox_common::{
     PortRule, ANY_PROTOCOL, EGRESS, INGRESS, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_PORT_RULES,
 };
+use velox_node::endpoint::PodName;
 use velox_node::maps::mapped_prefix_len;
 
 use crate::names::protocol_number;
@@ -71,11 +72,13 @@ fn mask(len: u8) -> u128 {
     }
 }
 
-/// A pod of this node: its counters slot and addresses.
+/// A pod of this node: its counters slot and addresses, and its name when the
+/// runtime gave one at ADD.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalPod {
     pub slot: u32,
     pub ips: Vec<IpAddr>,
+    pub pod: Option<PodName>,
 }
 
 /// What one pod of this node may do.
@@ -99,12 +102,16 @@ pub struct Compiled {
     pub pod_names: BTreeMap<IpAddr, String>,
     /// What could not be compiled as written (too many port ranges for one peer).
     pub problems: Vec<String>,
+    /// This node's named pods whose Pod object the source has not shown (yet), by
+    /// slot: each denies everything until it has.
+    pub waiting_for_pod_object: BTreeMap<u32, String>,
 }
 
 /// A cluster pod as policy sees it.
 struct PodView<'a> {
     namespace: &'a str,
     name: &'a str,
+    uid: Option<&'a str>,
     labels: &'a BTreeMap<String, String>,
     ips: Vec<IpAddr>,
     /// Named container ports: (name, protocol, number).
@@ -139,7 +146,27 @@ pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace
             ))
         })
         .collect();
-    let views: Vec<PodView> = pods.iter().filter_map(|pod| view(pod, &empty)).collect();
+    // A pod of this node has the addresses of its records: its Pod object shows
+    // them only once kubelet has posted them, after ADD.
+    let mut local_addresses: HashMap<(&str, &str), Vec<IpAddr>> = HashMap::new();
+    for pod in local {
+        if let Some(name) = &pod.pod {
+            let ips = local_addresses.entry((&name.namespace, &name.name)).or_default();
+            for ip in &pod.ips {
+                if !ips.contains(ip) {
+                    ips.push(*ip);
+                }
+            }
+        }
+    }
+    let views: Vec<PodView> = pods
+        .iter()
+        .filter_map(|pod| {
+            let local = local_addresses.get(&(namespace_of(&pod.metadata), pod.metadata.name.as_deref()?));
+            view(pod, &empty, local.cloned())
+        })
+        .collect();
+    let by_name: HashMap<(&str, &str), &PodView> = views.iter().map(|v| ((v.namespace, v.name), v)).collect();
     let mut policies: Vec<&NetworkPolicy> = policies.iter().collect();
     policies.sort_by_key(|p| (p.metadata.namespace.clone(), p.metadata.name.clone()));
     let mut compiled = Compiled {
@@ -174,12 +201,33 @@ pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace
         })
         .collect();
     for pod in local {
-        let Some(me) = pod
-            .ips
-            .iter()
-            .find_map(|ip| by_address.get(&Prefix::host(*ip)).copied())
-        else {
-            continue; // not known to the cluster (yet): no policy selects it
+        let me = match &pod.pod {
+            // Found by its name, and it must be the same pod, not an earlier one of
+            // that name.
+            Some(name) => by_name
+                .get(&(name.namespace.as_str(), name.name.as_str()))
+                .copied()
+                .filter(|view| name.uid.is_none() || view.uid.is_none() || name.uid.as_deref() == view.uid),
+            // A pod without a name (a record of an earlier release, a runtime that
+            // does not say) is found by its addresses.
+            None => pod
+                .ips
+                .iter()
+                .find_map(|ip| by_address.get(&Prefix::host(*ip)).copied()),
+        };
+        let Some(me) = me else {
+            if let Some(name) = &pod.pod {
+                // Its policies cannot be known without its labels: nothing in or out.
+                compiled.waiting_for_pod_object.insert(pod.slot, name.to_string());
+                compiled.pods.insert(
+                    pod.slot,
+                    PodPolicy {
+                        isolation: ISOLATED_INGRESS | ISOLATED_EGRESS,
+                        ..Default::default()
+                    },
+                );
+            }
+            continue; // unnamed and not known to the cluster (yet): no policy selects it
         };
         let Selection {
             isolation,
@@ -264,24 +312,33 @@ fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) ->
 }
 
 /// A running pod with addresses on the pod network; host-network pods have the
-/// node's address and are not selected, finished pods have given theirs back.
-fn view<'a>(pod: &'a Pod, empty: &'a BTreeMap<String, String>) -> Option<PodView<'a>> {
+/// node's address and are not selected, finished pods have given theirs back. A pod
+/// of this node has `local_ips`, its records' addresses, whatever its status says.
+fn view<'a>(pod: &'a Pod, empty: &'a BTreeMap<String, String>, local_ips: Option<Vec<IpAddr>>) -> Option<PodView<'a>> {
     let spec = pod.spec.as_ref()?;
-    let status = pod.status.as_ref()?;
-    if spec.host_network == Some(true) || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+    let status = pod.status.as_ref();
+    let phase = status.and_then(|s| s.phase.as_deref());
+    if spec.host_network == Some(true) || matches!(phase, Some("Succeeded" | "Failed")) {
         return None;
     }
-    let mut ips: Vec<IpAddr> = status
-        .pod_ips
-        .iter()
-        .flatten()
-        .filter_map(|ip| ip.ip.parse().ok())
-        .collect();
-    if let Some(ip) = status.pod_ip.as_ref().and_then(|ip| ip.parse().ok()) {
-        if !ips.contains(&ip) {
-            ips.push(ip);
+    let ips = match local_ips {
+        Some(ips) => ips,
+        None => {
+            let status = status?;
+            let mut ips: Vec<IpAddr> = status
+                .pod_ips
+                .iter()
+                .flatten()
+                .filter_map(|ip| ip.ip.parse().ok())
+                .collect();
+            if let Some(ip) = status.pod_ip.as_ref().and_then(|ip| ip.parse().ok()) {
+                if !ips.contains(&ip) {
+                    ips.push(ip);
+                }
+            }
+            ips
         }
-    }
+    };
     if ips.is_empty() {
         return None;
     }
@@ -297,6 +354,7 @@ fn view<'a>(pod: &'a Pod, empty: &'a BTreeMap<String, String>) -> Option<PodView
     Some(PodView {
         namespace: namespace_of(&pod.metadata),
         name: pod.metadata.name.as_deref().unwrap_or_default(),
+        uid: pod.metadata.uid.as_deref(),
         labels: pod.metadata.labels.as_ref().unwrap_or(empty),
         ips,
         ports,
@@ -623,6 +681,7 @@ mod tests {
                 .enumerate()
                 .map(|(n, p)| LocalPod {
                     slot: n as u32 + 1,
+                    pod: None,
                     ips: p
                         .status
                         .as_ref()
@@ -1076,6 +1135,7 @@ mod tests {
         let local = [LocalPod {
             slot: 1,
             ips: grid.ips("x/a"),
+            pod: None,
         }];
         let compiled = compile(&[p], &grid.pods, &grid.namespaces, &local);
         assert_eq!(compiled.problems.len(), 1, "{:?}", compiled.problems);
@@ -1084,13 +1144,117 @@ mod tests {
     }
 
     #[test]
-    fn a_pod_the_cluster_does_not_know_yet_is_not_isolated() {
+    fn an_unnamed_pod_the_cluster_does_not_know_yet_is_not_isolated() {
         let grid = Grid::new();
         let deny = policy("x", "deny", json!({"podSelector": {}}));
         let local = [LocalPod {
             slot: 7,
             ips: vec!["10.7.7.7".parse().unwrap()],
+            pod: None,
         }];
-        assert!(compile(&[deny], &grid.pods, &grid.namespaces, &local).pods.is_empty());
+        let compiled = compile(&[deny], &grid.pods, &grid.namespaces, &local);
+        assert!(compiled.pods.is_empty());
+        assert!(compiled.waiting_for_pod_object.is_empty());
+    }
+
+    fn named(namespace: &str, name: &str, uid: Option<&str>) -> Option<PodName> {
+        Some(PodName {
+            namespace: namespace.into(),
+            name: name.into(),
+            uid: uid.map(String::from),
+        })
+    }
+
+    #[test]
+    fn a_named_pod_the_cluster_does_not_show_yet_denies_everything_and_waits() {
+        let grid = Grid::new();
+        let local = [LocalPod {
+            slot: 7,
+            ips: vec!["10.7.7.7".parse().unwrap()],
+            pod: named("w", "new", None),
+        }];
+        // No policy at all: without its labels nobody can tell which would select it.
+        let compiled = compile(&[], &grid.pods, &grid.namespaces, &local);
+        assert_eq!(compiled.pods[&7].isolation, ISOLATED_INGRESS | ISOLATED_EGRESS);
+        assert!(compiled.pods[&7].rules.is_empty());
+        assert_eq!(
+            compiled.waiting_for_pod_object,
+            BTreeMap::from([(7, "w/new".to_string())])
+        );
+    }
+
+    #[test]
+    fn a_named_pod_is_its_pod_object_before_kubelet_posts_its_addresses() {
+        let mut grid = Grid::new();
+        let mut new: Pod = serde_json::from_value(pod("x", "new", json!({"pod": "new"}), &[])).unwrap();
+        new.metadata.uid = Some("u2".into());
+        grid.pods.push(new);
+        let ips: Vec<IpAddr> = vec!["10.0.0.9".parse().unwrap(), "fd00::9".parse().unwrap()];
+        let local = |uid| {
+            [LocalPod {
+                slot: 20,
+                ips: ips.clone(),
+                pod: named("x", "new", uid),
+            }]
+        };
+        let p = policy(
+            "x",
+            "new-from-b",
+            json!({"podSelector": {"matchLabels": {"pod": "new"}}, "policyTypes": ["Ingress", "Egress"],
+                   "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}],
+                   "egress": [{"to": [{"podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
+        );
+        // x/a admits x/new: the record's addresses, not the (empty) status's.
+        let a_from_new = policy(
+            "x",
+            "a-from-new",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "new"}}}]}]}),
+        );
+        let mut everyone = local(Some("u2")).to_vec();
+        everyone.push(LocalPod {
+            slot: 1,
+            ips: grid.ips("x/a"),
+            pod: named("x", "a", None),
+        });
+        let compiled = compile(&[p.clone(), a_from_new], &grid.pods, &grid.namespaces, &everyone);
+        assert!(compiled.waiting_for_pod_object.is_empty());
+        let new = &compiled.pods[&20];
+        assert_eq!(new.isolation, ISOLATED_INGRESS | ISOLATED_EGRESS);
+        for ip in grid.ips("x/b") {
+            assert!(new.rules.contains_key(&(INGRESS, Prefix::host(ip))), "x/b may come in");
+            assert!(new.rules.contains_key(&(EGRESS, Prefix::host(ip))), "and be reached");
+        }
+        for ip in &ips {
+            assert!(
+                compiled.pods[&1].rules.contains_key(&(INGRESS, Prefix::host(*ip))),
+                "x/a admits {ip}"
+            );
+        }
+        // A pod of that name but another UID is an earlier one: not this pod's labels.
+        let other = compile(
+            std::slice::from_ref(&p),
+            &grid.pods,
+            &grid.namespaces,
+            &local(Some("u1")),
+        );
+        assert_eq!(
+            other.waiting_for_pod_object,
+            BTreeMap::from([(20, "x/new".to_string())])
+        );
+        assert!(other.pods[&20].rules.is_empty());
+    }
+
+    #[test]
+    fn a_named_pod_is_found_by_name_not_by_an_address_another_pod_reports() {
+        let grid = Grid::new();
+        let deny_y = policy("y", "deny", json!({"podSelector": {}}));
+        // y/b's status still shows 10.0.1.2, which this node gave to x/a anew.
+        let local = [LocalPod {
+            slot: 3,
+            ips: vec!["10.0.1.2".parse().unwrap()],
+            pod: named("x", "a", None),
+        }];
+        let compiled = compile(&[deny_y], &grid.pods, &grid.namespaces, &local);
+        assert!(compiled.pods.is_empty(), "x/a is not in y: {:?}", compiled.pods);
     }
 }
