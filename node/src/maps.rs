@@ -270,6 +270,7 @@ pub struct EndpointMaps {
     endpoints: HashMap<MapData, IpKey, Endpoint>,
     counters: PerCpuArray<MapData, EndpointCounters>,
     policy_state: Array<MapData, PolicyState>,
+    policy_generation: Array<MapData, u32>,
     interfaces: HashMap<MapData, u32, u32>,
     lb_opt_out: HashMap<MapData, u64, u8>,
 }
@@ -280,6 +281,7 @@ impl EndpointMaps {
             endpoints: open_map(bpffs, ENDPOINTS_MAP)?,
             counters: open_map(bpffs, COUNTERS_MAP)?,
             policy_state: open_map(bpffs, POLICY_STATE_MAP)?,
+            policy_generation: open_map(bpffs, POLICY_GENERATION_MAP)?,
             interfaces: open_map(bpffs, INTERFACES_MAP)?,
             lb_opt_out: open_map(bpffs, LB_OPT_OUT_MAP)?,
         })
@@ -407,7 +409,19 @@ impl EndpointMaps {
         };
         self.policy_state
             .set(slot, state, 0)
-            .map_err(Error::map(format!("resetting the policy of slot {slot}")))
+            .map_err(Error::map(format!("resetting the policy of slot {slot}")))?;
+        if policy == NewPodPolicy::DenyAll {
+            // Connections allowed to a pod that held one of these addresses before
+            // meet the new pod's (empty) rules at their next packet.
+            let generation = self
+                .policy_generation
+                .get(&0, 0)
+                .map_err(Error::map("reading the policy generation"))?;
+            self.policy_generation
+                .set(0, generation.wrapping_add(1), 0)
+                .map_err(Error::map("bumping the policy generation"))?;
+        }
+        Ok(())
     }
 
     /// Every interface with its counters slot.

@@ -343,3 +343,53 @@ fn an_allowed_flow_gets_its_icmp_errors() {
     }
     cluster.finish().unwrap();
 }
+
+/// An ICMP error proves no connection: one forged by a pod the server's rules do not
+/// admit, quoting a datagram from the server's admitted port to a port its egress
+/// rules close, neither reaches the server as an allowed connection's nor lets the
+/// server send that datagram afterwards.
+#[test]
+fn a_forged_icmp_error_opens_nothing() {
+    let cluster = ClusterGuard::up("pf3").unwrap();
+    let (server, admitted, forger) = (cluster.pod("pod-1"), cluster.pod("pod-4"), cluster.pod("pod-3"));
+    write_pods(&cluster, &server, &[(&admitted, 0)]);
+    isolate_the_server(&cluster);
+    const CLOSED_OUT: u16 = 9005;
+    let (stop, echo) = echo_server(&admitted.name, SocketAddr::new(admitted.ip(Family::V4), ALLOWED_IN));
+    eventually("the policy isolates the server", || {
+        !echoed(&server.name, SocketAddr::new(admitted.ip(Family::V4), ALLOWED_IN), 100)
+    });
+    stop.store(true, Ordering::Relaxed);
+    echo.join().unwrap().unwrap();
+
+    for family in Family::ALL {
+        let (from, to) = (
+            SocketAddr::new(server.ip(family), ALLOWED_IN),
+            SocketAddr::new(admitted.ip(family), CLOSED_OUT),
+        );
+        let listener = spawn_in(&admitted.name, move || Ok(UdpSocket::bind(to)?))
+            .join()
+            .unwrap()
+            .unwrap();
+        listener.set_read_timeout(Some(WAIT)).unwrap();
+        let forged = too_big(from, to, 1280);
+        send_icmp(&forger.name, forger.ip(family), server.ip(family), forged);
+        std::thread::sleep(Duration::from_millis(200));
+        let sent = spawn_in(&server.name, move || {
+            let socket = UdpSocket::bind(from)?;
+            for _ in 0..3 {
+                socket.send_to(b"out", to)?;
+            }
+            Ok(())
+        })
+        .join()
+        .unwrap();
+        assert!(sent.is_ok(), "{family:?}: {sent:?}");
+        let mut buf = [0u8; 16];
+        assert!(
+            listener.recv(&mut buf).is_err(),
+            "{family:?}: after a forged ICMP error the isolated server sent to a port its egress rules close"
+        );
+    }
+    cluster.finish().unwrap();
+}

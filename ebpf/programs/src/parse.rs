@@ -49,6 +49,7 @@ static VELOX_FRAGMENTS: LruHashMap<FragmentKey, [u16; 2], 8192> = LruHashMap::ne
 
 /// What the programs read of an IP packet, parsed once.
 #[derive(Default)]
+#[repr(C)]
 pub struct Packet {
     /// The packet's ends; for an ICMP error, those of the connection it is about, as
     /// a packet of it from the error's sender to its receiver would carry them: policy
@@ -63,6 +64,12 @@ pub struct Packet {
     /// for an ICMP error the error's sender (the connection's peer, or a router on
     /// its path), not the connection's end in `src`.
     pub sent_from: IpKey,
+    /// An ICMP error whose ends are those of the connection it quotes: it passes
+    /// only where that connection was allowed (see `police`).
+    pub is_error: bool,
+    /// A fixed C layout, 4-byte multiple: with Rust's own layout LLVM's BPF backend
+    /// crashed (post-RA pseudo expansion) once a field was added here.
+    pad: [u8; 2],
 }
 
 /// Where a packet's transport header lies and what its fragment is.
@@ -274,7 +281,8 @@ fn quoted_connection(ctx: &TcContext, offset: usize, packet: &mut Packet) {
     let Some((src, dst, proto, transport)) = quoted else {
         return;
     };
-    if src != packet.dst.addr {
+    // The quote must be of the error's own family, and sent by the error's receiver.
+    if src != packet.dst.addr || src.is_v4_mapped() != packet.sent_from.is_v4_mapped() {
         return;
     }
     // The ports, or an echo's type, code, checksum and identifier.
@@ -292,6 +300,7 @@ fn quoted_connection(ctx: &TcContext, offset: usize, packet: &mut Packet) {
         }
         _ => (0, 0),
     };
+    packet.is_error = true;
     packet.src = FlowEnd {
         addr: dst,
         port: dst_port,

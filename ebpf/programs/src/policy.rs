@@ -87,6 +87,22 @@ pub fn police(
     let (src, dst) = (&packet.src, &packet.dst);
     let (key, src_first) = PolicyFlow::of(src, dst);
     let known = VELOX_POLICY_FLOWS.get_ptr_mut(&key);
+    // An ICMP error opens nothing and proves nothing: it passes only about a
+    // connection allowed under the rules in force, and, sent by a pod of this node,
+    // only from that connection's peer (a pod is no router on the path). Never a
+    // rule walk, never recorded.
+    if packet.is_error {
+        let current = known.is_some_and(|flow| unsafe { (*flow).generation } == generation);
+        let from_peer = src_slot == NO_SLOT || packet.sent_from == src.addr;
+        if !(current && from_peer) {
+            verdict.result = if src_flags & ISOLATED_EGRESS != 0 {
+                DROP_POLICY_EGRESS
+            } else {
+                DROP_POLICY_INGRESS
+            };
+        }
+        return;
+    }
     if let Some(flow) = known {
         // SAFETY: a map value; racing writers write the same values.
         let (current, opened_by_src, pending) = unsafe {
