@@ -413,13 +413,7 @@ impl EndpointMaps {
         if policy == NewPodPolicy::DenyAll {
             // Connections allowed to a pod that held one of these addresses before
             // meet the new pod's (empty) rules at their next packet.
-            let generation = self
-                .policy_generation
-                .get(&0, 0)
-                .map_err(Error::map("reading the policy generation"))?;
-            self.policy_generation
-                .set(0, generation.wrapping_add(1), 0)
-                .map_err(Error::map("bumping the policy generation"))?;
+            bump_generation(&mut self.policy_generation)?;
         }
         Ok(())
     }
@@ -557,16 +551,24 @@ impl PolicyMaps {
 
     /// Makes every allowed connection meet the rules again, once, at its next packet.
     pub fn bump_generation(&mut self) -> Result<()> {
-        let next = self.generation()?.wrapping_add(1);
-        self.generation
-            .set(0, next, 0)
-            .map_err(Error::map("bumping the policy generation"))
+        bump_generation(&mut self.generation)
     }
 
     /// How many connections policy follows now.
     pub fn flows(&self) -> usize {
         self.flows.keys().filter(|key| key.is_ok()).count()
     }
+}
+
+/// Moves the rules generation on: every allowed connection meets the rules again,
+/// once, at its next packet.
+fn bump_generation(generation: &mut Array<MapData, u32>) -> Result<()> {
+    let now = generation
+        .get(&0, 0)
+        .map_err(Error::map("reading the policy generation"))?;
+    generation
+        .set(0, now.wrapping_add(1), 0)
+        .map_err(Error::map("bumping the policy generation"))
 }
 
 /// The length of `cidr` as a prefix of the datapath's address space, where IPv4 is

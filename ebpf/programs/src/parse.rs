@@ -281,8 +281,11 @@ fn quoted_connection(ctx: &TcContext, offset: usize, packet: &mut Packet) {
     let Some((src, dst, proto, transport)) = quoted else {
         return;
     };
-    // The quote must be of the error's own family, and sent by the error's receiver.
-    if src != packet.dst.addr || src.is_v4_mapped() != packet.sent_from.is_v4_mapped() {
+    // ICMP belongs to IPv4 and ICMPv6 to IPv6 (an IPv6 quote of IPv4-mapped
+    // addresses in an IPv4 packet is no error of its receiver's), and the quoted
+    // packet must be the error's receiver's.
+    let icmp_of_its_family = (packet.src.proto == IPPROTO_ICMP) == packet.sent_from.is_v4_mapped();
+    if !icmp_of_its_family || src != packet.dst.addr {
         return;
     }
     // The ports, or an echo's type, code, checksum and identifier.

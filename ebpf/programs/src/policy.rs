@@ -201,8 +201,7 @@ fn record_allowed(
 const TCP_LISTEN: u32 = 10;
 
 /// Whether a socket of the node's own netns (its end `host`) is connected to exactly
-/// the `pod` end: a TCP connection past listening, or a connected UDP socket. Only a
-/// denied packet asks: a call of its own keeps the tuple off the common path's stack.
+/// the `pod` end: a TCP connection past listening, or a connected UDP socket.
 #[inline(always)]
 fn host_has_connection(ctx: &TcContext, pod: &FlowEnd, host: &FlowEnd) -> bool {
     // SAFETY: all-zero is a valid tuple.
@@ -290,9 +289,7 @@ fn check(
 }
 
 /// The id of a policy of the pod in `slot` that lets it exchange `to`'s protocol and
-/// port with `peer` in `direction`; 0 when none does. Only a connection's first
-/// packet (or its first under new rules) asks: a call of its own keeps the rule key
-/// off the common path's stack.
+/// port with `peer` in `direction`; 0 when none does.
 #[inline(always)]
 fn allowing_policy(slot: u32, direction: u8, flags: u32, peer: &FlowEnd, to: &FlowEnd) -> u16 {
     let key = Key::new(
