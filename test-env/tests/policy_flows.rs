@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use velox_test_env::cluster_state::write_objects;
 use velox_test_env::netns::spawn_in;
 use velox_test_env::netpol::{namespace_object, pod_object, policy};
@@ -120,11 +120,10 @@ fn any(ip: IpAddr) -> SocketAddr {
 
 /// Asks until `done` holds, for `CONVERGE` at most.
 fn eventually(what: &str, done: impl Fn() -> bool) {
-    let deadline = Instant::now() + CONVERGE;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {CONVERGE:?}");
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    assert!(
+        velox_test_env::wait_for(CONVERGE, done),
+        "{what}: not within {CONVERGE:?}"
+    );
 }
 
 /// An isolated pod's allowed flows get their datagrams whole, larger than the MTU
