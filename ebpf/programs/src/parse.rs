@@ -284,8 +284,9 @@ fn quoted_connection(ctx: &TcContext, offset: usize, packet: &mut Packet) {
     // ICMP belongs to IPv4 and ICMPv6 to IPv6 (an IPv6 quote of IPv4-mapped
     // addresses in an IPv4 packet is no error of its receiver's), and the quoted
     // packet must be the error's receiver's.
-    let icmp_of_its_family = (packet.src.proto == IPPROTO_ICMP) == packet.sent_from.is_v4_mapped();
-    if !icmp_of_its_family || src != packet.dst.addr {
+    // (`src` is the receiver's address, so of the packet's own family.)
+    let icmp_of_its_family = (packet.src.proto == IPPROTO_ICMP) == src.is_v4_mapped();
+    if src != packet.dst.addr || !icmp_of_its_family {
         return;
     }
     // The ports, or an echo's type, code, checksum and identifier.
