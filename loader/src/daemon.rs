@@ -585,6 +585,7 @@ impl Daemon {
                     .cloned()
                     .collect(),
             }),
+            services: self.sync.balancer.as_ref().map(ServiceBalancer::health),
         };
         let _ = stream.write_all(health.to_json().as_bytes()).await;
     }
@@ -669,7 +670,7 @@ impl SourceOptions {
             SourceOptions::Files {
                 peers_file,
                 cluster_state,
-            } => Box::new(FileSource::new(peers_file, cluster_state)),
+            } => Box::new(FileSource::new(peers_file, cluster_state, metrics)),
             SourceOptions::Kubernetes { kubeconfig, node_name } => {
                 Box::new(ApiSource::start(kubeconfig.as_deref(), with_services, with_policy, node_name, metrics).await?)
             }

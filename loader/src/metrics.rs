@@ -37,6 +37,10 @@ pub struct Metrics {
     pub watch_events: Family<SourceLabels, Counter>,
     /// Failed lists, watches and requests of the API server, per resource.
     pub api_errors: Family<SourceLabels, Counter>,
+    /// Objects the source leaves out because it cannot read them, per resource
+    /// (the kind, from files): as of the last read of the files, or since the watch
+    /// last listed.
+    pub objects_skipped: Family<SourceLabels, Gauge>,
     /// Pods whose policy rules the last pass could not write (they deny instead).
     pub policy_failed_closed: Gauge,
     /// Named pods that deny everything until the source shows their Pod object.
@@ -50,6 +54,7 @@ impl Metrics {
             reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 13)),
             watch_events: Family::default(),
             api_errors: Family::default(),
+            objects_skipped: Family::default(),
             policy_failed_closed: Gauge::default(),
             policy_waiting_for_pod_object: Gauge::default(),
         }
@@ -72,6 +77,11 @@ impl Metrics {
             "api_errors",
             "Failed requests to the Kubernetes API server, per resource",
             self.api_errors.clone(),
+        );
+        registry.register(
+            "source_objects_skipped",
+            "Objects the cluster source leaves out because it cannot read them, per resource",
+            self.objects_skipped.clone(),
         );
         registry.register(
             "policy_pods_failed_closed",

@@ -30,6 +30,20 @@ pub struct Health {
     /// NetworkPolicy enforcement, when the loader enforces it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyHealth>,
+    /// The socket load balancer, when the loader runs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<ServicesHealth>,
+}
+
+/// How the socket load balancer is doing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicesHealth {
+    /// The source has given Services and EndpointSlices at least once and the maps
+    /// hold them. Until then no Service of the cluster answers from this node, and
+    /// the loader is not ready.
+    pub synced_once: bool,
+    /// Frontends (address, port, protocol) in the maps.
+    pub frontends: usize,
 }
 
 /// How NetworkPolicy enforcement is doing.
@@ -67,10 +81,13 @@ impl Health {
         serde_json::to_string(self).expect("health serializes")
     }
 
-    /// Ready for the readiness probe: the datapath is up and, where the loader
-    /// enforces NetworkPolicy, it has had the policy at least once.
+    /// Ready for the readiness probe: the datapath is up and every input the node
+    /// needs has come at least once: the policy where the loader enforces it, the
+    /// Services where it balances them.
     pub fn probe_ready(&self) -> bool {
-        self.ready && self.policy.as_ref().is_none_or(|policy| policy.synced_once)
+        self.ready
+            && self.policy.as_ref().is_none_or(|policy| policy.synced_once)
+            && self.services.as_ref().is_none_or(|services| services.synced_once)
     }
 }
 
@@ -110,8 +127,22 @@ mod tests {
                 waiting_for_pod_object: 1,
                 waiting: vec!["x/a".into()],
             }),
+            services: Some(ServicesHealth {
+                synced_once: true,
+                frontends: 2,
+            }),
         };
         assert!(!sent.probe_ready(), "never had the policy");
+        let policy_synced = |services_synced| Health {
+            policy: sent.policy.clone().map(|p| PolicyHealth { synced_once: true, ..p }),
+            services: Some(ServicesHealth {
+                synced_once: services_synced,
+                frontends: 0,
+            }),
+            ..sent.clone()
+        };
+        assert!(policy_synced(true).probe_ready());
+        assert!(!policy_synced(false).probe_ready(), "never had the Services");
         let server = std::thread::spawn({
             let sent = sent.clone();
             move || {

@@ -85,7 +85,20 @@ struct State {
     /// Watches from a version below this one get 410 Gone.
     oldest_watchable: u64,
     forbidden: BTreeSet<&'static str>,
+    /// The API version each resource is served under when it is not its own
+    /// (`None`: not served at all, 404).
+    served_as: BTreeMap<&'static str, Option<&'static str>>,
     requests: Vec<Access>,
+}
+
+impl State {
+    /// The API version `resource` is served under, if at all.
+    fn served(&self, resource: Resource) -> Option<&'static str> {
+        self.served_as
+            .get(resource.plural)
+            .copied()
+            .unwrap_or(Some(resource.api_version))
+    }
 }
 
 struct Shared {
@@ -208,6 +221,18 @@ impl ApiServer {
     /// Answers every request for `resource` with 403 Forbidden, as RBAC does.
     pub fn forbid(&self, resource: Resource) {
         self.shared.state.lock().unwrap().forbidden.insert(resource.plural);
+    }
+
+    /// Serves `resource` under `api_version` only (as Kubernetes 1.20 serves
+    /// EndpointSlices as `discovery.k8s.io/v1beta1`), or not at all (`None`): any
+    /// other version answers 404, as for a resource the server does not know.
+    pub fn serve_as(&self, resource: Resource, api_version: Option<&'static str>) {
+        self.shared.state.lock().unwrap().served_as.insert(resource.plural, api_version);
+    }
+
+    /// Answers requests for `resource` again, as RBAC does once a role grants them.
+    pub fn allow(&self, resource: Resource) {
+        self.shared.state.lock().unwrap().forbidden.remove(resource.plural);
     }
 
     /// Forgets the history, as a compaction does, and ends every open watch: a
@@ -333,22 +358,58 @@ fn status(code: u16, reason: &str, message: String) -> Response<Body> {
     json_response(StatusCode::from_u16(code).expect("a status code"), &body)
 }
 
-/// The request's resource, object name and subresource, from its path.
-fn route(path: &str) -> Option<(Resource, Option<String>, Option<String>)> {
-    let rest = path
-        .strip_prefix("/api/v1/")
-        .or_else(|| path.strip_prefix("/apis/discovery.k8s.io/v1/"))
-        .or_else(|| path.strip_prefix("/apis/networking.k8s.io/v1/"))?;
+/// A request's target: the API version asked for, the resource, the object's name
+/// and subresource.
+struct Route {
+    api_version: String,
+    resource: Resource,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+/// The request's target, from its path.
+fn route(path: &str) -> Option<Route> {
+    let (api_version, rest) = match path.strip_prefix("/api/v1/") {
+        Some(rest) => ("v1".to_string(), rest),
+        None => {
+            let mut parts = path.strip_prefix("/apis/")?.splitn(3, '/');
+            let (group, version, rest) = (parts.next()?, parts.next()?, parts.next()?);
+            (format!("{group}/{version}"), rest)
+        }
+    };
     let mut parts: Vec<&str> = rest.split('/').collect();
     if parts.first() == Some(&"namespaces") && parts.len() >= 3 {
         parts.drain(..2);
     }
     let resource = RESOURCES.into_iter().find(|r| r.plural == parts[0])?;
-    Some((
+    Some(Route {
+        api_version,
         resource,
-        parts.get(1).map(|s| s.to_string()),
-        parts.get(2).map(|s| s.to_string()),
-    ))
+        name: parts.get(1).map(|s| s.to_string()),
+        subresource: parts.get(2).map(|s| s.to_string()),
+    })
+}
+
+/// `object` as the API version `served` shows it: an EndpointSlice of
+/// `discovery.k8s.io/v1beta1` has its endpoints' node and zone in `topology`.
+fn as_served(object: &Value, served: &str) -> Value {
+    let mut object = object.clone();
+    if object["apiVersion"] == served {
+        return object;
+    }
+    object["apiVersion"] = json!(served);
+    if served == "discovery.k8s.io/v1beta1" {
+        for endpoint in object["endpoints"].as_array_mut().into_iter().flatten() {
+            let mut topology = serde_json::Map::new();
+            for (field, label) in [("nodeName", "kubernetes.io/hostname"), ("zone", "topology.kubernetes.io/zone")] {
+                if let Some(value) = endpoint.as_object_mut().and_then(|e| e.remove(field)) {
+                    topology.insert(label.to_string(), value);
+                }
+            }
+            endpoint["topology"] = Value::Object(topology);
+        }
+    }
+    object
 }
 
 async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -363,8 +424,15 @@ async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Respo
                 .collect()
         })
         .unwrap_or_default();
-    let Some((resource, name, subresource)) = route(&path) else {
-        return Ok(status(404, "NotFound", format!("the stand-in serves no {path}")));
+    let not_found = || status(404, "NotFound", format!("the stand-in serves no {path}"));
+    let Some(Route {
+        api_version,
+        resource,
+        name,
+        subresource,
+    }) = route(&path)
+    else {
+        return Ok(not_found());
     };
     let watching = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let verb = match (request.method(), &name, watching) {
@@ -380,10 +448,13 @@ async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Respo
     };
     {
         let mut state = shared.state.lock().unwrap();
-        let group = resource.api_version.rsplit_once('/').map_or("", |(group, _)| group);
+        let group = api_version.rsplit_once('/').map_or("", |(group, _)| group);
         state
             .requests
             .push((group.to_string(), rbac_resource.clone(), verb.to_string()));
+        if state.served(resource) != Some(api_version.as_str()) {
+            return Ok(not_found());
+        }
         if state.forbidden.contains(resource.plural) {
             let message = format!(
                 "{rbac_resource} is forbidden: User \"system:serviceaccount:kube-system:velox\" cannot {verb} \
@@ -393,8 +464,8 @@ async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Respo
         }
     }
     Ok(match verb {
-        "list" => list(&shared, resource),
-        "get" => get(&shared, resource, name.as_deref().unwrap_or_default()),
+        "list" => list(&shared, resource, &api_version),
+        "get" => get(&shared, resource, &api_version, name.as_deref().unwrap_or_default()),
         "patch" => {
             let body = request
                 .into_body()
@@ -404,37 +475,37 @@ async fn answer(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Respo
                 .unwrap_or_default();
             patch_status(&shared, resource, name.as_deref().unwrap_or_default(), &body)
         }
-        _ => watch_response(&shared, resource, &query),
+        _ => watch_response(&shared, resource, api_version, &query),
     })
 }
 
-fn list(shared: &Shared, resource: Resource) -> Response<Body> {
+fn list(shared: &Shared, resource: Resource, served: &str) -> Response<Body> {
     let state = shared.state.lock().unwrap();
-    let items: Vec<&Value> = state
+    let items: Vec<Value> = state
         .objects
         .iter()
         .filter(|((plural, _, _), _)| *plural == resource.plural)
-        .map(|(_, object)| object)
+        .map(|(_, object)| as_served(object, served))
         .collect();
     json_response(
         StatusCode::OK,
         &json!({
             "kind": format!("{}List", resource.kind),
-            "apiVersion": resource.api_version,
+            "apiVersion": served,
             "metadata": {"resourceVersion": state.version.to_string()},
             "items": items,
         }),
     )
 }
 
-fn get(shared: &Shared, resource: Resource, name: &str) -> Response<Body> {
+fn get(shared: &Shared, resource: Resource, served: &str, name: &str) -> Response<Body> {
     let state = shared.state.lock().unwrap();
     let found = state
         .objects
         .iter()
         .find(|((plural, _, n), _)| *plural == resource.plural && n == name);
     match found {
-        Some((_, object)) => json_response(StatusCode::OK, object),
+        Some((_, object)) => json_response(StatusCode::OK, &as_served(object, served)),
         None => status(404, "NotFound", format!("{} \"{name}\" not found", resource.plural)),
     }
 }
@@ -465,7 +536,12 @@ fn patch_status(shared: &Shared, resource: Resource, name: &str, body: &[u8]) ->
     json_response(StatusCode::OK, &object)
 }
 
-fn watch_response(shared: &Arc<Shared>, resource: Resource, query: &BTreeMap<String, String>) -> Response<Body> {
+fn watch_response(
+    shared: &Arc<Shared>,
+    resource: Resource,
+    served: String,
+    query: &BTreeMap<String, String>,
+) -> Response<Body> {
     let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
     let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
     let timeout = Duration::from_secs(query.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(300));
@@ -489,7 +565,7 @@ fn watch_response(shared: &Arc<Shared>, resource: Resource, query: &BTreeMap<Str
             let _ = sender.send(json!({"type": "ERROR", "object": gone})).await;
             return;
         }
-        let event_json = |e: &Event| json!({"type": e.kind, "object": e.object});
+        let event_json = |e: &Event| json!({"type": e.kind, "object": as_served(&e.object, &served)});
         for event in &backlog {
             if sender.send(event_json(event)).await.is_err() {
                 return;
@@ -515,7 +591,7 @@ fn watch_response(shared: &Arc<Shared>, resource: Resource, query: &BTreeMap<Str
                 },
                 _ = bookmark.tick(), if bookmarks => {
                     let version = shared.state.lock().unwrap().version;
-                    let object = json!({"kind": resource.kind, "apiVersion": resource.api_version,
+                    let object = json!({"kind": resource.kind, "apiVersion": served,
                         "metadata": {"resourceVersion": version.to_string()}});
                     if sender.send(json!({"type": "BOOKMARK", "object": object})).await.is_err() {
                         return;

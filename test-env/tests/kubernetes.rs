@@ -248,6 +248,90 @@ fn services_and_their_endpoints_reach_the_load_balancer_from_the_api_server() {
     cluster.finish().unwrap();
 }
 
+/// Kubernetes before 1.21 serves EndpointSlices as `discovery.k8s.io/v1beta1` only:
+/// the loader finds that version and the Services work as on a newer cluster.
+#[test]
+fn endpoint_slices_of_a_kubernetes_1_20_api_server_reach_the_load_balancer() {
+    let cluster = ClusterGuard::up("kb").unwrap();
+    let (api, kubeconfig) = api_server_for(&cluster);
+    api.serve_as(ENDPOINT_SLICES, Some("discovery.k8s.io/v1beta1"));
+    let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
+    let _backend = Backend::start(
+        &pod2.name,
+        SocketAddr::new(pod2.ip(Family::V4), HTTP.target_port),
+        HTTP.protocol,
+        &pod2.name,
+    )
+    .unwrap();
+    let web = ServiceSpec {
+        name: "web".into(),
+        cluster_ips: vec![cluster_ip(31)],
+        ports: vec![HTTP],
+        backends: vec![pod2.ip(Family::V4)],
+    };
+    for object in web.objects() {
+        api.apply(object).unwrap();
+    }
+    let worker1 = &cluster.nodes[0];
+    run_on_the_api_server(worker1, &kubeconfig);
+    // Ready once the Services are in the maps.
+    assert!(
+        wait_for(Duration::from_secs(10), || worker1.health_probe(&[])),
+        "{:?}",
+        worker1.health()
+    );
+    let health = worker1.health().unwrap();
+    assert_eq!(health["services"]["frontends"], 1, "{health}");
+    let frontend = SocketAddr::new(cluster_ip(31), HTTP.port);
+    assert_eq!(ask(worker1, &pod1, frontend).as_deref(), Some(pod2.name.as_str()));
+    drop(api);
+    cluster.finish().unwrap();
+}
+
+/// A resource the API server does not serve (404) or RBAC refuses (403): the
+/// watches back off (0.5 s doubling to 8 s) instead of asking twice a second
+/// forever, health names both, and the node is not ready while the Services it
+/// balances have never come; once they do, it is.
+#[test]
+fn watches_the_api_server_refuses_back_off_and_keep_the_loader_unready() {
+    let cluster = ClusterGuard::up("kr").unwrap();
+    let (api, kubeconfig) = api_server_for(&cluster);
+    api.serve_as(ENDPOINT_SLICES, None);
+    api.forbid(SERVICES);
+    let worker1 = &cluster.nodes[0];
+    run_on_the_api_server(worker1, &kubeconfig);
+    let started = Instant::now();
+    let (slices_before, services_before) = (api.count("list", "endpointslices"), api.count("list", "services"));
+    std::thread::sleep(Duration::from_secs(16));
+    let (slices, services) = (
+        api.count("list", "endpointslices") - slices_before,
+        api.count("list", "services") - services_before,
+    );
+    let elapsed = started.elapsed();
+    // Rounds at about 0, 0.5, 1.5, 3.5, 7.5 and 15.5 s: six, each asking for both
+    // EndpointSlice versions; a retry every 0.5 s would be over 30.
+    assert!(services <= 7, "{services} lists of services in {elapsed:?}");
+    assert!(slices <= 14, "{slices} lists of endpointslices in {elapsed:?}");
+    let health = worker1.health().unwrap();
+    let errors = health["cluster"]["errors"].to_string();
+    assert!(errors.contains("endpointslices: ") && errors.contains("404"), "{health}");
+    assert!(errors.contains("services: forbidden by the API server"), "{health}");
+    assert_eq!(health["services"]["synced_once"], false, "{health}");
+    assert!(!worker1.health_probe(&[]), "ready without ever having the Services: {health}");
+    assert!(worker1.health_probe(&["--live"]), "alive all the same");
+    assert!(metric(worker1, "velox_api_errors_total{resource=\"services\"}") >= 3.0);
+    // A 1.20 API server: v1beta1 is found; with RBAC fixed, the Services come.
+    api.serve_as(ENDPOINT_SLICES, Some("discovery.k8s.io/v1beta1"));
+    api.allow(SERVICES);
+    assert!(
+        wait_for(Duration::from_secs(20), || worker1.health_probe(&[])),
+        "{:?}",
+        worker1.health()
+    );
+    drop(api);
+    cluster.finish().unwrap();
+}
+
 #[test]
 fn thirty_seconds_without_the_api_server_and_a_loader_restart_lose_no_traffic_then_it_resyncs() {
     let (cluster, api) = cluster_on_the_api_server("kd");
@@ -321,7 +405,7 @@ fn a_resource_rbac_forbids_is_reported_and_the_rest_keeps_working() {
             h["cluster"]["errors"].as_array().unwrap().iter().any(|e| {
                 e.as_str()
                     .unwrap()
-                    .starts_with("endpointslices: forbidden by the API server's RBAC")
+                    .starts_with("endpointslices: forbidden by the API server")
             })
         })
     };

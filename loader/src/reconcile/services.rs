@@ -24,6 +24,14 @@ pub struct ServiceBalancer {
 }
 
 impl ServiceBalancer {
+    /// Health: whether the Services were ever applied, and how many frontends.
+    pub fn health(&self) -> velox_node::health::ServicesHealth {
+        velox_node::health::ServicesHealth {
+            synced_once: self.applied.is_some(),
+            frontends: self.applied.as_ref().map_or(0, BTreeMap::len),
+        }
+    }
+
     /// Applies `state` (`None`: the source cannot say, the maps keep the last
     /// Services) with NodePorts on `node_ips`. Connected UDP sockets to a backend
     /// that left are closed, here and in every netns `pod_netns` lists (asked only
@@ -234,7 +242,7 @@ mod tests {
     use velox_common::IPPROTO_TCP;
 
     fn state(objects: Value) -> ServicesInput {
-        ServicesInput::from_objects(&crate::source::files::objects_in(objects))
+        ServicesInput::read(&crate::source::files::objects_in(objects)).0
     }
 
     fn ends(list: &[(&str, u16, u8)]) -> Vec<FlowEnd> {

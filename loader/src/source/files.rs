@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use velox_node::fs::{list_dir, read_if_exists};
 use velox_node::health::SourceHealth;
 
-use super::{ClusterSource, PolicyInput, ServicesInput};
+use super::{endpoint_slice_from_v1beta1, ClusterSource, PolicyInput, ServicesInput};
+use crate::metrics::{Metrics, SourceLabels};
 
 /// A file's identity as far as re-reading goes: a file that looks the same is not
 /// parsed again (10,000 Services are megabytes of JSON).
@@ -26,17 +27,45 @@ pub struct FileSource {
     objects: Option<Vec<Value>>,
     /// The last failure to read each file, until it reads again.
     errors: std::collections::BTreeMap<&'static str, String>,
+    /// The objects of the cluster state left out because they do not parse, per
+    /// input (`services`, `policy`), as of the last read.
+    skipped: std::collections::BTreeMap<&'static str, Vec<String>>,
+    metrics: Metrics,
 }
 
 impl FileSource {
-    pub fn new(peers_file: Option<PathBuf>, cluster_state: Option<PathBuf>) -> Self {
+    pub fn new(peers_file: Option<PathBuf>, cluster_state: Option<PathBuf>, metrics: Metrics) -> Self {
         Self {
             peers_file,
             cluster_state,
             seen: None,
             objects: None,
             errors: Default::default(),
+            skipped: Default::default(),
+            metrics,
         }
+    }
+
+    /// Notes what an input left out: health names it, the metric counts it.
+    fn left_out(&mut self, input: &'static str, skipped: Vec<String>) {
+        if self.skipped.get(input) == Some(&skipped) {
+            return;
+        }
+        let mut per_kind = std::collections::BTreeMap::<&str, i64>::new();
+        for what in self.skipped.get(input).into_iter().flatten().chain(&skipped) {
+            per_kind.entry(what.split_whitespace().next().unwrap_or_default()).or_default();
+        }
+        for what in &skipped {
+            log::warn!("cluster state: skipping {what}");
+            *per_kind.entry(what.split_whitespace().next().unwrap_or_default()).or_default() += 1;
+        }
+        for (kind, count) in per_kind {
+            let labels = SourceLabels {
+                resource: kind.to_string(),
+            };
+            self.metrics.objects_skipped.get_or_create(&labels).set(count);
+        }
+        self.skipped.insert(input, skipped);
     }
 
     fn fingerprint(&self) -> Fingerprint {
@@ -104,18 +133,24 @@ impl ClusterSource for FileSource {
     }
 
     fn services(&mut self) -> Option<ServicesInput> {
-        self.objects().map(ServicesInput::from_objects)
+        let (input, skipped) = ServicesInput::read(self.objects()?);
+        self.left_out("services", skipped);
+        Some(input)
     }
 
     fn policy(&mut self) -> Option<PolicyInput> {
-        self.objects().map(PolicyInput::from_objects)
+        let (input, skipped) = PolicyInput::read(self.objects()?);
+        self.left_out("policy", skipped);
+        Some(input)
     }
 
+    /// Synced when every file reads; objects left out are errors all the same.
     fn health(&self) -> SourceHealth {
+        let skipped = self.skipped.values().flatten().map(|what| format!("skipped {what}"));
         SourceHealth {
             source: "files".into(),
             synced: self.errors.is_empty(),
-            errors: self.errors.values().cloned().collect(),
+            errors: self.errors.values().cloned().chain(skipped).collect(),
         }
     }
 }
@@ -144,22 +179,35 @@ pub fn parse_node_list(json: &[u8]) -> anyhow::Result<Vec<Node>> {
     Ok(nodes)
 }
 
+/// What an input left out: `<Kind> <namespace>/<name>: <why>`, one per object.
+type Skipped = Vec<String>;
+
 impl ServicesInput {
-    pub fn from_objects(objects: &[Value]) -> Self {
-        Self {
-            services: objects_of(objects, "Service"),
-            slices: objects_of(objects, "EndpointSlice"),
-        }
+    /// The Services and EndpointSlices of `objects`, slices of `v1beta1` included.
+    pub fn read(objects: &[Value]) -> (Self, Skipped) {
+        let mut skipped = Skipped::new();
+        let input = Self {
+            services: objects_of(objects, "Service", &mut skipped, serde_json::from_value),
+            slices: objects_of(objects, "EndpointSlice", &mut skipped, |object| {
+                match object["apiVersion"].as_str() {
+                    Some("discovery.k8s.io/v1beta1") => endpoint_slice_from_v1beta1(object),
+                    _ => serde_json::from_value(object),
+                }
+            }),
+        };
+        (input, skipped)
     }
 }
 
 impl PolicyInput {
-    pub fn from_objects(objects: &[Value]) -> Self {
-        Self {
-            policies: objects_of(objects, "NetworkPolicy"),
-            pods: objects_of(objects, "Pod"),
-            namespaces: objects_of(objects, "Namespace"),
-        }
+    pub fn read(objects: &[Value]) -> (Self, Skipped) {
+        let mut skipped = Skipped::new();
+        let input = Self {
+            policies: objects_of(objects, "NetworkPolicy", &mut skipped, serde_json::from_value),
+            pods: objects_of(objects, "Pod", &mut skipped, serde_json::from_value),
+            namespaces: objects_of(objects, "Namespace", &mut skipped, serde_json::from_value),
+        };
+        (input, skipped)
     }
 }
 
@@ -187,14 +235,25 @@ pub fn objects_in(value: Value) -> Vec<Value> {
     }
 }
 
-/// The objects of `kind`; one that does not parse is skipped, with a warning.
-fn objects_of<T: DeserializeOwned>(objects: &[Value], kind: &str) -> Vec<T> {
+/// The objects of `kind`, each read by `parse`; one that does not parse is left out
+/// and named in `skipped`.
+fn objects_of<T: DeserializeOwned>(
+    objects: &[Value],
+    kind: &str,
+    skipped: &mut Skipped,
+    parse: impl Fn(Value) -> serde_json::Result<T>,
+) -> Vec<T> {
     objects
         .iter()
         .filter(|object| object.get("kind").and_then(Value::as_str) == Some(kind))
         .filter_map(|object| {
-            serde_json::from_value(object.clone())
-                .map_err(|e| log::warn!("skipping a {kind}: {e}"))
+            parse(object.clone())
+                .map_err(|e| {
+                    let meta = &object["metadata"];
+                    let name = meta["name"].as_str().unwrap_or("(no name)");
+                    let namespace = meta["namespace"].as_str().map(|ns| format!("{ns}/")).unwrap_or_default();
+                    skipped.push(format!("{kind} {namespace}{name}: {e}"));
+                })
                 .ok()
         })
         .collect()
@@ -214,4 +273,31 @@ fn state_files(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .collect();
     files.sort();
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A file from a Kubernetes 1.20 cluster: its EndpointSlices are v1beta1 and
+    /// count; an object that does not parse is named, not dropped in silence.
+    #[test]
+    fn v1beta1_slices_count_and_what_does_not_parse_is_named() {
+        let objects = objects_in(json!({"kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "default"},
+             "spec": {"clusterIP": "10.96.0.30", "ports": [{"port": 80}]}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bad", "namespace": "default"},
+             "spec": {"ports": "eighty"}},
+            {"apiVersion": "discovery.k8s.io/v1beta1", "kind": "EndpointSlice",
+             "metadata": {"name": "web-x1", "namespace": "default",
+                          "labels": {"kubernetes.io/service-name": "web"}},
+             "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.0.5"]}], "ports": [{"port": 8080}]},
+        ]}));
+        let (input, skipped) = ServicesInput::read(&objects);
+        assert_eq!(input.services.len(), 1);
+        assert_eq!(input.slices.len(), 1);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(skipped[0].starts_with("Service default/bad: "), "{skipped:?}");
+    }
 }

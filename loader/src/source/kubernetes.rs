@@ -5,22 +5,22 @@
 //! log say so.
 
 use anyhow::Context;
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{Patch, PatchParams};
-use kube::runtime::reflector::{self, Store};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::runtime::reflector::{self, store::Writer, Store};
 use kube::runtime::watcher;
 use kube::{Api, Client, Config};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use velox_node::health::SourceHealth;
 
-use super::{ClusterSource, PolicyInput, ServicesInput};
+use super::{endpoint_slice_from_v1beta1, ClusterSource, PolicyInput, ServicesInput};
 use crate::metrics::{Metrics, SourceLabels};
 
 /// How each watch is doing.
@@ -30,6 +30,8 @@ struct WatchStatus {
     listed: bool,
     /// The last failure, until the watch works again.
     error: Option<String>,
+    /// The last object it could not read.
+    skipped: Option<String>,
 }
 
 type Statuses = Arc<Mutex<BTreeMap<&'static str, WatchStatus>>>;
@@ -85,7 +87,7 @@ impl ApiSource {
         let services = with_services.then(|| {
             (
                 watch("services").start(Api::<Service>::all(client.clone())),
-                watch("endpointslices").start(Api::<EndpointSlice>::all(client.clone())),
+                watch("endpointslices").start_endpoint_slices(client.clone()),
             )
         });
         let policy = with_policy.then(|| {
@@ -179,7 +181,10 @@ impl ClusterSource for ApiSource {
         let statuses = self.statuses.lock().unwrap();
         let errors: Vec<String> = statuses
             .iter()
-            .filter_map(|(name, status)| status.error.as_ref().map(|e| format!("{name}: {e}")))
+            .flat_map(|(name, status)| {
+                let skipped = status.skipped.as_ref().map(|s| format!("{name}: skipped {s}"));
+                status.error.iter().map(move |e| format!("{name}: {e}")).chain(skipped)
+            })
             .collect();
         SourceHealth {
             source: "kubernetes".into(),
@@ -234,33 +239,127 @@ impl Watch {
         tokio::spawn(async move {
             let mut retry = Retry::default();
             loop {
-                // Lists, then watches from the list's version. Any failure (410 Gone
-                // included) ends this round: the next one, after a back-off, lists
-                // again. The cache keeps its content until a new list is complete.
-                let events = watcher(api.clone(), watcher::Config::default());
-                futures_util::pin_mut!(events);
-                while let Some(event) = events.next().await {
-                    match event {
-                        Ok(event) => {
-                            writer.apply_watcher_event(&event);
-                            retry.reset();
-                            self.observed(&event);
-                        }
-                        Err(e) => {
-                            self.failed(explain_watch(e));
-                            break;
-                        }
-                    }
-                }
+                let ended = self
+                    .follow(watcher(api.clone(), watcher::Config::default()), &mut writer, &mut retry)
+                    .await;
+                self.failed(explain_watch(ended));
                 tokio::time::sleep(retry.next_delay()).await;
             }
         });
         reader
     }
 
+    /// EndpointSlices as `discovery.k8s.io/v1` where the API server serves it (from
+    /// Kubernetes 1.21), else as `v1beta1` (1.17 to 1.24), as kube-proxy does: the
+    /// version is asked again whenever neither answers.
+    fn start_endpoint_slices(self, client: Client) -> Store<EndpointSlice> {
+        let (reader, mut writer) = reflector::store();
+        self.statuses.lock().unwrap().insert(self.name, WatchStatus::default());
+        tokio::spawn(async move {
+            let mut retry = Retry::default();
+            let mut legacy = false;
+            loop {
+                let ended = if legacy {
+                    let api = Api::<DynamicObject>::all_with(client.clone(), &endpoint_slices_v1beta1());
+                    let events = watcher(api, watcher::Config::default())
+                        .filter_map(|event| std::future::ready(self.convert_legacy_slice(event)));
+                    self.follow(events, &mut writer, &mut retry).await
+                } else {
+                    let api = Api::<EndpointSlice>::all(client.clone());
+                    self.follow(watcher(api, watcher::Config::default()), &mut writer, &mut retry)
+                        .await
+                };
+                if is_not_found(&ended) {
+                    legacy = !legacy;
+                    if legacy {
+                        log::info!(
+                            "the API server serves no discovery.k8s.io/v1 EndpointSlices (Kubernetes before \
+                             1.21): watching discovery.k8s.io/v1beta1"
+                        );
+                        continue;
+                    }
+                }
+                self.failed(explain_watch(ended));
+                tokio::time::sleep(retry.next_delay()).await;
+            }
+        });
+        reader
+    }
+
+    /// Lists, then watches from the list's version, into `writer`, until the first
+    /// failure (410 Gone included), which it returns: the next round, after a
+    /// back-off, lists again. The cache keeps its content until a new list is
+    /// complete. The back-off starts again only after a round that worked for a
+    /// while: a list that succeeds before a watch that fails is no progress.
+    async fn follow<K>(
+        &self,
+        events: impl Stream<Item = watcher::Result<watcher::Event<K>>>,
+        writer: &mut Writer<K>,
+        retry: &mut Retry,
+    ) -> watcher::Error
+    where
+        K: kube::Resource + Clone,
+        K::DynamicType: Eq + std::hash::Hash + Clone,
+    {
+        let started = Instant::now();
+        futures_util::pin_mut!(events);
+        let ended = loop {
+            match events.next().await {
+                Some(Ok(event)) => {
+                    writer.apply_watcher_event(&event);
+                    self.observed(&event);
+                }
+                Some(Err(e)) => break e,
+                // The watcher's stream has no end; were it to end, the round failed.
+                None => break watcher::Error::NoResourceVersion,
+            }
+        };
+        if started.elapsed() >= WORKED_FOR_A_WHILE {
+            retry.reset();
+        }
+        ended
+    }
+
+    /// A `v1beta1` EndpointSlice event as a `v1` one; an object that does not convert
+    /// is skipped, counted and named in health.
+    fn convert_legacy_slice(
+        &self,
+        event: watcher::Result<watcher::Event<DynamicObject>>,
+    ) -> Option<watcher::Result<watcher::Event<EndpointSlice>>> {
+        use watcher::Event::*;
+        let convert = |object: DynamicObject| {
+            let name = format!(
+                "{}/{}",
+                object.metadata.namespace.as_deref().unwrap_or_default(),
+                object.metadata.name.as_deref().unwrap_or_default()
+            );
+            match serde_json::to_value(object).map_err(anyhow::Error::from).and_then(|v| {
+                endpoint_slice_from_v1beta1(v).map_err(anyhow::Error::from)
+            }) {
+                Ok(slice) => Some(slice),
+                Err(e) => {
+                    self.skipped(&format!("EndpointSlice {name}: {e:#}"));
+                    None
+                }
+            }
+        };
+        Some(match event {
+            Ok(Apply(object)) => Ok(Apply(convert(object)?)),
+            Ok(Delete(object)) => Ok(Delete(convert(object)?)),
+            Ok(InitApply(object)) => Ok(InitApply(convert(object)?)),
+            Ok(Init) => Ok(Init),
+            Ok(InitDone) => Ok(InitDone),
+            Err(e) => Err(e),
+        })
+    }
+
     fn observed<K>(&self, event: &watcher::Event<K>) {
         let mut statuses = self.statuses.lock().unwrap();
         let status = statuses.entry(self.name).or_default();
+        if matches!(event, watcher::Event::Init) {
+            self.metrics.objects_skipped.get_or_create(&labels(self.name)).set(0);
+            status.skipped = None;
+        }
         // A list in progress proves nothing yet; its end, or a change, does.
         if matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
             return;
@@ -271,6 +370,14 @@ impl Watch {
             log::info!("watching {}: working again after: {error}", self.name);
         }
         self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An object the loader cannot read: health names it, the metric counts it.
+    fn skipped(&self, what: &str) {
+        log::warn!("watching {}: skipping {what}", self.name);
+        self.metrics.objects_skipped.get_or_create(&labels(self.name)).inc();
+        let mut statuses = self.statuses.lock().unwrap();
+        statuses.entry(self.name).or_default().skipped = Some(what.to_string());
     }
 
     fn failed(&self, error: anyhow::Error) {
@@ -293,6 +400,22 @@ fn labels(resource: &str) -> SourceLabels {
         resource: resource.to_string(),
     }
 }
+
+/// The API group and version of EndpointSlices before Kubernetes 1.21.
+fn endpoint_slices_v1beta1() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"),
+        "endpointslices",
+    )
+}
+
+/// The API server does not serve the resource (in this version).
+fn is_not_found(error: &watcher::Error) -> bool {
+    matches!(error, watcher::Error::InitialListFailed(kube::Error::Api(response)) if response.code == 404)
+}
+
+/// A watch round that lasted this long was progress: the next failure retries soon.
+const WORKED_FOR_A_WHILE: Duration = Duration::from_secs(30);
 
 /// Delays between the attempts of a failing watch: 0.5 s doubling to 8 s, each
 /// shortened by up to a quarter at random so nodes spread out. A node catches up
@@ -334,11 +457,16 @@ fn explain_watch(error: watcher::Error) -> anyhow::Error {
     }
 }
 
-/// A refusal by RBAC says what to fix.
+/// A refusal says what the loader knows: the API server's authorizer refused, and
+/// deploy/velox.yaml grants the request, so either that ClusterRole is not bound
+/// here or the API server has not loaded its RBAC policy yet (it refuses for a
+/// while after it starts).
 fn explain(error: kube::Error) -> anyhow::Error {
     match &error {
         kube::Error::Api(response) if response.code == 403 => anyhow::anyhow!(
-            "forbidden by the API server's RBAC ({}): velox-loader's ClusterRole (deploy/velox.yaml) must grant it",
+            "forbidden by the API server ({}): velox-loader's ClusterRole in deploy/velox.yaml grants this, so \
+             either it is not applied and bound to the loader's service account, or the API server has not \
+             loaded its RBAC policy yet",
             response.message
         ),
         _ => error.into(),
