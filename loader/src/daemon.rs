@@ -159,7 +159,7 @@ impl RunArgs {
         };
         let socket_lb_cgroup = match (self.socket_lb, self.socket_lb_cgroup) {
             (false, _) => None,
-            (true, Some(cgroup)) => Some(cgroup),
+            (true, Some(cgroup)) => Some(velox_node::layout::cgroup2_at(&cgroup)?),
             (true, None) => Some(velox_node::layout::cgroup2_root()?),
         };
         let node_network = (self.uplink.is_some() || kubernetes).then_some(NodeNetworkConfig {
@@ -869,9 +869,11 @@ fn attach_socket_lb(bpffs: &Bpffs, ebpf: &mut Ebpf, cgroup: Option<&Path>) -> an
 /// packet sees the interface without a program. True when every link runs this
 /// build; a link that could not move is logged and keeps its program.
 fn repoint_links(bpffs: &Bpffs, ebpf: &Ebpf) -> bool {
-    let program_names: HashMap<u32, String> = loaded_programs()
+    // The running programs by id: name, and tag (a hash of the instructions that
+    // leaves out map references, so the same build loaded again has the same tag).
+    let running_programs: HashMap<u32, (String, u64)> = loaded_programs()
         .filter_map(Result::ok)
-        .filter_map(|info| Some((info.id(), info.name_as_str()?.to_string())))
+        .filter_map(|info| Some((info.id(), (info.name_as_str()?.to_string(), info.tag()))))
         .collect();
     let mut pins = Vec::new();
     for hook in Hook::ALL {
@@ -883,34 +885,39 @@ fn repoint_links(bpffs: &Bpffs, ebpf: &Ebpf) -> bool {
             }
         }
     }
-    let (mut moved, mut failed) = (0, 0);
+    let (mut changed, mut reloaded, mut failed) = (0, 0, 0);
     for pin in pins {
-        let outcome = (|| -> anyhow::Result<bool> {
+        let outcome = (|| -> anyhow::Result<Option<bool>> {
             let link: FdLink = PinnedLink::from_pin(&pin)?.into();
             let running = link.info()?.program_id();
-            let name = program_names
+            let (name, tag) = running_programs
                 .get(&running)
                 .with_context(|| format!("program {running} is gone"))?;
             let program = ebpf
                 .program(name)
                 .with_context(|| format!("this build has no program {name}"))?;
-            if program.info()?.id() == running {
-                return Ok(false);
+            let info = program.info()?;
+            if info.id() == running {
+                return Ok(None);
             }
             update_pinned_link(&pin, program.fd()?.as_fd())?;
-            Ok(true)
+            Ok(Some(info.tag() != *tag))
         })();
         match outcome {
-            Ok(true) => moved += 1,
-            Ok(false) => {}
+            Ok(Some(true)) => changed += 1,
+            Ok(Some(false)) => reloaded += 1,
+            Ok(None) => {}
             Err(e) => {
                 failed += 1;
                 log::warn!("{} stays on its program: {e:#}", pin.display());
             }
         }
     }
-    if moved > 0 {
-        log::info!("moved {moved} link(s) to this build's programs");
+    if changed > 0 {
+        log::info!("moved {changed} link(s) to this build's changed programs");
+    }
+    if reloaded > 0 {
+        log::info!("re-attached {reloaded} link(s) to the same programs, loaded again");
     }
     failed == 0
 }

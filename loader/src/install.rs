@@ -82,19 +82,47 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<Inst
 }
 
 /// The conflist: named `00-<network>.conflist` so it sorts first, cniVersion 1.0.0
-/// (the newest that containerd 1.6 and podman 4.3 speak).
-pub fn conflist(args: &InstallArgs, bpffs_root: &Path, state_dir: &Path) -> serde_json::Value {
+/// (the newest that containerd 1.6 and podman 4.3 speak). `velox` first, then the
+/// plugins chained after it in the conflist already there (an operator's
+/// additions survive every loader start), or else portmap when the bin dir has it,
+/// for the hostPorts kubelet asks for through the `portMappings` capability.
+pub fn conflist(
+    args: &InstallArgs,
+    bpffs_root: &Path,
+    state_dir: &Path,
+    existing: Option<&serde_json::Value>,
+) -> serde_json::Value {
+    let velox = serde_json::json!({
+        "type": "velox",
+        "subnets": args.pod_cidr,
+        "mtu": args.mtu,
+        "bpffsRoot": bpffs_root,
+        "stateDir": state_dir,
+    });
+    let chained: Vec<serde_json::Value> = match existing.and_then(|e| e["plugins"].as_array()) {
+        Some(plugins) => plugins.iter().filter(|p| p["type"] != "velox").cloned().collect(),
+        None if args.cni_bin_dir.join("portmap").exists() => vec![serde_json::json!({
+            "type": "portmap",
+            "capabilities": {"portMappings": true},
+            "snat": true,
+        })],
+        None => Vec::new(),
+    };
+    let mut plugins = vec![velox];
+    plugins.extend(chained);
     serde_json::json!({
         "cniVersion": "1.0.0",
         "name": args.network,
-        "plugins": [{
-            "type": "velox",
-            "subnets": args.pod_cidr,
-            "mtu": args.mtu,
-            "bpffsRoot": bpffs_root,
-            "stateDir": state_dir,
-        }]
+        "plugins": plugins,
     })
+}
+
+/// The conflist at `path` as JSON, when there is one that parses.
+fn read_conflist(path: &Path) -> Option<serde_json::Value> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| log::warn!("{} does not parse ({e}): writing it anew", path.display()))
+        .ok()
 }
 
 pub fn install(args: &InstallArgs, bpffs_root: &Path, state_dir: &Path) -> anyhow::Result<()> {
@@ -103,14 +131,26 @@ pub fn install(args: &InstallArgs, bpffs_root: &Path, state_dir: &Path) -> anyho
         None => std::env::current_exe()?.with_file_name("velox"),
     };
     let binary = std::fs::read(&plugin).with_context(|| format!("reading the plugin {}", plugin.display()))?;
-    let conf = serde_json::to_vec_pretty(&conflist(args, bpffs_root, state_dir))?;
+    let conf_path = args.cni_conf_dir.join(format!("00-{}.conflist", args.network));
+    let conf = conflist(args, bpffs_root, state_dir, read_conflist(&conf_path).as_ref());
+    let chained: Vec<&str> = conf["plugins"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .skip(1)
+        .filter_map(|p| p["type"].as_str())
+        .collect();
+    if chained.is_empty() {
+        log::warn!(
+            "no portmap in {}: pods' hostPorts are not opened",
+            args.cni_bin_dir.display()
+        );
+    } else {
+        log::info!("chained after velox: {}", chained.join(", "));
+    }
     let files = vec![
         write_atomically(&args.cni_bin_dir.join("velox"), &binary, 0o755)?,
-        write_atomically(
-            &args.cni_conf_dir.join(format!("00-{}.conflist", args.network)),
-            &conf,
-            0o644,
-        )?,
+        write_atomically(&conf_path, &serde_json::to_vec_pretty(&conf)?, 0o644)?,
     ];
     for file in &files {
         println!("installed {}", file.path.display());

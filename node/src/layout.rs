@@ -191,9 +191,41 @@ pub fn cgroup2_root() -> crate::Result<PathBuf> {
         .ok_or_else(|| crate::Error::Invalid("no cgroup2 hierarchy is mounted".into()))
 }
 
+/// The cgroup2 hierarchy at `path` or, on a hybrid host whose `path` is the tmpfs
+/// of the v1 controllers, at `path/unified`: a program attached elsewhere fails
+/// with EBADF, which says nothing.
+pub fn cgroup2_at(path: &Path) -> crate::Result<PathBuf> {
+    let is_cgroup2 = |p: &Path| {
+        nix::sys::statfs::statfs(p).is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+    };
+    [path.to_path_buf(), path.join("unified")]
+        .into_iter()
+        .find(|p| is_cgroup2(p))
+        .ok_or_else(|| {
+            crate::Error::Invalid(format!(
+                "{} is not a cgroup2 hierarchy, nor is {}/unified: give the host's cgroup2 mount",
+                path.display(),
+                path.display()
+            ))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This host mounts the v1 controllers on a tmpfs at /sys/fs/cgroup, cgroup2 at
+    /// /sys/fs/cgroup/unified (as Debian without systemd and older systemd do).
+    #[test]
+    fn the_cgroup2_hierarchy_is_found_under_a_hybrid_mount() {
+        let root = cgroup2_root().unwrap();
+        assert_eq!(cgroup2_at(&root).unwrap(), root);
+        if let Some(parent) = root.parent().filter(|_| root.ends_with("unified")) {
+            assert_eq!(cgroup2_at(parent).unwrap(), root);
+        }
+        let err = cgroup2_at(Path::new("/tmp")).unwrap_err().to_string();
+        assert!(err.contains("/tmp is not a cgroup2 hierarchy"), "{err}");
+    }
 
     #[test]
     fn links_are_split_by_hook() {

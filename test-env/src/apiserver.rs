@@ -227,7 +227,12 @@ impl ApiServer {
     /// EndpointSlices as `discovery.k8s.io/v1beta1`), or not at all (`None`): any
     /// other version answers 404, as for a resource the server does not know.
     pub fn serve_as(&self, resource: Resource, api_version: Option<&'static str>) {
-        self.shared.state.lock().unwrap().served_as.insert(resource.plural, api_version);
+        self.shared
+            .state
+            .lock()
+            .unwrap()
+            .served_as
+            .insert(resource.plural, api_version);
     }
 
     /// Answers requests for `resource` again, as RBAC does once a role grants them.
@@ -401,7 +406,10 @@ fn as_served(object: &Value, served: &str) -> Value {
     if served == "discovery.k8s.io/v1beta1" {
         for endpoint in object["endpoints"].as_array_mut().into_iter().flatten() {
             let mut topology = serde_json::Map::new();
-            for (field, label) in [("nodeName", "kubernetes.io/hostname"), ("zone", "topology.kubernetes.io/zone")] {
+            for (field, label) in [
+                ("nodeName", "kubernetes.io/hostname"),
+                ("zone", "topology.kubernetes.io/zone"),
+            ] {
                 if let Some(value) = endpoint.as_object_mut().and_then(|e| e.remove(field)) {
                     topology.insert(label.to_string(), value);
                 }

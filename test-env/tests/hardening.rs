@@ -343,6 +343,13 @@ fn an_upgrade_and_a_downgrade_under_iperf3_move_every_pod_without_a_reset() {
             pod.name
         );
     }
+    // The log tells a changed build from the same one loaded again.
+    node.stop_loader(Signal::SIGTERM).unwrap();
+    node.start_loader_with(&[]).unwrap();
+    let log = std::fs::read_to_string(node.state_dir.join("loader.log")).unwrap();
+    let said = |what: &str| log.lines().filter(|line| line.contains(what)).count();
+    assert_eq!(said("link(s) to this build's changed programs"), 2, "{log}");
+    assert!(said("re-attached ") >= 1, "{log}");
     node.finish().unwrap();
 }
 

@@ -114,6 +114,57 @@ fn uninstall_keeps_files_changed_since_install() {
     assert!(!bin.join("velox").exists());
 }
 
+/// hostPorts need portmap chained after velox: installed where the bin dir has it,
+/// and a plugin an operator chained by hand survives the next install (every
+/// loader start installs again).
+#[test]
+fn portmap_is_chained_and_plugins_an_operator_chained_survive_a_new_install() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bin, conf, state) = (
+        dir.path().join("bin"),
+        dir.path().join("net.d"),
+        dir.path().join("state"),
+    );
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy("/usr/lib/cni/portmap", bin.join("portmap")).unwrap();
+    let install = || {
+        let args = [
+            "install",
+            "--pod-cidr",
+            "10.1.0.0/24",
+            "--cni-bin-dir",
+            bin.to_str().unwrap(),
+            "--cni-conf-dir",
+            conf.to_str().unwrap(),
+        ];
+        let out = loader(&state, &args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let path = conf.join("00-velox.conflist");
+        let conflist: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        (path, conflist)
+    };
+    let (path, mut conflist) = install();
+    let types = |c: &serde_json::Value| -> Vec<String> {
+        c["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(types(&conflist), ["velox", "portmap"]);
+    assert_eq!(conflist["plugins"][1]["capabilities"]["portMappings"], true);
+    // An operator chains the bandwidth plugin by hand.
+    conflist["plugins"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"type": "bandwidth", "capabilities": {"bandwidth": true}}));
+    std::fs::write(&path, serde_json::to_vec_pretty(&conflist).unwrap()).unwrap();
+    let (_, again) = install();
+    assert_eq!(types(&again), ["velox", "portmap", "bandwidth"]);
+    assert_eq!(again["plugins"][2]["capabilities"]["bandwidth"], true);
+}
+
 /// `podman run` of the image with `options`: cgroupfs, and ulimits of 4096, since
 /// root here lacks CAP_SYS_RESOURCE and systemd.
 fn podman_run(options: &[&str], args: &[&str]) -> std::process::Output {

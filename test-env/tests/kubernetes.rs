@@ -314,10 +314,16 @@ fn watches_the_api_server_refuses_back_off_and_keep_the_loader_unready() {
     assert!(slices <= 14, "{slices} lists of endpointslices in {elapsed:?}");
     let health = worker1.health().unwrap();
     let errors = health["cluster"]["errors"].to_string();
-    assert!(errors.contains("endpointslices: ") && errors.contains("404"), "{health}");
+    assert!(
+        errors.contains("endpointslices: ") && errors.contains("404"),
+        "{health}"
+    );
     assert!(errors.contains("services: forbidden by the API server"), "{health}");
     assert_eq!(health["services"]["synced_once"], false, "{health}");
-    assert!(!worker1.health_probe(&[]), "ready without ever having the Services: {health}");
+    assert!(
+        !worker1.health_probe(&[]),
+        "ready without ever having the Services: {health}"
+    );
     assert!(worker1.health_probe(&["--live"]), "alive all the same");
     assert!(metric(worker1, "velox_api_errors_total{resource=\"services\"}") >= 3.0);
     // A 1.20 API server: v1beta1 is found; with RBAC fixed, the Services come.

@@ -45,6 +45,11 @@ const TEST_PACKAGES: &[&str] = &[
     "xz-utils",
     "golang-go",
     "golang-github-appc-cni-dev",
+    // The real cluster: Kubernetes builds from source with these, etcd runs its store.
+    "rsync",
+    "golang-github-modern-go-reflect2-dev",
+    "etcd-server",
+    "openssl",
 ];
 
 /// cnitool is not packaged; it is built from Debian's source package of libcni.
@@ -74,6 +79,7 @@ pub fn base() -> anyhow::Result<()> {
 pub fn setup() -> anyhow::Result<()> {
     install(&[BASE_PACKAGES, TEST_PACKAGES])?;
     build_cnitool()?;
+    build_kubernetes()?;
     build_images()?;
     install_cri_client()
 }
@@ -195,6 +201,113 @@ pub fn copy_with_libraries(binary: &Path, rootfs: &Path, at: &Path) -> anyhow::R
     Ok(())
 }
 
+/// Adds Debian's source list once, for `apt-get source`.
+fn add_deb_src() -> anyhow::Result<()> {
+    if std::path::Path::new(DEB_SRC).exists() {
+        return Ok(());
+    }
+    std::fs::write(
+        DEB_SRC,
+        "Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\nComponents: main\n\
+         Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+    )?;
+    run_checked(Command::new("apt-get").args(["update", "-qq"]))
+}
+
+/// The one source package of `package` in the current directory `dir`: its
+/// `.orig.tar.*`, downloaded with `apt-get source`.
+fn fetch_source(package: &str, dir: &Path) -> anyhow::Result<PathBuf> {
+    add_deb_src()?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    run_checked(
+        Command::new("apt-get")
+            .current_dir(dir)
+            .args(["source", "-qq", "--download-only", package]),
+    )?;
+    std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains(".orig.tar."))
+        .with_context(|| format!("no .orig.tar.* in the source package {package}"))
+}
+
+/// The Kubernetes the real-cluster tests run: Debian bookworm's `kubernetes` source
+/// package (v1.20.2, the newest that builds here), built with Debian's Go.
+const KUBERNETES_SOURCE_PACKAGE: &str = "kubernetes";
+pub const KUBERNETES_VERSION: &str = "v1.20.2";
+const KUBERNETES_COMMIT: &str = "faecb196815e248d3ecfb03c680a4507229c2a56";
+pub const KUBERNETES_BINARIES: &[&str] = &[
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "kubectl",
+];
+
+/// Where the Kubernetes binaries are kept across clones of the project on this
+/// machine: the build takes about ten minutes on two cores.
+pub fn kubernetes_bin_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(format!(".cache/velox/kubernetes-{KUBERNETES_VERSION}/bin"))
+}
+
+/// Builds Kubernetes from Debian's source package into [`kubernetes_bin_dir`],
+/// unless it is there: `make generated_files`, then the binaries, after one fix:
+/// the vendored reflect2 1.0.1 crashes under Go >= 1.18 (any JSON map encoding),
+/// Debian's 1.0.2 replaces it.
+fn build_kubernetes() -> anyhow::Result<()> {
+    let bin_dir = kubernetes_bin_dir();
+    if KUBERNETES_BINARIES.iter().all(|b| bin_dir.join(b).exists()) {
+        return Ok(());
+    }
+    println!("xtask: building Kubernetes {KUBERNETES_VERSION} from Debian's source package (about ten minutes)");
+    let work = PathBuf::from("/var/tmp/velox-kubernetes-build");
+    let orig = fetch_source(KUBERNETES_SOURCE_PACKAGE, &work)?;
+    let tree = work.join("src");
+    std::fs::create_dir_all(&tree)?;
+    run_checked(
+        Command::new("tar")
+            .arg("xf")
+            .arg(&orig)
+            .arg("-C")
+            .arg(&tree)
+            .arg("--strip-components=1"),
+    )?;
+    let vendored = tree.join("vendor/github.com/modern-go/reflect2");
+    std::fs::remove_dir_all(&vendored)?;
+    run_checked(
+        Command::new("cp")
+            .arg("-r")
+            .arg("/usr/share/gocode/src/github.com/modern-go/reflect2")
+            .arg(&vendored),
+    )?;
+    let make = |args: &[&str]| {
+        run_checked(
+            Command::new("make")
+                .current_dir(&tree)
+                .env("KUBE_GIT_VERSION", KUBERNETES_VERSION)
+                .env("KUBE_GIT_COMMIT", KUBERNETES_COMMIT)
+                .env("KUBE_GIT_TREE_STATE", "clean")
+                .env("GOCACHE", work.join("gocache"))
+                .env("GOPATH", work.join("gopath"))
+                .args(args),
+        )
+    };
+    make(&["generated_files"])?;
+    let what: Vec<String> = KUBERNETES_BINARIES.iter().map(|b| format!("cmd/{b}")).collect();
+    make(&[&format!("WHAT={}", what.join(" "))])?;
+    std::fs::create_dir_all(&bin_dir)?;
+    for binary in KUBERNETES_BINARIES {
+        std::fs::copy(tree.join("_output/bin").join(binary), bin_dir.join(binary))
+            .with_context(|| format!("copying {binary}"))?;
+    }
+    // Go's module cache is read-only; the tree is 3.5 GB.
+    let _ = run_checked(Command::new("chmod").args(["-R", "u+w"]).arg(&work));
+    std::fs::remove_dir_all(&work)?;
+    Ok(())
+}
+
 /// `target/tools/cnitool`, from `apt-get source golang-github-appc-cni` built with
 /// Debian's Go in GOPATH mode (its dependencies come from /usr/share/gocode).
 fn build_cnitool() -> anyhow::Result<()> {
@@ -204,32 +317,11 @@ fn build_cnitool() -> anyhow::Result<()> {
         return Ok(());
     }
     println!("xtask: building cnitool from Debian's {CNI_SOURCE_PACKAGE} source package");
-    if !std::path::Path::new(DEB_SRC).exists() {
-        std::fs::write(
-            DEB_SRC,
-            "Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\nComponents: main\n\
-             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
-        )?;
-        run_checked(Command::new("apt-get").args(["update", "-qq"]))?;
-    }
-    let src = tools.join("src");
-    let _ = std::fs::remove_dir_all(&src);
-    std::fs::create_dir_all(&src)?;
-    run_checked(Command::new("apt-get").current_dir(&src).args([
-        "source",
-        "-qq",
-        "--download-only",
-        CNI_SOURCE_PACKAGE,
-    ]))?;
+    let orig = fetch_source(CNI_SOURCE_PACKAGE, &tools.join("src"))?;
     let gopath = tools.join("gopath");
     let checkout = gopath.join("src/github.com/containernetworking/cni");
     let _ = std::fs::remove_dir_all(&checkout);
     std::fs::create_dir_all(&checkout)?;
-    let orig = std::fs::read_dir(&src)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with(".orig.tar.xz"))
-        .context("no .orig.tar.xz in the source package")?;
     run_checked(
         Command::new("tar")
             .arg("xf")

@@ -53,11 +53,15 @@ impl FileSource {
         }
         let mut per_kind = std::collections::BTreeMap::<&str, i64>::new();
         for what in self.skipped.get(input).into_iter().flatten().chain(&skipped) {
-            per_kind.entry(what.split_whitespace().next().unwrap_or_default()).or_default();
+            per_kind
+                .entry(what.split_whitespace().next().unwrap_or_default())
+                .or_default();
         }
         for what in &skipped {
             log::warn!("cluster state: skipping {what}");
-            *per_kind.entry(what.split_whitespace().next().unwrap_or_default()).or_default() += 1;
+            *per_kind
+                .entry(what.split_whitespace().next().unwrap_or_default())
+                .or_default() += 1;
         }
         for (kind, count) in per_kind {
             let labels = SourceLabels {
@@ -251,7 +255,10 @@ fn objects_of<T: DeserializeOwned>(
                 .map_err(|e| {
                     let meta = &object["metadata"];
                     let name = meta["name"].as_str().unwrap_or("(no name)");
-                    let namespace = meta["namespace"].as_str().map(|ns| format!("{ns}/")).unwrap_or_default();
+                    let namespace = meta["namespace"]
+                        .as_str()
+                        .map(|ns| format!("{ns}/"))
+                        .unwrap_or_default();
                     skipped.push(format!("{kind} {namespace}{name}: {e}"));
                 })
                 .ok()

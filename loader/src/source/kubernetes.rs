@@ -240,7 +240,11 @@ impl Watch {
             let mut retry = Retry::default();
             loop {
                 let ended = self
-                    .follow(watcher(api.clone(), watcher::Config::default()), &mut writer, &mut retry)
+                    .follow(
+                        watcher(api.clone(), watcher::Config::default()),
+                        &mut writer,
+                        &mut retry,
+                    )
                     .await;
                 self.failed(explain_watch(ended));
                 tokio::time::sleep(retry.next_delay()).await;
@@ -333,9 +337,10 @@ impl Watch {
                 object.metadata.namespace.as_deref().unwrap_or_default(),
                 object.metadata.name.as_deref().unwrap_or_default()
             );
-            match serde_json::to_value(object).map_err(anyhow::Error::from).and_then(|v| {
-                endpoint_slice_from_v1beta1(v).map_err(anyhow::Error::from)
-            }) {
+            match serde_json::to_value(object)
+                .map_err(anyhow::Error::from)
+                .and_then(|v| endpoint_slice_from_v1beta1(v).map_err(anyhow::Error::from))
+            {
                 Ok(slice) => Some(slice),
                 Err(e) => {
                     self.skipped(&format!("EndpointSlice {name}: {e:#}"));
