@@ -347,6 +347,39 @@ fn a_named_pod_without_its_pod_object_stays_denied_and_health_says_so() {
     cluster.finish().unwrap();
 }
 
+/// A pod no policy selects (another namespace) starts denied like every named pod,
+/// and is open as soon as the loader has its Pod object: within a second of ADD.
+/// Found on a real kubelet: with no policy selecting it, no pass ever looked at the
+/// pod's slot, and it stayed denied for good.
+#[test]
+fn a_pod_no_policy_selects_is_open_within_a_second_of_add() {
+    let cluster = ClusterGuard::up("fpopen").unwrap();
+    let node = &cluster.nodes[0];
+    let peers = Peers::serve(&cluster);
+    peers.write_policy(&cluster);
+    let labels = [("app".to_string(), "new".to_string())].into();
+    write_state(
+        &cluster,
+        "open-pods.json",
+        vec![
+            namespace_object("open", &Default::default()),
+            scheduled_pod_object("open", "free", &labels, &node.name),
+        ],
+    );
+    let netns = cluster.pod_name(0, "free");
+    create_pod_netns(&netns).unwrap();
+    let (_, took) = node.add_kubernetes_pod(&netns, "open", "free").unwrap();
+    let returned = Instant::now();
+    let targets: Vec<SocketAddr> = peers.allowed.iter().chain(&peers.denied).copied().collect();
+    assert!(
+        all_connect_within(&netns, &targets, returned, Duration::from_secs(1)).is_some(),
+        "every peer answers within a second of ADD (took {took:?}): {:?}",
+        node.health()
+    );
+    drop(peers);
+    cluster.finish().unwrap();
+}
+
 /// `--network-policy=false`: no marker, so ADD starts a named pod open and does not
 /// wait, whatever policies say.
 #[test]

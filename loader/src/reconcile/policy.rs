@@ -100,7 +100,13 @@ impl PolicyReconciler {
             let owners: HashMap<u32, String> = store.list()?.into_iter().map(|r| (r.slot, r.host_ifname)).collect();
             let same_pod = |slot| owners.get(&slot).map(String::as_str) == compiled_for.get(&slot).copied();
             // On a failure the maps are read again next time: they are the truth.
-            write_rules(&mut maps, &mut applied, &compiled, same_pod)?
+            write_rules(
+                &mut maps,
+                &mut applied,
+                &compiled,
+                compiled_for.keys().copied(),
+                same_pod,
+            )?
         };
         self.failed_closed = failed_closed;
         self.waiting_for_pod_object = compiled.waiting_for_pod_object;
@@ -172,7 +178,9 @@ fn read_applied(maps: &mut PolicyMaps) -> anyhow::Result<BTreeMap<u32, Applied>>
 }
 
 /// Brings every pod's entries in line with `compiled`, one pod at a time, for the
-/// slots `same_pod` says still hold the pod compiled for. A pod whose rules cannot
+/// slots `same_pod` says still hold the pod compiled for: the pods with entries, the
+/// pods compiled, and every pod of `local` (a pod the plugin started denied, which
+/// no policy selects, is opened here). A pod whose rules cannot
 /// all be written (the rules map is full, a write fails) fails closed: it becomes
 /// isolated as wanted with none of its new rules, so it admits nothing in those
 /// directions, and the others go on. The generation moves after any change, so no
@@ -182,9 +190,15 @@ fn write_rules(
     maps: &mut PolicyMaps,
     applied: &mut BTreeMap<u32, Applied>,
     compiled: &Compiled,
+    local: impl Iterator<Item = u32>,
     same_pod: impl Fn(u32) -> bool,
 ) -> anyhow::Result<BTreeMap<u32, String>> {
-    let slots: BTreeSet<u32> = applied.keys().chain(compiled.pods.keys()).copied().collect();
+    let slots: BTreeSet<u32> = applied
+        .keys()
+        .chain(compiled.pods.keys())
+        .copied()
+        .chain(local)
+        .collect();
     let mut changed = false;
     let mut failed = BTreeMap::new();
     let nothing = Applied::default();
