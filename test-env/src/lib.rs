@@ -24,6 +24,7 @@ pub mod netpol;
 pub mod node;
 pub mod pod;
 pub mod podman;
+pub mod real_cluster;
 pub mod reference;
 
 pub use cluster::{Cluster, ClusterGuard};

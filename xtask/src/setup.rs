@@ -12,6 +12,7 @@ use std::process::Command;
 
 use crate::build::{cargo, cargo_bin_dir, run_checked, workspace_root};
 use crate::image::import_rootfs;
+use velox_test_env::real_cluster::{kubernetes_bin_dir, KUBERNETES_VERSION};
 
 /// The build toolchain and what the simulated cluster and the demo's traffic run.
 const BASE_PACKAGES: &[&str] = &[
@@ -235,9 +236,8 @@ fn fetch_source(package: &str, dir: &Path) -> anyhow::Result<PathBuf> {
 /// The Kubernetes the real-cluster tests run: Debian bookworm's `kubernetes` source
 /// package (v1.20.2, the newest that builds here), built with Debian's Go.
 const KUBERNETES_SOURCE_PACKAGE: &str = "kubernetes";
-pub const KUBERNETES_VERSION: &str = "v1.20.2";
 const KUBERNETES_COMMIT: &str = "faecb196815e248d3ecfb03c680a4507229c2a56";
-pub const KUBERNETES_BINARIES: &[&str] = &[
+const KUBERNETES_BINARIES: &[&str] = &[
     "kube-apiserver",
     "kube-controller-manager",
     "kube-scheduler",
@@ -245,14 +245,7 @@ pub const KUBERNETES_BINARIES: &[&str] = &[
     "kubectl",
 ];
 
-/// Where the Kubernetes binaries are kept across clones of the project on this
-/// machine: the build takes about ten minutes on two cores.
-pub fn kubernetes_bin_dir() -> PathBuf {
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(format!(".cache/velox/kubernetes-{KUBERNETES_VERSION}/bin"))
-}
-
-/// Builds Kubernetes from Debian's source package into [`kubernetes_bin_dir`],
+/// Builds Kubernetes from Debian's source package into the cache the tests read,
 /// unless it is there: `make generated_files`, then the binaries, after one fix:
 /// the vendored reflect2 1.0.1 crashes under Go >= 1.18 (any JSON map encoding),
 /// Debian's 1.0.2 replaces it.

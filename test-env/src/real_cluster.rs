@@ -1,0 +1,505 @@
+//! A real Kubernetes cluster on this machine: etcd, kube-apiserver (real
+//! certificates, RBAC), kube-controller-manager (node IPAM, the EndpointSlice
+//! controller, service account tokens) and kube-scheduler in a router netns, and one
+//! node: containerd and a kubelet in the node's netns and a mount namespace of its
+//! own, in which the node's host paths (`/etc/cni/net.d`, `/opt/cni/bin`,
+//! `/var/lib/kubelet`, `/run/velox`, `/run/netns`, containerd's dirs, a bpffs of its own at
+//! `/sys/fs/bpf`) are the node's, so nothing of the machine's is touched. Velox goes
+//! on it as a user installs it: the image imported into containerd, the manifest
+//! applied with kubectl.
+//!
+//! Kubernetes v1.20.2, built from Debian's source package by `cargo xtask setup`
+//! (the newest that builds here). One node: a second kubelet on one machine needs
+//! a cgroup root per kubelet and a per-node view of `/sys`, not done yet.
+//!
+//! ```text
+//!   router netns <tag>r: 10.0.0.1      node netns <tag>n1: 10.0.0.3 (eth0)
+//!   etcd (127.0.0.1:2379)              containerd, kubelet (node1)
+//!   kube-apiserver :6443  ---- veth -- velox DaemonSet pod (host network)
+//!   controller-manager, scheduler      pods 10.244.0.0/24
+//! ```
+
+use anyhow::{bail, Context};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::netns::{create_host_netns, delete_netns, netns_path};
+use crate::{run, wait_for};
+
+pub const KUBERNETES_VERSION: &str = "v1.20.2";
+
+/// Where `cargo xtask setup` keeps the Kubernetes binaries, across clones of the
+/// project on this machine: their build takes about ten minutes on two cores.
+pub fn kubernetes_bin_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(format!(".cache/velox/kubernetes-{KUBERNETES_VERSION}/bin"))
+}
+
+pub const ROUTER_IP: &str = "10.0.0.1";
+pub const NODE_IP: &str = "10.0.0.3";
+pub const NODE_NAME: &str = "node1";
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The sysctls kubelet sets on the machine (they are not per netns): put back after.
+const KUBELET_SYSCTLS: [&str; 3] = ["vm.overcommit_memory", "kernel.panic", "kernel.panic_on_oops"];
+
+pub struct RealCluster {
+    pub dir: PathBuf,
+    pub router: String,
+    pub node_netns: String,
+    /// The node's stand-in for a machine: a process holding its mount namespace.
+    node_host: Option<Child>,
+    daemons: Vec<(String, Child)>,
+    sysctls: Vec<(String, String)>,
+}
+
+impl RealCluster {
+    /// The control plane and the node, the node registered (NotReady: no network
+    /// plugin yet), the test images in its containerd.
+    pub fn up(tag: &str) -> anyhow::Result<Self> {
+        let dir = PathBuf::from(format!("/run/velox-test/{tag}-kubernetes"));
+        let mut cluster = Self {
+            router: format!("{tag}r"),
+            node_netns: format!("{tag}n1"),
+            dir,
+            node_host: None,
+            daemons: Vec::new(),
+            sysctls: KUBELET_SYSCTLS
+                .iter()
+                .map(|name| Ok((name.to_string(), run("sysctl", &["-n", name])?.trim().to_string())))
+                .collect::<anyhow::Result<_>>()?,
+        };
+        match cluster.build() {
+            Ok(()) => Ok(cluster),
+            Err(e) => {
+                let logs = cluster.dir.display().to_string();
+                let _ = cluster.down();
+                Err(e.context(format!("starting the real cluster (logs were in {logs})")))
+            }
+        }
+    }
+
+    fn build(&mut self) -> anyhow::Result<()> {
+        let bin = kubernetes_bin_dir();
+        anyhow::ensure!(
+            bin.join("kubelet").exists(),
+            "no Kubernetes binaries in {}: run `cargo xtask setup`",
+            bin.display()
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+        std::fs::create_dir_all(&self.dir)?;
+        let pki = self.dir.join("pki");
+        write_pki(&pki)?;
+        for ns in [&self.router, &self.node_netns] {
+            create_host_netns(ns)?;
+        }
+        run(
+            "ip",
+            &[
+                "-n", &self.router, "link", "add", "n1", "type", "veth", "peer", "name", "eth0", "netns", &self.node_netns,
+            ],
+        )?;
+        run("ip", &["-n", &self.router, "addr", "add", &format!("{ROUTER_IP}/24"), "dev", "n1"])?;
+        run("ip", &["-n", &self.router, "link", "set", "n1", "up"])?;
+        run("ip", &["-n", &self.node_netns, "addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"])?;
+        run("ip", &["-n", &self.node_netns, "link", "set", "eth0", "up"])?;
+        run("ip", &["-n", &self.node_netns, "route", "add", "default", "via", ROUTER_IP])?;
+
+        let p = |file: &str| pki.join(file).display().to_string();
+        let etcd_dir = self.dir.join("etcd").display().to_string();
+        self.daemon(
+            "etcd",
+            self.in_router("etcd"),
+            &[
+                "--data-dir",
+                &etcd_dir,
+                "--listen-client-urls=http://127.0.0.1:2379",
+                "--advertise-client-urls=http://127.0.0.1:2379",
+                "--listen-peer-urls=http://127.0.0.1:2380",
+            ],
+        )?;
+        let apiserver = bin.join("kube-apiserver");
+        self.daemon(
+            "kube-apiserver",
+            self.in_router(apiserver.to_str().context("path")?),
+            &[
+                "--etcd-servers=http://127.0.0.1:2379",
+                &format!("--bind-address={ROUTER_IP}"),
+                &format!("--advertise-address={ROUTER_IP}"),
+                "--secure-port=6443",
+                &format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                &format!("--client-ca-file={}", p("ca.crt")),
+                &format!("--tls-cert-file={}", p("apiserver.crt")),
+                &format!("--tls-private-key-file={}", p("apiserver.key")),
+                &format!("--kubelet-client-certificate={}", p("apiserver-kubelet-client.crt")),
+                &format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
+                &format!("--kubelet-certificate-authority={}", p("ca.crt")),
+                &format!("--service-account-key-file={}", p("sa.pub")),
+                &format!("--service-account-signing-key-file={}", p("sa.key")),
+                "--service-account-issuer=https://kubernetes.default.svc",
+                "--authorization-mode=Node,RBAC",
+                "--allow-privileged=true",
+                "--kubelet-preferred-address-types=InternalIP",
+                "--enable-admission-plugins=NodeRestriction",
+            ],
+        )?;
+        if !wait_for(Duration::from_secs(60), || self.kubectl(&["get", "--raw", "/readyz"]).is_ok()) {
+            bail!("the API server did not become ready");
+        }
+        for (name, extra) in [
+            (
+                "kube-controller-manager",
+                vec![
+                    "--allocate-node-cidrs".to_string(),
+                    format!("--cluster-cidr={CLUSTER_CIDR}"),
+                    "--node-cidr-mask-size=24".into(),
+                    format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                    format!("--service-account-private-key-file={}", p("sa.key")),
+                    format!("--root-ca-file={}", p("ca.crt")),
+                    "--use-service-account-credentials".into(),
+                ],
+            ),
+            ("kube-scheduler", vec![]),
+        ] {
+            let kubeconfig = pki.join(format!("{name}.kubeconfig")).display().to_string();
+            let mut args = vec![
+                format!("--kubeconfig={kubeconfig}"),
+                format!("--authentication-kubeconfig={kubeconfig}"),
+                format!("--authorization-kubeconfig={kubeconfig}"),
+                "--bind-address=127.0.0.1".into(),
+                "--leader-elect=false".into(),
+            ];
+            args.extend(extra);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let binary = bin.join(name);
+            self.daemon(name, self.in_router(binary.to_str().context("path")?), &args)?;
+        }
+        self.start_node(&bin, &pki)
+    }
+
+    /// The node's host (a mount namespace with its own host paths), containerd with
+    /// the test images, the kubelet.
+    fn start_node(&mut self, bin: &Path, pki: &Path) -> anyhow::Result<()> {
+        let node = self.dir.join("node");
+        let ready = node.join("host.ready");
+        std::fs::create_dir_all(&node)?;
+        let script = format!(
+            r#"set -e
+mount --make-rprivate /
+for d in etc/cni/net.d opt/cni/bin var/lib/kubelet run/velox run/containerd run/netns var/lib/containerd var/log/pods var/log/containers; do
+  mkdir -p "{n}/$d" "/$d"
+  mount --bind "{n}/$d" "/$d"
+done
+cp /usr/lib/cni/* /opt/cni/bin/
+mount -t bpf bpf /sys/fs/bpf
+mount --make-rshared /
+touch {ready}
+exec sleep 2147483647"#,
+            n = node.display(),
+            ready = ready.display()
+        );
+        let log = std::fs::File::create(node.join("host.log"))?;
+        self.node_host = Some(
+            Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "bash", "-c", &script])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .process_group(0)
+                .spawn()
+                .context("starting the node's host")?,
+        );
+        if !wait_for(Duration::from_secs(10), || ready.exists()) {
+            bail!("the node's host did not come up; see {}/host.log", node.display());
+        }
+        let containerd_config = node.join("containerd.toml");
+        std::fs::write(
+            &containerd_config,
+            r#"version = 2
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "velox.test/pause:1"
+  # Root here lacks CAP_SYS_RESOURCE: containerd must not lower OOM scores.
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+"#,
+        )?;
+        self.daemon(
+            "containerd",
+            self.on_node("containerd"),
+            &["--config", containerd_config.to_str().context("path")?],
+        )?;
+        if !wait_for(Duration::from_secs(20), || self.ctr(&["version"]).is_ok()) {
+            bail!("containerd did not start");
+        }
+        let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/images");
+        for image in ["pause", "toolbox"] {
+            self.import_image(&images.join(format!("{image}.tar")))?;
+        }
+        let p = |file: &str| pki.join(file).display().to_string();
+        let kubelet_config = node.join("kubelet.yaml");
+        std::fs::write(
+            &kubelet_config,
+            format!(
+                r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+authentication:
+  anonymous: {{enabled: false}}
+  webhook: {{enabled: true}}
+  x509: {{clientCAFile: {ca}}}
+authorization: {{mode: Webhook}}
+cgroupDriver: cgroupfs
+failSwapOn: false
+oomScoreAdj: 0
+tlsCertFile: {crt}
+tlsPrivateKeyFile: {key}
+evictionHard: {{memory.available: "1Mi", nodefs.available: "1%", imagefs.available: "1%"}}
+"#,
+                ca = p("ca.crt"),
+                crt = p("kubelet.crt"),
+                key = p("kubelet.key"),
+            ),
+        )?;
+        let kubelet = bin.join("kubelet");
+        self.daemon(
+            "kubelet",
+            self.on_node(kubelet.to_str().context("path")?),
+            &[
+                &format!("--kubeconfig={}", p("kubelet.kubeconfig")),
+                &format!("--config={}", kubelet_config.display()),
+                "--container-runtime=remote",
+                "--container-runtime-endpoint=unix:///run/containerd/containerd.sock",
+                &format!("--node-ip={NODE_IP}"),
+                &format!("--hostname-override={NODE_NAME}"),
+                "--pod-infra-container-image=velox.test/pause:1",
+            ],
+        )?;
+        if !wait_for(Duration::from_secs(60), || {
+            self.kubectl(&["get", "node", NODE_NAME]).is_ok()
+        }) {
+            bail!("the kubelet did not register its node");
+        }
+        Ok(())
+    }
+
+    fn in_router(&self, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net={}", netns_path(&self.router).display())).arg(program);
+        command
+    }
+
+    /// `program` on the node: its mount namespace and netns.
+    pub fn on_node(&self, program: &str) -> Command {
+        let host = self.node_host.as_ref().map_or(0, Child::id);
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--mount=/proc/{host}/ns/mnt"))
+            .arg(format!("--net={}", netns_path(&self.node_netns).display()))
+            .arg(program);
+        command
+    }
+
+    /// Runs `program` on the node; its stdout, or its stderr as the error.
+    pub fn run_on_node(&self, program: &str, args: &[&str]) -> anyhow::Result<String> {
+        output_of(self.on_node(program).args(args))
+    }
+
+    fn daemon(&mut self, name: &str, mut command: Command, args: &[&str]) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        self.daemons.push((name.to_string(), child));
+        Ok(())
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.run_on_node("ctr", args)
+    }
+
+    /// Imports an image archive into the node's containerd, for kubelet.
+    pub fn import_image(&self, archive: &Path) -> anyhow::Result<()> {
+        let archive = archive.to_str().context("path")?;
+        self.ctr(&["-n", "k8s.io", "images", "import", archive]).map(drop)
+    }
+
+    /// kubectl as the cluster's admin.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let kubeconfig = self.dir.join("pki/admin.kubeconfig");
+        let mut command = self.in_router(kubernetes_bin_dir().join("kubectl").to_str().context("path")?);
+        command.arg(format!("--kubeconfig={}", kubeconfig.display())).args(args);
+        output_of(&mut command)
+    }
+
+    /// Stops the kubelet and deletes every container, then stops everything else and
+    /// removes the namespaces, the pods' cgroups and the directory; puts back what
+    /// kubelet changed on the machine.
+    pub fn down(&mut self) -> anyhow::Result<()> {
+        let mut errors = velox_node::ErrorList::default();
+        if let Some(at) = self.daemons.iter().position(|(name, _)| name == "kubelet") {
+            let (_, mut kubelet) = self.daemons.remove(at);
+            let _ = kubelet.kill();
+            let _ = kubelet.wait();
+        }
+        if self.node_host.is_some() {
+            for task in self.ctr(&["-n", "k8s.io", "tasks", "ls", "-q"]).unwrap_or_default().lines() {
+                let _ = self.ctr(&["-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", task]);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            for task in self.ctr(&["-n", "k8s.io", "tasks", "ls", "-q"]).unwrap_or_default().lines() {
+                let _ = self.ctr(&["-n", "k8s.io", "tasks", "rm", "-f", task]);
+            }
+        }
+        for (_, mut daemon) in self.daemons.drain(..).rev() {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+        if let Some(mut host) = self.node_host.take() {
+            // The shims left in the node's mount namespace go with it.
+            let namespace = std::fs::read_link(format!("/proc/{}/ns/mnt", host.id())).ok();
+            for process in std::fs::read_dir("/proc")?.flatten() {
+                let same = std::fs::read_link(process.path().join("ns/mnt")).ok() == namespace;
+                let pid = process.file_name().to_string_lossy().parse::<i32>();
+                if let (true, Ok(pid)) = (same && namespace.is_some(), pid) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+            let _ = host.kill();
+            let _ = host.wait();
+        }
+        errors.keep(remove_kubelet_cgroups());
+        for ns in [&self.node_netns, &self.router] {
+            if crate::netns::netns_exists(ns) {
+                errors.keep(delete_netns(ns));
+            }
+        }
+        for (name, value) in &self.sysctls {
+            errors.keep(run("sysctl", &["-qw", &format!("{name}={value}")]).map(drop));
+        }
+        if self.dir.exists() {
+            errors.keep(std::fs::remove_dir_all(&self.dir).map_err(anyhow::Error::from));
+        }
+        Ok(errors.into_result()?)
+    }
+}
+
+impl Drop for RealCluster {
+    fn drop(&mut self) {
+        if let Err(e) = self.down() {
+            eprintln!("taking the real cluster down: {e:#}");
+        }
+    }
+}
+
+fn output_of(command: &mut Command) -> anyhow::Result<String> {
+    let output = command.output().context("running a command")?;
+    if !output.status.success() {
+        bail!(
+            "{:?}: {}",
+            command.get_args().collect::<Vec<_>>(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The `kubepods` cgroups the kubelet made under every v1 controller (and their
+/// children, deepest first), once their processes are gone.
+fn remove_kubelet_cgroups() -> anyhow::Result<()> {
+    for controller in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+        let kubepods = controller.path().join("kubepods");
+        if kubepods.is_dir() {
+            remove_cgroup_tree(&kubepods)?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_cgroup_tree(dir: &Path) -> anyhow::Result<()> {
+    for child in std::fs::read_dir(dir)?.flatten() {
+        if child.file_type()?.is_dir() {
+            remove_cgroup_tree(&child.path())?;
+        }
+    }
+    // A cgroup whose last process is just gone may take a moment to be removable.
+    for _ in 0..50 {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => return Err(anyhow::Error::from(e).context(format!("removing {}", dir.display()))),
+        }
+    }
+    bail!("{} stays busy", dir.display())
+}
+
+/// A CA and what every component presents, signed by it, with openssl; and a
+/// kubeconfig per client.
+fn write_pki(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let d = dir.display().to_string();
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let output = Command::new("openssl").current_dir(dir).args(args).output()?;
+        anyhow::ensure!(
+            output.status.success(),
+            "openssl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        Ok(())
+    };
+    openssl(&[
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj",
+        "/CN=velox-test-ca",
+    ])?;
+    let service_ip = "10.96.0.1";
+    let apiserver_names = format!(
+        "IP:{ROUTER_IP},IP:{service_ip},DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+    );
+    let kubelet_names = format!("IP:{NODE_IP},DNS:{NODE_NAME}");
+    // name, subject, SANs (a server's; none: a client's)
+    let certs = [
+        ("apiserver", "/CN=kube-apiserver".to_string(), Some(apiserver_names.as_str())),
+        ("admin", "/O=system:masters/CN=admin".into(), None),
+        ("kube-controller-manager", "/CN=system:kube-controller-manager".into(), None),
+        ("kube-scheduler", "/CN=system:kube-scheduler".into(), None),
+        ("apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client".into(), None),
+        ("kubelet", format!("/O=system:nodes/CN=system:node:{NODE_NAME}"), Some(kubelet_names.as_str())),
+    ];
+    for (name, subject, names) in certs {
+        let (key, csr, crt, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &subject])?;
+        let extensions = match names {
+            Some(names) => format!("subjectAltName={names}\nextendedKeyUsage=serverAuth,clientAuth\n"),
+            None => "extendedKeyUsage=clientAuth\n".into(),
+        };
+        std::fs::write(dir.join(&ext), extensions)?;
+        openssl(&[
+            "x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", &crt, "-days",
+            "2", "-extfile", &ext,
+        ])?;
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: velox, cluster: {{server: \"https://{ROUTER_IP}:6443\", \
+             certificate-authority: {d}/ca.crt}}}}]\nusers: [{{name: {name}, user: {{client-certificate: {d}/{crt}, \
+             client-key: {d}/{key}}}}}]\ncontexts: [{{name: velox, context: {{cluster: velox, user: {name}}}}}]\n\
+             current-context: velox\n"
+        );
+        std::fs::write(dir.join(format!("{name}.kubeconfig")), kubeconfig)?;
+    }
+    openssl(&["genrsa", "-out", "sa.key", "2048"])?;
+    openssl(&["rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"])
+}
