@@ -231,7 +231,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         .transpose()?;
     let metrics = Metrics::new();
     if let Some(address) = metrics_address {
-        metrics.serve(address, bpffs.clone()).await?;
+        metrics.serve(address, bpffs.clone(), state_dir.clone()).await?;
     }
     let with_services = datapath.socket_lb_cgroup.is_some();
     let source = source.start(with_services, network_policy, metrics.clone()).await?;

@@ -13,7 +13,7 @@ use velox_node::endpoint::{EndpointRecord, EndpointStore};
 use velox_node::maps::{EndpointMaps, KernelFlows, PeerMap, ServiceMaps};
 use velox_node::{Bpffs, StateDir};
 
-use crate::names::{interface_names, protocol_name, socket_address, PolicyNames};
+use crate::names::{interface_names, pods_by_interface, protocol_name, socket_address, PolicyNames};
 
 #[derive(Serialize)]
 struct Row {
@@ -154,18 +154,23 @@ struct StatsRow {
     ifname: String,
     /// Its counters slot: 0 is the uplink's.
     slot: u32,
+    /// `namespace/name` of the pod behind the interface, where the runtime named it.
+    pod: Option<String>,
     #[serde(flatten)]
     counters: EndpointCounters,
 }
 
-pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
+pub fn stats(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Result<()> {
     let maps = EndpointMaps::open(bpffs)?;
     let names = interface_names();
+    let pods = pods_by_interface(state_dir);
     let mut rows = Vec::new();
     for (ifindex, slot) in maps.interfaces()? {
+        let ifname = names.get(&ifindex).cloned().unwrap_or_default();
         rows.push(StatsRow {
             ifindex,
-            ifname: names.get(&ifindex).cloned().unwrap_or_default(),
+            pod: pods.get(&ifname).map(ToString::to_string),
+            ifname,
             slot,
             counters: maps.counters(slot)?,
         });
@@ -177,6 +182,7 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
             r.ifname.clone(),
             r.ifindex.to_string(),
             r.slot.to_string(),
+            r.pod.clone().unwrap_or_else(|| "-".into()),
             c.redirected_packets.to_string(),
             c.redirected_bytes.to_string(),
             c.passed_packets.to_string(),
@@ -190,6 +196,7 @@ pub fn stats(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
         "IFNAME",
         "IFINDEX",
         "SLOT",
+        "POD",
         "REDIRECTED",
         "REDIRECTED BYTES",
         "PASSED",

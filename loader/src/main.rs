@@ -148,7 +148,7 @@ fn main() -> anyhow::Result<()> {
         Commands::Monitor { json } => monitor::monitor(&bpffs, &state_dir, json),
         Commands::Endpoints { json } => dump::endpoints(&bpffs, &state_dir, json),
         Commands::Peers { json } => dump::peers(&bpffs, json),
-        Commands::Stats { json } => dump::stats(&bpffs, json),
+        Commands::Stats { json } => dump::stats(&bpffs, &state_dir, json),
         Commands::KernelFlows { json } => dump::kernel_flows(&bpffs, json),
         Commands::Services { json } => dump::services(&bpffs, json),
         Commands::Policy { json } => dump::policy(&bpffs, &state_dir, json),

@@ -18,9 +18,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use velox_common::DROP_REASONS;
 use velox_node::maps::{EndpointMaps, PeerMap, PolicyMaps, ServiceMaps};
-use velox_node::Bpffs;
+use velox_node::{Bpffs, StateDir};
 
-use crate::names::interface_names;
+use crate::names::{interface_names, pods_by_interface};
 
 /// A resource (`nodes`, `services`, ...) or file the cluster source reads.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -61,7 +61,7 @@ impl Metrics {
     }
 
     /// Serves `/metrics` on `address` for as long as the loader runs.
-    pub async fn serve(&self, address: SocketAddr, bpffs: Bpffs) -> anyhow::Result<()> {
+    pub async fn serve(&self, address: SocketAddr, bpffs: Bpffs, state_dir: StateDir) -> anyhow::Result<()> {
         let mut registry = Registry::with_prefix("velox");
         registry.register(
             "reconcile_duration_seconds",
@@ -94,7 +94,7 @@ impl Metrics {
             "Pods that deny everything because the cluster source has not shown their Pod object yet",
             self.policy_waiting_for_pod_object.clone(),
         );
-        registry.register_collector(Box::new(Datapath { bpffs }));
+        registry.register_collector(Box::new(Datapath { bpffs, state_dir }));
         let registry = Arc::new(registry);
         let listener = tokio::net::TcpListener::bind(address)
             .await
@@ -151,17 +151,30 @@ fn encode_counters<L: EncodeLabelSet>(
 #[derive(Debug)]
 struct Datapath {
     bpffs: Bpffs,
+    state_dir: StateDir,
+}
+
+/// An interface, and the pod behind it where the runtime named it (empty for the
+/// uplink and unnamed pods), as the `namespace` and `pod` labels kube-state-metrics
+/// and cAdvisor use.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InterfaceLabels {
+    interface: String,
+    namespace: String,
+    pod: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabels {
-    interface: String,
+    #[prometheus(flatten)]
+    interface: InterfaceLabels,
     verdict: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DropLabels {
-    interface: String,
+    #[prometheus(flatten)]
+    interface: InterfaceLabels,
     reason: &'static str,
 }
 
@@ -188,11 +201,18 @@ impl Collector for Datapath {
         let mut interfaces = maps.interfaces().unwrap_or_default();
         interfaces.sort();
         let names = interface_names();
-        let counters: Vec<(String, _)> = interfaces
+        let pods = pods_by_interface(&self.state_dir);
+        let counters: Vec<(InterfaceLabels, _)> = interfaces
             .iter()
             .filter_map(|(ifindex, slot)| {
                 let name = names.get(ifindex).cloned().unwrap_or_else(|| ifindex.to_string());
-                Some((name, maps.counters(*slot).ok()?))
+                let pod = pods.get(&name);
+                let labels = InterfaceLabels {
+                    namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
+                    pod: pod.map(|p| p.name.clone()).unwrap_or_default(),
+                    interface: name,
+                };
+                Some((labels, maps.counters(*slot).ok()?))
             })
             .collect();
 

@@ -20,6 +20,17 @@ pub fn interface_names() -> BTreeMap<u32, String> {
         .unwrap_or_default()
 }
 
+/// This node's named pods (`namespace/name`) by their host veth, from the endpoint
+/// records.
+pub fn pods_by_interface(state_dir: &StateDir) -> BTreeMap<String, velox_node::endpoint::PodName> {
+    velox_node::endpoint::EndpointStore::new(state_dir)
+        .list()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|record| Some((record.host_ifname, record.pod?)))
+        .collect()
+}
+
 /// The IP protocols Velox names: Kubernetes' spelling and the number.
 const PROTOCOLS: [(&str, u8); 3] = [("TCP", IPPROTO_TCP), ("UDP", IPPROTO_UDP), ("SCTP", IPPROTO_SCTP)];
 

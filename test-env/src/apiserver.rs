@@ -240,12 +240,16 @@ impl ApiServer {
         self.shared.state.lock().unwrap().forbidden.remove(resource.plural);
     }
 
-    /// Forgets the history, as a compaction does, and ends every open watch: a
+    /// Forgets the history, as a compaction after other writes does, and ends every open watch: a
     /// client that watches again from an older version gets 410 Gone.
     pub fn compact(&self) {
         let mut state = self.shared.state.lock().unwrap();
         state.history.clear();
-        state.oldest_watchable = state.version + 1;
+        // As etcd's revision, which writes to anything move on: every client's
+        // version is now older than the oldest watchable one, while a list made after
+        // the compaction watches on (410 Gone once, not on every try).
+        state.version += 1;
+        state.oldest_watchable = state.version;
         drop(state);
         self.shared.epoch.send_modify(|epoch| *epoch += 1);
     }

@@ -1,22 +1,24 @@
 //! A real Kubernetes cluster on this machine: etcd, kube-apiserver (real
 //! certificates, RBAC), kube-controller-manager (node IPAM, the EndpointSlice
-//! controller, service account tokens) and kube-scheduler in a router netns, and one
-//! node: containerd and a kubelet in the node's netns and a mount namespace of its
-//! own, in which the node's host paths (`/etc/cni/net.d`, `/opt/cni/bin`,
+//! controller, service account tokens) and kube-scheduler in a router netns, and two
+//! nodes: each runs containerd and a kubelet in a netns, a cgroup2 subtree and a
+//! mount namespace of its own, in which the node's host paths (`/etc/cni/net.d`, `/opt/cni/bin`,
 //! `/var/lib/kubelet`, `/run/velox`, `/run/netns`, containerd's dirs, a bpffs of its own at
 //! `/sys/fs/bpf`) are the node's, so nothing of the machine's is touched. Velox goes
 //! on it as a user installs it: the image imported into containerd, the manifest
 //! applied with kubectl.
 //!
 //! Kubernetes v1.20.2, built from Debian's source package by `cargo xtask setup`
-//! (the newest that builds here). One node: a second kubelet on one machine needs
-//! a cgroup root per kubelet and a per-node view of `/sys`, not done yet.
+//! (the newest that builds here). The kubelets share the machine's cgroup v1
+//! hierarchies, each under a cgroup root of its own; its cgroup2 subtree is the
+//! cgroup2 root its node sees, so a node's socket load balancer acts on that node's
+//! processes alone.
 //!
 //! ```text
-//!   router netns <tag>r: 10.0.0.1      node netns <tag>n1: 10.0.0.3 (eth0)
-//!   etcd (127.0.0.1:2379)              containerd, kubelet (node1)
-//!   kube-apiserver :6443  ---- veth -- velox DaemonSet pod (host network)
-//!   controller-manager, scheduler      pods 10.244.0.0/24
+//!   router netns <tag>r: 10.0.0.1 (br0)        node netns <tag>n1: 10.0.0.3 (eth0)
+//!   etcd (127.0.0.1:2379)              +-----  containerd, kubelet (node1), Velox
+//!   kube-apiserver :6443  --- br0 ----+        node netns <tag>n2: 10.0.0.4 (eth0)
+//!   controller-manager, scheduler      +-----  containerd, kubelet (node2), Velox
 //! ```
 
 use anyhow::{bail, Context};
@@ -38,8 +40,8 @@ pub fn kubernetes_bin_dir() -> PathBuf {
 }
 
 pub const ROUTER_IP: &str = "10.0.0.1";
-pub const NODE_IP: &str = "10.0.0.3";
-pub const NODE_NAME: &str = "node1";
+/// The nodes: name and address.
+pub const NODES: [(&str, &str); 2] = [("node1", "10.0.0.3"), ("node2", "10.0.0.4")];
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 const SERVICE_CIDR: &str = "10.96.0.0/16";
 /// The sysctls kubelet sets on the machine (they are not per netns): put back after.
@@ -48,11 +50,26 @@ const KUBELET_SYSCTLS: [&str; 3] = ["vm.overcommit_memory", "kernel.panic", "ker
 pub struct RealCluster {
     pub dir: PathBuf,
     pub router: String,
-    pub node_netns: String,
-    /// The node's stand-in for a machine: a process holding its mount namespace.
-    node_host: Option<Child>,
+    pub nodes: Vec<RealNode>,
+    /// The control plane's processes.
     daemons: Vec<(String, Child)>,
     sysctls: Vec<(String, String)>,
+}
+
+/// A node of the real cluster: a machine of its own as far as Kubernetes can tell.
+pub struct RealNode {
+    pub name: String,
+    pub ip: String,
+    pub netns: String,
+    dir: PathBuf,
+    /// The node's stand-in for a machine: a process holding its mount namespace.
+    host: Option<Child>,
+    /// The node's cgroup2 subtree, the cgroup2 root in its mount namespace: every
+    /// process of the node runs in it.
+    cgroup: PathBuf,
+    /// The kubelet's cgroup root in the v1 hierarchies.
+    cgroup_root: String,
+    daemons: Vec<(String, Child)>,
 }
 
 impl RealCluster {
@@ -60,11 +77,25 @@ impl RealCluster {
     /// plugin yet), the test images in its containerd.
     pub fn up(tag: &str) -> anyhow::Result<Self> {
         let dir = PathBuf::from(format!("/run/velox-test/{tag}-kubernetes"));
+        let cgroup2 = velox_node::layout::cgroup2_root()?;
+        let nodes = NODES
+            .iter()
+            .enumerate()
+            .map(|(i, (name, ip))| RealNode {
+                name: name.to_string(),
+                ip: ip.to_string(),
+                netns: format!("{tag}n{}", i + 1),
+                dir: dir.join(name),
+                host: None,
+                cgroup: cgroup2.join(format!("velox-test-{tag}-{name}")),
+                cgroup_root: format!("/velox-test-{tag}-{name}"),
+                daemons: Vec::new(),
+            })
+            .collect();
         let mut cluster = Self {
             router: format!("{tag}r"),
-            node_netns: format!("{tag}n1"),
+            nodes,
             dir,
-            node_host: None,
             daemons: Vec::new(),
             sysctls: KUBELET_SYSCTLS
                 .iter()
@@ -92,20 +123,50 @@ impl RealCluster {
         std::fs::create_dir_all(&self.dir)?;
         let pki = self.dir.join("pki");
         write_pki(&pki)?;
-        for ns in [&self.router, &self.node_netns] {
-            create_host_netns(ns)?;
-        }
+        let router = self.router.as_str();
+        create_host_netns(router)?;
+        run("ip", &["-n", router, "link", "add", "br0", "type", "bridge"])?;
         run(
             "ip",
-            &[
-                "-n", &self.router, "link", "add", "n1", "type", "veth", "peer", "name", "eth0", "netns", &self.node_netns,
-            ],
+            &["-n", router, "addr", "add", &format!("{ROUTER_IP}/24"), "dev", "br0"],
         )?;
-        run("ip", &["-n", &self.router, "addr", "add", &format!("{ROUTER_IP}/24"), "dev", "n1"])?;
-        run("ip", &["-n", &self.router, "link", "set", "n1", "up"])?;
-        run("ip", &["-n", &self.node_netns, "addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"])?;
-        run("ip", &["-n", &self.node_netns, "link", "set", "eth0", "up"])?;
-        run("ip", &["-n", &self.node_netns, "route", "add", "default", "via", ROUTER_IP])?;
+        run("ip", &["-n", router, "link", "set", "br0", "up"])?;
+        for (i, node) in self.nodes.iter().enumerate() {
+            let port = format!("n{}", i + 1);
+            create_host_netns(&node.netns)?;
+            run(
+                "ip",
+                &[
+                    "-n",
+                    router,
+                    "link",
+                    "add",
+                    &port,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    &node.netns,
+                ],
+            )?;
+            run("ip", &["-n", router, "link", "set", &port, "master", "br0", "up"])?;
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &node.netns,
+                    "addr",
+                    "add",
+                    &format!("{}/24", node.ip),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            run("ip", &["-n", &node.netns, "link", "set", "eth0", "up"])?;
+            run("ip", &["-n", &node.netns, "route", "add", "default", "via", ROUTER_IP])?;
+        }
 
         let p = |file: &str| pki.join(file).display().to_string();
         let etcd_dir = self.dir.join("etcd").display().to_string();
@@ -145,7 +206,9 @@ impl RealCluster {
                 "--enable-admission-plugins=NodeRestriction",
             ],
         )?;
-        if !wait_for(Duration::from_secs(60), || self.kubectl(&["get", "--raw", "/readyz"]).is_ok()) {
+        if !wait_for(Duration::from_secs(60), || {
+            self.kubectl(&["get", "--raw", "/readyz"]).is_ok()
+        }) {
             bail!("the API server did not become ready");
         }
         for (name, extra) in [
@@ -176,18 +239,88 @@ impl RealCluster {
             let binary = bin.join(name);
             self.daemon(name, self.in_router(binary.to_str().context("path")?), &args)?;
         }
-        self.start_node(&bin, &pki)
+        for node in &mut self.nodes {
+            node.start(&bin, &pki)?;
+        }
+        for node in &self.nodes {
+            if !wait_for(Duration::from_secs(60), || {
+                self.kubectl(&["get", "node", &node.name]).is_ok()
+            }) {
+                bail!("the kubelet of {} did not register its node", node.name);
+            }
+        }
+        Ok(())
     }
 
+    fn in_router(&self, program: &str) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", netns_path(&self.router).display()))
+            .arg(program);
+        command
+    }
+
+    fn daemon(&mut self, name: &str, command: Command, args: &[&str]) -> anyhow::Result<()> {
+        let child = spawn_daemon(&self.dir, name, command, args)?;
+        self.daemons.push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// kubectl as the cluster's admin.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let kubeconfig = self.dir.join("pki/admin.kubeconfig");
+        let mut command = self.in_router(kubernetes_bin_dir().join("kubectl").to_str().context("path")?);
+        command.arg(format!("--kubeconfig={}", kubeconfig.display())).args(args);
+        output_of(&mut command)
+    }
+
+    /// Imports an image archive into every node's containerd, for kubelet.
+    pub fn import_image(&self, archive: &Path) -> anyhow::Result<()> {
+        self.nodes.iter().try_for_each(|node| node.import_image(archive))
+    }
+
+    /// Stops the nodes (every process in their cgroups) and the control plane,
+    /// removes the namespaces, the cgroups and the directory, and puts back what
+    /// kubelet changed on the machine.
+    pub fn down(&mut self) -> anyhow::Result<()> {
+        let mut errors = velox_node::ErrorList::default();
+        for node in &mut self.nodes {
+            errors.keep(node.down());
+        }
+        for (_, mut daemon) in self.daemons.drain(..).rev() {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+        if crate::netns::netns_exists(&self.router) {
+            errors.keep(delete_netns(&self.router));
+        }
+        for (name, value) in &self.sysctls {
+            errors.keep(run("sysctl", &["-qw", &format!("{name}={value}")]).map(drop));
+        }
+        if self.dir.exists() {
+            errors.keep(std::fs::remove_dir_all(&self.dir).map_err(anyhow::Error::from));
+        }
+        Ok(errors.into_result()?)
+    }
+}
+
+impl RealNode {
     /// The node's host (a mount namespace with its own host paths), containerd with
     /// the test images, the kubelet.
-    fn start_node(&mut self, bin: &Path, pki: &Path) -> anyhow::Result<()> {
-        let node = self.dir.join("node");
+    fn start(&mut self, bin: &Path, pki: &Path) -> anyhow::Result<()> {
+        let node = self.dir.clone();
         let ready = node.join("host.ready");
         std::fs::create_dir_all(&node)?;
+        std::fs::create_dir_all(&self.cgroup)?;
+        // The kubelet's cgroup root must exist in every v1 hierarchy.
+        for hierarchy in v1_hierarchies()? {
+            std::fs::create_dir_all(hierarchy.join(self.cgroup_root.trim_start_matches('/')))?;
+        }
         let script = format!(
             r#"set -e
+echo $$ > {cgroup}/cgroup.procs
 mount --make-rprivate /
+mount --bind {cgroup} {cgroup_root}
 for d in etc/cni/net.d opt/cni/bin var/lib/kubelet run/velox run/containerd run/netns var/lib/containerd var/log/pods var/log/containers; do
   mkdir -p "{n}/$d" "/$d"
   mount --bind "{n}/$d" "/$d"
@@ -198,10 +331,12 @@ mount --make-rshared /
 touch {ready}
 exec sleep 2147483647"#,
             n = node.display(),
-            ready = ready.display()
+            ready = ready.display(),
+            cgroup = self.cgroup.display(),
+            cgroup_root = velox_node::layout::cgroup2_root()?.display(),
         );
         let log = std::fs::File::create(node.join("host.log"))?;
-        self.node_host = Some(
+        self.host = Some(
             Command::new("unshare")
                 .args(["--mount", "--propagation", "private", "bash", "-c", &script])
                 .stdin(Stdio::null())
@@ -229,11 +364,7 @@ exec sleep 2147483647"#,
       runtime_type = "io.containerd.runc.v2"
 "#,
         )?;
-        self.daemon(
-            "containerd",
-            self.on_node("containerd"),
-            &["--config", containerd_config.to_str().context("path")?],
-        )?;
+        self.daemon("containerd", &["--config", containerd_config.to_str().context("path")?])?;
         if !wait_for(Duration::from_secs(20), || self.ctr(&["version"]).is_ok()) {
             bail!("containerd did not start");
         }
@@ -256,50 +387,43 @@ authorization: {{mode: Webhook}}
 cgroupDriver: cgroupfs
 failSwapOn: false
 oomScoreAdj: 0
+cgroupRoot: {cgroup_root}
 tlsCertFile: {crt}
 tlsPrivateKeyFile: {key}
 evictionHard: {{memory.available: "1Mi", nodefs.available: "1%", imagefs.available: "1%"}}
 "#,
                 ca = p("ca.crt"),
-                crt = p("kubelet.crt"),
-                key = p("kubelet.key"),
+                crt = p(&format!("kubelet-{}.crt", self.name)),
+                key = p(&format!("kubelet-{}.key", self.name)),
+                cgroup_root = self.cgroup_root,
             ),
         )?;
         let kubelet = bin.join("kubelet");
         self.daemon(
-            "kubelet",
-            self.on_node(kubelet.to_str().context("path")?),
+            kubelet.to_str().context("path")?,
             &[
-                &format!("--kubeconfig={}", p("kubelet.kubeconfig")),
+                &format!("--kubeconfig={}", p(&format!("kubelet-{}.kubeconfig", self.name))),
                 &format!("--config={}", kubelet_config.display()),
                 "--container-runtime=remote",
                 "--container-runtime-endpoint=unix:///run/containerd/containerd.sock",
-                &format!("--node-ip={NODE_IP}"),
-                &format!("--hostname-override={NODE_NAME}"),
+                &format!("--node-ip={}", self.ip),
+                &format!("--hostname-override={}", self.name),
                 "--pod-infra-container-image=velox.test/pause:1",
             ],
-        )?;
-        if !wait_for(Duration::from_secs(60), || {
-            self.kubectl(&["get", "node", NODE_NAME]).is_ok()
-        }) {
-            bail!("the kubelet did not register its node");
-        }
-        Ok(())
+        )
     }
 
-    fn in_router(&self, program: &str) -> Command {
-        let mut command = Command::new("nsenter");
-        command.arg(format!("--net={}", netns_path(&self.router).display())).arg(program);
-        command
-    }
-
-    /// `program` on the node: its mount namespace and netns.
+    /// `program` on the node: its cgroup, mount namespace and netns.
     pub fn on_node(&self, program: &str) -> Command {
-        let host = self.node_host.as_ref().map_or(0, Child::id);
-        let mut command = Command::new("nsenter");
+        let host = self.host.as_ref().map_or(0, Child::id);
+        let mut command = Command::new("sh");
         command
-            .arg(format!("--mount=/proc/{host}/ns/mnt"))
-            .arg(format!("--net={}", netns_path(&self.node_netns).display()))
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > \"$0/cgroup.procs\" && exec nsenter --mount=/proc/{host}/ns/mnt --net={} \"$@\"",
+                netns_path(&self.netns).display()
+            ))
+            .arg(&self.cgroup)
             .arg(program);
         command
     }
@@ -309,17 +433,14 @@ evictionHard: {{memory.available: "1Mi", nodefs.available: "1%", imagefs.availab
         output_of(self.on_node(program).args(args))
     }
 
-    fn daemon(&mut self, name: &str, mut command: Command, args: &[&str]) -> anyhow::Result<()> {
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
-        let child = command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        self.daemons.push((name.to_string(), child));
+    fn daemon(&mut self, program: &str, args: &[&str]) -> anyhow::Result<()> {
+        let name = Path::new(program)
+            .file_name()
+            .context("a program")?
+            .to_string_lossy()
+            .into_owned();
+        let child = spawn_daemon(&self.dir, &name, self.on_node(program), args)?;
+        self.daemons.push((name, child));
         Ok(())
     }
 
@@ -333,64 +454,49 @@ evictionHard: {{memory.available: "1Mi", nodefs.available: "1%", imagefs.availab
         self.ctr(&["-n", "k8s.io", "images", "import", archive]).map(drop)
     }
 
-    /// kubectl as the cluster's admin.
-    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
-        let kubeconfig = self.dir.join("pki/admin.kubeconfig");
-        let mut command = self.in_router(kubernetes_bin_dir().join("kubectl").to_str().context("path")?);
-        command.arg(format!("--kubeconfig={}", kubeconfig.display())).args(args);
-        output_of(&mut command)
-    }
-
-    /// Stops the kubelet and deletes every container, then stops everything else and
-    /// removes the namespaces, the pods' cgroups and the directory; puts back what
-    /// kubelet changed on the machine.
-    pub fn down(&mut self) -> anyhow::Result<()> {
+    /// Every process of the node (kubelet, containerd, shims, containers, the node's
+    /// host) is in its cgroup: killed at once; then its cgroups and netns go.
+    fn down(&mut self) -> anyhow::Result<()> {
         let mut errors = velox_node::ErrorList::default();
-        if let Some(at) = self.daemons.iter().position(|(name, _)| name == "kubelet") {
-            let (_, mut kubelet) = self.daemons.remove(at);
-            let _ = kubelet.kill();
-            let _ = kubelet.wait();
+        if self.cgroup.exists() {
+            errors.keep(kill_cgroup(&self.cgroup));
         }
-        if self.node_host.is_some() {
-            for task in self.ctr(&["-n", "k8s.io", "tasks", "ls", "-q"]).unwrap_or_default().lines() {
-                let _ = self.ctr(&["-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", task]);
-            }
-            std::thread::sleep(Duration::from_millis(500));
-            for task in self.ctr(&["-n", "k8s.io", "tasks", "ls", "-q"]).unwrap_or_default().lines() {
-                let _ = self.ctr(&["-n", "k8s.io", "tasks", "rm", "-f", task]);
-            }
-        }
-        for (_, mut daemon) in self.daemons.drain(..).rev() {
+        for (_, mut daemon) in self.daemons.drain(..) {
             let _ = daemon.kill();
             let _ = daemon.wait();
         }
-        if let Some(mut host) = self.node_host.take() {
-            // The shims left in the node's mount namespace go with it.
-            let namespace = std::fs::read_link(format!("/proc/{}/ns/mnt", host.id())).ok();
-            for process in std::fs::read_dir("/proc")?.flatten() {
-                let same = std::fs::read_link(process.path().join("ns/mnt")).ok() == namespace;
-                let pid = process.file_name().to_string_lossy().parse::<i32>();
-                if let (true, Ok(pid)) = (same && namespace.is_some(), pid) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-                }
-            }
+        if let Some(mut host) = self.host.take() {
             let _ = host.kill();
             let _ = host.wait();
         }
-        errors.keep(remove_kubelet_cgroups());
-        for ns in [&self.node_netns, &self.router] {
-            if crate::netns::netns_exists(ns) {
-                errors.keep(delete_netns(ns));
+        if self.cgroup.exists() {
+            errors.keep(remove_cgroup_tree(&self.cgroup));
+        }
+        for hierarchy in v1_hierarchies().unwrap_or_default() {
+            let root = hierarchy.join(self.cgroup_root.trim_start_matches('/'));
+            if root.is_dir() {
+                errors.keep(remove_cgroup_tree(&root));
             }
         }
-        for (name, value) in &self.sysctls {
-            errors.keep(run("sysctl", &["-qw", &format!("{name}={value}")]).map(drop));
-        }
-        if self.dir.exists() {
-            errors.keep(std::fs::remove_dir_all(&self.dir).map_err(anyhow::Error::from));
+        if crate::netns::netns_exists(&self.netns) {
+            errors.keep(delete_netns(&self.netns));
         }
         Ok(errors.into_result()?)
     }
+}
+
+/// Starts `command` with `args` as a daemon in a process group of its own, logging
+/// to `<dir>/<name>.log`.
+fn spawn_daemon(dir: &Path, name: &str, mut command: Command, args: &[&str]) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {name}"))
 }
 
 impl Drop for RealCluster {
@@ -413,16 +519,29 @@ fn output_of(command: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// The `kubepods` cgroups the kubelet made under every v1 controller (and their
-/// children, deepest first), once their processes are gone.
-fn remove_kubelet_cgroups() -> anyhow::Result<()> {
-    for controller in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
-        let kubepods = controller.path().join("kubepods");
-        if kubepods.is_dir() {
-            remove_cgroup_tree(&kubepods)?;
-        }
-    }
+/// Kills every process in `cgroup` and below (`cgroup.kill`), and waits until
+/// none is left.
+fn kill_cgroup(cgroup: &Path) -> anyhow::Result<()> {
+    std::fs::write(cgroup.join("cgroup.kill"), "1").with_context(|| format!("killing {}", cgroup.display()))?;
+    let empty =
+        || std::fs::read_to_string(cgroup.join("cgroup.events")).is_ok_and(|events| events.contains("populated 0"));
+    anyhow::ensure!(
+        wait_for(Duration::from_secs(10), empty),
+        "{} keeps processes",
+        cgroup.display()
+    );
     Ok(())
+}
+
+/// The cgroup v1 hierarchies (one per controller, and systemd's named one): the
+/// directories of `/sys/fs/cgroup` that are not the cgroup2 mount.
+fn v1_hierarchies() -> anyhow::Result<Vec<PathBuf>> {
+    let cgroup2 = velox_node::layout::cgroup2_root()?;
+    Ok(std::fs::read_dir("/sys/fs/cgroup")?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.is_dir() && !path.is_symlink() && *path != cgroup2)
+        .collect())
 }
 
 fn remove_cgroup_tree(dir: &Path) -> anyhow::Result<()> {
@@ -458,23 +577,59 @@ fn write_pki(dir: &Path) -> anyhow::Result<()> {
         Ok(())
     };
     openssl(&[
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
         "/CN=velox-test-ca",
     ])?;
     let service_ip = "10.96.0.1";
-    let apiserver_names = format!(
-        "IP:{ROUTER_IP},IP:{service_ip},DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
-    );
-    let kubelet_names = format!("IP:{NODE_IP},DNS:{NODE_NAME}");
+    let apiserver_names =
+        format!("IP:{ROUTER_IP},IP:{service_ip},DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc");
     // name, subject, SANs (a server's; none: a client's)
-    let certs = [
-        ("apiserver", "/CN=kube-apiserver".to_string(), Some(apiserver_names.as_str())),
+    let mut certs = vec![
+        (
+            "apiserver",
+            "/CN=kube-apiserver".to_string(),
+            Some(apiserver_names.as_str()),
+        ),
         ("admin", "/O=system:masters/CN=admin".into(), None),
-        ("kube-controller-manager", "/CN=system:kube-controller-manager".into(), None),
+        (
+            "kube-controller-manager",
+            "/CN=system:kube-controller-manager".into(),
+            None,
+        ),
         ("kube-scheduler", "/CN=system:kube-scheduler".into(), None),
-        ("apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client".into(), None),
-        ("kubelet", format!("/O=system:nodes/CN=system:node:{NODE_NAME}"), Some(kubelet_names.as_str())),
+        (
+            "apiserver-kubelet-client",
+            "/O=system:masters/CN=kube-apiserver-kubelet-client".into(),
+            None,
+        ),
     ];
+    let kubelet_names: Vec<(String, String)> = NODES
+        .iter()
+        .map(|(node, ip)| (node.to_string(), format!("IP:{ip},DNS:{node}")))
+        .collect();
+    let kubelet_certs: Vec<(String, String)> = kubelet_names
+        .iter()
+        .map(|(node, _)| {
+            (
+                format!("kubelet-{node}"),
+                format!("/O=system:nodes/CN=system:node:{node}"),
+            )
+        })
+        .collect();
+    for ((name, subject), (_, names)) in kubelet_certs.iter().zip(&kubelet_names) {
+        certs.push((name.as_str(), subject.clone(), Some(names.as_str())));
+    }
     for (name, subject, names) in certs {
         let (key, csr, crt, ext) = (
             format!("{name}.key"),
@@ -482,15 +637,30 @@ fn write_pki(dir: &Path) -> anyhow::Result<()> {
             format!("{name}.crt"),
             format!("{name}.ext"),
         );
-        openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &subject])?;
+        openssl(&[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &subject,
+        ])?;
         let extensions = match names {
             Some(names) => format!("subjectAltName={names}\nextendedKeyUsage=serverAuth,clientAuth\n"),
             None => "extendedKeyUsage=clientAuth\n".into(),
         };
         std::fs::write(dir.join(&ext), extensions)?;
         openssl(&[
-            "x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", &crt, "-days",
-            "2", "-extfile", &ext,
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
         ])?;
         let kubeconfig = format!(
             "apiVersion: v1\nkind: Config\nclusters: [{{name: velox, cluster: {{server: \"https://{ROUTER_IP}:6443\", \

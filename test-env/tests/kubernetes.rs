@@ -542,8 +542,25 @@ fn the_manifest_grants_exactly_what_the_loader_asks_and_runs_only_the_loader() {
         "{args:?}: {}",
         String::from_utf8_lossy(&help.stderr)
     );
-    let env: Vec<String> = loader.env.iter().flatten().map(|e| e.name.clone()).collect();
-    assert_eq!(env, ["NODE_NAME"]);
+    // The node's name, and the API server's address from the velox-api-server
+    // ConfigMap where there is one (no kube-proxy translates the ClusterIP).
+    let env: Vec<(String, Option<String>)> = loader
+        .env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let config_map = e.value_from.as_ref().and_then(|v| v.config_map_key_ref.as_ref());
+            (e.name.clone(), config_map.map(|c| format!("{}/{}", c.name, c.key)))
+        })
+        .collect();
+    assert_eq!(
+        env,
+        [
+            ("NODE_NAME".to_string(), None),
+            ("KUBERNETES_SERVICE_HOST".into(), Some("velox-api-server/host".into())),
+            ("KUBERNETES_SERVICE_PORT".into(), Some("velox-api-server/port".into())),
+        ]
+    );
     let mounted: BTreeSet<String> = loader.volume_mounts.iter().flatten().map(|m| m.name.clone()).collect();
     let volumes: BTreeSet<String> = pod.volumes.iter().flatten().map(|v| v.name.clone()).collect();
     assert_eq!(mounted, volumes);
@@ -558,6 +575,10 @@ fn the_manifest_grants_exactly_what_the_loader_asks_and_runs_only_the_loader() {
             .and_then(|p| p.exec.as_ref())
             .and_then(|e| e.command.clone());
         assert_eq!(given, Some(command.iter().map(|c| c.to_string()).collect()));
+        // kubelet stops an exec probe after its timeout (1 s unless set): `health`
+        // waits up to 2 s for the loader's answer.
+        let timeout = probe.as_ref().and_then(|p| p.timeout_seconds).unwrap_or(1);
+        assert!(timeout > 2, "{command:?}: a timeout of {timeout} s");
     }
 }
 

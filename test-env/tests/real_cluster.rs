@@ -1,17 +1,21 @@
-//! Velox on a real Kubernetes cluster (test-env's `real_cluster`: API server,
-//! controller manager, scheduler, a kubelet on containerd), installed as the README
-//! says: the image imported, the API server's address in a ConfigMap, the manifest
-//! applied. Then what users rely on, with objects created by kubectl: pod addresses
-//! from the node's podCIDR, pod to pod, a Service by ClusterIP and NodePort, a
-//! hostPort, NetworkPolicy, and the loader's pod deleted under traffic.
+//! Velox on a real Kubernetes cluster of two nodes (test-env's `real_cluster`: API
+//! server, controller manager, scheduler, a kubelet on containerd per node),
+//! installed as the README says: the image imported, the API server's address in a
+//! ConfigMap, the manifest applied. Then what users rely on, with objects created by
+//! kubectl: pod addresses from each node's podCIDR, pod to pod on a node and across
+//! nodes, a Service by ClusterIP and NodePort from pods and nodes, a hostPort, pod
+//! names in the counters and metrics, NetworkPolicy, and a loader's pod deleted
+//! under traffic.
 //! Needs root, `cargo xtask setup` (the Kubernetes binaries) and `cargo xtask image`;
 //! `cargo xtask test` does all three.
 #![cfg(feature = "privileged")]
 
 use serde_json::Value;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
-use velox_test_env::real_cluster::{RealCluster, CLUSTER_CIDR, NODE_IP, ROUTER_IP};
+use velox_test_env::real_cluster::{RealCluster, RealNode, CLUSTER_CIDR, ROUTER_IP};
 use velox_test_env::wait_for;
 
 fn repo(path: &str) -> String {
@@ -22,39 +26,90 @@ fn repo(path: &str) -> String {
         .to_string()
 }
 
-/// What `GET /` on `host port` answers from pod `client` (busybox nc), if anything.
-fn get_from_pod(cluster: &RealCluster, client: &str, host: &str, port: u16) -> Option<String> {
-    let script = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 2 {host} {port}");
-    let answer = cluster
-        .kubectl(&["exec", client, "--", "/bin/busybox", "sh", "-c", &script])
-        .ok()?;
-    answer.lines().last().map(str::to_string).filter(|l| !l.is_empty())
+/// An HTTP/1.0 `GET /` through busybox nc to `host port`, as a shell line.
+fn http_get(host: &str, port: u16) -> String {
+    format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 5 /bin/busybox nc -w 2 {host} {port}")
 }
 
-/// `kubectl get <what> -o json`.
+/// The body's last line, if any.
+fn last_line(answer: &str) -> Option<String> {
+    answer.lines().last().filter(|l| !l.is_empty()).map(str::to_string)
+}
+
+/// What `GET /` on `host port` answers from pod `client`, if anything.
+fn get_from_pod(cluster: &RealCluster, client: &str, host: &str, port: u16) -> Option<String> {
+    let answer = cluster
+        .kubectl(&["exec", client, "--", "/bin/busybox", "sh", "-c", &http_get(host, port)])
+        .ok()?;
+    last_line(&answer)
+}
+
+/// What `GET /` on `host port` answers from a process of `node`.
+fn get_from_node(node: &RealNode, host: &str, port: u16) -> Option<String> {
+    last_line(&node.run_on_node("sh", &["-c", &http_get(host, port)]).ok()?)
+}
+
+/// `kubectl <args> -o json`.
 fn get(cluster: &RealCluster, args: &[&str]) -> Value {
     let json = cluster.kubectl(&[args, &["-o", "json"]].concat()).unwrap();
     serde_json::from_str(&json).unwrap()
 }
 
+fn condition_true(object: &Value, kind: &str) -> bool {
+    object["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == kind && c["status"] == "True")
+}
+
 fn ready(cluster: &RealCluster, selector: &str, namespace: &str, count: usize) -> bool {
     let pods = get(cluster, &["get", "pods", "-n", namespace, "-l", selector]);
     let items = pods["items"].as_array().cloned().unwrap_or_default();
-    items.len() == count
-        && items.iter().all(|pod| {
-            pod["status"]["conditions"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    items.len() == count && items.iter().all(|pod| condition_true(pod, "Ready"))
+}
+
+/// The loader's pod on each node, by node name.
+fn loaders(cluster: &RealCluster) -> BTreeMap<String, String> {
+    let pods = get(cluster, &["get", "pods", "-n", "kube-system", "-l", "app=velox"]);
+    pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|pod| {
+            let node = pod["spec"]["nodeName"].as_str().unwrap_or_default().to_string();
+            (node, pod["metadata"]["name"].as_str().unwrap().to_string())
         })
+        .collect()
+}
+
+/// `velox-loader <args>` in the loader's pod on `node`.
+fn loader_cli(cluster: &RealCluster, node: &str, args: &[&str]) -> String {
+    let pod = loaders(cluster)[node].clone();
+    cluster
+        .kubectl(
+            &[
+                &["-n", "kube-system", "exec", pod.as_str(), "--", "velox-loader"][..],
+                args,
+            ]
+            .concat(),
+        )
+        .unwrap()
+}
+
+fn table(cluster: &RealCluster) -> String {
+    cluster
+        .kubectl(&["get", "nodes,pods", "-A", "-o", "wide"])
+        .unwrap_or_default()
 }
 
 #[test]
-fn velox_installed_with_kubectl_serves_pods_services_host_ports_and_policy_on_a_real_kubelet() {
+fn velox_installed_with_kubectl_serves_pods_services_host_ports_and_policy_on_real_kubelets() {
     let mut cluster = RealCluster::up("rk").unwrap();
     // The README's installation, step by step.
-    cluster.import_image(Path::new(&repo("target/velox-image.tar"))).unwrap();
+    cluster
+        .import_image(Path::new(&repo("target/velox-image.tar")))
+        .unwrap();
     cluster
         .kubectl(&[
             "-n",
@@ -67,87 +122,129 @@ fn velox_installed_with_kubectl_serves_pods_services_host_ports_and_policy_on_a_
         ])
         .unwrap();
     cluster.kubectl(&["apply", "-f", &repo("deploy/velox.yaml")]).unwrap();
-    let node_ready = |cluster: &RealCluster| {
-        let node = get(cluster, &["get", "node", "node1"]);
-        node["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    let nodes_ready = |cluster: &RealCluster| {
+        let nodes = get(cluster, &["get", "nodes"]);
+        let items = nodes["items"].as_array().cloned().unwrap_or_default();
+        items.len() == 2 && items.iter().all(|node| condition_true(node, "Ready"))
     };
     assert!(
-        wait_for(Duration::from_secs(90), || node_ready(&cluster) && ready(&cluster, "app=velox", "kube-system", 1)),
+        wait_for(Duration::from_secs(90), || nodes_ready(&cluster)
+            && ready(&cluster, "app=velox", "kube-system", 2)),
         "{}",
-        cluster.kubectl(&["get", "nodes,pods", "-A", "-o", "wide"]).unwrap_or_default()
+        table(&cluster)
     );
-    let node = get(&cluster, &["get", "node", "node1"]);
-    let network = node["status"]["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == "NetworkUnavailable")
-        .cloned();
-    assert_eq!(network.as_ref().map(|c| &c["status"]), Some(&Value::from("False")), "{node}");
-    let pod_cidr: ipnet::IpNet = node["spec"]["podCIDR"].as_str().unwrap().parse().unwrap();
-    assert!(CLUSTER_CIDR.parse::<ipnet::IpNet>().unwrap().contains(&pod_cidr));
+    let mut pod_cidrs = BTreeMap::new();
+    for node in &cluster.nodes {
+        let object = get(&cluster, &["get", "node", &node.name]);
+        let network = object["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "NetworkUnavailable")
+            .map(|c| c["status"].clone());
+        assert_eq!(network, Some(Value::from("False")), "{object}");
+        let cidr: ipnet::IpNet = object["spec"]["podCIDR"].as_str().unwrap().parse().unwrap();
+        assert!(CLUSTER_CIDR.parse::<ipnet::IpNet>().unwrap().contains(&cidr));
+        pod_cidrs.insert(node.name.clone(), cidr);
+    }
 
-    // The workload: two web pods behind a NodePort Service, a hostPort pod, a client.
-    cluster.kubectl(&["apply", "-f", &repo("test-env/kubernetes/web.yaml")]).unwrap();
+    // The workload: a web pod per node behind a NodePort Service, a client on node1,
+    // a hostPort pod on node2.
+    cluster
+        .kubectl(&["apply", "-f", &repo("test-env/kubernetes/web.yaml")])
+        .unwrap();
     assert!(
         wait_for(Duration::from_secs(60), || ready(&cluster, "app=web", "default", 2)
             && ready(&cluster, "app in (client, hostport)", "default", 2)),
         "{}",
-        cluster.kubectl(&["get", "pods", "-A", "-o", "wide"]).unwrap_or_default()
+        table(&cluster)
     );
-    println!("{}", cluster.kubectl(&["get", "nodes,pods", "-A", "-o", "wide"]).unwrap());
+    println!("{}", table(&cluster));
 
-    // Addresses from the node's podCIDR, the ones the loader's maps hold.
+    // Addresses from their node's podCIDR, the ones its loader's maps hold.
     let pods = get(&cluster, &["get", "pods", "-n", "default"]);
-    let endpoints = cluster
-        .kubectl(&["-n", "kube-system", "exec", "ds/velox", "--", "velox-loader", "endpoints", "--json"])
-        .unwrap();
-    let endpoints: Vec<Value> = serde_json::from_str(&endpoints).unwrap();
-    let webs: Vec<(String, String)> = pods["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|pod| {
-            let name = pod["metadata"]["name"].as_str().unwrap().to_string();
-            let ip = pod["status"]["podIP"].as_str().unwrap().to_string();
-            assert!(pod_cidr.contains(&ip.parse::<std::net::IpAddr>().unwrap()), "{name} {ip}");
-            assert!(
-                endpoints
-                    .iter()
-                    .any(|e| e["ip"] == ip.as_str() && e["pod"] == format!("default/{name}").as_str()),
-                "{name} {ip} is not in the endpoint maps: {endpoints:?}"
-            );
-            (name, ip)
-        })
-        .filter(|(name, _)| name.starts_with("web-"))
-        .collect();
-    let web_names: Vec<&str> = webs.iter().map(|(name, _)| name.as_str()).collect();
+    let mut webs: Vec<(String, String, String)> = Vec::new();
+    for pod in pods["items"].as_array().unwrap() {
+        let name = pod["metadata"]["name"].as_str().unwrap().to_string();
+        let ip = pod["status"]["podIP"].as_str().unwrap().to_string();
+        let node = pod["spec"]["nodeName"].as_str().unwrap().to_string();
+        assert!(
+            pod_cidrs[&node].contains(&ip.parse::<IpAddr>().unwrap()),
+            "{name} {ip} {node}"
+        );
+        let endpoints: Vec<Value> =
+            serde_json::from_str(&loader_cli(&cluster, &node, &["endpoints", "--json"])).unwrap();
+        assert!(
+            endpoints
+                .iter()
+                .any(|e| e["ip"] == ip.as_str() && e["pod"] == format!("default/{name}").as_str()),
+            "{name} {ip} is not in {node}'s endpoint maps: {endpoints:?}"
+        );
+        if name.starts_with("web-") {
+            webs.push((name, ip, node));
+        }
+    }
+    let web_nodes: Vec<&str> = webs.iter().map(|(_, _, node)| node.as_str()).collect();
+    assert!(web_nodes.contains(&"node1") && web_nodes.contains(&"node2"), "{webs:?}");
+    let web_names: Vec<&str> = webs.iter().map(|(name, _, _)| name.as_str()).collect();
+    let a_web = |answer: Option<String>| answer.is_some_and(|a| web_names.contains(&a.as_str()));
 
-    // Pod to pod, the Service by ClusterIP and by NodePort, the hostPort.
+    // Pod names in the counters and the metrics, as kubelet gave them at ADD.
+    let stats: Vec<Value> = serde_json::from_str(&loader_cli(&cluster, "node1", &["stats", "--json"])).unwrap();
+    assert!(stats.iter().any(|row| row["pod"] == "default/client"), "{stats:?}");
+    let metrics = cluster.nodes[0]
+        .run_on_node(
+            "sh",
+            &[
+                "-c",
+                "printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' | timeout 5 busybox nc -w 2 127.0.0.1 9962",
+            ],
+        )
+        .unwrap();
+    assert!(
+        metrics.contains("namespace=\"default\",pod=\"client\",verdict=\"passed\""),
+        "{metrics}"
+    );
+
+    // Pod to pod on a node and across, the Service by ClusterIP and NodePort from a
+    // pod and from both nodes, the hostPort from a pod and from outside.
     let service = get(&cluster, &["get", "service", "web"]);
     let cluster_ip = service["spec"]["clusterIP"].as_str().unwrap().to_string();
-    for (name, ip) in &webs {
-        assert_eq!(get_from_pod(&cluster, "client", ip, 8080).as_deref(), Some(name.as_str()));
-    }
-    for (host, port) in [(cluster_ip.as_str(), 80), (NODE_IP, 30080)] {
-        let answer = get_from_pod(&cluster, "client", host, port);
-        assert!(
-            answer.as_deref().is_some_and(|a| web_names.contains(&a)),
-            "{host}:{port} answered {answer:?}"
+    for (name, ip, _) in &webs {
+        assert_eq!(
+            get_from_pod(&cluster, "client", ip, 8080).as_deref(),
+            Some(name.as_str())
         );
     }
-    assert_eq!(get_from_pod(&cluster, "client", NODE_IP, 18080).as_deref(), Some("hostport"));
-    let from_outside = velox_test_env::netns::run_in_netns(
-        &cluster.router,
-        "bash",
-        &["-c", &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | timeout 5 busybox nc -w 2 {NODE_IP} 18080")],
-    )
-    .unwrap();
-    assert_eq!(from_outside.lines().last(), Some("hostport"), "the hostPort from outside the node");
+    let (node1_ip, node2_ip) = (cluster.nodes[0].ip.clone(), cluster.nodes[1].ip.clone());
+    for (host, port) in [
+        (cluster_ip.as_str(), 80),
+        (node1_ip.as_str(), 30080),
+        (node2_ip.as_str(), 30080),
+    ] {
+        assert!(
+            a_web(get_from_pod(&cluster, "client", host, port)),
+            "{host}:{port} from the client"
+        );
+    }
+    for node in &cluster.nodes {
+        assert!(
+            a_web(get_from_node(node, &cluster_ip, 80)),
+            "the ClusterIP from {}",
+            node.name
+        );
+    }
+    assert_eq!(
+        get_from_pod(&cluster, "client", &node2_ip, 18080).as_deref(),
+        Some("hostport")
+    );
+    let from_outside =
+        velox_test_env::netns::run_in_netns(&cluster.router, "sh", &["-c", &http_get(&node2_ip, 18080)]).unwrap();
+    assert_eq!(
+        last_line(&from_outside).as_deref(),
+        Some("hostport"),
+        "the hostPort from outside"
+    );
 
     // NetworkPolicy with kubectl: the web pods admit only the client, on 8080.
     let policy = serde_json::json!({
@@ -159,27 +256,47 @@ fn velox_installed_with_kubectl_serves_pods_services_host_ports_and_policy_on_a_
     });
     let policy_file = cluster.dir.join("policy.json");
     std::fs::write(&policy_file, policy.to_string()).unwrap();
-    cluster.kubectl(&["apply", "-f", policy_file.to_str().unwrap()]).unwrap();
-    let (web, web_ip) = &webs[0];
-    assert!(
-        wait_for(Duration::from_secs(10), || get_from_pod(&cluster, "hostport", web_ip, 8080).is_none()),
-        "the policy denies the hostport pod"
-    );
-    assert_eq!(get_from_pod(&cluster, "client", web_ip, 8080).as_deref(), Some(web.as_str()));
-
-    // The loader's pod deleted: the datapath goes on, the DaemonSet brings it back.
     cluster
-        .kubectl(&["-n", "kube-system", "delete", "pod", "-l", "app=velox", "--wait=false"])
+        .kubectl(&["apply", "-f", policy_file.to_str().unwrap()])
         .unwrap();
-    assert_eq!(get_from_pod(&cluster, "client", web_ip, 8080).as_deref(), Some(web.as_str()));
-    assert!(get_from_pod(&cluster, "hostport", web_ip, 8080).is_none(), "still denied");
-    assert!(wait_for(Duration::from_secs(60), || ready(
-        &cluster,
-        "app=velox",
-        "kube-system",
-        1
-    )));
-    assert_eq!(get_from_pod(&cluster, "client", &cluster_ip, 80).map(|a| web_names.contains(&a.as_str())), Some(true));
-    println!("{}", cluster.kubectl(&["get", "nodes,pods", "-A", "-o", "wide"]).unwrap());
+    for (name, ip, node) in &webs {
+        assert!(
+            wait_for(Duration::from_secs(10), || get_from_pod(&cluster, "hostport", ip, 8080)
+                .is_none()),
+            "the policy denies the hostport pod (node2) to {name} on {node}"
+        );
+        assert_eq!(
+            get_from_pod(&cluster, "client", ip, 8080).as_deref(),
+            Some(name.as_str())
+        );
+    }
+
+    // The client's node's loader pod deleted: the datapath goes on (policy too), the
+    // DaemonSet brings it back.
+    let deleted = loaders(&cluster)["node1"].clone();
+    cluster
+        .kubectl(&["-n", "kube-system", "delete", "pod", &deleted, "--wait=false"])
+        .unwrap();
+    for (name, ip, _) in &webs {
+        assert_eq!(
+            get_from_pod(&cluster, "client", ip, 8080).as_deref(),
+            Some(name.as_str())
+        );
+        assert!(get_from_pod(&cluster, "hostport", ip, 8080).is_none(), "still denied");
+    }
+    assert!(
+        wait_for(Duration::from_secs(60), || ready(
+            &cluster,
+            "app=velox",
+            "kube-system",
+            2
+        ) && !loaders(&cluster)
+            .values()
+            .any(|pod| *pod == deleted)),
+        "{}",
+        table(&cluster)
+    );
+    assert!(a_web(get_from_pod(&cluster, "client", &cluster_ip, 80)));
+    println!("{}", table(&cluster));
     cluster.down().unwrap();
 }

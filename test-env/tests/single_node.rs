@@ -739,9 +739,11 @@ fn metrics_show_each_pods_counters_the_maps_and_the_reconcile_passes() {
         container_id: a.name.clone(),
         ifname: "eth0".into(),
     });
-    let redirected = format!("velox_interface_packets_total{{interface=\"{host_ifname}\",verdict=\"redirected\"}}");
+    // An unnamed pod (no K8S_POD_NAME at ADD): empty namespace and pod labels.
+    let interface = format!("interface=\"{host_ifname}\",namespace=\"\",pod=\"\"");
+    let redirected = format!("velox_interface_packets_total{{{interface},verdict=\"redirected\"}}");
     assert!(value(&redirected) >= 3.0, "a's echo requests went straight to b");
-    let spoofed = format!("velox_drops_total{{interface=\"{host_ifname}\",reason=\"spoofed\"}}");
+    let spoofed = format!("velox_drops_total{{{interface},reason=\"spoofed\"}}");
     assert_eq!(value(&spoofed), 0.0);
     assert_eq!(
         value("velox_map_entries{map=\"endpoints\"}"),
