@@ -69,6 +69,8 @@ pub struct RealNode {
     cgroup: PathBuf,
     /// The kubelet's cgroup root in the v1 hierarchies.
     cgroup_root: String,
+    /// The kubelet's command line.
+    kubelet: Vec<String>,
     daemons: Vec<(String, Child)>,
 }
 
@@ -89,6 +91,7 @@ impl RealCluster {
                 host: None,
                 cgroup: cgroup2.join(format!("velox-test-{tag}-{name}")),
                 cgroup_root: format!("/velox-test-{tag}-{name}"),
+                kubelet: Vec::new(),
                 daemons: Vec::new(),
             })
             .collect();
@@ -398,19 +401,40 @@ evictionHard: {{memory.available: "1Mi", nodefs.available: "1%", imagefs.availab
                 cgroup_root = self.cgroup_root,
             ),
         )?;
-        let kubelet = bin.join("kubelet");
-        self.daemon(
-            kubelet.to_str().context("path")?,
-            &[
-                &format!("--kubeconfig={}", p(&format!("kubelet-{}.kubeconfig", self.name))),
-                &format!("--config={}", kubelet_config.display()),
-                "--container-runtime=remote",
-                "--container-runtime-endpoint=unix:///run/containerd/containerd.sock",
-                &format!("--node-ip={}", self.ip),
-                &format!("--hostname-override={}", self.name),
-                "--pod-infra-container-image=velox.test/pause:1",
-            ],
-        )
+        self.kubelet = vec![
+            bin.join("kubelet").to_str().context("path")?.to_string(),
+            format!("--kubeconfig={}", p(&format!("kubelet-{}.kubeconfig", self.name))),
+            format!("--config={}", kubelet_config.display()),
+            "--container-runtime=remote".into(),
+            "--container-runtime-endpoint=unix:///run/containerd/containerd.sock".into(),
+            format!("--node-ip={}", self.ip),
+            format!("--hostname-override={}", self.name),
+            "--pod-infra-container-image=velox.test/pause:1".into(),
+        ];
+        self.start_kubelet()
+    }
+
+    fn start_kubelet(&mut self) -> anyhow::Result<()> {
+        let command = self.kubelet.clone();
+        let args: Vec<&str> = command[1..].iter().map(String::as_str).collect();
+        self.daemon(&command[0], &args)
+    }
+
+    /// Stops the kubelet (SIGTERM, as a service manager does) and starts it again:
+    /// the pods run on meanwhile.
+    pub fn restart_kubelet(&mut self) -> anyhow::Result<()> {
+        let at = self
+            .daemons
+            .iter()
+            .position(|(name, _)| name == "kubelet")
+            .context("no kubelet")?;
+        let (_, mut kubelet) = self.daemons.remove(at);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(kubelet.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        kubelet.wait()?;
+        self.start_kubelet()
     }
 
     /// `program` on the node: its cgroup, mount namespace and netns.

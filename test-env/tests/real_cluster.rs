@@ -246,13 +246,14 @@ fn velox_installed_with_kubectl_serves_pods_services_host_ports_and_policy_on_re
         "the hostPort from outside"
     );
 
-    // NetworkPolicy with kubectl: the web pods admit only the client, on 8080.
+    // NetworkPolicy with kubectl: the web pods admit only the client, on 8080 (HTTP)
+    // and 5201 (iperf3).
     let policy = serde_json::json!({
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": "web-from-client", "namespace": "default"},
         "spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress"],
                  "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
-                              "ports": [{"port": 8080}]}]},
+                              "ports": [{"port": 8080}, {"port": 5201}]}]},
     });
     let policy_file = cluster.dir.join("policy.json");
     std::fs::write(&policy_file, policy.to_string()).unwrap();
@@ -270,6 +271,97 @@ fn velox_installed_with_kubectl_serves_pods_services_host_ports_and_policy_on_re
             Some(name.as_str())
         );
     }
+
+    // node2's kubelet stopped and started again: its pods run on, unrestarted.
+    let web2 = webs.iter().find(|(_, _, node)| node == "node2").unwrap().clone();
+    cluster.nodes[1].restart_kubelet().unwrap();
+    assert_eq!(
+        get_from_pod(&cluster, "client", &web2.1, 8080).as_deref(),
+        Some(web2.0.as_str())
+    );
+    // Back when it serves again (the Node stays Ready through a short stop).
+    let serving = || {
+        cluster
+            .kubectl(&["exec", &web2.0, "--", "/bin/busybox", "true"])
+            .is_ok()
+    };
+    assert!(
+        wait_for(Duration::from_secs(60), || serving()
+            && nodes_ready(&cluster)
+            && ready(&cluster, "app=web", "default", 2)),
+        "{}",
+        table(&cluster)
+    );
+    let restarts = get(&cluster, &["get", "pod", &web2.0])["status"]["containerStatuses"][0]["restartCount"].clone();
+    assert_eq!(restarts, 0, "{} restarted", web2.0);
+
+    // A rolling update of the DaemonSet to a new image, driven by the kubelets, under
+    // a TCP stream from node1's client to node2's web pod: no second without traffic.
+    for node in &cluster.nodes {
+        node.ctr(&[
+            "-n",
+            "k8s.io",
+            "images",
+            "tag",
+            velox_test_env::IMAGE,
+            "localhost/velox:rollout",
+        ])
+        .unwrap();
+    }
+    cluster
+        .kubectl(&["exec", &web2.0, "--", "/usr/bin/iperf3", "-s", "-D"])
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let stream = std::thread::scope(|s| {
+        let cluster = &cluster;
+        let stream = s.spawn(move || {
+            cluster.kubectl(&[
+                "exec",
+                "client",
+                "--",
+                "/usr/bin/iperf3",
+                "-c",
+                &web2.1,
+                "-t",
+                "30",
+                "-J",
+            ])
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        cluster
+            .kubectl(&[
+                "-n",
+                "kube-system",
+                "set",
+                "image",
+                "ds/velox",
+                "loader=localhost/velox:rollout",
+            ])
+            .unwrap();
+        cluster
+            .kubectl(&["-n", "kube-system", "rollout", "status", "ds/velox", "--timeout=60s"])
+            .unwrap();
+        stream.join().unwrap()
+    });
+    let report: Value = serde_json::from_str(&stream.unwrap()).unwrap();
+    let seconds: Vec<f64> = report["intervals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["sum"]["bits_per_second"].as_f64().unwrap())
+        .collect();
+    assert!(
+        seconds.len() >= 29 && seconds.iter().all(|bps| *bps > 0.0),
+        "{seconds:?} {}",
+        report["error"]
+    );
+    let images: Vec<Value> = get(&cluster, &["get", "pods", "-n", "kube-system", "-l", "app=velox"])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|pod| pod["spec"]["containers"][0]["image"].clone())
+        .collect();
+    assert_eq!(images, ["localhost/velox:rollout", "localhost/velox:rollout"]);
 
     // The client's node's loader pod deleted: the datapath goes on (policy too), the
     // DaemonSet brings it back.
