@@ -37,6 +37,7 @@ use velox_node::netlink::Netlink;
 use velox_node::pod_policy::{self, PolicyAnswer, PolicyRequest};
 use velox_node::{Bpffs, StateDir};
 
+use crate::install::InstallTarget;
 use crate::metrics::Metrics;
 use crate::reconcile::endpoints::sync_endpoints;
 use crate::reconcile::policy::{lift_isolation, PolicyReconciler};
@@ -82,6 +83,10 @@ pub struct RunArgs {
     cni_bin_dir: Option<PathBuf>,
     #[arg(long, requires = "cni_bin_dir")]
     cni_conf_dir: Option<PathBuf>,
+    /// Where the host's root is mounted in this container (`/host` in the
+    /// DaemonSet): the install record names the host's paths too.
+    #[arg(long, requires = "cni_bin_dir")]
+    host_root: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (`/metrics`), e.g. 0.0.0.0:9962.
     #[arg(long)]
     metrics_address: Option<std::net::SocketAddr>,
@@ -179,7 +184,14 @@ impl RunArgs {
                 max_pods: self.max_pods,
                 policy_rules: self.policy_rules,
             },
-            install_into: self.cni_bin_dir.zip(self.cni_conf_dir),
+            install_into: self
+                .cni_bin_dir
+                .zip(self.cni_conf_dir)
+                .map(|(cni_bin_dir, cni_conf_dir)| InstallTarget {
+                    cni_bin_dir,
+                    cni_conf_dir,
+                    host_root: self.host_root,
+                }),
             metrics_address: self.metrics_address,
             network_policy: self.network_policy,
         })
@@ -195,7 +207,7 @@ pub struct RunOptions {
     pub source: SourceOptions,
     pub datapath: DatapathOptions,
     /// The CNI bin and conf dirs to install the plugin and conflist into.
-    pub install_into: Option<(PathBuf, PathBuf)>,
+    pub install_into: Option<InstallTarget>,
     pub metrics_address: Option<std::net::SocketAddr>,
     /// Enforce NetworkPolicy.
     pub network_policy: bool,
@@ -332,7 +344,7 @@ struct Daemon {
     sync: SourceSync,
     metrics: Metrics,
     /// The CNI bin and conf dirs to install into, until that is done.
-    install_into: Option<(PathBuf, PathBuf)>,
+    install_into: Option<InstallTarget>,
     /// This build's programs, while the links still run an earlier build's: they
     /// move once the maps hold the policy (see [`Daemon::move_to_this_build`]).
     unmoved: Option<Ebpf>,
@@ -551,9 +563,9 @@ impl Daemon {
             .as_ref()
             .map(|n| n.pod_cidrs())
             .unwrap_or_default();
-        if let Some((bin_dir, conf_dir)) = self.install_into.clone().filter(|_| !pod_cidrs.is_empty()) {
+        if let Some(target) = self.install_into.clone().filter(|_| !pod_cidrs.is_empty()) {
             // The conflist tells kubelet the node's network is ready: only now.
-            let args = crate::install::InstallArgs::new(pod_cidrs.to_vec(), bin_dir, conf_dir);
+            let args = target.args(pod_cidrs.to_vec());
             match crate::install::install(&args, &self.bpffs.root, &self.state_dir.root) {
                 Ok(()) => self.install_into = None,
                 Err(e) => log::error!("installing the plugin and its conflist (trying again): {e:#}"),

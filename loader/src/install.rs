@@ -31,21 +31,36 @@ pub struct InstallArgs {
     /// The plugin binary to install; by default the `velox` next to this program.
     #[arg(long)]
     pub plugin: Option<PathBuf>,
+    /// Where the host's root is mounted, when this runs in a container (the
+    /// DaemonSet's `/host`): install.json records the paths the host sees too, so
+    /// `velox-loader uninstall` run on the host finds what to remove.
+    #[arg(long)]
+    pub host_root: Option<PathBuf>,
 }
 
 const DEFAULT_NETWORK: &str = "velox";
 const DEFAULT_MTU: u32 = 1500;
 
-impl InstallArgs {
-    /// The defaults of `velox-loader install` for these pod CIDRs and directories.
-    pub fn new(pod_cidr: Vec<ipnet::IpNet>, cni_bin_dir: PathBuf, cni_conf_dir: PathBuf) -> Self {
-        Self {
+/// Where `velox-loader run` installs the plugin and conflist, once it knows the pod
+/// CIDRs.
+#[derive(Clone, Debug)]
+pub struct InstallTarget {
+    pub cni_bin_dir: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    pub host_root: Option<PathBuf>,
+}
+
+impl InstallTarget {
+    /// `velox-loader install`'s defaults for these pod CIDRs.
+    pub fn args(self, pod_cidr: Vec<ipnet::IpNet>) -> InstallArgs {
+        InstallArgs {
             pod_cidr,
-            cni_bin_dir,
-            cni_conf_dir,
+            cni_bin_dir: self.cni_bin_dir,
+            cni_conf_dir: self.cni_conf_dir,
             network: DEFAULT_NETWORK.into(),
             mtu: DEFAULT_MTU,
             plugin: None,
+            host_root: self.host_root,
         }
     }
 }
@@ -58,7 +73,21 @@ struct Installed {
 #[derive(Serialize, Deserialize)]
 struct InstalledFile {
     path: PathBuf,
+    /// The same file as the host sees it, when installed from a container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host_path: Option<PathBuf>,
     sha256: String,
+}
+
+impl InstalledFile {
+    /// Where the file is from here: its path, or as the host sees it when this runs
+    /// on the host of the container that installed it.
+    fn here(&self) -> &Path {
+        match &self.host_path {
+            Some(host_path) if !self.path.exists() => host_path,
+            _ => &self.path,
+        }
+    }
 }
 
 fn manifest(state_dir: &Path) -> PathBuf {
@@ -71,12 +100,15 @@ fn sha256(path: &Path) -> anyhow::Result<String> {
 
 /// Installs `bytes` at `path` atomically, so a runtime never reads half a binary or
 /// half a config.
-fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<InstalledFile> {
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32, host_root: Option<&Path>) -> anyhow::Result<InstalledFile> {
     let dir = path.parent().context("no parent dir")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     write_atomic(path, bytes, mode)?;
     Ok(InstalledFile {
         path: path.to_path_buf(),
+        host_path: host_root
+            .and_then(|root| path.strip_prefix(root).ok())
+            .map(|rest| Path::new("/").join(rest)),
         sha256: sha256(path)?,
     })
 }
@@ -148,9 +180,10 @@ pub fn install(args: &InstallArgs, bpffs_root: &Path, state_dir: &Path) -> anyho
     } else {
         log::info!("chained after velox: {}", chained.join(", "));
     }
+    let host_root = args.host_root.as_deref();
     let files = vec![
-        write_atomically(&args.cni_bin_dir.join("velox"), &binary, 0o755)?,
-        write_atomically(&conf_path, &serde_json::to_vec_pretty(&conf)?, 0o644)?,
+        write_atomically(&args.cni_bin_dir.join("velox"), &binary, 0o755, host_root)?,
+        write_atomically(&conf_path, &serde_json::to_vec_pretty(&conf)?, 0o644, host_root)?,
     ];
     for file in &files {
         println!("installed {}", file.path.display());
@@ -175,13 +208,14 @@ pub fn uninstall(state_dir: &Path) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     for file in &installed.files {
-        match sha256(&file.path) {
+        let path = file.here();
+        match sha256(path) {
             Ok(sum) if sum == file.sha256 => {
-                std::fs::remove_file(&file.path)?;
-                println!("removed {}", file.path.display());
+                std::fs::remove_file(path)?;
+                println!("removed {}", path.display());
             }
-            Ok(_) => println!("kept {}: changed since install", file.path.display()),
-            Err(_) => println!("already gone: {}", file.path.display()),
+            Ok(_) => println!("kept {}: changed since install", path.display()),
+            Err(_) => println!("already gone: {}", path.display()),
         }
     }
     std::fs::remove_file(&path)?;

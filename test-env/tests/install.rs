@@ -114,6 +114,51 @@ fn uninstall_keeps_files_changed_since_install() {
     assert!(!bin.join("velox").exists());
 }
 
+/// The DaemonSet installs through the host's root mounted at `/host`; an operator
+/// runs `uninstall` on the host afterwards: install.json names the host's paths
+/// too, and uninstall removes the files there.
+#[test]
+fn what_the_daemon_set_installed_the_host_uninstalls() {
+    let dir = tempfile::tempdir().unwrap();
+    // Where the host keeps its CNI dirs, and the container's mount of the host's root.
+    let (host_bin, host_conf) = (dir.path().join("opt/cni/bin"), dir.path().join("etc/cni/net.d"));
+    let host_root = dir.path().join("container/host");
+    let in_container = |path: &Path| host_root.join(path.strip_prefix("/").unwrap());
+    let state = dir.path().join("state");
+    let out = loader(
+        &state,
+        &[
+            "install",
+            "--pod-cidr",
+            "10.1.0.0/24",
+            "--cni-bin-dir",
+            in_container(&host_bin).to_str().unwrap(),
+            "--cni-conf-dir",
+            in_container(&host_conf).to_str().unwrap(),
+            "--host-root",
+            host_root.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The host sees the same files at its own paths (in a cluster the mount is a
+    // bind of the host's root; here they move there).
+    for (host, container) in [
+        (&host_bin, in_container(&host_bin)),
+        (&host_conf, in_container(&host_conf)),
+    ] {
+        std::fs::create_dir_all(host.parent().unwrap()).unwrap();
+        std::fs::rename(&container, host).unwrap();
+    }
+    let out = loader(&state, &["uninstall"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !host_bin.join("velox").exists(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!host_conf.join("00-velox.conflist").exists());
+}
+
 /// hostPorts need portmap chained after velox: installed where the bin dir has it,
 /// and a plugin an operator chained by hand survives the next install (every
 /// loader start installs again).
