@@ -858,15 +858,30 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
 fn attach_socket_lb(bpffs: &Bpffs, ebpf: &mut Ebpf, cgroup: Option<&Path>) -> anyhow::Result<()> {
     for name in SOCKET_LB_PROGRAMS {
         let pin = bpffs.cgroup_link(name);
+        // A link an earlier start was moving off another cgroup (bpffs takes no
+        // dots in names).
+        let moving = bpffs.cgroup_link(&format!("{name}_moving"));
+        remove_if_exists(&moving)?;
         match cgroup {
             None => remove_if_exists(&pin)?,
-            Some(_) if pin.exists() => {}
+            Some(cgroup) if pin.exists() && attached_to(&pin, cgroup) => {}
             Some(cgroup) => {
+                // Pinned on another cgroup (the flag changed): the new link first,
+                // then the old one goes, so no connect goes untranslated between.
+                if pin.exists() {
+                    log::info!("moving {name} to the cgroup {}", cgroup.display());
+                    std::fs::rename(&pin, &moving)?;
+                }
                 let program: &mut CgroupSockAddr = ebpf
                     .program_mut(name)
                     .with_context(|| format!("{name} missing from the eBPF object"))?
                     .try_into()?;
-                attach_cgroup(bpffs, program, name, cgroup)?;
+                if let Err(e) = attach_cgroup(bpffs, program, name, cgroup) {
+                    // The old link keeps serving where it was.
+                    let _ = std::fs::rename(&moving, &pin);
+                    return Err(e.into());
+                }
+                remove_if_exists(&moving)?;
             }
         }
     }
@@ -874,6 +889,14 @@ fn attach_socket_lb(bpffs: &Bpffs, ebpf: &mut Ebpf, cgroup: Option<&Path>) -> an
         log::info!("socket load balancer on {}", cgroup.display());
     }
     Ok(())
+}
+
+/// Whether the cgroup link pinned at `pin` acts on `cgroup`; one that cannot be read
+/// is taken for another's.
+fn attached_to(pin: &Path, cgroup: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let wanted = std::fs::metadata(cgroup).map(|m| m.ino()).ok();
+    velox_node::link::cgroup_of_pinned_link(pin).ok() == wanted
 }
 
 /// Moves every pinned link (pods' veths, the uplink) that runs an earlier build of

@@ -87,13 +87,12 @@ pub fn attach_cgroup(bpffs: &Bpffs, program: &mut CgroupSockAddr, name: &str, cg
 }
 
 const BPF_OBJ_GET: i64 = 7;
+const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
 const BPF_LINK_UPDATE: i64 = 29;
 
-/// Moves the link pinned at `pin` (any hook) to `program` in one step
-/// (`BPF_LINK_UPDATE`): no packet or socket call meets the hook without a program.
-/// aya keeps its wrapper of this call private.
-pub fn update_pinned_link(pin: &Path, program: BorrowedFd<'_>) -> Result<()> {
-    let what = format!("moving {} to a new program", pin.display());
+/// The object pinned at `pin`, opened (`BPF_OBJ_GET`).
+fn open_pinned(pin: &Path) -> Result<OwnedFd> {
+    let what = format!("opening {}", pin.display());
     let path = CString::new(pin.as_os_str().as_bytes()).map_err(Error::invalid(&what))?;
     #[repr(C)]
     struct ObjGet {
@@ -118,7 +117,51 @@ pub fn update_pinned_link(pin: &Path, program: BorrowedFd<'_>) -> Result<()> {
         return Err(Error::io(what)(std::io::Error::last_os_error()));
     }
     // SAFETY: a new fd the kernel just gave us.
-    let link = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The id of the cgroup the cgroup link pinned at `pin` is attached to (the
+/// cgroup2 directory's inode number), from `bpf_link_info`; aya does not expose it.
+pub fn cgroup_of_pinned_link(pin: &Path) -> Result<u64> {
+    let link = open_pinned(pin)?;
+    // bpf_link_info: type, id, prog_id (u32 each), then the 8-aligned union whose
+    // cgroup member starts with the cgroup id.
+    let mut info = [0u64; 8];
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let get = InfoByFd {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `get` is a valid bpf_attr prefix for BPF_OBJ_GET_INFO_BY_FD, and its
+    // buffer is `info_len` bytes that outlive the call.
+    let done = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &get,
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    if done < 0 {
+        return Err(Error::io(format!("reading the link {}", pin.display()))(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(info[2])
+}
+
+/// Moves the link pinned at `pin` (any hook) to `program` in one step
+/// (`BPF_LINK_UPDATE`): no packet or socket call meets the hook without a program.
+/// aya keeps its wrapper of this call private.
+pub fn update_pinned_link(pin: &Path, program: BorrowedFd<'_>) -> Result<()> {
+    let what = format!("moving {} to a new program", pin.display());
+    let link = open_pinned(pin)?;
     #[repr(C)]
     struct LinkUpdate {
         link_fd: u32,

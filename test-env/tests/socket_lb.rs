@@ -370,3 +370,56 @@ fn a_connected_udp_socket_whose_backend_left_is_closed() {
     assert_eq!(again["answer"], pod4.name, "{again}");
     cluster.finish().unwrap();
 }
+
+/// `--socket-lb-cgroup` changed across a restart: the hooks move to the new cgroup
+/// (they stayed on the old one, while the log named the new one), and the old
+/// cgroup's processes are no longer translated.
+#[test]
+fn a_new_socket_lb_cgroup_moves_the_hooks_there() {
+    let (cluster, state) = cluster_with_socket_lb("slbcg");
+    let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
+    let addr = SocketAddr::new(pod2.ip(Family::V4), HTTP.target_port);
+    let _backend = Backend::start(&pod2.name, addr, HTTP.protocol, &pod2.name).unwrap();
+    let web = ServiceSpec {
+        name: "web".into(),
+        cluster_ips: vec![cluster_ip(Family::V4, 21)],
+        ports: vec![HTTP],
+        backends: vec![pod2.ip(Family::V4)],
+    };
+    cluster_state::write(&state, &[web]).unwrap();
+    wait_for_services(&cluster, 1);
+    let worker1 = &cluster.nodes[0];
+    let frontend = SocketAddr::new(cluster_ip(Family::V4, 21), HTTP.port);
+    let answer_in = |cgroup: &std::path::Path| -> Option<String> {
+        let probe = worker1.bins.probe.to_str().unwrap();
+        let output = in_netns_and_cgroup(&pod1.name, cgroup, probe, &["tcp", &frontend.to_string()])
+            .output()
+            .ok()?;
+        let answer: Value = serde_json::from_slice(&output.stdout).ok()?;
+        answer["answer"].as_str().map(str::to_string)
+    };
+    let old = worker1.cgroup().unwrap();
+    assert_eq!(answer_in(&old).as_deref(), Some(pod2.name.as_str()));
+    let new = old.with_file_name(format!("{}-moved", old.file_name().unwrap().to_string_lossy()));
+    std::fs::create_dir_all(&new).unwrap();
+    worker1.stop_loader(Signal::SIGTERM).unwrap();
+    let flags = [
+        "--cluster-state",
+        state.to_str().unwrap(),
+        "--socket-lb",
+        "--socket-lb-cgroup",
+        new.to_str().unwrap(),
+    ];
+    worker1.start_loader_with(&flags).unwrap();
+    let moved = answer_in(&new);
+    let stayed = answer_in(&old);
+    // Put the loader back on the node's cgroup before the new one goes.
+    worker1.stop_loader(Signal::SIGTERM).unwrap();
+    worker1
+        .start_loader_with(&[&flags[..4], &[old.to_str().unwrap()]].concat())
+        .unwrap();
+    std::fs::remove_dir(&new).unwrap();
+    assert_eq!(moved.as_deref(), Some(pod2.name.as_str()), "the new cgroup is served");
+    assert_eq!(stayed, None, "the old cgroup is not any more");
+    cluster.finish().unwrap();
+}
