@@ -224,6 +224,9 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         network_policy,
     } = options;
     let _owned = take_over(&bpffs, &state_dir)?;
+    if source.in_cluster() {
+        ensure_pins_outlive_the_container(&bpffs)?;
+    }
     let store = EndpointStore::new(&state_dir);
     refuse_max_pods_below_live_slots(&store, datapath.max_pods)?;
     let enforces_policy = network_policy && source.gives_policy();
@@ -647,6 +650,20 @@ fn ensure_bpffs(bpffs: &Bpffs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// In a pod, pins on a mount that does not propagate to the host's die with the
+/// container, and the datapath with them at its next restart: refused, saying why.
+fn ensure_pins_outlive_the_container(bpffs: &Bpffs) -> anyhow::Result<()> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("reading the mount table")?;
+    anyhow::ensure!(
+        velox_node::layout::mount_is_shared(&mountinfo, &bpffs.root) == Some(true),
+        "{} is not on a shared mount: pins would not outlive this container. Mount the host's bpffs with \
+         mountPropagation: Bidirectional (deploy/velox.yaml does); the host's /sys/fs/bpf must be a shared \
+         mount (mount --make-shared /sys/fs/bpf)",
+        bpffs.root.display()
+    );
+    Ok(())
+}
+
 /// Where the cluster is learnt from.
 pub enum SourceOptions {
     /// `--peers-file` and `--cluster-state`.
@@ -663,6 +680,11 @@ pub enum SourceOptions {
 }
 
 impl SourceOptions {
+    /// The API server from the pod's service account: the loader runs in a pod.
+    fn in_cluster(&self) -> bool {
+        matches!(self, SourceOptions::Kubernetes { kubeconfig: None, .. })
+    }
+
     /// Whether the source has policy to give at all (a files source without
     /// `--cluster-state` has none: no pod is isolated).
     fn gives_policy(&self) -> bool {

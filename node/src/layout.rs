@@ -210,9 +210,43 @@ pub fn cgroup2_at(path: &Path) -> crate::Result<PathBuf> {
         })
 }
 
+/// Whether the mount `path` is on propagates its mounts to its peers (`shared:N` in
+/// `mountinfo`), as read from `mountinfo` (the text of `/proc/self/mountinfo`).
+/// `None` when no mount holds it.
+pub fn mount_is_shared(mountinfo: &str, path: &Path) -> Option<bool> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // id parent major:minor root mount-point options [optional...] - type ...
+            let (fields, _) = line.split_once(" - ")?;
+            let fields: Vec<&str> = fields.split_whitespace().collect();
+            let mount_point = Path::new(fields.get(4)?);
+            path.starts_with(mount_point).then(|| {
+                let shared = fields[6..].iter().any(|tag| tag.starts_with("shared:"));
+                (mount_point.as_os_str().len(), shared)
+            })
+        })
+        // The deepest mount holding it; the last one of a depth is the one on top.
+        .max_by_key(|(depth, _)| *depth)
+        .map(|(_, shared)| shared)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_propagation_of_the_mount_a_path_is_on() {
+        let mountinfo = "\
+22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+30 22 0:26 / /sys rw,nosuid - sysfs sysfs rw
+41 30 0:34 / /sys/fs/bpf rw,relatime shared:12 master:3 - bpf bpf rw
+";
+        assert_eq!(mount_is_shared(mountinfo, Path::new("/sys/fs/bpf/velox")), Some(true));
+        assert_eq!(mount_is_shared(mountinfo, Path::new("/sys/class/net")), Some(false));
+        assert_eq!(mount_is_shared(mountinfo, Path::new("/run/velox")), Some(true));
+        assert_eq!(mount_is_shared("", Path::new("/x")), None);
+    }
 
     /// This host mounts the v1 controllers on a tmpfs at /sys/fs/cgroup, cgroup2 at
     /// /sys/fs/cgroup/unified (as Debian without systemd and older systemd do).

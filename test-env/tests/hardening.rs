@@ -513,3 +513,30 @@ fn counters_have_a_slot_per_pod_up_to_max_pods_and_a_full_node_refuses_cleanly()
     assert!(sent(&c) >= 2);
     node.finish().unwrap();
 }
+
+/// A loader in a pod (in-cluster API config) whose bpffs does not propagate to the
+/// host (a private mount, as a DaemonSet without Bidirectional propagation gets)
+/// refuses to start and says why: its pins would die with the container.
+#[test]
+fn a_loader_in_a_pod_refuses_a_bpffs_whose_pins_would_die_with_it() {
+    let bins = velox_test_env::Binaries::locate().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let mount = tempfile::tempdir().unwrap();
+    run("mount", &["-t", "bpf", "bpf", mount.path().to_str().unwrap()]).unwrap();
+    run("mount", &["--make-private", mount.path().to_str().unwrap()]).unwrap();
+    let root = mount.path().join("velox");
+    let out = std::process::Command::new(&bins.loader)
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .env("KUBERNETES_SERVICE_PORT", "443")
+        .arg("--bpffs-root")
+        .arg(&root)
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["run", "--kubernetes", "--node-name", "n1"])
+        .output()
+        .unwrap();
+    run("umount", &[mount.path().to_str().unwrap()]).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("is not on a shared mount: pins would not outlive this container"), "{stderr}");
+}
