@@ -34,6 +34,19 @@ impl Sandbox {
     }
 }
 
+/// containerd's CRI plugin as the tests run it: the offline pause image, runc, and
+/// no OOM score changes (root may lack CAP_SYS_RESOURCE on a VM or container of the
+/// CI's kind).
+pub const CRI_PLUGIN: &str = r#"[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "velox.test/pause:1"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+"#;
+
 pub struct Containerd {
     pub dir: PathBuf,
     /// Velox's log: one `took_ms` line per CNI call containerd made.
@@ -71,17 +84,7 @@ state = "{d}/state"
   address = "{d}/containerd.sock.ttrpc"
 [plugins."io.containerd.internal.v1.opt"]
   path = "{d}/opt"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "velox.test/pause:1"
-  # Root may lack CAP_SYS_RESOURCE (a VM or container of the CI's kind): containerd
-  # must not try to lower OOM scores.
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-  [plugins."io.containerd.grpc.v1.cri".cni]
+{CRI_PLUGIN}  [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{d}/cni-bin"
     conf_dir = "{d}/cni-conf"
     max_conf_num = 1

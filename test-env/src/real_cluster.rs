@@ -355,17 +355,7 @@ exec sleep 2147483647"#,
         let containerd_config = node.join("containerd.toml");
         std::fs::write(
             &containerd_config,
-            r#"version = 2
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "velox.test/pause:1"
-  # Root here lacks CAP_SYS_RESOURCE: containerd must not lower OOM scores.
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-"#,
+            format!("version = 2\n{}", crate::containerd::CRI_PLUGIN),
         )?;
         self.daemon("containerd", &["--config", containerd_config.to_str().context("path")?])?;
         if !wait_for(Duration::from_secs(20), || self.ctr(&["version"]).is_ok()) {

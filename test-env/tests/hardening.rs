@@ -538,5 +538,8 @@ fn a_loader_in_a_pod_refuses_a_bpffs_whose_pins_would_die_with_it() {
     run("umount", &[mount.path().to_str().unwrap()]).unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("is not on a shared mount: pins would not outlive this container"), "{stderr}");
+    assert!(
+        stderr.contains("is not on a shared mount: pins would not outlive this container"),
+        "{stderr}"
+    );
 }
