@@ -141,7 +141,7 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(health.ready, "velox-loader is not ready");
             anyhow::ensure!(
                 live || health.probe_ready(),
-                "velox-loader is not ready: it has never had the NetworkPolicy it enforces"
+                "velox-loader is not ready: it has never had the NetworkPolicy it enforces or the Services it balances"
             );
             Ok(())
         }
