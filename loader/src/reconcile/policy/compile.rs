@@ -543,12 +543,12 @@ fn entries(
             .find_map(|len| values.get(&Prefix::new(prefix.addr, len)))
             .is_some_and(|ports| !ports.is_empty())
     };
-    let keep: Vec<Prefix> = values
+    let drop: HashSet<Prefix> = values
         .iter()
-        .filter(|(prefix, ports)| !ports.is_empty() || wider_allows(prefix))
+        .filter(|(prefix, ports)| ports.is_empty() && !wider_allows(prefix))
         .map(|(prefix, _)| *prefix)
         .collect();
-    values.retain(|prefix, _| keep.contains(prefix));
+    values.retain(|prefix, _| !drop.contains(prefix));
     values
 }
 
