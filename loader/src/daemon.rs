@@ -881,8 +881,12 @@ fn attach_socket_lb(bpffs: &Bpffs, ebpf: &mut Ebpf, cgroup: Option<&Path>) -> an
     for name in SOCKET_LB_PROGRAMS {
         let pin = bpffs.cgroup_link(name);
         // A link an earlier start was moving off another cgroup (bpffs takes no
-        // dots in names).
+        // dots in names): back in place if that start stopped before the new one
+        // was pinned, so it serves until its successor is attached.
         let moving = bpffs.cgroup_link(&format!("{name}_moving"));
+        if moving.exists() && !pin.exists() {
+            std::fs::rename(&moving, &pin)?;
+        }
         remove_if_exists(&moving)?;
         match cgroup {
             None => remove_if_exists(&pin)?,

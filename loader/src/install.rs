@@ -116,8 +116,7 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32, host_root: Option<&Pat
 /// The conflist: named `00-<network>.conflist` so it sorts first, cniVersion 1.0.0
 /// (the newest that containerd 1.6 and podman 4.3 speak). `velox` first, then the
 /// plugins chained after it in the conflist already there (an operator's
-/// additions survive every loader start), or else portmap when the bin dir has it,
-/// for the hostPorts kubelet asks for through the `portMappings` capability.
+/// additions survive every loader start), and portmap when the bin dir has it.
 pub fn conflist(
     args: &InstallArgs,
     bpffs_root: &Path,
@@ -131,15 +130,19 @@ pub fn conflist(
         "bpffsRoot": bpffs_root,
         "stateDir": state_dir,
     });
-    let chained: Vec<serde_json::Value> = match existing.and_then(|e| e["plugins"].as_array()) {
-        Some(plugins) => plugins.iter().filter(|p| p["type"] != "velox").cloned().collect(),
-        None if args.cni_bin_dir.join("portmap").exists() => vec![serde_json::json!({
+    let mut chained: Vec<serde_json::Value> = existing
+        .and_then(|e| e["plugins"].as_array())
+        .map(|plugins| plugins.iter().filter(|p| p["type"] != "velox").cloned().collect())
+        .unwrap_or_default();
+    // kubelet's hostPorts go through the `portMappings` capability: portmap joins
+    // the chain whenever the bin dir has it, a conflist of an earlier release too.
+    if args.cni_bin_dir.join("portmap").exists() && !chained.iter().any(|p| p["type"] == "portmap") {
+        chained.push(serde_json::json!({
             "type": "portmap",
             "capabilities": {"portMappings": true},
             "snat": true,
-        })],
-        None => Vec::new(),
-    };
+        }));
+    }
     let mut plugins = vec![velox];
     plugins.extend(chained);
     serde_json::json!({

@@ -222,7 +222,8 @@ pub fn mount_is_shared(mountinfo: &str, path: &Path) -> Option<bool> {
             let fields: Vec<&str> = fields.split_whitespace().collect();
             let mount_point = Path::new(fields.get(4)?);
             path.starts_with(mount_point).then(|| {
-                let shared = fields[6..].iter().any(|tag| tag.starts_with("shared:"));
+                let optional = fields.get(6..).unwrap_or_default();
+                let shared = optional.iter().any(|tag| tag.starts_with("shared:"));
                 (mount_point.as_os_str().len(), shared)
             })
         })

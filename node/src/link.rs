@@ -133,7 +133,7 @@ pub fn cgroup_of_pinned_link(pin: &Path) -> Result<u64> {
         info_len: u32,
         info: u64,
     }
-    let get = InfoByFd {
+    let mut get = InfoByFd {
         bpf_fd: link.as_raw_fd() as u32,
         info_len: std::mem::size_of_val(&info) as u32,
         info: info.as_mut_ptr() as u64,
@@ -144,7 +144,7 @@ pub fn cgroup_of_pinned_link(pin: &Path) -> Result<u64> {
         nix::libc::syscall(
             nix::libc::SYS_bpf,
             BPF_OBJ_GET_INFO_BY_FD,
-            &get,
+            &mut get,
             std::mem::size_of::<InfoByFd>(),
         )
     };
@@ -152,6 +152,10 @@ pub fn cgroup_of_pinned_link(pin: &Path) -> Result<u64> {
         return Err(Error::io(format!("reading the link {}", pin.display()))(
             std::io::Error::last_os_error(),
         ));
+    }
+    const BPF_LINK_TYPE_CGROUP: u64 = 3;
+    if info[0] & u64::from(u32::MAX) != BPF_LINK_TYPE_CGROUP {
+        return Err(Error::Invalid(format!("{} is not a cgroup link", pin.display())));
     }
     Ok(info[2])
 }

@@ -172,6 +172,13 @@ fn portmap_is_chained_and_plugins_an_operator_chained_survive_a_new_install() {
     );
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::copy("/usr/lib/cni/portmap", bin.join("portmap")).unwrap();
+    // An earlier release's conflist: velox alone.
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(
+        conf.join("00-velox.conflist"),
+        r#"{"cniVersion": "1.0.0", "name": "velox", "plugins": [{"type": "velox"}]}"#,
+    )
+    .unwrap();
     let install = || {
         let args = [
             "install",

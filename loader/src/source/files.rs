@@ -142,10 +142,13 @@ impl ClusterSource for FileSource {
         Some(input)
     }
 
+    /// `None` (the maps keep the last rules) when an object of the policy's input
+    /// does not read: a policy left out would open what it isolates.
     fn policy(&mut self) -> Option<PolicyInput> {
         let (input, skipped) = PolicyInput::read(self.objects()?);
+        let complete = skipped.is_empty();
         self.left_out("policy", skipped);
-        Some(input)
+        complete.then_some(input)
     }
 
     /// Synced when every file reads; objects left out are errors all the same.
@@ -306,5 +309,33 @@ mod tests {
         assert_eq!(input.slices.len(), 1);
         assert_eq!(skipped.len(), 1, "{skipped:?}");
         assert!(skipped[0].starts_with("Service default/bad: "), "{skipped:?}");
+    }
+
+    /// A NetworkPolicy that does not read must not open what it isolates: the
+    /// policy input is withheld (the maps keep the last rules) and health says why.
+    #[test]
+    fn a_policy_that_does_not_parse_withholds_the_policy_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.json");
+        std::fs::write(
+            &state,
+            json!({"kind": "List", "items": [
+                {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                 "metadata": {"name": "deny", "namespace": "x"}, "spec": {"podSelector": "everything"}},
+            ]})
+            .to_string(),
+        )
+        .unwrap();
+        let mut source = FileSource::new(None, Some(state), Metrics::new());
+        assert!(source.changed());
+        assert!(source.policy().is_none());
+        let health = source.health();
+        assert!(
+            health
+                .errors
+                .iter()
+                .any(|e| e.starts_with("skipped NetworkPolicy x/deny: ")),
+            "{health:?}"
+        );
     }
 }

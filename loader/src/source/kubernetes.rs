@@ -331,27 +331,31 @@ impl Watch {
         event: watcher::Result<watcher::Event<DynamicObject>>,
     ) -> Option<watcher::Result<watcher::Event<EndpointSlice>>> {
         use watcher::Event::*;
-        let convert = |object: DynamicObject| {
-            let name = format!(
-                "{}/{}",
-                object.metadata.namespace.as_deref().unwrap_or_default(),
-                object.metadata.name.as_deref().unwrap_or_default()
-            );
-            match serde_json::to_value(object)
+        let convert = |object: DynamicObject| -> Result<EndpointSlice, EndpointSlice> {
+            let metadata = object.metadata.clone();
+            serde_json::to_value(object)
                 .map_err(anyhow::Error::from)
                 .and_then(|v| endpoint_slice_from_v1beta1(v).map_err(anyhow::Error::from))
-            {
-                Ok(slice) => Some(slice),
-                Err(e) => {
+                .map_err(|e| {
+                    let name = format!(
+                        "{}/{}",
+                        metadata.namespace.as_deref().unwrap_or_default(),
+                        metadata.name.as_deref().unwrap_or_default()
+                    );
                     self.skipped(&format!("EndpointSlice {name}: {e:#}"));
-                    None
-                }
-            }
+                    // Only its name: enough to take the cached one out.
+                    EndpointSlice {
+                        metadata,
+                        ..Default::default()
+                    }
+                })
         };
         Some(match event {
-            Ok(Apply(object)) => Ok(Apply(convert(object)?)),
-            Ok(Delete(object)) => Ok(Delete(convert(object)?)),
-            Ok(InitApply(object)) => Ok(InitApply(convert(object)?)),
+            // A change that does not read: the slice's last known backends go too
+            // (they may be pods gone, their addresses someone else's).
+            Ok(Apply(object)) => Ok(convert(object).map_or_else(Delete, Apply)),
+            Ok(Delete(object)) => Ok(Delete(convert(object).unwrap_or_else(|named| named))),
+            Ok(InitApply(object)) => Ok(InitApply(convert(object).ok()?)),
             Ok(Init) => Ok(Init),
             Ok(InitDone) => Ok(InitDone),
             Err(e) => Err(e),
