@@ -2,9 +2,10 @@
 //! certificates, RBAC), kube-controller-manager (node IPAM, the EndpointSlice
 //! controller, service account tokens) and kube-scheduler in a router netns, and two
 //! nodes: each runs containerd and a kubelet in a netns, a cgroup2 subtree and a
-//! mount namespace of its own, in which the node's host paths (`/etc/cni/net.d`, `/opt/cni/bin`,
-//! `/var/lib/kubelet`, `/run/velox`, `/run/netns`, containerd's dirs, a bpffs of its own at
-//! `/sys/fs/bpf`) are the node's, so nothing of the machine's is touched. Velox goes
+//! mount namespace of its own, in which the node's host paths (`/etc/cni/net.d`,
+//! `/opt/cni/bin`, `/var/lib/kubelet`, `/run/velox`, `/run/netns`, containerd's
+//! dirs, a bpffs of its own at `/sys/fs/bpf`) are the node's, so nothing of the
+//! machine's is touched. Velox goes
 //! on it as a user installs it: the image imported into containerd, the manifest
 //! applied with kubectl.
 //!
@@ -75,8 +76,8 @@ pub struct RealNode {
 }
 
 impl RealCluster {
-    /// The control plane and the node, the node registered (NotReady: no network
-    /// plugin yet), the test images in its containerd.
+    /// The control plane and the nodes, registered (NotReady: no network plugin
+    /// yet), the test images in their containerd.
     pub fn up(tag: &str) -> anyhow::Result<Self> {
         let dir = PathBuf::from(format!("/run/velox-test/{tag}-kubernetes"));
         let cgroup2 = velox_node::layout::cgroup2_root()?;
