@@ -38,10 +38,22 @@ fn last_line(answer: &str) -> Option<String> {
 
 /// What `GET /` on `host port` answers from pod `client`, if anything.
 fn get_from_pod(cluster: &RealCluster, client: &str, host: &str, port: u16) -> Option<String> {
-    let answer = cluster
-        .kubectl(&["exec", client, "--", "/bin/busybox", "sh", "-c", &http_get(host, port)])
-        .ok()?;
-    last_line(&answer)
+    let command = ["exec", client, "--", "/bin/busybox", "sh", "-c", &http_get(host, port)];
+    last_line(&exec(cluster, &command)?)
+}
+
+/// `kubectl <command>` for an exec: its output, `None` when the command in the pod
+/// failed. `kubectl exec` goes API server -> kubelet -> containerd: a failure of
+/// that way there is tried again, a few times.
+fn exec(cluster: &RealCluster, command: &[&str]) -> Option<String> {
+    for _ in 0..10 {
+        match cluster.kubectl(command) {
+            Ok(output) => return Some(output),
+            Err(e) if e.to_string().contains("command terminated with exit code") => return None,
+            Err(_) => std::thread::sleep(Duration::from_millis(500)),
+        }
+    }
+    None
 }
 
 /// What `GET /` on `host port` answers from a process of `node`.
@@ -86,15 +98,12 @@ fn loaders(cluster: &RealCluster) -> BTreeMap<String, String> {
 /// `velox-loader <args>` in the loader's pod on `node`.
 fn loader_cli(cluster: &RealCluster, node: &str, args: &[&str]) -> String {
     let pod = loaders(cluster)[node].clone();
-    cluster
-        .kubectl(
-            &[
-                &["-n", "kube-system", "exec", pod.as_str(), "--", "velox-loader"][..],
-                args,
-            ]
-            .concat(),
-        )
-        .unwrap()
+    let command = [
+        &["-n", "kube-system", "exec", pod.as_str(), "--", "velox-loader"][..],
+        args,
+    ]
+    .concat();
+    exec(cluster, &command).unwrap_or_else(|| panic!("velox-loader {args:?} on {node} failed"))
 }
 
 fn table(cluster: &RealCluster) -> String {
