@@ -3,8 +3,9 @@
 
 use anyhow::Context;
 use aya::maps::MapData;
+use aya::maps::ProgramArray;
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{loaded_programs, CgroupSockAddr, Program};
+use aya::programs::{loaded_programs, CgroupSockAddr, Program, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use nix::fcntl::Flock;
@@ -23,8 +24,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{Receiver, Sender};
 use velox_common::{
-    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, POLICY_RULES_MAP,
-    POLICY_STATE_MAP, SOCKET_LB_PROGRAMS, TO_POD_PROGRAM,
+    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS,
+    NAT_PROGRAMS_MAP, POLICY_RULES_MAP, POLICY_STATE_MAP, SOCKET_LB_PROGRAMS, TO_POD_PROGRAM,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir, write_atomic};
@@ -42,7 +43,7 @@ use crate::metrics::Metrics;
 use crate::reconcile::endpoints::sync_endpoints;
 use crate::reconcile::policy::{lift_isolation, PolicyReconciler};
 use crate::reconcile::routes::{NodeNetwork, NodeNetworkConfig};
-use crate::reconcile::services::ServiceBalancer;
+use crate::reconcile::services::{ServiceBalancer, ThisNode};
 use crate::source::files::FileSource;
 use crate::source::kubernetes::ApiSource;
 use crate::source::ClusterSource;
@@ -129,6 +130,15 @@ pub struct RunArgs {
     /// cgroup2 hierarchy, found in the mount table.
     #[arg(long, requires = "socket_lb")]
     socket_lb_cgroup: Option<PathBuf>,
+    /// Replace kube-proxy for traffic from outside too (needs `--socket-lb`):
+    /// NodePorts on this node's addresses, external and load-balancer IPs are
+    /// translated at the uplink with Velox's own connection tracking and NAT, and
+    /// `healthCheckNodePort`s answer.
+    #[arg(long, requires = "socket_lb")]
+    kube_proxy_replacement: bool,
+    /// Entries of the NAT's connection table (two per connection from outside, LRU).
+    #[arg(long, default_value_t = velox_common::DEFAULT_NAT_ENTRIES, value_parser = clap::value_parser!(u32).range(2..))]
+    nat_entries: u32,
     /// The most pods this node runs: the per-CPU counters array has a slot for
     /// each (80 bytes per CPU), and an ADD beyond it fails with code 104.
     #[arg(long, default_value_t = velox_common::DEFAULT_MAX_PODS, value_parser = clap::value_parser!(u32).range(1..=velox_common::MAX_ENDPOINTS as i64 - 1))]
@@ -181,6 +191,8 @@ impl RunArgs {
                 object: self.ebpf_object,
                 log_level: self.datapath_log_level,
                 socket_lb_cgroup,
+                kube_proxy_replacement: self.kube_proxy_replacement,
+                nat_entries: self.nat_entries,
                 max_pods: self.max_pods,
                 policy_rules: self.policy_rules,
             },
@@ -254,8 +266,8 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         policy: enforces_policy.then(PolicyReconciler::default),
         source,
         node_network,
-        balancer: with_services.then(ServiceBalancer::default),
-        node_ips: None,
+        balancer: with_services.then(|| ServiceBalancer::new(datapath.kube_proxy_replacement)),
+        this_node: None,
         endpoints_changed_at: None,
     };
     let mut daemon = Daemon {
@@ -399,6 +411,7 @@ impl Daemon {
         };
         if repoint_links(&self.bpffs, ebpf) {
             remove_other_layouts(&self.bpffs)?;
+            remove_other_nat_programs(&self.bpffs, ebpf)?;
         }
         self.unmoved = None;
         Ok(())
@@ -718,8 +731,8 @@ struct SourceSync {
     source: Box<dyn ClusterSource>,
     node_network: Option<NodeNetwork>,
     balancer: Option<ServiceBalancer>,
-    /// The node addresses the Services were last applied with.
-    node_ips: Option<Vec<std::net::IpAddr>>,
+    /// This node as the Services were last applied for.
+    this_node: Option<ThisNode>,
     policy: Option<PolicyReconciler>,
     /// When the endpoint records last changed (the directory's mtime): a pod came
     /// or went, and policy must look at it.
@@ -748,20 +761,18 @@ impl SourceSync {
         if let Some(node_network) = self.node_network.as_mut().filter(|_| changed || full) {
             result = node_network.apply_nodes(netlink, self.source.nodes()).await;
         }
-        // A NodePort answers on every node's address, so a client on this node
-        // reaches it on any of them.
-        let node_ips = self
+        let this_node = self
             .node_network
             .as_ref()
-            .map(NodeNetwork::node_ips)
+            .map(NodeNetwork::this_node)
             .unwrap_or_default();
         if let Some(balancer) = self.balancer.as_mut() {
-            if changed || self.node_ips.as_ref() != Some(&node_ips) {
+            if changed || balancer.retry_due() || self.this_node.as_ref() != Some(&this_node) {
                 let pod_netns = || store.list().unwrap_or_default().into_iter().map(|r| r.netns).collect();
-                if let Err(e) = balancer.apply_services(bpffs, self.source.services(), &node_ips, pod_netns) {
+                if let Err(e) = balancer.apply_services(bpffs, self.source.services(), &this_node, pod_netns) {
                     log::error!("applying the Services: {e:#}");
                 }
-                self.node_ips = Some(node_ips);
+                self.this_node = Some(this_node);
             }
         }
         let endpoints_changed_at = std::fs::metadata(state_dir.endpoints_dir())
@@ -792,6 +803,10 @@ pub struct DatapathOptions {
     /// The cgroup (v2) whose processes' sockets the load balancer translates; off
     /// when `None`.
     pub socket_lb_cgroup: Option<PathBuf>,
+    /// Outside traffic to Services is translated at the uplink too.
+    pub kube_proxy_replacement: bool,
+    /// Entries of the NAT map.
+    pub nat_entries: u32,
     /// Counters slots for this many pods (and one for the uplink).
     pub max_pods: u32,
     /// Entries of the policy rules map.
@@ -816,6 +831,7 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     // for --max-pods, the rules for --policy-rules. New rules maps start empty, and
     // the isolated pods deny everything until the policy pass writes their rules.
     let sized = [
+        (NAT_MAP, options.nat_entries, "--nat-entries"),
         (COUNTERS_MAP, counters_slots, "--max-pods"),
         (POLICY_STATE_MAP, counters_slots, "--max-pods"),
         (POLICY_RULES_MAP, options.policy_rules, "--policy-rules"),
@@ -852,6 +868,9 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     };
     check_object_layout(object)?;
     let mut ebpf = loader.load(object).context("loading the eBPF object")?;
+    // Before the programs that tail-call them are pinned: a new pod's programs find
+    // them in place.
+    load_nat_programs(bpffs, &mut ebpf)?;
     for name in [FROM_POD_PROGRAM, FROM_NET_PROGRAM, TO_POD_PROGRAM]
         .into_iter()
         .chain(SOCKET_LB_PROGRAMS)
@@ -873,6 +892,60 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
         std::fs::rename(&staged, &pin).with_context(|| format!("replacing the {name} pin"))?;
     }
     Ok(ebpf)
+}
+
+/// Pins of tail-call arrays start with this; the rest of the name is the load's.
+const NAT_PROGRAMS_PIN: &str = "nat_programs_";
+
+/// Loads the NAT programs `from_net` and `from_pod` tail-call, and fills their
+/// array. A program array loses its entries when user space lets go of it, so it is
+/// pinned, under a name of this load's own: the links keep the programs they run,
+/// and those keep their array, until [`remove_other_nat_programs`] after the move.
+fn load_nat_programs(bpffs: &Bpffs, ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut fds = Vec::new();
+    let mut load_id = 0;
+    for name in NAT_PROGRAMS {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .with_context(|| format!("{name} missing from the eBPF object"))?
+            .try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        fds.push(program.fd()?.try_clone()?);
+        load_id = program.info()?.id();
+    }
+    // Borrowed, not taken: the programs loaded after this one refer to the map's fd.
+    let map = ebpf
+        .map_mut(NAT_PROGRAMS_MAP)
+        .with_context(|| format!("{NAT_PROGRAMS_MAP} missing from the eBPF object"))?;
+    let mut tail_calls = ProgramArray::try_from(map)?;
+    for (index, fd) in fds.iter().enumerate() {
+        tail_calls
+            .set(index as u32, fd, 0)
+            .with_context(|| format!("adding {} to {NAT_PROGRAMS_MAP}", NAT_PROGRAMS[index]))?;
+    }
+    let pin = bpffs.program(&format!("{NAT_PROGRAMS_PIN}{load_id}"));
+    tail_calls
+        .pin(&pin)
+        .with_context(|| format!("pinning {}", pin.display()))?;
+    Ok(())
+}
+
+/// Removes the tail-call arrays of earlier loads, once no link runs their programs.
+fn remove_other_nat_programs(bpffs: &Bpffs, ebpf: &Ebpf) -> anyhow::Result<()> {
+    let ours = match ebpf.program(NAT_PROGRAMS[NAT_PROGRAMS.len() - 1]) {
+        Some(program) => format!("{NAT_PROGRAMS_PIN}{}", program.info()?.id()),
+        None => return Ok(()),
+    };
+    for entry in list_dir(&bpffs.program(""))? {
+        let name = entry
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.starts_with(NAT_PROGRAMS_PIN) && name != ours {
+            remove_if_exists(&entry)?;
+        }
+    }
+    Ok(())
 }
 
 /// Attaches the socket load balancer's hooks to `cgroup` where they are not attached

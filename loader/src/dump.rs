@@ -8,9 +8,12 @@ use ipnet::IpNet;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use velox_common::{EndpointCounters, DROP_REASONS};
+use velox_common::{
+    EndpointCounters, AF_INET, DROP_REASONS, NAT_CLOSING, NAT_ESTABLISHED, NAT_OPENING, NAT_REPLY,
+    SERVICE_EXTERNAL_LOCAL, SERVICE_FROM_OUTSIDE, SERVICE_INTERNAL_LOCAL,
+};
 use velox_node::endpoint::{EndpointRecord, EndpointStore};
-use velox_node::maps::{EndpointMaps, KernelFlows, PeerMap, ServiceMaps};
+use velox_node::maps::{EndpointMaps, Frontend, KernelFlows, PeerMap, ServiceMaps};
 use velox_node::{Bpffs, StateDir};
 
 use crate::names::{interface_names, pods_by_interface, protocol_name, socket_address, PolicyNames};
@@ -333,10 +336,17 @@ pub fn policy(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Result
 
 #[derive(Serialize)]
 struct ServiceRow {
-    frontend: std::net::SocketAddr,
+    /// `address:port`, or `nodeport:port` (IPv4) and `[nodeport]:port` (IPv6) for a
+    /// NodePort on every address of the node.
+    frontend: String,
     protocol: String,
     id: u32,
+    /// This node's first.
     backends: Vec<std::net::SocketAddr>,
+    local_backends: u32,
+    /// Traffic policies and affinity: `external-local`, `internal-local`,
+    /// `from-outside`, `affinity=<seconds>s`.
+    policy: Vec<String>,
     /// "ok", or "no backends": connections are refused.
     state: &'static str,
 }
@@ -344,28 +354,108 @@ struct ServiceRow {
 pub fn services(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
     let maps = ServiceMaps::open(bpffs)?;
     let mut rows = Vec::new();
-    for (frontend, service) in maps.services()? {
+    for (frontend, service) in maps.frontends()? {
         let backends: Vec<_> = maps.backends(&service)?.iter().map(socket_address).collect();
+        let (frontend, proto) = match frontend {
+            Frontend::Address(end) => (socket_address(&end).to_string(), end.proto),
+            Frontend::NodePort(key) if u32::from(key.family) == AF_INET => {
+                (format!("nodeport:{}", u16::from_be(key.port)), key.proto)
+            }
+            Frontend::NodePort(key) => (format!("[nodeport]:{}", u16::from_be(key.port)), key.proto),
+        };
+        let flags = [
+            (SERVICE_FROM_OUTSIDE, "from-outside"),
+            (SERVICE_EXTERNAL_LOCAL, "external-local"),
+            (SERVICE_INTERNAL_LOCAL, "internal-local"),
+        ];
+        let mut policy: Vec<String> = flags
+            .iter()
+            .filter(|(flag, _)| service.flags & flag != 0)
+            .map(|(_, name)| name.to_string())
+            .collect();
+        if service.affinity_seconds != 0 {
+            policy.push(format!("affinity={}s", service.affinity_seconds));
+        }
         rows.push(ServiceRow {
-            frontend: socket_address(&frontend),
-            protocol: protocol_name(frontend.proto),
+            frontend,
+            protocol: protocol_name(proto),
             id: service.id,
             state: if backends.is_empty() { "no backends" } else { "ok" },
             backends,
+            local_backends: service.local_backends,
+            policy,
         });
     }
-    rows.sort_by(|a, b| (a.frontend, &a.protocol).cmp(&(b.frontend, &b.protocol)));
+    rows.sort_by(|a, b| (&a.frontend, &a.protocol).cmp(&(&b.frontend, &b.protocol)));
     let table = rows.iter().map(|r| {
         let backends: Vec<String> = r.backends.iter().map(ToString::to_string).collect();
         [
-            r.frontend.to_string(),
+            r.frontend.clone(),
             r.protocol.clone(),
             r.id.to_string(),
             backends.join(" "),
+            r.local_backends.to_string(),
+            r.policy.join(","),
             r.state.to_string(),
         ]
     });
-    print(&rows, json, ["FRONTEND", "PROTO", "ID", "BACKENDS", "STATE"], table)
+    let header = ["FRONTEND", "PROTO", "ID", "BACKENDS", "LOCAL", "POLICY", "STATE"];
+    print(&rows, json, header, table)
+}
+
+#[derive(Serialize)]
+struct NatRow {
+    /// The packet as it arrives, and as it leaves.
+    from: String,
+    to: String,
+    protocol: String,
+    direction: &'static str,
+    state: &'static str,
+    /// Seconds since the connection's last packet.
+    idle_seconds: u64,
+}
+
+/// The NAT's connections (`--kube-proxy-replacement`), one row per direction.
+pub fn nat(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
+    let now = crate::monitor::monotonic_ns()?;
+    let mut rows: Vec<NatRow> = velox_node::maps::nat_entries(bpffs)?
+        .into_iter()
+        .filter(|(_, entry)| !entry.expired(now))
+        .map(|(key, entry)| NatRow {
+            from: format!("{} -> {}", socket_address(&key.src), socket_address(&key.dst)),
+            to: format!("{} -> {}", socket_address(&entry.src), socket_address(&entry.dst)),
+            protocol: protocol_name(key.src.proto),
+            direction: if entry.direction == NAT_REPLY {
+                "reply"
+            } else {
+                "original"
+            },
+            state: match entry.state {
+                NAT_OPENING => "opening",
+                NAT_ESTABLISHED => "established",
+                NAT_CLOSING => "closing",
+                _ => "-",
+            },
+            idle_seconds: now.saturating_sub(entry.last_seen) / 1_000_000_000,
+        })
+        .collect();
+    rows.sort_by(|a, b| (&a.from, a.direction).cmp(&(&b.from, b.direction)));
+    let table = rows.iter().map(|r| {
+        [
+            r.from.clone(),
+            r.to.clone(),
+            r.protocol.clone(),
+            r.direction.to_string(),
+            r.state.to_string(),
+            r.idle_seconds.to_string(),
+        ]
+    });
+    print(
+        &rows,
+        json,
+        ["PACKET", "TRANSLATED", "PROTO", "DIRECTION", "STATE", "IDLE"],
+        table,
+    )
 }
 
 /// One JSON array, or a plain table for people.

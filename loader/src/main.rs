@@ -94,9 +94,17 @@ enum Commands {
         #[arg(long)]
         json: bool,
     },
-    /// The socket load balancer's Services as the datapath sees them: each frontend
-    /// with its backends.
+    /// The load balancer's Services as the datapath sees them: each frontend (a
+    /// NodePort once, for every address of the node) with its backends, this node's
+    /// first, and its traffic policies.
     Services {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The connections from outside that the NAT translates
+    /// (`--kube-proxy-replacement`), each direction as it arrives and as it leaves.
+    Nat {
         /// One JSON array instead of a table.
         #[arg(long)]
         json: bool,
@@ -151,6 +159,7 @@ fn main() -> anyhow::Result<()> {
         Commands::Stats { json } => dump::stats(&bpffs, &state_dir, json),
         Commands::KernelFlows { json } => dump::kernel_flows(&bpffs, json),
         Commands::Services { json } => dump::services(&bpffs, json),
+        Commands::Nat { json } => dump::nat(&bpffs, json),
         Commands::Policy { json } => dump::policy(&bpffs, &state_dir, json),
     }
 }

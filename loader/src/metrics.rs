@@ -283,7 +283,7 @@ impl Datapath {
             (
                 "services",
                 ServiceMaps::open(&self.bpffs)
-                    .and_then(|m| m.services())
+                    .and_then(|m| m.frontends())
                     .map(|s| s.len())
                     .ok(),
             ),

@@ -110,7 +110,7 @@ impl Event {
 }
 
 /// The clock `bpf_ktime_get_ns` reads.
-fn monotonic_ns() -> anyhow::Result<u64> {
+pub fn monotonic_ns() -> anyhow::Result<u64> {
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
     Ok(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
 }

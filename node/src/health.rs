@@ -42,8 +42,13 @@ pub struct ServicesHealth {
     /// hold them. Until then no Service of the cluster answers from this node, and
     /// the loader is not ready.
     pub synced_once: bool,
-    /// Frontends (address, port, protocol) in the maps.
+    /// Frontends (address or NodePort, port, protocol) in the maps.
     pub frontends: usize,
+    /// Frontends the last pass could not write (a full map, a failed write), and
+    /// why: each keeps what the maps had, the others are in place, and the next pass
+    /// tries again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<String>,
 }
 
 /// How NetworkPolicy enforcement is doing.
@@ -130,6 +135,7 @@ mod tests {
             services: Some(ServicesHealth {
                 synced_once: true,
                 frontends: 2,
+                failed: vec!["TCP 10.96.0.1:443: adding a service".into()],
             }),
         };
         assert!(!sent.probe_ready(), "never had the policy");
@@ -138,6 +144,7 @@ mod tests {
             services: Some(ServicesHealth {
                 synced_once: services_synced,
                 frontends: 0,
+                failed: Vec::new(),
             }),
             ..sent.clone()
         };

@@ -6,11 +6,12 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValue
 use ipnet::IpNet;
 use std::net::IpAddr;
 use velox_common::{
-    AllowedFlow, BackendSlot, Endpoint, EndpointCounters, FlowEnd, FlowEvent, IpKey, Peer, PolicyFlow, PolicyKey,
-    PolicyPorts, PolicyState, Service, SocketPeer, BACKENDS_MAP, COUNTERS_MAP, ENDPOINTS_MAP, EVENTS_MAP,
-    INTERFACES_MAP, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP,
-    MONITOR_MAP, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_GENERATION_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP,
-    POLICY_STATE_MAP, RULES_VERSION, SERVICES_MAP, SOCKET_PEERS_MAP,
+    Affinity, AffinityKey, AllowedFlow, BackendSlot, Endpoint, EndpointCounters, FlowEnd, FlowEvent, IpKey, NatEntry,
+    NatKey, NodeAddress, NodePortKey, Peer, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, Service, SocketPeer,
+    AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP, ENDPOINTS_MAP, EVENTS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX,
+    ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP,
+    NODE_ADDRESSES_MAP, NODE_PORTS_MAP, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_GENERATION_MAP, POLICY_KEY_FIXED_BITS,
+    POLICY_RULES_MAP, POLICY_STATE_MAP, RULES_VERSION, SERVICES_MAP, SOCKET_PEERS_MAP,
 };
 
 use crate::error::{Error, Result};
@@ -63,7 +64,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const LAYOUT_REVISION: u32 = 1;
 
 /// Every pinned map as this build's eBPF object declares it.
-pub fn layouts() -> [MapLayout; 15] {
+pub fn layouts() -> [MapLayout; 20] {
     use std::mem::size_of;
     let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
         name,
@@ -123,6 +124,42 @@ pub fn layouts() -> [MapLayout; 15] {
             size_of::<BackendSlot>(),
             size_of::<FlowEnd>(),
             BPF_F_NO_PREALLOC,
+        ),
+        layout(
+            NODE_PORTS_MAP,
+            BPF_MAP_TYPE_HASH,
+            size_of::<NodePortKey>(),
+            size_of::<Service>(),
+            BPF_F_NO_PREALLOC,
+        ),
+        layout(
+            NODE_ADDRESSES_MAP,
+            BPF_MAP_TYPE_HASH,
+            size_of::<IpKey>(),
+            size_of::<NodeAddress>(),
+            BPF_F_NO_PREALLOC,
+        ),
+        // Sized by the loader's `--nat-entries`.
+        layout(
+            NAT_MAP,
+            BPF_MAP_TYPE_LRU_HASH,
+            size_of::<NatKey>(),
+            size_of::<NatEntry>(),
+            0,
+        ),
+        layout(
+            AFFINITY_MAP,
+            BPF_MAP_TYPE_LRU_HASH,
+            size_of::<AffinityKey>(),
+            size_of::<Affinity>(),
+            0,
+        ),
+        layout(
+            MASQUERADE_MAP,
+            BPF_MAP_TYPE_ARRAY,
+            size_of::<u32>(),
+            size_of::<IpKey>(),
+            0,
         ),
         layout(
             SOCKET_PEERS_MAP,
@@ -686,26 +723,46 @@ impl KernelFlows {
     }
 }
 
-/// The socket load balancer's Services: frontend -> (id, backend count), and
-/// (id, slot) -> backend.
+/// Where a Service answers: an address and port (a ClusterIP, an external or
+/// load-balancer IP), or a NodePort on every address of this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Frontend {
+    Address(FlowEnd),
+    NodePort(NodePortKey),
+}
+
+/// The Services: frontend -> [`Service`] (id, backend counts, traffic policies),
+/// (id, slot) -> backend; and this node's addresses NodePorts answer on.
 pub struct ServiceMaps {
     services: HashMap<MapData, FlowEnd, Service>,
+    node_ports: HashMap<MapData, NodePortKey, Service>,
     backends: HashMap<MapData, BackendSlot, FlowEnd>,
+    node_addresses: HashMap<MapData, IpKey, NodeAddress>,
+    masquerade: Array<MapData, IpKey>,
 }
 
 impl ServiceMaps {
     pub fn open(bpffs: &Bpffs) -> Result<Self> {
         Ok(Self {
             services: open_map(bpffs, SERVICES_MAP)?,
+            node_ports: open_map(bpffs, NODE_PORTS_MAP)?,
             backends: open_map(bpffs, BACKENDS_MAP)?,
+            node_addresses: open_map(bpffs, NODE_ADDRESSES_MAP)?,
+            masquerade: open_map(bpffs, MASQUERADE_MAP)?,
         })
     }
 
-    pub fn services(&self) -> Result<Vec<(FlowEnd, Service)>> {
-        self.services
+    /// Every frontend in the maps.
+    pub fn frontends(&self) -> Result<Vec<(Frontend, Service)>> {
+        let by_address = self.services.iter().map(|e| e.map(|(k, v)| (Frontend::Address(k), v)));
+        let node_ports = self
+            .node_ports
             .iter()
+            .map(|e| e.map(|(k, v)| (Frontend::NodePort(k), v)));
+        by_address
+            .chain(node_ports)
             .collect::<std::result::Result<_, _>>()
-            .map_err(Error::map("reading the service map"))
+            .map_err(Error::map("reading the service maps"))
     }
 
     /// The backends of a Service in slot order.
@@ -727,36 +784,47 @@ impl ServiceMaps {
             .collect()
     }
 
-    /// Gives `frontend` the service `id` with `backends`, without a moment in which
-    /// a connection could pick a slot that is not filled: a growing Service gets its
+    /// Gives `frontend` `service` with `backends`, without a moment in which a
+    /// connection could pick a slot that is not filled: a growing Service gets its
     /// slots before its count, a shrinking one its count before the slots go.
-    pub fn set(&mut self, frontend: FlowEnd, id: u32, backends: &[FlowEnd], before: Option<Service>) -> Result<()> {
-        let count = backends.len() as u32;
+    pub fn set(
+        &mut self,
+        frontend: Frontend,
+        service: Service,
+        backends: &[FlowEnd],
+        before: Option<Service>,
+    ) -> Result<()> {
         for (slot, backend) in backends.iter().enumerate() {
+            let slot = BackendSlot {
+                service: service.id,
+                slot: slot as u32,
+            };
             self.backends
-                .insert(
-                    BackendSlot {
-                        service: id,
-                        slot: slot as u32,
-                    },
-                    *backend,
-                    0,
-                )
+                .insert(slot, *backend, 0)
                 .map_err(Error::map("adding a backend"))?;
         }
-        self.services
-            .insert(frontend, Service { id, backends: count }, 0)
-            .map_err(Error::map("adding a service"))?;
-        for slot in count..before.map_or(0, |b| b.backends) {
-            ignore_missing(self.backends.remove(&BackendSlot { service: id, slot }))
-                .map_err(Error::map("removing a backend"))?;
+        match frontend {
+            Frontend::Address(end) => self.services.insert(end, service, 0),
+            Frontend::NodePort(key) => self.node_ports.insert(key, service, 0),
+        }
+        .map_err(Error::map("adding a service"))?;
+        for slot in service.backends..before.map_or(0, |b| b.backends) {
+            ignore_missing(self.backends.remove(&BackendSlot {
+                service: service.id,
+                slot,
+            }))
+            .map_err(Error::map("removing a backend"))?;
         }
         Ok(())
     }
 
     /// Removes a frontend, then its backends.
-    pub fn remove(&mut self, frontend: &FlowEnd, service: &Service) -> Result<()> {
-        ignore_missing(self.services.remove(frontend)).map_err(Error::map("removing a service"))?;
+    pub fn remove(&mut self, frontend: &Frontend, service: &Service) -> Result<()> {
+        match frontend {
+            Frontend::Address(end) => ignore_missing(self.services.remove(end)),
+            Frontend::NodePort(key) => ignore_missing(self.node_ports.remove(key)),
+        }
+        .map_err(Error::map("removing a service"))?;
         for slot in 0..service.backends {
             ignore_missing(self.backends.remove(&BackendSlot {
                 service: service.id,
@@ -766,6 +834,48 @@ impl ServiceMaps {
         }
         Ok(())
     }
+
+    /// This node's addresses NodePorts answer on, as the map has them.
+    pub fn node_addresses(&self) -> Result<Vec<(IpKey, NodeAddress)>> {
+        self.node_addresses
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Error::map("reading the node address map"))
+    }
+
+    /// Makes the node address map hold exactly `wanted`.
+    pub fn set_node_addresses(&mut self, wanted: &std::collections::BTreeMap<IpKey, NodeAddress>) -> Result<()> {
+        for (addr, address) in wanted {
+            self.node_addresses
+                .insert(*addr, *address, 0)
+                .map_err(Error::map("adding a node address"))?;
+        }
+        for (addr, _) in self.node_addresses()? {
+            if !wanted.contains_key(&addr) {
+                ignore_missing(self.node_addresses.remove(&addr)).map_err(Error::map("removing a node address"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The addresses connections from outside are masqueraded as, IPv4 then IPv6
+    /// (unspecified: none of that family).
+    pub fn set_masquerade(&mut self, addresses: [IpKey; 2]) -> Result<()> {
+        for (index, address) in addresses.into_iter().enumerate() {
+            self.masquerade
+                .set(index as u32, address, 0)
+                .map_err(Error::map("setting the masquerade address"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The NAT's connections, for `velox-loader nat`.
+pub fn nat_entries(bpffs: &Bpffs) -> Result<Vec<(NatKey, NatEntry)>> {
+    let map: HashMap<MapData, NatKey, NatEntry> = open_map(bpffs, NAT_MAP)?;
+    map.iter()
+        .collect::<std::result::Result<_, _>>()
+        .map_err(Error::map("reading the NAT map"))
 }
 
 #[cfg(test)]

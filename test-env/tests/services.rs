@@ -3,53 +3,20 @@
 //! (so the reply is translated back) and keep redirecting plain pod-to-pod traffic.
 //! Needs root and `cargo xtask build`; `cargo xtask test` does both.
 
-use std::io::Read;
-use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
-use velox_test_env::backend::Backend;
+use velox_test_env::backend::{request, Backend};
 use velox_test_env::kube_proxy::{Protocol, ServiceRule};
-use velox_test_env::netns::spawn_in;
 use velox_test_env::{ClusterGuard, Family, Pod};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
-
-/// One request from inside `netns` to `to`: the answer, or why there was none. A
-/// connected UDP socket only takes a reply whose source is `to`, as a resolver does.
-fn request(netns: &str, to: SocketAddr, protocol: Protocol) -> anyhow::Result<String> {
-    spawn_in(netns, move || {
-        let mut answer = String::new();
-        match protocol {
-            Protocol::Tcp => {
-                let mut stream = TcpStream::connect_timeout(&to, TIMEOUT)?;
-                stream.set_read_timeout(Some(TIMEOUT))?;
-                stream.read_to_string(&mut answer)?;
-            }
-            Protocol::Udp => {
-                let any: SocketAddr = match to {
-                    SocketAddr::V4(_) => "0.0.0.0:0".parse()?,
-                    SocketAddr::V6(_) => "[::]:0".parse()?,
-                };
-                let socket = UdpSocket::bind(any)?;
-                socket.connect(to)?;
-                socket.set_read_timeout(Some(TIMEOUT))?;
-                socket.send(b"query")?;
-                let mut buf = [0u8; 64];
-                let len = socket.recv(&mut buf)?;
-                answer = String::from_utf8_lossy(&buf[..len]).into_owned();
-            }
-        }
-        Ok(answer)
-    })
-    .join()
-    .expect("client thread")
-}
 
 /// Serves from `backend` behind `rule`'s frontend and asserts every client reaches it
 /// through the frontend.
 fn assert_reached_through(rule: &ServiceRule, backend: &Pod, clients: &[&Pod]) {
     let _backend = Backend::start(&backend.name, rule.backend, rule.protocol, &backend.name).unwrap();
     for client in clients {
-        let answer = request(&client.name, rule.frontend, rule.protocol);
+        let answer = request(&client.name, rule.frontend, rule.protocol, TIMEOUT);
         assert_eq!(
             answer.as_ref().ok(),
             Some(&backend.name),

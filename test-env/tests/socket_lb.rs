@@ -216,8 +216,11 @@ fn no_backend_refuses_at_once_and_a_removed_backend_gets_no_new_connections() {
     cluster.finish().unwrap();
 }
 
+/// Without `--kube-proxy-replacement`, a NodePort on another node's address is that
+/// node's business (kube-proxy there, or its Velox NAT): the socket load balancer
+/// answers for this node's addresses and loopback.
 #[test]
-fn node_ports_answer_on_every_node_address_and_on_loopback() {
+fn node_ports_answer_on_this_nodes_addresses_and_on_loopback() {
     let (cluster, state) = cluster_with_socket_lb("slbnp");
     let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
     let worker1 = &cluster.nodes[0];
@@ -243,15 +246,13 @@ fn node_ports_answer_on_every_node_address_and_on_loopback() {
         backends: pod2.ips.clone(),
     };
     cluster_state::write(&state, &[node_port]).unwrap();
-    // Two ClusterIPs, both nodes' two addresses, two loopbacks.
-    wait_for_services(&cluster, 8);
+    // Two ClusterIPs, one NodePort per family.
+    wait_for_services(&cluster, 4);
     for family in Family::ALL {
-        for node in 0..2 {
-            let frontend = SocketAddr::new(cluster.node_ip(node, family), 30080);
-            let answer = probe(worker1, &pod1.name, "tcp", frontend);
-            assert_eq!(answer["answer"], pod2.name, "pod-1 -> {frontend}: {answer}");
-            assert_eq!(answer["peer"], frontend.to_string());
-        }
+        let frontend = SocketAddr::new(cluster.node_ip(0, family), 30080);
+        let answer = probe(worker1, &pod1.name, "tcp", frontend);
+        assert_eq!(answer["answer"], pod2.name, "pod-1 -> {frontend}: {answer}");
+        assert_eq!(answer["peer"], frontend.to_string());
     }
     for loopback in ["127.0.0.1:30080", "[::1]:30080"] {
         let answer = probe(worker1, &worker1.name, "tcp", loopback.parse().unwrap());

@@ -27,6 +27,30 @@ pub const KERNEL_FLOWS_MAP: &str = "VELOX_KERNEL_FLOWS";
 pub const SERVICES_MAP: &str = "VELOX_SERVICES";
 /// Pinned under `<bpffsRoot>/maps/`: (Service id, slot) -> backend address and port.
 pub const BACKENDS_MAP: &str = "VELOX_BACKENDS";
+/// Pinned under `<bpffsRoot>/maps/`: NodePort (port, protocol, family) -> its Service,
+/// answered on every address in `VELOX_NODE_ADDRESSES`: one entry per port, however
+/// many nodes and addresses the cluster has.
+pub const NODE_PORTS_MAP: &str = "VELOX_NODE_PORTS";
+/// Pinned under `<bpffsRoot>/maps/`: this node's addresses a NodePort answers on ->
+/// [`NodeAddress`] (from which network namespace, whether from outside).
+pub const NODE_ADDRESSES_MAP: &str = "VELOX_NODE_ADDRESSES";
+/// Pinned under `<bpffsRoot>/maps/`: connections from outside that Velox translated
+/// (LRU), one entry per direction -> [`NatEntry`].
+pub const NAT_MAP: &str = "VELOX_NAT";
+/// Pinned under `<bpffsRoot>/maps/`: (Service, client) -> the backend it stuck to
+/// (`sessionAffinity: ClientIP`, LRU).
+pub const AFFINITY_MAP: &str = "VELOX_AFFINITY";
+/// Pinned under `<bpffsRoot>/maps/`: this node's address of each family (index 0
+/// IPv4, 1 IPv6) that connections from outside are masqueraded as.
+pub const MASQUERADE_MAP: &str = "VELOX_MASQUERADE";
+/// Not pinned, one per load of the programs: the tail calls into [`NAT_PROGRAMS`],
+/// by index.
+pub const NAT_PROGRAMS_MAP: &str = "VELOX_NAT_PROGRAMS";
+/// The NAT halves of `from_net` and `from_pod`, by their index in
+/// `VELOX_NAT_PROGRAMS`: outside traffic to Services and replies to it.
+pub const NAT_PROGRAMS: [&str; 2] = ["from_net_nat", "from_pod_nat"];
+pub const FROM_NET_NAT: u32 = 0;
+pub const FROM_POD_NAT: u32 = 1;
 /// Pinned under `<bpffsRoot>/maps/`: (socket, backend) -> the frontend it was
 /// translated from (LRU), so replies and getpeername show the Service.
 pub const SOCKET_PEERS_MAP: &str = "VELOX_SOCKET_PEERS";
@@ -73,6 +97,13 @@ pub const MAX_PEERS: usize = 4096;
 pub const MAX_SERVICES: usize = 65536;
 pub const MAX_BACKENDS: usize = 262_144;
 pub const MAX_SOCKET_PEERS: usize = 65536;
+/// NodePorts: one per port, protocol and family.
+pub const MAX_NODE_PORTS: usize = 65536;
+pub const MAX_NODE_ADDRESSES: usize = 64;
+/// Entries of `VELOX_NAT` when the loader is not told (`--nat-entries`): two per
+/// connection.
+pub const DEFAULT_NAT_ENTRIES: u32 = 262_144;
+pub const MAX_AFFINITIES: usize = 65536;
 /// Rule entries (pod, direction, peer prefix) on a node, both versions together.
 pub const MAX_POLICY_RULES: usize = 262_144;
 /// Connections policy follows on a node.
@@ -191,6 +222,16 @@ pub struct FlowEnd {
     pub pad: u8,
 }
 
+/// [`Service::flags`]: outside traffic (`from_net`) to this frontend is translated
+/// (a NodePort, an external or load-balancer IP, with `--kube-proxy-replacement`).
+pub const SERVICE_FROM_OUTSIDE: u32 = 1;
+/// [`Service::flags`]: `externalTrafficPolicy: Local`: a client outside the cluster
+/// gets a backend of this node only (slots `0..local_backends`) and keeps its address.
+pub const SERVICE_EXTERNAL_LOCAL: u32 = 2;
+/// [`Service::flags`]: `internalTrafficPolicy: Local`: pods and hosts get a backend
+/// of this node only.
+pub const SERVICE_INTERNAL_LOCAL: u32 = 4;
+
 /// A Service frontend's entry: its id (the backends' key) and how many backends it
 /// has; 0 refuses connections (ECONNREFUSED) instead of letting them hang.
 #[repr(C)]
@@ -198,6 +239,137 @@ pub struct FlowEnd {
 pub struct Service {
     pub id: u32,
     pub backends: u32,
+    /// The first `local_backends` slots hold the backends on this node.
+    pub local_backends: u32,
+    /// `SERVICE_*` bits.
+    pub flags: u32,
+    /// `sessionAffinity: ClientIP`'s timeout; 0 without affinity.
+    pub affinity_seconds: u32,
+}
+
+impl Service {
+    /// How many slots, from 0, a client may be given: the local ones only where a
+    /// traffic policy of `local_flag` says so.
+    #[inline(always)]
+    pub fn choices(&self, local_flag: u32) -> u32 {
+        if self.flags & local_flag != 0 {
+            self.local_backends
+        } else {
+            self.backends
+        }
+    }
+}
+
+/// A NodePort's key: the port (network byte order), protocol and address family
+/// (`AF_INET`, `AF_INET6`): a family's backends serve its addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodePortKey {
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+impl NodePortKey {
+    /// The NodePort a connection to `end` asks for, if `end` is a node address.
+    #[inline(always)]
+    pub fn of(end: &FlowEnd) -> Self {
+        Self {
+            port: end.port,
+            proto: end.proto,
+            family: if end.addr.is_v4_mapped() {
+                AF_INET as u8
+            } else {
+                AF_INET6 as u8
+            },
+        }
+    }
+}
+
+/// One of this node's addresses a NodePort answers on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeAddress {
+    /// The only network namespace whose sockets reach a NodePort here (loopback: the
+    /// node's own, as kube-proxy's localhost NodePorts); 0 for every namespace.
+    pub netns_cookie: u64,
+}
+
+/// One direction of a translated connection, as its packets carry it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatKey {
+    pub src: FlowEnd,
+    pub dst: FlowEnd,
+}
+
+/// [`NatEntry::state`]: a TCP connection before its first reply, established, and
+/// after a FIN or RST; other protocols stay `NAT_OTHER`.
+pub const NAT_OPENING: u32 = 0;
+pub const NAT_ESTABLISHED: u32 = 1;
+pub const NAT_CLOSING: u32 = 2;
+pub const NAT_OTHER: u32 = 3;
+/// Seconds a connection in each `NAT_*` state lives without a packet.
+pub const NAT_TIMEOUTS: [u64; 4] = [60, 6 * 3600, 10, 60];
+/// [`NatEntry::direction`].
+pub const NAT_ORIGINAL: u32 = 0;
+pub const NAT_REPLY: u32 = 1;
+/// Source ports Velox gives translated connections it masquerades as the node:
+/// above the kernel's ephemeral range (32768-60999 by default) and the NodePort range.
+pub const NAT_PORTS: core::ops::RangeInclusive<u16> = 61000..=65535;
+
+/// How a packet of one direction of a translated connection is rewritten. The other
+/// direction's key is these ends swapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntry {
+    pub src: FlowEnd,
+    pub dst: FlowEnd,
+    /// `bpf_ktime_get_ns` of the connection's last packet, either way.
+    pub last_seen: u64,
+    pub state: u32,
+    pub direction: u32,
+    /// The uplink the connection came in on: replies leave there.
+    pub uplink: u32,
+    pub pad: u32,
+}
+
+impl NatEntry {
+    /// The key of the other direction's packets.
+    #[inline(always)]
+    pub fn reverse_key(&self) -> NatKey {
+        NatKey {
+            src: self.dst,
+            dst: self.src,
+        }
+    }
+
+    #[inline(always)]
+    pub fn expired(&self, now: u64) -> bool {
+        let timeout = NAT_TIMEOUTS[(self.state & 3) as usize] * 1_000_000_000;
+        now.wrapping_sub(self.last_seen) > timeout
+    }
+}
+
+/// Who stuck to a backend (`sessionAffinity: ClientIP`): the Service's id and the
+/// client, an address from outside or a socket's network namespace cookie (in the
+/// first 8 bytes of `client`, `from_socket` 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service: u32,
+    pub from_socket: u32,
+    pub client: IpKey,
+}
+
+/// The backend a client stuck to, by slot (checked against the slot's backend, so a
+/// backend that left is never picked again), and when it last connected.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Affinity {
+    pub backend: FlowEnd,
+    pub slot: u32,
+    pub last_seen: u64,
 }
 
 /// One backend of a Service: slots 0..backends of its id.
@@ -405,8 +577,10 @@ pub const DROP_REDIRECT_FAILED: u32 = 2;
 pub const DROP_POLICY_EGRESS: u32 = 3;
 pub const DROP_POLICY_INGRESS: u32 = 4;
 pub const DROP_UNKNOWN_RECEIVER: u32 = 5;
+pub const DROP_NO_BACKEND: u32 = 6;
+pub const DROP_NAT_PORTS_EXHAUSTED: u32 = 7;
 
-pub const DROP_REASONS: [DropReason; 6] = [
+pub const DROP_REASONS: [DropReason; 8] = [
     DropReason {
         code: DROP_SPOOFED,
         name: "spoofed",
@@ -437,6 +611,17 @@ pub const DROP_REASONS: [DropReason; 6] = [
         name: "unknown_receiver",
         help:
             "forwarded into a pod for an address it does not hold in the maps (its ADD unfinished, its DEL under way)",
+    },
+    DropReason {
+        code: DROP_NO_BACKEND,
+        name: "no_backend",
+        help: "from outside to a Service without a backend for it (none, or none on this node with \
+               externalTrafficPolicy Local)",
+    },
+    DropReason {
+        code: DROP_NAT_PORTS_EXHAUSTED,
+        name: "nat_ports_exhausted",
+        help: "a new connection from outside found no free source port to masquerade it with",
     },
 ];
 
@@ -542,6 +727,12 @@ mod pod {
     unsafe impl aya::Pod for super::PolicyPorts {}
     unsafe impl aya::Pod for super::PolicyFlow {}
     unsafe impl aya::Pod for super::AllowedFlow {}
+    unsafe impl aya::Pod for super::NodePortKey {}
+    unsafe impl aya::Pod for super::NodeAddress {}
+    unsafe impl aya::Pod for super::NatKey {}
+    unsafe impl aya::Pod for super::NatEntry {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::Affinity {}
 }
 
 #[cfg(test)]

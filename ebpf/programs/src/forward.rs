@@ -71,6 +71,14 @@ pub fn to_peer_node(peer: &Peer) -> Outcome {
     redirected(unsafe { bpf_redirect_neigh(peer.ifindex, &mut next_hop, size, 0) })
 }
 
+/// Out of `uplink` towards the packet's destination, the next hop from the kernel's
+/// routes and neighbours.
+#[inline(always)]
+pub fn to_network(uplink: u32) -> Outcome {
+    // SAFETY: no next hop given: the helper looks the route up.
+    redirected(unsafe { bpf_redirect_neigh(uplink, core::ptr::null_mut(), 0, 0) })
+}
+
 /// Whether the packet, or each of its GSO segments, fits the uplink's MTU. A plain
 /// packet within the MTU the loader recorded fits without asking the kernel.
 /// `bpf_redirect_neigh` neither fragments nor reports the path MTU: a packet that does

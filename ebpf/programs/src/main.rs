@@ -7,6 +7,8 @@
 //!   `bpf_redirect_peer`; everything else goes to the kernel.
 //! - `to_pod`, on the egress of every host-side pod veth: what the kernel delivers
 //!   into a pod meets the pod's ingress policy there.
+//! - `from_net_nat` and `from_pod_nat`, tail-called by the two above: outside
+//!   traffic to Services and its replies (`nat`).
 //!
 //! Policy sees every path: a pod's egress in `from_pod`, a pod's ingress where Velox
 //! delivers (`from_pod`, `from_net`) and where the kernel does (`to_pod`).
@@ -16,9 +18,11 @@
 
 mod forward;
 mod kernel_flows;
+mod nat;
 mod parse;
 mod policy;
 mod sav;
+mod services;
 mod socket_lb;
 #[cfg(feature = "upgrade-test")]
 mod upgrade_test;
@@ -29,7 +33,7 @@ use forward::{fits_uplink, local_endpoint, peer_node, to_local_pod, to_peer_node
 use kernel_flows::{is_kernel_flow, remember};
 use parse::{parse, Packet};
 use policy::{police, Verdict, ALLOWED};
-use velox_common::{DROP_SPOOFED, DROP_UNKNOWN_RECEIVER, UPLINK_SLOT};
+use velox_common::{DROP_SPOOFED, DROP_UNKNOWN_RECEIVER, FROM_NET_NAT, FROM_POD_NAT, UPLINK_SLOT};
 use verdict::{finish, interface_slot, trace, Outcome, NO_SLOT, PASS};
 
 /// `__sk_buff.pkt_type` of a frame addressed to this host.
@@ -52,6 +56,11 @@ pub fn from_pod(ctx: TcContext) -> i32 {
             DROP_SPOOFED
         }
     } else {
+        // A backend's reply to a client from outside: the NAT half judges it by
+        // policy and translates it back (only when the tail call fails does it go on).
+        if nat::is_translated_reply(&packet) {
+            nat::hand_over(&ctx, FROM_POD_NAT);
+        }
         let sender_slot = sender.map_or(NO_SLOT, |sender| sender.slot);
         from_pod_to(&ctx, &packet, sender_slot, ifindex, &mut verdict)
     };
@@ -133,6 +142,9 @@ pub fn from_net(ctx: TcContext) -> i32 {
                 verdict.result
             }
         }
+    } else if nat::is_for_nat_from_net(&packet) {
+        nat::hand_over(&ctx, FROM_NET_NAT);
+        PASS
     } else {
         // A pod on another node reaching this node (a hostPort, a NodePort): the kernel
         // may send its replies back through the fast path of this node.

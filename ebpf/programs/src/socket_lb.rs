@@ -7,21 +7,17 @@
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_F_NO_PREALLOC},
     btf_maps::{HashMap, LruHashMap},
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
     EbpfContext,
 };
 use velox_common::{
-    BackendSlot, FlowEnd, IpKey, Service, SocketPeer, IPPROTO_TCP, IPPROTO_UDP, MAX_BACKENDS, MAX_ENDPOINTS,
-    MAX_SERVICES, MAX_SOCKET_PEERS,
+    AffinityKey, FlowEnd, IpKey, SocketPeer, IPPROTO_TCP, IPPROTO_UDP, MAX_ENDPOINTS, MAX_SOCKET_PEERS,
+    SERVICE_INTERNAL_LOCAL,
 };
 
-#[btf_map]
-static VELOX_SERVICES: HashMap<FlowEnd, Service, MAX_SERVICES, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
-
-#[btf_map]
-static VELOX_BACKENDS: HashMap<BackendSlot, FlowEnd, MAX_BACKENDS, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
+use crate::services::{pick_backend, service_at};
 
 #[btf_map]
 static VELOX_SOCKET_PEERS: LruHashMap<SocketPeer, FlowEnd, MAX_SOCKET_PEERS> = LruHashMap::new();
@@ -85,9 +81,7 @@ pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
 
 /// Whether the socket belongs to a pod that opted out of the load balancer.
 #[inline(always)]
-fn opted_out(ctx: &SockAddrContext) -> bool {
-    // SAFETY: the context the kernel passed.
-    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+fn opted_out(netns: u64) -> bool {
     unsafe { VELOX_LB_OPT_OUT.get(&netns) }.is_some()
 }
 
@@ -120,36 +114,38 @@ fn write_user_end(sa: &mut bpf_sock_addr, family: Family, end: &FlowEnd) {
     sa.user_port = u32::from(end.port);
 }
 
-/// connect and sendmsg: a Service frontend becomes a backend picked at random, and
-/// the socket remembers which frontend it asked for. A Service without backends
-/// refuses (ECONNREFUSED) instead of letting the client wait for a timeout.
+/// connect and sendmsg: a Service frontend becomes a backend picked at random (or
+/// the one this network namespace stuck to), and the socket remembers which frontend
+/// it asked for. A Service without backends refuses (ECONNREFUSED) instead of
+/// letting the client wait for a timeout.
 #[inline(always)]
 fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
     // SAFETY: the context the kernel passed; the verifier checks every access.
     let sa = unsafe { &mut *ctx.sock_addr };
     let mut frontend = FlowEnd::default();
-    if !read_user_end(sa, family, &mut frontend) || opted_out(ctx) {
+    if !read_user_end(sa, family, &mut frontend) {
         return ALLOW;
     }
-    let Some(service) = (unsafe { VELOX_SERVICES.get(&frontend) }) else {
+    // SAFETY: the context the kernel passed.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if opted_out(netns) {
+        return ALLOW;
+    }
+    let Some(service) = service_at(&frontend, netns) else {
         return ALLOW;
     };
-    let backends = service.backends;
-    let slot = BackendSlot {
+    let mut client = AffinityKey {
         service: service.id,
-        slot: if backends == 0 {
-            0
-        } else {
-            (unsafe { bpf_get_prandom_u32() }) % backends
-        },
+        from_socket: 1,
+        ..AffinityKey::default()
     };
-    // A slot can be missing for a moment while the loader shrinks the Service.
-    let backend = if backends == 0 {
-        None
+    client.client.addr[..8].copy_from_slice(&netns.to_ne_bytes());
+    let now = if service.affinity_seconds != 0 {
+        unsafe { bpf_ktime_get_ns() }
     } else {
-        unsafe { VELOX_BACKENDS.get(&slot) }
+        0
     };
-    let Some(backend) = backend else {
+    let Some(backend) = pick_backend(service, service.choices(SERVICE_INTERNAL_LOCAL), &client, now) else {
         // SAFETY: sets this call's error; the kernel keeps it when we refuse.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REFUSE;

@@ -15,6 +15,7 @@ use velox_node::{Bpffs, Family};
 
 use super::masquerade::{masquerade_outside, remove_masquerade};
 use super::peers::{node_addresses, write_peer_map, NodeAddresses};
+use super::services::ThisNode;
 
 /// A route someone other than Velox made, as far as peer CIDRs must respect it.
 #[derive(Clone, Debug, PartialEq)]
@@ -136,23 +137,21 @@ impl NodeNetwork {
         Ok(self.config.uplink.is_some() && (own.is_none() || !self.config.pod_cidrs.is_empty()))
     }
 
-    /// Every node's address as last seen: this node's uplink addresses (link-local
-    /// ones aside) and every node's InternalIPs, each once.
-    pub fn node_ips(&self) -> Vec<IpAddr> {
-        let own = self
+    /// This node as the Services see it: its uplink addresses (link-local ones
+    /// aside) and its pod CIDRs.
+    pub fn this_node(&self) -> ThisNode {
+        let addresses = self
             .own_ips
             .iter()
             .copied()
-            .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()));
-        let all: BTreeSet<IpAddr> = own
-            .chain(
-                self.applied
-                    .iter()
-                    .flatten()
-                    .flat_map(|node| node.node_ips.iter().copied()),
-            )
+            .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
             .collect();
-        all.into_iter().collect()
+        ThisNode {
+            addresses,
+            pod_cidrs: self.config.pod_cidrs.clone(),
+        }
     }
 
     /// One full pass over `nodes`, the cluster's nodes as the source has them; cheap

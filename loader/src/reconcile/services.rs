@@ -1,65 +1,202 @@
-//! Kubernetes Services and EndpointSlices turned into the socket load balancer's
-//! maps: every frontend (a ClusterIP, or for a NodePort every node
-//! address and loopback) with the ready backends of its family.
+//! Kubernetes Services and EndpointSlices turned into the load balancer's maps: every
+//! frontend (a ClusterIP, an external or load-balancer IP, a NodePort by port) with
+//! its backends of that family, this node's first, and its traffic policies.
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::Service as KubeService;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use velox_common::{FlowEnd, Service, IPPROTO_SCTP, IPPROTO_UDP};
-use velox_node::maps::ServiceMaps;
+use velox_common::{
+    FlowEnd, IpKey, NodeAddress, NodePortKey, Service, AF_INET, AF_INET6, IPPROTO_SCTP, IPPROTO_UDP,
+    SERVICE_EXTERNAL_LOCAL, SERVICE_FROM_OUTSIDE, SERVICE_INTERNAL_LOCAL,
+};
+use velox_node::maps::{Frontend, ServiceMaps};
 use velox_node::Family;
 
 use crate::names::protocol_number;
 use crate::source::{namespace_of, ServicesInput};
 
+pub mod health_check;
 mod udp_sockets;
 
 use udp_sockets::destroy_connected_udp;
 
-/// The socket load balancer's maps, kept in line with the cluster source.
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when the Service does not say.
+const DEFAULT_AFFINITY_SECONDS: u32 = 10800;
+
+/// What one frontend balances over.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Balancing {
+    /// Sorted, each once: this node's backends, then the others.
+    pub backends: Vec<FlowEnd>,
+    /// How many of `backends` are this node's.
+    pub local: u32,
+    /// `SERVICE_*` bits.
+    pub flags: u32,
+    /// `sessionAffinity: ClientIP`'s timeout, 0 without.
+    pub affinity_seconds: u32,
+}
+
+/// This node, as the Services see it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ThisNode {
+    /// Its addresses: NodePorts answer on them (and on loopback, for its own
+    /// processes), and backends there are its own (host network).
+    pub addresses: Vec<IpAddr>,
+    /// Its pod CIDRs: backends there are its own.
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+impl ThisNode {
+    fn holds(&self, backend: &FlowEnd) -> bool {
+        self.holds_ip(backend.addr.ip())
+    }
+
+    fn holds_ip(&self, ip: IpAddr) -> bool {
+        self.addresses.contains(&ip) || self.pod_cidrs.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// The load balancer's maps, kept in line with the cluster source. Each frontend is
+/// written on its own: one that fails (a full map) is reported and retried, and the
+/// others go on.
 #[derive(Default)]
 pub struct ServiceBalancer {
-    applied: Option<BTreeMap<FlowEnd, Vec<FlowEnd>>>,
+    /// Serve NodePorts, external and load-balancer IPs to traffic from outside too.
+    from_outside: bool,
+    /// What the maps were last made to hold in full; `None` after a pass that could
+    /// not write everything, so the next pass tries again.
+    applied: Option<(BTreeMap<Frontend, Balancing>, ThisNode)>,
+    synced_once: bool,
+    /// Frontends the last pass could not write, and why.
+    failed: Vec<String>,
+    health_checks: health_check::HealthCheckServer,
 }
 
 impl ServiceBalancer {
-    /// Health: whether the Services were ever applied, and how many frontends.
-    pub fn health(&self) -> velox_node::health::ServicesHealth {
-        velox_node::health::ServicesHealth {
-            synced_once: self.applied.is_some(),
-            frontends: self.applied.as_ref().map_or(0, BTreeMap::len),
+    pub fn new(from_outside: bool) -> Self {
+        Self {
+            from_outside,
+            ..Self::default()
         }
     }
 
+    /// Health: whether the Services were ever applied, how many frontends, and which
+    /// ones could not be written.
+    pub fn health(&self) -> velox_node::health::ServicesHealth {
+        velox_node::health::ServicesHealth {
+            synced_once: self.synced_once,
+            frontends: self.applied.as_ref().map_or(0, |(frontends, _)| frontends.len()),
+            failed: self.failed.clone(),
+        }
+    }
+
+    /// Whether a pass must come even if nothing changed: the last one left frontends
+    /// unwritten.
+    pub fn retry_due(&self) -> bool {
+        !self.failed.is_empty()
+    }
+
     /// Applies `state` (`None`: the source cannot say, the maps keep the last
-    /// Services) with NodePorts on `node_ips`. Connected UDP sockets to a backend
-    /// that left are closed, here and in every netns `pod_netns` lists (asked only
-    /// then).
+    /// Services) for `node`. Connected UDP sockets to a backend that left are
+    /// closed, here and in every netns `pod_netns` lists (asked only then).
     pub fn apply_services(
         &mut self,
         bpffs: &velox_node::Bpffs,
         state: Option<ServicesInput>,
-        node_ips: &[IpAddr],
+        node: &ThisNode,
         pod_netns: impl FnOnce() -> Vec<PathBuf>,
     ) -> anyhow::Result<()> {
         let Some(state) = state else {
             return Ok(());
         };
-        let wanted = frontends(&state, node_ips);
-        if self.applied.as_ref() == Some(&wanted) {
+        let wanted = frontends(&state, node, self.from_outside);
+        self.health_checks.serve(health_check::wanted(&state, node));
+        if self
+            .applied
+            .as_ref()
+            .is_some_and(|(frontends, at)| *frontends == wanted && at == node)
+        {
             return Ok(());
         }
-        let lost_udp = write_frontends(&mut ServiceMaps::open(bpffs)?, &wanted)?;
-        log::info!("services: {} frontend(s)", wanted.len());
-        self.applied = Some(wanted);
-        if !lost_udp.is_empty() {
-            close_udp_sockets_to(&lost_udp, &pod_netns());
+        let mut maps = ServiceMaps::open(bpffs)?;
+        maps.set_node_addresses(&node_addresses(node)?)?;
+        maps.set_masquerade(masquerade_addresses(node))?;
+        let written = write_frontends(&mut maps, &wanted)?;
+        self.synced_once = true;
+        self.failed = written
+            .failed
+            .iter()
+            .map(|(frontend, e)| format!("{}: {e:#}", describe(frontend)))
+            .collect();
+        match self.failed.is_empty() {
+            true => log::info!("services: {} frontend(s)", wanted.len()),
+            false => log::error!(
+                "services: {} of {} frontend(s) could not be written, retried next pass: {}",
+                self.failed.len(),
+                wanted.len(),
+                self.failed.join("; ")
+            ),
+        }
+        self.applied = self.failed.is_empty().then(|| (wanted, node.clone()));
+        if !written.lost_udp.is_empty() {
+            close_udp_sockets_to(&written.lost_udp, &pod_netns());
         }
         Ok(())
     }
 }
 
+/// A frontend as the log and health name it.
+fn describe(frontend: &Frontend) -> String {
+    match frontend {
+        Frontend::Address(end) => format!(
+            "{} {}",
+            crate::names::protocol_name(end.proto),
+            SocketAddr::new(end.addr.ip(), u16::from_be(end.port))
+        ),
+        Frontend::NodePort(key) => format!(
+            "{} NodePort {} (IPv{})",
+            crate::names::protocol_name(key.proto),
+            u16::from_be(key.port),
+            if u32::from(key.family) == AF_INET { 4 } else { 6 }
+        ),
+    }
+}
+
+/// The addresses NodePorts answer on: this node's, for every socket and from
+/// outside, and loopback for the node's own processes only (kube-proxy's localhost
+/// NodePorts: a pod's own loopback stays its own).
+fn node_addresses(node: &ThisNode) -> anyhow::Result<BTreeMap<IpKey, NodeAddress>> {
+    let host = std::fs::File::open("/proc/self/ns/net")?;
+    let host_netns = velox_node::netlink::netns_cookie(&host)?;
+    let mut addresses: BTreeMap<IpKey, NodeAddress> = node
+        .addresses
+        .iter()
+        .map(|ip| (IpKey::from(*ip), NodeAddress { netns_cookie: 0 }))
+        .collect();
+    for loopback in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        addresses.insert(
+            loopback.into(),
+            NodeAddress {
+                netns_cookie: host_netns,
+            },
+        );
+    }
+    Ok(addresses)
+}
+
+/// This node's first address of each family: what clients from outside are
+/// masqueraded as when the backend may be on another node.
+fn masquerade_addresses(node: &ThisNode) -> [IpKey; 2] {
+    Family::ALL.map(|family| {
+        node.addresses
+            .iter()
+            .find(|ip| Family::of(ip) == family)
+            .map_or(IpKey::default(), |ip| IpKey::from(*ip))
+    })
+}
 /// Closes the connected UDP sockets to `backends` of this node's host and pods; a
 /// netns that is gone or refuses is logged and skipped.
 fn close_udp_sockets_to(backends: &HashSet<SocketAddr>, pod_netns: &[PathBuf]) {
@@ -96,10 +233,102 @@ fn end(addr: IpAddr, port: u16, proto: u8) -> FlowEnd {
     }
 }
 
-/// Every frontend with its ready backends (sorted, each once); `node_ips` are the
-/// addresses a NodePort answers on besides loopback.
-pub fn frontends(state: &ServicesInput, node_ips: &[IpAddr]) -> BTreeMap<FlowEnd, Vec<FlowEnd>> {
-    // The slices of each Service, by namespace and name, found in one pass.
+/// Every frontend with its backends, for `node`; with `from_outside`, NodePorts,
+/// external and load-balancer IPs serve traffic from outside too.
+pub fn frontends(state: &ServicesInput, node: &ThisNode, from_outside: bool) -> BTreeMap<Frontend, Balancing> {
+    let mut out = BTreeMap::new();
+    for (service, slices) in services_with_slices(state) {
+        let Some(spec) = service.spec.as_ref() else {
+            continue;
+        };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let is_local = |policy: &Option<String>| policy.as_deref() == Some("Local");
+        let affinity_seconds = match spec.session_affinity.as_deref() {
+            Some("ClientIP") => spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|s| u32::try_from(s).ok())
+                .filter(|s| *s > 0)
+                .unwrap_or(DEFAULT_AFFINITY_SECONDS),
+            _ => 0,
+        };
+        let mut external_flags = if is_local(&spec.external_traffic_policy) {
+            SERVICE_EXTERNAL_LOCAL
+        } else {
+            0
+        };
+        if from_outside {
+            external_flags |= SERVICE_FROM_OUTSIDE;
+        }
+        let internal_flags = if is_local(&spec.internal_traffic_policy) {
+            SERVICE_INTERNAL_LOCAL
+        } else {
+            0
+        };
+        let parsed = |ips: &mut dyn Iterator<Item = &String>| -> BTreeSet<IpAddr> {
+            ips.filter_map(|ip| ip.parse().ok()).collect()
+        };
+        let cluster_ips = parsed(&mut spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter()));
+        let load_balancer_ips = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|ingress| ingress.ip.as_ref());
+        let external_ips = parsed(&mut spec.external_ips.iter().flatten().chain(load_balancer_ips));
+        for port in spec.ports.iter().flatten() {
+            let Some(proto) = socket_protocol(port.protocol.as_deref()) else {
+                continue;
+            };
+            let Ok(service_port) = u16::try_from(port.port) else {
+                continue;
+            };
+            let balancing = |family, flags| {
+                let backends = backends(&slices, port.name.as_deref(), proto, family);
+                let (mut local, others): (Vec<FlowEnd>, Vec<FlowEnd>) =
+                    backends.into_iter().partition(|b| node.holds(b));
+                let count = local.len() as u32;
+                local.extend(others);
+                Balancing {
+                    backends: local,
+                    local: count,
+                    flags,
+                    affinity_seconds,
+                }
+            };
+            for ip in &cluster_ips {
+                let frontend = Frontend::Address(end(*ip, service_port, proto));
+                out.insert(frontend, balancing(Family::of(ip), internal_flags));
+            }
+            for ip in &external_ips {
+                let frontend = Frontend::Address(end(*ip, service_port, proto));
+                out.insert(frontend, balancing(Family::of(ip), external_flags));
+            }
+            let node_port = port.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0);
+            if let Some(node_port) = node_port {
+                for (family, af) in [(Family::V4, AF_INET), (Family::V6, AF_INET6)] {
+                    let key = NodePortKey {
+                        port: node_port.to_be(),
+                        proto,
+                        family: af as u8,
+                    };
+                    out.insert(Frontend::NodePort(key), balancing(family, external_flags));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Each Service with its EndpointSlices (same namespace, labelled with its name),
+/// found in one pass.
+fn services_with_slices(state: &ServicesInput) -> Vec<(&KubeService, Vec<&EndpointSlice>)> {
     let mut slices_of: std::collections::HashMap<(&str, &str), Vec<&EndpointSlice>> = Default::default();
     for slice in &state.slices {
         let namespace = namespace_of(&slice.metadata);
@@ -112,48 +341,41 @@ pub fn frontends(state: &ServicesInput, node_ips: &[IpAddr]) -> BTreeMap<FlowEnd
             slices_of.entry((namespace, service.as_str())).or_default().push(slice);
         }
     }
-    let mut out = BTreeMap::new();
-    for service in &state.services {
-        let (Some(name), Some(spec)) = (service.metadata.name.as_deref(), service.spec.as_ref()) else {
-            continue;
-        };
-        let namespace = namespace_of(&service.metadata);
-        let slices = slices_of.get(&(namespace, name)).map(Vec::as_slice).unwrap_or_default();
-        let cluster_ips: Vec<IpAddr> = spec
-            .cluster_ips
-            .iter()
-            .flatten()
-            .chain(spec.cluster_ip.iter())
-            .filter_map(|ip| ip.parse().ok())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        for port in spec.ports.iter().flatten() {
-            let Some(proto) = socket_protocol(port.protocol.as_deref()) else {
-                continue;
-            };
-            let Ok(service_port) = u16::try_from(port.port) else {
-                continue;
-            };
-            let backends_of = |family| ready_backends(slices, port.name.as_deref(), proto, family);
-            for ip in &cluster_ips {
-                out.insert(end(*ip, service_port, proto), backends_of(Family::of(ip)));
-            }
-            let node_port = port.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0);
-            if let Some(node_port) = node_port {
-                let loopback = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)];
-                for ip in node_ips.iter().chain(loopback.iter()) {
-                    out.insert(end(*ip, node_port, proto), backends_of(Family::of(ip)));
-                }
-            }
-        }
-    }
-    out
+    state
+        .services
+        .iter()
+        .filter_map(|service| {
+            let name = service.metadata.name.as_deref()?;
+            let key = (namespace_of(&service.metadata), name);
+            Some((service, slices_of.get(&key).cloned().unwrap_or_default()))
+        })
+        .collect()
 }
 
-/// The ready backends of `family` of a Service port (its name, its protocol), from
-/// the Service's slices: sorted, each once.
-fn ready_backends(slices: &[&EndpointSlice], port_name: Option<&str>, proto: u8, family: Family) -> Vec<FlowEnd> {
+/// The backends of `family` of a Service port (its name, its protocol), from the
+/// Service's slices, sorted, each once: the ready endpoints, or when none is ready
+/// the serving ones that are terminating (as kube-proxy falls back to them, so a
+/// rolling update's last pods finish their work).
+fn backends(slices: &[&EndpointSlice], port_name: Option<&str>, proto: u8, family: Family) -> Vec<FlowEnd> {
+    let ready = |e: &Endpoint| e.conditions.as_ref().and_then(|c| c.ready) != Some(false);
+    let serving_terminating = |e: &Endpoint| {
+        let conditions = e.conditions.as_ref();
+        conditions.and_then(|c| c.serving) == Some(true) && conditions.and_then(|c| c.terminating) == Some(true)
+    };
+    let ready_ones = endpoints_where(slices, port_name, proto, family, &ready);
+    if !ready_ones.is_empty() {
+        return ready_ones;
+    }
+    endpoints_where(slices, port_name, proto, family, &serving_terminating)
+}
+
+fn endpoints_where(
+    slices: &[&EndpointSlice],
+    port_name: Option<&str>,
+    proto: u8,
+    family: Family,
+    keep: &dyn Fn(&Endpoint) -> bool,
+) -> Vec<FlowEnd> {
     let mut backends = BTreeSet::new();
     for slice in slices {
         let slice_family = match slice.address_type.as_str() {
@@ -172,11 +394,7 @@ fn ready_backends(slices: &[&EndpointSlice], port_name: Option<&str>, proto: u8,
         let Some(target) = target.and_then(|p| p.port).and_then(|p| u16::try_from(p).ok()) else {
             continue;
         };
-        for endpoint in &slice.endpoints {
-            // Kubernetes: an unset `ready` means ready.
-            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                continue;
-            }
+        for endpoint in slice.endpoints.iter().filter(|e| keep(e)) {
             for address in &endpoint.addresses {
                 if let Ok(ip) = address.parse::<IpAddr>() {
                     backends.insert(end(ip, target, proto));
@@ -187,33 +405,48 @@ fn ready_backends(slices: &[&EndpointSlice], port_name: Option<&str>, proto: u8,
     backends.into_iter().collect()
 }
 
-/// Makes the service maps hold exactly `wanted`. A frontend keeps its id for as long
-/// as it exists; a new one gets the smallest free id. The maps are the only state,
-/// so a restarted loader picks up where the last one stopped. Returns the UDP
-/// backends that some frontend lost.
-pub fn write_frontends(
-    maps: &mut ServiceMaps,
-    wanted: &BTreeMap<FlowEnd, Vec<FlowEnd>>,
-) -> anyhow::Result<HashSet<SocketAddr>> {
-    let current: BTreeMap<FlowEnd, Service> = maps.services()?.into_iter().collect();
+/// What [`write_frontends`] did.
+pub struct Written {
+    /// UDP backends some frontend lost.
+    pub lost_udp: HashSet<SocketAddr>,
+    /// Frontends that could not be written (they keep what the maps had).
+    pub failed: Vec<(Frontend, velox_node::Error)>,
+}
+
+/// Makes the service maps hold `wanted`, frontend by frontend. A frontend keeps its
+/// id for as long as it exists; a new one gets the smallest free id. The maps are
+/// the only state, so a restarted loader picks up where the last one stopped. Only
+/// reading the maps fails the whole pass.
+pub fn write_frontends(maps: &mut ServiceMaps, wanted: &BTreeMap<Frontend, Balancing>) -> anyhow::Result<Written> {
+    let current: BTreeMap<Frontend, Service> = maps.frontends()?.into_iter().collect();
     let mut used: BTreeSet<u32> = current.values().map(|s| s.id).collect();
     let mut next_free = 1;
-    let mut lost_udp = HashSet::new();
-    let mut note_lost = |frontend: &FlowEnd, gone: &[FlowEnd], kept: &[FlowEnd]| {
-        if frontend.proto == IPPROTO_UDP {
+    let mut written = Written {
+        lost_udp: HashSet::new(),
+        failed: Vec::new(),
+    };
+    let mut note_lost = |frontend: &Frontend, gone: &[FlowEnd], kept: &[FlowEnd]| {
+        let proto = match frontend {
+            Frontend::Address(end) => end.proto,
+            Frontend::NodePort(key) => key.proto,
+        };
+        if proto == IPPROTO_UDP {
             let gone = gone.iter().filter(|b| !kept.contains(b));
-            lost_udp.extend(gone.map(|b| SocketAddr::new(b.addr.ip(), u16::from_be(b.port))));
+            written
+                .lost_udp
+                .extend(gone.map(|b| SocketAddr::new(b.addr.ip(), u16::from_be(b.port))));
         }
     };
-    for (frontend, backends) in wanted {
+    let mut failed = Vec::new();
+    for (frontend, balancing) in wanted {
         let before = current.get(frontend).copied();
         let id = match before {
             Some(service) => {
                 let had = maps.backends(&service)?;
-                if had == *backends {
+                if had == balancing.backends && service == service_entry(service.id, balancing) {
                     continue;
                 }
-                note_lost(frontend, &had, backends);
+                note_lost(frontend, &had, &balancing.backends);
                 service.id
             }
             None => {
@@ -224,15 +457,31 @@ pub fn write_frontends(
                 next_free
             }
         };
-        maps.set(*frontend, id, backends, before)?;
+        let service = service_entry(id, balancing);
+        if let Err(e) = maps.set(*frontend, service, &balancing.backends, before) {
+            failed.push((*frontend, e));
+        }
     }
     for (frontend, service) in &current {
         if !wanted.contains_key(frontend) {
             note_lost(frontend, &maps.backends(service)?, &[]);
-            maps.remove(frontend, service)?;
+            if let Err(e) = maps.remove(frontend, service) {
+                failed.push((*frontend, e));
+            }
         }
     }
-    Ok(lost_udp)
+    written.failed = failed;
+    Ok(written)
+}
+
+fn service_entry(id: u32, balancing: &Balancing) -> Service {
+    Service {
+        id,
+        backends: balancing.backends.len() as u32,
+        local_backends: balancing.local,
+        flags: balancing.flags,
+        affinity_seconds: balancing.affinity_seconds,
+    }
 }
 
 #[cfg(test)]
@@ -278,39 +527,136 @@ mod tests {
 
     #[test]
     fn cluster_ips_of_both_families_get_the_ready_backends_of_their_family_and_port() {
-        let frontends = frontends(&state(dns_cluster()), &[]);
-        let udp4 = end("10.96.0.10".parse().unwrap(), 53, IPPROTO_UDP);
+        let frontends = frontends(&state(dns_cluster()), &ThisNode::default(), false);
+        let at = |ip: &str, port, proto| Frontend::Address(end(ip.parse().unwrap(), port, proto));
+        let udp4 = at("10.96.0.10", 53, IPPROTO_UDP);
         assert_eq!(
-            frontends[&udp4],
+            frontends[&udp4].backends,
             ends(&[("200.200.1.5", 5353, IPPROTO_UDP), ("200.200.2.7", 5353, IPPROTO_UDP)]),
             "ready or unset, same namespace only"
         );
-        let udp6 = end("fd00:96::a".parse().unwrap(), 53, IPPROTO_UDP);
-        assert_eq!(frontends[&udp6], ends(&[("fd00:200:1::5", 5353, IPPROTO_UDP)]));
-        let tcp6 = end("fd00:96::a".parse().unwrap(), 53, IPPROTO_TCP);
+        let udp6 = at("fd00:96::a", 53, IPPROTO_UDP);
+        assert_eq!(frontends[&udp6].backends, ends(&[("fd00:200:1::5", 5353, IPPROTO_UDP)]));
+        let tcp6 = at("fd00:96::a", 53, IPPROTO_TCP);
         assert_eq!(
-            frontends[&tcp6],
+            frontends[&tcp6].backends,
             vec![],
             "no IPv6 backend on the TCP port: refused, not hanging"
         );
         assert_eq!(frontends.len(), 4);
     }
 
+    fn node_port(port: u16, family: u32) -> Frontend {
+        Frontend::NodePort(NodePortKey {
+            port: port.to_be(),
+            proto: IPPROTO_TCP,
+            family: family as u8,
+        })
+    }
+
     #[test]
-    fn a_node_port_answers_on_every_node_address_and_loopback() {
-        let objects = json!({"kind": "Service", "metadata": {"name": "web"},
-            "spec": {"type": "NodePort", "clusterIP": "10.96.1.1",
-                     "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]}});
-        let frontends = frontends(&state(objects), &["10.0.0.3".parse().unwrap()]);
-        let at = |ip: &str, port| end(ip.parse().unwrap(), port, IPPROTO_TCP);
-        for frontend in [
-            at("10.96.1.1", 80),
-            at("10.0.0.3", 30080),
-            at("127.0.0.1", 30080),
-            at("::1", 30080),
-        ] {
-            assert!(frontends.contains_key(&frontend), "{frontend:?}");
+    fn a_node_port_is_one_frontend_per_family_with_this_nodes_backends_first() {
+        let objects = json!({"items": [
+            {"kind": "Service", "metadata": {"name": "web"},
+             "spec": {"type": "LoadBalancer", "clusterIP": "10.96.1.1", "externalIPs": ["192.0.2.7"],
+                      "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local",
+                      "sessionAffinity": "ClientIP",
+                      "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30080}]},
+             "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.9"}]}}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+             "metadata": {"name": "web-a", "labels": {"kubernetes.io/service-name": "web"}},
+             "ports": [{"port": 8080, "protocol": "TCP"}],
+             "endpoints": [{"addresses": ["200.200.2.7"]}, {"addresses": ["200.200.1.5"]},
+                           {"addresses": ["10.0.0.3"]}]}
+        ]});
+        let node = ThisNode {
+            addresses: vec!["10.0.0.3".parse().unwrap()],
+            pod_cidrs: vec!["200.200.1.0/24".parse().unwrap()],
+        };
+        let frontends = frontends(&state(objects), &node, true);
+        let tcp = |ip: &str, port| Frontend::Address(end(ip.parse().unwrap(), port, IPPROTO_TCP));
+        let v4 = &frontends[&node_port(30080, AF_INET)];
+        assert_eq!(
+            v4.backends,
+            ends(&[
+                ("10.0.0.3", 8080, IPPROTO_TCP),
+                ("200.200.1.5", 8080, IPPROTO_TCP),
+                ("200.200.2.7", 8080, IPPROTO_TCP)
+            ]),
+            "this node's (host network and pod CIDR) first"
+        );
+        assert_eq!(v4.local, 2);
+        assert_eq!(v4.flags, SERVICE_EXTERNAL_LOCAL | SERVICE_FROM_OUTSIDE);
+        assert_eq!(v4.affinity_seconds, DEFAULT_AFFINITY_SECONDS);
+        assert!(frontends[&node_port(30080, AF_INET6)].backends.is_empty());
+        assert_eq!(
+            frontends[&tcp("10.96.1.1", 80)].flags,
+            SERVICE_INTERNAL_LOCAL,
+            "a ClusterIP is not for outside"
+        );
+        for external in ["192.0.2.7", "192.0.2.9"] {
+            assert_eq!(
+                frontends[&tcp(external, 80)].flags,
+                SERVICE_EXTERNAL_LOCAL | SERVICE_FROM_OUTSIDE
+            );
         }
+        assert_eq!(frontends.len(), 5);
+        let without = super::frontends(&state(json!({"items": []})), &node, false);
+        assert!(without.is_empty());
+    }
+
+    #[test]
+    fn terminating_endpoints_serve_only_when_none_is_ready() {
+        let objects = |ready: bool| {
+            json!({"items": [
+                {"kind": "Service", "metadata": {"name": "web"},
+                 "spec": {"clusterIP": "10.96.1.1", "ports": [{"port": 80}]}},
+                {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+                 "metadata": {"name": "web-a", "labels": {"kubernetes.io/service-name": "web"}},
+                 "ports": [{"port": 8080, "protocol": "TCP"}],
+                 "endpoints": [{"addresses": ["200.200.1.5"], "conditions": {"ready": ready}},
+                               {"addresses": ["200.200.1.6"],
+                                "conditions": {"ready": false, "serving": true, "terminating": true}},
+                               {"addresses": ["200.200.1.7"],
+                                "conditions": {"ready": false, "serving": false, "terminating": true}}]}
+            ]})
+        };
+        let web = Frontend::Address(end("10.96.1.1".parse().unwrap(), 80, IPPROTO_TCP));
+        let backends = |ready| {
+            frontends(&state(objects(ready)), &ThisNode::default(), false)[&web]
+                .backends
+                .clone()
+        };
+        assert_eq!(backends(true), ends(&[("200.200.1.5", 8080, IPPROTO_TCP)]));
+        assert_eq!(backends(false), ends(&[("200.200.1.6", 8080, IPPROTO_TCP)]));
+    }
+
+    /// Issue 21: one frontend per NodePort and family, however many nodes: 1,000
+    /// nodes of two addresses and 70 NodePort Services took 140,000 frontends before.
+    #[test]
+    fn a_thousand_nodes_and_seventy_node_ports_stay_within_the_map_limits() {
+        let mut items: Vec<serde_json::Value> = (0..1000)
+            .map(|n| {
+                json!({"kind": "Node", "metadata": {"name": format!("n{n}")},
+                       "status": {"addresses": [{"type": "InternalIP", "address": format!("10.{}.{}.1", n / 256, n % 256)},
+                                                {"type": "InternalIP", "address": format!("fd00::{n:x}")}]}})
+            })
+            .collect();
+        for s in 0..70u16 {
+            items.push(json!({"kind": "Service", "metadata": {"name": format!("s{s}")},
+                "spec": {"type": "NodePort", "clusterIP": format!("10.96.2.{s}"),
+                         "ports": [{"port": 80, "nodePort": 30000 + s}, {"port": 53, "protocol": "UDP", "nodePort": 30100 + s}]}}));
+        }
+        let node = ThisNode {
+            addresses: vec!["10.0.0.1".parse().unwrap(), "fd00::".parse().unwrap()],
+            pod_cidrs: Vec::new(),
+        };
+        let frontends = frontends(&state(json!({ "items": items })), &node, true);
+        let node_ports = frontends.keys().filter(|f| matches!(f, Frontend::NodePort(_))).count();
+        assert_eq!(node_ports, 70 * 2 * 2, "a port, a protocol, a family");
+        assert_eq!(frontends.len(), 70 * 2 * 3);
+        assert!(node_ports <= velox_common::MAX_NODE_PORTS);
+        assert!(frontends.len() <= velox_common::MAX_SERVICES);
     }
 
     #[test]
@@ -320,6 +666,6 @@ mod tests {
              "spec": {"clusterIP": "None", "ports": [{"port": 80}]}},
             {"kind": "Pod", "metadata": {"name": "p"}}
         ]});
-        assert!(frontends(&state(objects), &[]).is_empty());
+        assert!(frontends(&state(objects), &ThisNode::default(), false).is_empty());
     }
 }

@@ -1,0 +1,424 @@
+//! Outside traffic to Services (`--kube-proxy-replacement`), with Velox's own
+//! connection tracking and NAT: a connection from outside to a NodePort on this
+//! node's address, or to an external or load-balancer IP, gets a backend when it
+//! opens; each of its packets is rewritten on the way in, and each reply on the way
+//! out, in `VELOX_NAT` (one entry per direction, LRU, expired by state).
+//!
+//! `from_net` and `from_pod` hand over only the packets that are the NAT's, by tail
+//! call: the translation has its own verifier budget and stack, and plain pod
+//! traffic pays one lookup at most (`from_pod` only for what goes to the kernel).
+//!
+//! `externalTrafficPolicy: Cluster` masquerades the client as this node (a source
+//! port from `NAT_PORTS`), so replies come back through this node wherever the
+//! backend is; `Local` gives a backend on this node only and keeps the client's
+//! address. Clients that are pods of other nodes get `Cluster`, as kube-proxy gives
+//! them. Not translated (the kernel gets them): IP fragments, SCTP, ICMP errors.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    btf_maps::{Array, LruHashMap, ProgramArray},
+    helpers::{bpf_csum_diff, bpf_get_prandom_u32, bpf_ktime_get_ns},
+    macros::{btf_map, classifier},
+    programs::TcContext,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use velox_common::{
+    AffinityKey, IpKey, NatEntry, NatKey, DEFAULT_NAT_ENTRIES, DROP_NAT_PORTS_EXHAUSTED, DROP_NO_BACKEND,
+    DROP_REDIRECT_FAILED, IPPROTO_TCP, IPPROTO_UDP, NAT_CLOSING, NAT_ESTABLISHED, NAT_OPENING, NAT_ORIGINAL, NAT_OTHER,
+    NAT_PORTS, NAT_PROGRAMS, NAT_REPLY, SERVICE_EXTERNAL_LOCAL, SERVICE_FROM_OUTSIDE, UPLINK_SLOT,
+};
+
+use crate::forward::{fits_uplink, local_endpoint, peer_node, to_local_pod, to_network, to_peer_node};
+use crate::parse::{parse, Packet};
+use crate::policy::{police, Verdict, ALLOWED};
+use crate::sav;
+use crate::services::{node_address, pick_backend, service_at};
+use crate::verdict::{finish, interface_slot, Outcome, NO_SLOT, PASS};
+
+#[btf_map]
+static VELOX_NAT: LruHashMap<NatKey, NatEntry, { DEFAULT_NAT_ENTRIES as usize }> = LruHashMap::new();
+
+/// This node's address of each family (0 IPv4, 1 IPv6) to masquerade clients as.
+#[btf_map]
+static VELOX_MASQUERADE: Array<IpKey, 2> = Array::new();
+
+#[btf_map]
+static VELOX_NAT_PROGRAMS: ProgramArray<{ NAT_PROGRAMS.len() }> = ProgramArray::new();
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const IPV4_FRAGMENTED: u16 = 0x3fff;
+
+// A packet's two ends are its NAT key: `Packet` starts with them, in `NatKey`'s layout.
+const _: () = assert!(core::mem::offset_of!(Packet, src) == core::mem::offset_of!(NatKey, src));
+const _: () = assert!(core::mem::offset_of!(Packet, dst) == core::mem::offset_of!(NatKey, dst));
+
+#[inline(always)]
+fn key_of(packet: &Packet) -> &NatKey {
+    // SAFETY: both are `repr(C)` and begin with the same two fields (asserted above).
+    unsafe { &*(packet as *const Packet).cast::<NatKey>() }
+}
+
+/// Whether a packet from the network is the NAT's: one of a translated connection,
+/// or one opening a connection to a Service that serves outside traffic.
+#[inline(always)]
+pub fn is_for_nat_from_net(packet: &Packet) -> bool {
+    if packet.is_error {
+        return false;
+    }
+    if unsafe { VELOX_NAT.get(key_of(packet)) }.is_some() {
+        return true;
+    }
+    packet.opens && service_at(&packet.dst, 0).is_some_and(|s| s.flags & SERVICE_FROM_OUTSIDE != 0)
+}
+
+/// Whether a packet a pod sends is a reply of a translated connection.
+#[inline(always)]
+pub fn is_translated_reply(packet: &Packet) -> bool {
+    !packet.is_error && unsafe { VELOX_NAT.get(key_of(packet)) }.is_some_and(|e| e.direction == NAT_REPLY)
+}
+
+/// Tail-calls NAT program `index`; returns only if the call failed (no program there).
+#[inline(always)]
+pub fn hand_over(ctx: &TcContext, index: u32) {
+    // SAFETY: a tail call into a program of this object, of the same type.
+    unsafe { VELOX_NAT_PROGRAMS.tail_call(ctx, index) };
+}
+
+/// `from_net`'s NAT half, on the uplink: a new connection to a Service from outside,
+/// a packet of one towards its backend, or a reply from a backend on another node
+/// back to the client.
+#[classifier]
+pub fn from_net_nat(ctx: TcContext) -> i32 {
+    let mut packet = Packet::default();
+    // SAFETY: reading the context's own fields.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let mut verdict = Verdict::default();
+    let outcome = match parse(&ctx, &mut packet) && !packet.is_error {
+        true => translate_from_net(&ctx, &mut packet, ifindex, &mut verdict),
+        false => PASS,
+    };
+    finish(&ctx, &packet, UPLINK_SLOT, outcome, &verdict)
+}
+
+/// `from_pod`'s NAT half: a backend of this node answers a client from outside.
+/// `from_pod` validated the source; the reply meets the backend's egress policy
+/// here, then leaves translated.
+#[classifier]
+pub fn from_pod_nat(ctx: TcContext) -> i32 {
+    let mut packet = Packet::default();
+    // SAFETY: reading the context's own fields.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let is_ip = parse(&ctx, &mut packet);
+    let sender = if is_ip { sav::sender(&packet, ifindex) } else { None };
+    let mut verdict = Verdict::default();
+    let (slot, outcome) = match sender {
+        Some(sender) if !packet.is_error => {
+            police(&ctx, &packet, sender.slot, NO_SLOT, false, &mut verdict);
+            let outcome = match verdict.result {
+                ALLOWED => translate_reply_from_pod(&ctx, &mut packet),
+                denied => denied,
+            };
+            (sender.slot, outcome)
+        }
+        _ => (interface_slot(ifindex), PASS),
+    };
+    finish(&ctx, &packet, slot, outcome, &verdict)
+}
+
+#[inline(always)]
+fn translate_from_net(ctx: &TcContext, packet: &mut Packet, ifindex: u32, verdict: &mut Verdict) -> Outcome {
+    let Some(layout) = Layout::of(ctx, packet) else {
+        return PASS;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let mut entry = live_entry(key_of(packet), now);
+    if entry.is_none() && packet.opens {
+        match open(packet, ifindex, now) {
+            Ok(()) => entry = live_entry(key_of(packet), now),
+            Err(outcome) => return outcome,
+        }
+    }
+    let Some(entry) = entry else {
+        return PASS;
+    };
+    // SAFETY: a map value; concurrent updates of a connection's time and state race
+    // harmlessly.
+    let entry = unsafe { &mut *entry };
+    track(entry, &layout, now);
+    if !rewrite(ctx, packet, entry, &layout) {
+        return DROP_REDIRECT_FAILED;
+    }
+    packet.src = entry.src;
+    packet.dst = entry.dst;
+    if entry.direction == NAT_REPLY {
+        return to_network(entry.uplink);
+    }
+    if let Some(endpoint) = local_endpoint(&packet.dst.addr) {
+        police(ctx, packet, NO_SLOT, endpoint.slot, false, verdict);
+        if verdict.result == ALLOWED {
+            to_local_pod(ctx, endpoint)
+        } else {
+            verdict.result
+        }
+    } else if let Some(peer) = peer_node(&packet.dst.addr).filter(|peer| fits_uplink(ctx, peer)) {
+        to_peer_node(peer)
+    } else {
+        PASS
+    }
+}
+
+#[inline(always)]
+fn translate_reply_from_pod(ctx: &TcContext, packet: &mut Packet) -> Outcome {
+    let Some(layout) = Layout::of(ctx, packet) else {
+        return PASS;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(entry) = live_entry(key_of(packet), now) else {
+        return PASS;
+    };
+    let entry = unsafe { &mut *entry };
+    if entry.direction != NAT_REPLY {
+        return PASS;
+    }
+    track(entry, &layout, now);
+    if !rewrite(ctx, packet, entry, &layout) {
+        return DROP_REDIRECT_FAILED;
+    }
+    packet.src = entry.src;
+    packet.dst = entry.dst;
+    to_network(entry.uplink)
+}
+
+/// The entry of `key`, unless its connection has been quiet for longer than its
+/// state allows.
+#[inline(always)]
+fn live_entry(key: &NatKey, now: u64) -> Option<*mut NatEntry> {
+    let entry = VELOX_NAT.get_ptr_mut(key)?;
+    // SAFETY: a map value.
+    match unsafe { (*entry).expired(now) } {
+        true => None,
+        false => Some(entry),
+    }
+}
+
+/// A new connection from outside to a Service: picks its backend, masquerades the
+/// client unless the Service keeps it, and enters both directions.
+#[inline(always)]
+fn open(packet: &Packet, ifindex: u32, now: u64) -> Result<(), Outcome> {
+    let Some(service) = service_at(&packet.dst, 0).filter(|s| s.flags & SERVICE_FROM_OUTSIDE != 0) else {
+        return Err(PASS);
+    };
+    let from_cluster = peer_node(&packet.src.addr).is_some();
+    let keep_client = service.flags & SERVICE_EXTERNAL_LOCAL != 0 && !from_cluster;
+    let choices = if keep_client {
+        service.local_backends
+    } else {
+        service.backends
+    };
+    let client = AffinityKey {
+        service: service.id,
+        from_socket: 0,
+        client: packet.src.addr,
+    };
+    let Some(backend) = pick_backend(service, choices, &client, now) else {
+        // Nothing listens on a node address: the kernel refuses the connection.
+        let refuse = !keep_client && node_address(&packet.dst.addr).is_some();
+        return Err(if refuse { PASS } else { DROP_NO_BACKEND });
+    };
+    let state = if packet.src.proto == IPPROTO_TCP {
+        NAT_OPENING
+    } else {
+        NAT_OTHER
+    };
+    let mut original = NatEntry {
+        src: packet.src,
+        dst: *backend,
+        last_seen: now,
+        state,
+        direction: NAT_ORIGINAL,
+        uplink: ifindex,
+        pad: 0,
+    };
+    let reply = NatEntry {
+        src: packet.dst,
+        dst: packet.src,
+        direction: NAT_REPLY,
+        ..original
+    };
+    if keep_client {
+        VELOX_NAT
+            .insert(&original.reverse_key(), &reply, 0)
+            .map_err(|_| DROP_NAT_PORTS_EXHAUSTED)?;
+    } else {
+        let family = usize::from(!packet.src.addr.is_v4_mapped()) as u32;
+        let masquerade = VELOX_MASQUERADE
+            .get(family)
+            .filter(|a| **a != IpKey::default())
+            .ok_or(DROP_NO_BACKEND)?;
+        original.src.addr = *masquerade;
+        if !masquerade_port(&mut original, &reply) {
+            return Err(DROP_NAT_PORTS_EXHAUSTED);
+        }
+    }
+    VELOX_NAT
+        .insert(key_of(packet), &original, 0)
+        .map_err(|_| DROP_NAT_PORTS_EXHAUSTED)
+}
+
+/// Gives `original` a source port no other connection to its backend uses (a few
+/// random tries), entering `reply` under it.
+#[inline(always)]
+fn masquerade_port(original: &mut NatEntry, reply: &NatEntry) -> bool {
+    let ports = u32::from(*NAT_PORTS.end() - *NAT_PORTS.start()) + 1;
+    for _ in 0..4 {
+        let port = *NAT_PORTS.start() + (unsafe { bpf_get_prandom_u32() } % ports) as u16;
+        original.src.port = port.to_be();
+        if VELOX_NAT
+            .insert(&original.reverse_key(), reply, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Keeps both directions of the connection alive, and follows TCP's state: the first
+/// reply establishes it, a FIN or RST closes it, a new SYN opens it again.
+#[inline(always)]
+fn track(entry: &mut NatEntry, layout: &Layout, now: u64) {
+    let mut state = entry.state;
+    if layout.proto == IPPROTO_TCP {
+        let flags = layout.tcp_flags;
+        state = if flags & (TCP_FIN | TCP_RST) != 0 {
+            NAT_CLOSING
+        } else if flags & TCP_SYN != 0 && entry.direction == NAT_ORIGINAL {
+            NAT_OPENING
+        } else if entry.direction == NAT_REPLY && state == NAT_OPENING {
+            NAT_ESTABLISHED
+        } else {
+            state
+        };
+    }
+    entry.last_seen = now;
+    entry.state = state;
+    if let Some(other) = VELOX_NAT.get_ptr_mut(&entry.reverse_key()) {
+        // SAFETY: a map value.
+        let other = unsafe { &mut *other };
+        other.last_seen = now;
+        other.state = state;
+    }
+}
+
+/// Where the checksums and the TCP flags of a packet the NAT rewrites lie.
+struct Layout {
+    v4: bool,
+    proto: u8,
+    tcp_flags: u8,
+    /// The transport header.
+    l4: usize,
+    /// The transport checksum.
+    checksum: usize,
+}
+
+impl Layout {
+    /// None for what the NAT leaves alone: fragments, IPv6 extension headers,
+    /// protocols other than TCP and UDP.
+    #[inline(always)]
+    fn of(ctx: &TcContext, packet: &Packet) -> Option<Self> {
+        let v4 = packet.dst.addr.is_v4_mapped();
+        let proto = packet.dst.proto;
+        let l4 = if v4 {
+            let ip = ctx.load::<Ipv4Hdr>(EthHdr::LEN).ok()?;
+            if u16::from_be_bytes(ip.frags) & IPV4_FRAGMENTED != 0 || ip.proto != proto {
+                return None;
+            }
+            EthHdr::LEN + usize::from(ip.ihl())
+        } else {
+            // next header at byte 6 of the fixed header
+            if ctx.load::<u8>(EthHdr::LEN + 6).ok()? != proto {
+                return None;
+            }
+            EthHdr::LEN + 40
+        };
+        let (checksum, tcp_flags) = match proto {
+            IPPROTO_TCP => (l4 + 16, ctx.load::<u8>(l4 + 13).ok()?),
+            IPPROTO_UDP => (l4 + 6, 0),
+            _ => return None,
+        };
+        Some(Self {
+            v4,
+            proto,
+            tcp_flags,
+            l4,
+            checksum,
+        })
+    }
+
+    /// `bpf_l4_csum_replace`'s flags: a UDP checksum of 0 (none, IPv4) stays 0.
+    #[inline(always)]
+    fn l4_flags(&self) -> u64 {
+        match self.proto {
+            IPPROTO_UDP => u64::from(BPF_F_MARK_MANGLED_0),
+            _ => 0,
+        }
+    }
+}
+
+/// Rewrites the packet's ends to `to`'s, with the checksums.
+#[inline(always)]
+fn rewrite(ctx: &TcContext, packet: &Packet, to: &NatEntry, layout: &Layout) -> bool {
+    let addresses = if layout.v4 {
+        rewrite_v4_address(ctx, layout, 12, &packet.src.addr, &to.src.addr)
+            && rewrite_v4_address(ctx, layout, 16, &packet.dst.addr, &to.dst.addr)
+    } else {
+        rewrite_v6_address(ctx, layout, 8, &packet.src.addr, &to.src.addr)
+            && rewrite_v6_address(ctx, layout, 24, &packet.dst.addr, &to.dst.addr)
+    };
+    addresses
+        && rewrite_port(ctx, layout, 0, packet.src.port, to.src.port)
+        && rewrite_port(ctx, layout, 2, packet.dst.port, to.dst.port)
+}
+
+/// The IPv4 address at `offset` in the IP header, from `old` to `new`.
+#[inline(always)]
+fn rewrite_v4_address(ctx: &TcContext, layout: &Layout, offset: usize, old: &IpKey, new: &IpKey) -> bool {
+    let (old, new) = (old.words()[3], new.words()[3]);
+    if old == new {
+        return true;
+    }
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR) | 4 | layout.l4_flags();
+    ctx.l4_csum_replace(layout.checksum, u64::from(old), u64::from(new), pseudo)
+        .is_ok()
+        && ctx
+            .l3_csum_replace(EthHdr::LEN + 10, u64::from(old), u64::from(new), 4)
+            .is_ok()
+        && ctx.store(EthHdr::LEN + offset, &new, 0).is_ok()
+}
+
+/// The IPv6 address at `offset` in the IP header, from `old` to `new`.
+#[inline(always)]
+fn rewrite_v6_address(ctx: &TcContext, layout: &Layout, offset: usize, old: &IpKey, new: &IpKey) -> bool {
+    if old == new {
+        return true;
+    }
+    // SAFETY: both are 16 readable bytes.
+    let diff = unsafe { bpf_csum_diff(old.addr.as_ptr() as *mut u32, 16, new.addr.as_ptr() as *mut u32, 16, 0) };
+    let pseudo = u64::from(BPF_F_PSEUDO_HDR) | layout.l4_flags();
+    ctx.l4_csum_replace(layout.checksum, 0, diff as u64, pseudo).is_ok()
+        && ctx.store(EthHdr::LEN + offset, &new.addr, 0).is_ok()
+}
+
+/// The port at `offset` in the transport header (network byte order), from `old` to `new`.
+#[inline(always)]
+fn rewrite_port(ctx: &TcContext, layout: &Layout, offset: usize, old: u16, new: u16) -> bool {
+    if old == new {
+        return true;
+    }
+    ctx.l4_csum_replace(layout.checksum, u64::from(old), u64::from(new), 2 | layout.l4_flags())
+        .is_ok()
+        && ctx.store(layout.l4 + offset, &new, 0).is_ok()
+}

@@ -1,0 +1,105 @@
+//! Services as the socket load balancer and the outside path (`nat`) both see them:
+//! frontends, NodePorts, backends, and the pick of one backend.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{HashMap, LruHashMap},
+    helpers::bpf_get_prandom_u32,
+    macros::btf_map,
+};
+use velox_common::{
+    Affinity, AffinityKey, BackendSlot, FlowEnd, IpKey, NodeAddress, NodePortKey, Service, MAX_AFFINITIES,
+    MAX_BACKENDS, MAX_NODE_ADDRESSES, MAX_NODE_PORTS, MAX_SERVICES,
+};
+
+#[btf_map]
+static VELOX_SERVICES: HashMap<FlowEnd, Service, MAX_SERVICES, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
+
+#[btf_map]
+static VELOX_NODE_PORTS: HashMap<NodePortKey, Service, MAX_NODE_PORTS, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
+
+#[btf_map]
+static VELOX_NODE_ADDRESSES: HashMap<IpKey, NodeAddress, MAX_NODE_ADDRESSES, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
+
+#[btf_map]
+static VELOX_BACKENDS: HashMap<BackendSlot, FlowEnd, MAX_BACKENDS, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
+
+#[btf_map]
+static VELOX_AFFINITY: LruHashMap<AffinityKey, Affinity, MAX_AFFINITIES> = LruHashMap::new();
+
+/// The Service a connection to `frontend` asks for: a ClusterIP, external or
+/// load-balancer IP, or a NodePort on one of this node's addresses. `netns` is the
+/// asking socket's network namespace cookie (0 from the network), to which a
+/// loopback NodePort is limited.
+#[inline(always)]
+pub fn service_at(frontend: &FlowEnd, netns: u64) -> Option<&'static Service> {
+    if let Some(service) = unsafe { VELOX_SERVICES.get(frontend) } {
+        return Some(service);
+    }
+    let address = unsafe { VELOX_NODE_ADDRESSES.get(&frontend.addr) }?;
+    if address.netns_cookie != 0 && address.netns_cookie != netns {
+        return None;
+    }
+    unsafe { VELOX_NODE_PORTS.get(&NodePortKey::of(frontend)) }
+}
+
+/// This node's address `addr`, as a NodePort answers on it.
+#[inline(always)]
+pub fn node_address(addr: &IpKey) -> Option<&'static NodeAddress> {
+    unsafe { VELOX_NODE_ADDRESSES.get(addr) }
+}
+
+/// One of the first `choices` backends of `service`. A client with
+/// `sessionAffinity: ClientIP` gets the backend it had while the timeout lasts and
+/// that backend still holds its slot. None when there is no choice.
+#[inline(always)]
+pub fn pick_backend(service: &Service, choices: u32, client: &AffinityKey, now: u64) -> Option<&'static FlowEnd> {
+    if choices == 0 {
+        return None;
+    }
+    let sticky = service.affinity_seconds != 0;
+    if sticky {
+        if let Some(kept) = VELOX_AFFINITY.get_ptr_mut(client) {
+            // SAFETY: a map value; a racing writer at worst picks anew.
+            let kept = unsafe { &mut *kept };
+            let fresh = now.wrapping_sub(kept.last_seen) <= u64::from(service.affinity_seconds) * 1_000_000_000;
+            if fresh && kept.slot < choices {
+                let slot = BackendSlot {
+                    service: service.id,
+                    slot: kept.slot,
+                };
+                if let Some(backend) = unsafe { VELOX_BACKENDS.get(&slot) } {
+                    if *backend == kept.backend {
+                        kept.last_seen = now;
+                        return Some(backend);
+                    }
+                }
+            }
+        }
+    }
+    let slot = (unsafe { bpf_get_prandom_u32() }) % choices;
+    let picked = BackendSlot {
+        service: service.id,
+        slot,
+    };
+    // A slot can be missing for a moment while the loader shrinks the Service; slot 0
+    // goes last.
+    let first = BackendSlot {
+        service: service.id,
+        slot: 0,
+    };
+    let (backend, slot) = match unsafe { VELOX_BACKENDS.get(&picked) } {
+        Some(backend) => (backend, slot),
+        None => (unsafe { VELOX_BACKENDS.get(&first) }?, 0),
+    };
+    if sticky {
+        let kept = Affinity {
+            backend: *backend,
+            slot,
+            last_seen: now,
+        };
+        let _ = VELOX_AFFINITY.insert(client, &kept, 0);
+    }
+    Some(backend)
+}

@@ -1,0 +1,402 @@
+//! Velox as the whole of kube-proxy (`--socket-lb --kube-proxy-replacement`) on the
+//! two-node cluster, with no kube-proxy rules anywhere: the external host reaches
+//! NodePorts, external and load-balancer IPs through Velox's own NAT at the uplink;
+//! pods and hosts reach Services through the socket load balancer. Services come
+//! from the cluster-state file. Needs root and `cargo xtask build`; `cargo xtask
+//! test` does both.
+
+use nix::sys::signal::Signal;
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::Duration;
+use velox_test_env::backend::{request, Backend};
+use velox_test_env::cluster::external_ip;
+use velox_test_env::cluster_state::{self, ServicePort, ServiceSpec};
+use velox_test_env::kube_proxy::Protocol;
+use velox_test_env::netns::spawn_in;
+use velox_test_env::{run, wait_for, ClusterGuard, Family, Node, Pod};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+const HTTP: ServicePort = ServicePort {
+    name: "http",
+    protocol: Protocol::Tcp,
+    port: 80,
+    target_port: 8080,
+    node_port: Some(30080),
+};
+const DNS: ServicePort = ServicePort {
+    name: "dns",
+    protocol: Protocol::Udp,
+    port: 53,
+    target_port: 5353,
+    node_port: Some(30053),
+};
+
+fn cluster_ip(family: Family, last: u8) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::from([10, 96, 0, last]),
+        Family::V6 => IpAddr::from([0xfd00, 0x96, 0, 0, 0, 0, 0, u16::from(last)]),
+    }
+}
+
+/// An address outside the cluster that the router sends to node `node` (an external
+/// or load-balancer IP, as a cloud's load balancer or a BGP speaker would).
+fn routed_ip(cluster: &ClusterGuard, family: Family, last: u8, node: usize) -> IpAddr {
+    let ip = match family {
+        Family::V4 => IpAddr::from([198, 51, 100, last]),
+        Family::V6 => IpAddr::from([0x2001, 0xdb8, 0x51, 0, 0, 0, 0, u16::from(last)]),
+    };
+    let via = cluster.node_ip(node, family).to_string();
+    let family_flag = if family == Family::V4 { "-4" } else { "-6" };
+    let (ip_text, router) = (ip.to_string(), cluster.router.as_str());
+    run(
+        "ip",
+        &[family_flag, "-n", router, "route", "replace", &ip_text, "via", &via],
+    )
+    .unwrap();
+    ip
+}
+
+/// The cluster with every loader restarted as the whole of kube-proxy, reading
+/// Services from one file.
+fn cluster_replacing_kube_proxy(tag: &str) -> (ClusterGuard, PathBuf) {
+    let cluster = ClusterGuard::up(tag).unwrap();
+    let state = cluster.peers_file.with_file_name("services.json");
+    cluster_state::write(&state, &[]).unwrap();
+    for node in &cluster.nodes {
+        node.stop_loader(Signal::SIGTERM).unwrap();
+        let cgroup = node.cgroup().unwrap();
+        let flags = [
+            "--cluster-state",
+            state.to_str().unwrap(),
+            "--socket-lb",
+            "--socket-lb-cgroup",
+            cgroup.to_str().unwrap(),
+            "--kube-proxy-replacement",
+        ];
+        node.start_loader_with(&flags).unwrap();
+    }
+    (cluster, state)
+}
+
+/// `service`'s objects with `change` made to the Service object.
+fn with(service: &ServiceSpec, change: impl FnOnce(&mut Value)) -> Vec<Value> {
+    let mut objects = service.objects();
+    change(&mut objects[0]);
+    objects
+}
+
+/// Waits until every node's load balancer has `frontend` (as `velox-loader services`
+/// names it) with `backends` backends.
+fn wait_for_frontend(cluster: &ClusterGuard, frontend: &str, backends: usize) {
+    let loaded = || {
+        cluster.nodes.iter().all(|n| {
+            n.dump("services").is_ok_and(|rows| {
+                rows.iter()
+                    .any(|r| r["frontend"] == frontend && r["backends"].as_array().is_some_and(|b| b.len() == backends))
+            })
+        })
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), loaded),
+        "the loaders did not pick up {frontend}"
+    );
+}
+
+/// Neither node has a rule of kube-proxy's: what answers is Velox.
+fn assert_no_kube_proxy_rules(cluster: &ClusterGuard) {
+    for node in &cluster.nodes {
+        for save in ["iptables-save", "ip6tables-save"] {
+            let rules = run("ip", &["netns", "exec", &node.name, save]).unwrap();
+            assert!(!rules.contains("KUBE-"), "{save} on {}: {rules}", node.name);
+        }
+    }
+}
+
+/// Backends in `pod` for both ports, both families, answering with the client's address.
+fn backends_in(pod: &Pod) -> Vec<Backend> {
+    let mut backends = Vec::new();
+    for family in Family::ALL {
+        for (port, protocol) in [(8080, Protocol::Tcp), (5353, Protocol::Udp)] {
+            let addr = SocketAddr::new(pod.ip(family), port);
+            backends.push(Backend::start_telling_client(&pod.name, addr, protocol, &pod.name).unwrap());
+        }
+    }
+    backends
+}
+
+/// One request by `velox-probe` from `pod`, a process of `node`'s cgroup as a pod's
+/// are (the socket hooks act on them): the answer, or the error.
+fn from_pod(node: &Node, pod: &Pod, to: SocketAddr, protocol: Protocol) -> Result<String, String> {
+    let mode = match protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    };
+    let answer = node.probe(&pod.name, mode, to).map_err(|e| e.to_string())?;
+    match answer["answer"].as_str() {
+        Some(answer) => Ok(answer.to_string()),
+        None => Err(answer.to_string()),
+    }
+}
+
+/// The status code of `GET /` on `to`, from the external host, and the body.
+fn http_get(netns: &str, to: SocketAddr) -> anyhow::Result<(u16, String)> {
+    spawn_in(netns, move || {
+        let mut stream = TcpStream::connect_timeout(&to, TIMEOUT)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.write_all(b"GET / HTTP/1.0\r\nHost: node\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("no status line: {response:?}"))?;
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+        Ok((status, body))
+    })
+    .join()
+    .expect("client thread")
+}
+
+/// The external host reaches a NodePort on both nodes' addresses (the backend on the
+/// first node: on the second, the connection is masqueraded and forwarded), an
+/// external IP routed to the second node and a load-balancer IP routed to the first,
+/// over TCP and UDP in both families; pods of both nodes reach the NodePort on either
+/// node; loopback NodePorts serve the node's own processes and leave a pod's
+/// loopback to the pod.
+#[test]
+fn node_ports_external_and_load_balancer_ips_serve_the_outside_on_both_nodes() {
+    let (cluster, state) = cluster_replacing_kube_proxy("kprnp");
+    let (pod1, pod3, pod4) = (cluster.pod("pod-1"), cluster.pod("pod-3"), cluster.pod("pod-4"));
+    let _backends = backends_in(&pod1);
+    let external_ips: Vec<IpAddr> = Family::ALL.map(|f| routed_ip(&cluster, f, 10, 1)).to_vec();
+    let load_balancer_ip = routed_ip(&cluster, Family::V4, 20, 0);
+    let web = ServiceSpec {
+        name: "web".into(),
+        cluster_ips: Family::ALL.map(|f| cluster_ip(f, 50)).to_vec(),
+        ports: vec![HTTP, DNS],
+        backends: pod1.ips.clone(),
+    };
+    let objects = with(&web, |service| {
+        service["spec"]["type"] = json!("LoadBalancer");
+        service["spec"]["externalIPs"] = json!(external_ips);
+        service["status"] = json!({"loadBalancer": {"ingress": [{"ip": load_balancer_ip}]}});
+    });
+    cluster_state::write_objects(&state, objects).unwrap();
+    wait_for_frontend(&cluster, "nodeport:30080", 1);
+    wait_for_frontend(&cluster, "[nodeport]:30053", 1);
+    assert_no_kube_proxy_rules(&cluster);
+
+    for family in Family::ALL {
+        for (port, node_port, protocol) in [(80, 30080, Protocol::Tcp), (53, 30053, Protocol::Udp)] {
+            // Masqueraded as the node that took the connection.
+            for node in 0..2 {
+                let node_ip = cluster.node_ip(node, family);
+                let frontend = SocketAddr::new(node_ip, node_port);
+                let answer = request(&cluster.external, frontend, protocol, TIMEOUT);
+                let expected = format!("{} {node_ip}", pod1.name);
+                assert_eq!(
+                    answer.as_ref().ok(),
+                    Some(&expected),
+                    "external -> {frontend} {protocol:?}: {answer:?}"
+                );
+            }
+            let external = external_ips.iter().find(|ip| Family::of(ip) == family).unwrap();
+            let mut outside_frontends = vec![SocketAddr::new(*external, port)];
+            if family == Family::V4 {
+                outside_frontends.push(SocketAddr::new(load_balancer_ip, port));
+            }
+            for frontend in outside_frontends {
+                let answer = request(&cluster.external, frontend, protocol, TIMEOUT);
+                assert!(
+                    answer.as_ref().is_ok_and(|a| a.starts_with(&format!("{} ", pod1.name))),
+                    "external -> {frontend} {protocol:?}: {answer:?}"
+                );
+            }
+            // A pod of the second node: its own node's NodePort in the socket, the
+            // first node's over the network.
+            for node in 0..2 {
+                let frontend = SocketAddr::new(cluster.node_ip(node, family), node_port);
+                let answer = from_pod(&cluster.nodes[1], &pod3, frontend, protocol);
+                assert!(
+                    answer.as_ref().is_ok_and(|a| a.starts_with(&format!("{} ", pod1.name))),
+                    "pod-3 -> {frontend} {protocol:?}: {answer:?}"
+                );
+            }
+        }
+    }
+
+    let worker1 = &cluster.nodes[0];
+    for loopback in ["127.0.0.1:30080", "[::1]:30080"] {
+        let answer = worker1.probe(&worker1.name, "tcp", loopback.parse().unwrap()).unwrap();
+        assert!(
+            answer["answer"]
+                .as_str()
+                .is_some_and(|a| a.starts_with(&format!("{} ", pod1.name))),
+            "host -> {loopback}: {answer}"
+        );
+    }
+    // Issue 21: a pod's own server on its loopback, on a port that is a NodePort.
+    let own = Backend::start(&pod4.name, "127.0.0.1:30080".parse().unwrap(), Protocol::Tcp, "itself").unwrap();
+    let answer = worker1
+        .probe(&pod4.name, "tcp", "127.0.0.1:30080".parse().unwrap())
+        .unwrap();
+    assert_eq!(answer["answer"], "itself", "pod-4 -> its own 127.0.0.1:30080: {answer}");
+    drop(own);
+    cluster.finish().unwrap();
+}
+
+/// `externalTrafficPolicy: Local`: the node with the backend serves the external
+/// host with its address kept, the other drops, and each node's health check node
+/// port tells a load balancer which is which. Pods get every backend (kube-proxy
+/// treats traffic from the cluster as `Cluster`).
+#[test]
+fn external_traffic_policy_local_keeps_the_client_and_health_checks_pick_the_node() {
+    let (cluster, state) = cluster_replacing_kube_proxy("kprlocal");
+    let (pod1, pod3) = (cluster.pod("pod-1"), cluster.pod("pod-3"));
+    let _backends = backends_in(&pod1);
+    let web = ServiceSpec {
+        name: "local".into(),
+        cluster_ips: Family::ALL.map(|f| cluster_ip(f, 51)).to_vec(),
+        ports: vec![HTTP, DNS],
+        backends: pod1.ips.clone(),
+    };
+    let objects = with(&web, |service| {
+        service["spec"]["type"] = json!("LoadBalancer");
+        service["spec"]["externalTrafficPolicy"] = json!("Local");
+        service["spec"]["healthCheckNodePort"] = json!(32100);
+    });
+    cluster_state::write_objects(&state, objects).unwrap();
+    wait_for_frontend(&cluster, "nodeport:30080", 1);
+    for family in Family::ALL {
+        for (node_port, protocol) in [(30080, Protocol::Tcp), (30053, Protocol::Udp)] {
+            let with_backend = SocketAddr::new(cluster.node_ip(0, family), node_port);
+            let answer = request(&cluster.external, with_backend, protocol, TIMEOUT);
+            let expected = format!("{} {}", pod1.name, external_ip(family));
+            assert_eq!(
+                answer.as_ref().ok(),
+                Some(&expected),
+                "external -> {with_backend}: {answer:?}"
+            );
+            let without = SocketAddr::new(cluster.node_ip(1, family), node_port);
+            let answer = request(&cluster.external, without, protocol, Duration::from_millis(500));
+            assert!(
+                answer.is_err(),
+                "external -> {without} {protocol:?}, no backend there: {answer:?}"
+            );
+            let answer = from_pod(&cluster.nodes[1], &pod3, without, protocol);
+            assert!(
+                answer.as_ref().is_ok_and(|a| a.starts_with(&format!("{} ", pod1.name))),
+                "pod-3 -> {without}: {answer:?}"
+            );
+        }
+        let health = |node| http_get(&cluster.external, SocketAddr::new(cluster.node_ip(node, family), 32100));
+        let (status, body) = health(0).unwrap();
+        assert_eq!(status, 200, "{body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["localEndpoints"], 1);
+        assert_eq!(body["service"], json!({"namespace": "default", "name": "local"}));
+        assert_eq!(health(1).unwrap().0, 503);
+    }
+    cluster.finish().unwrap();
+}
+
+/// Makes one connection: the answer, or the error.
+type Connect<'a> = &'a dyn Fn() -> Result<String, String>;
+
+/// The backends that answered `count` connections made by `connect`.
+fn answered_by(connect: Connect, count: usize) -> BTreeSet<String> {
+    (0..count)
+        .map(|_| connect().unwrap().split(' ').next().unwrap().to_string())
+        .collect()
+}
+
+/// `sessionAffinity: ClientIP`: a client from outside (by address, at the uplink)
+/// and a pod (by network namespace, in the socket) keep one backend of two for every
+/// connection; once the timeout passed without one, a new pick happens.
+#[test]
+fn client_ip_affinity_sticks_until_its_timeout() {
+    let (cluster, state) = cluster_replacing_kube_proxy("kpraff");
+    let (pod1, pod2, pod3) = (cluster.pod("pod-1"), cluster.pod("pod-2"), cluster.pod("pod-3"));
+    let backends: Vec<Backend> = [&pod1, &pod2]
+        .into_iter()
+        .map(|pod| {
+            let addr = SocketAddr::new(pod.ip(Family::V4), 8080);
+            Backend::start_telling_client(&pod.name, addr, Protocol::Tcp, &pod.name).unwrap()
+        })
+        .collect();
+    let timeout_seconds = 2;
+    let sticky = ServiceSpec {
+        name: "sticky".into(),
+        cluster_ips: vec![cluster_ip(Family::V4, 52)],
+        ports: vec![HTTP],
+        backends: vec![pod1.ip(Family::V4), pod2.ip(Family::V4)],
+    };
+    let objects = with(&sticky, |service| {
+        service["spec"]["sessionAffinity"] = json!("ClientIP");
+        service["spec"]["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": timeout_seconds}});
+    });
+    cluster_state::write_objects(&state, objects).unwrap();
+    wait_for_frontend(&cluster, "nodeport:30080", 2);
+    let node_port = SocketAddr::new(cluster.node_ip(0, Family::V4), 30080);
+    let cluster_ip = SocketAddr::new(cluster_ip(Family::V4, 52), 80);
+    let external = || request(&cluster.external, node_port, Protocol::Tcp, TIMEOUT).map_err(|e| e.to_string());
+    let pod = || from_pod(&cluster.nodes[1], &pod3, cluster_ip, Protocol::Tcp);
+    let clients: [(&str, Connect, usize); 2] = [
+        ("external -> NodePort", &external, 1000),
+        ("pod-3 -> ClusterIP", &pod, 100),
+    ];
+    for (client, connect, count) in clients {
+        let seen = answered_by(connect, count);
+        assert_eq!(seen.len(), 1, "{client}: {count} connections reached {seen:?}");
+        let first = seen.into_iter().next().unwrap();
+        let moved = (0..12).any(|_| {
+            std::thread::sleep(Duration::from_millis(timeout_seconds * 1000 + 300));
+            answered_by(connect, 1).into_iter().next() != Some(first.clone())
+        });
+        assert!(moved, "{client}: still {first} after 12 timeouts (1 in 4096 by chance)");
+    }
+    drop(backends);
+    cluster.finish().unwrap();
+}
+
+/// `internalTrafficPolicy: Local`: a pod reaches the ClusterIP's backend on its own
+/// node only; a node without one refuses at once.
+#[test]
+fn internal_traffic_policy_local_serves_only_this_nodes_backends() {
+    let (cluster, state) = cluster_replacing_kube_proxy("kpritp");
+    let (pod1, pod3, pod4) = (cluster.pod("pod-1"), cluster.pod("pod-3"), cluster.pod("pod-4"));
+    let _backends = backends_in(&pod1);
+    let internal = ServiceSpec {
+        name: "internal".into(),
+        cluster_ips: Family::ALL.map(|f| cluster_ip(f, 53)).to_vec(),
+        ports: vec![ServicePort {
+            node_port: None,
+            ..HTTP
+        }],
+        backends: pod1.ips.clone(),
+    };
+    let objects = with(&internal, |service| {
+        service["spec"]["internalTrafficPolicy"] = json!("Local");
+    });
+    cluster_state::write_objects(&state, objects).unwrap();
+    wait_for_frontend(&cluster, &format!("{}:80", cluster_ip(Family::V4, 53)), 1);
+    for family in Family::ALL {
+        let frontend = SocketAddr::new(cluster_ip(family, 53), 80);
+        let answer = from_pod(&cluster.nodes[0], &pod4, frontend, Protocol::Tcp);
+        assert!(
+            answer.as_ref().is_ok_and(|a| a.starts_with(&format!("{} ", pod1.name))),
+            "pod-4 -> {frontend}: {answer:?}"
+        );
+        let refused = from_pod(&cluster.nodes[1], &pod3, frontend, Protocol::Tcp);
+        assert!(
+            refused.as_ref().is_err_and(|e| e.contains("refused")),
+            "pod-3 -> {frontend}: {refused:?}"
+        );
+    }
+    cluster.finish().unwrap();
+}
