@@ -471,6 +471,10 @@ impl Daemon {
             let waiting = policy.waiting_for_pod_object.len() as i64;
             self.metrics.policy_waiting_for_pod_object.set(waiting);
         }
+        if let Some(balancer) = &self.sync.balancer {
+            let failed = balancer.health().failed.len() as i64;
+            self.metrics.services_failed_frontends.set(failed);
+        }
         self.answer_waiting().await;
         applied
     }

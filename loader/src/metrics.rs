@@ -45,6 +45,8 @@ pub struct Metrics {
     pub policy_failed_closed: Gauge,
     /// Named pods that deny everything until the source shows their Pod object.
     pub policy_waiting_for_pod_object: Gauge,
+    /// Service frontends the last pass could not write.
+    pub services_failed_frontends: Gauge,
 }
 
 impl Metrics {
@@ -57,6 +59,7 @@ impl Metrics {
             objects_skipped: Family::default(),
             policy_failed_closed: Gauge::default(),
             policy_waiting_for_pod_object: Gauge::default(),
+            services_failed_frontends: Gauge::default(),
         }
     }
 
@@ -93,6 +96,12 @@ impl Metrics {
             "policy_pods_waiting_for_pod_object",
             "Pods that deny everything because the cluster source has not shown their Pod object yet",
             self.policy_waiting_for_pod_object.clone(),
+        );
+        registry.register(
+            "services_failed_frontends",
+            "Service frontends the last pass could not write (a full map, a failed write): they keep what the \
+             maps had until a later pass writes them",
+            self.services_failed_frontends.clone(),
         );
         registry.register_collector(Box::new(Datapath { bpffs, state_dir }));
         let registry = Arc::new(registry);

@@ -400,3 +400,98 @@ fn internal_traffic_policy_local_serves_only_this_nodes_backends() {
     }
     cluster.finish().unwrap();
 }
+
+/// An echo server on `addr` in `netns` for one connection at a time, until dropped.
+fn echo_server(netns: &str, addr: SocketAddr) -> std::thread::JoinHandle<anyhow::Result<()>> {
+    let listening = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let ready = listening.clone();
+    let server = spawn_in(netns, move || {
+        let listener = std::net::TcpListener::bind(addr)?;
+        ready.wait();
+        for stream in listener.incoming() {
+            let mut stream = stream?;
+            let mut reader = stream.try_clone()?;
+            if std::io::copy(&mut reader, &mut stream)? == 0 {
+                return Ok(()); // an empty connection: the test is over
+            }
+        }
+        Ok(())
+    });
+    listening.wait();
+    server
+}
+
+/// From `netns`, one TCP connection to `to` that sends 64 KiB and reads it back,
+/// again and again for `seconds`: the bytes echoed, or the first error.
+fn echo_stream(netns: &str, to: SocketAddr, seconds: u64) -> std::thread::JoinHandle<anyhow::Result<u64>> {
+    spawn_in(netns, move || {
+        let mut stream = TcpStream::connect_timeout(&to, TIMEOUT)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        let block = vec![7u8; 65536];
+        let mut back = vec![0u8; 65536];
+        let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+        let mut echoed = 0;
+        while std::time::Instant::now() < deadline {
+            stream.write_all(&block)?;
+            stream.read_exact(&mut back)?;
+            anyhow::ensure!(back == block, "the echo came back changed");
+            echoed += back.len() as u64;
+        }
+        Ok(echoed)
+    })
+}
+
+/// A TCP stream from the external host through a NodePort to a backend on the other
+/// node (masqueraded and forwarded) outlives restarts of both loaders, an upgrade to
+/// another build and a downgrade: the NAT's connections live in a pinned map, and
+/// the programs move over under them.
+#[test]
+fn a_node_port_stream_from_outside_survives_restarts_an_upgrade_and_a_downgrade() {
+    let (cluster, state) = cluster_replacing_kube_proxy("kprup");
+    let pod1 = cluster.pod("pod-1");
+    let echo = ServiceSpec {
+        name: "echo".into(),
+        cluster_ips: vec![cluster_ip(Family::V4, 54)],
+        ports: vec![ServicePort {
+            name: "echo",
+            protocol: Protocol::Tcp,
+            port: 7,
+            target_port: 7007,
+            node_port: Some(30007),
+        }],
+        backends: vec![pod1.ip(Family::V4)],
+    };
+    cluster_state::write(&state, &[echo]).unwrap();
+    wait_for_frontend(&cluster, "nodeport:30007", 1);
+    let backend = SocketAddr::new(pod1.ip(Family::V4), 7007);
+    let server = echo_server(&pod1.name, backend);
+    let frontend = SocketAddr::new(cluster.node_ip(1, Family::V4), 30007);
+    let changed = velox_test_env::upgrade_test_object().unwrap();
+    let changed = changed.to_str().unwrap().to_string();
+    let restarts: [&[&str]; 3] = [&[], &["--ebpf-object", &changed], &[]];
+    for extra in restarts {
+        let stream = echo_stream(&cluster.external, frontend, 4);
+        std::thread::sleep(Duration::from_millis(1000));
+        for node in &cluster.nodes {
+            node.stop_loader(Signal::SIGTERM).unwrap();
+            let cgroup = node.cgroup().unwrap();
+            let mut flags = vec![
+                "--cluster-state",
+                state.to_str().unwrap(),
+                "--socket-lb",
+                "--socket-lb-cgroup",
+                cgroup.to_str().unwrap(),
+                "--kube-proxy-replacement",
+            ];
+            flags.extend_from_slice(extra);
+            node.start_loader_with(&flags).unwrap();
+        }
+        let echoed = stream.join().unwrap();
+        let echoed = echoed.unwrap_or_else(|e| panic!("the stream broke across a restart with {extra:?}: {e:#}"));
+        assert!(echoed > 0, "{extra:?}");
+    }
+    // An empty connection ends the server.
+    drop(request(&cluster.external, frontend, Protocol::Tcp, TIMEOUT));
+    server.join().unwrap().unwrap();
+    cluster.finish().unwrap();
+}

@@ -247,13 +247,22 @@ fn velox_installed_with_kubectl_serves_pods_services_host_ports_and_policy_on_re
         get_from_pod(&cluster, "client", &node2_ip, 18080).as_deref(),
         Some("hostport")
     );
-    let from_outside =
-        velox_test_env::netns::run_in_netns(&cluster.router, "sh", &["-c", &http_get(&node2_ip, 18080)]).unwrap();
+    let from_outside = |host: &str, port| {
+        let answer = velox_test_env::netns::run_in_netns(&cluster.router, "sh", &["-c", &http_get(host, port)]);
+        last_line(&answer.unwrap())
+    };
     assert_eq!(
-        last_line(&from_outside).as_deref(),
+        from_outside(&node2_ip, 18080).as_deref(),
         Some("hostport"),
         "the hostPort from outside"
     );
+    // No kube-proxy: Velox's NAT at each node's uplink.
+    for node_ip in [&node1_ip, &node2_ip] {
+        assert!(
+            a_web(from_outside(node_ip, 30080)),
+            "the NodePort on {node_ip} from outside"
+        );
+    }
 
     // NetworkPolicy with kubectl: the web pods admit only the client, on 8080 (HTTP)
     // and 5201 (iperf3).

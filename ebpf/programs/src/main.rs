@@ -56,11 +56,6 @@ pub fn from_pod(ctx: TcContext) -> i32 {
             DROP_SPOOFED
         }
     } else {
-        // A backend's reply to a client from outside: the NAT half judges it by
-        // policy and translates it back (only when the tail call fails does it go on).
-        if nat::is_translated_reply(&packet) {
-            nat::hand_over(&ctx, FROM_POD_NAT);
-        }
         let sender_slot = sender.map_or(NO_SLOT, |sender| sender.slot);
         from_pod_to(&ctx, &packet, sender_slot, ifindex, &mut verdict)
     };
@@ -92,6 +87,13 @@ fn from_pod_to(ctx: &TcContext, packet: &Packet, sender_slot: u32, ifindex: u32,
     };
     let dst_slot = local.map_or(NO_SLOT, |e| e.slot);
     let to_kernel = local.is_none() && peer.is_none();
+    // A backend's reply to a client from outside (never to a pod: the NAT
+    // masquerades those clients): the NAT half judges it by policy and translates it
+    // back. Only when the tail call fails does it go on here. Before `police`, where
+    // the verifier has the fewest paths to walk.
+    if to_kernel && !kernel_flow && nat::is_translated_reply(packet) {
+        nat::hand_over(ctx, FROM_POD_NAT);
+    }
     police(ctx, packet, sender_slot, dst_slot, to_kernel, verdict);
     if verdict.result != ALLOWED {
         verdict.result
