@@ -201,18 +201,15 @@ fn velox_installed_with_kubectl_serves_pods_services_host_ports_and_policy_on_re
     // Pod names in the counters and the metrics, as kubelet gave them at ADD.
     let stats: Vec<Value> = serde_json::from_str(&loader_cli(&cluster, "node1", &["stats", "--json"])).unwrap();
     assert!(stats.iter().any(|row| row["pod"] == "default/client"), "{stats:?}");
-    let metrics = cluster.nodes[0]
-        .run_on_node(
-            "sh",
-            &[
-                "-c",
-                "printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' | timeout 5 busybox nc -w 2 127.0.0.1 9962",
-            ],
-        )
-        .unwrap();
+    let metrics = || {
+        let get = "printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' | timeout 5 busybox nc -w 2 127.0.0.1 9962";
+        cluster.nodes[0].run_on_node("sh", &["-c", get]).unwrap_or_default()
+    };
+    let client_counters = "namespace=\"default\",pod=\"client\",verdict=\"passed\"";
     assert!(
-        metrics.contains("namespace=\"default\",pod=\"client\",verdict=\"passed\""),
-        "{metrics}"
+        wait_for(Duration::from_secs(10), || metrics().contains(client_counters)),
+        "{}",
+        metrics()
     );
 
     // Pod to pod on a node and across, the Service by ClusterIP and NodePort from a
