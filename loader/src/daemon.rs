@@ -244,6 +244,9 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     let enforces_policy = network_policy && source.gives_policy();
     // Before the programs ADD needs are pinned: from the first pod on, ADD knows.
     mark_policy_enforcement(&store, &state_dir, enforces_policy)?;
+    if datapath.kube_proxy_replacement {
+        reserve_nat_ports()?;
+    }
     let mut ebpf = load_and_pin(&bpffs, &datapath)?;
     carry_over_kernel_flows(&bpffs)?;
     // Not enforcing (turned off, or no source of policy): no pod stays isolated by
@@ -773,10 +776,11 @@ impl SourceSync {
         if let Some(balancer) = self.balancer.as_mut() {
             if changed || balancer.retry_due() || self.this_node.as_ref() != Some(&this_node) {
                 let pod_netns = || store.list().unwrap_or_default().into_iter().map(|r| r.netns).collect();
-                if let Err(e) = balancer.apply_services(bpffs, self.source.services(), &this_node, pod_netns) {
-                    log::error!("applying the Services: {e:#}");
+                match balancer.apply_services(bpffs, self.source.services(), &this_node, pod_netns) {
+                    Ok(()) => self.this_node = Some(this_node),
+                    // Tried again next pass.
+                    Err(e) => log::error!("applying the Services: {e:#}"),
                 }
-                self.this_node = Some(this_node);
             }
         }
         let endpoints_changed_at = std::fs::metadata(state_dir.endpoints_dir())
@@ -896,6 +900,31 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
         std::fs::rename(&staged, &pin).with_context(|| format!("replacing the {name} pin"))?;
     }
     Ok(ebpf)
+}
+
+/// Keeps the node's own sockets off the source ports the NAT masquerades with
+/// (`ip_local_reserved_ports`, both families): a host connection on one of them
+/// could meet a NAT entry's tuple, and its replies would be taken for the NAT's.
+fn reserve_nat_ports() -> anyhow::Result<()> {
+    const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+    let (first, last) = (*velox_common::NAT_PORTS.start(), *velox_common::NAT_PORTS.end());
+    let current = std::fs::read_to_string(RESERVED).with_context(|| format!("reading {RESERVED}"))?;
+    let current = current.trim();
+    let covered = current.split(',').filter(|r| !r.is_empty()).any(|range| {
+        let mut ends = range.split('-').map(|p| p.trim().parse::<u16>().unwrap_or(0));
+        let start = ends.next().unwrap_or(0);
+        let end = ends.next().unwrap_or(start);
+        start <= first && last <= end
+    });
+    if !covered {
+        let wanted = match current.is_empty() {
+            true => format!("{first}-{last}"),
+            false => format!("{current},{first}-{last}"),
+        };
+        std::fs::write(RESERVED, &wanted).with_context(|| format!("reserving the NAT's ports in {RESERVED}"))?;
+        log::info!("reserved ports {first}-{last} for the NAT (ip_local_reserved_ports {wanted})");
+    }
+    Ok(())
 }
 
 /// Pins of tail-call arrays start with this; the rest of the name is the load's.

@@ -870,6 +870,47 @@ impl ServiceMaps {
     }
 }
 
+/// The frontend each socket asked for, by socket cookie and the backend it was sent
+/// to (LRU): which Service a connected socket came through.
+pub struct SocketPeers {
+    peers: HashMap<MapData, SocketPeer, FlowEnd>,
+}
+
+impl SocketPeers {
+    pub fn open(bpffs: &Bpffs) -> Result<Self> {
+        Ok(Self {
+            peers: open_map(bpffs, SOCKET_PEERS_MAP)?,
+        })
+    }
+
+    /// The frontend the socket with `cookie` asked for when it was sent to `backend`;
+    /// `None` for a socket the load balancer did not translate (or whose entry went).
+    pub fn frontend_of(&self, cookie: u64, backend: FlowEnd) -> Result<Option<FlowEnd>> {
+        let key = SocketPeer {
+            cookie,
+            peer: backend,
+            pad: 0,
+        };
+        found(self.peers.get(&key, 0), "reading the socket peer map")
+    }
+}
+
+/// Removes both directions of every NAT connection to one of `backends`; returns
+/// how many connections.
+pub fn forget_nat_to(bpffs: &Bpffs, backends: &std::collections::HashSet<FlowEnd>) -> Result<usize> {
+    let mut map: HashMap<MapData, NatKey, NatEntry> = open_map(bpffs, NAT_MAP)?;
+    let doomed: Vec<(NatKey, NatEntry)> = nat_entries(bpffs)?
+        .into_iter()
+        .filter(|(_, entry)| entry.direction == velox_common::NAT_ORIGINAL && backends.contains(&entry.dst))
+        .collect();
+    for (key, entry) in &doomed {
+        for key in [*key, entry.reverse_key()] {
+            ignore_missing(map.remove(&key)).map_err(Error::map("removing a NAT entry"))?;
+        }
+    }
+    Ok(doomed.len())
+}
+
 /// The NAT's connections, for `velox-loader nat`.
 pub fn nat_entries(bpffs: &Bpffs) -> Result<Vec<(NatKey, NatEntry)>> {
     let map: HashMap<MapData, NatKey, NatEntry> = open_map(bpffs, NAT_MAP)?;

@@ -181,11 +181,27 @@ fn node_ports_external_and_load_balancer_ips_serve_the_outside_on_both_nodes() {
         ports: vec![HTTP, DNS],
         backends: pod1.ips.clone(),
     };
-    let objects = with(&web, |service| {
+    let mut objects = with(&web, |service| {
         service["spec"]["type"] = json!("LoadBalancer");
         service["spec"]["externalIPs"] = json!(external_ips);
         service["status"] = json!({"loadBalancer": {"ingress": [{"ip": load_balancer_ip}]}});
     });
+    // Source ranges are not enforced: that load-balancer IP is not served at all.
+    let ranged_ip = routed_ip(&cluster, Family::V4, 30, 0);
+    let ranged = ServiceSpec {
+        name: "ranged".into(),
+        cluster_ips: vec![cluster_ip(Family::V4, 55)],
+        ports: vec![ServicePort {
+            node_port: None,
+            ..HTTP
+        }],
+        backends: vec![pod1.ip(Family::V4)],
+    };
+    objects.extend(with(&ranged, |service| {
+        service["spec"]["type"] = json!("LoadBalancer");
+        service["spec"]["loadBalancerSourceRanges"] = json!(["198.41.0.0/24"]);
+        service["status"] = json!({"loadBalancer": {"ingress": [{"ip": ranged_ip}]}});
+    }));
     cluster_state::write_objects(&state, objects).unwrap();
     wait_for_frontend(&cluster, "nodeport:30080", 1);
     wait_for_frontend(&cluster, "[nodeport]:30053", 1);
@@ -229,6 +245,13 @@ fn node_ports_external_and_load_balancer_ips_serve_the_outside_on_both_nodes() {
             }
         }
     }
+
+    let ranged = SocketAddr::new(ranged_ip, 80);
+    let answer = request(&cluster.external, ranged, Protocol::Tcp, Duration::from_millis(500));
+    assert!(
+        answer.is_err(),
+        "external -> {ranged}, limited to source ranges: {answer:?}"
+    );
 
     let worker1 = &cluster.nodes[0];
     for loopback in ["127.0.0.1:30080", "[::1]:30080"] {
@@ -398,6 +421,62 @@ fn internal_traffic_policy_local_serves_only_this_nodes_backends() {
             "pod-3 -> {frontend}: {refused:?}"
         );
     }
+    cluster.finish().unwrap();
+}
+
+/// A UDP client from outside keeps one socket: when its backend leaves the
+/// Service, its next datagram reaches the backend that is there (issue 21: the NAT
+/// kept sending to the old one as long as the client kept sending).
+#[test]
+fn a_udp_client_from_outside_follows_its_backend_leaving() {
+    let (cluster, state) = cluster_replacing_kube_proxy("kprudp");
+    let (pod1, pod4) = (cluster.pod("pod-1"), cluster.pod("pod-4"));
+    let _backends: Vec<Backend> = [&pod1, &pod4]
+        .into_iter()
+        .map(|pod| {
+            let addr = SocketAddr::new(pod.ip(Family::V4), 5353);
+            Backend::start(&pod.name, addr, Protocol::Udp, &pod.name).unwrap()
+        })
+        .collect();
+    let dns = |backend: &Pod| ServiceSpec {
+        name: "dns".into(),
+        cluster_ips: vec![cluster_ip(Family::V4, 56)],
+        ports: vec![DNS],
+        backends: vec![backend.ip(Family::V4)],
+    };
+    cluster_state::write(&state, &[dns(&pod1)]).unwrap();
+    wait_for_frontend(&cluster, "nodeport:30053", 1);
+    let frontend = SocketAddr::new(cluster.node_ip(0, Family::V4), 30053);
+    let (go_on, wait) = std::sync::mpsc::channel::<()>();
+    let client = spawn_in(&cluster.external, move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(frontend)?;
+        socket.set_read_timeout(Some(TIMEOUT))?;
+        let mut answers = Vec::new();
+        for _ in 0..2 {
+            socket.send(b"query")?;
+            let mut buf = [0u8; 128];
+            let len = socket.recv(&mut buf)?;
+            answers.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+            wait.recv().ok();
+        }
+        Ok(answers)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    cluster_state::write(&state, &[dns(&pod4)]).unwrap();
+    let moved = || {
+        cluster.nodes[0].dump("services").is_ok_and(|rows| {
+            rows.iter().any(|r| {
+                r["frontend"] == "nodeport:30053" && r["backends"][0] == format!("{}:5353", pod4.ip(Family::V4))
+            })
+        })
+    };
+    assert!(wait_for(Duration::from_secs(5), moved));
+    std::thread::sleep(Duration::from_millis(300));
+    go_on.send(()).unwrap();
+    go_on.send(()).ok();
+    let answers = client.join().unwrap().unwrap();
+    assert_eq!(answers, [pod1.name.clone(), pod4.name.clone()]);
     cluster.finish().unwrap();
 }
 

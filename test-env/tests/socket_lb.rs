@@ -331,19 +331,27 @@ fn a_connected_udp_socket_whose_backend_left_is_closed() {
     cluster_state::write(&state, &[dns(&pod2)]).unwrap();
     wait_for_services(&cluster, 1);
     let frontend = SocketAddr::new(cluster_ip(Family::V4, 60), 53);
-    // A resolver's socket: connected once, used again later.
-    let mut resolver = in_netns_and_cgroup(
-        &pod1.name,
-        &worker1.cgroup().unwrap(),
-        worker1.bins.probe.to_str().unwrap(),
-        &["udp-hold", &frontend.to_string()],
-    )
-    .stdin(std::process::Stdio::piped())
-    .stdout(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(resolver.stdout.take().unwrap()));
+    // A socket connected once, used again later: a resolver's through the Service,
+    // and one connected to pod-2 itself (issue 21: it was closed too).
+    let hold = |to: SocketAddr| {
+        let mut held = in_netns_and_cgroup(
+            &pod1.name,
+            &worker1.cgroup().unwrap(),
+            worker1.bins.probe.to_str().unwrap(),
+            &["udp-hold", &to.to_string()],
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+        let lines = std::io::BufRead::lines(std::io::BufReader::new(held.stdout.take().unwrap()));
+        (held, lines)
+    };
+    let (mut resolver, mut lines) = hold(frontend);
+    let (mut direct, mut direct_lines) = hold(SocketAddr::new(pod2.ip(Family::V4), 5353));
     let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["answer"], pod2.name, "{first}");
+    let first: Value = serde_json::from_str(&direct_lines.next().unwrap().unwrap()).unwrap();
     assert_eq!(first["answer"], pod2.name, "{first}");
 
     // pod-2 leaves the Service, pod-4 takes its place.
@@ -366,6 +374,13 @@ fn a_connected_udp_socket_whose_backend_left_is_closed() {
             .is_some_and(|m| m.contains("Destination address required"));
     assert!(closed, "the socket to the old backend was not closed: {second}");
     resolver.wait().unwrap();
+    std::io::Write::write_all(direct.stdin.as_mut().unwrap(), b"again\n").unwrap();
+    let second: Value = serde_json::from_str(&direct_lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(
+        second["answer"], pod2.name,
+        "a socket connected to pod-2 itself stays: {second}"
+    );
+    direct.wait().unwrap();
     // The resolver's next socket reaches the backend that is there.
     let again = probe(worker1, &pod1.name, "udp", frontend);
     assert_eq!(again["answer"], pod4.name, "{again}");

@@ -47,10 +47,12 @@ pub const MASQUERADE_MAP: &str = "VELOX_MASQUERADE";
 /// by index.
 pub const NAT_PROGRAMS_MAP: &str = "VELOX_NAT_PROGRAMS";
 /// The NAT halves of `from_net` and `from_pod`, by their index in
-/// `VELOX_NAT_PROGRAMS`: outside traffic to Services and replies to it.
-pub const NAT_PROGRAMS: [&str; 2] = ["from_net_nat", "from_pod_nat"];
+/// `VELOX_NAT_PROGRAMS`: outside traffic to Services and replies to it; and the
+/// opening of a new connection, which `from_net_nat` hands over.
+pub const NAT_PROGRAMS: [&str; 3] = ["from_net_nat", "from_pod_nat", "nat_open"];
 pub const FROM_NET_NAT: u32 = 0;
 pub const FROM_POD_NAT: u32 = 1;
+pub const NAT_OPEN: u32 = 2;
 /// Pinned under `<bpffsRoot>/maps/`: (socket, backend) -> the frontend it was
 /// translated from (LRU), so replies and getpeername show the Service.
 pub const SOCKET_PEERS_MAP: &str = "VELOX_SOCKET_PEERS";
@@ -309,8 +311,9 @@ pub const NAT_OPENING: u32 = 0;
 pub const NAT_ESTABLISHED: u32 = 1;
 pub const NAT_CLOSING: u32 = 2;
 pub const NAT_OTHER: u32 = 3;
-/// Seconds a connection in each `NAT_*` state lives without a packet.
-pub const NAT_TIMEOUTS: [u64; 4] = [60, 6 * 3600, 10, 60];
+/// Seconds a connection in each `NAT_*` state lives without a packet: a SYN that
+/// is never answered holds a masquerading port for 30 s at most.
+pub const NAT_TIMEOUTS: [u64; 4] = [30, 6 * 3600, 10, 60];
 /// [`NatEntry::direction`].
 pub const NAT_ORIGINAL: u32 = 0;
 pub const NAT_REPLY: u32 = 1;

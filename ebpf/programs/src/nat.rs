@@ -15,8 +15,8 @@
 //! them. Not translated (the kernel gets them): IP fragments, SCTP, ICMP errors.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
-    btf_maps::{Array, LruHashMap, ProgramArray},
+    bindings::{BPF_EXIST, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
+    btf_maps::{Array, LruHashMap, PerCpuArray, ProgramArray},
     helpers::{bpf_csum_diff, bpf_get_prandom_u32, bpf_ktime_get_ns},
     macros::{btf_map, classifier},
     programs::TcContext,
@@ -24,8 +24,9 @@ use aya_ebpf::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use velox_common::{
     AffinityKey, IpKey, NatEntry, NatKey, DEFAULT_NAT_ENTRIES, DROP_NAT_PORTS_EXHAUSTED, DROP_NO_BACKEND,
-    DROP_REDIRECT_FAILED, IPPROTO_TCP, IPPROTO_UDP, NAT_CLOSING, NAT_ESTABLISHED, NAT_OPENING, NAT_ORIGINAL, NAT_OTHER,
-    NAT_PORTS, NAT_PROGRAMS, NAT_REPLY, SERVICE_EXTERNAL_LOCAL, SERVICE_FROM_OUTSIDE, UPLINK_SLOT,
+    DROP_REDIRECT_FAILED, DROP_SPOOFED, FROM_NET_NAT, IPPROTO_TCP, IPPROTO_UDP, NAT_CLOSING, NAT_ESTABLISHED, NAT_OPEN,
+    NAT_OPENING, NAT_ORIGINAL, NAT_OTHER, NAT_PORTS, NAT_PROGRAMS, NAT_REPLY, SERVICE_EXTERNAL_LOCAL,
+    SERVICE_FROM_OUTSIDE, UPLINK_SLOT,
 };
 
 use crate::forward::{fits_uplink, local_endpoint, peer_node, to_local_pod, to_network, to_peer_node};
@@ -41,6 +42,17 @@ static VELOX_NAT: LruHashMap<NatKey, NatEntry, { DEFAULT_NAT_ENTRIES as usize }>
 /// This node's address of each family (0 IPv4, 1 IPv6) to masquerade clients as.
 #[btf_map]
 static VELOX_MASQUERADE: Array<IpKey, 2> = Array::new();
+
+/// Where `open` builds a new connection's entries.
+#[repr(C)]
+struct NatScratch {
+    reply_key: NatKey,
+    reply: NatEntry,
+    original: NatEntry,
+}
+
+#[btf_map]
+static VELOX_NAT_SCRATCH: PerCpuArray<NatScratch, 1> = PerCpuArray::new();
 
 #[btf_map]
 static VELOX_NAT_PROGRAMS: ProgramArray<{ NAT_PROGRAMS.len() }> = ProgramArray::new();
@@ -92,14 +104,37 @@ pub fn hand_over(ctx: &TcContext, index: u32) {
 #[classifier]
 pub fn from_net_nat(ctx: TcContext) -> i32 {
     let mut packet = Packet::default();
-    // SAFETY: reading the context's own fields.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let mut verdict = Verdict::default();
     let outcome = match parse(&ctx, &mut packet) && !packet.is_error {
-        true => translate_from_net(&ctx, &mut packet, ifindex, &mut verdict),
+        true => translate_from_net(&ctx, &mut packet, &mut verdict),
         false => PASS,
     };
     finish(&ctx, &packet, UPLINK_SLOT, outcome, &verdict)
+}
+
+/// A new connection from outside to a Service: `from_net_nat` found no entry. Its
+/// own program, for the verifier's budget: it picks the backend, enters both
+/// directions and hands the packet back to `from_net_nat`, which translates and
+/// delivers it.
+#[classifier]
+pub fn nat_open(ctx: TcContext) -> i32 {
+    let mut packet = Packet::default();
+    // SAFETY: reading the context's own fields.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let outcome = match parse(&ctx, &mut packet) && !packet.is_error && packet.opens {
+        true => {
+            let now = unsafe { bpf_ktime_get_ns() };
+            match open(&packet, ifindex, now) {
+                Ok(()) => {
+                    hand_over(&ctx, FROM_NET_NAT);
+                    PASS
+                }
+                Err(outcome) => outcome,
+            }
+        }
+        false => PASS,
+    };
+    finish(&ctx, &packet, UPLINK_SLOT, outcome, &Verdict::default())
 }
 
 /// `from_pod`'s NAT half: a backend of this node answers a client from outside.
@@ -122,31 +157,34 @@ pub fn from_pod_nat(ctx: TcContext) -> i32 {
             };
             (sender.slot, outcome)
         }
-        _ => (interface_slot(ifindex), PASS),
+        // `from_pod` validated the sender before the tail call: none now is a drop.
+        _ => (interface_slot(ifindex), if is_ip { DROP_SPOOFED } else { PASS }),
     };
     finish(&ctx, &packet, slot, outcome, &verdict)
 }
 
 #[inline(always)]
-fn translate_from_net(ctx: &TcContext, packet: &mut Packet, ifindex: u32, verdict: &mut Verdict) -> Outcome {
+fn translate_from_net(ctx: &TcContext, packet: &mut Packet, verdict: &mut Verdict) -> Outcome {
     let Some(layout) = Layout::of(ctx, packet) else {
         return PASS;
     };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let mut entry = live_entry(key_of(packet), now);
-    if entry.is_none() && packet.opens {
-        match open(packet, ifindex, now) {
-            Ok(()) => entry = live_entry(key_of(packet), now),
-            Err(outcome) => return outcome,
+    let Some(entry) = live_entry(key_of(packet), now) else {
+        if packet.opens {
+            // `nat_open` enters the connection and hands the packet back here.
+            hand_over(ctx, NAT_OPEN);
         }
-    }
-    let Some(entry) = entry else {
         return PASS;
     };
     // SAFETY: a map value; concurrent updates of a connection's time and state race
     // harmlessly.
     let entry = unsafe { &mut *entry };
+    // A reply arrives at the uplink only from a backend on another node: one that
+    // claims to come from a pod of this node, or from no pod, is forged.
+    if entry.direction == NAT_REPLY && !is_remote_pod(&packet.src.addr) {
+        return DROP_SPOOFED;
+    }
     track(entry, &layout, now);
     if !rewrite(ctx, packet, entry, &layout) {
         return DROP_REDIRECT_FAILED;
@@ -192,6 +230,12 @@ fn translate_reply_from_pod(ctx: &TcContext, packet: &mut Packet) -> Outcome {
     to_network(entry.uplink)
 }
 
+/// A pod of another node.
+#[inline(always)]
+fn is_remote_pod(addr: &IpKey) -> bool {
+    local_endpoint(addr).is_none() && peer_node(addr).is_some()
+}
+
 /// The entry of `key`, unless its connection has been quiet for longer than its
 /// state allows.
 #[inline(always)]
@@ -211,6 +255,11 @@ fn open(packet: &Packet, ifindex: u32, now: u64) -> Result<(), Outcome> {
     let Some(service) = service_at(&packet.dst, 0).filter(|s| s.flags & SERVICE_FROM_OUTSIDE != 0) else {
         return Err(PASS);
     };
+    // From the network, a source that is this node (its pods, its addresses) is forged.
+    let src = &packet.src.addr;
+    if local_endpoint(src).is_some() || node_address(src).is_some() || is_unroutable(src) {
+        return Err(DROP_SPOOFED);
+    }
     let from_cluster = peer_node(&packet.src.addr).is_some();
     let keep_client = service.flags & SERVICE_EXTERNAL_LOCAL != 0 && !from_cluster;
     let choices = if keep_client {
@@ -233,57 +282,87 @@ fn open(packet: &Packet, ifindex: u32, now: u64) -> Result<(), Outcome> {
     } else {
         NAT_OTHER
     };
-    let mut original = NatEntry {
-        src: packet.src,
-        dst: *backend,
+    // The entries are built in per-CPU scratch space, not on the stack, which the
+    // packet's parse and the verdict's report fill already.
+    let scratch = VELOX_NAT_SCRATCH.get_ptr_mut(0).ok_or(DROP_NAT_PORTS_EXHAUSTED)?;
+    // SAFETY: this CPU's slot; nothing else runs on it while we do.
+    let scratch = unsafe { &mut *scratch };
+    scratch.reply = NatEntry {
+        src: packet.dst,
+        dst: packet.src,
         last_seen: now,
         state,
-        direction: NAT_ORIGINAL,
+        direction: NAT_REPLY,
         uplink: ifindex,
         pad: 0,
     };
-    let reply = NatEntry {
-        src: packet.dst,
+    // The key the backend's replies will carry: to the client, or to this node.
+    scratch.reply_key = NatKey {
+        src: *backend,
         dst: packet.src,
-        direction: NAT_REPLY,
-        ..original
     };
-    if keep_client {
-        VELOX_NAT
-            .insert(&original.reverse_key(), &reply, 0)
-            .map_err(|_| DROP_NAT_PORTS_EXHAUSTED)?;
+    let entered = if keep_client {
+        enter_reply(&scratch.reply_key, &scratch.reply, now)
     } else {
         let family = usize::from(!packet.src.addr.is_v4_mapped()) as u32;
         let masquerade = VELOX_MASQUERADE
             .get(family)
             .filter(|a| **a != IpKey::default())
             .ok_or(DROP_NO_BACKEND)?;
-        original.src.addr = *masquerade;
-        if !masquerade_port(&mut original, &reply) {
-            return Err(DROP_NAT_PORTS_EXHAUSTED);
-        }
+        scratch.reply_key.dst.addr = *masquerade;
+        masquerade_port(&mut scratch.reply_key, &scratch.reply, now)
+    };
+    if !entered {
+        return Err(DROP_NAT_PORTS_EXHAUSTED);
     }
+    scratch.original = NatEntry {
+        src: scratch.reply_key.dst,
+        dst: scratch.reply_key.src,
+        direction: NAT_ORIGINAL,
+        ..scratch.reply
+    };
     VELOX_NAT
-        .insert(key_of(packet), &original, 0)
+        .insert(key_of(packet), &scratch.original, 0)
         .map_err(|_| DROP_NAT_PORTS_EXHAUSTED)
 }
 
-/// Gives `original` a source port no other connection to its backend uses (a few
-/// random tries), entering `reply` under it.
+/// Gives the masqueraded client end of `reply_key` a source port no live connection
+/// to its backend uses (a few random tries), entering `reply` under it.
 #[inline(always)]
-fn masquerade_port(original: &mut NatEntry, reply: &NatEntry) -> bool {
+fn masquerade_port(reply_key: &mut NatKey, reply: &NatEntry, now: u64) -> bool {
     let ports = u32::from(*NAT_PORTS.end() - *NAT_PORTS.start()) + 1;
     for _ in 0..4 {
         let port = *NAT_PORTS.start() + (unsafe { bpf_get_prandom_u32() } % ports) as u16;
-        original.src.port = port.to_be();
-        if VELOX_NAT
-            .insert(&original.reverse_key(), reply, u64::from(BPF_NOEXIST))
-            .is_ok()
-        {
+        reply_key.dst.port = port.to_be();
+        if enter_reply(reply_key, reply, now) {
             return true;
         }
     }
     false
+}
+
+/// Enters `reply` under `key`, unless a live connection holds that key: another
+/// connection's replies are never taken over. An expired one's entry (LRU maps keep
+/// them until full) is replaced.
+#[inline(always)]
+fn enter_reply(key: &NatKey, reply: &NatEntry, now: u64) -> bool {
+    if VELOX_NAT.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
+        return true;
+    }
+    live_entry(key, now).is_none() && VELOX_NAT.insert(key, reply, u64::from(BPF_EXIST)).is_ok()
+}
+
+/// Loopback, unspecified and link-local sources: never a client from the network.
+#[inline(always)]
+fn is_unroutable(addr: &IpKey) -> bool {
+    let a = &addr.addr;
+    if addr.is_v4_mapped() {
+        a[12] == 127 || a[12] == 0 || (a[12] == 169 && a[13] == 254)
+    } else {
+        *a == [0; 16]
+            || *a == IpKey::v6([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]).addr
+            || (a[0] == 0xfe && a[1] & 0xc0 == 0x80)
+    }
 }
 
 /// Keeps both directions of the connection alive, and follows TCP's state: the first

@@ -5,7 +5,7 @@
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Service as KubeService;
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use velox_common::{
@@ -113,7 +113,9 @@ impl ServiceBalancer {
             return Ok(());
         };
         let wanted = frontends(&state, node, self.from_outside);
-        self.health_checks.serve(health_check::wanted(&state, node));
+        if self.from_outside {
+            self.health_checks.serve(health_check::wanted(&state, node));
+        }
         if self
             .applied
             .as_ref()
@@ -125,6 +127,20 @@ impl ServiceBalancer {
         maps.set_node_addresses(&node_addresses(node)?)?;
         maps.set_masquerade(masquerade_addresses(node))?;
         let written = write_frontends(&mut maps, &wanted)?;
+        if !written.lost_udp.is_empty() && self.from_outside {
+            // As kube-proxy clears conntrack for UDP: a client that keeps sending must
+            // not keep reaching a backend that left.
+            let backends = written
+                .lost_udp
+                .keys()
+                .map(|b| end(b.ip(), b.port(), IPPROTO_UDP))
+                .collect();
+            match velox_node::maps::forget_nat_to(bpffs, &backends) {
+                Ok(0) => {}
+                Ok(n) => log::info!("NAT: forgot {n} UDP connection(s) to backends that left"),
+                Err(e) => log::warn!("NAT: forgetting connections to backends that left: {e:#}"),
+            }
+        }
         self.synced_once = true;
         self.failed = written
             .failed
@@ -142,7 +158,7 @@ impl ServiceBalancer {
         }
         self.applied = self.failed.is_empty().then(|| (wanted, node.clone()));
         if !written.lost_udp.is_empty() {
-            close_udp_sockets_to(&written.lost_udp, &pod_netns());
+            close_udp_sockets_to(bpffs, &written.lost_udp, node, &pod_netns());
         }
         Ok(())
     }
@@ -197,25 +213,50 @@ fn masquerade_addresses(node: &ThisNode) -> [IpKey; 2] {
             .map_or(IpKey::default(), |ip| IpKey::from(*ip))
     })
 }
-/// Closes the connected UDP sockets to `backends` of this node's host and pods; a
-/// netns that is gone or refuses is logged and skipped.
-fn close_udp_sockets_to(backends: &HashSet<SocketAddr>, pod_netns: &[PathBuf]) {
+/// Closes the connected UDP sockets that came through a frontend that lost their
+/// backend (`lost`: backend -> those frontends), on this node's host and in every
+/// netns `pod_netns` lists. A socket connected to the backend itself, or through
+/// another frontend, stays. A netns that is gone or refuses is logged and skipped.
+fn close_udp_sockets_to(
+    bpffs: &velox_node::Bpffs,
+    lost: &HashMap<SocketAddr, Vec<Frontend>>,
+    node: &ThisNode,
+    pod_netns: &[PathBuf],
+) {
+    let peers = match velox_node::maps::SocketPeers::open(bpffs) {
+        Ok(peers) => peers,
+        Err(e) => return log::warn!("closing UDP sockets to backends that left: {e:#}"),
+    };
+    let close = |backend: SocketAddr, cookie: u64| {
+        let asked = peers.frontend_of(cookie, end(backend.ip(), backend.port(), IPPROTO_UDP));
+        let Ok(Some(asked)) = asked else {
+            return false;
+        };
+        lost.get(&backend).into_iter().flatten().any(|frontend| match frontend {
+            Frontend::Address(end) => *end == asked,
+            Frontend::NodePort(key) => {
+                NodePortKey::of(&asked) == *key
+                    && (node.addresses.contains(&asked.addr.ip()) || asked.addr.ip().is_loopback())
+            }
+        })
+    };
+    let backends: HashSet<SocketAddr> = lost.keys().copied().collect();
     let mut closed = 0;
-    match destroy_connected_udp(backends) {
+    match destroy_connected_udp(&backends, &close) {
         Ok(n) => closed += n,
         Err(e) => log::warn!("closing UDP sockets on the host: {e:#}"),
     }
     for path in pod_netns {
         let outcome = std::fs::File::open(path)
             .map_err(anyhow::Error::from)
-            .and_then(|netns| velox_node::netlink::in_netns(&netns, || destroy_connected_udp(backends))?);
+            .and_then(|netns| velox_node::netlink::in_netns(&netns, || destroy_connected_udp(&backends, &close))?);
         match outcome {
             Ok(n) => closed += n,
             Err(e) => log::warn!("closing UDP sockets in {}: {e:#}", path.display()),
         }
     }
     if closed > 0 {
-        log::info!("closed {closed} connected UDP socket(s) to backends that left: {backends:?}");
+        log::info!("closed {closed} connected UDP socket(s) to backends that left their Service: {backends:?}");
     }
 }
 
@@ -273,6 +314,9 @@ pub fn frontends(state: &ServicesInput, node: &ThisNode, from_outside: bool) -> 
             ips.filter_map(|ip| ip.parse().ok()).collect()
         };
         let cluster_ips = parsed(&mut spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter()));
+        // External and load-balancer IPs are kube-proxy's business unless Velox
+        // replaces it. A load-balancer IP limited to source ranges is not served from
+        // outside (the ranges are not enforced here): closed, rather than open to all.
         let load_balancer_ips = service
             .status
             .as_ref()
@@ -280,8 +324,12 @@ pub fn frontends(state: &ServicesInput, node: &ThisNode, from_outside: bool) -> 
             .and_then(|lb| lb.ingress.as_ref())
             .into_iter()
             .flatten()
-            .filter_map(|ingress| ingress.ip.as_ref());
-        let external_ips = parsed(&mut spec.external_ips.iter().flatten().chain(load_balancer_ips));
+            .filter_map(|ingress| ingress.ip.as_ref())
+            .filter(|_| spec.load_balancer_source_ranges.as_ref().is_none_or(Vec::is_empty));
+        let external_ips = match from_outside {
+            true => parsed(&mut spec.external_ips.iter().flatten().chain(load_balancer_ips)),
+            false => BTreeSet::new(),
+        };
         for port in spec.ports.iter().flatten() {
             let Some(proto) = socket_protocol(port.protocol.as_deref()) else {
                 continue;
@@ -407,8 +455,8 @@ fn endpoints_where(
 
 /// What [`write_frontends`] did.
 pub struct Written {
-    /// UDP backends some frontend lost.
-    pub lost_udp: HashSet<SocketAddr>,
+    /// UDP backends some frontend lost, with those frontends.
+    pub lost_udp: HashMap<SocketAddr, Vec<Frontend>>,
     /// Frontends that could not be written (they keep what the maps had).
     pub failed: Vec<(Frontend, velox_node::Error)>,
 }
@@ -422,7 +470,7 @@ pub fn write_frontends(maps: &mut ServiceMaps, wanted: &BTreeMap<Frontend, Balan
     let mut used: BTreeSet<u32> = current.values().map(|s| s.id).collect();
     let mut next_free = 1;
     let mut written = Written {
-        lost_udp: HashSet::new(),
+        lost_udp: HashMap::new(),
         failed: Vec::new(),
     };
     let mut note_lost = |frontend: &Frontend, gone: &[FlowEnd], kept: &[FlowEnd]| {
@@ -431,10 +479,10 @@ pub fn write_frontends(maps: &mut ServiceMaps, wanted: &BTreeMap<Frontend, Balan
             Frontend::NodePort(key) => key.proto,
         };
         if proto == IPPROTO_UDP {
-            let gone = gone.iter().filter(|b| !kept.contains(b));
-            written
-                .lost_udp
-                .extend(gone.map(|b| SocketAddr::new(b.addr.ip(), u16::from_be(b.port))));
+            for backend in gone.iter().filter(|b| !kept.contains(b)) {
+                let backend = SocketAddr::new(backend.addr.ip(), u16::from_be(backend.port));
+                written.lost_udp.entry(backend).or_default().push(*frontend);
+            }
         }
     };
     let mut failed = Vec::new();

@@ -13,6 +13,10 @@ use tokio::task::JoinHandle;
 use super::ThisNode;
 use crate::source::{namespace_of, ServicesInput};
 
+/// Connections one health check port serves at once, and for how long each.
+const MAX_CONNECTIONS: usize = 64;
+const CONNECTION_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What one health check port answers for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Check {
@@ -129,8 +133,21 @@ fn listen(port: u16, check: Arc<Mutex<Check>>) -> anyhow::Result<JoinHandle<()>>
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     log::info!("health check node port {port} answers");
+    // Anyone outside may connect: few connections at once, each for a short while.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     Ok(tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    log::warn!("health check node port {port}: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                continue; // dropped: too many at once
+            };
             let check = check.clone();
             let service = hyper::service::service_fn(move |_request| {
                 let (status, body) = check.lock().expect("no panics under the lock").answer();
@@ -142,10 +159,12 @@ fn listen(port: u16, check: Arc<Mutex<Check>>) -> anyhow::Result<JoinHandle<()>>
                     .expect("a valid response");
                 async move { Ok::<_, std::convert::Infallible>(response) }
             });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-            );
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(CONNECTION_TIME, connection).await;
+                drop(slot);
+            });
         }
     }))
 }

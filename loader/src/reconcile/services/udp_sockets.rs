@@ -36,8 +36,13 @@ fn request(flags: u16, socket_id: SocketId, family: u8) -> Vec<u8> {
     buf
 }
 
-/// The UDP sockets of this network namespace connected to one of `peers`.
-fn connected_to(socket: &Socket, family: u8, peers: &HashSet<SocketAddr>) -> anyhow::Result<Vec<SocketId>> {
+/// The UDP sockets of this network namespace connected to one of `peers`, with the
+/// peer and the socket's cookie.
+fn connected_to(
+    socket: &Socket,
+    family: u8,
+    peers: &HashSet<SocketAddr>,
+) -> anyhow::Result<Vec<(SocketId, SocketAddr, u64)>> {
     let empty = if family == AF_INET {
         SocketId::new_v4()
     } else {
@@ -58,7 +63,7 @@ fn connected_to(socket: &Socket, family: u8, peers: &HashSet<SocketAddr>) -> any
                     // A dual-stack socket shows an IPv4 peer mapped into IPv6.
                     let peer = SocketAddr::new(id.destination_address.to_canonical(), id.destination_port);
                     if peers.contains(&peer) {
-                        found.push(id.clone());
+                        found.push((id.clone(), peer, cookie(id)));
                     }
                 }
                 NetlinkPayload::Done(_) => return Ok(found),
@@ -73,15 +78,28 @@ fn connected_to(socket: &Socket, family: u8, peers: &HashSet<SocketAddr>) -> any
     }
 }
 
-/// Closes every UDP socket of the current network namespace connected to one of
-/// `peers`; returns how many.
-pub fn destroy_connected_udp(peers: &HashSet<SocketAddr>) -> anyhow::Result<usize> {
+/// The socket cookie (`bpf_get_socket_cookie`): the kernel gives it as two
+/// host-order words, the low one first.
+fn cookie(id: &SocketId) -> u64 {
+    let word = |i: usize| u64::from(u32::from_ne_bytes(id.cookie[i..i + 4].try_into().expect("4 bytes")));
+    word(4) << 32 | word(0)
+}
+
+/// Closes the UDP sockets of the current network namespace connected to one of
+/// `peers` for which `close(peer, cookie)` holds; returns how many.
+pub fn destroy_connected_udp(
+    peers: &HashSet<SocketAddr>,
+    close: &dyn Fn(SocketAddr, u64) -> bool,
+) -> anyhow::Result<usize> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag socket")?;
     socket.bind_auto()?;
     socket.connect(&NetlinkAddr::new(0, 0))?;
     let mut destroyed = 0;
     for family in [AF_INET, AF_INET6] {
-        for id in connected_to(&socket, family, peers)? {
+        let doomed = connected_to(&socket, family, peers)?
+            .into_iter()
+            .filter(|(_, peer, cookie)| close(*peer, *cookie));
+        for (id, _, _) in doomed {
             let mut message = request(NLM_F_REQUEST | NLM_F_ACK, id, family);
             message[4..6].copy_from_slice(&SOCK_DESTROY.to_ne_bytes());
             socket.send(&message, 0)?;
