@@ -202,9 +202,23 @@ fn node_ports_external_and_load_balancer_ips_serve_the_outside_on_both_nodes() {
         service["spec"]["loadBalancerSourceRanges"] = json!(["198.41.0.0/24"]);
         service["status"] = json!({"loadBalancer": {"ingress": [{"ip": ranged_ip}]}});
     }));
+    let iperf = ServiceSpec {
+        name: "iperf".into(),
+        cluster_ips: vec![cluster_ip(Family::V4, 57)],
+        ports: vec![ServicePort {
+            name: "iperf",
+            protocol: Protocol::Tcp,
+            port: 5201,
+            target_port: 5201,
+            node_port: Some(30201),
+        }],
+        backends: vec![pod1.ip(Family::V4)],
+    };
+    objects.extend(iperf.objects());
     cluster_state::write_objects(&state, objects).unwrap();
     wait_for_frontend(&cluster, "nodeport:30080", 1);
     wait_for_frontend(&cluster, "[nodeport]:30053", 1);
+    wait_for_frontend(&cluster, "nodeport:30201", 1);
     assert_no_kube_proxy_rules(&cluster);
 
     for family in Family::ALL {
@@ -246,6 +260,19 @@ fn node_ports_external_and_load_balancer_ips_serve_the_outside_on_both_nodes() {
         }
     }
 
+    // iperf3 through the NodePort on both nodes: packets of one connection on several
+    // CPUs at once. The first build reset such streams: a time another CPU had just
+    // stamped, later than this packet's, read as a connection expired long ago.
+    let external = Pod {
+        name: cluster.external.clone(),
+        ips: vec![external_ip(Family::V4)],
+    };
+    let outside_cgroup = velox_node::layout::cgroup2_root().unwrap();
+    for node in 0..2 {
+        let frontend = SocketAddr::new(cluster.node_ip(node, Family::V4), 30201);
+        let stream = external.iperf3_via(&pod1, Family::V4, Some((frontend, &outside_cgroup)), 2, 1);
+        assert!(stream.is_ok(), "iperf3 from outside to {frontend}: {stream:?}");
+    }
     let ranged = SocketAddr::new(ranged_ip, 80);
     let answer = request(&cluster.external, ranged, Protocol::Tcp, Duration::from_millis(500));
     assert!(

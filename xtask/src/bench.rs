@@ -16,7 +16,7 @@ use velox_test_env::{
 
 use crate::report;
 use crate::service_bench;
-use crate::{policy_bench, program_ab};
+use crate::{node_port_bench, policy_bench, program_ab};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -63,6 +63,10 @@ pub struct BenchArgs {
     /// build's (a loader built with that object); this build's loader otherwise.
     #[arg(long, requires = "ebpf_object")]
     pub other_loader: Option<PathBuf>,
+    /// Measure only traffic from outside through a NodePort: Velox's NAT
+    /// (`--kube-proxy-replacement`) next to kube-proxy's iptables rules.
+    #[arg(long, conflicts_with = "ebpf_object")]
+    pub node_port: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize, Deserialize)]
@@ -203,6 +207,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(other) = &args.ebpf_object {
         return program_ab::measure(&args, other);
+    }
+    if args.node_port {
+        return node_port_bench::measure(&args);
     }
     let bins = Binaries::locate()?;
     let cluster = Cluster::new(PREFIX, bins.clone())?;

@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod env;
 mod image;
+mod node_port_bench;
 mod policy_bench;
 mod program_ab;
 mod report;

@@ -350,7 +350,8 @@ impl NatEntry {
     #[inline(always)]
     pub fn expired(&self, now: u64) -> bool {
         let timeout = NAT_TIMEOUTS[(self.state & 3) as usize] * 1_000_000_000;
-        now.wrapping_sub(self.last_seen) > timeout
+        // Another CPU may have stamped a later time than this packet's `now`.
+        now.saturating_sub(self.last_seen) > timeout
     }
 }
 

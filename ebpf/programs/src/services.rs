@@ -63,7 +63,8 @@ pub fn pick_backend(service: &Service, choices: u32, client: &AffinityKey, now: 
         if let Some(kept) = VELOX_AFFINITY.get_ptr_mut(client) {
             // SAFETY: a map value; a racing writer at worst picks anew.
             let kept = unsafe { &mut *kept };
-            let fresh = now.wrapping_sub(kept.last_seen) <= u64::from(service.affinity_seconds) * 1_000_000_000;
+            // Another CPU may have stamped a later time than `now`.
+            let fresh = now.saturating_sub(kept.last_seen) <= u64::from(service.affinity_seconds) * 1_000_000_000;
             if fresh && kept.slot < choices {
                 let slot = BackendSlot {
                     service: service.id,

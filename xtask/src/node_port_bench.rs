@@ -1,0 +1,216 @@
+//! `cargo xtask bench --node-port`: traffic from outside the cluster through a
+//! NodePort whose backend is on the other node (masqueraded and forwarded), Velox's
+//! own NAT (`--kube-proxy-replacement`) next to kube-proxy's iptables rules,
+//! interleaved per round: connection rate and first-byte latency from the external
+//! host, one-stream throughput next to the external host to a node's own address,
+//! and the ns per run of each Velox program on that stream.
+
+use anyhow::Context;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+use velox_test_env::cluster::external_ip;
+use velox_test_env::cluster_state::{self, ServicePort, ServiceSpec};
+use velox_test_env::kube_proxy::{self, Protocol, ServiceRule};
+use velox_test_env::{in_netns, wait_for, Binaries, Cluster, Family, Pod};
+
+use crate::bench::{pod, program_cost, BenchArgs};
+use crate::report::Stat;
+use crate::service_bench::{connection_rate, Running};
+
+const PREFIX: &str = "vnp-";
+const CRR: ServicePort = ServicePort {
+    name: "crr",
+    protocol: Protocol::Tcp,
+    port: 80,
+    target_port: 8080,
+    node_port: Some(30080),
+};
+const IPERF: ServicePort = ServicePort {
+    name: "iperf",
+    protocol: Protocol::Tcp,
+    port: 5201,
+    target_port: 5201,
+    node_port: Some(30201),
+};
+
+/// One balancer in one round.
+struct Sample {
+    balancer: &'static str,
+    connections_per_s: f64,
+    first_byte_p50_us: f64,
+    gbps: f64,
+    ns_per_run: BTreeMap<String, f64>,
+}
+
+pub fn measure(args: &BenchArgs) -> anyhow::Result<()> {
+    let cluster = Cluster::new(PREFIX, Binaries::locate()?)?;
+    let _ = cluster.down();
+    let result = (|| {
+        cluster.up()?;
+        cluster.add_standard_pods()?;
+        measure_rounds(args, &cluster)
+    })();
+    let _ = cluster.down();
+    let (samples, node_gbps) = result?;
+    let table = report(&samples, &node_gbps);
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(args.out.join("node-port.md"), &table)?;
+    println!("\n{table}\nwritten: {}/node-port.md", args.out.display());
+    Ok(())
+}
+
+fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sample>, Vec<f64>)> {
+    let (worker1, worker2) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let backend = pod(cluster, "pod-2")?; // on worker2
+    let external = Pod {
+        name: cluster.external.clone(),
+        ips: vec![external_ip(Family::V4)],
+    };
+    let probe = worker1.bins.probe.to_str().context("probe path")?.to_string();
+    let crr_backend = SocketAddr::new(backend.ip(Family::V4), CRR.target_port);
+    let _server = Running(
+        in_netns(&backend.name, &probe, &["serve", &crr_backend.to_string()])
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let node_ip = cluster.node_ip(0, Family::V4);
+    let (crr_frontend, iperf_frontend) = (
+        SocketAddr::new(node_ip, 30080),
+        SocketAddr::new(node_ip, IPERF.node_port.unwrap_or_default()),
+    );
+    let state = cluster.peers_file.with_file_name("services.json");
+    let service = ServiceSpec {
+        name: "np".into(),
+        cluster_ips: vec!["10.96.0.80".parse()?],
+        ports: vec![CRR, IPERF],
+        backends: vec![backend.ip(Family::V4)],
+    };
+    cluster_state::write(&state, &[service])?;
+    let kube_proxy_rules =
+        [(crr_frontend, CRR.target_port), (iperf_frontend, IPERF.target_port)].map(|(frontend, port)| ServiceRule {
+            frontend,
+            protocol: Protocol::Tcp,
+            backend: SocketAddr::new(backend.ip(Family::V4), port),
+            snat: true,
+        });
+    // The external host's client runs in the cgroup2 root: no node's socket hooks.
+    let cgroup2 = worker1.cgroup()?.parent().context("cgroup2 root")?.to_path_buf();
+    let mut samples = Vec::new();
+    let mut node_gbps = Vec::new();
+    for round in 0..args.rounds {
+        let order = match round % 2 {
+            0 => ["kube-proxy iptables", "velox NAT"],
+            _ => ["velox NAT", "kube-proxy iptables"],
+        };
+        for balancer in order {
+            for node in [worker1, worker2] {
+                node.stop_loader(nix::sys::signal::Signal::SIGTERM)?;
+                match balancer {
+                    "velox NAT" => {
+                        kube_proxy::flush_services(node)?;
+                        let cgroup = node.cgroup()?;
+                        let state = state.to_str().context("state path")?;
+                        let cgroup = cgroup.to_str().context("cgroup path")?;
+                        node.start_loader_with(&[
+                            "--cluster-state",
+                            state,
+                            "--socket-lb",
+                            "--socket-lb-cgroup",
+                            cgroup,
+                            "--kube-proxy-replacement",
+                        ])?;
+                    }
+                    _ => node.start_loader_with(&[])?,
+                }
+            }
+            if balancer == "velox NAT" {
+                let loaded = || {
+                    worker1
+                        .dump("services")
+                        .is_ok_and(|rows| rows.iter().any(|r| r["frontend"] == "nodeport:30080"))
+                };
+                anyhow::ensure!(wait_for(Duration::from_secs(10), loaded), "the NodePort did not load");
+            } else {
+                for rule in &kube_proxy_rules {
+                    rule.install(worker1)?;
+                }
+            }
+            let (connections_per_s, first_byte_p50_us, _) =
+                connection_rate(&external, None, &probe, crr_frontend, args.seconds)
+                    .with_context(|| format!("{balancer}: connection rate"))?;
+            let mut gbps = 0.0;
+            let ns_per_run = program_cost(|| {
+                let via = Some((iperf_frontend, cgroup2.as_path()));
+                gbps = external.iperf3_via(&backend, Family::V4, via, args.seconds, 1)?.gbps;
+                Ok(())
+            })?;
+            println!(
+                "round {} {balancer:<20} {connections_per_s:8.0} conn/s  first byte p50 {first_byte_p50_us:6.1} us  {gbps:6.2} Gb/s  {ns_per_run:?}",
+                round + 1
+            );
+            samples.push(Sample {
+                balancer,
+                connections_per_s,
+                first_byte_p50_us,
+                gbps,
+                ns_per_run,
+            });
+        }
+        // The limit: the external host to worker-1's own address, no Service.
+        let node = Pod {
+            name: worker1.name.clone(),
+            ips: vec![node_ip],
+        };
+        let gbps = external.iperf3(&node, Family::V4, args.seconds, 1)?.gbps;
+        println!("round {} external host to the node {gbps:6.2} Gb/s", round + 1);
+        node_gbps.push(gbps);
+    }
+    kube_proxy::flush_services(worker1)?;
+    Ok((samples, node_gbps))
+}
+
+fn report(samples: &[Sample], node_gbps: &[f64]) -> String {
+    let show = |values: Vec<f64>| {
+        Stat::of_any(&values).map_or("-".into(), |s| format!("{:.1} ({:.1}..{:.1})", s.median, s.min, s.max))
+    };
+    let of = |balancer: &str, value: &dyn Fn(&Sample) -> Option<f64>| {
+        show(
+            samples
+                .iter()
+                .filter(|s| s.balancer == balancer)
+                .filter_map(value)
+                .collect(),
+        )
+    };
+    let mut table = String::from(
+        "From the external host through worker-1's NodePort to a backend on worker-2 (masqueraded and \
+         forwarded), medians (min..max) over the rounds, interleaved\n\n\
+         | | connections/s | first byte p50 us | 1 stream Gb/s |\n|---|---|---|---|\n",
+    );
+    for balancer in ["kube-proxy iptables", "velox NAT"] {
+        table += &format!(
+            "| {balancer} | {} | {} | {} |\n",
+            of(balancer, &|s| Some(s.connections_per_s)),
+            of(balancer, &|s| Some(s.first_byte_p50_us)),
+            of(balancer, &|s| Some(s.gbps)),
+        );
+    }
+    table += &format!(
+        "| external host to the node, no Service | | | {} |\n",
+        show(node_gbps.to_vec())
+    );
+    let mut programs: Vec<&String> = samples.iter().flat_map(|s| s.ns_per_run.keys()).collect();
+    programs.sort();
+    programs.dedup();
+    table += "\nns per run on the stream (bpf_stats, both nodes' programs together)\n\n| program | kube-proxy iptables | velox NAT |\n|---|---|---|\n";
+    for program in programs {
+        table += &format!(
+            "| {program} | {} | {} |\n",
+            of("kube-proxy iptables", &|s| s.ns_per_run.get(program).copied()),
+            of("velox NAT", &|s| s.ns_per_run.get(program).copied()),
+        );
+    }
+    table
+}
