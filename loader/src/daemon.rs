@@ -295,6 +295,11 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         daemon.sync.uplink(),
     )?;
     attach_socket_lb(&daemon.bpffs, &mut ebpf, datapath.socket_lb_cgroup.as_deref())?;
+    if !with_services {
+        // Started without the load balancer: nothing an earlier start wrote may
+        // translate on (a NodePort from outside would still be served).
+        ServiceBalancer::clear(&daemon.bpffs)?;
+    }
     if datapath.log_level != log::LevelFilter::Off {
         let logger = EbpfLogger::init(&mut ebpf).context("reading the datapath's log records")?;
         tokio::spawn(forward_datapath_logs(logger));

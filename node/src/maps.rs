@@ -911,6 +911,15 @@ pub fn forget_nat_to(bpffs: &Bpffs, backends: &std::collections::HashSet<FlowEnd
     Ok(doomed.len())
 }
 
+/// Removes every NAT connection.
+pub fn clear_nat(bpffs: &Bpffs) -> Result<()> {
+    let mut map: HashMap<MapData, NatKey, NatEntry> = open_map(bpffs, NAT_MAP)?;
+    for (key, _) in nat_entries(bpffs)? {
+        ignore_missing(map.remove(&key)).map_err(Error::map("removing a NAT entry"))?;
+    }
+    Ok(())
+}
+
 /// The NAT's connections, for `velox-loader nat`.
 pub fn nat_entries(bpffs: &Bpffs) -> Result<Vec<(NatKey, NatEntry)>> {
     let map: HashMap<MapData, NatKey, NatEntry> = open_map(bpffs, NAT_MAP)?;

@@ -97,6 +97,14 @@ fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sa
         });
     // The external host's client runs in the cgroup2 root: no node's socket hooks.
     let cgroup2 = worker1.cgroup()?.parent().context("cgroup2 root")?.to_path_buf();
+    // Tens of thousands of connections a round from one host: its whole port range,
+    // and ports in TIME_WAIT taken again.
+    for (sysctl, value) in [
+        ("net.ipv4.ip_local_port_range", "1024 65535"),
+        ("net.ipv4.tcp_tw_reuse", "1"),
+    ] {
+        velox_test_env::run_in_netns(&external.name, "sysctl", &["-qw", &format!("{sysctl}={value}")])?;
+    }
     let mut samples = Vec::new();
     let mut node_gbps = Vec::new();
     for round in 0..args.rounds {

@@ -343,14 +343,24 @@ fn masquerade_port(reply_key: &mut NatKey, reply: &NatEntry, now: u64) -> bool {
 
 /// Enters `reply` under `key`, unless a live connection holds that key: another
 /// connection's replies are never taken over. An expired one's entry (LRU maps keep
-/// them until full) is replaced.
+/// them until full) is replaced, and so is a closed TCP connection's once it has
+/// been quiet for a second (its last ACKs are through): the masquerading ports turn
+/// over as fast as connections do, as conntrack lets a SYN take a closed tuple.
 #[inline(always)]
 fn enter_reply(key: &NatKey, reply: &NatEntry, now: u64) -> bool {
     if VELOX_NAT.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
         return true;
     }
-    live_entry(key, now).is_none() && VELOX_NAT.insert(key, reply, u64::from(BPF_EXIST)).is_ok()
+    let Some(held) = (unsafe { VELOX_NAT.get(key) }) else {
+        return false;
+    };
+    let quiet = now.saturating_sub(held.last_seen);
+    let over = held.expired(now) || (held.state == NAT_CLOSING && quiet > CLOSED_QUIET_NS);
+    over && VELOX_NAT.insert(key, reply, u64::from(BPF_EXIST)).is_ok()
 }
+
+/// How long a closed TCP connection keeps its masquerading port.
+const CLOSED_QUIET_NS: u64 = 1_000_000_000;
 
 /// Loopback, unspecified and link-local sources: never a client from the network.
 #[inline(always)]

@@ -93,6 +93,17 @@ impl ServiceBalancer {
         }
     }
 
+    /// Empties the load balancer's maps and the NAT's connections: the loader runs
+    /// without it now.
+    pub fn clear(bpffs: &velox_node::Bpffs) -> anyhow::Result<()> {
+        let mut maps = ServiceMaps::open(bpffs)?;
+        write_frontends(&mut maps, &BTreeMap::new())?;
+        maps.set_node_addresses(&BTreeMap::new())?;
+        maps.set_masquerade([IpKey::default(); 2])?;
+        velox_node::maps::clear_nat(bpffs)?;
+        Ok(())
+    }
+
     /// Whether a pass must come even if nothing changed: the last one left frontends
     /// unwritten.
     pub fn retry_due(&self) -> bool {
