@@ -185,12 +185,9 @@ fn translate_from_net(ctx: &TcContext, packet: &mut Packet, verdict: &mut Verdic
     if entry.direction == NAT_REPLY && !is_remote_pod(&packet.src.addr) {
         return DROP_SPOOFED;
     }
-    track(entry, &layout, now);
-    if !rewrite(ctx, packet, entry, &layout) {
+    if !translate(ctx, packet, entry, &layout, now) {
         return DROP_REDIRECT_FAILED;
     }
-    packet.src = entry.src;
-    packet.dst = entry.dst;
     if entry.direction == NAT_REPLY {
         return to_network(entry.uplink);
     }
@@ -221,13 +218,23 @@ fn translate_reply_from_pod(ctx: &TcContext, packet: &mut Packet) -> Outcome {
     if entry.direction != NAT_REPLY {
         return PASS;
     }
-    track(entry, &layout, now);
-    if !rewrite(ctx, packet, entry, &layout) {
+    if !translate(ctx, packet, entry, &layout, now) {
         return DROP_REDIRECT_FAILED;
+    }
+    to_network(entry.uplink)
+}
+
+/// One packet of `entry`'s direction: the connection kept alive, the packet
+/// rewritten to the entry's ends (and `packet` with it). False when a rewrite failed.
+#[inline(always)]
+fn translate(ctx: &TcContext, packet: &mut Packet, entry: &mut NatEntry, layout: &Layout, now: u64) -> bool {
+    track(entry, layout, now);
+    if !rewrite(ctx, packet, entry, layout) {
+        return false;
     }
     packet.src = entry.src;
     packet.dst = entry.dst;
-    to_network(entry.uplink)
+    true
 }
 
 /// A pod of another node.
