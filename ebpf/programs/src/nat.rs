@@ -5,8 +5,9 @@
 //! out, in `VELOX_NAT` (one entry per direction, LRU, expired by state).
 //!
 //! `from_net` and `from_pod` hand over only the packets that are the NAT's, by tail
-//! call: the translation has its own verifier budget and stack, and plain pod
-//! traffic pays one lookup at most (`from_pod` only for what goes to the kernel).
+//! call (`from_net_nat`, `from_pod_nat`; a new connection goes on to `nat_open`):
+//! the translation has its own verifier budget and stack, and plain pod traffic pays
+//! one lookup at most (`from_pod` only for what goes to the kernel).
 //!
 //! `externalTrafficPolicy: Cluster` masquerades the client as this node (a source
 //! port from `NAT_PORTS`), so replies come back through this node wherever the
