@@ -784,16 +784,11 @@ impl ServiceMaps {
             .collect()
     }
 
-    /// Gives `frontend` `service` with `backends`, without a moment in which a
-    /// connection could pick a slot that is not filled: a growing Service gets its
-    /// slots before its count, a shrinking one its count before the slots go.
-    pub fn set(
-        &mut self,
-        frontend: Frontend,
-        service: Service,
-        backends: &[FlowEnd],
-        before: Option<Service>,
-    ) -> Result<()> {
+    /// Gives `frontend` `service` with `backends`: the slots first, then the entry
+    /// that points at them, so a connection never picks a slot that is not filled
+    /// (a shrinking Service's extra slots go after, with [`Self::remove_backends`]).
+    /// `service.id` must be the frontend's own, or one no entry uses.
+    pub fn set(&mut self, frontend: Frontend, service: Service, backends: &[FlowEnd]) -> Result<()> {
         for (slot, backend) in backends.iter().enumerate() {
             let slot = BackendSlot {
                 service: service.id,
@@ -807,15 +802,7 @@ impl ServiceMaps {
             Frontend::Address(end) => self.services.insert(end, service, 0),
             Frontend::NodePort(key) => self.node_ports.insert(key, service, 0),
         }
-        .map_err(Error::map("adding a service"))?;
-        for slot in service.backends..before.map_or(0, |b| b.backends) {
-            ignore_missing(self.backends.remove(&BackendSlot {
-                service: service.id,
-                slot,
-            }))
-            .map_err(Error::map("removing a backend"))?;
-        }
-        Ok(())
+        .map_err(Error::map("adding a service"))
     }
 
     /// Removes a frontend, then its backends.
@@ -825,7 +812,12 @@ impl ServiceMaps {
             Frontend::NodePort(key) => ignore_missing(self.node_ports.remove(key)),
         }
         .map_err(Error::map("removing a service"))?;
-        for slot in 0..service.backends {
+        self.remove_backends(service, 0)
+    }
+
+    /// Removes the backend slots of `service`'s id from slot `first` on.
+    pub fn remove_backends(&mut self, service: &Service, first: u32) -> Result<()> {
+        for slot in first..service.backends {
             ignore_missing(self.backends.remove(&BackendSlot {
                 service: service.id,
                 slot,

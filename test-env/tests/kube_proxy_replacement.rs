@@ -360,7 +360,10 @@ fn external_traffic_policy_local_keeps_the_client_and_health_checks_pick_the_nod
     assert_eq!(worker1.dump("services").unwrap().len(), 0);
     let frontend = SocketAddr::new(cluster.node_ip(0, Family::V4), 30080);
     let answer = request(&cluster.external, frontend, Protocol::Tcp, TIMEOUT);
-    assert!(answer.is_err(), "external -> {frontend} with the load balancer off: {answer:?}");
+    assert!(
+        answer.is_err(),
+        "external -> {frontend} with the load balancer off: {answer:?}"
+    );
     cluster.finish().unwrap();
 }
 

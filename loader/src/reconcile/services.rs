@@ -499,15 +499,21 @@ pub fn write_frontends(maps: &mut ServiceMaps, wanted: &BTreeMap<Frontend, Balan
     let mut failed = Vec::new();
     for (frontend, balancing) in wanted {
         let before = current.get(frontend).copied();
-        let id = match before {
-            Some(service) => {
-                let had = maps.backends(&service)?;
-                if had == balancing.backends && service == service_entry(service.id, balancing) {
-                    continue;
-                }
-                note_lost(frontend, &had, &balancing.backends);
-                service.id
+        if let Some(service) = before {
+            let had = maps.backends(&service)?;
+            if had == balancing.backends && service == service_entry(service.id, balancing) {
+                continue;
             }
+            note_lost(frontend, &had, &balancing.backends);
+        }
+        // A changed frontend with a local-only traffic policy gets a fresh id: its
+        // slots are whole before the entry points at them, so no local-only pick
+        // meets another node's backend in a slot being rewritten. Others keep their
+        // id (and their clients' affinity): any backend serves them.
+        let local_only = SERVICE_EXTERNAL_LOCAL | SERVICE_INTERNAL_LOCAL;
+        let kept = before.filter(|old| (old.flags | balancing.flags) & local_only == 0);
+        let id = match kept {
+            Some(old) => old.id,
             None => {
                 while used.contains(&next_free) {
                     next_free += 1;
@@ -517,8 +523,24 @@ pub fn write_frontends(maps: &mut ServiceMaps, wanted: &BTreeMap<Frontend, Balan
             }
         };
         let service = service_entry(id, balancing);
-        if let Err(e) = maps.set(*frontend, service, &balancing.backends, before) {
-            failed.push((*frontend, e));
+        match maps.set(*frontend, service, &balancing.backends) {
+            // The slots no entry points at any more: a failure only leaves them unused.
+            Ok(()) => {
+                let unused = match before {
+                    Some(old) if old.id == id => maps.remove_backends(&old, service.backends),
+                    Some(old) => maps.remove_backends(&old, 0),
+                    None => Ok(()),
+                };
+                if let Err(e) = unused {
+                    log::warn!("removing unused backend slots of {}: {e:#}", describe(frontend));
+                }
+            }
+            Err(e) => {
+                if kept.is_none() {
+                    let _ = maps.remove_backends(&service, 0);
+                }
+                failed.push((*frontend, e));
+            }
         }
     }
     for (frontend, service) in &current {
