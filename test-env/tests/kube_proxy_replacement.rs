@@ -367,6 +367,71 @@ fn external_traffic_policy_local_keeps_the_client_and_health_checks_pick_the_nod
     cluster.finish().unwrap();
 }
 
+/// One TCP request from the external host, from source port `port`.
+fn request_from_port(cluster: &ClusterGuard, port: u16, to: SocketAddr) -> anyhow::Result<String> {
+    use socket2::{Domain, Socket, Type};
+    spawn_in(&cluster.external, move || {
+        let socket = Socket::new(Domain::for_address(to), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        let any: IpAddr = if to.is_ipv4() {
+            [0u8; 4].into()
+        } else {
+            [0u16; 8].into()
+        };
+        socket.bind(&SocketAddr::new(any, port).into())?;
+        socket.connect_timeout(&to.into(), TIMEOUT)?;
+        let mut stream = TcpStream::from(socket);
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    })
+    .join()
+    .expect("client thread")
+}
+
+/// A client port used for two frontends of one local-only Service, one after the
+/// other: the backend sees both connections from the same client end, so the second
+/// takes the first's reply half over; the first's other half must go with it. It
+/// stayed, and the next connection to the first frontend from that port got the
+/// second's replies (a flaky CI run of the affinity test found it).
+#[test]
+fn a_client_port_reused_for_another_frontend_gets_its_own_replies() {
+    let (cluster, state) = cluster_replacing_kube_proxy("kprreuse");
+    let pod1 = cluster.pod("pod-1");
+    let _backends = backends_in(&pod1);
+    let routed = routed_ip(&cluster, Family::V4, 40, 0);
+    let web = ServiceSpec {
+        name: "local".into(),
+        cluster_ips: vec![cluster_ip(Family::V4, 54)],
+        ports: vec![HTTP],
+        backends: vec![pod1.ip(Family::V4)],
+    };
+    let objects = with(&web, |service| {
+        service["spec"]["type"] = json!("NodePort");
+        service["spec"]["externalTrafficPolicy"] = json!("Local");
+        service["spec"]["externalIPs"] = json!([routed]);
+    });
+    cluster_state::write_objects(&state, objects).unwrap();
+    wait_for_frontend(&cluster, "nodeport:30080", 1);
+    let node_port = SocketAddr::new(cluster.node_ip(0, Family::V4), 30080);
+    let expected = format!("{} {}", pod1.name, external_ip(Family::V4));
+    for (step, to) in [node_port, SocketAddr::new(routed, 80), node_port]
+        .into_iter()
+        .enumerate()
+    {
+        // Each closed connection's ends are free for another after a quiet second.
+        std::thread::sleep(Duration::from_millis(1500));
+        let answer = request_from_port(&cluster, 40123, to);
+        assert_eq!(
+            answer.as_ref().ok(),
+            Some(&expected),
+            "step {step}, external:40123 -> {to}: {answer:?}"
+        );
+    }
+    cluster.finish().unwrap();
+}
+
 /// Makes one connection: the answer, or the error.
 type Connect<'a> = &'a dyn Fn() -> Result<String, String>;
 

@@ -171,22 +171,19 @@ fn translate_from_net(ctx: &TcContext, packet: &mut Packet, verdict: &mut Verdic
     };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(entry) = live_entry(key_of(packet), now) else {
+    let Some((entry, other)) = connection(key_of(packet), now) else {
         if packet.opens {
             // `nat_open` enters the connection and hands the packet back here.
             hand_over(ctx, NAT_OPEN);
         }
         return PASS;
     };
-    // SAFETY: a map value; concurrent updates of a connection's time and state race
-    // harmlessly.
-    let entry = unsafe { &mut *entry };
     // A reply arrives at the uplink only from a backend on another node: one that
     // claims to come from a pod of this node, or from no pod, is forged.
     if entry.direction == NAT_REPLY && !is_remote_pod(&packet.src.addr) {
         return DROP_SPOOFED;
     }
-    if !translate(ctx, packet, entry, &layout, now) {
+    if !translate(ctx, packet, entry, other, &layout, now) {
         return DROP_REDIRECT_FAILED;
     }
     if entry.direction == NAT_REPLY {
@@ -212,14 +209,13 @@ fn translate_reply_from_pod(ctx: &TcContext, packet: &mut Packet) -> Outcome {
         return PASS;
     };
     let now = unsafe { bpf_ktime_get_ns() };
-    let Some(entry) = live_entry(key_of(packet), now) else {
+    let Some((entry, other)) = connection(key_of(packet), now) else {
         return PASS;
     };
-    let entry = unsafe { &mut *entry };
     if entry.direction != NAT_REPLY {
         return PASS;
     }
-    if !translate(ctx, packet, entry, &layout, now) {
+    if !translate(ctx, packet, entry, other, &layout, now) {
         return DROP_REDIRECT_FAILED;
     }
     to_network(entry.uplink)
@@ -228,8 +224,15 @@ fn translate_reply_from_pod(ctx: &TcContext, packet: &mut Packet) -> Outcome {
 /// One packet of `entry`'s direction: the connection kept alive, the packet
 /// rewritten to the entry's ends (and `packet` with it). False when a rewrite failed.
 #[inline(always)]
-fn translate(ctx: &TcContext, packet: &mut Packet, entry: &mut NatEntry, layout: &Layout, now: u64) -> bool {
-    track(entry, layout, now);
+fn translate(
+    ctx: &TcContext,
+    packet: &mut Packet,
+    entry: &mut NatEntry,
+    other: &mut NatEntry,
+    layout: &Layout,
+    now: u64,
+) -> bool {
+    track(entry, other, layout, now);
     if !rewrite(ctx, packet, entry, layout) {
         return false;
     }
@@ -244,15 +247,29 @@ fn is_remote_pod(addr: &IpKey) -> bool {
     local_endpoint(addr).is_none() && peer_node(addr).is_some()
 }
 
-/// The entry of `key`, unless its connection has been quiet for longer than its
-/// state allows.
+/// Both directions' entries of the connection a packet with ends `key` belongs to:
+/// none when it has been quiet for longer than its state allows, or when its other
+/// half is gone or now another connection's (taken over by a connection whose
+/// replies carry the same ends, or evicted). Such a half is removed: its packets
+/// would get the other connection's replies.
 #[inline(always)]
-fn live_entry(key: &NatKey, now: u64) -> Option<*mut NatEntry> {
-    let entry = VELOX_NAT.get_ptr_mut(key)?;
-    // SAFETY: a map value.
-    match unsafe { (*entry).expired(now) } {
-        true => None,
-        false => Some(entry),
+fn connection(key: &NatKey, now: u64) -> Option<(&'static mut NatEntry, &'static mut NatEntry)> {
+    let this = VELOX_NAT.get_ptr_mut(key)?;
+    // SAFETY: map values; concurrent updates of a connection's time and state race
+    // harmlessly.
+    let this = unsafe { &mut *this };
+    if this.expired(now) {
+        return None;
+    }
+    let other = VELOX_NAT
+        .get_ptr_mut(&this.reverse_key())
+        .map(|other| unsafe { &mut *other });
+    match other {
+        Some(other) if other.reverse_key() == *key => Some((this, other)),
+        _ => {
+            let _ = VELOX_NAT.remove(key);
+            None
+        }
     }
 }
 
@@ -386,7 +403,7 @@ fn is_unroutable(addr: &IpKey) -> bool {
 /// Keeps both directions of the connection alive, and follows TCP's state: the first
 /// reply establishes it, a FIN or RST closes it, a new SYN opens it again.
 #[inline(always)]
-fn track(entry: &mut NatEntry, layout: &Layout, now: u64) {
+fn track(entry: &mut NatEntry, other: &mut NatEntry, layout: &Layout, now: u64) {
     let mut state = entry.state;
     if layout.proto == IPPROTO_TCP {
         let flags = layout.tcp_flags;
@@ -402,12 +419,8 @@ fn track(entry: &mut NatEntry, layout: &Layout, now: u64) {
     }
     entry.last_seen = now;
     entry.state = state;
-    if let Some(other) = VELOX_NAT.get_ptr_mut(&entry.reverse_key()) {
-        // SAFETY: a map value.
-        let other = unsafe { &mut *other };
-        other.last_seen = now;
-        other.state = state;
-    }
+    other.last_seen = now;
+    other.state = state;
 }
 
 /// Where the checksums and the TCP flags of a packet the NAT rewrites lie.
