@@ -9,7 +9,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use velox_common::{
-    EndpointCounters, AF_INET, DROP_REASONS, NAT_CLOSING, NAT_ESTABLISHED, NAT_OPENING, NAT_REPLY,
+    EndpointCounters, AF_INET, DROP_REASONS, NAT_CLOSED, NAT_CLOSING, NAT_ESTABLISHED, NAT_OPENING, NAT_REPLY,
     SERVICE_EXTERNAL_LOCAL, SERVICE_FROM_OUTSIDE, SERVICE_INTERNAL_LOCAL,
 };
 use velox_node::endpoint::{EndpointRecord, EndpointStore};
@@ -433,7 +433,8 @@ pub fn nat(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
             state: match entry.state {
                 NAT_OPENING => "opening",
                 NAT_ESTABLISHED => "established",
-                NAT_CLOSING => "closing",
+                NAT_CLOSING => "half-closed",
+                NAT_CLOSED => "closed",
                 _ => "-",
             },
             idle_seconds: now.saturating_sub(entry.last_seen) / 1_000_000_000,

@@ -240,10 +240,10 @@ impl Latency {
 }
 
 /// A server process in a pod's netns, killed when dropped.
-struct Server(std::process::Child);
+pub struct Server(std::process::Child);
 
 impl Server {
-    fn start(pod: &Pod, program: &str, args: &[&str]) -> anyhow::Result<Self> {
+    pub fn start(pod: &Pod, program: &str, args: &[&str]) -> anyhow::Result<Self> {
         let child = in_netns(&pod.name, program, args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())

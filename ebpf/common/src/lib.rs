@@ -305,15 +305,19 @@ pub struct NatKey {
     pub dst: FlowEnd,
 }
 
-/// [`NatEntry::state`]: a TCP connection before its first reply, established, and
-/// after a FIN or RST; other protocols stay `NAT_OTHER`.
+/// [`NatEntry::state`]: a TCP connection before its first reply, established,
+/// half-closed (a FIN one way), and closed (FINs both ways and the last ACK, or a
+/// RST); other protocols stay `NAT_OTHER`.
 pub const NAT_OPENING: u32 = 0;
 pub const NAT_ESTABLISHED: u32 = 1;
 pub const NAT_CLOSING: u32 = 2;
 pub const NAT_OTHER: u32 = 3;
+pub const NAT_CLOSED: u32 = 4;
 /// Seconds a connection in each `NAT_*` state lives without a packet: a SYN that
-/// is never answered holds a masquerading port for 30 s at most.
-pub const NAT_TIMEOUTS: [u64; 4] = [30, 6 * 3600, 10, 60];
+/// is never answered holds a masquerading port for 30 s at most. A closed
+/// connection's ends can be taken by a new one before that (as conntrack reopens a
+/// TIME_WAIT tuple). An unknown state expires at once.
+pub const NAT_TIMEOUTS: [u64; 8] = [30, 6 * 3600, 60, 60, 10, 0, 0, 0];
 /// [`NatEntry::direction`].
 pub const NAT_ORIGINAL: u32 = 0;
 pub const NAT_REPLY: u32 = 1;
@@ -334,7 +338,8 @@ pub struct NatEntry {
     pub direction: u32,
     /// The uplink the connection came in on: replies leave there.
     pub uplink: u32,
-    pub pad: u32,
+    /// 1 once this direction sent a FIN (TCP).
+    pub fin: u32,
 }
 
 impl NatEntry {
@@ -349,7 +354,7 @@ impl NatEntry {
 
     #[inline(always)]
     pub fn expired(&self, now: u64) -> bool {
-        let timeout = NAT_TIMEOUTS[(self.state & 3) as usize] * 1_000_000_000;
+        let timeout = NAT_TIMEOUTS[(self.state & 7) as usize] * 1_000_000_000;
         // Another CPU may have stamped a later time than this packet's `now`.
         now.saturating_sub(self.last_seen) > timeout
     }

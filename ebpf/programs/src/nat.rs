@@ -25,9 +25,9 @@ use aya_ebpf::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use velox_common::{
     AffinityKey, IpKey, NatEntry, NatKey, DEFAULT_NAT_ENTRIES, DROP_NAT_PORTS_EXHAUSTED, DROP_NO_BACKEND,
-    DROP_REDIRECT_FAILED, DROP_SPOOFED, FROM_NET_NAT, IPPROTO_TCP, IPPROTO_UDP, NAT_CLOSING, NAT_ESTABLISHED, NAT_OPEN,
-    NAT_OPENING, NAT_ORIGINAL, NAT_OTHER, NAT_PORTS, NAT_PROGRAMS, NAT_REPLY, SERVICE_EXTERNAL_LOCAL,
-    SERVICE_FROM_OUTSIDE, UPLINK_SLOT,
+    DROP_REDIRECT_FAILED, DROP_SPOOFED, FROM_NET_NAT, IPPROTO_TCP, IPPROTO_UDP, NAT_CLOSED, NAT_CLOSING,
+    NAT_ESTABLISHED, NAT_OPEN, NAT_OPENING, NAT_ORIGINAL, NAT_OTHER, NAT_PORTS, NAT_PROGRAMS, NAT_REPLY,
+    SERVICE_EXTERNAL_LOCAL, SERVICE_FROM_OUTSIDE, UPLINK_SLOT,
 };
 
 use crate::forward::{fits_uplink, local_endpoint, peer_node, to_local_pod, to_network, to_peer_node};
@@ -61,6 +61,7 @@ static VELOX_NAT_PROGRAMS: ProgramArray<{ NAT_PROGRAMS.len() }> = ProgramArray::
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 const IPV4_FRAGMENTED: u16 = 0x3fff;
 
 // A packet's two ends are its NAT key: `Packet` starts with them, in `NatKey`'s layout.
@@ -319,7 +320,7 @@ fn open(packet: &Packet, ifindex: u32, now: u64) -> Result<(), Outcome> {
         state,
         direction: NAT_REPLY,
         uplink: ifindex,
-        pad: 0,
+        fin: 0,
     };
     // The key the backend's replies will carry: to the client, or to this node.
     scratch.reply_key = NatKey {
@@ -368,9 +369,9 @@ fn masquerade_port(reply_key: &mut NatKey, reply: &NatEntry, now: u64) -> bool {
 
 /// Enters `reply` under `key`, unless a live connection holds that key: another
 /// connection's replies are never taken over. An expired one's entry (LRU maps keep
-/// them until full) is replaced, and so is a closed TCP connection's once it has
-/// been quiet for a second (its last ACKs are through): the masquerading ports turn
-/// over as fast as connections do, as conntrack lets a SYN take a closed tuple.
+/// them until full) is replaced, and so is a closed TCP connection's, FINs both ways
+/// and the last ACK through (or a RST): the masquerading ports turn over as fast as
+/// connections do, as conntrack lets a SYN take a tuple in TIME_WAIT.
 #[inline(always)]
 fn enter_reply(key: &NatKey, reply: &NatEntry, now: u64) -> bool {
     if VELOX_NAT.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
@@ -379,13 +380,9 @@ fn enter_reply(key: &NatKey, reply: &NatEntry, now: u64) -> bool {
     let Some(held) = (unsafe { VELOX_NAT.get(key) }) else {
         return false;
     };
-    let quiet = now.saturating_sub(held.last_seen);
-    let over = held.expired(now) || (held.state == NAT_CLOSING && quiet > CLOSED_QUIET_NS);
+    let over = held.expired(now) || held.state == NAT_CLOSED;
     over && VELOX_NAT.insert(key, reply, u64::from(BPF_EXIST)).is_ok()
 }
-
-/// How long a closed TCP connection keeps its masquerading port.
-const CLOSED_QUIET_NS: u64 = 1_000_000_000;
 
 /// Loopback, unspecified and link-local sources: never a client from the network.
 #[inline(always)]
@@ -401,21 +398,29 @@ fn is_unroutable(addr: &IpKey) -> bool {
 }
 
 /// Keeps both directions of the connection alive, and follows TCP's state: the first
-/// reply establishes it, a FIN or RST closes it, a new SYN opens it again.
+/// reply establishes it, a FIN half-closes it, a packet after FINs both ways (the
+/// last ACK) or a RST closes it, a new SYN opens it again.
 #[inline(always)]
 fn track(entry: &mut NatEntry, other: &mut NatEntry, layout: &Layout, now: u64) {
     let mut state = entry.state;
     if layout.proto == IPPROTO_TCP {
         let flags = layout.tcp_flags;
-        state = if flags & (TCP_FIN | TCP_RST) != 0 {
-            NAT_CLOSING
-        } else if flags & TCP_SYN != 0 && entry.direction == NAT_ORIGINAL {
-            NAT_OPENING
+        if flags & TCP_RST != 0 {
+            state = NAT_CLOSED;
+        } else if flags & (TCP_SYN | TCP_ACK) == TCP_SYN && entry.direction == NAT_ORIGINAL {
+            state = NAT_OPENING;
+            entry.fin = 0;
+            other.fin = 0;
+        } else if flags & TCP_FIN != 0 {
+            entry.fin = 1;
+            if state != NAT_CLOSED {
+                state = NAT_CLOSING;
+            }
+        } else if entry.fin != 0 && other.fin != 0 {
+            state = NAT_CLOSED;
         } else if entry.direction == NAT_REPLY && state == NAT_OPENING {
-            NAT_ESTABLISHED
-        } else {
-            state
-        };
+            state = NAT_ESTABLISHED;
+        }
     }
     entry.last_seen = now;
     entry.state = state;
