@@ -23,7 +23,7 @@ use velox_test_env::cluster_state::write_objects;
 use velox_test_env::kube_proxy::{Protocol, ServiceRule};
 use velox_test_env::netns::spawn_in;
 use velox_test_env::netpol::{namespace_object, pod_object, policy};
-use velox_test_env::{Cluster, ClusterGuard, Family, Pod};
+use velox_test_env::{Cluster, ClusterGuard, Family, Node, Pod};
 
 /// How long a probe waits for its answer, as the policy grid's do: a denied one
 /// waits it out.
@@ -419,6 +419,137 @@ fn an_egress_isolated_pod_stays_isolated_from_a_udp_server_that_answered_its_hos
         "the server was up all along: a pod without egress rules reaches it",
     );
     drop(servers);
+    cluster.finish().unwrap();
+}
+
+/// A host's unconnected UDP socket asks `to` once: the answer, from whatever
+/// source it came, or why none came.
+fn unconnected_udp(netns: &str, to: SocketAddr) -> Result<String, String> {
+    spawn_in(netns, move || {
+        let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+        let socket = UdpSocket::bind(any)?;
+        socket.set_read_timeout(Some(PROBE_TIMEOUT))?;
+        socket.send_to(b"probe", to)?;
+        let mut buf = [0u8; 64];
+        let (len, _) = socket.recv_from(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
+    })
+    .join()
+    .expect("client thread")
+    .map_err(|e| format!("{e:#}"))
+}
+
+/// The link-local address of `pod`'s host veth on `node`.
+fn host_veth_link_local(node: &Node, pod: &Pod) -> std::net::Ipv6Addr {
+    let endpoint = node.endpoint(pod.ip(Family::V4)).unwrap();
+    let veth = endpoint["ifname"].as_str().unwrap();
+    let shown = velox_test_env::run(
+        "ip",
+        &[
+            "-n", &node.name, "-6", "-j", "addr", "show", "dev", veth, "scope", "link",
+        ],
+    )
+    .unwrap();
+    let shown: Value = serde_json::from_str(&shown).unwrap();
+    shown[0]["addr_info"][0]["local"].as_str().unwrap().parse().unwrap()
+}
+
+/// `pod` connects over TCP to `port` of the link-local address of its host veth on
+/// `node` and reads the answer.
+fn to_host_over_link_local(node: &Node, pod: &Pod, port: u16) -> Result<String, String> {
+    let host = host_veth_link_local(node, pod);
+    spawn_in(&pod.name, move || {
+        let scope = nix::net::if_::if_nametoindex("eth0")?;
+        let to = SocketAddr::V6(std::net::SocketAddrV6::new(host, port, 0, scope));
+        let mut stream = TcpStream::connect_timeout(&to, PROBE_TIMEOUT)?;
+        stream.set_read_timeout(Some(PROBE_TIMEOUT))?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    })
+    .join()
+    .expect("client thread")
+    .map_err(|e| format!("{e:#}"))
+}
+
+/// Item 3: an egress-isolated pod answers its node's host, which reaches its pods by
+/// default: an unconnected UDP socket of the host too, as a connected one (those
+/// answers were dropped). And its link-local address is no way around its egress
+/// rules to the host (sources link-local passed before policy).
+#[test]
+fn an_egress_isolated_pod_answers_its_host_and_reaches_it_by_no_other_way() {
+    let cluster = ClusterGuard::up("pp6").unwrap();
+    let (isolated, free) = (cluster.pod("pod-1"), cluster.pod("pod-4"));
+    write_pods(
+        &cluster,
+        &[
+            at(&isolated, 0, "isolated", "server"),
+            at(&free, 0, "default", "client"),
+        ],
+    );
+    write_policies(&cluster, vec![]);
+    let servers = [udp_servers(&isolated, "pod-1"), udp_servers(&free, "pod-4")];
+    let host = cluster.nodes[0].name.clone();
+    const HOST_PORT: u16 = 9100;
+    let any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, HOST_PORT));
+    let host_server = Backend::start(&host, any, Protocol::Tcp, "host").unwrap();
+    let isolated_to_free = udp_probes(&[(&isolated, "pod-1 (egress-isolated)")], &free, CONTROL);
+    let host_to_isolated: Vec<Probe> = Family::ALL
+        .into_iter()
+        .map(|family| {
+            let to = SocketAddr::new(isolated.ip(family), SERVED);
+            probe("node 0's host (connected)", &host, Protocol::Udp, to, "direct")
+        })
+        .collect();
+
+    expect_answered(&isolated_to_free, "pod-4", "without policy, pod-1 reaches pod-4");
+    for pod in [&isolated, &free] {
+        let answer = to_host_over_link_local(&cluster.nodes[0], pod, HOST_PORT);
+        assert_eq!(
+            answer.as_deref(),
+            Ok("host"),
+            "{} -> its host veth's link-local address",
+            pod.name
+        );
+    }
+    write_policies(
+        &cluster,
+        vec![policy(
+            "isolated",
+            "deny-egress",
+            json!({"podSelector": {}, "policyTypes": ["Egress"]}),
+        )],
+    );
+    eventually_refused(&isolated_to_free, "a deny-all egress policy isolates pod-1");
+
+    for attempt in 1..=3 {
+        let answer = to_host_over_link_local(&cluster.nodes[0], &isolated, HOST_PORT);
+        assert!(
+            answer.is_err(),
+            "pod-1 (egress-isolated) -> its host over link-local, attempt {attempt}: {answer:?}"
+        );
+    }
+    let answer = to_host_over_link_local(&cluster.nodes[0], &free, HOST_PORT);
+    assert_eq!(
+        answer.as_deref(),
+        Ok("host"),
+        "pod-4 (not isolated) -> its host over link-local"
+    );
+    expect_answered(
+        &host_to_isolated,
+        "pod-1",
+        "pod-1 answers its host's connected UDP socket",
+    );
+    for family in Family::ALL {
+        let to = SocketAddr::new(isolated.ip(family), SERVED);
+        let answer = unconnected_udp(&host, to);
+        assert_eq!(
+            answer.as_deref(),
+            Ok("pod-1"),
+            "node 0's host (unconnected UDP) -> {to}: the egress-isolated pod's answer"
+        );
+    }
+    drop((servers, host_server));
     cluster.finish().unwrap();
 }
 

@@ -46,23 +46,27 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     // SAFETY: reading the context's own fields.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let sender = if is_ip { sav::sender(&packet, ifindex) } else { None };
-    let mut verdict = Verdict::default();
-    let outcome = if !is_ip {
-        PASS
-    } else if sender.is_none() {
-        if sav::stays_on_link(&packet.sent_from) {
-            PASS
-        } else {
-            DROP_SPOOFED
-        }
-    } else {
-        let sender_slot = sender.map_or(NO_SLOT, |sender| sender.slot);
-        from_pod_to(&ctx, &packet, sender_slot, ifindex, &mut verdict)
-    };
-    let slot = match sender {
+    // The pod that sent it: the owner of its source address, or for a source that
+    // stays on the link (link-local, unspecified) the pod behind this veth.
+    let sender_slot = match sender {
         Some(sender) => sender.slot,
         None => interface_slot(ifindex),
     };
+    // A link-local source is never forwarded, but it reaches the node's own
+    // sockets: the pod's egress rules judge it as any packet to the host. Multicast
+    // from it (MLD) is the link's own business.
+    let on_link = sender.is_none() && sav::stays_on_link(&packet.sent_from);
+    let mut verdict = Verdict::default();
+    let outcome = if !is_ip {
+        PASS
+    } else if sender.is_some() || (on_link && !sav::is_multicast(&packet.dst.addr)) {
+        from_pod_to(&ctx, &packet, sender_slot, ifindex, &mut verdict)
+    } else if on_link {
+        PASS
+    } else {
+        DROP_SPOOFED
+    };
+    let slot = sender_slot;
     let action = finish(&ctx, &packet, slot, outcome, &verdict);
     trace(&ctx, "from_pod", is_ip.then_some(&packet.dst.addr), action);
     action
@@ -163,7 +167,8 @@ pub fn from_net(ctx: TcContext) -> i32 {
 /// What the kernel delivers into a pod: kube-proxy's NodePorts and ClusterIPs, hostPorts,
 /// connections Velox handed to the kernel. Velox's own deliveries
 /// (`bpf_redirect_peer`) never pass here. The node's own processes reach its pods
-/// (kubelet's probes): a packet the host sent, not one it forwarded, passes. A
+/// (kubelet's probes): a packet the host sent, not one it forwarded, passes, and
+/// the pod's replies to it pass its egress rules. A
 /// forwarded packet for an address this pod does not hold in the maps (its ADD
 /// unfinished, its DEL under way) is dropped.
 #[classifier]
@@ -175,6 +180,9 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     let is_ip = parse(&ctx, &mut packet);
     let mut verdict = Verdict::default();
     let mut slot = NO_SLOT;
+    if is_ip && from_host {
+        policy::host_sent(&packet, ifindex);
+    }
     if is_ip && !from_host {
         match local_endpoint(&packet.dst.addr).filter(|receiver| receiver.ifindex == ifindex) {
             Some(receiver) => {

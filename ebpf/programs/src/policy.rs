@@ -9,7 +9,7 @@ use aya_ebpf::{
         bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
         BPF_ANY, BPF_F_CURRENT_NETNS,
     },
-    btf_maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap},
+    btf_maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
     helpers::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::btf_map,
     programs::TcContext,
@@ -21,6 +21,7 @@ use velox_common::{
 };
 
 use crate::{
+    forward::local_endpoint,
     parse::Packet,
     verdict::{Outcome, NO_SLOT, PASS},
 };
@@ -196,6 +197,59 @@ fn record_allowed(
         }
     }
 }
+
+/// A packet the node's own processes send into the pod behind host veth `ifindex`:
+/// host-to-pod is allowed by default, and an egress-isolated pod's replies to it
+/// pass as replies, also to an unconnected UDP socket, which `host_has_connection`
+/// cannot tell from a server the pod would reach on its own. A call of its own:
+/// `to_pod`'s stack, with datapath logging on, has little room left.
+#[inline(never)]
+pub fn host_sent(packet: &Packet, ifindex: u32) {
+    let Some(receiver) = local_endpoint(&packet.dst.addr).filter(|receiver| receiver.ifindex == ifindex) else {
+        return;
+    };
+    if !packet.opens || flags(receiver.slot) & ISOLATED_EGRESS == 0 {
+        return;
+    }
+    // The key and entry are built in per-CPU space: this call's frame and `to_pod`'s
+    // together must stay within 512 bytes, with datapath logging's on top.
+    let Some(scratch) = VELOX_HOST_FLOW_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; nothing else runs on it while we do.
+    let scratch = unsafe { &mut *scratch };
+    let src_first;
+    (scratch.key, src_first) = PolicyFlow::of(&packet.src, &packet.dst);
+    let host_opener = if src_first { OPENED_BY_FIRST } else { OPENED_BY_SECOND };
+    let generation = VELOX_POLICY_GENERATION.get(0).map_or(0, |g| *g);
+    match VELOX_POLICY_FLOWS.get_ptr_mut(&scratch.key) {
+        // SAFETY: a map value; racing writers write the same values.
+        Some(flow) => unsafe {
+            // One the pod opened stays the pod's: its rules go on judging it.
+            if (*flow).opener == host_opener {
+                (*flow).generation = generation;
+            }
+        },
+        None => {
+            scratch.flow = AllowedFlow {
+                generation,
+                opener: host_opener,
+                ingress_pending: 0,
+            };
+            let _ = VELOX_POLICY_FLOWS.insert(&scratch.key, &scratch.flow, BPF_ANY as u64);
+        }
+    }
+}
+
+/// Where `host_sent` builds its key and entry.
+#[repr(C)]
+struct HostFlowScratch {
+    key: PolicyFlow,
+    flow: AllowedFlow,
+}
+
+#[btf_map]
+static VELOX_HOST_FLOW_SCRATCH: PerCpuArray<HostFlowScratch, 1> = PerCpuArray::new();
 
 /// `TCP_LISTEN` in `bpf_sock.state`.
 const TCP_LISTEN: u32 = 10;

@@ -13,8 +13,14 @@ pub fn sender(packet: &Packet, ifindex: u32) -> Option<&'static Endpoint> {
 
 /// Link-local and unspecified sources (neighbour discovery, MLD, DAD) stay on the
 /// link: the kernel never forwards them, and neither does the fast path, so a pod
-/// may send from them.
+/// may send from them (to the host only as its egress rules allow).
 #[inline(always)]
 pub fn stays_on_link(addr: &IpKey) -> bool {
     (addr.addr[0] == 0xfe && addr.addr[1] & 0xc0 == 0x80) || addr.addr == [0; 16]
+}
+
+/// IPv6 multicast (ff00::/8).
+#[inline(always)]
+pub fn is_multicast(addr: &IpKey) -> bool {
+    addr.addr[0] == 0xff
 }
