@@ -17,6 +17,7 @@ pub mod cluster_state;
 pub mod cni;
 pub mod containerd;
 pub mod guard;
+pub mod icmp;
 pub mod kube_proxy;
 pub mod matrix;
 pub mod netns;

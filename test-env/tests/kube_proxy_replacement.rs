@@ -16,6 +16,7 @@ use velox_common::NAT_PORTS;
 use velox_test_env::backend::{request, Backend};
 use velox_test_env::cluster::external_ip;
 use velox_test_env::cluster_state::{self, ServicePort, ServiceSpec};
+use velox_test_env::icmp::{send_icmp, too_big};
 use velox_test_env::kube_proxy::Protocol;
 use velox_test_env::netns::{in_netns, spawn_in};
 use velox_test_env::pod::Server;
@@ -470,6 +471,99 @@ fn back_to_back_connections_through_a_masqueraded_node_port_never_run_out_of_por
         .find(|s| s["slot"] == 0)
         .unwrap();
     assert_eq!(uplink["dropped"]["nat_ports_exhausted"], 0, "{uplink}");
+    cluster.finish().unwrap();
+}
+
+/// The path MTU `netns` keeps for `to` (a route exception), if any.
+fn route_mtu(netns: &str, to: IpAddr) -> Option<u32> {
+    let route = run("ip", &["-n", netns, "route", "get", &to.to_string()]).ok()?;
+    route
+        .split_whitespace()
+        .skip_while(|w| *w != "mtu")
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// ICMP errors about a connection from outside through a NodePort reach both of its
+/// ends translated, in both families: a packet too big about the node's replies
+/// (from the client's path) reaches the backend on the other node quoting its own
+/// datagram, and lowers its path MTU to the node; the backend's port unreachable
+/// reaches the client quoting the datagram it sent to the NodePort, and refuses its
+/// socket. (Both went to the node's kernel untranslated and were lost: path MTU
+/// discovery black-holed.)
+#[test]
+fn icmp_errors_about_a_node_port_connection_reach_both_ends_translated() {
+    let (cluster, state) = cluster_replacing_kube_proxy("kpricmp");
+    let pod3 = cluster.pod("pod-3");
+    let web = ServiceSpec {
+        name: "web".into(),
+        cluster_ips: Family::ALL.map(|f| cluster_ip(f, 57)).to_vec(),
+        ports: vec![DNS],
+        backends: pod3.ips.clone(),
+    };
+    cluster_state::write(&state, &[web]).unwrap();
+    wait_for_frontend(&cluster, "nodeport:30053", 1);
+    for family in Family::ALL {
+        let backend_addr = SocketAddr::new(pod3.ip(family), 5353);
+        let backend = Backend::start(&pod3.name, backend_addr, Protocol::Udp, &pod3.name).unwrap();
+        let (node_ip, node_port) = (
+            cluster.node_ip(0, family),
+            SocketAddr::new(cluster.node_ip(0, family), 30053),
+        );
+        let client = spawn_in(&cluster.external, move || {
+            let any: IpAddr = if node_port.is_ipv4() {
+                [0u8; 4].into()
+            } else {
+                [0u16; 8].into()
+            };
+            let socket = std::net::UdpSocket::bind(SocketAddr::new(any, 0))?;
+            socket.connect(node_port)?;
+            socket.set_read_timeout(Some(TIMEOUT))?;
+            Ok(socket)
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        let exchange = || -> std::io::Result<String> {
+            client.send(b"query")?;
+            let mut buf = [0u8; 64];
+            let len = client.recv(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
+        };
+        assert_eq!(
+            exchange().ok().as_deref(),
+            Some(pod3.name.as_str()),
+            "{family:?}: through {node_port}"
+        );
+
+        let smaller: u16 = match family {
+            Family::V4 => 1200,
+            Family::V6 => 1280,
+        };
+        let before = route_mtu(&pod3.name, node_ip);
+        assert!(
+            before.is_none_or(|mtu| mtu > u32::from(smaller)),
+            "{family:?}: {before:?}"
+        );
+        let message = too_big(node_port, client.local_addr().unwrap(), smaller);
+        send_icmp(&cluster.external, external_ip(family), node_ip, message);
+        assert!(
+            wait_for(Duration::from_secs(5), || route_mtu(&pod3.name, node_ip)
+                == Some(u32::from(smaller))),
+            "{family:?}: the backend's path MTU to {node_ip} stayed {:?}",
+            route_mtu(&pod3.name, node_ip)
+        );
+
+        drop(backend);
+        let refused = exchange();
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{family:?}: the backend's port unreachable did not refuse the client: {refused:?}"
+        );
+    }
     cluster.finish().unwrap();
 }
 

@@ -13,7 +13,8 @@
 //! port from `NAT_PORTS`), so replies come back through this node wherever the
 //! backend is; `Local` gives a backend on this node only and keeps the client's
 //! address. Clients that are pods of other nodes get `Cluster`, as kube-proxy gives
-//! them. Not translated (the kernel gets them): IP fragments, SCTP, ICMP errors.
+//! them. ICMP errors about a translated connection are translated with it. Not
+//! translated (the kernel gets them): IP fragments, SCTP.
 
 use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
@@ -31,7 +32,7 @@ use velox_common::{
 };
 
 use crate::forward::{fits_uplink, local_endpoint, peer_node, to_local_pod, to_network, to_peer_node};
-use crate::parse::{parse, Packet};
+use crate::parse::{parse, Packet, ICMP_ERROR_HEADER, IPPROTO_ICMPV6};
 use crate::policy::{police, Verdict, ALLOWED};
 use crate::sav;
 use crate::services::{node_address, pick_backend, service_at};
@@ -78,19 +79,17 @@ fn key_of(packet: &Packet) -> &NatKey {
 /// or one opening a connection to a Service that serves outside traffic.
 #[inline(always)]
 pub fn is_for_nat_from_net(packet: &Packet) -> bool {
-    if packet.is_error {
-        return false;
-    }
     if unsafe { VELOX_NAT.get(key_of(packet)) }.is_some() {
         return true;
     }
     packet.opens && service_at(&packet.dst, 0).is_some_and(|s| s.flags & SERVICE_FROM_OUTSIDE != 0)
 }
 
-/// Whether a packet a pod sends is a reply of a translated connection.
+/// Whether a packet a pod sends is a reply of a translated connection (or an ICMP
+/// error about one).
 #[inline(always)]
 pub fn is_translated_reply(packet: &Packet) -> bool {
-    !packet.is_error && unsafe { VELOX_NAT.get(key_of(packet)) }.is_some_and(|e| e.direction == NAT_REPLY)
+    unsafe { VELOX_NAT.get(key_of(packet)) }.is_some_and(|e| e.direction == NAT_REPLY)
 }
 
 /// Tail-calls NAT program `index`; returns only if the call failed (no program there).
@@ -107,7 +106,7 @@ pub fn hand_over(ctx: &TcContext, index: u32) {
 pub fn from_net_nat(ctx: TcContext) -> i32 {
     let mut packet = Packet::default();
     let mut verdict = Verdict::default();
-    let outcome = match parse(&ctx, &mut packet) && !packet.is_error {
+    let outcome = match parse(&ctx, &mut packet) {
         true => translate_from_net(&ctx, &mut packet, &mut verdict),
         false => PASS,
     };
@@ -151,7 +150,7 @@ pub fn from_pod_nat(ctx: TcContext) -> i32 {
     let sender = if is_ip { sav::sender(&packet, ifindex) } else { None };
     let mut verdict = Verdict::default();
     let (slot, outcome) = match sender {
-        Some(sender) if !packet.is_error => {
+        Some(sender) => {
             police(&ctx, &packet, sender.slot, NO_SLOT, false, &mut verdict);
             let outcome = match verdict.result {
                 ALLOWED => translate_reply_from_pod(&ctx, &mut packet),
@@ -167,9 +166,6 @@ pub fn from_pod_nat(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn translate_from_net(ctx: &TcContext, packet: &mut Packet, verdict: &mut Verdict) -> Outcome {
-    let Some(layout) = Layout::of(ctx, packet) else {
-        return PASS;
-    };
     // SAFETY: a helper without arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some((entry, other)) = connection(key_of(packet), now) else {
@@ -184,8 +180,10 @@ fn translate_from_net(ctx: &TcContext, packet: &mut Packet, verdict: &mut Verdic
     if entry.direction == NAT_REPLY && !is_remote_pod(&packet.src.addr) {
         return DROP_SPOOFED;
     }
-    if !translate(ctx, packet, entry, other, &layout, now) {
-        return DROP_REDIRECT_FAILED;
+    match translate(ctx, packet, entry, other, now) {
+        Some(true) => {}
+        Some(false) => return DROP_REDIRECT_FAILED,
+        None => return PASS,
     }
     if entry.direction == NAT_REPLY {
         return to_network(entry.uplink);
@@ -206,9 +204,6 @@ fn translate_from_net(ctx: &TcContext, packet: &mut Packet, verdict: &mut Verdic
 
 #[inline(always)]
 fn translate_reply_from_pod(ctx: &TcContext, packet: &mut Packet) -> Outcome {
-    let Some(layout) = Layout::of(ctx, packet) else {
-        return PASS;
-    };
     let now = unsafe { bpf_ktime_get_ns() };
     let Some((entry, other)) = connection(key_of(packet), now) else {
         return PASS;
@@ -216,30 +211,35 @@ fn translate_reply_from_pod(ctx: &TcContext, packet: &mut Packet) -> Outcome {
     if entry.direction != NAT_REPLY {
         return PASS;
     }
-    if !translate(ctx, packet, entry, other, &layout, now) {
-        return DROP_REDIRECT_FAILED;
+    match translate(ctx, packet, entry, other, now) {
+        Some(true) => to_network(entry.uplink),
+        Some(false) => DROP_REDIRECT_FAILED,
+        None => PASS,
     }
-    to_network(entry.uplink)
 }
 
-/// One packet of `entry`'s direction: the connection kept alive, the packet
-/// rewritten to the entry's ends (and `packet` with it). False when a rewrite failed.
+/// One packet of `entry`'s direction, rewritten to the entry's ends (and `packet`
+/// with it): a packet of the connection, which keeps it alive, or an ICMP error
+/// about it. None for what the NAT leaves alone (see `Layout::of`), false when a
+/// rewrite failed.
 #[inline(always)]
 fn translate(
     ctx: &TcContext,
     packet: &mut Packet,
     entry: &mut NatEntry,
     other: &mut NatEntry,
-    layout: &Layout,
     now: u64,
-) -> bool {
-    track(entry, other, layout, now);
-    if !rewrite(ctx, packet, entry, layout) {
-        return false;
-    }
+) -> Option<bool> {
+    let rewritten = if packet.is_error {
+        rewrite_error(ctx, packet, entry)?
+    } else {
+        let layout = Layout::of(ctx, packet)?;
+        track(entry, other, &layout, now);
+        rewrite(ctx, packet, entry, &layout)
+    };
     packet.src = entry.src;
     packet.dst = entry.dst;
-    true
+    Some(rewritten)
 }
 
 /// A pod of another node.
@@ -536,4 +536,137 @@ fn rewrite_port(ctx: &TcContext, layout: &Layout, offset: usize, old: u16, new: 
     ctx.l4_csum_replace(layout.checksum, u64::from(old), u64::from(new), 2 | layout.l4_flags())
         .is_ok()
         && ctx.store(layout.l4 + offset, &new, 0).is_ok()
+}
+
+/// Where the parts of an ICMP error a translation rewrites lie.
+struct ErrorLayout {
+    v4: bool,
+    /// The ICMP header (its checksum 2 bytes in).
+    icmp: usize,
+    /// The quoted packet's IP header and its transport header.
+    quoted: usize,
+    quoted_l4: usize,
+}
+
+impl ErrorLayout {
+    /// None for a fragment or an IPv6 error behind extension headers.
+    #[inline(always)]
+    fn of(ctx: &TcContext, v4: bool) -> Option<Self> {
+        let icmp = if v4 {
+            let ip = ctx.load::<Ipv4Hdr>(EthHdr::LEN).ok()?;
+            if u16::from_be_bytes(ip.frags) & IPV4_FRAGMENTED != 0 {
+                return None;
+            }
+            EthHdr::LEN + usize::from(ip.ihl())
+        } else {
+            if ctx.load::<u8>(EthHdr::LEN + 6).ok()? != IPPROTO_ICMPV6 {
+                return None;
+            }
+            EthHdr::LEN + 40
+        };
+        let quoted = icmp + ICMP_ERROR_HEADER;
+        let quoted_l4 = if v4 {
+            quoted + usize::from(ctx.load::<Ipv4Hdr>(quoted).ok()?.ihl())
+        } else {
+            quoted + 40
+        };
+        Some(Self {
+            v4,
+            icmp,
+            quoted,
+            quoted_l4,
+        })
+    }
+}
+
+/// An ICMP error about a translated connection, travelling as a packet of `entry`'s
+/// direction would (towards the end whose packet it quotes): sent on to that end's
+/// translated address, quoting the packet as that end sent it. An error the
+/// connection's peer sent itself (a port unreachable) comes from the peer's
+/// translated address; one from a router keeps the router's. The quoted transport
+/// checksum is left as it is (the kernel does not check it). None for what the NAT
+/// leaves alone, false when a rewrite failed.
+#[inline(always)]
+fn rewrite_error(ctx: &TcContext, packet: &Packet, entry: &NatEntry) -> Option<bool> {
+    let layout = ErrorLayout::of(ctx, packet.dst.addr.is_v4_mapped())?;
+    let from_peer = packet.sent_from == packet.src.addr;
+    // `packet` is the error as a packet of the connection: from the quoted packet's
+    // receiver (`src`) to its sender (`dst`, the error's receiver).
+    let outer = if layout.v4 {
+        (!from_peer || outer_v4(ctx, 12, &packet.src.addr, &entry.src.addr))
+            && outer_v4(ctx, 16, &packet.dst.addr, &entry.dst.addr)
+    } else {
+        (!from_peer || outer_v6(ctx, &layout, 8, &packet.src.addr, &entry.src.addr))
+            && outer_v6(ctx, &layout, 24, &packet.dst.addr, &entry.dst.addr)
+    };
+    let quoted = if layout.v4 {
+        quoted_v4(ctx, &layout, 12, &packet.dst.addr, &entry.dst.addr)
+            && quoted_v4(ctx, &layout, 16, &packet.src.addr, &entry.src.addr)
+    } else {
+        quoted_v6(ctx, &layout, 8, &packet.dst.addr, &entry.dst.addr)
+            && quoted_v6(ctx, &layout, 24, &packet.src.addr, &entry.src.addr)
+    };
+    Some(
+        outer
+            && quoted
+            && quoted_port(ctx, &layout, 0, packet.dst.port, entry.dst.port)
+            && quoted_port(ctx, &layout, 2, packet.src.port, entry.src.port),
+    )
+}
+
+/// The error's own IPv4 address at `offset` in its header: the IP checksum follows
+/// (ICMP's covers no pseudo-header).
+#[inline(always)]
+fn outer_v4(ctx: &TcContext, offset: usize, old: &IpKey, new: &IpKey) -> bool {
+    let (old, new) = (old.words()[3], new.words()[3]);
+    old == new
+        || (ctx
+            .l3_csum_replace(EthHdr::LEN + 10, u64::from(old), u64::from(new), 4)
+            .is_ok()
+            && ctx.store(EthHdr::LEN + offset, &new, 0).is_ok())
+}
+
+/// The error's own IPv6 address at `offset`: ICMPv6's checksum covers it.
+#[inline(always)]
+fn outer_v6(ctx: &TcContext, layout: &ErrorLayout, offset: usize, old: &IpKey, new: &IpKey) -> bool {
+    old == new
+        || (icmp_checksum_diff(ctx, layout, old, new, u64::from(BPF_F_PSEUDO_HDR))
+            && ctx.store(EthHdr::LEN + offset, &new.addr, 0).is_ok())
+}
+
+/// The quoted IPv4 address at `offset` in the quoted header, with the quoted IP
+/// checksum: the two changes cancel out in the ICMP checksum.
+#[inline(always)]
+fn quoted_v4(ctx: &TcContext, layout: &ErrorLayout, offset: usize, old: &IpKey, new: &IpKey) -> bool {
+    let (old, new) = (old.words()[3], new.words()[3]);
+    old == new
+        || (ctx
+            .l3_csum_replace(layout.quoted + 10, u64::from(old), u64::from(new), 4)
+            .is_ok()
+            && ctx.store(layout.quoted + offset, &new, 0).is_ok())
+}
+
+/// The quoted IPv6 address at `offset` in the quoted header: part of ICMPv6's payload.
+#[inline(always)]
+fn quoted_v6(ctx: &TcContext, layout: &ErrorLayout, offset: usize, old: &IpKey, new: &IpKey) -> bool {
+    old == new
+        || (icmp_checksum_diff(ctx, layout, old, new, 0) && ctx.store(layout.quoted + offset, &new.addr, 0).is_ok())
+}
+
+/// The quoted port at `offset` in the quoted transport header: part of ICMP's payload.
+#[inline(always)]
+fn quoted_port(ctx: &TcContext, layout: &ErrorLayout, offset: usize, old: u16, new: u16) -> bool {
+    old == new
+        || (ctx
+            .l4_csum_replace(layout.icmp + 2, u64::from(old), u64::from(new), 2)
+            .is_ok()
+            && ctx.store(layout.quoted_l4 + offset, &new, 0).is_ok())
+}
+
+/// ICMP's checksum after 16 bytes of an address went from `old` to `new`.
+#[inline(always)]
+fn icmp_checksum_diff(ctx: &TcContext, layout: &ErrorLayout, old: &IpKey, new: &IpKey, flags: u64) -> bool {
+    // SAFETY: both are 16 readable bytes.
+    let diff = unsafe { bpf_csum_diff(old.addr.as_ptr() as *mut u32, 16, new.addr.as_ptr() as *mut u32, 16, 0) };
+    ctx.l4_csum_replace(layout.icmp + 2, 0, diff as u64, flags).is_ok()
 }

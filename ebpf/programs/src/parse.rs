@@ -8,7 +8,7 @@ use network_types::{
 use velox_common::{FlowEnd, IpKey, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
 
 const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_ICMPV6: u8 = 58;
+pub const IPPROTO_ICMPV6: u8 = 58;
 /// ICMP and ICMPv6 echo request and reply: their identifier stands for a port.
 const ICMP_ECHO: [u8; 4] = [8, 0, 128, 129];
 const ICMP_ECHO_REQUEST: [u8; 2] = [8, 128];
@@ -22,7 +22,7 @@ const NDP_TYPES: core::ops::RangeInclusive<u8> = 133..=137;
 const ICMP_ERRORS: [u8; 4] = [3, 4, 11, 12];
 const ICMPV6_ERRORS: core::ops::RangeInclusive<u8> = 1..=4;
 /// An ICMP error's own header before the packet it quotes.
-const ICMP_ERROR_HEADER: usize = 8;
+pub const ICMP_ERROR_HEADER: usize = 8;
 /// The IPv6 fragment header.
 const IPV6_FRAGMENT: u8 = 44;
 /// IPv4 "more fragments" in the flags and offset field, and the offset's bits.
