@@ -24,8 +24,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{Receiver, Sender};
 use velox_common::{
-    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS,
-    NAT_PROGRAMS_MAP, POLICY_RULES_MAP, POLICY_STATE_MAP, SOCKET_LB_PROGRAMS, TO_POD_PROGRAM,
+    Affinity, AffinityKey, FlowEnd, NatEntry, NatKey, AFFINITY_MAP, COUNTERS_MAP, DEFAULT_KERNEL_FLOWS,
+    FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS, NAT_PROGRAMS_MAP, POLICY_RULES_MAP,
+    POLICY_STATE_MAP, SOCKET_LB_PROGRAMS, TO_POD_PROGRAM,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir, write_atomic};
@@ -33,7 +34,7 @@ use velox_node::health::{Health, PolicyHealth, MAX_NAMED_WAITING};
 use velox_node::layout::Hook;
 use velox_node::layout::PRIVATE_FILE_MODE;
 use velox_node::link::{attach_cgroup, update_pinned_link};
-use velox_node::maps::{check_object_layout, check_pinned_layouts, layouts, pinned_layout, EndpointMaps, KernelFlows};
+use velox_node::maps::{check_object_layout, check_pinned_layouts, layouts, pinned_layout, EndpointMaps};
 use velox_node::netlink::Netlink;
 use velox_node::pod_policy::{self, PolicyAnswer, PolicyRequest};
 use velox_node::{Bpffs, StateDir};
@@ -43,7 +44,7 @@ use crate::metrics::Metrics;
 use crate::reconcile::endpoints::sync_endpoints;
 use crate::reconcile::policy::{lift_isolation, PolicyReconciler};
 use crate::reconcile::routes::{NodeNetwork, NodeNetworkConfig};
-use crate::reconcile::services::{ServiceBalancer, ThisNode};
+use crate::reconcile::services::{NodePortAlgorithm, ServiceBalancer, ThisNode};
 use crate::source::files::FileSource;
 use crate::source::kubernetes::ApiSource;
 use crate::source::ClusterSource;
@@ -136,6 +137,11 @@ pub struct RunArgs {
     /// `healthCheckNodePort`s answer.
     #[arg(long, requires = "socket_lb")]
     kube_proxy_replacement: bool,
+    /// How a connection from outside picks its backend: at random, or by Maglev
+    /// consistent hashing of its ends (every node picks the same backend for it, and
+    /// a backend that comes or goes moves only its own share of new connections).
+    #[arg(long, value_enum, default_value_t, requires = "kube_proxy_replacement")]
+    node_port_algorithm: NodePortAlgorithm,
     /// Entries of the NAT's connection table (two per connection from outside, LRU).
     #[arg(long, default_value_t = velox_common::DEFAULT_NAT_ENTRIES, value_parser = clap::value_parser!(u32).range(2..))]
     nat_entries: u32,
@@ -192,6 +198,7 @@ impl RunArgs {
                 log_level: self.datapath_log_level,
                 socket_lb_cgroup,
                 kube_proxy_replacement: self.kube_proxy_replacement,
+                node_port_algorithm: self.node_port_algorithm,
                 nat_entries: self.nat_entries,
                 max_pods: self.max_pods,
                 policy_rules: self.policy_rules,
@@ -248,7 +255,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         reserve_nat_ports()?;
     }
     let mut ebpf = load_and_pin(&bpffs, &datapath)?;
-    carry_over_kernel_flows(&bpffs)?;
+    carry_over_connections(&bpffs)?;
     // Not enforcing (turned off, or no source of policy): no pod stays isolated by
     // an earlier run's rules, nor denied by an ADD that saw the earlier marker.
     if !enforces_policy {
@@ -269,7 +276,8 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         policy: enforces_policy.then(PolicyReconciler::default),
         source,
         node_network,
-        balancer: with_services.then(|| ServiceBalancer::new(datapath.kube_proxy_replacement)),
+        balancer: with_services
+            .then(|| ServiceBalancer::new(datapath.kube_proxy_replacement, datapath.node_port_algorithm)),
         this_node: None,
         endpoints_changed_at: None,
     };
@@ -818,6 +826,7 @@ pub struct DatapathOptions {
     pub socket_lb_cgroup: Option<PathBuf>,
     /// Outside traffic to Services is translated at the uplink too.
     pub kube_proxy_replacement: bool,
+    pub node_port_algorithm: NodePortAlgorithm,
     /// Entries of the NAT map.
     pub nat_entries: u32,
     /// Counters slots for this many pods (and one for the uplink).
@@ -1112,29 +1121,37 @@ fn remove_other_layouts(bpffs: &Bpffs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Copies the kernel flows (connections the kernel NATs, which nothing else records)
-/// from another layout's map of the same shape into this layout's fresh one, so an
-/// upgrade does not put replies of live NATed connections on the fast path. The
-/// endpoint and peer maps are rebuilt from the records and the peers file; counters
-/// start again.
-fn carry_over_kernel_flows(bpffs: &Bpffs) -> anyhow::Result<()> {
-    let mut ours = KernelFlows::open(bpffs)?;
-    if !ours.is_empty()? {
+/// Copies what only the maps record from another layout's maps of the same shape
+/// into this layout's fresh ones, so an upgrade that changes the layout keeps live
+/// connections: the kernel flows (connections the kernel NATs; without them replies
+/// would take the fast path), Velox's own NAT of connections from outside, and the
+/// ClientIP affinities. The endpoint and peer maps are rebuilt from the records and
+/// the peers file; counters start again.
+fn carry_over_connections(bpffs: &Bpffs) -> anyhow::Result<()> {
+    carry_over::<FlowEnd, u32>(bpffs, KERNEL_FLOWS_MAP)?;
+    carry_over::<NatKey, NatEntry>(bpffs, NAT_MAP)?;
+    carry_over::<AffinityKey, Affinity>(bpffs, AFFINITY_MAP)
+}
+
+/// Copies the hash map `name` of another layout, where it has this layout's shape,
+/// into this layout's while that is still empty.
+fn carry_over<K: aya::Pod, V: aya::Pod>(bpffs: &Bpffs, name: &'static str) -> anyhow::Result<()> {
+    if !velox_node::maps::is_empty::<K, V>(bpffs, name)? {
         return Ok(());
     }
     let expected = layouts()
         .into_iter()
-        .find(|l| l.name == KERNEL_FLOWS_MAP)
-        .expect("kernel flows are in every layout");
+        .find(|l| l.name == name)
+        .expect("a map of this layout");
     for dir in list_dir(&bpffs.all_maps_dir())? {
-        let pin = dir.join(KERNEL_FLOWS_MAP);
+        let pin = dir.join(name);
         if dir == bpffs.maps_dir() || !pin.exists() {
             continue;
         }
-        let theirs = pinned_layout(&pin, KERNEL_FLOWS_MAP)?;
+        let theirs = pinned_layout(&pin, name)?;
         if (theirs.key_size, theirs.value_size) == (expected.key_size, expected.value_size) {
-            let copied = ours.copy_from(&pin)?;
-            log::info!("carried {copied} kernel flow(s) over from {}", dir.display());
+            let copied = velox_node::maps::copy_entries::<K, V>(bpffs, name, &pin)?;
+            log::info!("carried {copied} entries of {name} over from {}", dir.display());
         }
     }
     Ok(())

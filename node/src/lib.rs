@@ -10,6 +10,7 @@ pub mod health;
 pub mod ipam;
 pub mod layout;
 pub mod link;
+pub mod maglev;
 pub mod maps;
 pub mod netlink;
 pub mod pod_policy;

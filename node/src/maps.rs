@@ -6,12 +6,13 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValue
 use ipnet::IpNet;
 use std::net::IpAddr;
 use velox_common::{
-    Affinity, AffinityKey, AllowedFlow, BackendSlot, Endpoint, EndpointCounters, FlowEnd, FlowEvent, IpKey, NatEntry,
-    NatKey, NodeAddress, NodePortKey, Peer, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, Service, SocketPeer,
-    AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP, ENDPOINTS_MAP, EVENTS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX,
-    ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP,
-    NODE_ADDRESSES_MAP, NODE_PORTS_MAP, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_GENERATION_MAP, POLICY_KEY_FIXED_BITS,
-    POLICY_RULES_MAP, POLICY_STATE_MAP, RULES_VERSION, SERVICES_MAP, SOCKET_PEERS_MAP,
+    Affinity, AffinityKey, AllowedFlow, BackendSlot, Endpoint, EndpointCounters, FlowEnd, FlowEvent, IpKey,
+    MaglevTable, NatEntry, NatKey, NodeAddress, NodePortKey, Peer, PolicyFlow, PolicyKey, PolicyPorts, PolicyState,
+    Service, SocketPeer, AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP, ENDPOINTS_MAP, EVENTS_MAP, INTERFACES_MAP,
+    IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP, MAGLEV_MAP,
+    MASQUERADE_MAP, MONITOR_MAP, NAT_MAP, NODE_ADDRESSES_MAP, NODE_PORTS_MAP, PEERS_MAP, POLICY_FLOWS_MAP,
+    POLICY_GENERATION_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP, RULES_VERSION, SERVICES_MAP,
+    SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, SOCKET_PEERS_MAP,
 };
 
 use crate::error::{Error, Result};
@@ -64,7 +65,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const LAYOUT_REVISION: u32 = 1;
 
 /// Every pinned map as this build's eBPF object declares it.
-pub fn layouts() -> [MapLayout; 20] {
+pub fn layouts() -> [MapLayout; 21] {
     use std::mem::size_of;
     let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
         name,
@@ -153,6 +154,13 @@ pub fn layouts() -> [MapLayout; 20] {
             size_of::<AffinityKey>(),
             size_of::<Affinity>(),
             0,
+        ),
+        layout(
+            MAGLEV_MAP,
+            BPF_MAP_TYPE_HASH,
+            size_of::<u32>(),
+            size_of::<MaglevTable>(),
+            BPF_F_NO_PREALLOC,
         ),
         layout(
             MASQUERADE_MAP,
@@ -699,28 +707,31 @@ impl KernelFlows {
             .collect::<std::result::Result<_, _>>()
             .map_err(Error::map("reading the kernel flows"))
     }
+}
 
-    pub fn is_empty(&self) -> Result<bool> {
-        match self.ends.keys().next() {
-            None => Ok(true),
-            Some(key) => key.map(|_| false).map_err(Error::map("reading the kernel flows")),
-        }
+/// Whether the hash map `name` of this layout holds no entry.
+pub fn is_empty<K: aya::Pod, V: aya::Pod>(bpffs: &Bpffs, name: &str) -> Result<bool> {
+    let map: HashMap<MapData, K, V> = open_map(bpffs, name)?;
+    match map.keys().next() {
+        None => Ok(true),
+        Some(key) => key.map(|_| false).map_err(Error::map(format!("reading {name}"))),
     }
+}
 
-    /// Adds every end of the kernel-flows map pinned at `pin` (another layout's, of
-    /// the same shape); returns how many.
-    pub fn copy_from(&mut self, pin: &std::path::Path) -> Result<usize> {
-        let theirs: HashMap<MapData, FlowEnd, u32> = open_pin(pin, KERNEL_FLOWS_MAP)?;
-        let mut copied = 0;
-        for entry in theirs.iter() {
-            let (end, ifindex) = entry.map_err(Error::map(format!("reading {}", pin.display())))?;
-            self.ends
-                .insert(end, ifindex, 0)
-                .map_err(Error::map("adding a kernel flow"))?;
-            copied += 1;
-        }
-        Ok(copied)
+/// Adds every entry of the hash map `name` pinned at `pin` (another layout's, of
+/// the same shape) to this layout's; returns how many. What the map has no room for
+/// stays behind.
+pub fn copy_entries<K: aya::Pod, V: aya::Pod>(bpffs: &Bpffs, name: &str, pin: &std::path::Path) -> Result<usize> {
+    let theirs: HashMap<MapData, K, V> = open_pin(pin, name)?;
+    let mut ours: HashMap<MapData, K, V> = open_map(bpffs, name)?;
+    let mut copied = 0;
+    for entry in theirs.iter() {
+        let (key, value) = entry.map_err(Error::map(format!("reading {}", pin.display())))?;
+        ours.insert(key, value, 0)
+            .map_err(Error::map(format!("adding to {name}")))?;
+        copied += 1;
     }
+    Ok(copied)
 }
 
 /// Where a Service answers: an address and port (a ClusterIP, an external or
@@ -739,6 +750,7 @@ pub struct ServiceMaps {
     backends: HashMap<MapData, BackendSlot, FlowEnd>,
     node_addresses: HashMap<MapData, IpKey, NodeAddress>,
     masquerade: Array<MapData, IpKey>,
+    maglev: HashMap<MapData, u32, MaglevTable>,
 }
 
 impl ServiceMaps {
@@ -749,6 +761,7 @@ impl ServiceMaps {
             backends: open_map(bpffs, BACKENDS_MAP)?,
             node_addresses: open_map(bpffs, NODE_ADDRESSES_MAP)?,
             masquerade: open_map(bpffs, MASQUERADE_MAP)?,
+            maglev: open_map(bpffs, MAGLEV_MAP)?,
         })
     }
 
@@ -798,6 +811,16 @@ impl ServiceMaps {
                 .insert(slot, *backend, 0)
                 .map_err(Error::map("adding a backend"))?;
         }
+        if service.flags & SERVICE_MAGLEV != 0 {
+            // Over the slots a client from outside may be given.
+            let choices = service.choices(SERVICE_EXTERNAL_LOCAL) as usize;
+            let table = crate::maglev::table(&backends[..choices.min(backends.len())]).ok_or_else(|| {
+                Error::Invalid(format!("{} backends are too many for a Maglev table", backends.len()))
+            })?;
+            self.maglev
+                .insert(service.id, table, 0)
+                .map_err(Error::map("adding a Maglev table"))?;
+        }
         match frontend {
             Frontend::Address(end) => self.services.insert(end, service, 0),
             Frontend::NodePort(key) => self.node_ports.insert(key, service, 0),
@@ -815,8 +838,12 @@ impl ServiceMaps {
         self.remove_backends(service, 0)
     }
 
-    /// Removes the backend slots of `service`'s id from slot `first` on.
+    /// Removes the backend slots of `service`'s id from slot `first` on (from 0: its
+    /// Maglev table too).
     pub fn remove_backends(&mut self, service: &Service, first: u32) -> Result<()> {
+        if first == 0 {
+            ignore_missing(self.maglev.remove(&service.id)).map_err(Error::map("removing a Maglev table"))?;
+        }
         for slot in first..service.backends {
             ignore_missing(self.backends.remove(&BackendSlot {
                 service: service.id,

@@ -11,6 +11,8 @@ use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use velox_common::NAT_PORTS;
 use velox_test_env::backend::{request, Backend};
@@ -66,6 +68,11 @@ fn routed_ip(cluster: &ClusterGuard, family: Family, last: u8, node: usize) -> I
 /// The cluster with every loader restarted as the whole of kube-proxy, reading
 /// Services from one file.
 fn cluster_replacing_kube_proxy(tag: &str) -> (ClusterGuard, PathBuf) {
+    cluster_replacing_kube_proxy_with(tag, &[])
+}
+
+/// The same, with `extra` loader flags.
+fn cluster_replacing_kube_proxy_with(tag: &str, extra: &[&str]) -> (ClusterGuard, PathBuf) {
     let cluster = ClusterGuard::up(tag).unwrap();
     let state = cluster.peers_file.with_file_name("services.json");
     cluster_state::write(&state, &[]).unwrap();
@@ -80,7 +87,7 @@ fn cluster_replacing_kube_proxy(tag: &str) -> (ClusterGuard, PathBuf) {
             cgroup.to_str().unwrap(),
             "--kube-proxy-replacement",
         ];
-        node.start_loader_with(&flags).unwrap();
+        node.start_loader_with(&[&flags[..], extra].concat()).unwrap();
     }
     (cluster, state)
 }
@@ -567,6 +574,82 @@ fn icmp_errors_about_a_node_port_connection_reach_both_ends_translated() {
     cluster.finish().unwrap();
 }
 
+/// One UDP datagram from the external host, from source port `port`, to `to`: the
+/// answering backend's name.
+fn udp_from_port(cluster: &ClusterGuard, port: u16, to: SocketAddr) -> anyhow::Result<String> {
+    spawn_in(&cluster.external, move || {
+        let socket = std::net::UdpSocket::bind(SocketAddr::new([0u8; 4].into(), port))?;
+        socket.connect(to)?;
+        socket.set_read_timeout(Some(TIMEOUT))?;
+        socket.send(b"query")?;
+        let mut buf = [0u8; 128];
+        let len = socket.recv(&mut buf)?;
+        let answer = String::from_utf8_lossy(&buf[..len]).into_owned();
+        Ok(answer.split(' ').next().unwrap_or_default().to_string())
+    })
+    .join()
+    .expect("client thread")
+}
+
+/// `--node-port-algorithm maglev`: a load-balancer IP's connections get the same
+/// backend whichever node the network sends them to, and a backend that leaves
+/// moves only its own connections: 60 client ports ask through the first node, one
+/// of four backends leaves, and the same ports ask through the second node, which
+/// has seen none of them. (At random, about three in four would move.)
+#[test]
+fn maglev_picks_the_same_backend_on_every_node_and_a_leaving_one_moves_little_more_than_its_share() {
+    let (cluster, state) = cluster_replacing_kube_proxy_with("kprmaglev", &["--node-port-algorithm", "maglev"]);
+    let pods: Vec<Pod> = ["pod-1", "pod-2", "pod-3", "pod-4"].map(|p| cluster.pod(p)).to_vec();
+    let _backends: Vec<Backend> = pods
+        .iter()
+        .map(|pod| {
+            let addr = SocketAddr::new(pod.ip(Family::V4), 5353);
+            Backend::start_telling_client(&pod.name, addr, Protocol::Udp, &pod.name).unwrap()
+        })
+        .collect();
+    let load_balancer_ip = routed_ip(&cluster, Family::V4, 60, 0);
+    let service = |backends: &[Pod]| {
+        let spec = ServiceSpec {
+            name: "dns".into(),
+            cluster_ips: vec![cluster_ip(Family::V4, 58)],
+            ports: vec![DNS],
+            backends: backends.iter().map(|p| p.ip(Family::V4)).collect(),
+        };
+        with(&spec, |service| {
+            service["spec"]["type"] = json!("LoadBalancer");
+            service["status"] = json!({"loadBalancer": {"ingress": [{"ip": load_balancer_ip}]}});
+        })
+    };
+    cluster_state::write_objects(&state, service(&pods)).unwrap();
+    wait_for_frontend(&cluster, "nodeport:30053", 4);
+    let to = SocketAddr::new(load_balancer_ip, 53);
+    let ports: Vec<u16> = (42000..42060).collect();
+    let before: Vec<String> = ports.iter().map(|&p| udp_from_port(&cluster, p, to).unwrap()).collect();
+    let used: BTreeSet<&String> = before.iter().collect();
+    assert!(used.len() >= 3, "60 connections reached only {used:?}");
+
+    let leaving = &pods[3];
+    cluster_state::write_objects(&state, service(&pods[..3])).unwrap();
+    wait_for_frontend(&cluster, "nodeport:30053", 3);
+    routed_ip(&cluster, Family::V4, 60, 1);
+    let after: Vec<String> = ports.iter().map(|&p| udp_from_port(&cluster, p, to).unwrap()).collect();
+    let moved: Vec<String> = ports
+        .iter()
+        .zip(before.iter().zip(&after))
+        .filter(|(_, (b, a))| **b != leaving.name && b != a)
+        .map(|(port, (b, a))| format!("port {port}: {b} -> {a}"))
+        .collect();
+    let staying = before.iter().filter(|b| **b != leaving.name).count();
+    assert!(
+        moved.len() * 5 <= staying,
+        "{} of {staying} connections of the staying backends moved:\n{}",
+        moved.len(),
+        moved.join("\n")
+    );
+    assert!(!after.contains(&leaving.name), "{} left the Service", leaving.name);
+    cluster.finish().unwrap();
+}
+
 /// Makes one connection: the answer, or the error.
 type Connect<'a> = &'a dyn Fn() -> Result<String, String>;
 
@@ -740,16 +823,15 @@ fn echo_server(netns: &str, addr: SocketAddr) -> std::thread::JoinHandle<anyhow:
 }
 
 /// From `netns`, one TCP connection to `to` that sends 64 KiB and reads it back,
-/// again and again for `seconds`: the bytes echoed, or the first error.
-fn echo_stream(netns: &str, to: SocketAddr, seconds: u64) -> std::thread::JoinHandle<anyhow::Result<u64>> {
+/// again and again until `stop`: the bytes echoed, or the first error.
+fn echo_stream(netns: &str, to: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<anyhow::Result<u64>> {
     spawn_in(netns, move || {
         let mut stream = TcpStream::connect_timeout(&to, TIMEOUT)?;
         stream.set_read_timeout(Some(TIMEOUT))?;
         let block = vec![7u8; 65536];
         let mut back = vec![0u8; 65536];
-        let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
         let mut echoed = 0;
-        while std::time::Instant::now() < deadline {
+        while !stop.load(Ordering::Relaxed) {
             stream.write_all(&block)?;
             stream.read_exact(&mut back)?;
             anyhow::ensure!(back == block, "the echo came back changed");
@@ -786,12 +868,25 @@ fn a_node_port_stream_from_outside_survives_restarts_an_upgrade_and_a_downgrade(
     let frontend = SocketAddr::new(cluster.node_ip(1, Family::V4), 30007);
     let changed = velox_test_env::upgrade_test_object().unwrap();
     let changed = changed.to_str().unwrap().to_string();
-    let restarts: [&[&str]; 3] = [&[], &["--ebpf-object", &changed], &[]];
-    for extra in restarts {
-        let stream = echo_stream(&cluster.external, frontend, 4);
+    // A restart, an upgrade, a downgrade, and an upgrade to another map layout (the
+    // running programs' maps become another layout's; the NAT's connections were
+    // lost there).
+    let restarts: [(&[&str], bool); 4] = [
+        (&[], false),
+        (&["--ebpf-object", &changed], false),
+        (&[], false),
+        (&[], true),
+    ];
+    for (extra, layout_change) in restarts {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stream = echo_stream(&cluster.external, frontend, stop.clone());
         std::thread::sleep(Duration::from_millis(1000));
         for node in &cluster.nodes {
             node.stop_loader(Signal::SIGTERM).unwrap();
+            if layout_change {
+                let bpffs = velox_node::Bpffs::new(&node.bpffs_root);
+                std::fs::rename(bpffs.maps_dir(), bpffs.all_maps_dir().join("0ther1ay0ut0")).unwrap();
+            }
             let cgroup = node.cgroup().unwrap();
             let mut flags = vec![
                 "--cluster-state",
@@ -804,9 +899,14 @@ fn a_node_port_stream_from_outside_survives_restarts_an_upgrade_and_a_downgrade(
             flags.extend_from_slice(extra);
             node.start_loader_with(&flags).unwrap();
         }
+        // A second on the new programs of both nodes.
+        std::thread::sleep(Duration::from_millis(1000));
+        stop.store(true, Ordering::Relaxed);
         let echoed = stream.join().unwrap();
-        let echoed = echoed.unwrap_or_else(|e| panic!("the stream broke across a restart with {extra:?}: {e:#}"));
-        assert!(echoed > 0, "{extra:?}");
+        let echoed = echoed.unwrap_or_else(|e| {
+            panic!("the stream broke across a restart with {extra:?}, layout change {layout_change}: {e:#}")
+        });
+        assert!(echoed > 0, "{extra:?}, layout change {layout_change}");
     }
     // An empty connection ends the server.
     drop(request(&cluster.external, frontend, Protocol::Tcp, TIMEOUT));

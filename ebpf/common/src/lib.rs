@@ -40,6 +40,9 @@ pub const NAT_MAP: &str = "VELOX_NAT";
 /// Pinned under `<bpffsRoot>/maps/`: (Service, client) -> the backend it stuck to
 /// (`sessionAffinity: ClientIP`, LRU).
 pub const AFFINITY_MAP: &str = "VELOX_AFFINITY";
+/// Pinned under `<bpffsRoot>/maps/`: Service id -> its [`MaglevTable`] (frontends
+/// that serve outside traffic, with `--node-port-algorithm maglev`).
+pub const MAGLEV_MAP: &str = "VELOX_MAGLEV";
 /// Pinned under `<bpffsRoot>/maps/`: this node's address of each family (index 0
 /// IPv4, 1 IPv6) that connections from outside are masqueraded as.
 pub const MASQUERADE_MAP: &str = "VELOX_MASQUERADE";
@@ -233,6 +236,29 @@ pub const SERVICE_EXTERNAL_LOCAL: u32 = 2;
 /// [`Service::flags`]: `internalTrafficPolicy: Local`: pods and hosts get a backend
 /// of this node only.
 pub const SERVICE_INTERNAL_LOCAL: u32 = 4;
+/// [`Service::flags`]: a connection from outside gets its backend from the
+/// frontend's Maglev table (`--node-port-algorithm maglev`), by a hash of its ends:
+/// every node picks the same backend for it, and a backend that comes or goes moves
+/// only its own share of connections.
+pub const SERVICE_MAGLEV: u32 = 8;
+
+/// Entries of a Maglev table: a prime, so every backend's walk through the table
+/// visits each entry. Up to about ten backends share it within a few percent of
+/// evenly (Maglev's rule of thumb: a table a hundred times the backends).
+pub const MAGLEV_TABLE_SIZE: usize = 1021;
+
+/// A frontend's Maglev table: for each hash of a connection (modulo the size), the
+/// slot of its backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    /// How many slots, from 0, the table spreads over. A pick among another number
+    /// (the Service changed and the table is not rewritten yet, or a client the
+    /// table was not built for) is random.
+    pub backends: u32,
+    pub slots: [u16; MAGLEV_TABLE_SIZE],
+    pub pad: u16,
+}
 
 /// A Service frontend's entry: its id (the backends' key) and how many backends it
 /// has; 0 refuses connections (ECONNREFUSED) instead of letting them hang.
@@ -742,6 +768,7 @@ mod pod {
     unsafe impl aya::Pod for super::NatEntry {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::Affinity {}
+    unsafe impl aya::Pod for super::MaglevTable {}
 }
 
 #[cfg(test)]

@@ -298,7 +298,7 @@ fn open(packet: &Packet, ifindex: u32, now: u64) -> Result<(), Outcome> {
         from_socket: 0,
         client: packet.src.addr,
     };
-    let Some(backend) = pick_backend(service, choices, &client, now) else {
+    let Some(backend) = pick_backend(service, choices, &client, Some(connection_hash(packet)), now) else {
         // Nothing listens on a node address: the kernel refuses the connection.
         let refuse = !keep_client && node_address(&packet.dst.addr).is_some();
         return Err(if refuse { PASS } else { DROP_NO_BACKEND });
@@ -350,6 +350,34 @@ fn open(packet: &Packet, ifindex: u32, now: u64) -> Result<(), Outcome> {
     VELOX_NAT
         .insert(key_of(packet), &scratch.original, 0)
         .map_err(|_| DROP_NAT_PORTS_EXHAUSTED)
+}
+
+/// A hash of a connection's ends, the same on every node (the key of a Maglev pick).
+#[inline(always)]
+fn connection_hash(packet: &Packet) -> u32 {
+    let (src, dst) = (packet.src.addr.words(), packet.dst.addr.words());
+    let ports = (u32::from(packet.src.port) << 16) | u32::from(packet.dst.port);
+    // FNV-1a over 32-bit words, then murmur3's finaliser to spread the bits.
+    let mut hash: u32 = 0x811c_9dc5;
+    for word in [
+        src[0],
+        src[1],
+        src[2],
+        src[3],
+        dst[0],
+        dst[1],
+        dst[2],
+        dst[3],
+        ports,
+        u32::from(packet.src.proto),
+    ] {
+        hash = (hash ^ word).wrapping_mul(0x0100_0193);
+    }
+    hash ^= hash >> 16;
+    hash = hash.wrapping_mul(0x85eb_ca6b);
+    hash ^= hash >> 13;
+    hash = hash.wrapping_mul(0xc2b2_ae35);
+    hash ^ (hash >> 16)
 }
 
 /// Gives the masqueraded client end of `reply_key` a source port no live connection

@@ -8,8 +8,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use velox_common::{
-    Affinity, AffinityKey, BackendSlot, FlowEnd, IpKey, NodeAddress, NodePortKey, Service, MAX_AFFINITIES,
-    MAX_BACKENDS, MAX_NODE_ADDRESSES, MAX_NODE_PORTS, MAX_SERVICES,
+    Affinity, AffinityKey, BackendSlot, FlowEnd, IpKey, MaglevTable, NodeAddress, NodePortKey, Service,
+    MAGLEV_TABLE_SIZE, MAX_AFFINITIES, MAX_BACKENDS, MAX_NODE_ADDRESSES, MAX_NODE_PORTS, MAX_SERVICES, SERVICE_MAGLEV,
 };
 
 #[btf_map]
@@ -27,6 +27,9 @@ static VELOX_BACKENDS: HashMap<BackendSlot, FlowEnd, MAX_BACKENDS, { BPF_F_NO_PR
 
 #[btf_map]
 static VELOX_AFFINITY: LruHashMap<AffinityKey, Affinity, MAX_AFFINITIES> = LruHashMap::new();
+
+#[btf_map]
+static VELOX_MAGLEV: HashMap<u32, MaglevTable, MAX_SERVICES, { BPF_F_NO_PREALLOC as usize }> = HashMap::new();
 
 /// The Service a connection to `frontend` asks for: a ClusterIP, external or
 /// load-balancer IP, or a NodePort on one of this node's addresses. `netns` is the
@@ -52,9 +55,17 @@ pub fn node_address(addr: &IpKey) -> Option<&'static NodeAddress> {
 
 /// One of the first `choices` backends of `service`. A client with
 /// `sessionAffinity: ClientIP` gets the backend it had while the timeout lasts and
-/// that backend still holds its slot. None when there is no choice.
+/// that backend still holds its slot. Otherwise a connection hashed to `hash` gets
+/// the one the Maglev table says, where the frontend has one for `choices`, and a
+/// random one where not. None when there is no choice.
 #[inline(always)]
-pub fn pick_backend(service: &Service, choices: u32, client: &AffinityKey, now: u64) -> Option<&'static FlowEnd> {
+pub fn pick_backend(
+    service: &Service,
+    choices: u32,
+    client: &AffinityKey,
+    hash: Option<u32>,
+    now: u64,
+) -> Option<&'static FlowEnd> {
     if choices == 0 {
         return None;
     }
@@ -79,7 +90,10 @@ pub fn pick_backend(service: &Service, choices: u32, client: &AffinityKey, now: 
             }
         }
     }
-    let slot = (unsafe { bpf_get_prandom_u32() }) % choices;
+    let slot = match hash.and_then(|hash| maglev_slot(service, choices, hash)) {
+        Some(slot) => slot,
+        None => (unsafe { bpf_get_prandom_u32() }) % choices,
+    };
     let picked = BackendSlot {
         service: service.id,
         slot,
@@ -103,4 +117,22 @@ pub fn pick_backend(service: &Service, choices: u32, client: &AffinityKey, now: 
         let _ = VELOX_AFFINITY.insert(client, &kept, 0);
     }
     Some(backend)
+}
+
+/// The slot `service`'s Maglev table gives a connection hashed to `hash`, if the
+/// frontend has a table for `choices` slots.
+#[inline(always)]
+fn maglev_slot(service: &Service, choices: u32, hash: u32) -> Option<u32> {
+    if service.flags & SERVICE_MAGLEV == 0 {
+        return None;
+    }
+    let table = unsafe { VELOX_MAGLEV.get(&service.id) }?;
+    if table.backends != choices {
+        return None;
+    }
+    // The hash scaled onto the table (Lemire's reduction): a multiply and a shift
+    // the verifier can bound, where LLVM turns a modulo into arithmetic it cannot.
+    let index = (u64::from(hash) * MAGLEV_TABLE_SIZE as u64) >> 32;
+    let slot = u32::from(*table.slots.get(index as usize)?);
+    (slot < choices).then_some(slot)
 }

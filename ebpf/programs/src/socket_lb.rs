@@ -145,7 +145,7 @@ fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
     } else {
         0
     };
-    let Some(backend) = pick_backend(service, service.choices(SERVICE_INTERNAL_LOCAL), &client, now) else {
+    let Some(backend) = pick_backend(service, service.choices(SERVICE_INTERNAL_LOCAL), &client, None, now) else {
         // SAFETY: sets this call's error; the kernel keeps it when we refuse.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
         return REFUSE;

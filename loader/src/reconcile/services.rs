@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use velox_common::{
     FlowEnd, IpKey, NodeAddress, NodePortKey, Service, AF_INET, AF_INET6, IPPROTO_SCTP, IPPROTO_UDP,
-    SERVICE_EXTERNAL_LOCAL, SERVICE_FROM_OUTSIDE, SERVICE_INTERNAL_LOCAL,
+    SERVICE_EXTERNAL_LOCAL, SERVICE_FROM_OUTSIDE, SERVICE_INTERNAL_LOCAL, SERVICE_MAGLEV,
 };
 use velox_node::maps::{Frontend, ServiceMaps};
 use velox_node::Family;
@@ -25,6 +25,14 @@ use udp_sockets::destroy_connected_udp;
 
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when the Service does not say.
 const DEFAULT_AFFINITY_SECONDS: u32 = 10800;
+
+/// How a connection from outside picks its backend (`--node-port-algorithm`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodePortAlgorithm {
+    #[default]
+    Random,
+    Maglev,
+}
 
 /// What one frontend balances over.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -66,6 +74,7 @@ impl ThisNode {
 pub struct ServiceBalancer {
     /// Serve NodePorts, external and load-balancer IPs to traffic from outside too.
     from_outside: bool,
+    algorithm: NodePortAlgorithm,
     /// What the maps were last made to hold in full; `None` after a pass that could
     /// not write everything, so the next pass tries again.
     applied: Option<(BTreeMap<Frontend, Balancing>, ThisNode)>,
@@ -76,9 +85,10 @@ pub struct ServiceBalancer {
 }
 
 impl ServiceBalancer {
-    pub fn new(from_outside: bool) -> Self {
+    pub fn new(from_outside: bool, algorithm: NodePortAlgorithm) -> Self {
         Self {
             from_outside,
+            algorithm,
             ..Self::default()
         }
     }
@@ -123,7 +133,12 @@ impl ServiceBalancer {
         let Some(state) = state else {
             return Ok(());
         };
-        let wanted = frontends(&state, node, self.from_outside);
+        let mut wanted = frontends(&state, node, self.from_outside);
+        if self.algorithm == NodePortAlgorithm::Maglev {
+            for balancing in wanted.values_mut().filter(|b| b.flags & SERVICE_FROM_OUTSIDE != 0) {
+                balancing.flags |= SERVICE_MAGLEV;
+            }
+        }
         if self.from_outside {
             self.health_checks.serve(health_check::wanted(&state, node));
         }
