@@ -7,7 +7,7 @@
 
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -477,7 +477,16 @@ fn back_to_back_connections_through_a_masqueraded_node_port_never_run_out_of_por
         .into_iter()
         .find(|s| s["slot"] == 0)
         .unwrap();
-    assert_eq!(uplink["dropped"]["nat_ports_exhausted"], 0, "{uplink}");
+    let mut states = BTreeMap::new();
+    for row in node0.dump("nat").unwrap() {
+        *states
+            .entry(row["state"].as_str().unwrap_or("-").to_string())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        uplink["dropped"]["nat_ports_exhausted"], 0,
+        "{connections} connections; {uplink}; NAT entries by state: {states:?}"
+    );
     cluster.finish().unwrap();
 }
 

@@ -451,7 +451,12 @@ fn host_veth_link_local(node: &Node, pod: &Pod) -> std::net::Ipv6Addr {
     )
     .unwrap();
     let shown: Value = serde_json::from_str(&shown).unwrap();
-    shown[0]["addr_info"][0]["local"].as_str().unwrap().parse().unwrap()
+    let infos = shown[0]["addr_info"].as_array().cloned().unwrap_or_default();
+    let address = infos.iter().find_map(|info| info["local"].as_str());
+    address
+        .unwrap_or_else(|| panic!("{veth}: no link-local address: {shown}"))
+        .parse()
+        .unwrap()
 }
 
 /// `pod` connects over TCP to `port` of the link-local address of its host veth on
@@ -470,6 +475,44 @@ fn to_host_over_link_local(node: &Node, pod: &Pod, port: u16) -> Result<String, 
     .join()
     .expect("client thread")
     .map_err(|e| format!("{e:#}"))
+}
+
+/// `pod`'s own link-local address (its eth0's).
+fn pod_link_local(pod: &Pod) -> std::net::Ipv6Addr {
+    let shown = velox_test_env::run(
+        "ip",
+        &[
+            "-n", &pod.name, "-6", "-j", "addr", "show", "dev", "eth0", "scope", "link",
+        ],
+    )
+    .unwrap();
+    let shown: Value = serde_json::from_str(&shown).unwrap();
+    let infos = shown[0]["addr_info"].as_array().cloned().unwrap_or_default();
+    let address = infos.iter().find_map(|info| info["local"].as_str());
+    address
+        .unwrap_or_else(|| panic!("{}: no link-local address: {shown}", pod.name))
+        .parse()
+        .unwrap()
+}
+
+/// Whether a datagram `from` (bound in `sender`'s netns) reaches `to` in
+/// `receiver`'s netns within a probe timeout.
+fn datagram_arrives(sender: &Pod, from: SocketAddr, receiver: &Pod, to: SocketAddr) -> bool {
+    let listening = spawn_in(&receiver.name, move || Ok(UdpSocket::bind(to)?))
+        .join()
+        .unwrap()
+        .unwrap();
+    listening.set_read_timeout(Some(PROBE_TIMEOUT)).unwrap();
+    spawn_in(&sender.name, move || {
+        let socket = UdpSocket::bind(from)?;
+        socket.send_to(b"probe", to)?;
+        Ok(())
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    let mut buf = [0u8; 16];
+    listening.recv_from(&mut buf).is_ok()
 }
 
 /// Item 3: an egress-isolated pod answers its node's host, which reaches its pods by
@@ -535,6 +578,26 @@ fn an_egress_isolated_pod_answers_its_host_and_reaches_it_by_no_other_way() {
         Ok("host"),
         "pod-4 (not isolated) -> its host over link-local"
     );
+    // A link-local source is for the host alone: the fast path delivered it to
+    // other pods (a forged router advertisement from fe80::1 among them).
+    let link_local = pod_link_local(&free);
+    let index = spawn_in(&free.name, || Ok(nix::net::if_::if_nametoindex("eth0")?))
+        .join()
+        .unwrap()
+        .unwrap();
+    for (receiver, port) in [(&isolated, 9201), (&cluster.pod("pod-2"), 9202)] {
+        let to = SocketAddr::new(receiver.ip(Family::V6), port);
+        let global = SocketAddr::new(free.ip(Family::V6), 0);
+        assert!(
+            datagram_arrives(&free, global, receiver, to),
+            "pod-4 -> {to} from its own address"
+        );
+        let from = SocketAddr::V6(std::net::SocketAddrV6::new(link_local, 0, 0, index));
+        assert!(
+            !datagram_arrives(&free, from, receiver, to),
+            "pod-4 -> {to} from its link-local address {link_local}: delivered"
+        );
+    }
     expect_answered(
         &host_to_isolated,
         "pod-1",

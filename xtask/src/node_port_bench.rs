@@ -1,9 +1,10 @@
 //! `cargo xtask bench --node-port`: traffic from outside the cluster through a
 //! NodePort whose backend is on the other node (masqueraded and forwarded), Velox's
 //! own NAT (`--kube-proxy-replacement`) next to kube-proxy's iptables rules,
-//! interleaved per round: connection rate and first-byte latency from the external
-//! host, one-stream throughput next to the external host to a node's own address,
-//! and the ns per run of each Velox program on that stream.
+//! in both of its backend choices (random and Maglev), interleaved per round:
+//! connection rate and first-byte latency from the external host, one-stream
+//! throughput next to the external host to a node's own address, and the ns per run
+//! of each Velox program on that stream.
 
 use anyhow::Context;
 use std::collections::BTreeMap;
@@ -34,6 +35,10 @@ const IPERF: ServicePort = ServicePort {
     target_port: 5201,
     node_port: Some(30201),
 };
+
+/// The balancers, in the order of the even rounds (odd rounds go backwards).
+const BALANCERS: [&str; 3] = [KUBE_PROXY, "velox NAT", "velox NAT maglev"];
+const KUBE_PROXY: &str = "kube-proxy iptables";
 
 /// One balancer in one round.
 struct Sample {
@@ -108,32 +113,38 @@ fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sa
     let mut samples = Vec::new();
     let mut node_gbps = Vec::new();
     for round in 0..args.rounds {
-        let order = match round % 2 {
-            0 => ["kube-proxy iptables", "velox NAT"],
-            _ => ["velox NAT", "kube-proxy iptables"],
-        };
+        let mut order = BALANCERS;
+        if round % 2 == 1 {
+            order.reverse();
+        }
         for balancer in order {
             for node in [worker1, worker2] {
                 node.stop_loader(nix::sys::signal::Signal::SIGTERM)?;
-                match balancer {
-                    "velox NAT" => {
-                        kube_proxy::flush_services(node)?;
-                        let cgroup = node.cgroup()?;
-                        let state = state.to_str().context("state path")?;
-                        let cgroup = cgroup.to_str().context("cgroup path")?;
-                        node.start_loader_with(&[
-                            "--cluster-state",
-                            state,
-                            "--socket-lb",
-                            "--socket-lb-cgroup",
-                            cgroup,
-                            "--kube-proxy-replacement",
-                        ])?;
-                    }
-                    _ => node.start_loader_with(&[])?,
+                if balancer == KUBE_PROXY {
+                    node.start_loader_with(&[])?;
+                    continue;
                 }
+                kube_proxy::flush_services(node)?;
+                let cgroup = node.cgroup()?;
+                let state = state.to_str().context("state path")?;
+                let cgroup = cgroup.to_str().context("cgroup path")?;
+                let algorithm = if balancer.ends_with("maglev") {
+                    "maglev"
+                } else {
+                    "random"
+                };
+                node.start_loader_with(&[
+                    "--cluster-state",
+                    state,
+                    "--socket-lb",
+                    "--socket-lb-cgroup",
+                    cgroup,
+                    "--kube-proxy-replacement",
+                    "--node-port-algorithm",
+                    algorithm,
+                ])?;
             }
-            if balancer == "velox NAT" {
+            if balancer != KUBE_PROXY {
                 let loaded = || {
                     worker1
                         .dump("services")
@@ -197,7 +208,7 @@ fn report(samples: &[Sample], node_gbps: &[f64]) -> String {
          forwarded), medians (min..max) over the rounds, interleaved\n\n\
          | | connections/s | first byte p50 us | 1 stream Gb/s |\n|---|---|---|---|\n",
     );
-    for balancer in ["kube-proxy iptables", "velox NAT"] {
+    for balancer in BALANCERS {
         table += &format!(
             "| {balancer} | {} | {} | {} |\n",
             of(balancer, &|s| Some(s.connections_per_s)),
@@ -212,13 +223,16 @@ fn report(samples: &[Sample], node_gbps: &[f64]) -> String {
     let mut programs: Vec<&String> = samples.iter().flat_map(|s| s.ns_per_run.keys()).collect();
     programs.sort();
     programs.dedup();
-    table += "\nns per run on the stream (bpf_stats, both nodes' programs together)\n\n| program | kube-proxy iptables | velox NAT |\n|---|---|---|\n";
+    table += &format!(
+        "\nns per run on the stream (bpf_stats, both nodes' programs together)\n\n| program | {} |\n|---|---|---|---|\n",
+        BALANCERS.join(" | ")
+    );
     for program in programs {
-        table += &format!(
-            "| {program} | {} | {} |\n",
-            of("kube-proxy iptables", &|s| s.ns_per_run.get(program).copied()),
-            of("velox NAT", &|s| s.ns_per_run.get(program).copied()),
-        );
+        let columns: Vec<String> = BALANCERS
+            .iter()
+            .map(|balancer| of(balancer, &|s| s.ns_per_run.get(program).copied()))
+            .collect();
+        table += &format!("| {program} | {} |\n", columns.join(" | "));
     }
     table
 }

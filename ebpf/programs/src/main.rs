@@ -60,7 +60,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let outcome = if !is_ip {
         PASS
     } else if sender.is_some() || (on_link && !sav::is_multicast(&packet.dst.addr)) {
-        from_pod_to(&ctx, &packet, sender_slot, ifindex, &mut verdict)
+        from_pod_to(&ctx, &packet, sender_slot, ifindex, on_link, &mut verdict)
     } else if on_link {
         PASS
     } else {
@@ -74,13 +74,22 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 
 /// Where a validated packet from the pod in `sender_slot` goes, once policy allows it:
 /// a local pod, a pod on a peer node, or the kernel. A packet of a connection the
-/// kernel handles (a reply it may translate back) goes to the kernel. The sender's
+/// kernel handles (a reply it may translate back), and one `on_link` (a link-local
+/// source, which only the node itself may receive: the kernel never forwards it),
+/// go to the kernel. The sender's
 /// egress judges a packet here; the receiver's ingress here when Velox delivers it to
 /// a local pod, on its node when it goes to another, and where the kernel delivers it
 /// (`to_pod`) otherwise.
 #[inline(always)]
-fn from_pod_to(ctx: &TcContext, packet: &Packet, sender_slot: u32, ifindex: u32, verdict: &mut Verdict) -> Outcome {
-    let kernel_flow = is_kernel_flow(&packet.dst);
+fn from_pod_to(
+    ctx: &TcContext,
+    packet: &Packet,
+    sender_slot: u32,
+    ifindex: u32,
+    on_link: bool,
+    verdict: &mut Verdict,
+) -> Outcome {
+    let kernel_flow = on_link || is_kernel_flow(&packet.dst);
     let local = match kernel_flow {
         true => None,
         false => local_endpoint(&packet.dst.addr),

@@ -150,6 +150,8 @@ pub fn from_pod_nat(ctx: TcContext) -> i32 {
     let sender = if is_ip { sav::sender(&packet, ifindex) } else { None };
     let mut verdict = Verdict::default();
     let (slot, outcome) = match sender {
+        // An ICMP error a pod sends is about its own connection, or it is forged.
+        Some(sender) if packet.is_error && packet.sent_from != packet.src.addr => (sender.slot, DROP_SPOOFED),
         Some(sender) => {
             police(&ctx, &packet, sender.slot, NO_SLOT, false, &mut verdict);
             let outcome = match verdict.result {
@@ -176,8 +178,9 @@ fn translate_from_net(ctx: &TcContext, packet: &mut Packet, verdict: &mut Verdic
         return PASS;
     };
     // A reply arrives at the uplink only from a backend on another node: one that
-    // claims to come from a pod of this node, or from no pod, is forged.
-    if entry.direction == NAT_REPLY && !is_remote_pod(&packet.src.addr) {
+    // claims to come from a pod of this node, or from no pod, is forged. So is an
+    // ICMP error about a reply that a pod of another node did not send.
+    if entry.direction == NAT_REPLY && !(is_remote_pod(&packet.src.addr) && is_remote_pod(&packet.sent_from)) {
         return DROP_SPOOFED;
     }
     match translate(ctx, packet, entry, other, now) {
@@ -251,8 +254,8 @@ fn is_remote_pod(addr: &IpKey) -> bool {
 /// Both directions' entries of the connection a packet with ends `key` belongs to:
 /// none when it has been quiet for longer than its state allows, or when its other
 /// half is gone or now another connection's (taken over by a connection whose
-/// replies carry the same ends, or evicted). Such a half is removed: its packets
-/// would get the other connection's replies.
+/// replies carry the same ends, or evicted). Such an original half is removed: its
+/// packets would get the other connection's replies.
 #[inline(always)]
 fn connection(key: &NatKey, now: u64) -> Option<(&'static mut NatEntry, &'static mut NatEntry)> {
     let this = VELOX_NAT.get_ptr_mut(key)?;
@@ -268,7 +271,11 @@ fn connection(key: &NatKey, now: u64) -> Option<(&'static mut NatEntry, &'static
     match other {
         Some(other) if other.reverse_key() == *key => Some((this, other)),
         _ => {
-            let _ = VELOX_NAT.remove(key);
+            // A reply half may be a connection `open` is entering right now (it
+            // enters that half first): it is left to expire.
+            if this.direction == NAT_ORIGINAL {
+                let _ = VELOX_NAT.remove(key);
+            }
             None
         }
     }
@@ -381,12 +388,14 @@ fn connection_hash(packet: &Packet) -> u32 {
 }
 
 /// Gives the masqueraded client end of `reply_key` a source port no live connection
-/// to its backend uses (a few random tries), entering `reply` under it.
+/// to its backend uses, entering `reply` under it: from a random port on, the next
+/// ones in turn (a few tries, so a pool that is mostly in use still gives one).
 #[inline(always)]
 fn masquerade_port(reply_key: &mut NatKey, reply: &NatEntry, now: u64) -> bool {
     let ports = u32::from(*NAT_PORTS.end() - *NAT_PORTS.start()) + 1;
-    for _ in 0..4 {
-        let port = *NAT_PORTS.start() + (unsafe { bpf_get_prandom_u32() } % ports) as u16;
+    let first = unsafe { bpf_get_prandom_u32() } % ports;
+    for offset in 0..MASQUERADE_TRIES {
+        let port = *NAT_PORTS.start() + ((first + offset) % ports) as u16;
         reply_key.dst.port = port.to_be();
         if enter_reply(reply_key, reply, now) {
             return true;
@@ -395,11 +404,15 @@ fn masquerade_port(reply_key: &mut NatKey, reply: &NatEntry, now: u64) -> bool {
     false
 }
 
+/// Ports `masquerade_port` tries for one connection.
+const MASQUERADE_TRIES: u32 = 16;
+
 /// Enters `reply` under `key`, unless a live connection holds that key: another
 /// connection's replies are never taken over. An expired one's entry (LRU maps keep
-/// them until full) is replaced, and so is a closed TCP connection's, FINs both ways
-/// and the last ACK through (or a RST): the masquerading ports turn over as fast as
-/// connections do, as conntrack lets a SYN take a tuple in TIME_WAIT.
+/// them until full) is replaced, and so is a closed TCP connection's (FINs both ways
+/// and the last ACK through, or a RST) once it has been quiet for a moment: the
+/// masquerading ports turn over as fast as connections do, as conntrack lets a SYN
+/// take a tuple in TIME_WAIT.
 #[inline(always)]
 fn enter_reply(key: &NatKey, reply: &NatEntry, now: u64) -> bool {
     if VELOX_NAT.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok() {
@@ -408,9 +421,14 @@ fn enter_reply(key: &NatKey, reply: &NatEntry, now: u64) -> bool {
     let Some(held) = (unsafe { VELOX_NAT.get(key) }) else {
         return false;
     };
-    let over = held.expired(now) || held.state == NAT_CLOSED;
+    let quiet = now.saturating_sub(held.last_seen);
+    let over = held.expired(now) || (held.state == NAT_CLOSED && quiet > CLOSED_QUIET_NS);
     over && VELOX_NAT.insert(key, reply, u64::from(BPF_EXIST)).is_ok()
 }
+
+/// How long a closed TCP connection keeps its ends after its last packet: time for a
+/// forged RST's challenge ACK to open it again, and for a last ACK to get through.
+const CLOSED_QUIET_NS: u64 = 100_000_000;
 
 /// Loopback, unspecified and link-local sources: never a client from the network.
 #[inline(always)]
@@ -427,12 +445,19 @@ fn is_unroutable(addr: &IpKey) -> bool {
 
 /// Keeps both directions of the connection alive, and follows TCP's state: the first
 /// reply establishes it, a FIN half-closes it, a packet after FINs both ways (the
-/// last ACK) or a RST closes it, a new SYN opens it again.
+/// last ACK) or a RST closes it, a new SYN opens it again. Nothing here checks
+/// sequence numbers, so a forged FIN or RST must not end a live connection: a
+/// connection closed by a RST that goes on (the receiver's challenge ACK, RFC 5961)
+/// is open again, and so is one whose side sends data after its FIN.
 #[inline(always)]
 fn track(entry: &mut NatEntry, other: &mut NatEntry, layout: &Layout, now: u64) {
     let mut state = entry.state;
     if layout.proto == IPPROTO_TCP {
         let flags = layout.tcp_flags;
+        if layout.payload && flags & TCP_FIN == 0 {
+            entry.fin = 0;
+        }
+        let both_fins = entry.fin != 0 && other.fin != 0;
         if flags & TCP_RST != 0 {
             state = NAT_CLOSED;
         } else if flags & (TCP_SYN | TCP_ACK) == TCP_SYN && entry.direction == NAT_ORIGINAL {
@@ -444,8 +469,15 @@ fn track(entry: &mut NatEntry, other: &mut NatEntry, layout: &Layout, now: u64) 
             if state != NAT_CLOSED {
                 state = NAT_CLOSING;
             }
-        } else if entry.fin != 0 && other.fin != 0 {
+        } else if both_fins {
             state = NAT_CLOSED;
+        } else if state == NAT_CLOSED || state == NAT_CLOSING {
+            // Still talking: a RST or FIN that closed it was not the connection's.
+            state = if entry.fin | other.fin != 0 {
+                NAT_CLOSING
+            } else {
+                NAT_ESTABLISHED
+            };
         } else if entry.direction == NAT_REPLY && state == NAT_OPENING {
             state = NAT_ESTABLISHED;
         }
@@ -461,6 +493,8 @@ struct Layout {
     v4: bool,
     proto: u8,
     tcp_flags: u8,
+    /// Whether the segment carries data.
+    payload: bool,
     /// The transport header.
     l4: usize,
     /// The transport checksum.
@@ -474,28 +508,40 @@ impl Layout {
     fn of(ctx: &TcContext, packet: &Packet) -> Option<Self> {
         let v4 = packet.dst.addr.is_v4_mapped();
         let proto = packet.dst.proto;
-        let l4 = if v4 {
+        // Where the transport header starts, and how long it is with its payload
+        // (from the IP header: a short frame may carry Ethernet padding).
+        let (l4, l4_len) = if v4 {
             let ip = ctx.load::<Ipv4Hdr>(EthHdr::LEN).ok()?;
             if u16::from_be_bytes(ip.frags) & IPV4_FRAGMENTED != 0 || ip.proto != proto {
                 return None;
             }
-            EthHdr::LEN + usize::from(ip.ihl())
+            let header = usize::from(ip.ihl());
+            (
+                EthHdr::LEN + header,
+                usize::from(u16::from_be_bytes(ip.tot_len)).saturating_sub(header),
+            )
         } else {
-            // next header at byte 6 of the fixed header
-            if ctx.load::<u8>(EthHdr::LEN + 6).ok()? != proto {
+            // payload length at bytes 4-5, next header at byte 6 of the fixed header
+            let fixed = ctx.load::<[u8; 7]>(EthHdr::LEN).ok()?;
+            if fixed[6] != proto {
                 return None;
             }
-            EthHdr::LEN + 40
+            (EthHdr::LEN + 40, usize::from(u16::from_be_bytes([fixed[4], fixed[5]])))
         };
-        let (checksum, tcp_flags) = match proto {
-            IPPROTO_TCP => (l4 + 16, ctx.load::<u8>(l4 + 13).ok()?),
-            IPPROTO_UDP => (l4 + 6, 0),
+        let (checksum, tcp_flags, payload) = match proto {
+            IPPROTO_TCP => {
+                // data offset (in 32-bit words), flags
+                let [offset, flags] = ctx.load::<[u8; 2]>(l4 + 12).ok()?;
+                (l4 + 16, flags, l4_len > usize::from(offset >> 4) * 4)
+            }
+            IPPROTO_UDP => (l4 + 6, 0, true),
             _ => return None,
         };
         Some(Self {
             v4,
             proto,
             tcp_flags,
+            payload,
             l4,
             checksum,
         })

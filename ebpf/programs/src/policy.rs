@@ -21,7 +21,7 @@ use velox_common::{
 };
 
 use crate::{
-    forward::local_endpoint,
+    forward::{local_endpoint, peer_node},
     parse::Packet,
     verdict::{Outcome, NO_SLOT, PASS},
 };
@@ -208,7 +208,10 @@ pub fn host_sent(packet: &Packet, ifindex: u32) {
     let Some(receiver) = local_endpoint(&packet.dst.addr).filter(|receiver| receiver.ifindex == ifindex) else {
         return;
     };
-    if !packet.opens || flags(receiver.slot) & ISOLATED_EGRESS == 0 {
+    // What the node sends from a pod's address is not the host's own: it stands for
+    // no connection of the host.
+    let from_a_pod = local_endpoint(&packet.src.addr).is_some() || peer_node(&packet.src.addr).is_some();
+    if !packet.opens || from_a_pod || flags(receiver.slot) & ISOLATED_EGRESS == 0 {
         return;
     }
     // The key and entry are built in per-CPU space: this call's frame and `to_pod`'s
