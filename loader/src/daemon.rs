@@ -426,6 +426,7 @@ impl Daemon {
             return Ok(());
         };
         if repoint_links(&self.bpffs, ebpf) {
+            carry_over_connections(&self.bpffs)?;
             remove_other_layouts(&self.bpffs)?;
             remove_other_nat_programs(&self.bpffs, ebpf)?;
         }
@@ -1122,23 +1123,26 @@ fn remove_other_layouts(bpffs: &Bpffs) -> anyhow::Result<()> {
 }
 
 /// Copies what only the maps record from another layout's maps of the same shape
-/// into this layout's fresh ones, so an upgrade that changes the layout keeps live
+/// into this layout's, so an upgrade that changes the layout keeps live
 /// connections: the kernel flows (connections the kernel NATs; without them replies
 /// would take the fast path), Velox's own NAT of connections from outside, and the
-/// ClientIP affinities. The endpoint and peer maps are rebuilt from the records and
-/// the peers file; counters start again.
+/// ClientIP affinities. Done when this layout's maps are pinned, and again once the
+/// links have moved (the old programs went on changing the old maps until then):
+/// an entry they changed later wins. The endpoint and peer maps are rebuilt from the
+/// records and the peers file; counters start again.
 fn carry_over_connections(bpffs: &Bpffs) -> anyhow::Result<()> {
-    carry_over::<FlowEnd, u32>(bpffs, KERNEL_FLOWS_MAP)?;
-    carry_over::<NatKey, NatEntry>(bpffs, NAT_MAP)?;
-    carry_over::<AffinityKey, Affinity>(bpffs, AFFINITY_MAP)
+    carry_over::<FlowEnd, u32>(bpffs, KERNEL_FLOWS_MAP, |_, _| false)?;
+    carry_over::<NatKey, NatEntry>(bpffs, NAT_MAP, |ours, theirs| theirs.last_seen > ours.last_seen)?;
+    carry_over::<AffinityKey, Affinity>(bpffs, AFFINITY_MAP, |ours, theirs| theirs.last_seen > ours.last_seen)
 }
 
 /// Copies the hash map `name` of another layout, where it has this layout's shape,
-/// into this layout's while that is still empty.
-fn carry_over<K: aya::Pod, V: aya::Pod>(bpffs: &Bpffs, name: &'static str) -> anyhow::Result<()> {
-    if !velox_node::maps::is_empty::<K, V>(bpffs, name)? {
-        return Ok(());
-    }
+/// into this layout's: what it lacks, and what `newer(ours, theirs)` prefers.
+fn carry_over<K: aya::Pod, V: aya::Pod>(
+    bpffs: &Bpffs,
+    name: &'static str,
+    newer: impl Fn(&V, &V) -> bool + Copy,
+) -> anyhow::Result<()> {
     let expected = layouts()
         .into_iter()
         .find(|l| l.name == name)
@@ -1150,7 +1154,7 @@ fn carry_over<K: aya::Pod, V: aya::Pod>(bpffs: &Bpffs, name: &'static str) -> an
         }
         let theirs = pinned_layout(&pin, name)?;
         if (theirs.key_size, theirs.value_size) == (expected.key_size, expected.value_size) {
-            let copied = velox_node::maps::copy_entries::<K, V>(bpffs, name, &pin)?;
+            let copied = velox_node::maps::copy_entries::<K, V>(bpffs, name, &pin, newer)?;
             log::info!("carried {copied} entries of {name} over from {}", dir.display());
         }
     }

@@ -709,27 +709,27 @@ impl KernelFlows {
     }
 }
 
-/// Whether the hash map `name` of this layout holds no entry.
-pub fn is_empty<K: aya::Pod, V: aya::Pod>(bpffs: &Bpffs, name: &str) -> Result<bool> {
-    let map: HashMap<MapData, K, V> = open_map(bpffs, name)?;
-    match map.keys().next() {
-        None => Ok(true),
-        Some(key) => key.map(|_| false).map_err(Error::map(format!("reading {name}"))),
-    }
-}
-
-/// Adds every entry of the hash map `name` pinned at `pin` (another layout's, of
-/// the same shape) to this layout's; returns how many. What the map has no room for
-/// stays behind.
-pub fn copy_entries<K: aya::Pod, V: aya::Pod>(bpffs: &Bpffs, name: &str, pin: &std::path::Path) -> Result<usize> {
+/// Adds the entries of the hash map `name` pinned at `pin` (another layout's, of
+/// the same shape) to this layout's: those it lacks, and those `newer(ours,
+/// theirs)` prefers. Returns how many it wrote. What the map has no room for stays
+/// behind.
+pub fn copy_entries<K: aya::Pod, V: aya::Pod>(
+    bpffs: &Bpffs,
+    name: &str,
+    pin: &std::path::Path,
+    newer: impl Fn(&V, &V) -> bool,
+) -> Result<usize> {
     let theirs: HashMap<MapData, K, V> = open_pin(pin, name)?;
     let mut ours: HashMap<MapData, K, V> = open_map(bpffs, name)?;
     let mut copied = 0;
     for entry in theirs.iter() {
         let (key, value) = entry.map_err(Error::map(format!("reading {}", pin.display())))?;
-        ours.insert(key, value, 0)
-            .map_err(Error::map(format!("adding to {name}")))?;
-        copied += 1;
+        let keep_ours = found(ours.get(&key, 0), "reading the new map")?.is_some_and(|mine| !newer(&mine, &value));
+        if !keep_ours {
+            ours.insert(key, value, 0)
+                .map_err(Error::map(format!("adding to {name}")))?;
+            copied += 1;
+        }
     }
     Ok(copied)
 }
