@@ -239,6 +239,17 @@ fn udp_servers(pod: &Pod, name: &str) -> Vec<Backend> {
         .collect()
 }
 
+/// Node 0's host (a connected UDP socket) to `server`'s UDP `port`, both families.
+fn from_node_0s_host(cluster: &Cluster, server: &Pod, port: u16) -> Vec<Probe> {
+    Family::ALL
+        .into_iter()
+        .map(|family| {
+            let to = SocketAddr::new(server.ip(family), port);
+            probe("node 0's host", &cluster.nodes[0].name, Protocol::Udp, to, "direct")
+        })
+        .collect()
+}
+
 /// `clients` to `server`'s UDP `port`, both families.
 fn udp_probes(clients: &[(&Pod, &str)], server: &Pod, port: u16) -> Vec<Probe> {
     Family::ALL
@@ -282,16 +293,7 @@ fn a_udp_server_that_answered_its_host_stays_unreachable_from_other_pods() {
         (&same_node, "pod-4 (node 0, same node)"),
         (&other_node, "pod-2 (node 1)"),
     ];
-    let host = cluster.nodes[0].name.clone();
-    let from_host = |port: u16| -> Vec<Probe> {
-        Family::ALL
-            .into_iter()
-            .map(|family| {
-                let to = SocketAddr::new(server.ip(family), port);
-                probe("node 0's host", &host, Protocol::Udp, to, "direct")
-            })
-            .collect()
-    };
+    let from_host = |port: u16| from_node_0s_host(&cluster, &server, port);
 
     expect_answered(
         &udp_probes(&clients, &server, CONTROL),
@@ -375,14 +377,7 @@ fn an_egress_isolated_pod_stays_isolated_from_a_udp_server_that_answered_its_hos
         (&isolated, "pod-1 (egress-isolated, node 0, same node)"),
         (&isolated_there, "pod-3 (egress-isolated, node 1)"),
     ];
-    let host = cluster.nodes[0].name.clone();
-    let from_host: Vec<Probe> = Family::ALL
-        .into_iter()
-        .map(|family| {
-            let to = SocketAddr::new(server.ip(family), SERVED);
-            probe("node 0's host", &host, Protocol::Udp, to, "direct")
-        })
-        .collect();
+    let from_host = from_node_0s_host(&cluster, &server, SERVED);
 
     expect_answered(
         &udp_probes(&clients, &server, CONTROL),
@@ -537,13 +532,7 @@ fn an_egress_isolated_pod_answers_its_host_and_reaches_it_by_no_other_way() {
     let any = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, HOST_PORT));
     let host_server = Backend::start(&host, any, Protocol::Tcp, "host").unwrap();
     let isolated_to_free = udp_probes(&[(&isolated, "pod-1 (egress-isolated)")], &free, CONTROL);
-    let host_to_isolated: Vec<Probe> = Family::ALL
-        .into_iter()
-        .map(|family| {
-            let to = SocketAddr::new(isolated.ip(family), SERVED);
-            probe("node 0's host (connected)", &host, Protocol::Udp, to, "direct")
-        })
-        .collect();
+    let host_to_isolated = from_node_0s_host(&cluster, &isolated, SERVED);
 
     expect_answered(&isolated_to_free, "pod-4", "without policy, pod-1 reaches pod-4");
     for pod in [&isolated, &free] {

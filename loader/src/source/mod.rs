@@ -61,11 +61,9 @@ pub fn endpoint_slice_from_v1beta1(mut object: serde_json::Value) -> serde_json:
                 ("kubernetes.io/hostname", "nodeName"),
                 ("topology.kubernetes.io/zone", "zone"),
             ] {
-                match (topology.get(label), endpoint.get(field)) {
-                    (Some(value), None | Some(serde_json::Value::Null)) => {
-                        endpoint.insert(field.to_string(), value.clone());
-                    }
-                    _ => {}
+                if let (Some(value), None | Some(serde_json::Value::Null)) = (topology.get(label), endpoint.get(field))
+                {
+                    endpoint.insert(field.to_string(), value.clone());
                 }
             }
         }
