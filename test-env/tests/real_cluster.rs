@@ -323,9 +323,18 @@ fn velox_installed_with_kubectl_serves_pods_services_host_ports_and_policy_on_re
         ])
         .unwrap();
     }
-    cluster
-        .kubectl(&["exec", &web2.0, "--", "/usr/bin/iperf3", "-s", "-D"])
-        .unwrap();
+    // kubectl exec through a kubelet that was just restarted can fail once under
+    // load; a second daemon started by a retry only fails to bind.
+    let mut exec_error = None;
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let started = cluster.kubectl(&["exec", &web2.0, "--", "/usr/bin/iperf3", "-s", "-D"]);
+            exec_error = started.as_ref().err().map(ToString::to_string);
+            started.is_ok()
+        }),
+        "starting iperf3 in {}: {exec_error:?}",
+        web2.0
+    );
     std::thread::sleep(Duration::from_millis(500));
     let stream = std::thread::scope(|s| {
         let cluster = &cluster;
