@@ -8,6 +8,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{loaded_programs, CgroupSockAddr, Program, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
+use futures_util::StreamExt;
 use nix::fcntl::Flock;
 use nix::mount::{mount, MsFlags};
 use nix::sys::statfs::statfs;
@@ -451,6 +452,7 @@ impl Daemon {
         self.sync.source.network_ready();
         let mut tick = tokio::time::interval(interval);
         let mut source_tick = tokio::time::interval(Duration::from_millis(250));
+        let mut deleted_links = velox_node::netlink::link_deletions()?;
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         loop {
@@ -468,6 +470,7 @@ impl Daemon {
                     }
                 }
                 Some(request) = requests.recv() => self.apply_policy_now(request, &mut requests).await,
+                Some(ifindex) = deleted_links.next() => self.forget_interface(ifindex),
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
             }
@@ -569,6 +572,16 @@ impl Daemon {
                 Some(answer) => pod_policy::answer(request.stream, &answer).await,
                 None => self.waiting.push(request),
             }
+        }
+    }
+
+    /// A pod's veth is gone (its netns went without a DEL): its addresses leave the
+    /// endpoints map at once, since the datapath redirects to whatever interface an
+    /// entry names (a redirect to a vanished one is a drop nobody counts). The next
+    /// full pass frees the rest.
+    fn forget_interface(&mut self, ifindex: u32) {
+        if let Err(e) = self.maps.remove_all_owned(ifindex) {
+            log::error!("removing the entries of deleted interface {ifindex}: {e:#}");
         }
     }
 

@@ -1,14 +1,16 @@
 //! The netlink operations Velox needs, on an rtnetlink connection bound to one
 //! network namespace, for both address families.
 
-use futures::TryStreamExt;
+use futures::{Stream, StreamExt, TryStreamExt};
 use ipnet::IpNet;
 use nix::sched::{setns, CloneFlags};
+use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressHeaderFlags};
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, MulticastGroup, RouteMessageBuilder};
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
@@ -85,6 +87,20 @@ fn is_enodev(error: &rtnetlink::Error) -> bool {
 
 pub struct Netlink {
     handle: Handle,
+}
+
+/// The indexes of interfaces deleted in the caller's network namespace, as the
+/// kernel announces them (`RTM_DELLINK`). Needs a tokio runtime.
+pub fn link_deletions() -> Result<impl Stream<Item = u32> + Unpin> {
+    let (connection, _, messages) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
+        .map_err(Error::io("subscribing to link events"))?;
+    tokio::spawn(connection);
+    Ok(messages.filter_map(|(message, _)| {
+        futures::future::ready(match message.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => Some(link.header.index),
+            _ => None,
+        })
+    }))
 }
 
 impl Netlink {

@@ -135,7 +135,14 @@ impl Node {
         let mut child = in_netns(&self.name, self.bins.loader.to_str().unwrap(), &[])
             .args(["--bpffs-root", self.bpffs_root.to_str().unwrap()])
             .args(["--state-dir", self.state_dir.to_str().unwrap()])
-            .args(["run", "--reconcile-interval", "1"])
+            .arg("run")
+            // Tests see the periodic pass within a second, unless they ask otherwise.
+            .args(
+                (!run_flags.contains(&"--reconcile-interval"))
+                    .then_some(["--reconcile-interval", "1"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(run_flags)
             // A loader pointed at the (stand-in) API server learns the other nodes,
             // its uplink and its pod CIDRs there, as in a real cluster.

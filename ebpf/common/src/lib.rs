@@ -624,7 +624,10 @@ pub const DROP_REASONS: [DropReason; 8] = [
     DropReason {
         code: DROP_NO_INTERFACE,
         name: "no_interface",
-        help: "for a pod whose interface is gone before its map entry",
+        // No longer counted (the loader removes a vanished veth's entries as the
+        // kernel announces it); the code stays so the others keep their indexes,
+        // and the programs of an older release still count here during an upgrade.
+        help: "for a pod whose interface is gone before its map entry (releases before 2026-12-06 only)",
     },
     DropReason {
         code: DROP_REDIRECT_FAILED,

@@ -113,7 +113,7 @@ fn from_pod_to(
     } else if kernel_flow {
         PASS
     } else if let Some(endpoint) = local {
-        to_local_pod(ctx, endpoint)
+        to_local_pod(endpoint)
     } else if let Some(peer) = peer {
         if fits_uplink(ctx, peer) {
             to_peer_node(peer)
@@ -152,7 +152,7 @@ pub fn from_net(ctx: TcContext) -> i32 {
         } else {
             police(&ctx, &packet, NO_SLOT, endpoint.slot, false, &mut verdict);
             if verdict.result == ALLOWED {
-                to_local_pod(&ctx, endpoint)
+                to_local_pod(endpoint)
             } else {
                 verdict.result
             }
