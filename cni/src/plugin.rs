@@ -336,6 +336,7 @@ impl Plugin {
         record.slot = self.store.claim_slot(&record.host_ifname, maps.max_pods())?;
         self.store.write(&record)?;
         maps.reset_slot(record.slot, policy)?;
+        maps.mark_no_kernel_flows(record.slot)?;
         maps.set_interface(record.host_ifindex, record.slot)?;
         for ip in &record.ips {
             maps.insert_new(*ip, record.endpoint())?;

@@ -26,8 +26,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{Receiver, Sender};
 use velox_common::{
     Affinity, AffinityKey, FlowEnd, NatEntry, NatKey, AFFINITY_MAP, COUNTERS_MAP, DEFAULT_KERNEL_FLOWS,
-    FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS, NAT_PROGRAMS_MAP, POLICY_RULES_MAP,
-    POLICY_STATE_MAP, SOCKET_LB_PROGRAMS, TO_POD_PROGRAM,
+    FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, NAT_MAP, NAT_PROGRAMS,
+    NAT_PROGRAMS_MAP, POLICY_RULES_MAP, POLICY_STATE_MAP, SOCKET_LB_PROGRAMS, TO_POD_PROGRAM, UPLINK_SLOT,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir, write_atomic};
@@ -855,6 +855,12 @@ pub struct DatapathOptions {
 /// [`repoint_links`] moves them.
 fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf> {
     check_pinned_layouts(bpffs)?;
+    // No map pinned in any layout: no datapath has run on this node.
+    let mut pinned_maps = 0;
+    for layout in list_dir(&bpffs.all_maps_dir())? {
+        pinned_maps += list_dir(&layout)?.len();
+    }
+    let first_datapath = pinned_maps == 0;
     let mut loader = EbpfLoader::new();
     for map in layouts() {
         loader.map_pin_path(map.name, bpffs.map(map.name));
@@ -870,6 +876,7 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
         (NAT_MAP, options.nat_entries, "--nat-entries"),
         (COUNTERS_MAP, counters_slots, "--max-pods"),
         (POLICY_STATE_MAP, counters_slots, "--max-pods"),
+        (KERNEL_FLOW_SLOTS_MAP, counters_slots, "--max-pods"),
         (POLICY_RULES_MAP, options.policy_rules, "--policy-rules"),
     ];
     for (name, entries, flag) in sized {
@@ -904,6 +911,11 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     };
     check_object_layout(object)?;
     let mut ebpf = loader.load(object).context("loading the eBPF object")?;
+    if first_datapath {
+        // No program ran on this node yet, so no end of another node's pod is
+        // recorded: packets to those pods skip the lookup until one is.
+        EndpointMaps::open(bpffs)?.mark_no_kernel_flows(UPLINK_SLOT)?;
+    }
     // Before the programs that tail-call them are pinned: a new pod's programs find
     // them in place.
     load_nat_programs(bpffs, &mut ebpf)?;

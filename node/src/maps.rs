@@ -9,10 +9,10 @@ use velox_common::{
     Affinity, AffinityKey, AllowedFlow, BackendSlot, Endpoint, EndpointCounters, FlowEnd, FlowEvent, IpKey,
     MaglevTable, NatEntry, NatKey, NodeAddress, NodePortKey, Peer, PolicyFlow, PolicyKey, PolicyPorts, PolicyState,
     Service, SocketPeer, AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP, ENDPOINTS_MAP, EVENTS_MAP, INTERFACES_MAP,
-    IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP, LB_OPT_OUT_MAP, MAGLEV_MAP,
-    MASQUERADE_MAP, MONITOR_MAP, NAT_MAP, NODE_ADDRESSES_MAP, NODE_PORTS_MAP, PEERS_MAP, POLICY_FLOWS_MAP,
-    POLICY_GENERATION_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP, RULES_VERSION, SERVICES_MAP,
-    SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, SOCKET_PEERS_MAP,
+    IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP,
+    MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP, NODE_ADDRESSES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP,
+    POLICY_FLOWS_MAP, POLICY_GENERATION_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP, RULES_VERSION,
+    SERVICES_MAP, SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, SOCKET_PEERS_MAP,
 };
 
 use crate::error::{Error, Result};
@@ -65,7 +65,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const LAYOUT_REVISION: u32 = 1;
 
 /// Every pinned map as this build's eBPF object declares it.
-pub fn layouts() -> [MapLayout; 21] {
+pub fn layouts() -> [MapLayout; 22] {
     use std::mem::size_of;
     let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
         name,
@@ -109,6 +109,14 @@ pub fn layouts() -> [MapLayout; 21] {
             KERNEL_FLOWS_MAP,
             BPF_MAP_TYPE_LRU_HASH,
             size_of::<FlowEnd>(),
+            size_of::<u32>(),
+            0,
+        ),
+        // Sized like the counters, by `--max-pods`.
+        layout(
+            KERNEL_FLOW_SLOTS_MAP,
+            BPF_MAP_TYPE_ARRAY,
+            size_of::<u32>(),
             size_of::<u32>(),
             0,
         ),
@@ -318,6 +326,7 @@ pub struct EndpointMaps {
     policy_generation: Array<MapData, u32>,
     interfaces: HashMap<MapData, u32, u32>,
     lb_opt_out: HashMap<MapData, u64, u8>,
+    kernel_flow_slots: Array<MapData, u32>,
 }
 
 impl EndpointMaps {
@@ -329,6 +338,7 @@ impl EndpointMaps {
             policy_generation: open_map(bpffs, POLICY_GENERATION_MAP)?,
             interfaces: open_map(bpffs, INTERFACES_MAP)?,
             lb_opt_out: open_map(bpffs, LB_OPT_OUT_MAP)?,
+            kernel_flow_slots: open_map(bpffs, KERNEL_FLOW_SLOTS_MAP)?,
         })
     }
 
@@ -426,6 +436,16 @@ impl EndpointMaps {
 
     /// Zeroes `slot`'s counters on every CPU and sets its policy switches for the pod
     /// that takes it over, before any packet of the pod can be judged.
+    /// Packets to the pod in `slot` skip the kernel-flows lookup until it opens a
+    /// connection through the kernel. Only for a slot whose pod sent nothing yet (a
+    /// new pod's, or the uplink's before any program ran): an end recorded before
+    /// would be missed, and its replies would skip the kernel's reverse NAT.
+    pub fn mark_no_kernel_flows(&mut self, slot: u32) -> Result<()> {
+        self.kernel_flow_slots
+            .set(slot, NO_KERNEL_FLOWS, 0)
+            .map_err(Error::map(format!("marking slot {slot} without kernel flows")))
+    }
+
     pub fn reset_slot(&mut self, slot: u32, policy: NewPodPolicy) -> Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))?;
         let zeroes = PerCpuValues::try_from(vec![EndpointCounters::default(); cpus])

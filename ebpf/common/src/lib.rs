@@ -22,6 +22,13 @@ pub const PEERS_MAP: &str = "VELOX_PEERS";
 /// Pinned under `<bpffsRoot>/maps/`: pod connection ends whose traffic the kernel
 /// handled (LRU); replies to them go back through the kernel, which may have NATed them.
 pub const KERNEL_FLOWS_MAP: &str = "VELOX_KERNEL_FLOWS";
+/// Pinned under `<bpffsRoot>/maps/`: by counters slot, whether an end of the slot's
+/// pod (of a pod on another node, for the uplink's slot) may be in
+/// [`KERNEL_FLOWS_MAP`]: packets to a pod whose slot says [`NO_KERNEL_FLOWS`] skip
+/// that lookup. Anything else, 0 (a new map's) included, means "look it up".
+pub const KERNEL_FLOW_SLOTS_MAP: &str = "VELOX_KERNEL_FLOW_SLOTS";
+/// [`KERNEL_FLOW_SLOTS_MAP`]: no end of this slot recorded since its pod was added.
+pub const NO_KERNEL_FLOWS: u32 = 1;
 /// Pinned under `<bpffsRoot>/maps/`: Service frontend (ClusterIP or node address,
 /// port, protocol) -> its id and how many backends it has.
 pub const SERVICES_MAP: &str = "VELOX_SERVICES";

@@ -33,16 +33,16 @@ pub fn peer_node(addr: &IpKey) -> Option<&'static Peer> {
     VELOX_PEERS.get(&Key::new(128, addr.addr))
 }
 
-/// Into the pod behind `endpoint`'s host veth. The map is trusted to name a live
+/// Into the pod behind host veth `ifindex`, an endpoint's. The map is trusted to name a live
 /// interface: DEL removes a pod's entries before its veth, the loader removes them
 /// as the kernel announces a veth deleted without a DEL, and ifindexes are handed out
 /// cyclically, so a stale entry cannot name another pod's interface (a redirect to a
 /// vanished one is dropped by the kernel). Asking the kernel per packet
 /// (`bpf_check_mtu`) cost ~50 ns of a ~370 ns run.
 #[inline(always)]
-pub fn to_local_pod(endpoint: &Endpoint) -> Outcome {
+pub fn to_local_pod(ifindex: u32) -> Outcome {
     // SAFETY: a plain helper call; flags 0.
-    redirected(unsafe { bpf_redirect_peer(endpoint.ifindex, 0) })
+    redirected(unsafe { bpf_redirect_peer(ifindex, 0) })
 }
 
 /// Out of the uplink towards `peer`; the kernel's neighbour table fills in the

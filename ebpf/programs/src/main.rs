@@ -89,17 +89,29 @@ fn from_pod_to(
     on_link: bool,
     verdict: &mut Verdict,
 ) -> Outcome {
-    let kernel_flow = on_link || is_kernel_flow(&packet.dst);
-    let local = match kernel_flow {
-        true => None,
-        false => local_endpoint(&packet.dst.addr),
+    // The local receiver as plain values (ifindex 0: none), which the verifier
+    // merges where it could not merge a pointer and its absence.
+    let (local_ifindex, local_slot) = match on_link {
+        true => (0, NO_SLOT),
+        false => local_endpoint(&packet.dst.addr).map_or((0, NO_SLOT), |e| (e.ifindex, e.slot)),
     };
-    let peer = match kernel_flow || local.is_some() {
+    // Recorded ends are pods' ends: a local pod's slot says whether it has any, the
+    // uplink's slot says it for the pods of other nodes.
+    let ends_slot = match local_ifindex {
+        0 => UPLINK_SLOT,
+        _ => local_slot,
+    };
+    let kernel_flow = on_link || is_kernel_flow(&packet.dst, ends_slot);
+    let is_local = local_ifindex != 0 && !kernel_flow;
+    let peer = match kernel_flow || local_ifindex != 0 {
         true => None,
         false => peer_node(&packet.dst.addr),
     };
-    let dst_slot = local.map_or(NO_SLOT, |e| e.slot);
-    let to_kernel = local.is_none() && peer.is_none();
+    let dst_slot = match is_local {
+        true => local_slot,
+        false => NO_SLOT,
+    };
+    let to_kernel = !is_local && peer.is_none();
     // A backend's reply to a client from outside (never to a pod: the NAT
     // masquerades those clients): the NAT half judges it by policy and translates it
     // back. Only when the tail call fails does it go on here. Before `police`, where
@@ -112,8 +124,8 @@ fn from_pod_to(
         verdict.result
     } else if kernel_flow {
         PASS
-    } else if let Some(endpoint) = local {
-        to_local_pod(endpoint)
+    } else if is_local {
+        to_local_pod(local_ifindex)
     } else if let Some(peer) = peer {
         if fits_uplink(ctx, peer) {
             to_peer_node(peer)
@@ -122,7 +134,7 @@ fn from_pod_to(
         }
     } else {
         if packet.opens {
-            remember(ifindex, &packet.src);
+            remember(ifindex, &packet.src, sender_slot);
         }
         PASS
     }
@@ -146,13 +158,13 @@ pub fn from_net(ctx: TcContext) -> i32 {
     let outcome = if !is_ip {
         PASS
     } else if let Some(endpoint) = local_endpoint(&packet.dst.addr) {
-        if is_kernel_flow(&packet.dst) {
+        if is_kernel_flow(&packet.dst, endpoint.slot) {
             // The kernel delivers it, and `to_pod` judges it there.
             PASS
         } else {
             police(&ctx, &packet, NO_SLOT, endpoint.slot, false, &mut verdict);
             if verdict.result == ALLOWED {
-                to_local_pod(endpoint)
+                to_local_pod(endpoint.ifindex)
             } else {
                 verdict.result
             }
@@ -164,7 +176,7 @@ pub fn from_net(ctx: TcContext) -> i32 {
         // A pod on another node reaching this node (a hostPort, a NodePort): the kernel
         // may send its replies back through the fast path of this node.
         if packet.opens && peer_node(&packet.src.addr).is_some() {
-            remember(ifindex, &packet.src);
+            remember(ifindex, &packet.src, UPLINK_SLOT);
         }
         PASS
     };

@@ -194,7 +194,7 @@ fn translate_from_net(ctx: &TcContext, packet: &mut Packet, verdict: &mut Verdic
     if let Some(endpoint) = local_endpoint(&packet.dst.addr) {
         police(ctx, packet, NO_SLOT, endpoint.slot, false, verdict);
         if verdict.result == ALLOWED {
-            to_local_pod(endpoint)
+            to_local_pod(endpoint.ifindex)
         } else {
             verdict.result
         }
