@@ -17,6 +17,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::io::AsyncWriteExt;
@@ -90,7 +91,8 @@ pub struct RunArgs {
     /// DaemonSet): the install record names the host's paths too.
     #[arg(long, requires = "cni_bin_dir")]
     host_root: Option<PathBuf>,
-    /// Serve Prometheus metrics on this address (`/metrics`), e.g. 0.0.0.0:9962.
+    /// Serve Prometheus metrics on this address (`/metrics`), e.g. 127.0.0.1:9962
+    /// (0.0.0.0 lets every pod of the node read them).
     #[arg(long)]
     metrics_address: Option<std::net::SocketAddr>,
     /// Masquerade pod traffic leaving the cluster to the node's IP.
@@ -268,8 +270,9 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         .map(|config| NodeNetwork::new(config, bpffs.clone()))
         .transpose()?;
     let metrics = Metrics::new();
+    let metrics_failure = Arc::default();
     if let Some(address) = metrics_address {
-        metrics.serve(address, bpffs.clone(), state_dir.clone()).await?;
+        metrics.serve(address, bpffs.clone(), state_dir.clone(), Arc::clone(&metrics_failure));
     }
     let with_services = datapath.socket_lb_cgroup.is_some();
     let source = source.start(with_services, network_policy, metrics.clone()).await?;
@@ -290,6 +293,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         netlink,
         sync,
         metrics,
+        metrics_failure,
         install_into,
         unmoved: None,
         waiting: Vec::new(),
@@ -375,6 +379,8 @@ struct Daemon {
     netlink: Netlink,
     sync: SourceSync,
     metrics: Metrics,
+    /// Why `/metrics` is not served, while it is not.
+    metrics_failure: Arc<Mutex<Option<String>>>,
     /// The CNI bin and conf dirs to install into, until that is done.
     install_into: Option<InstallTarget>,
     /// This build's programs, while the links still run an earlier build's: they
@@ -648,6 +654,7 @@ impl Daemon {
                     .collect(),
             }),
             services: self.sync.balancer.as_ref().map(ServiceBalancer::health),
+            metrics_error: self.metrics_failure.lock().expect("not poisoned").clone(),
         };
         let _ = stream.write_all(health.to_json().as_bytes()).await;
     }
@@ -855,12 +862,12 @@ pub struct DatapathOptions {
 /// [`repoint_links`] moves them.
 fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf> {
     check_pinned_layouts(bpffs)?;
-    // No map pinned in any layout: no datapath has run on this node.
-    let mut pinned_maps = 0;
-    for layout in list_dir(&bpffs.all_maps_dir())? {
-        pinned_maps += list_dir(&layout)?.len();
+    // No map pinned in any layout (nor an old release's flat pin): no datapath has
+    // run on this node.
+    let mut first_datapath = true;
+    for entry in list_dir(&bpffs.all_maps_dir())? {
+        first_datapath &= entry.is_dir() && list_dir(&entry)?.is_empty();
     }
-    let first_datapath = pinned_maps == 0;
     let mut loader = EbpfLoader::new();
     for map in layouts() {
         loader.map_pin_path(map.name, bpffs.map(map.name));

@@ -3,9 +3,9 @@
 //! map fill levels, reconcile durations, and the cluster source's watch events and
 //! failures.
 
-use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::Full;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -15,7 +15,9 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 use velox_common::DROP_REASONS;
 use velox_node::maps::{EndpointMaps, PeerMap, PolicyMaps, ServiceMaps};
 use velox_node::{Bpffs, StateDir};
@@ -63,8 +65,46 @@ impl Metrics {
         }
     }
 
-    /// Serves `/metrics` on `address` for as long as the loader runs.
-    pub async fn serve(&self, address: SocketAddr, bpffs: Bpffs, state_dir: StateDir) -> anyhow::Result<()> {
+    /// Serves `/metrics` on `address` from a thread of its own, for as long as the
+    /// loader runs: a scrape never holds up the reconcile loop. An address that
+    /// cannot be bound is tried again every few seconds; until then `failure` holds
+    /// why, which health shows (the datapath and the loader work on).
+    pub fn serve(&self, address: SocketAddr, bpffs: Bpffs, state_dir: StateDir, failure: Arc<Mutex<Option<String>>>) {
+        let scrapes = Arc::new(Scrapes {
+            registry: self.registry(bpffs, state_dir),
+            last: Mutex::new(None),
+        });
+        let serving = move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async move {
+                let listener = loop {
+                    match tokio::net::TcpListener::bind(address).await {
+                        Ok(listener) => break listener,
+                        Err(e) => {
+                            let why = format!("binding the metrics address {address}: {e}");
+                            log::error!("{why}; trying again in {BIND_RETRY:?}");
+                            *failure.lock().expect("not poisoned") = Some(why);
+                            tokio::time::sleep(BIND_RETRY).await;
+                        }
+                    }
+                };
+                *failure.lock().expect("not poisoned") = None;
+                log::info!("metrics on http://{address}/metrics");
+                accept(listener, scrapes).await;
+            });
+            anyhow::Ok(())
+        };
+        let spawned = std::thread::Builder::new().name("metrics".into()).spawn(move || {
+            if let Err(e) = serving() {
+                log::error!("serving the metrics: {e:#}");
+            }
+        });
+        if let Err(e) = spawned {
+            log::error!("starting the metrics thread: {e}");
+        }
+    }
+
+    fn registry(&self, bpffs: Bpffs, state_dir: StateDir) -> Registry {
         let mut registry = Registry::with_prefix("velox");
         registry.register(
             "reconcile_duration_seconds",
@@ -104,42 +144,89 @@ impl Metrics {
             self.services_failed_frontends.clone(),
         );
         registry.register_collector(Box::new(Datapath { bpffs, state_dir }));
-        let registry = Arc::new(registry);
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .with_context(|| format!("binding the metrics address {address}"))?;
-        log::info!("metrics on http://{address}/metrics");
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let registry = registry.clone();
-                let service = hyper::service::service_fn(move |request| {
-                    let registry = registry.clone();
-                    async move { Ok::<_, std::convert::Infallible>(answer(&registry, request.uri().path())) }
-                });
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-                );
-            }
-        });
-        Ok(())
+        registry
     }
 }
 
-fn answer(registry: &Registry, path: &str) -> hyper::Response<Full<Bytes>> {
-    let mut text = String::new();
-    let (status, body) = match path {
-        "/metrics" => match prometheus_client::encoding::prometheus_text::encode(&mut text, registry) {
-            Ok(()) => (200, text),
-            Err(e) => (500, format!("encoding the metrics: {e}\n")),
-        },
-        _ => (404, "only /metrics is here\n".to_string()),
-    };
-    hyper::Response::builder()
-        .status(status)
-        .header("content-type", "text/plain; version=0.0.4")
-        .body(Full::new(Bytes::from(body)))
-        .expect("a valid response")
+/// Connections served at once; one more is closed at once.
+const MAX_CONNECTIONS: usize = 8;
+/// A client has this long to send its request's headers...
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// ...and this long in all, keep-alive included.
+const CONNECTION_TIME: Duration = Duration::from_secs(30);
+/// Scrapes within this of the one before get its text: the maps are read at most
+/// once per interval, however often anyone asks.
+const SCRAPE_REUSE: Duration = Duration::from_secs(1);
+/// After a failed accept (out of file descriptors, say), the next one waits this.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+const BIND_RETRY: Duration = Duration::from_secs(5);
+
+/// The registry, and the last scrape's text with when it was taken.
+struct Scrapes {
+    registry: Registry,
+    last: Mutex<Option<(Instant, String)>>,
+}
+
+impl Scrapes {
+    fn text(&self) -> Result<String, std::fmt::Error> {
+        let mut last = self.last.lock().expect("not poisoned");
+        if let Some((taken, text)) = last.as_ref().filter(|(taken, _)| taken.elapsed() < SCRAPE_REUSE) {
+            log::trace!("metrics: reusing the scrape of {:?} ago", taken.elapsed());
+            return Ok(text.clone());
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry)?;
+        *last = Some((Instant::now(), text.clone()));
+        Ok(text)
+    }
+
+    fn answer(&self, path: &str) -> hyper::Response<Full<Bytes>> {
+        let (status, body) = match path {
+            "/metrics" => match self.text() {
+                Ok(text) => (200, text),
+                Err(e) => (500, format!("encoding the metrics: {e}\n")),
+            },
+            _ => (404, "only /metrics is here\n".to_string()),
+        };
+        hyper::Response::builder()
+            .status(status)
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid response")
+    }
+}
+
+/// Serves connections until the loader ends: at most `MAX_CONNECTIONS` at once, each
+/// within its time limits, and a failed accept never ends the loop.
+async fn accept(listener: tokio::net::TcpListener, scrapes: Arc<Scrapes>) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                log::warn!("metrics: accepting a connection: {e}");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        // Over the limit the stream is dropped: closed.
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            continue;
+        };
+        let scrapes = scrapes.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let scrapes = scrapes.clone();
+                async move { Ok::<_, std::convert::Infallible>(scrapes.answer(request.uri().path())) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_TIME, connection).await;
+            drop(permit);
+        });
+    }
 }
 
 /// One counter family of constant samples.

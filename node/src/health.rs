@@ -33,6 +33,10 @@ pub struct Health {
     /// The socket load balancer, when the loader runs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub services: Option<ServicesHealth>,
+    /// Why `/metrics` is not served (its address could not be bound): the datapath
+    /// and the loader work on, so the loader stays ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_error: Option<String>,
 }
 
 /// How the socket load balancer is doing.
@@ -137,6 +141,7 @@ mod tests {
                 frontends: 2,
                 failed: vec!["TCP 10.96.0.1:443: adding a service".into()],
             }),
+            metrics_error: Some("binding the metrics address 127.0.0.1:9962: address in use".into()),
         };
         assert!(!sent.probe_ready(), "never had the policy");
         let policy_synced = |services_synced| Health {

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use std::net::IpAddr;
 use std::process::Stdio;
 use std::time::Duration;
-use velox_test_env::{netns_path, run, Family, NodeGuard, Pod};
+use velox_test_env::{in_netns, netns_path, run, wait_for, Family, NodeGuard, Pod};
 
 /// A fresh node with pods `a` and `b`.
 fn node_with_two_pods(tag: &str) -> (NodeGuard, Pod, Pod) {
@@ -753,6 +753,73 @@ fn metrics_show_each_pods_counters_the_maps_and_the_reconcile_passes() {
     assert_eq!(value("velox_map_entries{map=\"interfaces\"}"), 2.0);
     assert_eq!(value("velox_max_pods"), f64::from(velox_common::DEFAULT_MAX_PODS));
     assert!(value("velox_reconcile_duration_seconds_count") >= 1.0);
+    node.finish().unwrap();
+}
+
+/// A metrics address another process holds stops neither the start nor the loader:
+/// health says why there are no metrics, and they come once the address is free.
+#[test]
+fn a_metrics_address_in_use_is_an_error_in_health_until_it_frees() {
+    let node = NodeGuard::up("metricsbind").unwrap();
+    node.stop_loader(Signal::SIGTERM).unwrap();
+    let address = "127.0.0.1:9963";
+    let mut holder = in_netns(&node.name, "busybox", &["nc", "-l", "-p", "9963"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = node.start_loader_with(&["--metrics-address", address]);
+    let health = node.health();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    started.unwrap();
+    let health = health.unwrap();
+    assert!(
+        health["metrics_error"]
+            .as_str()
+            .is_some_and(|why| why.contains(address)),
+        "{health}"
+    );
+    assert!(node.status().success, "the loader serves pods all the same");
+    assert!(
+        wait_for(Duration::from_secs(15), || node.metrics(address).is_ok()),
+        "metrics once the address is free"
+    );
+    assert!(node.health().unwrap()["metrics_error"].is_null());
+    node.finish().unwrap();
+}
+
+/// Connections that never send a request are closed within seconds (beyond a few
+/// at once, at once), so clients cannot pile them up against the loader, and
+/// scrapes are answered again once they are gone.
+#[test]
+fn idle_metrics_connections_are_closed_and_scrapes_still_answer() {
+    let node = NodeGuard::up("metricsidle").unwrap();
+    node.stop_loader(Signal::SIGTERM).unwrap();
+    let address = "127.0.0.1:9964";
+    node.start_loader_with(&["--metrics-address", address]).unwrap();
+    // Each holds its connection open and silent (stdin stays open).
+    let mut idle: Vec<_> = (0..20)
+        .map(|_| {
+            in_netns(&node.name, "busybox", &["nc", "127.0.0.1", "9964"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let closed = wait_for(Duration::from_secs(15), || {
+        idle.iter_mut()
+            .all(|nc| nc.try_wait().is_ok_and(|exited| exited.is_some()))
+    });
+    for mut nc in idle {
+        let _ = nc.kill();
+        let _ = nc.wait();
+    }
+    assert!(closed, "the loader keeps idle connections open");
+    assert!(node.metrics(address).is_ok());
     node.finish().unwrap();
 }
 
