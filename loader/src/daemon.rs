@@ -27,8 +27,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{Receiver, Sender};
 use velox_common::{
     Affinity, AffinityKey, FlowEnd, NatEntry, NatKey, AFFINITY_MAP, COUNTERS_MAP, DEFAULT_KERNEL_FLOWS,
-    FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, NAT_MAP, NAT_PROGRAMS,
-    NAT_PROGRAMS_MAP, POLICY_RULES_MAP, POLICY_STATE_MAP, SOCKET_LB_PROGRAMS, TO_POD_PROGRAM, UPLINK_SLOT,
+    FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS, NAT_PROGRAMS_MAP, POLICY_RULES_MAP,
+    SOCKET_LB_PROGRAMS, TO_POD_PROGRAM, UPLINK_SLOT,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir, write_atomic};
@@ -37,6 +37,7 @@ use velox_node::layout::Hook;
 use velox_node::layout::PRIVATE_FILE_MODE;
 use velox_node::link::{attach_cgroup, update_pinned_link};
 use velox_node::maps::{check_object_layout, check_pinned_layouts, layouts, pinned_layout, EndpointMaps};
+use velox_node::netlink::LinkEvent;
 use velox_node::netlink::Netlink;
 use velox_node::pod_policy::{self, PolicyAnswer, PolicyRequest};
 use velox_node::{Bpffs, StateDir};
@@ -459,6 +460,7 @@ impl Daemon {
         let mut tick = tokio::time::interval(interval);
         let mut source_tick = tokio::time::interval(Duration::from_millis(250));
         let mut deleted_links = velox_node::netlink::link_deletions()?;
+        let mut hears_deletions = true;
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         loop {
@@ -476,7 +478,17 @@ impl Daemon {
                     }
                 }
                 Some(request) = requests.recv() => self.apply_policy_now(request, &mut requests).await,
-                Some(ifindex) = deleted_links.next() => self.forget_interface(ifindex),
+                event = deleted_links.next(), if hears_deletions => match event {
+                    Some(LinkEvent::Deleted(ifindex)) => self.forget_interface(ifindex),
+                    Some(LinkEvent::Lost) => {
+                        log::warn!("link events were lost: looking at every pod's interface now");
+                        self.sync_endpoints_now();
+                    }
+                    None => {
+                        log::error!("link events ended: vanished pods leave the maps at the periodic pass only");
+                        hears_deletions = false;
+                    }
+                },
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
             }
@@ -598,11 +610,16 @@ impl Daemon {
             log::error!("cluster reconcile: {e:#}");
         }
         let started = std::time::Instant::now();
+        self.sync_endpoints_now();
+        self.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The endpoint records, their map entries and links, brought in line.
+    fn sync_endpoints_now(&mut self) {
         let uplink = self.sync.uplink();
         if let Err(e) = sync_endpoints(&self.bpffs, &self.state_dir, &self.store, &mut self.maps, uplink) {
             log::error!("reconcile: {e:#}");
         }
-        self.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
     }
 
     /// What the source changed, and the CNI install once the pod CIDRs are known.
@@ -654,7 +671,7 @@ impl Daemon {
                     .collect(),
             }),
             services: self.sync.balancer.as_ref().map(ServiceBalancer::health),
-            metrics_error: self.metrics_failure.lock().expect("not poisoned").clone(),
+            metrics_error: crate::metrics::lock(&self.metrics_failure).clone(),
         };
         let _ = stream.write_all(health.to_json().as_bytes()).await;
     }
@@ -876,14 +893,15 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     // the ends of connections the kernel has already forgotten.
     loader.map_max_entries(KERNEL_FLOWS_MAP, kernel_flows_capacity());
     let counters_slots = options.max_pods + 1;
-    // A pinned map keeps its size, so a new size needs a new map: the arrays by slot
-    // for --max-pods, the rules for --policy-rules. New rules maps start empty, and
+    // A pinned map keeps its size, so a new size needs a new map: the counters for
+    // --max-pods, the rules for --policy-rules. New rules maps start empty, and
     // the isolated pods deny everything until the policy pass writes their rules.
+    // The other arrays by slot (policy switches, kernel-flow marks) are as long as
+    // the largest --max-pods: recreated, they would leave the programs still
+    // attached judging new pods by an old map's entries for their slots.
     let sized = [
         (NAT_MAP, options.nat_entries, "--nat-entries"),
         (COUNTERS_MAP, counters_slots, "--max-pods"),
-        (POLICY_STATE_MAP, counters_slots, "--max-pods"),
-        (KERNEL_FLOW_SLOTS_MAP, counters_slots, "--max-pods"),
         (POLICY_RULES_MAP, options.policy_rules, "--policy-rules"),
     ];
     for (name, entries, flag) in sized {

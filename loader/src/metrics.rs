@@ -74,6 +74,7 @@ impl Metrics {
             registry: self.registry(bpffs, state_dir),
             last: Mutex::new(None),
         });
+        let report = Arc::clone(&failure);
         let serving = move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async move {
@@ -83,24 +84,32 @@ impl Metrics {
                         Err(e) => {
                             let why = format!("binding the metrics address {address}: {e}");
                             log::error!("{why}; trying again in {BIND_RETRY:?}");
-                            *failure.lock().expect("not poisoned") = Some(why);
+                            *lock(&failure) = Some(why);
                             tokio::time::sleep(BIND_RETRY).await;
                         }
                     }
                 };
-                *failure.lock().expect("not poisoned") = None;
+                *lock(&failure) = None;
                 log::info!("metrics on http://{address}/metrics");
                 accept(listener, scrapes).await;
             });
             anyhow::Ok(())
         };
-        let spawned = std::thread::Builder::new().name("metrics".into()).spawn(move || {
-            if let Err(e) = serving() {
-                log::error!("serving the metrics: {e:#}");
+        // However the server ends (it serves for good otherwise), health says so.
+        let stopped = move |why: String| {
+            log::error!("{why}");
+            *lock(&report) = Some(why);
+        };
+        let spawned = std::thread::Builder::new().name("metrics".into()).spawn({
+            let stopped = stopped.clone();
+            move || match std::panic::catch_unwind(std::panic::AssertUnwindSafe(serving)) {
+                Ok(Ok(())) => stopped("the metrics server stopped".into()),
+                Ok(Err(e)) => stopped(format!("the metrics server stopped: {e:#}")),
+                Err(_) => stopped("the metrics server panicked".into()),
             }
         });
         if let Err(e) = spawned {
-            log::error!("starting the metrics thread: {e}");
+            stopped(format!("starting the metrics thread: {e}"));
         }
     }
 
@@ -169,7 +178,7 @@ struct Scrapes {
 
 impl Scrapes {
     fn text(&self) -> Result<String, std::fmt::Error> {
-        let mut last = self.last.lock().expect("not poisoned");
+        let mut last = lock(&self.last);
         if let Some((taken, text)) = last.as_ref().filter(|(taken, _)| taken.elapsed() < SCRAPE_REUSE) {
             log::trace!("metrics: reusing the scrape of {:?} ago", taken.elapsed());
             return Ok(text.clone());
@@ -194,6 +203,11 @@ impl Scrapes {
             .body(Full::new(Bytes::from(body)))
             .expect("a valid response")
     }
+}
+
+/// A lock whose holder panicked still guards a whole value here: take it.
+pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Serves connections until the loader ends: at most `MAX_CONNECTIONS` at once, each

@@ -112,7 +112,9 @@ pub fn layouts() -> [MapLayout; 22] {
             size_of::<u32>(),
             0,
         ),
-        // Sized like the counters, by `--max-pods`.
+        // As long as the largest `--max-pods`, whatever the flag says: a map
+        // recreated for a new size would leave the programs still attached with the
+        // old one, whose marks no longer say anything about the slots' new pods.
         layout(
             KERNEL_FLOW_SLOTS_MAP,
             BPF_MAP_TYPE_ARRAY,
@@ -194,7 +196,7 @@ pub fn layouts() -> [MapLayout; 22] {
         // A ring buffer has neither keys nor values: its size is its layout.
         layout(EVENTS_MAP, BPF_MAP_TYPE_RINGBUF, 0, 0, 0),
         layout(MONITOR_MAP, BPF_MAP_TYPE_ARRAY, size_of::<u32>(), size_of::<u64>(), 0),
-        // Sized like the counters, by `--max-pods`.
+        // As long as the largest `--max-pods`, like the kernel-flow marks.
         layout(
             POLICY_STATE_MAP,
             BPF_MAP_TYPE_ARRAY,
@@ -434,8 +436,6 @@ impl EndpointMaps {
         Ok(total)
     }
 
-    /// Zeroes `slot`'s counters on every CPU and sets its policy switches for the pod
-    /// that takes it over, before any packet of the pod can be judged.
     /// Packets to the pod in `slot` skip the kernel-flows lookup until it opens a
     /// connection through the kernel. Only for a slot whose pod sent nothing yet (a
     /// new pod's, or the uplink's before any program ran): an end recorded before
@@ -446,6 +446,8 @@ impl EndpointMaps {
             .map_err(Error::map(format!("marking slot {slot} without kernel flows")))
     }
 
+    /// Zeroes `slot`'s counters on every CPU and sets its policy switches for the pod
+    /// that takes it over, before any packet of the pod can be judged.
     pub fn reset_slot(&mut self, slot: u32, policy: NewPodPolicy) -> Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::io("counting CPUs")(e))?;
         let zeroes = PerCpuValues::try_from(vec![EndpointCounters::default(); cpus])

@@ -89,15 +89,27 @@ pub struct Netlink {
     handle: Handle,
 }
 
-/// The indexes of interfaces deleted in the caller's network namespace, as the
-/// kernel announces them (`RTM_DELLINK`). Needs a tokio runtime.
-pub fn link_deletions() -> Result<impl Stream<Item = u32> + Unpin> {
+/// What [`link_deletions`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// The interface with this index is gone.
+    Deleted(u32),
+    /// The socket overflowed: deletions went unreported, look for yourself.
+    Lost,
+}
+
+/// Interfaces deleted in the caller's network namespace, as the kernel announces
+/// them (`RTM_DELLINK`). Needs a tokio runtime.
+pub fn link_deletions() -> Result<impl Stream<Item = LinkEvent> + Unpin> {
     let (connection, _, messages) = rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
         .map_err(Error::io("subscribing to link events"))?;
     tokio::spawn(connection);
     Ok(messages.filter_map(|(message, _)| {
         futures::future::ready(match message.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => Some(link.header.index),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(link)) => {
+                Some(LinkEvent::Deleted(link.header.index))
+            }
+            NetlinkPayload::Overrun(_) => Some(LinkEvent::Lost),
             _ => None,
         })
     }))

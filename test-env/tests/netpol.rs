@@ -1174,8 +1174,8 @@ fn network_policy_off_lifts_the_isolation_an_earlier_run_left() {
 }
 
 /// Restarting the loader admits nothing a deny-all policy denies, probed all along
-/// in both families: with another `--max-pods` (new arrays, empty until the policy
-/// pass fills them), with another build's programs (an upgrade) and back (a
+/// in both families: with another `--max-pods` (new counters; the policy switches
+/// and rules stay), with another build's programs (an upgrade) and back (a
 /// downgrade), and with the maps pinned under another layout (a layout upgrade: all
 /// maps start empty). One below a live pod's counters slot is refused, and the
 /// datapath that runs keeps its rules.

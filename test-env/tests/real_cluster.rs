@@ -112,6 +112,24 @@ fn table(cluster: &RealCluster) -> String {
         .unwrap_or_default()
 }
 
+/// The table, kube-system's events and the loaders' last lines: what a failed wait
+/// for the loaders needs to be read.
+fn loaders_report(cluster: &RealCluster) -> String {
+    let events = cluster
+        .kubectl(&["-n", "kube-system", "get", "events", "--sort-by=.lastTimestamp"])
+        .unwrap_or_default();
+    let logs: Vec<String> = loaders(cluster)
+        .values()
+        .map(|pod| {
+            let log = cluster
+                .kubectl(&["-n", "kube-system", "logs", pod, "--tail=15"])
+                .unwrap_or_else(|e| e.to_string());
+            format!("--- {pod}\n{log}")
+        })
+        .collect();
+    format!("{}\n{events}\n{}", table(cluster), logs.join("\n"))
+}
+
 #[test]
 fn velox_installed_with_kubectl_serves_pods_services_host_ports_and_policy_on_real_kubelets() {
     let mut cluster = RealCluster::up("rk").unwrap();
@@ -400,8 +418,10 @@ fn velox_installed_with_kubectl_serves_pods_services_host_ports_and_policy_on_re
         );
         assert!(get_from_pod(&cluster, "hostport", ip, 8080).is_none(), "still denied");
     }
+    // Graceful deletion, a new pod, its programs verified and its first passes: a
+    // minute or two on a loaded 2-core machine.
     assert!(
-        wait_for(Duration::from_secs(60), || ready(
+        wait_for(Duration::from_secs(180), || ready(
             &cluster,
             "app=velox",
             "kube-system",
@@ -410,7 +430,7 @@ fn velox_installed_with_kubectl_serves_pods_services_host_ports_and_policy_on_re
             .values()
             .any(|pod| *pod == deleted)),
         "{}",
-        table(&cluster)
+        loaders_report(&cluster)
     );
     assert!(a_web(get_from_pod(&cluster, "client", &cluster_ip, 80)));
     println!("{}", table(&cluster));

@@ -24,9 +24,10 @@ use velox_common::{FlowEnd, DEFAULT_KERNEL_FLOWS, MAX_ENDPOINTS, NO_KERNEL_FLOWS
 static VELOX_KERNEL_FLOWS: LruHashMap<FlowEnd, u32, { DEFAULT_KERNEL_FLOWS as usize }> = LruHashMap::new();
 
 /// By counters slot: `NO_KERNEL_FLOWS` while no end of the slot's pod is recorded
-/// (the uplink's slot stands for the pods of other nodes). Written `NO_KERNEL_FLOWS`
-/// only by the loader, for a slot whose pod is new, and cleared here before an end
-/// is recorded; the loader sizes it like the counters.
+/// (the uplink's slot stands for the pods of other nodes). Marked by the CNI for a
+/// new pod's slot (by the loader for the uplink's, on a node where nothing ran
+/// before) and cleared here before an end is recorded. Always `MAX_ENDPOINTS` long,
+/// whatever `--max-pods` says, so it is never recreated under running programs.
 #[btf_map]
 static VELOX_KERNEL_FLOW_SLOTS: Array<u32, MAX_ENDPOINTS> = Array::new();
 

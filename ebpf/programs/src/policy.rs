@@ -26,7 +26,8 @@ use crate::{
     verdict::{Outcome, NO_SLOT, PASS},
 };
 
-/// By counters slot; the loader sizes it like the counters.
+/// By counters slot; as long as the largest `--max-pods`, so a new `--max-pods`
+/// never leaves running programs with an old copy.
 #[btf_map]
 static VELOX_POLICY_STATE: Array<PolicyState, MAX_ENDPOINTS> = Array::new();
 
