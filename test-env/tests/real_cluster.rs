@@ -381,7 +381,7 @@ fn velox_installed_with_kubectl_serves_pods_services_host_ports_and_policy_on_re
             ])
             .unwrap();
         cluster
-            .kubectl(&["-n", "kube-system", "rollout", "status", "ds/velox", "--timeout=60s"])
+            .kubectl(&["-n", "kube-system", "rollout", "status", "ds/velox", "--timeout=180s"])
             .unwrap();
         stream.join().unwrap()
     });
