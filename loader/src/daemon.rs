@@ -27,8 +27,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{Receiver, Sender};
 use velox_common::{
     Affinity, AffinityKey, FlowEnd, NatEntry, NatKey, AFFINITY_MAP, COUNTERS_MAP, DEFAULT_KERNEL_FLOWS,
-    FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS, NAT_PROGRAMS_MAP, POLICY_RULES_MAP,
-    SOCKET_LB_PROGRAMS, TO_POD_PROGRAM, UPLINK_SLOT,
+    FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS, NAT_PROGRAMS_MAP,
+    POLICY_IDENTITY_RULES_MAP, POLICY_RULES_MAP, SOCKET_LB_PROGRAMS, TO_POD_PROGRAM, UPLINK_SLOT,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir, write_atomic};
@@ -153,9 +153,9 @@ pub struct RunArgs {
     /// each (80 bytes per CPU), and an ADD beyond it fails with code 104.
     #[arg(long, default_value_t = velox_common::DEFAULT_MAX_PODS, value_parser = clap::value_parser!(u32).range(1..=velox_common::MAX_ENDPOINTS as i64 - 1))]
     max_pods: u32,
-    /// Entries of the NetworkPolicy rules map (one per isolated pod, direction and
-    /// peer prefix, both rule versions together). A pod whose rules do not fit
-    /// denies what they would allow, and health and metrics say so.
+    /// Entries of each NetworkPolicy rules map (one per isolated pod, direction and
+    /// peer prefix or peer identity, both rule versions together). A pod whose rules
+    /// do not fit denies what they would allow, and health and metrics say so.
     #[arg(long, default_value_t = velox_common::MAX_POLICY_RULES as u32, value_parser = clap::value_parser!(u32).range(1..))]
     policy_rules: u32,
     /// Enforce Kubernetes NetworkPolicy in the datapath, from the NetworkPolicies,
@@ -508,6 +508,8 @@ impl Daemon {
             self.metrics.policy_failed_closed.set(policy.failed_closed.len() as i64);
             let waiting = policy.waiting_for_pod_object.len() as i64;
             self.metrics.policy_waiting_for_pod_object.set(waiting);
+            let without_identity = policy.without_identity.len() as i64;
+            self.metrics.policy_addresses_without_identity.set(without_identity);
         }
         if let Some(balancer) = &self.sync.balancer {
             let failed = balancer.health().failed.len() as i64;
@@ -665,6 +667,12 @@ impl Daemon {
                 waiting_for_pod_object: policy.waiting_for_pod_object.len(),
                 waiting: policy
                     .waiting_for_pod_object
+                    .values()
+                    .take(MAX_NAMED_WAITING)
+                    .cloned()
+                    .collect(),
+                without_identity: policy
+                    .without_identity
                     .values()
                     .take(MAX_NAMED_WAITING)
                     .cloned()
@@ -903,6 +911,7 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
         (NAT_MAP, options.nat_entries, "--nat-entries"),
         (COUNTERS_MAP, counters_slots, "--max-pods"),
         (POLICY_RULES_MAP, options.policy_rules, "--policy-rules"),
+        (POLICY_IDENTITY_RULES_MAP, options.policy_rules, "--policy-rules"),
     ];
     for (name, entries, flag) in sized {
         let pin = bpffs.map(name);

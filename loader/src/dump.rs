@@ -252,7 +252,8 @@ struct PolicyRow {
     /// `namespace/name`, as the cluster reports the pod's address.
     pod: String,
     direction: &'static str,
-    /// A peer prefix, or `nothing` for a direction isolated without any rule.
+    /// A peer prefix, the pods of one identity (`pods like <one of them>`), or
+    /// `nothing` for a direction isolated without any rule.
     peer: String,
     ports: String,
     policies: Vec<String>,
@@ -272,23 +273,39 @@ pub fn policy(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Result
         })
         .collect();
     let states: BTreeMap<u32, velox_common::PolicyState> = maps.states()?.into_iter().collect();
+    // An identity is named by its pods: the first by address, and how many there are.
+    let mut identities: BTreeMap<u64, (String, usize)> = BTreeMap::new();
+    for (addr, identity) in maps.identities()? {
+        let name = names.pods.get(&addr).cloned().unwrap_or_else(|| addr.to_string());
+        identities.entry(identity).or_insert_with(|| (name, 0)).1 += 1;
+    }
+    let by_prefix = maps.rules()?.into_iter().map(|(key, prefix, ports)| {
+        let peer = match prefix {
+            0 => Ok("any".to_string()),
+            prefix => velox_node::maps::cidr_of_mapped(key.peer, prefix).map(|cidr| cidr.to_string()),
+        };
+        (key.slot, key.direction, key.version, peer, ports)
+    });
+    let by_identity = maps.identity_rules()?.into_iter().map(|(key, ports)| {
+        let peer = match identities.get(&key.identity) {
+            Some((pod, addresses)) => format!("pods like {pod} ({addresses} addresses)"),
+            None => format!("identity {:016x} (no pods now)", key.identity),
+        };
+        (key.slot, key.direction, key.version, Ok(peer), ports)
+    });
     let mut rows = Vec::new();
     let mut ruled = std::collections::BTreeSet::new();
-    for (key, prefix, ports) in maps.rules()? {
-        if states.get(&key.slot).map(|s| s.version()) != Some(key.version) {
+    for (slot, direction, version, peer, ports) in by_prefix.chain(by_identity) {
+        if states.get(&slot).map(|s| s.version()) != Some(version) {
             continue; // the other version: being written, or left by an update
         }
         let rules = ports.rules.iter().take_while(|r| r.policy != 0);
-        ruled.insert((key.slot, key.direction));
+        ruled.insert((slot, direction));
         rows.push(PolicyRow {
-            slot: key.slot,
-            pod: pods.get(&key.slot).cloned().unwrap_or_default(),
-            direction: if key.direction == EGRESS { "egress" } else { "ingress" },
-            peer: if prefix == 0 {
-                "any".into()
-            } else {
-                velox_node::maps::cidr_of_mapped(key.peer, prefix)?.to_string()
-            },
+            slot,
+            pod: pods.get(&slot).cloned().unwrap_or_default(),
+            direction: if direction == EGRESS { "egress" } else { "ingress" },
+            peer: peer?,
             ports: rules
                 .clone()
                 .map(|r| match r.proto {

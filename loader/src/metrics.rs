@@ -47,6 +47,8 @@ pub struct Metrics {
     pub policy_failed_closed: Gauge,
     /// Named pods that deny everything until the source shows their Pod object.
     pub policy_waiting_for_pod_object: Gauge,
+    /// Cluster pod addresses whose identity the last pass could not write.
+    pub policy_addresses_without_identity: Gauge,
     /// Service frontends the last pass could not write.
     pub services_failed_frontends: Gauge,
 }
@@ -61,6 +63,7 @@ impl Metrics {
             objects_skipped: Family::default(),
             policy_failed_closed: Gauge::default(),
             policy_waiting_for_pod_object: Gauge::default(),
+            policy_addresses_without_identity: Gauge::default(),
             services_failed_frontends: Gauge::default(),
         }
     }
@@ -145,6 +148,12 @@ impl Metrics {
             "policy_pods_waiting_for_pod_object",
             "Pods that deny everything because the cluster source has not shown their Pod object yet",
             self.policy_waiting_for_pod_object.clone(),
+        );
+        registry.register(
+            "policy_addresses_without_identity",
+            "Cluster pod addresses whose identity could not be written (a full map, a failed write): no \
+             selector admits them",
+            self.policy_addresses_without_identity.clone(),
         );
         registry.register(
             "services_failed_frontends",
@@ -400,6 +409,14 @@ impl Datapath {
             (
                 "policy_rules",
                 policy.as_ref().and_then(|m| m.rules().ok()).map(|r| r.len()),
+            ),
+            (
+                "policy_identity_rules",
+                policy.as_ref().and_then(|m| m.identity_rules().ok()).map(|r| r.len()),
+            ),
+            (
+                "policy_identities",
+                policy.as_ref().and_then(|m| m.identities().ok()).map(|r| r.len()),
             ),
             ("policy_flows", policy.as_ref().map(PolicyMaps::flows)),
         ];

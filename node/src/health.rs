@@ -68,6 +68,11 @@ pub struct PolicyHealth {
     /// The first [`MAX_NAMED_WAITING`] of them, `namespace/name`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waiting: Vec<String>,
+    /// Cluster pod addresses whose identity could not be written (a full map, a
+    /// failed write), the first [`MAX_NAMED_WAITING`] with why: no selector admits
+    /// them until a later pass writes it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub without_identity: Vec<String>,
 }
 
 /// How many waiting pods health names; the count says how many there are.
@@ -135,6 +140,7 @@ mod tests {
                 synced_once: false,
                 waiting_for_pod_object: 1,
                 waiting: vec!["x/a".into()],
+                without_identity: vec!["10.0.0.9: setting the identity of 10.0.0.9".into()],
             }),
             services: Some(ServicesHealth {
                 synced_once: true,

@@ -18,6 +18,8 @@
 //! │   ├── VELOX_MONITOR                     until when a monitor listens
 //! │   ├── VELOX_POLICY_STATE                per-slot isolation and live rules version
 //! │   ├── VELOX_POLICY_RULES                (slot, direction, version, peer prefix) -> ports
+//! │   ├── VELOX_POLICY_IDENTITY_RULES       (slot, direction, version, peer identity) -> ports
+//! │   ├── VELOX_POLICY_IDENTITIES           cluster pod address -> identity (label set)
 //! │   ├── VELOX_POLICY_FLOWS                connections policy allowed (LRU)
 //! │   └── VELOX_POLICY_GENERATION           bumped at every rules change
 //! ├── programs/                       0700  replaced atomically at every loader start

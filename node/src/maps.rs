@@ -6,13 +6,14 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValue
 use ipnet::IpNet;
 use std::net::IpAddr;
 use velox_common::{
-    Affinity, AffinityKey, AllowedFlow, BackendSlot, Endpoint, EndpointCounters, FlowEnd, FlowEvent, IpKey,
-    MaglevTable, NatEntry, NatKey, NodeAddress, NodePortKey, Peer, PolicyFlow, PolicyKey, PolicyPorts, PolicyState,
-    Service, SocketPeer, AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP, ENDPOINTS_MAP, EVENTS_MAP, INTERFACES_MAP,
-    IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP,
-    MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP, NODE_ADDRESSES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP,
-    POLICY_FLOWS_MAP, POLICY_GENERATION_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP, RULES_VERSION,
-    SERVICES_MAP, SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, SOCKET_PEERS_MAP,
+    Affinity, AffinityKey, AllowedFlow, BackendSlot, Endpoint, EndpointCounters, FlowEnd, FlowEvent, IdentityRuleKey,
+    IpKey, MaglevTable, NatEntry, NatKey, NodeAddress, NodePortKey, Peer, PolicyFlow, PolicyKey, PolicyPorts,
+    PolicyState, Service, SocketPeer, AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP, ENDPOINTS_MAP, EVENTS_MAP,
+    INTERFACES_MAP, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP,
+    LB_OPT_OUT_MAP, MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP, NODE_ADDRESSES_MAP, NODE_PORTS_MAP,
+    NO_KERNEL_FLOWS, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_GENERATION_MAP, POLICY_IDENTITIES_MAP,
+    POLICY_IDENTITY_RULES_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP, RULES_VERSION, SERVICES_MAP,
+    SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, SOCKET_PEERS_MAP,
 };
 
 use crate::error::{Error, Result};
@@ -65,7 +66,7 @@ const BPF_F_NO_PREALLOC: u32 = 1;
 const LAYOUT_REVISION: u32 = 1;
 
 /// Every pinned map as this build's eBPF object declares it.
-pub fn layouts() -> [MapLayout; 22] {
+pub fn layouts() -> [MapLayout; 24] {
     use std::mem::size_of;
     let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
         name,
@@ -208,6 +209,20 @@ pub fn layouts() -> [MapLayout; 22] {
             POLICY_RULES_MAP,
             BPF_MAP_TYPE_LPM_TRIE,
             size_of::<u32>() + size_of::<PolicyKey>(),
+            size_of::<PolicyPorts>(),
+            BPF_F_NO_PREALLOC,
+        ),
+        layout(
+            POLICY_IDENTITIES_MAP,
+            BPF_MAP_TYPE_HASH,
+            size_of::<IpKey>(),
+            size_of::<u64>(),
+            BPF_F_NO_PREALLOC,
+        ),
+        layout(
+            POLICY_IDENTITY_RULES_MAP,
+            BPF_MAP_TYPE_HASH,
+            size_of::<IdentityRuleKey>(),
             size_of::<PolicyPorts>(),
             BPF_F_NO_PREALLOC,
         ),
@@ -542,10 +557,13 @@ impl FlowEvents {
 }
 
 /// NetworkPolicy as the datapath reads it: each slot's switches, the rules of both
-/// versions, the rules generation, and the connections allowed.
+/// versions (by peer prefix and by peer identity), the cluster pods' identities, the
+/// rules generation, and the connections allowed.
 pub struct PolicyMaps {
     state: Array<MapData, PolicyState>,
     rules: LpmTrie<MapData, PolicyKey, PolicyPorts>,
+    identity_rules: HashMap<MapData, IdentityRuleKey, PolicyPorts>,
+    identities: HashMap<MapData, IpKey, u64>,
     generation: Array<MapData, u32>,
     flows: HashMap<MapData, PolicyFlow, AllowedFlow>,
 }
@@ -555,6 +573,8 @@ impl PolicyMaps {
         Ok(Self {
             state: open_map(bpffs, POLICY_STATE_MAP)?,
             rules: open_map(bpffs, POLICY_RULES_MAP)?,
+            identity_rules: open_map(bpffs, POLICY_IDENTITY_RULES_MAP)?,
+            identities: open_map(bpffs, POLICY_IDENTITIES_MAP)?,
             generation: open_map(bpffs, POLICY_GENERATION_MAP)?,
             flows: open_map(bpffs, POLICY_FLOWS_MAP)?,
         })
@@ -608,6 +628,44 @@ impl PolicyMaps {
     pub fn remove_rule(&mut self, key: PolicyKey, prefix: u32) -> Result<()> {
         let key = Key::new(POLICY_KEY_FIXED_BITS + prefix, key);
         ignore_missing(self.rules.remove(&key)).map_err(Error::map("removing a policy rule"))
+    }
+
+    /// Every rule entry by peer identity.
+    pub fn identity_rules(&self) -> Result<Vec<(IdentityRuleKey, PolicyPorts)>> {
+        self.identity_rules
+            .iter()
+            .collect::<std::result::Result<_, MapError>>()
+            .map_err(Error::map("reading the policy rules by identity"))
+    }
+
+    pub fn put_identity_rule(&mut self, key: IdentityRuleKey, ports: &PolicyPorts) -> Result<()> {
+        self.identity_rules
+            .insert(key, ports, 0)
+            .map_err(Error::map("adding a policy rule by identity"))
+    }
+
+    pub fn remove_identity_rule(&mut self, key: IdentityRuleKey) -> Result<()> {
+        ignore_missing(self.identity_rules.remove(&key)).map_err(Error::map("removing a policy rule by identity"))
+    }
+
+    /// Every cluster pod address with an identity.
+    pub fn identities(&self) -> Result<Vec<(IpAddr, u64)>> {
+        self.identities
+            .iter()
+            .map(|entry| entry.map(|(addr, identity)| (addr.ip(), identity)))
+            .collect::<std::result::Result<_, MapError>>()
+            .map_err(Error::map("reading the pod identities"))
+    }
+
+    pub fn set_identity(&mut self, addr: IpAddr, identity: u64) -> Result<()> {
+        self.identities
+            .insert(IpKey::from(addr), identity, 0)
+            .map_err(Error::map(format!("setting the identity of {addr}")))
+    }
+
+    pub fn remove_identity(&mut self, addr: IpAddr) -> Result<()> {
+        ignore_missing(self.identities.remove(&IpKey::from(addr)))
+            .map_err(Error::map(format!("removing the identity of {addr}")))
     }
 
     pub fn generation(&self) -> Result<u32> {

@@ -81,6 +81,13 @@ pub const POLICY_STATE_MAP: &str = "VELOX_POLICY_STATE";
 /// Pinned under `<bpffsRoot>/maps/`: (slot, direction, version, peer prefix) ->
 /// [`PolicyPorts`] (an LPM trie): what an isolated pod may exchange with a peer.
 pub const POLICY_RULES_MAP: &str = "VELOX_POLICY_RULES";
+/// Pinned under `<bpffsRoot>/maps/`: a cluster pod's address ([`IpKey`]) -> its
+/// identity (u64, never 0): one per label set (namespace, labels, named ports), so
+/// rules grow with label sets, not addresses.
+pub const POLICY_IDENTITIES_MAP: &str = "VELOX_POLICY_IDENTITIES";
+/// Pinned under `<bpffsRoot>/maps/`: [`IdentityRuleKey`] -> [`PolicyPorts`]: what an
+/// isolated pod may exchange with the pods of one identity.
+pub const POLICY_IDENTITY_RULES_MAP: &str = "VELOX_POLICY_IDENTITY_RULES";
 /// Pinned under `<bpffsRoot>/maps/`: connections policy allowed (LRU), both
 /// directions under one key -> the rules generation that allowed them, who opened.
 pub const POLICY_FLOWS_MAP: &str = "VELOX_POLICY_FLOWS";
@@ -116,8 +123,11 @@ pub const MAX_NODE_ADDRESSES: usize = 64;
 /// connection.
 pub const DEFAULT_NAT_ENTRIES: u32 = 262_144;
 pub const MAX_AFFINITIES: usize = 65536;
-/// Rule entries (pod, direction, peer prefix) on a node, both versions together.
+/// Rule entries on a node, both versions together, in each of the two rules maps:
+/// (pod, direction, peer prefix) and (pod, direction, peer identity).
 pub const MAX_POLICY_RULES: usize = 262_144;
+/// Cluster pod addresses with an identity (`VELOX_POLICY_IDENTITIES`).
+pub const MAX_POLICY_IDENTITIES: usize = 262_144;
 /// Connections policy follows on a node.
 pub const MAX_POLICY_FLOWS: usize = 262_144;
 /// Port ranges one rule entry holds: what a pod may exchange with one peer prefix.
@@ -484,6 +494,18 @@ pub struct PolicyKey {
     pub peer: IpKey,
 }
 
+/// The key of a rule entry for the pods of one identity: the pod's slot, direction and
+/// rules version, as in [`PolicyKey`], and the peers' identity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentityRuleKey {
+    pub slot: u32,
+    pub direction: u8,
+    pub version: u8,
+    pub pad: [u8; 2],
+    pub identity: u64,
+}
+
 /// Bits of a [`PolicyKey`] before the peer address.
 pub const POLICY_KEY_FIXED_BITS: u32 = 64;
 
@@ -769,6 +791,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::PolicyState {}
     unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::IdentityRuleKey {}
     unsafe impl aya::Pod for super::PolicyPorts {}
     unsafe impl aya::Pod for super::PolicyFlow {}
     unsafe impl aya::Pod for super::AllowedFlow {}

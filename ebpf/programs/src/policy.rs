@@ -7,17 +7,18 @@
 use aya_ebpf::{
     bindings::{
         bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
-        BPF_ANY, BPF_F_CURRENT_NETNS,
+        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_NO_PREALLOC,
     },
-    btf_maps::{lpm_trie::Key, Array, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     helpers::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::btf_map,
     programs::TcContext,
 };
 use velox_common::{
-    AllowedFlow, FlowEnd, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS,
-    EGRESS, INGRESS, IPPROTO_TCP, IPPROTO_UDP, ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_ENDPOINTS, MAX_POLICY_FLOWS,
-    MAX_POLICY_RULES, MAX_PORT_RULES, OPENED_BY_FIRST, OPENED_BY_SECOND, POLICY_KEY_FIXED_BITS, RULES_VERSION,
+    AllowedFlow, FlowEnd, IdentityRuleKey, IpKey, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, DROP_POLICY_EGRESS,
+    DROP_POLICY_INGRESS, EGRESS, INGRESS, IPPROTO_TCP, IPPROTO_UDP, ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_ENDPOINTS,
+    MAX_POLICY_FLOWS, MAX_POLICY_IDENTITIES, MAX_POLICY_RULES, MAX_PORT_RULES, OPENED_BY_FIRST, OPENED_BY_SECOND,
+    POLICY_KEY_FIXED_BITS, RULES_VERSION,
 };
 
 use crate::{
@@ -31,8 +32,23 @@ use crate::{
 #[btf_map]
 static VELOX_POLICY_STATE: Array<PolicyState, MAX_ENDPOINTS> = Array::new();
 
+/// Rules by peer prefix: `ipBlock`s, and rules for every peer.
 #[btf_map]
 static VELOX_POLICY_RULES: LpmTrie<PolicyKey, PolicyPorts, MAX_POLICY_RULES> = LpmTrie::new();
+
+/// Rules by peer identity: the pods a selector picks, one entry per label set.
+#[btf_map]
+static VELOX_POLICY_IDENTITY_RULES: HashMap<
+    IdentityRuleKey,
+    PolicyPorts,
+    MAX_POLICY_RULES,
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Cluster pod address -> identity.
+#[btf_map]
+static VELOX_POLICY_IDENTITIES: HashMap<IpKey, u64, MAX_POLICY_IDENTITIES, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 /// Connections allowed, both directions under one key.
 #[btf_map]
@@ -347,22 +363,48 @@ fn check(
 }
 
 /// The id of a policy of the pod in `slot` that lets it exchange `to`'s protocol and
-/// port with `peer` in `direction`; 0 when none does.
+/// port with `peer` in `direction`; 0 when none does. A peer pod's identity is asked
+/// first, then the peer's address: policies add up, so either may allow.
 #[inline(always)]
 fn allowing_policy(slot: u32, direction: u8, flags: u32, peer: &FlowEnd, to: &FlowEnd) -> u16 {
+    let version = u8::from(flags & RULES_VERSION != 0);
+    // SAFETY: a map value, read once.
+    if let Some(identity) = unsafe { VELOX_POLICY_IDENTITIES.get(&peer.addr) } {
+        let key = IdentityRuleKey {
+            slot,
+            direction,
+            version,
+            pad: [0; 2],
+            identity: *identity,
+        };
+        // SAFETY: as above.
+        if let Some(ports) = unsafe { VELOX_POLICY_IDENTITY_RULES.get(&key) } {
+            let policy = first_allowing(ports, to);
+            if policy != 0 {
+                return policy;
+            }
+        }
+    }
     let key = Key::new(
         POLICY_KEY_FIXED_BITS + 128,
         PolicyKey {
             slot,
             direction,
-            version: u8::from(flags & RULES_VERSION != 0),
+            version,
             pad: [0; 2],
             peer: peer.addr,
         },
     );
-    let Some(ports) = VELOX_POLICY_RULES.get(&key) else {
-        return 0;
-    };
+    match VELOX_POLICY_RULES.get(&key) {
+        Some(ports) => first_allowing(ports, to),
+        None => 0,
+    }
+}
+
+/// The policy of the first of `ports`' rules that allows `to`'s protocol and port; 0
+/// when none does.
+#[inline(always)]
+fn first_allowing(ports: &PolicyPorts, to: &FlowEnd) -> u16 {
     let port = u16::from_be(to.port);
     for rule in ports.rules.iter().take(MAX_PORT_RULES) {
         if rule.policy == 0 {

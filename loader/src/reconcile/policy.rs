@@ -10,7 +10,8 @@ mod compile;
 pub use compile::{compile, Compiled, LocalPod, PodPolicy, Prefix};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use velox_common::{PolicyKey, PolicyPorts, PolicyState, MAX_PORT_RULES, RULES_VERSION};
+use std::net::IpAddr;
+use velox_common::{IdentityRuleKey, PolicyKey, PolicyPorts, PolicyState, MAX_PORT_RULES, RULES_VERSION};
 use velox_node::endpoint::{EndpointRecord, EndpointStore};
 use velox_node::maps::PolicyMaps;
 use velox_node::{Bpffs, StateDir};
@@ -23,6 +24,7 @@ use crate::source::PolicyInput;
 struct Applied {
     state: PolicyState,
     rules: BTreeMap<(u8, Prefix), PolicyPorts>,
+    identity_rules: BTreeMap<(u8, u64), PolicyPorts>,
 }
 
 #[derive(Default)]
@@ -30,6 +32,9 @@ pub struct PolicyReconciler {
     /// By slot, the pods with a policy. `None`: read the maps first (at start, after
     /// a failure).
     applied: Option<BTreeMap<u32, Applied>>,
+    /// The cluster pod addresses' identities as the map holds them. `None`: read the
+    /// map first.
+    identities: Option<BTreeMap<IpAddr, u64>>,
     names: Option<PolicyNames>,
     /// The pods whose rules the last pass could not write, by slot, and why: they
     /// deny what those rules would have allowed.
@@ -37,6 +42,9 @@ pub struct PolicyReconciler {
     /// This node's named pods the last pass found no Pod object for, by slot: they
     /// deny everything until the source shows it.
     pub waiting_for_pod_object: BTreeMap<u32, String>,
+    /// Cluster pod addresses whose identity the last pass could not write (a full
+    /// map, a failed write), and why: selectors admit none of them.
+    pub without_identity: BTreeMap<IpAddr, String>,
     /// A pass has written the source's policy into the maps (failed-closed pods too).
     pub applied_once: bool,
     /// Passes that wrote the source's policy into the maps: a pod whose record a
@@ -90,6 +98,13 @@ impl PolicyReconciler {
             self.names = Some(names);
         }
         let mut maps = PolicyMaps::open(bpffs)?;
+        let identities = match self.identities.take() {
+            Some(identities) => identities,
+            None => maps.identities()?.into_iter().collect(),
+        };
+        let (identities, without_identity) = write_identities(&mut maps, identities, &compiled.identities)?;
+        self.identities = Some(identities);
+        self.without_identity = without_identity;
         let mut applied = match self.applied.take() {
             Some(applied) => applied,
             None => read_applied(&mut maps)?,
@@ -112,6 +127,12 @@ impl PolicyReconciler {
         self.waiting_for_pod_object = compiled.waiting_for_pod_object;
         self.applied_once = true;
         self.passes += 1;
+        anyhow::ensure!(
+            self.without_identity.is_empty(),
+            "{} pod address(es) have no identity, selectors admit none of them: {}",
+            self.without_identity.len(),
+            self.without_identity.values().next().cloned().unwrap_or_default()
+        );
         anyhow::ensure!(
             self.failed_closed.is_empty(),
             "{} pod(s) deny what their rules would allow, their rules could not be written: {}",
@@ -137,6 +158,12 @@ pub fn lift_isolation(bpffs: &Bpffs) -> anyhow::Result<()> {
     }
     for (key, prefix, _) in maps.rules()? {
         maps.remove_rule(key, prefix)?;
+    }
+    for (key, _) in maps.identity_rules()? {
+        maps.remove_identity_rule(key)?;
+    }
+    for (addr, _) in maps.identities()? {
+        maps.remove_identity(addr)?;
     }
     maps.bump_generation()?;
     if lifted > 0 {
@@ -174,7 +201,56 @@ fn read_applied(maps: &mut PolicyMaps) -> anyhow::Result<BTreeMap<u32, Applied>>
             maps.remove_rule(key, prefix)?;
         }
     }
+    for (key, ports) in maps.identity_rules()? {
+        match applied.get_mut(&key.slot).filter(|a| a.state.version() == key.version) {
+            Some(entry) => {
+                entry.identity_rules.insert((key.direction, key.identity), ports);
+            }
+            None => maps.remove_identity_rule(key)?,
+        }
+    }
     Ok(applied)
+}
+
+/// Brings the map of cluster pod identities in line with `want`; `had` is what it
+/// holds. The generation moves after any change: a connection allowed for a pod's old
+/// labels meets the rules again. An address whose identity cannot be written has
+/// none (it is removed): no selector admits it. Returns what the map holds and the
+/// addresses without an identity, and why.
+fn write_identities(
+    maps: &mut PolicyMaps,
+    mut had: BTreeMap<IpAddr, u64>,
+    want: &BTreeMap<IpAddr, u64>,
+) -> anyhow::Result<(BTreeMap<IpAddr, u64>, BTreeMap<IpAddr, String>)> {
+    let mut changed = false;
+    let mut failed = BTreeMap::new();
+    let gone: Vec<IpAddr> = had.keys().filter(|addr| !want.contains_key(addr)).copied().collect();
+    for addr in gone {
+        // A failure leaves the map unknown: it is read again next time.
+        maps.remove_identity(addr)?;
+        had.remove(&addr);
+        changed = true;
+    }
+    for (addr, identity) in want {
+        if had.get(addr) == Some(identity) {
+            continue;
+        }
+        changed = true;
+        match maps.set_identity(*addr, *identity) {
+            Ok(()) => {
+                had.insert(*addr, *identity);
+            }
+            Err(e) => {
+                failed.insert(*addr, format!("{addr}: {e}"));
+                maps.remove_identity(*addr)?;
+                had.remove(addr);
+            }
+        }
+    }
+    if changed {
+        maps.bump_generation()?;
+    }
+    Ok((had, failed))
 }
 
 /// Brings every pod's entries in line with `compiled`, one pod at a time, for the
@@ -207,7 +283,11 @@ fn write_rules(
         let had = applied.get(&slot).unwrap_or(&nothing).clone();
         // The plugin sets a slot's state for the pod that takes it over.
         let live = maps.state(slot)?;
-        if live == had.state && had.state.flags & !RULES_VERSION == want.state.flags && had.rules == want.rules {
+        if live == had.state
+            && had.state.flags & !RULES_VERSION == want.state.flags
+            && had.rules == want.rules
+            && had.identity_rules == want.identity_rules
+        {
             continue;
         }
         changed = true;
@@ -244,14 +324,7 @@ fn write_pod(
     // (the plugin starts it so): that one's rules are under the version to write,
     // not live, and go first.
     let stale_first = had.state.version() == version;
-    let remove_had = |maps: &mut PolicyMaps| {
-        had.rules.keys().try_for_each(|(direction, prefix)| {
-            maps.remove_rule(
-                key(slot, *direction, had.state.version(), prefix),
-                u32::from(prefix.len),
-            )
-        })
-    };
+    let remove_had = |maps: &mut PolicyMaps| remove_rules(maps, slot, had.state.version(), had);
     if stale_first {
         if let Err(e) = remove_had(maps) {
             return Err((
@@ -272,6 +345,13 @@ fn write_pod(
         .try_for_each(|((direction, prefix), ports)| {
             maps.put_rule(key(slot, *direction, version, prefix), u32::from(prefix.len), ports)
         })
+        .and_then(|()| {
+            want.identity_rules
+                .iter()
+                .try_for_each(|((direction, identity), ports)| {
+                    maps.put_identity_rule(identity_key(slot, *direction, version, *identity), ports)
+                })
+        })
         .map_err(anyhow::Error::from);
     let now = match &written {
         Ok(()) => Applied { state, ..want.clone() },
@@ -279,12 +359,10 @@ fn write_pod(
             // Fail closed: isolated as wanted, with an empty rules version (an entry
             // that cannot be removed is one of the wanted rules: it admits nothing
             // the new rules do not).
-            for (direction, prefix) in want.rules.keys() {
-                let _ = maps.remove_rule(key(slot, *direction, version, prefix), u32::from(prefix.len));
-            }
+            let _ = remove_rules(maps, slot, version, &want);
             Applied {
                 state,
-                rules: BTreeMap::new(),
+                ..Default::default()
             }
         }
     };
@@ -306,14 +384,21 @@ fn write_pod(
     }
 }
 
+/// Removes `of`'s rule entries of both kinds, under `version`, of the pod in `slot`.
+fn remove_rules(maps: &mut PolicyMaps, slot: u32, version: u8, of: &Applied) -> velox_node::Result<()> {
+    for (direction, prefix) in of.rules.keys() {
+        maps.remove_rule(key(slot, *direction, version, prefix), u32::from(prefix.len))?;
+    }
+    for (direction, identity) in of.identity_rules.keys() {
+        maps.remove_identity_rule(identity_key(slot, *direction, version, *identity))?;
+    }
+    Ok(())
+}
+
 /// A pod's compiled policy as map values (its state without a version yet).
 fn entries(policy: &PodPolicy) -> Applied {
-    Applied {
-        state: PolicyState {
-            flags: policy.isolation,
-        },
-        rules: policy
-            .rules
+    fn values<K: Copy + Ord>(rules: &BTreeMap<K, Vec<velox_common::PortRule>>) -> BTreeMap<K, PolicyPorts> {
+        rules
             .iter()
             .map(|(key, rules)| {
                 let mut ports = PolicyPorts::default();
@@ -322,7 +407,14 @@ fn entries(policy: &PodPolicy) -> Applied {
                 }
                 (*key, ports)
             })
-            .collect(),
+            .collect()
+    }
+    Applied {
+        state: PolicyState {
+            flags: policy.isolation,
+        },
+        rules: values(&policy.rules),
+        identity_rules: values(&policy.identity_rules),
     }
 }
 
@@ -333,5 +425,15 @@ fn key(slot: u32, direction: u8, version: u8, prefix: &Prefix) -> PolicyKey {
         version,
         pad: [0; 2],
         peer: prefix.ip_key(),
+    }
+}
+
+fn identity_key(slot: u32, direction: u8, version: u8, identity: u64) -> IdentityRuleKey {
+    IdentityRuleKey {
+        slot,
+        direction,
+        version,
+        pad: [0; 2],
+        identity,
     }
 }

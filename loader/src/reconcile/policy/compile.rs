@@ -1,12 +1,18 @@
 //! NetworkPolicy to map entries: a pure function of the policies, the cluster's pods
 //! and namespaces, and this node's pods.
 //!
-//! Each of this node's pods gets, per direction, whether a policy isolates it and a
-//! set of peer prefixes with the ports it may use with them. The datapath takes the
-//! longest prefix that holds a peer's address, so the entries are cut such that the
-//! longest one always says everything: every prefix any rule names (an `ipBlock`, its
-//! `except`s, a selected pod's address) gets the union of the ports of all the rules
-//! whose peers hold that whole prefix. Prefixes of a rule nest or are disjoint, so an
+//! Pods a selector picks are named by identity: one per label set (namespace, labels,
+//! named container ports), so the replicas of a workload share one, and a rule's
+//! entries grow with the label sets it selects, not with their addresses. Every
+//! cluster pod address maps to its identity.
+//!
+//! Each of this node's pods gets, per direction, whether a policy isolates it, the
+//! peer identities with the ports it may use with them, and a set of peer prefixes
+//! (`ipBlock`s, everyone) with theirs. The datapath allows what either allows. It
+//! takes the longest prefix that holds a peer's address, so the prefix entries are
+//! cut such that the longest one always says everything: every prefix a rule names
+//! (an `ipBlock`, its `except`s) gets the union of the ports of all the rules whose
+//! peers hold that whole prefix. Prefixes of a rule nest or are disjoint, so an
 //! address's longest prefix decides exactly as the rules would one by one.
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -88,6 +94,8 @@ pub struct PodPolicy {
     pub isolation: u32,
     /// (direction, peer prefix) -> ports, merged and sorted.
     pub rules: BTreeMap<(u8, Prefix), Vec<PortRule>>,
+    /// (direction, peer identity) -> ports, merged and sorted.
+    pub identity_rules: BTreeMap<(u8, u64), Vec<PortRule>>,
     /// The ids of the policies that select it.
     pub selected_by: BTreeSet<u16>,
 }
@@ -100,6 +108,10 @@ pub struct Compiled {
     pub policy_names: Vec<String>,
     /// `namespace/name` of every pod address.
     pub pod_names: BTreeMap<IpAddr, String>,
+    /// The identity of every pod address. An address two pods of different label
+    /// sets claim has none (it is one pod's, who knows which): selectors do not
+    /// admit it until the cluster says.
+    pub identities: BTreeMap<IpAddr, u64>,
     /// What could not be compiled as written (too many port ranges for one peer).
     pub problems: Vec<String>,
     /// This node's named pods whose Pod object the source has not shown (yet), by
@@ -109,6 +121,10 @@ pub struct Compiled {
 
 /// A cluster pod as policy sees it.
 struct PodView<'a> {
+    identity: u64,
+    /// A pod of this node: its addresses are its records', which no other pod's
+    /// status can claim.
+    local: bool,
     namespace: &'a str,
     name: &'a str,
     uid: Option<&'a str>,
@@ -121,10 +137,10 @@ struct PodView<'a> {
 /// Who a rule's peers are.
 enum RulePeers {
     All,
-    /// `ipBlock`s (cidr, excepts) and the addresses of the selected pods.
+    /// `ipBlock`s (cidr, excepts) and the identities of the selected pods.
     Some {
         blocks: Vec<(Prefix, Vec<Prefix>)>,
-        hosts: HashSet<Prefix>,
+        identities: HashSet<u64>,
     },
 }
 
@@ -177,16 +193,22 @@ pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace
             .collect(),
         ..Default::default()
     };
+    compiled.identities = identities_of_addresses(&views);
     let by_address: HashMap<Prefix, &PodView> = views
         .iter()
         .flat_map(|v| v.ips.iter().map(move |ip| (Prefix::host(*ip), v)))
         .collect();
+    // One pod stands for each identity: selectors see only what identities hold.
+    let mut by_identity: HashMap<u64, &PodView> = HashMap::new();
+    for view in &views {
+        by_identity.entry(view.identity).or_insert(view);
+    }
     // Peers depend on the policy only (its namespace), not on the pod it selects.
     let peers: Vec<[Vec<RulePeers>; 2]> = policies
         .iter()
         .map(|policy| {
             let namespace = namespace_of(&policy.metadata);
-            let resolve = |list| resolve(list, namespace, &views, &namespace_labels);
+            let resolve = |list| resolve(list, namespace, &by_identity, &namespace_labels);
             let spec = policy.spec.as_ref();
             [
                 spec.iter()
@@ -248,6 +270,12 @@ pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace
             policy
                 .rules
                 .extend(entries.into_iter().map(|(prefix, ports)| ((direction, prefix), ports)));
+            let entries = identity_entries(rules, direction, me, &by_identity, &mut compiled.problems);
+            policy.identity_rules.extend(
+                entries
+                    .into_iter()
+                    .map(|(identity, ports)| ((direction, identity), ports)),
+            );
         }
         compiled.pods.insert(pod.slot, policy);
     }
@@ -321,6 +349,7 @@ fn view<'a>(pod: &'a Pod, empty: &'a BTreeMap<String, String>, local_ips: Option
     if spec.host_network == Some(true) || matches!(phase, Some("Succeeded" | "Failed")) {
         return None;
     }
+    let local = local_ips.is_some();
     let ips = match local_ips {
         Some(ips) => ips,
         None => {
@@ -342,7 +371,7 @@ fn view<'a>(pod: &'a Pod, empty: &'a BTreeMap<String, String>, local_ips: Option
     if ips.is_empty() {
         return None;
     }
-    let ports = spec
+    let ports: Vec<(&str, u8, u16)> = spec
         .containers
         .iter()
         .flat_map(|c| c.ports.iter().flatten())
@@ -350,15 +379,65 @@ fn view<'a>(pod: &'a Pod, empty: &'a BTreeMap<String, String>, local_ips: Option
             let proto = protocol_number(p.protocol.as_deref())?;
             Some((p.name.as_deref()?, proto, u16::try_from(p.container_port).ok()?))
         })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
         .collect();
+    let namespace = namespace_of(&pod.metadata);
+    let labels = pod.metadata.labels.as_ref().unwrap_or(empty);
     Some(PodView {
-        namespace: namespace_of(&pod.metadata),
+        identity: identity(namespace, labels, &ports),
+        local,
+        namespace,
         name: pod.metadata.name.as_deref().unwrap_or_default(),
         uid: pod.metadata.uid.as_deref(),
-        labels: pod.metadata.labels.as_ref().unwrap_or(empty),
+        labels,
         ips,
         ports,
     })
+}
+
+/// The identity of the pods of `namespace` with `labels` and the named container
+/// `ports` (sorted): everything a rule can tell pods apart by. 64 bits of SHA-256, so
+/// the same label set has the same identity on every node and across restarts and
+/// upgrades (no table to keep), and no one can choose labels that take another
+/// set's identity. Never 0.
+fn identity(namespace: &str, labels: &BTreeMap<String, String>, ports: &[(&str, u8, u16)]) -> u64 {
+    use sha2::{Digest, Sha256};
+    let canonical = serde_json::to_vec(&(namespace, labels, ports)).expect("strings and numbers serialize");
+    let digest = Sha256::digest(canonical);
+    let id = u64::from_be_bytes(digest[..8].try_into().expect("a SHA-256 has 32 bytes"));
+    id.max(1)
+}
+
+/// Each pod address's identity. An address a pod of this node has is that pod's; one
+/// that other pods of different identities claim (a finished pod's status not yet
+/// updated, say) has none, so no selector admits it on the word of either.
+fn identities_of_addresses(views: &[PodView]) -> BTreeMap<IpAddr, u64> {
+    let mut claims: HashMap<IpAddr, (u64, bool)> = HashMap::new();
+    let mut ambiguous = HashSet::new();
+    for view in views {
+        for ip in &view.ips {
+            match claims.get(ip).copied() {
+                None => {
+                    claims.insert(*ip, (view.identity, view.local));
+                }
+                Some((_, true)) => {}
+                Some(_) if view.local => {
+                    claims.insert(*ip, (view.identity, true));
+                    ambiguous.remove(ip);
+                }
+                Some((identity, false)) if identity != view.identity => {
+                    ambiguous.insert(*ip);
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    claims
+        .into_iter()
+        .filter(|(ip, _)| !ambiguous.contains(ip))
+        .map(|(ip, (identity, _))| (ip, identity))
+        .collect()
 }
 
 /// Whether a label selector selects `labels`: an empty one selects everything, and
@@ -391,14 +470,14 @@ pub fn selects(selector: Option<&LabelSelector>, labels: &BTreeMap<String, Strin
 fn resolve(
     list: &Option<Vec<NetworkPolicyPeer>>,
     namespace: &str,
-    pods: &[PodView],
+    by_identity: &HashMap<u64, &PodView>,
     namespace_labels: &HashMap<&str, &BTreeMap<String, String>>,
 ) -> RulePeers {
     let Some(list) = list.as_ref().filter(|l| !l.is_empty()) else {
         return RulePeers::All;
     };
     let mut blocks = Vec::new();
-    let mut hosts = HashSet::new();
+    let mut identities = HashSet::new();
     for peer in list {
         if let Some(block) = &peer.ip_block {
             let Some(cidr) = Prefix::parse(&block.cidr) else {
@@ -429,7 +508,7 @@ fn resolve(
         if peer.pod_selector.is_none() && peer.namespace_selector.is_none() {
             continue;
         }
-        for pod in pods {
+        for (identity, pod) in by_identity {
             let in_namespace = match &peer.namespace_selector {
                 None => pod.namespace == namespace,
                 // A namespace the source has not shown (yet) has labels we do not
@@ -444,24 +523,22 @@ fn resolve(
                 },
             };
             if in_namespace && selects(peer.pod_selector.as_ref(), pod.labels) {
-                hosts.extend(pod.ips.iter().map(|ip| Prefix::host(*ip)));
+                identities.insert(*identity);
             }
         }
     }
-    RulePeers::Some { blocks, hosts }
+    RulePeers::Some { blocks, identities }
 }
 
 impl RulePeers {
-    /// Whether every address of `prefix` is a peer.
+    /// Whether every address of `prefix` is a peer by address (its pods by identity
+    /// aside).
     fn hold(&self, prefix: &Prefix) -> bool {
         match self {
             RulePeers::All => true,
-            RulePeers::Some { blocks, hosts } => {
-                hosts.contains(prefix)
-                    || blocks
-                        .iter()
-                        .any(|(cidr, except)| cidr.contains(prefix) && !except.iter().any(|e| e.contains(prefix)))
-            }
+            RulePeers::Some { blocks, .. } => blocks
+                .iter()
+                .any(|(cidr, except)| cidr.contains(prefix) && !except.iter().any(|e| e.contains(prefix))),
         }
     }
 
@@ -471,15 +548,23 @@ impl RulePeers {
             RulePeers::All => {
                 out.insert(Prefix::ALL);
             }
-            RulePeers::Some { blocks, hosts } => {
+            RulePeers::Some { blocks, .. } => {
                 for (cidr, except) in blocks {
                     out.insert(*cidr);
                     out.extend(except.iter().copied());
                 }
-                out.extend(hosts.iter().copied());
             }
         }
     }
+}
+
+/// Whether a rule out names a port by name: the destination pod's port of that name.
+fn names_ports_out(rule: &Rule, direction: u8) -> bool {
+    direction == EGRESS
+        && rule
+            .ports
+            .iter()
+            .any(|p| matches!(p.port, Some(IntOrString::String(_))))
 }
 
 /// The entries of one pod in one direction.
@@ -494,14 +579,9 @@ fn entries(
     let mut prefixes = BTreeSet::new();
     for rule in rules {
         rule.peers.prefixes(&mut prefixes);
-        // A named port out is the destination pod's: each pod that may answer to it
-        // needs an entry of its own.
-        if direction == EGRESS
-            && rule
-                .ports
-                .iter()
-                .any(|p| matches!(p.port, Some(IntOrString::String(_))))
-        {
+        // A named port out is the destination pod's: each pod an `ipBlock` holds
+        // needs an entry of its own (everyone's pods are named by identity).
+        if names_ports_out(rule, direction) && matches!(rule.peers, RulePeers::Some { .. }) {
             for pod in pods {
                 for ip in &pod.ips {
                     let host = Prefix::host(*ip);
@@ -550,6 +630,57 @@ fn entries(
         .collect();
     values.retain(|prefix, _| !drop.contains(prefix));
     values
+}
+
+/// The entries by identity of one pod in one direction: each identity a rule selects
+/// gets the ports of every rule that selects it, and so does every identity for a
+/// rule out to everyone with named ports (each resolves them its own way).
+fn identity_entries(
+    rules: &[Rule],
+    direction: u8,
+    me: &PodView,
+    by_identity: &HashMap<u64, &PodView>,
+    problems: &mut Vec<String>,
+) -> BTreeMap<u64, Vec<PortRule>> {
+    let mut ports: HashMap<u64, Vec<PortRule>> = HashMap::new();
+    for rule in rules {
+        let mut add = |identity: u64, named_by: &PodView| {
+            let named_by = if direction == INGRESS { me } else { named_by };
+            port_rules(rule, Some(named_by), ports.entry(identity).or_default());
+        };
+        match rule.peers {
+            RulePeers::Some { identities, .. } => {
+                for identity in identities {
+                    if let Some(pod) = by_identity.get(identity) {
+                        add(*identity, pod);
+                    }
+                }
+            }
+            RulePeers::All if names_ports_out(rule, direction) => {
+                for (identity, pod) in by_identity {
+                    add(*identity, pod);
+                }
+            }
+            RulePeers::All => {}
+        }
+    }
+    ports
+        .into_iter()
+        .filter_map(|(identity, ports)| {
+            let merged = merge(ports);
+            if merged.len() > MAX_PORT_RULES {
+                let pod = by_identity.get(&identity).map(|p| format!("{}/{}", p.namespace, p.name));
+                problems.push(format!(
+                    "{}/{}: {} port ranges for the pods like {}, more than the {MAX_PORT_RULES} an entry holds: the rest are denied",
+                    me.namespace,
+                    me.name,
+                    merged.len(),
+                    pod.unwrap_or_default()
+                ));
+            }
+            (!merged.is_empty()).then(|| (identity, merged.into_iter().take(MAX_PORT_RULES).collect()))
+        })
+        .collect()
 }
 
 /// The port ranges a rule allows; a named port resolved against `named_by`'s
@@ -710,7 +841,8 @@ mod tests {
     }
 
     /// What the datapath decides for `from` -> `to` (`x/a`, or an address), as it
-    /// does it: each end's isolation, the longest prefix, the port rules.
+    /// does it: each end's isolation, the peer's identity, then its longest
+    /// prefix, the port rules.
     fn allowed(grid: &Grid, compiled: &Compiled, from: &str, to: &str, proto: u8, port: u16, v6: bool) -> bool {
         let ip = |who: &str| -> IpAddr {
             match who.parse() {
@@ -733,13 +865,26 @@ mod tests {
             if policy.isolation & flag == 0 {
                 return true;
             }
+            let by_identity = compiled
+                .identities
+                .get(&peer)
+                .and_then(|identity| policy.identity_rules.get(&(direction, *identity)));
             let host = Prefix::host(peer);
             let longest = (0..=128u8)
                 .rev()
                 .find_map(|len| policy.rules.get(&(direction, Prefix::new(host.addr, len))));
-            longest.is_some_and(|rules| rules.iter().any(|r| r.allows(proto, port)))
+            [by_identity, longest]
+                .into_iter()
+                .flatten()
+                .any(|rules| rules.iter().any(|r| r.allows(proto, port)))
         };
         side(from, EGRESS, ip(to)) && side(to, INGRESS, ip(from))
+    }
+
+    /// The entry by identity of the pod in `slot` for the pod at `peer`.
+    fn identity_rule<'a>(compiled: &'a Compiled, slot: u32, direction: u8, peer: IpAddr) -> Option<&'a Vec<PortRule>> {
+        let identity = compiled.identities.get(&peer)?;
+        compiled.pods.get(&slot)?.identity_rules.get(&(direction, *identity))
     }
 
     const ALL: [&str; 9] = ["x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c"];
@@ -1068,7 +1213,7 @@ mod tests {
         );
         let compiled = grid.compile(&[one.clone(), two.clone()]);
         let a = &compiled.pods[&grid.slot("x/a")];
-        let from_b = &a.rules[&(INGRESS, Prefix::host(grid.ips("x/b")[0]))];
+        let from_b = identity_rule(&compiled, grid.slot("x/a"), INGRESS, grid.ips("x/b")[0]).unwrap();
         assert_eq!(from_b.len(), 1, "80-90 and 85-100 are one range: {from_b:?}");
         assert_eq!((from_b[0].first, from_b[0].last, from_b[0].policy), (80, 100, 1));
         assert_eq!(a.selected_by, BTreeSet::from([1, 2]));
@@ -1121,10 +1266,10 @@ mod tests {
             json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "b"}}}]}]}),
         );
         let compiled = grid.compile(&[p]);
-        let rules = &compiled.pods[&1].rules;
-        assert!(!rules.contains_key(&(INGRESS, Prefix::host("10.9.9.9".parse().unwrap()))));
-        assert!(!rules.contains_key(&(INGRESS, Prefix::host("10.9.9.8".parse().unwrap()))));
-        assert!(rules.contains_key(&(INGRESS, Prefix::host("10.0.1.2".parse().unwrap()))));
+        let rule = |ip: &str| identity_rule(&compiled, 1, INGRESS, ip.parse().unwrap());
+        assert!(rule("10.9.9.9").is_none());
+        assert!(rule("10.9.9.8").is_none());
+        assert!(rule("10.0.1.2").is_some());
     }
 
     #[test]
@@ -1221,14 +1366,11 @@ mod tests {
         let new = &compiled.pods[&20];
         assert_eq!(new.isolation, ISOLATED_INGRESS | ISOLATED_EGRESS);
         for ip in grid.ips("x/b") {
-            assert!(new.rules.contains_key(&(INGRESS, Prefix::host(ip))), "x/b may come in");
-            assert!(new.rules.contains_key(&(EGRESS, Prefix::host(ip))), "and be reached");
+            assert!(identity_rule(&compiled, 20, INGRESS, ip).is_some(), "x/b may come in");
+            assert!(identity_rule(&compiled, 20, EGRESS, ip).is_some(), "and be reached");
         }
         for ip in &ips {
-            assert!(
-                compiled.pods[&1].rules.contains_key(&(INGRESS, Prefix::host(*ip))),
-                "x/a admits {ip}"
-            );
+            assert!(identity_rule(&compiled, 1, INGRESS, *ip).is_some(), "x/a admits {ip}");
         }
         // A pod of that name but another UID is an earlier one: not this pod's labels.
         let other = compile(
@@ -1256,5 +1398,139 @@ mod tests {
         }];
         let compiled = compile(&[deny_y], &grid.pods, &grid.namespaces, &local);
         assert!(compiled.pods.is_empty(), "x/a is not in y: {:?}", compiled.pods);
+    }
+
+    #[test]
+    fn a_pods_identity_is_its_label_set_and_the_same_everywhere() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let web = identity("x", &labels(&[("app", "web")]), &[]);
+        // Fixed: another node, a restart or an upgrade computes the same.
+        assert_eq!(web, 0x40c5_9977_f3eb_c8b5, "{web:#x}");
+        assert_eq!(identity("x", &labels(&[("app", "web")]), &[]), web);
+        assert_ne!(identity("y", &labels(&[("app", "web")]), &[]), web, "another namespace");
+        assert_ne!(identity("x", &labels(&[("app", "db")]), &[]), web, "other labels");
+        assert_ne!(
+            identity("x", &labels(&[("app", "web"), ("v", "2")]), &[]),
+            web,
+            "one label more"
+        );
+        assert_ne!(
+            identity("x", &labels(&[("app", "web")]), &[("http", 6, 80)]),
+            web,
+            "a named port"
+        );
+        assert_ne!(
+            identity("x", &labels(&[("app", "web")]), &[("http", 6, 8080)]),
+            identity("x", &labels(&[("app", "web")]), &[("http", 6, 80)])
+        );
+    }
+
+    #[test]
+    fn an_address_two_label_sets_claim_has_no_identity_unless_a_local_pod_has_it() {
+        let mut grid = Grid::new();
+        // y/stale still reports x/a's addresses with other labels.
+        let stale = pod("y", "stale", json!({"pod": "stale"}), &["10.0.0.1", "fd00::0:1"]);
+        grid.pods.push(serde_json::from_value(stale).unwrap());
+        let remote_only: Vec<LocalPod> = Vec::new();
+        let compiled = compile(&[], &grid.pods, &grid.namespaces, &remote_only);
+        assert!(!compiled.identities.contains_key(&"10.0.0.1".parse().unwrap()));
+        assert!(compiled.identities.contains_key(&"10.0.0.2".parse().unwrap()));
+        // x/a runs here: its records say the address is its own.
+        let local = [LocalPod {
+            slot: 1,
+            ips: grid.ips("x/a"),
+            pod: Some(PodName {
+                namespace: "x".into(),
+                name: "a".into(),
+                uid: None,
+            }),
+        }];
+        let compiled = compile(&[], &grid.pods, &grid.namespaces, &local);
+        let x_a = grid
+            .pods
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some("a"))
+            .unwrap();
+        let expected = identity(
+            "x",
+            x_a.metadata.labels.as_ref().unwrap(),
+            &[("serve-80", 6, 80), ("serve-81-udp", 17, 81)],
+        );
+        assert_eq!(compiled.identities[&"10.0.0.1".parse::<IpAddr>().unwrap()], expected);
+    }
+
+    /// A cluster of 50,000 pod addresses (25,000 dual-stack pods: 500 workloads of 50
+    /// replicas in 50 namespaces) and 110 pods on this node, each selected by a
+    /// policy that admits `namespaceSelector: {}`: the entries grow with the 500 label
+    /// sets, not the addresses, and fit the rules map with room for one pod's update.
+    #[test]
+    fn every_namespace_admitted_into_a_full_node_fits_in_a_cluster_of_50000_addresses() {
+        let mut pods = Vec::new();
+        let mut namespaces = Vec::new();
+        for ns in 0..50 {
+            let name = format!("ns{ns}");
+            namespaces.push(serde_json::from_value(json!({"metadata": {"name": name}})).unwrap());
+            for workload in 0..10 {
+                for replica in 0..50 {
+                    let n = (ns * 10 + workload) * 50 + replica;
+                    let ips = [
+                        format!("10.{}.{}.{}", n >> 16, (n >> 8) & 255, n & 255),
+                        format!("fd00::{n:x}"),
+                    ];
+                    let labels = json!({"app": format!("w{workload}")});
+                    let value = pod(&name, &format!("w{workload}-{replica}"), labels, &[&ips[0], &ips[1]]);
+                    pods.push(serde_json::from_value::<Pod>(value).unwrap());
+                }
+            }
+        }
+        let local: Vec<LocalPod> = pods
+            .iter()
+            .take(110)
+            .enumerate()
+            .map(|(n, pod)| LocalPod {
+                slot: n as u32 + 1,
+                ips: pod
+                    .status
+                    .as_ref()
+                    .unwrap()
+                    .pod_ips
+                    .iter()
+                    .flatten()
+                    .map(|ip| ip.ip.parse().unwrap())
+                    .collect(),
+                pod: None,
+            })
+            .collect();
+        let everyone = (0..50)
+            .map(|ns| {
+                policy(
+                    &format!("ns{ns}"),
+                    "from-everywhere",
+                    json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}}]}]}),
+                )
+            })
+            .collect::<Vec<_>>();
+        let started = std::time::Instant::now();
+        let compiled = compile(&everyone, &pods, &namespaces, &local);
+        eprintln!(
+            "compiled 110 local pods over 50,000 addresses in {:?}",
+            started.elapsed()
+        );
+        assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
+        assert_eq!(compiled.identities.len(), 50_000);
+        assert_eq!(compiled.pods.len(), 110);
+        let per_pod: Vec<usize> = compiled
+            .pods
+            .values()
+            .map(|p| p.rules.len() + p.identity_rules.len())
+            .collect();
+        assert!(
+            per_pod.iter().all(|n| *n == 500),
+            "one entry per label set: {per_pod:?}"
+        );
+        let total: usize = per_pod.iter().sum();
+        assert!(total + 500 <= velox_common::MAX_POLICY_RULES, "{total} entries");
     }
 }
