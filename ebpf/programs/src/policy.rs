@@ -60,24 +60,45 @@ static VELOX_POLICY_GENERATION: Array<u32, 1> = Array::new();
 /// Allowed by policy (or no policy applies): forwarding decides.
 pub const ALLOWED: Outcome = PASS;
 
-/// The decision on a packet and the policies whose rules allowed it.
+/// The decision on a packet.
 pub struct Verdict {
     /// `ALLOWED`, `DROP_POLICY_EGRESS` or `DROP_POLICY_INGRESS`.
     pub result: Outcome,
-    pub egress_policy: u16,
-    pub ingress_policy: u16,
     /// A rule walk allowed a packet that opens a connection: worth an event.
     pub new_connection: bool,
+    /// A rule walk decided: [`walked_policies`] names the policies.
+    pub walked: bool,
 }
 
 impl Default for Verdict {
     fn default() -> Self {
         Self {
             result: ALLOWED,
-            egress_policy: 0,
-            ingress_policy: 0,
             new_connection: false,
+            walked: false,
         }
+    }
+}
+
+/// The policies whose rules allowed each direction in this CPU's last rule walk.
+/// Kept in a map, not in the verdict: the verifier cannot tell the values in a map
+/// apart, so the rest of a program is walked once whichever policies allowed.
+#[repr(C)]
+struct WalkedPolicies {
+    egress: u16,
+    ingress: u16,
+}
+
+#[btf_map]
+static VELOX_WALKED_POLICIES: PerCpuArray<WalkedPolicies, 1> = PerCpuArray::new();
+
+/// (egress, ingress): the policies that allowed each direction of the packet whose
+/// `verdict` a rule walk decided (0: none was needed, or none allowed).
+#[inline(always)]
+pub fn walked_policies(verdict: &Verdict) -> (u16, u16) {
+    match verdict.walked {
+        true => VELOX_WALKED_POLICIES.get(0).map_or((0, 0), |p| (p.egress, p.ingress)),
+        false => (0, 0),
     }
 }
 
@@ -336,7 +357,8 @@ fn flags(slot: u32) -> u32 {
     VELOX_POLICY_STATE.get(slot).map_or(0, |state| state.flags)
 }
 
-/// Walks the rules of both ends for a packet from `src` to `dst`.
+/// Walks the rules of both ends for a packet from `src` to `dst`, and keeps the
+/// policies that allowed each direction for [`walked_policies`].
 #[inline(always)]
 fn check(
     src_slot: u32,
@@ -347,18 +369,23 @@ fn check(
     dst: &FlowEnd,
     verdict: &mut Verdict,
 ) {
+    let (mut egress, mut ingress) = (0, 0);
     if src_flags & ISOLATED_EGRESS != 0 {
-        verdict.egress_policy = allowing_policy(src_slot, EGRESS, src_flags, dst, dst);
-        if verdict.egress_policy == 0 {
+        egress = allowing_policy(src_slot, EGRESS, src_flags, dst, dst);
+        if egress == 0 {
             verdict.result = DROP_POLICY_EGRESS;
-            return;
         }
     }
-    if dst_flags & ISOLATED_INGRESS != 0 {
-        verdict.ingress_policy = allowing_policy(dst_slot, INGRESS, dst_flags, src, dst);
-        if verdict.ingress_policy == 0 {
+    if verdict.result == ALLOWED && dst_flags & ISOLATED_INGRESS != 0 {
+        ingress = allowing_policy(dst_slot, INGRESS, dst_flags, src, dst);
+        if ingress == 0 {
             verdict.result = DROP_POLICY_INGRESS;
         }
+    }
+    if let Some(walked) = VELOX_WALKED_POLICIES.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; nothing else runs on it while we do.
+        unsafe { *walked = WalkedPolicies { egress, ingress } };
+        verdict.walked = true;
     }
 }
 
@@ -368,22 +395,10 @@ fn check(
 #[inline(always)]
 fn allowing_policy(slot: u32, direction: u8, flags: u32, peer: &FlowEnd, to: &FlowEnd) -> u16 {
     let version = u8::from(flags & RULES_VERSION != 0);
-    // SAFETY: a map value, read once.
-    if let Some(identity) = unsafe { VELOX_POLICY_IDENTITIES.get(&peer.addr) } {
-        let key = IdentityRuleKey {
-            slot,
-            direction,
-            version,
-            pad: [0; 2],
-            identity: *identity,
-        };
-        // SAFETY: as above.
-        if let Some(ports) = unsafe { VELOX_POLICY_IDENTITY_RULES.get(&key) } {
-            let policy = first_allowing(ports, to);
-            if policy != 0 {
-                return policy;
-            }
-        }
+    let rule = (u64::from(slot) << 16) | (u64::from(direction) << 8) | u64::from(version);
+    let by_identity = velox_identity_allows(rule, peer, to);
+    if by_identity != 0 {
+        return by_identity as u16;
     }
     let key = Key::new(
         POLICY_KEY_FIXED_BITS + 128,
@@ -400,6 +415,44 @@ fn allowing_policy(slot: u32, direction: u8, flags: u32, peer: &FlowEnd, to: &Fl
         None => 0,
     }
 }
+
+/// The policy that lets the pod of `rule` (slot << 16 | direction << 8 | version)
+/// exchange `to`'s protocol and port with the pods of `peer`'s identity; 0 when none
+/// does. A global function: the verifier checks it once, on its own, instead of
+/// once for every way a program reaches it.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn velox_identity_allows(rule: u64, peer: *const FlowEnd, to: *const FlowEnd) -> u32 {
+    if peer.is_null() || to.is_null() {
+        return 0;
+    }
+    // SAFETY: checked for null; the verifier checks their size.
+    let (peer, to) = unsafe { (&*peer, &*to) };
+    let Some(keys) = VELOX_IDENTITY_KEY_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: a map value, read once.
+    let Some(identity) = (unsafe { VELOX_POLICY_IDENTITIES.get(&peer.addr) }) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot; nothing else runs on it while we do.
+    let key = unsafe { &mut *keys };
+    *key = IdentityRuleKey {
+        slot: (rule >> 16) as u32,
+        direction: (rule >> 8) as u8,
+        version: rule as u8,
+        pad: [0; 2],
+        identity: *identity,
+    };
+    // SAFETY: as above.
+    match unsafe { VELOX_POLICY_IDENTITY_RULES.get(key) } {
+        Some(ports) => u32::from(first_allowing(ports, to)),
+        None => 0,
+    }
+}
+
+#[btf_map]
+static VELOX_IDENTITY_KEY_SCRATCH: PerCpuArray<IdentityRuleKey, 1> = PerCpuArray::new();
 
 /// The policy of the first of `ports`' rules that allows `to`'s protocol and port; 0
 /// when none does.

@@ -12,7 +12,10 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use velox_common::{EndpointCounters, FlowEvent, IpKey, DROP_REASONS, EVENTS_BYTES, MAX_ENDPOINTS, VERDICT_ALLOWED};
 
-use crate::{parse::Packet, policy::Verdict};
+use crate::{
+    parse::Packet,
+    policy::{walked_policies, Verdict},
+};
 
 /// Indexed by counters slot. The loader sizes it by `--max-pods`: an array is
 /// allocated whole, on every CPU.
@@ -82,6 +85,7 @@ pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, ver
         }
     }
     if (action == TC_ACT_SHOT || verdict.new_connection) && monitor_listens() {
+        let (egress_policy, ingress_policy) = walked_policies(verdict);
         let event = FlowEvent {
             src: packet.src,
             dst: packet.dst,
@@ -91,8 +95,8 @@ pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, ver
             } else {
                 VERDICT_ALLOWED
             },
-            egress_policy: verdict.egress_policy,
-            ingress_policy: verdict.ingress_policy,
+            egress_policy,
+            ingress_policy,
         };
         // A full buffer loses the event, never the packet's time.
         let _ = VELOX_EVENTS.output(&event, 0);
