@@ -76,7 +76,12 @@ impl PolicyReconciler {
                 pod: r.pod.clone(),
             })
             .collect();
-        let compiled = compile(&input.policies, &input.pods, &input.namespaces, &local);
+        let mut maps = PolicyMaps::open(bpffs)?;
+        let identities = match self.identities.take() {
+            Some(identities) => identities,
+            None => maps.identities()?.into_iter().collect(),
+        };
+        let compiled = compile(&input.policies, &input.pods, &input.namespaces, &local, &identities);
         for problem in &compiled.problems {
             log::warn!("NetworkPolicy: {problem}");
         }
@@ -97,32 +102,28 @@ impl PolicyReconciler {
             names.write(state_dir)?;
             self.names = Some(names);
         }
-        let mut maps = PolicyMaps::open(bpffs)?;
-        let identities = match self.identities.take() {
-            Some(identities) => identities,
-            None => maps.identities()?.into_iter().collect(),
-        };
-        let (identities, without_identity) = write_identities(&mut maps, identities, &compiled.identities)?;
-        self.identities = Some(identities);
-        self.without_identity = without_identity;
         let mut applied = match self.applied.take() {
             Some(applied) => applied,
             None => read_applied(&mut maps)?,
         };
         let compiled_for: HashMap<u32, &str> = records.iter().map(|r| (r.slot, r.host_ifname.as_str())).collect();
-        let failed_closed = {
+        let mut write = |maps: &mut PolicyMaps, compiled: &Compiled| -> anyhow::Result<_> {
             let _lock = store.lock()?;
             let owners: HashMap<u32, String> = store.list()?.into_iter().map(|r| (r.slot, r.host_ifname)).collect();
             let same_pod = |slot| owners.get(&slot).map(String::as_str) == compiled_for.get(&slot).copied();
             // On a failure the maps are read again next time: they are the truth.
-            write_rules(
-                &mut maps,
-                &mut applied,
-                &compiled,
-                compiled_for.keys().copied(),
-                same_pod,
-            )?
+            write_rules(maps, &mut applied, compiled, compiled_for.keys().copied(), same_pod)
         };
+        // The rules first, then the identities: a pod whose identity changes is
+        // judged as its new identity under both its old and its new one meanwhile.
+        let mut failed_closed = write(&mut maps, &compiled)?;
+        let (identities, without_identity) = write_identities(&mut maps, identities, &compiled.identities)?;
+        if compiled.aliased {
+            let settled = compile(&input.policies, &input.pods, &input.namespaces, &local, &identities);
+            failed_closed = write(&mut maps, &settled)?;
+        }
+        self.identities = Some(identities);
+        self.without_identity = without_identity;
         self.failed_closed = failed_closed;
         self.waiting_for_pod_object = compiled.waiting_for_pod_object;
         self.applied_once = true;

@@ -112,6 +112,11 @@ pub struct Compiled {
     /// sets claim has none (it is one pod's, who knows which): selectors do not
     /// admit it until the cluster says.
     pub identities: BTreeMap<IpAddr, u64>,
+    /// Entries were written for identities that only `previous` still gives some
+    /// addresses, allowed what those addresses' new identities are (a pod
+    /// relabelled is neither refused nor let in on the way): once the identities are
+    /// in the datapath, a compile against them drops these entries.
+    pub aliased: bool,
     /// What could not be compiled as written (too many port ranges for one peer).
     pub problems: Vec<String>,
     /// This node's named pods whose Pod object the source has not shown (yet), by
@@ -151,7 +156,16 @@ struct Rule<'a> {
     ports: &'a [NetworkPolicyPort],
 }
 
-pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace], local: &[LocalPod]) -> Compiled {
+/// `previous`: each address's identity as the datapath holds it now. An address whose
+/// identity changes keeps, until the new one is in the datapath, what its new
+/// identity is allowed (see [`Compiled::aliased`]).
+pub fn compile(
+    policies: &[NetworkPolicy],
+    pods: &[Pod],
+    namespaces: &[Namespace],
+    local: &[LocalPod],
+    previous: &BTreeMap<IpAddr, u64>,
+) -> Compiled {
     let empty = BTreeMap::new();
     let namespace_labels: HashMap<&str, &BTreeMap<String, String>> = namespaces
         .iter()
@@ -194,6 +208,8 @@ pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace
         ..Default::default()
     };
     compiled.identities = identities_of_addresses(&views);
+    let aliases = aliases(previous, &compiled.identities, &views);
+    compiled.aliased = !aliases.is_empty();
     let by_address: HashMap<Prefix, &PodView> = views
         .iter()
         .flat_map(|v| v.ips.iter().map(move |ip| (Prefix::host(*ip), v)))
@@ -270,7 +286,12 @@ pub fn compile(policies: &[NetworkPolicy], pods: &[Pod], namespaces: &[Namespace
             policy
                 .rules
                 .extend(entries.into_iter().map(|(prefix, ports)| ((direction, prefix), ports)));
-            let entries = identity_entries(rules, direction, me, &by_identity, &mut compiled.problems);
+            let mut entries = identity_entries(rules, direction, me, &by_identity, &mut compiled.problems);
+            for (old, new) in &aliases {
+                if let Some(ports) = entries.get(new).cloned() {
+                    entries.insert(*old, ports);
+                }
+            }
             policy.identity_rules.extend(
                 entries
                     .into_iter()
@@ -438,6 +459,31 @@ fn identities_of_addresses(views: &[PodView]) -> BTreeMap<IpAddr, u64> {
         .filter(|(ip, _)| !ambiguous.contains(ip))
         .map(|(ip, (identity, _))| (ip, identity))
         .collect()
+}
+
+/// Old identity -> new, for the identities that `previous` gives addresses and no
+/// pod has any more, where every such address moved to one and the same new
+/// identity: until the datapath has the new identities, the old one stands for the
+/// new one. An old identity that split (its addresses went different ways) stands
+/// for nothing.
+fn aliases(previous: &BTreeMap<IpAddr, u64>, now: &BTreeMap<IpAddr, u64>, views: &[PodView]) -> BTreeMap<u64, u64> {
+    let current: HashSet<u64> = views.iter().map(|v| v.identity).collect();
+    let mut moves: BTreeMap<u64, Option<u64>> = BTreeMap::new();
+    for (addr, old) in previous {
+        if current.contains(old) || now.get(addr) == Some(old) {
+            continue;
+        }
+        let new = now.get(addr).copied();
+        moves
+            .entry(*old)
+            .and_modify(|to| {
+                if *to != new {
+                    *to = None;
+                }
+            })
+            .or_insert(new);
+    }
+    moves.into_iter().filter_map(|(old, new)| Some((old, new?))).collect()
 }
 
 /// Whether a label selector selects `labels`: an empty one selects everything, and
@@ -824,7 +870,7 @@ mod tests {
                         .collect(),
                 })
                 .collect();
-            let compiled = compile(policies, &self.pods, &self.namespaces, &local);
+            let compiled = compile(policies, &self.pods, &self.namespaces, &local, &BTreeMap::new());
             assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
             compiled
         }
@@ -1282,7 +1328,7 @@ mod tests {
             ips: grid.ips("x/a"),
             pod: None,
         }];
-        let compiled = compile(&[p], &grid.pods, &grid.namespaces, &local);
+        let compiled = compile(&[p], &grid.pods, &grid.namespaces, &local, &BTreeMap::new());
         assert_eq!(compiled.problems.len(), 1, "{:?}", compiled.problems);
         assert!(compiled.problems[0].contains("x/a"));
         assert!(compiled.pods[&1].rules.values().all(|r| r.len() == MAX_PORT_RULES));
@@ -1297,7 +1343,7 @@ mod tests {
             ips: vec!["10.7.7.7".parse().unwrap()],
             pod: None,
         }];
-        let compiled = compile(&[deny], &grid.pods, &grid.namespaces, &local);
+        let compiled = compile(&[deny], &grid.pods, &grid.namespaces, &local, &BTreeMap::new());
         assert!(compiled.pods.is_empty());
         assert!(compiled.waiting_for_pod_object.is_empty());
     }
@@ -1319,7 +1365,7 @@ mod tests {
             pod: named("w", "new", None),
         }];
         // No policy at all: without its labels nobody can tell which would select it.
-        let compiled = compile(&[], &grid.pods, &grid.namespaces, &local);
+        let compiled = compile(&[], &grid.pods, &grid.namespaces, &local, &BTreeMap::new());
         assert_eq!(compiled.pods[&7].isolation, ISOLATED_INGRESS | ISOLATED_EGRESS);
         assert!(compiled.pods[&7].rules.is_empty());
         assert_eq!(
@@ -1361,7 +1407,13 @@ mod tests {
             ips: grid.ips("x/a"),
             pod: named("x", "a", None),
         });
-        let compiled = compile(&[p.clone(), a_from_new], &grid.pods, &grid.namespaces, &everyone);
+        let compiled = compile(
+            &[p.clone(), a_from_new],
+            &grid.pods,
+            &grid.namespaces,
+            &everyone,
+            &BTreeMap::new(),
+        );
         assert!(compiled.waiting_for_pod_object.is_empty());
         let new = &compiled.pods[&20];
         assert_eq!(new.isolation, ISOLATED_INGRESS | ISOLATED_EGRESS);
@@ -1378,6 +1430,7 @@ mod tests {
             &grid.pods,
             &grid.namespaces,
             &local(Some("u1")),
+            &BTreeMap::new(),
         );
         assert_eq!(
             other.waiting_for_pod_object,
@@ -1396,7 +1449,7 @@ mod tests {
             ips: vec!["10.0.1.2".parse().unwrap()],
             pod: named("x", "a", None),
         }];
-        let compiled = compile(&[deny_y], &grid.pods, &grid.namespaces, &local);
+        let compiled = compile(&[deny_y], &grid.pods, &grid.namespaces, &local, &BTreeMap::new());
         assert!(compiled.pods.is_empty(), "x/a is not in y: {:?}", compiled.pods);
     }
 
@@ -1434,7 +1487,7 @@ mod tests {
         let stale = pod("y", "stale", json!({"pod": "stale"}), &["10.0.0.1", "fd00::0:1"]);
         grid.pods.push(serde_json::from_value(stale).unwrap());
         let remote_only: Vec<LocalPod> = Vec::new();
-        let compiled = compile(&[], &grid.pods, &grid.namespaces, &remote_only);
+        let compiled = compile(&[], &grid.pods, &grid.namespaces, &remote_only, &BTreeMap::new());
         assert!(!compiled.identities.contains_key(&"10.0.0.1".parse().unwrap()));
         assert!(compiled.identities.contains_key(&"10.0.0.2".parse().unwrap()));
         // x/a runs here: its records say the address is its own.
@@ -1447,7 +1500,7 @@ mod tests {
                 uid: None,
             }),
         }];
-        let compiled = compile(&[], &grid.pods, &grid.namespaces, &local);
+        let compiled = compile(&[], &grid.pods, &grid.namespaces, &local, &BTreeMap::new());
         let x_a = grid
             .pods
             .iter()
@@ -1513,7 +1566,7 @@ mod tests {
             })
             .collect::<Vec<_>>();
         let started = std::time::Instant::now();
-        let compiled = compile(&everyone, &pods, &namespaces, &local);
+        let compiled = compile(&everyone, &pods, &namespaces, &local, &BTreeMap::new());
         eprintln!(
             "compiled 110 local pods over 50,000 addresses in {:?}",
             started.elapsed()
@@ -1532,5 +1585,80 @@ mod tests {
         );
         let total: usize = per_pod.iter().sum();
         assert!(total + 500 <= velox_common::MAX_POLICY_RULES, "{total} entries");
+    }
+
+    /// x/b moves from `role: blue` to `role: green` (or `red`): until the datapath
+    /// has its new identity, its old one is allowed what the new one is, and no more.
+    #[test]
+    fn a_relabelled_pods_old_identity_stands_for_its_new_one_until_the_datapath_has_it() {
+        let mut grid = Grid::new();
+        let from = |role: &str| {
+            policy(
+                "x",
+                role,
+                json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                       "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": role}}}]}]}),
+            )
+        };
+        let policies = [from("blue"), from("green")];
+        let relabel = |grid: &mut Grid, role: &str| {
+            let b = grid
+                .pods
+                .iter_mut()
+                .find(|p| p.metadata.namespace.as_deref() == Some("x") && p.metadata.name.as_deref() == Some("b"))
+                .unwrap();
+            b.metadata.labels.as_mut().unwrap().insert("role".into(), role.into());
+        };
+        let b = grid.ips("x/b")[0];
+        relabel(&mut grid, "blue");
+        let blue = grid.compile(&policies);
+        let blue_identity = blue.identities[&b];
+        let a = grid.slot("x/a");
+        assert!(identity_rule(&blue, a, INGRESS, b).is_some());
+        let entries = |compiled: &Compiled| compiled.pods[&a].identity_rules.clone();
+
+        relabel(&mut grid, "green");
+        let grid_local: Vec<LocalPod> = grid
+            .pods
+            .iter()
+            .enumerate()
+            .map(|(n, p)| LocalPod {
+                slot: n as u32 + 1,
+                pod: None,
+                ips: p
+                    .status
+                    .as_ref()
+                    .unwrap()
+                    .pod_ips
+                    .iter()
+                    .flatten()
+                    .map(|ip| ip.ip.parse().unwrap())
+                    .collect(),
+            })
+            .collect();
+        let moving = compile(&policies, &grid.pods, &grid.namespaces, &grid_local, &blue.identities);
+        assert!(moving.aliased);
+        let green_identity = moving.identities[&b];
+        assert_ne!(green_identity, blue_identity);
+        let rules = entries(&moving);
+        assert_eq!(
+            rules.get(&(INGRESS, blue_identity)),
+            rules.get(&(INGRESS, green_identity)),
+            "the old identity stands for the new"
+        );
+        assert!(rules.contains_key(&(INGRESS, green_identity)));
+        let settled = compile(&policies, &grid.pods, &grid.namespaces, &grid_local, &moving.identities);
+        assert!(!settled.aliased);
+        assert!(
+            !entries(&settled).contains_key(&(INGRESS, blue_identity)),
+            "then it goes"
+        );
+
+        relabel(&mut grid, "red");
+        let leaving = compile(&policies, &grid.pods, &grid.namespaces, &grid_local, &blue.identities);
+        assert!(
+            !entries(&leaving).contains_key(&(INGRESS, blue_identity)),
+            "a label no policy admits: the old identity is allowed nothing either"
+        );
     }
 }
