@@ -155,7 +155,7 @@ pub fn police(
             return;
         }
     }
-    check(src_slot, src_flags, dst_slot, dst_flags, src, dst, verdict);
+    check(src_slot, src_flags, dst_slot, dst_flags, src, dst, verdict, true);
     if verdict.result == ALLOWED {
         let connection = Connection {
             key: &key,
@@ -171,7 +171,8 @@ pub fn police(
         let opened_by_src = (unsafe { (*flow).opener } == OPENED_BY_FIRST) == src_first;
         if !opened_by_src {
             let mut again = Verdict::default();
-            check(dst_slot, dst_flags, src_slot, src_flags, dst, src, &mut again);
+            // Not recorded: the packet's drop names the policies of its own walk.
+            check(dst_slot, dst_flags, src_slot, src_flags, dst, src, &mut again, false);
             if again.result == ALLOWED {
                 unsafe { (*flow).generation = generation };
                 *verdict = Verdict::default();
@@ -357,8 +358,8 @@ fn flags(slot: u32) -> u32 {
     VELOX_POLICY_STATE.get(slot).map_or(0, |state| state.flags)
 }
 
-/// Walks the rules of both ends for a packet from `src` to `dst`, and keeps the
-/// policies that allowed each direction for [`walked_policies`].
+/// Walks the rules of both ends for a packet from `src` to `dst`, and (`record`)
+/// keeps the policies that allowed each direction for [`walked_policies`].
 #[inline(always)]
 fn check(
     src_slot: u32,
@@ -368,6 +369,7 @@ fn check(
     src: &FlowEnd,
     dst: &FlowEnd,
     verdict: &mut Verdict,
+    record: bool,
 ) {
     let (mut egress, mut ingress) = (0, 0);
     if src_flags & ISOLATED_EGRESS != 0 {
@@ -381,6 +383,9 @@ fn check(
         if ingress == 0 {
             verdict.result = DROP_POLICY_INGRESS;
         }
+    }
+    if !record {
+        return;
     }
     if let Some(walked) = VELOX_WALKED_POLICIES.get_ptr_mut(0) {
         // SAFETY: this CPU's slot; nothing else runs on it while we do.

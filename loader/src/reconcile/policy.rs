@@ -114,11 +114,28 @@ impl PolicyReconciler {
             // On a failure the maps are read again next time: they are the truth.
             write_rules(maps, &mut applied, compiled, compiled_for.keys().copied(), same_pod)
         };
-        // The rules first, then the identities: a pod whose identity changes is
-        // judged as its new identity under both its old and its new one meanwhile.
+        // An address leaving an identity that is not an alias of its new one loses
+        // it first: the rules about to be written judge that identity by the pods
+        // that keep it, and the address would pass as one of them. It is refused a
+        // moment instead. Then the rules, then the new identities: an alias
+        // judges its addresses as their new identity under the new rules.
+        let leaving: Vec<IpAddr> = identities
+            .iter()
+            .filter(|(addr, old)| compiled.identities.get(addr) != Some(old) && !compiled.aliases.contains_key(old))
+            .map(|(addr, _)| *addr)
+            .collect();
+        let mut identities = identities;
+        for addr in &leaving {
+            // A failure leaves the map unknown: it is read again next time.
+            maps.remove_identity(*addr)?;
+            identities.remove(addr);
+        }
+        if !leaving.is_empty() {
+            maps.bump_generation()?;
+        }
         let mut failed_closed = write(&mut maps, &compiled)?;
         let (identities, without_identity) = write_identities(&mut maps, identities, &compiled.identities)?;
-        if compiled.aliased {
+        if !compiled.aliases.is_empty() {
             let settled = compile(&input.policies, &input.pods, &input.namespaces, &local, &identities);
             failed_closed = write(&mut maps, &settled)?;
         }
@@ -128,18 +145,22 @@ impl PolicyReconciler {
         self.waiting_for_pod_object = compiled.waiting_for_pod_object;
         self.applied_once = true;
         self.passes += 1;
-        anyhow::ensure!(
-            self.without_identity.is_empty(),
-            "{} pod address(es) have no identity, selectors admit none of them: {}",
-            self.without_identity.len(),
-            self.without_identity.values().next().cloned().unwrap_or_default()
-        );
-        anyhow::ensure!(
-            self.failed_closed.is_empty(),
-            "{} pod(s) deny what their rules would allow, their rules could not be written: {}",
-            self.failed_closed.len(),
-            self.failed_closed.values().cloned().collect::<Vec<_>>().join("; ")
-        );
+        let mut failures = Vec::new();
+        if !self.without_identity.is_empty() {
+            failures.push(format!(
+                "{} pod address(es) have no identity, selectors admit none of them: {}",
+                self.without_identity.len(),
+                self.without_identity.values().next().cloned().unwrap_or_default()
+            ));
+        }
+        if !self.failed_closed.is_empty() {
+            failures.push(format!(
+                "{} pod(s) deny what their rules would allow, their rules could not be written: {}",
+                self.failed_closed.len(),
+                self.failed_closed.values().cloned().collect::<Vec<_>>().join("; ")
+            ));
+        }
+        anyhow::ensure!(failures.is_empty(), "{}", failures.join("; "));
         self.applied = Some(applied);
         Ok(())
     }

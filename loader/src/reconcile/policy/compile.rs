@@ -112,11 +112,11 @@ pub struct Compiled {
     /// sets claim has none (it is one pod's, who knows which): selectors do not
     /// admit it until the cluster says.
     pub identities: BTreeMap<IpAddr, u64>,
-    /// Entries were written for identities that only `previous` still gives some
-    /// addresses, allowed what those addresses' new identities are (a pod
-    /// relabelled is neither refused nor let in on the way): once the identities are
-    /// in the datapath, a compile against them drops these entries.
-    pub aliased: bool,
+    /// Old identity -> new: identities that only `previous` still gives some
+    /// addresses, all of which moved to the new one. Their entries are the new
+    /// one's (a pod relabelled is neither refused nor let in on the way); once the
+    /// identities are in the datapath, a compile against them drops these entries.
+    pub aliases: BTreeMap<u64, u64>,
     /// What could not be compiled as written (too many port ranges for one peer).
     pub problems: Vec<String>,
     /// This node's named pods whose Pod object the source has not shown (yet), by
@@ -207,18 +207,30 @@ pub fn compile(
             .collect(),
         ..Default::default()
     };
+    // One pod stands for each identity: selectors see only what identities hold.
+    // Two label sets of one identity (64 bits of a hash: found only by a search
+    // that labels can be chosen for) are neither: no selector admits their pods.
+    let mut by_identity: HashMap<u64, &PodView> = HashMap::new();
+    let mut collided = HashSet::new();
+    for view in &views {
+        let first = *by_identity.entry(view.identity).or_insert(view);
+        if (first.namespace, first.labels, &first.ports) != (view.namespace, view.labels, &view.ports) {
+            collided.insert(view.identity);
+        }
+    }
+    for identity in &collided {
+        by_identity.remove(identity);
+        compiled.problems.push(format!(
+            "two label sets have the identity {identity:016x}: no selector admits the pods of either"
+        ));
+    }
     compiled.identities = identities_of_addresses(&views);
-    let aliases = aliases(previous, &compiled.identities, &views);
-    compiled.aliased = !aliases.is_empty();
+    compiled.identities.retain(|_, identity| !collided.contains(identity));
+    compiled.aliases = aliases(previous, &compiled.identities, &views);
     let by_address: HashMap<Prefix, &PodView> = views
         .iter()
         .flat_map(|v| v.ips.iter().map(move |ip| (Prefix::host(*ip), v)))
         .collect();
-    // One pod stands for each identity: selectors see only what identities hold.
-    let mut by_identity: HashMap<u64, &PodView> = HashMap::new();
-    for view in &views {
-        by_identity.entry(view.identity).or_insert(view);
-    }
     // Peers depend on the policy only (its namespace), not on the pod it selects.
     let peers: Vec<[Vec<RulePeers>; 2]> = policies
         .iter()
@@ -287,7 +299,7 @@ pub fn compile(
                 .rules
                 .extend(entries.into_iter().map(|(prefix, ports)| ((direction, prefix), ports)));
             let mut entries = identity_entries(rules, direction, me, &by_identity, &mut compiled.problems);
-            for (old, new) in &aliases {
+            for (old, new) in &compiled.aliases {
                 if let Some(ports) = entries.get(new).cloned() {
                     entries.insert(*old, ports);
                 }
@@ -375,13 +387,10 @@ fn view<'a>(pod: &'a Pod, empty: &'a BTreeMap<String, String>, local_ips: Option
         Some(ips) => ips,
         None => {
             let status = status?;
-            let mut ips: Vec<IpAddr> = status
-                .pod_ips
-                .iter()
-                .flatten()
-                .filter_map(|ip| ip.ip.parse().ok())
-                .collect();
-            if let Some(ip) = status.pod_ip.as_ref().and_then(|ip| ip.parse().ok()) {
+            // `::ffff:a.b.c.d` is the datapath's a.b.c.d.
+            let parse = |ip: &str| ip.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
+            let mut ips: Vec<IpAddr> = status.pod_ips.iter().flatten().filter_map(|ip| parse(&ip.ip)).collect();
+            if let Some(ip) = status.pod_ip.as_deref().and_then(parse) {
                 if !ips.contains(&ip) {
                     ips.push(ip);
                 }
@@ -1637,7 +1646,7 @@ mod tests {
             })
             .collect();
         let moving = compile(&policies, &grid.pods, &grid.namespaces, &grid_local, &blue.identities);
-        assert!(moving.aliased);
+        assert!(!moving.aliases.is_empty());
         let green_identity = moving.identities[&b];
         assert_ne!(green_identity, blue_identity);
         let rules = entries(&moving);
@@ -1648,7 +1657,7 @@ mod tests {
         );
         assert!(rules.contains_key(&(INGRESS, green_identity)));
         let settled = compile(&policies, &grid.pods, &grid.namespaces, &grid_local, &moving.identities);
-        assert!(!settled.aliased);
+        assert!(settled.aliases.is_empty());
         assert!(
             !entries(&settled).contains_key(&(INGRESS, blue_identity)),
             "then it goes"
