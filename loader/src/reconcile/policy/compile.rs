@@ -861,6 +861,11 @@ mod tests {
 
         /// Every pod of the grid on this node, slot n + 1 for pod n.
         fn compile(&self, policies: &[NetworkPolicy]) -> Compiled {
+            self.compile_after(policies, &BTreeMap::new())
+        }
+
+        /// As `compile`, with the datapath holding the identities `previous`.
+        fn compile_after(&self, policies: &[NetworkPolicy], previous: &BTreeMap<IpAddr, u64>) -> Compiled {
             let local: Vec<LocalPod> = self
                 .pods
                 .iter()
@@ -879,7 +884,7 @@ mod tests {
                         .collect(),
                 })
                 .collect();
-            let compiled = compile(policies, &self.pods, &self.namespaces, &local, &BTreeMap::new());
+            let compiled = compile(policies, &self.pods, &self.namespaces, &local, previous);
             assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
             compiled
         }
@@ -1627,25 +1632,7 @@ mod tests {
         let entries = |compiled: &Compiled| compiled.pods[&a].identity_rules.clone();
 
         relabel(&mut grid, "green");
-        let grid_local: Vec<LocalPod> = grid
-            .pods
-            .iter()
-            .enumerate()
-            .map(|(n, p)| LocalPod {
-                slot: n as u32 + 1,
-                pod: None,
-                ips: p
-                    .status
-                    .as_ref()
-                    .unwrap()
-                    .pod_ips
-                    .iter()
-                    .flatten()
-                    .map(|ip| ip.ip.parse().unwrap())
-                    .collect(),
-            })
-            .collect();
-        let moving = compile(&policies, &grid.pods, &grid.namespaces, &grid_local, &blue.identities);
+        let moving = grid.compile_after(&policies, &blue.identities);
         assert!(!moving.aliases.is_empty());
         let green_identity = moving.identities[&b];
         assert_ne!(green_identity, blue_identity);
@@ -1656,7 +1643,7 @@ mod tests {
             "the old identity stands for the new"
         );
         assert!(rules.contains_key(&(INGRESS, green_identity)));
-        let settled = compile(&policies, &grid.pods, &grid.namespaces, &grid_local, &moving.identities);
+        let settled = grid.compile_after(&policies, &moving.identities);
         assert!(settled.aliases.is_empty());
         assert!(
             !entries(&settled).contains_key(&(INGRESS, blue_identity)),
@@ -1664,7 +1651,7 @@ mod tests {
         );
 
         relabel(&mut grid, "red");
-        let leaving = compile(&policies, &grid.pods, &grid.namespaces, &grid_local, &blue.identities);
+        let leaving = grid.compile_after(&policies, &blue.identities);
         assert!(
             !entries(&leaving).contains_key(&(INGRESS, blue_identity)),
             "a label no policy admits: the old identity is allowed nothing either"
