@@ -4,6 +4,9 @@
 //! them live, then the old ones go: no packet meets half of an update. After any
 //! change the rules generation moves on, so every allowed connection meets the new
 //! rules at its next packet (the datapath lets it go on if they allow it still).
+//! The cluster pods' identities (address -> label set) change beside the rules in
+//! an order that admits nothing neither the old nor the new state admits (see
+//! `apply_policy`).
 
 mod compile;
 
