@@ -158,7 +158,7 @@ struct Rule<'a> {
 
 /// `previous`: each address's identity as the datapath holds it now. An address whose
 /// identity changes keeps, until the new one is in the datapath, what its new
-/// identity is allowed (see [`Compiled::aliased`]).
+/// identity is allowed (see [`Compiled::aliases`]).
 pub fn compile(
     policies: &[NetworkPolicy],
     pods: &[Pod],
