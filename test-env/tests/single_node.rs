@@ -823,6 +823,57 @@ fn idle_metrics_connections_are_closed_and_scrapes_still_answer() {
     node.finish().unwrap();
 }
 
+/// Running out of file descriptors (EMFILE) does not end `/metrics`: with the
+/// loader's limit lowered to what it holds open, connections cannot be accepted,
+/// the loader says so and goes on, and once it has descriptors again, scrapes
+/// answer.
+#[test]
+fn metrics_answer_again_after_the_loader_ran_out_of_file_descriptors() {
+    let node = NodeGuard::up("metricsfd").unwrap();
+    node.stop_loader(Signal::SIGTERM).unwrap();
+    let address = "127.0.0.1:9965";
+    node.start_loader_with(&["--metrics-address", address]).unwrap();
+    assert!(node.metrics(address).is_ok());
+    let pid = node.loader_pid().unwrap().as_raw();
+    let set_limit = |limit: u64| {
+        let new = nix::libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: 1 << 20,
+        };
+        // SAFETY: plain structs; the kernel reads `new` only.
+        let done = unsafe { nix::libc::prlimit(pid, nix::libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+        assert_eq!(done, 0, "prlimit: {}", std::io::Error::last_os_error());
+    };
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+    set_limit(open);
+    let clients: Vec<_> = (0..5)
+        .map(|_| {
+            in_netns(&node.name, "busybox", &["nc", "127.0.0.1", "9965"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let log = node.state_dir.join("loader.log");
+    let said = wait_for(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).is_ok_and(|log| log.contains("metrics: accepting a connection"))
+    });
+    for mut client in clients {
+        let _ = client.kill();
+        let _ = client.wait();
+    }
+    set_limit(1024);
+    assert!(said, "the loader did not run out of descriptors, or did not say so");
+    assert!(
+        wait_for(Duration::from_secs(10), || node.metrics(address).is_ok()),
+        "/metrics does not answer once the loader has descriptors again"
+    );
+    assert!(node.health().is_ok(), "and the loader is alive");
+    node.finish().unwrap();
+}
+
 #[test]
 fn the_monitor_shows_each_drop_with_its_ends_and_pod_while_it_listens() {
     let node = NodeGuard::up("monitor").unwrap();

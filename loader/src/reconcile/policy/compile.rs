@@ -125,6 +125,7 @@ pub struct Compiled {
 }
 
 /// A cluster pod as policy sees it.
+#[derive(Clone)]
 struct PodView<'a> {
     identity: u64,
     /// A pod of this node: its addresses are its records', which no other pod's
@@ -207,19 +208,8 @@ pub fn compile(
             .collect(),
         ..Default::default()
     };
-    // One pod stands for each identity: selectors see only what identities hold.
-    // Two label sets of one identity (64 bits of a hash: found only by a search
-    // that labels can be chosen for) are neither: no selector admits their pods.
-    let mut by_identity: HashMap<u64, &PodView> = HashMap::new();
-    let mut collided = HashSet::new();
-    for view in &views {
-        let first = *by_identity.entry(view.identity).or_insert(view);
-        if (first.namespace, first.labels, &first.ports) != (view.namespace, view.labels, &view.ports) {
-            collided.insert(view.identity);
-        }
-    }
+    let (by_identity, collided) = representatives(&views);
     for identity in &collided {
-        by_identity.remove(identity);
         compiled.problems.push(format!(
             "two label sets have the identity {identity:016x}: no selector admits the pods of either"
         ));
@@ -437,6 +427,24 @@ fn identity(namespace: &str, labels: &BTreeMap<String, String>, ports: &[(&str, 
     let digest = Sha256::digest(canonical);
     let id = u64::from_be_bytes(digest[..8].try_into().expect("a SHA-256 has 32 bytes"));
     id.max(1)
+}
+
+/// One pod for each identity (selectors see only what identities hold), and the
+/// identities two label sets share. Those (64 bits of a hash: found only by a search
+/// that labels can be chosen for) stand for neither: no selector admits their pods.
+fn representatives<'a, 'v>(views: &'v [PodView<'a>]) -> (HashMap<u64, &'v PodView<'a>>, HashSet<u64>) {
+    let mut by_identity: HashMap<u64, &PodView> = HashMap::new();
+    let mut collided = HashSet::new();
+    for view in views {
+        let first = *by_identity.entry(view.identity).or_insert(view);
+        if (first.namespace, first.labels, &first.ports) != (view.namespace, view.labels, &view.ports) {
+            collided.insert(view.identity);
+        }
+    }
+    for identity in &collided {
+        by_identity.remove(identity);
+    }
+    (by_identity, collided)
 }
 
 /// Each pod address's identity. An address a pod of this node has is that pod's; one
@@ -1656,5 +1664,27 @@ mod tests {
             !entries(&leaving).contains_key(&(INGRESS, blue_identity)),
             "a label no policy admits: the old identity is allowed nothing either"
         );
+    }
+
+    /// Two label sets whose identities collide (forged here: no SHA-256 collision is
+    /// at hand) stand for neither: no selector admits their pods, nor do their
+    /// addresses keep the identity.
+    #[test]
+    fn two_label_sets_of_one_identity_are_neither() {
+        let grid = Grid::new();
+        let empty = BTreeMap::new();
+        let mut views: Vec<PodView> = grid.pods.iter().filter_map(|p| view(p, &empty, None)).collect();
+        let (x_a, y_b) = (views[0].identity, views[4].identity);
+        views[4].identity = x_a; // y/b forged into x/a's identity
+        let (by_identity, collided) = representatives(&views);
+        assert_eq!(collided, HashSet::from([x_a]));
+        assert!(!by_identity.contains_key(&x_a));
+        assert!(!by_identity.contains_key(&y_b));
+        assert_eq!(by_identity.len(), 7, "the other pods keep theirs");
+        // A replica with the same label set is no collision.
+        let mut replica = views[0].clone();
+        replica.name = "a-2";
+        let same = [views[0].clone(), replica];
+        assert!(representatives(&same).1.is_empty());
     }
 }
