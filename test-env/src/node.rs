@@ -137,12 +137,7 @@ impl Node {
             .args(["--state-dir", self.state_dir.to_str().unwrap()])
             .arg("run")
             // Tests see the periodic pass within a second, unless they ask otherwise.
-            .args(
-                (!run_flags.contains(&"--reconcile-interval"))
-                    .then_some(["--reconcile-interval", "1"])
-                    .into_iter()
-                    .flatten(),
-            )
+            .args(unless_given(run_flags, "--reconcile-interval", "1"))
             .args(run_flags)
             // A loader pointed at the (stand-in) API server learns the other nodes,
             // its uplink and its pod CIDRs there, as in a real cluster.
@@ -155,10 +150,8 @@ impl Node {
                             .subnets
                             .iter()
                             .flat_map(|s| ["--pod-cidr".to_string(), s.to_string()]);
-                        let cluster_state = (!run_flags.contains(&"--cluster-state"))
-                            .then(|| ["--cluster-state".to_string(), u.cluster_state.display().to_string()])
-                            .into_iter()
-                            .flatten();
+                        let cluster_state =
+                            unless_given(run_flags, "--cluster-state", &u.cluster_state.display().to_string());
                         ["--uplink", "eth0", "--peers-file", u.peers_file.to_str().unwrap()]
                             .map(String::from)
                             .into_iter()
@@ -569,5 +562,13 @@ impl NodeGuard {
 
     pub fn add_pod(&self, pod: &str) -> anyhow::Result<Pod> {
         self.0.add_pod(&self.pod_name(pod))
+    }
+}
+
+/// `flag value`, unless `run_flags` already give `flag`.
+fn unless_given(run_flags: &[&str], flag: &str, value: &str) -> Vec<String> {
+    match run_flags.contains(&flag) {
+        true => Vec::new(),
+        false => vec![flag.to_string(), value.to_string()],
     }
 }
