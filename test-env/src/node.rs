@@ -125,6 +125,12 @@ impl Node {
         self.start_loader_with(&[])
     }
 
+    /// Stops the loader (SIGTERM) and starts it again with `run_flags`.
+    pub fn restart_loader_with(&self, run_flags: &[&str]) -> anyhow::Result<()> {
+        self.stop_loader(Signal::SIGTERM)?;
+        self.start_loader_with(run_flags)
+    }
+
     /// `start_loader` with more `velox-loader run` flags.
     pub fn start_loader_with(&self, run_flags: &[&str]) -> anyhow::Result<()> {
         std::fs::create_dir_all(&self.state_dir)?;

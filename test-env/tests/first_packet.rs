@@ -306,8 +306,7 @@ fn a_named_pod_without_its_pod_object_stays_denied_and_health_says_so() {
     const METRICS: &str = "127.0.0.1:9981";
     let cluster = ClusterGuard::up("fpwait").unwrap();
     let node = &cluster.nodes[0];
-    node.stop_loader(Signal::SIGTERM).unwrap();
-    node.start_loader_with(&["--metrics-address", METRICS]).unwrap();
+    node.restart_loader_with(&["--metrics-address", METRICS]).unwrap();
     let peers = Peers::serve(&cluster);
     peers.write_policy(&cluster);
     let netns = cluster.pod_name(0, "ghost");
@@ -386,8 +385,7 @@ fn a_pod_no_policy_selects_is_open_within_a_second_of_add() {
 fn a_node_that_does_not_enforce_policy_starts_named_pods_open() {
     let cluster = ClusterGuard::up("fpoff").unwrap();
     let node = &cluster.nodes[0];
-    node.stop_loader(Signal::SIGTERM).unwrap();
-    node.start_loader_with(&["--network-policy=false"]).unwrap();
+    node.restart_loader_with(&["--network-policy=false"]).unwrap();
     let peers = Peers::serve(&cluster);
     peers.write_policy(&cluster);
     write_state(&cluster, "fp-pods.json", vec![scheduled(node, "free")]);

@@ -309,8 +309,7 @@ fn an_upgrade_and_a_downgrade_under_iperf3_move_every_pod_without_a_reset() {
         std::thread::scope(|s| {
             let stream = s.spawn(|| a.iperf3(&b, Family::V4, 5, 2));
             std::thread::sleep(Duration::from_millis(1500));
-            node.stop_loader(Signal::SIGTERM).unwrap();
-            node.start_loader_with(flags).unwrap();
+            node.restart_loader_with(flags).unwrap();
             stream.join().unwrap()
         })
     };
@@ -344,8 +343,7 @@ fn an_upgrade_and_a_downgrade_under_iperf3_move_every_pod_without_a_reset() {
         );
     }
     // The log tells a changed build from the same one loaded again.
-    node.stop_loader(Signal::SIGTERM).unwrap();
-    node.start_loader_with(&[]).unwrap();
+    node.restart_loader_with(&[]).unwrap();
     let log = std::fs::read_to_string(node.state_dir.join("loader.log")).unwrap();
     let said = |what: &str| log.lines().filter(|line| line.contains(what)).count();
     assert_eq!(said("link(s) to this build's changed programs"), 2, "{log}");
@@ -416,8 +414,7 @@ fn a_pod_whose_interface_vanished_leaves_the_endpoint_map_at_once() {
     let node = NodeGuard::up("vanished").unwrap();
     // The periodic pass would find the vanished pod only an hour from now: what
     // removes its entries is the kernel's announcement of the deleted veth.
-    node.stop_loader(Signal::SIGTERM).unwrap();
-    node.start_loader_with(&["--reconcile-interval", "3600"]).unwrap();
+    node.restart_loader_with(&["--reconcile-interval", "3600"]).unwrap();
     let (a, b) = (node.add_pod("a").unwrap(), node.add_pod("b").unwrap());
     let host_veth = record_host_ifname(&b);
     run("ip", &["netns", "del", &b.name]).unwrap();
@@ -472,8 +469,7 @@ fn only_an_object_with_this_builds_map_layout_is_loaded() {
 #[test]
 fn counters_have_a_slot_per_pod_up_to_max_pods_and_a_full_node_refuses_cleanly() {
     let node = NodeGuard::up("maxpods").unwrap();
-    node.stop_loader(Signal::SIGTERM).unwrap();
-    node.start_loader_with(&["--max-pods", "2"]).unwrap();
+    node.restart_loader_with(&["--max-pods", "2"]).unwrap();
     let counters = velox_node::Bpffs::new(&node.bpffs_root).map(velox_common::COUNTERS_MAP);
     let shown = run("bpftool", &["-j", "map", "show", "pinned", counters.to_str().unwrap()]).unwrap();
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();

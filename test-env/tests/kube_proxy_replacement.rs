@@ -365,8 +365,7 @@ fn external_traffic_policy_local_keeps_the_client_and_health_checks_pick_the_nod
     // The flag turned off: a loader without the load balancer serves no NodePort
     // from the maps an earlier start wrote (it did until this review).
     let worker1 = &cluster.nodes[0];
-    worker1.stop_loader(Signal::SIGTERM).unwrap();
-    worker1.start_loader_with(&[]).unwrap();
+    worker1.restart_loader_with(&[]).unwrap();
     assert_eq!(worker1.dump("services").unwrap().len(), 0);
     let frontend = SocketAddr::new(cluster.node_ip(0, Family::V4), 30080);
     let answer = request(&cluster.external, frontend, Protocol::Tcp, TIMEOUT);

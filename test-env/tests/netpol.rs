@@ -1160,13 +1160,11 @@ fn rules_that_do_not_fit_deny_and_say_so() {
 /// left in the maps do not stay in force).
 #[test]
 fn network_policy_off_lifts_the_isolation_an_earlier_run_left() {
-    use nix::sys::signal::Signal;
     let cluster = ClusterGuard::up("npoff").unwrap();
     let node0 = &cluster.nodes[0];
     let (client, servers) = isolate_pod_1_from_pod_4(&cluster);
     let answers = |family: Family| reaches_pod_1(&cluster, &client, family);
-    node0.stop_loader(Signal::SIGTERM).unwrap();
-    node0.start_loader_with(&["--network-policy=false"]).unwrap();
+    node0.restart_loader_with(&["--network-policy=false"]).unwrap();
     for family in Family::ALL {
         eventually("with enforcement off, pod-4 reaches pod-1", &|| answers(family));
     }

@@ -696,8 +696,7 @@ fn datapath_logging_is_compiled_out_unless_enabled_at_load() {
     );
 
     // Turned on at load time, new pods get the logging program.
-    node.stop_loader(Signal::SIGTERM).unwrap();
-    node.start_loader_with(&["--datapath-log-level", "debug"]).unwrap();
+    node.restart_loader_with(&["--datapath-log-level", "debug"]).unwrap();
     assert!(
         from_pod_size(&node) > quiet_size,
         "the log code should only be there when enabled"
@@ -721,9 +720,8 @@ fn datapath_logging_is_compiled_out_unless_enabled_at_load() {
 #[test]
 fn metrics_show_each_pods_counters_the_maps_and_the_reconcile_passes() {
     let node = NodeGuard::up("metrics").unwrap();
-    node.stop_loader(Signal::SIGTERM).unwrap();
     let address = "127.0.0.1:9962";
-    node.start_loader_with(&["--metrics-address", address]).unwrap();
+    node.restart_loader_with(&["--metrics-address", address]).unwrap();
     let (a, b) = (node.add_pod("a").unwrap(), node.add_pod("b").unwrap());
     assert!(a.ping(b.ip(Family::V4), 3));
     std::thread::sleep(Duration::from_millis(1500)); // a reconcile pass
@@ -796,9 +794,8 @@ fn a_metrics_address_in_use_is_an_error_in_health_until_it_frees() {
 #[test]
 fn idle_metrics_connections_are_closed_and_scrapes_still_answer() {
     let node = NodeGuard::up("metricsidle").unwrap();
-    node.stop_loader(Signal::SIGTERM).unwrap();
     let address = "127.0.0.1:9964";
-    node.start_loader_with(&["--metrics-address", address]).unwrap();
+    node.restart_loader_with(&["--metrics-address", address]).unwrap();
     // Each holds its connection open and silent (stdin stays open).
     let mut idle: Vec<_> = (0..20)
         .map(|_| {
@@ -830,9 +827,8 @@ fn idle_metrics_connections_are_closed_and_scrapes_still_answer() {
 #[test]
 fn metrics_answer_again_after_the_loader_ran_out_of_file_descriptors() {
     let node = NodeGuard::up("metricsfd").unwrap();
-    node.stop_loader(Signal::SIGTERM).unwrap();
     let address = "127.0.0.1:9965";
-    node.start_loader_with(&["--metrics-address", address]).unwrap();
+    node.restart_loader_with(&["--metrics-address", address]).unwrap();
     assert!(node.metrics(address).is_ok());
     let pid = node.loader_pid().unwrap().as_raw();
     let set_limit = |limit: u64| {
