@@ -821,7 +821,7 @@ fn idle_metrics_connections_are_closed_and_scrapes_still_answer() {
 }
 
 /// Running out of file descriptors (EMFILE) does not end `/metrics`: with the
-/// loader's limit lowered to what it holds open, connections cannot be accepted,
+/// loader's limit lowered below what it holds open, connections cannot be accepted,
 /// the loader says so and goes on, and once it has descriptors again, scrapes
 /// answer.
 #[test]
@@ -831,17 +831,30 @@ fn metrics_answer_again_after_the_loader_ran_out_of_file_descriptors() {
     node.restart_loader_with(&["--metrics-address", address]).unwrap();
     assert!(node.metrics(address).is_ok());
     let pid = node.loader_pid().unwrap().as_raw();
-    let set_limit = |limit: u64| {
-        let new = nix::libc::rlimit {
-            rlim_cur: limit,
-            rlim_max: 1 << 20,
+    // Sets the soft limit, returns the limits before.
+    let set_limit = |limit: Option<u64>| {
+        let mut old = nix::libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
         };
-        // SAFETY: plain structs; the kernel reads `new` only.
-        let done = unsafe { nix::libc::prlimit(pid, nix::libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
-        assert_eq!(done, 0, "prlimit: {}", std::io::Error::last_os_error());
+        // SAFETY: plain structs; the kernel writes `old` only.
+        let read = unsafe { nix::libc::prlimit(pid, nix::libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+        assert_eq!(read, 0, "prlimit: {}", std::io::Error::last_os_error());
+        if let Some(limit) = limit {
+            let new = nix::libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: old.rlim_max,
+            };
+            // SAFETY: as above; the kernel reads `new` only.
+            let set = unsafe { nix::libc::prlimit(pid, nix::libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+            assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
+        }
+        old.rlim_cur
     };
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
-    set_limit(open);
+    let before = set_limit(None);
+    // Descriptors are numbered from the lowest free one: a limit of 3 (stdin,
+    // stdout, stderr) leaves none, whatever the loader holds above it.
+    set_limit(Some(3));
     let clients: Vec<_> = (0..5)
         .map(|_| {
             in_netns(&node.name, "busybox", &["nc", "127.0.0.1", "9965"])
@@ -860,7 +873,7 @@ fn metrics_answer_again_after_the_loader_ran_out_of_file_descriptors() {
         let _ = client.kill();
         let _ = client.wait();
     }
-    set_limit(1024);
+    set_limit(Some(before));
     assert!(said, "the loader did not run out of descriptors, or did not say so");
     assert!(
         wait_for(Duration::from_secs(10), || node.metrics(address).is_ok()),
