@@ -796,17 +796,7 @@ fn idle_metrics_connections_are_closed_and_scrapes_still_answer() {
     let node = NodeGuard::up("metricsidle").unwrap();
     let address = "127.0.0.1:9964";
     node.restart_loader_with(&["--metrics-address", address]).unwrap();
-    // Each holds its connection open and silent (stdin stays open).
-    let mut idle: Vec<_> = (0..20)
-        .map(|_| {
-            in_netns(&node.name, "busybox", &["nc", "127.0.0.1", "9964"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let mut idle = silent_clients(&node, "9964", 20);
     let closed = wait_for(Duration::from_secs(15), || {
         idle.iter_mut()
             .all(|nc| nc.try_wait().is_ok_and(|exited| exited.is_some()))
@@ -818,6 +808,21 @@ fn idle_metrics_connections_are_closed_and_scrapes_still_answer() {
     assert!(closed, "the loader keeps idle connections open");
     assert!(node.metrics(address).is_ok());
     node.finish().unwrap();
+}
+
+/// `count` clients of the node's localhost `port`, each holding its connection open
+/// and silent (stdin stays open).
+fn silent_clients(node: &NodeGuard, port: &str, count: usize) -> Vec<std::process::Child> {
+    (0..count)
+        .map(|_| {
+            in_netns(&node.name, "busybox", &["nc", "127.0.0.1", port])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
 }
 
 /// Running out of file descriptors (EMFILE) does not end `/metrics`: with the
@@ -855,16 +860,7 @@ fn metrics_answer_again_after_the_loader_ran_out_of_file_descriptors() {
     // Descriptors are numbered from the lowest free one: a limit of 3 (stdin,
     // stdout, stderr) leaves none, whatever the loader holds above it.
     set_limit(Some(3));
-    let clients: Vec<_> = (0..5)
-        .map(|_| {
-            in_netns(&node.name, "busybox", &["nc", "127.0.0.1", "9965"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let clients = silent_clients(&node, "9965", 5);
     let log = node.state_dir.join("loader.log");
     let said = wait_for(Duration::from_secs(10), || {
         std::fs::read_to_string(&log).is_ok_and(|log| log.contains("metrics: accepting a connection"))

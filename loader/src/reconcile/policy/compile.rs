@@ -874,24 +874,7 @@ mod tests {
 
         /// As `compile`, with the datapath holding the identities `previous`.
         fn compile_after(&self, policies: &[NetworkPolicy], previous: &BTreeMap<IpAddr, u64>) -> Compiled {
-            let local: Vec<LocalPod> = self
-                .pods
-                .iter()
-                .enumerate()
-                .map(|(n, p)| LocalPod {
-                    slot: n as u32 + 1,
-                    pod: None,
-                    ips: p
-                        .status
-                        .as_ref()
-                        .unwrap()
-                        .pod_ips
-                        .iter()
-                        .flatten()
-                        .map(|ip| ip.ip.parse().unwrap())
-                        .collect(),
-                })
-                .collect();
+            let local: Vec<LocalPod> = self.pods.iter().enumerate().map(local_pod).collect();
             let compiled = compile(policies, &self.pods, &self.namespaces, &local, previous);
             assert!(compiled.problems.is_empty(), "{:?}", compiled.problems);
             compiled
@@ -905,6 +888,16 @@ mod tests {
                 .position(|p| p.metadata.namespace.as_deref() == Some(ns) && p.metadata.name.as_deref() == Some(name))
                 .unwrap();
             n as u32 + 1
+        }
+    }
+
+    /// Pod n of a list on this node, unnamed, in slot n + 1, with its status's addresses.
+    fn local_pod((n, pod): (usize, &Pod)) -> LocalPod {
+        let ips = pod.status.as_ref().unwrap().pod_ips.iter().flatten();
+        LocalPod {
+            slot: n as u32 + 1,
+            ips: ips.map(|ip| ip.ip.parse().unwrap()).collect(),
+            pod: None,
         }
     }
 
@@ -1560,24 +1553,7 @@ mod tests {
                 }
             }
         }
-        let local: Vec<LocalPod> = pods
-            .iter()
-            .take(110)
-            .enumerate()
-            .map(|(n, pod)| LocalPod {
-                slot: n as u32 + 1,
-                ips: pod
-                    .status
-                    .as_ref()
-                    .unwrap()
-                    .pod_ips
-                    .iter()
-                    .flatten()
-                    .map(|ip| ip.ip.parse().unwrap())
-                    .collect(),
-                pod: None,
-            })
-            .collect();
+        let local: Vec<LocalPod> = pods.iter().take(110).enumerate().map(local_pod).collect();
         let everyone = (0..50)
             .map(|ns| {
                 policy(
