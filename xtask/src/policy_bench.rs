@@ -167,8 +167,8 @@ fn apply_velox(cluster: &Cluster, (client, server): &(Pod, Pod), count: usize) -
         })
         .collect();
     write_objects(&cluster.cluster_state.join("policies.json"), policies)?;
-    // One entry per admitted peer: the other peers and the client's two addresses.
-    let wanted = if count == 0 { 0 } else { count + 2 };
+    // One entry per admitted peer: the other peers, and the client's label set.
+    let wanted = if count == 0 { 0 } else { count + 1 };
     let applied = || node.dump("policy").is_ok_and(|rows| rows.len() == wanted);
     anyhow::ensure!(
         wait_for(Duration::from_secs(60), applied),
