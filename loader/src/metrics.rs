@@ -412,12 +412,9 @@ impl Datapath {
             ),
             (
                 "policy_identity_rules",
-                policy.as_ref().and_then(|m| m.identity_rules().ok()).map(|r| r.len()),
+                policy.as_ref().map(PolicyMaps::identity_rule_count),
             ),
-            (
-                "policy_identities",
-                policy.as_ref().and_then(|m| m.identities().ok()).map(|r| r.len()),
-            ),
+            ("policy_identities", policy.as_ref().map(PolicyMaps::identity_count)),
             ("policy_flows", policy.as_ref().map(PolicyMaps::flows)),
         ];
         let mut entries =

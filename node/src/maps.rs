@@ -683,6 +683,16 @@ impl PolicyMaps {
     pub fn flows(&self) -> usize {
         self.flows.keys().filter(|key| key.is_ok()).count()
     }
+
+    /// How many rule entries by identity there are (keys only: no values read).
+    pub fn identity_rule_count(&self) -> usize {
+        self.identity_rules.keys().filter(|key| key.is_ok()).count()
+    }
+
+    /// How many cluster pod addresses have an identity (keys only).
+    pub fn identity_count(&self) -> usize {
+        self.identities.keys().filter(|key| key.is_ok()).count()
+    }
 }
 
 /// Moves the rules generation on: every allowed connection meets the rules again,

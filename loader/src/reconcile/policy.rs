@@ -80,7 +80,7 @@ impl PolicyReconciler {
             })
             .collect();
         let mut maps = PolicyMaps::open(bpffs)?;
-        let identities = match self.identities.take() {
+        let mut identities = match self.identities.take() {
             Some(identities) => identities,
             None => maps.identities()?.into_iter().collect(),
         };
@@ -127,7 +127,6 @@ impl PolicyReconciler {
             .filter(|(addr, old)| compiled.identities.get(addr) != Some(old) && !compiled.aliases.contains_key(old))
             .map(|(addr, _)| *addr)
             .collect();
-        let mut identities = identities;
         for addr in &leaving {
             // A failure leaves the map unknown: it is read again next time.
             maps.remove_identity(*addr)?;
