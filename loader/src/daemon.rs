@@ -26,9 +26,10 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{Receiver, Sender};
 use velox_common::{
-    Affinity, AffinityKey, FlowEnd, NatEntry, NatKey, AFFINITY_MAP, COUNTERS_MAP, DEFAULT_KERNEL_FLOWS,
-    FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS, NAT_PROGRAMS_MAP,
-    POLICY_IDENTITY_RULES_MAP, POLICY_RULES_MAP, SOCKET_LB_PROGRAMS, TO_POD_PROGRAM, UPLINK_SLOT,
+    Affinity, AffinityKey, ConnectionTimeouts, FlowEnd, NatEntry, NatKey, AFFINITY_MAP, COUNTERS_MAP,
+    DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS,
+    NAT_PROGRAMS_MAP, POLICY_FLOWS_MAP, POLICY_FLOW_SHARES_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_RULES_MAP,
+    SOCKET_LB_PROGRAMS, TO_POD_PROGRAM, UPLINK_SLOT,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir, write_atomic};
@@ -36,7 +37,9 @@ use velox_node::health::{Health, PolicyHealth, MAX_NAMED_WAITING};
 use velox_node::layout::Hook;
 use velox_node::layout::PRIVATE_FILE_MODE;
 use velox_node::link::{attach_cgroup, update_pinned_link};
-use velox_node::maps::{check_object_layout, check_pinned_layouts, layouts, pinned_layout, EndpointMaps};
+use velox_node::maps::{
+    check_object_layout, check_pinned_layouts, layouts, pinned_layout, EndpointMaps, PolicyFlowShares,
+};
 use velox_node::netlink::LinkEvent;
 use velox_node::netlink::Netlink;
 use velox_node::pod_policy::{self, PolicyAnswer, PolicyRequest};
@@ -158,6 +161,26 @@ pub struct RunArgs {
     /// do not fit denies what they would allow, and health and metrics say so.
     #[arg(long, default_value_t = velox_common::MAX_POLICY_RULES as u32, value_parser = clap::value_parser!(u32).range(1..))]
     policy_rules: u32,
+    /// Entries of the map of connections NetworkPolicy follows (those of isolated
+    /// pods). Half is reserved in equal shares for `--max-pods` pods, so no pod's
+    /// connections can push out another's; the other half is a pool a pod takes
+    /// from once its share is used. A connection that finds neither is dropped
+    /// (`policy_flows_full`).
+    #[arg(long, default_value_t = crate::reconcile::flows::DEFAULT_ENTRIES, value_parser = clap::value_parser!(u32).range(1024..))]
+    policy_flows: u32,
+    /// Seconds a TCP connection never answered lives without a packet, in the NAT
+    /// and in the connections NetworkPolicy follows.
+    #[arg(long, default_value_t = velox_common::CT_TIMEOUTS[velox_common::CT_OPENING as usize], value_parser = clap::value_parser!(u64).range(1..))]
+    ct_timeout_tcp_syn: u64,
+    /// Seconds an established TCP connection lives without a packet.
+    #[arg(long, default_value_t = velox_common::CT_TIMEOUTS[velox_common::CT_ESTABLISHED as usize], value_parser = clap::value_parser!(u64).range(1..))]
+    ct_timeout_tcp: u64,
+    /// Seconds a TCP connection lives without a packet after a FIN.
+    #[arg(long, default_value_t = velox_common::CT_TIMEOUTS[velox_common::CT_CLOSING as usize], value_parser = clap::value_parser!(u64).range(1..))]
+    ct_timeout_tcp_fin: u64,
+    /// Seconds a UDP (or ICMP, SCTP) exchange lives without a packet.
+    #[arg(long, default_value_t = velox_common::CT_TIMEOUTS[velox_common::CT_OTHER as usize], value_parser = clap::value_parser!(u64).range(1..))]
+    ct_timeout_any: u64,
     /// Enforce Kubernetes NetworkPolicy in the datapath, from the NetworkPolicies,
     /// Pods and Namespaces of `--cluster-state` or `--kubernetes`.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
@@ -206,6 +229,13 @@ impl RunArgs {
                 nat_entries: self.nat_entries,
                 max_pods: self.max_pods,
                 policy_rules: self.policy_rules,
+                policy_flows: self.policy_flows,
+                timeouts: crate::reconcile::flows::timeouts(
+                    self.ct_timeout_tcp_syn,
+                    self.ct_timeout_tcp,
+                    self.ct_timeout_tcp_fin,
+                    self.ct_timeout_any,
+                ),
             },
             install_into: self
                 .cni_bin_dir
@@ -260,6 +290,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     }
     let mut ebpf = load_and_pin(&bpffs, &datapath)?;
     carry_over_connections(&bpffs)?;
+    crate::reconcile::flows::sweep_forever(bpffs.clone(), datapath.timeouts)?;
     // Not enforcing (turned off, or no source of policy): no pod stays isolated by
     // an earlier run's rules, nor denied by an ADD that saw the earlier marker.
     if !enforces_policy {
@@ -879,6 +910,10 @@ pub struct DatapathOptions {
     pub max_pods: u32,
     /// Entries of the policy rules map.
     pub policy_rules: u32,
+    /// Entries of the policy flows map.
+    pub policy_flows: u32,
+    /// Of the NAT's connections and those NetworkPolicy follows.
+    pub timeouts: ConnectionTimeouts,
 }
 
 /// Loads the object, reusing the maps pinned in this build's layout directory (or
@@ -913,6 +948,9 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
         (POLICY_RULES_MAP, options.policy_rules, "--policy-rules"),
         (POLICY_IDENTITY_RULES_MAP, options.policy_rules, "--policy-rules"),
     ];
+    let limits = policy_flow_limits(options);
+    restart_policy_flows_on_new_limits(bpffs, options.policy_flows, limits)?;
+    loader.map_max_entries(POLICY_FLOWS_MAP, options.policy_flows);
     for (name, entries, flag) in sized {
         let pin = bpffs.map(name);
         if let Ok(pinned) = MapData::from_pin(&pin).and_then(|map| map.info()) {
@@ -945,6 +983,10 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     };
     check_object_layout(object)?;
     let mut ebpf = loader.load(object).context("loading the eBPF object")?;
+    // Before any program of this load runs: zero limits admit no connection, zero
+    // timeouts keep none.
+    PolicyFlowShares::open(bpffs)?.set_limits(limits.0, limits.1);
+    velox_node::maps::set_connection_timeouts(bpffs, &options.timeouts)?;
     if first_datapath {
         // No program ran on this node yet, so no end of another node's pod is
         // recorded: packets to those pods skip the lookup until one is.
@@ -974,6 +1016,36 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
         std::fs::rename(&staged, &pin).with_context(|| format!("replacing the {name} pin"))?;
     }
     Ok(ebpf)
+}
+
+/// Each pod's reserved share of the policy flows map, and the pool's size.
+fn policy_flow_limits(options: &DatapathOptions) -> (u64, u64) {
+    let cpus = aya::util::nr_cpus().map_or(1, |cpus| cpus as u64);
+    crate::reconcile::flows::limits(options.policy_flows, options.max_pods, cpus)
+}
+
+/// The shares count the connections the flows map holds, under given limits: a map
+/// of another size (`--policy-flows`) or other limits (`--max-pods`) starts again
+/// empty, with its shares. The programs still attached keep the old pair until
+/// their links move.
+fn restart_policy_flows_on_new_limits(bpffs: &Bpffs, entries: u32, limits: (u64, u64)) -> anyhow::Result<()> {
+    let (flows, shares) = (bpffs.map(POLICY_FLOWS_MAP), bpffs.map(POLICY_FLOW_SHARES_MAP));
+    let pinned_entries = MapData::from_pin(&flows)
+        .and_then(|map| map.info())
+        .map(|info| info.max_entries())
+        .ok();
+    let pinned_limits = PolicyFlowShares::open(bpffs).map(|shares| shares.limits()).ok();
+    if (pinned_entries, pinned_limits) != (Some(entries), Some(limits)) {
+        if pinned_entries.is_some() {
+            log::info!(
+                "--policy-flows or --max-pods changed {POLICY_FLOWS_MAP} (entries {pinned_entries:?}, shares \
+                 {pinned_limits:?}, now {entries} and {limits:?}): it starts again empty"
+            );
+        }
+        remove_if_exists(&flows)?;
+        remove_if_exists(&shares)?;
+    }
+    Ok(())
 }
 
 /// Keeps the node's own sockets off the source ports the NAT masquerades with

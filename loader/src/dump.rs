@@ -9,7 +9,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use velox_common::{
-    EndpointCounters, AF_INET, DROP_REASONS, NAT_CLOSED, NAT_CLOSING, NAT_ESTABLISHED, NAT_OPENING, NAT_REPLY,
+    EndpointCounters, AF_INET, CT_CLOSED, CT_CLOSING, CT_ESTABLISHED, CT_OPENING, DROP_REASONS, NAT_REPLY,
     SERVICE_EXTERNAL_LOCAL, SERVICE_FROM_OUTSIDE, SERVICE_INTERNAL_LOCAL,
 };
 use velox_node::endpoint::{EndpointRecord, EndpointStore};
@@ -435,9 +435,10 @@ struct NatRow {
 /// The NAT's connections (`--kube-proxy-replacement`), one row per direction.
 pub fn nat(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
     let now = crate::monitor::monotonic_ns()?;
+    let timeouts = velox_node::maps::connection_timeouts(bpffs)?;
     let mut rows: Vec<NatRow> = velox_node::maps::nat_entries(bpffs)?
         .into_iter()
-        .filter(|(_, entry)| !entry.expired(now))
+        .filter(|(_, entry)| !entry.expired(now, &timeouts))
         .map(|(key, entry)| NatRow {
             from: format!("{} -> {}", socket_address(&key.src), socket_address(&key.dst)),
             to: format!("{} -> {}", socket_address(&entry.src), socket_address(&entry.dst)),
@@ -448,10 +449,10 @@ pub fn nat(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
                 "original"
             },
             state: match entry.state {
-                NAT_OPENING => "opening",
-                NAT_ESTABLISHED => "established",
-                NAT_CLOSING => "half-closed",
-                NAT_CLOSED => "closed",
+                CT_OPENING => "opening",
+                CT_ESTABLISHED => "established",
+                CT_CLOSING => "half-closed",
+                CT_CLOSED => "closed",
                 _ => "-",
             },
             idle_seconds: now.saturating_sub(entry.last_seen) / 1_000_000_000,

@@ -6,14 +6,15 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValue
 use ipnet::IpNet;
 use std::net::IpAddr;
 use velox_common::{
-    Affinity, AffinityKey, AllowedFlow, BackendSlot, Endpoint, EndpointCounters, FlowEnd, FlowEvent, IdentityRuleKey,
-    IpKey, MaglevTable, NatEntry, NatKey, NodeAddress, NodePortKey, Peer, PolicyFlow, PolicyKey, PolicyPorts,
-    PolicyState, Service, SocketPeer, AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP, ENDPOINTS_MAP, EVENTS_MAP,
-    INTERFACES_MAP, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP,
-    LB_OPT_OUT_MAP, MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP, NODE_ADDRESSES_MAP, NODE_PORTS_MAP,
-    NO_KERNEL_FLOWS, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_GENERATION_MAP, POLICY_IDENTITIES_MAP,
-    POLICY_IDENTITY_RULES_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP, RULES_VERSION, SERVICES_MAP,
-    SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, SOCKET_PEERS_MAP,
+    Affinity, AffinityKey, AllowedFlow, BackendSlot, ConnectionTimeouts, Endpoint, EndpointCounters, FlowEnd,
+    FlowEvent, IdentityRuleKey, IpKey, MaglevTable, NatEntry, NatKey, NodeAddress, NodePortKey, Peer, PolicyFlow,
+    PolicyKey, PolicyPorts, PolicyState, Service, SocketPeer, AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP,
+    CT_TIMEOUTS_MAP, ENDPOINTS_MAP, EVENTS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS,
+    KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP, MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP,
+    NODE_ADDRESSES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_FLOW_POOL_SIZE,
+    POLICY_FLOW_POOL_USED, POLICY_FLOW_RESERVED, POLICY_FLOW_SHARES, POLICY_FLOW_SHARES_MAP, POLICY_GENERATION_MAP,
+    POLICY_IDENTITIES_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP,
+    RULES_VERSION, SERVICES_MAP, SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, SOCKET_PEERS_MAP,
 };
 
 use crate::error::{Error, Result};
@@ -61,12 +62,13 @@ const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_RINGBUF: u32 = 27;
 const BPF_F_NO_PREALLOC: u32 = 1;
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Raise when a map's meaning changes while its sizes stay the same.
 const LAYOUT_REVISION: u32 = 1;
 
 /// Every pinned map as this build's eBPF object declares it.
-pub fn layouts() -> [MapLayout; 24] {
+pub fn layouts() -> [MapLayout; 26] {
     use std::mem::size_of;
     let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
         name,
@@ -231,6 +233,20 @@ pub fn layouts() -> [MapLayout; 24] {
             BPF_MAP_TYPE_LRU_HASH,
             size_of::<PolicyFlow>(),
             size_of::<AllowedFlow>(),
+            0,
+        ),
+        layout(
+            POLICY_FLOW_SHARES_MAP,
+            BPF_MAP_TYPE_ARRAY,
+            size_of::<u32>(),
+            size_of::<u64>(),
+            BPF_F_MMAPABLE,
+        ),
+        layout(
+            CT_TIMEOUTS_MAP,
+            BPF_MAP_TYPE_ARRAY,
+            size_of::<u32>(),
+            size_of::<ConnectionTimeouts>(),
             0,
         ),
         layout(
@@ -684,6 +700,27 @@ impl PolicyMaps {
         self.flows.keys().filter(|key| key.is_ok()).count()
     }
 
+    /// The connections that have lived out their timeouts at `now`, with the slot
+    /// each is charged to.
+    pub fn expired_flows(&self, now: u64, timeouts: &ConnectionTimeouts) -> Vec<(PolicyFlow, u32)> {
+        self.flows
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(_, flow)| flow.expired(now, timeouts))
+            .map(|(key, flow)| (key, flow.charged))
+            .collect()
+    }
+
+    /// Removes a connection's entry; false if a program removed it first (and gave
+    /// its share back).
+    pub fn forget_flow(&mut self, key: &PolicyFlow) -> Result<bool> {
+        match self.flows.remove(key) {
+            Ok(()) => Ok(true),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(nix::libc::ENOENT) => Ok(false),
+            Err(e) => Err(Error::map("removing an expired connection")(e)),
+        }
+    }
+
     /// How many rule entries by identity there are (keys only: no values read).
     pub fn identity_rule_count(&self) -> usize {
         self.identity_rules.keys().filter(|key| key.is_ok()).count()
@@ -692,6 +729,96 @@ impl PolicyMaps {
     /// How many cluster pod addresses have an identity (keys only).
     pub fn identity_count(&self) -> usize {
         self.identities.keys().filter(|key| key.is_ok()).count()
+    }
+}
+
+/// `VELOX_POLICY_FLOW_SHARES`, memory-mapped: the counts the programs change with
+/// BPF atomic adds, changed here with the CPU's.
+pub struct PolicyFlowShares {
+    counters: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory changed only atomically; it lives as long as
+// the value.
+unsafe impl Send for PolicyFlowShares {}
+
+impl PolicyFlowShares {
+    pub fn open(bpffs: &Bpffs) -> Result<Self> {
+        use std::os::fd::AsFd;
+        let path = bpffs.map(POLICY_FLOW_SHARES_MAP);
+        let map = MapData::from_pin(&path).map_err(Error::not_ready(format!("cannot open {}", path.display())))?;
+        let len = POLICY_FLOW_SHARES * std::mem::size_of::<u64>();
+        // SAFETY: a shared mapping of an mmapable array of `POLICY_FLOW_SHARES`
+        // u64s; the kernel keeps the map alive while it is mapped.
+        let mapped = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                std::num::NonZeroUsize::new(len).expect("not empty"),
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                map.fd().as_fd(),
+                0,
+            )
+        }
+        .map_err(|e| Error::map(format!("mapping {}", path.display()))(MapError::from(std::io::Error::from(e))))?;
+        Ok(Self {
+            counters: mapped.cast(),
+            len,
+        })
+    }
+
+    fn counter(&self, index: u32) -> &std::sync::atomic::AtomicU64 {
+        assert!((index as usize) < POLICY_FLOW_SHARES);
+        // SAFETY: within the mapping, 8-byte aligned (page-aligned start).
+        unsafe { &*self.counters.as_ptr().add(index as usize) }
+    }
+
+    /// Each slot's reserved share, and what the pool holds beyond them.
+    pub fn set_limits(&self, reserved: u64, pool: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.counter(POLICY_FLOW_RESERVED).store(reserved, Relaxed);
+        self.counter(POLICY_FLOW_POOL_SIZE).store(pool, Relaxed);
+    }
+
+    /// The reserved share and the pool's size, as `set_limits` left them.
+    pub fn limits(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.counter(POLICY_FLOW_RESERVED).load(Relaxed),
+            self.counter(POLICY_FLOW_POOL_SIZE).load(Relaxed),
+        )
+    }
+
+    /// Entries held by the pod in `slot`.
+    pub fn held(&self, slot: u32) -> u64 {
+        self.counter(slot).load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Entries held beyond the slots' reserved shares.
+    pub fn pool_used(&self) -> u64 {
+        self.counter(POLICY_FLOW_POOL_USED)
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Gives back the share of one entry of `slot` that a program charged, as the
+    /// programs do.
+    pub fn uncharge(&self, slot: u32) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if slot as usize >= velox_common::MAX_ENDPOINTS {
+            return;
+        }
+        if self.held(slot) > self.counter(POLICY_FLOW_RESERVED).load(Relaxed) {
+            self.counter(POLICY_FLOW_POOL_USED).fetch_sub(1, Relaxed);
+        }
+        self.counter(slot).fetch_sub(1, Relaxed);
+    }
+}
+
+impl Drop for PolicyFlowShares {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `open`, not used after this.
+        let _ = unsafe { nix::sys::mman::munmap(self.counters.cast(), self.len) };
     }
 }
 
@@ -1030,6 +1157,18 @@ pub fn clear_nat(bpffs: &Bpffs) -> Result<()> {
 }
 
 /// The NAT's connections, for `velox-loader nat`.
+/// The connection timeouts the programs use.
+pub fn connection_timeouts(bpffs: &Bpffs) -> Result<ConnectionTimeouts> {
+    let map: Array<MapData, ConnectionTimeouts> = open_map(bpffs, CT_TIMEOUTS_MAP)?;
+    map.get(&0, 0).map_err(Error::map("reading the connection timeouts"))
+}
+
+pub fn set_connection_timeouts(bpffs: &Bpffs, timeouts: &ConnectionTimeouts) -> Result<()> {
+    let mut map: Array<MapData, ConnectionTimeouts> = open_map(bpffs, CT_TIMEOUTS_MAP)?;
+    map.set(0, timeouts, 0)
+        .map_err(Error::map("setting the connection timeouts"))
+}
+
 pub fn nat_entries(bpffs: &Bpffs) -> Result<Vec<(NatKey, NatEntry)>> {
     let map: HashMap<MapData, NatKey, NatEntry> = open_map(bpffs, NAT_MAP)?;
     map.iter()

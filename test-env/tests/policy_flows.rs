@@ -4,7 +4,9 @@
 //!   must be judged as the connection they belong to, not as new flows;
 //! - ICMP errors about the connection (a port unreachable from its peer, a
 //!   fragmentation-needed / packet-too-big from anywhere on the path), without which
-//!   path MTU discovery black-holes.
+//!   path MTU discovery black-holes;
+//! - a life as long as its timeout without a packet, not for good;
+//! - its entry, however many connections another pod opens.
 //!
 //! Needs root and `cargo xtask build`; `cargo xtask test` does both.
 
@@ -31,9 +33,15 @@ const LARGE: usize = 4000;
 const CONVERGE: Duration = Duration::from_secs(20);
 const WAIT: Duration = Duration::from_millis(1000);
 
-/// Writes `server` (namespace `guarded`) and `clients` (namespace `clients`) where
-/// every loader reads them.
+/// Writes `server` (namespace `guarded`) and `clients` (namespace `clients`, label
+/// `app: client`) where every loader reads them.
 fn write_pods(cluster: &Cluster, server: &Pod, clients: &[(&Pod, usize)]) {
+    let labelled: Vec<_> = clients.iter().map(|(pod, node)| (*pod, *node, "client")).collect();
+    write_labelled_pods(cluster, server, &labelled);
+}
+
+/// `write_pods` with each client's `app` label.
+fn write_labelled_pods(cluster: &Cluster, server: &Pod, clients: &[(&Pod, usize, &str)]) {
     let labels = |app: &str| -> BTreeMap<String, String> { [("app".to_string(), app.to_string())].into() };
     let mut objects = vec![pod_object(
         "guarded",
@@ -42,11 +50,11 @@ fn write_pods(cluster: &Cluster, server: &Pod, clients: &[(&Pod, usize)]) {
         &cluster.nodes[0].name,
         server,
     )];
-    for (pod, node) in clients {
+    for (pod, node, app) in clients {
         objects.push(pod_object(
             "clients",
             &pod.name,
-            &labels("client"),
+            &labels(app),
             &cluster.nodes[*node].name,
             pod,
         ));
@@ -319,6 +327,223 @@ fn a_forged_icmp_error_opens_nothing() {
             listener.recv(&mut buf).is_err(),
             "{family:?}: after a forged ICMP error the isolated server sent to a port its egress rules close"
         );
+    }
+    cluster.finish().unwrap();
+}
+
+/// How long an allowed UDP exchange lives without a packet in the tests below.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Starts the loaders of `nodes` again with `flags`, and a UDP timeout of
+/// `EXCHANGE_TIMEOUT`.
+fn restart_loaders(cluster: &Cluster, nodes: &[usize], flags: &[&str]) {
+    let timeout = EXCHANGE_TIMEOUT.as_secs().to_string();
+    let flags: Vec<&str> = flags.iter().copied().chain(["--ct-timeout-any", &timeout]).collect();
+    for node in nodes {
+        cluster.nodes[*node].restart_loader_with(&flags).unwrap();
+    }
+}
+
+/// Waits until the server's rules are in the maps: its UDP echo on `ALLOWED_OUT`
+/// (a port its rules do not open in) no longer answers `client`.
+fn wait_for_isolation(server: &Pod, client: &Pod) {
+    let (stop, echo) = echo_server(&server.name, SocketAddr::new(server.ip(Family::V4), ALLOWED_OUT));
+    eventually("the policy isolates the server", || {
+        !echoed(&client.name, SocketAddr::new(server.ip(Family::V4), ALLOWED_OUT), 100)
+    });
+    stop.store(true, Ordering::Relaxed);
+    echo.join().unwrap().unwrap();
+}
+
+/// A UDP socket bound to `addr` in `netns`, reading with a timeout of `WAIT`.
+fn udp_socket(netns: &str, addr: SocketAddr) -> UdpSocket {
+    let socket = spawn_in(netns, move || Ok(UdpSocket::bind(addr)?))
+        .join()
+        .unwrap()
+        .unwrap();
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    socket
+}
+
+/// An allowed exchange lives as long as its timeout without a packet, not for good:
+/// once it is over, the isolated server's datagram back to the same client port is
+/// a new connection, which its egress rules close. From the server's node and the
+/// other, in both families.
+#[test]
+fn an_allowed_exchange_ends_after_its_timeout() {
+    let cluster = ClusterGuard::up("pf4").unwrap();
+    restart_loaders(&cluster, &[0, 1], &[]);
+    let (server, same_node, other_node) = (cluster.pod("pod-1"), cluster.pod("pod-4"), cluster.pod("pod-2"));
+    write_pods(&cluster, &server, &[(&same_node, 0), (&other_node, 1)]);
+    isolate_the_server(&cluster);
+    wait_for_isolation(&server, &same_node);
+
+    let mut exchanges = Vec::new();
+    for family in Family::ALL {
+        let server_socket = udp_socket(&server.name, SocketAddr::new(server.ip(family), ALLOWED_IN));
+        for (client, who) in [(&same_node, "pod-4 (same node)"), (&other_node, "pod-2 (node 1)")] {
+            let client_socket = udp_socket(&client.name, SocketAddr::new(client.ip(family), 0));
+            client_socket.connect(server_socket.local_addr().unwrap()).unwrap();
+            client_socket.send(b"hello").unwrap();
+            let mut buf = [0u8; 16];
+            let (_, from) = server_socket.recv_from(&mut buf).expect("the allowed datagram in");
+            server_socket.send_to(b"answer", from).unwrap();
+            assert!(
+                client_socket.recv(&mut buf).is_ok(),
+                "{who} {family:?}: the answer of the allowed exchange arrives"
+            );
+            exchanges.push((server_socket.try_clone().unwrap(), client_socket, from, who, family));
+        }
+    }
+    // The timeout, and a sweep of the loader's after it.
+    std::thread::sleep(EXCHANGE_TIMEOUT + Duration::from_secs(2));
+    for (server_socket, client_socket, to, who, family) in exchanges {
+        server_socket.send_to(b"much later", to).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(
+            client_socket.recv(&mut buf).is_err(),
+            "{who} {family:?}: the server still sends back on an exchange over for {EXCHANGE_TIMEOUT:?}: its \
+             egress rules do not open that port"
+        );
+    }
+    cluster.finish().unwrap();
+}
+
+/// A TCP echo server on `addr` in `netns` for one connection, until the returned
+/// flag is set.
+fn tcp_echo_server(netns: &str, addr: SocketAddr) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    let listener = spawn_in(netns, move || Ok(std::net::TcpListener::bind(addr)?))
+        .join()
+        .unwrap()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let Ok((mut stream, _)) = listener.accept() else {
+            return;
+        };
+        stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut buf = [0u8; 64];
+        while !stopped.load(Ordering::Relaxed) {
+            match std::io::Read::read(&mut stream, &mut buf) {
+                Ok(0) => return,
+                Ok(len) => {
+                    let _ = std::io::Write::write_all(&mut stream, &buf[..len]);
+                }
+                Err(_) => {}
+            }
+        }
+    });
+    (stop, thread)
+}
+
+/// Whether `stream` gets its bytes back.
+fn tcp_echoes(stream: &mut std::net::TcpStream) -> bool {
+    let mut buf = [0u8; 4];
+    std::io::Write::write_all(stream, b"ping").is_ok()
+        && std::io::Read::read_exact(stream, &mut buf).is_ok()
+        && &buf == b"ping"
+}
+
+/// One pod that opens connections by the thousand (an allowed UDP scan) takes its
+/// reserved share of the node's allowed-connections map and the shared pool, and no
+/// more: its further connections are dropped and counted (`policy_flows_full`),
+/// while an egress-isolated server's open connections keep their entries, so its
+/// replies still pass. Once the scan's exchanges time out, the loader's sweep gives
+/// the scanner its share back.
+#[test]
+fn one_pods_connections_cannot_push_out_anothers() {
+    let cluster = ClusterGuard::up("pf5").unwrap();
+    // 8,192 entries for the default 1,024 pods (on 2 CPUs): 3 reserved for each, a
+    // pool of 4,608. The scan below opens more connections than the map holds.
+    restart_loaders(&cluster, &[0], &["--policy-flows", "8192"]);
+    let (server, client, scanner, sink) = (
+        cluster.pod("pod-1"),
+        cluster.pod("pod-2"),
+        cluster.pod("pod-4"),
+        cluster.pod("pod-3"),
+    );
+    write_labelled_pods(
+        &cluster,
+        &server,
+        &[(&client, 1, "client"), (&scanner, 0, "scanner"), (&sink, 1, "sink")],
+    );
+    let clients = json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "clients"}}}]);
+    let server_rules = json!({
+        "podSelector": {},
+        "policyTypes": ["Ingress", "Egress"],
+        "ingress": [{"from": clients, "ports": [{"protocol": "TCP", "port": ALLOWED_IN}]}],
+        "egress": [{"to": clients, "ports": [{"protocol": "UDP", "port": ALLOWED_OUT}]}],
+    });
+    // Egress-isolated, but allowed everywhere: every connection of its is followed.
+    let scanner_rules = json!({
+        "podSelector": {"matchLabels": {"app": "scanner"}},
+        "policyTypes": ["Egress"],
+        "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "::/0"}}]}],
+    });
+    let policies = vec![
+        policy("guarded", "server", server_rules),
+        policy("clients", "scanner", scanner_rules),
+    ];
+    write_objects(&cluster.cluster_state.join("policies.json"), policies).unwrap();
+    wait_for_isolation(&server, &client);
+
+    let mut servers = Vec::new();
+    let mut connections: Vec<_> = Family::ALL
+        .into_iter()
+        .map(|family| {
+            let to = SocketAddr::new(server.ip(family), ALLOWED_IN);
+            servers.push(tcp_echo_server(&server.name, to));
+            let mut stream = spawn_in(&client.name, move || Ok(std::net::TcpStream::connect(to)?))
+                .join()
+                .unwrap()
+                .unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            assert!(tcp_echoes(&mut stream), "{family:?}: the allowed connection answers");
+            (family, stream)
+        })
+        .collect();
+
+    const SCANNED: u16 = 5000;
+    for family in Family::ALL {
+        let to = sink.ip(family);
+        spawn_in(&scanner.name, move || {
+            let socket = UdpSocket::bind(any(to))?;
+            // Each connection used twice: a plain LRU evicts connections in use last.
+            for port in 20_000..20_000 + SCANNED {
+                socket.send_to(b"scan", SocketAddr::new(to, port))?;
+                socket.send_to(b"scan", SocketAddr::new(to, port))?;
+            }
+            Ok(())
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+    }
+    for (family, stream) in &mut connections {
+        assert!(
+            tcp_echoes(stream),
+            "{family:?}: the isolated server's replies were dropped once another pod opened {} connections",
+            2 * SCANNED
+        );
+    }
+    let scanner_counters = cluster.nodes[0].endpoint(scanner.ip(Family::V4)).unwrap();
+    assert!(
+        scanner_counters["dropped"]["policy_flows_full"].as_u64().unwrap() > 0,
+        "the scan's connections beyond its share are counted: {scanner_counters}"
+    );
+
+    let echo = SocketAddr::new(sink.ip(Family::V4), ALLOWED_IN);
+    let (stop, echoing) = echo_server(&sink.name, echo);
+    eventually("the scanner's share comes back once its exchanges are over", || {
+        echoed(&scanner.name, echo, 100)
+    });
+    stop.store(true, Ordering::Relaxed);
+    echoing.join().unwrap().unwrap();
+    drop(connections);
+    for (stop, thread) in servers {
+        stop.store(true, Ordering::Relaxed);
+        thread.join().unwrap();
     }
     cluster.finish().unwrap();
 }

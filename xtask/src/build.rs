@@ -46,7 +46,9 @@ fn build_ebpf(target_dir: &str, features: &[&str]) -> anyhow::Result<()> {
         .env("RUSTC", "/usr/bin/rustc")
         .env_remove("RUSTUP_TOOLCHAIN")
         .env_remove("RUSTFLAGS")
-        .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+        // Unstable features for aya-ebpf and for the programs (atomic adds: the BPF
+        // target has no compare-and-swap, so `core::sync::atomic` offers none).
+        .env("RUSTC_BOOTSTRAP", "aya_ebpf,velox_ebpf")
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
             "--cfg=bpf_target_arch=\"x86_64\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",

@@ -89,8 +89,15 @@ pub const POLICY_IDENTITIES_MAP: &str = "VELOX_POLICY_IDENTITIES";
 /// isolated pod may exchange with the pods of one identity.
 pub const POLICY_IDENTITY_RULES_MAP: &str = "VELOX_POLICY_IDENTITY_RULES";
 /// Pinned under `<bpffsRoot>/maps/`: connections policy allowed (LRU), both
-/// directions under one key -> the rules generation that allowed them, who opened.
+/// directions under one key -> the rules generation that allowed them, who opened,
+/// whose share holds them, their state and last packet.
 pub const POLICY_FLOWS_MAP: &str = "VELOX_POLICY_FLOWS";
+/// Pinned under `<bpffsRoot>/maps/`: counters slot -> how many `VELOX_POLICY_FLOWS`
+/// entries that pod holds (u64, memory-mapped, changed atomically by the programs
+/// and the loader), then the pool's ([`POLICY_FLOW_POOL_USED`]).
+pub const POLICY_FLOW_SHARES_MAP: &str = "VELOX_POLICY_FLOW_SHARES";
+/// Pinned under `<bpffsRoot>/maps/`: one [`ConnectionTimeouts`], written by the loader.
+pub const CT_TIMEOUTS_MAP: &str = "VELOX_CT_TIMEOUTS";
 /// Pinned under `<bpffsRoot>/maps/`: one u32, the rule generation; the loader bumps it
 /// after every change, so connections are checked against the new rules once.
 pub const POLICY_GENERATION_MAP: &str = "VELOX_POLICY_GENERATION";
@@ -348,19 +355,41 @@ pub struct NatKey {
     pub dst: FlowEnd,
 }
 
-/// [`NatEntry::state`]: a TCP connection before its first reply, established,
+/// The state of a connection Velox tracks ([`NatEntry::state`],
+/// [`AllowedFlow::state`]): a TCP connection before its first reply, established,
 /// half-closed (a FIN one way), and closed (FINs both ways and the last ACK, or a
-/// RST); other protocols stay `NAT_OTHER`.
-pub const NAT_OPENING: u32 = 0;
-pub const NAT_ESTABLISHED: u32 = 1;
-pub const NAT_CLOSING: u32 = 2;
-pub const NAT_OTHER: u32 = 3;
-pub const NAT_CLOSED: u32 = 4;
-/// Seconds a connection in each `NAT_*` state lives without a packet: a SYN that
-/// is never answered holds a masquerading port for 30 s at most. A closed
-/// connection's ends can be taken by a new one before that (as conntrack reopens a
-/// TIME_WAIT tuple). An unknown state expires at once.
-pub const NAT_TIMEOUTS: [u64; 8] = [30, 6 * 3600, 60, 60, 10, 0, 0, 0];
+/// RST); other protocols stay `CT_OTHER`.
+pub const CT_OPENING: u32 = 0;
+pub const CT_ESTABLISHED: u32 = 1;
+pub const CT_CLOSING: u32 = 2;
+pub const CT_OTHER: u32 = 3;
+pub const CT_CLOSED: u32 = 4;
+/// Seconds a connection in each `CT_*` state lives without a packet, unless the
+/// loader is told otherwise (`--ct-timeout-*`): a SYN that is never answered holds
+/// a masquerading port for 30 s at most. A closed connection's ends can be taken by
+/// a new one before that (as conntrack reopens a TIME_WAIT tuple). An unknown state
+/// expires at once.
+pub const CT_TIMEOUTS: [u64; 8] = [30, 6 * 3600, 60, 60, 10, 0, 0, 0];
+
+/// `VELOX_CT_TIMEOUTS`'s one entry: the seconds of each `CT_*` state in force,
+/// written by the loader before any program runs. All zero (never written) expires
+/// everything at once: nothing is kept that no timeout was set for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionTimeouts {
+    pub seconds: [u64; 8],
+}
+
+impl ConnectionTimeouts {
+    /// Whether a connection in `state` whose last packet was at `last_seen` has
+    /// lived out its timeout at `now` (`bpf_ktime_get_ns`, `CLOCK_MONOTONIC`).
+    #[inline(always)]
+    pub fn expired(&self, state: u32, last_seen: u64, now: u64) -> bool {
+        let timeout = self.seconds[(state & 7) as usize] * 1_000_000_000;
+        // Another CPU may have stamped a later time than this packet's `now`.
+        now.saturating_sub(last_seen) > timeout
+    }
+}
 /// [`NatEntry::direction`].
 pub const NAT_ORIGINAL: u32 = 0;
 pub const NAT_REPLY: u32 = 1;
@@ -395,11 +424,10 @@ impl NatEntry {
         }
     }
 
+    /// Whether it has lived out its state's timeout.
     #[inline(always)]
-    pub fn expired(&self, now: u64) -> bool {
-        let timeout = NAT_TIMEOUTS[(self.state & 7) as usize] * 1_000_000_000;
-        // Another CPU may have stamped a later time than this packet's `now`.
-        now.saturating_sub(self.last_seen) > timeout
+    pub fn expired(&self, now: u64, timeouts: &ConnectionTimeouts) -> bool {
+        timeouts.expired(self.state, self.last_seen, now)
     }
 }
 
@@ -586,7 +614,8 @@ pub const OPENED_BY_FIRST: u32 = 0;
 pub const OPENED_BY_SECOND: u32 = 1;
 
 /// A connection policy allowed: under which rules generation, and which way it
-/// was opened (what decides again when the rules change).
+/// was opened (what decides again when the rules change); whose share of the map
+/// holds it, and how long it lives without a packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AllowedFlow {
@@ -595,7 +624,31 @@ pub struct AllowedFlow {
     /// 1 while the receiver's ingress is still to be judged, where the kernel delivers
     /// the connection (`to_pod`): until then only the replies may trust the entry.
     pub ingress_pending: u32,
+    /// The counters slot of the pod whose share of `VELOX_POLICY_FLOWS` it takes.
+    pub charged: u32,
+    /// A `CT_*` state: what [`CT_TIMEOUTS`] it lives without a packet.
+    pub state: u32,
+    pub pad: u32,
+    /// `bpf_ktime_get_ns` of its last packet, either way, to the second.
+    pub last_seen: u64,
 }
+
+impl AllowedFlow {
+    /// Whether it has lived out its state's timeout.
+    #[inline(always)]
+    pub fn expired(&self, now: u64, timeouts: &ConnectionTimeouts) -> bool {
+        timeouts.expired(self.state, self.last_seen, now)
+    }
+}
+
+/// `VELOX_POLICY_FLOW_SHARES` after the slots' counts: how many entries are held
+/// beyond the slots' reserved shares (the pool), how many the pool may hold, and
+/// each slot's reserved share. The loader sets the last two; zero (unset) admits
+/// nothing.
+pub const POLICY_FLOW_POOL_USED: u32 = MAX_ENDPOINTS as u32;
+pub const POLICY_FLOW_POOL_SIZE: u32 = POLICY_FLOW_POOL_USED + 1;
+pub const POLICY_FLOW_RESERVED: u32 = POLICY_FLOW_POOL_USED + 2;
+pub const POLICY_FLOW_SHARES: usize = MAX_ENDPOINTS + 3;
 
 /// Another node, as the next hop for one of its pod CIDRs (direct routing, no tunnel).
 /// An IPv4 CIDR goes via the node's IPv4 address, an IPv6 CIDR via its IPv6 address.
@@ -643,8 +696,9 @@ pub const DROP_POLICY_INGRESS: u32 = 4;
 pub const DROP_UNKNOWN_RECEIVER: u32 = 5;
 pub const DROP_NO_BACKEND: u32 = 6;
 pub const DROP_NAT_PORTS_EXHAUSTED: u32 = 7;
+pub const DROP_POLICY_FLOWS_FULL: u32 = 8;
 
-pub const DROP_REASONS: [DropReason; 8] = [
+pub const DROP_REASONS: [DropReason; 9] = [
     DropReason {
         code: DROP_SPOOFED,
         name: "spoofed",
@@ -689,6 +743,12 @@ pub const DROP_REASONS: [DropReason; 8] = [
         code: DROP_NAT_PORTS_EXHAUSTED,
         name: "nat_ports_exhausted",
         help: "a new connection from outside found no free source port to masquerade it with",
+    },
+    DropReason {
+        code: DROP_POLICY_FLOWS_FULL,
+        name: "policy_flows_full",
+        help: "a connection NetworkPolicy allowed could not be followed: its pod holds its reserved share of \
+               the allowed-connections map and the shared pool is full",
     },
 ];
 
@@ -799,6 +859,7 @@ mod pod {
     unsafe impl aya::Pod for super::NodeAddress {}
     unsafe impl aya::Pod for super::NatKey {}
     unsafe impl aya::Pod for super::NatEntry {}
+    unsafe impl aya::Pod for super::ConnectionTimeouts {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::Affinity {}
     unsafe impl aya::Pod for super::MaglevTable {}

@@ -15,6 +15,10 @@
 //! - the socket load balancer's cgroup hooks (`socket_lb`).
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no compare-and-swap, so `core::sync::atomic`
+// has no read-modify-write; a BPF atomic add is all the shares need.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod forward;
 mod kernel_flows;
@@ -24,6 +28,7 @@ mod policy;
 mod sav;
 mod services;
 mod socket_lb;
+mod timeouts;
 #[cfg(feature = "upgrade-test")]
 mod upgrade_test;
 mod verdict;
@@ -201,8 +206,8 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     let is_ip = parse(&ctx, &mut packet);
     let mut verdict = Verdict::default();
     let mut slot = NO_SLOT;
-    if is_ip && from_host {
-        policy::host_sent(&packet, ifindex);
+    if is_ip && from_host && policy::host_sent(&packet, ifindex) {
+        policy::enter_host_flow();
     }
     if is_ip && !from_host {
         match local_endpoint(&packet.dst.addr).filter(|receiver| receiver.ifindex == ifindex) {

@@ -25,17 +25,18 @@ use aya_ebpf::{
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use velox_common::{
-    AffinityKey, IpKey, NatEntry, NatKey, DEFAULT_NAT_ENTRIES, DROP_NAT_PORTS_EXHAUSTED, DROP_NO_BACKEND,
-    DROP_REDIRECT_FAILED, DROP_SPOOFED, FROM_NET_NAT, IPPROTO_TCP, IPPROTO_UDP, NAT_CLOSED, NAT_CLOSING,
-    NAT_ESTABLISHED, NAT_OPEN, NAT_OPENING, NAT_ORIGINAL, NAT_OTHER, NAT_PORTS, NAT_PROGRAMS, NAT_REPLY,
-    SERVICE_EXTERNAL_LOCAL, SERVICE_FROM_OUTSIDE, UPLINK_SLOT,
+    AffinityKey, IpKey, NatEntry, NatKey, CT_CLOSED, CT_CLOSING, CT_ESTABLISHED, CT_OPENING, CT_OTHER,
+    DEFAULT_NAT_ENTRIES, DROP_NAT_PORTS_EXHAUSTED, DROP_NO_BACKEND, DROP_REDIRECT_FAILED, DROP_SPOOFED, FROM_NET_NAT,
+    IPPROTO_TCP, IPPROTO_UDP, NAT_OPEN, NAT_ORIGINAL, NAT_PORTS, NAT_PROGRAMS, NAT_REPLY, SERVICE_EXTERNAL_LOCAL,
+    SERVICE_FROM_OUTSIDE, UPLINK_SLOT,
 };
 
 use crate::forward::{fits_uplink, local_endpoint, peer_node, to_local_pod, to_network, to_peer_node};
-use crate::parse::{parse, Packet, ICMP_ERROR_HEADER, IPPROTO_ICMPV6};
+use crate::parse::{parse, Packet, ICMP_ERROR_HEADER, IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::policy::{police, Verdict, ALLOWED};
 use crate::sav;
 use crate::services::{node_address, pick_backend, service_at};
+use crate::timeouts::connection_timeouts;
 use crate::verdict::{finish, interface_slot, Outcome, NO_SLOT, PASS};
 
 #[btf_map]
@@ -59,10 +60,6 @@ static VELOX_NAT_SCRATCH: PerCpuArray<NatScratch, 1> = PerCpuArray::new();
 #[btf_map]
 static VELOX_NAT_PROGRAMS: ProgramArray<{ NAT_PROGRAMS.len() }> = ProgramArray::new();
 
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
 const IPV4_FRAGMENTED: u16 = 0x3fff;
 
 // A packet's two ends are its NAT key: `Packet` starts with them, in `NatKey`'s layout.
@@ -262,7 +259,7 @@ fn connection(key: &NatKey, now: u64) -> Option<(&'static mut NatEntry, &'static
     // SAFETY: map values; concurrent updates of a connection's time and state race
     // harmlessly.
     let this = unsafe { &mut *this };
-    if this.expired(now) {
+    if this.expired(now, connection_timeouts()?) {
         return None;
     }
     let other = VELOX_NAT
@@ -311,9 +308,9 @@ fn open(packet: &Packet, ifindex: u32, now: u64) -> Result<(), Outcome> {
         return Err(if refuse { PASS } else { DROP_NO_BACKEND });
     };
     let state = if packet.src.proto == IPPROTO_TCP {
-        NAT_OPENING
+        CT_OPENING
     } else {
-        NAT_OTHER
+        CT_OTHER
     };
     // The entries are built in per-CPU scratch space, not on the stack, which the
     // packet's parse and the verdict's report fill already.
@@ -422,7 +419,8 @@ fn enter_reply(key: &NatKey, reply: &NatEntry, now: u64) -> bool {
         return false;
     };
     let quiet = now.saturating_sub(held.last_seen);
-    let over = held.expired(now) || (held.state == NAT_CLOSED && quiet > CLOSED_QUIET_NS);
+    let expired = connection_timeouts().is_none_or(|timeouts| held.expired(now, timeouts));
+    let over = expired || (held.state == CT_CLOSED && quiet > CLOSED_QUIET_NS);
     over && VELOX_NAT.insert(key, reply, u64::from(BPF_EXIST)).is_ok()
 }
 
@@ -459,27 +457,27 @@ fn track(entry: &mut NatEntry, other: &mut NatEntry, layout: &Layout, now: u64) 
         }
         let both_fins = entry.fin != 0 && other.fin != 0;
         if flags & TCP_RST != 0 {
-            state = NAT_CLOSED;
+            state = CT_CLOSED;
         } else if flags & (TCP_SYN | TCP_ACK) == TCP_SYN && entry.direction == NAT_ORIGINAL {
-            state = NAT_OPENING;
+            state = CT_OPENING;
             entry.fin = 0;
             other.fin = 0;
         } else if flags & TCP_FIN != 0 {
             entry.fin = 1;
-            if state != NAT_CLOSED {
-                state = NAT_CLOSING;
+            if state != CT_CLOSED {
+                state = CT_CLOSING;
             }
         } else if both_fins {
-            state = NAT_CLOSED;
-        } else if state == NAT_CLOSED || state == NAT_CLOSING {
+            state = CT_CLOSED;
+        } else if state == CT_CLOSED || state == CT_CLOSING {
             // Still talking: a RST or FIN that closed it was not the connection's.
             state = if entry.fin | other.fin != 0 {
-                NAT_CLOSING
+                CT_CLOSING
             } else {
-                NAT_ESTABLISHED
+                CT_ESTABLISHED
             };
-        } else if entry.direction == NAT_REPLY && state == NAT_OPENING {
-            state = NAT_ESTABLISHED;
+        } else if entry.direction == NAT_REPLY && state == CT_OPENING {
+            state = CT_ESTABLISHED;
         }
     }
     entry.last_seen = now;

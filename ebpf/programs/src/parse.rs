@@ -12,8 +12,10 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 /// ICMP and ICMPv6 echo request and reply: their identifier stands for a port.
 const ICMP_ECHO: [u8; 4] = [8, 0, 128, 129];
 const ICMP_ECHO_REQUEST: [u8; 2] = [8, 128];
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 /// Router solicitation .. redirect: neighbour discovery is the kernel's business.
 const NDP_TYPES: core::ops::RangeInclusive<u8> = 133..=137;
 /// ICMP errors, each about the connection whose packet it quotes: destination
@@ -67,9 +69,11 @@ pub struct Packet {
     /// An ICMP error whose ends are those of the connection it quotes: it passes
     /// only where that connection was allowed (see `police`).
     pub is_error: bool,
+    /// A TCP segment's flags (`TCP_*`), 0 for other protocols.
+    pub tcp_flags: u8,
     /// A fixed C layout, 4-byte multiple: with Rust's own layout LLVM's BPF backend
     /// crashed (post-RA pseudo expansion) once a field was added here.
-    pad: [u8; 2],
+    pad: u8,
 }
 
 /// Where a packet's transport header lies and what its fragment is.
@@ -219,6 +223,7 @@ fn transport(ctx: &TcContext, offset: usize, packet: &mut Packet) -> bool {
                 let tcp = unsafe { &*tcp };
                 packet.src.port = u16::from_ne_bytes([tcp[0], tcp[1]]);
                 packet.dst.port = u16::from_ne_bytes([tcp[2], tcp[3]]);
+                packet.tcp_flags = tcp[13];
                 packet.opens = tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
             }
         }
@@ -267,19 +272,31 @@ fn transport(ctx: &TcContext, offset: usize, packet: &mut Packet) -> bool {
 /// offset the verifier would have to follow through every later step.
 #[inline(always)]
 fn quoted_connection(ctx: &TcContext, offset: usize, packet: &mut Packet) {
-    let quoted = if packet.src.proto == IPPROTO_ICMP {
-        ctx.load::<Ipv4Hdr>(offset).ok().map(|ip| {
-            let transport = offset + usize::from(ip.ihl());
-            (IpKey::v4(ip.src_addr), IpKey::v4(ip.dst_addr), ip.proto, transport)
-        })
+    // Read as words, not bytes: LLVM's BPF backend spills a byte array it takes
+    // apart a byte per 8-byte slot.
+    let (src, dst, proto, transport) = if packet.src.proto == IPPROTO_ICMP {
+        // Version and header length, ..., protocol (byte 9), checksum, then both
+        // addresses.
+        let Ok(ip) = ctx.load::<[u32; 5]>(offset) else {
+            return;
+        };
+        let header_len = (ip[0].to_ne_bytes()[0] & 0x0f) as usize * 4;
+        let mapped = |word: u32| IpKey::from_words([0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), word]);
+        (
+            mapped(ip[3]),
+            mapped(ip[4]),
+            ip[2].to_ne_bytes()[1],
+            offset + header_len,
+        )
     } else {
-        ctx.load::<Ipv6Hdr>(offset).ok().map(|ip| {
-            let transport = offset + Ipv6Hdr::LEN;
-            (IpKey::v6(ip.src_addr), IpKey::v6(ip.dst_addr), ip.next_hdr, transport)
-        })
-    };
-    let Some((src, dst, proto, transport)) = quoted else {
-        return;
+        // Version, traffic class, flow label, payload length, next header (byte 6),
+        // hop limit, then both addresses.
+        let Ok(ip) = ctx.load::<[u32; 10]>(offset) else {
+            return;
+        };
+        let src = IpKey::from_words([ip[2], ip[3], ip[4], ip[5]]);
+        let dst = IpKey::from_words([ip[6], ip[7], ip[8], ip[9]]);
+        (src, dst, ip[1].to_ne_bytes()[2], offset + Ipv6Hdr::LEN)
     };
     // ICMP belongs to IPv4 and ICMPv6 to IPv6 (an IPv6 quote of IPv4-mapped
     // addresses in an IPv4 packet is no error of its receiver's), and the quoted

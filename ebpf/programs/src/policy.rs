@@ -7,23 +7,26 @@
 use aya_ebpf::{
     bindings::{
         bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
-        BPF_ANY, BPF_F_CURRENT_NETNS, BPF_F_NO_PREALLOC,
+        BPF_F_CURRENT_NETNS, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST,
     },
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
-    helpers::{bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_ktime_get_ns, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::btf_map,
     programs::TcContext,
 };
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use velox_common::{
-    AllowedFlow, FlowEnd, IdentityRuleKey, IpKey, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, DROP_POLICY_EGRESS,
-    DROP_POLICY_INGRESS, EGRESS, INGRESS, IPPROTO_TCP, IPPROTO_UDP, ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_ENDPOINTS,
-    MAX_POLICY_FLOWS, MAX_POLICY_IDENTITIES, MAX_POLICY_RULES, MAX_PORT_RULES, OPENED_BY_FIRST, OPENED_BY_SECOND,
-    POLICY_KEY_FIXED_BITS, RULES_VERSION,
+    AllowedFlow, FlowEnd, IdentityRuleKey, IpKey, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, CT_CLOSED,
+    CT_CLOSING, CT_ESTABLISHED, CT_OPENING, CT_OTHER, DROP_POLICY_EGRESS, DROP_POLICY_FLOWS_FULL, DROP_POLICY_INGRESS,
+    EGRESS, INGRESS, IPPROTO_TCP, IPPROTO_UDP, ISOLATED_EGRESS, ISOLATED_INGRESS, MAX_ENDPOINTS, MAX_POLICY_FLOWS,
+    MAX_POLICY_IDENTITIES, MAX_POLICY_RULES, MAX_PORT_RULES, OPENED_BY_FIRST, OPENED_BY_SECOND, POLICY_FLOW_POOL_SIZE,
+    POLICY_FLOW_POOL_USED, POLICY_FLOW_RESERVED, POLICY_FLOW_SHARES, POLICY_KEY_FIXED_BITS, RULES_VERSION,
 };
 
 use crate::{
     forward::{local_endpoint, peer_node},
-    parse::Packet,
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    timeouts::connection_timeouts,
     verdict::{Outcome, NO_SLOT, PASS},
 };
 
@@ -50,9 +53,17 @@ static VELOX_POLICY_IDENTITY_RULES: HashMap<
 static VELOX_POLICY_IDENTITIES: HashMap<IpKey, u64, MAX_POLICY_IDENTITIES, { BPF_F_NO_PREALLOC as usize }> =
     HashMap::new();
 
-/// Connections allowed, both directions under one key.
+/// Connections allowed, both directions under one key. Each is charged to a pod's
+/// share (`VELOX_POLICY_FLOW_SHARES`), and the shares are sized so the LRU never
+/// has to evict: one pod's connections cannot push out another's.
 #[btf_map]
 static VELOX_POLICY_FLOWS: LruHashMap<PolicyFlow, AllowedFlow, MAX_POLICY_FLOWS> = LruHashMap::new();
+
+/// Entries of `VELOX_POLICY_FLOWS` each slot holds, then the pool's use and limits
+/// (`POLICY_FLOW_POOL_*`, `POLICY_FLOW_RESERVED`). Memory-mapped: the loader's
+/// sweep of expired entries gives their shares back with the same atomics.
+#[btf_map]
+static VELOX_POLICY_FLOW_SHARES: Array<u64, POLICY_FLOW_SHARES, { BPF_F_MMAPABLE as usize }> = Array::new();
 
 #[btf_map]
 static VELOX_POLICY_GENERATION: Array<u32, 1> = Array::new();
@@ -124,8 +135,18 @@ pub fn police(
     }
     let generation = VELOX_POLICY_GENERATION.get(0).map_or(0, |g| *g);
     let (src, dst) = (&packet.src, &packet.dst);
-    let (key, src_first) = PolicyFlow::of(src, dst);
-    let known = VELOX_POLICY_FLOWS.get_ptr_mut(&key);
+    // The key and a new entry are built in per-CPU space: `to_pod`'s frame and the
+    // global functions' together must stay within 512 bytes.
+    let Some(scratch) = VELOX_FLOW_SCRATCH.get_ptr_mut(0) else {
+        verdict.result = DROP_POLICY_INGRESS;
+        return;
+    };
+    // SAFETY: this CPU's slot; nothing else runs on it while we do.
+    let scratch = unsafe { &mut *scratch };
+    let src_first;
+    (scratch.key, src_first) = PolicyFlow::of(src, dst);
+    let now = unsafe { bpf_ktime_get_ns() };
+    let known = live_flow(&scratch.key, now);
     // An ICMP error opens nothing and proves nothing: it passes only about a
     // connection allowed under the rules in force, and, sent by a pod of this node,
     // only from that connection's peer (a pod is no router on the path). Never a
@@ -152,17 +173,26 @@ pub fn police(
             )
         };
         if current && !(pending && opened_by_src) {
+            touch(flow, packet, opened_by_src, now);
             return;
         }
     }
+    // The entry this packet would make, in per-CPU space rather than on the stack.
+    scratch.flow = AllowedFlow {
+        generation,
+        opener: if src_first { OPENED_BY_FIRST } else { OPENED_BY_SECOND },
+        // Traffic the rules allow one way makes its replies allowed, also for a
+        // connection that was open before its pod was isolated.
+        ingress_pending: u32::from(ingress_elsewhere),
+        // The opener's share; a connection from elsewhere, the receiver's.
+        charged: if src_slot != NO_SLOT { src_slot } else { dst_slot },
+        state: opening_state(packet),
+        pad: 0,
+        last_seen: now,
+    };
     check(src_slot, src_flags, dst_slot, dst_flags, src, dst, verdict, true);
     if verdict.result == ALLOWED {
-        let connection = Connection {
-            key: &key,
-            src_first,
-            generation,
-        };
-        record_allowed(known, &connection, ingress_elsewhere, packet, src_flags, verdict);
+        record_allowed(known, scratch, src_first, packet, src_flags, verdict);
         return;
     }
     // A reply whose connection the rules have changed under: the direction that
@@ -175,6 +205,7 @@ pub fn police(
             check(dst_slot, dst_flags, src_slot, src_flags, dst, src, &mut again, false);
             if again.result == ALLOWED {
                 unsafe { (*flow).generation = generation };
+                touch(flow, packet, false, now);
                 *verdict = Verdict::default();
                 return;
             }
@@ -187,36 +218,27 @@ pub fn police(
     }
 }
 
-/// A connection as `police` looks it up: its key, whether the packet's source is its
-/// first end, the rules generation now.
-struct Connection<'a> {
-    key: &'a PolicyFlow,
-    src_first: bool,
-    generation: u32,
-}
-
-/// Records that the rules allowed a packet of `connection` (`known`: its entry).
+/// Records that the rules allowed a packet of a connection (`known`: its entry;
+/// `scratch`: its key, and the entry the packet would make).
 #[inline(always)]
 fn record_allowed(
     known: Option<*mut AllowedFlow>,
-    connection: &Connection,
-    ingress_elsewhere: bool,
+    scratch: &mut FlowScratch,
+    src_first: bool,
     packet: &Packet,
     src_flags: u32,
     verdict: &mut Verdict,
 ) {
-    let (key, src_first, generation) = (connection.key, connection.src_first, connection.generation);
-    // Traffic the rules allow one way makes its replies allowed, also for a
-    // connection that was open before its pod was isolated.
-    let ingress_pending = u32::from(ingress_elsewhere);
     match known {
         Some(flow) => unsafe {
-            (*flow).generation = generation;
+            (*flow).generation = scratch.flow.generation;
             // The opening direction's receiver has now been judged here, or is
             // to be judged (again, under these rules) where the kernel delivers.
-            if ((*flow).opener == OPENED_BY_FIRST) == src_first {
-                (*flow).ingress_pending = ingress_pending;
+            let opened_by_src = ((*flow).opener == OPENED_BY_FIRST) == src_first;
+            if opened_by_src {
+                (*flow).ingress_pending = scratch.flow.ingress_pending;
             }
+            touch(flow, packet, opened_by_src, scratch.flow.last_seen);
         },
         // A packet in the middle of a connection the map does not know (one open
         // before its pod was isolated) does not say who opened it. Sent by a pod
@@ -225,13 +247,12 @@ fn record_allowed(
         // judged on its own too.
         None if !packet.opens && src_flags & ISOLATED_INGRESS != 0 => {}
         None => {
-            let opener = if src_first { OPENED_BY_FIRST } else { OPENED_BY_SECOND };
-            let flow = AllowedFlow {
-                generation,
-                opener,
-                ingress_pending,
-            };
-            let _ = VELOX_POLICY_FLOWS.insert(key, flow, BPF_ANY as u64);
+            // What cannot be followed is not let through: its replies would be
+            // judged as new connections, or worse, pass unjudged later.
+            if velox_policy_flow_enter(&scratch.key, &scratch.flow) == 0 {
+                verdict.result = DROP_POLICY_FLOWS_FULL;
+                return;
+            }
             verdict.new_connection = packet.opens;
         }
     }
@@ -241,22 +262,25 @@ fn record_allowed(
 /// host-to-pod is allowed by default, and an egress-isolated pod's replies to it
 /// pass as replies, also to an unconnected UDP socket, which `host_has_connection`
 /// cannot tell from a server the pod would reach on its own. A call of its own:
-/// `to_pod`'s stack, with datapath logging on, has little room left.
-#[inline(never)]
-pub fn host_sent(packet: &Packet, ifindex: u32) {
+/// `to_pod`'s stack, with datapath logging on, has little room left; for the same
+/// reason it only prepares a new entry, which `to_pod` enters (`enter_host_flow`).
+/// True when there is one to enter.
+#[inline(always)]
+pub fn host_sent(packet: &Packet, ifindex: u32) -> bool {
     let Some(receiver) = local_endpoint(&packet.dst.addr).filter(|receiver| receiver.ifindex == ifindex) else {
-        return;
+        return false;
     };
     // What the node sends from a pod's address is not the host's own: it stands for
     // no connection of the host.
     let from_a_pod = local_endpoint(&packet.src.addr).is_some() || peer_node(&packet.src.addr).is_some();
     if !packet.opens || from_a_pod || flags(receiver.slot) & ISOLATED_EGRESS == 0 {
-        return;
+        return false;
     }
     // The key and entry are built in per-CPU space: this call's frame and `to_pod`'s
-    // together must stay within 512 bytes, with datapath logging's on top.
-    let Some(scratch) = VELOX_HOST_FLOW_SCRATCH.get_ptr_mut(0) else {
-        return;
+    // together must stay within 512 bytes, with datapath logging's on top. `police`
+    // uses the space after this call is done.
+    let Some(scratch) = VELOX_FLOW_SCRATCH.get_ptr_mut(0) else {
+        return false;
     };
     // SAFETY: this CPU's slot; nothing else runs on it while we do.
     let scratch = unsafe { &mut *scratch };
@@ -264,34 +288,197 @@ pub fn host_sent(packet: &Packet, ifindex: u32) {
     (scratch.key, src_first) = PolicyFlow::of(&packet.src, &packet.dst);
     let host_opener = if src_first { OPENED_BY_FIRST } else { OPENED_BY_SECOND };
     let generation = VELOX_POLICY_GENERATION.get(0).map_or(0, |g| *g);
-    match VELOX_POLICY_FLOWS.get_ptr_mut(&scratch.key) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    match live_flow(&scratch.key, now) {
         // SAFETY: a map value; racing writers write the same values.
         Some(flow) => unsafe {
             // One the pod opened stays the pod's: its rules go on judging it.
             if (*flow).opener == host_opener {
                 (*flow).generation = generation;
             }
+            touch(flow, packet, (*flow).opener == host_opener, now);
+            false
         },
         None => {
             scratch.flow = AllowedFlow {
                 generation,
                 opener: host_opener,
                 ingress_pending: 0,
+                charged: receiver.slot,
+                state: opening_state(packet),
+                pad: 0,
+                last_seen: now,
             };
-            let _ = VELOX_POLICY_FLOWS.insert(&scratch.key, &scratch.flow, BPF_ANY as u64);
+            true
         }
     }
 }
 
-/// Where `host_sent` builds its key and entry.
+/// Enters the connection `host_sent` prepared. Not followed (no share left), the
+/// pod's replies meet its egress rules: denied unless they allow them.
+#[inline(always)]
+pub fn enter_host_flow() {
+    if let Some(scratch) = VELOX_FLOW_SCRATCH.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, as `host_sent` left it.
+        let scratch = unsafe { &*scratch };
+        velox_policy_flow_enter(&scratch.key, &scratch.flow);
+    }
+}
+
+/// The entry of the connection `key`, unless it has lived out its timeout: then the
+/// connection is new again, and its entry is replaced when it is entered anew (or
+/// swept by the loader).
+#[inline(always)]
+fn live_flow(key: &PolicyFlow, now: u64) -> Option<*mut AllowedFlow> {
+    let flow = VELOX_POLICY_FLOWS.get_ptr_mut(key)?;
+    let timeouts = connection_timeouts()?;
+    // SAFETY: a map value.
+    unsafe { !(*flow).expired(now, timeouts) }.then_some(flow)
+}
+
+/// The state a connection's first allowed packet puts it in.
+#[inline(always)]
+fn opening_state(packet: &Packet) -> u32 {
+    match packet.src.proto {
+        IPPROTO_TCP if packet.opens => CT_OPENING,
+        // A connection open before its pod was isolated, met mid-way.
+        IPPROTO_TCP => CT_ESTABLISHED,
+        _ => CT_OTHER,
+    }
+}
+
+/// Follows a packet of an allowed connection (`from_opener`: sent by the end that
+/// opened it): its TCP state and its last packet, written only when they change
+/// (the time, once a second), so a busy connection does not keep a cache line
+/// bouncing between CPUs. A FIN or RST only shortens the connection's life; a
+/// forged one cannot end a connection that goes on talking.
+#[inline(always)]
+fn touch(flow: *mut AllowedFlow, packet: &Packet, from_opener: bool, now: u64) {
+    // SAFETY: a map value; racing writers write values as good.
+    let flow = unsafe { &mut *flow };
+    let flags = packet.tcp_flags;
+    let state = match flow.state {
+        _ if packet.src.proto != IPPROTO_TCP => CT_OTHER,
+        _ if flags & TCP_RST != 0 => CT_CLOSED,
+        _ if flags & (TCP_SYN | TCP_ACK) == TCP_SYN => CT_OPENING,
+        _ if flags & TCP_FIN != 0 => CT_CLOSING,
+        CT_OPENING if !from_opener => CT_ESTABLISHED,
+        CT_CLOSED => CT_ESTABLISHED,
+        state => state,
+    };
+    if state != flow.state {
+        flow.state = state;
+    }
+    if now.saturating_sub(flow.last_seen) >= 1_000_000_000 || state == CT_CLOSED {
+        flow.last_seen = now;
+    }
+}
+
+/// Enters an allowed connection, charged to its pod's share: its reserved share
+/// first, then the pool. An expired entry of the same ends gives its share back and
+/// makes way. 1 when entered (or another CPU entered it first), 0 when the shares
+/// are spent. A global function: verified once, not at every caller.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn velox_policy_flow_enter(key: *const PolicyFlow, flow: *const AllowedFlow) -> u32 {
+    if key.is_null() || flow.is_null() {
+        return 0;
+    }
+    // SAFETY: checked for null; the verifier checks their size.
+    let (key, flow) = unsafe { (&*key, &*flow) };
+    if !charge(flow.charged) {
+        return 0;
+    }
+    if VELOX_POLICY_FLOWS.insert(key, flow, u64::from(BPF_NOEXIST)).is_ok() {
+        return 1;
+    }
+    let (Some(held), Some(timeouts)) = (VELOX_POLICY_FLOWS.get_ptr(key), connection_timeouts()) else {
+        uncharge(flow.charged);
+        return 0;
+    };
+    // SAFETY: a map value.
+    let (expired, charged) = unsafe { ((*held).expired(flow.last_seen, timeouts), (*held).charged) };
+    // Entered by another CPU meanwhile: followed all the same.
+    if !expired {
+        uncharge(flow.charged);
+        return 1;
+    }
+    // Whoever removes the expired entry gives its share back.
+    if VELOX_POLICY_FLOWS.remove(key).is_ok() {
+        uncharge(charged);
+    }
+    if VELOX_POLICY_FLOWS.insert(key, flow, u64::from(BPF_NOEXIST)).is_ok() {
+        return 1;
+    }
+    uncharge(flow.charged);
+    u32::from(VELOX_POLICY_FLOWS.get_ptr(key).is_some())
+}
+
+/// The counter at `index` of `VELOX_POLICY_FLOW_SHARES`.
+#[inline(always)]
+fn share(index: u32) -> Option<*mut u64> {
+    VELOX_POLICY_FLOW_SHARES.get_ptr_mut(index)
+}
+
+/// Adds `delta` (wrapping: `u64::MAX` takes one away) with one BPF atomic add.
+#[inline(always)]
+fn add(counter: *mut u64, delta: u64) {
+    // SAFETY: a map value, 8-byte aligned; every writer adds atomically.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, delta) };
+}
+
+#[inline(always)]
+fn read(counter: *mut u64) -> u64 {
+    // SAFETY: a map value, 8-byte aligned: an aligned load is atomic.
+    unsafe { core::ptr::read_volatile(counter) }
+}
+
+/// Takes one entry for `slot`: from its reserved share, or else from the pool.
+/// Read, then added to: CPUs racing at the limit may each take one more, which the
+/// map's slack (the loader sizes the shares below its capacity) absorbs.
+#[inline(always)]
+fn charge(slot: u32) -> bool {
+    let (Some(held), Some(pool), Some(pool_size), Some(reserved)) = (
+        share(slot),
+        share(POLICY_FLOW_POOL_USED),
+        share(POLICY_FLOW_POOL_SIZE),
+        share(POLICY_FLOW_RESERVED),
+    ) else {
+        return false;
+    };
+    if read(held) >= read(reserved) {
+        if read(pool) >= read(pool_size) {
+            return false;
+        }
+        add(pool, 1);
+    }
+    add(held, 1);
+    true
+}
+
+/// Gives one entry of `slot` back: to the pool if it held more than its reserve.
+#[inline(always)]
+fn uncharge(slot: u32) {
+    let (Some(held), Some(pool), Some(reserved)) =
+        (share(slot), share(POLICY_FLOW_POOL_USED), share(POLICY_FLOW_RESERVED))
+    else {
+        return;
+    };
+    if read(held) > read(reserved) {
+        add(pool, u64::MAX);
+    }
+    add(held, u64::MAX);
+}
+
+/// Where `police` and `host_sent` build a connection's key and a new entry.
 #[repr(C)]
-struct HostFlowScratch {
+struct FlowScratch {
     key: PolicyFlow,
     flow: AllowedFlow,
 }
 
 #[btf_map]
-static VELOX_HOST_FLOW_SCRATCH: PerCpuArray<HostFlowScratch, 1> = PerCpuArray::new();
+static VELOX_FLOW_SCRATCH: PerCpuArray<FlowScratch, 1> = PerCpuArray::new();
 
 /// `TCP_LISTEN` in `bpf_sock.state`.
 const TCP_LISTEN: u32 = 10;
@@ -395,15 +582,49 @@ fn check(
 }
 
 /// The id of a policy of the pod in `slot` that lets it exchange `to`'s protocol and
-/// port with `peer` in `direction`; 0 when none does. A peer pod's identity is asked
-/// first, then the peer's address: policies add up, so either may allow.
+/// port with `peer` in `direction`; 0 when none does.
 #[inline(always)]
 fn allowing_policy(slot: u32, direction: u8, flags: u32, peer: &FlowEnd, to: &FlowEnd) -> u16 {
     let version = u8::from(flags & RULES_VERSION != 0);
     let rule = (u64::from(slot) << 16) | (u64::from(direction) << 8) | u64::from(version);
-    let by_identity = velox_identity_allows(rule, peer, to);
-    if by_identity != 0 {
-        return by_identity as u16;
+    velox_policy_allows(rule, peer, to) as u16
+}
+
+/// The policy that lets the pod of `rule` (slot << 16 | direction << 8 | version)
+/// exchange `to`'s protocol and port with `peer`; 0 when none does. The peer pod's
+/// identity is asked first, then the peer's address: policies add up, so either
+/// may allow. A global function: the verifier checks it once, on its own, instead
+/// of once for every way a program reaches it.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn velox_policy_allows(rule: u64, peer: *const FlowEnd, to: *const FlowEnd) -> u32 {
+    if peer.is_null() || to.is_null() {
+        return 0;
+    }
+    // SAFETY: checked for null; the verifier checks their size.
+    let (peer, to) = unsafe { (&*peer, &*to) };
+    let (slot, direction, version) = ((rule >> 16) as u32, (rule >> 8) as u8, rule as u8);
+    let Some(keys) = VELOX_IDENTITY_KEY_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: a map value, read once.
+    if let Some(identity) = unsafe { VELOX_POLICY_IDENTITIES.get(&peer.addr) } {
+        // SAFETY: this CPU's slot; nothing else runs on it while we do.
+        let key = unsafe { &mut *keys };
+        *key = IdentityRuleKey {
+            slot,
+            direction,
+            version,
+            pad: [0; 2],
+            identity: *identity,
+        };
+        // SAFETY: as above.
+        if let Some(ports) = unsafe { VELOX_POLICY_IDENTITY_RULES.get(key) } {
+            let policy = first_allowing(ports, to);
+            if policy != 0 {
+                return u32::from(policy);
+            }
+        }
     }
     let key = Key::new(
         POLICY_KEY_FIXED_BITS + 128,
@@ -416,41 +637,6 @@ fn allowing_policy(slot: u32, direction: u8, flags: u32, peer: &FlowEnd, to: &Fl
         },
     );
     match VELOX_POLICY_RULES.get(&key) {
-        Some(ports) => first_allowing(ports, to),
-        None => 0,
-    }
-}
-
-/// The policy that lets the pod of `rule` (slot << 16 | direction << 8 | version)
-/// exchange `to`'s protocol and port with the pods of `peer`'s identity; 0 when none
-/// does. A global function: the verifier checks it once, on its own, instead of
-/// once for every way a program reaches it.
-#[no_mangle]
-#[inline(never)]
-pub extern "C" fn velox_identity_allows(rule: u64, peer: *const FlowEnd, to: *const FlowEnd) -> u32 {
-    if peer.is_null() || to.is_null() {
-        return 0;
-    }
-    // SAFETY: checked for null; the verifier checks their size.
-    let (peer, to) = unsafe { (&*peer, &*to) };
-    let Some(keys) = VELOX_IDENTITY_KEY_SCRATCH.get_ptr_mut(0) else {
-        return 0;
-    };
-    // SAFETY: a map value, read once.
-    let Some(identity) = (unsafe { VELOX_POLICY_IDENTITIES.get(&peer.addr) }) else {
-        return 0;
-    };
-    // SAFETY: this CPU's slot; nothing else runs on it while we do.
-    let key = unsafe { &mut *keys };
-    *key = IdentityRuleKey {
-        slot: (rule >> 16) as u32,
-        direction: (rule >> 8) as u8,
-        version: rule as u8,
-        pad: [0; 2],
-        identity: *identity,
-    };
-    // SAFETY: as above.
-    match unsafe { VELOX_POLICY_IDENTITY_RULES.get(key) } {
         Some(ports) => u32::from(first_allowing(ports, to)),
         None => 0,
     }

@@ -3,6 +3,7 @@
 //! nothing changed.
 
 pub mod endpoints;
+pub mod flows;
 pub mod masquerade;
 pub mod peers;
 pub mod policy;
