@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use velox_common::DROP_REASONS;
-use velox_node::maps::{EndpointMaps, PeerMap, PolicyMaps, ServiceMaps};
+use velox_node::maps::{EndpointMaps, PeerMap, PolicyFlowShares, PolicyMaps, ServiceMaps};
 use velox_node::{Bpffs, StateDir};
 
 use crate::names::{interface_names, pods_by_interface};
@@ -431,6 +431,24 @@ impl Datapath {
             MetricType::Gauge,
         )?;
         ConstGauge::new(i64::from(maps.max_pods())).encode(max_pods)?;
+        if let Ok(shares) = PolicyFlowShares::open(&self.bpffs) {
+            let (_, size) = shares.limits();
+            for (name, help, value) in [
+                (
+                    "policy_flow_pool_entries",
+                    "Allowed connections held beyond their pods' reserved shares (--policy-flows)",
+                    shares.pool_used(),
+                ),
+                (
+                    "policy_flow_pool_size",
+                    "How many connections the shared pool holds at most; beyond it, a pod past its share is refused",
+                    size,
+                ),
+            ] {
+                let gauge = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                ConstGauge::new(value as i64).encode(gauge)?;
+            }
+        }
         Ok(())
     }
 }

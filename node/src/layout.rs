@@ -20,7 +20,9 @@
 //! │   ├── VELOX_POLICY_RULES                (slot, direction, version, peer prefix) -> ports
 //! │   ├── VELOX_POLICY_IDENTITY_RULES       (slot, direction, version, peer identity) -> ports
 //! │   ├── VELOX_POLICY_IDENTITIES           cluster pod address -> identity (label set)
-//! │   ├── VELOX_POLICY_FLOWS                connections policy allowed (LRU)
+//! │   ├── VELOX_POLICY_FLOWS                connections policy allowed (LRU), by state
+//! │   ├── VELOX_POLICY_FLOW_SHARES          each pod's share of them, and the pool's
+//! │   ├── VELOX_CT_TIMEOUTS                 seconds a connection lives, by state
 //! │   └── VELOX_POLICY_GENERATION           bumped at every rules change
 //! ├── programs/                       0700  replaced atomically at every loader start
 //! │   ├── from_pod                          each through a `<name>_staged` pin

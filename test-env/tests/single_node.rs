@@ -750,6 +750,9 @@ fn metrics_show_each_pods_counters_the_maps_and_the_reconcile_passes() {
     );
     assert_eq!(value("velox_map_entries{map=\"interfaces\"}"), 2.0);
     assert_eq!(value("velox_max_pods"), f64::from(velox_common::DEFAULT_MAX_PODS));
+    // The shares of the allowed-connections map are set (unset, they admit none).
+    assert!(value("velox_policy_flow_pool_size") > 100_000.0);
+    assert_eq!(value("velox_policy_flow_pool_entries"), 0.0);
     assert!(value("velox_reconcile_duration_seconds_count") >= 1.0);
     node.finish().unwrap();
 }

@@ -239,10 +239,14 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let samples = data_plane(&args, &cluster, &ptp, &bridge)?;
         let services = service_bench::measure(&cluster, &args.services, args.rounds, args.seconds)?;
         let policies = policy_bench::measure(&cluster, &ptp, &args.policies, args.rounds, args.seconds)?;
-        Ok::<_, anyhow::Error>((samples, control_plane, services, policies))
+        let policy_add_ms = match args.policies.is_empty() {
+            true => Vec::new(),
+            false => policy_bench::add_latency(&cluster, args.rounds)?,
+        };
+        Ok::<_, anyhow::Error>((samples, control_plane, services, policies, policy_add_ms))
     })();
     teardown();
-    let (samples, control_plane, (service_samples, service_throughput), policy_samples) = result?;
+    let (samples, control_plane, (service_samples, service_throughput), policy_samples, policy_add_ms) = result?;
     let run = report::Run {
         command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
         seconds: args.seconds,
@@ -255,6 +259,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         service_samples,
         service_throughput,
         policy_samples,
+        policy_add_ms,
     };
     report::write(&run, &args.out)
 }

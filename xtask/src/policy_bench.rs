@@ -3,7 +3,10 @@
 //! connections (connect, first byte, close), Velox's eBPF policy next to the same
 //! policies as iptables rules in FORWARD (an iptables policy engine: conntrack's
 //! ESTABLISHED first, then a rule per allowed peer) on the ptp plugin. Engines are
-//! interleaved per round; each is compared with itself at 0 policies.
+//! interleaved per round; each is compared with itself at 0 policies. And what
+//! first-packet isolation costs ADD: a pod a deny policy selects, added with the
+//! loader enforcing (ADD waits until the pod's rules are in the maps) and not
+//! (`--network-policy=false`), interleaved per round.
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -12,7 +15,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 use velox_test_env::cluster_state::write_objects;
-use velox_test_env::netpol::{namespace_object, pod_object, policy};
+use velox_test_env::netpol::{namespace_object, pod_object, policy, scheduled_pod_object};
 use velox_test_env::reference::ReferenceNode;
 use velox_test_env::{in_netns, iptables_restore, run_in_netns, wait_for, Cluster, Family, Pod};
 
@@ -140,6 +143,62 @@ pub fn measure(
     apply_velox(cluster, &velox, 0)?;
     apply_iptables(&ptp.name, &reference, 0)?;
     Ok(samples)
+}
+
+/// ADDs per mode and round.
+const ADDS: usize = 10;
+const ADD_NAMESPACE: &str = "bench-new";
+pub const ENFORCING: &str = "first-packet isolation";
+pub const NOT_ENFORCING: &str = "not enforcing (--network-policy=false)";
+
+/// CNI ADD latency in ms of a pod a deny policy selects (its Pod object in place, as
+/// kubelet's is), with the loader enforcing NetworkPolicy and not, interleaved.
+pub fn add_latency(cluster: &Cluster, rounds: u32) -> anyhow::Result<Vec<(String, Vec<f64>)>> {
+    let node = &cluster.nodes[0];
+    let labels = [("app".to_string(), "new".to_string())].into();
+    let names: Vec<String> = (0..ADDS).map(|i| format!("new-{i}")).collect();
+    let mut objects = vec![namespace_object(ADD_NAMESPACE, &Default::default())];
+    objects.extend(
+        names
+            .iter()
+            .map(|name| scheduled_pod_object(ADD_NAMESPACE, name, &labels, &node.name)),
+    );
+    let deny = json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]});
+    objects.push(policy(ADD_NAMESPACE, "deny", deny));
+    write_objects(&cluster.cluster_state.join("bench-new.json"), objects)?;
+    let mut enforcing = Vec::new();
+    let mut not_enforcing = Vec::new();
+    for round in 1..=rounds {
+        let order = match round % 2 {
+            1 => [true, false],
+            _ => [false, true],
+        };
+        for enforce in order {
+            node.restart_loader_with(if enforce { &[] } else { &["--network-policy=false"] })?;
+            for name in &names {
+                let netns = cluster.pod_name(0, name);
+                velox_test_env::netns::create_pod_netns(&netns)?;
+                let (_, took) = node.add_kubernetes_pod(&netns, ADD_NAMESPACE, name)?;
+                node.delete_pod(&netns)?;
+                let ms = took.as_secs_f64() * 1000.0;
+                match enforce {
+                    true => enforcing.push(ms),
+                    false => not_enforcing.push(ms),
+                }
+            }
+            println!(
+                "round {round} ADD {:<40} last {:.1} ms",
+                if enforce { ENFORCING } else { NOT_ENFORCING },
+                if enforce { enforcing.last() } else { not_enforcing.last() }.copied().unwrap_or(0.0)
+            );
+        }
+    }
+    node.restart_loader_with(&[])?;
+    std::fs::remove_file(cluster.cluster_state.join("bench-new.json"))?;
+    Ok(vec![
+        (ENFORCING.to_string(), enforcing),
+        (NOT_ENFORCING.to_string(), not_enforcing),
+    ])
 }
 
 /// `count` policies selecting the server, the last one admitting the client, as the

@@ -51,6 +51,10 @@ pub struct Run {
     pub service_throughput: Vec<ServiceThroughput>,
     #[serde(default)]
     pub policy_samples: Vec<PolicySample>,
+    /// CNI ADD latency in ms of a pod a deny policy selects, by mode: the loader
+    /// enforcing (first-packet isolation) or not.
+    #[serde(default)]
+    pub policy_add_ms: Vec<(String, Vec<f64>)>,
 }
 
 /// Median and range of one metric.
@@ -506,6 +510,18 @@ fn policies_markdown(run: &Run, out: &mut String) {
                 Stat::show(stat_of(engine, count, &|s| s.from_pod_ns_connections)),
             );
         }
+    }
+    if !run.policy_add_ms.is_empty() {
+        let modes: Vec<String> = run
+            .policy_add_ms
+            .iter()
+            .map(|(mode, ms)| format!("{mode} {}", Stat::show(Stat::of_any(ms))))
+            .collect();
+        let _ = writeln!(
+            out,
+            "\nCNI ADD of a pod a deny policy selects, ms, interleaved by round: {}",
+            modes.join("; ")
+        );
     }
     out.push('\n');
 }
