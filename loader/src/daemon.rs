@@ -948,8 +948,7 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
         (POLICY_RULES_MAP, options.policy_rules, "--policy-rules"),
         (POLICY_IDENTITY_RULES_MAP, options.policy_rules, "--policy-rules"),
     ];
-    let limits = policy_flow_limits(options);
-    restart_policy_flows_on_new_limits(bpffs, options.policy_flows, limits)?;
+    restart_policy_flows_on_new_size(bpffs, options.policy_flows)?;
     loader.map_max_entries(POLICY_FLOWS_MAP, options.policy_flows);
     for (name, entries, flag) in sized {
         let pin = bpffs.map(name);
@@ -985,7 +984,8 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     let mut ebpf = loader.load(object).context("loading the eBPF object")?;
     // Before any program of this load runs: zero limits admit no connection, zero
     // timeouts keep none.
-    PolicyFlowShares::open(bpffs)?.set_limits(limits.0, limits.1);
+    let (reserved, pool) = policy_flow_limits(options);
+    PolicyFlowShares::open(bpffs)?.set_limits(reserved, pool);
     velox_node::maps::set_connection_timeouts(bpffs, &options.timeouts)?;
     if first_datapath {
         // No program ran on this node yet, so no end of another node's pod is
@@ -1024,23 +1024,19 @@ fn policy_flow_limits(options: &DatapathOptions) -> (u64, u64) {
     crate::reconcile::flows::limits(options.policy_flows, options.max_pods, cpus)
 }
 
-/// The shares count the connections the flows map holds, under given limits: a map
-/// of another size (`--policy-flows`) or other limits (`--max-pods`) starts again
-/// empty, with its shares. The programs still attached keep the old pair until
-/// their links move.
-fn restart_policy_flows_on_new_limits(bpffs: &Bpffs, entries: u32, limits: (u64, u64)) -> anyhow::Result<()> {
+/// The shares count the connections the flows map holds: a map of another size
+/// (`--policy-flows`) starts again empty, and so do its shares (new limits alone,
+/// another `--max-pods`, keep both: see `PolicyFlowShares::set_limits`). The
+/// programs still attached keep the old pair until their links move.
+fn restart_policy_flows_on_new_size(bpffs: &Bpffs, entries: u32) -> anyhow::Result<()> {
     let (flows, shares) = (bpffs.map(POLICY_FLOWS_MAP), bpffs.map(POLICY_FLOW_SHARES_MAP));
-    let pinned_entries = MapData::from_pin(&flows)
+    let pinned = MapData::from_pin(&flows)
         .and_then(|map| map.info())
         .map(|info| info.max_entries())
         .ok();
-    let pinned_limits = PolicyFlowShares::open(bpffs).map(|shares| shares.limits()).ok();
-    if (pinned_entries, pinned_limits) != (Some(entries), Some(limits)) {
-        if pinned_entries.is_some() {
-            log::info!(
-                "--policy-flows or --max-pods changed {POLICY_FLOWS_MAP} (entries {pinned_entries:?}, shares \
-                 {pinned_limits:?}, now {entries} and {limits:?}): it starts again empty"
-            );
+    if pinned != Some(entries) || !shares.exists() {
+        if let Some(pinned) = pinned {
+            log::info!("--policy-flows asks for {entries} entries of {POLICY_FLOWS_MAP}, the pinned one has {pinned}: it starts again empty");
         }
         remove_if_exists(&flows)?;
         remove_if_exists(&shares)?;

@@ -774,11 +774,20 @@ impl PolicyFlowShares {
         unsafe { &*self.counters.as_ptr().add(index as usize) }
     }
 
-    /// Each slot's reserved share, and what the pool holds beyond them.
+    /// Each slot's reserved share, and what the pool holds beyond them. New limits
+    /// (another `--max-pods`) count the pool's use again from what each slot holds;
+    /// programs charging meanwhile may leave it off by the few they took.
     pub fn set_limits(&self, reserved: u64, pool: u64) {
         use std::sync::atomic::Ordering::Relaxed;
+        if self.limits() == (reserved, pool) {
+            return;
+        }
         self.counter(POLICY_FLOW_RESERVED).store(reserved, Relaxed);
         self.counter(POLICY_FLOW_POOL_SIZE).store(pool, Relaxed);
+        let beyond = (0..velox_common::MAX_ENDPOINTS as u32)
+            .map(|slot| self.held(slot).saturating_sub(reserved))
+            .sum();
+        self.counter(POLICY_FLOW_POOL_USED).store(beyond, Relaxed);
     }
 
     /// The reserved share and the pool's size, as `set_limits` left them.

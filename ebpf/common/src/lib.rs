@@ -382,7 +382,7 @@ pub struct ConnectionTimeouts {
 
 impl ConnectionTimeouts {
     /// Whether a connection in `state` whose last packet was at `last_seen` has
-    /// lived out its timeout at `now` (`bpf_ktime_get_ns`, `CLOCK_MONOTONIC`).
+    /// lived out its timeout at `now` (`CLOCK_MONOTONIC`, or its coarse reading).
     #[inline(always)]
     pub fn expired(&self, state: u32, last_seen: u64, now: u64) -> bool {
         let timeout = self.seconds[(state & 7) as usize] * 1_000_000_000;
@@ -629,7 +629,8 @@ pub struct AllowedFlow {
     /// A `CT_*` state: what [`CT_TIMEOUTS`] it lives without a packet.
     pub state: u32,
     pub pad: u32,
-    /// `bpf_ktime_get_ns` of its last packet, either way, to the second.
+    /// `bpf_ktime_get_coarse_ns` (`CLOCK_MONOTONIC_COARSE`) of its last packet, either
+    /// way, to the second.
     pub last_seen: u64,
 }
 

@@ -10,7 +10,7 @@ use aya_ebpf::{
         BPF_F_CURRENT_NETNS, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST,
     },
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
-    helpers::{bpf_ktime_get_ns, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::btf_map,
     programs::TcContext,
 };
@@ -145,7 +145,11 @@ pub fn police(
     let scratch = unsafe { &mut *scratch };
     let src_first;
     (scratch.key, src_first) = PolicyFlow::of(src, dst);
-    let now = unsafe { bpf_ktime_get_ns() };
+    // The coarse clock (a tick's resolution, no clock source read) is enough for
+    // timeouts in seconds.
+    // The coarse clock (a tick's resolution, no clock source read) serves timeouts
+    // in seconds.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let known = live_flow(&scratch.key, now);
     // An ICMP error opens nothing and proves nothing: it passes only about a
     // connection allowed under the rules in force, and, sent by a pod of this node,
@@ -288,7 +292,7 @@ pub fn host_sent(packet: &Packet, ifindex: u32) -> bool {
     (scratch.key, src_first) = PolicyFlow::of(&packet.src, &packet.dst);
     let host_opener = if src_first { OPENED_BY_FIRST } else { OPENED_BY_SECOND };
     let generation = VELOX_POLICY_GENERATION.get(0).map_or(0, |g| *g);
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     match live_flow(&scratch.key, now) {
         // SAFETY: a map value; racing writers write the same values.
         Some(flow) => unsafe {
