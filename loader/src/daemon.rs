@@ -936,7 +936,8 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     // the ends of connections the kernel has already forgotten.
     loader.map_max_entries(KERNEL_FLOWS_MAP, kernel_flows_capacity());
     let counters_slots = options.max_pods + 1;
-    // A pinned map keeps its size, so a new size needs a new map: the counters for
+    // A pinned map keeps its size, so a new size needs a new map: the NAT for
+    // --nat-entries (its connections are carried over), the counters for
     // --max-pods, the rules for --policy-rules. New rules maps start empty, and
     // the isolated pods deny everything until the policy pass writes their rules.
     // The other arrays by slot (policy switches, kernel-flow marks) are as long as
@@ -955,10 +956,10 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
         if let Ok(pinned) = MapData::from_pin(&pin).and_then(|map| map.info()) {
             if pinned.max_entries() != entries {
                 log::info!(
-                    "{flag} asks for {entries} entries of {name}, the pinned one has {}: it starts again empty",
+                    "{flag} asks for {entries} entries of {name}, the pinned one has {}: a new one is made",
                     pinned.max_entries()
                 );
-                remove_if_exists(&pin)?;
+                set_aside(bpffs, name)?;
             }
         }
         loader.map_max_entries(name, entries);
@@ -1036,12 +1037,33 @@ fn restart_policy_flows_on_new_size(bpffs: &Bpffs, entries: u32) -> anyhow::Resu
         .ok();
     if pinned != Some(entries) || !shares.exists() {
         if let Some(pinned) = pinned {
-            log::info!("--policy-flows asks for {entries} entries of {POLICY_FLOWS_MAP}, the pinned one has {pinned}: it starts again empty");
+            log::info!(
+                "--policy-flows asks for {entries} entries of {POLICY_FLOWS_MAP}, the pinned one has {pinned}: it \
+                 starts again empty"
+            );
         }
-        remove_if_exists(&flows)?;
-        remove_if_exists(&shares)?;
+        set_aside(bpffs, POLICY_FLOWS_MAP)?;
+        set_aside(bpffs, POLICY_FLOW_SHARES_MAP)?;
     }
     Ok(())
+}
+
+/// Moves this layout's pin of `name` out of the way of a new map of another size,
+/// into a directory beside the layouts': like another layout's maps, the
+/// connections it holds are carried over (`carry_over_connections`), and it goes
+/// once the links have moved (`remove_other_layouts`). The programs still attached
+/// use it until then.
+fn set_aside(bpffs: &Bpffs, name: &str) -> anyhow::Result<()> {
+    if !bpffs.map(name).exists() {
+        return Ok(());
+    }
+    let dir = bpffs
+        .all_maps_dir()
+        .join(format!("resized-{}", velox_node::maps::layout_id()));
+    create_private_dir(&dir)?;
+    let aside = dir.join(name);
+    remove_if_exists(&aside)?;
+    std::fs::rename(bpffs.map(name), &aside).with_context(|| format!("setting {name} aside"))
 }
 
 /// Keeps the node's own sockets off the source ports the NAT masquerades with
@@ -1238,7 +1260,7 @@ fn remove_other_layouts(bpffs: &Bpffs) -> anyhow::Result<()> {
         if entry == bpffs.maps_dir() {
             continue;
         }
-        log::info!("removing the maps of another layout: {}", entry.display());
+        log::info!("removing the maps of another layout, or set aside: {}", entry.display());
         if entry.is_dir() {
             std::fs::remove_dir_all(&entry)
         } else {

@@ -851,8 +851,8 @@ fn echo_stream(netns: &str, to: SocketAddr, stop: Arc<AtomicBool>) -> std::threa
 
 /// A TCP stream from the external host through a NodePort to a backend on the other
 /// node (masqueraded and forwarded) outlives restarts of both loaders, an upgrade to
-/// another build and a downgrade: the NAT's connections live in a pinned map, and
-/// the programs move over under them.
+/// another build, a downgrade, and a NAT map of another size: the NAT's connections
+/// live in a pinned map, and the programs move over under them.
 #[test]
 fn a_node_port_stream_from_outside_survives_restarts_an_upgrade_and_a_downgrade() {
     let (cluster, state) = cluster_replacing_kube_proxy("kprup");
@@ -876,14 +876,16 @@ fn a_node_port_stream_from_outside_survives_restarts_an_upgrade_and_a_downgrade(
     let frontend = SocketAddr::new(cluster.node_ip(1, Family::V4), 30007);
     let changed = velox_test_env::upgrade_test_object().unwrap();
     let changed = changed.to_str().unwrap().to_string();
-    // A restart, an upgrade, a downgrade, and an upgrade to another map layout (the
+    // A restart, an upgrade, a downgrade, an upgrade to another map layout (the
     // running programs' maps become another layout's; the NAT's connections were
-    // lost there).
-    let restarts: [(&[&str], bool); 4] = [
+    // lost there), and another --nat-entries (a new NAT map; they were lost there
+    // too).
+    let restarts: [(&[&str], bool); 5] = [
         (&[], false),
         (&["--ebpf-object", &changed], false),
         (&[], false),
         (&[], true),
+        (&["--nat-entries", "131072"], false),
     ];
     for (extra, layout_change) in restarts {
         let stop = Arc::new(AtomicBool::new(false));

@@ -189,7 +189,13 @@ pub fn add_latency(cluster: &Cluster, rounds: u32) -> anyhow::Result<Vec<(String
             println!(
                 "round {round} ADD {:<40} last {:.1} ms",
                 if enforce { ENFORCING } else { NOT_ENFORCING },
-                if enforce { enforcing.last() } else { not_enforcing.last() }.copied().unwrap_or(0.0)
+                if enforce {
+                    enforcing.last()
+                } else {
+                    not_enforcing.last()
+                }
+                .copied()
+                .unwrap_or(0.0)
             );
         }
     }
