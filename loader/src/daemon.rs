@@ -169,17 +169,19 @@ pub struct RunArgs {
     #[arg(long, default_value_t = crate::reconcile::flows::DEFAULT_ENTRIES, value_parser = clap::value_parser!(u32).range(1024..))]
     policy_flows: u32,
     /// Seconds a TCP connection never answered lives without a packet, in the NAT
-    /// and in the connections NetworkPolicy follows.
-    #[arg(long, default_value_t = velox_common::CT_TIMEOUTS[velox_common::CT_OPENING as usize], value_parser = clap::value_parser!(u64).range(1..))]
+    /// and in the connections NetworkPolicy follows. Each `--ct-timeout-*` is 2 s at
+    /// least (the programs note a connection's time once a second) and 30 days at
+    /// most.
+    #[arg(long, default_value_t = velox_common::CT_TIMEOUTS[velox_common::CT_OPENING as usize], value_parser = clap::value_parser!(u64).range(2..=MAX_CT_TIMEOUT))]
     ct_timeout_tcp_syn: u64,
     /// Seconds an established TCP connection lives without a packet.
-    #[arg(long, default_value_t = velox_common::CT_TIMEOUTS[velox_common::CT_ESTABLISHED as usize], value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = velox_common::CT_TIMEOUTS[velox_common::CT_ESTABLISHED as usize], value_parser = clap::value_parser!(u64).range(2..=MAX_CT_TIMEOUT))]
     ct_timeout_tcp: u64,
     /// Seconds a TCP connection lives without a packet after a FIN.
-    #[arg(long, default_value_t = velox_common::CT_TIMEOUTS[velox_common::CT_CLOSING as usize], value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = velox_common::CT_TIMEOUTS[velox_common::CT_CLOSING as usize], value_parser = clap::value_parser!(u64).range(2..=MAX_CT_TIMEOUT))]
     ct_timeout_tcp_fin: u64,
     /// Seconds a UDP (or ICMP, SCTP) exchange lives without a packet.
-    #[arg(long, default_value_t = velox_common::CT_TIMEOUTS[velox_common::CT_OTHER as usize], value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = velox_common::CT_TIMEOUTS[velox_common::CT_OTHER as usize], value_parser = clap::value_parser!(u64).range(2..=MAX_CT_TIMEOUT))]
     ct_timeout_any: u64,
     /// Enforce Kubernetes NetworkPolicy in the datapath, from the NetworkPolicies,
     /// Pods and Namespaces of `--cluster-state` or `--kubernetes`.
@@ -1018,6 +1020,9 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     }
     Ok(ebpf)
 }
+
+/// The longest `--ct-timeout-*`, in seconds.
+const MAX_CT_TIMEOUT: u64 = 30 * 24 * 3600;
 
 /// Each pod's reserved share of the policy flows map, and the pool's size.
 fn policy_flow_limits(options: &DatapathOptions) -> (u64, u64) {

@@ -185,3 +185,23 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_timeouts_below_two_seconds_or_above_thirty_days_are_refused() {
+        let run = |flag: &str, seconds: &str| Cli::try_parse_from(["velox-loader", "run", flag, seconds]);
+        for flag in [
+            "--ct-timeout-tcp-syn",
+            "--ct-timeout-tcp",
+            "--ct-timeout-tcp-fin",
+            "--ct-timeout-any",
+        ] {
+            assert!(run(flag, "1").is_err(), "{flag} 1");
+            assert!(run(flag, "2592001").is_err(), "{flag} beyond 30 days");
+            assert!(run(flag, "2").is_ok(), "{flag} 2");
+        }
+    }
+}

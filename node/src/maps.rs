@@ -700,19 +700,25 @@ impl PolicyMaps {
         self.flows.keys().filter(|key| key.is_ok()).count()
     }
 
-    /// The connections that have lived out their timeouts at `now`, with the slot
-    /// each is charged to.
-    pub fn expired_flows(&self, now: u64, timeouts: &ConnectionTimeouts) -> Vec<(PolicyFlow, u32)> {
-        self.flows
-            .iter()
-            .filter_map(|entry| entry.ok())
-            .filter(|(_, flow)| flow.expired(now, timeouts))
-            .map(|(key, flow)| (key, flow.charged))
-            .collect()
+    /// The connections that have lived out their timeouts at `now`, and how many
+    /// live ones each slot is charged with.
+    pub fn flow_census(
+        &self,
+        now: u64,
+        timeouts: &ConnectionTimeouts,
+    ) -> (Vec<PolicyFlow>, std::collections::HashMap<u32, u64>) {
+        let mut expired = Vec::new();
+        let mut held = std::collections::HashMap::new();
+        for (key, flow) in self.flows.iter().filter_map(|entry| entry.ok()) {
+            match flow.expired(now, timeouts) {
+                true => expired.push(key),
+                false => *held.entry(flow.charged).or_default() += 1,
+            }
+        }
+        (expired, held)
     }
 
-    /// Removes a connection's entry; false if a program removed it first (and gave
-    /// its share back).
+    /// Removes a connection's entry; false if a program removed it first.
     pub fn forget_flow(&mut self, key: &PolicyFlow) -> Result<bool> {
         match self.flows.remove(key) {
             Ok(()) => Ok(true),
@@ -774,19 +780,29 @@ impl PolicyFlowShares {
         unsafe { &*self.counters.as_ptr().add(index as usize) }
     }
 
-    /// Each slot's reserved share, and what the pool holds beyond them. New limits
-    /// (another `--max-pods`) count the pool's use again from what each slot holds;
-    /// programs charging meanwhile may leave it off by the few they took.
+    /// Each slot's reserved share, and what the pool holds beyond them. The pool's
+    /// use under new limits (another `--max-pods`) is counted again by the next
+    /// `recount`.
     pub fn set_limits(&self, reserved: u64, pool: u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        if self.limits() == (reserved, pool) {
-            return;
-        }
         self.counter(POLICY_FLOW_RESERVED).store(reserved, Relaxed);
         self.counter(POLICY_FLOW_POOL_SIZE).store(pool, Relaxed);
-        let beyond = (0..velox_common::MAX_ENDPOINTS as u32)
-            .map(|slot| self.held(slot).saturating_sub(reserved))
-            .sum();
+    }
+
+    /// Sets every slot's count, and the pool's use, to what the map holds (`held`:
+    /// live entries by slot). The programs count with a read and an add, which CPUs
+    /// racing may leave off by one now and then, and an entry the LRU evicted or a
+    /// loader that was down gives nothing back: this puts the counts right. A
+    /// program's change between the walk and these stores is lost until the next.
+    pub fn recount(&self, held: &std::collections::HashMap<u32, u64>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let reserved = self.counter(POLICY_FLOW_RESERVED).load(Relaxed);
+        let mut beyond = 0;
+        for slot in 0..velox_common::MAX_ENDPOINTS as u32 {
+            let count = held.get(&slot).copied().unwrap_or(0);
+            beyond += count.saturating_sub(reserved);
+            self.counter(slot).store(count, Relaxed);
+        }
         self.counter(POLICY_FLOW_POOL_USED).store(beyond, Relaxed);
     }
 
@@ -808,19 +824,6 @@ impl PolicyFlowShares {
     pub fn pool_used(&self) -> u64 {
         self.counter(POLICY_FLOW_POOL_USED)
             .load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Gives back the share of one entry of `slot` that a program charged, as the
-    /// programs do.
-    pub fn uncharge(&self, slot: u32) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if slot as usize >= velox_common::MAX_ENDPOINTS {
-            return;
-        }
-        if self.held(slot) > self.counter(POLICY_FLOW_RESERVED).load(Relaxed) {
-            self.counter(POLICY_FLOW_POOL_USED).fetch_sub(1, Relaxed);
-        }
-        self.counter(slot).fetch_sub(1, Relaxed);
     }
 }
 

@@ -7,7 +7,7 @@
 use aya_ebpf::{
     bindings::{
         bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
-        BPF_F_CURRENT_NETNS, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST,
+        BPF_EXIST, BPF_F_CURRENT_NETNS, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST,
     },
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     helpers::{bpf_ktime_get_coarse_ns, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
@@ -208,8 +208,7 @@ pub fn police(
             // Not recorded: the packet's drop names the policies of its own walk.
             check(dst_slot, dst_flags, src_slot, src_flags, dst, src, &mut again, false);
             if again.result == ALLOWED {
-                unsafe { (*flow).generation = generation };
-                touch(flow, packet, false, now);
+                rewrite(flow, scratch, false, packet);
                 *verdict = Verdict::default();
                 return;
             }
@@ -234,16 +233,10 @@ fn record_allowed(
     verdict: &mut Verdict,
 ) {
     match known {
-        Some(flow) => unsafe {
-            (*flow).generation = scratch.flow.generation;
-            // The opening direction's receiver has now been judged here, or is
-            // to be judged (again, under these rules) where the kernel delivers.
-            let opened_by_src = ((*flow).opener == OPENED_BY_FIRST) == src_first;
-            if opened_by_src {
-                (*flow).ingress_pending = scratch.flow.ingress_pending;
-            }
-            touch(flow, packet, opened_by_src, scratch.flow.last_seen);
-        },
+        Some(flow) => {
+            let opened_by_src = (unsafe { (*flow).opener } == OPENED_BY_FIRST) == src_first;
+            rewrite(flow, scratch, opened_by_src, packet);
+        }
         // A packet in the middle of a connection the map does not know (one open
         // before its pod was isolated) does not say who opened it. Sent by a pod
         // isolated for ingress, crediting it would open its ingress to the
@@ -260,6 +253,26 @@ fn record_allowed(
             verdict.new_connection = packet.opens;
         }
     }
+}
+
+/// Writes the entry of a connection the rules allowed again under the generation now
+/// (`scratch`: its key, and the generation, receiver's judgement and time of this
+/// packet), by key: never through `flow`, whose entry may have been removed since
+/// and its memory given to another connection. The opening direction's receiver has
+/// now been judged here, or is to be judged (again, under these rules) where the
+/// kernel delivers; a reply leaves that as it was. An entry removed meanwhile stays
+/// removed: the next packet is judged anew.
+#[inline(always)]
+fn rewrite(flow: *mut AllowedFlow, scratch: &mut FlowScratch, opened_by_src: bool, packet: &Packet) {
+    // SAFETY: a map value, read once; what it holds is only carried over.
+    let held = unsafe { *flow };
+    scratch.flow.opener = held.opener;
+    scratch.flow.charged = held.charged;
+    if !opened_by_src {
+        scratch.flow.ingress_pending = held.ingress_pending;
+    }
+    scratch.flow.state = next_state(held.state, packet, opened_by_src);
+    let _ = VELOX_POLICY_FLOWS.insert(&scratch.key, &scratch.flow, u64::from(BPF_EXIST));
 }
 
 /// A packet the node's own processes send into the pod behind host veth `ifindex`:
@@ -340,6 +353,22 @@ fn live_flow(key: &PolicyFlow, now: u64) -> Option<*mut AllowedFlow> {
     unsafe { !(*flow).expired(now, timeouts) }.then_some(flow)
 }
 
+/// The state a packet (`from_opener`: sent by the end that opened the connection)
+/// moves a connection in `state` to.
+#[inline(always)]
+fn next_state(state: u32, packet: &Packet, from_opener: bool) -> u32 {
+    let flags = packet.tcp_flags;
+    match state {
+        _ if packet.src.proto != IPPROTO_TCP => CT_OTHER,
+        _ if flags & TCP_RST != 0 => CT_CLOSED,
+        _ if flags & (TCP_SYN | TCP_ACK) == TCP_SYN => CT_OPENING,
+        _ if flags & TCP_FIN != 0 => CT_CLOSING,
+        CT_OPENING if !from_opener => CT_ESTABLISHED,
+        CT_CLOSED => CT_ESTABLISHED,
+        state => state,
+    }
+}
+
 /// The state a connection's first allowed packet puts it in.
 #[inline(always)]
 fn opening_state(packet: &Packet) -> u32 {
@@ -356,20 +385,14 @@ fn opening_state(packet: &Packet) -> u32 {
 /// (the time, once a second), so a busy connection does not keep a cache line
 /// bouncing between CPUs. A FIN or RST only shortens the connection's life; a
 /// forged one cannot end a connection that goes on talking.
+/// Only the time and state are written here, through the pointer: should the entry
+/// have been removed and its memory given to another allowed connection meanwhile,
+/// that one lives a little longer.
 #[inline(always)]
 fn touch(flow: *mut AllowedFlow, packet: &Packet, from_opener: bool, now: u64) {
     // SAFETY: a map value; racing writers write values as good.
     let flow = unsafe { &mut *flow };
-    let flags = packet.tcp_flags;
-    let state = match flow.state {
-        _ if packet.src.proto != IPPROTO_TCP => CT_OTHER,
-        _ if flags & TCP_RST != 0 => CT_CLOSED,
-        _ if flags & (TCP_SYN | TCP_ACK) == TCP_SYN => CT_OPENING,
-        _ if flags & TCP_FIN != 0 => CT_CLOSING,
-        CT_OPENING if !from_opener => CT_ESTABLISHED,
-        CT_CLOSED => CT_ESTABLISHED,
-        state => state,
-    };
+    let state = next_state(flow.state, packet, from_opener);
     if state != flow.state {
         flow.state = state;
     }
@@ -468,7 +491,13 @@ fn uncharge(slot: u32) {
     else {
         return;
     };
-    if read(held) > read(reserved) {
+    // Never below zero: a count the loader's recount just lowered stays at zero
+    // until its next recount.
+    let before = read(held);
+    if before == 0 {
+        return;
+    }
+    if before > read(reserved) && read(pool) > 0 {
         add(pool, u64::MAX);
     }
     add(held, u64::MAX);

@@ -46,36 +46,37 @@ pub fn sweep_interval(timeouts: &ConnectionTimeouts) -> Duration {
     Duration::from_millis((shortest * 500).clamp(1000, 30_000))
 }
 
-/// Forgets every expired connection, and gives its share back. Returns how many.
-/// A program may take up a connection with the same ends between the read and the
-/// removal: that connection is forgotten too, and its next packet is judged anew.
+/// Forgets every expired connection, and counts each pod's share (and the pool's)
+/// again from the live ones. Returns how many it forgot. A program may take up a
+/// connection with the same ends between the read and the removal: that connection
+/// is forgotten too, and its next packet is judged anew.
 pub fn sweep(bpffs: &Bpffs, timeouts: &ConnectionTimeouts) -> anyhow::Result<usize> {
     let mut maps = PolicyMaps::open(bpffs)?;
     let shares = PolicyFlowShares::open(bpffs)?;
     let now = crate::monitor::monotonic_ns()?;
+    let (expired, held) = maps.flow_census(now, timeouts);
     let mut forgotten = 0;
-    for (key, charged) in maps.expired_flows(now, timeouts) {
-        if maps.forget_flow(&key)? {
-            shares.uncharge(charged);
-            forgotten += 1;
-        }
+    for key in expired {
+        forgotten += usize::from(maps.forget_flow(&key)?);
     }
+    shares.recount(&held);
     Ok(forgotten)
 }
 
-/// Sweeps on a thread of its own, for as long as the loader runs: a walk of a full
-/// map takes a while, and never holds up a reconcile pass.
+/// Sweeps on a thread of its own, for as long as the loader runs, the first time at
+/// once (the counts under this start's limits): a walk of a full map takes a while,
+/// and never holds up a reconcile pass.
 pub fn sweep_forever(bpffs: Bpffs, timeouts: ConnectionTimeouts) -> anyhow::Result<()> {
     let interval = sweep_interval(&timeouts);
     std::thread::Builder::new()
         .name("policy-flows".into())
         .spawn(move || loop {
-            std::thread::sleep(interval);
             match sweep(&bpffs, &timeouts) {
                 Ok(0) => {}
                 Ok(n) => log::debug!("forgot {n} expired connections of isolated pods"),
                 Err(e) => log::warn!("sweeping expired connections: {e:#}"),
             }
+            std::thread::sleep(interval);
         })?;
     Ok(())
 }
