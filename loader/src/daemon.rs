@@ -26,10 +26,10 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{Receiver, Sender};
 use velox_common::{
-    Affinity, AffinityKey, ConnectionTimeouts, FlowEnd, NatEntry, NatKey, AFFINITY_MAP, COUNTERS_MAP,
-    DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS,
-    NAT_PROGRAMS_MAP, POLICY_FLOWS_MAP, POLICY_FLOW_SHARES_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_RULES_MAP,
-    SOCKET_LB_PROGRAMS, TO_POD_PROGRAM, UPLINK_SLOT,
+    Affinity, AffinityKey, AllowedFlow, ConnectionTimeouts, FlowEnd, NatEntry, NatKey, PolicyFlow, AFFINITY_MAP,
+    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS,
+    NAT_PROGRAMS_MAP, POLICY_FLOWS_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_RULES_MAP, SOCKET_LB_PROGRAMS,
+    TO_POD_PROGRAM, UPLINK_SLOT,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir, write_atomic};
@@ -939,20 +939,20 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     loader.map_max_entries(KERNEL_FLOWS_MAP, kernel_flows_capacity());
     let counters_slots = options.max_pods + 1;
     // A pinned map keeps its size, so a new size needs a new map: the NAT for
-    // --nat-entries (its connections are carried over), the counters for
+    // --nat-entries and the connections NetworkPolicy follows for --policy-flows
+    // (both carried over; the sweep counts the shares again), the counters for
     // --max-pods, the rules for --policy-rules. New rules maps start empty, and
     // the isolated pods deny everything until the policy pass writes their rules.
     // The other arrays by slot (policy switches, kernel-flow marks) are as long as
     // the largest --max-pods: recreated, they would leave the programs still
     // attached judging new pods by an old map's entries for their slots.
     let sized = [
+        (POLICY_FLOWS_MAP, options.policy_flows, "--policy-flows"),
         (NAT_MAP, options.nat_entries, "--nat-entries"),
         (COUNTERS_MAP, counters_slots, "--max-pods"),
         (POLICY_RULES_MAP, options.policy_rules, "--policy-rules"),
         (POLICY_IDENTITY_RULES_MAP, options.policy_rules, "--policy-rules"),
     ];
-    restart_policy_flows_on_new_size(bpffs, options.policy_flows)?;
-    loader.map_max_entries(POLICY_FLOWS_MAP, options.policy_flows);
     for (name, entries, flag) in sized {
         let pin = bpffs.map(name);
         if let Ok(pinned) = MapData::from_pin(&pin).and_then(|map| map.info()) {
@@ -1028,29 +1028,6 @@ const MAX_CT_TIMEOUT: u64 = 30 * 24 * 3600;
 fn policy_flow_limits(options: &DatapathOptions) -> (u64, u64) {
     let cpus = aya::util::nr_cpus().map_or(1, |cpus| cpus as u64);
     crate::reconcile::flows::limits(options.policy_flows, options.max_pods, cpus)
-}
-
-/// The shares count the connections the flows map holds: a map of another size
-/// (`--policy-flows`) starts again empty, and so do its shares (new limits alone,
-/// another `--max-pods`, keep both: see `PolicyFlowShares::set_limits`). The
-/// programs still attached keep the old pair until their links move.
-fn restart_policy_flows_on_new_size(bpffs: &Bpffs, entries: u32) -> anyhow::Result<()> {
-    let (flows, shares) = (bpffs.map(POLICY_FLOWS_MAP), bpffs.map(POLICY_FLOW_SHARES_MAP));
-    let pinned = MapData::from_pin(&flows)
-        .and_then(|map| map.info())
-        .map(|info| info.max_entries())
-        .ok();
-    if pinned != Some(entries) || !shares.exists() {
-        if let Some(pinned) = pinned {
-            log::info!(
-                "--policy-flows asks for {entries} entries of {POLICY_FLOWS_MAP}, the pinned one has {pinned}: it \
-                 starts again empty"
-            );
-        }
-        set_aside(bpffs, POLICY_FLOWS_MAP)?;
-        set_aside(bpffs, POLICY_FLOW_SHARES_MAP)?;
-    }
-    Ok(())
 }
 
 /// Moves this layout's pin of `name` out of the way of a new map of another size,
@@ -1277,16 +1254,22 @@ fn remove_other_layouts(bpffs: &Bpffs) -> anyhow::Result<()> {
 }
 
 /// Copies what only the maps record from another layout's maps of the same shape
-/// into this layout's, so an upgrade that changes the layout keeps live
-/// connections: the kernel flows (connections the kernel NATs; without them replies
-/// would take the fast path), Velox's own NAT of connections from outside, and the
-/// ClientIP affinities. Done when this layout's maps are pinned, and again once the
-/// links have moved (the old programs went on changing the old maps until then):
-/// an entry they changed later wins. The endpoint and peer maps are rebuilt from the
-/// records and the peers file; counters start again.
+/// (or a map set aside for its size) into this layout's, so an upgrade that changes
+/// the layout keeps live connections: the kernel flows (connections the kernel
+/// NATs; without them replies would take the fast path), Velox's own NAT of
+/// connections from outside, the connections NetworkPolicy allowed (without them an
+/// egress-isolated server's replies would be judged as its own connections; the
+/// sweep then counts the shares again), and the ClientIP affinities. Done when this
+/// layout's maps are pinned, and again once the links have moved (the old programs
+/// went on changing the old maps until then): an entry they changed later wins.
+/// The endpoint and peer maps are rebuilt from the records and the peers file;
+/// counters start again.
 fn carry_over_connections(bpffs: &Bpffs) -> anyhow::Result<()> {
     carry_over::<FlowEnd, u32>(bpffs, KERNEL_FLOWS_MAP, |_, _| false)?;
     carry_over::<NatKey, NatEntry>(bpffs, NAT_MAP, |ours, theirs| theirs.last_seen > ours.last_seen)?;
+    carry_over::<PolicyFlow, AllowedFlow>(bpffs, POLICY_FLOWS_MAP, |ours, theirs| {
+        theirs.last_seen > ours.last_seen
+    })?;
     carry_over::<AffinityKey, Affinity>(bpffs, AFFINITY_MAP, |ours, theirs| theirs.last_seen > ours.last_seen)
 }
 

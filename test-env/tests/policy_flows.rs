@@ -450,7 +450,8 @@ fn tcp_echoes(stream: &mut std::net::TcpStream) -> bool {
 /// more: its further connections are dropped and counted (`policy_flows_full`),
 /// while an egress-isolated server's open connections keep their entries, so its
 /// replies still pass. Once the scan's exchanges time out, the loader's sweep gives
-/// the scanner its share back.
+/// the scanner its share back. A restart with a map of another size leaves the
+/// server's connections open.
 #[test]
 fn one_pods_connections_cannot_push_out_anothers() {
     let cluster = ClusterGuard::up("pf5").unwrap();
@@ -540,6 +541,14 @@ fn one_pods_connections_cannot_push_out_anothers() {
     });
     stop.store(true, Ordering::Relaxed);
     echoing.join().unwrap().unwrap();
+
+    restart_loaders(&cluster, &[0], &["--policy-flows", "16384"]);
+    for (family, stream) in &mut connections {
+        assert!(
+            tcp_echoes(stream),
+            "{family:?}: the isolated server's replies were dropped after a restart with another --policy-flows"
+        );
+    }
     drop(connections);
     for (stop, thread) in servers {
         stop.store(true, Ordering::Relaxed);

@@ -60,8 +60,8 @@ static VELOX_POLICY_IDENTITIES: HashMap<IpKey, u64, MAX_POLICY_IDENTITIES, { BPF
 static VELOX_POLICY_FLOWS: LruHashMap<PolicyFlow, AllowedFlow, MAX_POLICY_FLOWS> = LruHashMap::new();
 
 /// Entries of `VELOX_POLICY_FLOWS` each slot holds, then the pool's use and limits
-/// (`POLICY_FLOW_POOL_*`, `POLICY_FLOW_RESERVED`). Memory-mapped: the loader's
-/// sweep of expired entries gives their shares back with the same atomics.
+/// (`POLICY_FLOW_POOL_*`, `POLICY_FLOW_RESERVED`). Memory-mapped: the loader sets
+/// the limits, and its sweep counts the shares again from the live entries.
 #[btf_map]
 static VELOX_POLICY_FLOW_SHARES: Array<u64, POLICY_FLOW_SHARES, { BPF_F_MMAPABLE as usize }> = Array::new();
 
@@ -145,8 +145,6 @@ pub fn police(
     let scratch = unsafe { &mut *scratch };
     let src_first;
     (scratch.key, src_first) = PolicyFlow::of(src, dst);
-    // The coarse clock (a tick's resolution, no clock source read) is enough for
-    // timeouts in seconds.
     // The coarse clock (a tick's resolution, no clock source read) serves timeouts
     // in seconds.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -278,10 +276,10 @@ fn rewrite(flow: *mut AllowedFlow, scratch: &mut FlowScratch, opened_by_src: boo
 /// A packet the node's own processes send into the pod behind host veth `ifindex`:
 /// host-to-pod is allowed by default, and an egress-isolated pod's replies to it
 /// pass as replies, also to an unconnected UDP socket, which `host_has_connection`
-/// cannot tell from a server the pod would reach on its own. A call of its own:
-/// `to_pod`'s stack, with datapath logging on, has little room left; for the same
-/// reason it only prepares a new entry, which `to_pod` enters (`enter_host_flow`).
-/// True when there is one to enter.
+/// cannot tell from a server the pod would reach on its own. It only prepares a new
+/// entry, which `to_pod` enters (`enter_host_flow`): a call of its own beside the
+/// global function's frame would not fit `to_pod`'s stack. True when there is one
+/// to enter.
 #[inline(always)]
 pub fn host_sent(packet: &Packet, ifindex: u32) -> bool {
     let Some(receiver) = local_endpoint(&packet.dst.addr).filter(|receiver| receiver.ifindex == ifindex) else {
