@@ -5,7 +5,7 @@ use anyhow::Context;
 use aya::maps::MapData;
 use aya::maps::ProgramArray;
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{loaded_programs, CgroupSockAddr, Program, SchedClassifier};
+use aya::programs::{loaded_programs, CgroupSockAddr, Iter, Program, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
 use futures_util::StreamExt;
@@ -29,7 +29,7 @@ use velox_common::{
     Affinity, AffinityKey, AllowedFlow, ConnectionTimeouts, FlowEnd, NatEntry, NatKey, PolicyFlow, AFFINITY_MAP,
     COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS,
     NAT_PROGRAMS_MAP, POLICY_FLOWS_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_RULES_MAP, SOCKET_LB_PROGRAMS,
-    TO_POD_PROGRAM, UPLINK_SLOT,
+    TO_POD_PROGRAM, UDP_SOCKET_FRONTENDS_ITER, UPLINK_SLOT,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir, write_atomic};
@@ -1130,6 +1130,11 @@ fn remove_other_nat_programs(bpffs: &Bpffs, ebpf: &Ebpf) -> anyhow::Result<()> {
 /// Attaches the socket load balancer's hooks to `cgroup` where they are not attached
 /// yet, or detaches them when the load balancer is off (`None`).
 fn attach_socket_lb(bpffs: &Bpffs, ebpf: &mut Ebpf, cgroup: Option<&Path>) -> anyhow::Result<()> {
+    let iterator = bpffs.iterator(UDP_SOCKET_FRONTENDS_ITER);
+    match cgroup {
+        Some(_) => pin_udp_socket_iterator(bpffs, ebpf)?,
+        None => remove_if_exists(&iterator)?,
+    }
     for name in SOCKET_LB_PROGRAMS {
         let pin = bpffs.cgroup_link(name);
         // A link an earlier start was moving off another cgroup (bpffs takes no
@@ -1166,6 +1171,28 @@ fn attach_socket_lb(bpffs: &Bpffs, ebpf: &mut Ebpf, cgroup: Option<&Path>) -> an
     if let Some(cgroup) = cgroup {
         log::info!("socket load balancer on {}", cgroup.display());
     }
+    Ok(())
+}
+
+/// Loads this build's iterator over UDP sockets and pins its link in place of the
+/// last start's: the load balancer reads it to learn which Service each connected
+/// socket came through.
+fn pin_udp_socket_iterator(bpffs: &Bpffs, ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let name = UDP_SOCKET_FRONTENDS_ITER;
+    let program: &mut Iter = ebpf
+        .program_mut(name)
+        .with_context(|| format!("{name} missing from the eBPF object"))?
+        .try_into()?;
+    let btf = aya::Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    program.load("udp", &btf).with_context(|| format!("loading {name}"))?;
+    let link_id = program.attach().with_context(|| format!("attaching {name}"))?;
+    let link: FdLink = program.take_link(link_id)?.try_into()?;
+    let pin = bpffs.iterator(name);
+    create_private_dir(pin.parent().expect("an iterator pin has a directory"))?;
+    let staged = pin.with_file_name(format!("{name}_staged"));
+    remove_if_exists(&staged)?;
+    link.pin(&staged).with_context(|| format!("pinning {name}"))?;
+    std::fs::rename(&staged, &pin).with_context(|| format!("replacing the {name} pin"))?;
     Ok(())
 }
 

@@ -11,7 +11,7 @@
 //! │   ├── VELOX_KERNEL_FLOWS                pod connection ends the kernel handles (LRU)
 //! │   ├── VELOX_SERVICES                    Service frontend -> its id, backend count
 //! │   ├── VELOX_BACKENDS                    (Service id, slot) -> backend
-//! │   ├── VELOX_SOCKET_PEERS                (socket, backend) -> frontend (LRU)
+//! │   ├── VELOX_SOCKET_FRONTENDS            socket -> its backends' frontends (socket storage)
 //! │   ├── VELOX_LB_OPT_OUT                  netns cookies the socket LB leaves alone
 //! │   ├── VELOX_EVENTS                      drops and connections policy allowed (ring
 //! │   │                                     buffer), while a monitor runs
@@ -30,6 +30,9 @@
 //! │   ├── to_pod
 //! │   └── lb_<hook><4|6>                    the socket load balancer's: connect,
 //! │                                         sendmsg, recvmsg, getpeername
+//! ├── iterators/                      0700  with the socket load balancer, replaced at
+//! │   └── udp_socket_frontends              every start: read in a netns, its UDP
+//! │                                         sockets' frontends (by socket cookie)
 //! └── links/                          0700  one directory per hook, so no sweep of one
 //!     ├── tc-ingress/<ifname>               kind can touch another: pods' host veths
 //!     │                                     (pinned by the plugin), the uplink (loader)
@@ -97,7 +100,7 @@ impl Bpffs {
 
     /// Every directory the loader creates.
     pub fn dirs(&self) -> Vec<PathBuf> {
-        [self.maps_dir(), self.root.join("programs")]
+        [self.maps_dir(), self.root.join("programs"), self.root.join("iterators")]
             .into_iter()
             .chain(Hook::ALL.map(|hook| self.links_dir(hook)))
             .collect()
@@ -128,6 +131,11 @@ impl Bpffs {
     /// The pinned TCX link of the Velox program on an interface's `hook`.
     pub fn tc_link(&self, hook: Hook, ifname: &str) -> PathBuf {
         self.links_dir(hook).join(ifname)
+    }
+
+    /// A pinned iterator link: reading the file runs the iterator.
+    pub fn iterator(&self, name: &str) -> PathBuf {
+        self.root.join("iterators").join(name)
     }
 
     /// The pinned link of a socket hook program on the load balancer's cgroup.

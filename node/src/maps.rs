@@ -8,13 +8,14 @@ use std::net::IpAddr;
 use velox_common::{
     Affinity, AffinityKey, AllowedFlow, BackendSlot, ConnectionTimeouts, Endpoint, EndpointCounters, FlowEnd,
     FlowEvent, IdentityRuleKey, IpKey, MaglevTable, NatEntry, NatKey, NodeAddress, NodePortKey, Peer, PolicyFlow,
-    PolicyKey, PolicyPorts, PolicyState, Service, SocketPeer, AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP,
+    PolicyKey, PolicyPorts, PolicyState, Service, SocketFrontends, AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP,
     CT_TIMEOUTS_MAP, ENDPOINTS_MAP, EVENTS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS,
     KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP, MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP,
     NODE_ADDRESSES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_FLOW_POOL_SIZE,
     POLICY_FLOW_POOL_USED, POLICY_FLOW_RESERVED, POLICY_FLOW_SHARES, POLICY_FLOW_SHARES_MAP, POLICY_GENERATION_MAP,
     POLICY_IDENTITIES_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP,
-    RULES_VERSION, SERVICES_MAP, SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, SOCKET_PEERS_MAP,
+    RULES_VERSION, SERVICES_MAP, SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, SOCKET_FRONTENDS_MAP,
+    UDP_SOCKET_FRONTENDS_ITER,
 };
 
 use crate::error::{Error, Result};
@@ -60,6 +61,7 @@ const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
 const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_SK_STORAGE: u32 = 24;
 const BPF_MAP_TYPE_RINGBUF: u32 = 27;
 const BPF_F_NO_PREALLOC: u32 = 1;
 const BPF_F_MMAPABLE: u32 = 1 << 10;
@@ -183,11 +185,11 @@ pub fn layouts() -> [MapLayout; 26] {
             0,
         ),
         layout(
-            SOCKET_PEERS_MAP,
-            BPF_MAP_TYPE_LRU_HASH,
-            size_of::<SocketPeer>(),
-            size_of::<FlowEnd>(),
-            0,
+            SOCKET_FRONTENDS_MAP,
+            BPF_MAP_TYPE_SK_STORAGE,
+            size_of::<i32>(),
+            size_of::<SocketFrontends>(),
+            BPF_F_NO_PREALLOC,
         ),
         layout(
             LB_OPT_OUT_MAP,
@@ -1118,29 +1120,30 @@ impl ServiceMaps {
     }
 }
 
-/// The frontend each socket asked for, by socket cookie and the backend it was sent
-/// to (LRU): which Service a connected socket came through.
-pub struct SocketPeers {
-    peers: HashMap<MapData, SocketPeer, FlowEnd>,
-}
-
-impl SocketPeers {
-    pub fn open(bpffs: &Bpffs) -> Result<Self> {
-        Ok(Self {
-            peers: open_map(bpffs, SOCKET_PEERS_MAP)?,
+/// What the load balancer keeps in each UDP socket of the calling thread's network
+/// namespace (the frontends it asked for), by socket cookie: read from the pinned
+/// iterator over the namespace's UDP sockets, since `sock_diag` reports no socket
+/// storage of UDP sockets.
+pub fn socket_frontends_here(bpffs: &Bpffs) -> Result<std::collections::HashMap<u64, SocketFrontends>> {
+    let path = bpffs.iterator(UDP_SOCKET_FRONTENDS_ITER);
+    let records = std::fs::read(&path).map_err(Error::io(format!("reading {}", path.display())))?;
+    const RECORD: usize = size_of::<u64>() + size_of::<SocketFrontends>();
+    if records.len() % RECORD != 0 {
+        return Err(Error::Invalid(format!(
+            "{} gave {} bytes, not whole records of {RECORD}",
+            path.display(),
+            records.len()
+        )));
+    }
+    Ok(records
+        .chunks_exact(RECORD)
+        .map(|record| {
+            let cookie = u64::from_ne_bytes(record[..8].try_into().expect("8 bytes"));
+            // SAFETY: as many bytes as the plain `repr(C)` value, which any bytes make.
+            let kept = unsafe { std::ptr::read_unaligned(record[8..].as_ptr().cast::<SocketFrontends>()) };
+            (cookie, kept)
         })
-    }
-
-    /// The frontend the socket with `cookie` asked for when it was sent to `backend`;
-    /// `None` for a socket the load balancer did not translate (or whose entry went).
-    pub fn frontend_of(&self, cookie: u64, backend: FlowEnd) -> Result<Option<FlowEnd>> {
-        let key = SocketPeer {
-            cookie,
-            peer: backend,
-            pad: 0,
-        };
-        found(self.peers.get(&key, 0), "reading the socket peer map")
-    }
+        .collect())
 }
 
 /// Removes both directions of every NAT connection to one of `backends`; returns

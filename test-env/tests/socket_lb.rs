@@ -387,6 +387,69 @@ fn a_connected_udp_socket_whose_backend_left_is_closed() {
     cluster.finish().unwrap();
 }
 
+/// Issue 21: what the load balancer remembers of a socket (the frontend it asked
+/// for) was in one LRU map for every socket of the node, and never removed when a
+/// socket closed. A pod that opened sockets by the hundred thousand pushed out
+/// another pod's entry, whose resolver then saw answers from the backend's address
+/// and dropped them. It is the socket's own now, and goes with it.
+#[test]
+fn a_pods_many_sockets_do_not_take_anothers_service_address() {
+    let (cluster, state) = cluster_with_socket_lb("slbchurn");
+    let (pod1, pod2, pod4) = (cluster.pod("pod-1"), cluster.pod("pod-2"), cluster.pod("pod-4"));
+    let worker1 = &cluster.nodes[0];
+    let _backend = Backend::start(
+        &pod2.name,
+        SocketAddr::new(pod2.ip(Family::V4), 5353),
+        Protocol::Udp,
+        &pod2.name,
+    )
+    .unwrap();
+    let dns = ServiceSpec {
+        name: "dns".into(),
+        cluster_ips: vec![cluster_ip(Family::V4, 61)],
+        ports: vec![DNS],
+        backends: vec![pod2.ip(Family::V4)],
+    };
+    cluster_state::write(&state, &[dns]).unwrap();
+    wait_for_services(&cluster, 1);
+    let frontend = SocketAddr::new(cluster_ip(Family::V4, 61), 53);
+    let cgroup = worker1.cgroup().unwrap();
+    let probe_bin = worker1.bins.probe.to_str().unwrap();
+
+    let mut resolver = in_netns_and_cgroup(&pod1.name, &cgroup, probe_bin, &["udp-hold", &frontend.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(resolver.stdout.take().unwrap()));
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["answer"], pod2.name, "{first}");
+    assert_eq!(first["from"], frontend.to_string(), "{first}");
+
+    // Three times as many sockets as the old map held, each asking the Service.
+    let churn = in_netns_and_cgroup(
+        &pod4.name,
+        &cgroup,
+        probe_bin,
+        &["udp-churn", &frontend.to_string(), "200000"],
+    )
+    .output()
+    .unwrap();
+    let churned: Value = serde_json::from_slice(&churn.stdout).unwrap();
+    assert_eq!(churned["sockets"], 200000, "{churned}");
+
+    std::io::Write::write_all(resolver.stdin.as_mut().unwrap(), b"again\n").unwrap();
+    let second: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(second["answer"], pod2.name, "{second}");
+    assert_eq!(
+        second["from"],
+        frontend.to_string(),
+        "the resolver's answer came from the backend's address after another pod's sockets: {second}"
+    );
+    resolver.wait().unwrap();
+    cluster.finish().unwrap();
+}
+
 /// `--socket-lb-cgroup` changed across a restart: the hooks move to the new cgroup
 /// (they stayed on the old one, while the log named the new one), and the old
 /// cgroup's processes are no longer translated.

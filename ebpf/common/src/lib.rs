@@ -63,9 +63,13 @@ pub const NAT_PROGRAMS: [&str; 3] = ["from_net_nat", "from_pod_nat", "nat_open"]
 pub const FROM_NET_NAT: u32 = 0;
 pub const FROM_POD_NAT: u32 = 1;
 pub const NAT_OPEN: u32 = 2;
-/// Pinned under `<bpffsRoot>/maps/`: (socket, backend) -> the frontend it was
-/// translated from (LRU), so replies and getpeername show the Service.
-pub const SOCKET_PEERS_MAP: &str = "VELOX_SOCKET_PEERS";
+/// Pinned under `<bpffsRoot>/maps/`: socket-local storage (freed with the socket) of
+/// the frontends each socket was translated from, so replies and getpeername show
+/// the Service.
+pub const SOCKET_FRONTENDS_MAP: &str = "VELOX_SOCKET_FRONTENDS";
+/// Pinned under `<bpffsRoot>/iterators/`: read in a network namespace, each of its
+/// UDP sockets with frontends in `VELOX_SOCKET_FRONTENDS`, as its cookie and them.
+pub const UDP_SOCKET_FRONTENDS_ITER: &str = "udp_socket_frontends";
 /// Pinned under `<bpffsRoot>/maps/`: network namespace cookies of the pods that opted
 /// out of the socket load balancer; their sockets are left as they are.
 pub const LB_OPT_OUT_MAP: &str = "VELOX_LB_OPT_OUT";
@@ -122,7 +126,6 @@ pub const DEFAULT_MAX_PODS: u32 = 1024;
 pub const MAX_PEERS: usize = 4096;
 pub const MAX_SERVICES: usize = 65536;
 pub const MAX_BACKENDS: usize = 262_144;
-pub const MAX_SOCKET_PEERS: usize = 65536;
 /// NodePorts: one per port, protocol and family.
 pub const MAX_NODE_PORTS: usize = 65536;
 pub const MAX_NODE_ADDRESSES: usize = 64;
@@ -460,13 +463,35 @@ pub struct BackendSlot {
     pub slot: u32,
 }
 
-/// A socket's peer: the socket's cookie and the backend it was sent to.
+/// How many backends a socket remembers the frontend of: a connected socket has one;
+/// an unconnected UDP socket gets a backend per datagram, and a reply from one of its
+/// last eight shows the Service's address.
+pub const SOCKET_FRONTEND_SLOTS: usize = 8;
+
+/// One backend a socket was sent to, and the frontend it asked for.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct SocketPeer {
-    pub cookie: u64,
-    pub peer: FlowEnd,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketFrontend {
+    pub backend: FlowEnd,
+    pub frontend: FlowEnd,
+}
+
+/// A socket's own storage (`VELOX_SOCKET_FRONTENDS`): its last backends, the oldest
+/// replaced first (`next`, modulo the slots).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketFrontends {
+    pub next: u32,
     pub pad: u32,
+    pub slots: [SocketFrontend; SOCKET_FRONTEND_SLOTS],
+}
+
+impl SocketFrontends {
+    /// The frontend this socket asked for when it was sent to `backend`.
+    #[inline(always)]
+    pub fn frontend_of(&self, backend: &FlowEnd) -> Option<&FlowEnd> {
+        self.slots.iter().find(|s| s.backend == *backend).map(|s| &s.frontend)
+    }
 }
 
 /// A pod reachable on this node. Frames are redirected as they are: rewriting the
@@ -848,7 +873,7 @@ mod pod {
     unsafe impl aya::Pod for super::EndpointCounters {}
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::BackendSlot {}
-    unsafe impl aya::Pod for super::SocketPeer {}
+    unsafe impl aya::Pod for super::SocketFrontends {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::PolicyState {}
     unsafe impl aya::Pod for super::PolicyKey {}

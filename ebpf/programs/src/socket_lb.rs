@@ -6,21 +6,26 @@
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_F_NO_PREALLOC},
-    btf_maps::{HashMap, LruHashMap},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    btf_maps::{HashMap, SkStorage},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_seq_write, bpf_set_retval,
+        generated::bpf_sk_storage_get,
+    },
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
     EbpfContext,
 };
 use velox_common::{
-    AffinityKey, FlowEnd, IpKey, SocketPeer, IPPROTO_TCP, IPPROTO_UDP, MAX_ENDPOINTS, MAX_SOCKET_PEERS,
-    SERVICE_INTERNAL_LOCAL,
+    AffinityKey, FlowEnd, IpKey, SocketFrontend, SocketFrontends, IPPROTO_TCP, IPPROTO_UDP, MAX_ENDPOINTS,
+    SERVICE_INTERNAL_LOCAL, SOCKET_FRONTEND_SLOTS,
 };
 
 use crate::services::{pick_backend, service_at};
 
+/// Each socket's own record of the frontends it asked for: it goes with the socket,
+/// so no socket can push out another's (a map shared by all was, issue 21).
 #[btf_map]
-static VELOX_SOCKET_PEERS: LruHashMap<SocketPeer, FlowEnd, MAX_SOCKET_PEERS> = LruHashMap::new();
+static VELOX_SOCKET_FRONTENDS: SkStorage<SocketFrontends> = SkStorage::new();
 
 /// Pods that opted out: their network namespace's cookie.
 #[btf_map]
@@ -151,14 +156,35 @@ fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
         return REFUSE;
     };
     write_user_end(sa, family, backend);
-    let peer = SocketPeer {
-        // SAFETY: the context is a live socket address of a live socket.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        peer: *backend,
-        pad: 0,
-    };
-    let _ = VELOX_SOCKET_PEERS.insert(&peer, &frontend, 0);
+    remember_frontend(ctx, backend, &frontend);
     ALLOW
+}
+
+/// Keeps in the socket's storage that `backend` stands for `frontend`: in the slot
+/// that already has the backend, or in place of the oldest. Without memory for the
+/// storage the socket works, but its replies show the backend's address.
+#[inline(always)]
+fn remember_frontend(ctx: &SockAddrContext, backend: &FlowEnd, frontend: &FlowEnd) {
+    // SAFETY: the storage of this call's own socket, created zeroed if it has none.
+    let kept = unsafe { VELOX_SOCKET_FRONTENDS.get_or_insert_ptr_mut(ctx, None) };
+    // SAFETY: a pointer the helper returned is the socket's storage, or null.
+    let Some(kept) = (unsafe { kept.as_mut() }) else {
+        return;
+    };
+    let slot = match kept.slots.iter().position(|s| s.backend == *backend) {
+        Some(slot) => slot,
+        None => {
+            let oldest = kept.next as usize % SOCKET_FRONTEND_SLOTS;
+            kept.next = kept.next.wrapping_add(1);
+            oldest
+        }
+    };
+    if let Some(slot) = kept.slots.get_mut(slot) {
+        *slot = SocketFrontend {
+            backend: *backend,
+            frontend: *frontend,
+        };
+    }
 }
 
 /// recvmsg and getpeername: a backend this socket was sent to shows as the frontend.
@@ -166,14 +192,62 @@ fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
 fn to_frontend(ctx: &SockAddrContext, family: Family) -> i32 {
     // SAFETY: the context the kernel passed; the verifier checks every access.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let mut peer = SocketPeer::default();
-    if !read_user_end(sa, family, &mut peer.peer) {
+    let mut backend = FlowEnd::default();
+    if !read_user_end(sa, family, &mut backend) {
         return ALLOW;
     }
+    // SAFETY: the storage of this call's own socket, or null if it has none.
+    let kept = unsafe { VELOX_SOCKET_FRONTENDS.get_ptr_mut(ctx) };
     // SAFETY: as above.
-    peer.cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(frontend) = unsafe { VELOX_SOCKET_PEERS.get(&peer) } {
+    if let Some(frontend) = unsafe { kept.as_ref() }.and_then(|kept| kept.frontend_of(&backend)) {
         write_user_end(sa, family, frontend);
     }
     ALLOW
+}
+
+/// `struct bpf_iter_meta` (the kernel's, read through BTF): the iterator's output.
+#[repr(C)]
+pub struct IterMeta {
+    seq: *mut aya_ebpf::bindings::seq_file,
+    session_id: u64,
+    seq_num: u64,
+}
+
+/// `struct bpf_iter__udp`: one UDP socket of the reader's network namespace.
+#[repr(C)]
+pub struct UdpIterContext {
+    meta: *mut IterMeta,
+    udp_sk: *mut core::ffi::c_void,
+    uid: u32,
+    bucket: i32,
+}
+
+/// An iterator over the UDP sockets of the network namespace it is read in (the
+/// loader pins its link, and reads it in each pod's namespace): for every socket the
+/// load balancer keeps frontends for, its cookie and then those frontends. That is
+/// how the loader learns which Service a connected socket came through, since
+/// `sock_diag` reports no socket storage of UDP sockets.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/udp")]
+pub fn udp_socket_frontends(ctx: *mut UdpIterContext) -> i32 {
+    // SAFETY: the context the kernel passed; the verifier types every field by BTF.
+    let ctx = unsafe { &*ctx };
+    let socket = ctx.udp_sk;
+    if socket.is_null() {
+        return 0;
+    }
+    let map = core::ptr::from_ref(&VELOX_SOCKET_FRONTENDS).cast_mut().cast();
+    // SAFETY: a socket the kernel handed over; no storage is created (flags 0).
+    let kept = unsafe { bpf_sk_storage_get(map, socket, core::ptr::null_mut(), 0) };
+    if kept.is_null() {
+        return 0;
+    }
+    // SAFETY: as above; the meta pointer is the kernel's.
+    unsafe {
+        let cookie = bpf_get_socket_cookie(socket);
+        let seq = (*ctx.meta).seq;
+        bpf_seq_write(seq, core::ptr::from_ref(&cookie).cast(), size_of::<u64>() as u32);
+        bpf_seq_write(seq, kept.cast_const(), size_of::<SocketFrontends>() as u32);
+    }
+    0
 }

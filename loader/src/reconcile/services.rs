@@ -249,33 +249,36 @@ fn close_udp_sockets_to(
     node: &ThisNode,
     pod_netns: &[PathBuf],
 ) {
-    let peers = match velox_node::maps::SocketPeers::open(bpffs) {
-        Ok(peers) => peers,
-        Err(e) => return log::warn!("closing UDP sockets to backends that left: {e:#}"),
-    };
-    let close = |backend: SocketAddr, cookie: u64| {
-        let asked = peers.frontend_of(cookie, end(backend.ip(), backend.port(), IPPROTO_UDP));
-        let Ok(Some(asked)) = asked else {
-            return false;
-        };
-        lost.get(&backend).into_iter().flatten().any(|frontend| match frontend {
-            Frontend::Address(end) => *end == asked,
-            Frontend::NodePort(key) => {
-                NodePortKey::of(&asked) == *key
-                    && (node.addresses.contains(&asked.addr.ip()) || asked.addr.ip().is_loopback())
-            }
-        })
-    };
     let backends: HashSet<SocketAddr> = lost.keys().copied().collect();
+    // What each socket of the current network namespace asked for is read there.
+    let close_here = || -> anyhow::Result<usize> {
+        let kept = velox_node::maps::socket_frontends_here(bpffs)?;
+        let close = |backend: SocketAddr, cookie: u64| {
+            let asked = kept
+                .get(&cookie)
+                .and_then(|kept| kept.frontend_of(&end(backend.ip(), backend.port(), IPPROTO_UDP)));
+            let Some(asked) = asked else {
+                return false;
+            };
+            lost.get(&backend).into_iter().flatten().any(|frontend| match frontend {
+                Frontend::Address(end) => end == asked,
+                Frontend::NodePort(key) => {
+                    NodePortKey::of(asked) == *key
+                        && (node.addresses.contains(&asked.addr.ip()) || asked.addr.ip().is_loopback())
+                }
+            })
+        };
+        destroy_connected_udp(&backends, &close)
+    };
     let mut closed = 0;
-    match destroy_connected_udp(&backends, &close) {
+    match close_here() {
         Ok(n) => closed += n,
         Err(e) => log::warn!("closing UDP sockets on the host: {e:#}"),
     }
     for path in pod_netns {
         let outcome = std::fs::File::open(path)
             .map_err(anyhow::Error::from)
-            .and_then(|netns| velox_node::netlink::in_netns(&netns, || destroy_connected_udp(&backends, &close))?);
+            .and_then(|netns| velox_node::netlink::in_netns(&netns, close_here)?);
         match outcome {
             Ok(n) => closed += n,
             Err(e) => log::warn!("closing UDP sockets in {}: {e:#}", path.display()),

@@ -83,16 +83,18 @@ fn connection_rate(to: SocketAddr, seconds: u64) -> std::io::Result<serde_json::
     }))
 }
 
-/// One exchange on a connected UDP socket, a pause until stdin says, another.
+/// One exchange on a connected UDP socket, a pause until stdin says, another. Each
+/// reports the answer and where it came from, as `recvfrom` shows it (a resolver
+/// drops an answer from another address than it asked).
 fn hold_udp(to: SocketAddr) {
-    let exchange = |socket: &UdpSocket| -> std::io::Result<String> {
+    let exchange = |socket: &UdpSocket| -> std::io::Result<(String, SocketAddr)> {
         let mut buf = [0u8; 256];
         socket.send(b"query")?;
-        let len = socket.recv(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..len]).into_owned())
+        let (len, from) = socket.recv_from(&mut buf)?;
+        Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
     };
-    let report = |outcome: std::io::Result<String>| match outcome {
-        Ok(answer) => println!("{}", serde_json::json!({"answer": answer})),
+    let report = |outcome: std::io::Result<(String, SocketAddr)>| match outcome {
+        Ok((answer, from)) => println!("{}", serde_json::json!({"answer": answer, "from": from.to_string()})),
         Err(e) => println!(
             "{}",
             serde_json::json!({"error": format!("{:?}", e.kind()), "message": e.to_string()})
@@ -112,6 +114,19 @@ fn hold_udp(to: SocketAddr) {
     let mut line = String::new();
     let _ = std::io::stdin().read_line(&mut line);
     report(exchange(&socket));
+}
+
+/// `count` UDP sockets, one after another, each connected to `to`, asked for its
+/// peer (as Go's `net.Dial` does) and closed: what a busy client does to the load
+/// balancer's per-socket state.
+fn churn_udp(to: SocketAddr, count: u64) -> std::io::Result<serde_json::Value> {
+    let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    for _ in 0..count {
+        let socket = UdpSocket::bind(any)?;
+        socket.connect(to)?;
+        socket.peer_addr()?;
+    }
+    Ok(serde_json::json!({"sockets": count}))
 }
 
 fn serve(on: SocketAddr) -> std::io::Result<()> {
@@ -174,7 +189,7 @@ fn main() {
         return;
     }
     let (Some(mode), Some(to)) = (args.get(1), args.get(2).and_then(|a| a.parse().ok())) else {
-        eprintln!("usage: velox-probe tcp|udp|udp-sendto|serve ADDR:PORT, velox-probe crr ADDR:PORT SECONDS");
+        eprintln!("usage: velox-probe tcp|udp|udp-sendto|udp-hold|serve ADDR:PORT, velox-probe crr ADDR:PORT SECONDS, velox-probe udp-churn ADDR:PORT COUNT");
         std::process::exit(2);
     };
     if mode == "serve" {
@@ -186,6 +201,14 @@ fn main() {
     }
     if mode == "udp-hold" {
         hold_udp(to);
+        return;
+    }
+    if mode == "udp-churn" {
+        let count = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
+        match churn_udp(to, count) {
+            Ok(line) => println!("{line}"),
+            Err(e) => println!("{}", serde_json::json!({"error": e.to_string()})),
+        }
         return;
     }
     if mode == "crr" {
