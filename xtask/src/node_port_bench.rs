@@ -1,8 +1,9 @@
 //! `cargo xtask bench --node-port`: traffic from outside the cluster through a
 //! NodePort whose backend is on the other node (masqueraded and forwarded), Velox's
 //! own NAT (`--kube-proxy-replacement`) next to kube-proxy's iptables rules,
-//! in both of its backend choices (random and Maglev), interleaved per round:
-//! connection rate and first-byte latency from the external host, one-stream
+//! in both of its backend choices (random and Maglev), interleaved per round, with
+//! 1 to 10,000 Services in the cluster (`--services`): connection rate and
+//! first-byte latency from the external host; at the first count also one-stream
 //! throughput next to the external host to a node's own address, and the ns per run
 //! of each Velox program on that stream.
 
@@ -18,7 +19,7 @@ use velox_test_env::{in_netns, wait_for, Binaries, Cluster, Family, Pod};
 
 use crate::bench::{pod, program_cost, BenchArgs};
 use crate::report::Stat;
-use crate::service_bench::{connection_rate, Running};
+use crate::service_bench::{connection_rate, crr_services, Running};
 
 const PREFIX: &str = "vnp-";
 const CRR: ServicePort = ServicePort {
@@ -40,12 +41,14 @@ const IPERF: ServicePort = ServicePort {
 const BALANCERS: [&str; 3] = [KUBE_PROXY, "velox NAT", "velox NAT maglev"];
 const KUBE_PROXY: &str = "kube-proxy iptables";
 
-/// One balancer in one round.
+/// One balancer with one number of Services in one round; throughput and program
+/// costs only at the first number.
 struct Sample {
     balancer: &'static str,
+    services: usize,
     connections_per_s: f64,
     first_byte_p50_us: f64,
-    gbps: f64,
+    gbps: Option<f64>,
     ns_per_run: BTreeMap<String, f64>,
 }
 
@@ -59,16 +62,26 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<()> {
     })();
     let _ = cluster.down();
     let (samples, node_gbps) = result?;
-    let table = report(&samples, &node_gbps);
+    let table = report(&samples, &node_gbps, &counts(args));
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(args.out.join("node-port.md"), &table)?;
     println!("\n{table}\nwritten: {}/node-port.md", args.out.display());
     Ok(())
 }
 
+/// The Service counts to measure at: the NodePort's own Service is one of them.
+fn counts(args: &BenchArgs) -> Vec<usize> {
+    match args.services.is_empty() {
+        true => vec![1],
+        false => args.services.iter().map(|&n| n.max(1)).collect(),
+    }
+}
+
 fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sample>, Vec<f64>)> {
     let (worker1, worker2) = (&cluster.nodes[0], &cluster.nodes[1]);
     let backend = pod(cluster, "pod-2")?; // on worker2
+                                          // Behind the other Services: two pods they never reach in the measurement.
+    let others_backends = [pod(cluster, "pod-2")?, pod(cluster, "pod-3")?];
     let external = Pod {
         name: cluster.external.clone(),
         ips: vec![external_ip(Family::V4)],
@@ -92,7 +105,6 @@ fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sa
         ports: vec![CRR, IPERF],
         backends: vec![backend.ip(Family::V4)],
     };
-    cluster_state::write(&state, &[service])?;
     let kube_proxy_rules =
         [(crr_frontend, CRR.target_port), (iperf_frontend, IPERF.target_port)].map(|(frontend, port)| ServiceRule {
             frontend,
@@ -100,6 +112,13 @@ fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sa
             backend: SocketAddr::new(backend.ip(Family::V4), port),
             snat: true,
         });
+    // The masquerade rules once (POSTROUTING, kept), the DNATs each time after the
+    // other Services' chains: kube-proxy jumps to KUBE-NODEPORTS at the end of
+    // KUBE-SERVICES, so a NodePort's first packet walks every ClusterIP's match.
+    for rule in &kube_proxy_rules {
+        rule.install(worker1)?;
+    }
+    let kube_proxy_dnats = kube_proxy_rules.map(|rule| ServiceRule { snat: false, ..rule });
     // The external host's client runs in the cgroup2 root: no node's socket hooks.
     let cgroup2 = worker1.cgroup()?.parent().context("cgroup2 root")?.to_path_buf();
     // Tens of thousands of connections a round from one host: its whole port range,
@@ -112,70 +131,81 @@ fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sa
     }
     let mut samples = Vec::new();
     let mut node_gbps = Vec::new();
+    let counts = counts(args);
     for round in 0..args.rounds {
-        let mut order = BALANCERS;
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for balancer in order {
-            for node in [worker1, worker2] {
-                node.stop_loader(nix::sys::signal::Signal::SIGTERM)?;
-                if balancer == KUBE_PROXY {
-                    node.start_loader_with(&[])?;
-                    continue;
+        for &count in &counts {
+            let (mut specs, others) = crr_services(count - 1, &others_backends);
+            specs.push(service.clone());
+            cluster_state::write(&state, &specs)?;
+            let mut order = BALANCERS;
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for balancer in order {
+                for node in [worker1, worker2] {
+                    node.stop_loader(nix::sys::signal::Signal::SIGTERM)?;
+                    if balancer == KUBE_PROXY {
+                        node.start_loader_with(&[])?;
+                        continue;
+                    }
+                    kube_proxy::flush_services(node)?;
+                    let cgroup = node.cgroup()?;
+                    let state = state.to_str().context("state path")?;
+                    let cgroup = cgroup.to_str().context("cgroup path")?;
+                    let algorithm = if balancer.ends_with("maglev") {
+                        "maglev"
+                    } else {
+                        "random"
+                    };
+                    node.start_loader_with(&[
+                        "--cluster-state",
+                        state,
+                        "--socket-lb",
+                        "--socket-lb-cgroup",
+                        cgroup,
+                        "--kube-proxy-replacement",
+                        "--node-port-algorithm",
+                        algorithm,
+                    ])?;
                 }
-                kube_proxy::flush_services(node)?;
-                let cgroup = node.cgroup()?;
-                let state = state.to_str().context("state path")?;
-                let cgroup = cgroup.to_str().context("cgroup path")?;
-                let algorithm = if balancer.ends_with("maglev") {
-                    "maglev"
+                if balancer != KUBE_PROXY {
+                    // The NodePort's Service has four frontends: two ports, each as a
+                    // ClusterIP and as a NodePort.
+                    let loaded = || worker1.dump("services").is_ok_and(|rows| rows.len() == count - 1 + 4);
+                    anyhow::ensure!(
+                        wait_for(Duration::from_secs(60), loaded),
+                        "the loader did not load {count} Services"
+                    );
                 } else {
-                    "random"
-                };
-                node.start_loader_with(&[
-                    "--cluster-state",
-                    state,
-                    "--socket-lb",
-                    "--socket-lb-cgroup",
-                    cgroup,
-                    "--kube-proxy-replacement",
-                    "--node-port-algorithm",
-                    algorithm,
-                ])?;
-            }
-            if balancer != KUBE_PROXY {
-                let loaded = || {
-                    worker1
-                        .dump("services")
-                        .is_ok_and(|rows| rows.iter().any(|r| r["frontend"] == "nodeport:30080"))
-                };
-                anyhow::ensure!(wait_for(Duration::from_secs(10), loaded), "the NodePort did not load");
-            } else {
-                for rule in &kube_proxy_rules {
-                    rule.install(worker1)?;
+                    kube_proxy::restore_services(worker1, &others)?;
+                    for rule in &kube_proxy_dnats {
+                        rule.install(worker1)?;
+                    }
                 }
-            }
-            let (connections_per_s, first_byte_p50_us, _) =
-                connection_rate(&external, None, &probe, crr_frontend, args.seconds)
-                    .with_context(|| format!("{balancer}: connection rate"))?;
-            let mut gbps = 0.0;
-            let ns_per_run = program_cost(|| {
-                let via = Some((iperf_frontend, cgroup2.as_path()));
-                gbps = external.iperf3_via(&backend, Family::V4, via, args.seconds, 1)?.gbps;
-                Ok(())
-            })?;
-            println!(
-                "round {} {balancer:<20} {connections_per_s:8.0} conn/s  first byte p50 {first_byte_p50_us:6.1} us  {gbps:6.2} Gb/s  {ns_per_run:?}",
+                let (connections_per_s, first_byte_p50_us, _) =
+                    connection_rate(&external, None, &probe, crr_frontend, args.seconds)
+                        .with_context(|| format!("{balancer} with {count} Services: connection rate"))?;
+                let (mut gbps, mut ns_per_run) = (None, BTreeMap::new());
+                if count == counts[0] {
+                    ns_per_run = program_cost(|| {
+                        let via = Some((iperf_frontend, cgroup2.as_path()));
+                        gbps = Some(external.iperf3_via(&backend, Family::V4, via, args.seconds, 1)?.gbps);
+                        Ok(())
+                    })?;
+                }
+                println!(
+                "round {} {balancer:<20} {count:>6} Services {connections_per_s:8.0} conn/s  first byte p50 {first_byte_p50_us:6.1} us  {gbps:?} Gb/s  {ns_per_run:?}",
                 round + 1
             );
-            samples.push(Sample {
-                balancer,
-                connections_per_s,
-                first_byte_p50_us,
-                gbps,
-                ns_per_run,
-            });
+                samples.push(Sample {
+                    balancer,
+                    services: count,
+                    connections_per_s,
+                    first_byte_p50_us,
+                    gbps,
+                    ns_per_run,
+                });
+            }
         }
         // The limit: the external host to worker-1's own address, no Service.
         let node = Pod {
@@ -190,34 +220,47 @@ fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sa
     Ok((samples, node_gbps))
 }
 
-fn report(samples: &[Sample], node_gbps: &[f64]) -> String {
-    let show = |values: Vec<f64>| {
-        Stat::of_any(&values).map_or("-".into(), |s| format!("{:.1} ({:.1}..{:.1})", s.median, s.min, s.max))
-    };
-    let of = |balancer: &str, value: &dyn Fn(&Sample) -> Option<f64>| {
-        show(
-            samples
-                .iter()
-                .filter(|s| s.balancer == balancer)
-                .filter_map(value)
-                .collect(),
-        )
+fn report(samples: &[Sample], node_gbps: &[f64], counts: &[usize]) -> String {
+    let stat = |values: Vec<f64>| Stat::of_any(&values);
+    let show =
+        |values: Vec<f64>| stat(values).map_or("-".into(), |s| format!("{:.1} ({:.1}..{:.1})", s.median, s.min, s.max));
+    let values = |balancer: &str, services: Option<usize>, value: &dyn Fn(&Sample) -> Option<f64>| -> Vec<f64> {
+        samples
+            .iter()
+            .filter(|s| s.balancer == balancer && services.is_none_or(|n| s.services == n))
+            .filter_map(value)
+            .collect()
     };
     let mut table = String::from(
         "From the external host through worker-1's NodePort to a backend on worker-2 (masqueraded and \
-         forwarded), medians (min..max) over the rounds, interleaved\n\n\
-         | | connections/s | first byte p50 us | 1 stream Gb/s |\n|---|---|---|---|\n",
+         forwarded), with other ClusterIP Services in the cluster (kube-proxy's first packet walks their \
+         matches before KUBE-NODEPORTS), medians (min..max) over the rounds, interleaved\n\n\
+         | | Services | connections/s | vs kube-proxy | first byte p50 us |\n|---|---|---|---|---|\n",
     );
-    for balancer in BALANCERS {
-        table += &format!(
-            "| {balancer} | {} | {} | {} |\n",
-            of(balancer, &|s| Some(s.connections_per_s)),
-            of(balancer, &|s| Some(s.first_byte_p50_us)),
-            of(balancer, &|s| Some(s.gbps)),
-        );
+    for &count in counts {
+        let kube_proxy = stat(values(KUBE_PROXY, Some(count), &|s| Some(s.connections_per_s)));
+        for balancer in BALANCERS {
+            let rate = values(balancer, Some(count), &|s| Some(s.connections_per_s));
+            let ratio = match (stat(rate.clone()), &kube_proxy) {
+                (Some(ours), Some(theirs)) if theirs.median > 0.0 => format!("{:.2}x", ours.median / theirs.median),
+                _ => "-".into(),
+            };
+            table += &format!(
+                "| {balancer} | {count} | {} | {ratio} | {} |\n",
+                show(rate),
+                show(values(balancer, Some(count), &|s| Some(s.first_byte_p50_us))),
+            );
+        }
     }
     table += &format!(
-        "| external host to the node, no Service | | | {} |\n",
+        "\nOne stream with {} Service(s), Gb/s\n\n| | Gb/s |\n|---|---|\n",
+        counts[0]
+    );
+    for balancer in BALANCERS {
+        table += &format!("| {balancer} | {} |\n", show(values(balancer, None, &|s| s.gbps)));
+    }
+    table += &format!(
+        "| external host to the node, no Service | {} |\n",
         show(node_gbps.to_vec())
     );
     let mut programs: Vec<&String> = samples.iter().flat_map(|s| s.ns_per_run.keys()).collect();
@@ -230,7 +273,7 @@ fn report(samples: &[Sample], node_gbps: &[f64]) -> String {
     for program in programs {
         let columns: Vec<String> = BALANCERS
             .iter()
-            .map(|balancer| of(balancer, &|s| s.ns_per_run.get(program).copied()))
+            .map(|balancer| show(values(balancer, None, &|s| s.ns_per_run.get(program).copied())))
             .collect();
         table += &format!("| {program} | {} |\n", columns.join(" | "));
     }

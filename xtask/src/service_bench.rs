@@ -63,7 +63,7 @@ impl Drop for Running {
 }
 
 /// The measured Services' ClusterIPs: 10.128.0.0/16, one per Service.
-fn cluster_ip(i: usize) -> IpAddr {
+pub fn cluster_ip(i: usize) -> IpAddr {
     let host = i + 1;
     IpAddr::from([10, 128, (host >> 8) as u8, host as u8])
 }
@@ -137,9 +137,7 @@ pub fn measure(
     let mut throughput = Vec::new();
     for round in 1..=rounds {
         for &count in counts {
-            let frontends: Vec<(SocketAddr, Vec<SocketAddr>)> = (0..count)
-                .map(|i| (SocketAddr::new(cluster_ip(i), CRR_PORT.port), backend_addrs.clone()))
-                .collect();
+            let (_, frontends) = crr_services(count, &backends);
             // The Service in the middle: kube-proxy walks half the list to find it.
             let measured = frontends[count / 2].0;
             let order = match round % 2 {
@@ -207,9 +205,10 @@ pub fn measure(
     Ok((samples, throughput))
 }
 
-/// `count` Services with both backends, and the iperf3 Service with the first.
-fn write_services(path: &Path, count: usize, backends: &[Pod; 2]) -> anyhow::Result<()> {
-    let mut services: Vec<ServiceSpec> = (0..count)
+/// `count` ClusterIP Services (`cluster_ip(i)`, port 80) with both backends, as the
+/// cluster-state file has them and as kube-proxy's rules do.
+pub fn crr_services(count: usize, backends: &[Pod; 2]) -> (Vec<ServiceSpec>, Vec<(SocketAddr, Vec<SocketAddr>)>) {
+    let specs = (0..count)
         .map(|i| ServiceSpec {
             name: format!("crr-{i}"),
             cluster_ips: vec![cluster_ip(i)],
@@ -217,6 +216,21 @@ fn write_services(path: &Path, count: usize, backends: &[Pod; 2]) -> anyhow::Res
             backends: backends.iter().map(|b| b.ip(Family::V4)).collect(),
         })
         .collect();
+    let rules = (0..count)
+        .map(|i| {
+            let backends = backends
+                .iter()
+                .map(|b| SocketAddr::new(b.ip(Family::V4), CRR_PORT.target_port))
+                .collect();
+            (SocketAddr::new(cluster_ip(i), CRR_PORT.port), backends)
+        })
+        .collect();
+    (specs, rules)
+}
+
+/// `count` Services with both backends, and the iperf3 Service with the first.
+fn write_services(path: &Path, count: usize, backends: &[Pod; 2]) -> anyhow::Result<()> {
+    let (mut services, _) = crr_services(count, backends);
     services.push(ServiceSpec {
         name: "iperf".into(),
         cluster_ips: vec![IpAddr::from(IPERF_SERVICE_IP)],
