@@ -169,9 +169,15 @@ fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sa
                     ])?;
                 }
                 if balancer != KUBE_PROXY {
-                    // The NodePort's Service has four frontends: two ports, each as a
-                    // ClusterIP and as a NodePort.
-                    let loaded = || worker1.dump("services").is_ok_and(|rows| rows.len() == count - 1 + 4);
+                    let loaded = || {
+                        worker1.dump("services").is_ok_and(|rows| {
+                            let others = rows
+                                .iter()
+                                .filter(|r| r["frontend"].as_str().is_some_and(|f| f.starts_with("10.128.")))
+                                .count();
+                            others == count - 1 && rows.iter().any(|r| r["frontend"] == "nodeport:30080")
+                        })
+                    };
                     anyhow::ensure!(
                         wait_for(Duration::from_secs(60), loaded),
                         "the loader did not load {count} Services"
@@ -194,8 +200,9 @@ fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sa
                     })?;
                 }
                 println!(
-                "round {} {balancer:<20} {count:>6} Services {connections_per_s:8.0} conn/s  first byte p50 {first_byte_p50_us:6.1} us  {gbps:?} Gb/s  {ns_per_run:?}",
-                round + 1
+                "round {} {balancer:<20} {count:>6} Services {connections_per_s:8.0} conn/s  first byte p50 {first_byte_p50_us:6.1} us  {} {ns_per_run:?}",
+                round + 1,
+                gbps.map(|g| format!("{g:6.2} Gb/s")).unwrap_or_default()
             );
                 samples.push(Sample {
                     balancer,
