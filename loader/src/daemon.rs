@@ -99,6 +99,11 @@ pub struct RunArgs {
     /// (0.0.0.0 lets every pod of the node read them).
     #[arg(long)]
     metrics_address: Option<std::net::SocketAddr>,
+    /// Flow records kept for `velox-loader flows` (every drop, every connection a
+    /// policy allowed), the oldest let go first; 0 keeps none, and the programs then
+    /// write events only while someone follows (`monitor`, `flows --follow`).
+    #[arg(long, default_value_t = crate::flow_log::DEFAULT_RECORDS)]
+    flow_records: usize,
     /// Masquerade pod traffic leaving the cluster to the node's IP.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     ip_masq: bool,
@@ -248,6 +253,7 @@ impl RunArgs {
                     host_root: self.host_root,
                 }),
             metrics_address: self.metrics_address,
+            flow_records: self.flow_records,
             network_policy: self.network_policy,
         })
     }
@@ -264,6 +270,8 @@ pub struct RunOptions {
     /// The CNI bin and conf dirs to install the plugin and conflist into.
     pub install_into: Option<InstallTarget>,
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Flow records to keep (0: none).
+    pub flow_records: usize,
     /// Enforce NetworkPolicy.
     pub network_policy: bool,
 }
@@ -276,6 +284,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         datapath,
         install_into,
         metrics_address,
+        flow_records,
         network_policy,
     } = options;
     let _owned = take_over(&bpffs, &state_dir)?;
@@ -308,6 +317,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     if let Some(address) = metrics_address {
         metrics.serve(address, bpffs.clone(), state_dir.clone(), Arc::clone(&metrics_failure));
     }
+    crate::flow_log::FlowLog::start(&bpffs, &state_dir, flow_records, metrics.clone())?;
     let with_services = datapath.socket_lb_cgroup.is_some();
     let source = source.start(with_services, network_policy, metrics.clone()).await?;
     let sync = SourceSync {
@@ -528,6 +538,7 @@ impl Daemon {
         }
         remove_if_exists(&policy_socket)?;
         remove_if_exists(&socket)?;
+        remove_if_exists(&self.state_dir.flows_socket())?;
         log::info!("stopped; datapath left in place");
         Ok(())
     }

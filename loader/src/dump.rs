@@ -434,7 +434,7 @@ struct NatRow {
 
 /// The NAT's connections (`--kube-proxy-replacement`), one row per direction.
 pub fn nat(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
-    let now = crate::monitor::monotonic_ns()?;
+    let now = crate::flow_log::monotonic_ns()?;
     let timeouts = velox_node::maps::connection_timeouts(bpffs)?;
     let mut rows: Vec<NatRow> = velox_node::maps::nat_entries(bpffs)?
         .into_iter()

@@ -2,9 +2,9 @@
 
 mod daemon;
 mod dump;
+mod flow_log;
 mod install;
 mod metrics;
-mod monitor;
 mod names;
 mod netfilter;
 mod reconcile;
@@ -69,12 +69,16 @@ enum Commands {
     /// Every packet the datapath drops from now on, and every new connection a
     /// policy rule allows, with its connection ends, their pods, the interface and
     /// the deciding policies (like `cilium monitor --type drop`, `hubble observe`);
-    /// until interrupted.
+    /// until interrupted. The same as `flows --follow --since 0s`.
     Monitor {
         /// One JSON object per line instead of text.
         #[arg(long)]
         json: bool,
     },
+    /// The flow records the running loader keeps (`--flow-records`): every drop and
+    /// every new connection a policy rule allowed, after the fact, with their ends,
+    /// pods, interface, reason and deciding policies (like `hubble observe`).
+    Flows(flow_log::FlowsArgs),
     /// The endpoint map joined with the records, with each endpoint's counters.
     Endpoints {
         /// One JSON array instead of a table.
@@ -153,7 +157,8 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Commands::Monitor { json } => monitor::monitor(&bpffs, &state_dir, json),
+        Commands::Monitor { json } => flow_log::flows(&state_dir, &flow_log::FlowsArgs::monitor(json)),
+        Commands::Flows(args) => flow_log::flows(&state_dir, &args),
         Commands::Endpoints { json } => dump::endpoints(&bpffs, &state_dir, json),
         Commands::Peers { json } => dump::peers(&bpffs, json),
         Commands::Stats { json } => dump::stats(&bpffs, &state_dir, json),

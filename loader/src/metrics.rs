@@ -51,6 +51,11 @@ pub struct Metrics {
     pub policy_addresses_without_identity: Gauge,
     /// Service frontends the last pass could not write.
     pub services_failed_frontends: Gauge,
+    /// Drops and allowed connections without a flow record: the datapath's event
+    /// ring was full.
+    pub flow_records_lost: Counter,
+    /// Flow records the loader holds.
+    pub flow_records_kept: Gauge,
 }
 
 impl Metrics {
@@ -65,6 +70,8 @@ impl Metrics {
             policy_waiting_for_pod_object: Gauge::default(),
             policy_addresses_without_identity: Gauge::default(),
             services_failed_frontends: Gauge::default(),
+            flow_records_lost: Counter::default(),
+            flow_records_kept: Gauge::default(),
         }
     }
 
@@ -160,6 +167,16 @@ impl Metrics {
             "Service frontends the last pass could not write (a full map, a failed write): they keep what the \
              maps had until a later pass writes them",
             self.services_failed_frontends.clone(),
+        );
+        registry.register(
+            "flow_records_lost",
+            "Drops and allowed connections with no flow record: the datapath's event ring was full",
+            self.flow_records_lost.clone(),
+        );
+        registry.register(
+            "flow_records_kept",
+            "Flow records the loader holds (at most --flow-records)",
+            self.flow_records_kept.clone(),
         );
         registry.register_collector(Box::new(Datapath { bpffs, state_dir }));
         registry

@@ -14,8 +14,9 @@
 //! │   ├── VELOX_SOCKET_FRONTENDS            socket -> its backends' frontends (socket storage)
 //! │   ├── VELOX_LB_OPT_OUT                  netns cookies the socket LB leaves alone
 //! │   ├── VELOX_EVENTS                      drops and connections policy allowed (ring
-//! │   │                                     buffer), while a monitor runs
-//! │   ├── VELOX_MONITOR                     until when a monitor listens
+//! │   │                                     buffer), for the loader's flow records
+//! │   ├── VELOX_EVENTS_LOST                 per CPU, events the full ring lost
+//! │   ├── VELOX_MONITOR                     until when the programs write events
 //! │   ├── VELOX_POLICY_STATE                per-slot isolation and live rules version
 //! │   ├── VELOX_POLICY_RULES                (slot, direction, version, peer prefix) -> ports
 //! │   ├── VELOX_POLICY_IDENTITY_RULES       (slot, direction, version, peer identity) -> ports
@@ -53,6 +54,7 @@
 //! │                                         ADD starts a named pod denied in both directions
 //! ├── install.json                    0600  what `install` wrote, with checksums
 //! ├── loader.sock                     0600  the health socket (STATUS, probes)
+//! ├── flows.sock                      0600  `velox-loader flows` asks for flow records here
 //! └── policy.sock                     0600  ADD asks for a new pod's policy here, and waits
 //! ```
 
@@ -182,6 +184,11 @@ impl StateDir {
     /// Where ADD asks the loader to apply a new pod's policy now.
     pub fn policy_socket(&self) -> PathBuf {
         self.root.join("policy.sock")
+    }
+
+    /// Where the loader serves its flow records (`velox-loader flows`).
+    pub fn flows_socket(&self) -> PathBuf {
+        self.root.join("flows.sock")
     }
 }
 

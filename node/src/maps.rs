@@ -9,9 +9,9 @@ use velox_common::{
     Affinity, AffinityKey, AllowedFlow, BackendSlot, ConnectionTimeouts, Endpoint, EndpointCounters, FlowEnd,
     FlowEvent, IdentityRuleKey, IpKey, MaglevTable, NatEntry, NatKey, NodeAddress, NodePortKey, Peer, PolicyFlow,
     PolicyKey, PolicyPorts, PolicyState, Service, SocketFrontends, AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP,
-    CT_TIMEOUTS_MAP, ENDPOINTS_MAP, EVENTS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS,
-    KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP, MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP,
-    NODE_ADDRESSES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_FLOW_POOL_SIZE,
+    CT_TIMEOUTS_MAP, ENDPOINTS_MAP, EVENTS_LOST_MAP, EVENTS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS,
+    ISOLATED_INGRESS, KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP, MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP,
+    NAT_MAP, NODE_ADDRESSES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_FLOW_POOL_SIZE,
     POLICY_FLOW_POOL_USED, POLICY_FLOW_RESERVED, POLICY_FLOW_SHARES, POLICY_FLOW_SHARES_MAP, POLICY_GENERATION_MAP,
     POLICY_IDENTITIES_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP,
     RULES_VERSION, SERVICES_MAP, SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, SOCKET_FRONTENDS_MAP,
@@ -70,7 +70,7 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 const LAYOUT_REVISION: u32 = 1;
 
 /// Every pinned map as this build's eBPF object declares it.
-pub fn layouts() -> [MapLayout; 26] {
+pub fn layouts() -> [MapLayout; 27] {
     use std::mem::size_of;
     let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
         name,
@@ -201,6 +201,13 @@ pub fn layouts() -> [MapLayout; 26] {
         // A ring buffer has neither keys nor values: its size is its layout.
         layout(EVENTS_MAP, BPF_MAP_TYPE_RINGBUF, 0, 0, 0),
         layout(MONITOR_MAP, BPF_MAP_TYPE_ARRAY, size_of::<u32>(), size_of::<u64>(), 0),
+        layout(
+            EVENTS_LOST_MAP,
+            BPF_MAP_TYPE_PERCPU_ARRAY,
+            size_of::<u32>(),
+            size_of::<u64>(),
+            0,
+        ),
         // As long as the largest `--max-pods`, like the kernel-flow marks.
         layout(
             POLICY_STATE_MAP,
@@ -542,6 +549,7 @@ impl EndpointMaps {
 pub struct FlowEvents {
     events: RingBuf<MapData>,
     until: Array<MapData, u64>,
+    lost: PerCpuArray<MapData, u64>,
 }
 
 impl FlowEvents {
@@ -549,7 +557,28 @@ impl FlowEvents {
         Ok(Self {
             events: open_map(bpffs, EVENTS_MAP)?,
             until: open_map(bpffs, MONITOR_MAP)?,
+            lost: open_map(bpffs, EVENTS_LOST_MAP)?,
         })
+    }
+
+    /// Keeps the programs writing events from now on.
+    pub fn listen_always(&mut self) -> Result<()> {
+        self.until
+            .set(0, u64::MAX, 0)
+            .map_err(Error::map("setting the events deadline"))
+    }
+
+    /// Stops the programs writing events (until someone follows).
+    pub fn stop_listening(&mut self) -> Result<()> {
+        self.until
+            .set(0, 0, 0)
+            .map_err(Error::map("setting the events deadline"))
+    }
+
+    /// Events the programs could not write since the map was made (the ring full).
+    pub fn lost(&self) -> Result<u64> {
+        let per_cpu = self.lost.get(&0, 0).map_err(Error::map("reading the lost events"))?;
+        Ok(per_cpu.iter().sum())
     }
 
     /// Keeps the programs writing events until `until_ns` (`bpf_ktime_get_ns`),

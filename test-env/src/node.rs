@@ -406,6 +406,29 @@ impl Node {
         Ok(serde_json::from_slice(&output.stdout)?)
     }
 
+    /// `velox-loader <args>` on the node, for its bpffs root and state dir: what it
+    /// printed (stdout, stderr); an error when it fails.
+    pub fn loader_cli(&self, args: &[&str]) -> anyhow::Result<(String, String)> {
+        let output = in_netns(&self.name, self.bins.loader.to_str().unwrap(), &[])
+            .args(["--bpffs-root", self.bpffs_root.to_str().unwrap()])
+            .args(["--state-dir", self.state_dir.to_str().unwrap()])
+            .args(args)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        if !output.status.success() {
+            bail!("velox-loader {args:?}: {stderr}");
+        }
+        Ok((String::from_utf8_lossy(&output.stdout).into_owned(), stderr))
+    }
+
+    /// `velox-loader flows --json <args>`: the records the loader kept, one object
+    /// each, and what it said of those it could not keep (stderr).
+    pub fn flows(&self, args: &[&str]) -> anyhow::Result<(Vec<Value>, String)> {
+        let (stdout, stderr) = self.loader_cli(&[&["flows", "--json"], args].concat())?;
+        let records = stdout.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+        Ok((records, stderr))
+    }
+
     /// One request by `velox-probe <mode> <to>` from `netns`, as a process of the
     /// node's cgroup (where the socket load balancer acts): its JSON line.
     pub fn probe(&self, netns: &str, mode: &str, to: std::net::SocketAddr) -> anyhow::Result<Value> {

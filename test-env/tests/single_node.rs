@@ -882,6 +882,41 @@ fn metrics_answer_again_after_the_loader_ran_out_of_file_descriptors() {
     node.finish().unwrap();
 }
 
+/// Issue 25: a drop is there to be asked about afterwards, with no monitor running
+/// when it happened (the monitor alone showed drops, and only while it listened).
+#[test]
+fn a_drop_is_in_the_flow_records_afterwards() {
+    let node = NodeGuard::up("flows").unwrap();
+    let (a, b) = (node.add_pod("a").unwrap(), node.add_pod("b").unwrap());
+    run("ip", &["-n", &a.name, "addr", "add", "198.51.100.8/32", "dev", "eth0"]).unwrap();
+    let to = b.ip(Family::V4).to_string();
+    let _ = a.exec("ping", &["-c", "3", "-i", "0.2", "-W", "1", "-I", "198.51.100.8", &to]);
+    let spoofed = |record: &Value| record["src"].as_str().is_some_and(|s| s.starts_with("198.51.100.8:"));
+    let mut found = None;
+    let recorded = wait_for(Duration::from_secs(5), || {
+        let (records, _) = node.flows(&["--verdict", "dropped", "--since", "5m"]).unwrap();
+        found = records.into_iter().find(spoofed);
+        found.is_some()
+    });
+    assert!(recorded, "no record of the spoofed ping");
+    let drop = found.unwrap();
+    assert_eq!(drop["verdict"], "dropped", "{drop}");
+    assert_eq!(drop["reason"], "spoofed", "{drop}");
+    assert_eq!(drop["protocol"], "ICMP", "{drop}");
+    assert_eq!(drop["dst"].as_str().unwrap().split(':').next(), Some(to.as_str()), "{drop}");
+    assert_eq!(drop["pod"], format!("{} eth0", a.name), "{drop}");
+    assert!(drop["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{drop}");
+    // Filters: no allowed record is a drop, and the summary counts the pings.
+    let (allowed, _) = node.flows(&["--verdict", "allowed"]).unwrap();
+    assert!(!allowed.iter().any(spoofed), "{allowed:?}");
+    let (summary, _) = node.loader_cli(&["flows", "--summary"]).unwrap();
+    assert!(
+        summary.lines().any(|l| l.contains("198.51.100.8") && l.contains("dropped spoofed")),
+        "{summary}"
+    );
+    node.finish().unwrap();
+}
+
 #[test]
 fn the_monitor_shows_each_drop_with_its_ends_and_pod_while_it_listens() {
     let node = NodeGuard::up("monitor").unwrap();

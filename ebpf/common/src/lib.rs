@@ -73,11 +73,15 @@ pub const UDP_SOCKET_FRONTENDS_ITER: &str = "udp_socket_frontends";
 /// Pinned under `<bpffsRoot>/maps/`: network namespace cookies of the pods that opted
 /// out of the socket load balancer; their sockets are left as they are.
 pub const LB_OPT_OUT_MAP: &str = "VELOX_LB_OPT_OUT";
-/// Pinned under `<bpffsRoot>/maps/`: a ring buffer of [`DropEvent`]s, written only
-/// while a monitor listens.
+/// Pinned under `<bpffsRoot>/maps/`: a ring buffer of [`FlowEvent`]s, written while
+/// the loader keeps flow records or someone follows them.
 pub const EVENTS_MAP: &str = "VELOX_EVENTS";
+/// Pinned under `<bpffsRoot>/maps/`: per CPU, the events the programs could not
+/// write because the ring was full.
+pub const EVENTS_LOST_MAP: &str = "VELOX_EVENTS_LOST";
 /// Pinned under `<bpffsRoot>/maps/`: one u64, the `bpf_ktime_get_ns` time until
-/// which a monitor listens; monitors push it forward while they run.
+/// which the programs write events (the end of time while the loader keeps flow
+/// records; pushed forward while someone follows them otherwise).
 pub const MONITOR_MAP: &str = "VELOX_MONITOR";
 /// Pinned under `<bpffsRoot>/maps/`: counters slot -> [`PolicyState`] (an array, sized
 /// like the counters): whether the pod is isolated and which rule version is live.

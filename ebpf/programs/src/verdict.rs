@@ -22,11 +22,15 @@ use crate::{
 #[btf_map]
 static VELOX_COUNTERS: PerCpuArray<EndpointCounters, MAX_ENDPOINTS> = PerCpuArray::new();
 
-/// Drops and policy verdicts, for `velox-loader monitor`; written only while one listens.
+/// Drops and policy verdicts, for the loader's flow records.
 #[btf_map]
 static VELOX_EVENTS: RingBuf<FlowEvent, EVENTS_BYTES> = RingBuf::new();
 
-/// Until when (`bpf_ktime_get_ns`) a monitor listens.
+/// Events the ring had no room for, so the records can say what they miss.
+#[btf_map]
+static VELOX_EVENTS_LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// Until when (`bpf_ktime_get_ns`) the programs write events.
 #[btf_map]
 static VELOX_MONITOR: Array<u64, 1> = Array::new();
 
@@ -98,13 +102,18 @@ pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, ver
             egress_policy,
             ingress_policy,
         };
-        // A full buffer loses the event, never the packet's time.
-        let _ = VELOX_EVENTS.output(&event, 0);
+        // A full buffer loses the event (counted), never the packet's time.
+        if VELOX_EVENTS.output(&event, 0).is_err() {
+            if let Some(lost) = VELOX_EVENTS_LOST.get_ptr_mut(0) {
+                // SAFETY: a per-CPU value; only this CPU writes it while we run.
+                unsafe { *lost += 1 };
+            }
+        }
     }
     action
 }
 
-/// Whether a monitor listens: events cost nothing when none does.
+/// Whether events are wanted: they cost nothing when not.
 #[inline(always)]
 fn monitor_listens() -> bool {
     VELOX_MONITOR

@@ -53,7 +53,7 @@ pub fn sweep_interval(timeouts: &ConnectionTimeouts) -> Duration {
 pub fn sweep(bpffs: &Bpffs, timeouts: &ConnectionTimeouts) -> anyhow::Result<usize> {
     let mut maps = PolicyMaps::open(bpffs)?;
     let shares = PolicyFlowShares::open(bpffs)?;
-    let now = crate::monitor::monotonic_ns()?;
+    let now = crate::flow_log::monotonic_ns()?;
     let (expired, held) = maps.flow_census(now, timeouts);
     let mut forgotten = 0;
     for key in expired {

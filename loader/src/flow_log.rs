@@ -1,0 +1,525 @@
+//! Flow records: every packet the datapath drops and every new connection a policy
+//! rule allows, with its ends, their pods, the interface and the deciding policies,
+//! kept by the loader in a bounded ring (`--flow-records`) so they can be asked for
+//! after the fact (`velox-loader flows`), and followed as they come
+//! (`velox-loader flows --follow`, `velox-loader monitor`).
+//!
+//! The loader is the one reader of the datapath's event ring. With records on, the
+//! programs always write events; with them off (`--flow-records 0`), only while
+//! someone follows. An event the datapath could not write (its ring full) is counted
+//! in `VELOX_EVENTS_LOST`, and every answer says how many were lost: a gap is never
+//! silent.
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use velox_common::{DropReason, FlowEvent, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS, VERDICT_ALLOWED};
+use velox_node::endpoint::EndpointStore;
+use velox_node::maps::FlowEvents;
+use velox_node::{Bpffs, StateDir};
+
+use crate::metrics::{lock, Metrics};
+use crate::names::{protocol_name, socket_address, PolicyNames};
+
+/// Records kept when the loader is not told (`--flow-records`): a few megabytes.
+pub const DEFAULT_RECORDS: usize = 16_384;
+/// How often the collector drains the datapath's ring.
+const POLL: Duration = Duration::from_millis(50);
+/// Records a follower may fall behind by before it is told it lost some.
+const FOLLOWER_QUEUE: usize = 4096;
+/// Clients served at once; one more is closed at once.
+const MAX_CLIENTS: usize = 16;
+/// How long a client has to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// With records off: how far ahead a follower keeps the programs writing, and how
+/// often the collector renews that.
+const LISTEN_AHEAD: Duration = Duration::from_secs(3);
+const RENEW_EVERY: Duration = Duration::from_secs(1);
+
+/// One drop or allowed connection, as `flows` and `monitor` show it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    /// When the loader read it (within a poll, 50 ms, of the packet), RFC 3339.
+    pub time: String,
+    /// The same, in milliseconds since the epoch.
+    pub unix_ms: u64,
+    /// `dropped`, or `allowed` for a new connection a policy rule let through.
+    pub verdict: String,
+    /// The drop reason's name in the drop-reason table; `policy` for an allowed one.
+    pub reason: String,
+    pub protocol: String,
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    /// The cluster's names of the ends (`namespace/name`), when they are pods.
+    pub src_pod: Option<String>,
+    pub dst_pod: Option<String>,
+    pub ifname: String,
+    /// The container behind the interface, when it is a pod's.
+    pub pod: Option<String>,
+    /// What decided: the policies whose rules allowed it, or for a denial the
+    /// policies that select the pod and of which no rule allows it.
+    pub policies: Vec<String>,
+}
+
+/// A drop's reason as the drop-reason table names it; `policy` for a connection a
+/// policy rule allowed.
+fn reason(code: u32) -> &'static str {
+    match DropReason::of(code) {
+        Some(reason) => reason.name,
+        None if code == VERDICT_ALLOWED => "policy",
+        None => "unknown",
+    }
+}
+
+impl Record {
+    fn new(event: &FlowEvent, names: &PolicyNames, pods: &HashMap<u32, String>, at: SystemTime) -> Self {
+        let ifname = nix::net::if_::if_indextoname(event.ifindex)
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| event.ifindex.to_string());
+        let (src, dst) = (socket_address(&event.src), socket_address(&event.dst));
+        let selecting = |ip: IpAddr| names.selected_by.get(&ip).cloned().unwrap_or_default();
+        let policies = match event.reason {
+            VERDICT_ALLOWED => [event.egress_policy, event.ingress_policy]
+                .into_iter()
+                .filter_map(|id| names.policy(id))
+                .collect(),
+            DROP_POLICY_EGRESS => selecting(src.ip()),
+            DROP_POLICY_INGRESS => selecting(dst.ip()),
+            _ => Vec::new(),
+        };
+        Record {
+            time: humantime::format_rfc3339_millis(at).to_string(),
+            unix_ms: unix_ms(at),
+            verdict: if event.reason == VERDICT_ALLOWED {
+                "allowed"
+            } else {
+                "dropped"
+            }
+            .into(),
+            reason: reason(event.reason).into(),
+            protocol: protocol_name(event.src.proto).to_uppercase(),
+            src,
+            dst,
+            src_pod: names.pods.get(&src.ip()).cloned(),
+            dst_pod: names.pods.get(&dst.ip()).cloned(),
+            ifname,
+            pod: pods.get(&event.ifindex).cloned(),
+            policies,
+        }
+    }
+
+    fn line(&self) -> String {
+        let end = |addr: &SocketAddr, pod: &Option<String>| match pod {
+            Some(pod) => format!("{addr} ({pod})"),
+            None => addr.to_string(),
+        };
+        let decided = match (self.verdict.as_str(), self.policies.is_empty()) {
+            (_, true) => String::new(),
+            ("allowed", false) => format!(" by {}", self.policies.join(", ")),
+            _ => format!(" by {} (no rule allows it)", self.policies.join(", ")),
+        };
+        format!(
+            "{} {} {:<15} {} {} -> {} on {}{}{decided}",
+            self.time,
+            if self.verdict == "allowed" { "ALLOW" } else { "DROP " },
+            self.reason,
+            self.protocol,
+            end(&self.src, &self.src_pod),
+            end(&self.dst, &self.dst_pod),
+            self.ifname,
+            self.pod
+                .as_ref()
+                .map(|p| format!(" (container {p})"))
+                .unwrap_or_default()
+        )
+    }
+
+    /// Whether `pod` (`namespace/name`) is either end.
+    fn involves(&self, pod: &str) -> bool {
+        self.src_pod.as_deref() == Some(pod) || self.dst_pod.as_deref() == Some(pod)
+    }
+}
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> anyhow::Result<u64> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    Ok(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
+}
+
+/// What an answer starts with: how much of the story the records tell.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Status {
+    /// Records the ring holds, and at most.
+    kept: usize,
+    capacity: usize,
+    /// Events the datapath could not write (its ring was full) since the maps were
+    /// made: those drops and connections have no record.
+    lost_in_datapath: u64,
+    /// Records the ring let go to make room for newer ones since the loader started.
+    pushed_out: u64,
+}
+
+/// A request: the kept records since `since_ms` (all without it), then with
+/// `follow` every new one as it comes.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Request {
+    since_ms: Option<u64>,
+    follow: bool,
+}
+
+/// One line of an answer after the status: a record, or a note that a slow
+/// follower missed some.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Line {
+    Record(Box<Record>),
+    Missed(u64),
+}
+
+/// The ring, and the followers new records go to.
+pub struct FlowLog {
+    capacity: usize,
+    inner: Mutex<Kept>,
+}
+
+#[derive(Default)]
+struct Kept {
+    records: VecDeque<Record>,
+    pushed_out: u64,
+    lost_in_datapath: u64,
+    followers: Vec<Follower>,
+}
+
+struct Follower {
+    to: SyncSender<Line>,
+    missed: u64,
+}
+
+impl FlowLog {
+    /// Starts the collector (the one reader of the datapath's events) and the server
+    /// of `flows.sock`, each on a thread of its own.
+    pub fn start(bpffs: &Bpffs, state_dir: &StateDir, capacity: usize, metrics: Metrics) -> anyhow::Result<()> {
+        let mut events = FlowEvents::open(bpffs)?;
+        match capacity {
+            0 => events.stop_listening()?,
+            _ => events.listen_always()?,
+        }
+        let log = Arc::new(FlowLog {
+            capacity,
+            inner: Mutex::default(),
+        });
+        let listener = bind_private(&state_dir.flows_socket())?;
+        let collector = (Arc::clone(&log), state_dir.clone());
+        std::thread::Builder::new()
+            .name("flow-records".into())
+            .spawn(move || collect(&collector.0, events, &collector.1, &metrics))?;
+        std::thread::Builder::new()
+            .name("flows-socket".into())
+            .spawn(move || serve(&log, listener))?;
+        Ok(())
+    }
+
+    fn status(&self) -> Status {
+        let kept = lock(&self.inner);
+        Status {
+            kept: kept.records.len(),
+            capacity: self.capacity,
+            lost_in_datapath: kept.lost_in_datapath,
+            pushed_out: kept.pushed_out,
+        }
+    }
+
+    fn keep(&self, record: Record) {
+        let mut kept = lock(&self.inner);
+        kept.followers.retain_mut(|follower| {
+            if follower.missed > 0 {
+                match follower.to.try_send(Line::Missed(follower.missed)) {
+                    Ok(()) => follower.missed = 0,
+                    Err(TrySendError::Full(_)) => {}
+                    Err(TrySendError::Disconnected(_)) => return false,
+                }
+            }
+            match follower.to.try_send(Line::Record(Box::new(record.clone()))) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    follower.missed += 1;
+                    true
+                }
+                Err(TrySendError::Disconnected(_)) => false,
+            }
+        });
+        if self.capacity == 0 {
+            return;
+        }
+        if kept.records.len() == self.capacity {
+            kept.records.pop_front();
+            kept.pushed_out += 1;
+        }
+        kept.records.push_back(record);
+    }
+
+    fn following(&self) -> bool {
+        !lock(&self.inner).followers.is_empty()
+    }
+}
+
+/// Drains the datapath's events into the ring, naming what they hold.
+fn collect(log: &FlowLog, mut events: FlowEvents, state_dir: &StateDir, metrics: &Metrics) {
+    let store = EndpointStore::new(state_dir);
+    let containers = || -> HashMap<u32, String> {
+        store
+            .list()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| (r.host_ifindex, format!("{} {}", r.container_id, r.ifname)))
+            .collect()
+    };
+    let mut pods = HashMap::new();
+    let mut pods_read = Instant::now();
+    let mut names = PolicyNames::default();
+    let mut names_read = None;
+    let mut renewed: Option<Instant> = None;
+    loop {
+        if renewed.is_none_or(|at| at.elapsed() >= RENEW_EVERY) {
+            renewed = Some(Instant::now());
+            if log.capacity == 0 && log.following() {
+                let ahead = monotonic_ns().map(|now| now + LISTEN_AHEAD.as_nanos() as u64);
+                if let Err(e) = ahead
+                    .map_err(anyhow::Error::from)
+                    .and_then(|until| Ok(events.listen_until(until)?))
+                {
+                    log::warn!("keeping the datapath's events on for a follower: {e:#}");
+                }
+            }
+            (pods, pods_read) = (containers(), Instant::now());
+            match events.lost() {
+                Ok(lost) => {
+                    let mut kept = lock(&log.inner);
+                    metrics
+                        .flow_records_lost
+                        .inc_by(lost.saturating_sub(kept.lost_in_datapath));
+                    kept.lost_in_datapath = kept.lost_in_datapath.max(lost);
+                }
+                Err(e) => log::warn!("reading the datapath's lost events: {e}"),
+            }
+            metrics.flow_records_kept.set(lock(&log.inner).records.len() as i64);
+        }
+        // The loader rewrites the names as policies and pods change: the records of a
+        // new policy must name it.
+        let names_written = std::fs::metadata(state_dir.policy_names())
+            .and_then(|m| m.modified())
+            .ok();
+        if names_written != names_read {
+            names = PolicyNames::read(state_dir);
+            names_read = names_written;
+        }
+        while let Some(event) = events.next_event() {
+            // A pod newer than the last look: its records name it too (a look at most
+            // every 100 ms, as an interface no pod has would ask each time).
+            if !pods.contains_key(&event.ifindex) && pods_read.elapsed() >= Duration::from_millis(100) {
+                (pods, pods_read) = (containers(), Instant::now());
+            }
+            log.keep(Record::new(&event, &names, &pods, SystemTime::now()));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A unix socket only root reaches, in place of one a loader before left.
+fn bind_private(socket: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    velox_node::fs::remove_if_exists(socket)?;
+    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(
+        socket,
+        std::fs::Permissions::from_mode(velox_node::layout::PRIVATE_FILE_MODE),
+    )?;
+    Ok(listener)
+}
+
+fn serve(log: &Arc<FlowLog>, listener: UnixListener) {
+    let clients = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else {
+            // Out of descriptors, say: a moment's pause, never the end of the server.
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            clients.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
+        let (log, clients) = (Arc::clone(log), Arc::clone(&clients));
+        let spawned = std::thread::Builder::new().name("flows-client".into()).spawn(move || {
+            if let Err(e) = answer(&log, stream) {
+                log::debug!("a flows client: {e:#}");
+            }
+            clients.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            log::warn!("serving a flows client: {e}");
+        }
+    }
+}
+
+fn answer(log: &FlowLog, stream: UnixStream) -> anyhow::Result<()> {
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    let mut request = String::new();
+    BufReader::new(&stream).read_line(&mut request)?;
+    let request: Request = serde_json::from_str(&request).context("reading the request")?;
+    let mut out = std::io::BufWriter::new(&stream);
+    let status = log.status();
+    let since = request.since_ms.unwrap_or(0);
+    // The kept records are copied and the follower joins under one lock: no record
+    // falls between, and none comes twice.
+    let (kept, follow) = {
+        let mut inner = lock(&log.inner);
+        let kept: Vec<Record> = inner.records.iter().filter(|r| r.unix_ms >= since).cloned().collect();
+        let follow: Option<Receiver<Line>> = request.follow.then(|| {
+            let (to, from) = std::sync::mpsc::sync_channel(FOLLOWER_QUEUE);
+            inner.followers.push(Follower { to, missed: 0 });
+            from
+        });
+        (kept, follow)
+    };
+    writeln!(out, "{}", serde_json::to_string(&status)?)?;
+    for record in kept {
+        writeln!(out, "{}", serde_json::to_string(&Line::Record(Box::new(record)))?)?;
+    }
+    out.flush()?;
+    let Some(follow) = follow else {
+        return Ok(());
+    };
+    for line in follow {
+        writeln!(out, "{}", serde_json::to_string(&line)?)?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// What `velox-loader flows` asks for and how it shows it.
+#[derive(clap::Args)]
+pub struct FlowsArgs {
+    /// Keep showing new records as they come, until interrupted.
+    #[arg(long)]
+    follow: bool,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Only records with this pod (`namespace/name`) at either end.
+    #[arg(long)]
+    pod: Option<String>,
+    /// Only `dropped` or `allowed` records.
+    #[arg(long, value_parser = ["dropped", "allowed"])]
+    verdict: Option<String>,
+    /// Only records of the last while (`10m`, `1h30m`).
+    #[arg(long)]
+    since: Option<humantime::Duration>,
+    /// A map of who talks to whom instead of records: source, destination (pod or
+    /// address), port, verdict and reason, with counts.
+    #[arg(long, conflicts_with = "follow")]
+    summary: bool,
+}
+
+impl FlowsArgs {
+    /// `velox-loader monitor`: what comes from now on, until interrupted.
+    pub fn monitor(json: bool) -> Self {
+        Self {
+            follow: true,
+            json,
+            pod: None,
+            verdict: None,
+            since: Some(Duration::ZERO.into()),
+            summary: false,
+        }
+    }
+
+    fn wants(&self, record: &Record) -> bool {
+        self.pod.as_deref().is_none_or(|pod| record.involves(pod))
+            && self.verdict.as_deref().is_none_or(|verdict| record.verdict == verdict)
+    }
+}
+
+/// `velox-loader flows`: asks the running loader for its records.
+pub fn flows(state_dir: &StateDir, args: &FlowsArgs) -> anyhow::Result<()> {
+    let socket = state_dir.flows_socket();
+    let mut stream =
+        UnixStream::connect(&socket).with_context(|| format!("asking the loader at {}", socket.display()))?;
+    let since_ms = args
+        .since
+        .map(|since| unix_ms(SystemTime::now()).saturating_sub(Duration::from(since).as_millis() as u64));
+    let request = Request {
+        since_ms,
+        follow: args.follow,
+    };
+    writeln!(stream, "{}", serde_json::to_string(&request)?)?;
+    let mut lines = BufReader::new(stream).lines();
+    let status: Status = serde_json::from_str(&lines.next().context("the loader did not answer")??)?;
+    let mut out = std::io::stdout().lock();
+    if args.follow && !args.json {
+        writeln!(out, "listening for drops and policy verdicts (Ctrl-C stops)")?;
+    }
+    if args.follow && status.lost_in_datapath > 0 {
+        eprintln!(
+            "velox-loader flows: {} events lost in the datapath so far (its ring was full)",
+            status.lost_in_datapath
+        );
+    }
+    let mut summary: BTreeMap<(String, String, String, String), u64> = BTreeMap::new();
+    let mut shown = 0;
+    for line in lines {
+        match serde_json::from_str::<Line>(&line?)? {
+            Line::Record(record) if args.wants(&record) => {
+                shown += 1;
+                if args.summary {
+                    let end = |pod: &Option<String>, addr: &SocketAddr| pod.clone().unwrap_or(addr.ip().to_string());
+                    let key = (
+                        end(&record.src_pod, &record.src),
+                        end(&record.dst_pod, &record.dst),
+                        format!("{}/{}", record.protocol, record.dst.port()),
+                        format!("{} {}", record.verdict, record.reason),
+                    );
+                    *summary.entry(key).or_default() += 1;
+                    continue;
+                }
+                match args.json {
+                    true => writeln!(out, "{}", serde_json::to_string(&record)?)?,
+                    false => writeln!(out, "{}", record.line())?,
+                }
+                out.flush()?;
+            }
+            Line::Record(_) => {}
+            Line::Missed(count) => eprintln!("velox-loader flows: {count} records missed (this reader fell behind)"),
+        }
+    }
+    if args.summary {
+        let mut table = comfy_table::Table::new();
+        table.load_preset(comfy_table::presets::NOTHING);
+        table.set_header(["SOURCE", "DESTINATION", "PORT", "VERDICT", "COUNT"]);
+        for ((src, dst, port, verdict), count) in &summary {
+            table.add_row([src, dst, port, verdict, &count.to_string()]);
+        }
+        writeln!(out, "{table}")?;
+    }
+    // What the records cannot show, said where a reader sees it.
+    if status.lost_in_datapath > 0 || status.pushed_out > 0 || !args.json {
+        eprintln!(
+            "{shown} records shown; the loader keeps {} of at most {}; {} events lost in the datapath (its ring \
+             was full), {} records pushed out of the loader's ring by newer ones",
+            status.kept, status.capacity, status.lost_in_datapath, status.pushed_out
+        );
+    }
+    Ok(())
+}
