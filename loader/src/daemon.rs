@@ -300,6 +300,15 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         reserve_nat_ports()?;
     }
     let mut ebpf = load_and_pin(&bpffs, &datapath)?;
+    if datapath.socket_lb_cgroup.is_some() {
+        // Before the first pass may close sockets by what it reads: this build's.
+        if let Err(e) = pin_udp_socket_iterator(&bpffs, &mut ebpf) {
+            log::error!(
+                "the load balancer cannot tell which Service a connected UDP socket came through, so it closes \
+                 none when a backend leaves: {e:#}"
+            );
+        }
+    }
     carry_over_connections(&bpffs)?;
     crate::reconcile::flows::sweep_forever(bpffs.clone(), datapath.timeouts)?;
     // Not enforcing (turned off, or no source of policy): no pod stays isolated by
@@ -317,7 +326,9 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     if let Some(address) = metrics_address {
         metrics.serve(address, bpffs.clone(), state_dir.clone(), Arc::clone(&metrics_failure));
     }
-    crate::flow_log::FlowLog::start(&bpffs, &state_dir, flow_records, metrics.clone())?;
+    if let Err(e) = crate::flow_log::FlowLog::start(&bpffs, &state_dir, flow_records, metrics.clone()) {
+        log::error!("no flow records (velox-loader flows, monitor): {e:#}");
+    }
     let with_services = datapath.socket_lb_cgroup.is_some();
     let source = source.start(with_services, network_policy, metrics.clone()).await?;
     let sync = SourceSync {
@@ -1141,10 +1152,8 @@ fn remove_other_nat_programs(bpffs: &Bpffs, ebpf: &Ebpf) -> anyhow::Result<()> {
 /// Attaches the socket load balancer's hooks to `cgroup` where they are not attached
 /// yet, or detaches them when the load balancer is off (`None`).
 fn attach_socket_lb(bpffs: &Bpffs, ebpf: &mut Ebpf, cgroup: Option<&Path>) -> anyhow::Result<()> {
-    let iterator = bpffs.iterator(UDP_SOCKET_FRONTENDS_ITER);
-    match cgroup {
-        Some(_) => pin_udp_socket_iterator(bpffs, ebpf)?,
-        None => remove_if_exists(&iterator)?,
+    if cgroup.is_none() {
+        remove_if_exists(&bpffs.iterator(UDP_SOCKET_FRONTENDS_ITER))?;
     }
     for name in SOCKET_LB_PROGRAMS {
         let pin = bpffs.cgroup_link(name);

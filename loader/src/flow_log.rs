@@ -4,9 +4,10 @@
 //! after the fact (`velox-loader flows`), and followed as they come
 //! (`velox-loader flows --follow`, `velox-loader monitor`).
 //!
-//! The loader is the one reader of the datapath's event ring. With records on, the
-//! programs always write events; with them off (`--flow-records 0`), only while
-//! someone follows. An event the datapath could not write (its ring full) is counted
+//! The loader is the one reader of the datapath's event ring. The programs write
+//! events while the loader keeps a deadline ahead of them: always with records on,
+//! only while someone follows with them off (`--flow-records 0`); within seconds of
+//! a loader that stopped, they write none. An event the datapath could not write (its ring full) is counted
 //! in `VELOX_EVENTS_LOST`, and every answer says how many were lost: a gap is never
 //! silent.
 
@@ -37,11 +38,14 @@ const POLL: Duration = Duration::from_millis(50);
 const FOLLOWER_QUEUE: usize = 4096;
 /// Clients served at once; one more is closed at once.
 const MAX_CLIENTS: usize = 16;
-/// How long a client has to send its request line.
+/// How long a client has to send its request line, and how long it is.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// With records off: how far ahead a follower keeps the programs writing, and how
-/// often the collector renews that.
-const LISTEN_AHEAD: Duration = Duration::from_secs(3);
+const MAX_REQUEST: u64 = 4096;
+/// How long a write to a client may wait for it to read.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How far ahead the collector keeps the programs writing events, and how often it
+/// renews that.
+const LISTEN_AHEAD: Duration = Duration::from_secs(10);
 const RENEW_EVERY: Duration = Duration::from_secs(1);
 
 /// One drop or allowed connection, as `flows` and `monitor` show it.
@@ -212,10 +216,9 @@ impl FlowLog {
     /// of `flows.sock`, each on a thread of its own.
     pub fn start(bpffs: &Bpffs, state_dir: &StateDir, capacity: usize, metrics: Metrics) -> anyhow::Result<()> {
         let mut events = FlowEvents::open(bpffs)?;
-        match capacity {
-            0 => events.stop_listening()?,
-            _ => events.listen_always()?,
-        }
+        // What an earlier loader (or monitor) asked for ends now; the collector asks
+        // again if it wants events.
+        events.stop_listening()?;
         let log = Arc::new(FlowLog {
             capacity,
             inner: Mutex::default(),
@@ -294,13 +297,13 @@ fn collect(log: &FlowLog, mut events: FlowEvents, state_dir: &StateDir, metrics:
     loop {
         if renewed.is_none_or(|at| at.elapsed() >= RENEW_EVERY) {
             renewed = Some(Instant::now());
-            if log.capacity == 0 && log.following() {
+            if log.capacity > 0 || log.following() {
                 let ahead = monotonic_ns().map(|now| now + LISTEN_AHEAD.as_nanos() as u64);
                 if let Err(e) = ahead
                     .map_err(anyhow::Error::from)
                     .and_then(|until| Ok(events.listen_until(until)?))
                 {
-                    log::warn!("keeping the datapath's events on for a follower: {e:#}");
+                    log::warn!("keeping the datapath's events on: {e:#}");
                 }
             }
             (pods, pods_read) = (containers(), Instant::now());
@@ -376,8 +379,10 @@ fn serve(log: &Arc<FlowLog>, listener: UnixListener) {
 
 fn answer(log: &FlowLog, stream: UnixStream) -> anyhow::Result<()> {
     stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    // A client that stops reading is let go, not waited for.
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let mut request = String::new();
-    BufReader::new(&stream).read_line(&mut request)?;
+    BufReader::new(std::io::Read::take(&stream, MAX_REQUEST)).read_line(&mut request)?;
     let request: Request = serde_json::from_str(&request).context("reading the request")?;
     let mut out = std::io::BufWriter::new(&stream);
     let status = log.status();

@@ -11,7 +11,8 @@
 //! │   ├── VELOX_KERNEL_FLOWS                pod connection ends the kernel handles (LRU)
 //! │   ├── VELOX_SERVICES                    Service frontend -> its id, backend count
 //! │   ├── VELOX_BACKENDS                    (Service id, slot) -> backend
-//! │   ├── VELOX_SOCKET_FRONTENDS            socket -> its backends' frontends (socket storage)
+//! │   ├── VELOX_CONNECTED_FRONTEND          connected socket -> backend, frontend (socket storage)
+//! │   ├── VELOX_DATAGRAM_FRONTENDS          UDP socket -> last 8 backends' frontends (socket storage)
 //! │   ├── VELOX_LB_OPT_OUT                  netns cookies the socket LB leaves alone
 //! │   ├── VELOX_EVENTS                      drops and connections policy allowed (ring
 //! │   │                                     buffer), for the loader's flow records

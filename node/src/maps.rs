@@ -8,14 +8,14 @@ use std::net::IpAddr;
 use velox_common::{
     Affinity, AffinityKey, AllowedFlow, BackendSlot, ConnectionTimeouts, Endpoint, EndpointCounters, FlowEnd,
     FlowEvent, IdentityRuleKey, IpKey, MaglevTable, NatEntry, NatKey, NodeAddress, NodePortKey, Peer, PolicyFlow,
-    PolicyKey, PolicyPorts, PolicyState, Service, SocketFrontends, AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP,
-    CT_TIMEOUTS_MAP, ENDPOINTS_MAP, EVENTS_LOST_MAP, EVENTS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS,
-    ISOLATED_INGRESS, KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP, MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP,
-    NAT_MAP, NODE_ADDRESSES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_FLOW_POOL_SIZE,
-    POLICY_FLOW_POOL_USED, POLICY_FLOW_RESERVED, POLICY_FLOW_SHARES, POLICY_FLOW_SHARES_MAP, POLICY_GENERATION_MAP,
-    POLICY_IDENTITIES_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP,
-    RULES_VERSION, SERVICES_MAP, SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, SOCKET_FRONTENDS_MAP,
-    UDP_SOCKET_FRONTENDS_ITER,
+    PolicyKey, PolicyPorts, PolicyState, Service, SocketFrontend, SocketFrontends, AFFINITY_MAP, BACKENDS_MAP,
+    CONNECTED_FRONTEND_MAP, COUNTERS_MAP, CT_TIMEOUTS_MAP, DATAGRAM_FRONTENDS_MAP, ENDPOINTS_MAP, EVENTS_LOST_MAP,
+    EVENTS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP,
+    KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP, MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP, NODE_ADDRESSES_MAP,
+    NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_FLOW_POOL_SIZE, POLICY_FLOW_POOL_USED,
+    POLICY_FLOW_RESERVED, POLICY_FLOW_SHARES, POLICY_FLOW_SHARES_MAP, POLICY_GENERATION_MAP, POLICY_IDENTITIES_MAP,
+    POLICY_IDENTITY_RULES_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP, RULES_VERSION, SERVICES_MAP,
+    SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, UDP_SOCKET_FRONTENDS_ITER,
 };
 
 use crate::error::{Error, Result};
@@ -70,7 +70,7 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 const LAYOUT_REVISION: u32 = 1;
 
 /// Every pinned map as this build's eBPF object declares it.
-pub fn layouts() -> [MapLayout; 27] {
+pub fn layouts() -> [MapLayout; 28] {
     use std::mem::size_of;
     let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
         name,
@@ -185,7 +185,14 @@ pub fn layouts() -> [MapLayout; 27] {
             0,
         ),
         layout(
-            SOCKET_FRONTENDS_MAP,
+            CONNECTED_FRONTEND_MAP,
+            BPF_MAP_TYPE_SK_STORAGE,
+            size_of::<i32>(),
+            size_of::<SocketFrontend>(),
+            BPF_F_NO_PREALLOC,
+        ),
+        layout(
+            DATAGRAM_FRONTENDS_MAP,
             BPF_MAP_TYPE_SK_STORAGE,
             size_of::<i32>(),
             size_of::<SocketFrontends>(),
@@ -559,13 +566,6 @@ impl FlowEvents {
             until: open_map(bpffs, MONITOR_MAP)?,
             lost: open_map(bpffs, EVENTS_LOST_MAP)?,
         })
-    }
-
-    /// Keeps the programs writing events from now on.
-    pub fn listen_always(&mut self) -> Result<()> {
-        self.until
-            .set(0, u64::MAX, 0)
-            .map_err(Error::map("setting the events deadline"))
     }
 
     /// Stops the programs writing events (until someone follows).
@@ -1149,14 +1149,14 @@ impl ServiceMaps {
     }
 }
 
-/// What the load balancer keeps in each UDP socket of the calling thread's network
-/// namespace (the frontends it asked for), by socket cookie: read from the pinned
-/// iterator over the namespace's UDP sockets, since `sock_diag` reports no socket
-/// storage of UDP sockets.
-pub fn socket_frontends_here(bpffs: &Bpffs) -> Result<std::collections::HashMap<u64, SocketFrontends>> {
+/// The UDP sockets of the calling thread's network namespace connected through a
+/// Service, by socket cookie, with the backend and the frontend: read from the
+/// pinned iterator over the namespace's UDP sockets, since `sock_diag` reports no
+/// socket storage of UDP sockets.
+pub fn connected_frontends_here(bpffs: &Bpffs) -> Result<std::collections::HashMap<u64, SocketFrontend>> {
     let path = bpffs.iterator(UDP_SOCKET_FRONTENDS_ITER);
     let records = std::fs::read(&path).map_err(Error::io(format!("reading {}", path.display())))?;
-    const RECORD: usize = size_of::<u64>() + size_of::<SocketFrontends>();
+    const RECORD: usize = size_of::<u64>() + size_of::<SocketFrontend>();
     if records.len() % RECORD != 0 {
         return Err(Error::Invalid(format!(
             "{} gave {} bytes, not whole records of {RECORD}",
@@ -1169,7 +1169,7 @@ pub fn socket_frontends_here(bpffs: &Bpffs) -> Result<std::collections::HashMap<
         .map(|record| {
             let cookie = u64::from_ne_bytes(record[..8].try_into().expect("8 bytes"));
             // SAFETY: as many bytes as the plain `repr(C)` value, which any bytes make.
-            let kept = unsafe { std::ptr::read_unaligned(record[8..].as_ptr().cast::<SocketFrontends>()) };
+            let kept = unsafe { std::ptr::read_unaligned(record[8..].as_ptr().cast::<SocketFrontend>()) };
             (cookie, kept)
         })
         .collect())

@@ -903,7 +903,11 @@ fn a_drop_is_in_the_flow_records_afterwards() {
     assert_eq!(drop["verdict"], "dropped", "{drop}");
     assert_eq!(drop["reason"], "spoofed", "{drop}");
     assert_eq!(drop["protocol"], "ICMP", "{drop}");
-    assert_eq!(drop["dst"].as_str().unwrap().split(':').next(), Some(to.as_str()), "{drop}");
+    assert_eq!(
+        drop["dst"].as_str().unwrap().split(':').next(),
+        Some(to.as_str()),
+        "{drop}"
+    );
     assert_eq!(drop["pod"], format!("{} eth0", a.name), "{drop}");
     assert!(drop["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{drop}");
     // Filters: no allowed record is a drop, and the summary counts the pings.
@@ -911,7 +915,9 @@ fn a_drop_is_in_the_flow_records_afterwards() {
     assert!(!allowed.iter().any(spoofed), "{allowed:?}");
     let (summary, _) = node.loader_cli(&["flows", "--summary"]).unwrap();
     assert!(
-        summary.lines().any(|l| l.contains("198.51.100.8") && l.contains("dropped spoofed")),
+        summary
+            .lines()
+            .any(|l| l.contains("198.51.100.8") && l.contains("dropped spoofed")),
         "{summary}"
     );
     node.finish().unwrap();

@@ -64,11 +64,14 @@ pub const FROM_NET_NAT: u32 = 0;
 pub const FROM_POD_NAT: u32 = 1;
 pub const NAT_OPEN: u32 = 2;
 /// Pinned under `<bpffsRoot>/maps/`: socket-local storage (freed with the socket) of
-/// the frontends each socket was translated from, so replies and getpeername show
-/// the Service.
-pub const SOCKET_FRONTENDS_MAP: &str = "VELOX_SOCKET_FRONTENDS";
+/// the frontend a connected socket was translated from, so replies and getpeername
+/// show the Service ...
+pub const CONNECTED_FRONTEND_MAP: &str = "VELOX_CONNECTED_FRONTEND";
+/// ... and of the frontends of an unconnected UDP socket's datagrams.
+pub const DATAGRAM_FRONTENDS_MAP: &str = "VELOX_DATAGRAM_FRONTENDS";
 /// Pinned under `<bpffsRoot>/iterators/`: read in a network namespace, each of its
-/// UDP sockets with frontends in `VELOX_SOCKET_FRONTENDS`, as its cookie and them.
+/// UDP sockets connected through a Service, as its cookie and its
+/// `VELOX_CONNECTED_FRONTEND`.
 pub const UDP_SOCKET_FRONTENDS_ITER: &str = "udp_socket_frontends";
 /// Pinned under `<bpffsRoot>/maps/`: network namespace cookies of the pods that opted
 /// out of the socket load balancer; their sockets are left as they are.
@@ -467,12 +470,13 @@ pub struct BackendSlot {
     pub slot: u32,
 }
 
-/// How many backends a socket remembers the frontend of: a connected socket has one;
-/// an unconnected UDP socket gets a backend per datagram, and a reply from one of its
-/// last eight shows the Service's address.
+/// How many backends an unconnected UDP socket remembers the frontend of: it gets a
+/// backend per datagram, and a reply from one of its last eight shows the Service's
+/// address.
 pub const SOCKET_FRONTEND_SLOTS: usize = 8;
 
-/// One backend a socket was sent to, and the frontend it asked for.
+/// One backend a socket was sent to, and the frontend it asked for: a connected
+/// socket's storage (`VELOX_CONNECTED_FRONTEND`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketFrontend {
@@ -480,8 +484,8 @@ pub struct SocketFrontend {
     pub frontend: FlowEnd,
 }
 
-/// A socket's own storage (`VELOX_SOCKET_FRONTENDS`): its last backends, the oldest
-/// replaced first (`next`, modulo the slots).
+/// An unconnected UDP socket's storage (`VELOX_DATAGRAM_FRONTENDS`): its last
+/// backends, the oldest replaced first (`next`, modulo the slots).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketFrontends {
@@ -877,7 +881,7 @@ mod pod {
     unsafe impl aya::Pod for super::EndpointCounters {}
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::BackendSlot {}
-    unsafe impl aya::Pod for super::SocketFrontends {}
+    unsafe impl aya::Pod for super::SocketFrontend {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::PolicyState {}
     unsafe impl aya::Pod for super::PolicyKey {}

@@ -22,10 +22,15 @@ use velox_common::{
 
 use crate::services::{pick_backend, service_at};
 
-/// Each socket's own record of the frontends it asked for: it goes with the socket,
-/// so no socket can push out another's (a map shared by all was, issue 21).
+/// Each socket's own record of the frontend it asked for: it goes with the socket,
+/// so no socket can push out another's (a map shared by all was, issue 21). A
+/// connected socket's one backend here (small: most sockets are connected) ...
 #[btf_map]
-static VELOX_SOCKET_FRONTENDS: SkStorage<SocketFrontends> = SkStorage::new();
+static VELOX_CONNECTED_FRONTEND: SkStorage<SocketFrontend> = SkStorage::new();
+
+/// ... and the last backends of an unconnected UDP socket's datagrams here.
+#[btf_map]
+static VELOX_DATAGRAM_FRONTENDS: SkStorage<SocketFrontends> = SkStorage::new();
 
 /// Pods that opted out: their network namespace's cookie.
 #[btf_map]
@@ -44,24 +49,32 @@ enum Family {
     V6,
 }
 
+/// Which call names the destination: `connect` (the socket's one peer from now on)
+/// or a datagram's `sendmsg`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Connect,
+    SendTo,
+}
+
 #[cgroup_sock_addr(connect4)]
 pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
-    to_backend(&ctx, Family::V4)
+    to_backend(&ctx, Family::V4, Call::Connect)
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
-    to_backend(&ctx, Family::V6)
+    to_backend(&ctx, Family::V6, Call::Connect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    to_backend(&ctx, Family::V4)
+    to_backend(&ctx, Family::V4, Call::SendTo)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
-    to_backend(&ctx, Family::V6)
+    to_backend(&ctx, Family::V6, Call::SendTo)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -124,7 +137,7 @@ fn write_user_end(sa: &mut bpf_sock_addr, family: Family, end: &FlowEnd) {
 /// it asked for. A Service without backends refuses (ECONNREFUSED) instead of
 /// letting the client wait for a timeout.
 #[inline(always)]
-fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
+fn to_backend(ctx: &SockAddrContext, family: Family, call: Call) -> i32 {
     // SAFETY: the context the kernel passed; the verifier checks every access.
     let sa = unsafe { &mut *ctx.sock_addr };
     let mut frontend = FlowEnd::default();
@@ -133,10 +146,19 @@ fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
     }
     // SAFETY: the context the kernel passed.
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    if opted_out(netns) {
-        return ALLOW;
-    }
-    let Some(service) = service_at(&frontend, netns) else {
+    let service = match opted_out(netns) {
+        true => None,
+        false => service_at(&frontend, netns),
+    };
+    let Some(service) = service else {
+        if call == Call::Connect {
+            // Connected elsewhere now: what an earlier connect kept is no longer
+            // this socket's peer.
+            // SAFETY: the storage of this call's own socket, or null.
+            if let Some(kept) = unsafe { VELOX_CONNECTED_FRONTEND.get_ptr_mut(ctx).as_mut() } {
+                *kept = SocketFrontend::default();
+            }
+        }
         return ALLOW;
     };
     let mut client = AffinityKey {
@@ -156,22 +178,35 @@ fn to_backend(ctx: &SockAddrContext, family: Family) -> i32 {
         return REFUSE;
     };
     write_user_end(sa, family, backend);
-    remember_frontend(ctx, backend, &frontend);
+    let asked = SocketFrontend {
+        backend: *backend,
+        frontend,
+    };
+    match call {
+        Call::Connect => {
+            // SAFETY: the storage of this call's own socket, created if it has none.
+            if let Some(kept) = unsafe { VELOX_CONNECTED_FRONTEND.get_or_insert_ptr_mut(ctx, None).as_mut() } {
+                *kept = asked;
+            }
+        }
+        Call::SendTo => remember_datagram_frontend(ctx, &asked),
+    }
+    // Without memory for the storage the socket works, but its replies show the
+    // backend's address.
     ALLOW
 }
 
-/// Keeps in the socket's storage that `backend` stands for `frontend`: in the slot
-/// that already has the backend, or in place of the oldest. Without memory for the
-/// storage the socket works, but its replies show the backend's address.
+/// Keeps what a datagram asked for in the slot that already has its backend, or in
+/// place of the oldest.
 #[inline(always)]
-fn remember_frontend(ctx: &SockAddrContext, backend: &FlowEnd, frontend: &FlowEnd) {
+fn remember_datagram_frontend(ctx: &SockAddrContext, asked: &SocketFrontend) {
     // SAFETY: the storage of this call's own socket, created zeroed if it has none.
-    let kept = unsafe { VELOX_SOCKET_FRONTENDS.get_or_insert_ptr_mut(ctx, None) };
+    let kept = unsafe { VELOX_DATAGRAM_FRONTENDS.get_or_insert_ptr_mut(ctx, None) };
     // SAFETY: a pointer the helper returned is the socket's storage, or null.
     let Some(kept) = (unsafe { kept.as_mut() }) else {
         return;
     };
-    let slot = match kept.slots.iter().position(|s| s.backend == *backend) {
+    let slot = match kept.slots.iter().position(|s| s.backend == asked.backend) {
         Some(slot) => slot,
         None => {
             let oldest = kept.next as usize % SOCKET_FRONTEND_SLOTS;
@@ -180,10 +215,7 @@ fn remember_frontend(ctx: &SockAddrContext, backend: &FlowEnd, frontend: &FlowEn
         }
     };
     if let Some(slot) = kept.slots.get_mut(slot) {
-        *slot = SocketFrontend {
-            backend: *backend,
-            frontend: *frontend,
-        };
+        *slot = *asked;
     }
 }
 
@@ -196,10 +228,15 @@ fn to_frontend(ctx: &SockAddrContext, family: Family) -> i32 {
     if !read_user_end(sa, family, &mut backend) {
         return ALLOW;
     }
-    // SAFETY: the storage of this call's own socket, or null if it has none.
-    let kept = unsafe { VELOX_SOCKET_FRONTENDS.get_ptr_mut(ctx) };
-    // SAFETY: as above.
-    if let Some(frontend) = unsafe { kept.as_ref() }.and_then(|kept| kept.frontend_of(&backend)) {
+    // SAFETY: the storages of this call's own socket, or null where it has none.
+    let connected = unsafe { VELOX_CONNECTED_FRONTEND.get_ptr_mut(ctx).as_ref() };
+    let frontend = match connected.filter(|kept| kept.backend == backend) {
+        Some(kept) => Some(&kept.frontend),
+        None => {
+            unsafe { VELOX_DATAGRAM_FRONTENDS.get_ptr_mut(ctx).as_ref() }.and_then(|kept| kept.frontend_of(&backend))
+        }
+    };
+    if let Some(frontend) = frontend {
         write_user_end(sa, family, frontend);
     }
     ALLOW
@@ -213,19 +250,18 @@ pub struct IterMeta {
     seq_num: u64,
 }
 
-/// `struct bpf_iter__udp`: one UDP socket of the reader's network namespace.
+/// `struct bpf_iter__udp`, as far as it is read: one UDP socket of the reader's
+/// network namespace.
 #[repr(C)]
 pub struct UdpIterContext {
     meta: *mut IterMeta,
     udp_sk: *mut core::ffi::c_void,
-    uid: u32,
-    bucket: i32,
 }
 
 /// An iterator over the UDP sockets of the network namespace it is read in (the
-/// loader pins its link, and reads it in each pod's namespace): for every socket the
-/// load balancer keeps frontends for, its cookie and then those frontends. That is
-/// how the loader learns which Service a connected socket came through, since
+/// loader pins its link, and reads it in each pod's namespace): for every socket
+/// connected through a Service, its cookie and then its backend and frontend. That
+/// is how the loader learns which Service a connected socket came through, since
 /// `sock_diag` reports no socket storage of UDP sockets.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/udp")]
@@ -236,10 +272,12 @@ pub fn udp_socket_frontends(ctx: *mut UdpIterContext) -> i32 {
     if socket.is_null() {
         return 0;
     }
-    let map = core::ptr::from_ref(&VELOX_SOCKET_FRONTENDS).cast_mut().cast();
+    let map = core::ptr::from_ref(&VELOX_CONNECTED_FRONTEND).cast_mut().cast();
     // SAFETY: a socket the kernel handed over; no storage is created (flags 0).
-    let kept = unsafe { bpf_sk_storage_get(map, socket, core::ptr::null_mut(), 0) };
-    if kept.is_null() {
+    let kept = unsafe { bpf_sk_storage_get(map, socket, core::ptr::null_mut(), 0) }.cast::<SocketFrontend>();
+    // SAFETY: the socket's storage, or null. A cleared one (another connect since)
+    // has no protocol.
+    if unsafe { kept.as_ref() }.is_none_or(|kept| kept.backend.proto == 0) {
         return 0;
     }
     // SAFETY: as above; the meta pointer is the kernel's.
@@ -247,7 +285,7 @@ pub fn udp_socket_frontends(ctx: *mut UdpIterContext) -> i32 {
         let cookie = bpf_get_socket_cookie(socket);
         let seq = (*ctx.meta).seq;
         bpf_seq_write(seq, core::ptr::from_ref(&cookie).cast(), size_of::<u64>() as u32);
-        bpf_seq_write(seq, kept.cast_const(), size_of::<SocketFrontends>() as u32);
+        bpf_seq_write(seq, kept.cast_const().cast(), size_of::<SocketFrontend>() as u32);
     }
     0
 }

@@ -252,11 +252,12 @@ fn close_udp_sockets_to(
     let backends: HashSet<SocketAddr> = lost.keys().copied().collect();
     // What each socket of the current network namespace asked for is read there.
     let close_here = || -> anyhow::Result<usize> {
-        let kept = velox_node::maps::socket_frontends_here(bpffs)?;
+        let kept = velox_node::maps::connected_frontends_here(bpffs)?;
         let close = |backend: SocketAddr, cookie: u64| {
             let asked = kept
                 .get(&cookie)
-                .and_then(|kept| kept.frontend_of(&end(backend.ip(), backend.port(), IPPROTO_UDP)));
+                .filter(|kept| kept.backend == end(backend.ip(), backend.port(), IPPROTO_UDP))
+                .map(|kept| &kept.frontend);
             let Some(asked) = asked else {
                 return false;
             };
