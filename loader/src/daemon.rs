@@ -104,6 +104,10 @@ pub struct RunArgs {
     /// write events only while someone follows (`monitor`, `flows --follow`).
     #[arg(long, default_value_t = crate::flow_log::DEFAULT_RECORDS)]
     flow_records: usize,
+    /// Also append every flow record to this file, one JSON object per line, for a
+    /// log shipper to tail; at 64 MiB it moves to `<file>.1`.
+    #[arg(long)]
+    flow_records_file: Option<PathBuf>,
     /// Masquerade pod traffic leaving the cluster to the node's IP.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     ip_masq: bool,
@@ -254,6 +258,7 @@ impl RunArgs {
                 }),
             metrics_address: self.metrics_address,
             flow_records: self.flow_records,
+            flow_records_file: self.flow_records_file,
             network_policy: self.network_policy,
         })
     }
@@ -272,6 +277,8 @@ pub struct RunOptions {
     pub metrics_address: Option<std::net::SocketAddr>,
     /// Flow records to keep (0: none).
     pub flow_records: usize,
+    /// Where to append them as JSON lines too.
+    pub flow_records_file: Option<PathBuf>,
     /// Enforce NetworkPolicy.
     pub network_policy: bool,
 }
@@ -285,6 +292,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         install_into,
         metrics_address,
         flow_records,
+        flow_records_file,
         network_policy,
     } = options;
     let _owned = take_over(&bpffs, &state_dir)?;
@@ -326,7 +334,9 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     if let Some(address) = metrics_address {
         metrics.serve(address, bpffs.clone(), state_dir.clone(), Arc::clone(&metrics_failure));
     }
-    if let Err(e) = crate::flow_log::FlowLog::start(&bpffs, &state_dir, flow_records, metrics.clone()) {
+    if let Err(e) =
+        crate::flow_log::FlowLog::start(&bpffs, &state_dir, flow_records, flow_records_file, metrics.clone())
+    {
         log::error!("no flow records (velox-loader flows, monitor): {e:#}");
     }
     let with_services = datapath.socket_lb_cgroup.is_some();

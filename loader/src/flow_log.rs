@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -32,6 +32,8 @@ use crate::names::{protocol_name, socket_address, PolicyNames};
 
 /// Records kept when the loader is not told (`--flow-records`): a few megabytes.
 pub const DEFAULT_RECORDS: usize = 16_384;
+/// The size at which the export file (`--flow-records-file`) moves to `<file>.1`.
+const EXPORT_ROTATE_BYTES: u64 = 64 * 1024 * 1024;
 /// How often the collector drains the datapath's ring.
 const POLL: Duration = Duration::from_millis(50);
 /// Records a follower may fall behind by before it is told it lost some.
@@ -214,7 +216,15 @@ struct Follower {
 impl FlowLog {
     /// Starts the collector (the one reader of the datapath's events) and the server
     /// of `flows.sock`, each on a thread of its own.
-    pub fn start(bpffs: &Bpffs, state_dir: &StateDir, capacity: usize, metrics: Metrics) -> anyhow::Result<()> {
+    /// With `export`, every record is also appended to that file as a JSON line.
+    pub fn start(
+        bpffs: &Bpffs,
+        state_dir: &StateDir,
+        capacity: usize,
+        export: Option<PathBuf>,
+        metrics: Metrics,
+    ) -> anyhow::Result<()> {
+        let mut export = export.map(JsonLines::open).transpose()?;
         let mut events = FlowEvents::open(bpffs)?;
         // What an earlier loader (or monitor) asked for ends now; the collector asks
         // again if it wants events.
@@ -227,7 +237,7 @@ impl FlowLog {
         let collector = (Arc::clone(&log), state_dir.clone());
         std::thread::Builder::new()
             .name("flow-records".into())
-            .spawn(move || collect(&collector.0, events, &collector.1, &metrics))?;
+            .spawn(move || collect(&collector.0, events, &collector.1, export.as_mut(), &metrics))?;
         std::thread::Builder::new()
             .name("flows-socket".into())
             .spawn(move || serve(&log, listener))?;
@@ -279,7 +289,13 @@ impl FlowLog {
 }
 
 /// Drains the datapath's events into the ring, naming what they hold.
-fn collect(log: &FlowLog, mut events: FlowEvents, state_dir: &StateDir, metrics: &Metrics) {
+fn collect(
+    log: &FlowLog,
+    mut events: FlowEvents,
+    state_dir: &StateDir,
+    mut export: Option<&mut JsonLines>,
+    metrics: &Metrics,
+) {
     let store = EndpointStore::new(state_dir);
     let containers = || -> HashMap<u32, String> {
         store
@@ -297,7 +313,7 @@ fn collect(log: &FlowLog, mut events: FlowEvents, state_dir: &StateDir, metrics:
     loop {
         if renewed.is_none_or(|at| at.elapsed() >= RENEW_EVERY) {
             renewed = Some(Instant::now());
-            if log.capacity > 0 || log.following() {
+            if log.capacity > 0 || export.is_some() || log.following() {
                 let ahead = monotonic_ns().map(|now| now + LISTEN_AHEAD.as_nanos() as u64);
                 if let Err(e) = ahead
                     .map_err(anyhow::Error::from)
@@ -334,9 +350,69 @@ fn collect(log: &FlowLog, mut events: FlowEvents, state_dir: &StateDir, metrics:
             if !pods.contains_key(&event.ifindex) && pods_read.elapsed() >= Duration::from_millis(100) {
                 (pods, pods_read) = (containers(), Instant::now());
             }
-            log.keep(Record::new(&event, &names, &pods, SystemTime::now()));
+            let record = Record::new(&event, &names, &pods, SystemTime::now());
+            if let Some(export) = export.as_deref_mut() {
+                export.append(&record);
+            }
+            log.keep(record);
         }
         std::thread::sleep(POLL);
+    }
+}
+
+/// The export file a log shipper tails: one JSON record per line, moved to
+/// `<file>.1` (the one before goes) when it reaches 64 MiB.
+struct JsonLines {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    written: u64,
+    /// A write failed and was logged: the next failures are not.
+    failing: bool,
+}
+
+impl JsonLines {
+    fn open(path: PathBuf) -> anyhow::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(velox_node::layout::PRIVATE_FILE_MODE)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let written = file.metadata()?.len();
+        Ok(Self {
+            path,
+            file: std::io::BufWriter::new(file),
+            written,
+            failing: false,
+        })
+    }
+
+    fn append(&mut self, record: &Record) {
+        let outcome = (|| -> anyhow::Result<()> {
+            if self.written >= EXPORT_ROTATE_BYTES {
+                self.file.flush()?;
+                let mut older = self.path.clone().into_os_string();
+                older.push(".1");
+                std::fs::rename(&self.path, older)?;
+                *self = Self::open(self.path.clone())?;
+            }
+            let mut line = serde_json::to_vec(record)?;
+            line.push(b'\n');
+            self.file.write_all(&line)?;
+            // A shipper reads whole lines as they come.
+            self.file.flush()?;
+            self.written += line.len() as u64;
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => self.failing = false,
+            Err(e) if !self.failing => {
+                log::error!("writing flow records to {}: {e:#}", self.path.display());
+                self.failing = true;
+            }
+            Err(_) => {}
+        }
     }
 }
 

@@ -887,6 +887,9 @@ fn metrics_answer_again_after_the_loader_ran_out_of_file_descriptors() {
 #[test]
 fn a_drop_is_in_the_flow_records_afterwards() {
     let node = NodeGuard::up("flows").unwrap();
+    let export = node.state_dir.join("flows.jsonl");
+    node.restart_loader_with(&["--flow-records-file", export.to_str().unwrap()])
+        .unwrap();
     let (a, b) = (node.add_pod("a").unwrap(), node.add_pod("b").unwrap());
     run("ip", &["-n", &a.name, "addr", "add", "198.51.100.8/32", "dev", "eth0"]).unwrap();
     let to = b.ip(Family::V4).to_string();
@@ -910,6 +913,13 @@ fn a_drop_is_in_the_flow_records_afterwards() {
     );
     assert_eq!(drop["pod"], format!("{} eth0", a.name), "{drop}");
     assert!(drop["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{drop}");
+    // The same record in the file a log shipper tails.
+    let exported: Vec<Value> = std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert!(exported.contains(&drop), "{drop} is not in {exported:?}");
     // Filters: no allowed record is a drop, and the summary counts the pings.
     let (allowed, _) = node.flows(&["--verdict", "allowed"]).unwrap();
     assert!(!allowed.iter().any(spoofed), "{allowed:?}");
