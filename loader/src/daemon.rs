@@ -175,7 +175,7 @@ pub struct RunArgs {
     /// connections can push out another's; the other half is a pool a pod takes
     /// from once its share is used. A connection that finds neither is dropped
     /// (`policy_flows_full`).
-    #[arg(long, default_value_t = crate::reconcile::flows::DEFAULT_ENTRIES, value_parser = clap::value_parser!(u32).range(1024..))]
+    #[arg(long, default_value_t = velox_common::MAX_POLICY_FLOWS as u32, value_parser = clap::value_parser!(u32).range(1024..))]
     policy_flows: u32,
     /// Seconds a TCP connection never answered lives without a packet, in the NAT
     /// and in the connections NetworkPolicy follows. Each `--ct-timeout-*` is 2 s at

@@ -1,12 +1,13 @@
 //! The connections NetworkPolicy follows (`VELOX_POLICY_FLOWS`): each is charged to
 //! one pod's share of the map, and lives only as long as its state's timeout
-//! without a packet. The programs forget an expired connection when its next packet
-//! comes; the sweep here forgets the ones no packet comes for (a UDP exchange that
-//! is over, a peer that vanished) and gives their shares back, so a pod's share
-//! holds its live connections only.
+//! without a packet. The programs replace an expired connection's entry when a
+//! packet with its ends comes; the sweep here removes the ones no packet comes for
+//! (a UDP exchange that is over, a peer that vanished) and counts every pod's share
+//! again from the live entries, so a share comes back however it was taken
+//! (expiry, the LRU's eviction, a loader that was down).
 
 use std::time::Duration;
-use velox_common::{ConnectionTimeouts, CT_TIMEOUTS, MAX_POLICY_FLOWS};
+use velox_common::{ConnectionTimeouts, CT_TIMEOUTS};
 use velox_node::layout::Bpffs;
 use velox_node::maps::{PolicyFlowShares, PolicyMaps};
 
@@ -25,9 +26,6 @@ pub fn limits(entries: u32, max_pods: u32, cpus: u64) -> (u64, u64) {
     let pool = usable - reserved * u64::from(max_pods.max(1));
     (reserved, pool)
 }
-
-/// The default map size, for the flag.
-pub const DEFAULT_ENTRIES: u32 = MAX_POLICY_FLOWS as u32;
 
 /// The timeouts in force for the given seconds; a closed connection keeps 10 s.
 pub fn timeouts(tcp_syn: u64, tcp: u64, tcp_fin: u64, any: u64) -> ConnectionTimeouts {
@@ -50,9 +48,7 @@ pub fn sweep_interval(timeouts: &ConnectionTimeouts) -> Duration {
 /// again from the live ones. Returns how many it forgot. A program may take up a
 /// connection with the same ends between the read and the removal: that connection
 /// is forgotten too, and its next packet is judged anew.
-pub fn sweep(bpffs: &Bpffs, timeouts: &ConnectionTimeouts) -> anyhow::Result<usize> {
-    let mut maps = PolicyMaps::open(bpffs)?;
-    let shares = PolicyFlowShares::open(bpffs)?;
+fn sweep(maps: &mut PolicyMaps, shares: &PolicyFlowShares, timeouts: &ConnectionTimeouts) -> anyhow::Result<usize> {
     let now = crate::flow_log::monotonic_ns()?;
     let (expired, held) = maps.flow_census(now, timeouts);
     let mut forgotten = 0;
@@ -68,10 +64,13 @@ pub fn sweep(bpffs: &Bpffs, timeouts: &ConnectionTimeouts) -> anyhow::Result<usi
 /// and never holds up a reconcile pass.
 pub fn sweep_forever(bpffs: Bpffs, timeouts: ConnectionTimeouts) -> anyhow::Result<()> {
     let interval = sweep_interval(&timeouts);
+    // This start's maps, for as long as it runs.
+    let mut maps = PolicyMaps::open(&bpffs)?;
+    let shares = PolicyFlowShares::open(&bpffs)?;
     std::thread::Builder::new()
         .name("policy-flows".into())
         .spawn(move || loop {
-            match sweep(&bpffs, &timeouts) {
+            match sweep(&mut maps, &shares, &timeouts) {
                 Ok(0) => {}
                 Ok(n) => log::debug!("forgot {n} expired connections of isolated pods"),
                 Err(e) => log::warn!("sweeping expired connections: {e:#}"),
