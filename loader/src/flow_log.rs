@@ -22,7 +22,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use velox_common::{DropReason, FlowEvent, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS, VERDICT_ALLOWED};
+use velox_common::{
+    DropReason, FlowEvent, DROP_EVENTS_PER_SOURCE, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS, EVENTS_LIMITED,
+    EVENTS_RING_FULL, VERDICT_ALLOWED,
+};
 use velox_node::endpoint::EndpointStore;
 use velox_node::maps::FlowEvents;
 use velox_node::{Bpffs, StateDir};
@@ -173,6 +176,9 @@ struct Status {
     /// Events the datapath could not write (its ring was full) since the maps were
     /// made: those drops and connections have no record.
     lost_in_datapath: u64,
+    /// Drop events over their source address's limit (`DROP_EVENTS_PER_SOURCE` a
+    /// second): counted, not recorded.
+    limited_in_datapath: u64,
     /// Records the ring let go to make room for newer ones since the loader started.
     pushed_out: u64,
 }
@@ -205,6 +211,7 @@ struct Kept {
     records: VecDeque<Record>,
     pushed_out: u64,
     lost_in_datapath: u64,
+    limited_in_datapath: u64,
     followers: Vec<Follower>,
 }
 
@@ -250,6 +257,7 @@ impl FlowLog {
             kept: kept.records.len(),
             capacity: self.capacity,
             lost_in_datapath: kept.lost_in_datapath,
+            limited_in_datapath: kept.limited_in_datapath,
             pushed_out: kept.pushed_out,
         }
     }
@@ -323,13 +331,20 @@ fn collect(
                 }
             }
             (pods, pods_read) = (containers(), Instant::now());
-            match events.lost() {
-                Ok(lost) => {
+            match events
+                .lost(EVENTS_RING_FULL)
+                .and_then(|full| Ok((full, events.lost(EVENTS_LIMITED)?)))
+            {
+                Ok((lost, limited)) => {
                     let mut kept = lock(&log.inner);
                     metrics
                         .flow_records_lost
                         .inc_by(lost.saturating_sub(kept.lost_in_datapath));
+                    metrics
+                        .flow_records_limited
+                        .inc_by(limited.saturating_sub(kept.limited_in_datapath));
                     kept.lost_in_datapath = kept.lost_in_datapath.max(lost);
+                    kept.limited_in_datapath = kept.limited_in_datapath.max(limited);
                 }
                 Err(e) => log::warn!("reading the datapath's lost events: {e}"),
             }
@@ -595,11 +610,12 @@ pub fn flows(state_dir: &StateDir, args: &FlowsArgs) -> anyhow::Result<()> {
         writeln!(out, "{table}")?;
     }
     // What the records cannot show, said where a reader sees it.
-    if status.lost_in_datapath > 0 || status.pushed_out > 0 || !args.json {
+    if status.lost_in_datapath > 0 || status.limited_in_datapath > 0 || status.pushed_out > 0 || !args.json {
         eprintln!(
             "{shown} records shown; the loader keeps {} of at most {}; {} events lost in the datapath (its ring \
-             was full), {} records pushed out of the loader's ring by newer ones",
-            status.kept, status.capacity, status.lost_in_datapath, status.pushed_out
+             was full), {} drops over their source's limit of {DROP_EVENTS_PER_SOURCE} a second not recorded, {} \
+             records pushed out of the loader's ring by newer ones",
+            status.kept, status.capacity, status.lost_in_datapath, status.limited_in_datapath, status.pushed_out
         );
     }
     Ok(())

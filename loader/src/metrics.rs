@@ -54,6 +54,8 @@ pub struct Metrics {
     /// Drops and allowed connections without a flow record: the datapath's event
     /// ring was full.
     pub flow_records_lost: Counter,
+    /// Drops not recorded because their source was over its limit.
+    pub flow_records_limited: Counter,
     /// Flow records the loader holds.
     pub flow_records_kept: Gauge,
 }
@@ -71,6 +73,7 @@ impl Metrics {
             policy_addresses_without_identity: Gauge::default(),
             services_failed_frontends: Gauge::default(),
             flow_records_lost: Counter::default(),
+            flow_records_limited: Counter::default(),
             flow_records_kept: Gauge::default(),
         }
     }
@@ -172,6 +175,11 @@ impl Metrics {
             "flow_records_lost",
             "Drops and allowed connections with no flow record: the datapath's event ring was full",
             self.flow_records_lost.clone(),
+        );
+        registry.register(
+            "flow_records_limited",
+            "Drops with no flow record because their source address was over its limit of events a second",
+            self.flow_records_limited.clone(),
         );
         registry.register(
             "flow_records_kept",

@@ -6,16 +6,16 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValue
 use ipnet::IpNet;
 use std::net::IpAddr;
 use velox_common::{
-    Affinity, AffinityKey, AllowedFlow, BackendSlot, ConnectionTimeouts, Endpoint, EndpointCounters, FlowEnd,
-    FlowEvent, IdentityRuleKey, IpKey, MaglevTable, NatEntry, NatKey, NodeAddress, NodePortKey, Peer, PolicyFlow,
-    PolicyKey, PolicyPorts, PolicyState, Service, SocketFrontend, SocketFrontends, AFFINITY_MAP, BACKENDS_MAP,
-    CONNECTED_FRONTEND_MAP, COUNTERS_MAP, CT_TIMEOUTS_MAP, DATAGRAM_FRONTENDS_MAP, ENDPOINTS_MAP, EVENTS_LOST_MAP,
-    EVENTS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP,
-    KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP, MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP, NODE_ADDRESSES_MAP,
-    NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_FLOW_POOL_SIZE, POLICY_FLOW_POOL_USED,
-    POLICY_FLOW_RESERVED, POLICY_FLOW_SHARES, POLICY_FLOW_SHARES_MAP, POLICY_GENERATION_MAP, POLICY_IDENTITIES_MAP,
-    POLICY_IDENTITY_RULES_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP, RULES_VERSION, SERVICES_MAP,
-    SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, UDP_SOCKET_FRONTENDS_ITER,
+    Affinity, AffinityKey, AllowedFlow, BackendSlot, ConnectionTimeouts, Endpoint, EndpointCounters, EventBudget,
+    FlowEnd, FlowEvent, IdentityRuleKey, IpKey, MaglevTable, NatEntry, NatKey, NodeAddress, NodePortKey, Peer,
+    PolicyFlow, PolicyKey, PolicyPorts, PolicyState, Service, SocketFrontend, SocketFrontends, AFFINITY_MAP,
+    BACKENDS_MAP, CONNECTED_FRONTEND_MAP, COUNTERS_MAP, CT_TIMEOUTS_MAP, DATAGRAM_FRONTENDS_MAP, ENDPOINTS_MAP,
+    EVENTS_LOST_MAP, EVENTS_MAP, EVENT_BUDGETS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS,
+    ISOLATED_INGRESS, KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP, MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP,
+    NAT_MAP, NODE_ADDRESSES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_FLOW_POOL_SIZE,
+    POLICY_FLOW_POOL_USED, POLICY_FLOW_RESERVED, POLICY_FLOW_SHARES, POLICY_FLOW_SHARES_MAP, POLICY_GENERATION_MAP,
+    POLICY_IDENTITIES_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP,
+    RULES_VERSION, SERVICES_MAP, SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, UDP_SOCKET_FRONTENDS_ITER,
 };
 
 use crate::error::{Error, Result};
@@ -70,7 +70,7 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 const LAYOUT_REVISION: u32 = 1;
 
 /// Every pinned map as this build's eBPF object declares it.
-pub fn layouts() -> [MapLayout; 28] {
+pub fn layouts() -> [MapLayout; 29] {
     use std::mem::size_of;
     let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
         name,
@@ -213,6 +213,13 @@ pub fn layouts() -> [MapLayout; 28] {
             BPF_MAP_TYPE_PERCPU_ARRAY,
             size_of::<u32>(),
             size_of::<u64>(),
+            0,
+        ),
+        layout(
+            EVENT_BUDGETS_MAP,
+            BPF_MAP_TYPE_LRU_HASH,
+            size_of::<IpKey>(),
+            size_of::<EventBudget>(),
             0,
         ),
         // As long as the largest `--max-pods`, like the kernel-flow marks.
@@ -575,9 +582,10 @@ impl FlowEvents {
             .map_err(Error::map("setting the events deadline"))
     }
 
-    /// Events the programs could not write since the map was made (the ring full).
-    pub fn lost(&self) -> Result<u64> {
-        let per_cpu = self.lost.get(&0, 0).map_err(Error::map("reading the lost events"))?;
+    /// Events the programs did not write since the map was made, by why
+    /// (`EVENTS_RING_FULL`, `EVENTS_LIMITED`).
+    pub fn lost(&self, why: u32) -> Result<u64> {
+        let per_cpu = self.lost.get(&why, 0).map_err(Error::map("reading the lost events"))?;
         Ok(per_cpu.iter().sum())
     }
 

@@ -6,7 +6,7 @@ use nix::sys::signal::Signal;
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
 use serde_json::{json, Value};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
 use std::time::Duration;
 use velox_test_env::{in_netns, netns_path, run, wait_for, Family, NodeGuard, Pod};
@@ -929,6 +929,74 @@ fn a_drop_is_in_the_flow_records_afterwards() {
             .lines()
             .any(|l| l.contains("198.51.100.8") && l.contains("dropped spoofed")),
         "{summary}"
+    );
+    node.finish().unwrap();
+}
+
+/// Issue 25: a flood of drops from one address cannot hide another pod's drop: an
+/// address writes at most `DROP_EVENTS_PER_SOURCE` drop events a second, and the
+/// rest are counted and said.
+#[test]
+fn a_flood_of_drops_from_one_address_hides_no_other_drop() {
+    let node = NodeGuard::up("flood").unwrap();
+    let (a, b, c) = (
+        node.add_pod("a").unwrap(),
+        node.add_pod("b").unwrap(),
+        node.add_pod("c").unwrap(),
+    );
+    run("ip", &["-n", &a.name, "addr", "add", "198.51.100.9/32", "dev", "eth0"]).unwrap();
+    run("ip", &["-n", &c.name, "addr", "add", "198.51.100.10/32", "dev", "eth0"]).unwrap();
+    let to = SocketAddr::new(b.ip(Family::V4), 9);
+    const SECONDS: u64 = 3;
+    let flood = std::thread::scope(|s| {
+        let flood = s.spawn(|| {
+            let output = in_netns(
+                &a.name,
+                node.bins.probe.to_str().unwrap(),
+                &["udp-flood", &to.to_string(), "198.51.100.9", &SECONDS.to_string()],
+            )
+            .output()
+            .unwrap();
+            serde_json::from_slice::<Value>(&output.stdout).unwrap()
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        let _ = c.exec(
+            "ping",
+            &[
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-I",
+                "198.51.100.10",
+                &to.ip().to_string(),
+            ],
+        );
+        flood.join().unwrap()
+    });
+    let sent = flood["sent"].as_u64().unwrap_or(0);
+    assert!(sent > 10_000, "not a flood: {flood}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (records, said) = node.flows(&["--verdict", "dropped", "--since", "5m"]).unwrap();
+    let from = |source: &str| {
+        records
+            .iter()
+            .filter(|r| r["src"].as_str().is_some_and(|s| s.starts_with(source)))
+            .count()
+    };
+    // At most the limit per second the flood ran in (it may span one more).
+    let flooded = from("198.51.100.9:");
+    assert!(
+        flooded <= 100 * (SECONDS as usize + 1),
+        "{flooded} records of {sent} flooded drops"
+    );
+    assert!(flooded >= 100, "{flooded} records of {sent} flooded drops");
+    assert_eq!(from("198.51.100.10:"), 3, "the other pod's drops: {said}");
+    assert!(
+        !said.contains(" 0 drops over their source's limit"),
+        "the flood's unrecorded drops are not said: {said}"
     );
     node.finish().unwrap();
 }

@@ -79,9 +79,12 @@ pub const LB_OPT_OUT_MAP: &str = "VELOX_LB_OPT_OUT";
 /// Pinned under `<bpffsRoot>/maps/`: a ring buffer of [`FlowEvent`]s, written while
 /// the loader keeps flow records or someone follows them.
 pub const EVENTS_MAP: &str = "VELOX_EVENTS";
-/// Pinned under `<bpffsRoot>/maps/`: per CPU, the events the programs could not
-/// write because the ring was full.
+/// Pinned under `<bpffsRoot>/maps/`: per CPU, the events the programs did not write:
+/// the ring was full, or the source was over its limit.
 pub const EVENTS_LOST_MAP: &str = "VELOX_EVENTS_LOST";
+/// Pinned under `<bpffsRoot>/maps/`: per source address, its drop events this second
+/// (LRU).
+pub const EVENT_BUDGETS_MAP: &str = "VELOX_EVENT_BUDGETS";
 /// Pinned under `<bpffsRoot>/maps/`: one u64, the `bpf_ktime_get_ns` time until
 /// which the programs write events (the end of time while the loader keeps flow
 /// records; pushed forward while someone follows them otherwise).
@@ -114,6 +117,16 @@ pub const CT_TIMEOUTS_MAP: &str = "VELOX_CT_TIMEOUTS";
 pub const POLICY_GENERATION_MAP: &str = "VELOX_POLICY_GENERATION";
 /// Bytes of the events ring buffer (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: usize = 256 * 1024;
+/// Drop events one source address may write per second: a flood from one address
+/// cannot fill the ring and hide everyone else's. The rest are counted
+/// (`EVENTS_LIMITED` in `VELOX_EVENTS_LOST`).
+pub const DROP_EVENTS_PER_SOURCE: u32 = 100;
+/// Source addresses whose drop events are counted against the limit at once (LRU).
+pub const EVENT_SOURCES: usize = 16_384;
+/// `VELOX_EVENTS_LOST` slots: events the full ring lost, drop events over a source's
+/// limit.
+pub const EVENTS_RING_FULL: u32 = 0;
+pub const EVENTS_LIMITED: u32 = 1;
 /// Pinned under `<bpffsRoot>/programs/`: TC ingress of every host-side pod veth.
 pub const FROM_POD_PROGRAM: &str = "from_pod";
 /// Pinned under `<bpffsRoot>/programs/`: TC ingress of the node's uplink.
@@ -855,6 +868,16 @@ impl serde::Serialize for EndpointCounters {
 /// In a [`FlowEvent`], instead of a drop reason: a new connection a policy rule allowed.
 pub const VERDICT_ALLOWED: u32 = u32::MAX;
 
+/// A source address's drop events in the current second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    /// `bpf_ktime_get_ns` in seconds.
+    pub second: u64,
+    pub used: u32,
+    pub pad: u32,
+}
+
 /// A dropped packet, or a connection a policy allowed, as `velox-loader monitor`
 /// shows it.
 #[repr(C)]
@@ -883,6 +906,7 @@ mod pod {
     unsafe impl aya::Pod for super::BackendSlot {}
     unsafe impl aya::Pod for super::SocketFrontend {}
     unsafe impl aya::Pod for super::FlowEvent {}
+    unsafe impl aya::Pod for super::EventBudget {}
     unsafe impl aya::Pod for super::PolicyState {}
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::IdentityRuleKey {}

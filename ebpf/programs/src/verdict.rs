@@ -4,13 +4,16 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
-    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     helpers::bpf_ktime_get_ns,
     macros::btf_map,
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use velox_common::{EndpointCounters, FlowEvent, IpKey, DROP_REASONS, EVENTS_BYTES, MAX_ENDPOINTS, VERDICT_ALLOWED};
+use velox_common::{
+    EndpointCounters, EventBudget, FlowEvent, IpKey, DROP_EVENTS_PER_SOURCE, DROP_REASONS, EVENTS_BYTES,
+    EVENTS_LIMITED, EVENTS_RING_FULL, EVENT_SOURCES, MAX_ENDPOINTS, VERDICT_ALLOWED,
+};
 
 use crate::{
     parse::Packet,
@@ -26,9 +29,14 @@ static VELOX_COUNTERS: PerCpuArray<EndpointCounters, MAX_ENDPOINTS> = PerCpuArra
 #[btf_map]
 static VELOX_EVENTS: RingBuf<FlowEvent, EVENTS_BYTES> = RingBuf::new();
 
-/// Events the ring had no room for, so the records can say what they miss.
+/// Events not written (the ring full, a source over its limit), so the records can
+/// say what they miss.
 #[btf_map]
-static VELOX_EVENTS_LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
+static VELOX_EVENTS_LOST: PerCpuArray<u64, 2> = PerCpuArray::new();
+
+/// Each source address's drop events this second.
+#[btf_map]
+static VELOX_EVENT_BUDGETS: LruHashMap<IpKey, EventBudget, EVENT_SOURCES> = LruHashMap::new();
 
 /// Until when (`bpf_ktime_get_ns`) the programs write events.
 #[btf_map]
@@ -88,7 +96,11 @@ pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, ver
             }
         }
     }
-    if (action == TC_ACT_SHOT || verdict.new_connection) && monitor_listens() {
+    let wanted = match action == TC_ACT_SHOT {
+        true => events_wanted().is_some_and(|now| within_budget(&packet.src.addr, now)),
+        false => verdict.new_connection && events_wanted().is_some(),
+    };
+    if wanted {
         let (egress_policy, ingress_policy) = walked_policies(verdict);
         let event = FlowEvent {
             src: packet.src,
@@ -104,21 +116,54 @@ pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, ver
         };
         // A full buffer loses the event (counted), never the packet's time.
         if VELOX_EVENTS.output(&event, 0).is_err() {
-            if let Some(lost) = VELOX_EVENTS_LOST.get_ptr_mut(0) {
-                // SAFETY: a per-CPU value; only this CPU writes it while we run.
-                unsafe { *lost += 1 };
-            }
+            count_lost(EVENTS_RING_FULL);
         }
     }
     action
 }
 
-/// Whether events are wanted: they cost nothing when not.
 #[inline(always)]
-fn monitor_listens() -> bool {
-    VELOX_MONITOR
-        .get(0)
-        .is_some_and(|until| unsafe { bpf_ktime_get_ns() } < *until)
+fn count_lost(why: u32) {
+    if let Some(lost) = VELOX_EVENTS_LOST.get_ptr_mut(why) {
+        // SAFETY: a per-CPU value; only this CPU writes it while we run.
+        unsafe { *lost += 1 };
+    }
+}
+
+/// The time (`bpf_ktime_get_ns`) if events are wanted: they cost nothing when not.
+#[inline(always)]
+fn events_wanted() -> Option<u64> {
+    let now = unsafe { bpf_ktime_get_ns() };
+    VELOX_MONITOR.get(0).is_some_and(|until| now < *until).then_some(now)
+}
+
+/// Whether `source` may write one more drop event this second; one over its limit is
+/// counted instead. A source the map cannot take is let through: the ring's own
+/// bound still holds.
+#[inline(always)]
+fn within_budget(source: &IpKey, now: u64) -> bool {
+    let second = now / 1_000_000_000;
+    if let Some(budget) = VELOX_EVENT_BUDGETS.get_ptr_mut(source) {
+        // SAFETY: a map value; a racing CPU at worst lets one event more through.
+        let budget = unsafe { &mut *budget };
+        if budget.second != second {
+            budget.second = second;
+            budget.used = 0;
+        }
+        if budget.used >= DROP_EVENTS_PER_SOURCE {
+            count_lost(EVENTS_LIMITED);
+            return false;
+        }
+        budget.used += 1;
+        return true;
+    }
+    let fresh = EventBudget {
+        second,
+        used: 1,
+        pad: 0,
+    };
+    let _ = VELOX_EVENT_BUDGETS.insert(source, &fresh, 0);
+    true
 }
 
 /// One debug line per IP packet. The loader sets aya-log's level at load time (off

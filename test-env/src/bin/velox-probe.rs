@@ -129,6 +129,23 @@ fn churn_udp(to: SocketAddr, count: u64) -> std::io::Result<serde_json::Value> {
     Ok(serde_json::json!({"sockets": count}))
 }
 
+/// UDP datagrams from `from` (an address of this netns) to `to`, as fast as they go,
+/// for `seconds`: a flood.
+fn flood_udp(from: std::net::IpAddr, to: SocketAddr, seconds: u64) -> std::io::Result<serde_json::Value> {
+    let socket = UdpSocket::bind(SocketAddr::new(from, 0))?;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        for _ in 0..1000 {
+            // A full queue (ENOBUFS) is part of a flood.
+            if socket.send_to(b"flood", to).is_ok() {
+                sent += 1;
+            }
+        }
+    }
+    Ok(serde_json::json!({"sent": sent}))
+}
+
 fn serve(on: SocketAddr) -> std::io::Result<()> {
     let listener = TcpListener::bind(on)?;
     loop {
@@ -189,7 +206,7 @@ fn main() {
         return;
     }
     let (Some(mode), Some(to)) = (args.get(1), args.get(2).and_then(|a| a.parse().ok())) else {
-        eprintln!("usage: velox-probe tcp|udp|udp-sendto|udp-hold|serve ADDR:PORT, velox-probe crr ADDR:PORT SECONDS, velox-probe udp-churn ADDR:PORT COUNT");
+        eprintln!("usage: velox-probe tcp|udp|udp-sendto|udp-hold|serve ADDR:PORT, velox-probe crr ADDR:PORT SECONDS, velox-probe udp-churn ADDR:PORT COUNT, velox-probe udp-flood ADDR:PORT FROM SECONDS");
         std::process::exit(2);
     };
     if mode == "serve" {
@@ -201,6 +218,16 @@ fn main() {
     }
     if mode == "udp-hold" {
         hold_udp(to);
+        return;
+    }
+    if mode == "udp-flood" {
+        let from = args.get(3).and_then(|s| s.parse().ok());
+        let seconds = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
+        let outcome = from.ok_or_else(|| std::io::Error::other("udp-flood ADDR:PORT FROM SECONDS"));
+        match outcome.and_then(|from| flood_udp(from, to, seconds)) {
+            Ok(line) => println!("{line}"),
+            Err(e) => println!("{}", serde_json::json!({"error": e.to_string()})),
+        }
         return;
     }
     if mode == "udp-churn" {
