@@ -67,6 +67,10 @@ pub struct BenchArgs {
     /// (`--kube-proxy-replacement`) next to kube-proxy's iptables rules.
     #[arg(long, conflicts_with = "ebpf_object")]
     pub node_port: bool,
+    /// Measure only what the flow records cost: on and off, interleaved, on the
+    /// connections of an isolated pod (each one recorded).
+    #[arg(long, conflicts_with_all = ["ebpf_object", "node_port"])]
+    pub flow_records: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize, Deserialize)]
@@ -210,6 +214,9 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.node_port {
         return node_port_bench::measure(&args);
+    }
+    if args.flow_records {
+        return policy_bench::flow_records_cost(&args);
     }
     let bins = Binaries::locate()?;
     let cluster = Cluster::new(PREFIX, bins.clone())?;
