@@ -14,7 +14,6 @@ use nix::mount::{mount, MsFlags};
 use nix::sys::statfs::statfs;
 use std::collections::HashMap;
 use std::os::fd::AsFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -752,10 +751,9 @@ impl Daemon {
 
 /// A unix socket only root reaches, in place of one a loader before left.
 fn bind_private(socket: &Path) -> anyhow::Result<UnixListener> {
-    remove_if_exists(socket)?;
-    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(PRIVATE_FILE_MODE))?;
-    Ok(listener)
+    let listener = crate::flow_log::bind_private(socket)?;
+    listener.set_nonblocking(true)?;
+    Ok(UnixListener::from_std(listener)?)
 }
 
 /// A policy request with the connection to answer on.

@@ -432,7 +432,7 @@ impl JsonLines {
 }
 
 /// A unix socket only root reaches, in place of one a loader before left.
-fn bind_private(socket: &Path) -> anyhow::Result<UnixListener> {
+pub fn bind_private(socket: &Path) -> anyhow::Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     velox_node::fs::remove_if_exists(socket)?;
     let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
