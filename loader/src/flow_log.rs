@@ -19,7 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use velox_common::{
@@ -204,6 +204,8 @@ enum Line {
 pub struct FlowLog {
     capacity: usize,
     inner: Mutex<Kept>,
+    /// Followers still connected (a gone one stays in `Kept` until the next record).
+    following: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -239,6 +241,7 @@ impl FlowLog {
         let log = Arc::new(FlowLog {
             capacity,
             inner: Mutex::default(),
+            following: AtomicUsize::new(0),
         });
         let listener = bind_private(&state_dir.flows_socket())?;
         let collector = (Arc::clone(&log), state_dir.clone());
@@ -292,7 +295,7 @@ impl FlowLog {
     }
 
     fn following(&self) -> bool {
-        !lock(&self.inner).followers.is_empty()
+        self.following.load(Ordering::SeqCst) > 0
     }
 }
 
@@ -498,11 +501,36 @@ fn answer(log: &FlowLog, stream: UnixStream) -> anyhow::Result<()> {
     let Some(follow) = follow else {
         return Ok(());
     };
-    for line in follow {
-        writeln!(out, "{}", serde_json::to_string(&line)?)?;
-        out.flush()?;
-    }
-    Ok(())
+    log.following.fetch_add(1, Ordering::SeqCst);
+    let followed = (|| -> anyhow::Result<()> {
+        loop {
+            match follow.recv_timeout(Duration::from_secs(1)) {
+                Ok(line) => {
+                    writeln!(out, "{}", serde_json::to_string(&line)?)?;
+                    out.flush()?;
+                }
+                // A quiet node: a follower that left must not hold its slot.
+                Err(RecvTimeoutError::Timeout) if gone(&stream) => return Ok(()),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+        }
+    })();
+    log.following.fetch_sub(1, Ordering::SeqCst);
+    followed
+}
+
+/// Whether the client closed its end: it sends nothing after its request, so a
+/// read that would not block finds the end of the stream.
+fn gone(stream: &UnixStream) -> bool {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let peeked = recv(
+        stream.as_raw_fd(),
+        &mut [0u8; 1],
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    );
+    !matches!(peeked, Err(nix::errno::Errno::EAGAIN))
 }
 
 /// What `velox-loader flows` asks for and how it shows it.

@@ -1001,6 +1001,19 @@ fn a_flood_of_drops_from_one_address_hides_no_other_drop() {
     node.finish().unwrap();
 }
 
+/// Followers that left a quiet node (no record to write, so no failed write to
+/// notice them by) give their place back: the loader serves 16 clients at once.
+#[test]
+fn followers_that_left_hold_no_place() {
+    let node = NodeGuard::up("followers").unwrap();
+    let monitors: Vec<_> = (0..20).map(|_| node.monitor().unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(monitors);
+    let answered = wait_for(Duration::from_secs(5), || node.flows(&[]).is_ok());
+    assert!(answered, "velox-loader flows: {:?}", node.flows(&[]).err());
+    node.finish().unwrap();
+}
+
 #[test]
 fn the_monitor_shows_each_drop_with_its_ends_and_pod_while_it_listens() {
     let node = NodeGuard::up("monitor").unwrap();
