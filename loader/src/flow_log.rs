@@ -7,9 +7,9 @@
 //! The loader is the one reader of the datapath's event ring. The programs write
 //! events while the loader keeps a deadline ahead of them: always with records on,
 //! only while someone follows with them off (`--flow-records 0`); within seconds of
-//! a loader that stopped, they write none. An event the datapath could not write (its ring full) is counted
-//! in `VELOX_EVENTS_LOST`, and every answer says how many were lost: a gap is never
-//! silent.
+//! a loader that stopped, they write none. An event the programs did not write (their
+//! ring full, its source over its limit) is counted in `VELOX_EVENTS_LOST`, and every
+//! answer says how many: a gap is never silent.
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -254,8 +254,8 @@ impl FlowLog {
         Ok(())
     }
 
-    fn status(&self) -> Status {
-        let kept = lock(&self.inner);
+    /// What `kept` (the locked ring) tells of itself.
+    fn status(&self, kept: &Kept) -> Status {
         Status {
             kept: kept.records.len(),
             capacity: self.capacity,
@@ -479,19 +479,20 @@ fn answer(log: &FlowLog, stream: UnixStream) -> anyhow::Result<()> {
     BufReader::new(std::io::Read::take(&stream, MAX_REQUEST)).read_line(&mut request)?;
     let request: Request = serde_json::from_str(&request).context("reading the request")?;
     let mut out = std::io::BufWriter::new(&stream);
-    let status = log.status();
     let since = request.since_ms.unwrap_or(0);
-    // The kept records are copied and the follower joins under one lock: no record
-    // falls between, and none comes twice.
-    let (kept, follow) = {
+    // The status is taken, the kept records are copied and the follower joins under
+    // one lock: the status tells of these records, no record falls between, and none
+    // comes twice.
+    let (status, kept, follow) = {
         let mut inner = lock(&log.inner);
+        let status = log.status(&inner);
         let kept: Vec<Record> = inner.records.iter().filter(|r| r.unix_ms >= since).cloned().collect();
         let follow: Option<Receiver<Line>> = request.follow.then(|| {
             let (to, from) = std::sync::mpsc::sync_channel(FOLLOWER_QUEUE);
             inner.followers.push(Follower { to, missed: 0 });
             from
         });
-        (kept, follow)
+        (status, kept, follow)
     };
     writeln!(out, "{}", serde_json::to_string(&status)?)?;
     for record in kept {

@@ -62,6 +62,43 @@ fn probe(node: &Node, netns: &str, mode: &str, to: SocketAddr) -> Value {
     node.probe(netns, mode, to).unwrap()
 }
 
+/// `velox-probe udp-hold`: one UDP socket connected to `to` from `netns` (a process
+/// of `node`'s cgroup), an exchange at start and one more at each `again`.
+struct HeldUdp {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl HeldUdp {
+    fn start(node: &Node, netns: &str, to: SocketAddr) -> Self {
+        let mut child = in_netns_and_cgroup(
+            netns,
+            &node.cgroup().unwrap(),
+            node.bins.probe.to_str().unwrap(),
+            &["udp-hold", &to.to_string()],
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+        let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+        Self { child, lines }
+    }
+
+    /// The last exchange's outcome (`answer` and `from`, or `error`).
+    fn exchanged(&mut self) -> Value {
+        serde_json::from_str(&self.lines.next().unwrap().unwrap()).unwrap()
+    }
+
+    /// The second exchange, on the same socket; the probe ends after it.
+    fn again(mut self) -> Value {
+        std::io::Write::write_all(self.child.stdin.as_mut().unwrap(), b"again\n").unwrap();
+        let second = self.exchanged();
+        self.child.wait().unwrap();
+        second
+    }
+}
+
 /// Waits until every node's load balancer shows `frontends` frontends.
 fn wait_for_services(cluster: &ClusterGuard, frontends: usize) {
     let ready = || {
@@ -333,25 +370,11 @@ fn a_connected_udp_socket_whose_backend_left_is_closed() {
     let frontend = SocketAddr::new(cluster_ip(Family::V4, 60), 53);
     // A socket connected once, used again later: a resolver's through the Service,
     // and one connected to pod-2 itself (issue 21: it was closed too).
-    let hold = |to: SocketAddr| {
-        let mut held = in_netns_and_cgroup(
-            &pod1.name,
-            &worker1.cgroup().unwrap(),
-            worker1.bins.probe.to_str().unwrap(),
-            &["udp-hold", &to.to_string()],
-        )
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-        let lines = std::io::BufRead::lines(std::io::BufReader::new(held.stdout.take().unwrap()));
-        (held, lines)
-    };
-    let (mut resolver, mut lines) = hold(frontend);
-    let (mut direct, mut direct_lines) = hold(SocketAddr::new(pod2.ip(Family::V4), 5353));
-    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let mut resolver = HeldUdp::start(worker1, &pod1.name, frontend);
+    let mut direct = HeldUdp::start(worker1, &pod1.name, SocketAddr::new(pod2.ip(Family::V4), 5353));
+    let first = resolver.exchanged();
     assert_eq!(first["answer"], pod2.name, "{first}");
-    let first: Value = serde_json::from_str(&direct_lines.next().unwrap().unwrap()).unwrap();
+    let first = direct.exchanged();
     assert_eq!(first["answer"], pod2.name, "{first}");
 
     // pod-2 leaves the Service, pod-4 takes its place.
@@ -364,8 +387,7 @@ fn a_connected_udp_socket_whose_backend_left_is_closed() {
     };
     assert!(wait_for(Duration::from_secs(5), moved));
     std::thread::sleep(Duration::from_millis(200));
-    std::io::Write::write_all(resolver.stdin.as_mut().unwrap(), b"again\n").unwrap();
-    let second: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let second = resolver.again();
     // Closed and disconnected: a send finds no destination (a receive would report
     // ECONNABORTED).
     let closed = second["error"] == "ConnectionAborted"
@@ -373,14 +395,11 @@ fn a_connected_udp_socket_whose_backend_left_is_closed() {
             .as_str()
             .is_some_and(|m| m.contains("Destination address required"));
     assert!(closed, "the socket to the old backend was not closed: {second}");
-    resolver.wait().unwrap();
-    std::io::Write::write_all(direct.stdin.as_mut().unwrap(), b"again\n").unwrap();
-    let second: Value = serde_json::from_str(&direct_lines.next().unwrap().unwrap()).unwrap();
+    let second = direct.again();
     assert_eq!(
         second["answer"], pod2.name,
         "a socket connected to pod-2 itself stays: {second}"
     );
-    direct.wait().unwrap();
     // The resolver's next socket reaches the backend that is there.
     let again = probe(worker1, &pod1.name, "udp", frontend);
     assert_eq!(again["answer"], pod4.name, "{again}");
@@ -413,24 +432,16 @@ fn a_pods_many_sockets_do_not_take_anothers_service_address() {
     cluster_state::write(&state, &[dns]).unwrap();
     wait_for_services(&cluster, 1);
     let frontend = SocketAddr::new(cluster_ip(Family::V4, 61), 53);
-    let cgroup = worker1.cgroup().unwrap();
-    let probe_bin = worker1.bins.probe.to_str().unwrap();
-
-    let mut resolver = in_netns_and_cgroup(&pod1.name, &cgroup, probe_bin, &["udp-hold", &frontend.to_string()])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(resolver.stdout.take().unwrap()));
-    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let mut resolver = HeldUdp::start(worker1, &pod1.name, frontend);
+    let first = resolver.exchanged();
     assert_eq!(first["answer"], pod2.name, "{first}");
     assert_eq!(first["from"], frontend.to_string(), "{first}");
 
     // Three times as many sockets as the old map held, each asking the Service.
     let churn = in_netns_and_cgroup(
         &pod4.name,
-        &cgroup,
-        probe_bin,
+        &worker1.cgroup().unwrap(),
+        worker1.bins.probe.to_str().unwrap(),
         &["udp-churn", &frontend.to_string(), "200000"],
     )
     .output()
@@ -438,15 +449,13 @@ fn a_pods_many_sockets_do_not_take_anothers_service_address() {
     let churned: Value = serde_json::from_slice(&churn.stdout).unwrap();
     assert_eq!(churned["sockets"], 200000, "{churned}");
 
-    std::io::Write::write_all(resolver.stdin.as_mut().unwrap(), b"again\n").unwrap();
-    let second: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let second = resolver.again();
     assert_eq!(second["answer"], pod2.name, "{second}");
     assert_eq!(
         second["from"],
         frontend.to_string(),
         "the resolver's answer came from the backend's address after another pod's sockets: {second}"
     );
-    resolver.wait().unwrap();
     cluster.finish().unwrap();
 }
 

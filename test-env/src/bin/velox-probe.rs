@@ -95,10 +95,7 @@ fn hold_udp(to: SocketAddr) {
     };
     let report = |outcome: std::io::Result<(String, SocketAddr)>| match outcome {
         Ok((answer, from)) => println!("{}", serde_json::json!({"answer": answer, "from": from.to_string()})),
-        Err(e) => println!(
-            "{}",
-            serde_json::json!({"error": format!("{:?}", e.kind()), "message": e.to_string()})
-        ),
+        Err(e) => println!("{}", error_line(&e)),
     };
     let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
     let socket = UdpSocket::bind(any).and_then(|s| {
@@ -220,38 +217,21 @@ fn main() {
         hold_udp(to);
         return;
     }
-    if mode == "udp-flood" {
-        let from = args.get(3).and_then(|s| s.parse().ok());
-        let seconds = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
-        let outcome = from.ok_or_else(|| std::io::Error::other("udp-flood ADDR:PORT FROM SECONDS"));
-        match outcome.and_then(|from| flood_udp(from, to, seconds)) {
-            Ok(line) => println!("{line}"),
-            Err(e) => println!("{}", serde_json::json!({"error": e.to_string()})),
-        }
-        return;
+    fn arg<T: std::str::FromStr>(args: &[String], i: usize) -> Option<T> {
+        args.get(i).and_then(|s| s.parse().ok())
     }
-    if mode == "udp-churn" {
-        let count = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1);
-        match churn_udp(to, count) {
-            Ok(line) => println!("{line}"),
-            Err(e) => println!("{}", serde_json::json!({"error": e.to_string()})),
-        }
-        return;
-    }
-    if mode == "crr" {
-        let seconds = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(5);
-        match connection_rate(to, seconds) {
-            Ok(line) => println!("{line}"),
-            Err(e) => println!(
-                "{}",
-                serde_json::json!({"error": format!("{:?}", e.kind()), "message": e.to_string()})
-            ),
-        }
-        return;
-    }
-    let line = match request(mode, to) {
-        Ok((answer, peer)) => serde_json::json!({"answer": answer, "peer": peer.to_string()}),
-        Err(e) => serde_json::json!({"error": format!("{:?}", e.kind()), "message": e.to_string()}),
+    let outcome = match mode.as_str() {
+        "udp-flood" => arg(&args, 3)
+            .ok_or_else(|| std::io::Error::other("udp-flood ADDR:PORT FROM SECONDS"))
+            .and_then(|from| flood_udp(from, to, arg(&args, 4).unwrap_or(1))),
+        "udp-churn" => churn_udp(to, arg(&args, 3).unwrap_or(1)),
+        "crr" => connection_rate(to, arg(&args, 3).unwrap_or(5)),
+        _ => request(mode, to).map(|(answer, peer)| serde_json::json!({"answer": answer, "peer": peer.to_string()})),
     };
-    println!("{line}");
+    println!("{}", outcome.unwrap_or_else(|e| error_line(&e)));
+}
+
+/// How every mode reports a failure: the error's kind and its message.
+fn error_line(e: &std::io::Error) -> serde_json::Value {
+    serde_json::json!({"error": format!("{:?}", e.kind()), "message": e.to_string()})
 }
