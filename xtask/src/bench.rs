@@ -63,6 +63,10 @@ pub struct BenchArgs {
     /// build's (a loader built with that object); this build's loader otherwise.
     #[arg(long, requires = "ebpf_object")]
     pub other_loader: Option<PathBuf>,
+    /// With `--ebpf-object`: only the kernel's test runs of one packet per path
+    /// (seconds, not minutes), no traffic.
+    #[arg(long, requires = "ebpf_object")]
+    pub test_runs_only: bool,
     /// Measure only traffic from outside through a NodePort: Velox's NAT
     /// (`--kube-proxy-replacement`) next to kube-proxy's iptables rules.
     #[arg(long, conflicts_with = "ebpf_object")]
@@ -400,12 +404,11 @@ fn program_stats() -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
 
 /// ns per run of each program while `traffic` runs with `kernel.bpf_stats_enabled`.
 pub fn program_cost(traffic: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<BTreeMap<String, f64>> {
-    const SWITCH: &str = "/proc/sys/kernel/bpf_stats_enabled";
-    std::fs::write(SWITCH, "1")?;
+    set_bpf_stats(true)?;
     let before = program_stats();
     let ran = traffic();
     let after = program_stats();
-    std::fs::write(SWITCH, "0")?;
+    set_bpf_stats(false)?;
     ran?;
     let (before, after) = (before?, after?);
     Ok(after
@@ -416,6 +419,13 @@ pub fn program_cost(traffic: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Res
             Some((name, (time - time0) as f64 / runs as f64))
         })
         .collect())
+}
+
+/// Turns the kernel's per-program run counts and times on or off: they cost two
+/// clock reads a run, so they are on only while something is measured.
+pub fn set_bpf_stats(on: bool) -> anyhow::Result<()> {
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", if on { "1" } else { "0" })
+        .context("kernel.bpf_stats_enabled")
 }
 
 /// CPU time of the whole machine, from /proc/stat, in seconds.

@@ -7,6 +7,7 @@ mod image;
 mod node_port_bench;
 mod policy_bench;
 mod program_ab;
+mod program_runs;
 mod report;
 mod service_bench;
 mod setup;

@@ -291,7 +291,7 @@ pub fn add_latency(cluster: &Cluster, rounds: u32) -> anyhow::Result<Vec<(String
 
 /// `count` policies selecting the server, the last one admitting the client, as the
 /// cluster's loaders read them; waits until node 0 has them all.
-fn apply_velox(cluster: &Cluster, (client, server): &(Pod, Pod), count: usize) -> anyhow::Result<()> {
+pub fn apply_velox(cluster: &Cluster, (client, server): &(Pod, Pod), count: usize) -> anyhow::Result<()> {
     let node = &cluster.nodes[0];
     let labels = |app: &str| -> BTreeMap<String, String> { [("app".to_string(), app.to_string())].into() };
     let pods = vec![

@@ -3,9 +3,11 @@
 //! each program, measured in one run. Each round restarts every node's loader with
 //! each object in turn (order alternating), which moves every link over as an upgrade
 //! does, then runs one iperf3 stream with `kernel.bpf_stats_enabled` on each path (pod
-//! to pod, and through a kube-proxy-style ClusterIP, where the kernel delivers). A
-//! loader loads only objects of its own map layout: for an object of another layout,
-//! `--other-loader` names a loader built with it.
+//! to pod, an isolated pod's allowed connection, and through a kube-proxy-style
+//! ClusterIP, where the kernel delivers), and the kernel's test runs of one packet
+//! per path (`program_runs`), with `bpf_stats` off and on. A loader loads only
+//! objects of its own map layout: for an object of another layout, `--other-loader`
+//! names a loader built with it.
 
 use anyhow::Context;
 use serde::Serialize;
@@ -13,9 +15,12 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use velox_test_env::kube_proxy::{Protocol, ServiceRule};
+use velox_common::{FROM_NET_PROGRAM, FROM_POD_PROGRAM};
 use velox_test_env::{Binaries, Cluster, Family, Pod};
 
-use crate::bench::{pod, program_cost, BenchArgs};
+use crate::bench::{pod, program_cost, set_bpf_stats, BenchArgs};
+use crate::policy_bench::apply_velox;
+use crate::program_runs::TestPacket;
 use crate::report::Stat;
 
 const PREFIX: &str = "vab-";
@@ -77,6 +82,9 @@ pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
             pod(&cluster, "pod-4")?,
             pod(&cluster, "pod-2")?,
         );
+        // A server a policy isolates, admitting the client.
+        let isolated = cluster.nodes[0].add_pod(&cluster.pod_name(0, "pod-5"))?;
+        apply_velox(&cluster, &(client.clone(), isolated.clone()), 1)?;
         // kube-proxy's DNAT on the client's node: the kernel delivers to the backend.
         let cluster_ip = SocketAddr::new(IpAddr::from([10, 96, 0, 50]), 5201);
         ServiceRule {
@@ -91,6 +99,7 @@ pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
             ("same node", &same, Family::V4, None),
             ("across nodes", &across, Family::V4, None),
             ("same node IPv6", &same, Family::V6, None),
+            ("same node, isolated server", &isolated, Family::V4, None),
             (
                 "kube-proxy ClusterIP",
                 &same,
@@ -98,7 +107,8 @@ pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
                 Some((cluster_ip, cgroup.as_path())),
             ),
         ];
-        measure_rounds(args, &cluster, &datapaths, &client, &paths)
+        let test_packets = test_packets(&cluster, &client, (&same, &across, &isolated))?;
+        measure_rounds(args, &cluster, &datapaths, &client, &paths, &test_packets)
     })();
     let _ = cluster.down();
     let samples = result?;
@@ -117,13 +127,39 @@ pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
 /// (with the client's cgroup) it goes through, if any.
 type MeasuredPath<'a> = (&'static str, &'a Pod, Family, Option<(SocketAddr, &'a Path)>);
 
-/// Every round: each datapath in turn (order alternating), each path, then the ADDs.
+/// The packets of the kernel's test runs: from the client's veth to a pod of its
+/// node (both families, and the isolated server) and to a pod of the other node, and
+/// that packet again as it arrives on the other node's uplink.
+fn test_packets(cluster: &Cluster, client: &Pod, (same, across, isolated): (&Pod, &Pod, &Pod)) -> anyhow::Result<Vec<TestPacket>> {
+    let (node, peer) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let veth = node.endpoint(client.ip(Family::V4))?["ifname"]
+        .as_str()
+        .context("the client's host veth")?
+        .to_string();
+    Ok(vec![
+        TestPacket::new("test run: same node", FROM_POD_PROGRAM, node, &veth, (client, same, Family::V4))?,
+        TestPacket::new("test run: same node IPv6", FROM_POD_PROGRAM, node, &veth, (client, same, Family::V6))?,
+        TestPacket::new(
+            "test run: same node, isolated server",
+            FROM_POD_PROGRAM,
+            node,
+            &veth,
+            (client, isolated, Family::V4),
+        )?,
+        TestPacket::new("test run: across nodes", FROM_POD_PROGRAM, node, &veth, (client, across, Family::V4))?,
+        TestPacket::new("test run: across nodes", FROM_NET_PROGRAM, peer, "eth0", (client, across, Family::V4))?,
+    ])
+}
+
+/// Every round: each datapath in turn (order alternating), the test runs, each path,
+/// then the ADDs.
 fn measure_rounds(
     args: &BenchArgs,
     cluster: &Cluster,
     datapaths: &[Datapath],
     client: &Pod,
     paths: &[MeasuredPath<'_>],
+    test_packets: &[TestPacket],
 ) -> anyhow::Result<Vec<Sample>> {
     let mut samples = Vec::new();
     for round in 0..args.rounds {
@@ -131,6 +167,34 @@ fn measure_rounds(
             let datapath = &datapaths[(i + round as usize) % datapaths.len()];
             let object = datapath.name;
             restart_loaders(cluster, datapath).with_context(|| format!("loading {}", datapath.object.display()))?;
+            for packet in test_packets {
+                packet.open()?;
+                let off = packet.ns_per_run()?;
+                set_bpf_stats(true)?;
+                let on = packet.ns_per_run();
+                set_bpf_stats(false)?;
+                let on = on?;
+                println!(
+                    "round {} {object:<10} {:<36} {} {off:.0} ns, with bpf_stats {on:.0} ns",
+                    round + 1,
+                    packet.path,
+                    packet.program
+                );
+                samples.push(Sample {
+                    object,
+                    path: packet.path,
+                    round: round + 1,
+                    gbps: 0.0,
+                    ns_per_run: BTreeMap::from([
+                        (packet.program.to_string(), off),
+                        (format!("{} with bpf_stats", packet.program), on),
+                    ]),
+                    add_ms: Vec::new(),
+                });
+            }
+            if args.test_runs_only {
+                continue;
+            }
             for (name, server, family, via) in paths {
                 let mut gbps = 0.0;
                 let ns_per_run = program_cost(|| {
@@ -199,7 +263,8 @@ fn restart_loaders(cluster: &Cluster, datapath: &Datapath) -> anyhow::Result<()>
 /// Per path and program: each object's median (min..max) and the ratio of the medians.
 fn report(samples: &[Sample], other: &Path) -> String {
     let mut table = format!(
-        "ns per run, this build vs {} (bpf_stats, one iperf3 stream per path and round, medians (min..max))\n\n\
+        "ns per run, this build vs {} (bpf_stats, one iperf3 stream per path and round; \"test run\": the kernel's \
+         test runs of one packet, 1,000,000 per round, with bpf_stats off and on; medians (min..max))\n\n\
          | path | program | this build | other | this / other |\n|---|---|---|---|---|\n",
         other.display()
     );
