@@ -191,8 +191,11 @@ pub const AF_INET6: u32 = 10;
 pub const IPV4_MAPPED_PREFIX: u32 = 96;
 
 /// An address of either family in network byte order (IPv4 mapped into IPv6); a
-/// byte array so bpftool prints it readably.
-#[repr(C)]
+/// byte array so bpftool prints it readably. Word-aligned (every struct holds it at
+/// a word's offset, so no layout changes): LLVM's BPF backend copies and zeroes an
+/// unaligned one a byte at a time, through a `memset` loop, which cost from_pod a
+/// third of its run.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IpKey {
     pub addr: [u8; 16],
@@ -201,10 +204,9 @@ pub struct IpKey {
 impl IpKey {
     #[inline(always)]
     pub const fn v4(octets: [u8; 4]) -> Self {
-        let [a, b, c, d] = octets;
-        Self {
-            addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d],
-        }
+        // Four words, not sixteen bytes: LLVM merges ten zero bytes into a `memset`
+        // call, which the BPF backend does not inline.
+        Self::from_words([0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes(octets)])
     }
 
     #[inline(always)]
@@ -223,12 +225,11 @@ impl IpKey {
 
     /// The address from four words in memory order, as [`Self::words`] gives them.
     #[inline(always)]
-    pub fn from_words(words: [u32; 4]) -> Self {
-        let mut addr = [0u8; 16];
-        for (i, word) in words.iter().enumerate() {
-            addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    pub const fn from_words(words: [u32; 4]) -> Self {
+        // SAFETY: sixteen bytes either way.
+        Self {
+            addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) },
         }
-        Self { addr }
     }
 
     /// Whether this is an IPv4 address (mapped).

@@ -46,11 +46,12 @@ const PACKET_HOST: u32 = 0;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let mut packet = Packet::default();
-    let is_ip = parse(&ctx, &mut packet);
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zeroed_in(&mut slot);
+    let is_ip = parse(&ctx, packet);
     // SAFETY: reading the context's own fields.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let sender = if is_ip { sav::sender(&packet, ifindex) } else { None };
+    let sender = if is_ip { sav::sender(packet, ifindex) } else { None };
     // The pod that sent it: the owner of its source address, or for a source that
     // stays on the link (link-local, unspecified) the pod behind this veth.
     let sender_slot = match sender {
@@ -65,14 +66,14 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let outcome = if !is_ip {
         PASS
     } else if sender.is_some() || (on_link && !sav::is_multicast(&packet.dst.addr)) {
-        from_pod_to(&ctx, &packet, sender_slot, ifindex, on_link, &mut verdict)
+        from_pod_to(&ctx, packet, sender_slot, ifindex, on_link, &mut verdict)
     } else if on_link {
         PASS
     } else {
         DROP_SPOOFED
     };
     let slot = sender_slot;
-    let action = finish(&ctx, &packet, slot, outcome, &verdict);
+    let action = finish(&ctx, packet, slot, outcome, &verdict);
     trace(&ctx, "from_pod", is_ip.then_some(&packet.dst.addr), action);
     action
 }
@@ -147,7 +148,8 @@ fn from_pod_to(
 
 #[classifier]
 pub fn from_net(ctx: TcContext) -> i32 {
-    let mut packet = Packet::default();
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zeroed_in(&mut slot);
     // Only untagged frames addressed to this node are the fast path's: a VLAN, or a
     // frame an uplink in promiscuous mode saw for another host, is the kernel's.
     // SAFETY: reading the context's own fields.
@@ -158,7 +160,7 @@ pub fn from_net(ctx: TcContext) -> i32 {
             (*ctx.skb.skb).ifindex,
         )
     };
-    let is_ip = pkt_type == PACKET_HOST && vlan == 0 && parse(&ctx, &mut packet);
+    let is_ip = pkt_type == PACKET_HOST && vlan == 0 && parse(&ctx, packet);
     let mut verdict = Verdict::default();
     let outcome = if !is_ip {
         PASS
@@ -167,14 +169,14 @@ pub fn from_net(ctx: TcContext) -> i32 {
             // The kernel delivers it, and `to_pod` judges it there.
             PASS
         } else {
-            police(&ctx, &packet, NO_SLOT, endpoint.slot, false, &mut verdict);
+            police(&ctx, packet, NO_SLOT, endpoint.slot, false, &mut verdict);
             if verdict.result == ALLOWED {
                 to_local_pod(endpoint.ifindex)
             } else {
                 verdict.result
             }
         }
-    } else if nat::is_for_nat_from_net(&packet) {
+    } else if nat::is_for_nat_from_net(packet) {
         nat::hand_over(&ctx, FROM_NET_NAT);
         PASS
     } else {
@@ -185,7 +187,7 @@ pub fn from_net(ctx: TcContext) -> i32 {
         }
         PASS
     };
-    let action = finish(&ctx, &packet, UPLINK_SLOT, outcome, &verdict);
+    let action = finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict);
     trace(&ctx, "from_net", is_ip.then_some(&packet.dst.addr), action);
     action
 }
@@ -199,20 +201,21 @@ pub fn from_net(ctx: TcContext) -> i32 {
 /// unfinished, its DEL under way) is dropped.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    let mut packet = Packet::default();
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zeroed_in(&mut slot);
     // SAFETY: reading the context's own fields. A packet the host sent arrived on no
     // interface.
     let (ifindex, from_host) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex == 0) };
-    let is_ip = parse(&ctx, &mut packet);
+    let is_ip = parse(&ctx, packet);
     let mut verdict = Verdict::default();
     let mut slot = NO_SLOT;
-    if is_ip && from_host && policy::host_sent(&packet, ifindex) {
+    if is_ip && from_host && policy::host_sent(packet, ifindex) {
         policy::enter_host_flow();
     }
     if is_ip && !from_host {
         match local_endpoint(&packet.dst.addr).filter(|receiver| receiver.ifindex == ifindex) {
             Some(receiver) => {
-                police(&ctx, &packet, NO_SLOT, receiver.slot, false, &mut verdict);
+                police(&ctx, packet, NO_SLOT, receiver.slot, false, &mut verdict);
                 slot = receiver.slot;
             }
             None => {
@@ -225,7 +228,7 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     if verdict.result == ALLOWED {
         slot = NO_SLOT;
     }
-    let action = finish(&ctx, &packet, slot, verdict.result, &verdict);
+    let action = finish(&ctx, packet, slot, verdict.result, &verdict);
     trace(&ctx, "to_pod", is_ip.then_some(&packet.dst.addr), action);
     action
 }

@@ -101,13 +101,14 @@ pub fn hand_over(ctx: &TcContext, index: u32) {
 /// back to the client.
 #[classifier]
 pub fn from_net_nat(ctx: TcContext) -> i32 {
-    let mut packet = Packet::default();
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zeroed_in(&mut slot);
     let mut verdict = Verdict::default();
-    let outcome = match parse(&ctx, &mut packet) {
-        true => translate_from_net(&ctx, &mut packet, &mut verdict),
+    let outcome = match parse(&ctx, packet) {
+        true => translate_from_net(&ctx, packet, &mut verdict),
         false => PASS,
     };
-    finish(&ctx, &packet, UPLINK_SLOT, outcome, &verdict)
+    finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict)
 }
 
 /// A new connection from outside to a Service: `from_net_nat` found no entry. Its
@@ -116,13 +117,14 @@ pub fn from_net_nat(ctx: TcContext) -> i32 {
 /// delivers it.
 #[classifier]
 pub fn nat_open(ctx: TcContext) -> i32 {
-    let mut packet = Packet::default();
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zeroed_in(&mut slot);
     // SAFETY: reading the context's own fields.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let outcome = match parse(&ctx, &mut packet) && !packet.is_error && packet.opens {
+    let outcome = match parse(&ctx, packet) && !packet.is_error && packet.opens {
         true => {
             let now = unsafe { bpf_ktime_get_ns() };
-            match open(&packet, ifindex, now) {
+            match open(packet, ifindex, now) {
                 Ok(()) => {
                     hand_over(&ctx, FROM_NET_NAT);
                     PASS
@@ -132,7 +134,7 @@ pub fn nat_open(ctx: TcContext) -> i32 {
         }
         false => PASS,
     };
-    finish(&ctx, &packet, UPLINK_SLOT, outcome, &Verdict::default())
+    finish(&ctx, packet, UPLINK_SLOT, outcome, &Verdict::default())
 }
 
 /// `from_pod`'s NAT half: a backend of this node answers a client from outside.
@@ -140,11 +142,12 @@ pub fn nat_open(ctx: TcContext) -> i32 {
 /// here, then leaves translated.
 #[classifier]
 pub fn from_pod_nat(ctx: TcContext) -> i32 {
-    let mut packet = Packet::default();
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zeroed_in(&mut slot);
     // SAFETY: reading the context's own fields.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let is_ip = parse(&ctx, &mut packet);
-    let sender = if is_ip { sav::sender(&packet, ifindex) } else { None };
+    let is_ip = parse(&ctx, packet);
+    let sender = if is_ip { sav::sender(packet, ifindex) } else { None };
     let mut verdict = Verdict::default();
     let (slot, outcome) = match sender {
         // An ICMP error a pod sends is about its own connection, or it is forged.
@@ -152,7 +155,7 @@ pub fn from_pod_nat(ctx: TcContext) -> i32 {
         Some(sender) => {
             police(&ctx, &packet, sender.slot, NO_SLOT, false, &mut verdict);
             let outcome = match verdict.result {
-                ALLOWED => translate_reply_from_pod(&ctx, &mut packet),
+                ALLOWED => translate_reply_from_pod(&ctx, packet),
                 denied => denied,
             };
             (sender.slot, outcome)
