@@ -32,7 +32,7 @@ use velox_common::{
 };
 
 use crate::forward::{fits_uplink, local_endpoint, peer_node, to_local_pod, to_network, to_peer_node};
-use crate::parse::{parse, Packet, ICMP_ERROR_HEADER, IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::parse::{copy_end, parse, Packet, ICMP_ERROR_HEADER, IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use crate::policy::{police, Verdict, ALLOWED};
 use crate::sav;
 use crate::services::{node_address, pick_backend, service_at};
@@ -65,6 +65,8 @@ const IPV4_FRAGMENTED: u16 = 0x3fff;
 // A packet's two ends are its NAT key: `Packet` starts with them, in `NatKey`'s layout.
 const _: () = assert!(core::mem::offset_of!(Packet, src) == core::mem::offset_of!(NatKey, src));
 const _: () = assert!(core::mem::offset_of!(Packet, dst) == core::mem::offset_of!(NatKey, dst));
+// Its two ends are the whole key (`connection` writes one end by end).
+const _: () = assert!(core::mem::size_of::<NatKey>() == 2 * core::mem::size_of::<velox_common::FlowEnd>());
 
 #[inline(always)]
 fn key_of(packet: &Packet) -> &NatKey {
@@ -240,8 +242,8 @@ fn translate(
         track(entry, other, &layout, now);
         rewrite(ctx, packet, entry, &layout)
     };
-    packet.src = entry.src;
-    packet.dst = entry.dst;
+    copy_end(&mut packet.src, &entry.src);
+    copy_end(&mut packet.dst, &entry.dst);
     Some(rewritten)
 }
 
@@ -265,11 +267,18 @@ fn connection(key: &NatKey, now: u64) -> Option<(&'static mut NatEntry, &'static
     if this.expired(now, connection_timeouts()?) {
         return None;
     }
-    let other = VELOX_NAT
-        .get_ptr_mut(&this.reverse_key())
-        .map(|other| unsafe { &mut *other });
+    // The other direction's key, its two ends written in place.
+    let mut reverse = core::mem::MaybeUninit::<NatKey>::uninit();
+    let key_ptr = reverse.as_mut_ptr();
+    // SAFETY: the two ends are the whole key.
+    let reverse = unsafe {
+        copy_end(core::ptr::addr_of_mut!((*key_ptr).src), &this.dst);
+        copy_end(core::ptr::addr_of_mut!((*key_ptr).dst), &this.src);
+        reverse.assume_init_ref()
+    };
+    let other = VELOX_NAT.get_ptr_mut(reverse).map(|other| unsafe { &mut *other });
     match other {
-        Some(other) if other.reverse_key() == *key => Some((this, other)),
+        Some(other) if other.dst == key.src && other.src == key.dst => Some((this, other)),
         _ => {
             // A reply half may be a connection `open` is entering right now (it
             // enters that half first): it is left to expire.

@@ -92,6 +92,21 @@ impl Packet {
     }
 }
 
+/// `*to = *from`, a word at a time: LLVM turns a plain copy between two places it
+/// cannot tell apart into a call of a byte-at-a-time `memmove` loop, which the BPF
+/// backend does not inline. Volatile reads, so LLVM cannot turn the words back into
+/// that call.
+/// `to` may be uninitialised.
+#[inline(always)]
+pub fn copy_end(to: *mut FlowEnd, from: &FlowEnd) {
+    let (to, from) = (to.cast::<u32>(), (from as *const FlowEnd).cast::<u32>());
+    for i in 0..core::mem::size_of::<FlowEnd>() / 4 {
+        // SAFETY: inside both ends, whose alignment is 4; every bit pattern is an
+        // end's.
+        unsafe { to.add(i).write(from.add(i).read_volatile()) };
+    }
+}
+
 /// Where a packet's transport header lies and what its fragment is.
 struct Layer4 {
     offset: usize,
