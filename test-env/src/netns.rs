@@ -130,6 +130,42 @@ pub fn spawn_in<T: Send + 'static>(
     })
 }
 
+/// Sends a UDP datagram from each of `sources` in the netns `from` to `to`; returns
+/// the sources the netns `receiver` saw within a second.
+pub fn datagram_sources(
+    from: &str,
+    sources: Vec<std::net::IpAddr>,
+    receiver: &str,
+    to: std::net::SocketAddr,
+) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    use std::net::{SocketAddr, UdpSocket};
+    use std::time::Duration;
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let receiving = spawn_in(receiver, move || {
+        let socket = UdpSocket::bind(to)?;
+        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+        ready_tx.send(()).ok();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = socket.recv_from(&mut buf) {
+            seen.push(from.ip());
+        }
+        Ok(seen)
+    });
+    ready
+        .recv_timeout(Duration::from_secs(3))
+        .context("the receiver did not get ready")?;
+    spawn_in(from, move || {
+        for src in sources {
+            UdpSocket::bind(SocketAddr::new(src, 0))?.send_to(b"who am I", to)?;
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the sender panicked"))??;
+    receiving.join().map_err(|_| anyhow::anyhow!("the receiver panicked"))?
+}
+
 /// Two namespaces `<prefix>-l` and `<prefix>-r` joined by a bare veth pair, with an
 /// address of each family: the same-node limit any CNI is measured against.
 pub fn direct_veth_pair(prefix: &str) -> anyhow::Result<(Pod, Pod)> {

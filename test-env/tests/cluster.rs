@@ -5,7 +5,7 @@
 use nix::sys::signal::Signal;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
-use velox_test_env::netns::spawn_in;
+use velox_test_env::netns::{datagram_sources, spawn_in};
 use velox_test_env::{matrix, netns_path, run, ClusterGuard, Family};
 
 #[test]
@@ -185,34 +185,6 @@ fn loader_restart_on_one_node_keeps_cross_node_traffic_flowing() {
     cluster.finish().unwrap();
 }
 
-/// Sends a UDP datagram from each of `sources` in the netns `from` to `to`; returns
-/// the sources `to`'s pod saw within a second.
-fn datagram_sources(from: &str, sources: Vec<IpAddr>, receiver: &str, to: SocketAddr) -> Vec<IpAddr> {
-    let (ready_tx, ready) = std::sync::mpsc::channel();
-    let receiving = spawn_in(receiver, move || {
-        let socket = UdpSocket::bind(to)?;
-        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
-        ready_tx.send(()).ok();
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 64];
-        while let Ok((_, from)) = socket.recv_from(&mut buf) {
-            seen.push(from.ip());
-        }
-        Ok(seen)
-    });
-    ready.recv_timeout(Duration::from_secs(3)).expect("receiver ready");
-    spawn_in(from, move || {
-        for src in sources {
-            UdpSocket::bind(SocketAddr::new(src, 0))?.send_to(b"who am I", to)?;
-        }
-        Ok(())
-    })
-    .join()
-    .unwrap()
-    .unwrap();
-    receiving.join().unwrap().unwrap()
-}
-
 #[test]
 fn a_pod_cannot_send_from_an_address_that_is_not_its_own() {
     let cluster = ClusterGuard::up("spoof").unwrap();
@@ -255,7 +227,7 @@ fn a_pod_cannot_send_from_an_address_that_is_not_its_own() {
             let own = pod1.ip(family);
             let mut sources: Vec<IpAddr> = spoofed.iter().copied().filter(|ip| Family::of(ip) == family).collect();
             sources.push(own);
-            let seen = datagram_sources(&pod1.name, sources, &receiver.name, to);
+            let seen = datagram_sources(&pod1.name, sources, &receiver.name, to).unwrap();
             // Only the pod's own address gets through.
             assert_eq!(seen, [own], "{} received from {:?}", receiver.name, seen);
         }

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use std::net::{IpAddr, SocketAddr};
 use std::process::Stdio;
 use std::time::Duration;
+use velox_test_env::netns::datagram_sources;
 use velox_test_env::{in_netns, netns_path, run, wait_for, Family, NodeGuard, Pod};
 
 /// A fresh node with pods `a` and `b`.
@@ -21,6 +22,44 @@ fn node_with_two_pods(tag: &str) -> (NodeGuard, Pod, Pod) {
 
 fn redirected(node: &NodeGuard, ip: IpAddr) -> u64 {
     node.endpoint(ip).unwrap()["redirected_packets"].as_u64().unwrap()
+}
+
+/// Source validation asks the veth's own entry first (an array read, not a hash
+/// lookup): what that entry lists must never outlive the endpoint map. An address
+/// the endpoint map no longer gives a pod is dropped as spoofed from that pod's
+/// veth, which still lives, and the loader's repair lists it again.
+#[test]
+fn an_address_taken_from_the_endpoint_map_is_no_longer_accepted_from_its_pod() {
+    let (node, a, b) = node_with_two_pods("sender");
+    // One way only: b's replies to an address the map lost would be dropped
+    // whatever a's veth accepts.
+    let seen = |family| {
+        let to = SocketAddr::new(b.ip(family), 7777);
+        datagram_sources(&a.name, vec![a.ip(family)], &b.name, to).unwrap()
+    };
+    for family in Family::ALL {
+        assert_eq!(seen(family), [a.ip(family)], "{family:?}");
+    }
+    // No repair while we look.
+    node.stop_loader(Signal::SIGTERM).unwrap();
+    let bpffs = velox_node::layout::Bpffs::new(&node.bpffs_root);
+    let mut maps = velox_node::maps::EndpointMaps::open(&bpffs).unwrap();
+    for family in Family::ALL {
+        maps.remove(a.ip(family)).unwrap();
+        assert_eq!(
+            seen(family),
+            Vec::<IpAddr>::new(),
+            "{family:?}: a's address, gone from the map, still passes"
+        );
+    }
+    node.start_loader().unwrap();
+    for family in Family::ALL {
+        assert!(
+            wait_for(Duration::from_secs(20), || seen(family) == [a.ip(family)]),
+            "{family:?}: the loader did not repair a's entry"
+        );
+    }
+    node.finish().unwrap();
 }
 
 #[test]

@@ -424,8 +424,7 @@ pub fn program_cost(traffic: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Res
 /// Turns the kernel's per-program run counts and times on or off: they cost two
 /// clock reads a run, so they are on only while something is measured.
 pub fn set_bpf_stats(on: bool) -> anyhow::Result<()> {
-    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", if on { "1" } else { "0" })
-        .context("kernel.bpf_stats_enabled")
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", if on { "1" } else { "0" }).context("kernel.bpf_stats_enabled")
 }
 
 /// CPU time of the whole machine, from /proc/stat, in seconds.

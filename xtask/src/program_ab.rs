@@ -14,8 +14,8 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use velox_test_env::kube_proxy::{Protocol, ServiceRule};
 use velox_common::{FROM_NET_PROGRAM, FROM_POD_PROGRAM};
+use velox_test_env::kube_proxy::{Protocol, ServiceRule};
 use velox_test_env::{Binaries, Cluster, Family, Pod};
 
 use crate::bench::{pod, program_cost, set_bpf_stats, BenchArgs};
@@ -130,15 +130,31 @@ type MeasuredPath<'a> = (&'static str, &'a Pod, Family, Option<(SocketAddr, &'a 
 /// The packets of the kernel's test runs: from the client's veth to a pod of its
 /// node (both families, and the isolated server) and to a pod of the other node, and
 /// that packet again as it arrives on the other node's uplink.
-fn test_packets(cluster: &Cluster, client: &Pod, (same, across, isolated): (&Pod, &Pod, &Pod)) -> anyhow::Result<Vec<TestPacket>> {
+fn test_packets(
+    cluster: &Cluster,
+    client: &Pod,
+    (same, across, isolated): (&Pod, &Pod, &Pod),
+) -> anyhow::Result<Vec<TestPacket>> {
     let (node, peer) = (&cluster.nodes[0], &cluster.nodes[1]);
     let veth = node.endpoint(client.ip(Family::V4))?["ifname"]
         .as_str()
         .context("the client's host veth")?
         .to_string();
     Ok(vec![
-        TestPacket::new("test run: same node", FROM_POD_PROGRAM, node, &veth, (client, same, Family::V4))?,
-        TestPacket::new("test run: same node IPv6", FROM_POD_PROGRAM, node, &veth, (client, same, Family::V6))?,
+        TestPacket::new(
+            "test run: same node",
+            FROM_POD_PROGRAM,
+            node,
+            &veth,
+            (client, same, Family::V4),
+        )?,
+        TestPacket::new(
+            "test run: same node IPv6",
+            FROM_POD_PROGRAM,
+            node,
+            &veth,
+            (client, same, Family::V6),
+        )?,
         TestPacket::new(
             "test run: same node, isolated server",
             FROM_POD_PROGRAM,
@@ -146,8 +162,20 @@ fn test_packets(cluster: &Cluster, client: &Pod, (same, across, isolated): (&Pod
             &veth,
             (client, isolated, Family::V4),
         )?,
-        TestPacket::new("test run: across nodes", FROM_POD_PROGRAM, node, &veth, (client, across, Family::V4))?,
-        TestPacket::new("test run: across nodes", FROM_NET_PROGRAM, peer, "eth0", (client, across, Family::V4))?,
+        TestPacket::new(
+            "test run: across nodes",
+            FROM_POD_PROGRAM,
+            node,
+            &veth,
+            (client, across, Family::V4),
+        )?,
+        TestPacket::new(
+            "test run: across nodes",
+            FROM_NET_PROGRAM,
+            peer,
+            "eth0",
+            (client, across, Family::V4),
+        )?,
     ])
 }
 

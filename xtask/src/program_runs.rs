@@ -105,8 +105,7 @@ impl TestPacket {
         context[40..].copy_from_slice(&self.ifindex.to_ne_bytes());
         let frame = frame.to_vec();
         spawn_in(&self.node.name, move || {
-            let program = SchedClassifier::from_pin(&pin)
-                .with_context(|| format!("opening {}", pin.display()))?;
+            let program = SchedClassifier::from_pin(&pin).with_context(|| format!("opening {}", pin.display()))?;
             let result = program.test_run(TestRunOptions {
                 data_in: Some(&frame),
                 ctx_in: Some(&context),
@@ -128,7 +127,10 @@ fn interface(node: &Node, ifname: &str) -> anyhow::Result<(u32, [u8; 6])> {
     let link = &links[0];
     let ifindex = link["ifindex"].as_u64().context("no ifindex")? as u32;
     let mut mac = [0u8; 6];
-    for (byte, hex) in mac.iter_mut().zip(link["address"].as_str().context("no address")?.split(':')) {
+    for (byte, hex) in mac
+        .iter_mut()
+        .zip(link["address"].as_str().context("no address")?.split(':'))
+    {
         *byte = u8::from_str_radix(hex, 16)?;
     }
     Ok((ifindex, mac))

@@ -17,6 +17,9 @@ pub const COUNTERS_MAP: &str = "VELOX_COUNTERS";
 /// Pinned under `<bpffsRoot>/maps/`: host veth ifindex -> its counters slot, for the
 /// packets whose source address names no endpoint of the interface (spoofed, ARP).
 pub const INTERFACES_MAP: &str = "VELOX_INTERFACES";
+/// Pinned under `<bpffsRoot>/maps/`: host veth ifindex (modulo [`VETH_SENDERS`]) ->
+/// the pod behind it ([`VethSender`]), so source validation needs no hash lookup.
+pub const VETH_SENDERS_MAP: &str = "VELOX_VETH_SENDERS";
 /// Pinned under `<bpffsRoot>/maps/`: other nodes' pod CIDRs -> how to reach that node.
 pub const PEERS_MAP: &str = "VELOX_PEERS";
 /// Pinned under `<bpffsRoot>/maps/`: pod connection ends whose traffic the kernel
@@ -529,6 +532,37 @@ pub struct Endpoint {
     pub slot: u32,
 }
 
+/// Entries of [`VETH_SENDERS_MAP`], a power of two: a veth's entry is at its ifindex
+/// modulo this.
+pub const VETH_SENDERS: u32 = 16384;
+
+/// What source validation knows of the veth `ifindex` without a hash lookup: the
+/// pod behind it (its counters slot) sends from `addrs[..count]`. A copy of what
+/// [`ENDPOINTS_MAP`] says, kept by the same writers: an entry is added after the
+/// endpoint entries it repeats, and a veth's entry is invalidated before any of its
+/// endpoint entries goes. Whatever it does not say (another veth at the index, an
+/// address it does not list) the endpoint map decides. Fields other than `ifindex`
+/// change only while `ifindex` is 0, which never matches, so a program reading
+/// during a write sees a valid entry or none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VethSender {
+    pub ifindex: u32,
+    pub slot: u32,
+    /// How many of `addrs` are the pod's (the others never match, `::` included).
+    pub count: u32,
+    pub pad: u32,
+    pub addrs: [IpKey; 2],
+}
+
+impl VethSender {
+    /// Whether `addr` is one of the pod's listed addresses.
+    #[inline(always)]
+    pub fn lists(&self, addr: &IpKey) -> bool {
+        (self.count > 0 && self.addrs[0] == *addr) || (self.count > 1 && self.addrs[1] == *addr)
+    }
+}
+
 /// [`PolicyState::flags`]: the pod is selected by a policy of that direction, so only
 /// what a rule allows passes.
 pub const ISOLATED_INGRESS: u32 = 1;
@@ -901,6 +935,7 @@ mod pod {
     unsafe impl aya::Pod for super::IpKey {}
     unsafe impl aya::Pod for super::FlowEnd {}
     unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::VethSender {}
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::EndpointCounters {}
     unsafe impl aya::Pod for super::Service {}

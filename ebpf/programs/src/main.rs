@@ -46,26 +46,31 @@ const PACKET_HOST: u32 = 0;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let mut slot = core::mem::MaybeUninit::uninit();
-    let packet = Packet::zeroed_in(&mut slot);
+    let mut space = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zeroed_in(&mut space);
     let is_ip = parse(&ctx, packet);
     // SAFETY: reading the context's own fields.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let sender = if is_ip { sav::sender(packet, ifindex) } else { None };
+    let owner_slot = if is_ip {
+        sav::sender_slot(packet, ifindex)
+    } else {
+        NO_SLOT
+    };
+    let validated = owner_slot != NO_SLOT;
     // The pod that sent it: the owner of its source address, or for a source that
     // stays on the link (link-local, unspecified) the pod behind this veth.
-    let sender_slot = match sender {
-        Some(sender) => sender.slot,
-        None => interface_slot(ifindex),
+    let sender_slot = match validated {
+        true => owner_slot,
+        false => interface_slot(ifindex),
     };
     // A link-local source is never forwarded, but it reaches the node's own
     // sockets: the pod's egress rules judge it as any packet to the host. Multicast
     // from it (MLD) is the link's own business.
-    let on_link = sender.is_none() && sav::stays_on_link(&packet.sent_from);
+    let on_link = !validated && sav::stays_on_link(&packet.sent_from);
     let mut verdict = Verdict::default();
     let outcome = if !is_ip {
         PASS
-    } else if sender.is_some() || (on_link && !sav::is_multicast(&packet.dst.addr)) {
+    } else if validated || (on_link && !sav::is_multicast(&packet.dst.addr)) {
         from_pod_to(&ctx, packet, sender_slot, ifindex, on_link, &mut verdict)
     } else if on_link {
         PASS
@@ -148,8 +153,8 @@ fn from_pod_to(
 
 #[classifier]
 pub fn from_net(ctx: TcContext) -> i32 {
-    let mut slot = core::mem::MaybeUninit::uninit();
-    let packet = Packet::zeroed_in(&mut slot);
+    let mut space = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zeroed_in(&mut space);
     // Only untagged frames addressed to this node are the fast path's: a VLAN, or a
     // frame an uplink in promiscuous mode saw for another host, is the kernel's.
     // SAFETY: reading the context's own fields.
@@ -201,8 +206,8 @@ pub fn from_net(ctx: TcContext) -> i32 {
 /// unfinished, its DEL under way) is dropped.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    let mut slot = core::mem::MaybeUninit::uninit();
-    let packet = Packet::zeroed_in(&mut slot);
+    let mut space = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zeroed_in(&mut space);
     // SAFETY: reading the context's own fields. A packet the host sent arrived on no
     // interface.
     let (ifindex, from_host) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).ingress_ifindex == 0) };

@@ -103,8 +103,8 @@ pub fn hand_over(ctx: &TcContext, index: u32) {
 /// back to the client.
 #[classifier]
 pub fn from_net_nat(ctx: TcContext) -> i32 {
-    let mut slot = core::mem::MaybeUninit::uninit();
-    let packet = Packet::zeroed_in(&mut slot);
+    let mut space = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zeroed_in(&mut space);
     let mut verdict = Verdict::default();
     let outcome = match parse(&ctx, packet) {
         true => translate_from_net(&ctx, packet, &mut verdict),
@@ -119,8 +119,8 @@ pub fn from_net_nat(ctx: TcContext) -> i32 {
 /// delivers it.
 #[classifier]
 pub fn nat_open(ctx: TcContext) -> i32 {
-    let mut slot = core::mem::MaybeUninit::uninit();
-    let packet = Packet::zeroed_in(&mut slot);
+    let mut space = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zeroed_in(&mut space);
     // SAFETY: reading the context's own fields.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let outcome = match parse(&ctx, packet) && !packet.is_error && packet.opens {
@@ -144,26 +144,30 @@ pub fn nat_open(ctx: TcContext) -> i32 {
 /// here, then leaves translated.
 #[classifier]
 pub fn from_pod_nat(ctx: TcContext) -> i32 {
-    let mut slot = core::mem::MaybeUninit::uninit();
-    let packet = Packet::zeroed_in(&mut slot);
+    let mut space = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zeroed_in(&mut space);
     // SAFETY: reading the context's own fields.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let is_ip = parse(&ctx, packet);
-    let sender = if is_ip { sav::sender(packet, ifindex) } else { None };
+    let sender_slot = if is_ip {
+        sav::sender_slot(packet, ifindex)
+    } else {
+        NO_SLOT
+    };
     let mut verdict = Verdict::default();
-    let (slot, outcome) = match sender {
+    let (slot, outcome) = match sender_slot {
+        // `from_pod` validated the sender before the tail call: none now is a drop.
+        NO_SLOT => (interface_slot(ifindex), if is_ip { DROP_SPOOFED } else { PASS }),
         // An ICMP error a pod sends is about its own connection, or it is forged.
-        Some(sender) if packet.is_error && packet.sent_from != packet.src.addr => (sender.slot, DROP_SPOOFED),
-        Some(sender) => {
-            police(&ctx, &packet, sender.slot, NO_SLOT, false, &mut verdict);
+        _ if packet.is_error && packet.sent_from != packet.src.addr => (sender_slot, DROP_SPOOFED),
+        _ => {
+            police(&ctx, &packet, sender_slot, NO_SLOT, false, &mut verdict);
             let outcome = match verdict.result {
                 ALLOWED => translate_reply_from_pod(&ctx, packet),
                 denied => denied,
             };
-            (sender.slot, outcome)
+            (sender_slot, outcome)
         }
-        // `from_pod` validated the sender before the tail call: none now is a drop.
-        _ => (interface_slot(ifindex), if is_ip { DROP_SPOOFED } else { PASS }),
     };
     finish(&ctx, &packet, slot, outcome, &verdict)
 }

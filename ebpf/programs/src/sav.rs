@@ -1,14 +1,26 @@
 //! Source address validation: a pod sends only from its own addresses.
 
-use velox_common::{Endpoint, IpKey};
+use aya_ebpf::{btf_maps::Array, macros::btf_map};
+use velox_common::{IpKey, VethSender, VETH_SENDERS};
 
-use crate::{forward::local_endpoint, parse::Packet};
+use crate::{forward::local_endpoint, parse::Packet, verdict::NO_SLOT};
 
-/// The sending pod's own entry, when the packet's source address is one of the pod
-/// behind `ifindex`: one lookup proves the source and gives the counters slot.
+#[btf_map]
+static VELOX_VETH_SENDERS: Array<VethSender, { VETH_SENDERS as usize }> = Array::new();
+
+/// The counters slot of the sending pod, when the packet's source address is one of
+/// the pod behind `ifindex`; `NO_SLOT` otherwise. The veth's own entry answers
+/// with an array read; what it does not list, the endpoint map's hash lookup does.
 #[inline(always)]
-pub fn sender(packet: &Packet, ifindex: u32) -> Option<&'static Endpoint> {
-    local_endpoint(&packet.sent_from).filter(|sender| sender.ifindex == ifindex)
+pub fn sender_slot(packet: &Packet, ifindex: u32) -> u32 {
+    if let Some(veth) = VELOX_VETH_SENDERS.get(ifindex & (VETH_SENDERS - 1)) {
+        if veth.ifindex == ifindex && veth.lists(&packet.sent_from) {
+            return veth.slot;
+        }
+    }
+    local_endpoint(&packet.sent_from)
+        .filter(|sender| sender.ifindex == ifindex)
+        .map_or(NO_SLOT, |sender| sender.slot)
 }
 
 /// Link-local and unspecified sources (neighbour discovery, MLD, DAD) stay on the

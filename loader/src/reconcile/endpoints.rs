@@ -112,6 +112,9 @@ fn sync_record(
         if maps.get(*ip)? != Some(endpoint) {
             log::warn!("repairing the map entry of {ip} ({})", record.host_ifname);
             maps.put(*ip, endpoint)?;
+        } else {
+            // Pods of a build before the sender entries get theirs here.
+            maps.list_sender(*ip, endpoint)?;
         }
         wanted.ips.insert(*ip);
     }
