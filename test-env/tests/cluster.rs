@@ -3,7 +3,7 @@
 //! `cargo xtask build`; `cargo xtask test` does both.
 
 use nix::sys::signal::Signal;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 use velox_test_env::netns::{datagram_sources, spawn_in};
 use velox_test_env::{matrix, netns_path, run, ClusterGuard, Family};
