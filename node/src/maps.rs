@@ -6,17 +6,17 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValue
 use ipnet::IpNet;
 use std::net::IpAddr;
 use velox_common::{
-    Affinity, AffinityKey, AllowedFlow, BackendSlot, ConnectionTimeouts, Endpoint, EndpointCounters, EventBudget,
-    FlowEnd, FlowEvent, IdentityRuleKey, IpKey, MaglevTable, NatEntry, NatKey, NodeAddress, NodePortKey, Peer,
-    PolicyFlow, PolicyKey, PolicyPorts, PolicyState, Service, SocketFrontend, SocketFrontends, VethSender,
-    AFFINITY_MAP, BACKENDS_MAP, CONNECTED_FRONTEND_MAP, COUNTERS_MAP, CT_TIMEOUTS_MAP, DATAGRAM_FRONTENDS_MAP,
-    ENDPOINTS_MAP, EVENTS_LOST_MAP, EVENTS_MAP, EVENT_BUDGETS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS,
-    ISOLATED_INGRESS, KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP, MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP,
-    NAT_MAP, NODE_ADDRESSES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_FLOW_POOL_SIZE,
-    POLICY_FLOW_POOL_USED, POLICY_FLOW_RESERVED, POLICY_FLOW_SHARES, POLICY_FLOW_SHARES_MAP, POLICY_GENERATION_MAP,
-    POLICY_IDENTITIES_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP,
-    RULES_VERSION, SERVICES_MAP, SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, UDP_SOCKET_FRONTENDS_ITER, VETH_SENDERS,
-    VETH_SENDERS_MAP,
+    Affinity, AffinityKey, AllowedFlow, BackendSlot, CachedEndpoint, ConnectionTimeouts, Endpoint, EndpointCounters,
+    EventBudget, FlowEnd, FlowEvent, IdentityRuleKey, IpKey, MaglevTable, NatEntry, NatKey, NodeAddress, NodePortKey,
+    Peer, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, Service, SocketFrontend, SocketFrontends, AFFINITY_MAP,
+    BACKENDS_MAP, CONNECTED_FRONTEND_MAP, COUNTERS_MAP, CT_TIMEOUTS_MAP, DATAGRAM_FRONTENDS_MAP, ENDPOINTS_MAP,
+    ENDPOINT_CACHE_MAP, EVENTS_LOST_MAP, EVENTS_MAP, EVENT_BUDGETS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX,
+    ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP, MAGLEV_MAP,
+    MASQUERADE_MAP, MONITOR_MAP, NAT_MAP, NODE_ADDRESSES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP,
+    POLICY_FLOWS_MAP, POLICY_FLOW_POOL_SIZE, POLICY_FLOW_POOL_USED, POLICY_FLOW_RESERVED, POLICY_FLOW_SHARES,
+    POLICY_FLOW_SHARES_MAP, POLICY_GENERATION_MAP, POLICY_IDENTITIES_MAP, POLICY_IDENTITY_RULES_MAP,
+    POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP, RULES_VERSION, SERVICES_MAP, SERVICE_EXTERNAL_LOCAL,
+    SERVICE_MAGLEV, UDP_SOCKET_FRONTENDS_ITER,
 };
 
 use crate::error::{Error, Result};
@@ -105,10 +105,10 @@ pub fn layouts() -> [MapLayout; 30] {
             0,
         ),
         layout(
-            VETH_SENDERS_MAP,
+            ENDPOINT_CACHE_MAP,
             BPF_MAP_TYPE_ARRAY,
             size_of::<u32>(),
-            size_of::<VethSender>(),
+            size_of::<CachedEndpoint>(),
             0,
         ),
         layout(
@@ -391,7 +391,7 @@ pub struct EndpointMaps {
     interfaces: HashMap<MapData, u32, u32>,
     lb_opt_out: HashMap<MapData, u64, u8>,
     kernel_flow_slots: Array<MapData, u32>,
-    senders: Array<MapData, VethSender>,
+    cache: Array<MapData, CachedEndpoint>,
 }
 
 impl EndpointMaps {
@@ -404,7 +404,7 @@ impl EndpointMaps {
             interfaces: open_map(bpffs, INTERFACES_MAP)?,
             lb_opt_out: open_map(bpffs, LB_OPT_OUT_MAP)?,
             kernel_flow_slots: open_map(bpffs, KERNEL_FLOW_SLOTS_MAP)?,
-            senders: open_map(bpffs, VETH_SENDERS_MAP)?,
+            cache: open_map(bpffs, ENDPOINT_CACHE_MAP)?,
         })
     }
 
@@ -433,19 +433,17 @@ impl EndpointMaps {
 
     /// Sets the entry of `ip`, whatever it was (the loader's repair from records).
     pub fn put(&mut self, ip: IpAddr, endpoint: Endpoint) -> Result<()> {
-        if let Some(held) = self.get(ip)?.filter(|held| *held != endpoint) {
-            self.forget_sender(held.ifindex)?;
-        }
+        self.uncache(ip)?;
         self.endpoints
             .insert(IpKey::from(ip), endpoint, 0)
             .map_err(Error::map(format!("adding {ip} to the endpoint map")))?;
-        self.list_sender(ip, endpoint)
+        self.cache(ip, endpoint)
     }
 
     /// Adds `ip` for `endpoint`, atomically refusing it when another endpoint holds it.
     pub fn insert_new(&mut self, ip: IpAddr, endpoint: Endpoint) -> Result<()> {
         self.insert_new_entry(ip, endpoint)?;
-        self.list_sender(ip, endpoint)
+        self.cache(ip, endpoint)
     }
 
     fn insert_new_entry(&mut self, ip: IpAddr, endpoint: Endpoint) -> Result<()> {
@@ -486,76 +484,73 @@ impl EndpointMaps {
         found(self.endpoints.get(&IpKey::from(ip), 0), "reading the endpoint map")
     }
 
-    /// Removes the entry of `ip`; absent is fine. Its veth's sender entry goes
-    /// first, so the datapath never accepts `ip` from the veth after this.
+    /// Removes the entry of `ip`; absent is fine. Its cache entry goes first, so
+    /// the datapath never finds `ip` after this.
     pub fn remove(&mut self, ip: IpAddr) -> Result<()> {
-        if let Some(held) = self.get(ip)? {
-            self.forget_sender(held.ifindex)?;
-        }
+        self.uncache(ip)?;
         ignore_missing(self.endpoints.remove(&IpKey::from(ip)))
             .map_err(Error::map(format!("removing {ip} from the endpoint map")))
     }
 
-    /// Lists `ip`, which the endpoint map now gives `endpoint`, in the sender entry
-    /// of `endpoint`'s veth, unless another live veth holds the entry (that pod's
-    /// packets then take the hash lookup) or it lists two addresses already. Only
-    /// `ifindex` changes in a write that leaves or makes the entry valid, the rest
-    /// only while it is 0 (see [`VethSender`]), so no program reads a half-written
-    /// entry as valid. Nothing is written when `ip` is listed already.
-    pub fn list_sender(&mut self, ip: IpAddr, endpoint: Endpoint) -> Result<()> {
-        let index = endpoint.ifindex & (VETH_SENDERS - 1);
-        let held = self.sender(index)?;
-        let ip = IpKey::from(ip);
-        let mut entry = if held.ifindex == 0 {
-            VethSender::default()
-        } else if held.ifindex != endpoint.ifindex {
+    /// Copies `ip`'s entry, which the endpoint map now holds as `endpoint`, into the
+    /// cache, unless another address holds its cache entry (`ip` is then looked up
+    /// in the endpoint map). Only `ifindex` changes in a write that empties or fills
+    /// the entry, the rest only while it is empty (see [`CachedEndpoint`]), so no
+    /// program reads a half-written entry as valid. Nothing is written when the
+    /// entry says so already.
+    pub fn cache(&mut self, ip: IpAddr, endpoint: Endpoint) -> Result<()> {
+        let addr = IpKey::from(ip);
+        let index = addr.cache_index();
+        let held = self.cached(index)?;
+        let wanted = CachedEndpoint { addr, endpoint };
+        if held == wanted || (held.endpoint.ifindex != 0 && held.addr != addr) {
             return Ok(());
-        } else if held.slot != endpoint.slot {
-            // The veth's pod has another slot now: its other addresses are listed
-            // again as their entries are written.
-            VethSender::default()
-        } else if held.addrs[..(held.count as usize).min(2)].contains(&ip) || held.count >= 2 {
-            return Ok(());
-        } else {
-            held
-        };
-        entry.addrs[entry.count as usize] = ip;
-        entry.count += 1;
-        entry.slot = endpoint.slot;
-        if held.ifindex != 0 {
-            self.set_sender(index, VethSender { ifindex: 0, ..held })?;
         }
-        self.set_sender(index, VethSender { ifindex: 0, ..entry })?;
-        self.set_sender(
+        let empty = |entry: CachedEndpoint| CachedEndpoint {
+            endpoint: Endpoint {
+                ifindex: 0,
+                ..entry.endpoint
+            },
+            ..entry
+        };
+        if held.endpoint.ifindex != 0 {
+            self.set_cached(index, empty(held))?;
+        }
+        self.set_cached(index, empty(wanted))?;
+        self.set_cached(index, wanted)
+    }
+
+    /// Empties `ip`'s cache entry (its `ifindex` only, see [`CachedEndpoint`]): the
+    /// datapath looks `ip` up in the endpoint map until it is cached again.
+    fn uncache(&mut self, ip: IpAddr) -> Result<()> {
+        let addr = IpKey::from(ip);
+        let index = addr.cache_index();
+        let held = self.cached(index)?;
+        if held.endpoint.ifindex == 0 || held.addr != addr {
+            return Ok(());
+        }
+        self.set_cached(
             index,
-            VethSender {
-                ifindex: endpoint.ifindex,
-                ..entry
+            CachedEndpoint {
+                endpoint: Endpoint {
+                    ifindex: 0,
+                    ..held.endpoint
+                },
+                ..held
             },
         )
     }
 
-    /// Invalidates the sender entry of veth `ifindex` (its `ifindex` only, see
-    /// [`VethSender`]): its packets take the hash lookup until it is listed again.
-    fn forget_sender(&mut self, ifindex: u32) -> Result<()> {
-        let index = ifindex & (VETH_SENDERS - 1);
-        let held = self.sender(index)?;
-        if held.ifindex != ifindex {
-            return Ok(());
-        }
-        self.set_sender(index, VethSender { ifindex: 0, ..held })
-    }
-
-    fn sender(&self, index: u32) -> Result<VethSender> {
-        self.senders
+    fn cached(&self, index: u32) -> Result<CachedEndpoint> {
+        self.cache
             .get(&index, 0)
-            .map_err(Error::map(format!("reading sender entry {index}")))
+            .map_err(Error::map(format!("reading endpoint cache entry {index}")))
     }
 
-    fn set_sender(&mut self, index: u32, entry: VethSender) -> Result<()> {
-        self.senders
+    fn set_cached(&mut self, index: u32, entry: CachedEndpoint) -> Result<()> {
+        self.cache
             .set(index, entry, 0)
-            .map_err(Error::map(format!("writing sender entry {index}")))
+            .map_err(Error::map(format!("writing endpoint cache entry {index}")))
     }
 
     pub fn entries(&self) -> Result<Vec<(IpAddr, Endpoint)>> {

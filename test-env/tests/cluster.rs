@@ -5,7 +5,7 @@
 use nix::sys::signal::Signal;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
-use velox_test_env::netns::{datagram_sources, spawn_in};
+use velox_test_env::netns::datagram_sources;
 use velox_test_env::{matrix, netns_path, run, ClusterGuard, Family};
 
 #[test]

@@ -24,38 +24,45 @@ fn redirected(node: &NodeGuard, ip: IpAddr) -> u64 {
     node.endpoint(ip).unwrap()["redirected_packets"].as_u64().unwrap()
 }
 
-/// Source validation asks the veth's own entry first (an array read, not a hash
-/// lookup): what that entry lists must never outlive the endpoint map. An address
-/// the endpoint map no longer gives a pod is dropped as spoofed from that pod's
-/// veth, which still lives, and the loader's repair lists it again.
+/// The programs find a pod in the endpoint cache (an array read) before the
+/// endpoint map (a hash lookup): what the cache holds must never outlive the map.
+/// An address the endpoint map no longer holds is neither accepted from its pod's
+/// veth, which still lives, nor delivered to; the loader's repair brings both back.
 #[test]
-fn an_address_taken_from_the_endpoint_map_is_no_longer_accepted_from_its_pod() {
-    let (node, a, b) = node_with_two_pods("sender");
-    // One way only: b's replies to an address the map lost would be dropped
-    // whatever a's veth accepts.
-    let seen = |family| {
-        let to = SocketAddr::new(b.ip(family), 7777);
-        datagram_sources(&a.name, vec![a.ip(family)], &b.name, to).unwrap()
+fn an_address_taken_from_the_endpoint_map_is_neither_sent_from_nor_delivered_to() {
+    let (node, a, b) = node_with_two_pods("cache");
+    // One way at a time: the other end's answers would be dropped either way.
+    let seen = |from: &Pod, to: &Pod, family| {
+        let receiver = SocketAddr::new(to.ip(family), 7777);
+        datagram_sources(&from.name, vec![from.ip(family)], &to.name, receiver).unwrap()
     };
     for family in Family::ALL {
-        assert_eq!(seen(family), [a.ip(family)], "{family:?}");
+        assert_eq!(seen(&a, &b, family), [a.ip(family)], "{family:?}");
+        assert_eq!(seen(&b, &a, family), [b.ip(family)], "{family:?}");
     }
     // No repair while we look.
     node.stop_loader(Signal::SIGTERM).unwrap();
     let bpffs = velox_node::layout::Bpffs::new(&node.bpffs_root);
     let mut maps = velox_node::maps::EndpointMaps::open(&bpffs).unwrap();
+    let none = Vec::<IpAddr>::new();
     for family in Family::ALL {
         maps.remove(a.ip(family)).unwrap();
         assert_eq!(
-            seen(family),
-            Vec::<IpAddr>::new(),
-            "{family:?}: a's address, gone from the map, still passes"
+            seen(&a, &b, family),
+            none,
+            "{family:?}: sent from an address the map lost"
+        );
+        assert_eq!(
+            seen(&b, &a, family),
+            none,
+            "{family:?}: delivered to an address the map lost"
         );
     }
     node.start_loader().unwrap();
     for family in Family::ALL {
         assert!(
-            wait_for(Duration::from_secs(20), || seen(family) == [a.ip(family)]),
+            wait_for(Duration::from_secs(20), || seen(&a, &b, family) == [a.ip(family)]
+                && seen(&b, &a, family) == [b.ip(family)]),
             "{family:?}: the loader did not repair a's entry"
         );
     }

@@ -17,9 +17,9 @@ pub const COUNTERS_MAP: &str = "VELOX_COUNTERS";
 /// Pinned under `<bpffsRoot>/maps/`: host veth ifindex -> its counters slot, for the
 /// packets whose source address names no endpoint of the interface (spoofed, ARP).
 pub const INTERFACES_MAP: &str = "VELOX_INTERFACES";
-/// Pinned under `<bpffsRoot>/maps/`: host veth ifindex (modulo [`VETH_SENDERS`]) ->
-/// the pod behind it ([`VethSender`]), so source validation needs no hash lookup.
-pub const VETH_SENDERS_MAP: &str = "VELOX_VETH_SENDERS";
+/// Pinned under `<bpffsRoot>/maps/`: [`ENDPOINTS_MAP`]'s entries again, in an array
+/// by the address's last bits ([`CachedEndpoint`]).
+pub const ENDPOINT_CACHE_MAP: &str = "VELOX_ENDPOINT_CACHE";
 /// Pinned under `<bpffsRoot>/maps/`: other nodes' pod CIDRs -> how to reach that node.
 pub const PEERS_MAP: &str = "VELOX_PEERS";
 /// Pinned under `<bpffsRoot>/maps/`: pod connection ends whose traffic the kernel
@@ -199,9 +199,21 @@ pub const IPV4_MAPPED_PREFIX: u32 = 96;
 /// unaligned one a byte at a time, through a `memset` loop, which cost from_pod a
 /// third of its run.
 #[repr(C, align(4))]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, Eq, Hash, PartialOrd, Ord)]
+#[allow(clippy::derived_hash_with_manual_eq)] // the same equality, bytes or words
 pub struct IpKey {
     pub addr: [u8; 16],
+}
+
+/// Compared as four words: LLVM's BPF backend compares the bytes of a derived
+/// comparison one load at a time (about fifty instructions), and merges chained
+/// word comparisons into a `bcmp` call, so the words are compared with one test.
+impl PartialEq for IpKey {
+    #[inline(always)]
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (self.words(), other.words());
+        ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])) == 0
+    }
 }
 
 impl IpKey {
@@ -221,9 +233,8 @@ impl IpKey {
     /// fields hold it (an IPv4 address is the last).
     #[inline(always)]
     pub fn words(&self) -> [u32; 4] {
-        let a = &self.addr;
-        let word = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
-        [word(0), word(4), word(8), word(12)]
+        // SAFETY: sixteen bytes, word-aligned.
+        unsafe { *(self as *const Self).cast::<[u32; 4]>() }
     }
 
     /// The address from four words in memory order, as [`Self::words`] gives them.
@@ -233,6 +244,16 @@ impl IpKey {
         Self {
             addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) },
         }
+    }
+
+    /// Where the address's entry of [`ENDPOINT_CACHE_MAP`] lies: its last bits,
+    /// mixed with the word before so an IPv4 address and an IPv6 one of the same
+    /// last bits (`.5`, `::5`) lie apart. A node's pod addresses are dense in its
+    /// CIDRs, so they rarely share an index.
+    #[inline(always)]
+    pub fn cache_index(&self) -> u32 {
+        let words = self.words();
+        (u32::from_be(words[3]) ^ u32::from_be(words[2])) & (ENDPOINT_CACHE_SLOTS - 1)
     }
 
     /// Whether this is an IPv4 address (mapped).
@@ -523,7 +544,7 @@ impl SocketFrontends {
 /// MACs would make every cloned TCP skb be copied (measured: +25% per packet), and the
 /// pod accepts them without it.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Endpoint {
     /// Host-side veth: `bpf_redirect_peer` to it lands in the pod's netns.
     pub ifindex: u32,
@@ -532,35 +553,23 @@ pub struct Endpoint {
     pub slot: u32,
 }
 
-/// Entries of [`VETH_SENDERS_MAP`], a power of two: a veth's entry is at its ifindex
-/// modulo this.
-pub const VETH_SENDERS: u32 = 16384;
+/// Entries of [`ENDPOINT_CACHE_MAP`], a power of two.
+pub const ENDPOINT_CACHE_SLOTS: u32 = 16384;
 
-/// What source validation knows of the veth `ifindex` without a hash lookup: the
-/// pod behind it (its counters slot) sends from `addrs[..count]`. A copy of what
-/// [`ENDPOINTS_MAP`] says, kept by the same writers: an entry is added after the
-/// endpoint entries it repeats, and a veth's entry is invalidated before any of its
-/// endpoint entries goes. Whatever it does not say (another veth at the index, an
-/// address it does not list) the endpoint map decides. Fields other than `ifindex`
-/// change only while `ifindex` is 0, which never matches, so a program reading
-/// during a write sees a valid entry or none.
+/// An entry of [`ENDPOINT_CACHE_MAP`]: a copy of one [`ENDPOINTS_MAP`] entry, at
+/// [`IpKey::cache_index`] of its address, so the programs find a pod of this node
+/// with an array read instead of a hash lookup. Kept by the endpoint map's writers:
+/// an entry is added after the endpoint entry it repeats and invalidated before that
+/// entry goes or changes. What the cache does not hold (an address whose index another
+/// address holds, a new map's empty entries) the endpoint map answers. Empty while
+/// `endpoint.ifindex` is 0, which no interface has; the other fields change only
+/// while it is 0, so a program reading during a write sees the entry before, the
+/// entry after, or none.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VethSender {
-    pub ifindex: u32,
-    pub slot: u32,
-    /// How many of `addrs` are the pod's (the others never match, `::` included).
-    pub count: u32,
-    pub pad: u32,
-    pub addrs: [IpKey; 2],
-}
-
-impl VethSender {
-    /// Whether `addr` is one of the pod's listed addresses.
-    #[inline(always)]
-    pub fn lists(&self, addr: &IpKey) -> bool {
-        (self.count > 0 && self.addrs[0] == *addr) || (self.count > 1 && self.addrs[1] == *addr)
-    }
+pub struct CachedEndpoint {
+    pub addr: IpKey,
+    pub endpoint: Endpoint,
 }
 
 /// [`PolicyState::flags`]: the pod is selected by a policy of that direction, so only
@@ -935,7 +944,7 @@ mod pod {
     unsafe impl aya::Pod for super::IpKey {}
     unsafe impl aya::Pod for super::FlowEnd {}
     unsafe impl aya::Pod for super::Endpoint {}
-    unsafe impl aya::Pod for super::VethSender {}
+    unsafe impl aya::Pod for super::CachedEndpoint {}
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::EndpointCounters {}
     unsafe impl aya::Pod for super::Service {}

@@ -4,25 +4,38 @@
 
 use aya_ebpf::{
     bindings::{bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_redir_neigh, TC_ACT_REDIRECT},
-    btf_maps::{lpm_trie::Key, HashMap, LpmTrie},
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
     helpers::{bpf_check_mtu, bpf_redirect_neigh, bpf_redirect_peer},
     macros::btf_map,
     programs::TcContext,
 };
 use network_types::eth::EthHdr;
-use velox_common::{Endpoint, IpKey, Peer, AF_INET, DROP_REDIRECT_FAILED, MAX_ENDPOINTS, MAX_PEERS};
+use velox_common::{
+    CachedEndpoint, Endpoint, IpKey, Peer, AF_INET, DROP_REDIRECT_FAILED, ENDPOINT_CACHE_SLOTS, MAX_ENDPOINTS,
+    MAX_PEERS,
+};
 
 use crate::verdict::{Outcome, REDIRECT};
 
 #[btf_map]
 static VELOX_ENDPOINTS: HashMap<IpKey, Endpoint, MAX_ENDPOINTS> = HashMap::new();
 
+/// `VELOX_ENDPOINTS` again, as an array by the address's last bits.
+#[btf_map]
+static VELOX_ENDPOINT_CACHE: Array<CachedEndpoint, { ENDPOINT_CACHE_SLOTS as usize }> = Array::new();
+
 #[btf_map]
 static VELOX_PEERS: LpmTrie<[u8; 16], Peer, MAX_PEERS> = LpmTrie::new();
 
-/// The pod of this node with address `addr`.
+/// The pod of this node with address `addr`: from the cache's entry for it (an
+/// array read), or else from the endpoint map (a hash lookup).
 #[inline(always)]
 pub fn local_endpoint(addr: &IpKey) -> Option<&'static Endpoint> {
+    if let Some(cached) = VELOX_ENDPOINT_CACHE.get(addr.cache_index()) {
+        if cached.endpoint.ifindex != 0 && cached.addr == *addr {
+            return Some(&cached.endpoint);
+        }
+    }
     // SAFETY: a map value the kernel keeps while the program runs.
     unsafe { VELOX_ENDPOINTS.get(addr) }
 }

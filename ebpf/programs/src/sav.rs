@@ -1,23 +1,14 @@
 //! Source address validation: a pod sends only from its own addresses.
 
-use aya_ebpf::{btf_maps::Array, macros::btf_map};
-use velox_common::{IpKey, VethSender, VETH_SENDERS};
+use velox_common::IpKey;
 
 use crate::{forward::local_endpoint, parse::Packet, verdict::NO_SLOT};
 
-#[btf_map]
-static VELOX_VETH_SENDERS: Array<VethSender, { VETH_SENDERS as usize }> = Array::new();
-
 /// The counters slot of the sending pod, when the packet's source address is one of
-/// the pod behind `ifindex`; `NO_SLOT` otherwise. The veth's own entry answers
-/// with an array read; what it does not list, the endpoint map's hash lookup does.
+/// the pod behind `ifindex`; `NO_SLOT` otherwise. One lookup proves the source and
+/// gives the slot.
 #[inline(always)]
 pub fn sender_slot(packet: &Packet, ifindex: u32) -> u32 {
-    if let Some(veth) = VELOX_VETH_SENDERS.get(ifindex & (VETH_SENDERS - 1)) {
-        if veth.ifindex == ifindex && veth.lists(&packet.sent_from) {
-            return veth.slot;
-        }
-    }
     local_endpoint(&packet.sent_from)
         .filter(|sender| sender.ifindex == ifindex)
         .map_or(NO_SLOT, |sender| sender.slot)

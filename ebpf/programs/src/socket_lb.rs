@@ -115,7 +115,7 @@ fn read_user_end(sa: &bpf_sock_addr, family: Family, end: &mut FlowEnd) -> bool 
     };
     end.addr = match family {
         Family::V4 => IpKey::v4(sa.user_ip4.to_ne_bytes()),
-        Family::V6 => IpKey::from_words(sa.user_ip6),
+        Family::V6 => IpKey::from_words(core::array::from_fn(|i| context_word(&sa.user_ip6[i]))),
     };
     // The port sits in network byte order in the low 16 bits.
     end.port = sa.user_port as u16;
@@ -127,9 +127,23 @@ fn write_user_end(sa: &mut bpf_sock_addr, family: Family, end: &FlowEnd) {
     let words = end.addr.words();
     match family {
         Family::V4 => sa.user_ip4 = words[3],
-        Family::V6 => sa.user_ip6 = words,
+        Family::V6 => {
+            for (field, word) in sa.user_ip6.iter_mut().zip(words) {
+                // SAFETY: a context field, written a word at a time (volatile: LLVM
+                // would make a copy of the four a `memmove` of bytes, and the
+                // verifier takes only whole-word stores into the context).
+                unsafe { core::ptr::write_volatile(field, word) };
+            }
+        }
     }
     sa.user_port = u32::from(end.port);
+}
+
+/// A context word, read as a whole word (see `write_user_end`).
+#[inline(always)]
+fn context_word(field: &u32) -> u32 {
+    // SAFETY: a context field.
+    unsafe { core::ptr::read_volatile(field) }
 }
 
 /// connect and sendmsg: a Service frontend becomes a backend picked at random (or

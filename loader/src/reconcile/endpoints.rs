@@ -113,8 +113,9 @@ fn sync_record(
             log::warn!("repairing the map entry of {ip} ({})", record.host_ifname);
             maps.put(*ip, endpoint)?;
         } else {
-            // Pods of a build before the sender entries get theirs here.
-            maps.list_sender(*ip, endpoint)?;
+            // Pods of a build before the cache (or whose entry another address
+            // held until it left) get theirs here.
+            maps.cache(*ip, endpoint)?;
         }
         wanted.ips.insert(*ip);
     }
