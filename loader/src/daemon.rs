@@ -664,7 +664,13 @@ impl Daemon {
     /// entry names (a redirect to a vanished one is a drop nobody counts). The next
     /// full pass frees the rest.
     fn forget_interface(&mut self, ifindex: u32) {
-        if let Err(e) = self.maps.remove_all_owned(ifindex) {
+        // Under the endpoint lock, as every endpoint map writer: an ADD between its
+        // map entry and its cache entry is never half-seen.
+        let removed = self
+            .store
+            .lock()
+            .and_then(|_lock| Ok(self.maps.remove_all_owned(ifindex)?));
+        if let Err(e) = removed {
             log::error!("removing the entries of deleted interface {ifindex}: {e:#}");
         }
     }

@@ -10,9 +10,9 @@ use velox_common::{
     EventBudget, FlowEnd, FlowEvent, IdentityRuleKey, IpKey, MaglevTable, NatEntry, NatKey, NodeAddress, NodePortKey,
     Peer, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, Service, SocketFrontend, SocketFrontends, AFFINITY_MAP,
     BACKENDS_MAP, CONNECTED_FRONTEND_MAP, COUNTERS_MAP, CT_TIMEOUTS_MAP, DATAGRAM_FRONTENDS_MAP, ENDPOINTS_MAP,
-    ENDPOINT_CACHE_MAP, EVENTS_LOST_MAP, EVENTS_MAP, EVENT_BUDGETS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX,
-    ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP, MAGLEV_MAP,
-    MASQUERADE_MAP, MONITOR_MAP, NAT_MAP, NODE_ADDRESSES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP,
+    ENDPOINT_CACHE_MAP, ENDPOINT_CACHE_SLOTS, EVENTS_LOST_MAP, EVENTS_MAP, EVENT_BUDGETS_MAP, INTERFACES_MAP,
+    IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP,
+    MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP, NODE_ADDRESSES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP,
     POLICY_FLOWS_MAP, POLICY_FLOW_POOL_SIZE, POLICY_FLOW_POOL_USED, POLICY_FLOW_RESERVED, POLICY_FLOW_SHARES,
     POLICY_FLOW_SHARES_MAP, POLICY_GENERATION_MAP, POLICY_IDENTITIES_MAP, POLICY_IDENTITY_RULES_MAP,
     POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP, RULES_VERSION, SERVICES_MAP, SERVICE_EXTERNAL_LOCAL,
@@ -464,6 +464,8 @@ impl EndpointMaps {
     /// Removes the entry of `ip` if it is `ifindex`'s, never another endpoint's;
     /// true when it did.
     pub fn remove_owned(&mut self, ip: IpAddr, ifindex: u32) -> Result<bool> {
+        // Whatever the map says: the cache must not outlive the pod.
+        self.uncache(ip)?;
         match self.get(ip)? {
             Some(held) if held.ifindex == ifindex => self.remove(ip).map(|()| true),
             _ => Ok(false),
@@ -477,7 +479,7 @@ impl EndpointMaps {
                 self.remove(ip)?;
             }
         }
-        Ok(())
+        self.sweep_cache(Some(ifindex)).map(drop)
     }
 
     pub fn get(&self, ip: IpAddr) -> Result<Option<Endpoint>> {
@@ -494,51 +496,71 @@ impl EndpointMaps {
 
     /// Copies `ip`'s entry, which the endpoint map now holds as `endpoint`, into the
     /// cache, unless another address holds its cache entry (`ip` is then looked up
-    /// in the endpoint map). Only `ifindex` changes in a write that empties or fills
-    /// the entry, the rest only while it is empty (see [`CachedEndpoint`]), so no
-    /// program reads a half-written entry as valid. Nothing is written when the
-    /// entry says so already.
+    /// in the endpoint map). The entry is emptied (its sequence made even) before its
+    /// other fields change, and filled (odd) after, one write each, so no program
+    /// takes a half-written entry (see [`CachedEndpoint::seq`]). Nothing is written
+    /// when the entry says so already.
     pub fn cache(&mut self, ip: IpAddr, endpoint: Endpoint) -> Result<()> {
         let addr = IpKey::from(ip);
         let index = addr.cache_index();
-        let held = self.cached(index)?;
-        let wanted = CachedEndpoint { addr, endpoint };
-        if held == wanted || (held.endpoint.ifindex != 0 && held.addr != addr) {
+        let mut entry = self.cached(index)?;
+        if entry.is_filled() && (entry.addr != addr || entry.endpoint == endpoint) {
             return Ok(());
         }
-        let empty = |entry: CachedEndpoint| CachedEndpoint {
-            endpoint: Endpoint {
-                ifindex: 0,
-                ..entry.endpoint
-            },
-            ..entry
-        };
-        if held.endpoint.ifindex != 0 {
-            self.set_cached(index, empty(held))?;
+        if entry.is_filled() {
+            entry.seq = entry.seq.wrapping_add(1);
+            self.set_cached(index, entry)?;
         }
-        self.set_cached(index, empty(wanted))?;
-        self.set_cached(index, wanted)
+        entry.addr = addr;
+        entry.endpoint = endpoint;
+        self.set_cached(index, entry)?;
+        entry.seq = entry.seq.wrapping_add(1);
+        self.set_cached(index, entry)
     }
 
-    /// Empties `ip`'s cache entry (its `ifindex` only, see [`CachedEndpoint`]): the
-    /// datapath looks `ip` up in the endpoint map until it is cached again.
+    /// Empties `ip`'s cache entry (its sequence only): the datapath looks `ip` up in
+    /// the endpoint map until it is cached again.
     fn uncache(&mut self, ip: IpAddr) -> Result<()> {
         let addr = IpKey::from(ip);
         let index = addr.cache_index();
-        let held = self.cached(index)?;
-        if held.endpoint.ifindex == 0 || held.addr != addr {
-            return Ok(());
+        let entry = self.cached(index)?;
+        if entry.is_filled() && entry.addr == addr {
+            self.empty_cached(index, entry)?;
         }
-        self.set_cached(
-            index,
-            CachedEndpoint {
-                endpoint: Endpoint {
-                    ifindex: 0,
-                    ..held.endpoint
-                },
-                ..held
-            },
-        )
+        Ok(())
+    }
+
+    /// Empties every cache entry whose endpoint is not the endpoint map's for its
+    /// address, or (`gone`) whose interface is `gone`. The cache never says more
+    /// than the map by construction; this undoes whatever broke that (a writer
+    /// killed between its steps, a bug) at the loader's next pass. How many it
+    /// emptied.
+    pub fn sweep_cache(&mut self, gone: Option<u32>) -> Result<usize> {
+        let mut emptied = 0;
+        for index in 0..ENDPOINT_CACHE_SLOTS {
+            let entry = self.cached(index)?;
+            if !entry.is_filled() {
+                continue;
+            }
+            let held = found(self.endpoints.get(&entry.addr, 0), "reading the endpoint map")?;
+            if held != Some(entry.endpoint) || gone == Some(entry.endpoint.ifindex) {
+                self.empty_cached(index, entry)?;
+                emptied += 1;
+            }
+        }
+        Ok(emptied)
+    }
+
+    /// The endpoint the cache holds for `ip`, if it holds one.
+    pub fn cached_endpoint(&self, ip: IpAddr) -> Result<Option<Endpoint>> {
+        let addr = IpKey::from(ip);
+        let entry = self.cached(addr.cache_index())?;
+        Ok((entry.is_filled() && entry.addr == addr).then_some(entry.endpoint))
+    }
+
+    fn empty_cached(&mut self, index: u32, mut entry: CachedEndpoint) -> Result<()> {
+        entry.seq = entry.seq.wrapping_add(1);
+        self.set_cached(index, entry)
     }
 
     fn cached(&self, index: u32) -> Result<CachedEndpoint> {

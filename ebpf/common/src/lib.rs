@@ -553,23 +553,45 @@ pub struct Endpoint {
     pub slot: u32,
 }
 
+impl Endpoint {
+    /// No endpoint: no interface has index 0.
+    pub const NONE: Self = Self { ifindex: 0, slot: 0 };
+
+    #[inline(always)]
+    pub fn exists(&self) -> bool {
+        self.ifindex != 0
+    }
+}
+
 /// Entries of [`ENDPOINT_CACHE_MAP`], a power of two.
 pub const ENDPOINT_CACHE_SLOTS: u32 = 16384;
 
 /// An entry of [`ENDPOINT_CACHE_MAP`]: a copy of one [`ENDPOINTS_MAP`] entry, at
 /// [`IpKey::cache_index`] of its address, so the programs find a pod of this node
 /// with an array read instead of a hash lookup. Kept by the endpoint map's writers:
-/// an entry is added after the endpoint entry it repeats and invalidated before that
-/// entry goes or changes. What the cache does not hold (an address whose index another
-/// address holds, a new map's empty entries) the endpoint map answers. Empty while
-/// `endpoint.ifindex` is 0, which no interface has; the other fields change only
-/// while it is 0, so a program reading during a write sees the entry before, the
-/// entry after, or none.
-#[repr(C)]
+/// an entry is filled after the endpoint entry it repeats, and emptied before that
+/// entry goes or changes. What the cache does not hold (an address whose index
+/// another address holds, a new map's empty entries) the endpoint map answers.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CachedEndpoint {
     pub addr: IpKey,
     pub endpoint: Endpoint,
+    /// Odd: the entry holds `addr`'s endpoint; even: empty, or being written. The
+    /// writer makes it even before it changes any other field and odd again after,
+    /// one step each; a program reads it before and after the entry and takes the
+    /// entry only if both reads are the same odd value. One byte, so no read sees it
+    /// half-written. (The writer's steps reach other CPUs in order on x86-64's
+    /// memory model, which this relies on.)
+    pub seq: u8,
+    pub pad: [u8; 7],
+}
+
+impl CachedEndpoint {
+    #[inline(always)]
+    pub fn is_filled(&self) -> bool {
+        self.seq & 1 == 1
+    }
 }
 
 /// [`PolicyState::flags`]: the pod is selected by a policy of that direction, so only

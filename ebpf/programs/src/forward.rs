@@ -9,6 +9,7 @@ use aya_ebpf::{
     macros::btf_map,
     programs::TcContext,
 };
+use core::ptr::{addr_of, read_volatile};
 use network_types::eth::EthHdr;
 use velox_common::{
     CachedEndpoint, Endpoint, IpKey, Peer, AF_INET, DROP_REDIRECT_FAILED, ENDPOINT_CACHE_SLOTS, MAX_ENDPOINTS,
@@ -27,17 +28,40 @@ static VELOX_ENDPOINT_CACHE: Array<CachedEndpoint, { ENDPOINT_CACHE_SLOTS as usi
 #[btf_map]
 static VELOX_PEERS: LpmTrie<[u8; 16], Peer, MAX_PEERS> = LpmTrie::new();
 
-/// The pod of this node with address `addr`: from the cache's entry for it (an
-/// array read), or else from the endpoint map (a hash lookup).
+/// The pod of this node with address `addr` ([`Endpoint::NONE`] for none): from the
+/// cache's entry for it (an array read), or else from the endpoint map (a hash
+/// lookup). Copied out, so a concurrent rewrite of an entry cannot change it under
+/// the caller.
 #[inline(always)]
-pub fn local_endpoint(addr: &IpKey) -> Option<&'static Endpoint> {
-    if let Some(cached) = VELOX_ENDPOINT_CACHE.get(addr.cache_index()) {
-        if cached.endpoint.ifindex != 0 && cached.addr == *addr {
-            return Some(&cached.endpoint);
+pub fn local_endpoint(addr: &IpKey) -> Endpoint {
+    if let Some(cached) = VELOX_ENDPOINT_CACHE.get_ptr(addr.cache_index()) {
+        // SAFETY: an array value the kernel keeps while the program runs. Volatile
+        // reads, in this order: the sequence, the entry, the sequence again (see
+        // `CachedEndpoint::seq`).
+        unsafe {
+            let seq = read_volatile(addr_of!((*cached).seq));
+            if seq & 1 == 1 && cached_address_is(cached, addr) {
+                let endpoint = read_volatile(addr_of!((*cached).endpoint));
+                if read_volatile(addr_of!((*cached).seq)) == seq {
+                    return endpoint;
+                }
+            }
         }
     }
-    // SAFETY: a map value the kernel keeps while the program runs.
-    unsafe { VELOX_ENDPOINTS.get(addr) }
+    // SAFETY: a map value, copied out at once.
+    unsafe { VELOX_ENDPOINTS.get(addr) }.map_or(Endpoint::NONE, |endpoint| *endpoint)
+}
+
+/// Whether the cache entry at `cached` is `addr`'s, read a word at a time.
+///
+/// # Safety
+/// `cached` points at a live array value.
+#[inline(always)]
+unsafe fn cached_address_is(cached: *const CachedEndpoint, addr: &IpKey) -> bool {
+    let held = addr_of!((*cached).addr).cast::<u32>();
+    let wanted = addr.words();
+    let word = |i: usize| read_volatile(held.add(i)) ^ wanted[i];
+    (word(0) | word(1) | word(2) | word(3)) == 0
 }
 
 /// The node whose pod CIDRs hold `addr`.

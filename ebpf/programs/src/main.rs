@@ -38,7 +38,7 @@ use forward::{fits_uplink, local_endpoint, peer_node, to_local_pod, to_peer_node
 use kernel_flows::{is_kernel_flow, remember};
 use parse::{parse, Packet};
 use policy::{police, Verdict, ALLOWED};
-use velox_common::{DROP_SPOOFED, DROP_UNKNOWN_RECEIVER, FROM_NET_NAT, FROM_POD_NAT, UPLINK_SLOT};
+use velox_common::{Endpoint, DROP_SPOOFED, DROP_UNKNOWN_RECEIVER, FROM_NET_NAT, FROM_POD_NAT, UPLINK_SLOT};
 use verdict::{finish, interface_slot, trace, Outcome, NO_SLOT, PASS};
 
 /// `__sk_buff.pkt_type` of a frame addressed to this host.
@@ -104,7 +104,10 @@ fn from_pod_to(
     // merges where it could not merge a pointer and its absence.
     let (local_ifindex, local_slot) = match on_link {
         true => (0, NO_SLOT),
-        false => local_endpoint(&packet.dst.addr).map_or((0, NO_SLOT), |e| (e.ifindex, e.slot)),
+        false => match local_endpoint(&packet.dst.addr) {
+            receiver if receiver.exists() => (receiver.ifindex, receiver.slot),
+            _ => (0, NO_SLOT),
+        },
     };
     // Recorded ends are pods' ends: a local pod's slot says whether it has any, the
     // uplink's slot says it for the pods of other nodes.
@@ -166,10 +169,14 @@ pub fn from_net(ctx: TcContext) -> i32 {
         )
     };
     let is_ip = pkt_type == PACKET_HOST && vlan == 0 && parse(&ctx, packet);
+    let endpoint = match is_ip {
+        true => local_endpoint(&packet.dst.addr),
+        false => Endpoint::NONE,
+    };
     let mut verdict = Verdict::default();
     let outcome = if !is_ip {
         PASS
-    } else if let Some(endpoint) = local_endpoint(&packet.dst.addr) {
+    } else if endpoint.exists() {
         if is_kernel_flow(&packet.dst, endpoint.slot) {
             // The kernel delivers it, and `to_pod` judges it there.
             PASS
@@ -218,15 +225,13 @@ pub fn to_pod(ctx: TcContext) -> i32 {
         policy::enter_host_flow();
     }
     if is_ip && !from_host {
-        match local_endpoint(&packet.dst.addr).filter(|receiver| receiver.ifindex == ifindex) {
-            Some(receiver) => {
-                police(&ctx, packet, NO_SLOT, receiver.slot, false, &mut verdict);
-                slot = receiver.slot;
-            }
-            None => {
-                verdict.result = DROP_UNKNOWN_RECEIVER;
-                slot = interface_slot(ifindex);
-            }
+        let receiver = local_endpoint(&packet.dst.addr);
+        if receiver.exists() && receiver.ifindex == ifindex {
+            police(&ctx, packet, NO_SLOT, receiver.slot, false, &mut verdict);
+            slot = receiver.slot;
+        } else {
+            verdict.result = DROP_UNKNOWN_RECEIVER;
+            slot = interface_slot(ifindex);
         }
     }
     // A pod's counters count what it sent; here only a drop is counted.

@@ -197,7 +197,8 @@ fn translate_from_net(ctx: &TcContext, packet: &mut Packet, verdict: &mut Verdic
     if entry.direction == NAT_REPLY {
         return to_network(entry.uplink);
     }
-    if let Some(endpoint) = local_endpoint(&packet.dst.addr) {
+    let endpoint = local_endpoint(&packet.dst.addr);
+    if endpoint.exists() {
         police(ctx, packet, NO_SLOT, endpoint.slot, false, verdict);
         if verdict.result == ALLOWED {
             to_local_pod(endpoint.ifindex)
@@ -254,7 +255,7 @@ fn translate(
 /// A pod of another node.
 #[inline(always)]
 fn is_remote_pod(addr: &IpKey) -> bool {
-    local_endpoint(addr).is_none() && peer_node(addr).is_some()
+    !local_endpoint(addr).exists() && peer_node(addr).is_some()
 }
 
 /// Both directions' entries of the connection a packet with ends `key` belongs to:
@@ -303,7 +304,7 @@ fn open(packet: &Packet, ifindex: u32, now: u64) -> Result<(), Outcome> {
     };
     // From the network, a source that is this node (its pods, its addresses) is forged.
     let src = &packet.src.addr;
-    if local_endpoint(src).is_some() || node_address(src).is_some() || is_unroutable(src) {
+    if local_endpoint(src).exists() || node_address(src).is_some() || is_unroutable(src) {
         return Err(DROP_SPOOFED);
     }
     let from_cluster = peer_node(&packet.src.addr).is_some();

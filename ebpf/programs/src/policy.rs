@@ -282,12 +282,13 @@ fn rewrite(flow: *mut AllowedFlow, scratch: &mut FlowScratch, opened_by_src: boo
 /// to enter.
 #[inline(always)]
 pub fn host_sent(packet: &Packet, ifindex: u32) -> bool {
-    let Some(receiver) = local_endpoint(&packet.dst.addr).filter(|receiver| receiver.ifindex == ifindex) else {
+    let receiver = local_endpoint(&packet.dst.addr);
+    if !receiver.exists() || receiver.ifindex != ifindex {
         return false;
-    };
+    }
     // What the node sends from a pod's address is not the host's own: it stands for
     // no connection of the host.
-    let from_a_pod = local_endpoint(&packet.src.addr).is_some() || peer_node(&packet.src.addr).is_some();
+    let from_a_pod = local_endpoint(&packet.src.addr).exists() || peer_node(&packet.src.addr).is_some();
     if !packet.opens || from_a_pod || flags(receiver.slot) & ISOLATED_EGRESS == 0 {
         return false;
     }

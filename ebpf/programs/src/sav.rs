@@ -9,9 +9,11 @@ use crate::{forward::local_endpoint, parse::Packet, verdict::NO_SLOT};
 /// gives the slot.
 #[inline(always)]
 pub fn sender_slot(packet: &Packet, ifindex: u32) -> u32 {
-    local_endpoint(&packet.sent_from)
-        .filter(|sender| sender.ifindex == ifindex)
-        .map_or(NO_SLOT, |sender| sender.slot)
+    let owner = local_endpoint(&packet.sent_from);
+    match owner.exists() && owner.ifindex == ifindex {
+        true => owner.slot,
+        false => NO_SLOT,
+    }
 }
 
 /// Link-local and unspecified sources (neighbour discovery, MLD, DAD) stay on the

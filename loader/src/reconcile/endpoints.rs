@@ -56,6 +56,10 @@ pub fn sync_endpoints(
             maps.remove(ip)?;
         }
     }
+    let emptied = maps.sweep_cache(None)?;
+    if emptied > 0 {
+        log::warn!("emptied {emptied} endpoint cache entries that did not match the endpoint map");
+    }
     sync_opt_outs_and_interfaces(maps, &wanted)?;
     // The claim of an ADD killed before its record: its interface is gone too.
     for (slot, owner) in store.slots()? {
