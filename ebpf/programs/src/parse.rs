@@ -92,11 +92,10 @@ impl Packet {
     }
 }
 
-/// `*to = *from`, a word at a time: LLVM turns a plain copy between two places it
-/// cannot tell apart into a call of a byte-at-a-time `memmove` loop, which the BPF
-/// backend does not inline. Volatile reads, so LLVM cannot turn the words back into
-/// that call.
-/// `to` may be uninitialised.
+/// `*to = *from` (`to` may be uninitialised), a word at a time: LLVM turns a plain
+/// copy between two places it cannot tell apart into a call of a byte-at-a-time
+/// `memmove` loop, which the BPF backend does not inline. Volatile reads, so LLVM
+/// cannot turn the words back into that call.
 #[inline(always)]
 pub fn copy_end(to: *mut FlowEnd, from: &FlowEnd) {
     let (to, from) = (to.cast::<u32>(), (from as *const FlowEnd).cast::<u32>());
