@@ -217,11 +217,14 @@ impl PartialEq for IpKey {
 }
 
 impl IpKey {
+    /// The third word of an IPv4-mapped address (`::ffff:0:0/96`), in memory order.
+    const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
     #[inline(always)]
     pub const fn v4(octets: [u8; 4]) -> Self {
         // Four words, not sixteen bytes: LLVM merges ten zero bytes into a `memset`
         // call, which the BPF backend does not inline.
-        Self::from_words([0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes(octets)])
+        Self::from_words([0, 0, Self::V4_MAPPED_WORD, u32::from_ne_bytes(octets)])
     }
 
     #[inline(always)]
@@ -256,10 +259,12 @@ impl IpKey {
         (u32::from_be(words[3]) ^ u32::from_be(words[2])) & (ENDPOINT_CACHE_SLOTS - 1)
     }
 
-    /// Whether this is an IPv4 address (mapped).
+    /// Whether this is an IPv4 address (mapped). Its first three words, tested at
+    /// once, as `eq` does.
     #[inline(always)]
     pub fn is_v4_mapped(&self) -> bool {
-        self.addr[..10] == [0; 10] && self.addr[10] == 0xff && self.addr[11] == 0xff
+        let words = self.words();
+        (words[0] | words[1] | (words[2] ^ Self::V4_MAPPED_WORD)) == 0
     }
 
     /// The address as Rust sees it: mapped addresses come back as IPv4.

@@ -320,7 +320,7 @@ fn quoted_connection(ctx: &TcContext, offset: usize, packet: &mut Packet) {
             return;
         };
         let header_len = (ip[0].to_ne_bytes()[0] & 0x0f) as usize * 4;
-        let mapped = |word: u32| IpKey::from_words([0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), word]);
+        let mapped = |word: u32| IpKey::v4(word.to_ne_bytes());
         (
             mapped(ip[3]),
             mapped(ip[4]),
