@@ -508,8 +508,7 @@ impl EndpointMaps {
             return Ok(());
         }
         if entry.is_filled() {
-            entry.seq = entry.seq.wrapping_add(1);
-            self.set_cached(index, entry)?;
+            self.empty_cached(index, &mut entry)?;
         }
         entry.addr = addr;
         entry.endpoint = endpoint;
@@ -523,9 +522,9 @@ impl EndpointMaps {
     fn uncache(&mut self, ip: IpAddr) -> Result<()> {
         let addr = IpKey::from(ip);
         let index = addr.cache_index();
-        let entry = self.cached(index)?;
+        let mut entry = self.cached(index)?;
         if entry.is_filled() && entry.addr == addr {
-            self.empty_cached(index, entry)?;
+            self.empty_cached(index, &mut entry)?;
         }
         Ok(())
     }
@@ -538,13 +537,13 @@ impl EndpointMaps {
     pub fn sweep_cache(&mut self, gone: Option<u32>) -> Result<usize> {
         let mut emptied = 0;
         for index in 0..ENDPOINT_CACHE_SLOTS {
-            let entry = self.cached(index)?;
+            let mut entry = self.cached(index)?;
             if !entry.is_filled() {
                 continue;
             }
             let held = found(self.endpoints.get(&entry.addr, 0), "reading the endpoint map")?;
             if held != Some(entry.endpoint) || gone == Some(entry.endpoint.ifindex) {
-                self.empty_cached(index, entry)?;
+                self.empty_cached(index, &mut entry)?;
                 emptied += 1;
             }
         }
@@ -558,9 +557,10 @@ impl EndpointMaps {
         Ok((entry.is_filled() && entry.addr == addr).then_some(entry.endpoint))
     }
 
-    fn empty_cached(&mut self, index: u32, mut entry: CachedEndpoint) -> Result<()> {
+    /// Empties `entry`, the cache's at `index` (its sequence only).
+    fn empty_cached(&mut self, index: u32, entry: &mut CachedEndpoint) -> Result<()> {
         entry.seq = entry.seq.wrapping_add(1);
-        self.set_cached(index, entry)
+        self.set_cached(index, *entry)
     }
 
     fn cached(&self, index: u32) -> Result<CachedEndpoint> {

@@ -161,7 +161,7 @@ pub fn from_pod_nat(ctx: TcContext) -> i32 {
         // An ICMP error a pod sends is about its own connection, or it is forged.
         _ if packet.is_error && packet.sent_from != packet.src.addr => (sender_slot, DROP_SPOOFED),
         _ => {
-            police(&ctx, &packet, sender_slot, NO_SLOT, false, &mut verdict);
+            police(&ctx, packet, sender_slot, NO_SLOT, false, &mut verdict);
             let outcome = match verdict.result {
                 ALLOWED => translate_reply_from_pod(&ctx, packet),
                 denied => denied,
@@ -169,7 +169,7 @@ pub fn from_pod_nat(ctx: TcContext) -> i32 {
             (sender_slot, outcome)
         }
     };
-    finish(&ctx, &packet, slot, outcome, &verdict)
+    finish(&ctx, packet, slot, outcome, &verdict)
 }
 
 #[inline(always)]
