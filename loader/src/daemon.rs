@@ -26,9 +26,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{Receiver, Sender};
 use velox_common::{
     Affinity, AffinityKey, AllowedFlow, ConnectionTimeouts, FlowEnd, NatEntry, NatKey, PolicyFlow, AFFINITY_MAP,
-    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS,
+    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, FROM_TUNNEL_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS,
     NAT_PROGRAMS_MAP, POLICY_FLOWS_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_RULES_MAP, SOCKET_LB_PROGRAMS,
-    TO_POD_PROGRAM, UDP_SOCKET_FRONTENDS_ITER, UPLINK_SLOT,
+    TO_POD_PROGRAM, TO_TUNNEL_PROGRAM, UDP_SOCKET_FRONTENDS_ITER, UPLINK_SLOT,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir, write_atomic};
@@ -50,6 +50,7 @@ use crate::reconcile::endpoints::sync_endpoints;
 use crate::reconcile::policy::{lift_isolation, PolicyReconciler};
 use crate::reconcile::routes::{NodeNetwork, NodeNetworkConfig};
 use crate::reconcile::services::{NodePortAlgorithm, ServiceBalancer, ThisNode};
+use crate::reconcile::tunnel::TunnelMode;
 use crate::source::files::FileSource;
 use crate::source::kubernetes::ApiSource;
 use crate::source::ClusterSource;
@@ -110,6 +111,14 @@ pub struct RunArgs {
     /// Masquerade pod traffic leaving the cluster to the node's IP.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     ip_masq: bool,
+    /// Which peers are reached through VXLAN (the device `velox-vxlan`): auto tunnels
+    /// those whose address is not on a subnet of the uplink, always tunnels every
+    /// peer, never none (the network must then route pod CIDRs to off-link peers).
+    #[arg(long, value_enum, default_value_t)]
+    tunnel: TunnelMode,
+    /// The VXLAN device's UDP port; every node must use the same.
+    #[arg(long, default_value_t = crate::reconcile::tunnel::DEFAULT_VXLAN_PORT)]
+    vxlan_port: u16,
     /// aya-log level of the eBPF programs: off, error, warn, info, debug (a line per
     /// packet) or trace. Set when the programs load; off costs nothing per packet.
     #[arg(long, default_value = "off")]
@@ -225,6 +234,8 @@ impl RunArgs {
             pod_cidrs: self.pod_cidr,
             ip_masq: self.ip_masq,
             node_name: self.node_name,
+            tunnel: self.tunnel,
+            vxlan_port: self.vxlan_port,
         });
         Ok(RunOptions {
             interval: Duration::from_secs(self.reconcile_interval),
@@ -702,15 +713,13 @@ impl Daemon {
         if let Err(e) = self.move_to_this_build() {
             log::error!("moving the links to this build: {e:#}");
         }
-        let pod_cidrs = self
-            .sync
-            .node_network
-            .as_ref()
-            .map(|n| n.pod_cidrs())
-            .unwrap_or_default();
-        if let Some(target) = self.install_into.clone().filter(|_| !pod_cidrs.is_empty()) {
+        let Some(network) = self.sync.node_network.as_ref() else {
+            return;
+        };
+        let (pod_cidrs, pod_mtu) = (network.pod_cidrs(), network.pod_mtu());
+        if let Some((target, mtu)) = self.install_into.clone().zip(pod_mtu).filter(|_| !pod_cidrs.is_empty()) {
             // The conflist tells kubelet the node's network is ready: only now.
-            let args = target.args(pod_cidrs.to_vec());
+            let args = target.args(pod_cidrs.to_vec(), mtu);
             match crate::install::install(&args, &self.bpffs.root, &self.state_dir.root) {
                 Ok(()) => self.install_into = None,
                 Err(e) => log::error!("installing the plugin and its conflist (trying again): {e:#}"),
@@ -1034,8 +1043,14 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     // Before the programs that tail-call them are pinned: a new pod's programs find
     // them in place.
     load_nat_programs(bpffs, &mut ebpf)?;
-    for name in [FROM_POD_PROGRAM, FROM_NET_PROGRAM, TO_POD_PROGRAM]
-        .into_iter()
+    for name in [
+        FROM_POD_PROGRAM,
+        FROM_NET_PROGRAM,
+        TO_POD_PROGRAM,
+        FROM_TUNNEL_PROGRAM,
+        TO_TUNNEL_PROGRAM,
+    ]
+    .into_iter()
         .chain(SOCKET_LB_PROGRAMS)
     {
         let program = ebpf

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use velox_common::{
     EndpointCounters, AF_INET, CT_CLOSED, CT_CLOSING, CT_ESTABLISHED, CT_OPENING, DROP_REASONS, NAT_REPLY,
-    SERVICE_EXTERNAL_LOCAL, SERVICE_FROM_OUTSIDE, SERVICE_INTERNAL_LOCAL,
+    PEER_NOT_ON_LINK, PEER_ON_LINK, PEER_VXLAN, SERVICE_EXTERNAL_LOCAL, SERVICE_FROM_OUTSIDE, SERVICE_INTERNAL_LOCAL,
 };
 use velox_node::endpoint::{EndpointRecord, EndpointStore};
 use velox_node::maps::{EndpointMaps, Frontend, KernelFlows, PeerMap, ServiceMaps};
@@ -121,10 +121,16 @@ pub fn endpoints(bpffs: &Bpffs, state_dir: &StateDir, json: bool) -> anyhow::Res
 #[derive(Serialize)]
 struct PeerRow {
     pod_cidr: IpNet,
+    /// The next hop on the link, or the tunnel's remote.
     node_ip: IpAddr,
-    /// The uplink packets for that node leave by.
+    /// `native` or `vxlan`.
+    route: &'static str,
+    /// Why the loader chose that route.
+    reason: &'static str,
+    /// The interface packets for that node leave by: the uplink, or the VXLAN device.
     ifindex: u32,
     ifname: String,
+    mtu: u32,
 }
 
 pub fn peers(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
@@ -135,19 +141,37 @@ pub fn peers(bpffs: &Bpffs, json: bool) -> anyhow::Result<()> {
         .map(|(pod_cidr, peer)| PeerRow {
             pod_cidr,
             node_ip: peer.node_ip.ip(),
+            route: match peer.route {
+                PEER_VXLAN => "vxlan",
+                _ => "native",
+            },
+            reason: match peer.reason {
+                PEER_ON_LINK => "on the uplink's subnet",
+                PEER_NOT_ON_LINK => "not on the uplink's subnet",
+                _ => "--tunnel",
+            },
             ifindex: peer.ifindex,
             ifname: names.get(&peer.ifindex).cloned().unwrap_or_default(),
+            mtu: peer.mtu,
         })
         .collect();
     let table = rows.iter().map(|r| {
         [
             r.pod_cidr.to_string(),
             r.node_ip.to_string(),
+            r.route.to_string(),
+            r.reason.to_string(),
             r.ifname.clone(),
             r.ifindex.to_string(),
+            r.mtu.to_string(),
         ]
     });
-    print(&rows, json, ["POD CIDR", "NODE IP", "UPLINK", "IFINDEX"], table)
+    print(
+        &rows,
+        json,
+        ["POD CIDR", "NODE IP", "ROUTE", "WHY", "INTERFACE", "IFINDEX", "MTU"],
+        table,
+    )
 }
 
 #[derive(Serialize)]

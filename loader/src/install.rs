@@ -51,14 +51,14 @@ pub struct InstallTarget {
 }
 
 impl InstallTarget {
-    /// `velox-loader install`'s defaults for these pod CIDRs.
-    pub fn args(self, pod_cidr: Vec<ipnet::IpNet>) -> InstallArgs {
+    /// `velox-loader install`'s defaults for these pod CIDRs, with pods' MTU `mtu`.
+    pub fn args(self, pod_cidr: Vec<ipnet::IpNet>, mtu: u32) -> InstallArgs {
         InstallArgs {
             pod_cidr,
             cni_bin_dir: self.cni_bin_dir,
             cni_conf_dir: self.cni_conf_dir,
             network: DEFAULT_NETWORK.into(),
-            mtu: DEFAULT_MTU,
+            mtu,
             plugin: None,
             host_root: self.host_root,
         }

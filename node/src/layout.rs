@@ -5,7 +5,8 @@
 //! ├── maps/<layout id>/               0700  created and pinned by the loader; one
 //! │   │                                     directory per map layout (upgrades)
 //! │   ├── VELOX_ENDPOINTS                   pod address -> host veth, counters slot
-//! │   ├── VELOX_PEERS                       other nodes' pod CIDRs -> node address
+//! │   ├── VELOX_PEERS                       other nodes' pod CIDRs -> node address, route
+//! │   ├── VELOX_NODES                       other nodes' InternalIPs -> node id (tunnel senders)
 //! │   ├── VELOX_COUNTERS                    per-slot, per-CPU counters (an array)
 //! │   ├── VELOX_INTERFACES                  host veth or uplink -> counters slot
 //! │   ├── VELOX_KERNEL_FLOWS                pod connection ends the kernel handles (LRU)
@@ -30,6 +31,7 @@
 //! │   ├── from_pod                          each through a `<name>_staged` pin
 //! │   ├── from_net
 //! │   ├── to_pod
+//! │   ├── from_tunnel, to_tunnel            the VXLAN device's ingress and egress
 //! │   └── lb_<hook><4|6>                    the socket load balancer's: connect,
 //! │                                         sendmsg, recvmsg, getpeername
 //! ├── iterators/                      0700  with the socket load balancer, replaced at
@@ -37,8 +39,9 @@
 //! │                                         sockets' frontends (by socket cookie)
 //! └── links/                          0700  one directory per hook, so no sweep of one
 //!     ├── tc-ingress/<ifname>               kind can touch another: pods' host veths
-//!     │                                     (pinned by the plugin), the uplink (loader)
-//!     ├── tc-egress/<ifname>                pods' host veths (`to_pod`)
+//!     │                                     (pinned by the plugin), the uplink and the
+//!     │                                     VXLAN device `velox-vxlan` (loader)
+//!     ├── tc-egress/<ifname>                pods' host veths (`to_pod`), `velox-vxlan`
 //!     └── cgroup/<program>                  the socket load balancer's hooks
 //!
 //! <stateDir>/                         0700  default /run/velox

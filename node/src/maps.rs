@@ -8,11 +8,11 @@ use std::net::IpAddr;
 use velox_common::{
     Affinity, AffinityKey, AllowedFlow, BackendSlot, CachedEndpoint, ConnectionTimeouts, Endpoint, EndpointCounters,
     EventBudget, FlowEnd, FlowEvent, IdentityRuleKey, IpKey, MaglevTable, NatEntry, NatKey, NodeAddress, NodePortKey,
-    Peer, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, Service, SocketFrontend, SocketFrontends, AFFINITY_MAP,
+    NodeEntry, Peer, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, Service, SocketFrontend, SocketFrontends, AFFINITY_MAP,
     BACKENDS_MAP, CONNECTED_FRONTEND_MAP, COUNTERS_MAP, CT_TIMEOUTS_MAP, DATAGRAM_FRONTENDS_MAP, ENDPOINTS_MAP,
     ENDPOINT_CACHE_MAP, ENDPOINT_CACHE_SLOTS, EVENTS_LOST_MAP, EVENTS_MAP, EVENT_BUDGETS_MAP, INTERFACES_MAP,
     IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP,
-    MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP, NODE_ADDRESSES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP,
+    MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP, NODE_ADDRESSES_MAP, NODES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP,
     POLICY_FLOWS_MAP, POLICY_FLOW_POOL_SIZE, POLICY_FLOW_POOL_USED, POLICY_FLOW_RESERVED, POLICY_FLOW_SHARES,
     POLICY_FLOW_SHARES_MAP, POLICY_GENERATION_MAP, POLICY_IDENTITIES_MAP, POLICY_IDENTITY_RULES_MAP,
     POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP, RULES_VERSION, SERVICES_MAP, SERVICE_EXTERNAL_LOCAL,
@@ -71,7 +71,7 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 const LAYOUT_REVISION: u32 = 1;
 
 /// Every pinned map as this build's eBPF object declares it.
-pub fn layouts() -> [MapLayout; 30] {
+pub fn layouts() -> [MapLayout; 31] {
     use std::mem::size_of;
     let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
         name,
@@ -96,6 +96,7 @@ pub fn layouts() -> [MapLayout; 30] {
             size_of::<Peer>(),
             BPF_F_NO_PREALLOC,
         ),
+        layout(NODES_MAP, BPF_MAP_TYPE_HASH, size_of::<IpKey>(), size_of::<NodeEntry>(), 0),
         // Sized by the loader's `--max-pods`: an array is allocated whole, on every CPU.
         layout(
             COUNTERS_MAP,
@@ -1054,6 +1055,49 @@ impl PeerMap {
             self.peers.get(&Key::new(128, IpKey::from(ip).addr), 0),
             "reading the peer map",
         )
+    }
+}
+
+/// Every other node's InternalIPs, with its id and tunnel remote: who may send into
+/// the tunnel.
+pub struct NodeMap {
+    nodes: HashMap<MapData, IpKey, NodeEntry>,
+}
+
+impl NodeMap {
+    pub fn open(bpffs: &Bpffs) -> Result<Self> {
+        Ok(Self {
+            nodes: open_map(bpffs, NODES_MAP)?,
+        })
+    }
+
+    pub fn entries(&self) -> Result<Vec<(IpAddr, NodeEntry)>> {
+        self.nodes
+            .iter()
+            .map(|entry| {
+                entry
+                    .map(|(ip, node)| (ip.ip(), node))
+                    .map_err(Error::map("reading the node map"))
+            })
+            .collect()
+    }
+
+    /// Makes the map hold exactly `wanted`: new and changed entries first, then the
+    /// departed go.
+    pub fn sync(&mut self, wanted: &std::collections::BTreeMap<IpAddr, NodeEntry>) -> Result<()> {
+        let held = self.entries()?;
+        for (ip, node) in wanted {
+            if !held.contains(&(*ip, *node)) {
+                self.nodes
+                    .insert(IpKey::from(*ip), node, 0)
+                    .map_err(Error::map(format!("adding node address {ip}")))?;
+            }
+        }
+        for (ip, _) in held.iter().filter(|(ip, _)| !wanted.contains_key(ip)) {
+            ignore_missing(self.nodes.remove(&IpKey::from(*ip)))
+                .map_err(Error::map(format!("removing node address {ip}")))?;
+        }
+        Ok(())
     }
 }
 

@@ -6,11 +6,14 @@ use ipnet::IpNet;
 use nix::sched::{setns, CloneFlags};
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressHeaderFlags};
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, MulticastGroup, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, MulticastGroup, RouteMessageBuilder,
+};
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
@@ -30,7 +33,23 @@ pub struct Route {
     pub gateway: Option<IpAddr>,
     pub oif: Option<u32>,
     pub protocol: u8,
+    /// The routing table it is in (`MAIN_TABLE`, or Velox's `VELOX_ROUTE_TABLE` ..).
+    pub table: u32,
     message: RouteMessage,
+}
+
+/// The kernel's main routing table.
+pub const MAIN_TABLE: u32 = 254;
+/// Velox's own table, for the routes only pods' packets take (by a rule on their
+/// source): to a tunnelled node's addresses through the tunnel. 'VE'.
+pub const VELOX_ROUTE_TABLE: u32 = 0x5645;
+
+/// A routing policy rule `from <source> lookup <table>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub source: Option<IpNet>,
+    pub table: u32,
+    message: RuleMessage,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -178,6 +197,62 @@ impl Netlink {
             .map_err(Error::netlink(format!("creating veth pair {host} <-> {peer}")))
     }
 
+    /// A collect-metadata (`external`) VXLAN device on UDP `port`: one device for
+    /// every remote, the remote set per packet (`bpf_skb_set_tunnel_key`). No ARP and
+    /// no multicast on it: its neighbours need no resolving, and nothing but
+    /// Velox's traffic should go in. Left down.
+    pub async fn create_vxlan(&self, name: &str, port: u16, mtu: u32) -> Result<()> {
+        let msg = LinkMessageBuilder::<LinkVxlan>::new(name)
+            .collect_metadata(true)
+            .port(port)
+            .learning(false)
+            .mtu(mtu)
+            .arp(false)
+            .multicast(false)
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(Error::netlink(format!("creating VXLAN device {name}")))
+    }
+
+    /// The UDP port of VXLAN device `name`; `None` when there is no such device or
+    /// it is not a collect-metadata VXLAN device.
+    pub async fn vxlan_port(&self, name: &str) -> Result<Option<u16>> {
+        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
+        let msg = match links.try_next().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Ok(None),
+            Err(e) if is_enodev(&e) => return Ok(None),
+            Err(e) => return Err(Error::netlink(format!("looking up link {name}"))(e)),
+        };
+        let vxlan = msg.attributes.iter().find_map(|attr| match attr {
+            LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|info| match info {
+                LinkInfo::Data(InfoData::Vxlan(vxlan)) => Some(vxlan),
+                _ => None,
+            }),
+            _ => None,
+        });
+        let Some(vxlan) = vxlan.filter(|v| v.contains(&InfoVxlan::CollectMetadata(true))) else {
+            return Ok(None);
+        };
+        Ok(vxlan.iter().find_map(|v| match v {
+            InfoVxlan::Port(port) => Some(*port),
+            _ => None,
+        }))
+    }
+
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(Error::netlink(format!("setting the MTU of link {index} to {mtu}")))
+    }
+
     pub async fn set_up(&self, index: u32) -> Result<()> {
         self.handle
             .link()
@@ -299,6 +374,27 @@ impl Netlink {
             .map_err(Error::netlink(format!("routing {dst} via {gateway}")))
     }
 
+    /// `ip route add <dst> dev <index> proto velox [src <source>] table <table>`: no
+    /// gateway, for a device without neighbours to resolve (the VXLAN device).
+    pub async fn add_route_through(&self, dst: IpNet, index: u32, source: Option<IpAddr>, table: u32) -> Result<()> {
+        let what = format!("route {dst} through link {index} in table {table}");
+        let mut builder = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst.addr(), dst.prefix_len())
+            .map_err(Error::invalid(&what))?
+            .output_interface(index)
+            .table_id(table)
+            .protocol(RouteProtocol::Other(VELOX_ROUTE_PROTOCOL));
+        if let Some(source) = source {
+            builder = builder.pref_source(source).map_err(Error::invalid(&what))?;
+        }
+        self.handle
+            .route()
+            .add(builder.build())
+            .execute()
+            .await
+            .map_err(Error::netlink(what))
+    }
+
     pub async fn delete_route(&self, route: &Route) -> Result<()> {
         self.handle
             .route()
@@ -308,7 +404,65 @@ impl Netlink {
             .map_err(Error::netlink(format!("deleting route {}", route.dst)))
     }
 
-    /// The routes of one family in the main table.
+    /// The rules of one family that look up `table`.
+    pub async fn rules(&self, family: Family, table: u32) -> Result<Vec<Rule>> {
+        let version = match family {
+            Family::V4 => IpVersion::V4,
+            Family::V6 => IpVersion::V6,
+        };
+        let mut out = Vec::new();
+        let mut stream = self.handle.rule().get(version).execute();
+        while let Some(message) = stream.try_next().await.map_err(Error::netlink("listing rules"))? {
+            let rule_table = message
+                .attributes
+                .iter()
+                .find_map(|attr| match attr {
+                    RuleAttribute::Table(table) => Some(*table),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(message.header.table));
+            if rule_table != table {
+                continue;
+            }
+            let source = message.attributes.iter().find_map(|attr| match attr {
+                RuleAttribute::Source(ip) => IpNet::new(*ip, message.header.src_len).ok(),
+                _ => None,
+            });
+            out.push(Rule {
+                source,
+                table,
+                message,
+            });
+        }
+        Ok(out)
+    }
+
+    /// `ip rule add from <source> lookup <table> priority <priority>`
+    pub async fn add_rule_from(&self, source: IpNet, table: u32, priority: u32) -> Result<()> {
+        let request = self
+            .handle
+            .rule()
+            .add()
+            .table_id(table)
+            .priority(priority)
+            .action(RuleAction::ToTable);
+        let result = match source {
+            IpNet::V4(net) => request.v4().source_prefix(net.addr(), net.prefix_len()).execute().await,
+            IpNet::V6(net) => request.v6().source_prefix(net.addr(), net.prefix_len()).execute().await,
+        };
+        result.map_err(Error::netlink(format!("adding rule from {source} lookup {table}")))
+    }
+
+    pub async fn delete_rule(&self, rule: &Rule) -> Result<()> {
+        self.handle
+            .rule()
+            .del(rule.message.clone())
+            .execute()
+            .await
+            .map_err(Error::netlink(format!("deleting rule from {:?} lookup {}", rule.source, rule.table)))
+    }
+
+    /// The routes of one family, in every table.
     pub async fn routes(&self, family: Family) -> Result<Vec<Route>> {
         let filter = match family {
             Family::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
@@ -367,11 +521,13 @@ fn route_from(message: RouteMessage, family: Family) -> Result<Route> {
         Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
     };
     let (mut gateway, mut oif) = (None, None);
+    let mut table = u32::from(message.header.table);
     for attr in &message.attributes {
         match attr {
             RouteAttribute::Destination(address) => dst = route_address(address).unwrap_or(dst),
             RouteAttribute::Gateway(address) => gateway = route_address(address),
             RouteAttribute::Oif(index) => oif = Some(*index),
+            RouteAttribute::Table(id) => table = *id,
             _ => {}
         }
     }
@@ -381,6 +537,7 @@ fn route_from(message: RouteMessage, family: Family) -> Result<Route> {
         gateway,
         oif,
         protocol: message.header.protocol.into(),
+        table,
         message,
     })
 }

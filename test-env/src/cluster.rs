@@ -12,6 +12,15 @@
 //!                         |
 //!                  eth0 198.41.0.4, 2001:db8:41::4                velox-external
 //! ```
+//!
+//! The routed variant ([`Topology::Routed`]) puts each node on a subnet of its own
+//! behind the router, which routes between the node subnets and still knows no pod
+//! CIDR: the peers are off-link, so Velox tunnels to them (VXLAN).
+//!
+//! ```text
+//!  worker-1 eth0 10.0.1.3, fd00:10:1::3 --- n1 10.0.1.1, fd00:10:1::1 --+ router
+//!  worker-2 eth0 10.0.2.4, fd00:10:2::4 --- n2 10.0.2.1, fd00:10:2::1 --+
+//! ```
 
 use anyhow::Context;
 use serde_json::json;
@@ -83,6 +92,35 @@ pub fn node_object(node: &Node) -> serde_json::Value {
     })
 }
 
+/// How the nodes meet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// All on one link, the router's bridge.
+    OneLink,
+    /// Each on its own subnet, a router between them.
+    Routed,
+}
+
+impl Topology {
+    /// Node `i`'s (0-based) address of each family, with its prefix length, and its
+    /// gateway's.
+    fn node_addresses(self, i: usize, host: u8) -> ([String; 2], [String; 2]) {
+        match self {
+            Topology::OneLink => (
+                [format!("10.0.0.{host}/24"), format!("fd00:10::{host}/64")],
+                ROUTER_UNDERLAY.map(String::from),
+            ),
+            Topology::Routed => {
+                let subnet = i + 1;
+                (
+                    [format!("10.0.{subnet}.{host}/24"), format!("fd00:10:{subnet}::{host}/64")],
+                    [format!("10.0.{subnet}.1/24"), format!("fd00:10:{subnet}::1/64")],
+                )
+            }
+        }
+    }
+}
+
 /// Where each node's host-network pod listens.
 pub const HOST_NETWORK_PORT: u16 = 5301;
 
@@ -92,6 +130,10 @@ pub struct Cluster {
     pub router: String,
     pub external: String,
     pub nodes: Vec<Node>,
+    pub topology: Topology,
+    /// Each node's addresses and its gateway's on the router, both families, with
+    /// prefix lengths.
+    addresses: Vec<([String; 2], [String; 2])>,
     pub peers_file: PathBuf,
     /// The directory of Kubernetes JSON the loaders read policy objects from.
     pub cluster_state: PathBuf,
@@ -109,24 +151,24 @@ impl Cluster {
     /// The default cluster has the names of the module's diagram; `prefix` makes
     /// every name unique (tests running side by side).
     pub fn new(prefix: &str, bins: Binaries) -> anyhow::Result<Self> {
+        Self::with_topology(prefix, bins, Topology::OneLink)
+    }
+
+    pub fn with_topology(prefix: &str, bins: Binaries, topology: Topology) -> anyhow::Result<Self> {
         let state = PathBuf::from(format!("/run/velox-test/{prefix}cluster"));
         let peers_file = state.join("peers.json");
+        let addresses: Vec<_> = [3, 4]
+            .into_iter()
+            .enumerate()
+            .map(|(i, host)| topology.node_addresses(i, host))
+            .collect();
         let nodes = [
-            (
-                "my-k8s-worker-1",
-                "w1",
-                ["10.0.0.3", "fd00:10::3"],
-                ["200.200.1.0/24", "fd00:200:1::/64"],
-            ),
-            (
-                "my-k8s-worker-2",
-                "w2",
-                ["10.0.0.4", "fd00:10::4"],
-                ["200.200.2.0/24", "fd00:200:2::/64"],
-            ),
+            ("my-k8s-worker-1", "w1", ["200.200.1.0/24", "fd00:200:1::/64"]),
+            ("my-k8s-worker-2", "w2", ["200.200.2.0/24", "fd00:200:2::/64"]),
         ]
         .into_iter()
-        .map(|(full, short, ips, cidrs)| {
+        .zip(&addresses)
+        .map(|((full, short, cidrs), (ips, _))| {
             let name = if prefix.is_empty() {
                 full.to_string()
             } else {
@@ -134,8 +176,12 @@ impl Cluster {
             };
             let cidrs = cidrs.iter().map(|c| c.parse()).collect::<Result<_, _>>()?;
             let mut node = Node::new(&name, cidrs, bins.clone());
+            if topology == Topology::Routed {
+                // The VXLAN device's MTU: the uplink's 1500 less IPv4's encapsulation.
+                node.pod_mtu = 1450;
+            }
             node.underlay = Some(Underlay {
-                node_ips: ips.iter().map(|ip| ip.parse()).collect::<Result<_, _>>()?,
+                node_ips: ips.iter().map(|ip| gateway(ip).parse()).collect::<Result<_, _>>()?,
                 peers_file: peers_file.clone(),
                 cluster_state: state.join("objects"),
             });
@@ -154,6 +200,8 @@ impl Cluster {
             router: name("router"),
             external: name("external"),
             nodes,
+            topology,
+            addresses,
             peers_file,
             cluster_state: state.join("objects"),
         })
@@ -224,15 +272,41 @@ impl Cluster {
                     "-n", router, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &node.name,
                 ],
             )?;
-            run("ip", &["-n", router, "link", "set", &port, "master", "br0", "up"])?;
-            for family in Family::ALL {
-                let prefix = if family == Family::V4 { 24 } else { 64 };
-                add_address(&node.name, "eth0", &format!("{}/{prefix}", node.node_ip(family)))?;
+            let (own, gateways) = &self.addresses[i];
+            match self.topology {
+                Topology::OneLink => run("ip", &["-n", router, "link", "set", &port, "master", "br0", "up"])?,
+                Topology::Routed => {
+                    for address in gateways {
+                        add_address(router, &port, address)?;
+                    }
+                    run("ip", &["-n", router, "link", "set", &port, "up"])?
+                }
+            };
+            for address in own {
+                add_address(&node.name, "eth0", address)?;
             }
             run("ip", &["-n", &node.name, "link", "set", "eth0", "up"])?;
-            add_default_routes(&node.name, &ROUTER_UNDERLAY)?;
+            add_default_routes(&node.name, &[gateways[0].as_str(), gateways[1].as_str()])?;
             node.start_loader()?;
             self.start_host_network_pod(i)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every node's loader has the other nodes' pod CIDRs in its peer
+    /// map (its first pass over the peers file, the VXLAN device made if it takes one).
+    pub fn wait_for_peers(&self) -> anyhow::Result<()> {
+        let wanted: usize = self.nodes.iter().map(|n| n.subnets.len()).sum();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for node in &self.nodes {
+            while node.dump("peers").map_or(0, |peers| peers.len()) < wanted - node.subnets.len() {
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "{}: the peers were not applied within 10 s",
+                    node.name
+                );
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
         }
         Ok(())
     }
@@ -379,11 +453,22 @@ impl TearDown for Cluster {
 impl ClusterGuard {
     /// A cluster with names unique to this process, with the standard four pods.
     pub fn up(tag: &str) -> anyhow::Result<Self> {
-        let guard = Self(Cluster::new(
+        Self::up_as(tag, Topology::OneLink)
+    }
+
+    /// [`Self::up`] with the nodes on subnets of their own (peers tunnelled).
+    pub fn up_routed(tag: &str) -> anyhow::Result<Self> {
+        Self::up_as(tag, Topology::Routed)
+    }
+
+    fn up_as(tag: &str, topology: Topology) -> anyhow::Result<Self> {
+        let guard = Self(Cluster::with_topology(
             &format!("vc{}{tag}-", std::process::id()),
             Binaries::locate()?,
+            topology,
         )?);
         guard.0.up()?;
+        guard.0.wait_for_peers()?;
         guard.0.add_standard_pods()?;
         Ok(guard)
     }

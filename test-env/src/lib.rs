@@ -28,7 +28,7 @@ pub mod podman;
 pub mod real_cluster;
 pub mod reference;
 
-pub use cluster::{Cluster, ClusterGuard};
+pub use cluster::{Cluster, ClusterGuard, Topology};
 
 /// The image `cargo xtask image` builds and deploy/velox.yaml runs.
 pub const IMAGE: &str = concat!("localhost/velox:", env!("CARGO_PKG_VERSION"));

@@ -27,6 +27,8 @@ pub struct Node {
     pub subnets: Vec<IpNet>,
     pub bpffs_root: PathBuf,
     pub state_dir: PathBuf,
+    /// The MTU the CNI config gives pods.
+    pub pod_mtu: u32,
     pub bins: Binaries,
     /// Set for a node of a cluster: its uplink `eth0` joins the underlay.
     pub underlay: Option<Underlay>,
@@ -90,6 +92,7 @@ impl Node {
             subnets,
             bpffs_root: PathBuf::from(format!("/sys/fs/bpf/velox-{name}")),
             state_dir: PathBuf::from(format!("/run/velox-test/{name}")),
+            pod_mtu: 1500,
             bins,
             underlay: None,
         }
@@ -221,7 +224,7 @@ impl Node {
             "name": format!("velox-{}", self.name),
             "type": "velox",
             "subnets": self.subnets,
-            "mtu": 1500,
+            "mtu": self.pod_mtu,
             "bpffsRoot": self.bpffs_root,
             "stateDir": self.state_dir,
             "logFile": self.state_dir.join("cni.log"),

@@ -22,6 +22,10 @@ pub const INTERFACES_MAP: &str = "VELOX_INTERFACES";
 pub const ENDPOINT_CACHE_MAP: &str = "VELOX_ENDPOINT_CACHE";
 /// Pinned under `<bpffsRoot>/maps/`: other nodes' pod CIDRs -> how to reach that node.
 pub const PEERS_MAP: &str = "VELOX_PEERS";
+/// Pinned under `<bpffsRoot>/maps/`: every other node's InternalIPs ([`IpKey`]) ->
+/// [`NodeEntry`]: who may send through the tunnel, and how this node's pods reach
+/// a tunnelled node's own addresses.
+pub const NODES_MAP: &str = "VELOX_NODES";
 /// Pinned under `<bpffsRoot>/maps/`: pod connection ends whose traffic the kernel
 /// handled (LRU); replies to them go back through the kernel, which may have NATed them.
 pub const KERNEL_FLOWS_MAP: &str = "VELOX_KERNEL_FLOWS";
@@ -137,6 +141,14 @@ pub const FROM_NET_PROGRAM: &str = "from_net";
 /// Pinned under `<bpffsRoot>/programs/`: TC egress of every host-side pod veth, where
 /// the kernel delivers into the pod what Velox did not redirect.
 pub const TO_POD_PROGRAM: &str = "to_pod";
+/// Pinned under `<bpffsRoot>/programs/`: TC ingress of the node's VXLAN device, what
+/// tunnelled peers send.
+pub const FROM_TUNNEL_PROGRAM: &str = "from_tunnel";
+/// Pinned under `<bpffsRoot>/programs/`: TC egress of the node's VXLAN device, where
+/// every packet for a tunnelled peer gets its tunnel key.
+pub const TO_TUNNEL_PROGRAM: &str = "to_tunnel";
+/// The VXLAN network identifier of Velox's tunnel: one for the whole cluster.
+pub const TUNNEL_VNI: u32 = 1;
 /// Entries of `VELOX_KERNEL_FLOWS` when the kernel's `nf_conntrack_max` cannot be read.
 pub const DEFAULT_KERNEL_FLOWS: u32 = 262_144;
 
@@ -147,6 +159,8 @@ pub const UPLINK_SLOT: u32 = 0;
 /// holds one slot more, per CPU.
 pub const DEFAULT_MAX_PODS: u32 = 1024;
 pub const MAX_PEERS: usize = 4096;
+/// InternalIPs of other nodes: two families each.
+pub const MAX_NODE_IPS: usize = 2 * MAX_PEERS;
 pub const MAX_SERVICES: usize = 65536;
 pub const MAX_BACKENDS: usize = 262_144;
 /// NodePorts: one per port, protocol and family.
@@ -768,29 +782,82 @@ pub const POLICY_FLOW_POOL_SIZE: u32 = POLICY_FLOW_POOL_USED + 1;
 pub const POLICY_FLOW_RESERVED: u32 = POLICY_FLOW_POOL_USED + 2;
 pub const POLICY_FLOW_SHARES: usize = MAX_ENDPOINTS + 3;
 
-/// Another node, as the next hop for one of its pod CIDRs (direct routing, no tunnel).
-/// An IPv4 CIDR goes via the node's IPv4 address, an IPv6 CIDR via its IPv6 address.
+/// Another node, as the next hop for one of its pod CIDRs: directly over the link
+/// (`bpf_redirect_neigh` to its address of the CIDR's family), or through the VXLAN
+/// device to its underlay address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Peer {
-    /// The peer node's address on the underlay.
+    /// The peer node's address on the underlay: the next hop, or the tunnel's remote.
     pub node_ip: IpKey,
-    /// `AF_INET` or `AF_INET6`: the family of `node_ip`, for `bpf_redirect_neigh`.
+    /// `AF_INET` or `AF_INET6`: the family of `node_ip`.
     pub family: u32,
-    /// The local uplink to send from.
+    /// The local interface to send from: the uplink, or the VXLAN device.
     pub ifindex: u32,
-    /// The uplink's MTU, kept by the loader: a packet that fits needs no MTU check.
+    /// That interface's MTU, kept by the loader: a packet that fits needs no MTU check.
     pub mtu: u32,
+    /// [`PEER_NATIVE`] or [`PEER_VXLAN`].
+    pub route: u32,
+    /// Why the loader chose that route (`PEER_ON_LINK` ..), for `velox-loader peers`.
+    pub reason: u32,
+    /// The node's id (from its name, never 0), as `VELOX_NODES` has it: a packet
+    /// from this CIDR out of the tunnel must come from this node.
+    pub node: u32,
 }
 
+/// Another node, by each of its InternalIPs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeEntry {
+    /// Its underlay address to tunnel to, when its pods are tunnelled: pods' packets
+    /// to its own addresses go through the tunnel too, so no pod address is ever
+    /// seen on the underlay (which may drop sources it does not know).
+    pub remote: IpKey,
+    /// `AF_INET` or `AF_INET6`, the family of `remote`; 0 when it is not tunnelled.
+    pub family: u32,
+    /// Its node id ([`Peer::node_id`]).
+    pub node: u32,
+}
+
+/// [`Peer::route`]: over the link, or through the VXLAN device.
+pub const PEER_NATIVE: u32 = 0;
+pub const PEER_VXLAN: u32 = 1;
+/// [`Peer::reason`]: the peer's address is on a subnet of the uplink, or not; or the
+/// loader's `--tunnel` flag chose for every peer.
+pub const PEER_ON_LINK: u32 = 0;
+pub const PEER_NOT_ON_LINK: u32 = 1;
+pub const PEER_FORCED: u32 = 2;
+
 impl Peer {
-    pub fn new(node_ip: IpAddr, ifindex: u32, mtu: u32) -> Self {
+    /// A peer reached directly over the uplink `ifindex`.
+    pub fn native(node_ip: IpAddr, node: u32, ifindex: u32, mtu: u32, reason: u32) -> Self {
         Self {
             node_ip: node_ip.into(),
             family: if node_ip.is_ipv4() { AF_INET } else { AF_INET6 },
             ifindex,
             mtu,
+            route: PEER_NATIVE,
+            reason,
+            node,
         }
+    }
+
+    /// A peer reached through the VXLAN device `ifindex`, to its underlay address `node_ip`.
+    pub fn tunnelled(node_ip: IpAddr, node: u32, ifindex: u32, mtu: u32, reason: u32) -> Self {
+        Self {
+            route: PEER_VXLAN,
+            ..Self::native(node_ip, node, ifindex, mtu, reason)
+        }
+    }
+
+    /// A node's id: FNV-1a of its name, never 0 (0 is "no node"). Two names with the
+    /// same id could send with each other's sources through the tunnel; at 32 bits
+    /// that takes tens of thousands of nodes to be likely at all.
+    pub fn node_id(name: &str) -> u32 {
+        let hash = name
+            .bytes()
+            .fold(0x811c_9dc5u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193));
+        hash.max(1)
     }
 }
 
@@ -815,8 +882,10 @@ pub const DROP_UNKNOWN_RECEIVER: u32 = 5;
 pub const DROP_NO_BACKEND: u32 = 6;
 pub const DROP_NAT_PORTS_EXHAUSTED: u32 = 7;
 pub const DROP_POLICY_FLOWS_FULL: u32 = 8;
+pub const DROP_TUNNEL_SOURCE: u32 = 9;
+pub const DROP_NO_TUNNEL_PEER: u32 = 10;
 
-pub const DROP_REASONS: [DropReason; 9] = [
+pub const DROP_REASONS: [DropReason; 11] = [
     DropReason {
         code: DROP_SPOOFED,
         name: "spoofed",
@@ -867,6 +936,17 @@ pub const DROP_REASONS: [DropReason; 9] = [
         name: "policy_flows_full",
         help: "a connection NetworkPolicy allowed could not be followed: its pod holds its reserved share of \
                the allowed-connections map and the shared pool is full",
+    },
+    DropReason {
+        code: DROP_TUNNEL_SOURCE,
+        name: "tunnel_source",
+        help: "out of the VXLAN tunnel from an address that is not another node of the cluster, or with an \
+               inner source that is not that node's (its pods, its addresses), or not IP",
+    },
+    DropReason {
+        code: DROP_NO_TUNNEL_PEER,
+        name: "no_tunnel_peer",
+        help: "routed into the VXLAN tunnel for an address no tunnelled peer's pod CIDR holds",
     },
 ];
 
@@ -973,6 +1053,7 @@ mod pod {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::CachedEndpoint {}
     unsafe impl aya::Pod for super::Peer {}
+    unsafe impl aya::Pod for super::NodeEntry {}
     unsafe impl aya::Pod for super::EndpointCounters {}
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::BackendSlot {}
@@ -1044,11 +1125,17 @@ mod tests {
     }
 
     #[test]
-    fn peers_carry_their_family() {
-        assert_eq!(Peer::new(Ipv4Addr::new(10, 0, 0, 4).into(), 3, 1500).family, AF_INET);
-        assert_eq!(
-            Peer::new("fd00:10::4".parse::<Ipv6Addr>().unwrap().into(), 3, 1500).family,
-            AF_INET6
-        );
+    fn peers_carry_their_family_and_route() {
+        let v4 = Peer::native(Ipv4Addr::new(10, 0, 0, 4).into(), 7, 3, 1500, PEER_ON_LINK);
+        assert_eq!((v4.family, v4.route), (AF_INET, PEER_NATIVE));
+        let v6 = Peer::tunnelled("fd00:10::4".parse::<Ipv6Addr>().unwrap().into(), 7, 9, 1430, PEER_FORCED);
+        assert_eq!((v6.family, v6.route, v6.ifindex, v6.node), (AF_INET6, PEER_VXLAN, 9, 7));
+    }
+
+    #[test]
+    fn node_ids_are_never_zero_and_differ_by_name() {
+        assert_ne!(Peer::node_id("my-k8s-worker-1"), Peer::node_id("my-k8s-worker-2"));
+        assert_eq!(Peer::node_id("w1"), Peer::node_id("w1"));
+        assert_ne!(Peer::node_id(""), 0);
     }
 }

@@ -1,11 +1,11 @@
 //! Where a packet goes: a pod of this node (`bpf_redirect_peer` into its netns), a
-//! pod of another node (`bpf_redirect_neigh` out of the uplink, direct routing: no
-//! tunnel, no NAT), or the kernel.
+//! pod of another node (`bpf_redirect_neigh` out of the uplink, direct routing, or
+//! into the VXLAN device for a peer off the link; no NAT either way), or the kernel.
 
 use aya_ebpf::{
     bindings::{bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_redir_neigh, TC_ACT_REDIRECT},
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
-    helpers::{bpf_check_mtu, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{bpf_check_mtu, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     macros::btf_map,
     programs::TcContext,
 };
@@ -13,7 +13,7 @@ use core::ptr::{addr_of, read_volatile};
 use network_types::eth::EthHdr;
 use velox_common::{
     CachedEndpoint, Endpoint, IpKey, Peer, AF_INET, DROP_REDIRECT_FAILED, ENDPOINT_CACHE_SLOTS, MAX_ENDPOINTS,
-    MAX_PEERS,
+    MAX_PEERS, PEER_VXLAN,
 };
 
 use crate::verdict::{Outcome, REDIRECT};
@@ -82,10 +82,15 @@ pub fn to_local_pod(ifindex: u32) -> Outcome {
     redirected(unsafe { bpf_redirect_peer(ifindex, 0) })
 }
 
-/// Out of the uplink towards `peer`; the kernel's neighbour table fills in the
+/// Towards `peer`: into the VXLAN device, whose egress (`to_tunnel`) sets the
+/// tunnel key, or out of the uplink, the kernel's neighbour table filling in the
 /// Ethernet header.
 #[inline(always)]
 pub fn to_peer_node(peer: &Peer) -> Outcome {
+    if peer.route == PEER_VXLAN {
+        // SAFETY: a plain helper call; flags 0: the device's egress.
+        return redirected(unsafe { bpf_redirect(peer.ifindex, 0) });
+    }
     let words = peer.node_ip.words();
     // Zeroed first: an IPv4 next hop leaves 12 bytes of the union unwritten, and
     // LLVM would fill them from whatever register, which the verifier refuses.
@@ -109,8 +114,10 @@ pub fn to_network(uplink: u32) -> Outcome {
     redirected(unsafe { bpf_redirect_neigh(uplink, core::ptr::null_mut(), 0, 0) })
 }
 
-/// Whether the packet, or each of its GSO segments, fits the uplink's MTU. A plain
-/// packet within the MTU the loader recorded fits without asking the kernel.
+/// Whether the packet, or each of its GSO segments, fits the MTU of the interface
+/// towards `peer` (the uplink, or the VXLAN device: the uplink's less the
+/// encapsulation). A plain packet within the MTU the loader recorded fits without
+/// asking the kernel.
 /// `bpf_redirect_neigh` neither fragments nor reports the path MTU: a packet that does
 /// not fit goes to the kernel, which does both.
 #[inline(always)]

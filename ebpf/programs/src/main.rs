@@ -5,6 +5,9 @@
 //!   out of the uplink; everything else goes to the kernel.
 //! - `from_net`, on the ingress of the node's uplink: a local pod gets it with
 //!   `bpf_redirect_peer`; everything else goes to the kernel.
+//! - `from_tunnel` and `to_tunnel`, on the node's VXLAN device (`tunnel`): what
+//!   tunnelled peers send, checked for its sender, then as `from_net` does; and the
+//!   tunnel key for what goes to them.
 //! - `to_pod`, on the egress of every host-side pod veth: what the kernel delivers
 //!   into a pod meets the pod's ingress policy there.
 //! - `from_net_nat` and `from_pod_nat`, tail-called by the two above: outside
@@ -29,6 +32,7 @@ mod sav;
 mod services;
 mod socket_lb;
 mod timeouts;
+mod tunnel;
 #[cfg(feature = "upgrade-test")]
 mod upgrade_test;
 mod verdict;
@@ -38,7 +42,10 @@ use forward::{fits_uplink, local_endpoint, peer_node, to_local_pod, to_peer_node
 use kernel_flows::{is_kernel_flow, remember};
 use parse::{parse, Packet};
 use policy::{police, Verdict, ALLOWED};
-use velox_common::{Endpoint, DROP_SPOOFED, DROP_UNKNOWN_RECEIVER, FROM_NET_NAT, FROM_POD_NAT, UPLINK_SLOT};
+use velox_common::{
+    DROP_NO_TUNNEL_PEER, DROP_SPOOFED, DROP_TUNNEL_SOURCE, DROP_UNKNOWN_RECEIVER, FROM_NET_NAT,
+    FROM_POD_NAT, UPLINK_SLOT,
+};
 use verdict::{finish, interface_slot, trace, Outcome, NO_SLOT, PASS};
 
 /// `__sk_buff.pkt_type` of a frame addressed to this host.
@@ -169,19 +176,28 @@ pub fn from_net(ctx: TcContext) -> i32 {
         )
     };
     let is_ip = pkt_type == PACKET_HOST && vlan == 0 && parse(&ctx, packet);
-    let endpoint = match is_ip {
-        true => local_endpoint(&packet.dst.addr),
-        false => Endpoint::NONE,
-    };
     let mut verdict = Verdict::default();
-    let outcome = if !is_ip {
-        PASS
-    } else if endpoint.exists() {
+    let outcome = match is_ip {
+        true => from_network(&ctx, packet, ifindex, &mut verdict),
+        false => PASS,
+    };
+    let action = finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict);
+    trace(&ctx, "from_net", is_ip.then_some(&packet.dst.addr), action);
+    action
+}
+
+/// Where a packet from another node or from outside goes, arrived on `ifindex` (the
+/// uplink, or out of the tunnel): a local pod gets it once policy allows, the NAT
+/// takes what is its, the kernel the rest.
+#[inline(always)]
+fn from_network(ctx: &TcContext, packet: &Packet, ifindex: u32, verdict: &mut Verdict) -> Outcome {
+    let endpoint = local_endpoint(&packet.dst.addr);
+    if endpoint.exists() {
         if is_kernel_flow(&packet.dst, endpoint.slot) {
             // The kernel delivers it, and `to_pod` judges it there.
             PASS
         } else {
-            police(&ctx, packet, NO_SLOT, endpoint.slot, false, &mut verdict);
+            police(ctx, packet, NO_SLOT, endpoint.slot, false, verdict);
             if verdict.result == ALLOWED {
                 to_local_pod(endpoint.ifindex)
             } else {
@@ -189,7 +205,7 @@ pub fn from_net(ctx: TcContext) -> i32 {
             }
         }
     } else if nat::is_for_nat_from_net(packet) {
-        nat::hand_over(&ctx, FROM_NET_NAT);
+        nat::hand_over(ctx, FROM_NET_NAT);
         PASS
     } else {
         // A pod on another node reaching this node (a hostPort, a NodePort): the kernel
@@ -198,9 +214,47 @@ pub fn from_net(ctx: TcContext) -> i32 {
             remember(ifindex, &packet.src, UPLINK_SLOT);
         }
         PASS
+    }
+}
+
+/// On the ingress of the VXLAN device: what a tunnelled peer sent. Only another node
+/// of the cluster may send (its underlay address is the outer source), and only from
+/// its own pods and addresses; then it goes on as from the uplink. Counted in the
+/// uplink's slot: both are the network side of the node.
+#[classifier]
+pub fn from_tunnel(ctx: TcContext) -> i32 {
+    let mut space = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zeroed_in(&mut space);
+    let is_ip = parse(&ctx, packet);
+    // SAFETY: reading the context's own field.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let sender = tunnel::sending_node(&ctx);
+    let mut verdict = Verdict::default();
+    let outcome = if is_ip && sender != tunnel::NO_NODE && tunnel::sent_by(&packet.sent_from, sender) {
+        tunnel::accept_as_addressed_here(&ctx);
+        from_network(&ctx, packet, ifindex, &mut verdict)
+    } else {
+        DROP_TUNNEL_SOURCE
     };
     let action = finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict);
-    trace(&ctx, "from_net", is_ip.then_some(&packet.dst.addr), action);
+    trace(&ctx, "from_tunnel", is_ip.then_some(&packet.dst.addr), action);
+    action
+}
+
+/// On the egress of the VXLAN device: every packet into the tunnel gets the key of the
+/// peer whose pod CIDR holds its destination. Only a drop is counted: the packet was
+/// counted where it came from.
+#[classifier]
+pub fn to_tunnel(ctx: TcContext) -> i32 {
+    let mut space = core::mem::MaybeUninit::uninit();
+    let packet = Packet::zeroed_in(&mut space);
+    let is_ip = parse(&ctx, packet);
+    let (outcome, slot) = match is_ip && tunnel::encapsulate(&ctx, &packet.dst.addr) {
+        true => (PASS, NO_SLOT),
+        false => (DROP_NO_TUNNEL_PEER, UPLINK_SLOT),
+    };
+    let action = finish(&ctx, packet, slot, outcome, &Verdict::default());
+    trace(&ctx, "to_tunnel", is_ip.then_some(&packet.dst.addr), action);
     action
 }
 

@@ -1,6 +1,7 @@
 //! Reading a packet's two connection ends, once per packet, for every later step.
 
 use aya_ebpf::{bindings::BPF_ANY, btf_maps::LruHashMap, macros::btf_map, programs::TcContext};
+use core::mem::MaybeUninit;
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -76,20 +77,29 @@ pub struct Packet {
 }
 
 impl Packet {
-    /// Zeroes `slot` in place, a word at a time, and gives the packet in it: LLVM
-    /// turns a zeroed struct, or a copy of one, into a call of a byte-at-a-time
-    /// `memset` loop, which the BPF backend does not inline (it cost `from_pod` a
-    /// third of its run). Volatile, so LLVM cannot merge the stores back into one.
+    /// The packet, zeroed in `slot` (see [`zeroed_in`]).
     #[inline(always)]
-    pub fn zeroed_in(slot: &mut core::mem::MaybeUninit<Self>) -> &mut Self {
-        let words = slot.as_mut_ptr().cast::<u64>();
-        for i in 0..core::mem::size_of::<Self>() / 8 {
-            // SAFETY: inside the slot, whose alignment is 8.
-            unsafe { words.add(i).write_volatile(0) };
-        }
-        // SAFETY: all zero is a valid packet: integers and bools.
-        unsafe { slot.assume_init_mut() }
+    pub fn zeroed_in(slot: &mut MaybeUninit<Self>) -> &mut Self {
+        // SAFETY: all zero is a valid packet: integers and bools; align 8, a
+        // multiple of 8 long.
+        unsafe { zeroed_in::<Self, u64>(slot) }
     }
+}
+
+/// Zeroes `slot` in place, a `W` word at a time, and gives the value in it: LLVM
+/// turns a zeroed struct, or a copy of one, into a call of a byte-at-a-time `memset`
+/// loop, which the BPF backend does not inline (it cost `from_pod` a third of its
+/// run). Volatile, so LLVM cannot merge the stores back into one.
+///
+/// # Safety
+/// All zero is a valid `T`, and `T` is a whole number of `W`s long and aligned as `W`.
+#[inline(always)]
+pub unsafe fn zeroed_in<T, W: Default>(slot: &mut MaybeUninit<T>) -> &mut T {
+    let words = slot.as_mut_ptr().cast::<W>();
+    for i in 0..core::mem::size_of::<T>() / core::mem::size_of::<W>() {
+        words.add(i).write_volatile(W::default());
+    }
+    slot.assume_init_mut()
 }
 
 /// `*to = *from` (`to` may be uninitialised), a word at a time: LLVM turns a plain

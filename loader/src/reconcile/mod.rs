@@ -9,3 +9,4 @@ pub mod peers;
 pub mod policy;
 pub mod routes;
 pub mod services;
+pub mod tunnel;

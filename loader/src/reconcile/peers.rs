@@ -1,13 +1,14 @@
 //! The other nodes as peers: what Velox reads of each Node (its name, pod CIDRs and
-//! InternalIPs), and the peer map the datapath forwards to them with.
+//! InternalIPs), the peer map the datapath forwards to them with, and the node map
+//! that says who may send through the tunnel.
 
 use anyhow::Context;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use velox_common::Peer;
-use velox_node::maps::PeerMap;
+use velox_common::{IpKey, NodeEntry, Peer, AF_INET, AF_INET6, PEER_VXLAN};
+use velox_node::maps::{NodeMap, PeerMap};
 use velox_node::netlink::Link;
 use velox_node::{Bpffs, Family};
 
@@ -72,9 +73,38 @@ pub fn node_addresses(nodes: &[Node]) -> Vec<NodeAddresses> {
     out
 }
 
-/// Makes the peer map hold exactly `next_hops` (pod CIDR -> node address), each
-/// reached through `uplink`.
-pub fn write_peer_map(bpffs: &Bpffs, next_hops: &BTreeMap<IpNet, IpAddr>, uplink: &Link) -> anyhow::Result<()> {
+/// How this node reaches one of a peer's pod CIDRs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerRoute {
+    /// The peer's node id ([`Peer::node_id`]).
+    pub node: u32,
+    /// The next hop on the link, or the tunnel's remote.
+    pub node_ip: IpAddr,
+    /// `PEER_NATIVE` or `PEER_VXLAN`.
+    pub route: u32,
+    /// Why (`PEER_ON_LINK` ..).
+    pub reason: u32,
+}
+
+impl PeerRoute {
+    pub fn new(node: &NodeAddresses, node_ip: IpAddr, route: u32, reason: u32) -> Self {
+        Self {
+            node: Peer::node_id(&node.name),
+            node_ip,
+            route,
+            reason,
+        }
+    }
+}
+
+/// Makes the peer map hold exactly `next_hops` (pod CIDR -> node), each reached
+/// through `uplink`, or `tunnel` for a tunnelled one.
+pub fn write_peer_map(
+    bpffs: &Bpffs,
+    next_hops: &BTreeMap<IpNet, PeerRoute>,
+    uplink: &Link,
+    tunnel: Option<&Link>,
+) -> anyhow::Result<()> {
     let mut map = PeerMap::open(bpffs)?;
     // Entries of departed nodes go; the puts below overwrite the rest.
     for (cidr, _) in map.entries()? {
@@ -82,10 +112,44 @@ pub fn write_peer_map(bpffs: &Bpffs, next_hops: &BTreeMap<IpNet, IpAddr>, uplink
             map.remove(cidr)?;
         }
     }
-    for (cidr, node_ip) in next_hops {
-        map.put(*cidr, Peer::new(*node_ip, uplink.index, uplink.mtu))?;
+    for (cidr, hop) in next_hops {
+        let peer = match (hop.route, tunnel) {
+            (PEER_VXLAN, Some(tunnel)) => Peer::tunnelled(hop.node_ip, hop.node, tunnel.index, tunnel.mtu, hop.reason),
+            (PEER_VXLAN, None) => anyhow::bail!("{cidr}: tunnelled, but there is no VXLAN device"),
+            _ => Peer::native(hop.node_ip, hop.node, uplink.index, uplink.mtu, hop.reason),
+        };
+        map.put(*cidr, peer)?;
     }
     Ok(())
+}
+
+/// Makes the node map hold every other node's InternalIPs (not this node's, whose
+/// addresses are `own_ips`) with its id, and its tunnel remote (`remotes`, by node
+/// id) if it is tunnelled.
+pub fn write_node_map(
+    bpffs: &Bpffs,
+    nodes: &[NodeAddresses],
+    own_ips: &[IpAddr],
+    remotes: &BTreeMap<u32, IpAddr>,
+) -> anyhow::Result<()> {
+    let wanted: BTreeMap<IpAddr, NodeEntry> = nodes
+        .iter()
+        .filter(|node| !node.node_ips.iter().any(|ip| own_ips.contains(ip)))
+        .flat_map(|node| {
+            let id = Peer::node_id(&node.name);
+            let entry = NodeEntry {
+                remote: remotes.get(&id).map_or(IpKey::v6([0; 16]), |ip| (*ip).into()),
+                family: match remotes.get(&id) {
+                    Some(IpAddr::V4(_)) => AF_INET,
+                    Some(IpAddr::V6(_)) => AF_INET6,
+                    None => 0,
+                },
+                node: id,
+            };
+            node.node_ips.iter().map(move |ip| (*ip, entry))
+        })
+        .collect();
+    Ok(NodeMap::open(bpffs)?.sync(&wanted)?)
 }
 
 #[cfg(test)]

@@ -1,21 +1,27 @@
 //! The node's place among the nodes: `from_net` on the uplink, and a route for every
-//! other node's pod CIDRs of both families (direct routing: no tunnel, no NAT), with
-//! the peer map and the masquerade chains kept in step.
+//! other node's pod CIDRs of both families (no NAT): via the node's address when it
+//! is on the uplink's link, through the VXLAN device otherwise (`tunnel`); with the
+//! peer map, the node map and the masquerade chains kept in step.
 
 use anyhow::Context;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use velox_common::FROM_NET_PROGRAM;
+use velox_common::{Peer, FROM_NET_PROGRAM, PEER_FORCED, PEER_NATIVE, PEER_NOT_ON_LINK, PEER_ON_LINK, PEER_VXLAN};
 use velox_node::layout::Hook;
 use velox_node::link::attach_tc;
-use velox_node::netlink::{Link, Netlink, Route, VELOX_ROUTE_PROTOCOL};
+use velox_node::maps::PeerMap;
+use velox_node::netlink::{Link, Netlink, Route, MAIN_TABLE, VELOX_ROUTE_PROTOCOL};
 use velox_node::{Bpffs, Family};
 
 use super::masquerade::{masquerade_outside, remove_masquerade};
-use super::peers::{node_addresses, write_peer_map, NodeAddresses};
+use super::peers::{node_addresses, write_node_map, write_peer_map, NodeAddresses, PeerRoute};
 use super::services::ThisNode;
+use super::tunnel::{
+    ensure_device, outer_address, overhead, remove_device, sync_pod_routes_to_nodes, tunnel_remotes,
+    tunnelled_node_ips, TunnelMode,
+};
 
 /// A route someone other than Velox made, as far as peer CIDRs must respect it.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,6 +62,10 @@ pub struct NodeNetworkConfig {
     pub ip_masq: bool,
     /// This node's Node in the cluster source.
     pub node_name: Option<String>,
+    /// Which peers are reached through the VXLAN device.
+    pub tunnel: TunnelMode,
+    /// The VXLAN device's UDP port.
+    pub vxlan_port: u16,
 }
 
 /// The uplink, the routes to the other nodes' pods, the peer map and masquerading,
@@ -63,10 +73,12 @@ pub struct NodeNetworkConfig {
 pub struct NodeNetwork {
     config: NodeNetworkConfig,
     bpffs: Bpffs,
+    /// The uplink's MTU as the last pass found it.
+    uplink_mtu: Option<u32>,
     /// What the last successful pass set up, to notice a changed peers file.
     applied: Option<Vec<NodeAddresses>>,
-    /// The uplink's addresses as the last pass found them.
-    own_ips: Vec<IpAddr>,
+    /// The uplink's addresses (with their prefixes) as the last pass found them.
+    own_nets: Vec<IpNet>,
 }
 
 /// Turns on forwarding of a family; a kernel without IPv6 has nothing to turn on.
@@ -95,13 +107,29 @@ impl NodeNetwork {
             config,
             bpffs,
             applied: None,
-            own_ips: Vec::new(),
+            own_nets: Vec::new(),
+            uplink_mtu: None,
         })
     }
 
     /// The uplink, once known.
     pub fn uplink(&self) -> Option<&str> {
         self.config.uplink.as_deref()
+    }
+
+    /// The MTU pods get, once the uplink is known: the uplink's, less VXLAN's
+    /// encapsulation unless `--tunnel never` (in `auto` any peer may come to be
+    /// tunnelled; a pod's MTU is set once, at ADD). IPv4's where the node has an
+    /// IPv4 address on the uplink, as the tunnel then uses it.
+    pub fn pod_mtu(&self) -> Option<u32> {
+        let outer = match self.underlay_ips().iter().any(IpAddr::is_ipv4) {
+            true => Family::V4,
+            false => Family::V6,
+        };
+        self.uplink_mtu.map(|mtu| match self.config.tunnel {
+            TunnelMode::Never => mtu,
+            _ => mtu.saturating_sub(overhead(outer)),
+        })
     }
 
     /// This node's pod CIDRs, once known.
@@ -140,18 +168,19 @@ impl NodeNetwork {
     /// This node as the Services see it: its uplink addresses (link-local ones
     /// aside) and its pod CIDRs.
     pub fn this_node(&self) -> ThisNode {
-        let addresses = self
-            .own_ips
-            .iter()
-            .copied()
-            .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
         ThisNode {
-            addresses,
+            addresses: self.underlay_ips().into_iter().collect::<BTreeSet<_>>().into_iter().collect(),
             pod_cidrs: self.config.pod_cidrs.clone(),
         }
+    }
+
+    /// The uplink's addresses, link-local ones aside: this node's on the underlay.
+    fn underlay_ips(&self) -> Vec<IpAddr> {
+        self.own_nets
+            .iter()
+            .map(IpNet::addr)
+            .filter(|ip| !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
+            .collect()
     }
 
     /// One full pass over `nodes`, the cluster's nodes as the source has them; cheap
@@ -172,14 +201,34 @@ impl NodeNetwork {
             return Ok(());
         }
         let uplink = self.attach_uplink(netlink).await?;
-        self.own_ips = netlink.addresses(uplink.index).await?.iter().map(IpNet::addr).collect();
+        self.own_nets = netlink.addresses(uplink.index).await?;
+        self.uplink_mtu = Some(uplink.mtu);
         let mut routes = Vec::new();
         for family in Family::ALL {
             routes.extend(netlink.routes(family).await?);
         }
         let next_hops = self.next_hops(&nodes, &routes);
-        sync_routes(netlink, &routes, &next_hops, uplink.index).await?;
-        write_peer_map(&self.bpffs, &next_hops, &uplink)?;
+        // Senders are known before routes lead anyone to send.
+        let remotes = tunnel_remotes(&next_hops);
+        write_node_map(&self.bpffs, &nodes, &self.underlay_ips(), &remotes)?;
+        let tunnel = self.sync_tunnel(netlink, &next_hops, &uplink).await?;
+        let through = Through {
+            uplink: uplink.index,
+            tunnel: tunnel.as_ref().map(|t| t.index),
+            sources: self.underlay_ips(),
+        };
+        // The datapath knows a peer before routes lead the kernel's packets to it.
+        write_peer_map(&self.bpffs, &next_hops, &uplink, tunnel.as_ref())?;
+        sync_routes(netlink, &routes, &next_hops, &through).await?;
+        sync_pod_routes_to_nodes(
+            netlink,
+            &routes,
+            through.tunnel,
+            &self.config.pod_cidrs,
+            &tunnelled_node_ips(&nodes, &remotes),
+            &through.sources,
+        )
+        .await?;
         if self.config.ip_masq {
             masquerade_outside(&self.config.pod_cidrs, &self.inside(&nodes, &next_hops))?;
         }
@@ -204,9 +253,49 @@ impl NodeNetwork {
         Ok(uplink)
     }
 
-    /// The other nodes' pod CIDRs to route, each to the node's address of its
-    /// family; a CIDR that would take over another route is left out, with a log line.
-    fn next_hops(&self, nodes: &[NodeAddresses], routes: &[Route]) -> BTreeMap<IpNet, IpAddr> {
+    /// The VXLAN device, when a peer is tunnelled or `--tunnel always` says so, with
+    /// the uplink's MTU less the largest encapsulation in use; removed otherwise.
+    async fn sync_tunnel(
+        &self,
+        netlink: &Netlink,
+        next_hops: &BTreeMap<IpNet, PeerRoute>,
+        uplink: &Link,
+    ) -> anyhow::Result<Option<Link>> {
+        let outer_families: BTreeSet<Family> = next_hops
+            .values()
+            .filter(|hop| hop.route == PEER_VXLAN)
+            .map(|hop| Family::of(&hop.node_ip))
+            .collect();
+        if outer_families.is_empty() && self.config.tunnel != TunnelMode::Always {
+            remove_device(netlink, &self.bpffs).await?;
+            return Ok(None);
+        }
+        let largest = outer_families.into_iter().map(overhead).max().unwrap_or(overhead(Family::V4));
+        let mtu = uplink.mtu.saturating_sub(largest);
+        Ok(Some(ensure_device(netlink, &self.bpffs, self.config.vxlan_port, mtu).await?))
+    }
+
+    /// How to reach `node`'s `cidr`: natively via its address of the CIDR's family
+    /// when that is on a subnet of the uplink (or `--tunnel never`), else through the
+    /// tunnel to its underlay address. `None` when neither can be.
+    fn route_to(&self, node: &NodeAddresses, cidr: &IpNet) -> Option<PeerRoute> {
+        let native = node.next_hop(cidr);
+        let on_link = native.filter(|ip| self.own_nets.iter().any(|net| net.contains(ip)));
+        let tunnelled = |reason| {
+            outer_address(&self.underlay_ips(), &node.node_ips).map(|ip| PeerRoute::new(node, ip, PEER_VXLAN, reason))
+        };
+        match (self.config.tunnel, on_link) {
+            (TunnelMode::Never, _) => native.map(|ip| PeerRoute::new(node, ip, PEER_NATIVE, PEER_FORCED)),
+            (TunnelMode::Always, _) => tunnelled(PEER_FORCED),
+            (TunnelMode::Auto, Some(ip)) => Some(PeerRoute::new(node, ip, PEER_NATIVE, PEER_ON_LINK)),
+            (TunnelMode::Auto, None) => tunnelled(PEER_NOT_ON_LINK),
+        }
+    }
+
+    /// The other nodes' pod CIDRs to route, each natively or through the tunnel
+    /// (`route_to`); a CIDR that would take over another route is left out, with a
+    /// log line.
+    fn next_hops(&self, nodes: &[NodeAddresses], routes: &[Route]) -> BTreeMap<IpNet, PeerRoute> {
         let host_routes: Vec<ForeignRoute> = routes
             .iter()
             .filter(|r| r.protocol != VELOX_ROUTE_PROTOCOL)
@@ -215,31 +304,33 @@ impl NodeNetwork {
                 via_gateway: r.gateway.is_some(),
             })
             .collect();
-        // Where two nodes claim overlapping CIDRs, the one routed already keeps its
-        // route: a newcomer (a misconfigured or hostile Node) never takes it over.
-        let established: BTreeSet<(IpNet, IpAddr)> = routes
-            .iter()
-            .filter(|r| r.protocol == VELOX_ROUTE_PROTOCOL)
-            .filter_map(|r| Some((r.dst, r.gateway?)))
-            .collect();
+        let own_ips = self.underlay_ips();
         let mut candidates = Vec::new();
-        for node in nodes
-            .iter()
-            .filter(|n| !n.node_ips.iter().any(|ip| self.own_ips.contains(ip)))
-        {
+        for node in nodes.iter().filter(|n| !n.node_ips.iter().any(|ip| own_ips.contains(ip))) {
             for cidr in &node.pod_cidrs {
-                match node.next_hop(cidr) {
+                match self.route_to(node, cidr) {
                     Some(next_hop) => candidates.push((node, *cidr, next_hop)),
                     None => log::warn!(
-                        "node {} has no InternalIP of the family of {cidr}: not routed",
-                        node.name
+                        "node {} has no InternalIP this node can reach {cidr} by (--tunnel {:?}): not routed",
+                        node.name,
+                        self.config.tunnel
                     ),
                 }
             }
         }
-        candidates
-            .sort_by_key(|(node, cidr, next_hop)| (!established.contains(&(*cidr, *next_hop)), node.name.clone()));
-        let mut next_hops: BTreeMap<IpNet, IpAddr> = BTreeMap::new();
+        // Where two nodes claim overlapping CIDRs, the one that holds it already (its
+        // route via the node, or its peer entry) keeps it: a newcomer (a misconfigured
+        // or hostile Node) never takes it over.
+        let holders = PeerMap::open(&self.bpffs)
+            .and_then(|map| map.entries())
+            .unwrap_or_default();
+        let established_by = |node: &NodeAddresses, cidr: &IpNet| {
+            routes.iter().any(|r| {
+                r.protocol == VELOX_ROUTE_PROTOCOL && r.dst == *cidr && r.gateway.is_some_and(|gw| node.node_ips.contains(&gw))
+            }) || holders.iter().any(|(held, peer)| held == cidr && peer.node == Peer::node_id(&node.name))
+        };
+        candidates.sort_by_key(|(node, cidr, _)| (!established_by(node, cidr), node.name.clone()));
+        let mut next_hops: BTreeMap<IpNet, PeerRoute> = BTreeMap::new();
         for (node, cidr, next_hop) in candidates {
             let accepted: Vec<IpNet> = next_hops.keys().copied().collect();
             match conflict(&cidr, &self.config.pod_cidrs, &accepted, &host_routes) {
@@ -254,44 +345,72 @@ impl NodeNetwork {
 
     /// Everything inside the cluster, which keeps its source address: the routed pod
     /// CIDRs, this node's, and every node's addresses.
-    fn inside(&self, nodes: &[NodeAddresses], next_hops: &BTreeMap<IpNet, IpAddr>) -> BTreeSet<IpNet> {
+    fn inside(&self, nodes: &[NodeAddresses], next_hops: &BTreeMap<IpNet, PeerRoute>) -> BTreeSet<IpNet> {
         let mut inside: BTreeSet<IpNet> = next_hops.keys().copied().collect();
         inside.extend(self.config.pod_cidrs.iter().map(IpNet::trunc));
         inside.extend(nodes.iter().flat_map(|n| n.node_ips.iter().copied().map(IpNet::from)));
-        inside.extend(self.own_ips.iter().copied().map(IpNet::from));
+        inside.extend(self.own_nets.iter().map(IpNet::addr).map(IpNet::from));
         inside
     }
 }
 
-/// Makes Velox's routes (its route protocol) be exactly `next_hops` through the
-/// uplink `uplink_index`; `routes` are the kernel's routes of both families.
+/// The interfaces Velox's routes leave by, and the sources they give the host's own
+/// packets into the tunnel (its underlay addresses: the peer knows them as this node's).
+struct Through {
+    uplink: u32,
+    tunnel: Option<u32>,
+    sources: Vec<IpAddr>,
+}
+
+impl Through {
+    /// Whether `route` is the one `next_hop` calls for.
+    fn is(&self, route: &Route, next_hop: &PeerRoute) -> bool {
+        match next_hop.route {
+            PEER_VXLAN => route.gateway.is_none() && route.oif.is_some() && route.oif == self.tunnel,
+            _ => route.gateway == Some(next_hop.node_ip) && route.oif == Some(self.uplink),
+        }
+    }
+
+    async fn add(&self, netlink: &Netlink, cidr: IpNet, next_hop: &PeerRoute) -> anyhow::Result<()> {
+        match (next_hop.route, self.tunnel) {
+            (PEER_VXLAN, Some(tunnel)) => {
+                let family = Family::of(&cidr.addr());
+                let source = self.sources.iter().copied().find(|ip| Family::of(ip) == family);
+                netlink.add_route_through(cidr, tunnel, source, MAIN_TABLE).await?
+            }
+            (PEER_VXLAN, None) => anyhow::bail!("{cidr}: tunnelled, but there is no VXLAN device"),
+            _ => netlink.add_route_via(cidr, next_hop.node_ip, self.uplink).await?,
+        }
+        Ok(())
+    }
+}
+
+/// Makes Velox's routes (its route protocol) be exactly `next_hops`; `routes` are
+/// the kernel's routes of both families. A route that changes (a peer moving into
+/// or out of the tunnel) is replaced: removed, then added.
 async fn sync_routes(
     netlink: &Netlink,
     routes: &[Route],
-    next_hops: &BTreeMap<IpNet, IpAddr>,
-    uplink_index: u32,
+    next_hops: &BTreeMap<IpNet, PeerRoute>,
+    through: &Through,
 ) -> anyhow::Result<()> {
-    for family in Family::ALL {
-        let mut routed = BTreeSet::new();
-        for route in routes.iter().filter(|r| Family::of(&r.dst.addr()) == family) {
-            let wanted = next_hops.get(&route.dst) == route.gateway.as_ref() && route.oif == Some(uplink_index);
-            match (route.protocol == VELOX_ROUTE_PROTOCOL, wanted) {
-                (true, true) => {
-                    routed.insert(route.dst);
-                }
-                (true, false) => {
-                    log::info!("removing route {} via {:?}", route.dst, route.gateway);
-                    netlink.delete_route(route).await?;
-                }
-                (false, _) => {}
+    let mut routed = BTreeSet::new();
+    let velox_routes = routes
+        .iter()
+        .filter(|r| r.protocol == VELOX_ROUTE_PROTOCOL && r.table == MAIN_TABLE);
+    for route in velox_routes {
+        match next_hops.get(&route.dst) {
+            Some(next_hop) if through.is(route, next_hop) => {
+                routed.insert(route.dst);
+            }
+            _ => {
+                log::info!("removing route {} via {:?} (link {:?})", route.dst, route.gateway, route.oif);
+                netlink.delete_route(route).await?;
             }
         }
-        let missing = next_hops
-            .iter()
-            .filter(|(cidr, _)| Family::of(&cidr.addr()) == family && !routed.contains(*cidr));
-        for (cidr, node_ip) in missing {
-            netlink.add_route_via(*cidr, *node_ip, uplink_index).await?;
-        }
+    }
+    for (cidr, next_hop) in next_hops.iter().filter(|(cidr, _)| !routed.contains(*cidr)) {
+        through.add(netlink, *cidr, next_hop).await?;
     }
     Ok(())
 }

@@ -1,0 +1,106 @@
+//! The VXLAN underlay: two nodes on subnets of their own behind a router that knows
+//! no pod CIDR, so each is the other's tunnelled peer. Needs root and
+//! `cargo xtask build`; `cargo xtask test` does both.
+
+use velox_common::{DROP_REASONS, DROP_TUNNEL_SOURCE};
+use velox_test_env::{matrix, run, ClusterGuard, Family};
+
+/// A counter of the uplink's slot on `node` (what `from_net` and `from_tunnel` count).
+fn uplink_counter(cluster: &ClusterGuard, node: usize, counter: impl Fn(&serde_json::Value) -> u64) -> u64 {
+    let stats = cluster.nodes[node].dump("stats").unwrap();
+    counter(stats.iter().find(|s| s["ifname"] == "eth0").expect("uplink counters"))
+}
+
+fn tunnel_source_drops(cluster: &ClusterGuard, node: usize) -> u64 {
+    let reason = DROP_REASONS[DROP_TUNNEL_SOURCE as usize].name;
+    uplink_counter(cluster, node, |row| row["dropped"][reason].as_u64().unwrap())
+}
+
+#[test]
+fn the_matrix_passes_through_the_tunnel_with_nat_only_to_the_outside() {
+    let cluster = ClusterGuard::up_routed("t").unwrap();
+    for node in &cluster.nodes {
+        let peers = node.dump("peers").unwrap();
+        assert_eq!(peers.len(), 2, "{peers:?}");
+        for peer in &peers {
+            assert_eq!(peer["route"], "vxlan", "{peer}");
+            assert_eq!(peer["reason"], "not on the uplink's subnet", "{peer}");
+            assert_eq!(peer["ifname"], "velox-vxlan", "{peer}");
+            // An IPv4 underlay carries both families, 50 bytes less than the uplink.
+            assert!(peer["node_ip"].as_str().unwrap().starts_with("10.0."), "{peer}");
+            assert_eq!(peer["mtu"], 1450, "{peer}");
+        }
+    }
+    let rows = matrix::run(&matrix::cases(&cluster, &cluster.pods().unwrap()).unwrap()).unwrap();
+    let table = matrix::table(&rows);
+    for family in Family::ALL {
+        assert_eq!(rows.iter().filter(|r| r.case.family == family).count(), 16, "{table}");
+    }
+    assert!(rows.iter().all(|r| r.pass()), "{table}");
+    let natted: Vec<_> = rows
+        .iter()
+        .filter(|r| r.nat() == Some(true))
+        .map(|r| (r.case.family, r.case.to.label.as_str()))
+        .collect();
+    let external = [
+        (Family::V4, "external"),
+        (Family::V4, "external"),
+        (Family::V6, "external"),
+        (Family::V6, "external"),
+    ];
+    assert_eq!(natted, external, "{table}");
+    cluster.finish().unwrap();
+}
+
+
+#[test]
+fn pods_reach_each_other_through_the_tunnel_on_the_ebpf_path_alone() {
+    let cluster = ClusterGuard::up_routed("f").unwrap();
+    let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
+    // Without forwarding on either node only from_pod (into the VXLAN device) and
+    // from_tunnel (straight into the pod) carry pod traffic.
+    for node in &cluster.nodes {
+        node.disable_ip_forwarding().unwrap();
+    }
+    let redirected = |node| uplink_counter(&cluster, node, |row| row["redirected_packets"].as_u64().unwrap());
+    for family in Family::ALL {
+        let before = [redirected(0), redirected(1)];
+        assert!(pod1.ping(pod2.ip(family), 5), "{family:?}");
+        let throughput = pod1.iperf3(&pod2, family, 1, 1).unwrap();
+        assert!(throughput.gbps > 0.1, "{family:?}: {} Gb/s", throughput.gbps);
+        for (node, before) in before.into_iter().enumerate() {
+            let after = redirected(node);
+            assert!(after >= before + 5, "{family:?}: from_tunnel on node {node}: {before} -> {after}");
+        }
+    }
+    for node in 0..2 {
+        assert_eq!(tunnel_source_drops(&cluster, node), 0, "node {node} refused a peer's packet");
+    }
+    cluster.finish().unwrap();
+}
+
+#[test]
+fn a_vxlan_packet_from_outside_the_cluster_is_dropped_and_counted() {
+    let cluster = ClusterGuard::up_routed("i").unwrap();
+    let pod1 = cluster.pod("pod-1");
+    let node1 = cluster.node_ip(0, Family::V4).to_string();
+    // The external host speaks VXLAN to node 1 with the cluster's port and VNI, and
+    // claims an address of node 2's pod CIDR.
+    let external = cluster.external.as_str();
+    let ip = |args: &[&str]| run("ip", &[&["-n", external], args].concat()).unwrap();
+    ip(&[
+        "link", "add", "vx0", "type", "vxlan", "id", "1", "remote", &node1, "dstport", "8472", "local", "198.41.0.4",
+    ]);
+    ip(&["link", "set", "vx0", "arp", "off", "up"]);
+    ip(&["addr", "add", "200.200.2.99/32", "dev", "vx0"]);
+    ip(&["route", "add", "200.200.1.0/24", "dev", "vx0", "src", "200.200.2.99"]);
+    let before = tunnel_source_drops(&cluster, 0);
+    let pinged = run(
+        "ip",
+        &["netns", "exec", external, "ping", "-c", "3", "-W", "1", &pod1.ip(Family::V4).to_string()],
+    );
+    assert!(pinged.is_err(), "a host outside the cluster reached a pod through the tunnel: {pinged:?}");
+    let dropped = tunnel_source_drops(&cluster, 0) - before;
+    assert!(dropped >= 3, "from_tunnel counted {dropped} drops of the injected packets");
+    cluster.finish().unwrap();
+}
