@@ -21,6 +21,10 @@
 //!  worker-1 eth0 10.0.1.3, fd00:10:1::3 --- n1 10.0.1.1, fd00:10:1::1 --+ router
 //!  worker-2 eth0 10.0.2.4, fd00:10:2::4 --- n2 10.0.2.1, fd00:10:2::1 --+
 //! ```
+//!
+//! The mixed variant ([`Topology::Mixed`]) keeps the first two on the bridge and adds
+//! `worker-3` (10.0.3.5, fd00:10:3::5; pods 200.200.3.0/24, fd00:200:3::/64) on a
+//! subnet of its own: one native peer and one tunnelled peer at once.
 
 use anyhow::Context;
 use serde_json::json;
@@ -99,25 +103,42 @@ pub enum Topology {
     OneLink,
     /// Each on its own subnet, a router between them.
     Routed,
+    /// A third node on its own subnet beside the two on one link: each node has an
+    /// on-link peer and a tunnelled one, or two tunnelled ones.
+    Mixed,
 }
 
 impl Topology {
-    /// Node `i`'s (0-based) address of each family, with its prefix length, and its
-    /// gateway's.
-    fn node_addresses(self, i: usize, host: u8) -> ([String; 2], [String; 2]) {
+    fn nodes(self) -> usize {
         match self {
-            Topology::OneLink => (
+            Topology::Mixed => 3,
+            _ => 2,
+        }
+    }
+
+    /// Whether node `i` (0-based) has a subnet of its own.
+    fn on_own_subnet(self, i: usize) -> bool {
+        match self {
+            Topology::OneLink => false,
+            Topology::Routed => true,
+            Topology::Mixed => i == 2,
+        }
+    }
+
+    /// Node `i`'s address of each family, with its prefix length, and its gateway's.
+    fn node_addresses(self, i: usize) -> ([String; 2], [String; 2]) {
+        let host = i + 3;
+        if !self.on_own_subnet(i) {
+            return (
                 [format!("10.0.0.{host}/24"), format!("fd00:10::{host}/64")],
                 ROUTER_UNDERLAY.map(String::from),
-            ),
-            Topology::Routed => {
-                let subnet = i + 1;
-                (
-                    [format!("10.0.{subnet}.{host}/24"), format!("fd00:10:{subnet}::{host}/64")],
-                    [format!("10.0.{subnet}.1/24"), format!("fd00:10:{subnet}::1/64")],
-                )
-            }
+            );
         }
+        let subnet = i + 1;
+        (
+            [format!("10.0.{subnet}.{host}/24"), format!("fd00:10:{subnet}::{host}/64")],
+            [format!("10.0.{subnet}.1/24"), format!("fd00:10:{subnet}::1/64")],
+        )
     }
 }
 
@@ -157,14 +178,11 @@ impl Cluster {
     pub fn with_topology(prefix: &str, bins: Binaries, topology: Topology) -> anyhow::Result<Self> {
         let state = PathBuf::from(format!("/run/velox-test/{prefix}cluster"));
         let peers_file = state.join("peers.json");
-        let addresses: Vec<_> = [3, 4]
-            .into_iter()
-            .enumerate()
-            .map(|(i, host)| topology.node_addresses(i, host))
-            .collect();
+        let addresses: Vec<_> = (0..topology.nodes()).map(|i| topology.node_addresses(i)).collect();
         let nodes = [
             ("my-k8s-worker-1", "w1", ["200.200.1.0/24", "fd00:200:1::/64"]),
             ("my-k8s-worker-2", "w2", ["200.200.2.0/24", "fd00:200:2::/64"]),
+            ("my-k8s-worker-3", "w3", ["200.200.3.0/24", "fd00:200:3::/64"]),
         ]
         .into_iter()
         .zip(&addresses)
@@ -176,7 +194,7 @@ impl Cluster {
             };
             let cidrs = cidrs.iter().map(|c| c.parse()).collect::<Result<_, _>>()?;
             let mut node = Node::new(&name, cidrs, bins.clone());
-            if topology == Topology::Routed {
+            if (0..topology.nodes()).any(|i| topology.on_own_subnet(i)) {
                 // The VXLAN device's MTU: the uplink's 1500 less IPv4's encapsulation.
                 node.pod_mtu = 1450;
             }
@@ -273,15 +291,14 @@ impl Cluster {
                 ],
             )?;
             let (own, gateways) = &self.addresses[i];
-            match self.topology {
-                Topology::OneLink => run("ip", &["-n", router, "link", "set", &port, "master", "br0", "up"])?,
-                Topology::Routed => {
-                    for address in gateways {
-                        add_address(router, &port, address)?;
-                    }
-                    run("ip", &["-n", router, "link", "set", &port, "up"])?
+            if self.topology.on_own_subnet(i) {
+                for address in gateways {
+                    add_address(router, &port, address)?;
                 }
-            };
+                run("ip", &["-n", router, "link", "set", &port, "up"])?;
+            } else {
+                run("ip", &["-n", router, "link", "set", &port, "master", "br0", "up"])?;
+            }
             for address in own {
                 add_address(&node.name, "eth0", address)?;
             }
@@ -461,7 +478,7 @@ impl ClusterGuard {
         Self::up_as(tag, Topology::Routed)
     }
 
-    fn up_as(tag: &str, topology: Topology) -> anyhow::Result<Self> {
+    pub fn up_as(tag: &str, topology: Topology) -> anyhow::Result<Self> {
         let guard = Self(Cluster::with_topology(
             &format!("vc{}{tag}-", std::process::id()),
             Binaries::locate()?,

@@ -38,7 +38,7 @@ pub use netns::{
     remove_direct_veth_pair, run_in_netns,
 };
 pub use node::{Node, NodeGuard};
-pub use pod::Pod;
+pub use pod::{Pod, Server};
 pub use velox_node::Family;
 
 /// The release binaries under test: `$VELOX_BIN_DIR`, else the workspace's target/release.

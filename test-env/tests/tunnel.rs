@@ -2,8 +2,9 @@
 //! no pod CIDR, so each is the other's tunnelled peer. Needs root and
 //! `cargo xtask build`; `cargo xtask test` does both.
 
+use std::time::{Duration, Instant};
 use velox_common::{DROP_REASONS, DROP_TUNNEL_SOURCE};
-use velox_test_env::{matrix, run, ClusterGuard, Family};
+use velox_test_env::{matrix, run, ClusterGuard, Family, Topology};
 
 /// A counter of the uplink's slot on `node` (what `from_net` and `from_tunnel` count).
 fn uplink_counter(cluster: &ClusterGuard, node: usize, counter: impl Fn(&serde_json::Value) -> u64) -> u64 {
@@ -102,5 +103,82 @@ fn a_vxlan_packet_from_outside_the_cluster_is_dropped_and_counted() {
     assert!(pinged.is_err(), "a host outside the cluster reached a pod through the tunnel: {pinged:?}");
     let dropped = tunnel_source_drops(&cluster, 0) - before;
     assert!(dropped >= 3, "from_tunnel counted {dropped} drops of the injected packets");
+    cluster.finish().unwrap();
+}
+
+/// The route of each pod CIDR in `node`'s peer map.
+fn routes(cluster: &ClusterGuard, node: usize) -> Vec<(String, String)> {
+    let peers = cluster.nodes[node].dump("peers").unwrap();
+    peers
+        .iter()
+        .map(|p| (p["pod_cidr"].as_str().unwrap().to_string(), p["route"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[test]
+fn a_mixed_cluster_reaches_its_on_link_peer_natively_and_the_other_through_the_tunnel() {
+    let cluster = ClusterGuard::up_as("x", Topology::Mixed).unwrap();
+    let pod5 = cluster.nodes[2].add_pod(&cluster.pod_name(2, "pod-5")).unwrap();
+    let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
+    let expected = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs.iter().map(|(cidr, route)| (cidr.to_string(), route.to_string())).collect()
+    };
+    assert_eq!(
+        routes(&cluster, 0),
+        expected(&[
+            ("200.200.2.0/24", "native"),
+            ("200.200.3.0/24", "vxlan"),
+            ("fd00:200:2::/64", "native"),
+            ("fd00:200:3::/64", "vxlan"),
+        ])
+    );
+    assert_eq!(
+        routes(&cluster, 2),
+        expected(&[
+            ("200.200.1.0/24", "vxlan"),
+            ("200.200.2.0/24", "vxlan"),
+            ("fd00:200:1::/64", "vxlan"),
+            ("fd00:200:2::/64", "vxlan"),
+        ])
+    );
+    for family in Family::ALL {
+        for (from, to) in [(&pod1, &pod2), (&pod1, &pod5), (&pod2, &pod5), (&pod5, &pod1)] {
+            assert!(from.ping(to.ip(family), 2), "{family:?}: {} -> {}", from.name, to.name);
+        }
+        let throughput = pod1.iperf3(&pod5, family, 1, 1).unwrap();
+        assert!(throughput.gbps > 0.1, "{family:?}: {} Gb/s", throughput.gbps);
+    }
+    cluster.finish().unwrap();
+}
+
+#[test]
+fn peers_moving_into_the_tunnel_and_back_keep_a_connection_under_traffic() {
+    let cluster = ClusterGuard::up("s").unwrap();
+    let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
+    assert!(routes(&cluster, 0).iter().all(|(_, route)| route == "native"));
+    let switch_all = |flags: &[&str], route: &str| {
+        for node in &cluster.nodes {
+            node.restart_loader_with(flags).unwrap();
+        }
+        cluster.wait_for_peers().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(0..2).all(|node| routes(&cluster, node).iter().all(|(_, r)| r == route)) {
+            assert!(Instant::now() < deadline, "the peers did not move to {route}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    std::thread::scope(|scope| {
+        let transfer = scope.spawn(|| pod1.iperf3(&pod2, Family::V4, 8, 1));
+        std::thread::sleep(Duration::from_secs(2));
+        switch_all(&["--tunnel", "always"], "vxlan");
+        std::thread::sleep(Duration::from_secs(2));
+        switch_all(&[], "native");
+        let transfer = transfer.join().unwrap().unwrap();
+        assert!(
+            transfer.slowest_second_gbps > 0.0,
+            "the connection stalled for a second: {} Gb/s overall",
+            transfer.gbps
+        );
+    });
     cluster.finish().unwrap();
 }

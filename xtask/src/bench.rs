@@ -8,10 +8,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use velox_common::{FROM_NET_PROGRAM, FROM_POD_PROGRAM, TO_POD_PROGRAM};
+use velox_common::{FROM_NET_PROGRAM, FROM_POD_PROGRAM, FROM_TUNNEL_PROGRAM, TO_POD_PROGRAM, TO_TUNNEL_PROGRAM};
 use velox_test_env::reference::ReferenceNode;
 use velox_test_env::{
-    direct_veth_pair, remove_direct_veth_pair, run, run_in_netns, Binaries, Cluster, Family, Node, Pod,
+    direct_veth_pair, remove_direct_veth_pair, run, run_in_netns, Binaries, Cluster, Family, Node, Pod, Server,
 };
 
 use crate::report;
@@ -31,7 +31,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "velox-same,velox-cross,velox-same6,velox-cross6,ptp,bridge,direct,node-to-node,direct6,node-to-node6"
+        default_value = "velox-same,velox-cross,velox-same6,velox-cross6,velox-vxlan,ptp,bridge,direct,node-to-node,direct6,node-to-node6,kernel-vxlan"
     )]
     pub configs: Vec<Config>,
     /// Also measure with this many non-matching rules in each host's FORWARD chain (0: skip).
@@ -104,6 +104,12 @@ pub enum Config {
     /// Node to node over IPv6.
     #[value(name = "node-to-node6")]
     NodeToNode6,
+    /// Velox, pods on two nodes, every peer through its VXLAN tunnel (`--tunnel
+    /// always`, pods' MTU 1450), on the same underlay as `velox-cross`.
+    VeloxVxlan,
+    /// Node to node through a plain kernel VXLAN device with static forwarding
+    /// entries and kernel routes (flannel's way), on the same underlay.
+    KernelVxlan,
 }
 
 impl Config {
@@ -119,13 +125,15 @@ impl Config {
             Config::NodeToNode => "node to node",
             Config::Direct6 => "direct veth pair IPv6",
             Config::NodeToNode6 => "node to node IPv6",
+            Config::VeloxVxlan => "velox across nodes VXLAN",
+            Config::KernelVxlan => "kernel VXLAN node to node",
         }
     }
 
     /// What this configuration is measured against: the limit of its path and family.
     pub fn limit(self) -> Config {
         match self {
-            Config::VeloxCross | Config::NodeToNode => Config::NodeToNode,
+            Config::VeloxCross | Config::NodeToNode | Config::VeloxVxlan | Config::KernelVxlan => Config::NodeToNode,
             Config::VeloxCross6 | Config::NodeToNode6 => Config::NodeToNode6,
             Config::VeloxSame6 | Config::Direct6 => Config::Direct6,
             _ => Config::Direct,
@@ -136,7 +144,7 @@ impl Config {
     pub fn is_velox(self) -> bool {
         matches!(
             self,
-            Config::VeloxSame | Config::VeloxCross | Config::VeloxSame6 | Config::VeloxCross6
+            Config::VeloxSame | Config::VeloxCross | Config::VeloxSame6 | Config::VeloxCross6 | Config::VeloxVxlan
         )
     }
 
@@ -176,6 +184,10 @@ pub struct Sample {
     pub p99_us: Option<f64>,
     #[serde(default)]
     pub tps: Option<f64>,
+    /// New TCP connections per second, each one request and response
+    /// (`velox-probe crr`, netperf's TCP_CRR), one client.
+    #[serde(default)]
+    pub crr_per_s: Option<f64>,
     /// Machine-wide CPU seconds per GB received, during the 1-stream test.
     pub cpu_s_per_gb: f64,
     /// CPU time the hypervisor took from this machine (steal) during the 4-stream
@@ -190,7 +202,13 @@ pub struct Sample {
 }
 
 /// The eBPF programs whose cost the bench reports.
-pub const PROGRAMS: [&str; 3] = [FROM_POD_PROGRAM, FROM_NET_PROGRAM, TO_POD_PROGRAM];
+pub const PROGRAMS: [&str; 5] = [
+    FROM_POD_PROGRAM,
+    FROM_NET_PROGRAM,
+    TO_POD_PROGRAM,
+    FROM_TUNNEL_PROGRAM,
+    TO_TUNNEL_PROGRAM,
+];
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ControlPlane {
@@ -224,6 +242,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     }
     let bins = Binaries::locate()?;
     let cluster = Cluster::new(PREFIX, bins.clone())?;
+    let tunnelled = Cluster::new(&format!("{PREFIX}t-"), bins.clone())?;
     let ptp = ReferenceNode::ptp(&format!("{PREFIX}ptp"), "10.30.0.0/24".parse()?);
     let bridge = ReferenceNode::bridge(&format!("{PREFIX}bridge"), "10.31.0.0/24".parse()?);
     let rss_node = Node::new(
@@ -233,6 +252,7 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     let teardown = || {
         let _ = cluster.down();
+        let _ = tunnelled.down();
         let _ = ptp.down();
         let _ = bridge.down();
         let _ = rss_node.down();
@@ -246,8 +266,11 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<()> {
         cluster.add_standard_pods()?;
         ptp.up()?;
         bridge.up()?;
+        if args.configs.contains(&Config::VeloxVxlan) {
+            tunnel_everything(&tunnelled)?;
+        }
         let control_plane = control_plane(&args, &cluster, &ptp, &rss_node)?;
-        let samples = data_plane(&args, &cluster, &ptp, &bridge)?;
+        let samples = data_plane(&args, &cluster, &tunnelled, &ptp, &bridge)?;
         let services = service_bench::measure(&cluster, &args.services, args.rounds, args.seconds)?;
         let policies = policy_bench::measure(&cluster, &ptp, &args.policies, args.rounds, args.seconds)?;
         let policy_add_ms = match args.policies.is_empty() {
@@ -283,9 +306,62 @@ pub fn pod(cluster: &Cluster, name: &str) -> anyhow::Result<Pod> {
         .with_context(|| format!("no {name}"))
 }
 
+/// Brings `cluster` up with every peer through Velox's VXLAN tunnel, pods' MTU the
+/// tunnel's, and the standard pods.
+fn tunnel_everything(cluster: &Cluster) -> anyhow::Result<()> {
+    cluster.up()?;
+    for node in &cluster.nodes {
+        node.restart_loader_with(&["--tunnel", "always"])?;
+    }
+    cluster.wait_for_peers()?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while !cluster.nodes.iter().all(|node| {
+        node.dump("peers")
+            .is_ok_and(|peers| peers.iter().all(|peer| peer["route"] == "vxlan"))
+    }) {
+        anyhow::ensure!(Instant::now() < deadline, "the peers did not move into the tunnel");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for (index, name) in [(0, "pod-1"), (1, "pod-2")] {
+        let mut node = cluster.nodes[index].clone();
+        node.pod_mtu = 1450;
+        node.add_pod(&cluster.pod_name(index, name))?;
+    }
+    Ok(())
+}
+
+/// The kernel VXLAN device between the two nodes of `cluster`, as flannel sets one
+/// up (a VNI and port of its own, static forwarding entries, the inner subnet
+/// 10.99.0.0/24 routed through it), and the two nodes as its endpoints.
+fn kernel_vxlan(cluster: &Cluster) -> anyhow::Result<(Pod, Pod)> {
+    let ends: Vec<Pod> = (0..2)
+        .map(|i| -> anyhow::Result<Pod> {
+            let node = &cluster.nodes[i].name;
+            let (local, remote) = (cluster.node_ip(i, Family::V4), cluster.node_ip(1 - i, Family::V4));
+            let inner = format!("10.99.0.{}", i + 1);
+            let ip = |args: &[&str]| run("ip", &[&["-n", node.as_str()], args].concat()).map(drop);
+            let _ = ip(&["link", "del", "vxk"]);
+            let local = local.to_string();
+            ip(&["link", "add", "vxk", "type", "vxlan", "id", "42", "dstport", "4789", "local", &local, "nolearning"])?;
+            ip(&["link", "set", "vxk", "mtu", "1450", "up"])?;
+            ip(&["addr", "add", &format!("{inner}/24"), "dev", "vxk"])?;
+            run(
+                "bridge",
+                &["-n", node, "fdb", "append", "00:00:00:00:00:00", "dev", "vxk", "dst", &remote.to_string()],
+            )?;
+            Ok(Pod {
+                name: node.clone(),
+                ips: vec![inner.parse()?],
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok((ends[0].clone(), ends[1].clone()))
+}
+
 fn data_plane(
     args: &BenchArgs,
     cluster: &Cluster,
+    tunnelled: &Cluster,
     ptp: &ReferenceNode,
     bridge: &ReferenceNode,
 ) -> anyhow::Result<Vec<Sample>> {
@@ -295,6 +371,8 @@ fn data_plane(
         let pair = match config {
             Config::VeloxSame | Config::VeloxSame6 => (pod(cluster, "pod-1")?, pod(cluster, "pod-4")?),
             Config::VeloxCross | Config::VeloxCross6 => (pod(cluster, "pod-1")?, pod(cluster, "pod-2")?),
+            Config::VeloxVxlan => (pod(tunnelled, "pod-1")?, pod(tunnelled, "pod-2")?),
+            Config::KernelVxlan => kernel_vxlan(cluster)?,
             Config::Ptp => (ptp.add_pod("a")?.0, ptp.add_pod("b")?.0),
             Config::Bridge => (bridge.add_pod("a")?.0, bridge.add_pod("b")?.0),
             Config::Direct | Config::Direct6 => match &direct {
@@ -368,6 +446,7 @@ fn measure(config: Config, rules: u32, round: u32, client: &Pod, server: &Pod, s
         Family::V4 => Some(client.sockperf_to(server, family, seconds)?),
         Family::V6 => None,
     };
+    let crr_per_s = connections_per_s(client, server, family, seconds)?;
     Ok(Sample {
         config,
         netfilter_rules: rules,
@@ -377,6 +456,7 @@ fn measure(config: Config, rules: u32, round: u32, client: &Pod, server: &Pod, s
         p50_us: latency.map(|l| l.p50_us),
         p99_us: latency.map(|l| l.p99_us),
         tps: latency.map(|l| l.tps),
+        crr_per_s: Some(crr_per_s),
         cpu_s_per_gb: cpu / (one.bytes / 1e9),
         steal_4_s,
         ns_per_run: match config.is_velox() {
@@ -385,6 +465,21 @@ fn measure(config: Config, rules: u32, round: u32, client: &Pod, server: &Pod, s
         },
     })
 }
+
+/// New connections per second from `client` to a `velox-probe serve` in `server`,
+/// each one request and response.
+fn connections_per_s(client: &Pod, server: &Pod, family: Family, seconds: u32) -> anyhow::Result<f64> {
+    let probe = Binaries::locate()?.probe;
+    let probe = probe.to_str().context("probe path")?;
+    let to = std::net::SocketAddr::new(server.ip(family), CRR_PORT);
+    let _server = Server::start(server, probe, &["serve", &to.to_string()])?;
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (per_second, ..) = crate::service_bench::connection_rate(client, None, probe, to, seconds)?;
+    Ok(per_second)
+}
+
+/// Where `connections_per_s` serves.
+const CRR_PORT: u16 = 7301;
 
 /// Run time and count of every loaded program named in `PROGRAMS`, summed over all
 /// instances (each node loads its own).

@@ -98,13 +98,14 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// A metric, where it was measured.
 type Metric = (&'static str, fn(&Sample) -> Option<f64>);
 
-const METRICS: [Metric; 6] = [
+const METRICS: [Metric; 7] = [
     ("1 stream Gb/s", |s| Some(s.gbps_1)),
     ("4 streams Gb/s", |s| Some(s.gbps_4)),
     ("p50 us", |s| s.p50_us),
     ("p99 us", |s| s.p99_us),
     ("tps", |s| s.tps),
     ("CPU s/GB", |s| Some(s.cpu_s_per_gb)),
+    ("conn/s", |s| s.crr_per_s),
 ];
 
 /// Medians per (rules, config, metric); `None` for a metric never measured there.
@@ -178,12 +179,12 @@ pub fn markdown(run: &Run) -> String {
         );
         let _ = writeln!(
             out,
-            "| configuration | 1 stream vs ptp | vs limit | 4 streams vs ptp | vs limit | tps vs ptp | vs limit | p99 vs limit |{}",
+            "| configuration | 1 stream vs ptp | vs limit | 4 streams vs ptp | vs limit | tps vs ptp | vs limit | p99 vs limit | conn/s vs limit | CPU s/GB vs limit |{}",
             if rules > 0 { " 1 stream vs own 0 rules | tps vs own 0 rules |" } else { "" }
         );
         let _ = writeln!(
             out,
-            "|---|---|---|---|---|---|---|---|{}",
+            "|---|---|---|---|---|---|---|---|---|---|{}",
             if rules > 0 { "---|---|" } else { "" }
         );
         for ((_, config), stats) in summary.iter().filter(|((r, _), _)| *r == rules) {
@@ -196,7 +197,7 @@ pub fn markdown(run: &Run) -> String {
             let ptp = summary.get(&(rules, Config::Ptp));
             let limit = summary.get(&(rules, config.limit()));
             let mut row = format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 config.name(),
                 ratio(ptp, 0),
                 ratio(limit, 0),
@@ -204,7 +205,9 @@ pub fn markdown(run: &Run) -> String {
                 ratio(limit, 1),
                 ratio(ptp, 4),
                 ratio(limit, 4),
-                ratio(limit, 3)
+                ratio(limit, 3),
+                ratio(limit, 6),
+                ratio(limit, 5)
             );
             if rules > 0 {
                 let unloaded = summary.get(&(0, *config));
@@ -258,6 +261,25 @@ pub fn markdown(run: &Run) -> String {
                     .collect();
                 let _ = writeln!(out, "| {} | {} |", config.name(), cells.join(" | "));
             }
+        }
+        if let (Some(velox), Some(kernel)) = (
+            summary.get(&(rules, Config::VeloxVxlan)),
+            summary.get(&(rules, Config::KernelVxlan)),
+        ) {
+            let vs = |metric: usize| match (velox[metric], kernel[metric]) {
+                (Some(ours), Some(theirs)) => format!("{:.2}x", ours.median / theirs.median),
+                _ => "-".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "\nVelox's VXLAN (pod to pod) against the kernel's (node to node), same run.\n\n\
+                 | 1 stream | 4 streams | tps | conn/s | CPU s/GB |\n|---|---|---|---|---|\n| {} | {} | {} | {} | {} |",
+                vs(0),
+                vs(1),
+                vs(4),
+                vs(6),
+                vs(5)
+            );
         }
         if !twins.is_empty() {
             let _ = writeln!(
