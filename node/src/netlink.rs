@@ -101,7 +101,11 @@ pub fn netns_cookie(netns: &File) -> Result<u64> {
 }
 
 fn is_enodev(error: &rtnetlink::Error) -> bool {
-    matches!(error, rtnetlink::Error::NetlinkError(e) if e.raw_code() == -(nix::errno::Errno::ENODEV as i32))
+    is_errno(error, nix::errno::Errno::ENODEV)
+}
+
+fn is_errno(error: &rtnetlink::Error, errno: nix::errno::Errno) -> bool {
+    matches!(error, rtnetlink::Error::NetlinkError(e) if e.raw_code() == -(errno as i32))
 }
 
 pub struct Netlink {
@@ -395,13 +399,12 @@ impl Netlink {
             .map_err(Error::netlink(what))
     }
 
+    /// Deletes a route; one already gone (with its device, say) is not an error.
     pub async fn delete_route(&self, route: &Route) -> Result<()> {
-        self.handle
-            .route()
-            .del(route.message.clone())
-            .execute()
-            .await
-            .map_err(Error::netlink(format!("deleting route {}", route.dst)))
+        match self.handle.route().del(route.message.clone()).execute().await {
+            Err(e) if is_errno(&e, nix::errno::Errno::ESRCH) => Ok(()),
+            other => other.map_err(Error::netlink(format!("deleting route {}", route.dst))),
+        }
     }
 
     /// The rules of one family that look up `table`.

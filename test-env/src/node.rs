@@ -183,10 +183,13 @@ impl Node {
                 return Ok(());
             }
             if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(self.state_dir.join("loader.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(10).collect();
                 bail!(
-                    "velox-loader on {} exited ({status}); see {}/loader.log",
+                    "velox-loader on {} exited ({status}); the end of {}/loader.log:\n{}",
                     self.name,
-                    self.state_dir.display()
+                    self.state_dir.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -112,7 +112,12 @@ impl Pod {
             None => (ip.clone(), "5201".to_string()),
         };
         let deadline = Instant::now() + Duration::from_secs(5);
+        // iperf3 3.12 can spin forever on a connection that went dead: the run
+        // gets half a minute beyond its length, then ends with no report.
+        let limit = (seconds + 30).to_string();
         let args = [
+            &limit,
+            "iperf3",
             "-c",
             &host,
             "-p",
@@ -126,8 +131,8 @@ impl Pod {
         // iperf3 3.12 exits 0 even when it cannot connect: the report says.
         let report = loop {
             let output = match via {
-                Some((_, cgroup)) => in_netns_and_cgroup(&self.name, cgroup, "iperf3", &args).output()?,
-                None => self.exec("iperf3", &args)?,
+                Some((_, cgroup)) => in_netns_and_cgroup(&self.name, cgroup, "timeout", &args).output()?,
+                None => self.exec("timeout", &args)?,
             };
             let report: Value = serde_json::from_slice(&output.stdout).context("iperf3 report")?;
             if report.get("error").is_none() || Instant::now() > deadline {

@@ -122,14 +122,19 @@ impl NodeNetwork {
     /// tunnelled; a pod's MTU is set once, at ADD). IPv4's where the node has an
     /// IPv4 address on the uplink, as the tunnel then uses it.
     pub fn pod_mtu(&self) -> Option<u32> {
-        let outer = match self.underlay_ips().iter().any(IpAddr::is_ipv4) {
-            true => Family::V4,
-            false => Family::V6,
-        };
         self.uplink_mtu.map(|mtu| match self.config.tunnel {
             TunnelMode::Never => mtu,
-            _ => mtu.saturating_sub(overhead(outer)),
+            _ => mtu.saturating_sub(overhead(self.underlay_family())),
         })
+    }
+
+    /// The family the tunnel's outer header takes from this node: IPv4 where the
+    /// uplink has an IPv4 address.
+    fn underlay_family(&self) -> Family {
+        match self.underlay_ips().iter().any(IpAddr::is_ipv4) {
+            true => Family::V4,
+            false => Family::V6,
+        }
     }
 
     /// This node's pod CIDRs, once known.
@@ -229,6 +234,10 @@ impl NodeNetwork {
             &through.sources,
         )
         .await?;
+        if tunnel.is_none() {
+            // Last, with `--tunnel never`: nothing leads into it any more.
+            remove_device(netlink, &self.bpffs).await?;
+        }
         if self.config.ip_masq {
             masquerade_outside(&self.config.pod_cidrs, &self.inside(&nodes, &next_hops))?;
         }
@@ -253,24 +262,26 @@ impl NodeNetwork {
         Ok(uplink)
     }
 
-    /// The VXLAN device, when a peer is tunnelled or `--tunnel always` says so, with
-    /// the uplink's MTU less the largest encapsulation in use; removed otherwise.
+    /// The VXLAN device, unless `--tunnel never`: also where no peer is tunnelled,
+    /// so this node receives from a peer that tunnels to it (a rolling change of
+    /// `--tunnel`, a peer that sees this one off its link). Its MTU is the uplink's
+    /// less the largest encapsulation in use (made if need be).
     async fn sync_tunnel(
         &self,
         netlink: &Netlink,
         next_hops: &BTreeMap<IpNet, PeerRoute>,
         uplink: &Link,
     ) -> anyhow::Result<Option<Link>> {
-        let outer_families: BTreeSet<Family> = next_hops
-            .values()
-            .filter(|hop| hop.route == PEER_VXLAN)
-            .map(|hop| Family::of(&hop.node_ip))
-            .collect();
-        if outer_families.is_empty() && self.config.tunnel != TunnelMode::Always {
-            remove_device(netlink, &self.bpffs).await?;
+        if self.config.tunnel == TunnelMode::Never {
             return Ok(None);
         }
-        let largest = outer_families.into_iter().map(overhead).max().unwrap_or(overhead(Family::V4));
+        let largest = next_hops
+            .values()
+            .filter(|hop| hop.route == PEER_VXLAN)
+            .map(|hop| overhead(Family::of(&hop.node_ip)))
+            .chain([overhead(self.underlay_family())])
+            .max()
+            .unwrap_or_default();
         let mtu = uplink.mtu.saturating_sub(largest);
         Ok(Some(ensure_device(netlink, &self.bpffs, self.config.vxlan_port, mtu).await?))
     }

@@ -108,7 +108,7 @@ fn configure_device() -> anyhow::Result<()> {
 /// Removes the VXLAN device and its links, if there are any.
 pub async fn remove_device(netlink: &Netlink, bpffs: &Bpffs) -> anyhow::Result<()> {
     if netlink.link(VXLAN_DEVICE).await?.is_some() {
-        log::info!("removing {VXLAN_DEVICE}: no peer is tunnelled");
+        log::info!("removing {VXLAN_DEVICE}: --tunnel never");
     }
     detach_tc(bpffs, VXLAN_DEVICE)?;
     netlink.delete_link(VXLAN_DEVICE).await?;
