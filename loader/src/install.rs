@@ -227,7 +227,7 @@ pub fn uninstall(state_dir: &Path) -> anyhow::Result<()> {
 
 /// Takes the node's datapath away: unpinning the links detaches `from_pod` and
 /// `from_net`, then the programs and maps go with their pins; then Velox's routes to
-/// other nodes and its masquerade chains. The state dir stays: the runtime's DELs of
+/// other nodes, its VXLAN device and rules, and its masquerade chains. The state dir stays: the runtime's DELs of
 /// pods still running read it.
 pub async fn purge(bpffs: &Bpffs) -> anyhow::Result<()> {
     if bpffs.root.exists() {
@@ -246,6 +246,8 @@ pub async fn purge(bpffs: &Bpffs) -> anyhow::Result<()> {
             }
         }
     }
+    crate::reconcile::tunnel::remove_all(&netlink, bpffs).await?;
+    println!("removed the VXLAN device {} and the pods' rules", crate::reconcile::tunnel::VXLAN_DEVICE);
     remove_masquerade()?;
     println!("removed the masquerade chains");
     Ok(())

@@ -48,8 +48,8 @@ enum Commands {
     /// Remove exactly what `install` added.
     Uninstall {
         /// Also remove the node's datapath: every attached program (pods and uplink),
-        /// the pins under the bpffs root, the routes to other nodes and the masquerade
-        /// chains. The loader must be stopped first; pods keep working on kernel routes.
+        /// the pins under the bpffs root, the routes to other nodes, the VXLAN device
+        /// and the masquerade chains. The loader must be stopped first; pods keep working on kernel routes.
         #[arg(long)]
         purge: bool,
     },

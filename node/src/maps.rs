@@ -1082,20 +1082,20 @@ impl NodeMap {
             .collect()
     }
 
-    /// Makes the map hold exactly `wanted`: new and changed entries first, then the
-    /// departed go.
+    /// Makes the map hold exactly `wanted`: the departed go first (they may send no
+    /// more, and they make room), then new and changed entries.
     pub fn sync(&mut self, wanted: &std::collections::BTreeMap<IpAddr, NodeEntry>) -> Result<()> {
         let held = self.entries()?;
+        for (ip, _) in held.iter().filter(|(ip, _)| !wanted.contains_key(ip)) {
+            ignore_missing(self.nodes.remove(&IpKey::from(*ip)))
+                .map_err(Error::map(format!("removing node address {ip}")))?;
+        }
         for (ip, node) in wanted {
             if !held.contains(&(*ip, *node)) {
                 self.nodes
                     .insert(IpKey::from(*ip), node, 0)
                     .map_err(Error::map(format!("adding node address {ip}")))?;
             }
-        }
-        for (ip, _) in held.iter().filter(|(ip, _)| !wanted.contains_key(ip)) {
-            ignore_missing(self.nodes.remove(&IpKey::from(*ip)))
-                .map_err(Error::map(format!("removing node address {ip}")))?;
         }
         Ok(())
     }

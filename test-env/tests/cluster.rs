@@ -443,10 +443,12 @@ fn masquerade_off_and_uninstall_purge_take_away_what_the_loader_added() {
                 .unwrap()
         })
         .collect();
-    assert_eq!(link_ids.len(), 3, "eth0 and two pods");
+    assert_eq!(link_ids.len(), 4, "eth0, velox-vxlan and two pods");
     let purged = purge();
     assert!(purged.status.success(), "{}", String::from_utf8_lossy(&purged.stderr));
     assert!(!worker1.bpffs_root.exists(), "pins left");
+    let links = run("ip", &["-n", &worker1.name, "link", "show"]).unwrap();
+    assert!(!links.contains("velox-vxlan"), "the VXLAN device left: {links}");
     for family in ["-4", "-6"] {
         let routes = run("ip", &[family, "-n", &worker1.name, "route", "show", "proto", "86"]).unwrap();
         assert!(routes.trim().is_empty(), "Velox routes left: {routes}");

@@ -182,3 +182,23 @@ fn peers_moving_into_the_tunnel_and_back_keep_a_connection_under_traffic() {
     });
     cluster.finish().unwrap();
 }
+
+#[test]
+fn a_host_on_the_link_cannot_relay_a_pods_address_into_the_tunnel() {
+    let cluster = ClusterGuard::up_routed("r").unwrap();
+    let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
+    // The router, on worker-1's link, claims pod-1's address and sends to pod-2 by
+    // way of worker-1: forwarded into the tunnel, worker-2 would take it for pod-1's.
+    let router = cluster.router.as_str();
+    let spoofed = pod1.ip(Family::V4).to_string();
+    let node1 = cluster.node_ip(0, Family::V4).to_string();
+    run("ip", &["-n", router, "addr", "add", &format!("{spoofed}/32"), "dev", "lo"]).unwrap();
+    run("ip", &["-n", router, "route", "add", "200.200.2.0/24", "via", &node1]).unwrap();
+    let spoofed_drops = || uplink_counter(&cluster, 0, |row| row["dropped"]["spoofed"].as_u64().unwrap());
+    let before = spoofed_drops();
+    let target = pod2.ip(Family::V4).to_string();
+    let _ = run("ip", &["netns", "exec", router, "ping", "-c", "3", "-W", "1", "-I", &spoofed, &target]);
+    let dropped = spoofed_drops() - before;
+    assert!(dropped >= 3, "worker-1 let {} of 3 packets claiming its pod in from the link", 3 - dropped.min(3));
+    cluster.finish().unwrap();
+}

@@ -815,9 +815,14 @@ pub struct NodeEntry {
     pub remote: IpKey,
     /// `AF_INET` or `AF_INET6`, the family of `remote`; 0 when it is not tunnelled.
     pub family: u32,
-    /// Its node id ([`Peer::node_id`]).
+    /// Its node id ([`Peer::node_id`]), or [`THIS_NODE`] for this node's own
+    /// addresses (which never send into the tunnel from outside).
     pub node: u32,
 }
+
+/// [`NodeEntry::node`] of this node's own addresses: what it may put into the tunnel
+/// as the source of a packet it forwards (a NodePort's masqueraded connection).
+pub const THIS_NODE: u32 = u32::MAX;
 
 /// [`Peer::route`]: over the link, or through the VXLAN device.
 pub const PEER_NATIVE: u32 = 0;
@@ -850,14 +855,14 @@ impl Peer {
         }
     }
 
-    /// A node's id: FNV-1a of its name, never 0 (0 is "no node"). Two names with the
-    /// same id could send with each other's sources through the tunnel; at 32 bits
-    /// that takes tens of thousands of nodes to be likely at all.
+    /// A node's id: FNV-1a of its name, never 0 (no node) nor [`THIS_NODE`]. Two
+    /// names with the same id could send with each other's sources through the
+    /// tunnel: the loader keeps only the node that held the id first.
     pub fn node_id(name: &str) -> u32 {
         let hash = name
             .bytes()
             .fold(0x811c_9dc5u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193));
-        hash.max(1)
+        hash.clamp(1, THIS_NODE - 1)
     }
 }
 

@@ -177,9 +177,14 @@ pub fn from_net(ctx: TcContext) -> i32 {
     };
     let is_ip = pkt_type == PACKET_HOST && vlan == 0 && parse(&ctx, packet);
     let mut verdict = Verdict::default();
-    let outcome = match is_ip {
-        true => from_network(&ctx, packet, ifindex, &mut verdict),
-        false => PASS,
+    // No packet from the network may claim one of this node's pods: the kernel
+    // would forward it on, to other nodes' pods, as that pod's.
+    let outcome = if !is_ip {
+        PASS
+    } else if local_endpoint(&packet.sent_from).exists() {
+        DROP_SPOOFED
+    } else {
+        from_network(&ctx, packet, ifindex, &mut verdict)
     };
     let action = finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict);
     trace(&ctx, "from_net", is_ip.then_some(&packet.dst.addr), action);
@@ -225,12 +230,13 @@ fn from_network(ctx: &TcContext, packet: &Packet, ifindex: u32, verdict: &mut Ve
 pub fn from_tunnel(ctx: TcContext) -> i32 {
     let mut space = core::mem::MaybeUninit::uninit();
     let packet = Packet::zeroed_in(&mut space);
-    let is_ip = parse(&ctx, packet);
-    // SAFETY: reading the context's own field.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // The sender first: parsing notes fragments, which no stranger may touch.
     let sender = tunnel::sending_node(&ctx);
+    // SAFETY: reading the context's own fields.
+    let (ifindex, vlan) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).vlan_present) };
+    let is_ip = sender != tunnel::NO_NODE && vlan == 0 && parse(&ctx, packet);
     let mut verdict = Verdict::default();
-    let outcome = if is_ip && sender != tunnel::NO_NODE && tunnel::sent_by(&packet.sent_from, sender) {
+    let outcome = if is_ip && tunnel::sent_by(&packet.sent_from, sender) {
         tunnel::accept_as_addressed_here(&ctx);
         from_network(&ctx, packet, ifindex, &mut verdict)
     } else {
@@ -242,16 +248,19 @@ pub fn from_tunnel(ctx: TcContext) -> i32 {
 }
 
 /// On the egress of the VXLAN device: every packet into the tunnel gets the key of the
-/// peer whose pod CIDR holds its destination. Only a drop is counted: the packet was
-/// counted where it came from.
+/// peer whose pod CIDR holds its destination, once its source is one this node may
+/// send from. Only a drop is counted: the packet was counted where it came from.
 #[classifier]
 pub fn to_tunnel(ctx: TcContext) -> i32 {
     let mut space = core::mem::MaybeUninit::uninit();
     let packet = Packet::zeroed_in(&mut space);
     let is_ip = parse(&ctx, packet);
-    let (outcome, slot) = match is_ip && tunnel::encapsulate(&ctx, &packet.dst.addr) {
-        true => (PASS, NO_SLOT),
-        false => (DROP_NO_TUNNEL_PEER, UPLINK_SLOT),
+    let (outcome, slot) = if is_ip && !tunnel::sent_from_here(&ctx, &packet.sent_from) {
+        (DROP_SPOOFED, UPLINK_SLOT)
+    } else if is_ip && tunnel::encapsulate(&ctx, &packet.dst.addr) {
+        (PASS, NO_SLOT)
+    } else {
+        (DROP_NO_TUNNEL_PEER, UPLINK_SLOT)
     };
     let action = finish(&ctx, packet, slot, outcome, &Verdict::default());
     trace(&ctx, "to_tunnel", is_ip.then_some(&packet.dst.addr), action);

@@ -14,9 +14,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use core::mem::{size_of, MaybeUninit};
-use velox_common::{IpKey, NodeEntry, AF_INET, MAX_NODE_IPS, PEER_VXLAN, TUNNEL_VNI};
+use velox_common::{IpKey, NodeEntry, AF_INET, MAX_NODE_IPS, PEER_VXLAN, THIS_NODE, TUNNEL_VNI};
 
-use crate::{forward::peer_node, parse::zeroed_in};
+use crate::{
+    forward::{local_endpoint, peer_node},
+    parse::zeroed_in,
+};
 
 /// Every other node's InternalIPs -> its id, and its tunnel remote if it is tunnelled.
 #[btf_map]
@@ -60,6 +63,25 @@ pub fn encapsulate(ctx: &TcContext, dst: &IpKey) -> bool {
     unsafe { bpf_skb_set_tunnel_key(ctx.skb.skb as *mut _, key, KEY_SIZE, flags) == 0 }
 }
 
+/// Whether this node may put a packet from `source` into the tunnel: one it sends
+/// itself (no ingress interface), or forwards from one of its pods through that
+/// pod's own veth, or from one of its own addresses (a masqueraded NodePort
+/// connection). Anything else was relayed from elsewhere (a host on the uplink's
+/// link claiming a pod's address): the peer would take it for this node's pod.
+#[inline(always)]
+pub fn sent_from_here(ctx: &TcContext, source: &IpKey) -> bool {
+    // SAFETY: reading the context's own field.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    if ingress == 0 {
+        return true;
+    }
+    let endpoint = local_endpoint(source);
+    match endpoint.exists() {
+        true => endpoint.ifindex == ingress,
+        false => node_of(source) == THIS_NODE,
+    }
+}
+
 /// The node that sent a packet out of the tunnel, by its outer source address
 /// ([`NO_NODE`] for an address that is no other node's, or another VXLAN network).
 #[inline(always)]
@@ -78,10 +100,11 @@ pub fn sending_node(ctx: &TcContext) -> u32 {
     } else {
         return NO_NODE;
     };
-    if key.tunnel_id != TUNNEL_VNI {
-        return NO_NODE;
+    match node_of(&outer) {
+        _ if key.tunnel_id != TUNNEL_VNI => NO_NODE,
+        THIS_NODE => NO_NODE,
+        node => node,
     }
-    node_of(&outer)
 }
 
 /// Whether `node` owns `source`: one of its pods' addresses, or one of its own.

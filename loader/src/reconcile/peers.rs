@@ -7,7 +7,7 @@ use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use velox_common::{IpKey, NodeEntry, Peer, AF_INET, AF_INET6, PEER_VXLAN};
+use velox_common::{IpKey, NodeEntry, Peer, AF_INET, AF_INET6, PEER_VXLAN, THIS_NODE};
 use velox_node::maps::{NodeMap, PeerMap};
 use velox_node::netlink::Link;
 use velox_node::{Bpffs, Family};
@@ -73,6 +73,67 @@ pub fn node_addresses(nodes: &[Node]) -> Vec<NodeAddresses> {
     out
 }
 
+/// The nodes as far as their tunnel ids and InternalIPs can be trusted (a kubelet
+/// writes its own Node's addresses): an InternalIP that can be no node's (loopback,
+/// link-local, multicast, unspecified, inside a pod CIDR) is left out; so is an id
+/// or an address two nodes claim, except for the node that holds it in the node map
+/// now (`held`): a newcomer never takes over another node's id or address.
+pub fn trusted_nodes(mut nodes: Vec<NodeAddresses>, held: &[(IpAddr, NodeEntry)]) -> Vec<NodeAddresses> {
+    let pod_cidrs: Vec<IpNet> = nodes.iter().flat_map(|n| n.pod_cidrs.iter().copied()).collect();
+    let holds = |node: &NodeAddresses, ip: Option<&IpAddr>| {
+        let id = Peer::node_id(&node.name);
+        held.iter()
+            .any(|(held_ip, entry)| entry.node == id && ip.is_none_or(|ip| ip == held_ip))
+    };
+    // Names sharing an id: only one that holds it now stays.
+    let mut by_id: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for node in &nodes {
+        by_id.entry(Peer::node_id(&node.name)).or_default().push(node.name.clone());
+    }
+    nodes.retain(|node| {
+        let sharing = &by_id[&Peer::node_id(&node.name)];
+        let keep = sharing.len() == 1
+            || (holds(node, None) && sharing.iter().filter(|name| **name != node.name).count() == sharing.len() - 1);
+        if !keep {
+            log::warn!("node {}: its tunnel id is another node's too ({sharing:?}): left out", node.name);
+        }
+        keep
+    });
+    let mut claims: BTreeMap<IpAddr, usize> = BTreeMap::new();
+    for ip in nodes.iter().flat_map(|n| n.node_ips.iter()) {
+        *claims.entry(*ip).or_default() += 1;
+    }
+    for node in &mut nodes {
+        let name = node.name.clone();
+        let mut kept = Vec::new();
+        for ip in std::mem::take(&mut node.node_ips) {
+            let why = if !is_node_address(&ip) {
+                Some("it can be no node's")
+            } else if pod_cidrs.iter().any(|cidr| cidr.contains(&ip)) {
+                Some("it is inside a pod CIDR")
+            } else if claims[&ip] > 1 && !holds(node, Some(&ip)) {
+                Some("another node claims it")
+            } else {
+                None
+            };
+            match why {
+                Some(why) => log::warn!("node {name}: InternalIP {ip} left out: {why}"),
+                None => kept.push(ip),
+            }
+        }
+        node.node_ips = kept;
+    }
+    nodes
+}
+
+/// Whether `ip` can be a node's address on the underlay.
+fn is_node_address(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_link_local() || v4.is_multicast() || v4.is_unspecified() || v4.is_broadcast()),
+        IpAddr::V6(v6) => !(v6.is_loopback() || v6.is_unicast_link_local() || v6.is_multicast() || v6.is_unspecified()),
+    }
+}
+
 /// How this node reaches one of a peer's pod CIDRs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerRoute {
@@ -125,7 +186,7 @@ pub fn write_peer_map(
 
 /// Makes the node map hold every other node's InternalIPs (not this node's, whose
 /// addresses are `own_ips`) with its id, and its tunnel remote (`remotes`, by node
-/// id) if it is tunnelled.
+/// id) if it is tunnelled; and this node's own addresses as [`THIS_NODE`].
 pub fn write_node_map(
     bpffs: &Bpffs,
     nodes: &[NodeAddresses],
@@ -148,6 +209,14 @@ pub fn write_node_map(
             };
             node.node_ips.iter().map(move |ip| (*ip, entry))
         })
+        .chain(own_ips.iter().map(|ip| {
+            let entry = NodeEntry {
+                remote: IpKey::v6([0; 16]),
+                family: 0,
+                node: THIS_NODE,
+            };
+            (*ip, entry)
+        }))
         .collect();
     Ok(NodeMap::open(bpffs)?.sync(&wanted)?)
 }
@@ -180,6 +249,32 @@ mod tests {
         let v4: IpNet = "200.200.2.0/24".parse().unwrap();
         assert_eq!(w2.next_hop(&v4), Some("10.0.0.4".parse().unwrap()));
         assert!(nodes[1].pod_cidrs.is_empty(), "a node without spec yet is no peer");
+    }
+
+    #[test]
+    fn addresses_no_node_can_have_or_another_node_holds_are_left_out() {
+        let node = |name: &str, cidr: &str, ips: &[&str]| NodeAddresses {
+            name: name.into(),
+            pod_cidrs: vec![cidr.parse().unwrap()],
+            node_ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+        };
+        let held_by = |name: &str, ip: &str| {
+            let entry = NodeEntry {
+                remote: IpKey::v6([0; 16]),
+                family: 0,
+                node: Peer::node_id(name),
+            };
+            (ip.parse().unwrap(), entry)
+        };
+        let nodes = vec![
+            node("old", "200.200.2.0/24", &["10.0.0.4", "fd00:10::4"]),
+            // Claims the old node's address, a pod address, loopback and link-local.
+            node("new", "200.200.3.0/24", &["10.0.0.4", "200.200.2.7", "127.0.0.1", "fe80::1", "10.0.0.5"]),
+        ];
+        let trusted = trusted_nodes(nodes, &[held_by("old", "10.0.0.4")]);
+        let ips = |i: usize| trusted[i].node_ips.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(ips(0), ["10.0.0.4", "fd00:10::4"]);
+        assert_eq!(ips(1), ["10.0.0.5"]);
     }
 
     #[test]

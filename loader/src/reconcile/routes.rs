@@ -11,12 +11,12 @@ use std::net::IpAddr;
 use velox_common::{Peer, FROM_NET_PROGRAM, PEER_FORCED, PEER_NATIVE, PEER_NOT_ON_LINK, PEER_ON_LINK, PEER_VXLAN};
 use velox_node::layout::Hook;
 use velox_node::link::attach_tc;
-use velox_node::maps::PeerMap;
+use velox_node::maps::{NodeMap, PeerMap};
 use velox_node::netlink::{Link, Netlink, Route, MAIN_TABLE, VELOX_ROUTE_PROTOCOL};
 use velox_node::{Bpffs, Family};
 
 use super::masquerade::{masquerade_outside, remove_masquerade};
-use super::peers::{node_addresses, write_node_map, write_peer_map, NodeAddresses, PeerRoute};
+use super::peers::{node_addresses, trusted_nodes, write_node_map, write_peer_map, NodeAddresses, PeerRoute};
 use super::services::ThisNode;
 use super::tunnel::{
     ensure_device, outer_address, overhead, remove_device, sync_pod_routes_to_nodes, tunnel_remotes,
@@ -193,7 +193,10 @@ impl NodeNetwork {
     /// nodes stay, or at start-up the routes and peer entries already in the kernel.
     pub async fn apply_nodes(&mut self, netlink: &Netlink, nodes: Option<Vec<Node>>) -> anyhow::Result<()> {
         let nodes = match (nodes, &self.applied) {
-            (Some(nodes), _) => node_addresses(&nodes),
+            (Some(nodes), _) => {
+                let held = NodeMap::open(&self.bpffs)?.entries()?;
+                trusted_nodes(node_addresses(&nodes), &held)
+            }
             (None, Some(applied)) => applied.clone(),
             // Just started: the routes and peer entries of the last run stay.
             (None, None) => return Ok(()),

@@ -67,27 +67,37 @@ pub async fn ensure_device(netlink: &Netlink, bpffs: &Bpffs, port: u16, mtu: u32
             // Links pinned for an earlier device of the name went with it.
             detach_tc(bpffs, VXLAN_DEVICE)?;
             netlink.create_vxlan(VXLAN_DEVICE, port, mtu).await?;
-            configure_device()?;
             netlink
                 .link(VXLAN_DEVICE)
                 .await?
                 .context("the VXLAN device vanished as it was made")?
         }
     };
-    if link.mtu != mtu {
-        log::info!("{VXLAN_DEVICE}: MTU {} -> {mtu}", link.mtu);
-        netlink.set_mtu(link.index, mtu).await?;
+    // All of it before the device goes up: up, it decapsulates whatever comes, and
+    // only `from_tunnel` checks who sent it. A device that cannot have its programs
+    // goes again.
+    let checked = async {
+        configure_device()?;
+        if link.mtu != mtu {
+            log::info!("{VXLAN_DEVICE}: MTU {} -> {mtu}", link.mtu);
+            netlink.set_mtu(link.index, mtu).await?;
+        }
+        for (hook, program) in [(Hook::TcIngress, FROM_TUNNEL_PROGRAM), (Hook::TcEgress, TO_TUNNEL_PROGRAM)] {
+            if !bpffs.tc_link(hook, VXLAN_DEVICE).exists() {
+                attach_tc(bpffs, hook, program, VXLAN_DEVICE)?;
+            }
+        }
+        anyhow::Ok(())
+    };
+    if let Err(e) = checked.await {
+        remove_device(netlink, bpffs).await?;
+        return Err(e.context(format!("setting up {VXLAN_DEVICE}")));
     }
     netlink.set_up(link.index).await?;
-    for (hook, program) in [(Hook::TcIngress, FROM_TUNNEL_PROGRAM), (Hook::TcEgress, TO_TUNNEL_PROGRAM)] {
-        if !bpffs.tc_link(hook, VXLAN_DEVICE).exists() {
-            attach_tc(bpffs, hook, program, VXLAN_DEVICE)?;
-        }
-    }
     Ok(Link { mtu, ..link })
 }
 
-/// The device's settings the link message cannot carry, before it goes up: no IPv6
+/// The device's settings the link message cannot carry, at every pass: no IPv6
 /// address of its own (no link-local address, no router solicitations into the
 /// tunnel), and loose reverse-path filtering: a peer's host traffic comes out of the
 /// tunnel with the peer's node address, which the routes reach by the uplink.
@@ -108,7 +118,7 @@ fn configure_device() -> anyhow::Result<()> {
 /// Removes the VXLAN device and its links, if there are any.
 pub async fn remove_device(netlink: &Netlink, bpffs: &Bpffs) -> anyhow::Result<()> {
     if netlink.link(VXLAN_DEVICE).await?.is_some() {
-        log::info!("removing {VXLAN_DEVICE}: --tunnel never");
+        log::info!("removing {VXLAN_DEVICE}");
     }
     detach_tc(bpffs, VXLAN_DEVICE)?;
     netlink.delete_link(VXLAN_DEVICE).await?;
@@ -187,6 +197,17 @@ pub async fn sync_pod_routes_to_nodes(
         }
     }
     Ok(())
+}
+
+/// Everything of the tunnel: the device with its links, and the pods' rules (their
+/// table's routes go with the device).
+pub async fn remove_all(netlink: &Netlink, bpffs: &Bpffs) -> anyhow::Result<()> {
+    for family in Family::ALL {
+        for rule in netlink.rules(family, VELOX_ROUTE_TABLE).await? {
+            netlink.delete_rule(&rule).await?;
+        }
+    }
+    remove_device(netlink, bpffs).await
 }
 
 #[cfg(test)]
