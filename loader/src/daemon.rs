@@ -28,7 +28,7 @@ use velox_common::{
     Affinity, AffinityKey, AllowedFlow, ConnectionTimeouts, FlowEnd, NatEntry, NatKey, PolicyFlow, AFFINITY_MAP,
     COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, FROM_TUNNEL_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS,
     NAT_PROGRAMS_MAP, POLICY_FLOWS_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_RULES_MAP, SOCKET_LB_PROGRAMS,
-    TO_POD_PROGRAM, TO_TUNNEL_PROGRAM, UDP_SOCKET_FRONTENDS_ITER, UPLINK_SLOT,
+    TO_POD_PROGRAM, TO_TUNNEL_PROGRAM, UDP_SOCKET_FRONTENDS_ITER, VXLAN_PORT_GLOBAL, UPLINK_SLOT,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir, write_atomic};
@@ -251,6 +251,7 @@ impl RunArgs {
                 max_pods: self.max_pods,
                 policy_rules: self.policy_rules,
                 policy_flows: self.policy_flows,
+                vxlan_port: self.vxlan_port,
                 timeouts: crate::reconcile::flows::timeouts(
                     self.ct_timeout_tcp_syn,
                     self.ct_timeout_tcp,
@@ -961,6 +962,8 @@ pub struct DatapathOptions {
     pub policy_flows: u32,
     /// Of the NAT's connections and those NetworkPolicy follows.
     pub timeouts: ConnectionTimeouts,
+    /// The VXLAN device's UDP port, whose packets `from_net` leaves to it.
+    pub vxlan_port: u16,
 }
 
 /// Loads the object, reusing the maps pinned in this build's layout directory (or
@@ -979,6 +982,8 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     for map in layouts() {
         loader.map_pin_path(map.name, bpffs.map(map.name));
     }
+    // Not required: an object of a build before the tunnel has no such global.
+    loader.override_global(VXLAN_PORT_GLOBAL, &options.vxlan_port, false);
     // As many connections as conntrack can hold: an LRU map that size only evicts
     // the ends of connections the kernel has already forgotten.
     loader.map_max_entries(KERNEL_FLOWS_MAP, kernel_flows_capacity());

@@ -336,24 +336,25 @@ fn a_bad_peers_file_never_stops_the_loader_nor_takes_over_host_routes() {
     .unwrap();
 
     let mut list: serde_json::Value = serde_json::from_slice(&std::fs::read(&cluster.peers_file).unwrap()).unwrap();
-    let evil = |name: &str, cidr: &str| {
+    // Each at an address of its own: two nodes never share one.
+    let evil = |name: &str, cidr: &str, ip: &str| {
         serde_json::json!({"metadata": {"name": name}, "spec": {"podCIDRs": [cidr]},
-            "status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.9"}]}})
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}]}})
     };
     let items = list["items"].as_array_mut().unwrap();
     items.extend([
-        evil("evil-default", "0.0.0.0/0"),
-        evil("evil-own", "200.200.1.0/25"),
-        evil("evil-host", "198.51.100.0/25"),
-        evil("evil-syntax", "200.200.300.0/24"),
+        evil("evil-default", "0.0.0.0/0", "10.0.0.5"),
+        evil("evil-own", "200.200.1.0/25", "10.0.0.6"),
+        evil("evil-host", "198.51.100.0/25", "10.0.0.7"),
+        evil("evil-syntax", "200.200.300.0/24", "10.0.0.8"),
         serde_json::json!("not a node"),
-        evil("good", "200.200.9.0/24"),
+        evil("good", "200.200.9.0/24", "10.0.0.9"),
     ]);
     std::fs::write(&cluster.peers_file, serde_json::to_vec(&list).unwrap()).unwrap();
     eventually("the good new node is routed", || {
         routes("200.200.9.0/24").contains("via 10.0.0.9")
     });
-    assert!(!routes("default").contains("10.0.0.9"), "{}", routes("default"));
+    assert!(!routes("default").contains("10.0.0.5"), "{}", routes("default"));
     assert!(
         routes("200.200.1.0/25").is_empty(),
         "own CIDR taken: {}",

@@ -149,6 +149,11 @@ pub const FROM_TUNNEL_PROGRAM: &str = "from_tunnel";
 pub const TO_TUNNEL_PROGRAM: &str = "to_tunnel";
 /// The VXLAN network identifier of Velox's tunnel: one for the whole cluster.
 pub const TUNNEL_VNI: u32 = 1;
+/// The tunnel's UDP port unless the loader's `--vxlan-port` says otherwise: the
+/// Linux kernel's default, flannel's and Cilium's.
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+/// The programs' global holding the tunnel's UDP port, set when the loader loads them.
+pub const VXLAN_PORT_GLOBAL: &str = "VELOX_VXLAN_PORT";
 /// Entries of `VELOX_KERNEL_FLOWS` when the kernel's `nf_conntrack_max` cannot be read.
 pub const DEFAULT_KERNEL_FLOWS: u32 = 262_144;
 

@@ -179,7 +179,7 @@ pub fn from_net(ctx: TcContext) -> i32 {
     let mut verdict = Verdict::default();
     // No packet from the network may claim one of this node's pods: the kernel
     // would forward it on, to other nodes' pods, as that pod's.
-    let outcome = if !is_ip {
+    let outcome = if !is_ip || tunnel::is_underlay_packet(packet) {
         PASS
     } else if local_endpoint(&packet.sent_from).exists() {
         DROP_SPOOFED

@@ -14,16 +14,22 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use core::mem::{size_of, MaybeUninit};
-use velox_common::{IpKey, NodeEntry, AF_INET, MAX_NODE_IPS, PEER_VXLAN, THIS_NODE, TUNNEL_VNI};
+use velox_common::{
+    IpKey, NodeEntry, AF_INET, DEFAULT_VXLAN_PORT, IPPROTO_UDP, MAX_NODE_IPS, PEER_VXLAN, THIS_NODE, TUNNEL_VNI,
+};
 
 use crate::{
     forward::{local_endpoint, peer_node},
-    parse::zeroed_in,
+    parse::{zeroed_in, Packet},
 };
 
 /// Every other node's InternalIPs -> its id, and its tunnel remote if it is tunnelled.
 #[btf_map]
 static VELOX_NODES: HashMap<IpKey, NodeEntry, MAX_NODE_IPS> = HashMap::new();
+
+/// The tunnel's UDP port: the loader sets it at load (`--vxlan-port`).
+#[no_mangle]
+static VELOX_VXLAN_PORT: u16 = DEFAULT_VXLAN_PORT;
 
 /// `__sk_buff.pkt_type` of a frame addressed to this host.
 const PACKET_HOST: u32 = 0;
@@ -31,6 +37,17 @@ const KEY_SIZE: u32 = size_of::<bpf_tunnel_key>() as u32;
 
 /// No node: the value of [`sending_node`] for a sender that is not one.
 pub const NO_NODE: u32 = 0;
+
+/// Whether a packet from the network is the tunnel's own: UDP to its port. The
+/// kernel's VXLAN socket decapsulates it, and `from_tunnel` judges what is inside;
+/// `from_net` has nothing to look up for it.
+#[inline(always)]
+pub fn is_underlay_packet(packet: &Packet) -> bool {
+    // SAFETY: a global the loader sets before the program loads; read as memory,
+    // not folded into the code.
+    let port = unsafe { core::ptr::read_volatile(&VELOX_VXLAN_PORT) };
+    packet.dst.proto == IPPROTO_UDP && packet.dst.port == port.to_be()
+}
 
 /// Sets the tunnel key for a packet to `dst`: a pod of a tunnelled peer, or a
 /// tunnelled node's own address (what this node's pods send it: the kernel routes

@@ -75,11 +75,11 @@ pub fn node_addresses(nodes: &[Node]) -> Vec<NodeAddresses> {
 
 /// The nodes as far as their tunnel ids and InternalIPs can be trusted (a kubelet
 /// writes its own Node's addresses): an InternalIP that can be no node's (loopback,
-/// link-local, multicast, unspecified, inside a pod CIDR) is left out; so is an id
-/// or an address two nodes claim, except for the node that holds it in the node map
-/// now (`held`): a newcomer never takes over another node's id or address.
+/// link-local, multicast, unspecified) is left out; an id or an
+/// address two nodes claim stays with the node that holds it in the node map now
+/// (`held`; for an address nobody holds, the first by name): a newcomer never takes
+/// over another node's id or address.
 pub fn trusted_nodes(mut nodes: Vec<NodeAddresses>, held: &[(IpAddr, NodeEntry)]) -> Vec<NodeAddresses> {
-    let pod_cidrs: Vec<IpNet> = nodes.iter().flat_map(|n| n.pod_cidrs.iter().copied()).collect();
     let holds = |node: &NodeAddresses, ip: Option<&IpAddr>| {
         let id = Peer::node_id(&node.name);
         held.iter()
@@ -99,9 +99,16 @@ pub fn trusted_nodes(mut nodes: Vec<NodeAddresses>, held: &[(IpAddr, NodeEntry)]
         }
         keep
     });
-    let mut claims: BTreeMap<IpAddr, usize> = BTreeMap::new();
-    for ip in nodes.iter().flat_map(|n| n.node_ips.iter()) {
-        *claims.entry(*ip).or_default() += 1;
+    // Each address's claimants: the one holding it now keeps it, or else the first
+    // by name.
+    let mut owner: BTreeMap<IpAddr, String> = BTreeMap::new();
+    for node in &nodes {
+        for ip in &node.node_ips {
+            let holder = owner.get(ip).filter(|name| nodes.iter().any(|n| &n.name == *name && holds(n, Some(ip))));
+            if holder.is_none() && (holds(node, Some(ip)) || !owner.contains_key(ip)) {
+                owner.insert(*ip, node.name.clone());
+            }
+        }
     }
     for node in &mut nodes {
         let name = node.name.clone();
@@ -109,9 +116,7 @@ pub fn trusted_nodes(mut nodes: Vec<NodeAddresses>, held: &[(IpAddr, NodeEntry)]
         for ip in std::mem::take(&mut node.node_ips) {
             let why = if !is_node_address(&ip) {
                 Some("it can be no node's")
-            } else if pod_cidrs.iter().any(|cidr| cidr.contains(&ip)) {
-                Some("it is inside a pod CIDR")
-            } else if claims[&ip] > 1 && !holds(node, Some(&ip)) {
+            } else if owner.get(&ip) != Some(&name) {
                 Some("another node claims it")
             } else {
                 None
@@ -268,8 +273,8 @@ mod tests {
         };
         let nodes = vec![
             node("old", "200.200.2.0/24", &["10.0.0.4", "fd00:10::4"]),
-            // Claims the old node's address, a pod address, loopback and link-local.
-            node("new", "200.200.3.0/24", &["10.0.0.4", "200.200.2.7", "127.0.0.1", "fe80::1", "10.0.0.5"]),
+            // Claims the old node's address, loopback and link-local.
+            node("new", "200.200.3.0/24", &["10.0.0.4", "127.0.0.1", "fe80::1", "10.0.0.5"]),
         ];
         let trusted = trusted_nodes(nodes, &[held_by("old", "10.0.0.4")]);
         let ips = |i: usize| trusted[i].node_ips.iter().map(ToString::to_string).collect::<Vec<_>>();

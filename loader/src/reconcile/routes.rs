@@ -228,12 +228,13 @@ impl NodeNetwork {
         // The datapath knows a peer before routes lead the kernel's packets to it.
         write_peer_map(&self.bpffs, &next_hops, &uplink, tunnel.as_ref())?;
         sync_routes(netlink, &routes, &next_hops, &through).await?;
+        let pod_cidrs: Vec<IpNet> = next_hops.keys().chain(&self.config.pod_cidrs).copied().collect();
         sync_pod_routes_to_nodes(
             netlink,
             &routes,
             through.tunnel,
             &self.config.pod_cidrs,
-            &tunnelled_node_ips(&nodes, &remotes),
+            &tunnelled_node_ips(&nodes, &remotes, &pod_cidrs),
             &through.sources,
         )
         .await?;

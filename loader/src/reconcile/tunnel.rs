@@ -16,8 +16,7 @@ use super::peers::{NodeAddresses, PeerRoute};
 
 /// The node's VXLAN device.
 pub const VXLAN_DEVICE: &str = "velox-vxlan";
-/// The VXLAN port of the Linux kernel's default, flannel's and Cilium's.
-pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+pub use velox_common::DEFAULT_VXLAN_PORT;
 
 /// Which peers are reached through the tunnel.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -135,12 +134,18 @@ pub fn tunnel_remotes(next_hops: &BTreeMap<IpNet, PeerRoute>) -> BTreeMap<u32, I
 }
 
 /// Every InternalIP of the nodes in `remotes`: the addresses this node's pods reach
-/// through the tunnel.
-pub fn tunnelled_node_ips(nodes: &[NodeAddresses], remotes: &BTreeMap<u32, IpAddr>) -> BTreeSet<IpAddr> {
+/// through the tunnel. One inside a pod CIDR (`pod_cidrs`: this node's and the
+/// routed peers') is left out: a Node cannot draw pods' traffic to a pod that way.
+pub fn tunnelled_node_ips(
+    nodes: &[NodeAddresses],
+    remotes: &BTreeMap<u32, IpAddr>,
+    pod_cidrs: &[IpNet],
+) -> BTreeSet<IpAddr> {
     nodes
         .iter()
         .filter(|node| remotes.contains_key(&Peer::node_id(&node.name)))
         .flat_map(|node| node.node_ips.iter().copied())
+        .filter(|ip| !pod_cidrs.iter().any(|cidr| cidr.contains(ip)))
         .collect()
 }
 
