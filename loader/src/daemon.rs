@@ -26,9 +26,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{Receiver, Sender};
 use velox_common::{
     Affinity, AffinityKey, AllowedFlow, ConnectionTimeouts, FlowEnd, NatEntry, NatKey, PolicyFlow, AFFINITY_MAP,
-    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, FROM_TUNNEL_PROGRAM, KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS,
-    NAT_PROGRAMS_MAP, POLICY_FLOWS_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_RULES_MAP, SOCKET_LB_PROGRAMS,
-    TO_POD_PROGRAM, TO_TUNNEL_PROGRAM, UDP_SOCKET_FRONTENDS_ITER, VXLAN_PORT_GLOBAL, UPLINK_SLOT,
+    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, FROM_TUNNEL_PROGRAM, KERNEL_FLOWS_MAP,
+    NAT_MAP, NAT_PROGRAMS, NAT_PROGRAMS_MAP, POLICY_FLOWS_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_RULES_MAP,
+    SOCKET_LB_PROGRAMS, TO_POD_PROGRAM, TO_TUNNEL_PROGRAM, UDP_SOCKET_FRONTENDS_ITER, UPLINK_SLOT, VXLAN_PORT_GLOBAL,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir, write_atomic};
@@ -1056,7 +1056,7 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
         TO_TUNNEL_PROGRAM,
     ]
     .into_iter()
-        .chain(SOCKET_LB_PROGRAMS)
+    .chain(SOCKET_LB_PROGRAMS)
     {
         let program = ebpf
             .program_mut(name)

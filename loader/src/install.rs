@@ -247,7 +247,10 @@ pub async fn purge(bpffs: &Bpffs) -> anyhow::Result<()> {
         }
     }
     crate::reconcile::tunnel::remove_all(&netlink, bpffs).await?;
-    println!("removed the VXLAN device {} and the pods' rules", crate::reconcile::tunnel::VXLAN_DEVICE);
+    println!(
+        "removed the VXLAN device {} and the pods' rules",
+        crate::reconcile::tunnel::VXLAN_DEVICE
+    );
     remove_masquerade()?;
     println!("removed the masquerade chains");
     Ok(())

@@ -152,10 +152,13 @@ impl Netlink {
     }
 
     pub async fn link(&self, name: &str) -> Result<Option<Link>> {
+        Ok(self.link_message(name).await?.as_ref().map(link_from))
+    }
+
+    async fn link_message(&self, name: &str) -> Result<Option<LinkMessage>> {
         let mut links = self.handle.link().get().match_name(name.to_string()).execute();
         match links.try_next().await {
-            Ok(Some(msg)) => Ok(Some(link_from(&msg))),
-            Ok(None) => Ok(None),
+            Ok(found) => Ok(found),
             Err(e) if is_enodev(&e) => Ok(None),
             Err(e) => Err(Error::netlink(format!("looking up link {name}"))(e)),
         }
@@ -225,12 +228,8 @@ impl Netlink {
     /// The UDP port of VXLAN device `name`; `None` when there is no such device or
     /// it is not a collect-metadata VXLAN device.
     pub async fn vxlan_port(&self, name: &str) -> Result<Option<u16>> {
-        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
-        let msg = match links.try_next().await {
-            Ok(Some(msg)) => msg,
-            Ok(None) => return Ok(None),
-            Err(e) if is_enodev(&e) => return Ok(None),
-            Err(e) => return Err(Error::netlink(format!("looking up link {name}"))(e)),
+        let Some(msg) = self.link_message(name).await? else {
+            return Ok(None);
         };
         let vxlan = msg.attributes.iter().find_map(|attr| match attr {
             LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|info| match info {
@@ -431,11 +430,7 @@ impl Netlink {
                 RuleAttribute::Source(ip) => IpNet::new(*ip, message.header.src_len).ok(),
                 _ => None,
             });
-            out.push(Rule {
-                source,
-                table,
-                message,
-            });
+            out.push(Rule { source, table, message });
         }
         Ok(out)
     }
@@ -462,7 +457,10 @@ impl Netlink {
             .del(rule.message.clone())
             .execute()
             .await
-            .map_err(Error::netlink(format!("deleting rule from {:?} lookup {}", rule.source, rule.table)))
+            .map_err(Error::netlink(format!(
+                "deleting rule from {:?} lookup {}",
+                rule.source, rule.table
+            )))
     }
 
     /// The routes of one family, in every table.

@@ -136,7 +136,10 @@ impl Topology {
         }
         let subnet = i + 1;
         (
-            [format!("10.0.{subnet}.{host}/24"), format!("fd00:10:{subnet}::{host}/64")],
+            [
+                format!("10.0.{subnet}.{host}/24"),
+                format!("fd00:10:{subnet}::{host}/64"),
+            ],
             [format!("10.0.{subnet}.1/24"), format!("fd00:10:{subnet}::1/64")],
         )
     }

@@ -313,3 +313,23 @@ pub fn table(rows: &[Row]) -> Table {
     }
     table
 }
+
+/// Runs every case of `cluster`'s pods and fails unless all pass, 16 per family,
+/// with NAT only to the external host (two rows per family); the table otherwise.
+pub fn assert_all_pass_with_nat_only_to_the_outside(cluster: &Cluster) -> anyhow::Result<()> {
+    let rows = run(&cases(cluster, &cluster.pods()?)?)?;
+    let table = table(&rows);
+    for family in Family::ALL {
+        let count = rows.iter().filter(|r| r.case.family == family).count();
+        anyhow::ensure!(count == 16, "{count} {family:?} rows:\n{table}");
+    }
+    anyhow::ensure!(rows.iter().all(|r| r.pass()), "{table}");
+    let natted: Vec<_> = rows
+        .iter()
+        .filter(|r| r.nat() == Some(true))
+        .map(|r| (r.case.family, r.case.to.label.as_str()))
+        .collect();
+    let external = Family::ALL.into_iter().flat_map(|family| [(family, "external"); 2]);
+    anyhow::ensure!(natted.into_iter().eq(external), "NAT inside the cluster:\n{table}");
+    Ok(())
+}

@@ -342,12 +342,35 @@ fn kernel_vxlan(cluster: &Cluster) -> anyhow::Result<(Pod, Pod)> {
             let ip = |args: &[&str]| run("ip", &[&["-n", node.as_str()], args].concat()).map(drop);
             let _ = ip(&["link", "del", "vxk"]);
             let local = local.to_string();
-            ip(&["link", "add", "vxk", "type", "vxlan", "id", "42", "dstport", "4789", "local", &local, "nolearning"])?;
+            ip(&[
+                "link",
+                "add",
+                "vxk",
+                "type",
+                "vxlan",
+                "id",
+                "42",
+                "dstport",
+                "4789",
+                "local",
+                &local,
+                "nolearning",
+            ])?;
             ip(&["link", "set", "vxk", "mtu", "1450", "up"])?;
             ip(&["addr", "add", &format!("{inner}/24"), "dev", "vxk"])?;
             run(
                 "bridge",
-                &["-n", node, "fdb", "append", "00:00:00:00:00:00", "dev", "vxk", "dst", &remote.to_string()],
+                &[
+                    "-n",
+                    node,
+                    "fdb",
+                    "append",
+                    "00:00:00:00:00:00",
+                    "dev",
+                    "vxk",
+                    "dst",
+                    &remote.to_string(),
+                ],
             )?;
             Ok(Pod {
                 name: node.clone(),

@@ -864,9 +864,9 @@ impl Peer {
     /// names with the same id could send with each other's sources through the
     /// tunnel: the loader keeps only the node that held the id first.
     pub fn node_id(name: &str) -> u32 {
-        let hash = name
-            .bytes()
-            .fold(0x811c_9dc5u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193));
+        let hash = name.bytes().fold(0x811c_9dc5u32, |hash, byte| {
+            (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+        });
         hash.clamp(1, THIS_NODE - 1)
     }
 }
@@ -1138,7 +1138,13 @@ mod tests {
     fn peers_carry_their_family_and_route() {
         let v4 = Peer::native(Ipv4Addr::new(10, 0, 0, 4).into(), 7, 3, 1500, PEER_ON_LINK);
         assert_eq!((v4.family, v4.route), (AF_INET, PEER_NATIVE));
-        let v6 = Peer::tunnelled("fd00:10::4".parse::<Ipv6Addr>().unwrap().into(), 7, 9, 1430, PEER_FORCED);
+        let v6 = Peer::tunnelled(
+            "fd00:10::4".parse::<Ipv6Addr>().unwrap().into(),
+            7,
+            9,
+            1430,
+            PEER_FORCED,
+        );
         assert_eq!((v6.family, v6.route, v6.ifindex, v6.node), (AF_INET6, PEER_VXLAN, 9, 7));
     }
 

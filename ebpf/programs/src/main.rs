@@ -43,8 +43,8 @@ use kernel_flows::{is_kernel_flow, remember};
 use parse::{parse, Packet};
 use policy::{police, Verdict, ALLOWED};
 use velox_common::{
-    DROP_NO_TUNNEL_PEER, DROP_SPOOFED, DROP_TUNNEL_SOURCE, DROP_UNKNOWN_RECEIVER, FROM_NET_NAT,
-    FROM_POD_NAT, UPLINK_SLOT,
+    DROP_NO_TUNNEL_PEER, DROP_SPOOFED, DROP_TUNNEL_SOURCE, DROP_UNKNOWN_RECEIVER, FROM_NET_NAT, FROM_POD_NAT,
+    UPLINK_SLOT,
 };
 use verdict::{finish, interface_slot, trace, Outcome, NO_SLOT, PASS};
 

@@ -88,14 +88,20 @@ pub fn trusted_nodes(mut nodes: Vec<NodeAddresses>, held: &[(IpAddr, NodeEntry)]
     // Names sharing an id: only one that holds it now stays.
     let mut by_id: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for node in &nodes {
-        by_id.entry(Peer::node_id(&node.name)).or_default().push(node.name.clone());
+        by_id
+            .entry(Peer::node_id(&node.name))
+            .or_default()
+            .push(node.name.clone());
     }
     nodes.retain(|node| {
         let sharing = &by_id[&Peer::node_id(&node.name)];
         let keep = sharing.len() == 1
             || (holds(node, None) && sharing.iter().filter(|name| **name != node.name).count() == sharing.len() - 1);
         if !keep {
-            log::warn!("node {}: its tunnel id is another node's too ({sharing:?}): left out", node.name);
+            log::warn!(
+                "node {}: its tunnel id is another node's too ({sharing:?}): left out",
+                node.name
+            );
         }
         keep
     });
@@ -104,7 +110,9 @@ pub fn trusted_nodes(mut nodes: Vec<NodeAddresses>, held: &[(IpAddr, NodeEntry)]
     let mut owner: BTreeMap<IpAddr, String> = BTreeMap::new();
     for node in &nodes {
         for ip in &node.node_ips {
-            let holder = owner.get(ip).filter(|name| nodes.iter().any(|n| &n.name == *name && holds(n, Some(ip))));
+            let holder = owner
+                .get(ip)
+                .filter(|name| nodes.iter().any(|n| &n.name == *name && holds(n, Some(ip))));
             if holder.is_none() && (holds(node, Some(ip)) || !owner.contains_key(ip)) {
                 owner.insert(*ip, node.name.clone());
             }
@@ -134,7 +142,9 @@ pub fn trusted_nodes(mut nodes: Vec<NodeAddresses>, held: &[(IpAddr, NodeEntry)]
 /// Whether `ip` can be a node's address on the underlay.
 fn is_node_address(ip: &IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_link_local() || v4.is_multicast() || v4.is_unspecified() || v4.is_broadcast()),
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback() || v4.is_link_local() || v4.is_multicast() || v4.is_unspecified() || v4.is_broadcast())
+        }
         IpAddr::V6(v6) => !(v6.is_loopback() || v6.is_unicast_link_local() || v6.is_multicast() || v6.is_unspecified()),
     }
 }
@@ -274,7 +284,11 @@ mod tests {
         let nodes = vec![
             node("old", "200.200.2.0/24", &["10.0.0.4", "fd00:10::4"]),
             // Claims the old node's address, loopback and link-local.
-            node("new", "200.200.3.0/24", &["10.0.0.4", "127.0.0.1", "fe80::1", "10.0.0.5"]),
+            node(
+                "new",
+                "200.200.3.0/24",
+                &["10.0.0.4", "127.0.0.1", "fe80::1", "10.0.0.5"],
+            ),
         ];
         let trusted = trusted_nodes(nodes, &[held_by("old", "10.0.0.4")]);
         let ips = |i: usize| trusted[i].node_ips.iter().map(ToString::to_string).collect::<Vec<_>>();

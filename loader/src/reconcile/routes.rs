@@ -174,7 +174,12 @@ impl NodeNetwork {
     /// aside) and its pod CIDRs.
     pub fn this_node(&self) -> ThisNode {
         ThisNode {
-            addresses: self.underlay_ips().into_iter().collect::<BTreeSet<_>>().into_iter().collect(),
+            addresses: self
+                .underlay_ips()
+                .into_iter()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
             pod_cidrs: self.config.pod_cidrs.clone(),
         }
     }
@@ -287,7 +292,9 @@ impl NodeNetwork {
             .max()
             .unwrap_or_default();
         let mtu = uplink.mtu.saturating_sub(largest);
-        Ok(Some(ensure_device(netlink, &self.bpffs, self.config.vxlan_port, mtu).await?))
+        Ok(Some(
+            ensure_device(netlink, &self.bpffs, self.config.vxlan_port, mtu).await?,
+        ))
     }
 
     /// How to reach `node`'s `cidr`: natively via its address of the CIDR's family
@@ -321,7 +328,10 @@ impl NodeNetwork {
             .collect();
         let own_ips = self.underlay_ips();
         let mut candidates = Vec::new();
-        for node in nodes.iter().filter(|n| !n.node_ips.iter().any(|ip| own_ips.contains(ip))) {
+        for node in nodes
+            .iter()
+            .filter(|n| !n.node_ips.iter().any(|ip| own_ips.contains(ip)))
+        {
             for cidr in &node.pod_cidrs {
                 match self.route_to(node, cidr) {
                     Some(next_hop) => candidates.push((node, *cidr, next_hop)),
@@ -341,8 +351,12 @@ impl NodeNetwork {
             .unwrap_or_default();
         let established_by = |node: &NodeAddresses, cidr: &IpNet| {
             routes.iter().any(|r| {
-                r.protocol == VELOX_ROUTE_PROTOCOL && r.dst == *cidr && r.gateway.is_some_and(|gw| node.node_ips.contains(&gw))
-            }) || holders.iter().any(|(held, peer)| held == cidr && peer.node == Peer::node_id(&node.name))
+                r.protocol == VELOX_ROUTE_PROTOCOL
+                    && r.dst == *cidr
+                    && r.gateway.is_some_and(|gw| node.node_ips.contains(&gw))
+            }) || holders
+                .iter()
+                .any(|(held, peer)| held == cidr && peer.node == Peer::node_id(&node.name))
         };
         candidates.sort_by_key(|(node, cidr, _)| (!established_by(node, cidr), node.name.clone()));
         let mut next_hops: BTreeMap<IpNet, PeerRoute> = BTreeMap::new();
@@ -419,7 +433,12 @@ async fn sync_routes(
                 routed.insert(route.dst);
             }
             _ => {
-                log::info!("removing route {} via {:?} (link {:?})", route.dst, route.gateway, route.oif);
+                log::info!(
+                    "removing route {} via {:?} (link {:?})",
+                    route.dst,
+                    route.gateway,
+                    route.oif
+                );
                 netlink.delete_route(route).await?;
             }
         }

@@ -81,7 +81,10 @@ pub async fn ensure_device(netlink: &Netlink, bpffs: &Bpffs, port: u16, mtu: u32
             log::info!("{VXLAN_DEVICE}: MTU {} -> {mtu}", link.mtu);
             netlink.set_mtu(link.index, mtu).await?;
         }
-        for (hook, program) in [(Hook::TcIngress, FROM_TUNNEL_PROGRAM), (Hook::TcEgress, TO_TUNNEL_PROGRAM)] {
+        for (hook, program) in [
+            (Hook::TcIngress, FROM_TUNNEL_PROGRAM),
+            (Hook::TcEgress, TO_TUNNEL_PROGRAM),
+        ] {
             if !bpffs.tc_link(hook, VXLAN_DEVICE).exists() {
                 attach_tc(bpffs, hook, program, VXLAN_DEVICE)?;
             }
@@ -178,8 +181,13 @@ pub async fn sync_pod_routes_to_nodes(
                 _ => netlink.delete_rule(&rule).await?,
             }
         }
-        for source in wanted_sources.iter().filter(|s| Family::of(&s.addr()) == family && !ruled.contains(s)) {
-            netlink.add_rule_from(*source, VELOX_ROUTE_TABLE, POD_RULE_PRIORITY).await?;
+        for source in wanted_sources
+            .iter()
+            .filter(|s| Family::of(&s.addr()) == family && !ruled.contains(s))
+        {
+            netlink
+                .add_rule_from(*source, VELOX_ROUTE_TABLE, POD_RULE_PRIORITY)
+                .await?;
         }
     }
     let mut routed = BTreeSet::new();
@@ -198,7 +206,9 @@ pub async fn sync_pod_routes_to_nodes(
     if let Some(tunnel) = tunnel {
         for ip in wanted_routes.iter().filter(|ip| !routed.contains(ip)) {
             let source = sources.iter().copied().find(|s| Family::of(s) == Family::of(ip));
-            netlink.add_route_through(IpNet::from(*ip), tunnel, source, VELOX_ROUTE_TABLE).await?;
+            netlink
+                .add_route_through(IpNet::from(*ip), tunnel, source, VELOX_ROUTE_TABLE)
+                .await?;
         }
     }
     Ok(())
@@ -226,8 +236,14 @@ mod tests {
     #[test]
     fn the_outer_family_is_ipv4_where_both_ends_have_it() {
         let dual = ips(&["10.0.1.3", "fd00:10:1::3"]);
-        assert_eq!(outer_address(&dual, &ips(&["fd00:10:2::4", "10.0.2.4"])), Some(ips(&["10.0.2.4"])[0]));
-        assert_eq!(outer_address(&dual, &ips(&["fd00:10:2::4"])), Some(ips(&["fd00:10:2::4"])[0]));
+        assert_eq!(
+            outer_address(&dual, &ips(&["fd00:10:2::4", "10.0.2.4"])),
+            Some(ips(&["10.0.2.4"])[0])
+        );
+        assert_eq!(
+            outer_address(&dual, &ips(&["fd00:10:2::4"])),
+            Some(ips(&["fd00:10:2::4"])[0])
+        );
         assert_eq!(outer_address(&ips(&["fd00:10:1::3"]), &ips(&["10.0.2.4"])), None);
         assert_eq!(overhead(Family::V4), 50);
         assert_eq!(overhead(Family::V6), 70);
