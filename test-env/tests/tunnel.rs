@@ -238,5 +238,20 @@ fn a_host_on_the_link_cannot_relay_a_pods_address_into_the_tunnel() {
         "worker-1 let {} of 3 packets claiming its pod in from the link",
         3 - dropped.min(3)
     );
+    // Nor to a pod of worker-1 itself on the tunnel's UDP port, which from_net
+    // leaves to the kernel's VXLAN socket only when it is addressed to the node.
+    let before = spoofed_drops();
+    let pod4 = cluster.pod("pod-4").ip(Family::V4).to_string();
+    run("ip", &["-n", router, "route", "add", &pod4, "via", &node1]).unwrap();
+    let send = format!(
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('{spoofed}', 0)); \
+         [s.sendto(b'x', ('{pod4}', 8472)) for _ in range(3)]"
+    );
+    run("ip", &["netns", "exec", router, "python3", "-c", &send]).unwrap();
+    let dropped = spoofed_drops() - before;
+    assert!(
+        dropped >= 3,
+        "worker-1 let UDP to its pod's port 8472 claiming its pod in: {dropped} dropped"
+    );
     cluster.finish().unwrap();
 }

@@ -38,15 +38,16 @@ const KEY_SIZE: u32 = size_of::<bpf_tunnel_key>() as u32;
 /// No node: the value of [`sending_node`] for a sender that is not one.
 pub const NO_NODE: u32 = 0;
 
-/// Whether a packet from the network is the tunnel's own: UDP to its port. The
-/// kernel's VXLAN socket decapsulates it, and `from_tunnel` judges what is inside;
-/// `from_net` has nothing to look up for it.
+/// Whether a packet from the network is the tunnel's own: UDP to its port on one of
+/// this node's addresses. The kernel's VXLAN socket decapsulates it, and
+/// `from_tunnel` judges what is inside; `from_net` has nothing to look up for it.
+/// (UDP to that port of a pod is no such packet: it gets every check.)
 #[inline(always)]
 pub fn is_underlay_packet(packet: &Packet) -> bool {
     // SAFETY: a global the loader sets before the program loads; read as memory,
     // not folded into the code.
     let port = unsafe { core::ptr::read_volatile(&VELOX_VXLAN_PORT) };
-    packet.dst.proto == IPPROTO_UDP && packet.dst.port == port.to_be()
+    packet.dst.proto == IPPROTO_UDP && packet.dst.port == port.to_be() && node_of(&packet.dst.addr) == THIS_NODE
 }
 
 /// Sets the tunnel key for a packet to `dst`: a pod of a tunnelled peer, or a

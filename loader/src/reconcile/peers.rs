@@ -80,28 +80,32 @@ pub fn node_addresses(nodes: &[Node]) -> Vec<NodeAddresses> {
 /// (`held`; for an address nobody holds, the first by name): a newcomer never takes
 /// over another node's id or address.
 pub fn trusted_nodes(mut nodes: Vec<NodeAddresses>, held: &[(IpAddr, NodeEntry)]) -> Vec<NodeAddresses> {
-    let holds = |node: &NodeAddresses, ip: Option<&IpAddr>| {
+    let holds = |node: &NodeAddresses, ip: &IpAddr| {
         let id = Peer::node_id(&node.name);
-        held.iter()
-            .any(|(held_ip, entry)| entry.node == id && ip.is_none_or(|ip| ip == held_ip))
+        held.iter().any(|(held_ip, entry)| entry.node == id && held_ip == ip)
     };
-    // Names sharing an id: only one that holds it now stays.
-    let mut by_id: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    let holds_any = |node: &NodeAddresses| node.node_ips.iter().any(|ip| holds(node, ip));
+    // Names sharing an id: the one whose addresses the node map has under that id
+    // stays, when exactly one does.
+    let mut by_id: BTreeMap<u32, Vec<&NodeAddresses>> = BTreeMap::new();
     for node in &nodes {
-        by_id
-            .entry(Peer::node_id(&node.name))
-            .or_default()
-            .push(node.name.clone());
+        by_id.entry(Peer::node_id(&node.name)).or_default().push(node);
     }
+    let left_out: Vec<String> = by_id
+        .values()
+        .filter(|sharing| sharing.len() > 1)
+        .flat_map(|sharing| {
+            let holders = sharing.iter().filter(|n| holds_any(n)).count();
+            sharing
+                .iter()
+                .filter(move |n| holders != 1 || !holds_any(n))
+                .map(|n| n.name.clone())
+        })
+        .collect();
     nodes.retain(|node| {
-        let sharing = &by_id[&Peer::node_id(&node.name)];
-        let keep = sharing.len() == 1
-            || (holds(node, None) && sharing.iter().filter(|name| **name != node.name).count() == sharing.len() - 1);
+        let keep = !left_out.contains(&node.name);
         if !keep {
-            log::warn!(
-                "node {}: its tunnel id is another node's too ({sharing:?}): left out",
-                node.name
-            );
+            log::warn!("node {}: its tunnel id is another node's too: left out", node.name);
         }
         keep
     });
@@ -112,8 +116,8 @@ pub fn trusted_nodes(mut nodes: Vec<NodeAddresses>, held: &[(IpAddr, NodeEntry)]
         for ip in &node.node_ips {
             let holder = owner
                 .get(ip)
-                .filter(|name| nodes.iter().any(|n| &n.name == *name && holds(n, Some(ip))));
-            if holder.is_none() && (holds(node, Some(ip)) || !owner.contains_key(ip)) {
+                .filter(|name| nodes.iter().any(|n| &n.name == *name && holds(n, ip)));
+            if holder.is_none() && (holds(node, ip) || !owner.contains_key(ip)) {
                 owner.insert(*ip, node.name.clone());
             }
         }
@@ -294,6 +298,27 @@ mod tests {
         let ips = |i: usize| trusted[i].node_ips.iter().map(ToString::to_string).collect::<Vec<_>>();
         assert_eq!(ips(0), ["10.0.0.4", "fd00:10::4"]);
         assert_eq!(ips(1), ["10.0.0.5"]);
+    }
+
+    #[test]
+    fn of_two_names_with_one_id_only_the_holder_stays() {
+        let (holder, newcomer) = ("node-522789", "node-739192");
+        assert_eq!(Peer::node_id(holder), Peer::node_id(newcomer));
+        let node = |name: &str, ip: &str| NodeAddresses {
+            name: name.into(),
+            pod_cidrs: Vec::new(),
+            node_ips: vec![ip.parse().unwrap()],
+        };
+        let nodes = || vec![node(holder, "10.0.0.4"), node(newcomer, "10.0.0.5")];
+        let entry = NodeEntry {
+            remote: IpKey::v6([0; 16]),
+            family: 0,
+            node: Peer::node_id(holder),
+        };
+        let kept = trusted_nodes(nodes(), &[("10.0.0.4".parse().unwrap(), entry)]);
+        assert_eq!(kept.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), [holder]);
+        // Neither held: neither stays.
+        assert!(trusted_nodes(nodes(), &[]).is_empty());
     }
 
     #[test]
