@@ -316,13 +316,25 @@ impl Cluster {
     /// Waits until every node's loader has the other nodes' pod CIDRs in its peer
     /// map (its first pass over the peers file, the VXLAN device made if it takes one).
     pub fn wait_for_peers(&self) -> anyhow::Result<()> {
+        self.wait_for_peer_routes(None)
+    }
+
+    /// [`Self::wait_for_peers`], and until every peer entry's route (`native`,
+    /// `vxlan`) is `route`, when given.
+    pub fn wait_for_peer_routes(&self, route: Option<&str>) -> anyhow::Result<()> {
         let wanted: usize = self.nodes.iter().map(|n| n.subnets.len()).sum();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         for node in &self.nodes {
-            while node.dump("peers").map_or(0, |peers| peers.len()) < wanted - node.subnets.len() {
+            let applied = || {
+                node.dump("peers").is_ok_and(|peers| {
+                    peers.len() >= wanted - node.subnets.len()
+                        && route.is_none_or(|route| peers.iter().all(|peer| peer["route"] == route))
+                })
+            };
+            while !applied() {
                 anyhow::ensure!(
                     std::time::Instant::now() < deadline,
-                    "{}: the peers were not applied within 10 s",
+                    "{}: the peers were not applied (route {route:?}) within 10 s",
                     node.name
                 );
                 std::thread::sleep(std::time::Duration::from_millis(100));

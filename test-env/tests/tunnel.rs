@@ -2,7 +2,7 @@
 //! no pod CIDR, so each is the other's tunnelled peer. Needs root and
 //! `cargo xtask build`; `cargo xtask test` does both.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use velox_common::{DROP_REASONS, DROP_TUNNEL_SOURCE};
 use velox_test_env::{matrix, run, ClusterGuard, Family, Topology};
 
@@ -185,12 +185,7 @@ fn peers_moving_into_the_tunnel_and_back_keep_a_connection_under_traffic() {
         for node in &cluster.nodes {
             node.restart_loader_with(flags).unwrap();
         }
-        cluster.wait_for_peers().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(0..2).all(|node| routes(&cluster, node).iter().all(|(_, r)| r == route)) {
-            assert!(Instant::now() < deadline, "the peers did not move to {route}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        cluster.wait_for_peer_routes(Some(route)).unwrap();
     };
     std::thread::scope(|scope| {
         let transfer = scope.spawn(|| pod1.iperf3(&pod2, Family::V4, 8, 1));

@@ -313,15 +313,7 @@ fn tunnel_everything(cluster: &Cluster) -> anyhow::Result<()> {
     for node in &cluster.nodes {
         node.restart_loader_with(&["--tunnel", "always"])?;
     }
-    cluster.wait_for_peers()?;
-    let deadline = Instant::now() + std::time::Duration::from_secs(10);
-    while !cluster.nodes.iter().all(|node| {
-        node.dump("peers")
-            .is_ok_and(|peers| peers.iter().all(|peer| peer["route"] == "vxlan"))
-    }) {
-        anyhow::ensure!(Instant::now() < deadline, "the peers did not move into the tunnel");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    cluster.wait_for_peer_routes(Some("vxlan"))?;
     for (index, name) in [(0, "pod-1"), (1, "pod-2")] {
         let mut node = cluster.nodes[index].clone();
         node.pod_mtu = 1450;
