@@ -250,3 +250,82 @@ fn a_host_on_the_link_cannot_relay_a_pods_address_into_the_tunnel() {
     );
     cluster.finish().unwrap();
 }
+
+/// NetworkPolicy judges tunnelled packets by the real pod source: the grid's pods
+/// alternate between the two routed nodes, so every cross-node probe crosses the
+/// tunnel, and an ipBlock of one remote pod's addresses admits that pod alone.
+#[test]
+fn network_policy_holds_across_the_tunnel_by_the_real_pod_source() {
+    use serde_json::json;
+    use velox_test_env::kube_proxy::Protocol;
+    use velox_test_env::netpol::{policy, Grid, Reachability};
+    const PORTS: &[(Protocol, u16)] = &[(Protocol::Tcp, 80), (Protocol::Udp, 80)];
+
+    let cluster = ClusterGuard::up_routed("p").unwrap();
+    let grid = Grid::up(&cluster).unwrap();
+    let (x_a, y_a) = (grid.pod("x/a"), grid.pod("y/a"));
+    assert_ne!(
+        x_a.node, y_a.node,
+        "the ipBlock case needs its two pods on different nodes"
+    );
+    let all = |allowed| Reachability::all(&grid.ids(), allowed);
+    let expect = |case: &str, policies: &[serde_json::Value], expected: &Reachability| {
+        grid.write_policies(policies).unwrap();
+        grid.expect(case, PORTS, expected).unwrap();
+    };
+
+    expect("no policy", &[], &all(true));
+
+    let mut r = all(true);
+    for to in ["x/a", "x/b", "x/c"] {
+        r.expect_all_ingress(to, false);
+    }
+    expect(
+        "default deny ingress in x",
+        &[policy(
+            "x",
+            "deny",
+            json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+        )],
+        &r,
+    );
+
+    // y/a's own addresses, as ipBlocks: the receiving node must see y/a's address,
+    // not its node's or the tunnel's.
+    let blocks: Vec<_> = Family::ALL
+        .iter()
+        .map(|f| {
+            let bits = if *f == Family::V4 { 32 } else { 128 };
+            json!({"ipBlock": {"cidr": format!("{}/{bits}", y_a.pod.ip(*f))}})
+        })
+        .collect();
+    let mut r = all(true);
+    r.expect_all_ingress("x/a", false).expect("y/a", "x/a", true);
+    expect(
+        "ingress into x/a only from y/a's addresses",
+        &[policy(
+            "x",
+            "from-y-a",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress"], "ingress": [{"from": blocks}]}),
+        )],
+        &r,
+    );
+
+    let mut r = all(true);
+    r.expect_all_egress("x/a", false);
+    for to in ["y/a", "y/b", "y/c"] {
+        r.expect("x/a", to, true);
+    }
+    expect(
+        "egress of x/a only to namespace y",
+        &[policy(
+            "x",
+            "to-y",
+            json!({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Egress"],
+                   "egress": [{"to": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}),
+        )],
+        &r,
+    );
+    drop(grid);
+    cluster.finish().unwrap();
+}
