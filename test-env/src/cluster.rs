@@ -494,15 +494,28 @@ impl ClusterGuard {
     }
 
     pub fn up_as(tag: &str, topology: Topology) -> anyhow::Result<Self> {
+        Self::up_with(tag, topology, Binaries::locate()?)
+    }
+
+    /// [`Self::up_as`] running `bins` (another build's, for the upgrade tests).
+    pub fn up_with(tag: &str, topology: Topology, bins: Binaries) -> anyhow::Result<Self> {
         let guard = Self(Cluster::with_topology(
             &format!("vc{}{tag}-", std::process::id()),
-            Binaries::locate()?,
+            bins,
             topology,
         )?);
         guard.0.up()?;
         guard.0.wait_for_peers()?;
         guard.0.add_standard_pods()?;
         Ok(guard)
+    }
+
+    /// Every node runs `bins` from now on: new pods' CNI calls, and each loader
+    /// from its next (re)start.
+    pub fn use_binaries(&mut self, bins: &Binaries) {
+        for node in &mut self.0.nodes {
+            node.bins = bins.clone();
+        }
     }
 
     /// A pod of the standard set (`pod-1` .. `pod-4`).

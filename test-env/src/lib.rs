@@ -67,6 +67,22 @@ impl Binaries {
         }
         Ok(bins)
     }
+
+    /// [`PREVIOUS_RELEASE`]'s CNI plugin and loader, with this build's probe.
+    pub fn previous_release() -> anyhow::Result<Self> {
+        let dir = previous_release_dir();
+        let bins = Self {
+            velox: dir.join("velox"),
+            loader: dir.join("velox-loader"),
+            ..Self::locate()?
+        };
+        for bin in [&bins.velox, &bins.loader] {
+            if !bin.is_file() {
+                bail!("{} is missing: run `cargo xtask test`", bin.display());
+            }
+        }
+        Ok(bins)
+    }
 }
 
 /// `cnitool`, built by `cargo xtask setup` from Debian's source package.
@@ -74,6 +90,17 @@ pub fn cnitool() -> anyhow::Result<PathBuf> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/cnitool");
     anyhow::ensure!(path.is_file(), "{} is missing: run `cargo xtask setup`", path.display());
     Ok(path)
+}
+
+/// The build the upgrade tests start from: the last before the VXLAN underlay
+/// (native routing only, the peer map's older value). `cargo xtask test` builds it
+/// from the repository's history into [`previous_release_dir`].
+pub const PREVIOUS_RELEASE: &str = "a9ec1b8c61e7d02be47bf7b52067f3684d0181c6";
+
+/// Where the previous release's `velox` and `velox-loader` are cached.
+pub fn previous_release_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(format!(".cache/velox/previous-release-{}", &PREVIOUS_RELEASE[..12]))
 }
 
 /// The upgrade test's changed datapath, which `cargo xtask test` builds.

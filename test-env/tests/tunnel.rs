@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 use velox_common::{DROP_REASONS, DROP_TUNNEL_SOURCE};
-use velox_test_env::{matrix, run, ClusterGuard, Family, Topology};
+use velox_test_env::{matrix, run, Binaries, ClusterGuard, Family, Topology};
 
 /// A counter of the uplink's slot on `node` (what `from_net` and `from_tunnel` count).
 fn uplink_counter(cluster: &ClusterGuard, node: usize, counter: impl Fn(&serde_json::Value) -> u64) -> u64 {
@@ -200,6 +200,57 @@ fn peers_moving_into_the_tunnel_and_back_keep_a_connection_under_traffic() {
             transfer.gbps
         );
     });
+    cluster.finish().unwrap();
+}
+
+/// An upgrade from the last native-only release under traffic: both nodes move to
+/// this build (their peers stay native: they share a link), then into the tunnel,
+/// and the stream never stops for a second. A pod the new build adds reaches one
+/// the old build added, in both families.
+#[test]
+fn an_upgrade_from_the_native_only_release_then_into_the_tunnel_keeps_a_stream() {
+    let mut cluster = ClusterGuard::up_with("u", Topology::OneLink, Binaries::previous_release().unwrap()).unwrap();
+    let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
+    let peers = cluster.nodes[0].dump("peers").unwrap();
+    assert!(
+        peers.iter().all(|p| p.get("route").is_none()),
+        "not a native-only build: {peers:?}"
+    );
+    let current = Binaries::locate().unwrap();
+    const SECONDS: u64 = 20;
+    std::thread::scope(|scope| {
+        let started = std::time::Instant::now();
+        let transfer = scope.spawn(|| pod1.iperf3(&pod2, Family::V4, SECONDS as u32, 1));
+        std::thread::sleep(Duration::from_secs(2));
+        cluster.use_binaries(&current);
+        for node in &cluster.nodes {
+            node.restart_loader_with(&[]).unwrap();
+        }
+        cluster.wait_for_peer_routes(Some("native")).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        for node in &cluster.nodes {
+            node.restart_loader_with(&["--tunnel", "always"]).unwrap();
+        }
+        cluster.wait_for_peer_routes(Some("vxlan")).unwrap();
+        let switched = started.elapsed();
+        let transfer = transfer.join().unwrap().unwrap();
+        assert!(
+            switched < Duration::from_secs(SECONDS - 1),
+            "the restarts took {switched:?}, longer than the stream"
+        );
+        assert!(
+            transfer.slowest_second_gbps > 0.0,
+            "the connection stalled for a second: {} Gb/s overall",
+            transfer.gbps
+        );
+    });
+    let added = cluster.nodes[1].add_pod(&cluster.pod_name(1, "after-upgrade")).unwrap();
+    for family in Family::ALL {
+        assert!(
+            added.ping(pod1.ip(family), 3),
+            "{family:?}: new pod to the old build's pod"
+        );
+    }
     cluster.finish().unwrap();
 }
 

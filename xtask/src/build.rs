@@ -7,6 +7,7 @@
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use velox_test_env::{previous_release_dir, PREVIOUS_RELEASE};
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -80,4 +81,51 @@ pub fn build() -> anyhow::Result<()> {
 pub fn build_upgrade_test_object() -> anyhow::Result<()> {
     println!("xtask: building the upgrade test's eBPF object");
     build_ebpf("target/ebpf-upgrade-test", &["upgrade-test"])
+}
+
+/// The released build the upgrade tests start from ([`PREVIOUS_RELEASE`]): built from
+/// this repository's history in a worktree of its own, once, into a cache outside
+/// the workspace (a clean clone finds it there).
+pub fn build_previous_release() -> anyhow::Result<()> {
+    let cache = previous_release_dir();
+    if ["velox", "velox-loader"].iter().all(|b| cache.join(b).is_file()) {
+        return Ok(());
+    }
+    println!("xtask: building the previous release {PREVIOUS_RELEASE} for the upgrade tests (about five minutes)");
+    let root = workspace_root();
+    let git = |args: &[&str]| run_checked(Command::new("git").current_dir(&root).args(args));
+    // A shallow clone lacks the commit; fetch it rather than fail.
+    if git(&["cat-file", "-e", &format!("{PREVIOUS_RELEASE}^{{commit}}")]).is_err() {
+        git(&["fetch", "--quiet", "origin", PREVIOUS_RELEASE])?;
+    }
+    let tree = PathBuf::from("/var/tmp/velox-previous-release");
+    if tree.exists() {
+        let _ = git(&["worktree", "remove", "--force", tree.to_str().unwrap()]);
+        let _ = std::fs::remove_dir_all(&tree);
+    }
+    git(&["worktree", "prune"])?;
+    git(&[
+        "worktree",
+        "add",
+        "--quiet",
+        "--detach",
+        tree.to_str().unwrap(),
+        PREVIOUS_RELEASE,
+    ])?;
+    let built = run_checked(
+        Command::new(cargo())
+            .current_dir(&tree)
+            .env_remove("CARGO_TARGET_DIR")
+            .args(["xtask", "build"]),
+    )
+    .and_then(|()| {
+        std::fs::create_dir_all(&cache)?;
+        for binary in ["velox", "velox-loader"] {
+            std::fs::copy(tree.join("target/release").join(binary), cache.join(binary))
+                .with_context(|| format!("copying the previous release's {binary}"))?;
+        }
+        Ok(())
+    });
+    git(&["worktree", "remove", "--force", tree.to_str().unwrap()])?;
+    built
 }

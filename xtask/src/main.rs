@@ -82,6 +82,7 @@ fn test() -> anyhow::Result<()> {
     setup::setup()?;
     build::build()?;
     build::build_upgrade_test_object()?;
+    build::build_previous_release()?;
     image::image()?;
     let nextest = Command::new(build::cargo())
         .args(["nextest", "--version"])
