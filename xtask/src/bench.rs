@@ -31,7 +31,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "velox-same,velox-cross,velox-same6,velox-cross6,velox-vxlan,ptp,bridge,direct,node-to-node,direct6,node-to-node6,kernel-vxlan"
+        default_value = "velox-same,velox-cross,velox-same6,velox-cross6,velox-vxlan,ptp,bridge,direct,node-to-node,direct6,node-to-node6,kernel-vxlan,flannel-vxlan"
     )]
     pub configs: Vec<Config>,
     /// Also measure with this many non-matching rules in each host's FORWARD chain (0: skip).
@@ -110,6 +110,10 @@ pub enum Config {
     /// Node to node through a plain kernel VXLAN device with static forwarding
     /// entries and kernel routes (flannel's way), on the same underlay.
     KernelVxlan,
+    /// Pods over that kernel VXLAN device as flannel lays them out: a veth per pod,
+    /// the node forwarding by kernel routes into and out of the device (no bridge:
+    /// ptp's veth, so only the encapsulation differs from Velox's VXLAN).
+    FlannelVxlan,
 }
 
 impl Config {
@@ -127,13 +131,18 @@ impl Config {
             Config::NodeToNode6 => "node to node IPv6",
             Config::VeloxVxlan => "velox across nodes VXLAN",
             Config::KernelVxlan => "kernel VXLAN node to node",
+            Config::FlannelVxlan => "pods over kernel VXLAN",
         }
     }
 
     /// What this configuration is measured against: the limit of its path and family.
     pub fn limit(self) -> Config {
         match self {
-            Config::VeloxCross | Config::NodeToNode | Config::VeloxVxlan | Config::KernelVxlan => Config::NodeToNode,
+            Config::VeloxCross
+            | Config::NodeToNode
+            | Config::VeloxVxlan
+            | Config::KernelVxlan
+            | Config::FlannelVxlan => Config::NodeToNode,
             Config::VeloxCross6 | Config::NodeToNode6 => Config::NodeToNode6,
             Config::VeloxSame6 | Config::Direct6 => Config::Direct6,
             _ => Config::Direct,
@@ -308,7 +317,7 @@ pub fn pod(cluster: &Cluster, name: &str) -> anyhow::Result<Pod> {
 
 /// Brings `cluster` up with every peer through Velox's VXLAN tunnel, pods' MTU the
 /// tunnel's, and the standard pods.
-fn tunnel_everything(cluster: &Cluster) -> anyhow::Result<()> {
+pub fn tunnel_everything(cluster: &Cluster) -> anyhow::Result<()> {
     cluster.up()?;
     for node in &cluster.nodes {
         node.restart_loader_with(&["--tunnel", "always"])?;
@@ -320,6 +329,46 @@ fn tunnel_everything(cluster: &Cluster) -> anyhow::Result<()> {
         node.add_pod(&cluster.pod_name(index, name))?;
     }
     Ok(())
+}
+
+/// A pod on each node of `cluster` behind the kernel VXLAN device of
+/// [`kernel_vxlan`], as flannel routes them: pod `i` is 10.98.i.2/24 on a veth to its
+/// node, and each node routes the other's pod subnet via the other's device address.
+fn flannel_vxlan(cluster: &Cluster, devices: &(Pod, Pod)) -> anyhow::Result<(Pod, Pod)> {
+    let device_ip = |pod: &Pod| pod.ips[0].to_string();
+    let remote_device = [device_ip(&devices.1), device_ip(&devices.0)];
+    let ends: Vec<Pod> = (0..2)
+        .map(|i| -> anyhow::Result<Pod> {
+            let node = &cluster.nodes[i].name;
+            // Named after its node, so the node's teardown removes it.
+            let pod = format!("{node}-flannel");
+            let _ = run("ip", &["netns", "del", &pod]);
+            run("ip", &["netns", "add", &pod])?;
+            let ip = |ns: &str, args: &[&str]| run("ip", &[&["-n", ns], args].concat()).map(drop);
+            ip(
+                node,
+                &[
+                    "link", "add", "flannel0", "mtu", "1450", "type", "veth", "peer", "name", "eth0", "netns", &pod,
+                ],
+            )?;
+            ip(node, &["addr", "add", &format!("10.98.{i}.1/24"), "dev", "flannel0"])?;
+            ip(node, &["link", "set", "flannel0", "up"])?;
+            ip(&pod, &["link", "set", "lo", "up"])?;
+            ip(&pod, &["link", "set", "eth0", "mtu", "1450", "up"])?;
+            ip(&pod, &["addr", "add", &format!("10.98.{i}.2/24"), "dev", "eth0"])?;
+            ip(&pod, &["route", "add", "default", "via", &format!("10.98.{i}.1")])?;
+            let other = format!("10.98.{}.0/24", 1 - i);
+            ip(
+                node,
+                &["route", "replace", &other, "via", &remote_device[i], "dev", "vxk"],
+            )?;
+            Ok(Pod {
+                name: pod,
+                ips: vec![format!("10.98.{i}.2").parse()?],
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok((ends[0].clone(), ends[1].clone()))
 }
 
 /// The kernel VXLAN device between the two nodes of `cluster`, as flannel sets one
@@ -382,12 +431,22 @@ fn data_plane(
 ) -> anyhow::Result<Vec<Sample>> {
     let mut pairs = Vec::new();
     let mut direct = None;
+    let mut kernel_vxlan_ends = None;
     for config in &args.configs {
         let pair = match config {
             Config::VeloxSame | Config::VeloxSame6 => (pod(cluster, "pod-1")?, pod(cluster, "pod-4")?),
             Config::VeloxCross | Config::VeloxCross6 => (pod(cluster, "pod-1")?, pod(cluster, "pod-2")?),
             Config::VeloxVxlan => (pod(tunnelled, "pod-1")?, pod(tunnelled, "pod-2")?),
-            Config::KernelVxlan => kernel_vxlan(cluster)?,
+            Config::KernelVxlan | Config::FlannelVxlan => {
+                let devices = match &kernel_vxlan_ends {
+                    Some(ends) => Clone::clone(ends),
+                    None => kernel_vxlan_ends.insert(kernel_vxlan(cluster)?).clone(),
+                };
+                match config {
+                    Config::FlannelVxlan => flannel_vxlan(cluster, &devices)?,
+                    _ => devices,
+                }
+            }
             Config::Ptp => (ptp.add_pod("a")?.0, ptp.add_pod("b")?.0),
             Config::Bridge => (bridge.add_pod("a")?.0, bridge.add_pod("b")?.0),
             Config::Direct | Config::Direct6 => match &direct {

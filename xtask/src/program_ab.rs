@@ -18,7 +18,7 @@ use velox_common::{FROM_NET_PROGRAM, FROM_POD_PROGRAM};
 use velox_test_env::kube_proxy::{Protocol, ServiceRule};
 use velox_test_env::{Binaries, Cluster, Family, Pod};
 
-use crate::bench::{pod, program_cost, set_bpf_stats, BenchArgs};
+use crate::bench::{pod, program_cost, set_bpf_stats, tunnel_everything, BenchArgs};
 use crate::policy_bench::apply_velox;
 use crate::program_runs::TestPacket;
 use crate::report::Stat;
@@ -72,11 +72,18 @@ pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
     for path in datapaths.iter().flat_map(|d| [&d.loader, &d.object, &d.plugin]) {
         anyhow::ensure!(path.is_file(), "{} is missing", path.display());
     }
-    let cluster = Cluster::new(PREFIX, bins)?;
-    let _ = cluster.down();
+    let cluster = Cluster::new(PREFIX, bins.clone())?;
+    let tunnelled = Cluster::new(&format!("{PREFIX}t-"), bins)?;
+    let teardown = || {
+        let _ = cluster.down();
+        let _ = tunnelled.down();
+    };
+    teardown();
     let result = (|| {
         cluster.up()?;
         cluster.add_standard_pods()?;
+        tunnel_everything(&tunnelled)?;
+        let (tunnel_client, tunnel_server) = (pod(&tunnelled, "pod-1")?, pod(&tunnelled, "pod-2")?);
         let (client, same, across) = (
             pod(&cluster, "pod-1")?,
             pod(&cluster, "pod-4")?,
@@ -96,21 +103,23 @@ pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
         .install(&cluster.nodes[0])?;
         let cgroup = cluster.nodes[0].cgroup()?;
         let paths = [
-            ("same node", &same, Family::V4, None),
-            ("across nodes", &across, Family::V4, None),
-            ("same node IPv6", &same, Family::V6, None),
-            ("same node, isolated server", &isolated, Family::V4, None),
+            ("same node", &client, &same, Family::V4, None),
+            ("across nodes", &client, &across, Family::V4, None),
+            ("across nodes VXLAN", &tunnel_client, &tunnel_server, Family::V4, None),
+            ("same node IPv6", &client, &same, Family::V6, None),
+            ("same node, isolated server", &client, &isolated, Family::V4, None),
             (
                 "kube-proxy ClusterIP",
+                &client,
                 &same,
                 Family::V4,
                 Some((cluster_ip, cgroup.as_path())),
             ),
         ];
         let test_packets = test_packets(&cluster, &client, (&same, &across, &isolated))?;
-        measure_rounds(args, &cluster, &datapaths, &client, &paths, &test_packets)
+        measure_rounds(args, [&cluster, &tunnelled], &datapaths, &paths, &test_packets)
     })();
-    let _ = cluster.down();
+    teardown();
     let samples = result?;
     let table = report(&samples, other);
     std::fs::create_dir_all(&args.out)?;
@@ -125,7 +134,9 @@ pub fn measure(args: &BenchArgs, other: &Path) -> anyhow::Result<()> {
 
 /// A path to measure: its name, the server pod, the family, and the Service frontend
 /// (with the client's cgroup) it goes through, if any.
-type MeasuredPath<'a> = (&'static str, &'a Pod, Family, Option<(SocketAddr, &'a Path)>);
+/// A path measured under iperf3: its name, client, server, family, and the
+/// ClusterIP and cgroup when the client connects through a Service.
+type MeasuredPath<'a> = (&'static str, &'a Pod, &'a Pod, Family, Option<(SocketAddr, &'a Path)>);
 
 /// The packets of the kernel's test runs: from the client's veth to a pod of its
 /// node (both families, and the isolated server) and to a pod of the other node, and
@@ -183,9 +194,8 @@ fn test_packets(
 /// then the ADDs.
 fn measure_rounds(
     args: &BenchArgs,
-    cluster: &Cluster,
+    [cluster, tunnelled]: [&Cluster; 2],
     datapaths: &[Datapath],
-    client: &Pod,
     paths: &[MeasuredPath<'_>],
     test_packets: &[TestPacket],
 ) -> anyhow::Result<Vec<Sample>> {
@@ -194,7 +204,10 @@ fn measure_rounds(
         for i in 0..datapaths.len() {
             let datapath = &datapaths[(i + round as usize) % datapaths.len()];
             let object = datapath.name;
-            restart_loaders(cluster, datapath).with_context(|| format!("loading {}", datapath.object.display()))?;
+            restart_loaders(cluster, datapath, &[])
+                .and_then(|()| restart_loaders(tunnelled, datapath, &["--tunnel", "always"]))
+                .and_then(|()| tunnelled.wait_for_peer_routes(Some("vxlan")))
+                .with_context(|| format!("loading {}", datapath.object.display()))?;
             for packet in test_packets {
                 packet.open()?;
                 let off = packet.ns_per_run()?;
@@ -223,7 +236,7 @@ fn measure_rounds(
             if args.test_runs_only {
                 continue;
             }
-            for (name, server, family, via) in paths {
+            for (name, client, server, family, via) in paths {
                 let mut gbps = 0.0;
                 let ns_per_run = program_cost(|| {
                     gbps = client.iperf3_via(server, *family, *via, args.seconds, 1)?.gbps;
@@ -278,12 +291,13 @@ fn add_latencies(cluster: &Cluster, datapath: &Datapath, round: u32) -> anyhow::
 }
 
 /// Every node's loader restarted as `datapath`, ready when this returns.
-fn restart_loaders(cluster: &Cluster, datapath: &Datapath) -> anyhow::Result<()> {
+fn restart_loaders(cluster: &Cluster, datapath: &Datapath, flags: &[&str]) -> anyhow::Result<()> {
     for node in &cluster.nodes {
         let mut node = node.clone();
         node.bins.loader = datapath.loader.clone();
         node.stop_loader(nix::sys::signal::Signal::SIGTERM)?;
-        node.start_loader_with(&["--ebpf-object", datapath.object.to_str().context("object path")?])?;
+        let object = datapath.object.to_str().context("object path")?;
+        node.start_loader_with(&[&["--ebpf-object", object], flags].concat())?;
     }
     Ok(())
 }

@@ -262,24 +262,34 @@ pub fn markdown(run: &Run) -> String {
                 let _ = writeln!(out, "| {} | {} |", config.name(), cells.join(" | "));
             }
         }
-        if let (Some(velox), Some(kernel)) = (
-            summary.get(&(rules, Config::VeloxVxlan)),
-            summary.get(&(rules, Config::KernelVxlan)),
-        ) {
-            let vs = |metric: usize| match (velox[metric], kernel[metric]) {
-                (Some(ours), Some(theirs)) => format!("{:.2}x", ours.median / theirs.median),
-                _ => "-".to_string(),
-            };
-            let _ = writeln!(
-                out,
-                "\nVelox's VXLAN (pod to pod) against the kernel's (node to node), same run.\n\n\
-                 | 1 stream | 4 streams | tps | conn/s | CPU s/GB |\n|---|---|---|---|---|\n| {} | {} | {} | {} | {} |",
-                vs(0),
-                vs(1),
-                vs(4),
-                vs(6),
-                vs(5)
-            );
+        if let Some(velox) = summary.get(&(rules, Config::VeloxVxlan)) {
+            let references = [Config::KernelVxlan, Config::FlannelVxlan]
+                .into_iter()
+                .filter_map(|config| Some((config, summary.get(&(rules, config))?)))
+                .collect::<Vec<_>>();
+            if !references.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "\nVelox's VXLAN (pod to pod) against the kernel's, same run.\n\n\
+                     | against | 1 stream | 4 streams | tps | conn/s | CPU s/GB |\n|---|---|---|---|---|---|"
+                );
+            }
+            for (config, kernel) in references {
+                let vs = |metric: usize| match (velox[metric], kernel[metric]) {
+                    (Some(ours), Some(theirs)) => format!("{:.2}x", ours.median / theirs.median),
+                    _ => "-".to_string(),
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    config.name(),
+                    vs(0),
+                    vs(1),
+                    vs(4),
+                    vs(6),
+                    vs(5)
+                );
+            }
         }
         if !twins.is_empty() {
             let _ = writeln!(
