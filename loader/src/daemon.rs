@@ -1,10 +1,12 @@
 //! `velox-loader run`: owns the BPF objects. Maps are reused across restarts (pinned
 //! by path), so a restart or a crash never interrupts forwarding.
 
+use crate::kernel_drops::KernelLayout;
 use anyhow::Context;
 use aya::maps::MapData;
 use aya::maps::ProgramArray;
 use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::raw_trace_point::RawTracePointLink;
 use aya::programs::{loaded_programs, CgroupSockAddr, Iter, Program, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use aya_log::EbpfLogger;
@@ -28,7 +30,8 @@ use velox_common::{
     Affinity, AffinityKey, AllowedFlow, ConnectionTimeouts, FlowEnd, NatEntry, NatKey, PolicyFlow, AFFINITY_MAP,
     COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, FROM_TUNNEL_PROGRAM, KERNEL_FLOWS_MAP,
     NAT_MAP, NAT_PROGRAMS, NAT_PROGRAMS_MAP, POLICY_FLOWS_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_RULES_MAP,
-    SOCKET_LB_PROGRAMS, TO_POD_PROGRAM, TO_TUNNEL_PROGRAM, UDP_SOCKET_FRONTENDS_ITER, UPLINK_SLOT, VXLAN_PORT_GLOBAL,
+    SKB_LAYOUT_GLOBAL, SOCKET_LB_PROGRAMS, TO_POD_PROGRAM, TO_TUNNEL_PROGRAM, UDP_SOCKET_FRONTENDS_ITER, UPLINK_SLOT,
+    VXLAN_PORT_GLOBAL,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir, write_atomic};
@@ -319,6 +322,9 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         reserve_nat_ports()?;
     }
     let mut ebpf = load_and_pin(&bpffs, &datapath)?;
+    let kernel_drops = crate::kernel_drops::attach(&mut ebpf)
+        .inspect_err(|e| log::warn!("the flow records will not show the kernel's own drops: {e:#}"))
+        .ok();
     if datapath.socket_lb_cgroup.is_some() {
         // Before the first pass may close sockets by what it reads: this build's.
         if let Err(e) = pin_udp_socket_iterator(&bpffs, &mut ebpf) {
@@ -372,6 +378,7 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
         metrics_failure,
         install_into,
         unmoved: None,
+        _kernel_drops: kernel_drops,
         waiting: Vec::new(),
     };
     // A source that cannot be read never stops the start; a missing uplink does.
@@ -462,6 +469,8 @@ struct Daemon {
     /// This build's programs, while the links still run an earlier build's: they
     /// move once the maps hold the policy (see [`Daemon::move_to_this_build`]).
     unmoved: Option<Ebpf>,
+    /// `kernel_drops` on `kfree_skb`, attached while the loader runs.
+    _kernel_drops: Option<RawTracePointLink>,
     /// ADDs waiting for their pod's policy, answered after a policy pass has seen
     /// the pod, or when their time is up.
     waiting: Vec<WaitingRequest>,
@@ -984,6 +993,13 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     }
     // Not required: an object of a build before the tunnel has no such global.
     loader.override_global(VXLAN_PORT_GLOBAL, &options.vxlan_port, false);
+    // Without it the program records nothing; the rest of the datapath is whole.
+    let kernel = KernelLayout::read()
+        .inspect_err(|e| log::warn!("the flow records will not show the kernel's own drops: {e:#}"))
+        .ok();
+    if let Some(kernel) = &kernel {
+        loader.override_global(SKB_LAYOUT_GLOBAL, &kernel.skb, false);
+    }
     // As many connections as conntrack can hold: an LRU map that size only evicts
     // the ends of connections the kernel has already forgotten.
     loader.map_max_entries(KERNEL_FLOWS_MAP, kernel_flows_capacity());
@@ -1035,6 +1051,9 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     };
     check_object_layout(object)?;
     let mut ebpf = loader.load(object).context("loading the eBPF object")?;
+    if let Some(kernel) = kernel {
+        kernel.publish_reason_names();
+    }
     // Before any program of this load runs: zero limits admit no connection, zero
     // timeouts keep none.
     let (reserved, pool) = policy_flow_limits(options);

@@ -79,12 +79,12 @@ pub struct Record {
 }
 
 /// A drop's reason as the drop-reason table names it; `policy` for a connection a
-/// policy rule allowed.
-fn reason(code: u32) -> &'static str {
+/// policy rule allowed; `kernel:NAME` for a drop the kernel made.
+fn reason(code: u32) -> String {
     match DropReason::of(code) {
-        Some(reason) => reason.name,
-        None if code == VERDICT_ALLOWED => "policy",
-        None => "unknown",
+        Some(reason) => reason.name.into(),
+        None if code == VERDICT_ALLOWED => "policy".into(),
+        None => crate::kernel_drops::reason_name(code).unwrap_or_else(|| "unknown".into()),
     }
 }
 
@@ -113,7 +113,7 @@ impl Record {
                 "dropped"
             }
             .into(),
-            reason: reason(event.reason).into(),
+            reason: reason(event.reason),
             protocol: protocol_name(event.src.proto).to_uppercase(),
             src,
             dst,

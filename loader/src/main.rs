@@ -4,6 +4,7 @@ mod daemon;
 mod dump;
 mod flow_log;
 mod install;
+mod kernel_drops;
 mod metrics;
 mod names;
 mod netfilter;

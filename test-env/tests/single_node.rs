@@ -1009,6 +1009,54 @@ fn a_drop_is_in_the_flow_records_afterwards() {
     node.finish().unwrap();
 }
 
+/// Issue 25: drops the kernel makes outside Velox's programs are in the flow
+/// records with the kernel's own reason from `kfree_skb`, and the pod's container:
+/// a destination the node has no route to, then a netfilter rule that drops it.
+#[test]
+fn kernel_drops_are_in_the_flow_records_with_the_kernels_reason() {
+    let node = NodeGuard::up("kdrop").unwrap();
+    let a = node.add_pod("a").unwrap();
+    let in_node = |args: &[&str]| run("ip", &[&["netns", "exec", node.name.as_str()], args].concat()).unwrap();
+    in_node(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let unroutable = "192.0.2.1";
+    let recorded_drop = |reason: &str| {
+        let _ = a.exec("ping", &["-c", "3", "-i", "0.2", "-W", "1", unroutable]);
+        let mut found = None;
+        wait_for(Duration::from_secs(5), || {
+            let (records, _) = node.flows(&["--verdict", "dropped", "--since", "5m"]).unwrap();
+            found = records
+                .into_iter()
+                .find(|r| r["reason"] == reason && r["dst"].as_str().is_some_and(|d| d.starts_with(unroutable)));
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("no record of the pings the kernel dropped for {reason}"))
+    };
+    let drop = recorded_drop("kernel:IP_INNOROUTES");
+    assert_eq!(drop["protocol"], "ICMP", "{drop}");
+    assert!(
+        drop["src"].as_str().unwrap().starts_with(&a.ip(Family::V4).to_string()),
+        "{drop}"
+    );
+    assert_eq!(drop["pod"], format!("{} eth0", a.name), "{drop}");
+    // A route, and a firewall rule that drops what takes it.
+    in_node(&[
+        "ip",
+        "link",
+        "add",
+        "blackhole0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "blackhole1",
+    ]);
+    in_node(&["ip", "link", "set", "blackhole0", "up"]);
+    in_node(&["ip", "route", "add", "192.0.2.0/24", "dev", "blackhole0"]);
+    in_node(&["iptables", "-w", "-I", "FORWARD", "-d", "192.0.2.0/24", "-j", "DROP"]);
+    recorded_drop("kernel:NETFILTER_DROP");
+    node.finish().unwrap();
+}
+
 /// Issue 25: a flood of drops from one address cannot hide another pod's drop: an
 /// address writes at most `DROP_EVENTS_PER_SOURCE` drop events a second, and the
 /// rest are counted and said.

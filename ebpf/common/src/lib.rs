@@ -154,6 +154,12 @@ pub const TUNNEL_VNI: u32 = 1;
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 /// The programs' global holding the tunnel's UDP port, set when the loader loads them.
 pub const VXLAN_PORT_GLOBAL: &str = "VELOX_VXLAN_PORT";
+/// The program on the kernel's `kfree_skb` tracepoint: drops of pod traffic the
+/// kernel makes outside Velox's programs (no route, rp_filter, netfilter, a full
+/// queue), with the kernel's own reason. Attached by each loader, not pinned.
+pub const KERNEL_DROPS_PROGRAM: &str = "kernel_drops";
+/// The programs' global holding [`SkbLayout`], set when the loader loads them.
+pub const SKB_LAYOUT_GLOBAL: &str = "VELOX_SKB_LAYOUT";
 /// Entries of `VELOX_KERNEL_FLOWS` when the kernel's `nf_conntrack_max` cannot be read.
 pub const DEFAULT_KERNEL_FLOWS: u32 = 262_144;
 
@@ -1028,6 +1034,33 @@ impl serde::Serialize for EndpointCounters {
 
 /// In a [`FlowEvent`], instead of a drop reason: a new connection a policy rule allowed.
 pub const VERDICT_ALLOWED: u32 = u32::MAX;
+/// In a [`FlowEvent`]'s reason: the kernel dropped the packet, for the
+/// `skb_drop_reason` in the low bits.
+pub const KERNEL_DROP: u32 = 1 << 30;
+
+/// Where the running kernel keeps what `kernel_drops` reads of a `sk_buff`, byte
+/// offsets from the kernel's BTF: Rust programs get no CO-RE relocations, so the
+/// loader resolves them and sets them before the programs load. `netns` 0: the
+/// loader found no layout, and the program records nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkbLayout {
+    /// `sk_buff.head`, `sk_buff.network_header`, `sk_buff.protocol`, `sk_buff.dev`.
+    pub head: u32,
+    pub network_header: u32,
+    pub protocol: u32,
+    pub dev: u32,
+    /// `net_device.ifindex`, `net_device.nd_net` (the `struct net *` inside).
+    pub dev_ifindex: u32,
+    pub dev_net: u32,
+    /// `net.ns.inum`: the network namespace's inode number.
+    pub net_inum: u32,
+    /// The loader's own network namespace: drops in any other are another node's.
+    pub netns: u32,
+    /// Reasons left out: Velox's own TC drops (`TC_INGRESS`, `TC_EGRESS`), which it
+    /// records itself with its own reason.
+    pub skipped: [u32; 2],
+}
 
 /// A source address's drop events in the current second.
 #[repr(C)]
@@ -1070,6 +1103,7 @@ mod pod {
     unsafe impl aya::Pod for super::SocketFrontend {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::EventBudget {}
+    unsafe impl aya::Pod for super::SkbLayout {}
     unsafe impl aya::Pod for super::PolicyState {}
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::IdentityRuleKey {}

@@ -24,6 +24,7 @@
 #![allow(internal_features)]
 
 mod forward;
+mod kernel_drops;
 mod kernel_flows;
 mod nat;
 mod parse;

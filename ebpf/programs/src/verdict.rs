@@ -114,12 +114,18 @@ pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, ver
             egress_policy,
             ingress_policy,
         };
-        // A full buffer loses the event (counted), never the packet's time.
-        if VELOX_EVENTS.output(&event, 0).is_err() {
-            count_lost(EVENTS_RING_FULL);
-        }
+        emit(&event);
     }
     action
+}
+
+/// Writes `event` for the loader; a full buffer loses the event (counted), never
+/// the packet's time.
+#[inline(always)]
+pub fn emit(event: &FlowEvent) {
+    if VELOX_EVENTS.output(event, 0).is_err() {
+        count_lost(EVENTS_RING_FULL);
+    }
 }
 
 #[inline(always)]
@@ -132,7 +138,7 @@ fn count_lost(why: u32) {
 
 /// The time (`bpf_ktime_get_ns`) if events are wanted: they cost nothing when not.
 #[inline(always)]
-fn events_wanted() -> Option<u64> {
+pub fn events_wanted() -> Option<u64> {
     let now = unsafe { bpf_ktime_get_ns() };
     VELOX_MONITOR.get(0).is_some_and(|until| now < *until).then_some(now)
 }
@@ -141,7 +147,7 @@ fn events_wanted() -> Option<u64> {
 /// counted instead. A source the map cannot take is let through: the ring's own
 /// bound still holds.
 #[inline(always)]
-fn within_budget(source: &IpKey, now: u64) -> bool {
+pub fn within_budget(source: &IpKey, now: u64) -> bool {
     let second = now / 1_000_000_000;
     if let Some(budget) = VELOX_EVENT_BUDGETS.get_ptr_mut(source) {
         // SAFETY: a map value; a racing CPU at worst lets one event more through.
