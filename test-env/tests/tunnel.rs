@@ -2,6 +2,7 @@
 //! no pod CIDR, so each is the other's tunnelled peer. Needs root and
 //! `cargo xtask build`; `cargo xtask test` does both.
 
+use std::net::IpAddr;
 use std::time::Duration;
 use velox_common::{DROP_REASONS, DROP_TUNNEL_SOURCE};
 use velox_test_env::{matrix, run, Binaries, ClusterGuard, Family, Topology};
@@ -72,54 +73,123 @@ fn pods_reach_each_other_through_the_tunnel_on_the_ebpf_path_alone() {
 #[test]
 fn a_vxlan_packet_from_outside_the_cluster_is_dropped_and_counted() {
     let cluster = ClusterGuard::up_routed("i").unwrap();
+    assert_injected_vxlan_is_dropped(&cluster, Family::V4);
+    cluster.finish().unwrap();
+}
+
+/// The external host speaks VXLAN to node 1 over `underlay` with the cluster's port
+/// and VNI, and claims an address of node 2's pod CIDR: its pings to pod-1 in both
+/// families must not arrive, and node 1 counts them as `tunnel_source` drops.
+fn assert_injected_vxlan_is_dropped(cluster: &ClusterGuard, underlay: Family) {
     let pod1 = cluster.pod("pod-1");
-    let node1 = cluster.node_ip(0, Family::V4).to_string();
-    // The external host speaks VXLAN to node 1 with the cluster's port and VNI, and
-    // claims an address of node 2's pod CIDR.
     let external = cluster.external.as_str();
     let ip = |args: &[&str]| run("ip", &[&["-n", external], args].concat()).unwrap();
+    let (node1, local) = (
+        cluster.node_ip(0, underlay).to_string(),
+        velox_test_env::cluster::external_ip(underlay).to_string(),
+    );
     ip(&[
-        "link",
-        "add",
-        "vx0",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "remote",
-        &node1,
-        "dstport",
-        "8472",
-        "local",
-        "198.41.0.4",
+        "link", "add", "vx0", "type", "vxlan", "id", "1", "remote", &node1, "dstport", "8472", "local", &local,
     ]);
     ip(&["link", "set", "vx0", "arp", "off", "up"]);
-    ip(&["addr", "add", "200.200.2.99/32", "dev", "vx0"]);
-    ip(&["route", "add", "200.200.1.0/24", "dev", "vx0", "src", "200.200.2.99"]);
-    let before = tunnel_source_drops(&cluster, 0);
-    let pinged = run(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            external,
-            "ping",
-            "-c",
-            "3",
-            "-W",
-            "1",
-            &pod1.ip(Family::V4).to_string(),
-        ],
+    for (claimed, pods) in [
+        ("200.200.2.99/32", "200.200.1.0/24"),
+        ("fd00:200:2::99/128", "fd00:200:1::/64"),
+    ] {
+        ip(&["addr", "add", claimed, "dev", "vx0", "nodad"]);
+        let source = claimed.split('/').next().unwrap();
+        ip(&["route", "add", pods, "dev", "vx0", "src", source]);
+    }
+    for family in Family::ALL {
+        let before = tunnel_source_drops(cluster, 0);
+        let to = pod1.ip(family).to_string();
+        let pinged = run("ip", &["netns", "exec", external, "ping", "-c", "3", "-W", "1", &to]);
+        assert!(
+            pinged.is_err(),
+            "{family:?} over a {underlay:?} underlay: a host outside the cluster reached a pod through the tunnel: {pinged:?}"
+        );
+        let dropped = tunnel_source_drops(cluster, 0) - before;
+        assert!(
+            dropped >= 3,
+            "{family:?} over a {underlay:?} underlay: from_tunnel counted {dropped} drops of the injected packets"
+        );
+    }
+    ip(&["link", "del", "vx0"]);
+}
+
+/// Nodes that report only their IPv6 InternalIPs: the tunnel's outer header is
+/// IPv6 (70 bytes less MTU), it carries pods of both families with their real
+/// sources, and VXLAN over IPv6 from outside the cluster is dropped and counted.
+#[test]
+fn an_ipv6_underlay_carries_both_families_and_refuses_outsiders() {
+    let cluster = ClusterGuard::up_routed("6").unwrap();
+    let v6_only: Vec<velox_test_env::Node> = cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            let mut node = node.clone();
+            node.underlay.as_mut().unwrap().node_ips.retain(IpAddr::is_ipv6);
+            node
+        })
+        .collect();
+    cluster.write_peers(&v6_only.iter().collect::<Vec<_>>()).unwrap();
+    let outer_v6 = |node: usize| {
+        let peers = cluster.nodes[node].dump("peers").unwrap();
+        peers.len() == 2
+            && peers.iter().all(|p| {
+                p["route"] == "vxlan" && p["mtu"] == 1430 && p["node_ip"].as_str().is_some_and(|ip| ip.contains(':'))
+            })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(outer_v6(0) && outer_v6(1)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the peers did not move to an IPv6 outer header: {:?}",
+            cluster.nodes[0].dump("peers")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
+    // Proof that the tunnel's packets leave node 1 over IPv6, and none over IPv4.
+    let capture = |filter: &str| {
+        velox_test_env::in_netns(
+            &cluster.nodes[0].name,
+            "timeout",
+            &["3", "tcpdump", "-i", "eth0", "-c", "1", "-n"],
+        )
+        .args(filter.split(' '))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+    };
+    let (over_v6, over_v4) = (
+        capture("ip6 and udp dst port 8472"),
+        capture("ip and udp dst port 8472"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(pod1.ping(pod2.ip(Family::V4), 3), "IPv4 pods over an IPv6 underlay");
+    assert!(
+        over_v6.wait_with_output().unwrap().status.success(),
+        "no VXLAN over IPv6 left node 1"
     );
     assert!(
-        pinged.is_err(),
-        "a host outside the cluster reached a pod through the tunnel: {pinged:?}"
+        !over_v4.wait_with_output().unwrap().status.success(),
+        "VXLAN over IPv4 left node 1"
     );
-    let dropped = tunnel_source_drops(&cluster, 0) - before;
-    assert!(
-        dropped >= 3,
-        "from_tunnel counted {dropped} drops of the injected packets"
-    );
+    for family in Family::ALL {
+        assert!(pod1.ping(pod2.ip(family), 3), "{family:?} over an IPv6 underlay");
+        let throughput = pod1.iperf3(&pod2, family, 1, 1).unwrap();
+        assert!(throughput.gbps > 0.1, "{family:?}: {} Gb/s", throughput.gbps);
+    }
+    for node in 0..2 {
+        assert_eq!(
+            tunnel_source_drops(&cluster, node),
+            0,
+            "node {node} refused a peer's packet"
+        );
+    }
+    assert_injected_vxlan_is_dropped(&cluster, Family::V6);
     cluster.finish().unwrap();
 }
 
