@@ -2,6 +2,7 @@
 //! by path), so a restart or a crash never interrupts forwarding.
 
 use crate::kernel_drops::KernelLayout;
+use crate::names::PolicyNames;
 use anyhow::Context;
 use aya::maps::MapData;
 use aya::maps::ProgramArray;
@@ -14,7 +15,8 @@ use futures_util::StreamExt;
 use nix::fcntl::Flock;
 use nix::mount::{mount, MsFlags};
 use nix::sys::statfs::statfs;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::path::PathBuf;
@@ -351,13 +353,16 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     if let Some(address) = metrics_address {
         metrics.serve(address, bpffs.clone(), state_dir.clone(), Arc::clone(&metrics_failure));
     }
+    let name_pods = flow_records > 0 || flow_records_file.is_some();
     if let Err(e) =
         crate::flow_log::FlowLog::start(&bpffs, &state_dir, flow_records, flow_records_file, metrics.clone())
     {
         log::error!("no flow records (velox-loader flows, monitor): {e:#}");
     }
     let with_services = datapath.socket_lb_cgroup.is_some();
-    let source = source.start(with_services, network_policy, metrics.clone()).await?;
+    let source = source
+        .start(with_services, network_policy, name_pods, metrics.clone())
+        .await?;
     let sync = SourceSync {
         policy: enforces_policy.then(PolicyReconciler::default),
         source,
@@ -366,6 +371,8 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
             .then(|| ServiceBalancer::new(datapath.kube_proxy_replacement, datapath.node_port_algorithm)),
         this_node: None,
         endpoints_changed_at: None,
+        name_pods,
+        named_pods: None,
     };
     let mut daemon = Daemon {
         bpffs,
@@ -865,6 +872,7 @@ impl SourceOptions {
         self,
         with_services: bool,
         with_policy: bool,
+        with_pods: bool,
         metrics: Metrics,
     ) -> anyhow::Result<Box<dyn ClusterSource>> {
         Ok(match self {
@@ -872,9 +880,17 @@ impl SourceOptions {
                 peers_file,
                 cluster_state,
             } => Box::new(FileSource::new(peers_file, cluster_state, metrics)),
-            SourceOptions::Kubernetes { kubeconfig, node_name } => {
-                Box::new(ApiSource::start(kubeconfig.as_deref(), with_services, with_policy, node_name, metrics).await?)
-            }
+            SourceOptions::Kubernetes { kubeconfig, node_name } => Box::new(
+                ApiSource::start(
+                    kubeconfig.as_deref(),
+                    with_services,
+                    with_policy,
+                    with_pods,
+                    node_name,
+                    metrics,
+                )
+                .await?,
+            ),
         })
     }
 }
@@ -891,6 +907,10 @@ struct SourceSync {
     /// When the endpoint records last changed (the directory's mtime): a pod came
     /// or went, and policy must look at it.
     endpoints_changed_at: Option<std::time::SystemTime>,
+    /// Without policy, whether the flow records want the pods named, and the names
+    /// last written for them (the policy pass writes them otherwise).
+    name_pods: bool,
+    named_pods: Option<BTreeMap<IpAddr, String>>,
 }
 
 impl SourceSync {
@@ -942,6 +962,16 @@ impl SourceSync {
                 match applied {
                     Ok(()) => self.endpoints_changed_at = endpoints_changed_at,
                     Err(e) => log::error!("applying NetworkPolicy: {e:#}"),
+                }
+            }
+        } else if self.name_pods && (changed || full) {
+            if let Some(pods) = self.source.pods() {
+                let names = PolicyNames::of_pods(&pods);
+                if self.named_pods.as_ref() != Some(&names.pods) {
+                    match names.write(state_dir) {
+                        Ok(()) => self.named_pods = Some(names.pods),
+                        Err(e) => log::warn!("naming the pods for the flow records: {e:#}"),
+                    }
                 }
             }
         }

@@ -81,6 +81,28 @@ impl PolicyNames {
             .unwrap_or_default()
     }
 
+    /// The names a node that does not enforce policy knows: every Pod's reported
+    /// addresses (`namespace/name`), no policies.
+    pub fn of_pods(pods: &[k8s_openapi::api::core::v1::Pod]) -> Self {
+        let pods = pods
+            .iter()
+            .flat_map(|pod| {
+                let name = format!(
+                    "{}/{}",
+                    crate::source::namespace_of(&pod.metadata),
+                    pod.metadata.name.as_deref().unwrap_or_default()
+                );
+                crate::reconcile::policy::reported_addresses(pod)
+                    .into_iter()
+                    .map(move |ip| (ip, name.clone()))
+            })
+            .collect();
+        Self {
+            pods,
+            ..Self::default()
+        }
+    }
+
     pub fn policy(&self, id: u16) -> Option<String> {
         self.policies.get(usize::from(id).checked_sub(1)?).cloned()
     }

@@ -523,3 +523,65 @@ fn from_net_leaves_frames_for_another_host_to_the_kernel() {
     assert!(uplink_redirected() > before);
     cluster.finish().unwrap();
 }
+
+/// Issue 25: with NetworkPolicy not enforced the flow records still name the pods
+/// at either end, from the cluster source's Pods: the destination of a spoofed ping,
+/// and the source of pings a netfilter rule on the node drops.
+#[test]
+fn flow_records_name_the_pods_without_network_policy() {
+    use velox_test_env::cluster_state::write_objects;
+    use velox_test_env::netpol::pod_object;
+    let cluster = ClusterGuard::up("fn").unwrap();
+    let node = &cluster.nodes[0];
+    let (client, server) = (cluster.pod("pod-1"), cluster.pod("pod-4"));
+    // Off before the Pods are written: no policy pass can name them.
+    node.restart_loader_with(&["--network-policy=false"]).unwrap();
+    let no_labels = Default::default();
+    write_objects(
+        &cluster.cluster_state.join("pods.json"),
+        vec![
+            pod_object("web", "client", &no_labels, &node.name, &client),
+            pod_object("web", "server", &no_labels, &node.name, &server),
+        ],
+    )
+    .unwrap();
+    let record = |what: &str, wanted: &dyn Fn(&serde_json::Value) -> bool, traffic: &dyn Fn()| {
+        let mut found = None;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while found.is_none() && Instant::now() < deadline {
+            traffic();
+            let (records, _) = node.flows(&["--verdict", "dropped", "--since", "5m"]).unwrap();
+            found = records.into_iter().find(|r| wanted(r));
+        }
+        found.unwrap_or_else(|| panic!("no record of {what}"))
+    };
+    run(
+        "ip",
+        &["-n", &client.name, "addr", "add", "198.51.100.8/32", "dev", "eth0"],
+    )
+    .unwrap();
+    let to_server = server.ip(Family::V4).to_string();
+    let spoofed = record(
+        "the spoofed ping",
+        // Records made before the loader read the Pods name no one: wait for one after.
+        &|r| r["reason"] == "spoofed" && !r["dst_pod"].is_null(),
+        &|| {
+            let _ = client.exec(
+                "ping",
+                &["-c", "2", "-i", "0.2", "-W", "1", "-I", "198.51.100.8", &to_server],
+            );
+        },
+    );
+    assert_eq!(spoofed["dst_pod"], "web/server", "{spoofed}");
+    let in_node = |args: &[&str]| run("ip", &[&["netns", "exec", node.name.as_str()], args].concat()).unwrap();
+    in_node(&["iptables", "-w", "-I", "FORWARD", "-d", "198.41.0.4", "-j", "DROP"]);
+    let firewalled = record(
+        "the pings a netfilter rule dropped",
+        &|r| r["reason"] == "kernel:NETFILTER_DROP" && !r["src_pod"].is_null(),
+        &|| {
+            let _ = client.exec("ping", &["-c", "2", "-i", "0.2", "-W", "1", "198.41.0.4"]);
+        },
+    );
+    assert_eq!(firewalled["src_pod"], "web/client", "{firewalled}");
+    cluster.finish().unwrap();
+}

@@ -3,7 +3,7 @@
 //! Kubernetes JSON that `kubectl get -o json` prints.
 
 use anyhow::Context;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::Value;
@@ -149,6 +149,10 @@ impl ClusterSource for FileSource {
         let complete = skipped.is_empty();
         self.left_out("policy", skipped);
         complete.then_some(input)
+    }
+
+    fn pods(&mut self) -> Option<Vec<Pod>> {
+        Some(PolicyInput::read(self.objects()?).0.pods)
     }
 
     /// Synced when every file reads; objects left out are errors all the same.

@@ -45,7 +45,9 @@ pub struct ApiSource {
     /// With the socket load balancer only.
     services: Option<(Store<Service>, Store<EndpointSlice>)>,
     /// With NetworkPolicy only.
-    policy: Option<(Store<NetworkPolicy>, Store<Pod>, Store<Namespace>)>,
+    policy: Option<(Store<NetworkPolicy>, Store<Namespace>)>,
+    /// With NetworkPolicy, or to name flow records' ends.
+    pods: Option<Store<Pod>>,
     /// Bumped by every event of every watch.
     generation: Arc<AtomicU64>,
     seen: u64,
@@ -60,6 +62,7 @@ impl ApiSource {
         kubeconfig: Option<&Path>,
         with_services: bool,
         with_policy: bool,
+        with_pods: bool,
         node_name: Option<String>,
         metrics: Metrics,
     ) -> anyhow::Result<Self> {
@@ -93,10 +96,10 @@ impl ApiSource {
         let policy = with_policy.then(|| {
             (
                 watch("networkpolicies").start(Api::<NetworkPolicy>::all(client.clone())),
-                watch("pods").start(Api::<Pod>::all(client.clone())),
                 watch("namespaces").start(Api::<Namespace>::all(client.clone())),
             )
         });
+        let pods = (with_policy || with_pods).then(|| watch("pods").start(Api::<Pod>::all(client.clone())));
         Ok(Self {
             client,
             metrics,
@@ -104,6 +107,7 @@ impl ApiSource {
             nodes,
             services,
             policy,
+            pods,
             generation,
             seen: u64::MAX,
             statuses,
@@ -163,7 +167,7 @@ impl ClusterSource for ApiSource {
     }
 
     fn policy(&mut self) -> Option<PolicyInput> {
-        let (policies, pods, namespaces) = self.policy.as_ref()?;
+        let ((policies, namespaces), pods) = (self.policy.as_ref()?, self.pods.as_ref()?);
         if !["networkpolicies", "pods", "namespaces"]
             .iter()
             .all(|name| self.listed(name))
@@ -175,6 +179,11 @@ impl ClusterSource for ApiSource {
             pods: contents(pods),
             namespaces: contents(namespaces),
         })
+    }
+
+    fn pods(&mut self) -> Option<Vec<Pod>> {
+        let pods = self.pods.as_ref()?;
+        self.listed("pods").then(|| contents(pods))
     }
 
     fn health(&self) -> SourceHealth {

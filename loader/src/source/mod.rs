@@ -26,6 +26,9 @@ pub trait ClusterSource {
     /// NetworkPolicies, Pods and Namespaces; `None` likewise, or when the node does
     /// not enforce policy.
     fn policy(&mut self) -> Option<PolicyInput>;
+    /// Every Pod, to name the ends of flow records where no policy pass does; `None`
+    /// likewise, or when the source was not asked to watch them.
+    fn pods(&mut self) -> Option<Vec<Pod>>;
     /// How the source is doing, for the health answer.
     fn health(&self) -> SourceHealth;
     /// The datapath is up: tell the cluster, where it listens.

@@ -365,29 +365,36 @@ fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) ->
 /// A running pod with addresses on the pod network; host-network pods have the
 /// node's address and are not selected, finished pods have given theirs back. A pod
 /// of this node has `local_ips`, its records' addresses, whatever its status says.
+/// Whether `pod` has addresses of its own: not on the host's network, not finished.
+fn has_own_addresses(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    pod.spec.as_ref().is_some_and(|spec| spec.host_network != Some(true))
+        && !matches!(phase, Some("Succeeded" | "Failed"))
+}
+
+/// The addresses `pod`'s status reports, when it has its own.
+pub fn reported_addresses(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref().filter(|_| has_own_addresses(pod)) else {
+        return Vec::new();
+    };
+    // `::ffff:a.b.c.d` is the datapath's a.b.c.d.
+    let parse = |ip: &str| ip.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
+    let mut ips: Vec<IpAddr> = status.pod_ips.iter().flatten().filter_map(|ip| parse(&ip.ip)).collect();
+    if let Some(ip) = status.pod_ip.as_deref().and_then(parse) {
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    ips
+}
+
 fn view<'a>(pod: &'a Pod, empty: &'a BTreeMap<String, String>, local_ips: Option<Vec<IpAddr>>) -> Option<PodView<'a>> {
     let spec = pod.spec.as_ref()?;
-    let status = pod.status.as_ref();
-    let phase = status.and_then(|s| s.phase.as_deref());
-    if spec.host_network == Some(true) || matches!(phase, Some("Succeeded" | "Failed")) {
+    if !has_own_addresses(pod) {
         return None;
     }
     let local = local_ips.is_some();
-    let ips = match local_ips {
-        Some(ips) => ips,
-        None => {
-            let status = status?;
-            // `::ffff:a.b.c.d` is the datapath's a.b.c.d.
-            let parse = |ip: &str| ip.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
-            let mut ips: Vec<IpAddr> = status.pod_ips.iter().flatten().filter_map(|ip| parse(&ip.ip)).collect();
-            if let Some(ip) = status.pod_ip.as_deref().and_then(parse) {
-                if !ips.contains(&ip) {
-                    ips.push(ip);
-                }
-            }
-            ips
-        }
-    };
+    let ips = local_ips.unwrap_or_else(|| reported_addresses(pod));
     if ips.is_empty() {
         return None;
     }
