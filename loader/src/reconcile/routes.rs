@@ -220,7 +220,7 @@ impl NodeNetwork {
         for family in Family::ALL {
             routes.extend(netlink.routes(family).await?);
         }
-        let next_hops = self.next_hops(&nodes, &routes);
+        let next_hops = self.next_hops(&nodes, &routes)?;
         // Senders are known before routes lead anyone to send.
         let remotes = tunnel_remotes(&next_hops);
         write_node_map(&self.bpffs, &nodes, &self.underlay_ips(), &remotes)?;
@@ -316,8 +316,9 @@ impl NodeNetwork {
 
     /// The other nodes' pod CIDRs to route, each natively or through the tunnel
     /// (`route_to`); a CIDR that would take over another route is left out, with a
-    /// log line.
-    fn next_hops(&self, nodes: &[NodeAddresses], routes: &[Route]) -> BTreeMap<IpNet, PeerRoute> {
+    /// log line. An unreadable peer map fails the pass before anything is written:
+    /// without it a tunnelled peer's CIDR (no route of its own) looks unheld.
+    fn next_hops(&self, nodes: &[NodeAddresses], routes: &[Route]) -> anyhow::Result<BTreeMap<IpNet, PeerRoute>> {
         let host_routes: Vec<ForeignRoute> = routes
             .iter()
             .filter(|r| r.protocol != VELOX_ROUTE_PROTOCOL)
@@ -348,7 +349,7 @@ impl NodeNetwork {
         // or hostile Node) never takes it over.
         let holders = PeerMap::open(&self.bpffs)
             .and_then(|map| map.entries())
-            .unwrap_or_default();
+            .context("reading the peer map, which says who holds each pod CIDR")?;
         let established_by = |node: &NodeAddresses, cidr: &IpNet| {
             routes.iter().any(|r| {
                 r.protocol == VELOX_ROUTE_PROTOCOL
@@ -369,7 +370,7 @@ impl NodeNetwork {
                 }
             }
         }
-        next_hops
+        Ok(next_hops)
     }
 
     /// Everything inside the cluster, which keeps its source address: the routed pod
