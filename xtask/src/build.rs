@@ -98,16 +98,18 @@ pub fn build_previous_release() -> anyhow::Result<()> {
     if git(&["cat-file", "-e", &format!("{PREVIOUS_RELEASE}^{{commit}}")]).is_err() {
         git(&["fetch", "--quiet", "origin", PREVIOUS_RELEASE])?;
     }
-    let tree = PathBuf::from("/var/tmp/velox-previous-release");
+    // Inside this workspace's target directory, no one else's to write into.
+    let tree = root.join("target/previous-release-src");
+    let _ = git(&["worktree", "remove", "--force", tree.to_str().unwrap()]);
     if tree.exists() {
-        let _ = git(&["worktree", "remove", "--force", tree.to_str().unwrap()]);
-        let _ = std::fs::remove_dir_all(&tree);
+        std::fs::remove_dir_all(&tree)?;
     }
-    git(&["worktree", "prune"])?;
+    // --force: the worktree a killed run left is still registered.
     git(&[
         "worktree",
         "add",
         "--quiet",
+        "--force",
         "--detach",
         tree.to_str().unwrap(),
         PREVIOUS_RELEASE,
@@ -119,11 +121,16 @@ pub fn build_previous_release() -> anyhow::Result<()> {
             .args(["xtask", "build"]),
     )
     .and_then(|()| {
-        std::fs::create_dir_all(&cache)?;
+        // Staged, then renamed: the cache holds both binaries or none.
+        let staging = cache.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&staging);
+        std::fs::create_dir_all(&staging)?;
         for binary in ["velox", "velox-loader"] {
-            std::fs::copy(tree.join("target/release").join(binary), cache.join(binary))
+            std::fs::copy(tree.join("target/release").join(binary), staging.join(binary))
                 .with_context(|| format!("copying the previous release's {binary}"))?;
         }
+        let _ = std::fs::remove_dir_all(&cache);
+        std::fs::rename(&staging, &cache)?;
         Ok(())
     });
     git(&["worktree", "remove", "--force", tree.to_str().unwrap()])?;
