@@ -342,6 +342,11 @@ pub async fn run(bpffs: Bpffs, state_dir: StateDir, options: RunOptions) -> anyh
     // an earlier run's rules, nor denied by an ADD that saw the earlier marker.
     if !enforces_policy {
         lift_isolation(&bpffs)?;
+        // Nor do an earlier run's names (pods since gone, its policies) name anyone
+        // in the records: the Pods, once read, name them again.
+        if let Err(e) = PolicyNames::default().write(&state_dir) {
+            log::warn!("clearing an earlier run's names of pods and policies: {e:#}");
+        }
     }
     let maps = EndpointMaps::open(&bpffs)?;
     let netlink = Netlink::connect()?;

@@ -23,8 +23,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use velox_common::{
-    DropReason, FlowEvent, DROP_EVENTS_PER_SOURCE, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS, EVENTS_LIMITED,
-    EVENTS_RING_FULL, VERDICT_ALLOWED,
+    DropReason, FlowEvent, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS, EVENTS_LIMITED, EVENTS_PER_SOURCE,
+    EVENTS_RING_FULL, FORWARDED, IPPROTO_TCP, KERNEL_DROP, VERDICT_ALLOWED,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::maps::FlowEvents;
@@ -79,14 +79,42 @@ pub struct Record {
 }
 
 /// A drop's reason as the drop-reason table names it; `policy` for a connection a
-/// policy rule allowed; `kernel:NAME` for a drop the kernel made.
-fn reason(code: u32) -> String {
+/// policy rule allowed; the TCP flags (`SYN`, `FIN,ACK`) or `echo` of a packet that
+/// opened or ended a connection; `kernel:NAME` for a drop the kernel made.
+fn reason(code: u32, proto: u8) -> String {
     match DropReason::of(code) {
         Some(reason) => reason.name.into(),
         None if code == VERDICT_ALLOWED => "policy".into(),
+        None if code & FORWARDED != 0 && code & KERNEL_DROP == 0 => match proto {
+            IPPROTO_TCP => {
+                let flags = [(TCP_SYN, "SYN"), (TCP_FIN, "FIN"), (TCP_RST, "RST"), (TCP_ACK, "ACK")];
+                let set: Vec<&str> = flags
+                    .iter()
+                    .filter(|(bit, _)| code & bit != 0)
+                    .map(|(_, name)| *name)
+                    .collect();
+                set.join(",")
+            }
+            _ => "echo".into(),
+        },
         None => crate::kernel_drops::reason_name(code).unwrap_or_else(|| "unknown".into()),
     }
 }
+
+/// `allowed` by a policy, `forwarded` (no policy decided), or `dropped`.
+fn verdict(code: u32) -> &'static str {
+    match code {
+        VERDICT_ALLOWED => "allowed",
+        _ if code & FORWARDED != 0 && code & KERNEL_DROP == 0 => "forwarded",
+        _ => "dropped",
+    }
+}
+
+/// TCP header flags, as the datapath passes them on.
+const TCP_FIN: u32 = 0x01;
+const TCP_SYN: u32 = 0x02;
+const TCP_RST: u32 = 0x04;
+const TCP_ACK: u32 = 0x10;
 
 impl Record {
     fn new(event: &FlowEvent, names: &PolicyNames, pods: &HashMap<u32, String>, at: SystemTime) -> Self {
@@ -107,13 +135,8 @@ impl Record {
         Record {
             time: humantime::format_rfc3339_millis(at).to_string(),
             unix_ms: unix_ms(at),
-            verdict: if event.reason == VERDICT_ALLOWED {
-                "allowed"
-            } else {
-                "dropped"
-            }
-            .into(),
-            reason: reason(event.reason),
+            verdict: verdict(event.reason).into(),
+            reason: reason(event.reason, event.src.proto),
             protocol: protocol_name(event.src.proto).to_uppercase(),
             src,
             dst,
@@ -138,7 +161,11 @@ impl Record {
         format!(
             "{} {} {:<15} {} {} -> {} on {}{}{decided}",
             self.time,
-            if self.verdict == "allowed" { "ALLOW" } else { "DROP " },
+            match self.verdict.as_str() {
+                "allowed" => "ALLOW",
+                "forwarded" => "FWD  ",
+                _ => "DROP ",
+            },
             self.reason,
             self.protocol,
             end(&self.src, &self.src_pod),
@@ -176,8 +203,8 @@ struct Status {
     /// Events the datapath could not write (its ring was full) since the maps were
     /// made: those drops and connections have no record.
     lost_in_datapath: u64,
-    /// Drop events over their source address's limit (`DROP_EVENTS_PER_SOURCE` a
-    /// second): counted, not recorded.
+    /// Events over their source address's limit (`EVENTS_PER_SOURCE` a second):
+    /// counted, not recorded.
     limited_in_datapath: u64,
     /// Records the ring let go to make room for newer ones since the loader started.
     pushed_out: u64,
@@ -546,8 +573,9 @@ pub struct FlowsArgs {
     /// Only records with this pod (`namespace/name`) at either end.
     #[arg(long)]
     pod: Option<String>,
-    /// Only `dropped` or `allowed` records.
-    #[arg(long, value_parser = ["dropped", "allowed"])]
+    /// Only `dropped`, `allowed` (by a policy) or `forwarded` (no policy decided)
+    /// records.
+    #[arg(long, value_parser = ["dropped", "allowed", "forwarded"])]
     verdict: Option<String>,
     /// Only records of the last while (`10m`, `1h30m`).
     #[arg(long)]
@@ -642,7 +670,7 @@ pub fn flows(state_dir: &StateDir, args: &FlowsArgs) -> anyhow::Result<()> {
     if status.lost_in_datapath > 0 || status.limited_in_datapath > 0 || status.pushed_out > 0 || !args.json {
         eprintln!(
             "{shown} records shown; the loader keeps {} of at most {}; {} events lost in the datapath (its ring \
-             was full), {} drops over their source's limit of {DROP_EVENTS_PER_SOURCE} a second not recorded, {} \
+             was full), {} events over their source's limit of {EVENTS_PER_SOURCE} a second not recorded, {} \
              records pushed out of the loader's ring by newer ones",
             status.kept, status.capacity, status.lost_in_datapath, status.limited_in_datapath, status.pushed_out
         );

@@ -31,7 +31,14 @@ impl KernelLayout {
         let btf = Btf::from_file(VMLINUX_BTF).with_context(|| format!("reading {VMLINUX_BTF}"))?;
         let skb = |path| byte_offset(&btf, "sk_buff", path);
         let reasons = drop_reasons(&btf)?;
-        let reason = |name: &str| reasons.iter().find(|(_, n)| *n == name).map_or(u32::MAX, |(v, _)| *v);
+        // Without them Velox's own drops would be recorded twice, once as the kernel's.
+        let reason = |name: &str| {
+            reasons
+                .iter()
+                .find(|(_, n)| *n == name)
+                .map(|(v, _)| *v)
+                .with_context(|| format!("this kernel names no {name} drop reason"))
+        };
         let netns = std::fs::metadata("/proc/self/ns/net")
             .context("this network namespace")?
             .ino();
@@ -45,7 +52,7 @@ impl KernelLayout {
                 dev_net: byte_offset(&btf, "net_device", "nd_net")?,
                 net_inum: byte_offset(&btf, "net", "ns.inum")?,
                 netns: u32::try_from(netns).context("the network namespace's inode number")?,
-                skipped: [reason("TC_INGRESS"), reason("TC_EGRESS")],
+                skipped: [reason("TC_INGRESS")?, reason("TC_EGRESS")?],
             },
             reasons,
         })

@@ -87,11 +87,7 @@ impl PolicyNames {
         let pods = pods
             .iter()
             .flat_map(|pod| {
-                let name = format!(
-                    "{}/{}",
-                    crate::source::namespace_of(&pod.metadata),
-                    pod.metadata.name.as_deref().unwrap_or_default()
-                );
+                let name = crate::reconcile::policy::name_of(&pod.metadata);
                 crate::reconcile::policy::reported_addresses(pod)
                     .into_iter()
                     .map(move |ip| (ip, name.clone()))

@@ -585,3 +585,138 @@ fn flow_records_name_the_pods_without_network_policy() {
     assert_eq!(firewalled["src_pod"], "web/client", "{firewalled}");
     cluster.finish().unwrap();
 }
+
+/// The records of both nodes, as `flows --json` gives them.
+fn all_flow_records(cluster: &ClusterGuard) -> Vec<serde_json::Value> {
+    cluster
+        .nodes
+        .iter()
+        .flat_map(|node| node.flows(&["--since", "10m"]).unwrap().0)
+        .collect()
+}
+
+/// Writes the standard pods' Pod objects (`default/pod-1` ..) and waits until every
+/// node's records can name them.
+fn name_the_standard_pods(cluster: &ClusterGuard) -> Vec<(usize, velox_test_env::Pod)> {
+    use velox_test_env::cluster_state::write_objects;
+    use velox_test_env::netpol::pod_object;
+    let pods = cluster.pods().unwrap();
+    let no_labels = Default::default();
+    let objects = pods
+        .iter()
+        .map(|(node, pod)| {
+            let name = &pod.name[pod.name.rfind("pod-").unwrap()..];
+            pod_object("default", name, &no_labels, &cluster.nodes[*node].name, pod)
+        })
+        .collect();
+    write_objects(&cluster.cluster_state.join("pods.json"), objects).unwrap();
+    let last = &pods.last().unwrap().1;
+    for node in &cluster.nodes {
+        eventually("the loaders know the pods' names", || {
+            std::fs::read_to_string(node.state_dir.join("policy-names.json"))
+                .is_ok_and(|names| names.contains(&last.ip(Family::V6).to_string()))
+        });
+    }
+    pods
+}
+
+/// Issue 25: every row of the connectivity matrix is in the flow records
+/// afterwards (a pod talking to itself never leaves its namespace, so no program
+/// sees it): the SYN of its TCP connection and its ping's echo request, with the
+/// verdict, and each end that is a pod named.
+#[test]
+fn every_row_of_the_matrix_is_in_the_flow_records() {
+    let cluster = ClusterGuard::up("fm").unwrap();
+    let pods = name_the_standard_pods(&cluster);
+    let rows = matrix::run(&matrix::cases(&cluster, &pods).unwrap()).unwrap();
+    assert!(rows.iter().all(|r| r.pass()), "{}", matrix::table(&rows));
+    let records = all_flow_records(&cluster);
+    let pod_name = |label: &str| label.starts_with("pod-").then(|| format!("default/{label}"));
+    let mut missing = Vec::new();
+    for row in rows.iter().filter(|r| r.case.from.netns != r.case.to.netns) {
+        let (from, to) = (&row.case.from, &row.case.to);
+        let of_row = |r: &&serde_json::Value, protocol: &str| {
+            let ip = |field: &str| r[field].as_str().and_then(|a| a.parse::<SocketAddr>().ok());
+            r["protocol"] == protocol
+                && ip("src").is_some_and(|a| a.ip() == from.ip)
+                && ip("dst").is_some_and(|a| a.ip() == to.ip && (protocol != "TCP" || a.port() == to.port))
+        };
+        for (protocol, opening) in [("TCP", "SYN"), ("ICMP", "echo")] {
+            let found = records.iter().filter(|r| of_row(r, protocol)).find(|r| {
+                r["reason"].as_str().is_some_and(|reason| reason.starts_with(opening))
+                    && r["verdict"] == "forwarded"
+                    && r["src_pod"].as_str().map(String::from) == pod_name(&from.label)
+                    && r["dst_pod"].as_str().map(String::from) == pod_name(&to.label)
+            });
+            if found.is_none() {
+                missing.push(format!(
+                    "{:?} {protocol} {} -> {}",
+                    row.case.family, from.label, to.label
+                ));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "not in the records: {missing:#?}\n{records:#?}");
+    cluster.finish().unwrap();
+}
+
+/// Issue 25: a pod opening connections as fast as it can for 10 s (over 50,000)
+/// hides no record of another pod's connections in the same seconds, and the
+/// records say how many of its own were not kept.
+#[test]
+fn a_flood_of_connections_hides_no_other_pods_connection() {
+    let cluster = ClusterGuard::up("fc").unwrap();
+    name_the_standard_pods(&cluster);
+    let (flooder, server, other) = (cluster.pod("pod-1"), cluster.pod("pod-4"), cluster.pod("pod-2"));
+    let probe = cluster.nodes[0].bins.probe.to_str().unwrap().to_string();
+    let to = SocketAddr::new(server.ip(Family::V4), 7302);
+    let _server = velox_test_env::Server::start(&server, &probe, &["serve", &to.to_string()]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let opened = std::thread::scope(|scope| {
+        let flood = scope.spawn(|| {
+            let output = flooder.exec(&probe, &["crr", &to.to_string(), "10"]).unwrap();
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        });
+        // The other pod's connections, one every half second, from another node.
+        let mut ports = Vec::new();
+        for _ in 0..16 {
+            std::thread::sleep(Duration::from_millis(500));
+            let stream = velox_test_env::netns::spawn_in(&other.name, move || {
+                Ok(std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))?)
+            })
+            .join()
+            .unwrap()
+            .unwrap();
+            ports.push(stream.local_addr().unwrap().port());
+        }
+        (flood.join().unwrap(), ports)
+    });
+    let (flood, ports) = opened;
+    let flooded: f64 = serde_json::from_str::<serde_json::Value>(&flood).unwrap()["connections"]
+        .as_f64()
+        .unwrap_or_default();
+    assert!(flooded > 50_000.0, "the flood opened {flooded} connections: {flood}");
+    let (records, _) = cluster.nodes[1]
+        .flows(&["--verdict", "forwarded", "--since", "5m"])
+        .unwrap();
+    let (server_side, _) = cluster.nodes[0]
+        .flows(&["--verdict", "forwarded", "--since", "5m"])
+        .unwrap();
+    for port in ports {
+        let from = SocketAddr::new(other.ip(Family::V4), port).to_string();
+        for (node, records) in [(1, &records), (0, &server_side)] {
+            assert!(
+                records
+                    .iter()
+                    .any(|r| r["src"] == from.as_str() && r["reason"] == "SYN"),
+                "node {node}: no record of pod-2's connection from {from}"
+            );
+        }
+    }
+    let (_, said) = cluster.nodes[0].flows(&["--since", "5m"]).unwrap();
+    assert!(
+        !said.contains(" 0 events over their source's limit"),
+        "the flood's own losses are not said: {said}"
+    );
+    cluster.finish().unwrap();
+}

@@ -124,10 +124,11 @@ pub const CT_TIMEOUTS_MAP: &str = "VELOX_CT_TIMEOUTS";
 pub const POLICY_GENERATION_MAP: &str = "VELOX_POLICY_GENERATION";
 /// Bytes of the events ring buffer (a power of two, a multiple of the page size).
 pub const EVENTS_BYTES: usize = 256 * 1024;
-/// Drop events one source address may write per second: a flood from one address
-/// cannot fill the ring and hide everyone else's. The rest are counted
-/// (`EVENTS_LIMITED` in `VELOX_EVENTS_LOST`).
-pub const DROP_EVENTS_PER_SOURCE: u32 = 100;
+/// Events of each kind (drops, connections opened and ended, the kernel's drops)
+/// one source address may write per second: a flood from one address cannot fill
+/// the ring and hide everyone else's. The rest are counted (`EVENTS_LIMITED` in
+/// `VELOX_EVENTS_LOST`).
+pub const EVENTS_PER_SOURCE: u32 = 100;
 /// Source addresses whose drop events are counted against the limit at once (LRU).
 pub const EVENT_SOURCES: usize = 16_384;
 /// `VELOX_EVENTS_LOST` slots: events the full ring lost, drop events over a source's
@@ -1034,6 +1035,10 @@ impl serde::Serialize for EndpointCounters {
 
 /// In a [`FlowEvent`], instead of a drop reason: a new connection a policy rule allowed.
 pub const VERDICT_ALLOWED: u32 = u32::MAX;
+/// In a [`FlowEvent`]'s reason: a packet that opens or ends a connection no
+/// policy decided (a TCP SYN, FIN or RST, an ICMP echo request), delivered; the
+/// TCP flags in the low byte.
+pub const FORWARDED: u32 = 1 << 29;
 /// In a [`FlowEvent`]'s reason: the kernel dropped the packet, for the
 /// `skb_drop_reason` in the low bits.
 pub const KERNEL_DROP: u32 = 1 << 30;
@@ -1062,7 +1067,25 @@ pub struct SkbLayout {
     pub skipped: [u32; 2],
 }
 
-/// A source address's drop events in the current second.
+/// Whose events a budget counts: a source address and one kind of event, so one
+/// kind (a pod's connections, or drops the kernel makes of packets claiming its
+/// address) cannot use up the budget of another (its policy drops).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventSource {
+    pub addr: IpKey,
+    /// `EVENT_*`.
+    pub kind: u32,
+}
+
+/// [`EventSource::kind`]: drops by Velox's programs.
+pub const EVENT_DROP: u32 = 0;
+/// [`EventSource::kind`]: packets that opened or ended a connection.
+pub const EVENT_CONNECTION: u32 = 1;
+/// [`EventSource::kind`]: drops the kernel made.
+pub const EVENT_KERNEL_DROP: u32 = 2;
+
+/// A source address's events of one kind in the current second.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventBudget {
@@ -1103,6 +1126,7 @@ mod pod {
     unsafe impl aya::Pod for super::SocketFrontend {}
     unsafe impl aya::Pod for super::FlowEvent {}
     unsafe impl aya::Pod for super::EventBudget {}
+    unsafe impl aya::Pod for super::EventSource {}
     unsafe impl aya::Pod for super::SkbLayout {}
     unsafe impl aya::Pod for super::PolicyState {}
     unsafe impl aya::Pod for super::PolicyKey {}

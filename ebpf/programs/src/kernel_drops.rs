@@ -5,7 +5,9 @@
 
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::raw_tracepoint, programs::RawTracePointContext};
 use core::ptr::read_volatile;
-use velox_common::{FlowEnd, FlowEvent, IpKey, SkbLayout, IPPROTO_TCP, IPPROTO_UDP, KERNEL_DROP};
+use velox_common::{
+    FlowEnd, FlowEvent, IpKey, SkbLayout, EVENT_KERNEL_DROP, FORWARDED, IPPROTO_TCP, IPPROTO_UDP, KERNEL_DROP,
+};
 
 use crate::forward::{local_endpoint, peer_node};
 use crate::verdict::{emit, events_wanted, within_budget};
@@ -48,8 +50,12 @@ fn record(ctx: &RawTracePointContext) -> Option<()> {
     // SAFETY: a global the loader sets before the program loads.
     let layout = unsafe { read_volatile(&VELOX_SKB_LAYOUT) };
     let reason: u64 = ctx.arg(2);
+    // A value that would spill into the event's flag bits is none the loader names.
+    if layout.netns == 0 || reason >= u64::from(FORWARDED) {
+        return None;
+    }
     let reason = reason as u32;
-    if layout.netns == 0 || reason == layout.skipped[0] || reason == layout.skipped[1] {
+    if reason == layout.skipped[0] || reason == layout.skipped[1] {
         return None;
     }
     let skb: u64 = ctx.arg(0);
@@ -91,13 +97,14 @@ fn record(ctx: &RawTracePointContext) -> Option<()> {
         pad: 0,
     };
     let (src, dst) = (end(src, ports[0]), end(dst, ports[1]));
-    if !within_budget(&src.addr, now) {
+    let ifindex = read(dev, layout.dev_ifindex)?;
+    if !within_budget(&src.addr, EVENT_KERNEL_DROP, now) {
         return None;
     }
     emit(&FlowEvent {
         src,
         dst,
-        ifindex: read(dev, layout.dev_ifindex)?,
+        ifindex,
         reason: KERNEL_DROP | reason,
         egress_policy: 0,
         ingress_policy: 0,

@@ -11,12 +11,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use velox_common::{
-    EndpointCounters, EventBudget, FlowEvent, IpKey, DROP_EVENTS_PER_SOURCE, DROP_REASONS, EVENTS_BYTES,
-    EVENTS_LIMITED, EVENTS_RING_FULL, EVENT_SOURCES, MAX_ENDPOINTS, VERDICT_ALLOWED,
+    EndpointCounters, EventBudget, EventSource, FlowEvent, IpKey, DROP_REASONS, EVENTS_BYTES, EVENTS_LIMITED,
+    EVENTS_PER_SOURCE, EVENTS_RING_FULL, EVENT_CONNECTION, EVENT_DROP, EVENT_SOURCES, FORWARDED, IPPROTO_SCTP,
+    IPPROTO_UDP, MAX_ENDPOINTS, VERDICT_ALLOWED,
 };
 
 use crate::{
-    parse::Packet,
+    parse::{Packet, TCP_FIN, TCP_RST},
     policy::{walked_policies, Verdict},
 };
 
@@ -36,7 +37,7 @@ static VELOX_EVENTS_LOST: PerCpuArray<u64, 2> = PerCpuArray::new();
 
 /// Each source address's drop events this second.
 #[btf_map]
-static VELOX_EVENT_BUDGETS: LruHashMap<IpKey, EventBudget, EVENT_SOURCES> = LruHashMap::new();
+static VELOX_EVENT_BUDGETS: LruHashMap<EventSource, EventBudget, EVENT_SOURCES> = LruHashMap::new();
 
 /// Until when (`bpf_ktime_get_ns`) the programs write events.
 #[btf_map]
@@ -65,8 +66,8 @@ pub fn interface_slot(ifindex: u32) -> u32 {
     unsafe { VELOX_INTERFACES.get(&ifindex) }.map_or(NO_SLOT, |slot| *slot)
 }
 
-/// Counts `outcome` in counters `slot`, reports drops and the connections a policy
-/// allowed to a listening monitor, and returns the TC action.
+/// Counts `outcome` in counters `slot`, reports drops and connections to the flow
+/// records while they are wanted, and returns the TC action.
 #[inline(always)]
 pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, verdict: &Verdict) -> i32 {
     #[cfg(feature = "upgrade-test")]
@@ -96,27 +97,47 @@ pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, ver
             }
         }
     }
-    let wanted = match action == TC_ACT_SHOT {
-        true => events_wanted().is_some_and(|now| within_budget(&packet.src.addr, now)),
-        false => verdict.new_connection && events_wanted().is_some(),
+    // Drops, a policy's new connections, and the packets that open or end the
+    // others: per connection, not per packet. A source over its budget writes no
+    // more drops or connections this second.
+    let reason = if action == TC_ACT_SHOT {
+        outcome
+    } else if verdict.new_connection {
+        VERDICT_ALLOWED
+    } else if opens_or_ends(packet) {
+        FORWARDED | u32::from(packet.tcp_flags)
+    } else {
+        return action;
     };
-    if wanted {
-        let (egress_policy, ingress_policy) = walked_policies(verdict);
-        let event = FlowEvent {
-            src: packet.src,
-            dst: packet.dst,
-            ifindex: unsafe { (*ctx.skb.skb).ifindex },
-            reason: if action == TC_ACT_SHOT {
-                outcome
-            } else {
-                VERDICT_ALLOWED
-            },
-            egress_policy,
-            ingress_policy,
-        };
-        emit(&event);
+    let Some(now) = events_wanted() else {
+        return action;
+    };
+    let kind = if action == TC_ACT_SHOT {
+        EVENT_DROP
+    } else {
+        EVENT_CONNECTION
+    };
+    if reason != VERDICT_ALLOWED && !within_budget(&packet.src.addr, kind, now) {
+        return action;
     }
+    let (egress_policy, ingress_policy) = walked_policies(verdict);
+    emit(&FlowEvent {
+        src: packet.src,
+        dst: packet.dst,
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        reason,
+        egress_policy,
+        ingress_policy,
+    });
     action
+}
+
+/// A TCP SYN, FIN or RST, or an ICMP echo request: what opens or ends a
+/// connection that has a start (UDP has none the packet shows).
+#[inline(always)]
+fn opens_or_ends(packet: &Packet) -> bool {
+    let proto = packet.src.proto;
+    (packet.opens && proto != IPPROTO_UDP && proto != IPPROTO_SCTP) || packet.tcp_flags & (TCP_FIN | TCP_RST) != 0
 }
 
 /// Writes `event` for the loader; a full buffer loses the event (counted), never
@@ -143,20 +164,21 @@ pub fn events_wanted() -> Option<u64> {
     VELOX_MONITOR.get(0).is_some_and(|until| now < *until).then_some(now)
 }
 
-/// Whether `source` may write one more drop event this second; one over its limit is
-/// counted instead. A source the map cannot take is let through: the ring's own
-/// bound still holds.
+/// Whether `source` may write one more event of `kind` this second; one over its
+/// limit is counted instead. A source the map cannot take is let through: the
+/// ring's own bound still holds.
 #[inline(always)]
-pub fn within_budget(source: &IpKey, now: u64) -> bool {
+pub fn within_budget(source: &IpKey, kind: u32, now: u64) -> bool {
     let second = now / 1_000_000_000;
-    if let Some(budget) = VELOX_EVENT_BUDGETS.get_ptr_mut(source) {
+    let key = EventSource { addr: *source, kind };
+    if let Some(budget) = VELOX_EVENT_BUDGETS.get_ptr_mut(&key) {
         // SAFETY: a map value; a racing CPU at worst lets one event more through.
         let budget = unsafe { &mut *budget };
         if budget.second != second {
             budget.second = second;
             budget.used = 0;
         }
-        if budget.used >= DROP_EVENTS_PER_SOURCE {
+        if budget.used >= EVENTS_PER_SOURCE {
             count_lost(EVENTS_LIMITED);
             return false;
         }
@@ -168,7 +190,7 @@ pub fn within_budget(source: &IpKey, now: u64) -> bool {
         used: 1,
         pad: 0,
     };
-    let _ = VELOX_EVENT_BUDGETS.insert(source, &fresh, 0);
+    let _ = VELOX_EVENT_BUDGETS.insert(&key, &fresh, 0);
     true
 }
 

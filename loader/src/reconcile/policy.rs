@@ -10,7 +10,7 @@
 
 mod compile;
 
-pub use compile::{compile, reported_addresses, Compiled, LocalPod, PodPolicy, Prefix};
+pub use compile::{compile, name_of, reported_addresses, Compiled, LocalPod, PodPolicy, Prefix};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;

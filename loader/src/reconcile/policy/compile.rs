@@ -358,13 +358,10 @@ fn select<'a>(policies: &[&'a NetworkPolicy], peers: &'a [[Vec<RulePeers>; 2]], 
     selection
 }
 
-fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+pub fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
     format!("{}/{}", namespace_of(meta), meta.name.as_deref().unwrap_or_default())
 }
 
-/// A running pod with addresses on the pod network; host-network pods have the
-/// node's address and are not selected, finished pods have given theirs back. A pod
-/// of this node has `local_ips`, its records' addresses, whatever its status says.
 /// Whether `pod` has addresses of its own: not on the host's network, not finished.
 fn has_own_addresses(pod: &Pod) -> bool {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -388,6 +385,9 @@ pub fn reported_addresses(pod: &Pod) -> Vec<IpAddr> {
     ips
 }
 
+/// A running pod with addresses on the pod network; host-network pods have the
+/// node's address and are not selected, finished pods have given theirs back. A pod
+/// of this node has `local_ips`, its records' addresses, whatever its status says.
 fn view<'a>(pod: &'a Pod, empty: &'a BTreeMap<String, String>, local_ips: Option<Vec<IpAddr>>) -> Option<PodView<'a>> {
     let spec = pod.spec.as_ref()?;
     if !has_own_addresses(pod) {
