@@ -146,27 +146,40 @@ pub fn measure(
 }
 
 /// `cargo xtask bench --flow-records`: what the flow records cost, with records on
-/// (the default) and off (`--flow-records 0`), interleaved per round, on the flows
-/// where they are written: pod-4 isolated by 100 policies, so every new connection
-/// from pod-1 is a policy-allowed one with a record. One iperf3 stream, busy-poll
-/// round trips and the connection rate; written to `<out>/flow-records.md`.
+/// (the default) and off (`--flow-records 0`), interleaved per round, on two paths
+/// of node 0: to pod-4, isolated by 100 policies (every new connection is a
+/// policy-allowed one with a record), and to pod-5, which no policy selects (its
+/// connections' SYN, FIN and RST are recorded as `forwarded`). One iperf3 stream,
+/// busy-poll round trips and the connection rate; written to
+/// `<out>/flow-records.md`.
 pub fn flow_records_cost(args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
     const POLICIES: usize = 100;
     const MODES: [(&str, &[&str]); 2] = [
         ("records on", &[]),
         ("records off (--flow-records 0)", &["--flow-records", "0"]),
     ];
+    const PATHS: [&str; 2] = ["to an isolated pod", "to a pod no policy selects"];
+    type Sample<'a> = (&'a str, &'a str, f64, f64, f64);
     let cluster = Cluster::new("vfr-", velox_test_env::Binaries::locate()?)?;
     let _ = cluster.down();
-    let measured = (|| -> anyhow::Result<Vec<(&str, f64, f64, f64)>> {
+    let measured = (|| -> anyhow::Result<Vec<Sample>> {
         cluster.up()?;
         cluster.add_standard_pods()?;
         let node = &cluster.nodes[0];
         let velox = (pod(&cluster, "pod-1")?, pod(&cluster, "pod-4")?);
-        let (client, server) = &velox;
+        let open = node.add_pod(&cluster.pod_name(0, "pod-5"))?;
+        let client = &velox.0;
         let probe = node.bins.probe.to_str().context("probe path")?.to_string();
-        let to = SocketAddr::new(server.ip(Family::V4), CRR_PORT);
-        let _server = Running(in_netns(&server.name, &probe, &["serve", &to.to_string()]).spawn()?);
+        let servers = [&velox.1, &open];
+        let _servers = servers
+            .iter()
+            .map(|server| {
+                let to = SocketAddr::new(server.ip(Family::V4), CRR_PORT);
+                Ok(Running(
+                    in_netns(&server.name, &probe, &["serve", &to.to_string()]).spawn()?,
+                ))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut samples = Vec::new();
         for round in 1..=args.rounds {
             let mut order = MODES;
@@ -176,51 +189,55 @@ pub fn flow_records_cost(args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
             for (mode, flags) in order {
                 node.restart_loader_with(flags)?;
                 apply_velox(&cluster, &velox, POLICIES)?;
-                let gbps = client.iperf3(server, Family::V4, args.seconds, 1)?.gbps;
-                let rtt = client.sockperf_to(server, Family::V4, args.seconds)?;
-                let (per_s, _, _) = connection_rate(client, None, &probe, to, args.seconds)?;
-                println!(
-                    "round {round} {mode:<32} {gbps:6.2} Gb/s  RTT p50 {:6.1} us  {per_s:8.0} conn/s",
-                    rtt.p50_us
-                );
-                samples.push((mode, gbps, rtt.p50_us, per_s));
+                for (path, server) in PATHS.into_iter().zip(servers) {
+                    let to = SocketAddr::new(server.ip(Family::V4), CRR_PORT);
+                    let gbps = client.iperf3(server, Family::V4, args.seconds, 1)?.gbps;
+                    let rtt = client.sockperf_to(server, Family::V4, args.seconds)?;
+                    let (per_s, _, _) = connection_rate(client, None, &probe, to, args.seconds)?;
+                    println!(
+                        "round {round} {path:<26} {mode:<32} {gbps:6.2} Gb/s  RTT p50 {:6.1} us  {per_s:8.0} conn/s",
+                        rtt.p50_us
+                    );
+                    samples.push((path, mode, gbps, rtt.p50_us, per_s));
+                }
             }
         }
         Ok(samples)
     })();
     let _ = cluster.down();
     let samples = measured?;
-    let stat = |mode: &str, value: &dyn Fn(&(&str, f64, f64, f64)) -> f64| {
-        crate::report::Stat::of_any(&samples.iter().filter(|s| s.0 == mode).map(value).collect::<Vec<_>>())
+    let stat = |path: &str, mode: &str, value: &dyn Fn(&Sample) -> f64| {
+        let values: Vec<f64> = samples
+            .iter()
+            .filter(|s| s.0 == path && s.1 == mode)
+            .map(value)
+            .collect();
+        crate::report::Stat::of_any(&values)
     };
     let mut table = format!(
-        "Flow records on and off, pod-1 to pod-4 isolated by {POLICIES} policies (every new connection is \
-         recorded), medians (min..max) over {} rounds, interleaved\n\n| | 1 stream Gb/s | busy-poll RTT p50 us | \
-         connections/s |\n|---|---|---|---|\n",
+        "Flow records on and off from pod-1, medians (min..max) over {} rounds, interleaved: to pod-4, isolated \
+         by {POLICIES} policies (every new connection is recorded as allowed), and to pod-5, which no policy \
+         selects (each connection's SYN, FIN and RST are recorded as forwarded)\n\n| path | | 1 stream Gb/s | \
+         busy-poll RTT p50 us | connections/s |\n|---|---|---|---|---|\n",
         args.rounds
     );
     let show = |s: Option<crate::report::Stat>| {
         s.map_or("-".into(), |s| format!("{:.1} ({:.1}..{:.1})", s.median, s.min, s.max))
     };
-    for (mode, _) in MODES {
-        table += &format!(
-            "| {mode} | {} | {} | {} |\n",
-            show(stat(mode, &|s| s.1)),
-            show(stat(mode, &|s| s.2)),
-            show(stat(mode, &|s| s.3))
-        );
+    let metrics: [&dyn Fn(&Sample) -> f64; 3] = [&|s| s.2, &|s| s.3, &|s| s.4];
+    for path in PATHS {
+        for (mode, _) in MODES {
+            let cells: Vec<String> = metrics.iter().map(|m| show(stat(path, mode, m))).collect();
+            table += &format!("| {path} | {mode} | {} |\n", cells.join(" | "));
+        }
+        let ratio =
+            |value: &dyn Fn(&Sample) -> f64| match (stat(path, MODES[0].0, value), stat(path, MODES[1].0, value)) {
+                (Some(on), Some(off)) if off.median > 0.0 => format!("{:.3}", on.median / off.median),
+                _ => "-".into(),
+            };
+        let ratios: Vec<String> = metrics.iter().map(|m| ratio(*m)).collect();
+        table += &format!("| {path} | on / off | {} |\n", ratios.join(" | "));
     }
-    let ratio = |value: &dyn Fn(&(&str, f64, f64, f64)) -> f64| match (stat(MODES[0].0, value), stat(MODES[1].0, value))
-    {
-        (Some(on), Some(off)) if off.median > 0.0 => format!("{:.3}", on.median / off.median),
-        _ => "-".into(),
-    };
-    table += &format!(
-        "| on / off | {} | {} | {} |\n",
-        ratio(&|s| s.1),
-        ratio(&|s| s.2),
-        ratio(&|s| s.3)
-    );
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(args.out.join("flow-records.md"), &table)?;
     println!("\n{table}\nwritten: {}/flow-records.md", args.out.display());

@@ -204,9 +204,8 @@ fn measure_rounds(
         for i in 0..datapaths.len() {
             let datapath = &datapaths[(i + round as usize) % datapaths.len()];
             let object = datapath.name;
-            restart_loaders(cluster, datapath, &[])
-                .and_then(|()| restart_loaders(tunnelled, datapath, &["--tunnel", "always"]))
-                .and_then(|()| tunnelled.wait_for_peer_routes(Some("vxlan")))
+            restart_loaders(cluster, datapath, &[], None)
+                .and_then(|()| restart_loaders(tunnelled, datapath, &["--tunnel", "always"], Some("vxlan")))
                 .with_context(|| format!("loading {}", datapath.object.display()))?;
             for packet in test_packets {
                 packet.open()?;
@@ -291,13 +290,27 @@ fn add_latencies(cluster: &Cluster, datapath: &Datapath, round: u32) -> anyhow::
 }
 
 /// Every node's loader restarted as `datapath`, ready when this returns.
-fn restart_loaders(cluster: &Cluster, datapath: &Datapath, flags: &[&str]) -> anyhow::Result<()> {
+fn restart_loaders(cluster: &Cluster, datapath: &Datapath, flags: &[&str], route: Option<&str>) -> anyhow::Result<()> {
     for node in &cluster.nodes {
         let mut node = node.clone();
         node.bins.loader = datapath.loader.clone();
         node.stop_loader(nix::sys::signal::Signal::SIGTERM)?;
         let object = datapath.object.to_str().context("object path")?;
         node.start_loader_with(&[&["--ebpf-object", object], flags].concat())?;
+        // Asked of the datapath's own loader: another build reads another layout's maps.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while let Some(route) = route {
+            let peers = node.dump("peers").unwrap_or_default();
+            if !peers.is_empty() && peers.iter().all(|peer| peer["route"] == route) {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{}: the peers did not take the {route} route within 10 s: {peers:?}",
+                node.name
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
     Ok(())
 }
