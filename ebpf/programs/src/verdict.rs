@@ -35,7 +35,7 @@ static VELOX_EVENTS: RingBuf<FlowEvent, EVENTS_BYTES> = RingBuf::new();
 #[btf_map]
 static VELOX_EVENTS_LOST: PerCpuArray<u64, 2> = PerCpuArray::new();
 
-/// Each source address's drop events this second.
+/// Each source address's events of each kind this second.
 #[btf_map]
 static VELOX_EVENT_BUDGETS: LruHashMap<EventSource, EventBudget, EVENT_SOURCES> = LruHashMap::new();
 
