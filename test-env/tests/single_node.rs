@@ -1149,7 +1149,9 @@ fn the_monitor_shows_each_drop_with_its_ends_and_pod_while_it_listens() {
     let provoke = || {
         let _ = a.exec("ping", &["-c", "1", "-W", "1", "-I", "198.51.100.7", &to]);
     };
-    let drop = monitor.wait_for(Duration::from_secs(10), provoke, |r| r["verdict"] == "dropped").unwrap();
+    let drop = monitor
+        .wait_for(Duration::from_secs(10), provoke, |r| r["verdict"] == "dropped")
+        .unwrap();
     assert_eq!(drop["verdict"], "dropped", "{drop}");
     assert_eq!(drop["reason"], "spoofed", "{drop}");
     assert_eq!(drop["protocol"], "ICMP", "{drop}");
