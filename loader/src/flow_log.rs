@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use velox_common::{
     DropReason, FlowEvent, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS, EVENTS_LIMITED, EVENTS_PER_SOURCE,
-    EVENTS_RING_FULL, FORWARDED, IPPROTO_TCP, KERNEL_DROP, VERDICT_ALLOWED,
+    EVENTS_RING_FULL, FORWARDED, IPPROTO_TCP, KERNEL_DROP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, VERDICT_ALLOWED,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::maps::FlowEvents;
@@ -90,7 +90,7 @@ fn reason(code: u32, proto: u8) -> String {
                 let flags = [(TCP_SYN, "SYN"), (TCP_FIN, "FIN"), (TCP_RST, "RST"), (TCP_ACK, "ACK")];
                 let set: Vec<&str> = flags
                     .iter()
-                    .filter(|(bit, _)| code & bit != 0)
+                    .filter(|(bit, _)| code & u32::from(*bit) != 0)
                     .map(|(_, name)| *name)
                     .collect();
                 set.join(",")
@@ -109,12 +109,6 @@ fn verdict(code: u32) -> &'static str {
         _ => "dropped",
     }
 }
-
-/// TCP header flags, as the datapath passes them on.
-const TCP_FIN: u32 = 0x01;
-const TCP_SYN: u32 = 0x02;
-const TCP_RST: u32 = 0x04;
-const TCP_ACK: u32 = 0x10;
 
 impl Record {
     fn new(event: &FlowEvent, names: &PolicyNames, pods: &HashMap<u32, String>, at: SystemTime) -> Self {

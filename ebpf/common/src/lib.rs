@@ -208,6 +208,11 @@ pub const SOCKET_LB_PROGRAMS: [&str; 8] = [
 
 /// IP protocol numbers, as in `FlowEnd::proto`.
 pub const IPPROTO_TCP: u8 = 6;
+/// TCP header flags, as the programs read them and pass them on in events.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
 

@@ -7,16 +7,13 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 use velox_common::{FlowEnd, IpKey, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP};
+pub use velox_common::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_ICMPV6: u8 = 58;
 /// ICMP and ICMPv6 echo request and reply: their identifier stands for a port.
 const ICMP_ECHO: [u8; 4] = [8, 0, 128, 129];
 const ICMP_ECHO_REQUEST: [u8; 2] = [8, 128];
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
 /// Router solicitation .. redirect: neighbour discovery is the kernel's business.
 const NDP_TYPES: core::ops::RangeInclusive<u8> = 133..=137;
 /// ICMP errors, each about the connection whose packet it quotes: destination
