@@ -85,7 +85,7 @@ fn reason(code: u32, proto: u8) -> String {
     match DropReason::of(code) {
         Some(reason) => reason.name.into(),
         None if code == VERDICT_ALLOWED => "policy".into(),
-        None if code & FORWARDED != 0 && code & KERNEL_DROP == 0 => match proto {
+        None if forwarded(code) => match proto {
             IPPROTO_TCP => {
                 let flags = [(TCP_SYN, "SYN"), (TCP_FIN, "FIN"), (TCP_RST, "RST"), (TCP_ACK, "ACK")];
                 let set: Vec<&str> = flags
@@ -101,11 +101,17 @@ fn reason(code: u32, proto: u8) -> String {
     }
 }
 
+/// Whether an event's code is a delivered packet that opened or ended a connection
+/// (its flag bit, and not the kernel's drop bit above it).
+fn forwarded(code: u32) -> bool {
+    code & FORWARDED != 0 && code & KERNEL_DROP == 0
+}
+
 /// `allowed` by a policy, `forwarded` (no policy decided), or `dropped`.
 fn verdict(code: u32) -> &'static str {
     match code {
         VERDICT_ALLOWED => "allowed",
-        _ if code & FORWARDED != 0 && code & KERNEL_DROP == 0 => "forwarded",
+        _ if forwarded(code) => "forwarded",
         _ => "dropped",
     }
 }
