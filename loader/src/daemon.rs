@@ -30,10 +30,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::{Receiver, Sender};
 use velox_common::{
     Affinity, AffinityKey, AllowedFlow, ConnectionTimeouts, FlowEnd, NatEntry, NatKey, PolicyFlow, AFFINITY_MAP,
-    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FROM_NET_PROGRAM, FROM_POD_PROGRAM, FROM_TUNNEL_PROGRAM, KERNEL_FLOWS_MAP,
-    NAT_MAP, NAT_PROGRAMS, NAT_PROGRAMS_MAP, POLICY_FLOWS_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_RULES_MAP,
-    SKB_LAYOUT_GLOBAL, SOCKET_LB_PROGRAMS, TO_POD_PROGRAM, TO_TUNNEL_PROGRAM, UDP_SOCKET_FRONTENDS_ITER, UPLINK_SLOT,
-    VXLAN_PORT_GLOBAL,
+    COUNTERS_MAP, DEFAULT_KERNEL_FLOWS, FLOW_REPORT_GLOBAL, FROM_NET_PROGRAM, FROM_POD_PROGRAM, FROM_TUNNEL_PROGRAM,
+    KERNEL_FLOWS_MAP, NAT_MAP, NAT_PROGRAMS, NAT_PROGRAMS_MAP, POLICY_FLOWS_MAP, POLICY_IDENTITY_RULES_MAP,
+    POLICY_RULES_MAP, SKB_LAYOUT_GLOBAL, SOCKET_LB_PROGRAMS, TO_POD_PROGRAM, TO_TUNNEL_PROGRAM,
+    UDP_SOCKET_FRONTENDS_ITER, UPLINK_SLOT, VXLAN_PORT_GLOBAL,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::fs::{create_private_dir, list_dir, remove_if_exists, try_lock_dir, write_atomic};
@@ -113,6 +113,11 @@ pub struct RunArgs {
     /// log shipper to tail; at 64 MiB it moves to `<file>.1`.
     #[arg(long)]
     flow_records_file: Option<PathBuf>,
+    /// Seconds between the records of a flow that goes on (its packets and bytes so
+    /// far). With flow records on, the programs keep a flow table for it (one map
+    /// lookup per packet), which also gives every UDP flow its first record.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    flow_report_interval: u64,
     /// Masquerade pod traffic leaving the cluster to the node's IP.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     ip_masq: bool,
@@ -257,6 +262,10 @@ impl RunArgs {
                 policy_rules: self.policy_rules,
                 policy_flows: self.policy_flows,
                 vxlan_port: self.vxlan_port,
+                flow_report_ns: match self.flow_records > 0 || self.flow_records_file.is_some() {
+                    true => Duration::from_secs(self.flow_report_interval).as_nanos() as u64,
+                    false => 0,
+                },
                 timeouts: crate::reconcile::flows::timeouts(
                     self.ct_timeout_tcp_syn,
                     self.ct_timeout_tcp,
@@ -948,7 +957,7 @@ impl SourceSync {
         if let Some(balancer) = self.balancer.as_mut() {
             if changed || balancer.retry_due() || self.this_node.as_ref() != Some(&this_node) {
                 let pod_netns = || store.list().unwrap_or_default().into_iter().map(|r| r.netns).collect();
-                match balancer.apply_services(bpffs, self.source.services(), &this_node, pod_netns) {
+                match balancer.apply_services(bpffs, state_dir, self.source.services(), &this_node, pod_netns) {
                     Ok(()) => self.this_node = Some(this_node),
                     // Tried again next pass.
                     Err(e) => log::error!("applying the Services: {e:#}"),
@@ -1008,6 +1017,8 @@ pub struct DatapathOptions {
     pub timeouts: ConnectionTimeouts,
     /// The VXLAN device's UDP port, whose packets `from_net` leaves to it.
     pub vxlan_port: u16,
+    /// How often a flow that goes on is recorded; 0: no flow table.
+    pub flow_report_ns: u64,
 }
 
 /// Loads the object, reusing the maps pinned in this build's layout directory (or
@@ -1028,6 +1039,8 @@ fn load_and_pin(bpffs: &Bpffs, options: &DatapathOptions) -> anyhow::Result<Ebpf
     }
     // Not required: an object of a build before the tunnel has no such global.
     loader.override_global(VXLAN_PORT_GLOBAL, &options.vxlan_port, false);
+    // Not required either: an earlier build keeps no flow table.
+    loader.override_global(FLOW_REPORT_GLOBAL, &options.flow_report_ns, false);
     // Without it the program records nothing; the rest of the datapath is whole.
     let kernel = KernelLayout::read()
         .inspect_err(|e| log::warn!("the flow records will not show the kernel's own drops: {e:#}"))

@@ -24,14 +24,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use velox_common::{
     DropReason, FlowEvent, DROP_POLICY_EGRESS, DROP_POLICY_INGRESS, EVENTS_LIMITED, EVENTS_PER_SOURCE,
-    EVENTS_RING_FULL, FORWARDED, IPPROTO_TCP, KERNEL_DROP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, VERDICT_ALLOWED,
+    EVENTS_RING_FULL, FLOW_ACTIVE, FLOW_STARTED, FORWARDED, IPPROTO_TCP, KERNEL_DROP, TCP_ACK, TCP_FIN, TCP_RST,
+    TCP_SYN, TRANSLATED, VERDICT_ALLOWED,
 };
 use velox_node::endpoint::EndpointStore;
 use velox_node::maps::FlowEvents;
 use velox_node::{Bpffs, StateDir};
 
 use crate::metrics::{lock, Metrics};
-use crate::names::{protocol_name, socket_address, PolicyNames};
+use crate::names::{protocol_name, socket_address, PolicyNames, ServiceNames};
 
 /// Records kept when the loader is not told (`--flow-records`): a few megabytes.
 pub const DEFAULT_RECORDS: usize = 16_384;
@@ -76,15 +77,28 @@ pub struct Record {
     /// What decided: the policies whose rules allowed it, or for a denial the
     /// policies that select the pod and of which no rule allows it.
     pub policies: Vec<String>,
+    /// For a connection to a Service (the translation, and the records of its
+    /// packets): the Service (`namespace/name`) and the frontend the client asked
+    /// for; `dst` (or `src`, for a reply) is the backend.
+    pub service: Option<String>,
+    pub frontend: Option<SocketAddr>,
+    /// This direction's packets and bytes so far, for a flow this node counts.
+    pub packets: Option<u64>,
+    pub bytes: Option<u64>,
 }
 
 /// A drop's reason as the drop-reason table names it; `policy` for a connection a
 /// policy rule allowed; the TCP flags (`SYN`, `FIN,ACK`) or `echo` of a packet that
-/// opened or ended a connection; `kernel:NAME` for a drop the kernel made.
+/// opened or ended a connection; `started` for a flow's first packet that shows no
+/// start, `active` for a flow's progress; `service` for a translation;
+/// `kernel:NAME` for a drop the kernel made.
 fn reason(code: u32, proto: u8) -> String {
     match DropReason::of(code) {
         Some(reason) => reason.name.into(),
         None if code == VERDICT_ALLOWED => "policy".into(),
+        None if code == TRANSLATED => "service".into(),
+        None if forwarded(code) && code & FLOW_STARTED != 0 => "started".into(),
+        None if forwarded(code) && code & FLOW_ACTIVE != 0 => "active".into(),
         None if forwarded(code) => match proto {
             IPPROTO_TCP => {
                 let flags = [(TCP_SYN, "SYN"), (TCP_FIN, "FIN"), (TCP_RST, "RST"), (TCP_ACK, "ACK")];
@@ -107,21 +121,51 @@ fn forwarded(code: u32) -> bool {
     code & FORWARDED != 0 && code & KERNEL_DROP == 0
 }
 
-/// `allowed` by a policy, `forwarded` (no policy decided), or `dropped`.
+/// Whether an event's packet opened its connection: a SYN, a flow's first packet,
+/// or a new connection a policy allowed.
+fn opens(code: u32) -> bool {
+    let syn = u32::from(TCP_SYN);
+    code == VERDICT_ALLOWED || (forwarded(code) && (code & 0xff == syn || code & FLOW_STARTED != 0))
+}
+
+/// `allowed` by a policy, `forwarded` (no policy decided), `translated` (to a
+/// Service's backend), or `dropped`.
 fn verdict(code: u32) -> &'static str {
     match code {
         VERDICT_ALLOWED => "allowed",
+        TRANSLATED => "translated",
         _ if forwarded(code) => "forwarded",
         _ => "dropped",
     }
 }
 
 impl Record {
-    fn new(event: &FlowEvent, names: &PolicyNames, pods: &HashMap<u32, String>, at: SystemTime) -> Self {
-        let ifname = nix::net::if_::if_indextoname(event.ifindex)
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|_| event.ifindex.to_string());
-        let (src, dst) = (socket_address(&event.src), socket_address(&event.dst));
+    fn new(event: &FlowEvent, naming: &Naming, at: SystemTime) -> Self {
+        let names = &naming.policies;
+        let ifname = match event.ifindex {
+            0 => "socket".into(),
+            ifindex => nix::net::if_::if_indextoname(ifindex)
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|_| ifindex.to_string()),
+        };
+        let (mut src, dst) = (socket_address(&event.src), socket_address(&event.dst));
+        // A socket's translation: its client is the pod of that network namespace,
+        // by its address of the backend's family (the node's sockets have none here).
+        if event.reason == TRANSLATED && event.netns != 0 {
+            let of_family = |ip: &&IpAddr| ip.is_ipv4() == dst.is_ipv4();
+            if let Some(ip) = naming
+                .netns
+                .get(&event.netns)
+                .and_then(|ips| ips.iter().find(of_family))
+            {
+                src.set_ip(*ip);
+            }
+        }
+        let translation = (event.reason == TRANSLATED).then(|| Translation {
+            service: naming.services.of(event.src.proto, socket_address(&event.frontend)),
+            frontend: socket_address(&event.frontend),
+        });
+        let counted = event.packets > 0;
         let selecting = |ip: IpAddr| names.selected_by.get(&ip).cloned().unwrap_or_default();
         let policies = match event.reason {
             VERDICT_ALLOWED => [event.egress_policy, event.ingress_policy]
@@ -143,8 +187,12 @@ impl Record {
             src_pod: names.pods.get(&src.ip()).cloned(),
             dst_pod: names.pods.get(&dst.ip()).cloned(),
             ifname,
-            pod: pods.get(&event.ifindex).cloned(),
+            pod: naming.containers.get(&event.ifindex).cloned(),
             policies,
+            service: translation.as_ref().and_then(|t| t.service.clone()),
+            frontend: translation.map(|t| t.frontend),
+            packets: counted.then_some(event.packets),
+            bytes: counted.then_some(event.bytes),
         }
     }
 
@@ -158,12 +206,22 @@ impl Record {
             ("allowed", false) => format!(" by {}", self.policies.join(", ")),
             _ => format!(" by {} (no rule allows it)", self.policies.join(", ")),
         };
+        let service = match (&self.service, self.frontend) {
+            (Some(service), Some(frontend)) => format!(" via {service} ({frontend})"),
+            (None, Some(frontend)) => format!(" via {frontend}"),
+            _ => String::new(),
+        };
+        let counts = match (self.packets, self.bytes) {
+            (Some(packets), Some(bytes)) => format!(" [{packets} packets, {bytes} bytes]"),
+            _ => String::new(),
+        };
         format!(
-            "{} {} {:<15} {} {} -> {} on {}{}{decided}",
+            "{} {} {:<15} {} {} -> {}{service} on {}{}{decided}{counts}",
             self.time,
             match self.verdict.as_str() {
                 "allowed" => "ALLOW",
                 "forwarded" => "FWD  ",
+                "translated" => "XLATE",
                 _ => "DROP ",
             },
             self.reason,
@@ -181,6 +239,130 @@ impl Record {
     /// Whether `pod` (`namespace/name`) is either end.
     fn involves(&self, pod: &str) -> bool {
         self.src_pod.as_deref() == Some(pod) || self.dst_pod.as_deref() == Some(pod)
+    }
+}
+
+/// A connection's Service, as its translation told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Translation {
+    service: Option<String>,
+    frontend: SocketAddr,
+}
+
+/// Translations kept waiting for their connection's first packet, and connections
+/// named: as many of each as this, the oldest let go first.
+const TRANSLATIONS: usize = 16_384;
+
+/// Which connections went to a Service. A translation comes before its
+/// connection's first packet (the socket's connect or first datagram, or the NAT's
+/// first packet): it waits, by client address, backend and protocol, for the first
+/// record of a connection between them that opens it, which takes it. The
+/// connection's later records (either direction) are then named by its ends. A
+/// connection of the same client straight to the backend takes none.
+#[derive(Default)]
+struct Translations {
+    waiting: HashMap<(IpAddr, SocketAddr, u8), VecDeque<Translation>>,
+    waiting_order: VecDeque<(IpAddr, SocketAddr, u8)>,
+    named: HashMap<(SocketAddr, SocketAddr, u8), Translation>,
+    named_order: VecDeque<(SocketAddr, SocketAddr, u8)>,
+}
+
+impl Translations {
+    /// A translation record: its connection's first packet is still to come.
+    fn wait(&mut self, record: &Record, proto: u8) {
+        let Some(frontend) = record.frontend else {
+            return;
+        };
+        if record.src.ip().is_unspecified() {
+            return;
+        }
+        let key = (record.src.ip(), record.dst, proto);
+        let translation = Translation {
+            service: record.service.clone(),
+            frontend,
+        };
+        self.waiting.entry(key).or_default().push_back(translation);
+        self.waiting_order.push_back(key);
+        if self.waiting_order.len() > TRANSLATIONS {
+            if let Some(oldest) = self.waiting_order.pop_front() {
+                if let Some(queue) = self.waiting.get_mut(&oldest) {
+                    queue.pop_front();
+                    if queue.is_empty() {
+                        self.waiting.remove(&oldest);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Names `record`'s connection if it went to a Service; a record that `opens`
+    /// one takes the oldest translation waiting for its ends.
+    fn name(&mut self, record: &mut Record, proto: u8, opens: bool) {
+        let (src, dst) = (record.src, record.dst);
+        let mut found = self
+            .named
+            .get(&(src, dst, proto))
+            .or_else(|| self.named.get(&(dst, src, proto)))
+            .cloned();
+        if found.is_none() && opens {
+            let key = (src.ip(), dst, proto);
+            found = self.waiting.get_mut(&key).and_then(VecDeque::pop_front);
+            if self.waiting.get(&key).is_some_and(VecDeque::is_empty) {
+                self.waiting.remove(&key);
+            }
+            if let Some(translation) = &found {
+                self.named.insert((src, dst, proto), translation.clone());
+                self.named_order.push_back((src, dst, proto));
+                if self.named_order.len() > TRANSLATIONS {
+                    if let Some(oldest) = self.named_order.pop_front() {
+                        self.named.remove(&oldest);
+                    }
+                }
+            }
+        }
+        if let Some(translation) = found {
+            record.service = translation.service;
+            record.frontend = Some(translation.frontend);
+        }
+    }
+}
+
+/// What the collector names the events' numbers with.
+#[derive(Default)]
+struct Naming {
+    policies: PolicyNames,
+    services: ServiceNames,
+    /// The container behind each host veth, by ifindex.
+    containers: HashMap<u32, String>,
+    /// Each pod's addresses by its network namespace's cookie: the socket load
+    /// balancer's clients.
+    netns: HashMap<u64, Vec<IpAddr>>,
+    /// The cookies found so far, by network namespace path (each is read in the
+    /// namespace, once).
+    cookies: HashMap<PathBuf, Option<u64>>,
+    translations: Translations,
+}
+
+impl Naming {
+    /// The node's pods as their endpoint records say now.
+    fn read_endpoints(&mut self, store: &EndpointStore) {
+        let records = store.list().unwrap_or_default();
+        self.containers = records
+            .iter()
+            .map(|r| (r.host_ifindex, format!("{} {}", r.container_id, r.ifname)))
+            .collect();
+        self.cookies.retain(|path, _| records.iter().any(|r| &r.netns == path));
+        self.netns.clear();
+        for record in &records {
+            let cookie = *self.cookies.entry(record.netns.clone()).or_insert_with(|| {
+                std::fs::File::open(&record.netns)
+                    .ok()
+                    .and_then(|netns| velox_node::netlink::netns_cookie(&netns).ok())
+            });
+            if let Some(cookie) = cookie {
+                self.netns.entry(cookie).or_default().extend(record.ips.iter().copied());
+            }
+        }
     }
 }
 
@@ -335,18 +517,10 @@ fn collect(
     metrics: &Metrics,
 ) {
     let store = EndpointStore::new(state_dir);
-    let containers = || -> HashMap<u32, String> {
-        store
-            .list()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|r| (r.host_ifindex, format!("{} {}", r.container_id, r.ifname)))
-            .collect()
-    };
-    let mut pods = HashMap::new();
+    let mut naming = Naming::default();
     let mut pods_read = Instant::now();
-    let mut names = PolicyNames::default();
     let mut names_read = None;
+    let mut service_names_read = None;
     let mut renewed: Option<Instant> = None;
     loop {
         if renewed.is_none_or(|at| at.elapsed() >= RENEW_EVERY) {
@@ -360,7 +534,8 @@ fn collect(
                     log::warn!("keeping the datapath's events on: {e:#}");
                 }
             }
-            (pods, pods_read) = (containers(), Instant::now());
+            naming.read_endpoints(&store);
+            pods_read = Instant::now();
             match events
                 .lost(EVENTS_RING_FULL)
                 .and_then(|full| Ok((full, events.lost(EVENTS_LIMITED)?)))
@@ -382,20 +557,34 @@ fn collect(
         }
         // The loader rewrites the names as policies and pods change: the records of a
         // new policy must name it.
-        let names_written = std::fs::metadata(state_dir.policy_names())
-            .and_then(|m| m.modified())
-            .ok();
+        let written = |path: PathBuf| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let names_written = written(state_dir.policy_names());
         if names_written != names_read {
-            names = PolicyNames::read(state_dir);
+            naming.policies = PolicyNames::read(state_dir);
             names_read = names_written;
+        }
+        let service_names_written = written(state_dir.service_names());
+        if service_names_written != service_names_read {
+            naming.services = ServiceNames::read(state_dir);
+            service_names_read = service_names_written;
         }
         while let Some(event) = events.next_event() {
             // A pod newer than the last look: its records name it too (a look at most
-            // every 100 ms, as an interface no pod has would ask each time).
-            if !pods.contains_key(&event.ifindex) && pods_read.elapsed() >= Duration::from_millis(100) {
-                (pods, pods_read) = (containers(), Instant::now());
+            // every 100 ms, as an interface or a namespace no pod has would ask each
+            // time).
+            let unknown = match event.netns {
+                0 => event.ifindex != 0 && !naming.containers.contains_key(&event.ifindex),
+                netns => !naming.netns.contains_key(&netns),
+            };
+            if unknown && pods_read.elapsed() >= Duration::from_millis(100) {
+                naming.read_endpoints(&store);
+                pods_read = Instant::now();
             }
-            let record = Record::new(&event, &names, &pods, SystemTime::now());
+            let mut record = Record::new(&event, &naming, SystemTime::now());
+            match event.reason {
+                TRANSLATED => naming.translations.wait(&record, event.src.proto),
+                code => naming.translations.name(&mut record, event.src.proto, opens(code)),
+            }
             if let Some(export) = export.as_deref_mut() {
                 export.append(&record);
             }
@@ -573,9 +762,9 @@ pub struct FlowsArgs {
     /// Only records with this pod (`namespace/name`) at either end.
     #[arg(long)]
     pod: Option<String>,
-    /// Only `dropped`, `allowed` (by a policy) or `forwarded` (no policy decided)
-    /// records.
-    #[arg(long, value_parser = ["dropped", "allowed", "forwarded"])]
+    /// Only `dropped`, `allowed` (by a policy), `forwarded` (no policy decided) or
+    /// `translated` (to a Service's backend) records.
+    #[arg(long, value_parser = ["dropped", "allowed", "forwarded", "translated"])]
     verdict: Option<String>,
     /// Only records of the last while (`10m`, `1h30m`).
     #[arg(long)]
@@ -638,10 +827,14 @@ pub fn flows(state_dir: &StateDir, args: &FlowsArgs) -> anyhow::Result<()> {
                 shown += 1;
                 if args.summary {
                     let end = |pod: &Option<String>, addr: &SocketAddr| pod.clone().unwrap_or(addr.ip().to_string());
+                    let destination = match &record.service {
+                        Some(service) => format!("service {service}"),
+                        None => end(&record.dst_pod, &record.dst),
+                    };
                     let key = (
                         end(&record.src_pod, &record.src),
-                        end(&record.dst_pod, &record.dst),
-                        format!("{}/{}", record.protocol, record.dst.port()),
+                        destination,
+                        format!("{}/{}", record.protocol, record.frontend.unwrap_or(record.dst).port()),
                         format!("{} {}", record.verdict, record.reason),
                     );
                     *summary.entry(key).or_default() += 1;
@@ -676,4 +869,65 @@ pub fn flows(state_dir: &StateDir, args: &FlowsArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use velox_common::FlowEnd;
+
+    fn end(addr: &str) -> FlowEnd {
+        let addr: SocketAddr = addr.parse().unwrap();
+        FlowEnd {
+            addr: addr.ip().into(),
+            port: addr.port().to_be(),
+            proto: IPPROTO_TCP,
+            pad: 0,
+        }
+    }
+
+    fn event(src: &str, dst: &str, reason: u32) -> FlowEvent {
+        FlowEvent {
+            src: end(src),
+            dst: end(dst),
+            reason,
+            ..FlowEvent::default()
+        }
+    }
+
+    /// The translation's record, then the connection's: its SYN takes the
+    /// translation, the reply is named by the connection's ends, and the same
+    /// client's next connection straight to the backend is no Service's.
+    #[test]
+    fn a_translation_names_the_one_connection_that_follows_it() {
+        let mut naming = Naming::default();
+        naming.services.frontends.insert("TCP 10.96.0.70:80".into(), "default/web".into());
+        let mut translation = event("10.0.1.5:0", "10.0.2.7:8080", TRANSLATED);
+        translation.frontend = end("10.96.0.70:80");
+        let record = Record::new(&translation, &naming, SystemTime::now());
+        assert_eq!(record.verdict, "translated");
+        assert_eq!(record.service.as_deref(), Some("default/web"));
+        naming.translations.wait(&record, IPPROTO_TCP);
+        let mut named = |event: FlowEvent| {
+            let mut record = Record::new(&event, &naming, SystemTime::now());
+            naming.translations.name(&mut record, IPPROTO_TCP, opens(event.reason));
+            (record.service, record.frontend.map(|f| f.to_string()))
+        };
+        let web = (Some("default/web".to_string()), Some("10.96.0.70:80".to_string()));
+        let syn = FORWARDED | u32::from(TCP_SYN);
+        assert_eq!(named(event("10.0.1.5:40000", "10.0.2.7:8080", syn)), web);
+        let fin = FORWARDED | u32::from(TCP_FIN | TCP_ACK);
+        assert_eq!(named(event("10.0.2.7:8080", "10.0.1.5:40000", fin)), web);
+        assert_eq!(named(event("10.0.1.5:40002", "10.0.2.7:8080", syn)), (None, None));
+    }
+
+    #[test]
+    fn reasons_and_verdicts_of_flow_progress() {
+        assert_eq!(reason(FORWARDED | FLOW_STARTED, 17), "started");
+        assert_eq!(reason(FORWARDED | FLOW_ACTIVE, IPPROTO_TCP), "active");
+        assert_eq!(verdict(FORWARDED | FLOW_ACTIVE), "forwarded");
+        assert_eq!((verdict(TRANSLATED), reason(TRANSLATED, 6)), ("translated", "service".into()));
+        assert!(opens(FORWARDED | FLOW_STARTED) && opens(FORWARDED | u32::from(TCP_SYN)));
+        assert!(!opens(FORWARDED | u32::from(TCP_SYN | TCP_ACK)) && !opens(FORWARDED | FLOW_ACTIVE));
+    }
 }

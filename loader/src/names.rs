@@ -104,6 +104,52 @@ impl PolicyNames {
     }
 }
 
+/// Each Service frontend's Service (`namespace/name`), for the flow records of
+/// translated connections: written by the loader whenever the Services change.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceNames {
+    /// By [`ServiceNames::key`]: a frontend address, or a NodePort's port on any
+    /// address of a node.
+    pub frontends: BTreeMap<String, String>,
+}
+
+impl ServiceNames {
+    /// `TCP 10.96.0.10:80` for an address, `TCP *:30080` for a NodePort.
+    pub fn key(proto: u8, frontend: Option<IpAddr>, port: u16) -> String {
+        let proto = protocol_name(proto).to_uppercase();
+        match frontend {
+            Some(ip) => format!("{proto} {}", SocketAddr::new(ip, port)),
+            None => format!("{proto} *:{port}"),
+        }
+    }
+
+    /// The Service behind `frontend`: its address's, or a NodePort's on it.
+    pub fn of(&self, proto: u8, frontend: SocketAddr) -> Option<String> {
+        let exact = Self::key(proto, Some(frontend.ip()), frontend.port());
+        let node_port = Self::key(proto, None, frontend.port());
+        self.frontends
+            .get(&exact)
+            .or_else(|| self.frontends.get(&node_port))
+            .cloned()
+    }
+
+    pub fn write(&self, state_dir: &StateDir) -> anyhow::Result<()> {
+        velox_node::fs::write_atomic(
+            &state_dir.service_names(),
+            &serde_json::to_vec(self)?,
+            PRIVATE_FILE_MODE,
+        )
+        .context("writing the Service names")
+    }
+
+    pub fn read(state_dir: &StateDir) -> Self {
+        std::fs::read(state_dir.service_names())
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

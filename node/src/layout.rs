@@ -19,6 +19,8 @@
 //! │   │                                     buffer), for the loader's flow records
 //! │   ├── VELOX_EVENTS_LOST                 per CPU, events the full ring lost
 //! │   ├── VELOX_MONITOR                     until when the programs write events
+//! │   ├── VELOX_FLOWS                       each direction of a pod connection -> its
+//! │   │                                     packets and bytes (LRU), for the records
 //! │   ├── VELOX_POLICY_STATE                per-slot isolation and live rules version
 //! │   ├── VELOX_POLICY_RULES                (slot, direction, version, peer prefix) -> ports
 //! │   ├── VELOX_POLICY_IDENTITY_RULES       (slot, direction, version, peer identity) -> ports
@@ -54,6 +56,7 @@
 //! │   ├── <address>                   0600  reserved: container ID and ifname
 //! │   └── last_reserved_ip.<4|6>      0600  where the round-robin goes on
 //! ├── policy-names.json               0600  policy ids and pod names, for the monitor
+//! ├── service-names.json              0600  Service frontends' names, for the flow records
 //! ├── network-policy-enforced         0600  present while the loader enforces NetworkPolicy:
 //! │                                         ADD starts a named pod denied in both directions
 //! ├── install.json                    0600  what `install` wrote, with checksums
@@ -173,6 +176,11 @@ impl StateDir {
     /// Policy ids and pod names, for `velox-loader monitor`.
     pub fn policy_names(&self) -> PathBuf {
         self.root.join("policy-names.json")
+    }
+
+    /// Service frontends' names, for the flow records.
+    pub fn service_names(&self) -> PathBuf {
+        self.root.join("service-names.json")
     }
 
     pub fn health_socket(&self) -> PathBuf {

@@ -7,13 +7,13 @@ use ipnet::IpNet;
 use std::net::IpAddr;
 use velox_common::{
     Affinity, AffinityKey, AllowedFlow, BackendSlot, CachedEndpoint, ConnectionTimeouts, Endpoint, EndpointCounters,
-    EventBudget, EventSource, FlowEnd, FlowEvent, IdentityRuleKey, IpKey, MaglevTable, NatEntry, NatKey, NodeAddress,
-    NodeEntry, NodePortKey, Peer, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, Service, SocketFrontend,
-    SocketFrontends, AFFINITY_MAP, BACKENDS_MAP, CONNECTED_FRONTEND_MAP, COUNTERS_MAP, CT_TIMEOUTS_MAP,
+    EventBudget, EventSource, FlowCounts, FlowEnd, FlowEvent, FlowKey, IdentityRuleKey, IpKey, MaglevTable, NatEntry,
+    NatKey, NodeAddress, NodeEntry, NodePortKey, Peer, PolicyFlow, PolicyKey, PolicyPorts, PolicyState, Service,
+    SocketFrontend, SocketFrontends, AFFINITY_MAP, BACKENDS_MAP, CONNECTED_FRONTEND_MAP, COUNTERS_MAP, CT_TIMEOUTS_MAP,
     DATAGRAM_FRONTENDS_MAP, ENDPOINTS_MAP, ENDPOINT_CACHE_MAP, ENDPOINT_CACHE_SLOTS, EVENTS_LOST_MAP, EVENTS_MAP,
-    EVENT_BUDGETS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS, KERNEL_FLOWS_MAP,
-    KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP, MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP, NODES_MAP,
-    NODE_ADDRESSES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_FLOW_POOL_SIZE,
+    EVENT_BUDGETS_MAP, FLOWS_MAP, INTERFACES_MAP, IPV4_MAPPED_PREFIX, ISOLATED_EGRESS, ISOLATED_INGRESS,
+    KERNEL_FLOWS_MAP, KERNEL_FLOW_SLOTS_MAP, LB_OPT_OUT_MAP, MAGLEV_MAP, MASQUERADE_MAP, MONITOR_MAP, NAT_MAP,
+    NODES_MAP, NODE_ADDRESSES_MAP, NODE_PORTS_MAP, NO_KERNEL_FLOWS, PEERS_MAP, POLICY_FLOWS_MAP, POLICY_FLOW_POOL_SIZE,
     POLICY_FLOW_POOL_USED, POLICY_FLOW_RESERVED, POLICY_FLOW_SHARES, POLICY_FLOW_SHARES_MAP, POLICY_GENERATION_MAP,
     POLICY_IDENTITIES_MAP, POLICY_IDENTITY_RULES_MAP, POLICY_KEY_FIXED_BITS, POLICY_RULES_MAP, POLICY_STATE_MAP,
     RULES_VERSION, SERVICES_MAP, SERVICE_EXTERNAL_LOCAL, SERVICE_MAGLEV, UDP_SOCKET_FRONTENDS_ITER,
@@ -71,7 +71,7 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 const LAYOUT_REVISION: u32 = 1;
 
 /// Every pinned map as this build's eBPF object declares it.
-pub fn layouts() -> [MapLayout; 31] {
+pub fn layouts() -> [MapLayout; 32] {
     use std::mem::size_of;
     let layout = |name, map_type, key_size: usize, value_size: usize, flags| MapLayout {
         name,
@@ -228,6 +228,13 @@ pub fn layouts() -> [MapLayout; 31] {
             BPF_MAP_TYPE_PERCPU_ARRAY,
             size_of::<u32>(),
             size_of::<u64>(),
+            0,
+        ),
+        layout(
+            FLOWS_MAP,
+            BPF_MAP_TYPE_LRU_HASH,
+            size_of::<FlowKey>(),
+            size_of::<FlowCounts>(),
             0,
         ),
         layout(

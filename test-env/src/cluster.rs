@@ -410,6 +410,34 @@ impl Cluster {
         Ok(pods)
     }
 
+    /// Writes the standard pods' Pod objects (`default/pod-1` ..) into the cluster
+    /// state and waits until every node's flow records can name them.
+    pub fn name_the_standard_pods(&self) -> anyhow::Result<Vec<(usize, Pod)>> {
+        use crate::cluster_state::write_objects;
+        use crate::netpol::pod_object;
+        let pods = self.pods()?;
+        let no_labels = Default::default();
+        let objects = pods
+            .iter()
+            .map(|(node, pod)| {
+                let name = &pod.name[pod.name.rfind("pod-").unwrap_or(0)..];
+                pod_object("default", name, &no_labels, &self.nodes[*node].name, pod)
+            })
+            .collect();
+        write_objects(&self.cluster_state.join("pods.json"), objects)?;
+        let last = pods.last().context("no pods")?.1.ip(Family::V6).to_string();
+        for node in &self.nodes {
+            let names = node.state_dir.join("policy-names.json");
+            let named = || std::fs::read_to_string(&names).is_ok_and(|names| names.contains(&last));
+            anyhow::ensure!(
+                crate::wait_for(std::time::Duration::from_secs(5), named),
+                "{} did not learn the pods' names",
+                node.name
+            );
+        }
+        Ok(pods)
+    }
+
     /// Removes nodes, router, external host and the peers file; keeps going past failures.
     pub fn down(&self) -> anyhow::Result<()> {
         let mut errors = ErrorList::default();

@@ -595,31 +595,6 @@ fn all_flow_records(cluster: &ClusterGuard) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Writes the standard pods' Pod objects (`default/pod-1` ..) and waits until every
-/// node's records can name them.
-fn name_the_standard_pods(cluster: &ClusterGuard) -> Vec<(usize, velox_test_env::Pod)> {
-    use velox_test_env::cluster_state::write_objects;
-    use velox_test_env::netpol::pod_object;
-    let pods = cluster.pods().unwrap();
-    let no_labels = Default::default();
-    let objects = pods
-        .iter()
-        .map(|(node, pod)| {
-            let name = &pod.name[pod.name.rfind("pod-").unwrap()..];
-            pod_object("default", name, &no_labels, &cluster.nodes[*node].name, pod)
-        })
-        .collect();
-    write_objects(&cluster.cluster_state.join("pods.json"), objects).unwrap();
-    let last = &pods.last().unwrap().1;
-    for node in &cluster.nodes {
-        eventually("the loaders know the pods' names", || {
-            std::fs::read_to_string(node.state_dir.join("policy-names.json"))
-                .is_ok_and(|names| names.contains(&last.ip(Family::V6).to_string()))
-        });
-    }
-    pods
-}
-
 /// Issue 25: every row of the connectivity matrix is in the flow records
 /// afterwards (a pod talking to itself never leaves its namespace, so no program
 /// sees it): the SYN of its TCP connection and its ping's echo request, with the
@@ -627,7 +602,7 @@ fn name_the_standard_pods(cluster: &ClusterGuard) -> Vec<(usize, velox_test_env:
 #[test]
 fn every_row_of_the_matrix_is_in_the_flow_records() {
     let cluster = ClusterGuard::up("fm").unwrap();
-    let pods = name_the_standard_pods(&cluster);
+    let pods = cluster.name_the_standard_pods().unwrap();
     let rows = matrix::run(&matrix::cases(&cluster, &pods).unwrap()).unwrap();
     assert!(rows.iter().all(|r| r.pass()), "{}", matrix::table(&rows));
     let records = all_flow_records(&cluster);
@@ -660,13 +635,124 @@ fn every_row_of_the_matrix_is_in_the_flow_records() {
     cluster.finish().unwrap();
 }
 
+/// Issue 25: a flow that goes on is recorded every `--flow-report-interval` with its
+/// packets and bytes so far, on both nodes, and at its end with all of them; a UDP
+/// flow, which shows no start of its own, is recorded once, not per datagram.
+#[test]
+fn a_long_flow_is_recorded_with_its_counts_and_a_udp_flow_once() {
+    let cluster = ClusterGuard::up("fa").unwrap();
+    for node in &cluster.nodes {
+        node.restart_loader_with(&["--flow-report-interval", "1"]).unwrap();
+    }
+    cluster.name_the_standard_pods().unwrap();
+    // pod-1 on worker-1, pod-2 on worker-2.
+    let (client, server) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
+    let sent = client.iperf3(&server, Family::V4, 4, 1).unwrap();
+    let to_iperf = SocketAddr::new(server.ip(Family::V4), 5201).to_string();
+    let client_ip = client.ip(Family::V4);
+    let records_of = |node: usize| -> Vec<serde_json::Value> {
+        let (records, _) = cluster.nodes[node].flows(&["--since", "5m"]).unwrap();
+        records
+            .into_iter()
+            .filter(|r| r["dst"] == to_iperf.as_str())
+            .filter(|r| {
+                r["src"]
+                    .as_str()
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+                    .is_some_and(|a| a.ip() == client_ip)
+            })
+            .collect()
+    };
+    let bytes = |r: &serde_json::Value| r["bytes"].as_u64().unwrap_or_default();
+    let sender_side = records_of(0);
+    // iperf3's data connection: the one with the most bytes (its control connection
+    // carries a few hundred).
+    let data = sender_side
+        .iter()
+        .max_by_key(|r| bytes(r))
+        .expect("no records of iperf3")
+        .clone();
+    let data_src = data["src"].clone();
+    let received = sent.bytes as u64;
+    let ends = |r: &serde_json::Value| {
+        r["reason"]
+            .as_str()
+            .is_some_and(|f| f.contains("FIN") || f.contains("RST"))
+    };
+    for node in [0, 1] {
+        let mut records = Vec::new();
+        // The end's record comes within a poll of the loader's.
+        velox_test_env::wait_for(Duration::from_secs(5), || {
+            records = records_of(node).into_iter().filter(|r| r["src"] == data_src).collect();
+            records.iter().any(ends)
+        });
+        let active: Vec<u64> = records
+            .iter()
+            .filter(|r| r["reason"] == "active")
+            .map(|r| bytes(r))
+            .collect();
+        assert!(
+            active.len() >= 2 && active.windows(2).all(|w| w[0] < w[1]),
+            "node {node}: a 4 s flow is recorded every second with its bytes so far: {records:#?}"
+        );
+        let last = records.iter().map(|r| bytes(r)).max().unwrap_or_default();
+        assert!(
+            last >= received && last <= received + received / 10,
+            "node {node}: the flow's last record counts {last} bytes, iperf3 received {received}: {records:#?}"
+        );
+        let ended = records.iter().find(|r| ends(r));
+        assert!(
+            ended.is_some_and(|r| r["packets"].as_u64() > Some(1)),
+            "node {node}: its end is recorded with its counts: {records:#?}"
+        );
+    }
+
+    let to = SocketAddr::new(server.ip(Family::V4), 9);
+    let local = velox_test_env::netns::spawn_in(&client.name, move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        for _ in 0..20 {
+            socket.send_to(b"datagram", to)?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(socket.local_addr()?)
+    })
+    .join()
+    .unwrap()
+    .unwrap();
+    let from = SocketAddr::new(client_ip, local.port()).to_string();
+    for node in [0, 1] {
+        let mut records = Vec::new();
+        std::thread::sleep(Duration::from_millis(200));
+        let seen = velox_test_env::wait_for(Duration::from_secs(5), || {
+            records = cluster.nodes[node].flows(&["--since", "5m"]).unwrap().0;
+            records.retain(|r| r["src"] == from.as_str());
+            !records.is_empty()
+        });
+        assert!(seen, "node {node}: no record of the UDP flow from {from}");
+        assert_eq!(
+            records.len(),
+            1,
+            "node {node}: one record for 20 datagrams: {records:#?}"
+        );
+        let record = &records[0];
+        assert_eq!(
+            (&record["reason"], &record["verdict"], &record["dst"]),
+            (&"started".into(), &"forwarded".into(), &to.to_string().into()),
+            "node {node}: {record}"
+        );
+        assert_eq!(record["src_pod"], "default/pod-1", "{record}");
+        assert_eq!(record["dst_pod"], "default/pod-2", "{record}");
+    }
+    cluster.finish().unwrap();
+}
+
 /// Issue 25: a pod opening connections as fast as it can for 10 s (over 50,000)
 /// hides no record of another pod's connections in the same seconds, and the
 /// records say how many of its own were not kept.
 #[test]
 fn a_flood_of_connections_hides_no_other_pods_connection() {
     let cluster = ClusterGuard::up("fc").unwrap();
-    name_the_standard_pods(&cluster);
+    cluster.name_the_standard_pods().unwrap();
     let (flooder, server, other) = (cluster.pod("pod-1"), cluster.pod("pod-4"), cluster.pod("pod-2"));
     let probe = cluster.nodes[0].bins.probe.to_str().unwrap().to_string();
     let to = SocketAddr::new(server.ip(Family::V4), 7302);

@@ -511,3 +511,81 @@ fn a_new_socket_lb_cgroup_moves_the_hooks_there() {
     assert_eq!(stayed, None, "the old cgroup is not any more");
     cluster.finish().unwrap();
 }
+
+/// Issue 25: a connection to a Service is in the flow records with the Service
+/// and the backend: the translation (the client pod, the frontend it asked for, the
+/// backend pod) and the records of the connection's own packets, TCP and UDP. A
+/// connection of the same pod straight to the backend is no Service's.
+#[test]
+fn the_flow_records_name_the_service_and_backend_of_a_connection() {
+    let cluster = ClusterGuard::up("slrec").unwrap();
+    for node in &cluster.nodes {
+        let cgroup = node.cgroup().unwrap();
+        node.restart_loader_with(&["--socket-lb", "--socket-lb-cgroup", cgroup.to_str().unwrap()])
+            .unwrap();
+    }
+    cluster.name_the_standard_pods().unwrap();
+    // The client on worker-1, the backend on worker-2.
+    let (client, backend) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
+    let _servers = [HTTP, DNS].map(|port| {
+        let serves = SocketAddr::new(backend.ip(Family::V4), port.target_port);
+        Backend::start(&backend.name, serves, port.protocol, &backend.name).unwrap()
+    });
+    let web = ServiceSpec {
+        name: "web".into(),
+        cluster_ips: vec![cluster_ip(Family::V4, 70)],
+        ports: vec![HTTP, DNS],
+        backends: vec![backend.ip(Family::V4)],
+    };
+    cluster_state::write(&cluster.cluster_state.join("services.json"), &[web]).unwrap();
+    wait_for_services(&cluster, 2);
+    let worker1 = &cluster.nodes[0];
+    // The records on worker-1 of connections from `local`'s address to `to`, once
+    // they are what `complete` wants.
+    let records_of = |local: &str, to: &str, complete: &dyn Fn(&[Value]) -> bool| {
+        let mut records = Vec::new();
+        let found = wait_for(Duration::from_secs(5), || {
+            let all = worker1.flows(&["--since", "5m"]).unwrap().0;
+            let client_ip = local.parse::<SocketAddr>().unwrap().ip();
+            let from_client = |r: &Value| {
+                let src = r["src"].as_str().and_then(|src| src.parse::<SocketAddr>().ok());
+                src.is_some_and(|src| src.ip() == client_ip)
+            };
+            records = all.into_iter().filter(|r| r["dst"] == to && from_client(r)).collect();
+            complete(&records)
+        });
+        assert!(found, "no such record of {local} -> {to}: {records:#?}");
+        records
+    };
+    for (mode, port, first) in [("tcp", HTTP, "SYN"), ("udp", DNS, "started")] {
+        let frontend = SocketAddr::new(cluster_ip(Family::V4, 70), port.port);
+        let answer = probe(worker1, &client.name, mode, frontend);
+        assert_eq!(answer["answer"], backend.name, "{answer}");
+        let local = answer["local"].as_str().unwrap();
+        let to_backend = SocketAddr::new(backend.ip(Family::V4), port.target_port).to_string();
+        let opening = |r: &Value| r["src"] == local && r["reason"] == first;
+        let records = records_of(local, &to_backend, &|records| {
+            records.iter().any(|r| r["verdict"] == "translated") && records.iter().any(opening)
+        });
+        let translated = records.iter().find(|r| r["verdict"] == "translated").unwrap();
+        assert_eq!(translated["src_pod"], "default/pod-1", "{translated}");
+        assert_eq!(translated["dst_pod"], "default/pod-2", "{translated}");
+        assert_eq!(translated["service"], "default/web", "{translated}");
+        assert_eq!(translated["frontend"], frontend.to_string(), "{translated}");
+        let opened = records.iter().find(|r| opening(r)).unwrap();
+        assert_eq!(opened["service"], "default/web", "{mode}: {opened}");
+        assert_eq!(opened["frontend"], frontend.to_string(), "{mode}: {opened}");
+        assert_eq!(opened["dst_pod"], "default/pod-2", "{mode}: {opened}");
+    }
+    let straight = SocketAddr::new(backend.ip(Family::V4), HTTP.target_port);
+    let answer = probe(worker1, &client.name, "tcp", straight);
+    let local = answer["local"].as_str().unwrap();
+    let opening = |r: &Value| r["src"] == local && r["reason"] == "SYN";
+    let records = records_of(local, &straight.to_string(), &|records| records.iter().any(opening));
+    let opened = records.iter().find(|r| opening(r)).unwrap();
+    assert!(
+        opened["service"].is_null(),
+        "a connection straight to the backend: {opened}"
+    );
+    cluster.finish().unwrap();
+}

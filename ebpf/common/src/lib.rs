@@ -161,6 +161,15 @@ pub const VXLAN_PORT_GLOBAL: &str = "VELOX_VXLAN_PORT";
 pub const KERNEL_DROPS_PROGRAM: &str = "kernel_drops";
 /// The programs' global holding [`SkbLayout`], set when the loader loads them.
 pub const SKB_LAYOUT_GLOBAL: &str = "VELOX_SKB_LAYOUT";
+/// The global holding how often (ns) a flow still going gets a record with its
+/// counts; 0 (flow records off): the programs keep no flow table.
+pub const FLOW_REPORT_GLOBAL: &str = "VELOX_FLOW_REPORT_NS";
+/// Pinned under `<bpffsRoot>/maps/`: the flow table, one direction of a connection
+/// -> its counts (LRU).
+pub const FLOWS_MAP: &str = "VELOX_FLOWS";
+/// Connection directions the flow table follows at once: the least recently seen
+/// go first, and come back as started.
+pub const FLOWS: usize = 65_536;
 /// Entries of `VELOX_KERNEL_FLOWS` when the kernel's `nf_conntrack_max` cannot be read.
 pub const DEFAULT_KERNEL_FLOWS: u32 = 262_144;
 
@@ -1047,6 +1056,15 @@ pub const FORWARDED: u32 = 1 << 29;
 /// In a [`FlowEvent`]'s reason: the kernel dropped the packet, for the
 /// `skb_drop_reason` in the low bits.
 pub const KERNEL_DROP: u32 = 1 << 30;
+/// In a [`FlowEvent`]'s reason: the socket load balancer (`netns` set) or the NAT
+/// of outside traffic sent a new connection for `frontend` to backend `dst`.
+pub const TRANSLATED: u32 = 1 << 28;
+/// With `FORWARDED`: the first packet this node saw of a flow that shows no start
+/// of its own (UDP, or a connection older than the records).
+pub const FLOW_STARTED: u32 = 1 << 27;
+/// With `FORWARDED`: a flow still going, its counts so far (every
+/// `VELOX_FLOW_REPORT_NS`).
+pub const FLOW_ACTIVE: u32 = 1 << 26;
 
 /// Where the running kernel keeps what `kernel_drops` reads of a `sk_buff`, byte
 /// offsets from the kernel's BTF: Rust programs get no CO-RE relocations, so the
@@ -1100,20 +1118,49 @@ pub struct EventBudget {
     pub pad: u32,
 }
 
-/// A dropped packet, or a connection a policy allowed, as `velox-loader monitor`
-/// shows it.
+/// A dropped packet, a connection's start, end or progress, or a Service's
+/// translation, as the flow records show it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEvent {
     pub src: FlowEnd,
     pub dst: FlowEnd,
-    /// The interface the program saw it on.
+    /// With `TRANSLATED`: the Service frontend the client asked for (`dst` is the
+    /// backend it got).
+    pub frontend: FlowEnd,
+    /// The interface the program saw it on (0: a socket's call).
     pub ifindex: u32,
-    /// `VERDICT_ALLOWED` or a [`DropReason::code`].
+    /// `VERDICT_ALLOWED`, a [`DropReason::code`], or one of the flag sets
+    /// (`FORWARDED`, `KERNEL_DROP`, `TRANSLATED`).
     pub reason: u32,
     /// The policies whose rules allowed each direction (0: none was needed).
     pub egress_policy: u16,
     pub ingress_policy: u16,
+    /// With `TRANSLATED` by the socket load balancer: the client socket's network
+    /// namespace cookie (its `src` address is not chosen yet).
+    pub netns: u64,
+    /// The flow's packets and bytes in this direction so far, where this node
+    /// counts it (0: not counted).
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// One direction of a connection, as the flow table keys it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub src: FlowEnd,
+    pub dst: FlowEnd,
+}
+
+/// What the flow table keeps of one direction of a connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounts {
+    pub packets: u64,
+    pub bytes: u64,
+    /// When (`bpf_ktime_get_ns`) its last record was written.
+    pub reported: u64,
 }
 
 #[cfg(feature = "user")]
@@ -1121,6 +1168,8 @@ mod pod {
     // SAFETY: plain `repr(C)` data without padding.
     unsafe impl aya::Pod for super::IpKey {}
     unsafe impl aya::Pod for super::FlowEnd {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowCounts {}
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::CachedEndpoint {}
     unsafe impl aya::Pod for super::Peer {}

@@ -106,8 +106,7 @@ fn record(ctx: &RawTracePointContext) -> Option<()> {
         dst,
         ifindex,
         reason: KERNEL_DROP | reason,
-        egress_policy: 0,
-        ingress_policy: 0,
+        ..FlowEvent::default()
     });
     Some(())
 }

@@ -23,6 +23,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod flow_table;
 mod forward;
 mod kernel_drops;
 mod kernel_flows;
@@ -47,7 +48,7 @@ use velox_common::{
     DROP_NO_TUNNEL_PEER, DROP_SPOOFED, DROP_TUNNEL_SOURCE, DROP_UNKNOWN_RECEIVER, FROM_NET_NAT, FROM_POD_NAT,
     UPLINK_SLOT,
 };
-use verdict::{finish, interface_slot, trace, Outcome, NO_SLOT, PASS};
+use verdict::{finish, interface_slot, trace, Outcome, NO_SLOT, PASS, REDIRECT};
 
 /// `__sk_buff.pkt_type` of a frame addressed to this host.
 const PACKET_HOST: u32 = 0;
@@ -86,7 +87,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         DROP_SPOOFED
     };
     let slot = sender_slot;
-    let action = finish(&ctx, packet, slot, outcome, &verdict);
+    let action = finish(&ctx, packet, slot, outcome, &verdict, validated);
     trace(&ctx, "from_pod", is_ip.then_some(&packet.dst.addr), action);
     action
 }
@@ -187,7 +188,9 @@ pub fn from_net(ctx: TcContext) -> i32 {
     } else {
         from_network(&ctx, packet, ifindex, &mut verdict)
     };
-    let action = finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict);
+    // What it delivers to a pod is this node's to count; what it passes, the
+    // kernel's (and `to_pod`'s).
+    let action = finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict, outcome == REDIRECT);
     trace(&ctx, "from_net", is_ip.then_some(&packet.dst.addr), action);
     action
 }
@@ -243,7 +246,7 @@ pub fn from_tunnel(ctx: TcContext) -> i32 {
     } else {
         DROP_TUNNEL_SOURCE
     };
-    let action = finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict);
+    let action = finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict, outcome == REDIRECT);
     trace(&ctx, "from_tunnel", is_ip.then_some(&packet.dst.addr), action);
     action
 }
@@ -263,7 +266,7 @@ pub fn to_tunnel(ctx: TcContext) -> i32 {
     } else {
         (DROP_NO_TUNNEL_PEER, UPLINK_SLOT)
     };
-    let action = finish(&ctx, packet, slot, outcome, &Verdict::default());
+    let action = finish(&ctx, packet, slot, outcome, &Verdict::default(), false);
     trace(&ctx, "to_tunnel", is_ip.then_some(&packet.dst.addr), action);
     action
 }
@@ -302,7 +305,7 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     if verdict.result == ALLOWED {
         slot = NO_SLOT;
     }
-    let action = finish(&ctx, packet, slot, verdict.result, &verdict);
+    let action = finish(&ctx, packet, slot, verdict.result, &verdict, is_ip);
     trace(&ctx, "to_pod", is_ip.then_some(&packet.dst.addr), action);
     action
 }

@@ -37,7 +37,7 @@ use crate::policy::{police, Verdict, ALLOWED};
 use crate::sav;
 use crate::services::{node_address, pick_backend, service_at};
 use crate::timeouts::connection_timeouts;
-use crate::verdict::{finish, interface_slot, Outcome, NO_SLOT, PASS};
+use crate::verdict::{finish, interface_slot, report_translation, Outcome, NO_SLOT, PASS, REDIRECT};
 
 #[btf_map]
 static VELOX_NAT: LruHashMap<NatKey, NatEntry, { DEFAULT_NAT_ENTRIES as usize }> = LruHashMap::new();
@@ -110,7 +110,7 @@ pub fn from_net_nat(ctx: TcContext) -> i32 {
         true => translate_from_net(&ctx, packet, &mut verdict),
         false => PASS,
     };
-    finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict)
+    finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict, outcome == REDIRECT)
 }
 
 /// A new connection from outside to a Service: `from_net_nat` found no entry. Its
@@ -136,7 +136,7 @@ pub fn nat_open(ctx: TcContext) -> i32 {
         }
         false => PASS,
     };
-    finish(&ctx, packet, UPLINK_SLOT, outcome, &Verdict::default())
+    finish(&ctx, packet, UPLINK_SLOT, outcome, &Verdict::default(), false)
 }
 
 /// `from_pod`'s NAT half: a backend of this node answers a client from outside.
@@ -169,7 +169,7 @@ pub fn from_pod_nat(ctx: TcContext) -> i32 {
             (sender_slot, outcome)
         }
     };
-    finish(&ctx, packet, slot, outcome, &verdict)
+    finish(&ctx, packet, slot, outcome, &verdict, sender_slot != NO_SLOT)
 }
 
 #[inline(always)]
@@ -370,7 +370,9 @@ fn open(packet: &Packet, ifindex: u32, now: u64) -> Result<(), Outcome> {
     };
     VELOX_NAT
         .insert(key_of(packet), &scratch.original, 0)
-        .map_err(|_| DROP_NAT_PORTS_EXHAUSTED)
+        .map_err(|_| DROP_NAT_PORTS_EXHAUSTED)?;
+    report_translation(&packet.src, &packet.dst, backend, 0);
+    Ok(())
 }
 
 /// A hash of a connection's ends, the same on every node (the key of a Maglev pick).

@@ -21,6 +21,7 @@ use velox_common::{
 };
 
 use crate::services::{pick_backend, service_at};
+use crate::verdict::report_translation;
 
 /// Each socket's own record of the frontend it asked for: it goes with the socket,
 /// so no socket can push out another's (a map shared by all was, issue 21). A
@@ -196,14 +197,24 @@ fn to_backend(ctx: &SockAddrContext, family: Family, call: Call) -> i32 {
         backend: *backend,
         frontend,
     };
-    match call {
+    let new_backend = match call {
         Call::Connect => {
             // SAFETY: the storage of this call's own socket, created if it has none.
             if let Some(kept) = unsafe { VELOX_CONNECTED_FRONTEND.get_or_insert_ptr_mut(ctx, None).as_mut() } {
                 *kept = asked;
             }
+            true
         }
         Call::SendTo => remember_datagram_frontend(ctx, &asked),
+    };
+    // Once per connect, and per backend a datagram socket newly sends to: not per
+    // datagram.
+    if new_backend {
+        let client = FlowEnd {
+            proto: frontend.proto,
+            ..FlowEnd::default()
+        };
+        report_translation(&client, &asked.frontend, &asked.backend, netns);
     }
     // Without memory for the storage the socket works, but its replies show the
     // backend's address.
@@ -211,26 +222,27 @@ fn to_backend(ctx: &SockAddrContext, family: Family, call: Call) -> i32 {
 }
 
 /// Keeps what a datagram asked for in the slot that already has its backend, or in
-/// place of the oldest.
+/// place of the oldest. True when the backend was not among the kept ones.
 #[inline(always)]
-fn remember_datagram_frontend(ctx: &SockAddrContext, asked: &SocketFrontend) {
+fn remember_datagram_frontend(ctx: &SockAddrContext, asked: &SocketFrontend) -> bool {
     // SAFETY: the storage of this call's own socket, created zeroed if it has none.
     let kept = unsafe { VELOX_DATAGRAM_FRONTENDS.get_or_insert_ptr_mut(ctx, None) };
     // SAFETY: a pointer the helper returned is the socket's storage, or null.
     let Some(kept) = (unsafe { kept.as_mut() }) else {
-        return;
+        return true;
     };
-    let slot = match kept.slots.iter().position(|s| s.backend == asked.backend) {
-        Some(slot) => slot,
+    let (slot, new_backend) = match kept.slots.iter().position(|s| s.backend == asked.backend) {
+        Some(slot) => (slot, kept.slots[slot].frontend != asked.frontend),
         None => {
             let oldest = kept.next as usize % SOCKET_FRONTEND_SLOTS;
             kept.next = kept.next.wrapping_add(1);
-            oldest
+            (oldest, true)
         }
     };
     if let Some(slot) = kept.slots.get_mut(slot) {
         *slot = *asked;
     }
+    new_backend
 }
 
 /// recvmsg and getpeername: a backend this socket was sent to shows as the frontend.

@@ -11,12 +11,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use velox_common::{
-    EndpointCounters, EventBudget, EventSource, FlowEvent, IpKey, DROP_REASONS, EVENTS_BYTES, EVENTS_LIMITED,
+    EndpointCounters, EventBudget, EventSource, FlowEnd, FlowEvent, IpKey, DROP_REASONS, EVENTS_BYTES, EVENTS_LIMITED,
     EVENTS_PER_SOURCE, EVENTS_RING_FULL, EVENT_CONNECTION, EVENT_DROP, EVENT_SOURCES, FORWARDED, IPPROTO_SCTP,
-    IPPROTO_UDP, MAX_ENDPOINTS, VERDICT_ALLOWED,
+    IPPROTO_UDP, MAX_ENDPOINTS, TRANSLATED, VERDICT_ALLOWED,
 };
 
 use crate::{
+    flow_table::{self, Progress},
     parse::{Packet, TCP_FIN, TCP_RST},
     policy::{walked_policies, Verdict},
 };
@@ -67,9 +68,11 @@ pub fn interface_slot(ifindex: u32) -> u32 {
 }
 
 /// Counts `outcome` in counters `slot`, reports drops and connections to the flow
-/// records while they are wanted, and returns the TC action.
+/// records while they are wanted, and returns the TC action. A packet `counted` is
+/// one of a pod's here that no other program of this node counts: its flow's
+/// entry in the flow table counts it too.
 #[inline(always)]
-pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, verdict: &Verdict) -> i32 {
+pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, verdict: &Verdict, counted: bool) -> i32 {
     #[cfg(feature = "upgrade-test")]
     let outcome = crate::upgrade_test::outcome(packet, outcome);
     let action = match outcome {
@@ -77,10 +80,10 @@ pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, ver
         REDIRECT => TC_ACT_REDIRECT,
         _ => TC_ACT_SHOT,
     };
+    let bytes = ctx.len() as u64;
     if let Some(counters) = VELOX_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: a per-CPU value; only this CPU writes it while we run.
         let counters = unsafe { &mut *counters };
-        let bytes = ctx.len() as u64;
         match outcome {
             REDIRECT => {
                 counters.redirected_packets += 1;
@@ -107,10 +110,25 @@ pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, ver
     } else if opens_or_ends(packet) {
         FORWARDED | u32::from(packet.tcp_flags)
     } else {
-        return action;
+        NO_EVENT
     };
+    let interval = flow_table::report_interval();
+    let counted = counted && action != TC_ACT_SHOT && interval != 0;
+    if reason == NO_EVENT && !counted {
+        return action;
+    }
     let Some(now) = events_wanted() else {
         return action;
+    };
+    let mut progress = Progress::default();
+    if counted {
+        flow_table::count(packet, bytes, now, interval, &mut progress);
+    }
+    // Otherwise a flow's first packet, or its progress, is the news.
+    let reason = match reason {
+        NO_EVENT if progress.news == 0 => return action,
+        NO_EVENT => FORWARDED | progress.news,
+        reason => reason,
     };
     let kind = if action == TC_ACT_SHOT {
         EVENT_DROP
@@ -128,8 +146,40 @@ pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, ver
         reason,
         egress_policy,
         ingress_policy,
+        packets: progress.packets,
+        bytes: progress.bytes,
+        ..FlowEvent::default()
     });
     action
+}
+
+/// No event for the packet (past every drop reason and flag set a reason holds).
+const NO_EVENT: u32 = u32::MAX - 1;
+
+/// A connection the socket load balancer or the outside traffic's NAT sent from
+/// `client` (in network namespace `netns`, for a socket) to `backend` for
+/// `frontend`: the record that names the Service, within `client`'s budget.
+#[inline(always)]
+pub fn report_translation(client: &FlowEnd, frontend: &FlowEnd, backend: &FlowEnd, netns: u64) {
+    let Some(now) = events_wanted() else {
+        return;
+    };
+    // A socket's client has no address yet: its network namespace is its budget's.
+    let mut source = client.addr;
+    if netns != 0 {
+        source.addr[..8].copy_from_slice(&netns.to_ne_bytes());
+    }
+    if !within_budget(&source, EVENT_CONNECTION, now) {
+        return;
+    }
+    emit(&FlowEvent {
+        src: *client,
+        dst: *backend,
+        frontend: *frontend,
+        reason: TRANSLATED,
+        netns,
+        ..FlowEvent::default()
+    });
 }
 
 /// A TCP SYN, FIN or RST, or an ICMP echo request: what opens or ends a

@@ -15,7 +15,7 @@ use velox_common::{
 use velox_node::maps::{Frontend, ServiceMaps};
 use velox_node::Family;
 
-use crate::names::protocol_number;
+use crate::names::{protocol_number, ServiceNames};
 use crate::source::{namespace_of, ServicesInput};
 
 pub mod health_check;
@@ -45,6 +45,8 @@ pub struct Balancing {
     pub flags: u32,
     /// `sessionAffinity: ClientIP`'s timeout, 0 without.
     pub affinity_seconds: u32,
+    /// The Service's `namespace/name`, for the flow records.
+    pub service: String,
 }
 
 /// This node, as the Services see it.
@@ -126,6 +128,7 @@ impl ServiceBalancer {
     pub fn apply_services(
         &mut self,
         bpffs: &velox_node::Bpffs,
+        state_dir: &velox_node::StateDir,
         state: Option<ServicesInput>,
         node: &ThisNode,
         pod_netns: impl FnOnce() -> Vec<PathBuf>,
@@ -148,6 +151,9 @@ impl ServiceBalancer {
             .is_some_and(|(frontends, at)| *frontends == wanted && at == node)
         {
             return Ok(());
+        }
+        if let Err(e) = service_names(&wanted).write(state_dir) {
+            log::warn!("the flow records will not name the Services: {e:#}");
         }
         let mut maps = ServiceMaps::open(bpffs)?;
         maps.set_node_addresses(&node_addresses(node)?)?;
@@ -188,6 +194,21 @@ impl ServiceBalancer {
         }
         Ok(())
     }
+}
+
+/// Each frontend's Service, as the flow records look them up.
+fn service_names(wanted: &BTreeMap<Frontend, Balancing>) -> ServiceNames {
+    let frontends = wanted
+        .iter()
+        .map(|(frontend, balancing)| {
+            let key = match frontend {
+                Frontend::Address(end) => ServiceNames::key(end.proto, Some(end.addr.ip()), u16::from_be(end.port)),
+                Frontend::NodePort(key) => ServiceNames::key(key.proto, None, u16::from_be(key.port)),
+            };
+            (key, balancing.service.clone())
+        })
+        .collect();
+    ServiceNames { frontends }
 }
 
 /// A frontend as the log and health name it.
@@ -378,6 +399,11 @@ pub fn frontends(state: &ServicesInput, node: &ThisNode, from_outside: bool) -> 
                     local: count,
                     flags,
                     affinity_seconds,
+                    service: format!(
+                        "{}/{}",
+                        namespace_of(&service.metadata),
+                        service.metadata.name.as_deref().unwrap_or_default()
+                    ),
                 }
             };
             for ip in &cluster_ips {

@@ -1,7 +1,7 @@
 //! `velox-probe`: one request as a Service client makes it, for the socket load
 //! balancer's tests. Runs as its own process, so it can be put in a node's cgroup
 //! (the socket hooks act on processes, not threads). Prints one JSON line:
-//! `{"answer": ..., "peer": ...}` or `{"error": ...}`.
+//! `{"answer": ..., "peer": ..., "local": ...}` or `{"error": ...}`.
 //!
 //! `velox-probe tcp ADDR`: connect, read everything; `peer` is getpeername.
 //! `velox-probe udp ADDR`: connected socket, send, receive; `peer` is getpeername.
@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-fn request(mode: &str, to: SocketAddr) -> std::io::Result<(String, SocketAddr)> {
+/// The answer, the peer the socket shows, and its own address.
+fn request(mode: &str, to: SocketAddr) -> std::io::Result<(String, SocketAddr, SocketAddr)> {
     let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
     let mut buf = [0u8; 256];
     match mode {
@@ -31,7 +32,7 @@ fn request(mode: &str, to: SocketAddr) -> std::io::Result<(String, SocketAddr)> 
             stream.set_read_timeout(Some(TIMEOUT))?;
             let mut answer = String::new();
             stream.read_to_string(&mut answer)?;
-            Ok((answer, stream.peer_addr()?))
+            Ok((answer, stream.peer_addr()?, stream.local_addr()?))
         }
         "udp" => {
             let socket = UdpSocket::bind(any)?;
@@ -39,14 +40,22 @@ fn request(mode: &str, to: SocketAddr) -> std::io::Result<(String, SocketAddr)> 
             socket.set_read_timeout(Some(TIMEOUT))?;
             socket.send(b"query")?;
             let len = socket.recv(&mut buf)?;
-            Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), socket.peer_addr()?))
+            Ok((
+                String::from_utf8_lossy(&buf[..len]).into_owned(),
+                socket.peer_addr()?,
+                socket.local_addr()?,
+            ))
         }
         "udp-sendto" => {
             let socket = UdpSocket::bind(any)?;
             socket.set_read_timeout(Some(TIMEOUT))?;
             socket.send_to(b"query", to)?;
             let (len, from) = socket.recv_from(&mut buf)?;
-            Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
+            Ok((
+                String::from_utf8_lossy(&buf[..len]).into_owned(),
+                from,
+                socket.local_addr()?,
+            ))
         }
         other => Err(std::io::Error::other(format!("unknown mode {other}"))),
     }
@@ -226,7 +235,9 @@ fn main() {
             .and_then(|from| flood_udp(from, to, arg(&args, 4).unwrap_or(1))),
         "udp-churn" => churn_udp(to, arg(&args, 3).unwrap_or(1)),
         "crr" => connection_rate(to, arg(&args, 3).unwrap_or(5)),
-        _ => request(mode, to).map(|(answer, peer)| serde_json::json!({"answer": answer, "peer": peer.to_string()})),
+        _ => request(mode, to).map(|(answer, peer, local)| {
+            serde_json::json!({"answer": answer, "peer": peer.to_string(), "local": local.to_string()})
+        }),
     };
     println!("{}", outcome.unwrap_or_else(|e| error_line(&e)));
 }
