@@ -901,7 +901,10 @@ mod tests {
     #[test]
     fn a_translation_names_the_one_connection_that_follows_it() {
         let mut naming = Naming::default();
-        naming.services.frontends.insert("TCP 10.96.0.70:80".into(), "default/web".into());
+        naming
+            .services
+            .frontends
+            .insert("TCP 10.96.0.70:80".into(), "default/web".into());
         let mut translation = event("10.0.1.5:0", "10.0.2.7:8080", TRANSLATED);
         translation.frontend = end("10.96.0.70:80");
         let record = Record::new(&translation, &naming, SystemTime::now());
@@ -926,7 +929,10 @@ mod tests {
         assert_eq!(reason(FORWARDED | FLOW_STARTED, 17), "started");
         assert_eq!(reason(FORWARDED | FLOW_ACTIVE, IPPROTO_TCP), "active");
         assert_eq!(verdict(FORWARDED | FLOW_ACTIVE), "forwarded");
-        assert_eq!((verdict(TRANSLATED), reason(TRANSLATED, 6)), ("translated", "service".into()));
+        assert_eq!(
+            (verdict(TRANSLATED), reason(TRANSLATED, 6)),
+            ("translated", "service".into())
+        );
         assert!(opens(FORWARDED | FLOW_STARTED) && opens(FORWARDED | u32::from(TCP_SYN)));
         assert!(!opens(FORWARDED | u32::from(TCP_SYN | TCP_ACK)) && !opens(FORWARDED | FLOW_ACTIVE));
     }

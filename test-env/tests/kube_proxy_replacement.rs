@@ -270,6 +270,34 @@ fn node_ports_external_and_load_balancer_ips_serve_the_outside_on_both_nodes() {
         }
     }
 
+    // Issue 25: each node's NAT recorded the connections it translated, with the
+    // Service, the frontend the outside asked for and the backend it got.
+    for node in 0..2 {
+        let (records, _) = cluster.nodes[node]
+            .flows(&["--verdict", "translated", "--since", "5m"])
+            .unwrap();
+        for family in Family::ALL {
+            let frontend = SocketAddr::new(cluster.node_ip(node, family), 30080).to_string();
+            let client = external_ip(family);
+            let recorded = records.iter().any(|r| {
+                let ip = |field: &str| {
+                    r[field]
+                        .as_str()
+                        .and_then(|a| a.parse::<SocketAddr>().ok())
+                        .map(|a| a.ip())
+                };
+                r["frontend"] == frontend.as_str()
+                    && r["service"] == "default/web"
+                    && ip("src") == Some(client)
+                    && ip("dst") == Some(pod1.ip(family))
+            });
+            assert!(
+                recorded,
+                "node {node}: no record of {client} -> {frontend}: {records:#?}"
+            );
+        }
+    }
+
     // iperf3 through the NodePort on both nodes: packets of one connection on several
     // CPUs at once. The first build reset such streams: a time another CPU had just
     // stamped, later than this packet's, read as a connection expired long ago.
