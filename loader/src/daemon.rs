@@ -115,8 +115,10 @@ pub struct RunArgs {
     flow_records_file: Option<PathBuf>,
     /// Seconds between the records of a flow that goes on (its packets and bytes so
     /// far). With flow records on, the programs keep a flow table for it (one map
-    /// lookup per packet), which also gives every UDP flow its first record.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    /// lookup per packet of a pod), which also gives every UDP flow its first
+    /// record. 0: no flow table, no counts (the records of drops and of TCP and ICMP
+    /// connections stay).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
     flow_report_interval: u64,
     /// Masquerade pod traffic leaving the cluster to the node's IP.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]

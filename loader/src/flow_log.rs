@@ -1,7 +1,8 @@
-//! Flow records: every packet the datapath drops and every new connection a policy
-//! rule allows, with its ends, their pods, the interface and the deciding policies,
-//! kept by the loader in a bounded ring (`--flow-records`) so they can be asked for
-//! after the fact (`velox-loader flows`), and followed as they come
+//! Flow records: every packet the datapath drops, every connection's start and end,
+//! a long flow's progress with its counts, and each translation to a Service's
+//! backend, with its ends, their pods, the interface, the deciding policies and the
+//! Service, kept by the loader in a bounded ring (`--flow-records`) so they can be
+//! asked for after the fact (`velox-loader flows`), and followed as they come
 //! (`velox-loader flows --follow`, `velox-loader monitor`).
 //!
 //! The loader is the one reader of the datapath's event ring. The programs write
@@ -54,14 +55,16 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const LISTEN_AHEAD: Duration = Duration::from_secs(10);
 const RENEW_EVERY: Duration = Duration::from_secs(1);
 
-/// One drop or allowed connection, as `flows` and `monitor` show it.
+/// One drop, connection event or translation, as `flows` and `monitor` show it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Record {
     /// When the loader read it (within a poll, 50 ms, of the packet), RFC 3339.
     pub time: String,
     /// The same, in milliseconds since the epoch.
     pub unix_ms: u64,
-    /// `dropped`, or `allowed` for a new connection a policy rule let through.
+    /// `dropped`; `allowed` for a new connection a policy rule let through;
+    /// `forwarded` for a connection's start, end or progress no policy decided;
+    /// `translated` for a connection sent to a Service's backend.
     pub verdict: String,
     /// The drop reason's name in the drop-reason table; `policy` for an allowed one.
     pub reason: String,
@@ -811,7 +814,7 @@ pub fn flows(state_dir: &StateDir, args: &FlowsArgs) -> anyhow::Result<()> {
     let status: Status = serde_json::from_str(&lines.next().context("the loader did not answer")??)?;
     let mut out = std::io::stdout().lock();
     if args.follow && !args.json {
-        writeln!(out, "listening for drops and policy verdicts (Ctrl-C stops)")?;
+        writeln!(out, "listening for flow records (Ctrl-C stops)")?;
     }
     if args.follow && status.lost_in_datapath > 0 {
         eprintln!(

@@ -92,7 +92,7 @@ pub const EVENTS_LOST_MAP: &str = "VELOX_EVENTS_LOST";
 /// Pinned under `<bpffsRoot>/maps/`: per source address, its drop events this second
 /// (LRU).
 pub const EVENT_BUDGETS_MAP: &str = "VELOX_EVENT_BUDGETS";
-/// Pinned under `<bpffsRoot>/maps/`: one u64, the `bpf_ktime_get_ns` time until
+/// Pinned under `<bpffsRoot>/maps/`: one u64, the `CLOCK_MONOTONIC` time until
 /// which the programs write events (the end of time while the loader keeps flow
 /// records; pushed forward while someone follows them otherwise).
 pub const MONITOR_MAP: &str = "VELOX_MONITOR";
@@ -1112,7 +1112,7 @@ pub const EVENT_KERNEL_DROP: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventBudget {
-    /// `bpf_ktime_get_ns` in seconds.
+    /// `bpf_ktime_get_coarse_ns` in seconds.
     pub second: u64,
     pub used: u32,
     pub pad: u32,
@@ -1159,7 +1159,7 @@ pub struct FlowKey {
 pub struct FlowCounts {
     pub packets: u64,
     pub bytes: u64,
-    /// When (`bpf_ktime_get_ns`) its last record was written.
+    /// When (`bpf_ktime_get_coarse_ns`) its last record was written.
     pub reported: u64,
 }
 

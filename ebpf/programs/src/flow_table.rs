@@ -52,7 +52,9 @@ pub fn count(packet: &Packet, len: u64, now: u64, interval: u64, progress: &mut 
                 atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&mut flow.packets, 1);
                 atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&mut flow.bytes, len);
             }
-            if now.wrapping_sub(flow.reported) >= interval {
+            // Saturating: another CPU may have just written a time later than this
+            // packet's, which is no interval at all.
+            if now.saturating_sub(flow.reported) >= interval {
                 flow.reported = now;
                 progress.news = FLOW_ACTIVE;
             }

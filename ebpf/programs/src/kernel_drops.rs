@@ -3,14 +3,18 @@
 //! IP header through the `sk_buff` layout the loader resolved from the kernel's BTF,
 //! and records it like a datapath drop when either end is a pod of the cluster.
 
-use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_ebpf::{
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
+};
 use core::ptr::read_volatile;
 use velox_common::{
     FlowEnd, FlowEvent, IpKey, SkbLayout, EVENT_KERNEL_DROP, FORWARDED, IPPROTO_TCP, IPPROTO_UDP, KERNEL_DROP,
 };
 
 use crate::forward::{local_endpoint, peer_node};
-use crate::verdict::{emit, events_wanted, within_budget};
+use crate::verdict::{emit, events_wanted_at, within_budget};
 
 /// Set by the loader before the programs load; all zero records nothing.
 #[no_mangle]
@@ -46,7 +50,8 @@ fn read<T>(base: u64, offset: u32) -> Option<T> {
 #[inline(always)]
 fn record(ctx: &RawTracePointContext) -> Option<()> {
     // Nothing is read while no one wants records: a drop costs a map lookup then.
-    let now = events_wanted()?;
+    // SAFETY: a helper without arguments.
+    let now = events_wanted_at(unsafe { bpf_ktime_get_ns() })?;
     // SAFETY: a global the loader sets before the program loads.
     let layout = unsafe { read_volatile(&VELOX_SKB_LAYOUT) };
     let reason: u64 = ctx.arg(2);

@@ -371,7 +371,7 @@ fn open(packet: &Packet, ifindex: u32, now: u64) -> Result<(), Outcome> {
     VELOX_NAT
         .insert(key_of(packet), &scratch.original, 0)
         .map_err(|_| DROP_NAT_PORTS_EXHAUSTED)?;
-    report_translation(&packet.src, &packet.dst, backend, 0);
+    report_translation(&packet.src, &packet.dst, backend, 0, ifindex);
     Ok(())
 }
 

@@ -214,7 +214,7 @@ fn to_backend(ctx: &SockAddrContext, family: Family, call: Call) -> i32 {
             proto: frontend.proto,
             ..FlowEnd::default()
         };
-        report_translation(&client, &asked.frontend, &asked.backend, netns);
+        report_translation(&client, &asked.frontend, &asked.backend, netns, 0);
     }
     // Without memory for the storage the socket works, but its replies show the
     // backend's address.

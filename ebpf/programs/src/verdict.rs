@@ -5,7 +5,7 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    helpers::bpf_ktime_get_ns,
+    helpers::generated::bpf_ktime_get_coarse_ns,
     macros::btf_map,
     programs::TcContext,
 };
@@ -40,7 +40,7 @@ static VELOX_EVENTS_LOST: PerCpuArray<u64, 2> = PerCpuArray::new();
 #[btf_map]
 static VELOX_EVENT_BUDGETS: LruHashMap<EventSource, EventBudget, EVENT_SOURCES> = LruHashMap::new();
 
-/// Until when (`bpf_ktime_get_ns`) the programs write events.
+/// Until when (`CLOCK_MONOTONIC`) the programs write events.
 #[btf_map]
 static VELOX_MONITOR: Array<u64, 1> = Array::new();
 
@@ -157,10 +157,11 @@ pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, ver
 const NO_EVENT: u32 = u32::MAX - 1;
 
 /// A connection the socket load balancer or the outside traffic's NAT sent from
-/// `client` (in network namespace `netns`, for a socket) to `backend` for
-/// `frontend`: the record that names the Service, within `client`'s budget.
+/// `client` (in network namespace `netns`, for a socket; arrived on `ifindex`, for
+/// the NAT) to `backend` for `frontend`: the record that names the Service, within
+/// `client`'s budget.
 #[inline(always)]
-pub fn report_translation(client: &FlowEnd, frontend: &FlowEnd, backend: &FlowEnd, netns: u64) {
+pub fn report_translation(client: &FlowEnd, frontend: &FlowEnd, backend: &FlowEnd, netns: u64, ifindex: u32) {
     let Some(now) = events_wanted() else {
         return;
     };
@@ -176,6 +177,7 @@ pub fn report_translation(client: &FlowEnd, frontend: &FlowEnd, backend: &FlowEn
         src: *client,
         dst: *backend,
         frontend: *frontend,
+        ifindex,
         reason: TRANSLATED,
         netns,
         ..FlowEvent::default()
@@ -207,10 +209,19 @@ fn count_lost(why: u32) {
     }
 }
 
-/// The time (`bpf_ktime_get_ns`) if events are wanted: they cost nothing when not.
+/// The time if events are wanted: they cost nothing when not. The coarse clock
+/// (the monotonic one as of the last tick, a few ms behind) is read without the
+/// TSC, for the flow table, which asks on every packet: the deadline is seconds
+/// away, a budget a second long, a flow's report interval seconds.
 #[inline(always)]
 pub fn events_wanted() -> Option<u64> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    events_wanted_at(unsafe { bpf_ktime_get_coarse_ns() })
+}
+
+/// `now` (`CLOCK_MONOTONIC`, or its coarse reading) if events are wanted then. For
+/// the tracepoint, where the kernel offers no coarse clock (not NMI-safe).
+#[inline(always)]
+pub fn events_wanted_at(now: u64) -> Option<u64> {
     VELOX_MONITOR.get(0).is_some_and(|until| now < *until).then_some(now)
 }
 
