@@ -255,23 +255,36 @@ struct Translation {
 /// Translations kept waiting for their connection's first packet, and connections
 /// named: as many of each as this, the oldest let go first.
 const TRANSLATIONS: usize = 16_384;
+/// How long a translation waits for its connection's first packet (it comes within
+/// a moment of the connect).
+const TRANSLATION_WAITS: Duration = Duration::from_secs(5);
 
-/// Which connections went to a Service. A translation comes before its
-/// connection's first packet (the socket's connect or first datagram, or the NAT's
-/// first packet): it waits, by client address, backend and protocol, for the first
-/// record of a connection between them that opens it, which takes it. The
-/// connection's later records (either direction) are then named by its ends. A
-/// connection of the same client straight to the backend takes none.
+/// Which connections went to a Service through the socket load balancer. A
+/// translation comes before its connection's first packet (the socket's connect or
+/// first datagram): it waits, by client address, backend and protocol, for the
+/// first record of a connection between them that opens it, which takes it, or for
+/// [`TRANSLATION_WAITS`]. The connection's later records (either direction) are then
+/// named by its ends. A connection of the same client straight to the backend takes
+/// none. (The NAT's translations name their Service in their own record: its
+/// packets' records carry the masquerading node's address.)
 #[derive(Default)]
 struct Translations {
-    waiting: HashMap<(IpAddr, SocketAddr, u8), VecDeque<Translation>>,
-    waiting_order: VecDeque<(IpAddr, SocketAddr, u8)>,
+    waiting: HashMap<(IpAddr, SocketAddr, u8), VecDeque<Waiting>>,
+    /// Every waiting translation's key and number, oldest first.
+    waiting_order: VecDeque<((IpAddr, SocketAddr, u8), u64)>,
+    next: u64,
     named: HashMap<(SocketAddr, SocketAddr, u8), Translation>,
     named_order: VecDeque<(SocketAddr, SocketAddr, u8)>,
 }
 
+struct Waiting {
+    number: u64,
+    since: Instant,
+    translation: Translation,
+}
+
 impl Translations {
-    /// A translation record: its connection's first packet is still to come.
+    /// A socket's translation record: its connection's first packet is still to come.
     fn wait(&mut self, record: &Record, proto: u8) {
         let Some(frontend) = record.frontend else {
             return;
@@ -280,19 +293,32 @@ impl Translations {
             return;
         }
         let key = (record.src.ip(), record.dst, proto);
-        let translation = Translation {
-            service: record.service.clone(),
-            frontend,
-        };
-        self.waiting.entry(key).or_default().push_back(translation);
-        self.waiting_order.push_back(key);
-        if self.waiting_order.len() > TRANSLATIONS {
-            if let Some(oldest) = self.waiting_order.pop_front() {
-                if let Some(queue) = self.waiting.get_mut(&oldest) {
-                    queue.pop_front();
-                    if queue.is_empty() {
-                        self.waiting.remove(&oldest);
-                    }
+        let number = self.next;
+        self.next += 1;
+        self.waiting.entry(key).or_default().push_back(Waiting {
+            number,
+            since: Instant::now(),
+            translation: Translation {
+                service: record.service.clone(),
+                frontend,
+            },
+        });
+        self.waiting_order.push_back((key, number));
+        // The oldest go when they are too many, or waited too long.
+        while let Some(&(oldest, number)) = self.waiting_order.front() {
+            let queue = self.waiting.get_mut(&oldest);
+            let expired = queue
+                .as_ref()
+                .and_then(|queue| queue.iter().find(|w| w.number == number))
+                .is_none_or(|w| w.since.elapsed() > TRANSLATION_WAITS);
+            if self.waiting_order.len() <= TRANSLATIONS && !expired {
+                break;
+            }
+            self.waiting_order.pop_front();
+            if let Some(queue) = queue {
+                queue.retain(|w| w.number != number);
+                if queue.is_empty() {
+                    self.waiting.remove(&oldest);
                 }
             }
         }
@@ -309,9 +335,12 @@ impl Translations {
             .cloned();
         if found.is_none() && opens {
             let key = (src.ip(), dst, proto);
-            found = self.waiting.get_mut(&key).and_then(VecDeque::pop_front);
-            if self.waiting.get(&key).is_some_and(VecDeque::is_empty) {
-                self.waiting.remove(&key);
+            if let Some(queue) = self.waiting.get_mut(&key) {
+                queue.retain(|w| w.since.elapsed() <= TRANSLATION_WAITS);
+                found = queue.pop_front().map(|w| w.translation);
+                if queue.is_empty() {
+                    self.waiting.remove(&key);
+                }
             }
             if let Some(translation) = &found {
                 self.named.insert((src, dst, proto), translation.clone());
@@ -341,8 +370,10 @@ struct Naming {
     /// balancer's clients.
     netns: HashMap<u64, Vec<IpAddr>>,
     /// The cookies found so far, by network namespace path (each is read in the
-    /// namespace, once).
-    cookies: HashMap<PathBuf, Option<u64>>,
+    /// namespace once; one that could not be read is tried again).
+    cookies: HashMap<PathBuf, u64>,
+    /// The node's own network namespace: its sockets are no pod's.
+    host_netns: Option<u64>,
     translations: Translations,
 }
 
@@ -357,16 +388,31 @@ impl Naming {
         self.cookies.retain(|path, _| records.iter().any(|r| &r.netns == path));
         self.netns.clear();
         for record in &records {
-            let cookie = *self.cookies.entry(record.netns.clone()).or_insert_with(|| {
-                std::fs::File::open(&record.netns)
-                    .ok()
-                    .and_then(|netns| velox_node::netlink::netns_cookie(&netns).ok())
-            });
+            let cookie = match self.cookies.get(&record.netns) {
+                Some(cookie) => Some(*cookie),
+                None => netns_cookie(&record.netns),
+            };
             if let Some(cookie) = cookie {
+                self.cookies.insert(record.netns.clone(), cookie);
                 self.netns.entry(cookie).or_default().extend(record.ips.iter().copied());
             }
         }
     }
+
+    /// Whether an event comes from an interface or a network namespace not looked
+    /// up yet: a pod newer than the last look.
+    fn unknown(&self, event: &FlowEvent) -> bool {
+        match event.netns {
+            0 => event.ifindex != 0 && !self.containers.contains_key(&event.ifindex),
+            netns => Some(netns) != self.host_netns && !self.netns.contains_key(&netns),
+        }
+    }
+}
+
+/// The cookie of the network namespace at `path`, read inside it.
+fn netns_cookie(path: &Path) -> Option<u64> {
+    let netns = std::fs::File::open(path).ok()?;
+    velox_node::netlink::netns_cookie(&netns).ok()
 }
 
 fn unix_ms(at: SystemTime) -> u64 {
@@ -520,7 +566,10 @@ fn collect(
     metrics: &Metrics,
 ) {
     let store = EndpointStore::new(state_dir);
-    let mut naming = Naming::default();
+    let mut naming = Naming {
+        host_netns: netns_cookie(Path::new("/proc/self/ns/net")),
+        ..Naming::default()
+    };
     let mut pods_read = Instant::now();
     let mut names_read = None;
     let mut service_names_read = None;
@@ -575,17 +624,14 @@ fn collect(
             // A pod newer than the last look: its records name it too (a look at most
             // every 100 ms, as an interface or a namespace no pod has would ask each
             // time).
-            let unknown = match event.netns {
-                0 => event.ifindex != 0 && !naming.containers.contains_key(&event.ifindex),
-                netns => !naming.netns.contains_key(&netns),
-            };
-            if unknown && pods_read.elapsed() >= Duration::from_millis(100) {
+            if naming.unknown(&event) && pods_read.elapsed() >= Duration::from_millis(100) {
                 naming.read_endpoints(&store);
                 pods_read = Instant::now();
             }
             let mut record = Record::new(&event, &naming, SystemTime::now());
             match event.reason {
-                TRANSLATED => naming.translations.wait(&record, event.src.proto),
+                TRANSLATED if event.netns != 0 => naming.translations.wait(&record, event.src.proto),
+                TRANSLATED => {}
                 code => naming.translations.name(&mut record, event.src.proto, opens(code)),
             }
             if let Some(export) = export.as_deref_mut() {

@@ -1107,6 +1107,11 @@ pub const EVENT_DROP: u32 = 0;
 pub const EVENT_CONNECTION: u32 = 1;
 /// [`EventSource::kind`]: drops the kernel made.
 pub const EVENT_KERNEL_DROP: u32 = 2;
+/// [`EventSource::kind`]: flows a local pod's end starts in the flow table, and
+/// their progress records: by the pod's address, whichever end it is, so that no
+/// one (a pod, or sources outside that it cannot choose) can flush the table
+/// faster than this budget or use up another kind's.
+pub const EVENT_FLOW: u32 = 3;
 
 /// A source address's events of one kind in the current second.
 #[repr(C)]

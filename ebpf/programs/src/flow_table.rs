@@ -7,9 +7,9 @@
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{btf_maps::LruHashMap, macros::btf_map};
-use velox_common::{FlowCounts, FlowKey, FLOWS, FLOW_ACTIVE, FLOW_STARTED};
+use velox_common::{FlowCounts, FlowKey, IpKey, EVENT_FLOW, FLOWS, FLOW_ACTIVE, FLOW_STARTED};
 
-use crate::parse::Packet;
+use crate::{parse::Packet, verdict::within_budget};
 
 #[btf_map]
 static VELOX_FLOWS: LruHashMap<FlowKey, FlowCounts, FLOWS> = LruHashMap::new();
@@ -37,8 +37,11 @@ pub struct Progress {
 }
 
 /// Counts a packet of `len` bytes at `now` in its flow's entry, entering a new flow.
+/// A new flow and a progress record come out of the budget of `local`, the end
+/// that is this node's pod: over it, a new flow is not followed (counted as
+/// limited) and a progress record waits for the next interval.
 #[inline(always)]
-pub fn count(packet: &Packet, len: u64, now: u64, interval: u64, progress: &mut Progress) {
+pub fn count(packet: &Packet, len: u64, now: u64, interval: u64, local: &IpKey, progress: &mut Progress) {
     let key = FlowKey {
         src: packet.src,
         dst: packet.dst,
@@ -56,12 +59,25 @@ pub fn count(packet: &Packet, len: u64, now: u64, interval: u64, progress: &mut 
             // packet's, which is no interval at all.
             if now.saturating_sub(flow.reported) >= interval {
                 flow.reported = now;
-                progress.news = FLOW_ACTIVE;
+                if within_budget(local, EVENT_FLOW, now) {
+                    progress.news = FLOW_ACTIVE;
+                }
             }
             progress.packets = flow.packets;
             progress.bytes = flow.bytes;
         }
         None => {
+            // A reply's start is its connection's, which the other direction's
+            // record stands for: one record per connection, not two, and out of no
+            // budget (its first direction paid).
+            let reply = FlowKey {
+                src: packet.dst,
+                dst: packet.src,
+            };
+            let is_reply = VELOX_FLOWS.get_ptr(&reply).is_some();
+            if !is_reply && !within_budget(local, EVENT_FLOW, now) {
+                return;
+            }
             let fresh = FlowCounts {
                 packets: 1,
                 bytes: len,
@@ -69,13 +85,7 @@ pub fn count(packet: &Packet, len: u64, now: u64, interval: u64, progress: &mut 
             };
             // A full table evicts its least recent flow: never a failure here.
             let _ = VELOX_FLOWS.insert(&key, &fresh, 0);
-            // A reply's start is its connection's, which the other direction's
-            // record stands for: one record per connection, not two.
-            let reply = FlowKey {
-                src: packet.dst,
-                dst: packet.src,
-            };
-            if VELOX_FLOWS.get_ptr(&reply).is_none() {
+            if !is_reply {
                 progress.news = FLOW_STARTED;
             }
             progress.packets = 1;

@@ -48,7 +48,9 @@ use velox_common::{
     DROP_NO_TUNNEL_PEER, DROP_SPOOFED, DROP_TUNNEL_SOURCE, DROP_UNKNOWN_RECEIVER, FROM_NET_NAT, FROM_POD_NAT,
     UPLINK_SLOT,
 };
-use verdict::{finish, interface_slot, trace, Outcome, NO_SLOT, PASS, REDIRECT};
+use verdict::{
+    finish, interface_slot, trace, CountFor, Outcome, COUNT_NONE, COUNT_RECEIVER, COUNT_SENDER, NO_SLOT, PASS, REDIRECT,
+};
 
 /// `__sk_buff.pkt_type` of a frame addressed to this host.
 const PACKET_HOST: u32 = 0;
@@ -87,7 +89,11 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         DROP_SPOOFED
     };
     let slot = sender_slot;
-    let action = finish(&ctx, packet, slot, outcome, &verdict, validated);
+    let count = match validated {
+        true => COUNT_SENDER,
+        false => COUNT_NONE,
+    };
+    let action = finish(&ctx, packet, slot, outcome, &verdict, count);
     trace(&ctx, "from_pod", is_ip.then_some(&packet.dst.addr), action);
     action
 }
@@ -188,9 +194,7 @@ pub fn from_net(ctx: TcContext) -> i32 {
     } else {
         from_network(&ctx, packet, ifindex, &mut verdict)
     };
-    // What it delivers to a pod is this node's to count; what it passes, the
-    // kernel's (and `to_pod`'s).
-    let action = finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict, outcome == REDIRECT);
+    let action = finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict, delivered_count(outcome));
     trace(&ctx, "from_net", is_ip.then_some(&packet.dst.addr), action);
     action
 }
@@ -246,7 +250,7 @@ pub fn from_tunnel(ctx: TcContext) -> i32 {
     } else {
         DROP_TUNNEL_SOURCE
     };
-    let action = finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict, outcome == REDIRECT);
+    let action = finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict, delivered_count(outcome));
     trace(&ctx, "from_tunnel", is_ip.then_some(&packet.dst.addr), action);
     action
 }
@@ -266,7 +270,7 @@ pub fn to_tunnel(ctx: TcContext) -> i32 {
     } else {
         (DROP_NO_TUNNEL_PEER, UPLINK_SLOT)
     };
-    let action = finish(&ctx, packet, slot, outcome, &Verdict::default(), false);
+    let action = finish(&ctx, packet, slot, outcome, &Verdict::default(), COUNT_NONE);
     trace(&ctx, "to_tunnel", is_ip.then_some(&packet.dst.addr), action);
     action
 }
@@ -305,9 +309,32 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     if verdict.result == ALLOWED {
         slot = NO_SLOT;
     }
-    let action = finish(&ctx, packet, slot, verdict.result, &verdict, is_ip);
+    // A local pod's packet the kernel delivers was counted where it left that pod.
+    let count = match is_ip && (from_host || !counted_by_sender(packet)) {
+        true => COUNT_RECEIVER,
+        false => COUNT_NONE,
+    };
+    let action = finish(&ctx, packet, slot, verdict.result, &verdict, count);
     trace(&ctx, "to_pod", is_ip.then_some(&packet.dst.addr), action);
     action
+}
+
+/// What the network side delivers itself (a redirect, to a local pod or onwards) is
+/// this node's to count, for its receiver; what it passes, the kernel's (and
+/// `to_pod`'s).
+#[inline(always)]
+fn delivered_count(outcome: Outcome) -> CountFor {
+    match outcome {
+        REDIRECT => COUNT_RECEIVER,
+        _ => COUNT_NONE,
+    }
+}
+
+/// Whether a packet `to_pod` sees was sent by a pod of this node (whose `from_pod`
+/// counted it). Looked up only while the flow table is kept.
+#[inline(always)]
+fn counted_by_sender(packet: &Packet) -> bool {
+    flow_table::report_interval() != 0 && local_endpoint(&packet.src.addr).exists()
 }
 
 #[cfg(not(test))]

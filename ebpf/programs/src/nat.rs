@@ -37,7 +37,10 @@ use crate::policy::{police, Verdict, ALLOWED};
 use crate::sav;
 use crate::services::{node_address, pick_backend, service_at};
 use crate::timeouts::connection_timeouts;
-use crate::verdict::{finish, interface_slot, report_translation, Outcome, NO_SLOT, PASS, REDIRECT};
+use crate::verdict::{
+    finish, interface_slot, report_translation, Outcome, TranslatedFor, COUNT_NONE, COUNT_RECEIVER, COUNT_SENDER,
+    NO_SLOT, PASS, REDIRECT,
+};
 
 #[btf_map]
 static VELOX_NAT: LruHashMap<NatKey, NatEntry, { DEFAULT_NAT_ENTRIES as usize }> = LruHashMap::new();
@@ -110,7 +113,11 @@ pub fn from_net_nat(ctx: TcContext) -> i32 {
         true => translate_from_net(&ctx, packet, &mut verdict),
         false => PASS,
     };
-    finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict, outcome == REDIRECT)
+    let count = match outcome {
+        REDIRECT => COUNT_RECEIVER,
+        _ => COUNT_NONE,
+    };
+    finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict, count)
 }
 
 /// A new connection from outside to a Service: `from_net_nat` found no entry. Its
@@ -136,7 +143,7 @@ pub fn nat_open(ctx: TcContext) -> i32 {
         }
         false => PASS,
     };
-    finish(&ctx, packet, UPLINK_SLOT, outcome, &Verdict::default(), false)
+    finish(&ctx, packet, UPLINK_SLOT, outcome, &Verdict::default(), COUNT_NONE)
 }
 
 /// `from_pod`'s NAT half: a backend of this node answers a client from outside.
@@ -169,7 +176,11 @@ pub fn from_pod_nat(ctx: TcContext) -> i32 {
             (sender_slot, outcome)
         }
     };
-    finish(&ctx, packet, slot, outcome, &verdict, sender_slot != NO_SLOT)
+    let count = match sender_slot {
+        NO_SLOT => COUNT_NONE,
+        _ => COUNT_SENDER,
+    };
+    finish(&ctx, packet, slot, outcome, &verdict, count)
 }
 
 #[inline(always)]
@@ -371,7 +382,12 @@ fn open(packet: &Packet, ifindex: u32, now: u64) -> Result<(), Outcome> {
     VELOX_NAT
         .insert(key_of(packet), &scratch.original, 0)
         .map_err(|_| DROP_NAT_PORTS_EXHAUSTED)?;
-    report_translation(&packet.src, &packet.dst, backend, 0, ifindex);
+    let from = TranslatedFor {
+        netns: 0,
+        cgroup: 0,
+        ifindex,
+    };
+    report_translation(&packet.src, &packet.dst, backend, from);
     Ok(())
 }
 

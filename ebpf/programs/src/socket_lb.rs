@@ -8,8 +8,8 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_F_NO_PREALLOC},
     btf_maps::{HashMap, SkStorage},
     helpers::{
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_seq_write, bpf_set_retval,
-        generated::bpf_sk_storage_get,
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_seq_write,
+        bpf_set_retval, generated::bpf_sk_storage_get,
     },
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
@@ -21,7 +21,7 @@ use velox_common::{
 };
 
 use crate::services::{pick_backend, service_at};
-use crate::verdict::report_translation;
+use crate::verdict::{report_translation, TranslatedFor};
 
 /// Each socket's own record of the frontend it asked for: it goes with the socket,
 /// so no socket can push out another's (a map shared by all was, issue 21). A
@@ -214,7 +214,13 @@ fn to_backend(ctx: &SockAddrContext, family: Family, call: Call) -> i32 {
             proto: frontend.proto,
             ..FlowEnd::default()
         };
-        report_translation(&client, &asked.frontend, &asked.backend, netns, 0);
+        let from = TranslatedFor {
+            netns,
+            // SAFETY: a helper without arguments.
+            cgroup: unsafe { bpf_get_current_cgroup_id() },
+            ifindex: 0,
+        };
+        report_translation(&client, &asked.frontend, &asked.backend, from);
     }
     // Without memory for the storage the socket works, but its replies show the
     // backend's address.

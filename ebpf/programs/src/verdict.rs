@@ -67,12 +67,26 @@ pub fn interface_slot(ifindex: u32) -> u32 {
     unsafe { VELOX_INTERFACES.get(&ifindex) }.map_or(NO_SLOT, |slot| *slot)
 }
 
+/// Whose packet the flow table counts: none (another program of this node counts
+/// it, or no pod of this node is an end), or this node's pod that sent it or that
+/// receives it, whose budget its flow's records come out of.
+pub type CountFor = u32;
+pub const COUNT_NONE: CountFor = 0;
+pub const COUNT_SENDER: CountFor = 1;
+pub const COUNT_RECEIVER: CountFor = 2;
+
 /// Counts `outcome` in counters `slot`, reports drops and connections to the flow
-/// records while they are wanted, and returns the TC action. A packet `counted` is
-/// one of a pod's here that no other program of this node counts: its flow's
-/// entry in the flow table counts it too.
+/// records while they are wanted, and returns the TC action. A packet delivered
+/// and counted `for` a pod is counted in its flow's entry in the flow table too.
 #[inline(always)]
-pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, verdict: &Verdict, counted: bool) -> i32 {
+pub fn finish(
+    ctx: &TcContext,
+    packet: &Packet,
+    slot: u32,
+    outcome: Outcome,
+    verdict: &Verdict,
+    count: CountFor,
+) -> i32 {
     #[cfg(feature = "upgrade-test")]
     let outcome = crate::upgrade_test::outcome(packet, outcome);
     let action = match outcome {
@@ -113,7 +127,7 @@ pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, ver
         NO_EVENT
     };
     let interval = flow_table::report_interval();
-    let counted = counted && action != TC_ACT_SHOT && interval != 0;
+    let counted = count != COUNT_NONE && action != TC_ACT_SHOT && interval != 0;
     if reason == NO_EVENT && !counted {
         return action;
     }
@@ -122,22 +136,29 @@ pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, ver
     };
     let mut progress = Progress::default();
     if counted {
-        flow_table::count(packet, bytes, now, interval, &mut progress);
+        let local = match count {
+            COUNT_SENDER => &packet.src.addr,
+            _ => &packet.dst.addr,
+        };
+        flow_table::count(packet, bytes, now, interval, local, &mut progress);
     }
-    // Otherwise a flow's first packet, or its progress, is the news.
+    // Otherwise a flow's first packet, or its progress, is the news: within its
+    // pod's budget already.
     let reason = match reason {
         NO_EVENT if progress.news == 0 => return action,
         NO_EVENT => FORWARDED | progress.news,
-        reason => reason,
+        reason => {
+            let kind = if action == TC_ACT_SHOT {
+                EVENT_DROP
+            } else {
+                EVENT_CONNECTION
+            };
+            if reason != VERDICT_ALLOWED && !within_budget(&packet.src.addr, kind, now) {
+                return action;
+            }
+            reason
+        }
     };
-    let kind = if action == TC_ACT_SHOT {
-        EVENT_DROP
-    } else {
-        EVENT_CONNECTION
-    };
-    if reason != VERDICT_ALLOWED && !within_budget(&packet.src.addr, kind, now) {
-        return action;
-    }
     let (egress_policy, ingress_policy) = walked_policies(verdict);
     emit(&FlowEvent {
         src: packet.src,
@@ -156,19 +177,28 @@ pub fn finish(ctx: &TcContext, packet: &Packet, slot: u32, outcome: Outcome, ver
 /// No event for the packet (past every drop reason and flag set a reason holds).
 const NO_EVENT: u32 = u32::MAX - 1;
 
+/// Where a translation came from: a socket's (its network namespace, and the
+/// cgroup whose budget it spends: a pod cannot make itself more of those as it can
+/// network namespaces), or the NAT's (the interface it arrived on; the client's
+/// address spends).
+#[derive(Clone, Copy)]
+pub struct TranslatedFor {
+    pub netns: u64,
+    pub cgroup: u64,
+    pub ifindex: u32,
+}
+
 /// A connection the socket load balancer or the outside traffic's NAT sent from
-/// `client` (in network namespace `netns`, for a socket; arrived on `ifindex`, for
-/// the NAT) to `backend` for `frontend`: the record that names the Service, within
-/// `client`'s budget.
+/// `client` to `backend` for `frontend`: the record that names the Service.
 #[inline(always)]
-pub fn report_translation(client: &FlowEnd, frontend: &FlowEnd, backend: &FlowEnd, netns: u64, ifindex: u32) {
+pub fn report_translation(client: &FlowEnd, frontend: &FlowEnd, backend: &FlowEnd, from: TranslatedFor) {
     let Some(now) = events_wanted() else {
         return;
     };
-    // A socket's client has no address yet: its network namespace is its budget's.
+    // A socket's client has no address yet: its cgroup is its budget's.
     let mut source = client.addr;
-    if netns != 0 {
-        source.addr[..8].copy_from_slice(&netns.to_ne_bytes());
+    if from.netns != 0 {
+        source.addr[..8].copy_from_slice(&from.cgroup.to_ne_bytes());
     }
     if !within_budget(&source, EVENT_CONNECTION, now) {
         return;
@@ -177,9 +207,9 @@ pub fn report_translation(client: &FlowEnd, frontend: &FlowEnd, backend: &FlowEn
         src: *client,
         dst: *backend,
         frontend: *frontend,
-        ifindex,
+        ifindex: from.ifindex,
         reason: TRANSLATED,
-        netns,
+        netns: from.netns,
         ..FlowEvent::default()
     });
 }
