@@ -71,9 +71,12 @@ pub struct Record {
     pub protocol: String,
     pub src: SocketAddr,
     pub dst: SocketAddr,
-    /// The cluster's names of the ends (`namespace/name`), when they are pods.
+    /// The cluster's names of the ends (`namespace/name`), when they are pods, and
+    /// their nodes.
     pub src_pod: Option<String>,
     pub dst_pod: Option<String>,
+    pub src_node: Option<String>,
+    pub dst_node: Option<String>,
     pub ifname: String,
     /// The container behind the interface, when it is a pod's.
     pub pod: Option<String>,
@@ -189,6 +192,8 @@ impl Record {
             dst,
             src_pod: names.pods.get(&src.ip()).cloned(),
             dst_pod: names.pods.get(&dst.ip()).cloned(),
+            src_node: names.nodes.get(&src.ip()).cloned(),
+            dst_node: names.nodes.get(&dst.ip()).cloned(),
             ifname,
             pod: naming.containers.get(&event.ifindex).cloned(),
             policies,

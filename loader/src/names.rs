@@ -66,6 +66,9 @@ pub struct PolicyNames {
     pub pods: BTreeMap<IpAddr, String>,
     /// This node's isolated pods: the policies that select each.
     pub selected_by: BTreeMap<IpAddr, Vec<String>>,
+    /// The node of every pod address the cluster reports.
+    #[serde(default)]
+    pub nodes: BTreeMap<IpAddr, String>,
 }
 
 impl PolicyNames {
@@ -83,8 +86,8 @@ impl PolicyNames {
 
     /// The names a node that does not enforce policy knows: every Pod's reported
     /// addresses (`namespace/name`), no policies.
-    pub fn of_pods(pods: &[k8s_openapi::api::core::v1::Pod]) -> Self {
-        let pods = pods
+    pub fn of_pods(pods_list: &[k8s_openapi::api::core::v1::Pod]) -> Self {
+        let pods = pods_list
             .iter()
             .flat_map(|pod| {
                 let name = crate::reconcile::policy::name_of(&pod.metadata);
@@ -95,6 +98,7 @@ impl PolicyNames {
             .collect();
         Self {
             pods,
+            nodes: pod_nodes(pods_list),
             ..Self::default()
         }
     }
@@ -102,6 +106,18 @@ impl PolicyNames {
     pub fn policy(&self, id: u16) -> Option<String> {
         self.policies.get(usize::from(id).checked_sub(1)?).cloned()
     }
+}
+
+/// The node (`spec.nodeName`) of every address the cluster's Pods report.
+pub fn pod_nodes(pods: &[k8s_openapi::api::core::v1::Pod]) -> BTreeMap<IpAddr, String> {
+    pods.iter()
+        .filter_map(|pod| Some((pod, pod.spec.as_ref()?.node_name.clone()?)))
+        .flat_map(|(pod, node)| {
+            crate::reconcile::policy::reported_addresses(pod)
+                .into_iter()
+                .map(move |ip| (ip, node.clone()))
+        })
+        .collect()
 }
 
 /// Each Service frontend's Service (`namespace/name`), for the flow records of
@@ -166,6 +182,7 @@ mod tests {
             ]
             .into(),
             selected_by: [("10.0.0.1".parse().unwrap(), vec!["x/allow-b".into()])].into(),
+            nodes: [("10.0.0.1".parse().unwrap(), "worker-1".into())].into(),
         };
         names.write(&state_dir).unwrap();
         assert_eq!(PolicyNames::read(&state_dir), names);

@@ -514,7 +514,7 @@ fn a_new_socket_lb_cgroup_moves_the_hooks_there() {
 
 /// Issue 25: a connection to a Service is in the flow records with the Service
 /// and the backend: the translation (the client pod, the frontend it asked for, the
-/// backend pod) and the records of the connection's own packets, TCP and UDP. A
+/// backend pod, their nodes) and the records of the connection's own packets, TCP and UDP. A
 /// connection of the same pod straight to the backend is no Service's.
 #[test]
 fn the_flow_records_name_the_service_and_backend_of_a_connection() {
@@ -570,6 +570,8 @@ fn the_flow_records_name_the_service_and_backend_of_a_connection() {
         let translated = records.iter().find(|r| r["verdict"] == "translated").unwrap();
         assert_eq!(translated["src_pod"], "default/pod-1", "{translated}");
         assert_eq!(translated["dst_pod"], "default/pod-2", "{translated}");
+        assert_eq!(translated["src_node"], worker1.name.as_str(), "{translated}");
+        assert_eq!(translated["dst_node"], cluster.nodes[1].name.as_str(), "{translated}");
         assert_eq!(translated["service"], "default/web", "{translated}");
         assert_eq!(translated["frontend"], frontend.to_string(), "{translated}");
         let opened = records.iter().find(|r| opening(r)).unwrap();

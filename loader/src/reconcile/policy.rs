@@ -92,6 +92,7 @@ impl PolicyReconciler {
             policies: compiled.policy_names.clone(),
             pods: compiled.pod_names.clone(),
             selected_by: BTreeMap::new(),
+            nodes: crate::names::pod_nodes(&input.pods),
         };
         for pod in &local {
             if let Some(policy) = compiled.pods.get(&pod.slot) {
