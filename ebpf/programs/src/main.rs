@@ -49,7 +49,7 @@ use velox_common::{
     UPLINK_SLOT,
 };
 use verdict::{
-    finish, interface_slot, trace, CountFor, Outcome, COUNT_NONE, COUNT_RECEIVER, COUNT_SENDER, NO_SLOT, PASS, REDIRECT,
+    delivered_count, finish, interface_slot, trace, Outcome, COUNT_NONE, COUNT_RECEIVER, COUNT_SENDER, NO_SLOT, PASS,
 };
 
 /// `__sk_buff.pkt_type` of a frame addressed to this host.
@@ -317,17 +317,6 @@ pub fn to_pod(ctx: TcContext) -> i32 {
     let action = finish(&ctx, packet, slot, verdict.result, &verdict, count);
     trace(&ctx, "to_pod", is_ip.then_some(&packet.dst.addr), action);
     action
-}
-
-/// What the network side delivers itself (a redirect, to a local pod or onwards) is
-/// this node's to count, for its receiver; what it passes, the kernel's (and
-/// `to_pod`'s).
-#[inline(always)]
-fn delivered_count(outcome: Outcome) -> CountFor {
-    match outcome {
-        REDIRECT => COUNT_RECEIVER,
-        _ => COUNT_NONE,
-    }
 }
 
 /// Whether a packet `to_pod` sees was sent by a pod of this node (whose `from_pod`

@@ -38,8 +38,8 @@ use crate::sav;
 use crate::services::{node_address, pick_backend, service_at};
 use crate::timeouts::connection_timeouts;
 use crate::verdict::{
-    finish, interface_slot, report_translation, Outcome, TranslatedFor, COUNT_NONE, COUNT_RECEIVER, COUNT_SENDER,
-    NO_SLOT, PASS, REDIRECT,
+    delivered_count, finish, interface_slot, report_translation, Outcome, TranslatedFor, COUNT_NONE, COUNT_SENDER,
+    NO_SLOT, PASS,
 };
 
 #[btf_map]
@@ -113,11 +113,7 @@ pub fn from_net_nat(ctx: TcContext) -> i32 {
         true => translate_from_net(&ctx, packet, &mut verdict),
         false => PASS,
     };
-    let count = match outcome {
-        REDIRECT => COUNT_RECEIVER,
-        _ => COUNT_NONE,
-    };
-    finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict, count)
+    finish(&ctx, packet, UPLINK_SLOT, outcome, &verdict, delivered_count(outcome))
 }
 
 /// A new connection from outside to a Service: `from_net_nat` found no entry. Its

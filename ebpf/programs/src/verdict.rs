@@ -75,6 +75,17 @@ pub const COUNT_NONE: CountFor = 0;
 pub const COUNT_SENDER: CountFor = 1;
 pub const COUNT_RECEIVER: CountFor = 2;
 
+/// What the network side delivers itself (a redirect, to a local pod or onwards) is
+/// this node's to count, for its receiver; what it passes, the kernel's (and
+/// `to_pod`'s).
+#[inline(always)]
+pub fn delivered_count(outcome: Outcome) -> CountFor {
+    match outcome {
+        REDIRECT => COUNT_RECEIVER,
+        _ => COUNT_NONE,
+    }
+}
+
 /// Counts `outcome` in counters `slot`, reports drops and connections to the flow
 /// records while they are wanted, and returns the TC action. A packet delivered
 /// and counted `for` a pod is counted in its flow's entry in the flow table too.
