@@ -66,7 +66,9 @@ pub struct Record {
     /// `forwarded` for a connection's start, end or progress no policy decided;
     /// `translated` for a connection sent to a Service's backend.
     pub verdict: String,
-    /// The drop reason's name in the drop-reason table; `policy` for an allowed one.
+    /// The drop reason's name in the drop-reason table, `kernel:NAME` for the
+    /// kernel's; `policy` for an allowed connection; the TCP flags, `echo`,
+    /// `started` or `active` for a forwarded one; `service` for a translation.
     pub reason: String,
     pub protocol: String,
     pub src: SocketAddr,
@@ -130,6 +132,7 @@ fn forwarded(code: u32) -> bool {
 /// Whether an event's packet opened its connection: a SYN, a flow's first packet,
 /// or a new connection a policy allowed.
 fn opens(code: u32) -> bool {
+    // The TCP flags are the low byte: a SYN alone, not a SYN-ACK.
     let syn = u32::from(TCP_SYN);
     code == VERDICT_ALLOWED || (forwarded(code) && (code & 0xff == syn || code & FLOW_STARTED != 0))
 }
