@@ -1011,7 +1011,8 @@ fn a_drop_is_in_the_flow_records_afterwards() {
 
 /// Issue 25: drops the kernel makes outside Velox's programs are in the flow
 /// records with the kernel's own reason from `kfree_skb`, and the pod's container:
-/// a destination the node has no route to, then a netfilter rule that drops it.
+/// a destination the node has no route to, then a netfilter rule that drops it,
+/// then strict reverse-path filtering.
 #[test]
 fn kernel_drops_are_in_the_flow_records_with_the_kernels_reason() {
     let node = NodeGuard::up("kdrop").unwrap();
@@ -1054,6 +1055,12 @@ fn kernel_drops_are_in_the_flow_records_with_the_kernels_reason() {
     in_node(&["ip", "route", "add", "192.0.2.0/24", "dev", "blackhole0"]);
     in_node(&["iptables", "-w", "-I", "FORWARD", "-d", "192.0.2.0/24", "-j", "DROP"]);
     recorded_drop("kernel:NETFILTER_DROP");
+    // Strict reverse-path filtering, and the way back to the pod through another
+    // interface: the pod's packets fail the check before any rule sees them.
+    in_node(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1"]);
+    let to_pod = format!("{}/32", a.ip(Family::V4));
+    in_node(&["ip", "route", "replace", &to_pod, "dev", "blackhole0"]);
+    recorded_drop("kernel:IP_RPFILTER");
     node.finish().unwrap();
 }
 
