@@ -513,9 +513,10 @@ fn a_new_socket_lb_cgroup_moves_the_hooks_there() {
 }
 
 /// Issue 25: a connection to a Service is in the flow records with the Service
-/// and the backend: the translation (the client pod, the frontend it asked for, the
-/// backend pod, their nodes) and the records of the connection's own packets, TCP and UDP. A
-/// connection of the same pod straight to the backend is no Service's.
+/// and the backend: the translation (the client pod, the frontend it asked for,
+/// the backend pod, their nodes) and the records of the connection's own packets,
+/// TCP and UDP. A connection of the same pod straight to the backend is no
+/// Service's.
 #[test]
 fn the_flow_records_name_the_service_and_backend_of_a_connection() {
     let cluster = ClusterGuard::up("slrec").unwrap();
