@@ -73,21 +73,17 @@ pub struct PolicyNames {
 
 impl PolicyNames {
     pub fn write(&self, state_dir: &StateDir) -> anyhow::Result<()> {
-        velox_node::fs::write_atomic(&state_dir.policy_names(), &serde_json::to_vec(self)?, PRIVATE_FILE_MODE)
-            .context("writing the policy names")
+        write_names(&state_dir.policy_names(), self).context("writing the policy names")
     }
 
     pub fn read(state_dir: &StateDir) -> Self {
-        std::fs::read(state_dir.policy_names())
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default()
+        read_names(&state_dir.policy_names())
     }
 
     /// The names a node that does not enforce policy knows: every Pod's reported
     /// addresses (`namespace/name`), no policies.
-    pub fn of_pods(pods_list: &[k8s_openapi::api::core::v1::Pod]) -> Self {
-        let pods = pods_list
+    pub fn of_pods(pods: &[k8s_openapi::api::core::v1::Pod]) -> Self {
+        let names = pods
             .iter()
             .flat_map(|pod| {
                 let name = crate::reconcile::policy::name_of(&pod.metadata);
@@ -97,8 +93,8 @@ impl PolicyNames {
             })
             .collect();
         Self {
-            pods,
-            nodes: pod_nodes(pods_list),
+            pods: names,
+            nodes: pod_nodes(pods),
             ..Self::default()
         }
     }
@@ -150,20 +146,29 @@ impl ServiceNames {
     }
 
     pub fn write(&self, state_dir: &StateDir) -> anyhow::Result<()> {
-        velox_node::fs::write_atomic(
-            &state_dir.service_names(),
-            &serde_json::to_vec(self)?,
-            PRIVATE_FILE_MODE,
-        )
-        .context("writing the Service names")
+        write_names(&state_dir.service_names(), self).context("writing the Service names")
     }
 
     pub fn read(state_dir: &StateDir) -> Self {
-        std::fs::read(state_dir.service_names())
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default()
+        read_names(&state_dir.service_names())
     }
+}
+
+/// A names file, replaced whole for the readers (the flow records) to read.
+fn write_names(path: &std::path::Path, names: &impl Serialize) -> anyhow::Result<()> {
+    Ok(velox_node::fs::write_atomic(
+        path,
+        &serde_json::to_vec(names)?,
+        PRIVATE_FILE_MODE,
+    )?)
+}
+
+/// A names file; none (or one that cannot be read) names nothing.
+fn read_names<T: serde::de::DeserializeOwned + Default>(path: &std::path::Path) -> T {
+    std::fs::read(path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
