@@ -16,7 +16,10 @@ use velox_common::{
     MAX_PEERS, PEER_VXLAN,
 };
 
-use crate::verdict::{Outcome, REDIRECT};
+use crate::{
+    parse::Packet,
+    verdict::{Outcome, REDIRECT},
+};
 
 #[btf_map]
 static VELOX_ENDPOINTS: HashMap<IpKey, Endpoint, MAX_ENDPOINTS> = HashMap::new();
@@ -117,14 +120,19 @@ pub fn to_network(uplink: u32) -> Outcome {
 /// Whether the packet, or each of its GSO segments, fits the MTU of the interface
 /// towards `peer` (the uplink, or the VXLAN device: the uplink's less the
 /// encapsulation). A plain packet within the MTU the loader recorded fits without
-/// asking the kernel.
+/// asking the kernel, and so does a TCP segment whose GSO segments do (its headers
+/// and `gso_size`, as the kernel reckons them); anything else is the kernel's to say.
 /// `bpf_redirect_neigh` neither fragments nor reports the path MTU: a packet that does
 /// not fit goes to the kernel, which does both.
 #[inline(always)]
-pub fn fits_uplink(ctx: &TcContext, peer: &Peer) -> bool {
+pub fn fits_uplink(ctx: &TcContext, packet: &Packet, peer: &Peer) -> bool {
     // SAFETY: reading the context's own fields.
     let (len, gso_size) = unsafe { ((*ctx.skb.skb).len, (*ctx.skb.skb).gso_size) };
-    if gso_size == 0 && len <= peer.mtu + EthHdr::LEN as u32 {
+    let fits = match gso_size {
+        0 => len <= peer.mtu + EthHdr::LEN as u32,
+        _ => packet.tcp_headers != 0 && gso_size + u32::from(packet.tcp_headers) <= peer.mtu,
+    };
+    if fits {
         return true;
     }
     let mut mtu = 0u32;

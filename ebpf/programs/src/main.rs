@@ -156,7 +156,7 @@ fn from_pod_to(
     } else if is_local {
         to_local_pod(local_ifindex)
     } else if let Some(peer) = peer {
-        if fits_uplink(ctx, peer) {
+        if fits_uplink(ctx, packet, peer) {
             to_peer_node(peer)
         } else {
             PASS

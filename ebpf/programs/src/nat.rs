@@ -212,7 +212,7 @@ fn translate_from_net(ctx: &TcContext, packet: &mut Packet, verdict: &mut Verdic
         } else {
             verdict.result
         }
-    } else if let Some(peer) = peer_node(&packet.dst.addr).filter(|peer| fits_uplink(ctx, peer)) {
+    } else if let Some(peer) = peer_node(&packet.dst.addr).filter(|peer| fits_uplink(ctx, packet, peer)) {
         to_peer_node(peer)
     } else {
         PASS

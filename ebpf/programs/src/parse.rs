@@ -71,6 +71,10 @@ pub struct Packet {
     /// A fixed C layout, 4-byte multiple: with Rust's own layout LLVM's BPF backend
     /// crashed (post-RA pseudo expansion) once a field was added here.
     pad: u8,
+    /// A TCP segment's IP and TCP header bytes, which each of its GSO segments
+    /// repeats (0 for other packets): with `gso_size` the size of those segments.
+    pub tcp_headers: u16,
+    pad2: u16,
 }
 
 impl Packet {
@@ -271,6 +275,8 @@ fn transport(ctx: &TcContext, offset: usize, packet: &mut Packet) -> bool {
                 packet.dst.port = u16::from_ne_bytes([tcp[2], tcp[3]]);
                 packet.tcp_flags = tcp[13];
                 packet.opens = tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
+                // The data offset, in 4-byte words, in the high nibble.
+                packet.tcp_headers = (offset - EthHdr::LEN + usize::from(tcp[12] >> 4) * 4) as u16;
             }
         }
         IPPROTO_UDP | IPPROTO_SCTP => {
