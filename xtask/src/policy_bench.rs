@@ -155,12 +155,17 @@ pub fn measure(
 /// `<out>/flow-records.md`.
 pub fn flow_records_cost(args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
     const POLICIES: usize = 100;
-    const MODES: [(&str, &[&str]); 2] = [
+    const MODES: [(&str, &[&str]); 3] = [
         ("records on", &[]),
         ("records off (--flow-records 0)", &["--flow-records", "0"]),
+        ("records on, no flow table (--flow-report-interval 0)", &["--flow-report-interval", "0"]),
     ];
+    /// The ratios shown: on against off, and the records without the flow table
+    /// against off.
+    const RATIOS: [(&str, usize, usize); 2] = [("on / off", 0, 1), ("no table / off", 2, 1)];
     const PATHS: [&str; 2] = ["to an isolated pod", "to a pod no policy selects"];
-    type Sample<'a> = (&'a str, &'a str, f64, f64, f64, f64);
+    /// Path, mode, round, Gb/s, RTT p50 us, connections/s, from_pod ns.
+    type Sample<'a> = (&'a str, &'a str, u32, f64, f64, f64, f64);
     let cluster = Cluster::new("vfr-", velox_test_env::Binaries::locate()?)?;
     let _ = cluster.down();
     let measured = (|| -> anyhow::Result<Vec<Sample>> {
@@ -204,7 +209,7 @@ pub fn flow_records_cost(args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
                          from_pod {from_pod:5.0} ns",
                         rtt.p50_us
                     );
-                    samples.push((path, mode, gbps, rtt.p50_us, per_s, from_pod));
+                    samples.push((path, mode, round, gbps, rtt.p50_us, per_s, from_pod));
                 }
             }
         }
@@ -225,26 +230,49 @@ pub fn flow_records_cost(args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
          by {POLICIES} policies (every new connection is recorded as allowed), and to pod-5, which no policy \
          selects (each connection's SYN, FIN and RST are recorded as forwarded); records on, the flow table \
          counts every packet of both. from_pod: ns per run by bpf_stats (its own clock reads included) over \
-         a 2 s stream of its own\n\n| path | | 1 stream Gb/s | busy-poll RTT p50 us | connections/s | \
-         from_pod ns/run |\n|---|---|---|---|---|---|\n",
+         a 2 s stream of its own. A ratio: of the medians; \"paired\": the median (min..max) of each \
+         round's own ratio, which the machine's drift between rounds does not move\n\n\
+         | path | | 1 stream Gb/s | busy-poll RTT p50 us | connections/s | from_pod ns/run |\n\
+         |---|---|---|---|---|---|\n",
         args.rounds
     );
     let show = |s: Option<crate::report::Stat>| {
         s.map_or("-".into(), |s| format!("{:.1} ({:.1}..{:.1})", s.median, s.min, s.max))
     };
-    let metrics: [&dyn Fn(&Sample) -> f64; 4] = [&|s| s.2, &|s| s.3, &|s| s.4, &|s| s.5];
+    let metrics: [&dyn Fn(&Sample) -> f64; 4] = [&|s| s.3, &|s| s.4, &|s| s.5, &|s| s.6];
     for path in PATHS {
         for (mode, _) in MODES {
             let cells: Vec<String> = metrics.iter().map(|m| show(stat(path, mode, m))).collect();
             table += &format!("| {path} | {mode} | {} |\n", cells.join(" | "));
         }
-        let ratio =
-            |value: &dyn Fn(&Sample) -> f64| match (stat(path, MODES[0].0, value), stat(path, MODES[1].0, value)) {
-                (Some(on), Some(off)) if off.median > 0.0 => format!("{:.3}", on.median / off.median),
+        for (label, a, b) in RATIOS {
+            let (a, b) = (MODES[a].0, MODES[b].0);
+            let ratio = |value: &dyn Fn(&Sample) -> f64| match (stat(path, a, value), stat(path, b, value)) {
+                (Some(a), Some(b)) if b.median > 0.0 => format!("{:.3}", a.median / b.median),
                 _ => "-".into(),
             };
-        let ratios: Vec<String> = metrics.iter().map(|m| ratio(*m)).collect();
-        table += &format!("| {path} | on / off | {} |\n", ratios.join(" | "));
+            let ratios: Vec<String> = metrics.iter().map(|m| ratio(*m)).collect();
+            table += &format!("| {path} | {label} | {} |\n", ratios.join(" | "));
+            let paired = |value: &dyn Fn(&Sample) -> f64| {
+                let in_round = |mode: &str, round: u32| {
+                    samples
+                        .iter()
+                        .find(|s| s.0 == path && s.1 == mode && s.2 == round)
+                        .map(value)
+                };
+                let per_round: Vec<f64> = (1..=args.rounds)
+                    .filter_map(|round| match (in_round(a, round), in_round(b, round)) {
+                        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                        _ => None,
+                    })
+                    .collect();
+                crate::report::Stat::of_any(&per_round).map_or("-".into(), |s| {
+                    format!("{:.3} ({:.3}..{:.3})", s.median, s.min, s.max)
+                })
+            };
+            let paired: Vec<String> = metrics.iter().map(|m| paired(*m)).collect();
+            table += &format!("| {path} | {label}, paired | {} |\n", paired.join(" | "));
+        }
     }
     std::fs::create_dir_all(&args.out)?;
     std::fs::write(args.out.join("flow-records.md"), &table)?;
