@@ -4,8 +4,9 @@
 //! in both of its backend choices (random and Maglev), interleaved per round, with
 //! 1 to 10,000 Services in the cluster (`--services`): connection rate and
 //! first-byte latency from the external host; at the first count also one-stream
-//! throughput next to the external host to a node's own address, and the ns per run
-//! of each Velox program on that stream.
+//! throughput, to that backend and through another NodePort to a backend on the
+//! node itself, next to the external host to the node's own address, and the ns per
+//! run of each Velox program on the first stream.
 
 use anyhow::Context;
 use std::collections::BTreeMap;
@@ -36,6 +37,12 @@ const IPERF: ServicePort = ServicePort {
     target_port: 5201,
     node_port: Some(30201),
 };
+/// The same, to a backend on the node the NodePort is reached on.
+const IPERF_LOCAL: ServicePort = ServicePort {
+    name: "iperf-local",
+    node_port: Some(30202),
+    ..IPERF
+};
 
 /// The balancers, in the order of the even rounds (odd rounds go backwards).
 const BALANCERS: [&str; 3] = [KUBE_PROXY, "velox NAT", "velox NAT maglev"];
@@ -49,6 +56,8 @@ struct Sample {
     connections_per_s: f64,
     first_byte_p50_us: f64,
     gbps: Option<f64>,
+    /// The stream to the backend on worker-1.
+    gbps_local: Option<f64>,
     ns_per_run: BTreeMap<String, f64>,
 }
 
@@ -80,6 +89,7 @@ fn counts(args: &BenchArgs) -> Vec<usize> {
 fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sample>, Vec<f64>)> {
     let (worker1, worker2) = (&cluster.nodes[0], &cluster.nodes[1]);
     let backend = pod(cluster, "pod-2")?; // on worker2
+    let local_backend = pod(cluster, "pod-4")?; // on worker1
                                           // Behind the other Services: two pods they never reach in the measurement.
     let others_backends = [pod(cluster, "pod-2")?, pod(cluster, "pod-3")?];
     let external = Pod {
@@ -94,9 +104,10 @@ fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sa
             .spawn()?,
     );
     let node_ip = cluster.node_ip(0, Family::V4);
-    let (crr_frontend, iperf_frontend) = (
+    let (crr_frontend, iperf_frontend, local_frontend) = (
         SocketAddr::new(node_ip, 30080),
         SocketAddr::new(node_ip, IPERF.node_port.unwrap_or_default()),
+        SocketAddr::new(node_ip, IPERF_LOCAL.node_port.unwrap_or_default()),
     );
     let state = cluster.peers_file.with_file_name("services.json");
     let service = ServiceSpec {
@@ -105,13 +116,25 @@ fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sa
         ports: vec![CRR, IPERF],
         backends: vec![backend.ip(Family::V4)],
     };
-    let kube_proxy_rules =
-        [(crr_frontend, CRR.target_port), (iperf_frontend, IPERF.target_port)].map(|(frontend, port)| ServiceRule {
-            frontend,
-            protocol: Protocol::Tcp,
-            backend: SocketAddr::new(backend.ip(Family::V4), port),
-            snat: true,
-        });
+    let local_service = ServiceSpec {
+        name: "np-local".into(),
+        cluster_ips: vec!["10.96.0.81".parse()?],
+        ports: vec![IPERF_LOCAL],
+        backends: vec![local_backend.ip(Family::V4)],
+    };
+    // kube-proxy masquerades NodePort traffic (externalTrafficPolicy: Cluster) to a
+    // local backend too.
+    let kube_proxy_rules = [
+        (crr_frontend, &backend, CRR.target_port),
+        (iperf_frontend, &backend, IPERF.target_port),
+        (local_frontend, &local_backend, IPERF_LOCAL.target_port),
+    ]
+    .map(|(frontend, to, port)| ServiceRule {
+        frontend,
+        protocol: Protocol::Tcp,
+        backend: SocketAddr::new(to.ip(Family::V4), port),
+        snat: true,
+    });
     // The masquerade rules once (POSTROUTING, kept), the DNATs each time after the
     // other Services' chains: kube-proxy jumps to KUBE-NODEPORTS at the end of
     // KUBE-SERVICES, so a NodePort's first packet walks every ClusterIP's match.
@@ -135,7 +158,7 @@ fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sa
     for round in 0..args.rounds {
         for &count in &counts {
             let (mut specs, others) = crr_services(count - 1, &others_backends);
-            specs.push(service.clone());
+            specs.extend([service.clone(), local_service.clone()]);
             cluster_state::write(&state, &specs)?;
             let mut order = BALANCERS;
             if round % 2 == 1 {
@@ -175,7 +198,8 @@ fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sa
                                 .iter()
                                 .filter(|r| r["frontend"].as_str().is_some_and(|f| f.starts_with("10.128.")))
                                 .count();
-                            others == count - 1 && rows.iter().any(|r| r["frontend"] == "nodeport:30080")
+                            let node_port = |port: &str| rows.iter().any(|r| r["frontend"] == port);
+                            others == count - 1 && node_port("nodeport:30080") && node_port("nodeport:30202")
                         })
                     };
                     anyhow::ensure!(
@@ -191,18 +215,21 @@ fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sa
                 let (connections_per_s, first_byte_p50_us, _) =
                     connection_rate(&external, None, &probe, crr_frontend, args.seconds)
                         .with_context(|| format!("{balancer} with {count} Services: connection rate"))?;
-                let (mut gbps, mut ns_per_run) = (None, BTreeMap::new());
+                let (mut gbps, mut gbps_local, mut ns_per_run) = (None, None, BTreeMap::new());
                 if count == counts[0] {
                     ns_per_run = program_cost(|| {
                         let via = Some((iperf_frontend, cgroup2.as_path()));
                         gbps = Some(external.iperf3_via(&backend, Family::V4, via, args.seconds, 1)?.gbps);
                         Ok(())
                     })?;
+                    let via = Some((local_frontend, cgroup2.as_path()));
+                    gbps_local = Some(external.iperf3_via(&local_backend, Family::V4, via, args.seconds, 1)?.gbps);
                 }
                 println!(
-                "round {} {balancer:<20} {count:>6} Services {connections_per_s:8.0} conn/s  first byte p50 {first_byte_p50_us:6.1} us  {} {ns_per_run:?}",
+                "round {} {balancer:<20} {count:>6} Services {connections_per_s:8.0} conn/s  first byte p50 {first_byte_p50_us:6.1} us  {} {} {ns_per_run:?}",
                 round + 1,
-                gbps.map(|g| format!("{g:6.2} Gb/s")).unwrap_or_default()
+                gbps.map(|g| format!("{g:6.2} Gb/s")).unwrap_or_default(),
+                gbps_local.map(|g| format!("local backend {g:6.2} Gb/s")).unwrap_or_default()
             );
                 samples.push(Sample {
                     balancer,
@@ -210,6 +237,7 @@ fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sa
                     connections_per_s,
                     first_byte_p50_us,
                     gbps,
+                    gbps_local,
                     ns_per_run,
                 });
             }
@@ -259,15 +287,29 @@ fn report(samples: &[Sample], node_gbps: &[f64], counts: &[usize]) -> String {
             );
         }
     }
+    let node = stat(node_gbps.to_vec());
+    let to_node = |values: Vec<f64>| match (stat(values), &node) {
+        (Some(ours), Some(node)) if node.median > 0.0 => format!("{:.2}x", ours.median / node.median),
+        _ => "-".into(),
+    };
     table += &format!(
-        "\nOne stream with {} Service(s), Gb/s\n\n| | Gb/s |\n|---|---|\n",
+        "\nOne stream with {} Service(s) (and the local backend's), Gb/s, and the ratio of the medians to the \
+         external host's stream to the node's own address\n\n| | backend on worker-2 | vs node | backend on \
+         worker-1 | vs node |\n|---|---|---|---|---|\n",
         counts[0]
     );
     for balancer in BALANCERS {
-        table += &format!("| {balancer} | {} |\n", show(values(balancer, None, &|s| s.gbps)));
+        let (remote, local) = (values(balancer, None, &|s| s.gbps), values(balancer, None, &|s| s.gbps_local));
+        table += &format!(
+            "| {balancer} | {} | {} | {} | {} |\n",
+            show(remote.clone()),
+            to_node(remote),
+            show(local.clone()),
+            to_node(local)
+        );
     }
     table += &format!(
-        "| external host to the node, no Service | {} |\n",
+        "| external host to the node, no Service | {} | | | |\n",
         show(node_gbps.to_vec())
     );
     let mut programs: Vec<&String> = samples.iter().flat_map(|s| s.ns_per_run.keys()).collect();
