@@ -418,9 +418,19 @@ impl Naming {
 }
 
 /// The cookie of the network namespace at `path`, read inside it.
+/// The cookie of the network namespace at `path` (an endpoint record's), if it is
+/// one: opened without blocking (a FIFO put there would stall the records for
+/// good) and checked to be nsfs before the thread enters it.
 fn netns_cookie(path: &Path) -> Option<u64> {
-    let netns = std::fs::File::open(path).ok()?;
-    velox_node::netlink::netns_cookie(&netns).ok()
+    use std::os::unix::fs::OpenOptionsExt;
+    let netns = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let is_nsfs =
+        nix::sys::statfs::fstatfs(&netns).is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC);
+    is_nsfs.then(|| velox_node::netlink::netns_cookie(&netns).ok())?
 }
 
 fn unix_ms(at: SystemTime) -> u64 {
@@ -941,6 +951,27 @@ mod tests {
             proto: IPPROTO_TCP,
             pad: 0,
         }
+    }
+
+    #[test]
+    fn a_record_netns_path_that_is_no_netns_names_nothing_and_never_blocks() {
+        let dir = std::env::temp_dir().join(format!("velox-netns-path-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (fifo, plain) = (dir.join("fifo"), dir.join("plain"));
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::fs::write(&plain, b"").unwrap();
+        let (done, answers) = std::sync::mpsc::channel();
+        let paths = [fifo, plain];
+        std::thread::spawn(move || {
+            for path in paths {
+                let _ = done.send(netns_cookie(&path));
+            }
+        });
+        let cookies: Vec<_> = (0..2)
+            .map(|_| answers.recv_timeout(std::time::Duration::from_secs(2)))
+            .collect();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(cookies, [Ok(None), Ok(None)], "a FIFO, a plain file");
     }
 
     fn event(src: &str, dst: &str, reason: u32) -> FlowEvent {
