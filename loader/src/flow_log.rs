@@ -417,20 +417,27 @@ impl Naming {
     }
 }
 
-/// The cookie of the network namespace at `path`, read inside it.
-/// The cookie of the network namespace at `path` (an endpoint record's), if it is
-/// one: opened without blocking (a FIFO put there would stall the records for
-/// good) and checked to be nsfs before the thread enters it.
+/// The cookie of the network namespace at `path` (an endpoint record's), read
+/// inside it.
 fn netns_cookie(path: &Path) -> Option<u64> {
+    velox_node::netlink::netns_cookie(&open_netns(path)?).ok()
+}
+
+/// The network namespace at `path`, if that is one. Looked at first without opening
+/// it (`O_PATH`: a FIFO or a device put there is neither waited on nor woken), and
+/// opened only once it is nsfs, through that same descriptor.
+fn open_netns(path: &Path) -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
-    let netns = std::fs::OpenOptions::new()
+    let found = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK)
+        .custom_flags(nix::libc::O_PATH)
         .open(path)
         .ok()?;
     let is_nsfs =
-        nix::sys::statfs::fstatfs(&netns).is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC);
-    is_nsfs.then(|| velox_node::netlink::netns_cookie(&netns).ok())?
+        nix::sys::statfs::fstatfs(&found).is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC);
+    is_nsfs.then_some(())?;
+    std::fs::File::open(format!("/proc/thread-self/fd/{}", found.as_raw_fd())).ok()
 }
 
 fn unix_ms(at: SystemTime) -> u64 {
@@ -954,24 +961,29 @@ mod tests {
     }
 
     #[test]
-    fn a_record_netns_path_that_is_no_netns_names_nothing_and_never_blocks() {
+    fn only_a_network_namespace_is_opened_as_one_and_nothing_blocks() {
         let dir = std::env::temp_dir().join(format!("velox-netns-path-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let (fifo, plain) = (dir.join("fifo"), dir.join("plain"));
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
         std::fs::write(&plain, b"").unwrap();
+        let paths = [PathBuf::from("/proc/self/ns/net"), fifo, plain, dir.clone()];
         let (done, answers) = std::sync::mpsc::channel();
-        let paths = [fifo, plain];
         std::thread::spawn(move || {
             for path in paths {
-                let _ = done.send(netns_cookie(&path));
+                let _ = done.send(open_netns(&path).is_some());
             }
         });
-        let cookies: Vec<_> = (0..2)
+        let opened: Vec<_> = (0..4)
             .map(|_| answers.recv_timeout(std::time::Duration::from_secs(2)))
             .collect();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(cookies, [Ok(None), Ok(None)], "a FIFO, a plain file");
+        assert_eq!(
+            opened,
+            [Ok(true), Ok(false), Ok(false), Ok(false)],
+            "own netns, a FIFO, a plain file, a directory"
+        );
     }
 
     fn event(src: &str, dst: &str, reason: u32) -> FlowEvent {

@@ -237,6 +237,77 @@ fn a_pod_cannot_send_from_an_address_that_is_not_its_own() {
 }
 
 #[test]
+fn a_pod_cannot_send_vlan_tagged_frames_out_of_its_node() {
+    let cluster = ClusterGuard::up("vlan").unwrap();
+    let (pod1, pod2) = (cluster.pod("pod-1"), cluster.pod("pod-2"));
+    let worker1 = &cluster.nodes[0];
+    // pod-1 writes UDP datagrams to pod-2 from its own address, in Ethernet frames
+    // tagged for VLAN 7, to the MAC of its veth's host side (a raw socket: this
+    // kernel has no VLAN devices, and a pod needs none to tag a frame).
+    let veth = worker1.endpoint(pod1.ip(Family::V4)).unwrap()["ifname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mac = |netns: &str, dev: &str| {
+        let link: serde_json::Value =
+            serde_json::from_str(&run("ip", &["-n", netns, "-j", "link", "show", "dev", dev]).unwrap()).unwrap();
+        link[0]["address"].as_str().unwrap().to_string()
+    };
+    let frames = format!(
+        r#"
+import socket, struct
+def checksum(header):
+    total = sum(struct.unpack("!10H", header))
+    total = (total & 0xffff) + (total >> 16)
+    return ~((total & 0xffff) + (total >> 16)) & 0xffff
+src, dst = socket.inet_aton("{src}"), socket.inet_aton("{dst}")
+udp = struct.pack("!HHHH", 40000, 7777, 12, 0) + b"vlan"
+ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, src, dst)
+ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
+mac = lambda text: bytes.fromhex(text.replace(":", ""))
+frame = mac("{to_mac}") + mac("{from_mac}") + struct.pack("!HHH", 0x8100, 7, 0x0800) + ip + udp
+sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+sock.bind(("eth0", 0))
+for _ in range(3):
+    sock.send(frame)
+"#,
+        src = pod1.ip(Family::V4),
+        dst = pod2.ip(Family::V4),
+        to_mac = mac(&worker1.name, &veth),
+        from_mac = mac(&pod1.name, "eth0"),
+    );
+    let spoofed_drops = || {
+        worker1.endpoint(pod1.ip(Family::V4)).unwrap()["dropped"]["spoofed"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = spoofed_drops();
+    let capture = velox_test_env::in_netns(
+        &worker1.name,
+        "timeout",
+        &["4", "tcpdump", "-i", "eth0", "-c", "1", "-n", "-e", "vlan"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = pod1.exec("python3", &["-c", &frames]).unwrap();
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    let captured = capture.wait_with_output().unwrap();
+    assert!(
+        !captured.status.success(),
+        "a tagged frame left worker-1's uplink: {}",
+        String::from_utf8_lossy(&captured.stdout)
+    );
+    assert!(
+        spoofed_drops() >= before + 3,
+        "the tagged frames are not counted as dropped"
+    );
+    cluster.finish().unwrap();
+}
+
+#[test]
 fn ipam_cannot_hand_out_an_address_that_is_taken() {
     let cluster = ClusterGuard::up("taken").unwrap();
     let (pod1, pod2, pod4) = (cluster.pod("pod-1"), cluster.pod("pod-2"), cluster.pod("pod-4"));

@@ -920,7 +920,7 @@ pub const DROP_REASONS: [DropReason; 11] = [
     DropReason {
         code: DROP_SPOOFED,
         name: "spoofed",
-        help: "sent by a pod from an address that is not its own",
+        help: "sent by a pod from an address that is not its own, or tagged for a VLAN",
     },
     DropReason {
         code: DROP_NO_INTERFACE,

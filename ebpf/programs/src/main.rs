@@ -60,8 +60,9 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     let mut space = core::mem::MaybeUninit::uninit();
     let packet = Packet::zeroed_in(&mut space);
     let is_ip = parse(&ctx, packet);
-    // SAFETY: reading the context's own fields.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: reading the context's own fields. The kernel took a VLAN tag off the
+    // frame before this hook and would put it back on the way out.
+    let (ifindex, vlan) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).vlan_present) };
     let owner_slot = if is_ip {
         sav::sender_slot(packet, ifindex)
     } else {
@@ -79,7 +80,11 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     // from it (MLD) is the link's own business.
     let on_link = !validated && sav::stays_on_link(&packet.sent_from);
     let mut verdict = Verdict::default();
-    let outcome = if !is_ip {
+    // A pod's network is untagged: a tagged frame would leave the uplink still
+    // tagged, into another VLAN of a trunk.
+    let outcome = if vlan != 0 {
+        DROP_SPOOFED
+    } else if !is_ip {
         PASS
     } else if validated || (on_link && !sav::is_multicast(&packet.dst.addr)) {
         from_pod_to(&ctx, packet, sender_slot, ifindex, on_link, &mut verdict)

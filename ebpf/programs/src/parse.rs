@@ -77,6 +77,9 @@ pub struct Packet {
     pad2: u16,
 }
 
+// The programs zero it a word at a time (`zeroed_in`).
+const _: () = assert!(core::mem::size_of::<Packet>() % 8 == 0);
+
 impl Packet {
     /// The packet, zeroed in `slot` (see [`zeroed_in`]).
     #[inline(always)]
@@ -275,8 +278,12 @@ fn transport(ctx: &TcContext, offset: usize, packet: &mut Packet) -> bool {
                 packet.dst.port = u16::from_ne_bytes([tcp[2], tcp[3]]);
                 packet.tcp_flags = tcp[13];
                 packet.opens = tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
-                // The data offset, in 4-byte words, in the high nibble.
-                packet.tcp_headers = (offset - EthHdr::LEN + usize::from(tcp[12] >> 4) * 4) as u16;
+                // The data offset, in 4-byte words, in the high nibble; below the
+                // bare header's 5 it says nothing (and the kernel is asked).
+                let words = usize::from(tcp[12] >> 4);
+                if words >= 5 {
+                    packet.tcp_headers = (offset - EthHdr::LEN + words * 4) as u16;
+                }
             }
         }
         IPPROTO_UDP | IPPROTO_SCTP => {
