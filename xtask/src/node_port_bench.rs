@@ -88,9 +88,9 @@ fn counts(args: &BenchArgs) -> Vec<usize> {
 
 fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sample>, Vec<f64>)> {
     let (worker1, worker2) = (&cluster.nodes[0], &cluster.nodes[1]);
-    let backend = pod(cluster, "pod-2")?; // on worker2
-    let local_backend = pod(cluster, "pod-4")?; // on worker1
-                                          // Behind the other Services: two pods they never reach in the measurement.
+    // The backends: on worker-2, and on worker-1 itself.
+    let (backend, local_backend) = (pod(cluster, "pod-2")?, pod(cluster, "pod-4")?);
+    // Behind the other Services: two pods they never reach in the measurement.
     let others_backends = [pod(cluster, "pod-2")?, pod(cluster, "pod-3")?];
     let external = Pod {
         name: cluster.external.clone(),
@@ -223,7 +223,11 @@ fn measure_rounds(args: &BenchArgs, cluster: &Cluster) -> anyhow::Result<(Vec<Sa
                         Ok(())
                     })?;
                     let via = Some((local_frontend, cgroup2.as_path()));
-                    gbps_local = Some(external.iperf3_via(&local_backend, Family::V4, via, args.seconds, 1)?.gbps);
+                    gbps_local = Some(
+                        external
+                            .iperf3_via(&local_backend, Family::V4, via, args.seconds, 1)?
+                            .gbps,
+                    );
                 }
                 println!(
                 "round {} {balancer:<20} {count:>6} Services {connections_per_s:8.0} conn/s  first byte p50 {first_byte_p50_us:6.1} us  {} {} {ns_per_run:?}",
@@ -299,7 +303,10 @@ fn report(samples: &[Sample], node_gbps: &[f64], counts: &[usize]) -> String {
         counts[0]
     );
     for balancer in BALANCERS {
-        let (remote, local) = (values(balancer, None, &|s| s.gbps), values(balancer, None, &|s| s.gbps_local));
+        let (remote, local) = (
+            values(balancer, None, &|s| s.gbps),
+            values(balancer, None, &|s| s.gbps_local),
+        );
         table += &format!(
             "| {balancer} | {} | {} | {} | {} |\n",
             show(remote.clone()),

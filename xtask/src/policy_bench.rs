@@ -158,7 +158,10 @@ pub fn flow_records_cost(args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
     const MODES: [(&str, &[&str]); 3] = [
         ("records on", &[]),
         ("records off (--flow-records 0)", &["--flow-records", "0"]),
-        ("records on, no flow table (--flow-report-interval 0)", &["--flow-report-interval", "0"]),
+        (
+            "records on, no flow table (--flow-report-interval 0)",
+            &["--flow-report-interval", "0"],
+        ),
     ];
     /// The ratios shown: on against off, and the records without the flow table
     /// against off.
@@ -266,9 +269,8 @@ pub fn flow_records_cost(args: &crate::bench::BenchArgs) -> anyhow::Result<()> {
                         _ => None,
                     })
                     .collect();
-                crate::report::Stat::of_any(&per_round).map_or("-".into(), |s| {
-                    format!("{:.3} ({:.3}..{:.3})", s.median, s.min, s.max)
-                })
+                crate::report::Stat::of_any(&per_round)
+                    .map_or("-".into(), |s| format!("{:.3} ({:.3}..{:.3})", s.median, s.min, s.max))
             };
             let paired: Vec<String> = metrics.iter().map(|m| paired(*m)).collect();
             table += &format!("| {path} | {label}, paired | {} |\n", paired.join(" | "));
