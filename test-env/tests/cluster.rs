@@ -198,11 +198,7 @@ fn a_pod_cannot_send_from_an_address_that_is_not_its_own() {
         )
         .unwrap();
     }
-    let spoofed_drops = || {
-        cluster.nodes[0].endpoint(pod1.ip(Family::V4)).unwrap()["dropped"]["spoofed"]
-            .as_u64()
-            .unwrap()
-    };
+    let spoofed_drops = || spoofed_drops(&cluster.nodes[0], &pod1);
     let before = spoofed_drops();
     for receiver in [&pod4, &pod2] {
         for family in Family::ALL {
@@ -276,21 +272,9 @@ for _ in range(3):
         to_mac = mac(&worker1.name, &veth),
         from_mac = mac(&pod1.name, "eth0"),
     );
-    let spoofed_drops = || {
-        worker1.endpoint(pod1.ip(Family::V4)).unwrap()["dropped"]["spoofed"]
-            .as_u64()
-            .unwrap()
-    };
+    let spoofed_drops = || spoofed_drops(worker1, &pod1);
     let before = spoofed_drops();
-    let capture = velox_test_env::in_netns(
-        &worker1.name,
-        "timeout",
-        &["4", "tcpdump", "-i", "eth0", "-c", "1", "-n", "-e", "vlan"],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::null())
-    .spawn()
-    .unwrap();
+    let capture = first_frame_on_uplink(worker1, "4", &["-e", "vlan"]);
     std::thread::sleep(Duration::from_millis(500));
     let sent = pod1.exec("python3", &["-c", &frames]).unwrap();
     assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
@@ -555,26 +539,7 @@ fn from_net_leaves_frames_for_another_host_to_the_kernel() {
     };
     let before = uplink_redirected();
     // Proof that the frames do arrive at worker-1's uplink.
-    let capture = velox_test_env::in_netns(
-        &worker1.name,
-        "timeout",
-        &[
-            "5",
-            "tcpdump",
-            "-i",
-            "eth0",
-            "-c",
-            "1",
-            "-n",
-            "ether",
-            "dst",
-            "02:00:00:00:00:99",
-        ],
-    )
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::null())
-    .spawn()
-    .unwrap();
+    let capture = first_frame_on_uplink(worker1, "5", &["ether", "dst", "02:00:00:00:00:99"]);
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         !pod3.ping(pod1.ip(Family::V4), 2),
@@ -756,12 +721,14 @@ fn a_long_flow_is_recorded_with_its_counts_and_a_udp_flow_once() {
         // The end's record comes within a poll of the loader's. Either end may end
         // it: the server resets a connection it closes with data unread.
         velox_test_env::wait_for(Duration::from_secs(5), || {
-            records = records_of(node).into_iter().filter(|r| r["src"] == data_src).collect();
             let (all, _) = cluster.nodes[node].flows(&["--since", "5m"]).unwrap();
-            replies = all
+            (records, replies) = all
                 .into_iter()
-                .filter(|r| r["src"] == to_iperf.as_str() && r["dst"] == data_src)
-                .collect();
+                .filter(|r| {
+                    (r["src"] == data_src && r["dst"] == to_iperf.as_str())
+                        || (r["src"] == to_iperf.as_str() && r["dst"] == data_src)
+                })
+                .partition(|r| r["src"] == data_src);
             records.iter().chain(&replies).any(ends)
         });
         let active: Vec<u64> = records
@@ -900,6 +867,25 @@ fn a_pod_spraying_new_flows_pushes_no_other_flow_out_of_the_table() {
 }
 
 /// The entries of `node`'s flow table, as bpftool dumps its pin.
+/// The packets `pod` sent from an address that is not its own (or tagged), as its
+/// node counts them.
+fn spoofed_drops(node: &velox_test_env::Node, pod: &velox_test_env::Pod) -> u64 {
+    node.endpoint(pod.ip(Family::V4)).unwrap()["dropped"]["spoofed"]
+        .as_u64()
+        .unwrap()
+}
+
+/// tcpdump on `node`'s uplink for the first frame `filter` matches, for at most
+/// `seconds`: it exits with success only if one came.
+fn first_frame_on_uplink(node: &velox_test_env::Node, seconds: &str, filter: &[&str]) -> std::process::Child {
+    let args = [&[seconds, "tcpdump", "-i", "eth0", "-c", "1", "-n"][..], filter].concat();
+    velox_test_env::in_netns(&node.name, "timeout", &args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 fn flow_table_entries(node: &velox_test_env::Node) -> usize {
     let layouts = std::fs::read_dir(node.bpffs_root.join("maps")).unwrap();
     let pin = layouts
