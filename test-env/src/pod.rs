@@ -105,11 +105,30 @@ impl Pod {
         seconds: u32,
         streams: u32,
     ) -> anyhow::Result<Throughput> {
+        self.iperf3_run(server, family, IPERF3_PORT, via, seconds, streams)
+    }
+
+    /// iperf3 TCP with one stream to a server of its own on `port`: one of several
+    /// iperf3 processes at once (3.12 runs all the streams of one in one thread).
+    pub fn iperf3_on(&self, server: &Pod, family: Family, port: u16, seconds: u32) -> anyhow::Result<Throughput> {
+        self.iperf3_run(server, family, port, None, seconds, 1)
+    }
+
+    fn iperf3_run(
+        &self,
+        server: &Pod,
+        family: Family,
+        server_port: u16,
+        via: Option<(SocketAddr, &Path)>,
+        seconds: u32,
+        streams: u32,
+    ) -> anyhow::Result<Throughput> {
         let ip = server.ip(family).to_string();
-        let _server = Server::start(server, "iperf3", &["-s", "-1", "-B", &ip])?;
+        let listen = server_port.to_string();
+        let _server = Server::start(server, "iperf3", &["-s", "-1", "-B", &ip, "-p", &listen])?;
         let (host, port) = match via {
             Some((frontend, _)) => (frontend.ip().to_string(), frontend.port().to_string()),
-            None => (ip.clone(), "5201".to_string()),
+            None => (ip.clone(), listen),
         };
         let deadline = Instant::now() + Duration::from_secs(5);
         // iperf3 3.12 can spin forever on a connection that went dead: the run
@@ -164,37 +183,44 @@ impl Pod {
     /// this VM every configuration lands in one of two modes per run (about 7 or
     /// 10.5 us): read latency and tps with their spread.
     pub fn sockperf_to(&self, server: &Pod, family: Family, seconds: u32) -> anyhow::Result<Latency> {
+        self.sockperf(server, family, seconds, SOCKPERF_PORT, true)
+    }
+
+    /// TCP request/response with sockperf ping-pong on blocking sockets, unpinned, to
+    /// a server of its own on `port` (netperf's TCP_RR): one of several at once, where
+    /// busy-polling processes would outnumber the CPUs.
+    pub fn sockperf_blocking(&self, server: &Pod, family: Family, port: u16, seconds: u32) -> anyhow::Result<Latency> {
+        self.sockperf(server, family, seconds, port, false)
+    }
+
+    fn sockperf(
+        &self,
+        server: &Pod,
+        family: Family,
+        seconds: u32,
+        port: u16,
+        busy_poll: bool,
+    ) -> anyhow::Result<Latency> {
         let ip = server.ip(family).to_string();
-        let serve = [
-            "-c",
-            "0",
-            "sockperf",
-            "sr",
-            "--tcp",
-            "--nonblocked",
-            "-i",
-            &ip,
-            "-p",
-            "11111",
-        ];
+        let port = port.to_string();
+        // Busy-polling: server on CPU 0, client on CPU 1.
+        let (serve_cpu, client_cpu, nonblocked) = match busy_poll {
+            true => ("0", "1", Some("--nonblocked")),
+            false => ("0-1023", "0-1023", None),
+        };
+        let serve: Vec<&str> = ["-c", serve_cpu, "sockperf", "sr", "--tcp"]
+            .into_iter()
+            .chain(nonblocked)
+            .chain(["-i", &ip, "-p", &port])
+            .collect();
         let _server = Server::start(server, "taskset", &serve)?;
         let deadline = Instant::now() + Duration::from_secs(5);
         let seconds = seconds.to_string();
-        let args = [
-            "-c",
-            "1",
-            "sockperf",
-            "pp",
-            "--tcp",
-            "--nonblocked",
-            "--full-rtt",
-            "-i",
-            &ip,
-            "-p",
-            "11111",
-            "-t",
-            &seconds,
-        ];
+        let args: Vec<&str> = ["-c", client_cpu, "sockperf", "pp", "--tcp"]
+            .into_iter()
+            .chain(nonblocked)
+            .chain(["--full-rtt", "-i", &ip, "-p", &port, "-t", &seconds])
+            .collect();
         loop {
             let output = self.exec("taskset", &args)?;
             let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
@@ -206,6 +232,11 @@ impl Pod {
         }
     }
 }
+
+/// Where iperf3 serves unless told otherwise.
+pub const IPERF3_PORT: u16 = 5201;
+/// Where sockperf serves unless told otherwise.
+pub const SOCKPERF_PORT: u16 = 11111;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Throughput {

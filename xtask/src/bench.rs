@@ -14,6 +14,7 @@ use velox_test_env::{
     direct_veth_pair, remove_direct_veth_pair, run, run_in_netns, Binaries, Cluster, Family, Node, Pod, Server,
 };
 
+use crate::anchor_shapes::{self, ShapeSample};
 use crate::report;
 use crate::service_bench;
 use crate::{node_port_bench, policy_bench, program_ab};
@@ -208,6 +209,9 @@ pub struct Sample {
     /// above run without them.
     #[serde(default)]
     pub ns_per_run: BTreeMap<String, f64>,
+    /// The anchors' shapes (measured with no FORWARD rules only).
+    #[serde(default)]
+    pub shapes: Vec<ShapeSample>,
 }
 
 /// The eBPF programs whose cost the bench reports.
@@ -498,6 +502,17 @@ fn data_plane(
                     or_dash(sample.p99_us, 1),
                     or_dash(sample.tps, 0)
                 );
+                for shape in &sample.shapes {
+                    println!(
+                        "round {} {:<24} {:?} x{}: {:.2} ({:.3} CPU s per unit)",
+                        round + 1,
+                        config.name(),
+                        shape.shape,
+                        shape.processes,
+                        shape.rate,
+                        shape.cpu
+                    );
+                }
                 samples.push(sample);
             }
             if rules > 0 {
@@ -536,6 +551,10 @@ fn measure(config: Config, rules: u32, round: u32, client: &Pod, server: &Pod, s
         ns_per_run: match config.is_velox() {
             true => program_cost(|| client.iperf3(server, family, 2, 1).map(drop))?,
             false => BTreeMap::new(),
+        },
+        shapes: match rules {
+            0 => anchor_shapes::measure(client, server, family, seconds)?,
+            _ => Vec::new(),
         },
     })
 }
@@ -597,15 +616,15 @@ pub fn set_bpf_stats(on: bool) -> anyhow::Result<()> {
 }
 
 /// CPU time of the whole machine, from /proc/stat, in seconds.
-struct CpuTimes {
+pub struct CpuTimes {
     /// All but idle, iowait and steal.
-    busy: f64,
+    pub busy: f64,
     /// Time the hypervisor ran something else while this machine wanted to run.
     steal: f64,
 }
 
 impl CpuTimes {
-    fn read() -> anyhow::Result<Self> {
+    pub fn read() -> anyhow::Result<Self> {
         let stat = std::fs::read_to_string("/proc/stat")?;
         // user nice system idle iowait irq softirq steal, in USER_HZ (100 on Linux)
         let fields: Vec<f64> = stat

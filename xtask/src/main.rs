@@ -1,5 +1,6 @@
 //! `cargo xtask`: what cargo alone cannot do for Velox.
 
+mod anchor_shapes;
 mod bench;
 mod build;
 mod env;

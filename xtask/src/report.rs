@@ -67,7 +67,7 @@ pub struct Stat {
 
 impl Stat {
     /// `median (min..max)`, or `-` for nothing measured.
-    fn show(stat: Option<Self>) -> String {
+    pub fn show(stat: Option<Self>) -> String {
         stat.map_or("-".into(), |s| {
             format!("{} ({}..{})", number(s.median), number(s.min), number(s.max))
         })
@@ -306,6 +306,9 @@ pub fn markdown(run: &Run) -> String {
         }
         out.push('\n');
     }
+    let shapes: Vec<(Config, &[crate::anchor_shapes::ShapeSample])> =
+        run.samples.iter().map(|s| (s.config, s.shapes.as_slice())).collect();
+    crate::anchor_shapes::markdown(&shapes, &mut out);
     services_markdown(run, &mut out);
     policies_markdown(run, &mut out);
     let cp = &run.control_plane;
