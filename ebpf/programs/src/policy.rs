@@ -79,6 +79,9 @@ pub struct Verdict {
     pub new_connection: bool,
     /// A rule walk decided: [`walked_policies`] names the policies.
     pub walked: bool,
+    /// The coarse clock as policy read it (0: not read), for the flow records to
+    /// reuse: one read per packet.
+    pub now: u64,
 }
 
 impl Default for Verdict {
@@ -87,6 +90,7 @@ impl Default for Verdict {
             result: ALLOWED,
             new_connection: false,
             walked: false,
+            now: 0,
         }
     }
 }
@@ -148,6 +152,7 @@ pub fn police(
     // The coarse clock (a tick's resolution, no clock source read) serves timeouts
     // in seconds.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    verdict.now = now;
     let known = live_flow(&scratch.key, now);
     // An ICMP error opens nothing and proves nothing: it passes only about a
     // connection allowed under the rules in force, and, sent by a pod of this node,

@@ -142,8 +142,9 @@ pub fn finish(
     if reason == NO_EVENT && !counted {
         return action;
     }
-    let Some(now) = events_wanted() else {
-        return action;
+    let now = match verdict.now {
+        0 => coarse_now(),
+        now => now,
     };
     let mut progress = Progress::default();
     if counted {
@@ -153,10 +154,14 @@ pub fn finish(
         };
         flow_table::count(packet, bytes, now, interval, local, &mut progress);
     }
+    // Whether anyone listens is asked only now, when there is news: the flow table
+    // counts while the loader keeps records, and that is when it listens.
+    if (reason == NO_EVENT && progress.news == 0) || !listening_at(now) {
+        return action;
+    }
     // Otherwise a flow's first packet, or its progress, is the news: within its
     // pod's budget already.
     let reason = match reason {
-        NO_EVENT if progress.news == 0 => return action,
         NO_EVENT => FORWARDED | progress.news,
         reason => {
             let kind = if action == TC_ACT_SHOT {
@@ -250,20 +255,32 @@ fn count_lost(why: u32) {
     }
 }
 
-/// The time if events are wanted: they cost nothing when not. The coarse clock
-/// (the monotonic one as of the last tick, a few ms behind) is read without the
-/// TSC, for the flow table, which asks on every packet: the deadline is seconds
-/// away, a budget a second long, a flow's report interval seconds.
+/// The coarse clock: the monotonic one as of the last tick, a few ms behind, read
+/// without the TSC, for the flow table, which asks on every packet: the deadline
+/// is seconds away, a budget a second long, a flow's report interval seconds.
+#[inline(always)]
+fn coarse_now() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// The time if events are wanted: they cost nothing when not.
 #[inline(always)]
 pub fn events_wanted() -> Option<u64> {
-    events_wanted_at(unsafe { bpf_ktime_get_coarse_ns() })
+    events_wanted_at(coarse_now())
 }
 
 /// `now` (`CLOCK_MONOTONIC`, or its coarse reading) if events are wanted then. For
 /// the tracepoint, where the kernel offers no coarse clock (not NMI-safe).
 #[inline(always)]
 pub fn events_wanted_at(now: u64) -> Option<u64> {
-    VELOX_MONITOR.get(0).is_some_and(|until| now < *until).then_some(now)
+    listening_at(now).then_some(now)
+}
+
+/// Whether someone listens for events at `now`: the deadline a monitor or the
+/// flow records keep ahead.
+#[inline(always)]
+fn listening_at(now: u64) -> bool {
+    VELOX_MONITOR.get(0).is_some_and(|until| now < *until)
 }
 
 /// Whether `source` may write one more event of `kind` this second; one over its
