@@ -40,12 +40,12 @@ mod upgrade_test;
 mod verdict;
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use forward::{fits_uplink, local_endpoint, peer_node, to_local_pod, to_peer_node};
+use forward::{fits_uplink, local_endpoint, peer_node, receiver, to_local_pod, to_peer_node};
 use kernel_flows::{is_kernel_flow, remember};
 use parse::{parse, Packet};
 use policy::{police, Verdict, ALLOWED};
 use velox_common::{
-    DROP_NO_TUNNEL_PEER, DROP_SPOOFED, DROP_TUNNEL_SOURCE, DROP_UNKNOWN_RECEIVER, FROM_NET_NAT, FROM_POD_NAT,
+    Endpoint, DROP_NO_TUNNEL_PEER, DROP_SPOOFED, DROP_TUNNEL_SOURCE, DROP_UNKNOWN_RECEIVER, FROM_NET_NAT, FROM_POD_NAT,
     UPLINK_SLOT,
 };
 use verdict::{
@@ -120,14 +120,15 @@ fn from_pod_to(
     on_link: bool,
     verdict: &mut Verdict,
 ) -> Outcome {
+    let (receiver, receiving_peer) = match on_link {
+        true => (Endpoint::NONE, None),
+        false => receiver(&packet.dst.addr),
+    };
     // The local receiver as plain values (ifindex 0: none), which the verifier
     // merges where it could not merge a pointer and its absence.
-    let (local_ifindex, local_slot) = match on_link {
-        true => (0, NO_SLOT),
-        false => match local_endpoint(&packet.dst.addr) {
-            receiver if receiver.exists() => (receiver.ifindex, receiver.slot),
-            _ => (0, NO_SLOT),
-        },
+    let (local_ifindex, local_slot) = match receiver.exists() {
+        true => (receiver.ifindex, receiver.slot),
+        false => (0, NO_SLOT),
     };
     // Recorded ends are pods' ends: a local pod's slot says whether it has any, the
     // uplink's slot says it for the pods of other nodes.
@@ -137,9 +138,9 @@ fn from_pod_to(
     };
     let kernel_flow = on_link || is_kernel_flow(&packet.dst, ends_slot);
     let is_local = local_ifindex != 0 && !kernel_flow;
-    let peer = match kernel_flow || local_ifindex != 0 {
+    let peer = match kernel_flow {
         true => None,
-        false => peer_node(&packet.dst.addr),
+        false => receiving_peer,
     };
     let dst_slot = match is_local {
         true => local_slot,
