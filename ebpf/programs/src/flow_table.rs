@@ -9,7 +9,10 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use aya_ebpf::{btf_maps::LruHashMap, macros::btf_map};
 use velox_common::{FlowCounts, FlowKey, IpKey, EVENT_FLOW, FLOWS, FLOW_ACTIVE, FLOW_STARTED};
 
-use crate::{parse::Packet, verdict::within_budget};
+use crate::{
+    parse::Packet,
+    verdict::{listening_at, within_budget},
+};
 
 #[btf_map]
 static VELOX_FLOWS: LruHashMap<FlowKey, FlowCounts, FLOWS> = LruHashMap::new();
@@ -56,8 +59,8 @@ pub fn count(packet: &Packet, len: u64, now: u64, interval: u64, local: &IpKey, 
                 atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&mut flow.bytes, len);
             }
             // Saturating: another CPU may have just written a time later than this
-            // packet's, which is no interval at all.
-            if now.saturating_sub(flow.reported) >= interval {
+            // packet's, which is no interval at all. Progress no one hears waits.
+            if now.saturating_sub(flow.reported) >= interval && listening_at(now) {
                 flow.reported = now;
                 if within_budget(local, EVENT_FLOW, now) {
                     progress.news = FLOW_ACTIVE;
@@ -67,6 +70,12 @@ pub fn count(packet: &Packet, len: u64, now: u64, interval: u64, local: &IpKey, 
             progress.bytes = flow.bytes;
         }
         None => {
+            // A flow starts being followed while someone listens (the loader
+            // renews the deadline each second): one that starts while no one does
+            // (the loader down, starting, stalled) gets its start on a packet after.
+            if !listening_at(now) {
+                return;
+            }
             // A reply's start is its connection's, which the other direction's
             // record stands for: one record per connection, not two, and out of no
             // budget (its first direction paid).

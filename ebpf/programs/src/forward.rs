@@ -47,9 +47,11 @@ pub fn local_endpoint(addr: &IpKey) -> Endpoint {
 /// [`Endpoint::NONE`]), or a pod of another node. Asked in the order that costs
 /// least: the endpoint cache (an array read), then the peers' pod CIDRs, and the
 /// endpoint map only for what neither holds; a packet across nodes never looks up
-/// the endpoint map it would miss. An address of this node's pod inside another
-/// node's pod CIDR (pod CIDRs that overlap) goes to that node unless the cache
-/// holds it.
+/// the endpoint map it would miss. That order relies on no pod of this node having
+/// an address inside another node's pod CIDR: the CNI refuses such an address and
+/// the loader such a peer CIDR. Should the two race, an uncached pod's packets go
+/// to that node, which finds no such pod, and the pod's own node drops whatever
+/// comes back claiming it: lost, never delivered unpoliced.
 #[inline(always)]
 pub fn receiver(addr: &IpKey) -> (Endpoint, Option<&'static Peer>) {
     let cached = cached_endpoint(addr);

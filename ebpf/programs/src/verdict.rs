@@ -154,8 +154,9 @@ pub fn finish(
         };
         flow_table::count(packet, bytes, now, interval, local, &mut progress);
     }
-    // Whether anyone listens is asked only now, when there is news: the flow table
-    // counts while the loader keeps records, and that is when it listens.
+    // Whether anyone listens is asked only where there is news: an established
+    // flow's packet is counted without asking (the table asks before it starts
+    // following a flow or reports its progress).
     if (reason == NO_EVENT && progress.news == 0) || !listening_at(now) {
         return action;
     }
@@ -279,7 +280,7 @@ pub fn events_wanted_at(now: u64) -> Option<u64> {
 /// Whether someone listens for events at `now`: the deadline a monitor or the
 /// flow records keep ahead.
 #[inline(always)]
-fn listening_at(now: u64) -> bool {
+pub fn listening_at(now: u64) -> bool {
     VELOX_MONITOR.get(0).is_some_and(|until| now < *until)
 }
 
