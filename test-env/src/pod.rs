@@ -203,26 +203,25 @@ impl Pod {
     ) -> anyhow::Result<Latency> {
         let ip = server.ip(family).to_string();
         let port = port.to_string();
-        // Busy-polling: server on CPU 0, client on CPU 1.
-        let (serve_cpu, client_cpu, nonblocked) = match busy_poll {
-            true => ("0", "1", Some("--nonblocked")),
-            false => ("0-1023", "0-1023", None),
+        // Busy-polling: server on CPU 0, client on CPU 1, non-blocking sockets.
+        let pinned = |cpu: &'static str| -> Vec<&'static str> {
+            match busy_poll {
+                true => vec!["taskset", "-c", cpu, "sockperf"],
+                false => vec!["sockperf"],
+            }
         };
-        let serve: Vec<&str> = ["-c", serve_cpu, "sockperf", "sr", "--tcp"]
-            .into_iter()
-            .chain(nonblocked)
-            .chain(["-i", &ip, "-p", &port])
-            .collect();
-        let _server = Server::start(server, "taskset", &serve)?;
+        let nonblocked = busy_poll.then_some("--nonblocked");
+        let mut serve = pinned("0");
+        serve.extend(["sr", "--tcp"].into_iter().chain(nonblocked));
+        serve.extend(["-i", &ip, "-p", &port]);
+        let _server = Server::start(server, serve[0], &serve[1..])?;
         let deadline = Instant::now() + Duration::from_secs(5);
         let seconds = seconds.to_string();
-        let args: Vec<&str> = ["-c", client_cpu, "sockperf", "pp", "--tcp"]
-            .into_iter()
-            .chain(nonblocked)
-            .chain(["--full-rtt", "-i", &ip, "-p", &port, "-t", &seconds])
-            .collect();
+        let mut args = pinned("1");
+        args.extend(["pp", "--tcp"].into_iter().chain(nonblocked));
+        args.extend(["--full-rtt", "-i", &ip, "-p", &port, "-t", &seconds]);
         loop {
-            let output = self.exec("taskset", &args)?;
+            let output = self.exec(args[0], &args[1..])?;
             let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
             match Latency::parse(&text) {
                 Some(latency) => return Ok(latency),
