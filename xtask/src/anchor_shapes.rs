@@ -210,10 +210,7 @@ pub fn markdown(samples: &[(Config, &[ShapeSample])], out: &mut String) {
             if against == config || !configs.contains(&against) {
                 continue;
             }
-            let ratio = |column, cpu| match (stat(config, column, cpu), stat(against, column, cpu)) {
-                (Some(ours), Some(theirs)) if theirs.median > 0.0 => format!("{:.2}x", ours.median / theirs.median),
-                _ => "-".into(),
-            };
+            let ratio = |column, cpu| Stat::ratio(stat(config, column, cpu), stat(against, column, cpu));
             let cells: Vec<String> = columns
                 .iter()
                 .map(|&column| format!("{} | {}", ratio(column, false), ratio(column, true)))

@@ -280,10 +280,7 @@ fn report(samples: &[Sample], node_gbps: &[f64], counts: &[usize]) -> String {
         let kube_proxy = stat(values(KUBE_PROXY, Some(count), &|s| Some(s.connections_per_s)));
         for balancer in BALANCERS {
             let rate = values(balancer, Some(count), &|s| Some(s.connections_per_s));
-            let ratio = match (stat(rate.clone()), &kube_proxy) {
-                (Some(ours), Some(theirs)) if theirs.median > 0.0 => format!("{:.2}x", ours.median / theirs.median),
-                _ => "-".into(),
-            };
+            let ratio = Stat::ratio(stat(rate.clone()), kube_proxy);
             table += &format!(
                 "| {balancer} | {count} | {} | {ratio} | {} |\n",
                 show(rate),
@@ -292,10 +289,7 @@ fn report(samples: &[Sample], node_gbps: &[f64], counts: &[usize]) -> String {
         }
     }
     let node = stat(node_gbps.to_vec());
-    let to_node = |values: Vec<f64>| match (stat(values), &node) {
-        (Some(ours), Some(node)) if node.median > 0.0 => format!("{:.2}x", ours.median / node.median),
-        _ => "-".into(),
-    };
+    let to_node = |values: Vec<f64>| Stat::ratio(stat(values), node);
     table += &format!(
         "\nOne stream with {} Service(s) (and the local backend's), Gb/s, and the ratio of the medians to the \
          external host's stream to the node's own address\n\n| | backend on worker-2 | vs node | backend on \

@@ -73,6 +73,15 @@ impl Stat {
         })
     }
 
+    /// `ours` against `theirs` as the ratio of their medians (`1.07x`), or `-` when
+    /// either was not measured (or `theirs` is 0).
+    pub fn ratio(ours: Option<Self>, theirs: Option<Self>) -> String {
+        match (ours, theirs) {
+            (Some(ours), Some(theirs)) if theirs.median > 0.0 => format!("{:.2}x", ours.median / theirs.median),
+            _ => "-".into(),
+        }
+    }
+
     /// `of`, or `None` for nothing measured.
     pub fn of_any(values: &[f64]) -> Option<Self> {
         (!values.is_empty()).then(|| Self::of(values))
@@ -188,12 +197,9 @@ pub fn markdown(run: &Run) -> String {
             if rules > 0 { "---|---|" } else { "" }
         );
         for ((_, config), stats) in summary.iter().filter(|((r, _), _)| *r == rules) {
-            let ratio =
-                |other: Option<&Vec<Option<Stat>>>, metric: usize| match (stats[metric], other.and_then(|o| o[metric]))
-                {
-                    (Some(ours), Some(theirs)) => format!("{:.2}x", ours.median / theirs.median),
-                    _ => "-".to_string(),
-                };
+            let ratio = |other: Option<&Vec<Option<Stat>>>, metric: usize| {
+                Stat::ratio(stats[metric], other.and_then(|o| o[metric]))
+            };
             let ptp = summary.get(&(rules, Config::Ptp));
             let limit = summary.get(&(rules, config.limit()));
             let mut row = format!(
@@ -275,10 +281,7 @@ pub fn markdown(run: &Run) -> String {
                 );
             }
             for (config, kernel) in references {
-                let vs = |metric: usize| match (velox[metric], kernel[metric]) {
-                    (Some(ours), Some(theirs)) => format!("{:.2}x", ours.median / theirs.median),
-                    _ => "-".to_string(),
-                };
+                let vs = |metric: usize| Stat::ratio(velox[metric], kernel[metric]);
                 let _ = writeln!(
                     out,
                     "| {} | {} | {} | {} | {} | {} |",
@@ -297,10 +300,7 @@ pub fn markdown(run: &Run) -> String {
                 "\nIPv6 against the same path over IPv4, same run.\n\n| configuration | 1 stream vs IPv4 | 4 streams vs IPv4 |\n|---|---|---|"
             );
             for (config, stats, twin, v4) in twins {
-                let vs = |metric: usize| match (stats[metric], v4[metric]) {
-                    (Some(ours), Some(theirs)) => format!("{:.2}x", ours.median / theirs.median),
-                    _ => "-".to_string(),
-                };
+                let vs = |metric: usize| Stat::ratio(stats[metric], v4[metric]);
                 let _ = writeln!(out, "| {} vs {} | {} | {} |", config.name(), twin.name(), vs(0), vs(1));
             }
         }
@@ -453,10 +453,7 @@ fn services_markdown(run: &Run, out: &mut String) {
         for &balancer in &balancers {
             let rate = stat(balancer, count, |s| s.connections_per_s);
             let baseline = stat(Balancer::KubeProxy, count, |s| s.connections_per_s);
-            let ratio = match (rate, baseline) {
-                (Some(r), Some(b)) => format!("{:.2}x", r.median / b.median),
-                _ => "-".into(),
-            };
+            let ratio = Stat::ratio(rate, baseline);
             let _ = writeln!(
                 out,
                 "| {} | {count} | {} | {} | {} | {ratio} |",
