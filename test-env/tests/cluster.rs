@@ -866,7 +866,6 @@ fn a_pod_spraying_new_flows_pushes_no_other_flow_out_of_the_table() {
     cluster.finish().unwrap();
 }
 
-/// The entries of `node`'s flow table, as bpftool dumps its pin.
 /// The packets `pod` sent from an address that is not its own (or tagged), as its
 /// node counts them.
 fn spoofed_drops(node: &velox_test_env::Node, pod: &velox_test_env::Pod) -> u64 {
@@ -886,6 +885,7 @@ fn first_frame_on_uplink(node: &velox_test_env::Node, seconds: &str, filter: &[&
         .unwrap()
 }
 
+/// The entries of `node`'s flow table, as bpftool dumps its pin.
 fn flow_table_entries(node: &velox_test_env::Node) -> usize {
     let layouts = std::fs::read_dir(node.bpffs_root.join("maps")).unwrap();
     let pin = layouts
