@@ -99,17 +99,19 @@ fn run_processes(
     let probe = Binaries::locate()?.probe;
     let probe = probe.to_str().context("probe path")?;
     let _crr_servers = match shape {
-        Shape::Crr => (0..processes)
-            .map(|i| {
-                let on = SocketAddr::new(server.ip(family), CRR_PORT + i as u16);
-                Server::start(server, probe, &["serve", &on.to_string()])
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?,
+        Shape::Crr => {
+            let servers = (0..processes)
+                .map(|i| {
+                    let on = SocketAddr::new(server.ip(family), CRR_PORT + i as u16);
+                    Server::start(server, probe, &["serve", &on.to_string()])
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            // Listening before the first connect.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            servers
+        }
         _ => Vec::new(),
     };
-    if shape == Shape::Crr {
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
     let results: Vec<anyhow::Result<(f64, f64)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..processes as u16)
             .map(|i| {
